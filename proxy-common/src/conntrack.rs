@@ -1,0 +1,106 @@
+//! Connection tracking: one LRU table holding both directions of every translated flow.
+//!
+//! Each flow has two entries, as in Cilium: the *original* entry keyed by the tuple the
+//! client sent (client -> service) and the *reply* entry keyed by the tuple the backend
+//! answers with (backend -> client, or backend -> SNAT address). Both entries say how
+//! to rewrite the packet they match, so one translation routine serves both directions,
+//! and the peer entry of either one is found by reversing the rewritten tuple.
+
+use crate::Addr;
+
+/// Entries in `CONNTRACK` (two per flow). LRU maps evict before they are full, so
+/// this is sized well above the expected number of flows.
+pub const CONNTRACK_ENTRIES: u32 = 524_288;
+
+/// Key of `CONNTRACK`: the packet's own 5-tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    /// The tuple a packet travelling the other way carries.
+    #[inline(always)]
+    pub const fn reversed(&self) -> CtKey {
+        CtKey {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `CtEntry::state` values (TCP; other protocols stay `CT_ESTABLISHED`).
+/// The client's SYN was seen, nothing came back yet.
+pub const CT_SYN_SENT: u8 = 0;
+pub const CT_ESTABLISHED: u8 = 1;
+/// A FIN or RST was seen in either direction.
+pub const CT_CLOSING: u8 = 2;
+
+/// `CtEntry::flags` bits.
+pub const CT_F_REWRITE_SRC: u8 = 1;
+pub const CT_F_REWRITE_DST: u8 = 2;
+/// The entry matches packets from the backend towards the client.
+pub const CT_F_REPLY: u8 = 4;
+/// The flow was masqueraded (hairpin, or external traffic to a remote backend).
+pub const CT_F_SNAT: u8 = 8;
+/// A FIN travelled in this entry's direction; the flow closes when both have one.
+pub const CT_F_FIN: u8 = 16;
+
+/// Idle timeouts in seconds, per state (Cilium's values for TCP; UDP as Calico).
+pub const CT_TIMEOUT_SYN_S: u64 = 60;
+pub const CT_TIMEOUT_TCP_ESTABLISHED_S: u64 = 21_600;
+pub const CT_TIMEOUT_CLOSING_S: u64 = 10;
+pub const CT_TIMEOUT_UDP_S: u64 = 60;
+
+/// The data path refreshes `last_seen_ns` at most this often, so that an established
+/// flow does not write a shared cache line on every packet.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Value of `CONNTRACK`: how to rewrite a packet of this direction of the flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    pub nat_src: Addr,
+    pub nat_dst: Addr,
+    /// Network byte order.
+    pub nat_sport: u16,
+    /// Network byte order.
+    pub nat_dport: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub state: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// CLOCK_MONOTONIC_COARSE nanoseconds of the last refresh.
+    pub last_seen_ns: u64,
+}
+
+/// Idle timeout of an entry, in nanoseconds.
+#[inline(always)]
+pub const fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
+    let seconds = if proto == crate::PROTO_TCP {
+        match state {
+            CT_SYN_SENT => CT_TIMEOUT_SYN_S,
+            CT_ESTABLISHED => CT_TIMEOUT_TCP_ESTABLISHED_S,
+            _ => CT_TIMEOUT_CLOSING_S,
+        }
+    } else {
+        CT_TIMEOUT_UDP_S
+    };
+    seconds * 1_000_000_000
+}
+
+#[cfg(feature = "user")]
+crate::user_pod!(CtKey, CtEntry);

@@ -1,0 +1,130 @@
+//! Service (virtual server) and backend tables, written by the agent, read per packet.
+//!
+//! A *service* here is one frontend, as in IPVS: one (address, port, protocol), or
+//! (any node address, node port, protocol) for NodePorts. One Kubernetes Service with
+//! a ClusterIP, a NodePort and a LoadBalancer IP therefore becomes three services.
+
+use crate::Addr;
+
+/// Limits sized for the maps; the agent refuses input beyond them with a clear error.
+pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_BACKENDS: u32 = 262_144;
+/// Backends of one service the data path will schedule over (IPVS has no such limit;
+/// kube-proxy users rarely exceed a few thousand endpoints per port).
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
+
+/// `ServiceKey::scope` values.
+pub const SCOPE_ADDRESS: u8 = 0;
+/// A NodePort: `addr` is zero and the packet's destination must be a node address.
+pub const SCOPE_NODE_PORT: u8 = 1;
+
+/// Look-up key of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// `ServiceValue::scheduler` values. Only round-robin exists in this version; the
+/// field is per service so that further algorithms are new values, not new maps.
+pub const SCHED_RR: u8 = 0;
+
+/// `ServiceValue::flags` bits.
+/// The frontend is reached from outside the cluster (NodePort, LoadBalancer, external IP).
+pub const SVC_F_EXTERNAL: u8 = 1;
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Index into the per-service tables (`RR_CURSORS`, `SERVICE_STATS`).
+    pub id: u32,
+    /// Slots `0..backend_count` of `BACKEND_SLOTS` hold this service's backends.
+    pub backend_count: u32,
+    pub scheduler: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Key of `BACKEND_SLOTS`: the n-th backend of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendSlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// `Backend::flags` bits.
+/// The backend runs on another node: external traffic to it is masqueraded.
+pub const BACKEND_F_REMOTE: u8 = 1;
+
+/// Value of `BACKEND_SLOTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    /// Index into `BACKEND_STATS`; stable for the (service, endpoint) pair.
+    pub id: u32,
+}
+
+/// Index of each value in the `NODE_CONFIG` array.
+pub const CONFIG_SNAT_ADDR: u32 = 0;
+/// The network namespace (by cookie) whose sockets the socket hooks translate.
+pub const CONFIG_NETNS_COOKIE: u32 = 1;
+pub const CONFIG_LEN: u32 = 2;
+
+/// A node-wide setting; one 16-byte slot fits either an address or a u64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConfigValue {
+    pub addr: Addr,
+}
+
+impl ConfigValue {
+    pub const fn from_u64(v: u64) -> ConfigValue {
+        ConfigValue {
+            addr: Addr {
+                words: [v as u32, (v >> 32) as u32, 0, 0],
+            },
+        }
+    }
+    pub const fn as_u64(&self) -> u64 {
+        (self.addr.words[0] as u64) | ((self.addr.words[1] as u64) << 32)
+    }
+}
+
+/// Value of `NODE_ADDRS` (a set keyed by `Addr`): present means "this node's address".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddrFlags {
+    pub flags: u32,
+}
+
+#[cfg(feature = "user")]
+crate::user_pod!(
+    ServiceKey,
+    ServiceValue,
+    BackendSlotKey,
+    Backend,
+    ConfigValue,
+    NodeAddrFlags
+);
+
+/// Value of `SERVICE_NAMES` (by service id): `namespace/name:port` for listings, so a
+/// separate `ebpf-proxy list` process can name what it reads. Agent-only; NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub bytes: [u8; 64],
+}
+
+#[cfg(feature = "user")]
+crate::user_pod!(ServiceName);

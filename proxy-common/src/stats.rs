@@ -1,0 +1,48 @@
+//! Counters the data path keeps in per-CPU maps and the agent sums for `list` and metrics.
+
+/// Value of `SERVICE_STATS` (indexed by service id) and `BACKEND_STATS` (by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficStats {
+    /// New flows scheduled (IPVS's "Conns").
+    pub connections: u64,
+    /// Client-to-backend direction.
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// Backend-to-client direction (replies).
+    pub packets_out: u64,
+    pub bytes_out: u64,
+}
+
+/// Indexes of `DATAPATH_EVENTS`, one per-CPU counter each: what the data path did
+/// that an operator may need to know about. Keep `DATAPATH_EVENT_NAMES` in step.
+pub const EV_TRANSLATED: u32 = 0;
+/// A TCP segment without SYN found no conntrack entry and was re-hashed to a backend.
+pub const EV_CT_MIDFLOW_MISS: u32 = 1;
+/// Inserting a conntrack entry failed (map full beyond LRU eviction).
+pub const EV_CT_INSERT_FAILED: u32 = 2;
+/// Two CPUs created the same flow at once; the later one adopted the first's backend.
+pub const EV_CT_RACE_LOST: u32 = 3;
+/// A service had no backend: the packet was dropped (as kube-proxy rejects it).
+pub const EV_NO_BACKEND: u32 = 4;
+/// A packet too short or malformed for its headers; passed untouched.
+pub const EV_MALFORMED: u32 = 5;
+/// An IP fragment: passed untouched (fragments are not translated in this version).
+pub const EV_FRAGMENT: u32 = 6;
+/// No free SNAT port after bounded retries: the packet was dropped.
+pub const EV_SNAT_EXHAUSTED: u32 = 7;
+pub const EV_COUNT: u32 = 8;
+
+pub const DATAPATH_EVENT_NAMES: [&str; EV_COUNT as usize] = [
+    "translated",
+    "ct_midflow_miss",
+    "ct_insert_failed",
+    "ct_race_lost",
+    "no_backend",
+    "malformed",
+    "fragment",
+    "snat_exhausted",
+];
+
+#[cfg(feature = "user")]
+crate::user_pod!(TrafficStats);

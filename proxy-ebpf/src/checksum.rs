@@ -1,0 +1,30 @@
+//! Incremental Internet checksum updates (RFC 1624) for programs that write packet
+//! bytes directly (XDP). Operands are the raw in-memory values of header fields: the
+//! one's complement sum is byte-order independent as long as all of them are.
+
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    // Three folds take any sum of a few 16-bit words down to 16 bits.
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// The checksum after a 32-bit field changed from `old` to `new`: HC' = ~(~HC + ~m + m').
+#[inline(always)]
+pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
+    let not_old = !old;
+    let sum = u64::from(!check)
+        + u64::from(not_old >> 16)
+        + u64::from(not_old & 0xffff)
+        + u64::from(new >> 16)
+        + u64::from(new & 0xffff);
+    !fold(sum)
+}
+
+/// The checksum after a 16-bit field changed from `old` to `new`.
+#[inline(always)]
+pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
+    !fold(u64::from(!check) + u64::from(!old) + u64::from(new))
+}

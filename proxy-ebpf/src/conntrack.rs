@@ -1,0 +1,127 @@
+//! Conntrack look-ups and state changes.
+//!
+//! Races, written down because several CPUs may be in here at once for one flow:
+//! - Look-ups copy the entry; the only in-place writes are `state`, `flags` and
+//!   `last_seen_ns`, each a plain store. Two CPUs writing them at once leave one of
+//!   two valid values, and both values describe the same flow and backend.
+//! - Creation is insert-if-absent (see `translate::open_flow`), so two CPUs that both
+//!   see a new flow agree on the first one's backend.
+
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use proxy_common::{
+    ct_timeout_ns, CtEntry, CtKey, CT_CLOSING, CT_ESTABLISHED, CT_F_FIN, CT_F_REPLY,
+    CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_REFRESH_NS, CT_SYN_SENT, PROTO_TCP,
+};
+
+use crate::{
+    maps::CONNTRACK,
+    parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+pub enum Lookup {
+    Live(*mut CtEntry),
+    /// Present but idle past its timeout: to be replaced, never followed.
+    Stale,
+    Missing,
+}
+
+#[inline(always)]
+pub fn lookup(key: &CtKey, now: u64) -> Lookup {
+    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+        return Lookup::Missing;
+    };
+    // SAFETY: a live map value; fields are read once each.
+    let (state, last_seen) = unsafe { ((*entry).state, (*entry).last_seen_ns) };
+    if now.saturating_sub(last_seen) > ct_timeout_ns(key.proto, state) {
+        return Lookup::Stale;
+    }
+    Lookup::Live(entry)
+}
+
+/// The tuple a packet carries after `entry` rewrote it.
+#[inline(always)]
+pub fn rewritten(key: &CtKey, entry: &CtEntry) -> CtKey {
+    let mut out = *key;
+    if entry.flags & CT_F_REWRITE_SRC != 0 {
+        out.src = entry.nat_src;
+        out.sport = entry.nat_sport;
+    }
+    if entry.flags & CT_F_REWRITE_DST != 0 {
+        out.dst = entry.nat_dst;
+        out.dport = entry.nat_dport;
+    }
+    out
+}
+
+/// The key of the other direction's entry: the reverse of the rewritten tuple.
+#[inline(always)]
+pub fn peer_key(key: &CtKey, entry: &CtEntry) -> CtKey {
+    rewritten(key, entry).reversed()
+}
+
+/// Advances TCP state on a packet of a tracked flow and refreshes its idle timer.
+/// Writes happen only when something changed or the refresh interval passed.
+#[inline(always)]
+pub fn observe(flow: &Flow, entry_ptr: *mut CtEntry, entry: &CtEntry, now: u64) {
+    let mut state = entry.state;
+    let mut flags = entry.flags;
+    let mut peer_state = None;
+    if flow.key.proto == PROTO_TCP {
+        let tcp = flow.tcp_flags;
+        if tcp & TCP_RST != 0 {
+            state = CT_CLOSING;
+            peer_state = Some(CT_CLOSING);
+        } else if tcp & TCP_FIN != 0 && flags & CT_F_FIN == 0 {
+            flags |= CT_F_FIN;
+            if peer_has_fin(&flow.key, entry) {
+                state = CT_CLOSING;
+                peer_state = Some(CT_CLOSING);
+            }
+        } else if state == CT_SYN_SENT && entry.flags & CT_F_REPLY != 0 && tcp & TCP_ACK != 0 {
+            // The backend's SYN-ACK: the connection is up in both directions.
+            state = CT_ESTABLISHED;
+            peer_state = Some(CT_ESTABLISHED);
+        } else if state == CT_CLOSING && entry.flags & CT_F_REPLY == 0 && tcp & TCP_SYN != 0 {
+            // The client reuses the tuple for a new connection; it keeps its backend.
+            state = CT_SYN_SENT;
+            flags &= !CT_F_FIN;
+            peer_state = Some(CT_SYN_SENT);
+        }
+    }
+    if state == entry.state
+        && flags == entry.flags
+        && now.saturating_sub(entry.last_seen_ns) < CT_REFRESH_NS
+    {
+        return;
+    }
+    // SAFETY: live map value, plain stores (see module comment).
+    unsafe {
+        (*entry_ptr).state = state;
+        (*entry_ptr).flags = flags;
+        (*entry_ptr).last_seen_ns = now;
+    }
+    if let Some(peer_state) = peer_state {
+        if let Some(peer) = CONNTRACK.get_ptr_mut(&peer_key(&flow.key, entry)) {
+            // SAFETY: as above.
+            unsafe {
+                (*peer).state = peer_state;
+                (*peer).last_seen_ns = now;
+                if peer_state == CT_SYN_SENT {
+                    (*peer).flags &= !CT_F_FIN;
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn peer_has_fin(key: &CtKey, entry: &CtEntry) -> bool {
+    // SAFETY: copied flag read.
+    unsafe { CONNTRACK.get(&peer_key(key, entry)) }.is_some_and(|peer| peer.flags & CT_F_FIN != 0)
+}

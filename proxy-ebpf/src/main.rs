@@ -1,0 +1,86 @@
+//! ebpf-proxy's data path. This file only declares the entry points; each concern has
+//! its module: `parse` (headers), `balancer` (services and scheduling), `conntrack`
+//! (flow state), `translate` (the pipeline), `packet` (how XDP and tc rewrite),
+//! `sock` (node-local sockets), `maps` and `counters`.
+#![no_std]
+#![no_main]
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod balancer;
+mod checksum;
+mod conntrack;
+mod counters;
+mod maps;
+mod packet;
+mod parse;
+mod sock;
+mod translate;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
+};
+
+use crate::{
+    packet::{TcPacket, XdpPacket},
+    translate::{Origin, Verdict},
+};
+
+/// Node uplinks: traffic from outside the node to NodePorts, LoadBalancer and external
+/// IPs, and replies of masqueraded flows coming back from remote backends. Translated
+/// packets continue into the kernel's forwarding path (XDP_PASS): see the README for
+/// why this beats XDP_TX/REDIRECT on veth-based nodes.
+#[xdp]
+pub fn uplink_ingress(ctx: XdpContext) -> u32 {
+    match translate::handle(&XdpPacket(&ctx), Origin::External) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+/// Host side of pod interfaces (tc ingress = packets the pod sends): pod-to-service
+/// traffic and the replies of backend pods.
+#[classifier]
+pub fn pod_ingress(ctx: TcContext) -> i32 {
+    // Pull the headers into the linear area once if the skb starts short of them;
+    // 128 bytes covers Ethernet, IPv4 with options and a TCP header with options.
+    if ctx.data_end() - ctx.data() < 128 && ctx.len() > (ctx.data_end() - ctx.data()) as u32 {
+        let _ = ctx.pull_data(ctx.len().min(128));
+    }
+    match translate::handle(&TcPacket(&ctx), Origin::Pod) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::redirect(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::redirect(&ctx, true);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx);
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

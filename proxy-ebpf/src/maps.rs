@@ -1,0 +1,68 @@
+//! Every map of the data path, in one place. All are pinned by name under the agent's
+//! bpffs directory, so a restarted agent finds its services and, above all, the
+//! conntrack state of established flows where it left them.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use proxy_common::{
+    Addr, Backend, BackendSlotKey, ConfigValue, CtEntry, CtKey, NodeAddrFlags, ServiceKey,
+    ServiceName, ServiceValue, SockKey, SockNat, TrafficStats, CONFIG_LEN, CONNTRACK_ENTRIES,
+    EV_COUNT, MAX_BACKENDS, MAX_SERVICES, SOCK_ENTRIES,
+};
+
+/// Frontends by (address, port, protocol, scope). Written by the agent.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
+
+/// The n-th backend of each service. Written by the agent: new slots before the
+/// service's count grows, stale slots only after it shrinks.
+#[map]
+pub static BACKEND_SLOTS: HashMap<BackendSlotKey, Backend> = HashMap::pinned(MAX_BACKENDS, 0);
+
+/// Round-robin position per service id, advanced atomically by the data path so that
+/// all CPUs share one rotation (exact rr, as IPVS).
+#[map]
+pub static RR_CURSORS: Array<u64> = Array::pinned(MAX_SERVICES, 0);
+
+/// This node's own addresses: NodePorts answer on any of them. Written by the agent.
+#[map]
+pub static NODE_ADDRS: HashMap<Addr, NodeAddrFlags> = HashMap::pinned(64, 0);
+
+/// Node-wide settings indexed by `CONFIG_*`. Written by the agent.
+#[map]
+pub static NODE_CONFIG: Array<ConfigValue> = Array::pinned(CONFIG_LEN, 0);
+
+/// Both directions of every translated flow. Shared by all CPUs (entries are found
+/// whichever CPU handles a packet) with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`) so
+/// that inserts do not contend on one global LRU lock.
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::pinned(CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Per-service and per-backend traffic counters, per CPU to avoid shared writes.
+#[map]
+pub static SERVICE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+#[map]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// What the data path did, by `EV_*` reason (drops, misses, races, malformed input).
+#[map]
+pub static DATAPATH_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(EV_COUNT, 0);
+
+/// Socket hooks: the service address a node-local socket believes it talks to, keyed
+/// by the backend it really talks to (restored in recvmsg/getpeername).
+#[map]
+pub static SOCK_REVERSE: LruHashMap<SockKey, SockNat> = LruHashMap::pinned(SOCK_ENTRIES, 0);
+
+/// Socket hooks: the backend an unconnected UDP socket keeps using for a service, so
+/// that one socket's datagrams are not spread over backends one by one.
+#[map]
+pub static SOCK_AFFINITY: LruHashMap<SockKey, SockNat> = LruHashMap::pinned(SOCK_ENTRIES, 0);
+
+/// `namespace/name:port` of each service id. Written and read by the agent and the
+/// `list` command only; it lives here so that it is pinned with the rest.
+#[map]
+pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(MAX_SERVICES, 0);

@@ -1,0 +1,166 @@
+//! The one difference between the XDP and tc hooks the translation logic cares about:
+//! how header fields are rewritten. XDP writes the bytes and fixes checksums itself;
+//! tc goes through the skb helpers, which also keep the kernel's checksum state
+//! (CHECKSUM_PARTIAL from local sockets, CHECKSUM_COMPLETE) right.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::{TcContext, XdpContext},
+};
+use proxy_common::PROTO_UDP;
+
+use crate::{checksum, parse::Flow};
+
+pub const ETH_LEN: usize = 14;
+/// Offsets inside the IPv4 header.
+pub const IP_CHECK: usize = 10;
+pub const IP_SRC: usize = 12;
+pub const IP_DST: usize = 16;
+/// Offsets inside the L4 header (ports are at the same place for TCP and UDP).
+pub const L4_SPORT: usize = 0;
+pub const L4_DPORT: usize = 2;
+
+/// Where the L4 checksum of a flow's protocol lives.
+#[inline(always)]
+pub fn l4_check_offset(proto: u8) -> usize {
+    if proto == PROTO_UDP {
+        6
+    } else {
+        16
+    }
+}
+
+pub trait Packet {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+
+    /// Replaces the 32-bit address at `ip_field` (IP_SRC or IP_DST) and fixes the IP
+    /// checksum and the L4 pseudo-header checksum.
+    fn rewrite_addr(&self, flow: &Flow, ip_field: usize, old: u32, new: u32) -> Result<(), ()>;
+
+    /// Replaces the port at `l4_field` (L4_SPORT or L4_DPORT) and fixes the L4 checksum.
+    fn rewrite_port(&self, flow: &Flow, l4_field: usize, old: u16, new: u16) -> Result<(), ()>;
+
+    /// A pointer to a `T` at `offset`, if the packet is long enough.
+    #[inline(always)]
+    fn ptr_at<T>(&self, offset: usize) -> Option<*mut T> {
+        let at = self.start() + offset;
+        if at + size_of::<T>() > self.end() {
+            return None;
+        }
+        Some(at as *mut T)
+    }
+}
+
+pub struct XdpPacket<'a>(pub &'a XdpContext);
+
+impl XdpPacket<'_> {
+    /// Applies `update` to the L4 checksum, leaving a zero UDP checksum ("none") alone
+    /// and never producing one.
+    #[inline(always)]
+    fn update_l4_check(&self, flow: &Flow, update: impl Fn(u16) -> u16) -> Result<(), ()> {
+        let check: *mut u16 = self
+            .ptr_at(flow.l4_off + l4_check_offset(flow.key.proto))
+            .ok_or(())?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            let old = check.read_unaligned();
+            if flow.key.proto == PROTO_UDP && old == 0 {
+                return Ok(());
+            }
+            let mut new = update(old);
+            if flow.key.proto == PROTO_UDP && new == 0 {
+                new = 0xffff;
+            }
+            check.write_unaligned(new);
+        }
+        Ok(())
+    }
+}
+
+impl Packet for XdpPacket<'_> {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.0.data_end()
+    }
+
+    #[inline(always)]
+    fn rewrite_addr(&self, flow: &Flow, ip_field: usize, old: u32, new: u32) -> Result<(), ()> {
+        let field: *mut u32 = self.ptr_at(ETH_LEN + ip_field).ok_or(())?;
+        let check: *mut u16 = self.ptr_at(ETH_LEN + IP_CHECK).ok_or(())?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            field.write_unaligned(new);
+            check.write_unaligned(checksum::replace32(check.read_unaligned(), old, new));
+        }
+        self.update_l4_check(flow, |c| checksum::replace32(c, old, new))
+    }
+
+    #[inline(always)]
+    fn rewrite_port(&self, flow: &Flow, l4_field: usize, old: u16, new: u16) -> Result<(), ()> {
+        let field: *mut u16 = self.ptr_at(flow.l4_off + l4_field).ok_or(())?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { field.write_unaligned(new) };
+        self.update_l4_check(flow, |c| checksum::replace16(c, old, new))
+    }
+}
+
+pub struct TcPacket<'a>(pub &'a TcContext);
+
+impl TcPacket<'_> {
+    #[inline(always)]
+    fn l4_csum_flags(flow: &Flow, size: u64) -> u64 {
+        let mangled = if flow.key.proto == PROTO_UDP {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        };
+        size | mangled
+    }
+}
+
+impl Packet for TcPacket<'_> {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.0.data_end()
+    }
+
+    #[inline(always)]
+    fn rewrite_addr(&self, flow: &Flow, ip_field: usize, old: u32, new: u32) -> Result<(), ()> {
+        let l4_check = flow.l4_off + l4_check_offset(flow.key.proto);
+        let flags = Self::l4_csum_flags(flow, 4) | u64::from(BPF_F_PSEUDO_HDR);
+        self.0
+            .l4_csum_replace(l4_check, u64::from(old), u64::from(new), flags)
+            .map_err(|_| ())?;
+        self.0
+            .l3_csum_replace(ETH_LEN + IP_CHECK, u64::from(old), u64::from(new), 4)
+            .map_err(|_| ())?;
+        self.0.store(ETH_LEN + ip_field, &new, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn rewrite_port(&self, flow: &Flow, l4_field: usize, old: u16, new: u16) -> Result<(), ()> {
+        let l4_check = flow.l4_off + l4_check_offset(flow.key.proto);
+        self.0
+            .l4_csum_replace(
+                l4_check,
+                u64::from(old),
+                u64::from(new),
+                Self::l4_csum_flags(flow, 2),
+            )
+            .map_err(|_| ())?;
+        self.0
+            .store(flow.l4_off + l4_field, &new, 0)
+            .map_err(|_| ())
+    }
+}

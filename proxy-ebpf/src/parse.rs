@@ -1,0 +1,112 @@
+//! Header parsing: from raw bytes to the 5-tuple and the few TCP facts conntrack needs.
+
+use core::mem::offset_of;
+
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use proxy_common::{Addr, CtKey, PROTO_TCP, PROTO_UDP};
+
+use crate::packet::{Packet, ETH_LEN};
+
+/// TCP flag bits as in byte 13 of the header.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A parsed IPv4 TCP or UDP packet.
+pub struct Flow {
+    pub key: CtKey,
+    /// Offset of the L4 header from the start of the frame.
+    pub l4_off: usize,
+    pub tcp_flags: u8,
+    /// IP total length, for byte counters.
+    pub ip_len: u16,
+}
+
+/// Why a packet is not a candidate for translation.
+pub enum Skip {
+    /// Not IPv4 TCP/UDP: none of our business.
+    NotOurs,
+    /// Claims to be IPv4 TCP/UDP but its headers do not fit or make no sense.
+    Malformed,
+    /// A fragment: only the first carries ports, so none are translated.
+    Fragment,
+}
+
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+
+#[inline(always)]
+pub fn parse<P: Packet>(pkt: &P) -> Result<Flow, Skip> {
+    let eth: *const EthHdr = pkt.ptr_at(0).ok_or(Skip::NotOurs)?;
+    // SAFETY: every read below is of a pointer bounds-checked by ptr_at.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return Err(Skip::NotOurs);
+    }
+    let ip: *const Ipv4Hdr = pkt.ptr_at(ETH_LEN).ok_or(Skip::Malformed)?;
+    // The protocol byte is read as a byte: not every value is an `IpProto` variant.
+    let proto: u8 = unsafe {
+        *pkt.ptr_at::<u8>(ETH_LEN + offset_of!(Ipv4Hdr, proto))
+            .ok_or(Skip::Malformed)?
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(Skip::NotOurs);
+    }
+    let (vihl, frags, tot_len, src, dst) = unsafe {
+        (
+            (*ip).vihl,
+            u16::from_be_bytes((*ip).frags),
+            u16::from_be_bytes((*ip).tot_len),
+            u32::from_ne_bytes((*ip).src_addr),
+            u32::from_ne_bytes((*ip).dst_addr),
+        )
+    };
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < 20 || usize::from(tot_len) < ihl {
+        return Err(Skip::Malformed);
+    }
+    if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
+        return Err(Skip::Fragment);
+    }
+    let l4_off = ETH_LEN + ihl;
+    let (sport, dport, tcp_flags) = if proto == PROTO_TCP {
+        let tcp: *const TcpHdr = pkt.ptr_at(l4_off).ok_or(Skip::Malformed)?;
+        // The flags byte is read through the checked header pointer: a second bounds
+        // check at a variable offset would be merged by LLVM into a pointer the
+        // verifier no longer recognises as checked.
+        unsafe {
+            (
+                u16::from_ne_bytes((*tcp).source),
+                u16::from_ne_bytes((*tcp).dest),
+                *tcp.cast::<u8>().add(13),
+            )
+        }
+    } else {
+        let udp: *const UdpHdr = pkt.ptr_at(l4_off).ok_or(Skip::Malformed)?;
+        unsafe {
+            (
+                u16::from_ne_bytes((*udp).src),
+                u16::from_ne_bytes((*udp).dst),
+                0,
+            )
+        }
+    };
+    Ok(Flow {
+        key: CtKey {
+            src: Addr::from_v4_be(src),
+            dst: Addr::from_v4_be(dst),
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        },
+        l4_off,
+        tcp_flags,
+        ip_len: tot_len,
+    })
+}

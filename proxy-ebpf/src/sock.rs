@@ -1,0 +1,132 @@
+//! Socket-level load balancing for connections that start on the node itself.
+//!
+//! Why at the socket and not per packet: a node process that connects to a ClusterIP
+//! has no route for it and no uplink packet to catch; rewriting the destination in
+//! connect()/sendmsg() (as Cilium's socket LB does) sends it straight to a backend with
+//! no per-packet NAT at all. recvmsg()/getpeername() restore the service address so
+//! the application sees what it asked for. Only sockets of the node's own network
+//! namespace are translated: cgroup hooks are machine-wide, pod namespaces are not ours.
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, BPF_ANY},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use proxy_common::{Addr, BackendSlotKey, SockKey, SockNat, CONFIG_NETNS_COOKIE};
+
+use crate::{
+    balancer,
+    counters::{self, Direction},
+    maps::{BACKEND_SLOTS, NODE_CONFIG, SOCK_AFFINITY, SOCK_REVERSE},
+};
+
+#[inline(always)]
+fn in_node_netns(ctx: &SockAddrContext) -> bool {
+    let Some(wanted) = NODE_CONFIG.get(CONFIG_NETNS_COOKIE) else {
+        return false;
+    };
+    // SAFETY: helper on the program's own context.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    wanted.as_u64() != 0 && wanted.as_u64() == cookie
+}
+
+#[inline(always)]
+fn sock_key(ctx: &SockAddrContext, addr: Addr, port: u16, proto: u8) -> SockKey {
+    SockKey {
+        // SAFETY: helper on the program's own context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
+        addr,
+        port,
+        proto,
+        _pad: [0; 5],
+    }
+}
+
+/// The backend an unconnected socket used before for this service, if it still serves.
+#[inline(always)]
+fn remembered(key: &SockKey) -> Option<SockNat> {
+    // SAFETY: copied out at once.
+    let memo = unsafe { SOCK_AFFINITY.get(key) }.copied()?;
+    let slot = BackendSlotKey {
+        service_id: memo.service_id,
+        slot: memo.slot,
+    };
+    // SAFETY: as above.
+    let backend = unsafe { BACKEND_SLOTS.get(&slot) }?;
+    (backend.id == memo.backend_id).then_some(memo)
+}
+
+/// connect4 and sendmsg4: point the socket at a backend. `sticky` keeps one backend
+/// per (socket, service) for unconnected sends.
+#[inline(always)]
+pub fn redirect(ctx: &SockAddrContext, sticky: bool) {
+    if !in_node_netns(ctx) {
+        return;
+    }
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: reads and writes of the context fields the attach type allows.
+    let (ip, port, proto) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    let vip = Addr::from_v4_be(ip);
+    let Some(service) = balancer::lookup_service(vip, port, proto) else {
+        return;
+    };
+    let affinity_key = sock_key(ctx, vip, port, proto);
+    let target = match sticky.then(|| remembered(&affinity_key)).flatten() {
+        Some(memo) => memo,
+        None => {
+            let Some(choice) = balancer::schedule(&service) else {
+                return;
+            };
+            counters::traffic(service.id, choice.backend.id, Direction::ToBackend, 0, true);
+            SockNat {
+                addr: choice.backend.addr,
+                port: choice.backend.port,
+                _pad: 0,
+                service_id: service.id,
+                backend_id: choice.backend.id,
+                slot: choice.slot,
+            }
+        }
+    };
+    if sticky {
+        let _ = SOCK_AFFINITY.insert(&affinity_key, &target, u64::from(BPF_ANY));
+    }
+    let reverse = SockNat {
+        addr: vip,
+        port,
+        ..target
+    };
+    let _ = SOCK_REVERSE.insert(
+        &sock_key(ctx, target.addr, target.port, proto),
+        &reverse,
+        u64::from(BPF_ANY),
+    );
+    // SAFETY: see above.
+    unsafe {
+        (*sa).user_ip4 = target.addr.v4_be();
+        (*sa).user_port = u32::from(target.port);
+    }
+}
+
+/// recvmsg4 and getpeername4: show the service address instead of the backend's.
+#[inline(always)]
+pub fn restore(ctx: &SockAddrContext) {
+    if !in_node_netns(ctx) {
+        return;
+    }
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: as in `redirect`.
+    let (ip, port, proto) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    // SAFETY: copied out at once.
+    let Some(nat) =
+        (unsafe { SOCK_REVERSE.get(&sock_key(ctx, Addr::from_v4_be(ip), port, proto)) }).copied()
+    else {
+        return;
+    };
+    unsafe {
+        (*sa).user_ip4 = nat.addr.v4_be();
+        (*sa).user_port = u32::from(nat.port);
+    }
+}

@@ -1,0 +1,206 @@
+//! `ebpf-proxy run`: load and attach the data path, then keep the maps in step with
+//! the source. Programs stay attached (pinned links) when the agent exits; `cleanup`
+//! removes them.
+
+use std::{
+    collections::BTreeSet,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use aya::programs::XdpMode;
+use tokio::{signal::unix, sync::mpsc};
+use tracing::{info, warn};
+
+use crate::{
+    datapath::{
+        attach,
+        interfaces::{self, LinkEvent},
+        loader::Datapath,
+        tables::Tables,
+    },
+    manifests,
+    model::Severity,
+    node::NodeConfig,
+    sync::Syncer,
+    translate,
+};
+
+pub struct AgentConfig {
+    pub node: NodeConfig,
+    pub pin_dir: PathBuf,
+    pub manifests: PathBuf,
+    pub xdp_mode: XdpMode,
+    pub cgroup: PathBuf,
+    /// How often the manifests file is checked for changes.
+    pub poll_interval: Duration,
+    /// Created once services are programmed and present interfaces attached.
+    pub ready_file: Option<PathBuf>,
+}
+
+/// The cookie of the agent's network namespace: the socket hooks serve only it.
+fn own_netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("opening a probe socket")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_NETNS_COOKIE (Linux >= 5.14)");
+    }
+    Ok(cookie)
+}
+
+/// Re-reads the manifests when their bytes change; keeps the last good state when
+/// the file is missing or unreadable.
+struct ManifestSource {
+    path: PathBuf,
+    last: Option<Vec<u8>>,
+    unreadable_reported: bool,
+}
+
+impl ManifestSource {
+    fn changed(&mut self) -> Option<Vec<u8>> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => {
+                self.unreadable_reported = false;
+                if self.last.as_ref() == Some(&bytes) {
+                    return None;
+                }
+                self.last = Some(bytes.clone());
+                Some(bytes)
+            }
+            Err(e) => {
+                if !self.unreadable_reported {
+                    warn!(path = %self.path.display(), "manifests unreadable ({e}); keeping the last programmed state");
+                    self.unreadable_reported = true;
+                }
+                None
+            }
+        }
+    }
+}
+
+fn sync_from(bytes: &[u8], source: &Path, node: &NodeConfig, syncer: &mut Syncer) {
+    let started = Instant::now();
+    let text = String::from_utf8_lossy(bytes);
+    let (objects, mut problems) = manifests::parse(&text, &source.display().to_string());
+    let translation = translate::translate(&objects, &node.name);
+    problems.extend(translation.problems);
+    let report = syncer.apply(&translation.state);
+    problems.extend(report.problems);
+    for problem in &problems {
+        match problem.severity {
+            Severity::Error => warn!("{problem}"),
+            Severity::Warning => info!("{problem}"),
+        }
+    }
+    info!(
+        frontends = translation.state.frontends.len(),
+        added = report.added,
+        updated = report.updated,
+        removed = report.removed,
+        map_writes = report.map_writes,
+        problems = problems.len(),
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "synced"
+    );
+}
+
+pub async fn run(config: AgentConfig) -> Result<()> {
+    config.node.validate()?;
+    let mut datapath = Datapath::load(&config.pin_dir)?;
+    let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?;
+    syncer.program_node(&config.node, own_netns_cookie()?)?;
+    let mut source = ManifestSource {
+        path: config.manifests.clone(),
+        last: None,
+        unreadable_reported: false,
+    };
+    if let Some(bytes) = source.changed() {
+        sync_from(&bytes, &config.manifests, &config.node, &mut syncer);
+    }
+    attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
+
+    let (link_tx, mut link_rx) = mpsc::channel(256);
+    let watcher = tokio::spawn(interfaces::watch(link_tx));
+    let mut attached = BTreeSet::new();
+    let mut ticker = tokio::time::interval(config.poll_interval);
+    let mut terminate = unix::signal(unix::SignalKind::terminate())?;
+    let mut ready = false;
+    loop {
+        tokio::select! {
+            event = link_rx.recv() => match event {
+                Some(LinkEvent::Present(name)) if !attached.contains(&name) => {
+                    match attach_interface(&mut datapath, &config, &name) {
+                        Ok(true) => { attached.insert(name); }
+                        Ok(false) => {}
+                        Err(e) => warn!("{e:#}"),
+                    }
+                }
+                Some(LinkEvent::Present(_)) => {}
+                Some(LinkEvent::Removed(name)) => {
+                    if attached.remove(&name) {
+                        info!(iface = %name, "interface removed");
+                        attach::forget_interface(&config.pin_dir, &name);
+                    }
+                }
+                Some(LinkEvent::ListDone) => {
+                    let missing: Vec<&String> = config.node.uplinks.iter().filter(|u| !attached.contains(*u)).collect();
+                    if !missing.is_empty() {
+                        warn!(?missing, "uplinks not present yet; they will be attached when they appear");
+                    }
+                    if !ready {
+                        ready = true;
+                        mark_ready(&config)?;
+                    }
+                }
+                None => {
+                    let result = watcher.await;
+                    anyhow::bail!("interface watcher stopped: {result:?}");
+                }
+            },
+            _ = ticker.tick() => {
+                if let Some(bytes) = source.changed() {
+                    sync_from(&bytes, &config.manifests, &config.node, &mut syncer);
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+        }
+    }
+    info!("stopping; programs stay attached through their pinned links (`ebpf-proxy cleanup` detaches)");
+    Ok(())
+}
+
+fn mark_ready(config: &AgentConfig) -> Result<()> {
+    info!("ready");
+    if let Some(path) = &config.ready_file {
+        std::fs::write(path, b"ready\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Attaches what an interface needs; returns whether it is one of ours.
+fn attach_interface(datapath: &mut Datapath, config: &AgentConfig, name: &str) -> Result<bool> {
+    if config.node.uplinks.iter().any(|u| u == name) {
+        attach::attach_xdp(datapath, name, config.xdp_mode)?;
+        return Ok(true);
+    }
+    if config.node.is_pod_interface(name) {
+        attach::attach_tc(datapath, name)?;
+        return Ok(true);
+    }
+    Ok(false)
+}

@@ -1,0 +1,172 @@
+//! Attaching programs through bpf links pinned under `<pin-dir>/links/`, so that they
+//! keep running while the agent is down, and so that a restarted (or upgraded) agent
+//! swaps its programs in without a gap:
+//! - XDP and tc (TCX) links are updated in place (`bpf_link_update`): atomic, no
+//!   packet sees no program.
+//! - cgroup socket hooks allow several programs: the new one is attached before the
+//!   old one is unpinned. While both run the second finds nothing to translate (the
+//!   first already pointed the socket at a backend).
+//!
+//! A pinned link whose interface went away is defunct: its update fails, so it is
+//! replaced by a fresh attachment.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use aya::programs::{
+    links::{FdLink, LinkOrder, PinnedLink},
+    tc::{SchedClassifierLink, TcAttachOptions},
+    xdp::XdpLink,
+    CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+};
+use tracing::{debug, info, warn};
+
+use super::{loader::program, loader::Datapath, PROG_SOCK_HOOKS};
+
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+fn pin_path(pin_dir: &Path, kind: &str, target: &str) -> PathBuf {
+    links_dir(pin_dir).join(format!("{kind}-{target}"))
+}
+
+/// Replaces the program behind an existing pinned link, or attaches afresh and pins.
+fn attach_pinned<P>(
+    prog: &mut P,
+    pin: &Path,
+    replace: fn(&mut P, FdLink) -> Result<()>,
+    attach: impl FnOnce(&mut P) -> Result<FdLink>,
+) -> Result<()> {
+    if pin.exists() {
+        let replaced = PinnedLink::from_pin(pin)
+            .map_err(anyhow::Error::from)
+            .and_then(|pinned| replace(prog, pinned.into()));
+        match replaced {
+            Ok(()) => {
+                debug!(link = %pin.display(), "replaced the program of a pinned link");
+                return Ok(());
+            }
+            Err(e) => {
+                warn!(link = %pin.display(), "pinned link is stale ({e:#}); attaching afresh");
+                fs::remove_file(pin).with_context(|| format!("removing {}", pin.display()))?;
+            }
+        }
+    }
+    let link = attach(prog)?;
+    link.pin(pin)
+        .with_context(|| format!("pinning link {}", pin.display()))?;
+    Ok(())
+}
+
+pub fn attach_xdp(dp: &mut Datapath, iface: &str, mode: XdpMode) -> Result<()> {
+    let pin = pin_path(&dp.pin_dir, "xdp", iface);
+    fs::create_dir_all(links_dir(&dp.pin_dir))?;
+    attach_pinned(
+        dp.xdp()?,
+        &pin,
+        |xdp: &mut Xdp, link| {
+            xdp.attach_to_link(XdpLink::try_from(link)?)?;
+            Ok(())
+        },
+        |xdp| {
+            let id = xdp
+                .attach(iface, mode)
+                .with_context(|| format!("attaching XDP to {iface} in {mode:?} mode"))?;
+            Ok(xdp.take_link(id)?.try_into()?)
+        },
+    )
+    .with_context(|| format!("XDP on {iface}"))?;
+    info!(iface, ?mode, "XDP program attached");
+    Ok(())
+}
+
+pub fn attach_tc(dp: &mut Datapath, iface: &str) -> Result<()> {
+    let pin = pin_path(&dp.pin_dir, "tc", iface);
+    fs::create_dir_all(links_dir(&dp.pin_dir))?;
+    attach_pinned(
+        dp.tc()?,
+        &pin,
+        |tc: &mut SchedClassifier, link| {
+            tc.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+            Ok(())
+        },
+        |tc| {
+            let options = TcAttachOptions::TcxOrder(LinkOrder::default());
+            let id = tc
+                .attach_with_options(iface, TcAttachType::Ingress, options)
+                .with_context(|| format!("attaching tc (TCX) ingress to {iface}"))?;
+            Ok(tc.take_link(id)?.try_into()?)
+        },
+    )
+    .with_context(|| format!("tc on {iface}"))?;
+    info!(iface, "tc program attached");
+    Ok(())
+}
+
+/// Forgets an interface that went away (its links died with it).
+pub fn forget_interface(pin_dir: &Path, iface: &str) {
+    for kind in ["tc", "xdp"] {
+        let _ = fs::remove_file(pin_path(pin_dir, kind, iface));
+    }
+}
+
+/// The cgroup v2 hierarchy's root: the unified mount, or /sys/fs/cgroup itself.
+pub fn default_cgroup_root() -> PathBuf {
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.procs").exists() {
+        unified.to_owned()
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}
+
+pub fn attach_sock_hooks(dp: &mut Datapath, cgroup: &Path) -> Result<()> {
+    fs::create_dir_all(links_dir(&dp.pin_dir))?;
+    let cgroup_dir =
+        fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    for name in PROG_SOCK_HOOKS {
+        let hook: &mut CgroupSockAddr = program(&mut dp.ebpf, name)?;
+        let id = hook
+            .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)
+            .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        let link: FdLink = hook.take_link(id)?.try_into()?;
+        let pin = pin_path(&dp.pin_dir, "cgroup", name);
+        if pin.exists() {
+            fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        }
+        link.pin(&pin)
+            .with_context(|| format!("pinning link {}", pin.display()))?;
+    }
+    info!(cgroup = %cgroup.display(), "socket hooks attached");
+    Ok(())
+}
+
+/// `ebpf-proxy cleanup`: unpins every link (which detaches its program), then the
+/// maps (which frees them once no program holds them), then the directory.
+pub fn cleanup(pin_dir: &Path) -> Result<()> {
+    if !pin_dir.exists() {
+        return Ok(());
+    }
+    let links = links_dir(pin_dir);
+    for dir in [links.as_path(), pin_dir] {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_file() {
+                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+    }
+    if links.exists() {
+        fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    info!(pin_dir = %pin_dir.display(), "programs detached and maps unpinned");
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! Loading the eBPF object with its maps pinned under a bpffs directory. Maps that
+//! are already pinned there (a previous agent's) are reused, which is what carries
+//! services and conntrack across restarts.
+
+use std::{
+    ffi::CString,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    programs::{CgroupSockAddr, SchedClassifier, Xdp},
+    Ebpf, EbpfLoader,
+};
+
+use super::{EBPF_OBJECT, PROG_POD, PROG_SOCK_HOOKS, PROG_UPLINK};
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Fails with a clear message unless `dir` lies on a bpffs mount.
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let mount_point = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .context("pin directory has no existing ancestor")?;
+    let c_path = CString::new(mount_point.as_os_str().as_bytes())?;
+    // SAFETY: statfs on a valid NUL-terminated path into a zeroed struct.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", mount_point.display()));
+    }
+    if stat.f_type as i64 != BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a bpf filesystem: mount one first (mount -t bpf bpf /sys/fs/bpf) \
+             or choose --pin-dir under an existing bpffs",
+            mount_point.display()
+        );
+    }
+    Ok(())
+}
+
+pub struct Datapath {
+    pub ebpf: Ebpf,
+    pub pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads (but does not attach) every program, pinning maps in `pin_dir`.
+    pub fn load(pin_dir: &Path) -> Result<Datapath> {
+        ensure_bpffs(pin_dir)?;
+        std::fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (maps pinned in an incompatible layout? run `ebpf-proxy cleanup`)")?;
+        {
+            let xdp: &mut Xdp = program(&mut ebpf, PROG_UPLINK)?;
+            xdp.load().context("verifying the XDP program")?;
+        }
+        {
+            let tc: &mut SchedClassifier = program(&mut ebpf, PROG_POD)?;
+            tc.load().context("verifying the tc program")?;
+        }
+        for name in PROG_SOCK_HOOKS {
+            let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            hook.load().with_context(|| format!("verifying {name}"))?;
+        }
+        Ok(Datapath {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    pub fn xdp(&mut self) -> Result<&mut Xdp> {
+        program(&mut self.ebpf, PROG_UPLINK)
+    }
+
+    pub fn tc(&mut self) -> Result<&mut SchedClassifier> {
+        program(&mut self.ebpf, PROG_POD)
+    }
+}
+
+pub fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?
+        .try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}

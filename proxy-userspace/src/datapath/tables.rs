@@ -1,0 +1,117 @@
+//! Typed handles to the pinned maps, opened by path so that the agent, `list` and the
+//! tests all read and write the same kernel objects the same way.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use proxy_common::{
+    Addr, Backend, BackendSlotKey, ConfigValue, CtEntry, CtKey, NodeAddrFlags, ServiceKey,
+    ServiceName, ServiceValue, TrafficStats, DATAPATH_EVENT_NAMES,
+};
+
+pub struct Tables {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub slots: HashMap<MapData, BackendSlotKey, Backend>,
+    pub rr_cursors: Array<MapData, u64>,
+    pub node_addrs: HashMap<MapData, Addr, NodeAddrFlags>,
+    pub config: Array<MapData, ConfigValue>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub service_stats: PerCpuArray<MapData, TrafficStats>,
+    pub backend_stats: PerCpuArray<MapData, TrafficStats>,
+    pub events: PerCpuArray<MapData, u64>,
+    pub service_names: HashMap<MapData, u32, ServiceName>,
+}
+
+fn open(dir: &Path, name: &str) -> Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {} (is an agent running with this --pin-dir?)",
+            path.display()
+        )
+    })?;
+    Map::from_map_data(data).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+macro_rules! typed {
+    ($dir:expr, $name:literal) => {
+        open($dir, $name)?
+            .try_into()
+            .with_context(|| format!("map {} has an unexpected layout", $name))?
+    };
+}
+
+impl Tables {
+    pub fn open(dir: &Path) -> Result<Tables> {
+        Ok(Tables {
+            services: typed!(dir, "SERVICES"),
+            slots: typed!(dir, "BACKEND_SLOTS"),
+            rr_cursors: typed!(dir, "RR_CURSORS"),
+            node_addrs: typed!(dir, "NODE_ADDRS"),
+            config: typed!(dir, "NODE_CONFIG"),
+            conntrack: typed!(dir, "CONNTRACK"),
+            service_stats: typed!(dir, "SERVICE_STATS"),
+            backend_stats: typed!(dir, "BACKEND_STATS"),
+            events: typed!(dir, "DATAPATH_EVENTS"),
+            service_names: typed!(dir, "SERVICE_NAMES"),
+        })
+    }
+
+    /// A per-CPU counter summed over CPUs.
+    pub fn stats_sum(map: &PerCpuArray<MapData, TrafficStats>, index: u32) -> TrafficStats {
+        let mut total = TrafficStats::default();
+        if let Ok(values) = map.get(&index, 0) {
+            for v in values.iter() {
+                total.connections += v.connections;
+                total.packets_in += v.packets_in;
+                total.bytes_in += v.bytes_in;
+                total.packets_out += v.packets_out;
+                total.bytes_out += v.bytes_out;
+            }
+        }
+        total
+    }
+
+    /// Zeroes a per-CPU counter, for an id handed to a new service or backend.
+    pub fn reset_stats(map: &mut PerCpuArray<MapData, TrafficStats>, index: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?;
+        let zeros = PerCpuValues::try_from(vec![TrafficStats::default(); cpus])?;
+        map.set(index, zeros, 0).context("resetting counters")?;
+        Ok(())
+    }
+
+    /// The data path's event counters by name, summed over CPUs.
+    pub fn events(&self) -> Vec<(&'static str, u64)> {
+        DATAPATH_EVENT_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let total = self
+                    .events
+                    .get(&(i as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (*name, total)
+            })
+            .collect()
+    }
+}
+
+pub fn encode_name(name: &str) -> ServiceName {
+    let mut bytes = [0u8; 64];
+    let len = name.len().min(bytes.len());
+    bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+    ServiceName { bytes }
+}
+
+pub fn decode_name(name: &ServiceName) -> String {
+    let end = name
+        .bytes
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(name.bytes.len());
+    String::from_utf8_lossy(&name.bytes[..end]).into_owned()
+}

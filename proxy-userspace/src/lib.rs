@@ -1,0 +1,16 @@
+//! The ebpf-proxy agent as a library: the binary (`main.rs`) is a thin CLI over it,
+//! and the tests and the demo drive the same code.
+//!
+//! Data flows one way: a *source* (`manifests`) yields Kubernetes objects,
+//! `translate` turns them into the desired `model`, `sync` applies the difference to
+//! the kernel `datapath` maps, and `listing` reads those maps back for operators.
+
+pub mod agent;
+pub mod datapath;
+pub mod listing;
+pub mod manifests;
+pub mod model;
+pub mod node;
+pub mod sync;
+pub mod testbed;
+pub mod translate;

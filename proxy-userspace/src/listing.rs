@@ -1,0 +1,148 @@
+//! `ebpf-proxy list`: an `ipvsadm -Ln --stats`-like view of the pinned maps of a
+//! running (or stopped) agent.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result};
+use proxy_common::{BackendSlotKey, TrafficStats, SVC_F_EXTERNAL};
+use serde::Serialize;
+
+use crate::{
+    datapath::tables::{decode_name, Tables},
+    model::{Endpoint, FrontendKey},
+    sync::{endpoint_of, frontend_key},
+};
+
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    pub frontend: FrontendKey,
+    pub service: String,
+    pub scheduler: &'static str,
+    pub external: bool,
+    pub stats: TrafficStatsView,
+    pub backends: Vec<BackendRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    pub endpoint: Endpoint,
+    pub stats: TrafficStatsView,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct TrafficStatsView {
+    pub connections: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl From<TrafficStats> for TrafficStatsView {
+    fn from(s: TrafficStats) -> Self {
+        TrafficStatsView {
+            connections: s.connections,
+            packets_in: s.packets_in,
+            packets_out: s.packets_out,
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Listing {
+    pub services: Vec<ServiceRow>,
+    /// Data path events (drops, misses…) by reason, summed over CPUs.
+    pub events: Vec<(&'static str, u64)>,
+}
+
+pub fn read(pin_dir: &Path) -> Result<Listing> {
+    let tables = Tables::open(pin_dir)?;
+    let mut services = Vec::new();
+    for entry in tables.services.iter() {
+        let (key, value) = entry.context("reading SERVICES")?;
+        let Some(frontend) = frontend_key(&key) else {
+            continue;
+        };
+        let mut backends = Vec::new();
+        for slot in 0..value.backend_count {
+            let slot_key = BackendSlotKey {
+                service_id: value.id,
+                slot,
+            };
+            if let Ok(backend) = tables.slots.get(&slot_key, 0) {
+                backends.push(BackendRow {
+                    endpoint: endpoint_of(&backend),
+                    stats: Tables::stats_sum(&tables.backend_stats, backend.id).into(),
+                });
+            }
+        }
+        backends.sort_by_key(|b| (b.endpoint.addr, b.endpoint.port));
+        services.push(ServiceRow {
+            frontend,
+            service: tables
+                .service_names
+                .get(&value.id, 0)
+                .map(|n| decode_name(&n))
+                .unwrap_or_default(),
+            scheduler: "rr",
+            external: value.flags & SVC_F_EXTERNAL != 0,
+            stats: Tables::stats_sum(&tables.service_stats, value.id).into(),
+            backends,
+        });
+    }
+    services.sort_by_key(|s| s.frontend);
+    Ok(Listing {
+        services,
+        events: tables.events(),
+    })
+}
+
+fn stats_columns(s: &TrafficStatsView) -> String {
+    format!(
+        "{:>8} {:>9} {:>9} {:>11} {:>11}",
+        s.connections, s.packets_in, s.packets_out, s.bytes_in, s.bytes_out
+    )
+}
+
+pub fn render(listing: &Listing) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<36} {:>8} {:>9} {:>9} {:>11} {:>11}",
+        "Prot LocalAddress:Port Scheduler", "Conns", "InPkts", "OutPkts", "InBytes", "OutBytes"
+    );
+    let _ = writeln!(out, "  -> RemoteAddress:Port");
+    for service in &listing.services {
+        let head = format!("{} {}", service.frontend, service.scheduler);
+        let _ = writeln!(
+            out,
+            "{head:<36} {}  {}",
+            stats_columns(&service.stats),
+            service.service
+        );
+        for backend in &service.backends {
+            let remote = if backend.endpoint.remote {
+                " (remote)"
+            } else {
+                ""
+            };
+            let name = format!(
+                "  -> {}:{}{remote}",
+                backend.endpoint.addr, backend.endpoint.port
+            );
+            let _ = writeln!(out, "{name:<36} {}", stats_columns(&backend.stats));
+        }
+    }
+    let events: Vec<String> = listing
+        .events
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(name, n)| format!("{name}={n}"))
+        .collect();
+    if !events.is_empty() {
+        let _ = writeln!(out, "data path events: {}", events.join(" "));
+    }
+    out
+}

@@ -1,0 +1,130 @@
+//! The `ebpf-proxy` command line: `run` the agent, `list` what it programmed,
+//! `cleanup` what it left attached.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use ebpf_proxy::{
+    agent::{self, AgentConfig},
+    datapath::attach,
+    listing,
+    node::NodeConfig,
+};
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ebpf-proxy";
+
+#[derive(Parser)]
+#[command(
+    name = "ebpf-proxy",
+    version,
+    about = "Kubernetes service load balancing in eBPF (XDP and tc)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the data path and keep it in sync with the manifests.
+    Run(RunArgs),
+    /// Show programmed services, backends and counters, like `ipvsadm -Ln --stats`.
+    List {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach every program and remove the pinned maps (drops all conntrack state).
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum XdpModeArg {
+    /// In the driver (veth, most NICs): fastest.
+    Native,
+    /// Generic XDP in the kernel stack: works everywhere, slower than tc.
+    Skb,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Multi-document YAML with v1 Services and discovery.k8s.io/v1 EndpointSlices;
+    /// re-read when it changes.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// This node's name, as EndpointSlices' `nodeName` spells it.
+    #[arg(long)]
+    node_name: String,
+    /// An address of this node (NodePorts answer on each; the first is the SNAT source).
+    #[arg(long = "node-ip", required = true)]
+    node_ips: Vec<Ipv4Addr>,
+    /// An interface facing the outside world (XDP). Repeatable.
+    #[arg(long = "uplink")]
+    uplinks: Vec<String>,
+    /// Glob of host-side pod interfaces (tc ingress). Repeatable.
+    #[arg(long = "pod-interfaces", default_values = ["veth*", "cali*"])]
+    pod_interfaces: Vec<String>,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    #[arg(long, value_enum, default_value = "native")]
+    xdp_mode: XdpModeArg,
+    /// cgroup v2 directory for the socket hooks (default: the hierarchy's root).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// How often to check the manifests file for changes, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    poll_ms: u64,
+    /// File to create once the first sync is done and interfaces are attached.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run(args) => {
+            let config = AgentConfig {
+                node: NodeConfig {
+                    name: args.node_name,
+                    addresses: args.node_ips,
+                    uplinks: args.uplinks,
+                    pod_interface_patterns: args.pod_interfaces,
+                },
+                pin_dir: args.pin_dir,
+                manifests: args.manifests,
+                xdp_mode: match args.xdp_mode {
+                    XdpModeArg::Native => aya::programs::XdpMode::Driver,
+                    XdpModeArg::Skb => aya::programs::XdpMode::Skb,
+                },
+                cgroup: args.cgroup.unwrap_or_else(attach::default_cgroup_root),
+                poll_interval: Duration::from_millis(args.poll_ms),
+                ready_file: args.ready_file,
+            };
+            agent::run(config).await
+        }
+        Command::List { pin_dir, json } => {
+            let listing = listing::read(&pin_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                print!("{}", listing::render(&listing));
+            }
+            Ok(())
+        }
+        Command::Cleanup { pin_dir } => attach::cleanup(&pin_dir),
+    }
+}

@@ -1,0 +1,476 @@
+//! Applying a desired state to the maps as a difference: a change to one frontend
+//! writes only that frontend's entries, and an unchanged input writes nothing.
+//!
+//! Write order keeps every intermediate state servable by the data path:
+//! - a new frontend gets its name, counters and backend slots before its `SERVICES`
+//!   entry makes it visible;
+//! - a changed one has its slots below the new count rewritten first, then its count,
+//!   and only then the slots beyond the count deleted;
+//! - a removed one disappears from `SERVICES` before its slots go.
+//!
+//! Backends keep their slot while they stay (a removed one's slot is filled by a
+//! newcomer, else by the last slot), so a change touches as few slots as it can.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context as _, Result};
+use aya::maps::MapError;
+use proxy_common::{
+    Addr, Backend, BackendSlotKey, ConfigValue, NodeAddrFlags, ServiceKey, ServiceValue,
+    BACKEND_F_REMOTE, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, MAX_BACKENDS,
+    MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, SCHED_RR, SCOPE_ADDRESS, SCOPE_NODE_PORT,
+    SVC_F_EXTERNAL,
+};
+
+use crate::{
+    datapath::tables::{decode_name, encode_name, Tables},
+    model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Problem, Protocol},
+    node::NodeConfig,
+};
+
+/// Small integer ids with reuse, for the array-indexed per-service/backend tables.
+#[derive(Debug)]
+struct IdPool {
+    limit: u32,
+    next: u32,
+    free: BTreeSet<u32>,
+}
+
+impl IdPool {
+    fn with_used(limit: u32, used: &BTreeSet<u32>) -> IdPool {
+        let next = used.last().map_or(0, |max| max + 1);
+        let free = (0..next).filter(|id| !used.contains(id)).collect();
+        IdPool { limit, next, free }
+    }
+
+    fn allocate(&mut self) -> Option<u32> {
+        if let Some(id) = self.free.pop_first() {
+            return Some(id);
+        }
+        (self.next < self.limit).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.insert(id);
+    }
+}
+
+/// What is in the maps for one frontend.
+#[derive(Clone, Debug)]
+struct Programmed {
+    value: ServiceValue,
+    slots: Vec<Backend>,
+}
+
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub map_writes: usize,
+    pub problems: Vec<Problem>,
+}
+
+pub struct Syncer {
+    tables: Tables,
+    programmed: BTreeMap<FrontendKey, Programmed>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+}
+
+pub fn service_key(key: &FrontendKey) -> ServiceKey {
+    let (addr, scope) = match key.listen {
+        Listen::Address(a) => (Addr::from_v4_octets(a.octets()), SCOPE_ADDRESS),
+        Listen::NodePort => (Addr::ZERO, SCOPE_NODE_PORT),
+    };
+    ServiceKey {
+        addr,
+        port: key.port.to_be(),
+        proto: key.protocol.number(),
+        scope,
+    }
+}
+
+pub fn frontend_key(key: &ServiceKey) -> Option<FrontendKey> {
+    let listen = match key.scope {
+        SCOPE_NODE_PORT => Listen::NodePort,
+        _ => Listen::Address(key.addr.v4_octets().into()),
+    };
+    Some(FrontendKey {
+        listen,
+        port: u16::from_be(key.port),
+        protocol: Protocol::from_number(key.proto)?,
+    })
+}
+
+pub fn endpoint_of(backend: &Backend) -> Endpoint {
+    Endpoint {
+        addr: backend.addr.v4_octets().into(),
+        port: u16::from_be(backend.port),
+        remote: backend.flags & BACKEND_F_REMOTE != 0,
+    }
+}
+
+fn backend_of(endpoint: &Endpoint, id: u32) -> Backend {
+    Backend {
+        addr: Addr::from_v4_octets(endpoint.addr.octets()),
+        port: endpoint.port.to_be(),
+        flags: if endpoint.remote { BACKEND_F_REMOTE } else { 0 },
+        _pad: 0,
+        id,
+    }
+}
+
+fn service_flags(frontend: &Frontend) -> u8 {
+    if frontend.external {
+        SVC_F_EXTERNAL
+    } else {
+        0
+    }
+}
+
+impl Syncer {
+    /// Rebuilds the in-memory view from the maps (a restart finds them pinned) and
+    /// deletes slots a crashed predecessor may have left beyond a service's count.
+    pub fn recover(mut tables: Tables) -> Result<Syncer> {
+        let mut programmed = BTreeMap::new();
+        let mut service_ids = BTreeSet::new();
+        let mut backend_ids = BTreeSet::new();
+        let entries: Vec<(ServiceKey, ServiceValue)> = tables
+            .services
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading SERVICES")?;
+        for (key, value) in entries {
+            let Some(frontend) = frontend_key(&key) else {
+                continue;
+            };
+            let mut slots = Vec::new();
+            for slot in 0..value.backend_count {
+                let slot_key = BackendSlotKey {
+                    service_id: value.id,
+                    slot,
+                };
+                let backend = tables
+                    .slots
+                    .get(&slot_key, 0)
+                    .with_context(|| format!("service {frontend} lacks backend slot {slot}"))?;
+                backend_ids.insert(backend.id);
+                slots.push(backend);
+            }
+            service_ids.insert(value.id);
+            programmed.insert(frontend, Programmed { value, slots });
+        }
+        let counts: BTreeMap<u32, u32> = programmed
+            .values()
+            .map(|p| (p.value.id, p.value.backend_count))
+            .collect();
+        let stray: Vec<BackendSlotKey> = tables
+            .slots
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                counts
+                    .get(&k.service_id)
+                    .is_none_or(|count| k.slot >= *count)
+            })
+            .collect();
+        for key in stray {
+            let _ = tables.slots.remove(&key);
+        }
+        Ok(Syncer {
+            tables,
+            programmed,
+            service_ids: IdPool::with_used(MAX_SERVICES, &service_ids),
+            backend_ids: IdPool::with_used(MAX_BACKENDS, &backend_ids),
+        })
+    }
+
+    /// Programs node-wide settings: node addresses (NodePorts), the masquerade
+    /// source, and the network namespace the socket hooks serve.
+    pub fn program_node(&mut self, node: &NodeConfig, netns_cookie: u64) -> Result<()> {
+        let wanted: BTreeSet<Addr> = node
+            .addresses
+            .iter()
+            .map(|a| Addr::from_v4_octets(a.octets()))
+            .collect();
+        let present: Vec<Addr> = self
+            .tables
+            .node_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+        for addr in present.iter().filter(|a| !wanted.contains(a)) {
+            self.tables.node_addrs.remove(addr)?;
+        }
+        for addr in &wanted {
+            self.tables
+                .node_addrs
+                .insert(addr, NodeAddrFlags { flags: 0 }, 0)?;
+        }
+        let snat = ConfigValue {
+            addr: Addr::from_v4_octets(node.snat_address().octets()),
+        };
+        self.tables.config.set(CONFIG_SNAT_ADDR, snat, 0)?;
+        self.tables
+            .config
+            .set(CONFIG_NETNS_COOKIE, ConfigValue::from_u64(netns_cookie), 0)?;
+        Ok(())
+    }
+
+    /// The frontends currently programmed, with their backends, by service name.
+    pub fn programmed(&self) -> BTreeMap<FrontendKey, (String, Vec<Endpoint>)> {
+        self.programmed
+            .iter()
+            .map(|(key, p)| {
+                let name = self
+                    .tables
+                    .service_names
+                    .get(&p.value.id, 0)
+                    .map(|n| decode_name(&n))
+                    .unwrap_or_default();
+                (*key, (name, p.slots.iter().map(endpoint_of).collect()))
+            })
+            .collect()
+    }
+
+    pub fn apply(&mut self, desired: &DesiredState) -> SyncReport {
+        let mut report = SyncReport::default();
+        let gone: Vec<FrontendKey> = self
+            .programmed
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            match self.remove(&key, &mut report) {
+                Ok(()) => report.removed += 1,
+                Err(e) => report
+                    .problems
+                    .push(Problem::error(key.to_string(), format!("removing: {e:#}"))),
+            }
+        }
+        for (key, frontend) in &desired.frontends {
+            let result = if self.programmed.contains_key(key) {
+                self.update(key, frontend, &mut report).map(|changed| {
+                    if changed {
+                        report.updated += 1;
+                    }
+                })
+            } else {
+                self.add(key, frontend, &mut report)
+                    .map(|()| report.added += 1)
+            };
+            if let Err(e) = result {
+                report.problems.push(Problem::error(
+                    format!("{key} ({})", frontend.service),
+                    format!("not programmed: {e:#}"),
+                ));
+            }
+        }
+        report
+    }
+
+    fn add(
+        &mut self,
+        key: &FrontendKey,
+        frontend: &Frontend,
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        let id = self
+            .service_ids
+            .allocate()
+            .context("the service table is full (raise MAX_SERVICES)")?;
+        let programmed = Programmed {
+            value: ServiceValue {
+                id,
+                backend_count: 0,
+                scheduler: SCHED_RR,
+                flags: service_flags(frontend),
+                _pad: [0; 2],
+            },
+            slots: Vec::new(),
+        };
+        let result = (|| -> Result<()> {
+            self.tables
+                .service_names
+                .insert(id, encode_name(&frontend.service), 0)?;
+            Tables::reset_stats(&mut self.tables.service_stats, id)?;
+            self.tables.rr_cursors.set(id, 0, 0)?;
+            report.map_writes += 3;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.service_ids.release(id);
+            return Err(e);
+        }
+        self.programmed.insert(*key, programmed);
+        if let Err(e) = self.write(key, frontend, true, report) {
+            // Leave nothing half-programmed behind: the next sync tries again.
+            let _ = self.remove(key, report);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Brings one programmed frontend to `frontend`; returns whether anything changed.
+    fn update(
+        &mut self,
+        key: &FrontendKey,
+        frontend: &Frontend,
+        report: &mut SyncReport,
+    ) -> Result<bool> {
+        self.write(key, frontend, false, report)
+    }
+
+    /// Writes what differs; `is_new` frontends also get their (not yet visible)
+    /// `SERVICES` entry, even with no backends.
+    fn write(
+        &mut self,
+        key: &FrontendKey,
+        frontend: &Frontend,
+        is_new: bool,
+        report: &mut SyncReport,
+    ) -> Result<bool> {
+        let current = self.programmed[key].clone();
+        let id = current.value.id;
+        if frontend.endpoints.len() > MAX_BACKENDS_PER_SERVICE as usize {
+            anyhow::bail!(
+                "{} endpoints exceed the limit of {MAX_BACKENDS_PER_SERVICE} per service",
+                frontend.endpoints.len()
+            );
+        }
+        let slots = self.assign_slots(&current.slots, &frontend.endpoints)?;
+        let value = ServiceValue {
+            backend_count: slots.len() as u32,
+            flags: service_flags(frontend),
+            ..current.value
+        };
+        let name = encode_name(&frontend.service);
+        if !is_new && slots == current.slots && value == current.value {
+            return Ok(false);
+        }
+        if self.tables.service_names.get(&id, 0).ok() != Some(name) {
+            self.tables.service_names.insert(id, name, 0)?;
+            report.map_writes += 1;
+        }
+        for (slot, backend) in slots.iter().enumerate() {
+            if current.slots.get(slot) == Some(backend) {
+                continue;
+            }
+            if !current.slots.iter().any(|b| b.id == backend.id) {
+                Tables::reset_stats(&mut self.tables.backend_stats, backend.id)?;
+            }
+            let slot_key = BackendSlotKey {
+                service_id: id,
+                slot: slot as u32,
+            };
+            self.tables
+                .slots
+                .insert(slot_key, backend, 0)
+                .map_err(full_map_hint)?;
+            report.map_writes += 1;
+        }
+        if is_new || value != current.value {
+            self.tables
+                .services
+                .insert(service_key(key), value, 0)
+                .map_err(full_map_hint)?;
+            report.map_writes += 1;
+        }
+        for slot in slots.len()..current.slots.len() {
+            let slot_key = BackendSlotKey {
+                service_id: id,
+                slot: slot as u32,
+            };
+            self.tables.slots.remove(&slot_key)?;
+            report.map_writes += 1;
+        }
+        self.programmed.insert(*key, Programmed { value, slots });
+        Ok(true)
+    }
+
+    fn remove(&mut self, key: &FrontendKey, report: &mut SyncReport) -> Result<()> {
+        let Some(current) = self.programmed.remove(key) else {
+            return Ok(());
+        };
+        let id = current.value.id;
+        // Absent entries are fine here: a failed add removes what it wrote so far.
+        let _ = self.tables.services.remove(&service_key(key));
+        for slot in 0..current.slots.len() as u32 {
+            let _ = self.tables.slots.remove(&BackendSlotKey {
+                service_id: id,
+                slot,
+            });
+        }
+        let _ = self.tables.service_names.remove(&id);
+        report.map_writes += current.slots.len() + 2;
+        for backend in &current.slots {
+            self.backend_ids.release(backend.id);
+        }
+        self.service_ids.release(id);
+        Ok(())
+    }
+
+    /// The new slot list: staying backends keep their slot (and id), newcomers fill
+    /// the holes of leavers, then the tail; remaining holes take the last slot.
+    fn assign_slots(&mut self, old: &[Backend], wanted: &[Endpoint]) -> Result<Vec<Backend>> {
+        let wanted_by_addr: BTreeMap<(Addr, u16), &Endpoint> = wanted
+            .iter()
+            .map(|e| ((Addr::from_v4_octets(e.addr.octets()), e.port.to_be()), e))
+            .collect();
+        let mut slots: Vec<Option<Backend>> = old
+            .iter()
+            .map(|b| {
+                wanted_by_addr
+                    .get(&(b.addr, b.port))
+                    .map(|e| backend_of(e, b.id))
+            })
+            .collect();
+        let kept: BTreeSet<(Addr, u16)> = old.iter().map(|b| (b.addr, b.port)).collect();
+        let mut newcomers = Vec::new();
+        for (addr_port, endpoint) in &wanted_by_addr {
+            if !kept.contains(addr_port) {
+                let id = self
+                    .backend_ids
+                    .allocate()
+                    .context("the backend table is full (raise MAX_BACKENDS)")?;
+                newcomers.push(backend_of(endpoint, id));
+            }
+        }
+        let mut newcomers = newcomers.into_iter();
+        for slot in slots.iter_mut().filter(|s| s.is_none()) {
+            *slot = newcomers.next();
+        }
+        slots.extend(newcomers.map(Some));
+        loop {
+            while slots.last().is_some_and(Option::is_none) {
+                slots.pop();
+            }
+            let Some(hole) = slots.iter().position(Option::is_none) else {
+                break;
+            };
+            slots.swap_remove(hole);
+        }
+        let result: Vec<Backend> = slots.into_iter().flatten().collect();
+        for backend in old {
+            if !result.iter().any(|b| b.id == backend.id) {
+                self.backend_ids.release(backend.id);
+            }
+        }
+        Ok(result)
+    }
+}
+
+fn full_map_hint(e: MapError) -> anyhow::Error {
+    let full =
+        matches!(&e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG));
+    if full {
+        anyhow::Error::new(e).context("map full")
+    } else {
+        e.into()
+    }
+}

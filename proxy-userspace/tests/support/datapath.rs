@@ -1,0 +1,153 @@
+//! A freshly loaded data path in its own bpffs directory, driven through
+//! BPF_PROG_TEST_RUN; everything is unpinned when the guard drops, also on panic.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use ebpf_proxy::{
+    datapath::{attach, loader::Datapath, tables::Tables},
+    model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Protocol},
+    node::NodeConfig,
+    sync::Syncer,
+};
+
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+pub struct TestDatapath {
+    pub datapath: Datapath,
+    pub syncer: Syncer,
+    pub pin_dir: PathBuf,
+}
+
+impl TestDatapath {
+    pub fn new() -> TestDatapath {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/epx-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let datapath = Datapath::load(&pin_dir).unwrap_or_else(|e| {
+            let _ = attach::cleanup(&pin_dir);
+            panic!("loading the data path (root and a mounted bpffs are needed): {e:?}")
+        });
+        let mut syncer = Syncer::recover(Tables::open(&pin_dir).expect("tables")).expect("recover");
+        let node = NodeConfig {
+            name: "node-a".into(),
+            addresses: vec![NODE_IP],
+            uplinks: vec![],
+            pod_interface_patterns: vec![],
+        };
+        syncer.program_node(&node, 0).expect("node config");
+        TestDatapath {
+            datapath,
+            syncer,
+            pin_dir,
+        }
+    }
+
+    pub fn tables(&self) -> Tables {
+        Tables::open(&self.pin_dir).expect("tables")
+    }
+
+    /// Programs one frontend per (key, endpoints) and nothing else.
+    pub fn program(&mut self, frontends: &[(FrontendKey, Vec<Endpoint>)]) {
+        let mut desired = DesiredState::default();
+        for (key, endpoints) in frontends {
+            desired.frontends.insert(
+                *key,
+                Frontend {
+                    service: format!("test/{}", key.port),
+                    external: matches!(key.listen, Listen::NodePort),
+                    endpoints: endpoints.clone(),
+                },
+            );
+        }
+        let report = self.syncer.apply(&desired);
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+    }
+
+    fn run(&mut self, xdp: bool, packet: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; packet.len() + 256];
+        let options = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let result = if xdp {
+            self.datapath.xdp().expect("xdp").test_run(options)
+        } else {
+            self.datapath.tc().expect("tc").test_run(options)
+        }
+        .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs the uplink XDP program; returns the verdict and the packet as it left.
+    pub fn xdp(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.run(true, packet)
+    }
+
+    /// Runs the pod-interface tc program.
+    pub fn tc(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.run(false, packet)
+    }
+
+    pub fn event(&self, name: &str) -> u64 {
+        self.tables()
+            .events()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .expect("known event name")
+    }
+}
+
+impl Drop for TestDatapath {
+    fn drop(&mut self) {
+        let _ = attach::cleanup(&self.pin_dir);
+    }
+}
+
+pub fn tcp(addr: [u8; 4], port: u16) -> FrontendKey {
+    FrontendKey {
+        listen: Listen::Address(Ipv4Addr::from(addr)),
+        port,
+        protocol: Protocol::Tcp,
+    }
+}
+
+pub fn udp(addr: [u8; 4], port: u16) -> FrontendKey {
+    FrontendKey {
+        protocol: Protocol::Udp,
+        ..tcp(addr, port)
+    }
+}
+
+pub fn node_port(port: u16, protocol: Protocol) -> FrontendKey {
+    FrontendKey {
+        listen: Listen::NodePort,
+        port,
+        protocol,
+    }
+}
+
+pub fn local(addr: [u8; 4], port: u16) -> Endpoint {
+    Endpoint {
+        addr: Ipv4Addr::from(addr),
+        port,
+        remote: false,
+    }
+}
+
+pub fn remote(addr: [u8; 4], port: u16) -> Endpoint {
+    Endpoint {
+        remote: true,
+        ..local(addr, port)
+    }
+}
