@@ -26,12 +26,19 @@ pub fn lookup_service(dst: Addr, dport: u16, proto: u8) -> Option<ServiceValue> 
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
         return Some(*svc);
     }
-    // SAFETY: presence check only.
-    unsafe { NODE_ADDRS.get(&dst) }?;
+    if !is_node_address(&dst) {
+        return None;
+    }
     key.addr = Addr::ZERO;
     key.scope = SCOPE_NODE_PORT;
     // SAFETY: as above.
     unsafe { SERVICES.get(&key) }.copied()
+}
+
+#[inline(always)]
+pub fn is_node_address(addr: &Addr) -> bool {
+    // SAFETY: presence check only.
+    unsafe { NODE_ADDRS.get(addr) }.is_some()
 }
 
 /// A chosen backend and the slot it was found in.

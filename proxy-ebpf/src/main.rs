@@ -11,6 +11,7 @@ mod balancer;
 mod checksum;
 mod conntrack;
 mod counters;
+mod forward;
 mod maps;
 mod packet;
 mod parse;
@@ -30,12 +31,13 @@ use crate::{
 
 /// Node uplinks: traffic from outside the node to NodePorts, LoadBalancer and external
 /// IPs, and replies of masqueraded flows coming back from remote backends. Translated
-/// packets continue into the kernel's forwarding path (XDP_PASS): see the README for
-/// why this beats XDP_TX/REDIRECT on veth-based nodes.
+/// packets continue into the kernel's forwarding path (XDP_PASS): XDP_TX and
+/// XDP_REDIRECT into a veth deliver only when the receiving peer runs XDP or GRO,
+/// which pod interfaces do not by default (see the README).
 #[xdp]
 pub fn uplink_ingress(ctx: XdpContext) -> u32 {
     match translate::handle(&XdpPacket(&ctx), Origin::External) {
-        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Pass | Verdict::Translated(..) => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
     }
 }
@@ -50,7 +52,10 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
         let _ = ctx.pull_data(ctx.len().min(128));
     }
     match translate::handle(&TcPacket(&ctx), Origin::Pod) {
-        Verdict::Pass => TC_ACT_OK,
+        Verdict::Translated(tuple, ip_len) if balancer::is_node_address(&tuple.src) => {
+            forward::redirect_to_egress(&ctx, &tuple, ip_len)
+        }
+        Verdict::Pass | Verdict::Translated(..) => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
     }
 }

@@ -28,8 +28,11 @@ pub enum Origin {
 }
 
 pub enum Verdict {
+    /// Not ours, or nothing to do: let the packet continue unchanged.
     Pass,
     Drop,
+    /// Rewritten; the tuple it now carries and its IP length.
+    Translated(CtKey, u16),
 }
 
 const EEXIST: i32 = -17;
@@ -92,7 +95,7 @@ fn follow<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry, new_flow: bool) -> V
         new_flow,
     );
     counters::event(EV_TRANSLATED);
-    Verdict::Pass
+    Verdict::Translated(conntrack::rewritten(&flow.key, entry), flow.ip_len)
 }
 
 #[inline(always)]

@@ -192,9 +192,20 @@ fn mark_ready(config: &AgentConfig) -> Result<()> {
     Ok(())
 }
 
+/// XDP hands translated packets to the stack (XDP_PASS). A masqueraded one, and the
+/// reply of a NodePort flow from a remote backend, then carry a node address as
+/// source, which the input path drops as a martian unless the interface accepts
+/// local sources. (This needs `rp_filter` 0 or 2 on uplinks; strict mode 1 would
+/// still drop them.)
+fn accept_local_sources(iface: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+    std::fs::write(&path, b"1").with_context(|| format!("enabling {path}"))
+}
+
 /// Attaches what an interface needs; returns whether it is one of ours.
 fn attach_interface(datapath: &mut Datapath, config: &AgentConfig, name: &str) -> Result<bool> {
     if config.node.uplinks.iter().any(|u| u == name) {
+        accept_local_sources(name)?;
         attach::attach_xdp(datapath, name, config.xdp_mode)?;
         return Ok(true);
     }

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
 use proxy_common::{BackendSlotKey, TrafficStats, SVC_F_EXTERNAL};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::tables::{decode_name, Tables},
@@ -13,23 +13,23 @@ use crate::{
     sync::{endpoint_of, frontend_key},
 };
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ServiceRow {
     pub frontend: FrontendKey,
     pub service: String,
-    pub scheduler: &'static str,
+    pub scheduler: String,
     pub external: bool,
     pub stats: TrafficStatsView,
     pub backends: Vec<BackendRow>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct BackendRow {
     pub endpoint: Endpoint,
     pub stats: TrafficStatsView,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct TrafficStatsView {
     pub connections: u64,
     pub packets_in: u64,
@@ -50,11 +50,11 @@ impl From<TrafficStats> for TrafficStatsView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Listing {
     pub services: Vec<ServiceRow>,
     /// Data path events (drops, misses…) by reason, summed over CPUs.
-    pub events: Vec<(&'static str, u64)>,
+    pub events: Vec<(String, u64)>,
 }
 
 pub fn read(pin_dir: &Path) -> Result<Listing> {
@@ -86,7 +86,7 @@ pub fn read(pin_dir: &Path) -> Result<Listing> {
                 .get(&value.id, 0)
                 .map(|n| decode_name(&n))
                 .unwrap_or_default(),
-            scheduler: "rr",
+            scheduler: "rr".into(),
             external: value.flags & SVC_F_EXTERNAL != 0,
             stats: Tables::stats_sum(&tables.service_stats, value.id).into(),
             backends,
@@ -95,7 +95,11 @@ pub fn read(pin_dir: &Path) -> Result<Listing> {
     services.sort_by_key(|s| s.frontend);
     Ok(Listing {
         services,
-        events: tables.events(),
+        events: tables
+            .events()
+            .into_iter()
+            .map(|(name, n)| (name.to_owned(), n))
+            .collect(),
     })
 }
 

@@ -1,7 +1,7 @@
 //! The `ebpf-proxy` command line: `run` the agent, `list` what it programmed,
 //! `cleanup` what it left attached.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{io::IsTerminal as _, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -94,6 +94,7 @@ async fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::Run(args) => {

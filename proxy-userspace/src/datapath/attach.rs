@@ -131,7 +131,9 @@ pub fn attach_sock_hooks(dp: &mut Datapath, cgroup: &Path) -> Result<()> {
     for name in PROG_SOCK_HOOKS {
         let hook: &mut CgroupSockAddr = program(&mut dp.ebpf, name)?;
         let id = hook
-            .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)
+            // bpf links to cgroups always coexist with others; the kernel rejects
+            // the legacy ALLOW_MULTI flag on link creation, so `Single` (no flag).
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
         let link: FdLink = hook.take_link(id)?.try_into()?;
         let pin = pin_path(&dp.pin_dir, "cgroup", name);

@@ -1,1 +1,15 @@
+//! Test topologies in network namespaces, for `cargo xtask demo` and the end-to-end
+//! tests: a client outside the node, one or two nodes, pods with real servers, and
+//! the real agent. Every namespace, link and pin this module creates is removed when
+//! its owner drops, also when a test panics.
+//!
+//! Addresses (all inside the namespaces): the outside network 198.18.0.0/24 (client
+//! .2, node .1), the node-to-node link 198.18.1.0/24, pods 10.244.<node>.0/24,
+//! ClusterIPs 10.96.0.0/16, LoadBalancer IPs 198.18.100.0/24.
+
+pub mod agent;
+pub mod command;
+pub mod manifests;
+pub mod netns;
+pub mod servers;
 pub mod topology;

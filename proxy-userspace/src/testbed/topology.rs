@@ -1,1 +1,167 @@
+//! The namespaces and links of a test cluster:
+//!
+//! ```text
+//!  client ns            node ns (agent)                     pod ns (one per pod)
+//!  eth0 198.18.0.2 ── up0 198.18.0.1 [XDP]
+//!                       vethN [tc] 169.254.1.1 ───────────  eth0 10.244.1.N/32
+//!                       up1 198.18.1.1 [XDP] ── up0 198.18.1.2  node2 ns ── remote pods 10.244.2.N
+//! ```
+//!
+//! Pods are routed Calico-style: a /32 route per pod on the node, and in the pod a
+//! default route via 169.254.1.1 on its only interface.
 
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result};
+
+use super::{netns::Netns, servers::PodServers};
+
+pub const NODE_NAME: &str = "node-a";
+pub const NODE2_NAME: &str = "node-b";
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const NODE_LINK_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const NODE2_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub const UPLINKS: [&str; 2] = ["up0", "up1"];
+/// Host-side pod interfaces are named `veth<N>`; the agent's pattern.
+pub const POD_INTERFACE_PATTERN: &str = "veth*";
+const POD_GATEWAY: &str = "169.254.1.1";
+
+pub struct Pod {
+    pub name: String,
+    pub node: &'static str,
+    pub addr: Ipv4Addr,
+    /// The host-side interface, in the pod's node namespace.
+    pub host_interface: String,
+    // Declared before `ns`: servers stop before their namespace goes.
+    servers: Option<PodServers>,
+    pub ns: Netns,
+}
+
+/// Fields drop in declaration order: pods (and their servers) first.
+pub struct Topology {
+    pub pods: Vec<Pod>,
+    pub node2: Netns,
+    pub node: Netns,
+    pub client: Netns,
+    prefix: String,
+}
+
+impl Topology {
+    /// Builds the namespaces with `local_pods` pods on the node and `remote_pods` on
+    /// node2, every pod serving HTTP, UDP and TFTP. `prefix` keeps parallel
+    /// topologies apart (namespace names).
+    pub fn build(prefix: &str, local_pods: usize, remote_pods: usize) -> Result<Topology> {
+        let client = Netns::create(&format!("{prefix}-client"))?;
+        let node = Netns::create(&format!("{prefix}-node"))?;
+        let node2 = Netns::create(&format!("{prefix}-node2"))?;
+        let mut topology = Topology {
+            pods: Vec::new(),
+            node2,
+            node,
+            client,
+            prefix: prefix.to_owned(),
+        };
+        topology.wire().context("wiring client, node and node2")?;
+        for _ in 0..local_pods {
+            topology.add_pod(true)?;
+        }
+        for _ in 0..remote_pods {
+            topology.add_pod(false)?;
+        }
+        Ok(topology)
+    }
+
+    fn wire(&self) -> Result<()> {
+        let (client, node, node2) = (&self.client, &self.node, &self.node2);
+        node.ip(&format!(
+            "link add up0 type veth peer name eth0 netns {}",
+            client.name
+        ))?;
+        node.ip(&format!("addr add {NODE_IP}/24 dev up0"))?;
+        node.ip("link set up0 up")?;
+        client.ip(&format!("addr add {CLIENT_IP}/24 dev eth0"))?;
+        client.ip("link set eth0 up")?;
+        client.ip(&format!("route add default via {NODE_IP}"))?;
+
+        node.ip(&format!(
+            "link add up1 type veth peer name up0 netns {}",
+            node2.name
+        ))?;
+        node.ip(&format!("addr add {NODE_LINK_IP}/24 dev up1"))?;
+        node.ip("link set up1 up")?;
+        node.ip(&format!("route add 10.244.2.0/24 via {NODE2_IP}"))?;
+        node2.ip(&format!("addr add {NODE2_IP}/24 dev up0"))?;
+        node2.ip("link set up0 up")?;
+        node2.ip(&format!("route add default via {NODE_LINK_IP}"))?;
+
+        for ns in [node, node2] {
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        }
+        // Frames that reach an uplink's XDP program come from a veth peer here, which
+        // leaves TCP/UDP checksums to "hardware" (CHECKSUM_PARTIAL). A real NIC
+        // delivers complete checksums; turning the senders' offload off gives XDP
+        // the same input. Pod-facing tc programs need no such help.
+        client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+        node2.exec("ethtool", &["-K", "up0", "tx", "off"])?;
+        Ok(())
+    }
+
+    /// Adds a pod with its servers; on the node if `local`, else on node2.
+    pub fn add_pod(&mut self, local: bool) -> Result<&Pod> {
+        let same_node = self
+            .pods
+            .iter()
+            .filter(|p| (p.node == NODE_NAME) == local)
+            .count();
+        let (host, node_name, subnet) = if local {
+            (&self.node, NODE_NAME, 1)
+        } else {
+            (&self.node2, NODE2_NAME, 2)
+        };
+        let index = same_node + 1;
+        let name = format!("pod-{}{index}", if local { "a" } else { "b" });
+        let addr = Ipv4Addr::new(10, 244, subnet, 10 + index as u8);
+        let host_interface = format!("veth{index}");
+        let ns = Netns::create(&format!("{}-{name}", self.prefix))?;
+        host.ip(&format!(
+            "link add {host_interface} type veth peer name eth0 netns {}",
+            ns.name
+        ))?;
+        host.ip(&format!("addr add {POD_GATEWAY}/32 dev {host_interface}"))?;
+        host.ip(&format!("link set {host_interface} up"))?;
+        host.ip(&format!(
+            "route add {addr}/32 dev {host_interface} scope link"
+        ))?;
+        ns.ip(&format!("addr add {addr}/32 dev eth0"))?;
+        ns.ip("link set eth0 up")?;
+        ns.ip(&format!("route add {POD_GATEWAY} dev eth0 scope link"))?;
+        ns.ip(&format!("route add default via {POD_GATEWAY} dev eth0"))?;
+        let servers = PodServers::start(&ns, &name)?;
+        self.pods.push(Pod {
+            name,
+            node: node_name,
+            addr,
+            host_interface,
+            servers: Some(servers),
+            ns,
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+}
+
+impl Pod {
+    /// Stops the pod's servers (the namespace stays): a backend that went away.
+    pub fn stop_servers(&mut self) {
+        self.servers = None;
+    }
+}

@@ -25,6 +25,14 @@ pub struct TestDatapath {
 
 impl TestDatapath {
     pub fn new() -> TestDatapath {
+        // A private, empty network namespace for this test thread: the programs'
+        // FIB look-ups then find no routes, whatever the machine has.
+        // SAFETY: unshare affects only the calling thread.
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "unshare(CLONE_NEWNET)"
+        );
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/epx-test-{}-{}",

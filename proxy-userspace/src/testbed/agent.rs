@@ -1,0 +1,187 @@
+//! The real `ebpf-proxy` binary running in a node namespace, stopped and cleaned up
+//! (programs detached, pins removed) when dropped.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::{
+    command::run,
+    netns::command_in,
+    topology::{Topology, NODE_IP, NODE_NAME, POD_INTERFACE_PATTERN, UPLINKS},
+};
+use crate::listing::Listing;
+
+pub struct Agent {
+    binary: PathBuf,
+    node_ns: PathBuf,
+    pub pin_dir: PathBuf,
+    pub manifests: PathBuf,
+    work_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts the agent on the topology's node and waits until it is ready.
+    /// `work_dir` holds the manifests file, the log and the ready marker.
+    pub fn start(
+        binary: &Path,
+        topology: &Topology,
+        work_dir: &Path,
+        manifests: &str,
+    ) -> Result<Agent> {
+        std::fs::create_dir_all(work_dir)?;
+        let manifests_path = work_dir.join("manifests.yaml");
+        std::fs::write(&manifests_path, manifests)?;
+        let name = work_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("work dir name")?;
+        let mut agent = Agent {
+            binary: binary.to_owned(),
+            node_ns: topology.node.path(),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
+            manifests: manifests_path,
+            work_dir: work_dir.to_owned(),
+            child: None,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.work_dir.join("agent.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// (Re)starts the process and waits for its ready marker.
+    pub fn spawn(&mut self) -> Result<()> {
+        let ready = self.work_dir.join("ready");
+        let _ = std::fs::remove_file(&ready);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let mut command = command_in(&self.node_ns, self.binary.to_str().context("binary path")?);
+        command
+            .args([
+                "run",
+                "--node-name",
+                NODE_NAME,
+                "--node-ip",
+                &NODE_IP.to_string(),
+            ])
+            .args(UPLINKS.iter().flat_map(|u| ["--uplink", u]))
+            .args([
+                "--pod-interfaces",
+                POD_INTERFACE_PATTERN,
+                "--poll-ms",
+                "100",
+            ])
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(command.spawn().context("starting ebpf-proxy")?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready.exists() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("ebpf-proxy exited ({status}):\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("ebpf-proxy not ready after 30 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Kills the process without any cleanup (as `kill -9` would).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn listing(&self) -> Result<Listing> {
+        let json = run(
+            self.binary.to_str().context("binary path")?,
+            &[
+                "list",
+                "--json",
+                "--pin-dir",
+                self.pin_dir.to_str().context("pin dir")?,
+            ],
+        )?;
+        Ok(serde_json::from_str(&json)?)
+    }
+
+    /// Replaces the manifests and waits until the agent has programmed `expect`
+    /// (a predicate on the listing).
+    pub fn update_manifests(
+        &self,
+        manifests: &str,
+        expect: impl Fn(&Listing) -> bool,
+    ) -> Result<()> {
+        std::fs::write(&self.manifests, manifests)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.listing().map(|l| expect(&l)).unwrap_or(false) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not program the new manifests:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            // SIGTERM first: the agent exits cleanly, leaving links pinned.
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
+        let _ = run(
+            self.binary.to_str().unwrap_or("ebpf-proxy"),
+            &[
+                "cleanup",
+                "--pin-dir",
+                self.pin_dir.to_str().unwrap_or("/nonexistent"),
+            ],
+        );
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}

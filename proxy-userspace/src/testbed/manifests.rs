@@ -1,0 +1,99 @@
+//! Kubernetes manifests for the pods of a `Topology`: what a cluster's API server
+//! would hold for them, written as the agent's manifests file.
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use super::topology::Pod;
+
+/// One single-port Service and the EndpointSlice listing its backends.
+#[derive(Clone, Debug)]
+pub struct ServiceDef {
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    /// "TCP" or "UDP".
+    pub protocol: &'static str,
+    pub port: u16,
+    pub target_port: u16,
+    pub node_port: Option<u16>,
+    pub load_balancer_ip: Option<Ipv4Addr>,
+    /// (address, node name) of each ready backend.
+    pub backends: Vec<(Ipv4Addr, String)>,
+}
+
+impl ServiceDef {
+    pub fn new(
+        name: &str,
+        cluster_ip: Ipv4Addr,
+        protocol: &'static str,
+        port: u16,
+        target_port: u16,
+    ) -> ServiceDef {
+        ServiceDef {
+            name: name.to_owned(),
+            cluster_ip,
+            protocol,
+            port,
+            target_port,
+            node_port: None,
+            load_balancer_ip: None,
+            backends: Vec::new(),
+        }
+    }
+
+    pub fn with_pods<'a>(mut self, pods: impl IntoIterator<Item = &'a Pod>) -> ServiceDef {
+        self.backends = pods
+            .into_iter()
+            .map(|p| (p.addr, p.node.to_owned()))
+            .collect();
+        self
+    }
+}
+
+pub fn render(services: &[ServiceDef]) -> String {
+    let mut out = String::new();
+    for s in services {
+        let service_type = match (s.load_balancer_ip, s.node_port) {
+            (Some(_), _) => "LoadBalancer",
+            (None, Some(_)) => "NodePort",
+            _ => "ClusterIP",
+        };
+        let node_port = s
+            .node_port
+            .map(|p| format!(", nodePort: {p}"))
+            .unwrap_or_default();
+        let _ = write!(
+            out,
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: demo\nspec:\n  type: {service_type}\n  selector: {{app: {name}}}\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ports:\n  - {{name: main, protocol: {proto}, port: {port}, targetPort: {target}{node_port}}}\n",
+            name = s.name,
+            ip = s.cluster_ip,
+            proto = s.protocol,
+            port = s.port,
+            target = s.target_port,
+        );
+        if let Some(lb) = s.load_balancer_ip {
+            let _ = write!(
+                out,
+                "status:\n  loadBalancer:\n    ingress: [{{ip: {lb}}}]\n"
+            );
+        }
+        let _ = write!(
+            out,
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n- {{name: main, protocol: {proto}, port: {target}}}\n",
+            name = s.name,
+            proto = s.protocol,
+            target = s.target_port,
+        );
+        out.push_str(if s.backends.is_empty() {
+            "endpoints: []\n"
+        } else {
+            "endpoints:\n"
+        });
+        for (addr, node) in &s.backends {
+            let _ = writeln!(
+                out,
+                "- {{addresses: [\"{addr}\"], nodeName: {node}, conditions: {{ready: true}}}}"
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,371 @@
+//! End to end: the real agent in a node namespace, real servers in pod namespaces,
+//! real clients (curl, socat) — traffic crosses the kernel through our programs.
+//! Needs root, a mounted bpffs, iproute2, curl, socat and ethtool.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use ebpf_proxy::testbed::{
+    agent::Agent,
+    manifests::{render, ServiceDef},
+    netns::Netns,
+    servers::HttpConnection,
+    topology::{Topology, CLIENT_IP, NODE_IP},
+};
+
+const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+const NODE_PORT: u16 = 30080;
+
+/// A topology with the agent running on its node; both go away when dropped.
+struct Cluster {
+    agent: Agent,
+    topology: Topology,
+}
+
+impl Cluster {
+    fn new(
+        test: &str,
+        local_pods: usize,
+        remote_pods: usize,
+        services: impl Fn(&Topology) -> Vec<ServiceDef>,
+    ) -> Cluster {
+        let prefix = format!("epx{}{test}", std::process::id() % 100_000);
+        let topology = Topology::build(&prefix, local_pods, remote_pods).expect("topology");
+        let work_dir = PathBuf::from(format!("/tmp/{prefix}"));
+        let manifests = render(&services(&topology));
+        let agent = Agent::start(
+            env!("CARGO_BIN_EXE_ebpf-proxy").as_ref(),
+            &topology,
+            &work_dir,
+            &manifests,
+        )
+        .expect("agent");
+        Cluster { agent, topology }
+    }
+
+    fn ns(&self, pod: &str) -> &Netns {
+        &self.topology.pod(pod).ns
+    }
+}
+
+/// `curl` from `ns`; the body (`pod=… client=…`), or the error.
+fn curl(ns: &Netns, url: &str) -> Result<String, String> {
+    ns.exec("curl", &["-sS", "--max-time", "5", url])
+        .map_err(|e| e.to_string())
+}
+
+fn pod_of(body: &str) -> String {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix("pod="))
+        .unwrap_or_else(|| panic!("no pod in {body:?}"))
+        .to_owned()
+}
+
+fn client_of(body: &str) -> Ipv4Addr {
+    let addr = body
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("client="))
+        .unwrap_or_else(|| panic!("no client in {body:?}"));
+    addr.split(':')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("client address")
+}
+
+fn tally(bodies: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for body in bodies {
+        *counts.entry(pod_of(body)).or_default() += 1;
+    }
+    counts
+}
+
+fn web(topology: &Topology, pods: &[&str]) -> ServiceDef {
+    ServiceDef::new("web", WEB_VIP, "TCP", 80, 8080).with_pods(pods.iter().map(|p| topology.pod(p)))
+}
+
+#[test]
+fn cluster_ip_from_a_pod_spreads_tcp_over_all_backends() {
+    let cluster = Cluster::new("cip", 4, 0, |t| {
+        vec![web(t, &["pod-a1", "pod-a2", "pod-a3"])]
+    });
+    let client = cluster.ns("pod-a4");
+    let bodies: Vec<String> = (0..9)
+        .map(|_| curl(client, &format!("http://{WEB_VIP}/")).expect("curl through the ClusterIP"))
+        .collect();
+    let counts = tally(&bodies);
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        vec![3, 3, 3],
+        "{counts:?}"
+    );
+    // Pod-to-service traffic is not masqueraded: backends see the client pod.
+    let client_addr = cluster.topology.pod("pod-a4").addr;
+    assert!(
+        bodies.iter().all(|b| client_of(b) == client_addr),
+        "{bodies:?}"
+    );
+}
+
+fn dns(topology: &Topology, pods: &[&str]) -> ServiceDef {
+    ServiceDef::new("dns", DNS_VIP, "UDP", 53, 5353).with_pods(pods.iter().map(|p| topology.pod(p)))
+}
+
+/// One UDP request/response with socat from `ns`.
+fn udp_ask(ns: &Netns, target: &str) -> String {
+    let output = ns
+        .exec(
+            "sh",
+            &["-c", &format!("echo question | socat -T 3 - UDP4:{target}")],
+        )
+        .expect("socat");
+    assert!(!output.is_empty(), "no UDP answer from {target}");
+    output
+}
+
+#[test]
+fn cluster_ip_from_a_pod_spreads_udp_over_all_backends() {
+    let cluster = Cluster::new("udp", 4, 0, |t| {
+        vec![dns(t, &["pod-a1", "pod-a2", "pod-a3"])]
+    });
+    let client = cluster.ns("pod-a4");
+    // Every socat run uses a new source port: a new flow, scheduled round-robin.
+    let answers: Vec<String> = (0..6)
+        .map(|_| udp_ask(client, &format!("{DNS_VIP}:53")))
+        .collect();
+    let counts = tally(&answers);
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        vec![2, 2, 2],
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn node_port_and_load_balancer_ip_serve_the_external_client_with_its_own_address() {
+    let cluster = Cluster::new("ext", 2, 0, |t| {
+        let mut service = web(t, &["pod-a1", "pod-a2"]);
+        service.node_port = Some(NODE_PORT);
+        service.load_balancer_ip = Some(LB_IP);
+        vec![service]
+    });
+    let client = &cluster.topology.client;
+    for url in [
+        format!("http://{NODE_IP}:{NODE_PORT}/"),
+        format!("http://{LB_IP}/"),
+    ] {
+        let bodies: Vec<String> = (0..4)
+            .map(|_| curl(client, &url).expect("curl from outside"))
+            .collect();
+        assert_eq!(tally(&bodies).len(), 2, "{url}: {bodies:?}");
+        assert!(
+            bodies.iter().all(|b| client_of(b) == CLIENT_IP),
+            "local backends see the client: {bodies:?}"
+        );
+    }
+    // The ClusterIP is not reachable on a port the service does not have.
+    assert!(curl(client, &format!("http://{NODE_IP}:{}/", NODE_PORT + 1)).is_err());
+}
+
+#[test]
+fn external_traffic_to_a_backend_on_another_node_is_masqueraded() {
+    let cluster = Cluster::new("rem", 0, 1, |t| {
+        let mut service = web(t, &["pod-b1"]);
+        service.node_port = Some(NODE_PORT);
+        vec![service]
+    });
+    let body = curl(
+        &cluster.topology.client,
+        &format!("http://{NODE_IP}:{NODE_PORT}/"),
+    )
+    .expect("curl");
+    assert_eq!(pod_of(&body), "pod-b1");
+    assert_eq!(
+        client_of(&body),
+        NODE_IP,
+        "the remote backend must answer through this node"
+    );
+}
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_works_thanks_to_hairpin_masquerade() {
+    let cluster = Cluster::new("hp", 1, 0, |t| vec![web(t, &["pod-a1"])]);
+    let body = curl(cluster.ns("pod-a1"), &format!("http://{WEB_VIP}/")).expect("hairpin curl");
+    assert_eq!(pod_of(&body), "pod-a1");
+    assert_eq!(client_of(&body), NODE_IP);
+}
+
+#[test]
+fn a_kept_alive_connection_stays_on_its_backend_while_new_ones_rotate() {
+    let cluster = Cluster::new("ka", 3, 0, |t| vec![web(t, &["pod-a1", "pod-a2"])]);
+    let client = cluster.ns("pod-a3");
+    let mut connection = HttpConnection::open(client, (WEB_VIP, 80).into()).expect("connect");
+    let first = pod_of(&connection.get().expect("request"));
+    for _ in 0..5 {
+        let _ = curl(client, &format!("http://{WEB_VIP}/")).expect("other connection");
+        assert_eq!(pod_of(&connection.get().expect("request")), first);
+    }
+}
+
+#[test]
+fn a_removed_backend_gets_no_new_connections_and_an_added_one_does() {
+    let mut cluster = Cluster::new("chg", 4, 0, |t| vec![web(t, &["pod-a1", "pod-a2"])]);
+    let manifests = render(&[web(&cluster.topology, &["pod-a2", "pod-a3"])]);
+    cluster
+        .agent
+        .update_manifests(&manifests, |l| {
+            l.services[0]
+                .backends
+                .iter()
+                .map(|b| b.endpoint.addr.octets()[3])
+                .collect::<Vec<_>>()
+                == vec![12, 13]
+        })
+        .expect("update");
+    // pod-a1 keeps running: only the service no longer sends to it.
+    let bodies: Vec<String> = (0..6)
+        .map(|_| curl(cluster.ns("pod-a4"), &format!("http://{WEB_VIP}/")).expect("curl"))
+        .collect();
+    let counts = tally(&bodies);
+    assert_eq!(
+        counts.keys().cloned().collect::<Vec<_>>(),
+        vec!["pod-a2", "pod-a3"],
+        "{counts:?}"
+    );
+    // A pod created after the agent started gets its tc program through netlink.
+    let new_pod = cluster
+        .topology
+        .add_pod(true)
+        .expect("new pod")
+        .name
+        .clone();
+    let pin = cluster.agent.pin_dir.join("links").join(format!(
+        "tc-{}",
+        cluster.topology.pod(&new_pod).host_interface
+    ));
+    wait_until(|| pin.exists(), "tc attached to the new pod interface");
+    let manifests = render(&[web(&cluster.topology, &[&new_pod])]);
+    cluster
+        .agent
+        .update_manifests(&manifests, |l| l.services[0].backends.len() == 1)
+        .expect("update");
+    let body =
+        curl(cluster.ns("pod-a4"), &format!("http://{WEB_VIP}/")).expect("curl to the new pod");
+    assert_eq!(pod_of(&body), new_pod);
+}
+
+fn wait_until(condition: impl Fn() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn tftp_through_a_cluster_ip_works_although_the_server_answers_from_a_new_port() {
+    let cluster = Cluster::new("tftp", 2, 0, |t| {
+        vec![
+            ServiceDef::new("tftp", Ipv4Addr::new(10, 96, 0, 69), "UDP", 69, 69)
+                .with_pods([t.pod("pod-a1")]),
+        ]
+    });
+    let content = cluster
+        .ns("pod-a2")
+        .exec(
+            "curl",
+            &["-sS", "--max-time", "10", "tftp://10.96.0.69/boot.img"],
+        )
+        .expect("curl tftp");
+    assert_eq!(content.len(), ebpf_proxy::testbed::servers::TFTP_FILE_LEN);
+    assert!(content.starts_with("pod=pod-a1 "), "{content:?}");
+}
+
+#[test]
+fn node_processes_reach_cluster_ips_and_node_ports_through_the_socket_hooks() {
+    let cluster = Cluster::new("host", 2, 0, |t| {
+        let mut service = web(t, &["pod-a1", "pod-a2"]);
+        service.node_port = Some(NODE_PORT);
+        vec![service, dns(t, &["pod-a1"])]
+    });
+    let node = &cluster.topology.node;
+    for url in [
+        format!("http://{WEB_VIP}/"),
+        format!("http://{NODE_IP}:{NODE_PORT}/"),
+    ] {
+        let bodies: Vec<String> = (0..4)
+            .map(|_| curl(node, &url).expect("curl from the node"))
+            .collect();
+        assert_eq!(tally(&bodies).len(), 2, "{url}: {bodies:?}");
+    }
+    // Unconnected UDP: the answer must appear to come from the service address, or
+    // socat (connected to the ClusterIP) would not accept it.
+    assert!(udp_ask(node, &format!("{DNS_VIP}:53")).starts_with("pod=pod-a1"));
+}
+
+#[test]
+fn established_connections_survive_an_agent_killed_and_restarted() {
+    let Cluster {
+        mut agent,
+        topology,
+    } = Cluster::new("rst", 3, 0, |t| vec![web(t, &["pod-a1", "pod-a2"])]);
+    let client = &topology.pod("pod-a3").ns;
+    let mut connection = HttpConnection::open(client, (WEB_VIP, 80).into()).expect("connect");
+    let first = pod_of(&connection.get().expect("request"));
+    agent.kill();
+    // Programs and maps are pinned: forwarding goes on without the agent.
+    assert_eq!(
+        pod_of(&connection.get().expect("request while the agent is down")),
+        first
+    );
+    assert!(
+        curl(client, &format!("http://{WEB_VIP}/")).is_ok(),
+        "new connections while down"
+    );
+    agent.spawn().expect("restart");
+    assert_eq!(
+        pod_of(&connection.get().expect("request after the restart")),
+        first
+    );
+    let last_sync = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("synced"))
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        last_sync.contains("map_writes=0"),
+        "a restart must not rewrite unchanged services: {last_sync}"
+    );
+}
+
+#[test]
+fn cleanup_detaches_every_program_and_removes_the_pins() {
+    let cluster = Cluster::new("cln", 2, 0, |t| vec![web(t, &["pod-a1"])]);
+    let xdp_attached = |t: &Topology| {
+        t.node
+            .exec("bpftool", &["net", "show"])
+            .expect("bpftool")
+            .contains("up0(")
+    };
+    assert!(xdp_attached(&cluster.topology));
+    assert!(curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).is_ok());
+    let pin_dir = cluster.agent.pin_dir.clone();
+    let Cluster { agent, topology } = cluster;
+    drop(agent); // stops the agent and runs `ebpf-proxy cleanup`
+    assert!(!pin_dir.exists(), "pins left behind");
+    assert!(!xdp_attached(&topology), "XDP still attached");
+    // With the tc program gone, the ClusterIP is just an unrouted address again.
+    let pod = &topology.pod("pod-a2").ns;
+    assert!(pod
+        .exec(
+            "curl",
+            &["-sS", "--max-time", "2", &format!("http://{WEB_VIP}/")]
+        )
+        .is_err());
+}
