@@ -23,7 +23,7 @@ pub fn lookup_service(dst: Addr, dport: u16, proto: u8) -> Option<ServiceValue> 
         scope: SCOPE_ADDRESS,
     };
     // SAFETY: the value is copied out at once; the agent replaces values whole.
-    if let Some(svc) = unsafe { SERVICES.get(&key) } {
+    if let Some(svc) = unsafe { SERVICES.get(key) } {
         return Some(*svc);
     }
     if !is_node_address(&dst) {
@@ -32,7 +32,7 @@ pub fn lookup_service(dst: Addr, dport: u16, proto: u8) -> Option<ServiceValue> 
     key.addr = Addr::ZERO;
     key.scope = SCOPE_NODE_PORT;
     // SAFETY: as above.
-    unsafe { SERVICES.get(&key) }.copied()
+    unsafe { SERVICES.get(key) }.copied()
 }
 
 #[inline(always)]
@@ -54,7 +54,7 @@ fn backend_in_slot(service: &ServiceValue, slot: u32) -> Option<Choice> {
         slot,
     };
     // SAFETY: copied out at once.
-    let backend = unsafe { BACKEND_SLOTS.get(&key) }?;
+    let backend = unsafe { BACKEND_SLOTS.get(key) }?;
     Some(Choice {
         backend: *backend,
         slot,

@@ -107,7 +107,7 @@ pub fn observe(flow: &Flow, entry_ptr: *mut CtEntry, entry: &CtEntry, now: u64) 
         (*entry_ptr).last_seen_ns = now;
     }
     if let Some(peer_state) = peer_state {
-        if let Some(peer) = CONNTRACK.get_ptr_mut(&peer_key(&flow.key, entry)) {
+        if let Some(peer) = CONNTRACK.get_ptr_mut(peer_key(&flow.key, entry)) {
             // SAFETY: as above.
             unsafe {
                 (*peer).state = peer_state;
@@ -123,5 +123,5 @@ pub fn observe(flow: &Flow, entry_ptr: *mut CtEntry, entry: &CtEntry, now: u64) 
 #[inline(always)]
 fn peer_has_fin(key: &CtKey, entry: &CtEntry) -> bool {
     // SAFETY: copied flag read.
-    unsafe { CONNTRACK.get(&peer_key(key, entry)) }.is_some_and(|peer| peer.flags & CT_F_FIN != 0)
+    unsafe { CONNTRACK.get(peer_key(key, entry)) }.is_some_and(|peer| peer.flags & CT_F_FIN != 0)
 }

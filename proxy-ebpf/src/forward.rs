@@ -47,10 +47,10 @@ pub fn redirect_to_egress(ctx: &TcContext, tuple: &CtKey, ip_len: u16) -> i32 {
         )
     };
     if rc != FIB_SUCCESS {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     if decrement_ttl(ctx).is_err() {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // SAFETY: helper without a parameter block: the neighbour is looked up for the
     // packet's destination on the egress device.

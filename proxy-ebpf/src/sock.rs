@@ -52,7 +52,7 @@ fn remembered(key: &SockKey) -> Option<SockNat> {
         slot: memo.slot,
     };
     // SAFETY: as above.
-    let backend = unsafe { BACKEND_SLOTS.get(&slot) }?;
+    let backend = unsafe { BACKEND_SLOTS.get(slot) }?;
     (backend.id == memo.backend_id).then_some(memo)
 }
 
@@ -90,7 +90,7 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) {
         }
     };
     if sticky {
-        let _ = SOCK_AFFINITY.insert(&affinity_key, &target, u64::from(BPF_ANY));
+        let _ = SOCK_AFFINITY.insert(affinity_key, target, u64::from(BPF_ANY));
     }
     let reverse = SockNat {
         addr: vip,
@@ -98,8 +98,8 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) {
         ..target
     };
     let _ = SOCK_REVERSE.insert(
-        &sock_key(ctx, target.addr, target.port, proto),
-        &reverse,
+        sock_key(ctx, target.addr, target.port, proto),
+        reverse,
         u64::from(BPF_ANY),
     );
     // SAFETY: see above.
@@ -121,7 +121,7 @@ pub fn restore(ctx: &SockAddrContext) {
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
     // SAFETY: copied out at once.
     let Some(nat) =
-        (unsafe { SOCK_REVERSE.get(&sock_key(ctx, Addr::from_v4_be(ip), port, proto)) }).copied()
+        (unsafe { SOCK_REVERSE.get(sock_key(ctx, Addr::from_v4_be(ip), port, proto)) }).copied()
     else {
         return;
     };

@@ -64,7 +64,7 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             return follow(pkt, &flow, &entry, false);
         }
         Lookup::Stale => {
-            let _ = CONNTRACK.remove(&flow.key);
+            let _ = CONNTRACK.remove(flow.key);
         }
         Lookup::Missing => {}
     }
@@ -205,13 +205,13 @@ fn open_flow<P: Packet>(
         forward.nat_src = snat_addr;
         forward.nat_sport = port;
     } else if CONNTRACK
-        .insert(&reply_key, &reply, u64::from(BPF_ANY))
+        .insert(reply_key, reply, u64::from(BPF_ANY))
         .is_err()
     {
         counters::event(EV_CT_INSERT_FAILED);
     }
 
-    match CONNTRACK.insert(key, &forward, u64::from(BPF_NOEXIST)) {
+    match CONNTRACK.insert(key, forward, u64::from(BPF_NOEXIST)) {
         Ok(()) => follow(pkt, flow, &forward, true),
         Err(EEXIST) => adopt_winner(pkt, flow, &reply_key),
         Err(_) => {
@@ -229,7 +229,7 @@ fn open_flow<P: Packet>(
 fn adopt_winner<P: Packet>(pkt: &P, flow: &Flow, our_reply_key: &CtKey) -> Verdict {
     counters::event(EV_CT_RACE_LOST);
     // SAFETY: copied out at once.
-    let Some(winner) = (unsafe { CONNTRACK.get(&flow.key) }).copied() else {
+    let Some(winner) = (unsafe { CONNTRACK.get(flow.key) }).copied() else {
         return Verdict::Drop;
     };
     if conntrack::peer_key(&flow.key, &winner) != *our_reply_key {
@@ -263,7 +263,7 @@ fn reserve_snat_port(reply_key: &mut CtKey, reply: &CtEntry, original: &CtKey) -
         };
         reply_key.dport = port;
         if CONNTRACK
-            .insert(&*reply_key, reply, u64::from(BPF_NOEXIST))
+            .insert(*reply_key, reply, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             return Some(port);

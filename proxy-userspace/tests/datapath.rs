@@ -341,7 +341,7 @@ fn a_flow_keeps_its_backend_when_its_packets_change_cpu() {
     }
     let dp = std::sync::Arc::new(std::sync::Mutex::new(TestDatapath::new()));
     dp.lock()
-        .unwrap()
+        .expect("lock")
         .program(&[(tcp(VIP, 80), three_backends())]);
     let mut chosen = Vec::new();
     for (turn, cpu) in [0, 1, 0, 1].into_iter().enumerate() {
@@ -349,17 +349,17 @@ fn a_flow_keeps_its_backend_when_its_packets_change_cpu() {
         let flags = if turn == 0 { Tcp::Syn } else { Tcp::Ack };
         let seen = on_cpu(cpu, move || {
             let packet = tcp_packet((CLIENT, 40000), (VIP, 80), flags, b"");
-            inspect(&worker.lock().unwrap().xdp(&packet).1).dst
+            inspect(&worker.lock().expect("lock").xdp(&packet).1).dst
         })
         .join()
-        .unwrap();
+        .expect("worker thread");
         chosen.push(seen);
         // New flows from other clients in between move the rr cursor on.
         let other = tcp_packet((CLIENT, 41000 + turn as u16), (VIP, 80), Tcp::Syn, b"");
-        let _ = dp.lock().unwrap().xdp(&other);
+        let _ = dp.lock().expect("lock").xdp(&other);
     }
     assert!(chosen.iter().all(|c| *c == chosen[0]), "{chosen:?}");
-    assert_eq!(dp.lock().unwrap().event("ct_midflow_miss"), 0);
+    assert_eq!(dp.lock().expect("lock").event("ct_midflow_miss"), 0);
 }
 
 #[test]
@@ -405,7 +405,10 @@ fn two_cpus_opening_the_same_flows_at_once_agree_on_one_backend() {
             })
         })
         .collect();
-    let results: Vec<Vec<_>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let results: Vec<Vec<_>> = workers
+        .into_iter()
+        .map(|w| w.join().expect("worker thread"))
+        .collect();
     let disagreements = (0..FLOWS as usize)
         .filter(|i| results[0][*i] != results[1][*i])
         .count();

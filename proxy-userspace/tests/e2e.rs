@@ -334,8 +334,7 @@ fn established_connections_survive_an_agent_killed_and_restarted() {
     let last_sync = agent
         .log()
         .lines()
-        .filter(|l| l.contains("synced"))
-        .last()
+        .rfind(|l| l.contains("synced"))
         .unwrap_or_default()
         .to_owned();
     assert!(
