@@ -104,7 +104,48 @@ fn test(args: &[String]) -> Result<()> {
     run(clippy_ebpf)?;
     let mut tests = cargo();
     tests
-        .args(["test", "--workspace", "--exclude", "proxy-ebpf"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "proxy-ebpf",
+            "--no-fail-fast",
+        ])
         .args(args);
-    run(tests)
+    run_counting_tests(tests)
+}
+
+/// Runs `cargo test`, echoing its output, and closes with one line that totals every
+/// test binary's result (cargo's own last line is that of the last binary alone).
+fn run_counting_tests(mut command: Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {command:?}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("test output")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(summary) = line.strip_prefix("test result: ") {
+            passed += count(summary, "passed");
+            failed += count(summary, "failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed: {status}");
+    }
+    Ok(())
+}
+
+/// The number before `word` in cargo's "ok. 3 passed; 0 failed; …" summary.
+fn count(summary: &str, word: &str) -> u64 {
+    summary
+        .split(';')
+        .filter_map(|part| part.trim().strip_suffix(word))
+        .filter_map(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
