@@ -79,7 +79,15 @@ pub struct Backend {
 pub const CONFIG_SNAT_ADDR: u32 = 0;
 /// The network namespace (by cookie) whose sockets the socket hooks translate.
 pub const CONFIG_NETNS_COOKIE: u32 = 1;
-pub const CONFIG_LEN: u32 = 2;
+/// How the uplink program forwards translated packets: `XDP_FORWARD_*`.
+pub const CONFIG_XDP_FORWARD: u32 = 2;
+pub const CONFIG_LEN: u32 = 3;
+
+/// Hand translated packets to the kernel stack (XDP_PASS): works everywhere.
+pub const XDP_FORWARD_PASS: u64 = 0;
+/// Look up the egress in the FIB and transmit from XDP (XDP_TX on the same device,
+/// XDP_REDIRECT to another); falls back to the stack when the neighbour is unknown.
+pub const XDP_FORWARD_REDIRECT: u64 = 1;
 
 /// A node-wide setting; one 16-byte slot fits either an address or a u64.
 #[repr(C)]

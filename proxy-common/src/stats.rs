@@ -31,7 +31,12 @@ pub const EV_MALFORMED: u32 = 5;
 pub const EV_FRAGMENT: u32 = 6;
 /// No free SNAT port after bounded retries: the packet was dropped.
 pub const EV_SNAT_EXHAUSTED: u32 = 7;
-pub const EV_COUNT: u32 = 8;
+/// Translated on an uplink and sent from XDP: out of another device / the same one.
+pub const EV_XDP_REDIRECT: u32 = 8;
+pub const EV_XDP_TX: u32 = 9;
+/// Redirect mode, but the FIB had no complete answer (e.g. no neighbour yet): passed.
+pub const EV_XDP_FIB_MISS: u32 = 10;
+pub const EV_COUNT: u32 = 11;
 
 pub const DATAPATH_EVENT_NAMES: [&str; EV_COUNT as usize] = [
     "translated",
@@ -42,6 +47,9 @@ pub const DATAPATH_EVENT_NAMES: [&str; EV_COUNT as usize] = [
     "malformed",
     "fragment",
     "snat_exhausted",
+    "xdp_redirect",
+    "xdp_tx",
+    "xdp_fib_miss",
 ];
 
 #[cfg(feature = "user")]

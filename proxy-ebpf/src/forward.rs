@@ -1,31 +1,48 @@
-//! Forwarding translated packets that the kernel's input path would refuse.
+//! Forwarding translated packets without the kernel's input path.
 //!
-//! After reverse NAT of a NodePort reply, or SNAT of a hairpin flow, a packet that
-//! arrived on a pod interface carries one of this node's own addresses as its
+//! tc: after reverse NAT of a NodePort reply, or SNAT of a hairpin flow, a packet
+//! that arrived on a pod interface carries one of this node's own addresses as its
 //! source, and the kernel drops such a packet as a martian. These packets go
 //! straight to their egress device instead: a FIB look-up for the egress interface,
 //! a TTL decrement (this is a routing hop), and `bpf_redirect_neigh`, which fills in
 //! the link-layer addresses. Everything else continues through the normal stack, so
 //! host firewalls and CNI policies still see pod traffic.
+//!
+//! XDP (redirect mode, `--xdp-forward redirect`): a full FIB look-up gives the egress
+//! device and both MAC addresses; the frame leaves by XDP_TX (same device) or
+//! XDP_REDIRECT. Without a resolved neighbour the packet takes the stack once, which
+//! resolves it for the next ones.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_OK},
-    helpers::generated::{bpf_fib_lookup, bpf_redirect_neigh},
-    programs::TcContext,
-    EbpfContext as _,
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_OK},
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
 };
-use proxy_common::CtKey;
+use network_types::eth::EthHdr;
+use proxy_common::{
+    CtKey, CONFIG_XDP_FORWARD, EV_XDP_FIB_MISS, EV_XDP_REDIRECT, EV_XDP_TX, XDP_FORWARD_REDIRECT,
+};
 
-use crate::packet::{ETH_LEN, IP_CHECK};
+use crate::{
+    checksum, counters,
+    maps::NODE_CONFIG,
+    packet::{Packet, XdpPacket, ETH_LEN, IP_CHECK},
+};
 
 const AF_INET: u8 = 2;
 const FIB_SUCCESS: i64 = 0;
 const IP_TTL: usize = 8;
 
-/// Redirects `ctx` (already rewritten to `tuple`) to its egress device; `TC_ACT_OK`
-/// when the FIB has no answer or the TTL is spent (the stack then reports it).
+/// The egress of a packet now carrying `tuple`, entering on `ifindex`.
 #[inline(always)]
-pub fn redirect_to_egress(ctx: &TcContext, tuple: &CtKey, ip_len: u16) -> i32 {
+fn fib_lookup(
+    ctx: &impl EbpfContext,
+    tuple: &CtKey,
+    ip_len: u16,
+    ifindex: u32,
+    flags: u32,
+) -> Option<FibParams> {
     // SAFETY: an all-zero fib_lookup request is valid; the fields are set below.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -33,8 +50,7 @@ pub fn redirect_to_egress(ctx: &TcContext, tuple: &CtKey, ip_len: u16) -> i32 {
     params.sport = tuple.sport;
     params.dport = tuple.dport;
     params.__bindgen_anon_1.tot_len = ip_len;
-    // SAFETY: reading the context's ingress device.
-    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.ifindex = ifindex;
     params.__bindgen_anon_3.ipv4_src = tuple.src.v4_be();
     params.__bindgen_anon_4.ipv4_dst = tuple.dst.v4_be();
     // SAFETY: helper with a valid, sized parameter block.
@@ -43,12 +59,32 @@ pub fn redirect_to_egress(ctx: &TcContext, tuple: &CtKey, ip_len: u16) -> i32 {
             ctx.as_ptr(),
             &mut params,
             core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
+            flags,
         )
     };
-    if rc != FIB_SUCCESS {
-        return TC_ACT_OK;
+    (rc == FIB_SUCCESS).then_some(params)
+}
+
+/// The TTL/protocol checksum word with the TTL one lower; None when it is spent.
+#[inline(always)]
+fn ttl_word_decremented(old: u16) -> Option<u16> {
+    let mut bytes = old.to_ne_bytes();
+    if bytes[0] <= 1 {
+        return None;
     }
+    bytes[0] -= 1;
+    Some(u16::from_ne_bytes(bytes))
+}
+
+/// Redirects `ctx` (already rewritten to `tuple`) to its egress device; `TC_ACT_OK`
+/// when the FIB has no answer or the TTL is spent (the stack then reports it).
+#[inline(always)]
+pub fn redirect_to_egress(ctx: &TcContext, tuple: &CtKey, ip_len: u16) -> i32 {
+    // SAFETY: reading the context's ingress device.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(params) = fib_lookup(ctx, tuple, ip_len, ifindex, BPF_FIB_LOOKUP_SKIP_NEIGH) else {
+        return TC_ACT_OK;
+    };
     if decrement_ttl(ctx).is_err() {
         return TC_ACT_OK;
     }
@@ -62,14 +98,52 @@ pub fn redirect_to_egress(ctx: &TcContext, tuple: &CtKey, ip_len: u16) -> i32 {
 fn decrement_ttl(ctx: &TcContext) -> Result<(), ()> {
     // TTL and protocol form one 16-bit checksum word; compare raw memory values.
     let old: u16 = ctx.load(ETH_LEN + IP_TTL).map_err(|_| ())?;
-    let ttl = old.to_ne_bytes()[0];
-    if ttl <= 1 {
-        return Err(());
-    }
-    let mut bytes = old.to_ne_bytes();
-    bytes[0] = ttl - 1;
-    let new = u16::from_ne_bytes(bytes);
+    let new = ttl_word_decremented(old).ok_or(())?;
     ctx.l3_csum_replace(ETH_LEN + IP_CHECK, u64::from(old), u64::from(new), 2)
         .map_err(|_| ())?;
     ctx.store(ETH_LEN + IP_TTL, &new, 0).map_err(|_| ())
+}
+
+#[inline(always)]
+pub fn xdp_redirect_enabled() -> bool {
+    NODE_CONFIG
+        .get(CONFIG_XDP_FORWARD)
+        .is_some_and(|v| v.as_u64() == XDP_FORWARD_REDIRECT)
+}
+
+/// Sends a translated frame out of its egress device from XDP; XDP_PASS when the
+/// FIB cannot say where (or to whom) it goes, or its TTL is spent.
+#[inline(always)]
+pub fn xdp_transmit(ctx: &XdpContext, tuple: &CtKey, ip_len: u16) -> u32 {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let Some(params) = fib_lookup(ctx, tuple, ip_len, ingress, 0) else {
+        counters::event(EV_XDP_FIB_MISS);
+        return xdp_action::XDP_PASS;
+    };
+    let packet = XdpPacket(ctx);
+    let (Some(eth), Some(ttl), Some(check)) = (
+        packet.ptr_at::<EthHdr>(0),
+        packet.ptr_at::<u16>(ETH_LEN + IP_TTL),
+        packet.ptr_at::<u16>(ETH_LEN + IP_CHECK),
+    ) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: all three pointers were bounds-checked by ptr_at.
+    unsafe {
+        let old = ttl.read_unaligned();
+        let Some(new) = ttl_word_decremented(old) else {
+            return xdp_action::XDP_PASS;
+        };
+        ttl.write_unaligned(new);
+        check.write_unaligned(checksum::replace16(check.read_unaligned(), old, new));
+        (*eth).dst_addr = params.dmac;
+        (*eth).src_addr = params.smac;
+    }
+    if params.ifindex == ingress {
+        counters::event(EV_XDP_TX);
+        return xdp_action::XDP_TX;
+    }
+    counters::event(EV_XDP_REDIRECT);
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(params.ifindex, 0) as u32 }
 }

@@ -31,12 +31,14 @@ use crate::{
 
 /// Node uplinks: traffic from outside the node to NodePorts, LoadBalancer and external
 /// IPs, and replies of masqueraded flows coming back from remote backends. Translated
-/// packets continue into the kernel's forwarding path (XDP_PASS): XDP_TX and
-/// XDP_REDIRECT into a veth deliver only when the receiving peer runs XDP or GRO,
-/// which pod interfaces do not by default (see the README).
+/// packets continue into the kernel's forwarding path (XDP_PASS) by default, or leave
+/// from XDP in redirect mode (see `forward` and the README for when each delivers).
 #[xdp]
 pub fn uplink_ingress(ctx: XdpContext) -> u32 {
     match translate::handle(&XdpPacket(&ctx), Origin::External) {
+        Verdict::Translated(tuple, ip_len) if forward::xdp_redirect_enabled() => {
+            forward::xdp_transmit(&ctx, &tuple, ip_len)
+        }
         Verdict::Pass | Verdict::Translated(..) => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
     }

@@ -24,7 +24,7 @@ use crate::{
     manifests,
     model::Severity,
     node::NodeConfig,
-    sync::Syncer,
+    sync::{NodeSettings, Syncer},
     translate,
 };
 
@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
     /// Created once services are programmed and present interfaces attached.
     pub ready_file: Option<PathBuf>,
+    /// Transmit translated packets from XDP (XDP_TX/XDP_REDIRECT) instead of XDP_PASS.
+    pub xdp_redirect: bool,
 }
 
 /// The cookie of the agent's network namespace: the socket hooks serve only it.
@@ -122,7 +124,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     config.node.validate()?;
     let mut datapath = Datapath::load(&config.pin_dir)?;
     let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?;
-    syncer.program_node(&config.node, own_netns_cookie()?)?;
+    let settings = NodeSettings {
+        netns_cookie: own_netns_cookie()?,
+        xdp_redirect: config.xdp_redirect,
+    };
+    syncer.program_node(&config.node, &settings)?;
     let mut source = ManifestSource {
         path: config.manifests.clone(),
         last: None,

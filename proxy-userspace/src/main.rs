@@ -52,6 +52,15 @@ enum XdpModeArg {
     Skb,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum XdpForwardArg {
+    /// XDP_PASS to the kernel stack, which routes: works with any device.
+    Pass,
+    /// FIB look-up and XDP_TX/XDP_REDIRECT: faster; a veth target delivers only if
+    /// its peer runs XDP or has GRO enabled.
+    Redirect,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Multi-document YAML with v1 Services and discovery.k8s.io/v1 EndpointSlices;
@@ -75,6 +84,9 @@ struct RunArgs {
     pin_dir: PathBuf,
     #[arg(long, value_enum, default_value = "native")]
     xdp_mode: XdpModeArg,
+    /// How the uplink program forwards translated packets.
+    #[arg(long, value_enum, default_value = "pass")]
+    xdp_forward: XdpForwardArg,
     /// cgroup v2 directory for the socket hooks (default: the hierarchy's root).
     #[arg(long)]
     cgroup: Option<PathBuf>,
@@ -114,6 +126,7 @@ async fn main() -> Result<()> {
                 cgroup: args.cgroup.unwrap_or_else(attach::default_cgroup_root),
                 poll_interval: Duration::from_millis(args.poll_ms),
                 ready_file: args.ready_file,
+                xdp_redirect: args.xdp_forward == XdpForwardArg::Redirect,
             };
             agent::run(config).await
         }

@@ -17,9 +17,9 @@ use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use proxy_common::{
     Addr, Backend, BackendSlotKey, ConfigValue, NodeAddrFlags, ServiceKey, ServiceValue,
-    BACKEND_F_REMOTE, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, MAX_BACKENDS,
+    BACKEND_F_REMOTE, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_XDP_FORWARD, MAX_BACKENDS,
     MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, SCHED_RR, SCOPE_ADDRESS, SCOPE_NODE_PORT,
-    SVC_F_EXTERNAL,
+    SVC_F_EXTERNAL, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
 use crate::{
@@ -56,6 +56,15 @@ impl IdPool {
     fn release(&mut self, id: u32) {
         self.free.insert(id);
     }
+}
+
+/// Node-wide data path settings that are not part of the node's identity.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NodeSettings {
+    /// The network namespace whose sockets the socket hooks translate.
+    pub netns_cookie: u64,
+    /// Transmit translated packets from XDP instead of handing them to the stack.
+    pub xdp_redirect: bool,
 }
 
 /// What is in the maps for one frontend.
@@ -190,8 +199,8 @@ impl Syncer {
     }
 
     /// Programs node-wide settings: node addresses (NodePorts), the masquerade
-    /// source, and the network namespace the socket hooks serve.
-    pub fn program_node(&mut self, node: &NodeConfig, netns_cookie: u64) -> Result<()> {
+    /// source, the network namespace the socket hooks serve, the XDP forwarding mode.
+    pub fn program_node(&mut self, node: &NodeConfig, settings: &NodeSettings) -> Result<()> {
         let wanted: BTreeSet<Addr> = node
             .addresses
             .iter()
@@ -215,9 +224,19 @@ impl Syncer {
             addr: Addr::from_v4_octets(node.snat_address().octets()),
         };
         self.tables.config.set(CONFIG_SNAT_ADDR, snat, 0)?;
+        self.tables.config.set(
+            CONFIG_NETNS_COOKIE,
+            ConfigValue::from_u64(settings.netns_cookie),
+            0,
+        )?;
+        let forward = if settings.xdp_redirect {
+            XDP_FORWARD_REDIRECT
+        } else {
+            XDP_FORWARD_PASS
+        };
         self.tables
             .config
-            .set(CONFIG_NETNS_COOKIE, ConfigValue::from_u64(netns_cookie), 0)?;
+            .set(CONFIG_XDP_FORWARD, ConfigValue::from_u64(forward), 0)?;
         Ok(())
     }
 

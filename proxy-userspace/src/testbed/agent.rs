@@ -23,6 +23,7 @@ pub struct Agent {
     pub pin_dir: PathBuf,
     pub manifests: PathBuf,
     work_dir: PathBuf,
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -34,6 +35,17 @@ impl Agent {
         topology: &Topology,
         work_dir: &Path,
         manifests: &str,
+    ) -> Result<Agent> {
+        Agent::start_with(binary, topology, work_dir, manifests, &[])
+    }
+
+    /// `start` with more `ebpf-proxy run` arguments.
+    pub fn start_with(
+        binary: &Path,
+        topology: &Topology,
+        work_dir: &Path,
+        manifests: &str,
+        extra_args: &[&str],
     ) -> Result<Agent> {
         std::fs::create_dir_all(work_dir)?;
         let manifests_path = work_dir.join("manifests.yaml");
@@ -48,6 +60,7 @@ impl Agent {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
             manifests: manifests_path,
             work_dir: work_dir.to_owned(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         agent.spawn()?;
@@ -92,6 +105,7 @@ impl Agent {
             .arg(&self.manifests)
             .arg("--ready-file")
             .arg(&ready)
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

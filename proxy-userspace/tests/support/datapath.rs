@@ -12,7 +12,7 @@ use ebpf_proxy::{
     datapath::{attach, loader::Datapath, tables::Tables},
     model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Protocol},
     node::NodeConfig,
-    sync::Syncer,
+    sync::{NodeSettings, Syncer},
 };
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -50,7 +50,9 @@ impl TestDatapath {
             uplinks: vec![],
             pod_interface_patterns: vec![],
         };
-        syncer.program_node(&node, 0).expect("node config");
+        syncer
+            .program_node(&node, &NodeSettings::default())
+            .expect("node config");
         TestDatapath {
             datapath,
             syncer,
