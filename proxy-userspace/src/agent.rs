@@ -25,7 +25,7 @@ use crate::{
     model::Severity,
     node::NodeConfig,
     sync::{NodeSettings, Syncer},
-    translate,
+    tracker::ChangeTracker,
 };
 
 pub struct AgentConfig {
@@ -94,13 +94,27 @@ impl ManifestSource {
     }
 }
 
-fn sync_from(bytes: &[u8], source: &Path, node: &NodeConfig, syncer: &mut Syncer) {
+/// Feeds a new version of the manifests through the tracker and programs what
+/// changed. With `full`, the whole desired state is compared with the maps instead
+/// (the first sync after a start, when the maps may hold a predecessor's state).
+fn sync_from(
+    bytes: &[u8],
+    source: &Path,
+    tracker: &mut ChangeTracker,
+    syncer: &mut Syncer,
+    full: bool,
+) {
     let started = Instant::now();
     let text = String::from_utf8_lossy(bytes);
     let (objects, mut problems) = manifests::parse(&text, &source.display().to_string());
-    let translation = translate::translate(&objects, &node.name);
-    problems.extend(translation.problems);
-    let report = syncer.apply(&translation.state);
+    tracker.replace_all(&objects);
+    let flush = tracker.flush();
+    problems.extend(flush.problems);
+    let report = if full {
+        syncer.apply(&tracker.desired())
+    } else {
+        syncer.apply_changes(&flush.changes)
+    };
     problems.extend(report.problems);
     for problem in &problems {
         match problem.severity {
@@ -109,7 +123,7 @@ fn sync_from(bytes: &[u8], source: &Path, node: &NodeConfig, syncer: &mut Syncer
         }
     }
     info!(
-        frontends = translation.state.frontends.len(),
+        changed = flush.changes.len(),
         added = report.added,
         updated = report.updated,
         removed = report.removed,
@@ -134,8 +148,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         last: None,
         unreadable_reported: false,
     };
+    let mut tracker = ChangeTracker::new(&config.node.name);
+    // Until one sync compared everything with the pinned maps, syncs are full ones.
+    let mut reconciled = false;
     if let Some(bytes) = source.changed() {
-        sync_from(&bytes, &config.manifests, &config.node, &mut syncer);
+        sync_from(&bytes, &config.manifests, &mut tracker, &mut syncer, true);
+        reconciled = true;
     }
     attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
 
@@ -179,7 +197,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             },
             _ = ticker.tick() => {
                 if let Some(bytes) = source.changed() {
-                    sync_from(&bytes, &config.manifests, &config.node, &mut syncer);
+                    sync_from(&bytes, &config.manifests, &mut tracker, &mut syncer, !reconciled);
+                    reconciled = true;
                 }
             }
             _ = tokio::signal::ctrl_c() => break,

@@ -1,9 +1,10 @@
 //! The ebpf-proxy agent as a library: the binary (`main.rs`) is a thin CLI over it,
 //! and the tests and the demo drive the same code.
 //!
-//! Data flows one way: a *source* (`manifests`) yields Kubernetes objects,
-//! `translate` turns them into the desired `model`, `sync` applies the difference to
-//! the kernel `datapath` maps, and `listing` reads those maps back for operators.
+//! Data flows one way: a *source* (`manifests`) yields Kubernetes objects, the
+//! `tracker` re-translates (`translate`) only the services that changed into frontends
+//! of the desired `model`, `sync` writes those differences to the kernel `datapath`
+//! maps, and `listing` reads the maps back for operators.
 
 pub mod agent;
 pub mod datapath;
@@ -13,4 +14,5 @@ pub mod model;
 pub mod node;
 pub mod sync;
 pub mod testbed;
+pub mod tracker;
 pub mod translate;

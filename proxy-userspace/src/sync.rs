@@ -26,6 +26,7 @@ use crate::{
     datapath::tables::{decode_name, encode_name, Tables},
     model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Problem, Protocol},
     node::NodeConfig,
+    tracker::FrontendChange,
 };
 
 /// Small integer ids with reuse, for the array-indexed per-service/backend tables.
@@ -256,36 +257,45 @@ impl Syncer {
             .collect()
     }
 
+    /// Makes the maps hold exactly `desired` (compares every frontend: O(services)).
     pub fn apply(&mut self, desired: &DesiredState) -> SyncReport {
-        let mut report = SyncReport::default();
-        let gone: Vec<FrontendKey> = self
+        let mut changes: Vec<FrontendChange> = self
             .programmed
             .keys()
             .filter(|k| !desired.frontends.contains_key(k))
-            .copied()
+            .map(|k| (*k, None))
             .collect();
-        for key in gone {
-            match self.remove(&key, &mut report) {
-                Ok(()) => report.removed += 1,
-                Err(e) => report
-                    .problems
-                    .push(Problem::error(key.to_string(), format!("removing: {e:#}"))),
-            }
-        }
-        for (key, frontend) in &desired.frontends {
-            let result = if self.programmed.contains_key(key) {
-                self.update(key, frontend, &mut report).map(|changed| {
-                    if changed {
-                        report.updated += 1;
-                    }
-                })
-            } else {
-                self.add(key, frontend, &mut report)
-                    .map(|()| report.added += 1)
+        changes.extend(desired.frontends.iter().map(|(k, f)| (*k, Some(f.clone()))));
+        self.apply_changes(&changes)
+    }
+
+    /// Programs the given frontends and removes those given as `None`; frontends that
+    /// turn out unchanged write nothing.
+    pub fn apply_changes(&mut self, changes: &[FrontendChange]) -> SyncReport {
+        let mut report = SyncReport::default();
+        for (key, change) in changes {
+            let result = match change {
+                None if self.programmed.contains_key(key) => {
+                    self.remove(key, &mut report).map(|()| report.removed += 1)
+                }
+                None => Ok(()),
+                Some(frontend) if self.programmed.contains_key(key) => {
+                    self.update(key, frontend, &mut report).map(|changed| {
+                        if changed {
+                            report.updated += 1;
+                        }
+                    })
+                }
+                Some(frontend) => self
+                    .add(key, frontend, &mut report)
+                    .map(|()| report.added += 1),
             };
             if let Err(e) = result {
+                let what = change
+                    .as_ref()
+                    .map_or(String::new(), |f| format!(" ({})", f.service));
                 report.problems.push(Problem::error(
-                    format!("{key} ({})", frontend.service),
+                    format!("{key}{what}"),
                     format!("not programmed: {e:#}"),
                 ));
             }

@@ -22,7 +22,7 @@
 //!    namespace/name keeps it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -34,6 +34,7 @@ use k8s_openapi::api::{
 use crate::{
     manifests::Objects,
     model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Problem, Protocol},
+    tracker::ChangeTracker,
 };
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -47,7 +48,8 @@ pub struct Translation {
 }
 
 /// One usable endpoint port of a slice, before the ready/terminating choice.
-struct SliceEndpoint {
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct SliceEndpoint {
     endpoint: Endpoint,
     port_name: String,
     protocol: Protocol,
@@ -56,27 +58,31 @@ struct SliceEndpoint {
     terminating: bool,
 }
 
-pub fn translate(objects: &Objects, node_name: &str) -> Translation {
-    let mut out = Translation::default();
-    let mut slices = index_slices(&objects.slices, node_name, &mut out.problems);
+/// What one Service asks for: its frontends (each may still lose to another
+/// service claiming the same one) and what is wrong with it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ServiceOutput {
+    pub claims: Vec<(FrontendKey, Frontend)>,
+    pub problems: Vec<Problem>,
+}
 
-    let mut services: Vec<&Service> = objects.services.iter().collect();
-    services.sort_by_key(|s| (namespace_of(s), s.metadata.name.clone()));
-    for service in services {
-        let id = (
-            namespace_of(service),
-            service.metadata.name.clone().unwrap_or_default(),
-        );
-        let endpoints = slices.remove(&id).unwrap_or_default();
-        add_service(service, &endpoints, &mut out);
+/// The whole translation of an object set at once (tests, benchmarks, one-shot use);
+/// the agent goes through a `ChangeTracker` to translate only what changed.
+pub fn translate(objects: &Objects, node_name: &str) -> Translation {
+    let mut tracker = ChangeTracker::new(node_name);
+    tracker.replace_all(objects);
+    tracker.flush();
+    Translation {
+        state: tracker.desired(),
+        problems: tracker.all_problems(),
     }
-    for ((namespace, name), _) in slices {
-        out.problems.push(Problem::warning(
-            format!("EndpointSlice for {namespace}/{name}"),
-            "no such service: ignored",
-        ));
-    }
-    out
+}
+
+pub(crate) fn object_name(namespace: &Option<String>, name: &Option<String>) -> (String, String) {
+    (
+        namespace.clone().unwrap_or_else(|| "default".into()),
+        name.clone().unwrap_or_else(|| "<unnamed>".into()),
+    )
 }
 
 fn namespace_of(service: &Service) -> String {
@@ -101,51 +107,24 @@ fn parse_port(port: i32) -> Option<u16> {
     u16::try_from(port).ok().filter(|p| *p != 0)
 }
 
-/// Groups usable endpoints by (namespace, service name); reports broken slices.
-fn index_slices(
-    slices: &[EndpointSlice],
-    node_name: &str,
-    problems: &mut Vec<Problem>,
-) -> BTreeMap<(String, String), Vec<SliceEndpoint>> {
-    let mut index: BTreeMap<(String, String), Vec<SliceEndpoint>> = BTreeMap::new();
-    for slice in slices {
-        let namespace = slice
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let object = format!(
-            "EndpointSlice {namespace}/{}",
-            slice.metadata.name.as_deref().unwrap_or("<unnamed>")
-        );
-        // Other address families are another proxier's (or a later version's) business.
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        else {
-            problems.push(Problem::warning(
-                object,
-                format!("no {LABEL_SERVICE_NAME} label: ignored"),
-            ));
-            continue;
-        };
-        match slice_endpoints(slice, node_name) {
-            Ok(endpoints) => index
-                .entry((namespace, service.clone()))
-                .or_default()
-                .extend(endpoints),
-            Err(message) => problems.push(Problem::error(object, message)),
-        }
-    }
-    index
+/// The service a slice belongs to, by its `kubernetes.io/service-name` label.
+pub(crate) fn slice_service(slice: &EndpointSlice) -> Option<(String, String)> {
+    let service = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some(object_name(
+        &slice.metadata.namespace,
+        &Some(service.clone()),
+    ))
 }
 
-fn slice_endpoints(slice: &EndpointSlice, node_name: &str) -> Result<Vec<SliceEndpoint>, String> {
+/// The usable endpoints of a slice; other address families give none (they are
+/// another proxier's business), an unparsable slice gives an error.
+pub(crate) fn slice_endpoints(
+    slice: &EndpointSlice,
+    node_name: &str,
+) -> Result<Vec<SliceEndpoint>, String> {
+    if slice.address_type != "IPv4" {
+        return Ok(Vec::new());
+    }
     let mut ports = Vec::new();
     for port in slice.ports.iter().flatten() {
         let number = port
@@ -273,7 +252,8 @@ fn serving_endpoints(
         .collect()
 }
 
-fn add_service(service: &Service, endpoints: &[SliceEndpoint], out: &mut Translation) {
+pub(crate) fn service_output(service: &Service, endpoints: &[SliceEndpoint]) -> ServiceOutput {
+    let mut out = ServiceOutput::default();
     let name = format!(
         "{}/{}",
         namespace_of(service),
@@ -281,12 +261,12 @@ fn add_service(service: &Service, endpoints: &[SliceEndpoint], out: &mut Transla
     );
     let object = format!("Service {name}");
     if is_ignored(service) {
-        return;
+        return out;
     }
     let spec = service.spec.clone().unwrap_or_default();
     let addresses = match service_addresses(service) {
         Ok(a) => a,
-        Err(message) => return out.problems.push(Problem::error(object, message)),
+        Err(message) => return out.failed(Problem::error(object, message)),
     };
 
     let mut frontends = Vec::new();
@@ -294,16 +274,16 @@ fn add_service(service: &Service, endpoints: &[SliceEndpoint], out: &mut Transla
     for port in spec.ports.iter().flatten() {
         let protocol = match parse_protocol(port.protocol.as_deref()) {
             Ok(p) => p,
-            Err(message) => return out.problems.push(Problem::error(object, message)),
+            Err(message) => return out.failed(Problem::error(object, message)),
         };
         let Some(number) = parse_port(port.port) else {
-            return out.problems.push(Problem::error(
+            return out.failed(Problem::error(
                 object,
                 format!("port {} is out of range", port.port),
             ));
         };
         if !seen_ports.insert((number, protocol)) {
-            return out.problems.push(Problem::error(
+            return out.failed(Problem::error(
                 object,
                 format!("duplicate port {number}/{protocol}"),
             ));
@@ -313,7 +293,7 @@ fn add_service(service: &Service, endpoints: &[SliceEndpoint], out: &mut Transla
             Some(n) => match parse_port(n) {
                 Some(n) => Some(n),
                 None => {
-                    return out.problems.push(Problem::error(
+                    return out.failed(Problem::error(
                         object,
                         format!("nodePort {n} is out of range"),
                     ))
@@ -352,19 +332,17 @@ fn add_service(service: &Service, endpoints: &[SliceEndpoint], out: &mut Transla
             "no selector and no EndpointSlice: it has no backends",
         ));
     }
-    if let Some((key, _)) = frontends
-        .iter()
-        .find(|(key, _)| out.state.frontends.contains_key(key))
-    {
-        return out.problems.push(Problem::error(
-            object,
-            format!(
-                "{key} already belongs to {}",
-                out.state.frontends[key].service
-            ),
-        ));
+    out.claims = frontends;
+    out
+}
+
+impl ServiceOutput {
+    /// The service is skipped whole: no claims, one error.
+    fn failed(mut self, problem: Problem) -> ServiceOutput {
+        self.claims.clear();
+        self.problems.push(problem);
+        self
     }
-    out.state.frontends.extend(frontends);
 }
 
 #[cfg(test)]

@@ -23,6 +23,12 @@ enum Task {
     Build,
     /// Run the demo: a node, pods and a client in namespaces, real traffic.
     Demo,
+    /// Measurements for BENCHMARKS.md (results in bench/results/).
+    Bench {
+        /// Fewer and smaller runs (for CI): never fails on a timing.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Lints, unit tests, in-kernel data path tests and end-to-end tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -44,6 +50,15 @@ fn main() -> Result<()> {
             run(Command::new(
                 workspace_root().join("target/release/ebpf-proxy-demo"),
             ))
+        }
+        Task::Bench { quick } => {
+            setup::ensure()?;
+            build()?;
+            let mut bench = Command::new(workspace_root().join("target/release/ebpf-proxy-bench"));
+            if quick {
+                bench.arg("--quick");
+            }
+            run(bench)
         }
         Task::Test { args } => {
             setup::ensure()?;

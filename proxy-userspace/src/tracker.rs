@@ -1,0 +1,419 @@
+//! Change tracking between a source and the syncer, as kube-proxy separates them: the
+//! source reports objects (all of them, or one at a time), and `flush` re-translates
+//! only the services whose Service or EndpointSlices changed since the last flush,
+//! returning the frontends that differ. The cost of a change therefore does not grow
+//! with the number of services.
+//!
+//! Frontends are *claimed*: when two services ask for the same one (a conflict the
+//! API server normally prevents), the first by namespace/name holds it and the other
+//! is reported; if the holder goes away the next claimant takes over.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::{
+    manifests::Objects,
+    model::{DesiredState, Frontend, FrontendKey, Problem},
+    translate::{
+        object_name, service_output, slice_endpoints, slice_service, ServiceOutput, SliceEndpoint,
+        LABEL_SERVICE_NAME,
+    },
+};
+
+/// (namespace, name) of an object.
+pub type ObjectKey = (String, String);
+
+/// A frontend to program (`Some`) or to remove (`None`).
+pub type FrontendChange = (FrontendKey, Option<Frontend>);
+
+struct SliceRecord {
+    object: EndpointSlice,
+    service: Option<ObjectKey>,
+    endpoints: Result<Vec<SliceEndpoint>, String>,
+}
+
+#[derive(Default)]
+pub struct Flush {
+    pub changes: Vec<FrontendChange>,
+    /// Problems of the objects re-translated by this flush.
+    pub problems: Vec<Problem>,
+}
+
+pub struct ChangeTracker {
+    node_name: String,
+    services: BTreeMap<ObjectKey, Service>,
+    slices: BTreeMap<ObjectKey, SliceRecord>,
+    /// Slices by the service they name.
+    slices_of: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    outputs: BTreeMap<ObjectKey, ServiceOutput>,
+    /// Every claimant of every frontend, in namespace/name order.
+    claims: BTreeMap<FrontendKey, BTreeMap<ObjectKey, Frontend>>,
+    dirty_services: BTreeSet<ObjectKey>,
+    dirty_slices: BTreeSet<ObjectKey>,
+}
+
+impl ChangeTracker {
+    pub fn new(node_name: &str) -> ChangeTracker {
+        ChangeTracker {
+            node_name: node_name.to_owned(),
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            slices_of: BTreeMap::new(),
+            outputs: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            dirty_services: BTreeSet::new(),
+            dirty_slices: BTreeSet::new(),
+        }
+    }
+
+    pub fn set_service(&mut self, service: Service) {
+        let key = object_name(&service.metadata.namespace, &service.metadata.name);
+        if self.services.get(&key) != Some(&service) {
+            self.services.insert(key.clone(), service);
+            self.dirty_services.insert(key);
+        }
+    }
+
+    pub fn remove_service(&mut self, key: &ObjectKey) {
+        if self.services.remove(key).is_some() {
+            self.dirty_services.insert(key.clone());
+        }
+    }
+
+    pub fn set_slice(&mut self, slice: EndpointSlice) {
+        let key = object_name(&slice.metadata.namespace, &slice.metadata.name);
+        if self.slices.get(&key).is_some_and(|r| r.object == slice) {
+            return;
+        }
+        self.remove_slice(&key);
+        let service = slice_service(&slice);
+        if let Some(service) = &service {
+            self.slices_of
+                .entry(service.clone())
+                .or_default()
+                .insert(key.clone());
+            self.dirty_services.insert(service.clone());
+        }
+        let endpoints = slice_endpoints(&slice, &self.node_name);
+        self.slices.insert(
+            key.clone(),
+            SliceRecord {
+                object: slice,
+                service,
+                endpoints,
+            },
+        );
+        self.dirty_slices.insert(key);
+    }
+
+    pub fn remove_slice(&mut self, key: &ObjectKey) {
+        let Some(record) = self.slices.remove(key) else {
+            return;
+        };
+        if let Some(service) = record.service {
+            if let Some(slices) = self.slices_of.get_mut(&service) {
+                slices.remove(key);
+                if slices.is_empty() {
+                    self.slices_of.remove(&service);
+                }
+            }
+            self.dirty_services.insert(service);
+        }
+    }
+
+    /// Makes the tracked set equal to `objects` (a source that always reads
+    /// everything, like a manifests file): only real differences mark anything dirty.
+    pub fn replace_all(&mut self, objects: &Objects) {
+        let services: BTreeMap<ObjectKey, &Service> = objects
+            .services
+            .iter()
+            .map(|s| (object_name(&s.metadata.namespace, &s.metadata.name), s))
+            .collect();
+        let slices: BTreeMap<ObjectKey, &EndpointSlice> = objects
+            .slices
+            .iter()
+            .map(|s| (object_name(&s.metadata.namespace, &s.metadata.name), s))
+            .collect();
+        let gone: Vec<ObjectKey> = self
+            .services
+            .keys()
+            .filter(|k| !services.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.remove_service(&key);
+        }
+        let gone: Vec<ObjectKey> = self
+            .slices
+            .keys()
+            .filter(|k| !slices.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.remove_slice(&key);
+        }
+        for service in services.into_values() {
+            self.set_service(service.clone());
+        }
+        for slice in slices.into_values() {
+            self.set_slice(slice.clone());
+        }
+    }
+
+    fn holder(&self, key: &FrontendKey) -> Option<&Frontend> {
+        self.claims.get(key)?.values().next()
+    }
+
+    /// Re-translates what changed; returns the frontends whose programmed form differs.
+    pub fn flush(&mut self) -> Flush {
+        let mut flush = Flush::default();
+        for key in std::mem::take(&mut self.dirty_slices) {
+            if let Some(record) = self.slices.get(&key) {
+                flush.problems.extend(self.slice_problems(&key, record));
+            }
+        }
+        let dirty = std::mem::take(&mut self.dirty_services);
+        let mut outputs = Vec::new();
+        let mut affected = BTreeSet::new();
+        for key in dirty {
+            let output = self.services.get(&key).map(|service| {
+                let endpoints: Vec<SliceEndpoint> = self
+                    .slices_of
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|slice| self.slices.get(slice)?.endpoints.as_ref().ok())
+                    .flatten()
+                    .cloned()
+                    .collect();
+                service_output(service, &endpoints)
+            });
+            let old = self
+                .outputs
+                .get(&key)
+                .map(|o| o.claims.iter().map(|(k, _)| *k));
+            affected.extend(old.into_iter().flatten());
+            if let Some(output) = &output {
+                affected.extend(output.claims.iter().map(|(k, _)| *k));
+            }
+            outputs.push((key, output));
+        }
+        let before: BTreeMap<FrontendKey, Option<Frontend>> = affected
+            .iter()
+            .map(|k| (*k, self.holder(k).cloned()))
+            .collect();
+        let mut recomputed = Vec::new();
+        for (key, output) in outputs {
+            if let Some(old) = self.outputs.remove(&key) {
+                for (frontend, _) in old.claims {
+                    if let Some(claimants) = self.claims.get_mut(&frontend) {
+                        claimants.remove(&key);
+                        if claimants.is_empty() {
+                            self.claims.remove(&frontend);
+                        }
+                    }
+                }
+            }
+            if let Some(output) = output {
+                for (frontend, value) in &output.claims {
+                    self.claims
+                        .entry(*frontend)
+                        .or_default()
+                        .insert(key.clone(), value.clone());
+                }
+                self.outputs.insert(key.clone(), output);
+                recomputed.push(key);
+            }
+        }
+        for (frontend, previous) in before {
+            let now = self.holder(&frontend).cloned();
+            if now != previous {
+                flush.changes.push((frontend, now));
+            }
+        }
+        for key in recomputed {
+            flush.problems.extend(self.service_problems(&key));
+        }
+        flush
+    }
+
+    fn slice_problems(&self, key: &ObjectKey, record: &SliceRecord) -> Vec<Problem> {
+        let object = format!("EndpointSlice {}/{}", key.0, key.1);
+        if record.object.address_type != "IPv4" {
+            return Vec::new();
+        }
+        match (&record.service, &record.endpoints) {
+            (None, _) => vec![Problem::warning(
+                object,
+                format!("no {LABEL_SERVICE_NAME} label: ignored"),
+            )],
+            (_, Err(message)) => vec![Problem::error(object, message.clone())],
+            (Some(service), Ok(_)) if !self.services.contains_key(service) => {
+                vec![Problem::warning(
+                    format!("EndpointSlice for {}/{}", service.0, service.1),
+                    "no such service: ignored",
+                )]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// A service's own problems and the frontends it lost to another service.
+    fn service_problems(&self, key: &ObjectKey) -> Vec<Problem> {
+        let Some(output) = self.outputs.get(key) else {
+            return Vec::new();
+        };
+        let mut problems = output.problems.clone();
+        for (frontend, _) in &output.claims {
+            let Some((holder, held)) = self.claims.get(frontend).and_then(|c| c.iter().next())
+            else {
+                continue;
+            };
+            if holder != key {
+                problems.push(Problem::error(
+                    format!("Service {}/{}", key.0, key.1),
+                    format!("{frontend} already belongs to {}", held.service),
+                ));
+            }
+        }
+        problems
+    }
+
+    /// Every frontend with its holder: the whole desired state.
+    pub fn desired(&self) -> DesiredState {
+        DesiredState {
+            frontends: self
+                .claims
+                .keys()
+                .filter_map(|k| Some((*k, self.holder(k)?.clone())))
+                .collect(),
+        }
+    }
+
+    /// The problems of everything tracked.
+    pub fn all_problems(&self) -> Vec<Problem> {
+        let mut problems: Vec<Problem> = self
+            .slices
+            .iter()
+            .flat_map(|(key, record)| self.slice_problems(key, record))
+            .collect();
+        for key in self.outputs.keys() {
+            problems.extend(self.service_problems(key));
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifests::parse;
+
+    fn objects(services: usize) -> Objects {
+        let mut yaml = String::new();
+        for i in 0..services {
+            yaml += &format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns}}\nspec:\n  selector: {{app: s{i}}}\n  clusterIP: 10.96.0.{}\n  ports: [{{name: http, port: 80}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: ns, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [\"10.244.0.{}\"], nodeName: n}}]\n",
+                i + 1,
+                i + 1
+            );
+        }
+        let (objects, problems) = parse(&yaml, "test");
+        assert!(problems.is_empty(), "{problems:?}");
+        objects
+    }
+
+    #[test]
+    fn only_what_changed_is_returned() {
+        let mut tracker = ChangeTracker::new("n");
+        let mut all = objects(5);
+        tracker.replace_all(&all);
+        assert_eq!(tracker.flush().changes.len(), 5);
+        tracker.replace_all(&all);
+        assert!(
+            tracker.flush().changes.is_empty(),
+            "same objects, no change"
+        );
+        all.slices[3].endpoints[0].addresses[0] = "10.244.9.9".into();
+        tracker.set_slice(all.slices[3].clone());
+        let flush = tracker.flush();
+        assert_eq!(flush.changes.len(), 1);
+        let (key, frontend) = &flush.changes[0];
+        assert_eq!(key.to_string(), "TCP 10.96.0.4:80");
+        assert_eq!(
+            frontend.as_ref().expect("kept").endpoints[0]
+                .addr
+                .to_string(),
+            "10.244.9.9"
+        );
+    }
+
+    #[test]
+    fn a_removed_service_and_its_slice_disappear() {
+        let mut tracker = ChangeTracker::new("n");
+        let mut all = objects(3);
+        tracker.replace_all(&all);
+        tracker.flush();
+        all.services.remove(1);
+        all.slices.remove(1);
+        tracker.replace_all(&all);
+        let flush = tracker.flush();
+        assert_eq!(flush.changes.len(), 1);
+        assert!(flush.changes[0].1.is_none());
+        assert_eq!(tracker.desired().frontends.len(), 2);
+    }
+
+    #[test]
+    fn a_contested_frontend_passes_to_the_next_claimant_when_its_holder_goes() {
+        let mut tracker = ChangeTracker::new("n");
+        let mut all = objects(2);
+        // s1 claims s0's ClusterIP too.
+        let mut twin = all.services[1].clone();
+        twin.spec.as_mut().expect("spec").cluster_ip = Some("10.96.0.1".into());
+        twin.spec.as_mut().expect("spec").cluster_ips = None;
+        all.services[1] = twin;
+        tracker.replace_all(&all);
+        let flush = tracker.flush();
+        assert_eq!(flush.changes.len(), 1);
+        assert_eq!(
+            flush.changes[0].1.as_ref().expect("held").service,
+            "ns/s0:http"
+        );
+        assert!(
+            flush.problems.iter().any(|p| p.object == "Service ns/s1"),
+            "{:?}",
+            flush.problems
+        );
+        tracker.remove_service(&("ns".into(), "s0".into()));
+        let flush = tracker.flush();
+        assert_eq!(flush.changes.len(), 1);
+        assert_eq!(
+            flush.changes[0].1.as_ref().expect("taken over").service,
+            "ns/s1:http"
+        );
+    }
+
+    #[test]
+    fn a_slice_that_changes_service_updates_both() {
+        let mut tracker = ChangeTracker::new("n");
+        let all = objects(2);
+        tracker.replace_all(&all);
+        tracker.flush();
+        let mut moved = all.slices[0].clone();
+        moved
+            .metadata
+            .labels
+            .as_mut()
+            .expect("labels")
+            .insert(LABEL_SERVICE_NAME.into(), "s1".into());
+        tracker.set_slice(moved);
+        let changes = tracker.flush().changes;
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        let endpoints: Vec<usize> = changes
+            .iter()
+            .map(|(_, f)| f.as_ref().expect("both stay").endpoints.len())
+            .collect();
+        assert_eq!(endpoints, vec![0, 2]);
+    }
+}
