@@ -83,9 +83,19 @@ pub struct CtEntry {
     pub state: u8,
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// Original entries only: how the flow counts in `CONN_COUNTS` (`ACCT_*`),
+    /// changed only by atomic exchange so that no transition is counted twice.
+    pub accounting: u32,
+    pub _pad2: u32,
     /// CLOCK_MONOTONIC_COARSE nanoseconds of the last refresh.
     pub last_seen_ns: u64,
 }
+
+/// `CtEntry::accounting` values.
+pub const ACCT_ACTIVE: u32 = 0;
+pub const ACCT_INACTIVE: u32 = 1;
+/// No longer counted (expired or replaced).
+pub const ACCT_GONE: u32 = 2;
 
 /// Idle timeout of an entry, in nanoseconds.
 #[inline(always)]

@@ -29,9 +29,28 @@ pub struct ServiceKey {
     pub scope: u8,
 }
 
-/// `ServiceValue::scheduler` values. Only round-robin exists in this version; the
-/// field is per service so that further algorithms are new values, not new maps.
+/// `ServiceValue::scheduler` values: IPVS's algorithms and a few beyond.
 pub const SCHED_RR: u8 = 0;
+pub const SCHED_WRR: u8 = 1;
+pub const SCHED_LC: u8 = 2;
+pub const SCHED_WLC: u8 = 3;
+pub const SCHED_SH: u8 = 4;
+pub const SCHED_DH: u8 = 5;
+pub const SCHED_SED: u8 = 6;
+pub const SCHED_NQ: u8 = 7;
+pub const SCHED_MAGLEV: u8 = 8;
+pub const SCHED_RANDOM: u8 = 9;
+
+/// Entries of `SCHED_TABLES`, shared by every service that has a lookup table (wrr
+/// schedules, sh/dh buckets, Maglev rings), each in its own extent.
+pub const SCHED_TABLE_CAPACITY: u32 = 4 * 1024 * 1024;
+/// Buckets of an sh/dh table (IPVS's IP_VS_SH_TAB_SIZE and IP_VS_DH_TAB_SIZE).
+pub const HASH_BUCKETS: u32 = 256;
+/// Size of a Maglev lookup table: prime, and ≫ backends (Katran's default).
+pub const MAGLEV_TABLE_SIZE: u32 = 65_537;
+/// Backends the least-connection family examines per new flow, starting at a
+/// rotating position: the bound that keeps the per-packet cost fixed.
+pub const MAX_LEAST_CONN_SCAN: u32 = 128;
 
 /// `ServiceValue::flags` bits.
 /// The frontend is reached from outside the cluster (NodePort, LoadBalancer, external IP).
@@ -48,6 +67,10 @@ pub struct ServiceValue {
     pub scheduler: u8,
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// The service's extent of `SCHED_TABLES` (entries are backend slots); a zero
+    /// length means the scheduler works on the slots directly.
+    pub table_offset: u32,
+    pub table_len: u32,
 }
 
 /// Key of `BACKEND_SLOTS`: the n-th backend of a service.
@@ -71,8 +94,19 @@ pub struct Backend {
     pub port: u16,
     pub flags: u8,
     pub _pad: u8,
-    /// Index into `BACKEND_STATS`; stable for the (service, endpoint) pair.
+    /// Index into `BACKEND_STATS` and `CONN_COUNTS`; stable for the (service, endpoint) pair.
     pub id: u32,
+    /// Relative weight (IPVS semantics: 0 = quiesced, no new flows).
+    pub weight: u32,
+}
+
+/// Value of `CONN_COUNTS` (by backend id), as `ipvsadm -Ln` shows them: flows not
+/// closed yet, and closed flows whose conntrack entry has not expired yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnCounts {
+    pub active: u64,
+    pub inactive: u64,
 }
 
 /// Index of each value in the `NODE_CONFIG` array.
@@ -122,6 +156,7 @@ crate::user_pod!(
     ServiceValue,
     BackendSlotKey,
     Backend,
+    ConnCounts,
     ConfigValue,
     NodeAddrFlags
 );

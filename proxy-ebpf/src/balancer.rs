@@ -1,16 +1,27 @@
-//! Service look-up and backend selection for new flows.
+//! Service look-up and backend selection for new flows: IPVS's schedulers (rr, wrr,
+//! lc, wlc, sh, dh, sed, nq) and Maglev and random, chosen per service.
+//!
+//! Table-driven schedulers read one entry of the service's extent of `SCHED_TABLES`
+//! (built by the agent: `sync::tables`), so their per-packet cost is fixed. The
+//! least-connection family compares backends' active flow counts over at most
+//! `MAX_LEAST_CONN_SCAN` backends from a rotating start.
 
 use core::{
     intrinsics::{atomic_xadd, AtomicOrdering},
     num::{NonZeroU32, NonZeroU64},
 };
 
+use aya_ebpf::{
+    cty::{c_long, c_void},
+    helpers::generated::{bpf_get_prandom_u32, bpf_loop},
+};
 use proxy_common::{
     Addr, Backend, BackendSlotKey, CtKey, ServiceKey, ServiceValue, MAX_BACKENDS_PER_SERVICE,
-    SCOPE_ADDRESS, SCOPE_NODE_PORT,
+    MAX_LEAST_CONN_SCAN, SCHED_DH, SCHED_LC, SCHED_MAGLEV, SCHED_NQ, SCHED_RANDOM, SCHED_SED,
+    SCHED_SH, SCHED_WLC, SCOPE_ADDRESS, SCOPE_NODE_PORT,
 };
 
-use crate::maps::{BACKEND_SLOTS, NODE_ADDRS, RR_CURSORS, SERVICES};
+use crate::maps::{BACKEND_SLOTS, CONN_COUNTS, NODE_ADDRS, RR_CURSORS, SCHED_TABLES, SERVICES};
 
 /// The frontend a packet (or a socket's destination) addresses: an exact
 /// (address, port, protocol) service, else a NodePort if the address is this node's.
@@ -72,12 +83,23 @@ fn backend_count(service: &ServiceValue) -> Option<NonZeroU32> {
     NonZeroU32::new(count)
 }
 
-/// Picks the backend of a new flow with the service's scheduler. Round-robin is the
-/// only algorithm in this version: one shared atomic cursor per service, so the
-/// rotation is exact across CPUs, as with IPVS's rr.
+/// Position `n` (taken modulo the length) of the service's table, or of its slots
+/// when it has no table.
 #[inline(always)]
-pub fn schedule(service: &ServiceValue) -> Option<Choice> {
-    let count = backend_count(service)?;
+fn pick(service: &ServiceValue, n: u32) -> Option<Choice> {
+    match NonZeroU32::new(service.table_len) {
+        Some(len) => {
+            let entry = service.table_offset.checked_add(n % len)?;
+            let slot = *SCHED_TABLES.get(entry)?;
+            backend_in_slot(service, slot)
+        }
+        None => backend_in_slot(service, n % backend_count(service)?),
+    }
+}
+
+/// The next turn of the service's shared rotation.
+#[inline(always)]
+fn next_turn(service: &ServiceValue) -> Option<u32> {
     let cursor = RR_CURSORS.get_ptr_mut(service.id)?;
     // An atomic fetch-and-add (BPF_ATOMIC | BPF_FETCH): core's atomic types lack
     // read-modify-write methods on the BPF target, the intrinsic compiles to the insn.
@@ -85,31 +107,186 @@ pub fn schedule(service: &ServiceValue) -> Option<Choice> {
     // and then reads the old value from the operand register (seen in objdump).
     // SAFETY: the pointer is to a live, aligned array slot.
     let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
-    backend_in_slot(service, (turn % NonZeroU64::from(count)) as u32)
+    // The table or slot count divides 2^32 rarely; the u64 cursor keeps rr exact
+    // across wrap-around of the low word for any length up to 2^32.
+    Some((turn % NonZeroU64::from(NonZeroU32::new(cycle_len(service))?)) as u32)
+}
+
+#[inline(always)]
+fn cycle_len(service: &ServiceValue) -> u32 {
+    if service.table_len != 0 {
+        service.table_len
+    } else {
+        service.backend_count
+    }
+}
+
+/// Picks the backend of a new flow with the service's scheduler.
+#[inline(always)]
+pub fn schedule(service: &ServiceValue, key: &CtKey) -> Option<Choice> {
+    match service.scheduler {
+        SCHED_SH => pick(service, addr_hash(&key.src)),
+        SCHED_DH => pick(service, addr_hash(&key.dst)),
+        SCHED_MAGLEV => pick(service, flow_hash(key)),
+        // SAFETY: helper without arguments.
+        SCHED_RANDOM => pick(service, unsafe { bpf_get_prandom_u32() }),
+        SCHED_LC | SCHED_WLC | SCHED_SED | SCHED_NQ => least_connections(service),
+        // rr and wrr: the table (if any) holds the weighted or quiesce-aware order.
+        _ => pick(service, next_turn(service)?),
+    }
 }
 
 /// Picks a backend for a flow that should already exist but has no conntrack entry
 /// (a TCP segment without SYN). Stateless and deterministic: every packet of the
-/// orphaned flow lands on the same backend whichever CPU handles it. The backend
-/// either still knows the connection (it was the original choice) or answers with a
-/// reset, so the client learns at once instead of retransmitting into a void.
+/// orphaned flow lands on the same backend whichever CPU handles it. The hashing
+/// schedulers give their own answer, which is the original choice unless the
+/// backends changed; for the others the backend either still knows the connection or
+/// answers with a reset, so the client learns at once instead of retransmitting.
 #[inline(always)]
 pub fn rehash(service: &ServiceValue, key: &CtKey) -> Option<Choice> {
-    let count = backend_count(service)?;
-    backend_in_slot(service, flow_hash(key) % count)
+    match service.scheduler {
+        SCHED_SH | SCHED_DH | SCHED_MAGLEV => schedule(service, key),
+        _ => backend_in_slot(service, flow_hash(key) % backend_count(service)?),
+    }
 }
 
-/// A cheap, well-mixed hash of a 5-tuple (murmur3's finaliser over the words).
+/// State of one least-connection scan, shared with the `bpf_loop` callback.
+#[repr(C)]
+struct Scan {
+    service: ServiceValue,
+    start: u32,
+    /// `u32::MAX` until a candidate is found.
+    best_slot: u32,
+    best_load: u64,
+    best_weight: u64,
+}
+
+/// The least-connection family. With a = active flows and w = weight:
+/// lc: min a; wlc: min a/w; sed: min (a+1)/w; nq: an idle backend if any, else sed.
+/// Ratios are compared by cross-multiplication. The scan runs in `bpf_loop`, so the
+/// verifier checks one iteration instead of unrolling `MAX_LEAST_CONN_SCAN` of them.
+#[inline(always)]
+fn least_connections(service: &ServiceValue) -> Option<Choice> {
+    let count = backend_count(service)?.get();
+    let mut scan = Scan {
+        service: *service,
+        start: next_turn(service)?,
+        best_slot: u32::MAX,
+        best_load: 0,
+        best_weight: 1,
+    };
+    // SAFETY: the callback receives a pointer to `scan`, which outlives the call.
+    unsafe {
+        bpf_loop(
+            count.min(MAX_LEAST_CONN_SCAN),
+            scan_one as *mut c_void,
+            (&raw mut scan).cast(),
+            0,
+        );
+    }
+    (scan.best_slot != u32::MAX)
+        .then(|| backend_in_slot(service, scan.best_slot))
+        .flatten()
+}
+
+/// One backend of a least-connection scan; returns 1 to stop (an idle backend for nq).
+#[inline(never)]
+extern "C" fn scan_one(index: u64, ctx: *mut c_void) -> c_long {
+    // SAFETY: `least_connections` passes a valid `Scan`.
+    let scan = unsafe { &mut *ctx.cast::<Scan>() };
+    let Some(count) = NonZeroU32::new(scan.service.backend_count) else {
+        return 1;
+    };
+    let slot = scan.start.wrapping_add(index as u32) % count;
+    let Some(choice) = backend_in_slot(&scan.service, slot) else {
+        return 0;
+    };
+    if choice.backend.weight == 0 {
+        return 0;
+    }
+    let scheduler = scan.service.scheduler;
+    let active = CONN_COUNTS.get(choice.backend.id).map_or(0, |c| c.active);
+    if scheduler == SCHED_NQ && active == 0 {
+        scan.best_slot = slot;
+        return 1;
+    }
+    let weight = if scheduler == SCHED_LC {
+        1
+    } else {
+        u64::from(choice.backend.weight)
+    };
+    let load = active + u64::from(scheduler == SCHED_SED || scheduler == SCHED_NQ);
+    if scan.best_slot == u32::MAX || load * scan.best_weight < scan.best_load * weight {
+        scan.best_slot = slot;
+        scan.best_load = load;
+        scan.best_weight = weight;
+    }
+    0
+}
+
+/// Counts a new flow as active on its backend.
+#[inline(always)]
+pub fn count_opened(backend_id: u32) {
+    if let Some(counts) = CONN_COUNTS.get_ptr_mut(backend_id) {
+        // SAFETY: live array slot; atomic add (see next_turn about the ordering).
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*counts).active, 1)
+        };
+    }
+}
+
+/// Moves one flow between the backend's counters: `from`/`to` are 0 for active, 1
+/// for inactive, anything else for "not counted".
+#[inline(always)]
+pub fn count_moved(backend_id: u32, from: u32, to: u32) {
+    let Some(counts) = CONN_COUNTS.get_ptr_mut(backend_id) else {
+        return;
+    };
+    // SAFETY: live array slot; atomic adds of -1 and +1.
+    unsafe {
+        let field = |which: u32| match which {
+            0 => Some(&raw mut (*counts).active),
+            1 => Some(&raw mut (*counts).inactive),
+            _ => None,
+        };
+        if let Some(f) = field(from) {
+            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(f, u64::MAX);
+        }
+        if let Some(f) = field(to) {
+            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(f, 1);
+        }
+    }
+}
+
+/// IPVS's sh/dh bucket of an address: `hash_32(ntohl(addr), 8)` as ip_vs_sh.c and
+/// ip_vs_dh.c compute it (the port is not part of it).
+#[inline(always)]
+fn addr_hash(addr: &Addr) -> u32 {
+    const GOLDEN_RATIO_32: u32 = 0x61C8_8647;
+    u32::from_be(addr.v4_be()).wrapping_mul(GOLDEN_RATIO_32) >> (32 - 8)
+}
+
+/// MurmurHash3 (32-bit) of a 5-tuple's four words: each word is mixed in on its own,
+/// so structured inputs (sequential addresses and ports) spread evenly.
 #[inline(always)]
 pub fn flow_hash(key: &CtKey) -> u32 {
-    let mut h = key.src.words[0]
-        ^ key.dst.words[0].rotate_left(7)
-        ^ ((u32::from(key.sport) << 16) | u32::from(key.dport))
-        ^ u32::from(key.proto).rotate_left(24);
+    let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
+    let mut h = 0x9747_b28c_u32;
+    for word in [
+        key.src.words[0],
+        key.dst.words[0],
+        ports,
+        u32::from(key.proto),
+    ] {
+        let mut k = word.wrapping_mul(0xcc9e_2d51);
+        k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
+        h ^= k;
+        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+    }
+    h ^= 16;
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    h
+    h ^ (h >> 16)
 }

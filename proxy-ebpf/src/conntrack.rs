@@ -6,14 +6,20 @@
 //!   two valid values, and both values describe the same flow and backend.
 //! - Creation is insert-if-absent (see `translate::open_flow`), so two CPUs that both
 //!   see a new flow agree on the first one's backend.
+//! - `accounting` (how the flow counts in `CONN_COUNTS`) changes only by atomic
+//!   compare-and-exchange or exchange, so each transition is counted exactly once.
+
+use core::intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering};
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use proxy_common::{
-    ct_timeout_ns, CtEntry, CtKey, CT_CLOSING, CT_ESTABLISHED, CT_F_FIN, CT_F_REPLY,
-    CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_REFRESH_NS, CT_SYN_SENT, PROTO_TCP,
+    ct_timeout_ns, CtEntry, CtKey, ACCT_ACTIVE, ACCT_GONE, ACCT_INACTIVE, CT_CLOSING,
+    CT_ESTABLISHED, CT_F_FIN, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_REFRESH_NS,
+    CT_SYN_SENT, PROTO_TCP,
 };
 
 use crate::{
+    balancer,
     maps::CONNTRACK,
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -27,7 +33,7 @@ pub fn now_ns() -> u64 {
 pub enum Lookup {
     Live(*mut CtEntry),
     /// Present but idle past its timeout: to be replaced, never followed.
-    Stale,
+    Stale(*mut CtEntry),
     Missing,
 }
 
@@ -39,7 +45,7 @@ pub fn lookup(key: &CtKey, now: u64) -> Lookup {
     // SAFETY: a live map value; fields are read once each.
     let (state, last_seen) = unsafe { ((*entry).state, (*entry).last_seen_ns) };
     if now.saturating_sub(last_seen) > ct_timeout_ns(key.proto, state) {
-        return Lookup::Stale;
+        return Lookup::Stale(entry);
     }
     Lookup::Live(entry)
 }
@@ -106,17 +112,63 @@ pub fn observe(flow: &Flow, entry_ptr: *mut CtEntry, entry: &CtEntry, now: u64) 
         (*entry_ptr).flags = flags;
         (*entry_ptr).last_seen_ns = now;
     }
-    if let Some(peer_state) = peer_state {
-        if let Some(peer) = CONNTRACK.get_ptr_mut(peer_key(&flow.key, entry)) {
-            // SAFETY: as above.
-            unsafe {
-                (*peer).state = peer_state;
-                (*peer).last_seen_ns = now;
-                if peer_state == CT_SYN_SENT {
-                    (*peer).flags &= !CT_F_FIN;
-                }
+    let Some(peer_state) = peer_state else {
+        return;
+    };
+    let peer = CONNTRACK.get_ptr_mut(peer_key(&flow.key, entry));
+    if let Some(peer) = peer {
+        // SAFETY: as above.
+        unsafe {
+            (*peer).state = peer_state;
+            (*peer).last_seen_ns = now;
+            if peer_state == CT_SYN_SENT {
+                (*peer).flags &= !CT_F_FIN;
             }
         }
+    }
+    let original = if entry.flags & CT_F_REPLY == 0 {
+        Some(entry_ptr)
+    } else {
+        peer
+    };
+    if let Some(original) = original {
+        match peer_state {
+            CT_CLOSING => move_accounting(original, entry.backend_id, ACCT_ACTIVE, ACCT_INACTIVE),
+            CT_SYN_SENT => move_accounting(original, entry.backend_id, ACCT_INACTIVE, ACCT_ACTIVE),
+            _ => {}
+        }
+    }
+}
+
+/// Moves the flow of an original entry between `CONN_COUNTS` counters if it is still
+/// counted as `from`: a compare-and-exchange, so that two CPUs seeing the closing
+/// packets of both directions at once count the transition once.
+#[inline(always)]
+fn move_accounting(original: *mut CtEntry, backend_id: u32, from: u32, to: u32) {
+    // SAFETY: a live map value; the field is only ever changed atomically.
+    let (_, swapped) = unsafe {
+        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            &raw mut (*original).accounting,
+            from,
+            to,
+        )
+    };
+    if swapped {
+        balancer::count_moved(backend_id, from, to);
+    }
+}
+
+/// Stops counting an original entry that is about to be replaced (it expired).
+#[inline(always)]
+pub fn retire(entry: *mut CtEntry) {
+    // SAFETY: a live map value; atomic exchange as in `move_accounting`.
+    unsafe {
+        if (*entry).flags & CT_F_REPLY != 0 {
+            return;
+        }
+        let was =
+            atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(&raw mut (*entry).accounting, ACCT_GONE);
+        balancer::count_moved((*entry).backend_id, was, ACCT_GONE);
     }
 }
 

@@ -3,14 +3,14 @@
 //! conntrack state of established flows where it left them.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    Addr, Backend, BackendSlotKey, ConfigValue, CtEntry, CtKey, NodeAddrFlags, ServiceKey,
-    ServiceName, ServiceValue, SockKey, SockNat, TrafficStats, CONFIG_LEN, CONNTRACK_ENTRIES,
-    EV_COUNT, MAX_BACKENDS, MAX_SERVICES, SOCK_ENTRIES,
+    Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry, CtKey, NodeAddrFlags,
+    ServiceKey, ServiceName, ServiceValue, SockKey, SockNat, TrafficStats, CONFIG_LEN,
+    CONNTRACK_ENTRIES, EV_COUNT, MAX_BACKENDS, MAX_SERVICES, SCHED_TABLE_CAPACITY, SOCK_ENTRIES,
 };
 
 /// Frontends by (address, port, protocol, scope). Written by the agent.
@@ -26,6 +26,19 @@ pub static BACKEND_SLOTS: HashMap<BackendSlotKey, Backend> = HashMap::pinned(MAX
 /// all CPUs share one rotation (exact rr, as IPVS).
 #[map]
 pub static RR_CURSORS: Array<u64> = Array::pinned(MAX_SERVICES, 0);
+
+/// Lookup tables of the schedulers that have one (wrr schedules, sh/dh buckets,
+/// Maglev rings): backend slot numbers, each service in its own extent. Written by the
+/// agent through a memory mapping (a Maglev ring is 65,537 entries), a new extent
+/// for every change so that a packet never reads a half-written table.
+#[map]
+pub static SCHED_TABLES: Array<u32> = Array::pinned(SCHED_TABLE_CAPACITY, BPF_F_MMAPABLE);
+
+/// Active and inactive flows per backend id, for the least-connection family and
+/// for `list`. Updated atomically by the data path on open and close, and by the
+/// agent's conntrack GC (through a memory mapping) on expiry.
+#[map]
+pub static CONN_COUNTS: Array<ConnCounts> = Array::pinned(MAX_BACKENDS, BPF_F_MMAPABLE);
 
 /// This node's own addresses: NodePorts answer on any of them. Written by the agent.
 #[map]

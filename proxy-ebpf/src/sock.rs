@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use proxy_common::{Addr, BackendSlotKey, SockKey, SockNat, CONFIG_NETNS_COOKIE};
+use proxy_common::{Addr, BackendSlotKey, CtKey, SockKey, SockNat, CONFIG_NETNS_COOKIE};
 
 use crate::{
     balancer,
@@ -75,7 +75,17 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) {
     let target = match sticky.then(|| remembered(&affinity_key)).flatten() {
         Some(memo) => memo,
         None => {
-            let Some(choice) = balancer::schedule(&service) else {
+            // The source address is not chosen yet at connect(): hashing schedulers
+            // see the node's sockets as one client, as IPVS sees the node's address.
+            let flow = CtKey {
+                src: Addr::ZERO,
+                dst: vip,
+                sport: 0,
+                dport: port,
+                proto,
+                _pad: [0; 3],
+            };
+            let Some(choice) = balancer::schedule(&service, &flow) else {
                 return;
             };
             counters::traffic(service.id, choice.backend.id, Direction::ToBackend, 0, true);

@@ -3,10 +3,10 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{
-    Addr, CtEntry, CtKey, ServiceValue, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR, CT_ESTABLISHED,
-    CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, CT_SYN_SENT, EV_CT_INSERT_FAILED,
-    EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED, EV_NO_BACKEND,
-    EV_SNAT_EXHAUSTED, EV_TRANSLATED, PROTO_TCP,
+    Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR,
+    CT_ESTABLISHED, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, CT_SYN_SENT,
+    EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED,
+    EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_TRANSLATED, PROTO_TCP,
 };
 
 use crate::{
@@ -63,7 +63,8 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             conntrack::observe(&flow, entry_ptr, &entry, now);
             return follow(pkt, &flow, &entry, false);
         }
-        Lookup::Stale => {
+        Lookup::Stale(entry_ptr) => {
+            conntrack::retire(entry_ptr);
             let _ = CONNTRACK.remove(flow.key);
         }
         Lookup::Missing => {}
@@ -140,20 +141,26 @@ fn open_flow<P: Packet>(
     now: u64,
 ) -> Verdict {
     let key = &flow.key;
-    let (choice, state) = if key.proto == PROTO_TCP {
+    // A TCP segment other than a SYN opens nothing: it belongs to a flow we lost.
+    let mut midflow = false;
+    if key.proto == PROTO_TCP {
         let tcp = flow.tcp_flags;
         if tcp & TCP_RST != 0 {
             // Nothing to reset: the flow is unknown here.
             return Verdict::Drop;
         }
-        if tcp & TCP_SYN != 0 && tcp & TCP_ACK == 0 {
-            (balancer::schedule(service), CT_SYN_SENT)
-        } else {
-            counters::event(EV_CT_MIDFLOW_MISS);
-            (balancer::rehash(service, key), CT_ESTABLISHED)
-        }
+        midflow = tcp & TCP_SYN == 0 || tcp & TCP_ACK != 0;
+    }
+    let (choice, state) = if midflow {
+        counters::event(EV_CT_MIDFLOW_MISS);
+        (balancer::rehash(service, key), CT_ESTABLISHED)
     } else {
-        (balancer::schedule(service), CT_ESTABLISHED)
+        let state = if key.proto == PROTO_TCP {
+            CT_SYN_SENT
+        } else {
+            CT_ESTABLISHED
+        };
+        (balancer::schedule(service, key), state)
     };
     let Some(choice) = choice else {
         counters::event(EV_NO_BACKEND);
@@ -171,6 +178,8 @@ fn open_flow<P: Packet>(
         state,
         flags: CT_F_REWRITE_DST,
         _pad: [0; 2],
+        accounting: ACCT_ACTIVE,
+        _pad2: 0,
         last_seen_ns: now,
     };
     let mut reply_key = CtKey {
@@ -212,7 +221,10 @@ fn open_flow<P: Packet>(
     }
 
     match CONNTRACK.insert(key, forward, u64::from(BPF_NOEXIST)) {
-        Ok(()) => follow(pkt, flow, &forward, true),
+        Ok(()) => {
+            balancer::count_opened(backend.id);
+            follow(pkt, flow, &forward, true)
+        }
         Err(EEXIST) => adopt_winner(pkt, flow, &reply_key),
         Err(_) => {
             // Translate this packet anyway; the flow continues through re-hashing.

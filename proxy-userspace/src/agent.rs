@@ -11,18 +11,21 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
+use proxy_common::ConnCounts;
 use tokio::{signal::unix, sync::mpsc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
+    conntrack_gc,
     datapath::{
         attach,
         interfaces::{self, LinkEvent},
         loader::Datapath,
+        mmap::MappedArray,
         tables::Tables,
     },
     manifests,
-    model::Severity,
+    model::{Scheduler, Severity},
     node::NodeConfig,
     sync::{NodeSettings, Syncer},
     tracker::ChangeTracker,
@@ -40,6 +43,10 @@ pub struct AgentConfig {
     pub ready_file: Option<PathBuf>,
     /// Transmit translated packets from XDP (XDP_TX/XDP_REDIRECT) instead of XDP_PASS.
     pub xdp_redirect: bool,
+    /// Scheduler of services without the `ebpf-proxy.io/scheduler` annotation.
+    pub default_scheduler: Scheduler,
+    /// How often idle conntrack entries are collected.
+    pub ct_gc_interval: Duration,
 }
 
 /// The cookie of the agent's network namespace: the socket hooks serve only it.
@@ -148,7 +155,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         last: None,
         unreadable_reported: false,
     };
-    let mut tracker = ChangeTracker::new(&config.node.name);
+    let mut tracker =
+        ChangeTracker::new(&config.node.name).with_default_scheduler(config.default_scheduler);
     // Until one sync compared everything with the pinned maps, syncs are full ones.
     let mut reconciled = false;
     if let Some(bytes) = source.changed() {
@@ -161,6 +169,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let watcher = tokio::spawn(interfaces::watch(link_tx));
     let mut attached = BTreeSet::new();
     let mut ticker = tokio::time::interval(config.poll_interval);
+    let mut gc_ticker = tokio::time::interval(config.ct_gc_interval);
+    let mut gc_tables = Tables::open(&config.pin_dir)?;
+    let gc_counts = MappedArray::<ConnCounts>::open(&config.pin_dir, "CONN_COUNTS")?;
     let mut terminate = unix::signal(unix::SignalKind::terminate())?;
     let mut ready = false;
     loop {
@@ -201,6 +212,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     reconciled = true;
                 }
             }
+            _ = gc_ticker.tick() => match conntrack_gc::collect(&mut gc_tables, &gc_counts) {
+                Ok(report) if report.expired > 0 => {
+                    debug!(scanned = report.scanned, expired = report.expired, "conntrack GC");
+                }
+                Ok(_) => {}
+                Err(e) => warn!("conntrack GC: {e:#}"),
+            },
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }

@@ -7,11 +7,13 @@
 //! maps, and `listing` reads the maps back for operators.
 
 pub mod agent;
+pub mod conntrack_gc;
 pub mod datapath;
 pub mod listing;
 pub mod manifests;
 pub mod model;
 pub mod node;
+pub mod scheduling;
 pub mod sync;
 pub mod testbed;
 pub mod tracker;

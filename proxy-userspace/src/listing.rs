@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::tables::{decode_name, Tables},
-    model::{Endpoint, FrontendKey},
+    model::{Endpoint, FrontendKey, Scheduler},
     sync::{endpoint_of, frontend_key},
 };
 
@@ -26,6 +26,10 @@ pub struct ServiceRow {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct BackendRow {
     pub endpoint: Endpoint,
+    /// Flows not closed yet (IPVS's ActiveConn).
+    pub active: u64,
+    /// Closed flows whose conntrack entry has not expired (IPVS's InActConn).
+    pub inactive: u64,
     pub stats: TrafficStatsView,
 }
 
@@ -72,8 +76,11 @@ pub fn read(pin_dir: &Path) -> Result<Listing> {
                 slot,
             };
             if let Ok(backend) = tables.slots.get(&slot_key, 0) {
+                let counts = tables.conn_counts.get(&backend.id, 0).unwrap_or_default();
                 backends.push(BackendRow {
                     endpoint: endpoint_of(&backend),
+                    active: counts.active,
+                    inactive: counts.inactive,
                     stats: Tables::stats_sum(&tables.backend_stats, backend.id).into(),
                 });
             }
@@ -86,7 +93,8 @@ pub fn read(pin_dir: &Path) -> Result<Listing> {
                 .get(&value.id, 0)
                 .map(|n| decode_name(&n))
                 .unwrap_or_default(),
-            scheduler: "rr".into(),
+            scheduler: Scheduler::from_number(value.scheduler)
+                .map_or_else(|| format!("#{}", value.scheduler), |s| s.name().to_owned()),
             external: value.flags & SVC_F_EXTERNAL != 0,
             stats: Tables::stats_sum(&tables.service_stats, value.id).into(),
             backends,
@@ -114,15 +122,24 @@ pub fn render(listing: &Listing) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<36} {:>8} {:>9} {:>9} {:>11} {:>11}",
-        "Prot LocalAddress:Port Scheduler", "Conns", "InPkts", "OutPkts", "InBytes", "OutBytes"
+        "{:<36} {:>6} {:>6} {:>6} {:>8} {:>9} {:>9} {:>11} {:>11}",
+        "Prot LocalAddress:Port Scheduler",
+        "Weight",
+        "Active",
+        "InAct",
+        "Conns",
+        "InPkts",
+        "OutPkts",
+        "InBytes",
+        "OutBytes"
     );
     let _ = writeln!(out, "  -> RemoteAddress:Port");
     for service in &listing.services {
         let head = format!("{} {}", service.frontend, service.scheduler);
         let _ = writeln!(
             out,
-            "{head:<36} {}  {}",
+            "{head:<36} {:>22} {}  {}",
+            "",
             stats_columns(&service.stats),
             service.service
         );
@@ -136,7 +153,14 @@ pub fn render(listing: &Listing) -> String {
                 "  -> {}:{}{remote}",
                 backend.endpoint.addr, backend.endpoint.port
             );
-            let _ = writeln!(out, "{name:<36} {}", stats_columns(&backend.stats));
+            let _ = writeln!(
+                out,
+                "{name:<36} {:>6} {:>6} {:>6} {}",
+                backend.endpoint.weight,
+                backend.active,
+                backend.inactive,
+                stats_columns(&backend.stats)
+            );
         }
     }
     let events: Vec<String> = listing

@@ -9,6 +9,7 @@ use ebpf_proxy::{
     agent::{self, AgentConfig},
     datapath::attach,
     listing,
+    model::Scheduler,
     node::NodeConfig,
 };
 
@@ -84,6 +85,13 @@ struct RunArgs {
     pin_dir: PathBuf,
     #[arg(long, value_enum, default_value = "native")]
     xdp_mode: XdpModeArg,
+    /// Scheduler of services without the `ebpf-proxy.io/scheduler` annotation:
+    /// rr, wrr, lc, wlc, sh, dh, sed, nq, maglev, random.
+    #[arg(long, default_value = "rr")]
+    scheduler: Scheduler,
+    /// How often idle conntrack entries are collected, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    ct_gc_interval_ms: u64,
     /// How the uplink program forwards translated packets.
     #[arg(long, value_enum, default_value = "pass")]
     xdp_forward: XdpForwardArg,
@@ -127,6 +135,8 @@ async fn main() -> Result<()> {
                 poll_interval: Duration::from_millis(args.poll_ms),
                 ready_file: args.ready_file,
                 xdp_redirect: args.xdp_forward == XdpForwardArg::Redirect,
+                default_scheduler: args.scheduler,
+                ct_gc_interval: Duration::from_millis(args.ct_gc_interval_ms),
             };
             agent::run(config).await
         }

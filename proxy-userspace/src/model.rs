@@ -67,6 +67,97 @@ pub struct Endpoint {
     pub port: u16,
     /// Runs on another node (external traffic to it is masqueraded).
     pub remote: bool,
+    /// Relative weight for the weighted schedulers; 0 = quiesced (no new flows).
+    pub weight: u32,
+}
+
+/// How a service picks the backend of a new flow.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum Scheduler {
+    #[default]
+    Rr,
+    Wrr,
+    Lc,
+    Wlc,
+    Sh,
+    Dh,
+    Sed,
+    Nq,
+    Maglev,
+    Random,
+}
+
+impl Scheduler {
+    pub const ALL: [Scheduler; 10] = [
+        Scheduler::Rr,
+        Scheduler::Wrr,
+        Scheduler::Lc,
+        Scheduler::Wlc,
+        Scheduler::Sh,
+        Scheduler::Dh,
+        Scheduler::Sed,
+        Scheduler::Nq,
+        Scheduler::Maglev,
+        Scheduler::Random,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Lc => "lc",
+            Scheduler::Wlc => "wlc",
+            Scheduler::Sh => "sh",
+            Scheduler::Dh => "dh",
+            Scheduler::Sed => "sed",
+            Scheduler::Nq => "nq",
+            Scheduler::Maglev => "maglev",
+            Scheduler::Random => "random",
+        }
+    }
+
+    /// The `ServiceValue::scheduler` value.
+    pub fn number(self) -> u8 {
+        use proxy_common::*;
+        match self {
+            Scheduler::Rr => SCHED_RR,
+            Scheduler::Wrr => SCHED_WRR,
+            Scheduler::Lc => SCHED_LC,
+            Scheduler::Wlc => SCHED_WLC,
+            Scheduler::Sh => SCHED_SH,
+            Scheduler::Dh => SCHED_DH,
+            Scheduler::Sed => SCHED_SED,
+            Scheduler::Nq => SCHED_NQ,
+            Scheduler::Maglev => SCHED_MAGLEV,
+            Scheduler::Random => SCHED_RANDOM,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Scheduler> {
+        Scheduler::ALL.into_iter().find(|s| s.number() == n)
+    }
+}
+
+impl std::str::FromStr for Scheduler {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Scheduler, String> {
+        Scheduler::ALL
+            .into_iter()
+            .find(|k| k.name() == s.trim())
+            .ok_or_else(|| {
+                let known: Vec<&str> = Scheduler::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown scheduler {s:?} (known: {})", known.join(", "))
+            })
+    }
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -75,6 +166,7 @@ pub struct Frontend {
     pub service: String,
     /// NodePort, LoadBalancer or external IP: reachable from outside the cluster.
     pub external: bool,
+    pub scheduler: Scheduler,
     /// Sorted and without duplicates.
     pub endpoints: Vec<Endpoint>,
 }

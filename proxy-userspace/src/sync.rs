@@ -16,16 +16,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use proxy_common::{
-    Addr, Backend, BackendSlotKey, ConfigValue, NodeAddrFlags, ServiceKey, ServiceValue,
-    BACKEND_F_REMOTE, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_XDP_FORWARD, MAX_BACKENDS,
-    MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, SCHED_RR, SCOPE_ADDRESS, SCOPE_NODE_PORT,
+    Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, NodeAddrFlags, ServiceKey,
+    ServiceValue, BACKEND_F_REMOTE, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_XDP_FORWARD,
+    MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, SCOPE_ADDRESS, SCOPE_NODE_PORT,
     SVC_F_EXTERNAL, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
 use crate::{
-    datapath::tables::{decode_name, encode_name, Tables},
+    datapath::{
+        mmap::MappedArray,
+        tables::{decode_name, encode_name, Tables},
+    },
     model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Problem, Protocol},
     node::NodeConfig,
+    scheduling::{self, TableSpace},
     tracker::FrontendChange,
 };
 
@@ -73,6 +77,8 @@ pub struct NodeSettings {
 struct Programmed {
     value: ServiceValue,
     slots: Vec<Backend>,
+    /// The scheduler table in the value's extent (empty when there is none).
+    table: Vec<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -86,6 +92,9 @@ pub struct SyncReport {
 
 pub struct Syncer {
     tables: Tables,
+    sched_tables: MappedArray<u32>,
+    conn_counts: MappedArray<ConnCounts>,
+    table_space: TableSpace,
     programmed: BTreeMap<FrontendKey, Programmed>,
     service_ids: IdPool,
     backend_ids: IdPool,
@@ -121,6 +130,7 @@ pub fn endpoint_of(backend: &Backend) -> Endpoint {
         addr: backend.addr.v4_octets().into(),
         port: u16::from_be(backend.port),
         remote: backend.flags & BACKEND_F_REMOTE != 0,
+        weight: backend.weight,
     }
 }
 
@@ -131,6 +141,7 @@ fn backend_of(endpoint: &Endpoint, id: u32) -> Backend {
         flags: if endpoint.remote { BACKEND_F_REMOTE } else { 0 },
         _pad: 0,
         id,
+        weight: endpoint.weight,
     }
 }
 
@@ -146,6 +157,8 @@ impl Syncer {
     /// Rebuilds the in-memory view from the maps (a restart finds them pinned) and
     /// deletes slots a crashed predecessor may have left beyond a service's count.
     pub fn recover(mut tables: Tables) -> Result<Syncer> {
+        let sched_tables = MappedArray::<u32>::open(&tables.pin_dir, "SCHED_TABLES")?;
+        let conn_counts = MappedArray::<ConnCounts>::open(&tables.pin_dir, "CONN_COUNTS")?;
         let mut programmed = BTreeMap::new();
         let mut service_ids = BTreeSet::new();
         let mut backend_ids = BTreeSet::new();
@@ -172,7 +185,17 @@ impl Syncer {
                 slots.push(backend);
             }
             service_ids.insert(value.id);
-            programmed.insert(frontend, Programmed { value, slots });
+            let table = sched_tables
+                .read(value.table_offset as usize, value.table_len as usize)
+                .with_context(|| format!("reading the scheduler table of {frontend}"))?;
+            programmed.insert(
+                frontend,
+                Programmed {
+                    value,
+                    slots,
+                    table,
+                },
+            );
         }
         let counts: BTreeMap<u32, u32> = programmed
             .values()
@@ -191,8 +214,16 @@ impl Syncer {
         for key in stray {
             let _ = tables.slots.remove(&key);
         }
+        let table_space = TableSpace::with_used(
+            programmed
+                .values()
+                .map(|p| (p.value.table_offset, p.value.table_len)),
+        );
         Ok(Syncer {
             tables,
+            sched_tables,
+            conn_counts,
+            table_space,
             programmed,
             service_ids: IdPool::with_used(MAX_SERVICES, &service_ids),
             backend_ids: IdPool::with_used(MAX_BACKENDS, &backend_ids),
@@ -317,11 +348,14 @@ impl Syncer {
             value: ServiceValue {
                 id,
                 backend_count: 0,
-                scheduler: SCHED_RR,
+                scheduler: frontend.scheduler.number(),
                 flags: service_flags(frontend),
                 _pad: [0; 2],
+                table_offset: 0,
+                table_len: 0,
             },
             slots: Vec::new(),
+            table: Vec::new(),
         };
         let result = (|| -> Result<()> {
             self.tables
@@ -372,10 +406,34 @@ impl Syncer {
                 frontend.endpoints.len()
             );
         }
-        let slots = self.assign_slots(&current.slots, &frontend.endpoints)?;
+        // Weight 0 quiesces: no new flows; established ones go on through conntrack.
+        let schedulable: Vec<Endpoint> = frontend
+            .endpoints
+            .iter()
+            .filter(|e| e.weight > 0)
+            .copied()
+            .collect();
+        let slots = self.assign_slots(&current.slots, &schedulable)?;
+        let table = scheduling::table(frontend.scheduler, &slots, (&current.slots, &current.table))
+            .unwrap_or_default();
+        let (table_offset, table_len) = if table == current.table {
+            (current.value.table_offset, current.value.table_len)
+        } else if table.is_empty() {
+            (0, 0)
+        } else {
+            // A fresh extent: packets keep reading the old table until the service
+            // value below points them at the new one.
+            let offset = self.table_space.allocate(table.len() as u32)?;
+            self.sched_tables.write(offset as usize, &table)?;
+            report.map_writes += 1;
+            (offset, table.len() as u32)
+        };
         let value = ServiceValue {
             backend_count: slots.len() as u32,
             flags: service_flags(frontend),
+            scheduler: frontend.scheduler.number(),
+            table_offset,
+            table_len,
             ..current.value
         };
         let name = encode_name(&frontend.service);
@@ -392,6 +450,7 @@ impl Syncer {
             }
             if !current.slots.iter().any(|b| b.id == backend.id) {
                 Tables::reset_stats(&mut self.tables.backend_stats, backend.id)?;
+                self.conn_counts.reset(backend.id);
             }
             let slot_key = BackendSlotKey {
                 service_id: id,
@@ -418,7 +477,18 @@ impl Syncer {
             self.tables.slots.remove(&slot_key)?;
             report.map_writes += 1;
         }
-        self.programmed.insert(*key, Programmed { value, slots });
+        if (table_offset, table_len) != (current.value.table_offset, current.value.table_len) {
+            self.table_space
+                .release(current.value.table_offset, current.value.table_len);
+        }
+        self.programmed.insert(
+            *key,
+            Programmed {
+                value,
+                slots,
+                table,
+            },
+        );
         Ok(true)
     }
 
@@ -441,6 +511,8 @@ impl Syncer {
             self.backend_ids.release(backend.id);
         }
         self.service_ids.release(id);
+        self.table_space
+            .release(current.value.table_offset, current.value.table_len);
         Ok(())
     }
 

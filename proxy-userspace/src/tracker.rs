@@ -14,7 +14,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::{
     manifests::Objects,
-    model::{DesiredState, Frontend, FrontendKey, Problem},
+    model::{DesiredState, Frontend, FrontendKey, Problem, Scheduler},
     translate::{
         object_name, service_output, slice_endpoints, slice_service, ServiceOutput, SliceEndpoint,
         LABEL_SERVICE_NAME,
@@ -42,6 +42,7 @@ pub struct Flush {
 
 pub struct ChangeTracker {
     node_name: String,
+    default_scheduler: Scheduler,
     services: BTreeMap<ObjectKey, Service>,
     slices: BTreeMap<ObjectKey, SliceRecord>,
     /// Slices by the service they name.
@@ -57,6 +58,7 @@ impl ChangeTracker {
     pub fn new(node_name: &str) -> ChangeTracker {
         ChangeTracker {
             node_name: node_name.to_owned(),
+            default_scheduler: Scheduler::default(),
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
             slices_of: BTreeMap::new(),
@@ -65,6 +67,12 @@ impl ChangeTracker {
             dirty_services: BTreeSet::new(),
             dirty_slices: BTreeSet::new(),
         }
+    }
+
+    /// The scheduler of services without the scheduler annotation (the node's flag).
+    pub fn with_default_scheduler(mut self, scheduler: Scheduler) -> ChangeTracker {
+        self.default_scheduler = scheduler;
+        self
     }
 
     pub fn set_service(&mut self, service: Service) {
@@ -187,7 +195,7 @@ impl ChangeTracker {
                     .flatten()
                     .cloned()
                     .collect();
-                service_output(service, &endpoints)
+                service_output(service, &endpoints, self.default_scheduler)
             });
             let old = self
                 .outputs

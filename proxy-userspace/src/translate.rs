@@ -16,13 +16,16 @@
 //! 5. An endpoint is local when its `nodeName` is this node; a missing `nodeName`
 //!    counts as remote, so that external traffic to it is masqueraded (always correct,
 //!    at the price of the client address).
-//! 6. Bad input is reported as a `Problem` naming the object and skips only that
+//! 6. The scheduler comes from the annotation `ebpf-proxy.io/scheduler`, else the
+//!    node default; an unknown name is an error for that service, which keeps the
+//!    default. Weights come from `ebpf-proxy.io/weights` (`addr=weight, …`), default 1.
+//! 7. Bad input is reported as a `Problem` naming the object and skips only that
 //!    object: a service with an unparsable address or duplicate ports, a slice with an
 //!    unparsable address. Two services claiming one frontend: the first by
 //!    namespace/name keeps it.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -33,13 +36,18 @@ use k8s_openapi::api::{
 
 use crate::{
     manifests::Objects,
-    model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Problem, Protocol},
+    model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Problem, Protocol, Scheduler},
     tracker::ChangeTracker,
 };
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Per-service scheduler (`rr`, `wrr`, `lc`, `wlc`, `sh`, `dh`, `sed`, `nq`, `maglev`,
+/// `random`); without it, the node's `--scheduler`.
+pub const ANNOTATION_SCHEDULER: &str = "ebpf-proxy.io/scheduler";
+/// Per-endpoint weights, `address=weight, …` (Kubernetes has no endpoint weights).
+pub const ANNOTATION_WEIGHTS: &str = "ebpf-proxy.io/weights";
 
 #[derive(Debug, Default)]
 pub struct Translation {
@@ -151,6 +159,7 @@ pub(crate) fn slice_endpoints(
                         addr,
                         port: *port,
                         remote,
+                        weight: 1,
                     },
                     port_name: port_name.clone(),
                     protocol: *protocol,
@@ -252,7 +261,11 @@ fn serving_endpoints(
         .collect()
 }
 
-pub(crate) fn service_output(service: &Service, endpoints: &[SliceEndpoint]) -> ServiceOutput {
+pub(crate) fn service_output(
+    service: &Service,
+    endpoints: &[SliceEndpoint],
+    default_scheduler: Scheduler,
+) -> ServiceOutput {
     let mut out = ServiceOutput::default();
     let name = format!(
         "{}/{}",
@@ -269,6 +282,32 @@ pub(crate) fn service_output(service: &Service, endpoints: &[SliceEndpoint]) -> 
         Err(message) => return out.failed(Problem::error(object, message)),
     };
 
+    let annotations = service.metadata.annotations.clone().unwrap_or_default();
+    let scheduler = match annotations.get(ANNOTATION_SCHEDULER).map(|s| s.parse()) {
+        None => default_scheduler,
+        Some(Ok(scheduler)) => scheduler,
+        Some(Err(message)) => {
+            out.problems.push(Problem::error(
+                object.clone(),
+                format!("{ANNOTATION_SCHEDULER}: {message}; using the default {default_scheduler}"),
+            ));
+            default_scheduler
+        }
+    };
+    let weights = match annotations
+        .get(ANNOTATION_WEIGHTS)
+        .map(|w| parse_weights(w))
+    {
+        None => BTreeMap::new(),
+        Some(Ok(weights)) => weights,
+        Some(Err(message)) => {
+            out.problems.push(Problem::error(
+                object.clone(),
+                format!("{ANNOTATION_WEIGHTS}: {message}; all weights stay 1"),
+            ));
+            BTreeMap::new()
+        }
+    };
     let mut frontends = Vec::new();
     let mut seen_ports = BTreeSet::new();
     for port in spec.ports.iter().flatten() {
@@ -300,7 +339,12 @@ pub(crate) fn service_output(service: &Service, endpoints: &[SliceEndpoint]) -> 
                 }
             },
         };
-        let endpoints = serving_endpoints(endpoints, port, protocol);
+        let mut endpoints = serving_endpoints(endpoints, port, protocol);
+        for endpoint in &mut endpoints {
+            if let Some(weight) = weights.get(&endpoint.addr) {
+                endpoint.weight = *weight;
+            }
+        }
         let service_port = format!(
             "{name}:{}",
             port.name.as_deref().unwrap_or(&number.to_string())
@@ -315,6 +359,7 @@ pub(crate) fn service_output(service: &Service, endpoints: &[SliceEndpoint]) -> 
                 Frontend {
                     service: service_port.clone(),
                     external,
+                    scheduler,
                     endpoints: endpoints.clone(),
                 },
             ))
@@ -334,6 +379,27 @@ pub(crate) fn service_output(service: &Service, endpoints: &[SliceEndpoint]) -> 
     }
     out.claims = frontends;
     out
+}
+
+/// `10.244.1.2=3, 10.244.1.3=1`: endpoint address = weight (0 quiesces).
+fn parse_weights(text: &str) -> Result<BTreeMap<Ipv4Addr, u32>, String> {
+    text.split(',')
+        .filter(|item| !item.trim().is_empty())
+        .map(|item| {
+            let (addr, weight) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{item:?} is not address=weight"))?;
+            let addr = addr
+                .trim()
+                .parse()
+                .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+            let weight = weight
+                .trim()
+                .parse()
+                .map_err(|_| format!("{weight:?} is not a weight"))?;
+            Ok((addr, weight))
+        })
+        .collect()
 }
 
 impl ServiceOutput {

@@ -4,7 +4,7 @@ mod support;
 
 use ebpf_proxy::{
     datapath::tables::Tables,
-    model::{DesiredState, Frontend},
+    model::{DesiredState, Frontend, Scheduler},
     sync::Syncer,
 };
 use proxy_common::BackendSlotKey;
@@ -21,6 +21,7 @@ fn desired(services: usize, backends: usize) -> DesiredState {
             Frontend {
                 service: format!("ns/svc{s}:http"),
                 external: false,
+                scheduler: Scheduler::Rr,
                 endpoints,
             },
         );

@@ -5,6 +5,7 @@
 pub mod attach;
 pub mod interfaces;
 pub mod loader;
+pub mod mmap;
 pub mod tables;
 
 /// The eBPF object built by build.rs from proxy-ebpf.

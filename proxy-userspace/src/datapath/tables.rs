@@ -6,11 +6,13 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use proxy_common::{
-    Addr, Backend, BackendSlotKey, ConfigValue, CtEntry, CtKey, NodeAddrFlags, ServiceKey,
-    ServiceName, ServiceValue, TrafficStats, DATAPATH_EVENT_NAMES,
+    Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry, CtKey, NodeAddrFlags,
+    ServiceKey, ServiceName, ServiceValue, TrafficStats, DATAPATH_EVENT_NAMES,
 };
 
 pub struct Tables {
+    /// Where the maps are pinned (memory-mapped arrays are opened from here).
+    pub pin_dir: std::path::PathBuf,
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub slots: HashMap<MapData, BackendSlotKey, Backend>,
     pub rr_cursors: Array<MapData, u64>,
@@ -21,6 +23,7 @@ pub struct Tables {
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
     pub events: PerCpuArray<MapData, u64>,
     pub service_names: HashMap<MapData, u32, ServiceName>,
+    pub conn_counts: Array<MapData, ConnCounts>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
@@ -45,6 +48,7 @@ macro_rules! typed {
 impl Tables {
     pub fn open(dir: &Path) -> Result<Tables> {
         Ok(Tables {
+            pin_dir: dir.to_owned(),
             services: typed!(dir, "SERVICES"),
             slots: typed!(dir, "BACKEND_SLOTS"),
             rr_cursors: typed!(dir, "RR_CURSORS"),
@@ -55,6 +59,7 @@ impl Tables {
             backend_stats: typed!(dir, "BACKEND_STATS"),
             events: typed!(dir, "DATAPATH_EVENTS"),
             service_names: typed!(dir, "SERVICE_NAMES"),
+            conn_counts: typed!(dir, "CONN_COUNTS"),
         })
     }
 

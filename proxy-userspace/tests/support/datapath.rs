@@ -10,7 +10,7 @@ use std::{
 use aya::programs::{TestRun as _, TestRunOptions};
 use ebpf_proxy::{
     datapath::{attach, loader::Datapath, tables::Tables},
-    model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Protocol},
+    model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Protocol, Scheduler},
     node::NodeConfig,
     sync::{NodeSettings, Syncer},
 };
@@ -64,8 +64,17 @@ impl TestDatapath {
         Tables::open(&self.pin_dir).expect("tables")
     }
 
-    /// Programs one frontend per (key, endpoints) and nothing else.
+    /// Programs one round-robin frontend per (key, endpoints) and nothing else.
     pub fn program(&mut self, frontends: &[(FrontendKey, Vec<Endpoint>)]) {
+        self.program_with(Scheduler::Rr, frontends);
+    }
+
+    /// Programs one frontend per (key, endpoints) with `scheduler`, and nothing else.
+    pub fn program_with(
+        &mut self,
+        scheduler: Scheduler,
+        frontends: &[(FrontendKey, Vec<Endpoint>)],
+    ) {
         let mut desired = DesiredState::default();
         for (key, endpoints) in frontends {
             desired.frontends.insert(
@@ -73,6 +82,7 @@ impl TestDatapath {
                 Frontend {
                     service: format!("test/{}", key.port),
                     external: matches!(key.listen, Listen::NodePort),
+                    scheduler,
                     endpoints: endpoints.clone(),
                 },
             );
@@ -152,6 +162,7 @@ pub fn local(addr: [u8; 4], port: u16) -> Endpoint {
         addr: Ipv4Addr::from(addr),
         port,
         remote: false,
+        weight: 1,
     }
 }
 
