@@ -420,3 +420,88 @@ fn xdp_redirect_mode_transmits_from_xdp_to_receivers_that_run_gro() {
         .map_or(0, |e| e.1);
     assert!(redirected > 0, "no frame left by XDP_REDIRECT: {events:?}");
 }
+
+fn least_connection_web(topology: &Topology, pods: &[&str]) -> ServiceDef {
+    web(topology, pods).annotated("ebpf-proxy.io/scheduler", "lc")
+}
+
+#[test]
+fn lc_sends_new_connections_away_from_a_backend_holding_long_lived_ones() {
+    let cluster = Cluster::new("lc", 4, 0, |t| vec![least_connection_web(t, &["pod-a1"])]);
+    // Three long-lived connections, all on pod-a1 while it is the only backend.
+    let mut held: Vec<HttpConnection> = (0..3)
+        .map(|_| HttpConnection::open(cluster.ns("pod-a4"), (WEB_VIP, 80).into()).expect("connect"))
+        .collect();
+    for connection in &mut held {
+        assert_eq!(pod_of(&connection.get().expect("request")), "pod-a1");
+    }
+    let manifests = render(&[least_connection_web(
+        &cluster.topology,
+        &["pod-a1", "pod-a2", "pod-a3"],
+    )]);
+    cluster
+        .agent
+        .update_manifests(&manifests, |l| l.services[0].backends.len() == 3)
+        .expect("update");
+    let listing = cluster.agent.listing().expect("list");
+    assert_eq!(listing.services[0].scheduler, "lc");
+    let a1 = listing.services[0]
+        .backends
+        .iter()
+        .find(|b| b.endpoint.addr.octets()[3] == 11)
+        .expect("pod-a1");
+    assert_eq!(a1.active, 3, "the held connections are active on pod-a1");
+    let bodies: Vec<String> = (0..10)
+        .map(|_| curl(cluster.ns("pod-a4"), &format!("http://{WEB_VIP}/")).expect("curl"))
+        .collect();
+    let counts = tally(&bodies);
+    assert!(
+        !counts.contains_key("pod-a1"),
+        "new connections went to the busy backend: {counts:?}"
+    );
+    for connection in &mut held {
+        assert_eq!(
+            pod_of(&connection.get().expect("held connection still works")),
+            "pod-a1"
+        );
+    }
+}
+
+#[test]
+fn connection_counts_return_to_zero_after_a_thousand_connections() {
+    let cluster = Cluster::with_agent_args(
+        "drift",
+        3,
+        0,
+        |t| vec![least_connection_web(t, &["pod-a1", "pod-a2"])],
+        &["--ct-gc-interval-ms", "500"],
+    );
+    let client = &cluster.topology.pod("pod-a3").ns;
+    for _ in 0..1000 {
+        let mut connection = HttpConnection::open(client, (WEB_VIP, 80).into()).expect("connect");
+        connection.get().expect("request");
+    }
+    let totals = |l: &ebpf_proxy::listing::Listing| -> (u64, u64, u64) {
+        let backends = &l.services[0].backends;
+        (
+            backends.iter().map(|b| b.active).sum(),
+            backends.iter().map(|b| b.inactive).sum(),
+            l.services[0].stats.connections,
+        )
+    };
+    // Closed connections leave "active" at once; "inactive" when conntrack expires
+    // them (10 s after the close) and the GC collects them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(25);
+    loop {
+        let (active, inactive, connections) = totals(&cluster.agent.listing().expect("list"));
+        assert_eq!(connections, 1000);
+        if active == 0 && inactive == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "counts did not return to zero: active {active}, inactive {inactive}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}

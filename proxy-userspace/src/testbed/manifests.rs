@@ -18,6 +18,8 @@ pub struct ServiceDef {
     pub load_balancer_ip: Option<Ipv4Addr>,
     /// (address, node name) of each ready backend.
     pub backends: Vec<(Ipv4Addr, String)>,
+    /// Service annotations, e.g. `ebpf-proxy.io/scheduler`.
+    pub annotations: Vec<(String, String)>,
 }
 
 impl ServiceDef {
@@ -37,7 +39,13 @@ impl ServiceDef {
             node_port: None,
             load_balancer_ip: None,
             backends: Vec::new(),
+            annotations: Vec::new(),
         }
+    }
+
+    pub fn annotated(mut self, key: &str, value: &str) -> ServiceDef {
+        self.annotations.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     pub fn with_pods<'a>(mut self, pods: impl IntoIterator<Item = &'a Pod>) -> ServiceDef {
@@ -63,8 +71,14 @@ pub fn render(services: &[ServiceDef]) -> String {
             .unwrap_or_default();
         let _ = write!(
             out,
-            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: demo\nspec:\n  type: {service_type}\n  selector: {{app: {name}}}\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ports:\n  - {{name: main, protocol: {proto}, port: {port}, targetPort: {target}{node_port}}}\n",
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations: {{{annotations}}}\nspec:\n  type: {service_type}\n  selector: {{app: {name}}}\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ports:\n  - {{name: main, protocol: {proto}, port: {port}, targetPort: {target}{node_port}}}\n",
             name = s.name,
+            annotations = s
+                .annotations
+                .iter()
+                .map(|(k, v)| format!("{k}: \"{v}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             ip = s.cluster_ip,
             proto = s.protocol,
             port = s.port,

@@ -270,3 +270,73 @@ fn two_services_claiming_one_frontend_keep_the_first() {
     assert_eq!(out.state.frontends[&cluster_ip(80)].service, "ns/a:http");
     assert_eq!(out.problems[0].object, "Service ns/b");
 }
+
+fn annotated(annotations: &str) -> String {
+    service("a", "").replace(
+        "namespace: ns}",
+        &format!("namespace: ns, annotations: {{{annotations}}}}}"),
+    ) + &slice(
+        "a-1",
+        "a",
+        &(endpoint("10.244.1.1", "") + &endpoint("10.244.1.2", "")),
+    )
+}
+
+#[test]
+fn rule6_the_scheduler_annotation_chooses_per_service_and_a_bad_one_keeps_the_default() {
+    let out = translate(
+        &objects(&annotated("ebpf-proxy.io/scheduler: maglev")),
+        NODE,
+    );
+    assert_eq!(
+        out.state.frontends[&cluster_ip(80)].scheduler,
+        crate::model::Scheduler::Maglev
+    );
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+
+    let out = translate(
+        &objects(&annotated("ebpf-proxy.io/scheduler: fastest")),
+        NODE,
+    );
+    assert_eq!(
+        out.state.frontends[&cluster_ip(80)].scheduler,
+        crate::model::Scheduler::Rr
+    );
+    assert_eq!(out.problems[0].object, "Service ns/a");
+    assert!(
+        out.problems[0]
+            .message
+            .contains("unknown scheduler \"fastest\""),
+        "{}",
+        out.problems[0]
+    );
+}
+
+#[test]
+fn rule6_weights_come_from_their_annotation() {
+    let out = translate(
+        &objects(&annotated(
+            "ebpf-proxy.io/weights: \"10.244.1.1=3, 10.244.1.2=0\"",
+        )),
+        NODE,
+    );
+    let weights: Vec<u32> = out.state.frontends[&cluster_ip(80)]
+        .endpoints
+        .iter()
+        .map(|e| e.weight)
+        .collect();
+    assert_eq!(weights, vec![3, 0]);
+    let out = translate(
+        &objects(&annotated("ebpf-proxy.io/weights: \"10.244.1.1=heavy\"")),
+        NODE,
+    );
+    assert!(
+        out.problems[0].message.contains("is not a weight"),
+        "{}",
+        out.problems[0]
+    );
+    assert!(out.state.frontends[&cluster_ip(80)]
+        .endpoints
+        .iter()
+        .all(|e| e.weight == 1));
+}
