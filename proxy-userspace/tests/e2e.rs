@@ -468,7 +468,7 @@ fn lc_sends_new_connections_away_from_a_backend_holding_long_lived_ones() {
 }
 
 #[test]
-fn connection_counts_return_to_zero_after_a_thousand_connections() {
+fn connection_counts_return_to_zero_after_two_thousand_connections() {
     let cluster = Cluster::with_agent_args(
         "drift",
         3,
@@ -477,7 +477,7 @@ fn connection_counts_return_to_zero_after_a_thousand_connections() {
         &["--ct-gc-interval-ms", "500"],
     );
     let client = &cluster.topology.pod("pod-a3").ns;
-    for _ in 0..1000 {
+    for _ in 0..2000 {
         let mut connection = HttpConnection::open(client, (WEB_VIP, 80).into()).expect("connect");
         connection.get().expect("request");
     }
@@ -494,7 +494,7 @@ fn connection_counts_return_to_zero_after_a_thousand_connections() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(25);
     loop {
         let (active, inactive, connections) = totals(&cluster.agent.listing().expect("list"));
-        assert_eq!(connections, 1000);
+        assert_eq!(connections, 2000);
         if active == 0 && inactive == 0 {
             break;
         }
@@ -503,5 +503,47 @@ fn connection_counts_return_to_zero_after_a_thousand_connections() {
             "counts did not return to zero: active {active}, inactive {inactive}"
         );
         std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn wrr_and_sh_on_real_traffic_and_a_scheduler_change_keeps_established_flows() {
+    let services = |t: &Topology, web_scheduler: &str| {
+        vec![
+            web(t, &["pod-a1", "pod-a2"])
+                .annotated("ebpf-proxy.io/scheduler", web_scheduler)
+                .annotated("ebpf-proxy.io/weights", "10.244.1.11=2, 10.244.1.12=1"),
+            dns(t, &["pod-a1", "pod-a2"]).annotated("ebpf-proxy.io/scheduler", "sh"),
+        ]
+    };
+    let cluster = Cluster::new("wsh", 3, 0, |t| services(t, "wrr"));
+    let client = cluster.ns("pod-a3");
+    let bodies: Vec<String> = (0..9)
+        .map(|_| curl(client, &format!("http://{WEB_VIP}/")).expect("curl"))
+        .collect();
+    assert_eq!(
+        tally(&bodies),
+        BTreeMap::from([("pod-a1".to_owned(), 6), ("pod-a2".to_owned(), 3)])
+    );
+    // sh: one client address, one backend, whatever the source port.
+    let answers: Vec<String> = (0..6)
+        .map(|_| udp_ask(client, &format!("{DNS_VIP}:53")))
+        .collect();
+    assert_eq!(tally(&answers).len(), 1, "{answers:?}");
+
+    let mut connection = HttpConnection::open(client, (WEB_VIP, 80).into()).expect("connect");
+    let first = pod_of(&connection.get().expect("request"));
+    let manifests = render(&services(&cluster.topology, "random"));
+    cluster
+        .agent
+        .update_manifests(&manifests, |l| {
+            l.services.iter().any(|s| s.scheduler == "random")
+        })
+        .expect("update");
+    for _ in 0..5 {
+        assert_eq!(
+            pod_of(&connection.get().expect("request after the change")),
+            first
+        );
     }
 }
