@@ -39,6 +39,28 @@ impl CtKey {
             _pad: [0; 3],
         }
     }
+
+    /// The tuple a packet with this tuple carries after `entry` rewrote it.
+    #[inline(always)]
+    pub fn rewritten(&self, entry: &CtEntry) -> CtKey {
+        let mut out = *self;
+        if entry.flags & CT_F_REWRITE_SRC != 0 {
+            out.src = entry.nat_src;
+            out.sport = entry.nat_sport;
+        }
+        if entry.flags & CT_F_REWRITE_DST != 0 {
+            out.dst = entry.nat_dst;
+            out.dport = entry.nat_dport;
+        }
+        out
+    }
+
+    /// The key of the other direction's entry of this entry's flow: the reverse of
+    /// the rewritten tuple.
+    #[inline(always)]
+    pub fn peer(&self, entry: &CtEntry) -> CtKey {
+        self.rewritten(entry).reversed()
+    }
 }
 
 /// `CtEntry::state` values (TCP; other protocols stay `CT_ESTABLISHED`).

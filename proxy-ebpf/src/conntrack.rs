@@ -14,8 +14,7 @@ use core::intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering};
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use proxy_common::{
     ct_timeout_ns, CtEntry, CtKey, ACCT_ACTIVE, ACCT_GONE, ACCT_INACTIVE, CT_CLOSING,
-    CT_ESTABLISHED, CT_F_FIN, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_REFRESH_NS,
-    CT_SYN_SENT, PROTO_TCP,
+    CT_ESTABLISHED, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS, CT_SYN_SENT, PROTO_TCP,
 };
 
 use crate::{
@@ -48,27 +47,6 @@ pub fn lookup(key: &CtKey, now: u64) -> Lookup {
         return Lookup::Stale(entry);
     }
     Lookup::Live(entry)
-}
-
-/// The tuple a packet carries after `entry` rewrote it.
-#[inline(always)]
-pub fn rewritten(key: &CtKey, entry: &CtEntry) -> CtKey {
-    let mut out = *key;
-    if entry.flags & CT_F_REWRITE_SRC != 0 {
-        out.src = entry.nat_src;
-        out.sport = entry.nat_sport;
-    }
-    if entry.flags & CT_F_REWRITE_DST != 0 {
-        out.dst = entry.nat_dst;
-        out.dport = entry.nat_dport;
-    }
-    out
-}
-
-/// The key of the other direction's entry: the reverse of the rewritten tuple.
-#[inline(always)]
-pub fn peer_key(key: &CtKey, entry: &CtEntry) -> CtKey {
-    rewritten(key, entry).reversed()
 }
 
 /// Advances TCP state on a packet of a tracked flow and refreshes its idle timer.
@@ -115,7 +93,7 @@ pub fn observe(flow: &Flow, entry_ptr: *mut CtEntry, entry: &CtEntry, now: u64) 
     let Some(peer_state) = peer_state else {
         return;
     };
-    let peer = CONNTRACK.get_ptr_mut(peer_key(&flow.key, entry));
+    let peer = CONNTRACK.get_ptr_mut(flow.key.peer(entry));
     if let Some(peer) = peer {
         // SAFETY: as above.
         unsafe {
@@ -175,5 +153,5 @@ pub fn retire(entry: *mut CtEntry) {
 #[inline(always)]
 fn peer_has_fin(key: &CtKey, entry: &CtEntry) -> bool {
     // SAFETY: copied flag read.
-    unsafe { CONNTRACK.get(peer_key(key, entry)) }.is_some_and(|peer| peer.flags & CT_F_FIN != 0)
+    unsafe { CONNTRACK.get(key.peer(entry)) }.is_some_and(|peer| peer.flags & CT_F_FIN != 0)
 }

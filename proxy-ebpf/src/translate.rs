@@ -96,7 +96,7 @@ fn follow<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry, new_flow: bool) -> V
         new_flow,
     );
     counters::event(EV_TRANSLATED);
-    Verdict::Translated(conntrack::rewritten(&flow.key, entry), flow.ip_len)
+    Verdict::Translated(flow.key.rewritten(entry), flow.ip_len)
 }
 
 #[inline(always)]
@@ -244,7 +244,7 @@ fn adopt_winner<P: Packet>(pkt: &P, flow: &Flow, our_reply_key: &CtKey) -> Verdi
     let Some(winner) = (unsafe { CONNTRACK.get(flow.key) }).copied() else {
         return Verdict::Drop;
     };
-    if conntrack::peer_key(&flow.key, &winner) != *our_reply_key {
+    if flow.key.peer(&winner) != *our_reply_key {
         let _ = CONNTRACK.remove(our_reply_key);
     }
     follow(pkt, flow, &winner, false)

@@ -16,7 +16,7 @@ use tokio::{signal::unix, sync::mpsc};
 use tracing::{debug, info, warn};
 
 use crate::{
-    conntrack_gc,
+    conntrack,
     datapath::{
         attach,
         interfaces::{self, LinkEvent},
@@ -135,6 +135,7 @@ fn sync_from(
         updated = report.updated,
         removed = report.removed,
         map_writes = report.map_writes,
+        flushed_udp_flows = report.flushed_udp_flows,
         problems = problems.len(),
         elapsed_us = started.elapsed().as_micros() as u64,
         "synced"
@@ -212,7 +213,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     reconciled = true;
                 }
             }
-            _ = gc_ticker.tick() => match conntrack_gc::collect(&mut gc_tables, &gc_counts) {
+            _ = gc_ticker.tick() => match conntrack::collect(&mut gc_tables, &gc_counts) {
                 Ok(report) if report.expired > 0 => {
                     debug!(scanned = report.scanned, expired = report.expired, "conntrack GC");
                 }

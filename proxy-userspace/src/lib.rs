@@ -7,7 +7,7 @@
 //! maps, and `listing` reads the maps back for operators.
 
 pub mod agent;
-pub mod conntrack_gc;
+pub mod conntrack;
 pub mod datapath;
 pub mod listing;
 pub mod manifests;

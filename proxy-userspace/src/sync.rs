@@ -11,18 +11,22 @@
 //! Backends keep their slot while they stay (a removed one's slot is filled by a
 //! newcomer, else by the last slot), so a change touches as few slots as it can.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use proxy_common::{
     Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, NodeAddrFlags, ServiceKey,
     ServiceValue, BACKEND_F_REMOTE, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_XDP_FORWARD,
-    MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, SCOPE_ADDRESS, SCOPE_NODE_PORT,
-    SVC_F_EXTERNAL, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
+    MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, PROTO_UDP, SCOPE_ADDRESS,
+    SCOPE_NODE_PORT, SVC_F_EXTERNAL, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
 use crate::{
+    conntrack,
     datapath::{
         mmap::MappedArray,
         tables::{decode_name, encode_name, Tables},
@@ -87,6 +91,8 @@ pub struct SyncReport {
     pub updated: usize,
     pub removed: usize,
     pub map_writes: usize,
+    /// UDP flows removed because their backend left the service.
+    pub flushed_udp_flows: usize,
     pub problems: Vec<Problem>,
 }
 
@@ -304,6 +310,7 @@ impl Syncer {
     /// turn out unchanged write nothing.
     pub fn apply_changes(&mut self, changes: &[FrontendChange]) -> SyncReport {
         let mut report = SyncReport::default();
+        let departed = self.departing_udp_backends(changes);
         for (key, change) in changes {
             let result = match change {
                 None if self.programmed.contains_key(key) => {
@@ -331,7 +338,49 @@ impl Syncer {
                 ));
             }
         }
+        if !departed.is_empty() {
+            match conntrack::flush(&mut self.tables, &self.conn_counts, |key, entry| {
+                key.proto == PROTO_UDP
+                    && departed.contains(&(entry.service_id, entry.nat_dst, entry.nat_dport))
+            }) {
+                Ok(flushed) => report.flushed_udp_flows = flushed,
+                Err(e) => report.problems.push(Problem::error(
+                    "conntrack",
+                    format!("flushing UDP flows of removed backends: {e:#}"),
+                )),
+            }
+        }
         report
+    }
+
+    /// (service id, address, port) of UDP backends these changes take away. Their
+    /// flows are flushed, as kube-proxy deletes conntrack entries of removed UDP
+    /// endpoints: a UDP client (DNS above all) keeps its source port, and its stale
+    /// entry would otherwise keep sending it to a backend that is gone. TCP flows to
+    /// removed backends drain instead (their peers end them).
+    fn departing_udp_backends(&self, changes: &[FrontendChange]) -> BTreeSet<(u32, Addr, u16)> {
+        let mut departed = BTreeSet::new();
+        for (key, change) in changes {
+            let Some(current) = self.programmed.get(key) else {
+                continue;
+            };
+            if key.protocol != Protocol::Udp {
+                continue;
+            }
+            let staying: BTreeSet<(Ipv4Addr, u16)> = change
+                .iter()
+                .flat_map(|f| f.endpoints.iter())
+                .filter(|e| e.weight > 0)
+                .map(|e| (e.addr, e.port))
+                .collect();
+            for backend in &current.slots {
+                let endpoint = endpoint_of(backend);
+                if !staying.contains(&(endpoint.addr, endpoint.port)) {
+                    departed.insert((current.value.id, backend.addr, backend.port));
+                }
+            }
+        }
+        departed
     }
 
     fn add(

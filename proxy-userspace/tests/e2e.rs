@@ -547,3 +547,30 @@ fn wrr_and_sh_on_real_traffic_and_a_scheduler_change_keeps_established_flows() {
         );
     }
 }
+
+#[test]
+fn udp_flows_to_a_removed_backend_are_flushed_so_the_client_moves_on() {
+    let cluster = Cluster::new("udpf", 3, 0, |t| vec![dns(t, &["pod-a1"])]);
+    // The same source port every time, as a resolver's long-lived socket would use.
+    let target = format!("{DNS_VIP}:53,sourceport=40053,reuseaddr");
+    let client = cluster.ns("pod-a3");
+    assert!(udp_ask(client, &target).starts_with("pod=pod-a1"));
+    // pod-a1 keeps running: without the flush its conntrack entry would keep the
+    // client there for the whole UDP timeout.
+    let manifests = render(&[dns(&cluster.topology, &["pod-a2"])]);
+    cluster
+        .agent
+        .update_manifests(&manifests, |l| {
+            l.services[0]
+                .backends
+                .iter()
+                .all(|b| b.endpoint.addr.octets()[3] == 12)
+        })
+        .expect("update");
+    assert!(udp_ask(client, &target).starts_with("pod=pod-a2"));
+    assert!(
+        cluster.agent.log().contains("flushed_udp_flows=1"),
+        "{}",
+        cluster.agent.log()
+    );
+}

@@ -1,0 +1,167 @@
+//! Conntrack from userspace: listing flows, flushing them, and garbage collection.
+//!
+//! The data path expires entries lazily (an idle entry is replaced when its tuple is
+//! seen again) and the LRU evicts when full; neither happens for a flow that simply
+//! stops. The agent therefore removes entries idle past their timeout and stops
+//! counting their flows in `CONN_COUNTS`, which is what keeps the least-connection
+//! schedulers' counts from drifting (UDP flows never close).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{Context as _, Result};
+use proxy_common::{
+    ct_timeout_ns, ConnCounts, CtEntry, CtKey, ACCT_ACTIVE, ACCT_INACTIVE, CT_CLOSING,
+    CT_ESTABLISHED, CT_F_REPLY, CT_F_SNAT, CT_SYN_SENT,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    datapath::{
+        mmap::MappedArray,
+        tables::{decode_name, Tables},
+    },
+    model::Protocol,
+};
+
+/// CLOCK_MONOTONIC_COARSE, the data path's clock (`bpf_ktime_get_coarse_ns`).
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime into a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[derive(Debug, Default)]
+pub struct GcReport {
+    pub scanned: usize,
+    pub expired: usize,
+}
+
+/// One pass over `CONNTRACK`.
+///
+/// Race, written down: a packet of a flow can arrive while its expired entry is being
+/// removed here. The data path then also sees the entry as stale and retires it
+/// itself; its exchange of `accounting` and our read of it can both see the flow as
+/// counted, so it may be uncounted twice. That takes a packet arriving after the full
+/// idle timeout, in the microseconds between our read and delete.
+pub fn collect(tables: &mut Tables, counts: &MappedArray<ConnCounts>) -> Result<GcReport> {
+    let now = coarse_now_ns();
+    let mut report = GcReport::default();
+    let expired: Vec<CtKey> = tables
+        .conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .inspect(|_| report.scanned += 1)
+        .filter(|(key, entry)| {
+            now.saturating_sub(entry.last_seen_ns) > ct_timeout_ns(key.proto, entry.state)
+        })
+        .map(|(key, _)| key)
+        .collect();
+    for key in expired {
+        let Ok(entry) = tables.conntrack.get(&key, 0) else {
+            continue;
+        };
+        if now.saturating_sub(entry.last_seen_ns) <= ct_timeout_ns(key.proto, entry.state) {
+            continue; // refreshed since the scan
+        }
+        if tables.conntrack.remove(&key).is_err() {
+            continue;
+        }
+        report.expired += 1;
+        uncount(counts, &entry);
+    }
+    Ok(report)
+}
+
+/// Stops counting the flow of a removed original entry.
+fn uncount(counts: &MappedArray<ConnCounts>, entry: &CtEntry) {
+    if entry.flags & CT_F_REPLY == 0 {
+        match entry.accounting {
+            ACCT_ACTIVE => counts.forget_flow(entry.backend_id, false),
+            ACCT_INACTIVE => counts.forget_flow(entry.backend_id, true),
+            _ => {}
+        }
+    }
+}
+
+fn socket(addr: proxy_common::Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(addr.v4_octets()), u16::from_be(port))
+}
+
+/// One tracked flow, as `ebpf-proxy conntrack list` shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FlowView {
+    pub protocol: String,
+    pub client: SocketAddrV4,
+    pub frontend: SocketAddrV4,
+    pub backend: SocketAddrV4,
+    /// The masquerade address:port the backend sees, when the flow is masqueraded.
+    pub masquerade: Option<SocketAddrV4>,
+    pub service: String,
+    pub state: &'static str,
+    pub idle_seconds: u64,
+}
+
+fn state_name(state: u8) -> &'static str {
+    match state {
+        CT_SYN_SENT => "SYN_SENT",
+        CT_ESTABLISHED => "ESTABLISHED",
+        CT_CLOSING => "CLOSING",
+        _ => "?",
+    }
+}
+
+/// The original entries of every tracked flow (one per flow).
+pub fn list(tables: &Tables) -> Result<Vec<FlowView>> {
+    let now = coarse_now_ns();
+    let mut flows = Vec::new();
+    for item in tables.conntrack.iter() {
+        let (key, entry) = item.context("reading CONNTRACK")?;
+        if entry.flags & CT_F_REPLY != 0 {
+            continue;
+        }
+        flows.push(FlowView {
+            protocol: Protocol::from_number(key.proto)
+                .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
+            client: socket(key.src, key.sport),
+            frontend: socket(key.dst, key.dport),
+            backend: socket(entry.nat_dst, entry.nat_dport),
+            masquerade: (entry.flags & CT_F_SNAT != 0)
+                .then(|| socket(entry.nat_src, entry.nat_sport)),
+            service: tables
+                .service_names
+                .get(&entry.service_id, 0)
+                .map(|n| decode_name(&n))
+                .unwrap_or_default(),
+            state: state_name(entry.state),
+            idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
+        });
+    }
+    flows.sort_by_key(|f| (f.service.clone(), f.client));
+    Ok(flows)
+}
+
+/// Removes every flow whose original entry matches (both of its entries), and stops
+/// counting it. Returns how many flows went.
+pub fn flush(
+    tables: &mut Tables,
+    counts: &MappedArray<ConnCounts>,
+    matches: impl Fn(&CtKey, &CtEntry) -> bool,
+) -> Result<usize> {
+    let doomed: Vec<(CtKey, CtEntry)> = tables
+        .conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, entry)| entry.flags & CT_F_REPLY == 0 && matches(key, entry))
+        .collect();
+    for (key, entry) in &doomed {
+        let _ = tables.conntrack.remove(&key.peer(entry));
+        if tables.conntrack.remove(key).is_ok() {
+            uncount(counts, entry);
+        }
+    }
+    Ok(doomed.len())
+}
