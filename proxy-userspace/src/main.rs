@@ -3,11 +3,12 @@
 
 use std::{io::IsTerminal as _, net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ebpf_proxy::{
     agent::{self, AgentConfig},
-    datapath::attach,
+    conntrack,
+    datapath::{attach, mmap::MappedArray, tables::Tables},
     listing,
     model::Scheduler,
     node::NodeConfig,
@@ -38,10 +39,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Tracked flows: list them, or flush some (their next packet is scheduled anew).
+    Conntrack {
+        #[command(subcommand)]
+        action: ConntrackAction,
+    },
     /// Detach every program and remove the pinned maps (drops all conntrack state).
     Cleanup {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConntrackAction {
+    /// One line per flow: client, service address, backend, state, idle time.
+    List {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Only flows of services whose name starts with this (`namespace/name`).
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove flows: all, those of a service, or those to a backend.
+    Flush {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, conflicts_with = "backend")]
+        service: Option<String>,
+        /// A backend address, with or without `:port`.
+        #[arg(long)]
+        backend: Option<String>,
     },
 }
 
@@ -149,6 +179,75 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Conntrack { action } => conntrack_command(action),
         Command::Cleanup { pin_dir } => attach::cleanup(&pin_dir),
     }
+}
+
+fn conntrack_command(action: ConntrackAction) -> Result<()> {
+    match action {
+        ConntrackAction::List {
+            pin_dir,
+            service,
+            json,
+        } => {
+            let tables = Tables::open(&pin_dir)?;
+            let flows: Vec<conntrack::FlowView> = conntrack::list(&tables)?
+                .into_iter()
+                .filter(|f| {
+                    service
+                        .as_ref()
+                        .is_none_or(|s| f.service.starts_with(s.as_str()))
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&flows)?);
+                return Ok(());
+            }
+            for f in &flows {
+                let masquerade = f
+                    .masquerade
+                    .map(|m| format!(" via {m}"))
+                    .unwrap_or_default();
+                println!(
+                    "{} {} -> {} -> {}{masquerade} {} idle {}s {}",
+                    f.protocol, f.client, f.frontend, f.backend, f.state, f.idle_seconds, f.service
+                );
+            }
+            Ok(())
+        }
+        ConntrackAction::Flush {
+            pin_dir,
+            service,
+            backend,
+        } => {
+            let mut tables = Tables::open(&pin_dir)?;
+            let counts = MappedArray::open(&pin_dir, "CONN_COUNTS")?;
+            let backend = backend.map(|b| parse_backend(&b)).transpose()?;
+            let names = tables.service_names_by_id();
+            let flushed = conntrack::flush(&mut tables, &counts, |_, entry| {
+                let service_ok = service.as_ref().is_none_or(|s| {
+                    names
+                        .get(&entry.service_id)
+                        .is_some_and(|n| n.starts_with(s.as_str()))
+                });
+                let backend_ok = backend.is_none_or(|(addr, port)| {
+                    entry.nat_dst.v4_octets() == addr.octets()
+                        && port.is_none_or(|p| u16::from_be(entry.nat_dport) == p)
+                });
+                service_ok && backend_ok
+            })?;
+            println!("flushed {flushed} flows");
+            Ok(())
+        }
+    }
+}
+
+/// `10.244.1.2` or `10.244.1.2:8080`.
+fn parse_backend(text: &str) -> Result<(Ipv4Addr, Option<u16>)> {
+    let (addr, port) = match text.split_once(':') {
+        Some((addr, port)) => (addr, Some(port.parse().context("backend port")?)),
+        None => (text, None),
+    };
+    Ok((addr.parse().context("backend address")?, port))
 }

@@ -574,3 +574,48 @@ fn udp_flows_to_a_removed_backend_are_flushed_so_the_client_moves_on() {
         cluster.agent.log()
     );
 }
+
+#[test]
+fn conntrack_list_and_flush_show_and_remove_flows() {
+    let cluster = Cluster::new("ct", 2, 0, |t| vec![web(t, &["pod-a1"])]);
+    let client = cluster.ns("pod-a2");
+    let mut connection = HttpConnection::open(client, (WEB_VIP, 80).into()).expect("connect");
+    connection.get().expect("request");
+    let pin_dir = cluster.agent.pin_dir.to_str().expect("pin dir").to_owned();
+    let binary = cluster.agent.binary().to_str().expect("binary").to_owned();
+    let ct = |args: &[&str]| {
+        let mut full = vec!["conntrack"];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--pin-dir", &pin_dir]);
+        ebpf_proxy::testbed::command::run(&binary, &full).expect("ebpf-proxy conntrack")
+    };
+    let flows: Vec<serde_json::Value> =
+        serde_json::from_str(&ct(&["list", "--json"])).expect("json");
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    assert_eq!(
+        flows[0]["client"]
+            .as_str()
+            .map(|c| c.starts_with("10.244.1.12:")),
+        Some(true)
+    );
+    assert_eq!(flows[0]["backend"], "10.244.1.11:8080");
+    assert_eq!(flows[0]["state"], "ESTABLISHED");
+    assert!(ct(&["list", "--service", "demo/other"]).is_empty());
+    assert_eq!(
+        ct(&["flush", "--backend", "10.244.1.11"]).trim(),
+        "flushed 1 flows"
+    );
+    assert_eq!(ct(&["list"]), "");
+    // The next segment finds no entry and is re-hashed: with one backend, the same one.
+    assert_eq!(
+        pod_of(&connection.get().expect("request after the flush")),
+        "pod-a1"
+    );
+    let events = cluster.agent.listing().expect("list").events;
+    assert!(
+        events
+            .iter()
+            .any(|(name, n)| name == "ct_midflow_miss" && *n > 0),
+        "{events:?}"
+    );
+}

@@ -105,6 +105,17 @@ impl Tables {
     }
 }
 
+impl Tables {
+    /// `namespace/name:port` of every service id.
+    pub fn service_names_by_id(&self) -> std::collections::BTreeMap<u32, String> {
+        self.service_names
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, name)| (id, decode_name(&name)))
+            .collect()
+    }
+}
+
 pub fn encode_name(name: &str) -> ServiceName {
     let mut bytes = [0u8; 64];
     let len = name.len().min(bytes.len());
