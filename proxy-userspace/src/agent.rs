@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeSet,
+    net::SocketAddr,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -25,8 +26,10 @@ use crate::{
         tables::Tables,
     },
     manifests,
+    metrics::AgentMetrics,
     model::{Scheduler, Severity},
     node::NodeConfig,
+    server::{self, Status},
     sync::{NodeSettings, Syncer},
     tracker::ChangeTracker,
 };
@@ -47,6 +50,10 @@ pub struct AgentConfig {
     pub default_scheduler: Scheduler,
     /// How often idle conntrack entries are collected.
     pub ct_gc_interval: Duration,
+    /// `/metrics` and `/proxyMode`.
+    pub metrics_address: SocketAddr,
+    /// `/healthz`, `/livez`, `/readyz`.
+    pub health_address: SocketAddr,
 }
 
 /// The cookie of the agent's network namespace: the socket hooks serve only it.
@@ -110,6 +117,7 @@ fn sync_from(
     tracker: &mut ChangeTracker,
     syncer: &mut Syncer,
     full: bool,
+    metrics: &AgentMetrics,
 ) {
     let started = Instant::now();
     let text = String::from_utf8_lossy(bytes);
@@ -129,6 +137,14 @@ fn sync_from(
             Severity::Warning => info!("{problem}"),
         }
     }
+    metrics.syncs.inc();
+    metrics
+        .sync_duration_seconds
+        .observe(started.elapsed().as_secs_f64());
+    metrics.sync_problems.set(problems.len() as i64);
+    metrics
+        .udp_flows_flushed
+        .inc_by(report.flushed_udp_flows as u64);
     info!(
         changed = flush.changes.len(),
         added = report.added,
@@ -146,6 +162,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     config.node.validate()?;
     let mut datapath = Datapath::load(&config.pin_dir)?;
     let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?;
+    let status = Status::new(config.pin_dir.clone(), AgentMetrics::default());
+    server::spawn(
+        config.metrics_address,
+        config.health_address,
+        status.clone(),
+    )
+    .await?;
     let settings = NodeSettings {
         netns_cookie: own_netns_cookie()?,
         xdp_redirect: config.xdp_redirect,
@@ -161,7 +184,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // Until one sync compared everything with the pinned maps, syncs are full ones.
     let mut reconciled = false;
     if let Some(bytes) = source.changed() {
-        sync_from(&bytes, &config.manifests, &mut tracker, &mut syncer, true);
+        sync_from(
+            &bytes,
+            &config.manifests,
+            &mut tracker,
+            &mut syncer,
+            true,
+            &status.metrics,
+        );
         reconciled = true;
     }
     attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
@@ -199,6 +229,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     }
                     if !ready {
                         ready = true;
+                        status.set_ready();
                         mark_ready(&config)?;
                     }
                 }
@@ -208,13 +239,15 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 }
             },
             _ = ticker.tick() => {
+                status.alive();
                 if let Some(bytes) = source.changed() {
-                    sync_from(&bytes, &config.manifests, &mut tracker, &mut syncer, !reconciled);
+                    sync_from(&bytes, &config.manifests, &mut tracker, &mut syncer, !reconciled, &status.metrics);
                     reconciled = true;
                 }
             }
             _ = gc_ticker.tick() => match conntrack::collect(&mut gc_tables, &gc_counts) {
                 Ok(report) if report.expired > 0 => {
+                    status.metrics.conntrack_expired.inc_by(report.expired as u64);
                     debug!(scanned = report.scanned, expired = report.expired, "conntrack GC");
                 }
                 Ok(_) => {}

@@ -1,7 +1,12 @@
 //! The `ebpf-proxy` command line: `run` the agent, `list` what it programmed,
 //! `cleanup` what it left attached.
 
-use std::{io::IsTerminal as _, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    io::IsTerminal as _,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -122,6 +127,13 @@ struct RunArgs {
     /// How often idle conntrack entries are collected, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     ct_gc_interval_ms: u64,
+    /// Where `/metrics` and `/proxyMode` are served (kube-proxy's default).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: SocketAddr,
+    /// Where `/healthz`, `/livez` and `/readyz` are served (kube-proxy's default: on
+    /// every address, for load balancers' node health checks).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
     /// How the uplink program forwards translated packets.
     #[arg(long, value_enum, default_value = "pass")]
     xdp_forward: XdpForwardArg,
@@ -167,6 +179,8 @@ async fn main() -> Result<()> {
                 xdp_redirect: args.xdp_forward == XdpForwardArg::Redirect,
                 default_scheduler: args.scheduler,
                 ct_gc_interval: Duration::from_millis(args.ct_gc_interval_ms),
+                metrics_address: args.metrics_bind_address,
+                health_address: args.healthz_bind_address,
             };
             agent::run(config).await
         }

@@ -619,3 +619,47 @@ fn conntrack_list_and_flush_show_and_remove_flows() {
         "{events:?}"
     );
 }
+
+#[test]
+fn metrics_health_and_proxy_mode_answer_like_kube_proxy() {
+    let cluster = Cluster::new("obs", 2, 0, |t| vec![web(t, &["pod-a1"])]);
+    for _ in 0..3 {
+        curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).expect("curl");
+    }
+    let node = &cluster.topology.node;
+    assert_eq!(
+        curl(node, "http://127.0.0.1:10249/proxyMode").expect("proxyMode"),
+        "ebpf"
+    );
+    let metrics = curl(node, "http://127.0.0.1:10249/metrics").expect("metrics");
+    let line = |prefix: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+            .to_owned()
+    };
+    assert!(
+        line("ebpf_proxy_service_connections_total{service=\"demo/web:main\",frontend=\"TCP 10.96.0.10:80\"}").ends_with(" 3"),
+        "{metrics}"
+    );
+    assert!(
+        line("ebpf_proxy_datapath_events_total{reason=\"translated\"}")
+            .split(' ')
+            .nth(1)
+            > Some("0")
+    );
+    assert!(line("ebpf_proxy_map_entries{map=\"SERVICES\"}").ends_with(" 1"));
+    assert!(line("ebpf_proxy_syncs_total").ends_with(" 1"));
+    assert_eq!(
+        curl(node, "http://127.0.0.1:10256/readyz").expect("readyz"),
+        "ok\n"
+    );
+    assert!(curl(node, "http://127.0.0.1:10256/healthz")
+        .expect("healthz")
+        .contains("lastUpdated"));
+    // Health answers on the node's address (load balancers probe it); metrics do not.
+    let client = &cluster.topology.client;
+    assert!(curl(client, &format!("http://{NODE_IP}:10256/livez")).is_ok());
+    assert!(curl(client, &format!("http://{NODE_IP}:10249/metrics")).is_err());
+}
