@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the data path and keep it in sync with the manifests.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show programmed services, backends and counters, like `ipvsadm -Ln --stats`.
     List {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
