@@ -136,3 +136,35 @@ pub const fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
 
 #[cfg(feature = "user")]
 crate::user_pod!(CtKey, CtEntry);
+
+/// MurmurHash3 (32-bit) of a 5-tuple's four words: each word is mixed in on its own,
+/// so structured inputs (sequential addresses and ports) spread evenly. Used by the
+/// data path (Maglev, re-hashing, SNAT ports) and by `trace` to predict it.
+#[inline(always)]
+pub fn flow_hash(key: &CtKey) -> u32 {
+    let ports = ((key.sport as u32) << 16) | key.dport as u32;
+    let mut h = 0x9747_b28c_u32;
+    let words = [key.src.words[0], key.dst.words[0], ports, key.proto as u32];
+    let mut i = 0;
+    while i < words.len() {
+        let mut k = words[i].wrapping_mul(0xcc9e_2d51);
+        k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
+        h ^= k;
+        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+        i += 1;
+    }
+    h ^= 16;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// IPVS's sh/dh bucket of an address: `hash_32(ntohl(addr), 8)` as ip_vs_sh.c and
+/// ip_vs_dh.c compute it (the port is not part of it).
+#[inline(always)]
+pub fn addr_hash(addr: &Addr) -> u32 {
+    const GOLDEN_RATIO_32: u32 = 0x61C8_8647;
+    u32::from_be(addr.v4_be()).wrapping_mul(GOLDEN_RATIO_32) >> (32 - 8)
+}

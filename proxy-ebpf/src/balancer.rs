@@ -16,9 +16,9 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_prandom_u32, bpf_loop},
 };
 use proxy_common::{
-    Addr, Backend, BackendSlotKey, CtKey, ServiceKey, ServiceValue, MAX_BACKENDS_PER_SERVICE,
-    MAX_LEAST_CONN_SCAN, SCHED_DH, SCHED_LC, SCHED_MAGLEV, SCHED_NQ, SCHED_RANDOM, SCHED_SED,
-    SCHED_SH, SCHED_WLC, SCOPE_ADDRESS, SCOPE_NODE_PORT,
+    addr_hash, flow_hash, Addr, Backend, BackendSlotKey, CtKey, ServiceKey, ServiceValue,
+    MAX_BACKENDS_PER_SERVICE, MAX_LEAST_CONN_SCAN, SCHED_DH, SCHED_LC, SCHED_MAGLEV, SCHED_NQ,
+    SCHED_RANDOM, SCHED_SED, SCHED_SH, SCHED_WLC, SCOPE_ADDRESS, SCOPE_NODE_PORT,
 };
 
 use crate::maps::{BACKEND_SLOTS, CONN_COUNTS, NODE_ADDRS, RR_CURSORS, SCHED_TABLES, SERVICES};
@@ -256,37 +256,4 @@ pub fn count_moved(backend_id: u32, from: u32, to: u32) {
             atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(f, 1);
         }
     }
-}
-
-/// IPVS's sh/dh bucket of an address: `hash_32(ntohl(addr), 8)` as ip_vs_sh.c and
-/// ip_vs_dh.c compute it (the port is not part of it).
-#[inline(always)]
-fn addr_hash(addr: &Addr) -> u32 {
-    const GOLDEN_RATIO_32: u32 = 0x61C8_8647;
-    u32::from_be(addr.v4_be()).wrapping_mul(GOLDEN_RATIO_32) >> (32 - 8)
-}
-
-/// MurmurHash3 (32-bit) of a 5-tuple's four words: each word is mixed in on its own,
-/// so structured inputs (sequential addresses and ports) spread evenly.
-#[inline(always)]
-pub fn flow_hash(key: &CtKey) -> u32 {
-    let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
-    let mut h = 0x9747_b28c_u32;
-    for word in [
-        key.src.words[0],
-        key.dst.words[0],
-        ports,
-        u32::from(key.proto),
-    ] {
-        let mut k = word.wrapping_mul(0xcc9e_2d51);
-        k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
-        h ^= k;
-        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
-    }
-    h ^= 16;
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
 }

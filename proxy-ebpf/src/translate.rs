@@ -265,7 +265,7 @@ fn snat_address() -> Option<Addr> {
 /// a few hash-derived ones. Bounded, so a crowded node drops instead of looping.
 #[inline(always)]
 fn reserve_snat_port(reply_key: &mut CtKey, reply: &CtEntry, original: &CtKey) -> Option<u16> {
-    let hash = balancer::flow_hash(original);
+    let hash = proxy_common::flow_hash(original);
     for attempt in 0..SNAT_ATTEMPTS {
         let port = if attempt == 0 {
             original.sport

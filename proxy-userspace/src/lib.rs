@@ -18,5 +18,6 @@ pub mod scheduling;
 pub mod server;
 pub mod sync;
 pub mod testbed;
+pub mod trace;
 pub mod tracker;
 pub mod translate;

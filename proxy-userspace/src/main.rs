@@ -3,7 +3,7 @@
 
 use std::{
     io::IsTerminal as _,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     time::Duration,
 };
@@ -15,8 +15,9 @@ use ebpf_proxy::{
     conntrack,
     datapath::{attach, mmap::MappedArray, tables::Tables},
     listing,
-    model::Scheduler,
+    model::{Protocol, Scheduler},
     node::NodeConfig,
+    trace,
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ebpf-proxy";
@@ -44,6 +45,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Explain what the data path does with a packet (reads the maps, changes nothing).
+    Trace {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: ProtoArg,
+        #[arg(long)]
+        src: SocketAddrV4,
+        #[arg(long)]
+        dst: SocketAddrV4,
+        /// The interface the packet arrives on (an uplink or a pod interface the agent
+        /// attached); without it, the packet comes from outside the node.
+        #[arg(long)]
+        iface: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Tracked flows: list them, or flush some (their next packet is scheduled anew).
     Conntrack {
         #[command(subcommand)]
@@ -54,6 +72,12 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProtoArg {
+    Tcp,
+    Udp,
 }
 
 #[derive(Subcommand)]
@@ -190,6 +214,49 @@ async fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&listing)?);
             } else {
                 print!("{}", listing::render(&listing));
+            }
+            Ok(())
+        }
+        Command::Trace {
+            pin_dir,
+            proto,
+            src,
+            dst,
+            iface,
+            json,
+        } => {
+            let origin = match iface {
+                None => trace::Origin::External,
+                Some(iface)
+                    if attach::links_dir(&pin_dir)
+                        .join(format!("xdp-{iface}"))
+                        .exists() =>
+                {
+                    trace::Origin::External
+                }
+                Some(iface)
+                    if attach::links_dir(&pin_dir)
+                        .join(format!("tc-{iface}"))
+                        .exists() =>
+                {
+                    trace::Origin::Pod
+                }
+                Some(iface) => anyhow::bail!("{iface} is not an interface the agent attached to"),
+            };
+            let protocol = match proto {
+                ProtoArg::Tcp => Protocol::Tcp,
+                ProtoArg::Udp => Protocol::Udp,
+            };
+            let explanation = trace::explain(&Tables::open(&pin_dir)?, protocol, src, dst, origin)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&explanation)?);
+            } else {
+                for step in &explanation.steps {
+                    println!("- {step}");
+                }
+                if let Some((from, to)) = explanation.translated {
+                    println!("=> leaves as {from} -> {to}");
+                }
             }
             Ok(())
         }

@@ -663,3 +663,78 @@ fn metrics_health_and_proxy_mode_answer_like_kube_proxy() {
     assert!(curl(client, &format!("http://{NODE_IP}:10256/livez")).is_ok());
     assert!(curl(client, &format!("http://{NODE_IP}:10249/metrics")).is_err());
 }
+
+#[test]
+fn trace_explains_a_packet_without_changing_anything() {
+    let cluster = Cluster::new("trc", 2, 1, |t| {
+        let mut service = web(t, &["pod-b1"]);
+        service.node_port = Some(NODE_PORT);
+        vec![service]
+    });
+    let pin_dir = cluster.agent.pin_dir.to_str().expect("pin dir").to_owned();
+    let binary = cluster.agent.binary().to_str().expect("binary").to_owned();
+    let trace = |src: &str, dst: &str, iface: Option<&str>| -> serde_json::Value {
+        let mut args = vec![
+            "trace",
+            "--json",
+            "--pin-dir",
+            &pin_dir,
+            "--src",
+            src,
+            "--dst",
+            dst,
+        ];
+        if let Some(iface) = iface {
+            args.extend_from_slice(&["--iface", iface]);
+        }
+        serde_json::from_str(&ebpf_proxy::testbed::command::run(&binary, &args).expect("trace"))
+            .expect("json")
+    };
+    let before = cluster.agent.listing().expect("list");
+    // A new flow from outside to the NodePort: remote backend, hence masquerade.
+    let explained = trace(
+        "198.18.0.2:40000",
+        &format!("{NODE_IP}:{NODE_PORT}"),
+        Some("up0"),
+    );
+    assert_eq!(explained["service"], "demo/web:main");
+    assert_eq!(explained["backend"], "10.244.2.11:8080");
+    assert_eq!(explained["translated"][0], format!("{NODE_IP}:40000"));
+    assert!(
+        explained["steps"].to_string().contains("masqueraded"),
+        "{explained}"
+    );
+    // Not a service.
+    let other = trace("198.18.0.2:40000", &format!("{NODE_IP}:22"), None);
+    assert!(
+        other["steps"].to_string().contains("passes untouched"),
+        "{other}"
+    );
+    // Tracing changed nothing: the rr cursor and the counters are where they were.
+    let after = cluster.agent.listing().expect("list");
+    assert_eq!(
+        before.services[0].stats.connections,
+        after.services[0].stats.connections
+    );
+    // A real flow is then found in conntrack, with the backend it really got.
+    let mut connection =
+        HttpConnection::open(&cluster.topology.client, (NODE_IP, NODE_PORT).into())
+            .expect("connect");
+    connection.get().expect("request");
+    let flows = ebpf_proxy::testbed::command::run(
+        &binary,
+        &["conntrack", "list", "--json", "--pin-dir", &pin_dir],
+    )
+    .expect("list");
+    let flows: Vec<serde_json::Value> = serde_json::from_str(&flows).expect("json");
+    let client = flows[0]["client"].as_str().expect("client").to_owned();
+    let tracked = trace(&client, &format!("{NODE_IP}:{NODE_PORT}"), Some("up0"));
+    assert!(
+        tracked["steps"][0]
+            .as_str()
+            .expect("step")
+            .starts_with("conntrack: a tracked flow"),
+        "{tracked}"
+    );
+    assert_eq!(tracked["backend"], "10.244.2.11:8080");
+}

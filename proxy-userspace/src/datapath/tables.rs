@@ -24,6 +24,7 @@ pub struct Tables {
     pub events: PerCpuArray<MapData, u64>,
     pub service_names: HashMap<MapData, u32, ServiceName>,
     pub conn_counts: Array<MapData, ConnCounts>,
+    pub sched_tables: Array<MapData, u32>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
@@ -60,6 +61,7 @@ impl Tables {
             events: typed!(dir, "DATAPATH_EVENTS"),
             service_names: typed!(dir, "SERVICE_NAMES"),
             conn_counts: typed!(dir, "CONN_COUNTS"),
+            sched_tables: typed!(dir, "SCHED_TABLES"),
         })
     }
 
