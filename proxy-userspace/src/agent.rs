@@ -122,7 +122,17 @@ fn sync_from(
     let started = Instant::now();
     let text = String::from_utf8_lossy(bytes);
     let (objects, mut problems) = manifests::parse(&text, &source.display().to_string());
-    tracker.replace_all(&objects);
+    if problems.is_empty() {
+        tracker.replace_all(&objects);
+    } else {
+        // A malformed document may have held objects that still serve traffic: apply
+        // what parsed, remove nothing until the file parses cleanly again.
+        warn!(
+            malformed = problems.len(),
+            "manifests have malformed documents: updating what parsed, removing nothing"
+        );
+        tracker.merge(&objects);
+    }
     let flush = tracker.flush();
     problems.extend(flush.problems);
     let report = if full {
@@ -158,7 +168,39 @@ fn sync_from(
     );
 }
 
+/// The capabilities the agent needs, and why (see also deploy/daemonset.yaml).
+const REQUIRED_CAPABILITIES: [(u32, &str, &str); 3] = [
+    (39, "CAP_BPF", "load programs and create maps"),
+    (38, "CAP_PERFMON", "load programs that use packet pointers"),
+    (
+        12,
+        "CAP_NET_ADMIN",
+        "attach XDP, tc and cgroup programs, set accept_local on uplinks",
+    ),
+];
+
+/// Fails clearly, before touching anything, when a needed capability is missing.
+fn check_capabilities() -> Result<()> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .context("no CapEff in /proc/self/status")?;
+    let missing: Vec<String> = REQUIRED_CAPABILITIES
+        .iter()
+        .filter(|(bit, _, _)| effective & (1 << bit) == 0)
+        .map(|(_, name, why)| format!("{name} ({why})"))
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!("missing capabilities: {}", missing.join(", "));
+    }
+    Ok(())
+}
+
 pub async fn run(config: AgentConfig) -> Result<()> {
+    check_capabilities()?;
     config.node.validate()?;
     let mut datapath = Datapath::load(&config.pin_dir)?;
     let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?;

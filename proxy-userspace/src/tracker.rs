@@ -169,6 +169,17 @@ impl ChangeTracker {
         }
     }
 
+    /// Adds or updates `objects` without removing anything: for a source read that is
+    /// known to be incomplete (a malformed document may hold objects still in use).
+    pub fn merge(&mut self, objects: &Objects) {
+        for service in &objects.services {
+            self.set_service(service.clone());
+        }
+        for slice in &objects.slices {
+            self.set_slice(slice.clone());
+        }
+    }
+
     fn holder(&self, key: &FrontendKey) -> Option<&Frontend> {
         self.claims.get(key)?.values().next()
     }

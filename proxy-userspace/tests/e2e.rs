@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use ebpf_proxy::testbed::{
-    agent::Agent,
+    agent::{Agent, AgentOptions},
     manifests::{render, ServiceDef},
     netns::Netns,
     servers::HttpConnection,
@@ -40,6 +40,25 @@ impl Cluster {
         services: impl Fn(&Topology) -> Vec<ServiceDef>,
         agent_args: &[&str],
     ) -> Cluster {
+        Cluster::with_options(
+            test,
+            local_pods,
+            remote_pods,
+            services,
+            AgentOptions {
+                extra_args: agent_args,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn with_options(
+        test: &str,
+        local_pods: usize,
+        remote_pods: usize,
+        services: impl Fn(&Topology) -> Vec<ServiceDef>,
+        options: AgentOptions<'_>,
+    ) -> Cluster {
         let prefix = format!("epx{}{test}", std::process::id() % 100_000);
         let topology = Topology::build(&prefix, local_pods, remote_pods).expect("topology");
         let work_dir = PathBuf::from(format!("/tmp/{prefix}"));
@@ -49,7 +68,7 @@ impl Cluster {
             &topology,
             &work_dir,
             &manifests,
-            agent_args,
+            options,
         )
         .expect("agent");
         Cluster { agent, topology }
@@ -737,4 +756,94 @@ fn trace_explains_a_packet_without_changing_anything() {
         "{tracked}"
     );
     assert_eq!(tracked["backend"], "10.244.2.11:8080");
+}
+
+#[test]
+fn a_corrupted_or_deleted_manifests_file_keeps_the_last_good_state() {
+    let services = |t: &Topology| vec![web(t, &["pod-a1"]), dns(t, &["pod-a1"])];
+    let cluster = Cluster::new("bad", 2, 0, services);
+    let client = cluster.ns("pod-a2");
+    let good = render(&services(&cluster.topology));
+    // The second half of the file (the UDP service) becomes garbage.
+    let split = good
+        .find("name: dns")
+        .and_then(|i| good[..i].rfind("---"))
+        .expect("dns document");
+    let corrupted = format!(
+        "{}---\napiVersion: v1\nkind: Service\n  metadata: [broken\n",
+        &good[..split]
+    );
+    std::fs::write(&cluster.agent.manifests, corrupted).expect("write");
+    wait_until(
+        || cluster.agent.log().contains("removing nothing"),
+        "the agent read the corrupted file",
+    );
+    assert!(curl(client, &format!("http://{WEB_VIP}/")).is_ok());
+    assert!(
+        udp_ask(client, &format!("{DNS_VIP}:53")).starts_with("pod=pod-a1"),
+        "the UDP service must stay"
+    );
+    std::fs::remove_file(&cluster.agent.manifests).expect("delete");
+    wait_until(
+        || cluster.agent.log().contains("manifests unreadable"),
+        "the agent noticed the deletion",
+    );
+    assert!(curl(client, &format!("http://{WEB_VIP}/")).is_ok());
+    assert_eq!(cluster.agent.listing().expect("list").services.len(), 2);
+}
+
+/// `setpriv` arguments that leave root with exactly these capabilities.
+fn only_capabilities(caps: &str) -> Vec<String> {
+    let set = format!("-all,{caps}");
+    [
+        "setpriv",
+        "--bounding-set",
+        &set,
+        "--inh-caps",
+        "-all",
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn the_agent_runs_with_only_bpf_perfmon_and_net_admin_and_says_what_is_missing() {
+    let launcher = only_capabilities("+bpf,+perfmon,+net_admin");
+    let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
+    let cluster = Cluster::with_options(
+        "caps",
+        2,
+        0,
+        |t| vec![web(t, &["pod-a1"])],
+        AgentOptions {
+            launcher: &launcher,
+            ..Default::default()
+        },
+    );
+    assert!(curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).is_ok());
+    drop(cluster);
+
+    // Without NET_ADMIN the agent refuses at once, naming what is missing.
+    let launcher = only_capabilities("+bpf,+perfmon");
+    let prefix = format!("epx{}nocap", std::process::id() % 100_000);
+    let topology = Topology::build(&prefix, 1, 0).expect("topology");
+    let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
+    let error = Agent::start_with(
+        env!("CARGO_BIN_EXE_ebpf-proxy").as_ref(),
+        &topology,
+        &PathBuf::from(format!("/tmp/{prefix}")),
+        "",
+        AgentOptions {
+            launcher: &launcher,
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("must refuse");
+    assert!(
+        format!("{error:#}").contains("missing capabilities: CAP_NET_ADMIN"),
+        "{error:#}"
+    );
 }

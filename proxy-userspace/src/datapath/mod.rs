@@ -4,6 +4,7 @@
 
 pub mod attach;
 pub mod interfaces;
+pub mod layout;
 pub mod loader;
 pub mod mmap;
 pub mod tables;

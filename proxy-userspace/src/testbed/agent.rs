@@ -24,7 +24,17 @@ pub struct Agent {
     pub manifests: PathBuf,
     work_dir: PathBuf,
     extra_args: Vec<String>,
+    launcher: Vec<String>,
     child: Option<Child>,
+}
+
+/// How to start the agent beyond the defaults.
+#[derive(Clone, Copy, Default)]
+pub struct AgentOptions<'a> {
+    /// More `ebpf-proxy run` arguments.
+    pub extra_args: &'a [&'a str],
+    /// A program (and its arguments) the agent runs under, inside the node namespace.
+    pub launcher: &'a [&'a str],
 }
 
 impl Agent {
@@ -36,16 +46,23 @@ impl Agent {
         work_dir: &Path,
         manifests: &str,
     ) -> Result<Agent> {
-        Agent::start_with(binary, topology, work_dir, manifests, &[])
+        Agent::start_with(
+            binary,
+            topology,
+            work_dir,
+            manifests,
+            AgentOptions::default(),
+        )
     }
 
-    /// `start` with more `ebpf-proxy run` arguments.
+    /// `start` with more `ebpf-proxy run` arguments, and a launcher the agent runs
+    /// under (e.g. `setpriv` with fewer capabilities).
     pub fn start_with(
         binary: &Path,
         topology: &Topology,
         work_dir: &Path,
         manifests: &str,
-        extra_args: &[&str],
+        options: AgentOptions<'_>,
     ) -> Result<Agent> {
         std::fs::create_dir_all(work_dir)?;
         let manifests_path = work_dir.join("manifests.yaml");
@@ -60,7 +77,8 @@ impl Agent {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
             manifests: manifests_path,
             work_dir: work_dir.to_owned(),
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            extra_args: options.extra_args.iter().map(|a| a.to_string()).collect(),
+            launcher: options.launcher.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         agent.spawn()?;
@@ -83,7 +101,15 @@ impl Agent {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let mut command = command_in(&self.node_ns, self.binary.to_str().context("binary path")?);
+        let binary = self.binary.to_str().context("binary path")?;
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = command_in(&self.node_ns, program);
+                c.args(args).arg(binary);
+                c
+            }
+            None => command_in(&self.node_ns, binary),
+        };
         command
             .args([
                 "run",

@@ -1,0 +1,43 @@
+//! Refusing pinned maps of another layout. Maps are reused across restarts and
+//! upgrades by their pin; a version whose keys or values changed size would read a
+//! predecessor's map wrongly (nothing in the kernel stops a smaller value). Before
+//! loading, every pinned map is compared with this version's definition.
+
+use std::path::Path;
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::MapInfo;
+
+use super::EBPF_OBJECT;
+
+pub fn check_pinned_maps(pin_dir: &Path) -> Result<()> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the embedded eBPF object")?;
+    let mut mismatches = Vec::new();
+    for (name, wanted) in &object.maps {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned =
+            MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+        let have = (pinned.key_size(), pinned.value_size(), pinned.max_entries());
+        let want = (wanted.key_size(), wanted.value_size(), wanted.max_entries());
+        if have != want {
+            mismatches.push(format!(
+                "{name}: pinned key/value/entries {}/{}/{}, this version needs {}/{}/{}",
+                have.0, have.1, have.2, want.0, want.1, want.2
+            ));
+        }
+    }
+    if !mismatches.is_empty() {
+        bail!(
+            "the maps pinned in {} have another layout than this version of ebpf-proxy uses:\n  {}\n\
+             Run the version that created them, or `ebpf-proxy cleanup --pin-dir {}` \
+             (detaches the programs and drops all conntrack state) before starting this one.",
+            pin_dir.display(),
+            mismatches.join("\n  "),
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
