@@ -847,3 +847,105 @@ fn the_agent_runs_with_only_bpf_perfmon_and_net_admin_and_says_what_is_missing()
         "{error:#}"
     );
 }
+
+#[test]
+fn a_pod_interface_removed_and_added_again_gets_its_program_back() {
+    let cluster = Cluster::new("readd", 2, 0, |t| vec![web(t, &["pod-a1"])]);
+    let client = cluster.ns("pod-a2");
+    assert!(curl(client, &format!("http://{WEB_VIP}/")).is_ok());
+    let attachments = || {
+        cluster
+            .agent
+            .log()
+            .matches("tc program attached iface=\"veth1\"")
+            .count()
+    };
+    let before = attachments();
+    cluster
+        .topology
+        .recreate_pod_interface("pod-a1")
+        .expect("recreate");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while attachments() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tc not re-attached to veth1:\n{}",
+            cluster.agent.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The backend's replies cross the new interface and are reverse-translated there.
+    let body = curl(client, &format!("http://{WEB_VIP}/")).expect("curl after the re-add");
+    assert_eq!(pod_of(&body), "pod-a1");
+}
+
+#[test]
+fn restarts_under_load_lose_no_request_and_no_stream() {
+    let Cluster {
+        mut agent,
+        topology,
+    } = Cluster::new("load", 3, 0, |t| vec![web(t, &["pod-a1", "pod-a2"])]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client_path = topology.pod("pod-a3").ns.path();
+    // Short requests, each on a new connection, as fast as they come.
+    let short = {
+        let (stop, path) = (stop.clone(), client_path.clone());
+        std::thread::spawn(move || {
+            ebpf_proxy::testbed::netns::enter_current_thread(&path).expect("setns");
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let result = std::net::TcpStream::connect_timeout(
+                    &(WEB_VIP, 80).into(),
+                    std::time::Duration::from_secs(2),
+                )
+                .and_then(|mut s| {
+                    use std::io::{Read as _, Write as _};
+                    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+                    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+                    let mut response = String::new();
+                    s.read_to_string(&mut response)?;
+                    Ok(response)
+                });
+                match result {
+                    Ok(r) if r.contains("pod=") => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    // Long-lived streams: kept-alive connections used throughout.
+    let mut streams: Vec<HttpConnection> = (0..3)
+        .map(|_| {
+            HttpConnection::open(&topology.pod("pod-a3").ns, (WEB_VIP, 80).into()).expect("stream")
+        })
+        .collect();
+    let mut stream_requests = 0;
+    for _round in 0..3 {
+        agent.kill();
+        for s in &mut streams {
+            s.get().expect("stream while the agent is down");
+            stream_requests += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // A restart loads the programs again and swaps them in for the pinned ones.
+        agent.spawn().expect("restart");
+        for s in &mut streams {
+            s.get().expect("stream after the restart");
+            stream_requests += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = short.join().expect("load thread");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok > 100, "too little load to mean anything: {ok} requests");
+    assert_eq!(stream_requests, 18);
+    drop(agent);
+}

@@ -126,19 +126,7 @@ impl Topology {
         let addr = Ipv4Addr::new(10, 244, subnet, 10 + index as u8);
         let host_interface = format!("veth{index}");
         let ns = Netns::create(&format!("{}-{name}", self.prefix))?;
-        host.ip(&format!(
-            "link add {host_interface} type veth peer name eth0 netns {}",
-            ns.name
-        ))?;
-        host.ip(&format!("addr add {POD_GATEWAY}/32 dev {host_interface}"))?;
-        host.ip(&format!("link set {host_interface} up"))?;
-        host.ip(&format!(
-            "route add {addr}/32 dev {host_interface} scope link"
-        ))?;
-        ns.ip(&format!("addr add {addr}/32 dev eth0"))?;
-        ns.ip("link set eth0 up")?;
-        ns.ip(&format!("route add {POD_GATEWAY} dev eth0 scope link"))?;
-        ns.ip(&format!("route add default via {POD_GATEWAY} dev eth0"))?;
+        wire_pod(host, &ns, &host_interface, addr)?;
         let servers = PodServers::start(&ns, &name)?;
         self.pods.push(Pod {
             name,
@@ -156,6 +144,34 @@ impl Topology {
             .iter()
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+}
+
+/// The veth pair of a pod, its addresses and routes (Calico-style).
+fn wire_pod(host: &Netns, ns: &Netns, host_interface: &str, addr: Ipv4Addr) -> Result<()> {
+    host.ip(&format!(
+        "link add {host_interface} type veth peer name eth0 netns {}",
+        ns.name
+    ))?;
+    host.ip(&format!("addr add {POD_GATEWAY}/32 dev {host_interface}"))?;
+    host.ip(&format!("link set {host_interface} up"))?;
+    host.ip(&format!(
+        "route add {addr}/32 dev {host_interface} scope link"
+    ))?;
+    ns.ip(&format!("addr add {addr}/32 dev eth0"))?;
+    ns.ip("link set eth0 up")?;
+    ns.ip(&format!("route add {POD_GATEWAY} dev eth0 scope link"))?;
+    ns.ip(&format!("route add default via {POD_GATEWAY} dev eth0"))?;
+    Ok(())
+}
+
+impl Topology {
+    /// Deletes a local pod's veth pair and creates it again under the same name, as a
+    /// CNI does when a pod's sandbox is recreated; the pod's servers keep running.
+    pub fn recreate_pod_interface(&self, pod: &str) -> Result<()> {
+        let pod = self.pod(pod);
+        self.node.ip(&format!("link del {}", pod.host_interface))?;
+        wire_pod(&self.node, &pod.ns, &pod.host_interface, pod.addr)
     }
 }
 
