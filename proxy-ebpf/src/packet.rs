@@ -35,6 +35,8 @@ pub fn l4_check_offset(proto: u8) -> usize {
 pub trait Packet {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
+    /// The whole packet's length (for tc, beyond the linear part too).
+    fn len(&self) -> usize;
 
     /// Replaces the 32-bit address at `ip_field` (IP_SRC or IP_DST) and fixes the IP
     /// checksum and the L4 pseudo-header checksum.
@@ -89,6 +91,10 @@ impl Packet for XdpPacket<'_> {
     fn end(&self) -> usize {
         self.0.data_end()
     }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.data_end() - self.0.data()
+    }
 
     #[inline(always)]
     fn rewrite_addr(&self, flow: &Flow, ip_field: usize, old: u32, new: u32) -> Result<(), ()> {
@@ -133,6 +139,10 @@ impl Packet for TcPacket<'_> {
     #[inline(always)]
     fn end(&self) -> usize {
         self.0.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() as usize
     }
 
     #[inline(always)]

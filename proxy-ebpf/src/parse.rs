@@ -67,34 +67,53 @@ pub fn parse<P: Packet>(pkt: &P) -> Result<Flow, Skip> {
         )
     };
     let ihl = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ihl < 20 || usize::from(tot_len) < ihl {
+    let l4_min = if proto == PROTO_TCP { 20 } else { 8 };
+    // The stack drops a packet whose IP length exceeds what arrived, or leaves no
+    // room for its L4 header: never translate one.
+    if vihl >> 4 != 4
+        || ihl < 20
+        || usize::from(tot_len) < ihl + l4_min
+        || ETH_LEN + usize::from(tot_len) > pkt.len()
+    {
         return Err(Skip::Malformed);
     }
     if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
         return Err(Skip::Fragment);
     }
     let l4_off = ETH_LEN + ihl;
+    let l4_len = usize::from(tot_len) - ihl;
+    // Header lengths must fit the IP payload, as the kernel's TCP and UDP input
+    // requires; otherwise the packet is malformed and never translated.
     let (sport, dport, tcp_flags) = if proto == PROTO_TCP {
         let tcp: *const TcpHdr = pkt.ptr_at(l4_off).ok_or(Skip::Malformed)?;
         // The flags byte is read through the checked header pointer: a second bounds
         // check at a variable offset would be merged by LLVM into a pointer the
         // verifier no longer recognises as checked.
-        unsafe {
+        let (sport, dport, flags, data_offset) = unsafe {
             (
                 u16::from_ne_bytes((*tcp).source),
                 u16::from_ne_bytes((*tcp).dest),
                 *tcp.cast::<u8>().add(13),
+                usize::from(*tcp.cast::<u8>().add(12) >> 4) * 4,
             )
+        };
+        if data_offset < 20 || data_offset > l4_len {
+            return Err(Skip::Malformed);
         }
+        (sport, dport, flags)
     } else {
         let udp: *const UdpHdr = pkt.ptr_at(l4_off).ok_or(Skip::Malformed)?;
-        unsafe {
+        let (sport, dport, udp_len) = unsafe {
             (
                 u16::from_ne_bytes((*udp).src),
                 u16::from_ne_bytes((*udp).dst),
-                0,
+                usize::from(u16::from_be_bytes((*udp).len)),
             )
+        };
+        if udp_len < 8 || udp_len > l4_len {
+            return Err(Skip::Malformed);
         }
+        (sport, dport, 0)
     };
     Ok(Flow {
         key: CtKey {
