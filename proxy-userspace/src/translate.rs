@@ -20,7 +20,8 @@
 //!    node default; an unknown name is an error for that service, which keeps the
 //!    default. Weights come from `ebpf-proxy.io/weights` (`addr=weight, …`), default 1.
 //! 7. Bad input is reported as a `Problem` naming the object and skips only that
-//!    object: a service with an unparsable address or duplicate ports, a slice with an
+//!    object: a service with an unparsable address or duplicate ports or nodePorts, a
+//!    slice with an
 //!    unparsable address. Two services claiming one frontend: the first by
 //!    namespace/name keeps it.
 
@@ -310,6 +311,7 @@ pub(crate) fn service_output(
     };
     let mut frontends = Vec::new();
     let mut seen_ports = BTreeSet::new();
+    let mut seen_node_ports = BTreeSet::new();
     for port in spec.ports.iter().flatten() {
         let protocol = match parse_protocol(port.protocol.as_deref()) {
             Ok(p) => p,
@@ -339,6 +341,14 @@ pub(crate) fn service_output(
                 }
             },
         };
+        if let Some(n) = node_port {
+            if !seen_node_ports.insert((n, protocol)) {
+                return out.failed(Problem::error(
+                    object,
+                    format!("duplicate nodePort {n}/{protocol}"),
+                ));
+            }
+        }
         let mut endpoints = serving_endpoints(endpoints, port, protocol);
         for endpoint in &mut endpoints {
             if let Some(weight) = weights.get(&endpoint.addr) {

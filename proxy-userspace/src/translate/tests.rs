@@ -201,6 +201,13 @@ fn rule6_bad_services_are_skipped_and_named_while_others_keep_working() {
             "no cluster IP",
             service("bad", "").replace("  clusterIP: 10.96.0.1\n", ""),
         ),
+        (
+            "duplicate nodePorts",
+            service("bad", "").replace(
+                "ports: [{name: http, port: 80, protocol: TCP}]",
+                "ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30080}]",
+            ),
+        ),
     ];
     for (what, bad) in cases {
         let out = translate(&objects(&(bad + &good)), NODE);
