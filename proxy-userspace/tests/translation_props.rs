@@ -43,9 +43,11 @@ struct GenSlice {
     port_name: usize,
     port: u16,
     protocol: usize,
-    /// (address octet, ready, serving, terminating, on this node)
-    endpoints: Vec<(u8, Option<bool>, Option<bool>, Option<bool>, bool)>,
+    endpoints: Vec<GenEndpoint>,
 }
+
+/// (address octet, ready, serving, terminating, on this node)
+type GenEndpoint = (u8, Option<bool>, Option<bool>, Option<bool>, bool);
 
 fn service_strategy() -> impl Strategy<Value = GenService> {
     (
