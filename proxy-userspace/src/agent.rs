@@ -21,7 +21,7 @@ use crate::{
     datapath::{
         attach,
         interfaces::{self, LinkEvent},
-        loader::Datapath,
+        loader::{Datapath, MapSizes},
         mmap::MappedArray,
         tables::Tables,
     },
@@ -54,6 +54,7 @@ pub struct AgentConfig {
     pub metrics_address: SocketAddr,
     /// `/healthz`, `/livez`, `/readyz`.
     pub health_address: SocketAddr,
+    pub map_sizes: MapSizes,
 }
 
 /// The cookie of the agent's network namespace: the socket hooks serve only it.
@@ -202,7 +203,7 @@ fn check_capabilities() -> Result<()> {
 pub async fn run(config: AgentConfig) -> Result<()> {
     check_capabilities()?;
     config.node.validate()?;
-    let mut datapath = Datapath::load(&config.pin_dir)?;
+    let mut datapath = Datapath::load_sized(&config.pin_dir, config.map_sizes)?;
     let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?;
     let status = Status::new(config.pin_dir.clone(), AgentMetrics::default());
     server::spawn(

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ebpf_proxy::{
     agent::{self, AgentConfig},
     conntrack,
-    datapath::{attach, mmap::MappedArray, tables::Tables},
+    datapath::{attach, loader::MapSizes, mmap::MappedArray, tables::Tables},
     listing,
     model::{Protocol, Scheduler},
     node::NodeConfig,
@@ -158,6 +158,16 @@ struct RunArgs {
     /// every address, for load balancers' node health checks).
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
+    /// Frontends the maps hold (each ClusterIP, external IP, LB IP and NodePort port
+    /// is one).
+    #[arg(long, default_value_t = proxy_common::MAX_SERVICES)]
+    max_services: u32,
+    /// Backends the maps hold, over all frontends.
+    #[arg(long, default_value_t = proxy_common::MAX_BACKENDS)]
+    max_backends: u32,
+    /// Conntrack entries (two per flow; an LRU: the oldest are evicted when full).
+    #[arg(long, default_value_t = proxy_common::CONNTRACK_ENTRIES)]
+    conntrack_entries: u32,
     /// How the uplink program forwards translated packets.
     #[arg(long, value_enum, default_value = "pass")]
     xdp_forward: XdpForwardArg,
@@ -208,6 +218,11 @@ async fn main() -> Result<()> {
                 ct_gc_interval: Duration::from_millis(args.ct_gc_interval_ms),
                 metrics_address: args.metrics_bind_address,
                 health_address: args.healthz_bind_address,
+                map_sizes: MapSizes {
+                    services: args.max_services,
+                    backends: args.max_backends,
+                    conntrack: args.conntrack_entries,
+                },
             };
             agent::run(config).await
         }

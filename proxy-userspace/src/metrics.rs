@@ -16,7 +16,6 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use proxy_common::{CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_SERVICES};
 
 use crate::{datapath::tables::Tables, listing};
 
@@ -189,15 +188,12 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics) -> Result<String> {
     let entries = Family::<Labels, Gauge>::default();
     let capacity = Family::<Labels, Gauge>::default();
     let fill = [
-        ("SERVICES", tables.services.keys().count(), MAX_SERVICES),
-        ("BACKEND_SLOTS", tables.slots.keys().count(), MAX_BACKENDS),
-        (
-            "CONNTRACK",
-            tables.conntrack.keys().count(),
-            CONNTRACK_ENTRIES,
-        ),
+        ("SERVICES", tables.services.keys().count()),
+        ("BACKEND_SLOTS", tables.slots.keys().count()),
+        ("CONNTRACK", tables.conntrack.keys().count()),
     ];
-    for (map, used, max) in fill {
+    for (map, used) in fill {
+        let max = aya::maps::MapInfo::from_pin(pin_dir.join(map))?.max_entries();
         entries
             .get_or_create(&labels(&[("map", map)]))
             .set(used as i64);

@@ -21,8 +21,8 @@ use aya::maps::MapError;
 use proxy_common::{
     Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, NodeAddrFlags, ServiceKey,
     ServiceValue, BACKEND_F_REMOTE, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_XDP_FORWARD,
-    MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, PROTO_UDP, SCOPE_ADDRESS,
-    SCOPE_NODE_PORT, SVC_F_EXTERNAL, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
+    MAX_BACKENDS_PER_SERVICE, PROTO_UDP, SCOPE_ADDRESS, SCOPE_NODE_PORT, SVC_F_EXTERNAL,
+    XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
 use crate::{
@@ -225,14 +225,16 @@ impl Syncer {
                 .values()
                 .map(|p| (p.value.table_offset, p.value.table_len)),
         );
+        let service_ids = IdPool::with_used(tables.services_capacity()?, &service_ids);
+        let backend_ids = IdPool::with_used(tables.backends_capacity()?, &backend_ids);
         Ok(Syncer {
             tables,
             sched_tables,
             conn_counts,
             table_space,
             programmed,
-            service_ids: IdPool::with_used(MAX_SERVICES, &service_ids),
-            backend_ids: IdPool::with_used(MAX_BACKENDS, &backend_ids),
+            service_ids,
+            backend_ids,
         })
     }
 
@@ -392,7 +394,7 @@ impl Syncer {
         let id = self
             .service_ids
             .allocate()
-            .context("the service table is full (raise MAX_SERVICES)")?;
+            .context("the service table is full (raise --max-services)")?;
         let programmed = Programmed {
             value: ServiceValue {
                 id,
@@ -587,7 +589,7 @@ impl Syncer {
                 let id = self
                     .backend_ids
                     .allocate()
-                    .context("the backend table is full (raise MAX_BACKENDS)")?;
+                    .context("the backend table is full (raise --max-backends)")?;
                 newcomers.push(backend_of(endpoint, id));
             }
         }

@@ -427,3 +427,29 @@ fn two_cpus_opening_the_same_flows_at_once_agree_on_one_backend() {
         .collect();
     assert_eq!(replies.len(), FLOWS as usize);
 }
+
+#[test]
+fn a_full_conntrack_evicts_old_flows_and_keeps_translating_new_ones() {
+    let sizes = ebpf_proxy::datapath::loader::MapSizes {
+        conntrack: 128,
+        ..Default::default()
+    };
+    let mut dp = TestDatapath::with_sizes(sizes);
+    dp.program(&[(tcp(VIP, 80), three_backends())]);
+    for port in 0..1000u16 {
+        let (verdict, out) = dp.xdp(&tcp_packet(
+            (CLIENT, 10_000 + port),
+            (VIP, 80),
+            Tcp::Syn,
+            b"",
+        ));
+        assert_eq!(verdict, XDP_PASS);
+        assert_ne!(inspect(&out).dst.0, VIP, "flow {port} not translated");
+    }
+    assert!(dp.tables().conntrack.keys().count() <= 128);
+    assert_eq!(
+        dp.event("ct_insert_failed"),
+        0,
+        "an LRU evicts instead of failing"
+    );
+}

@@ -949,3 +949,45 @@ fn restarts_under_load_lose_no_request_and_no_stream() {
     assert_eq!(stream_requests, 18);
     drop(agent);
 }
+
+#[test]
+fn a_full_service_table_is_reported_and_the_services_that_fit_keep_working() {
+    let cluster = Cluster::with_agent_args(
+        "full",
+        2,
+        0,
+        |t| {
+            (1..=3u8)
+                .map(|i| {
+                    ServiceDef::new(
+                        &format!("svc{i}"),
+                        Ipv4Addr::new(10, 96, 1, i),
+                        "TCP",
+                        80,
+                        8080,
+                    )
+                    .with_pods([t.pod("pod-a1")])
+                })
+                .collect()
+        },
+        &["--max-services", "2"],
+    );
+    let log = cluster.agent.log();
+    assert!(
+        log.contains("the service table is full (raise --max-services)"),
+        "{log}"
+    );
+    let client = cluster.ns("pod-a2");
+    assert!(curl(client, "http://10.96.1.1/").is_ok());
+    assert!(curl(client, "http://10.96.1.2/").is_ok());
+    assert!(
+        curl(client, "http://10.96.1.3/").is_err(),
+        "the third does not fit"
+    );
+    let metrics = curl(&cluster.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
+    assert!(
+        metrics.contains("ebpf_proxy_map_capacity{map=\"SERVICES\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ebpf_proxy_sync_problems 1"), "{metrics}");
+}

@@ -8,9 +8,9 @@ use std::path::Path;
 use anyhow::{bail, Context as _, Result};
 use aya::maps::MapInfo;
 
-use super::EBPF_OBJECT;
+use super::{loader::MapSizes, EBPF_OBJECT};
 
-pub fn check_pinned_maps(pin_dir: &Path) -> Result<()> {
+pub fn check_pinned_maps(pin_dir: &Path, sizes: &MapSizes) -> Result<()> {
     let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the embedded eBPF object")?;
     let mut mismatches = Vec::new();
     for (name, wanted) in &object.maps {
@@ -21,7 +21,12 @@ pub fn check_pinned_maps(pin_dir: &Path) -> Result<()> {
         let pinned =
             MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
         let have = (pinned.key_size(), pinned.value_size(), pinned.max_entries());
-        let want = (wanted.key_size(), wanted.value_size(), wanted.max_entries());
+        let entries = sizes
+            .by_map()
+            .iter()
+            .find(|(map, _)| map == name)
+            .map_or(wanted.max_entries(), |(_, size)| *size);
+        let want = (wanted.key_size(), wanted.value_size(), entries);
         if have != want {
             mismatches.push(format!(
                 "{name}: pinned key/value/entries {}/{}/{}, this version needs {}/{}/{}",
@@ -31,7 +36,7 @@ pub fn check_pinned_maps(pin_dir: &Path) -> Result<()> {
     }
     if !mismatches.is_empty() {
         bail!(
-            "the maps pinned in {} have another layout than this version of ebpf-proxy uses:\n  {}\n\
+            "the maps pinned in {} have another layout (or size) than this agent uses:\n  {}\n\
              Run the version that created them, or `ebpf-proxy cleanup --pin-dir {}` \
              (detaches the programs and drops all conntrack state) before starting this one.",
             pin_dir.display(),

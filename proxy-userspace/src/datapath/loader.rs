@@ -46,15 +46,59 @@ pub struct Datapath {
     pub pin_dir: PathBuf,
 }
 
+/// Map sizes an operator may change (`run --max-services` …). They take effect when
+/// the maps are created; pinned maps keep the size they were created with (a
+/// different size is refused, see `layout`).
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            services: proxy_common::MAX_SERVICES,
+            backends: proxy_common::MAX_BACKENDS,
+            conntrack: proxy_common::CONNTRACK_ENTRIES,
+        }
+    }
+}
+
+impl MapSizes {
+    /// Every sized map and its size.
+    pub fn by_map(&self) -> [(&'static str, u32); 8] {
+        [
+            ("SERVICES", self.services),
+            ("RR_CURSORS", self.services),
+            ("SERVICE_STATS", self.services),
+            ("SERVICE_NAMES", self.services),
+            ("BACKEND_SLOTS", self.backends),
+            ("BACKEND_STATS", self.backends),
+            ("CONN_COUNTS", self.backends),
+            ("CONNTRACK", self.conntrack),
+        ]
+    }
+}
+
 impl Datapath {
     /// Loads (but does not attach) every program, pinning maps in `pin_dir`.
     pub fn load(pin_dir: &Path) -> Result<Datapath> {
+        Datapath::load_sized(pin_dir, MapSizes::default())
+    }
+
+    pub fn load_sized(pin_dir: &Path, sizes: MapSizes) -> Result<Datapath> {
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-        super::layout::check_pinned_maps(pin_dir)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
+        super::layout::check_pinned_maps(pin_dir, &sizes)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        for (name, size) in sizes.by_map() {
+            loader.map_max_entries(name, size);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps pinned in an incompatible layout? run `ebpf-proxy cleanup`)")?;
         {

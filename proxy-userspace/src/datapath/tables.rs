@@ -108,6 +108,26 @@ impl Tables {
 }
 
 impl Tables {
+    fn capacity(&self, name: &str) -> Result<u32> {
+        let info = aya::maps::MapInfo::from_pin(self.pin_dir.join(name))
+            .with_context(|| format!("reading the size of {name}"))?;
+        Ok(info.max_entries())
+    }
+
+    /// How many service ids the maps hold (the smallest of the per-service maps).
+    pub fn services_capacity(&self) -> Result<u32> {
+        Ok(self
+            .capacity("SERVICES")?
+            .min(self.capacity("SERVICE_STATS")?))
+    }
+
+    /// How many backend ids the maps hold.
+    pub fn backends_capacity(&self) -> Result<u32> {
+        Ok(self
+            .capacity("BACKEND_SLOTS")?
+            .min(self.capacity("CONN_COUNTS")?))
+    }
+
     /// `namespace/name:port` of every service id.
     pub fn service_names_by_id(&self) -> std::collections::BTreeMap<u32, String> {
         self.service_names

@@ -9,7 +9,11 @@ use std::{
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use ebpf_proxy::{
-    datapath::{attach, loader::Datapath, tables::Tables},
+    datapath::{
+        attach,
+        loader::{Datapath, MapSizes},
+        tables::Tables,
+    },
     model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Protocol, Scheduler},
     node::NodeConfig,
     sync::{NodeSettings, Syncer},
@@ -25,6 +29,10 @@ pub struct TestDatapath {
 
 impl TestDatapath {
     pub fn new() -> TestDatapath {
+        TestDatapath::with_sizes(MapSizes::default())
+    }
+
+    pub fn with_sizes(sizes: MapSizes) -> TestDatapath {
         // A private, empty network namespace for this test thread: the programs'
         // FIB look-ups then find no routes, whatever the machine has.
         // SAFETY: unshare affects only the calling thread.
@@ -39,7 +47,7 @@ impl TestDatapath {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let datapath = Datapath::load(&pin_dir).unwrap_or_else(|e| {
+        let datapath = Datapath::load_sized(&pin_dir, sizes).unwrap_or_else(|e| {
             let _ = attach::cleanup(&pin_dir);
             panic!("loading the data path (root and a mounted bpffs are needed): {e:?}")
         });
