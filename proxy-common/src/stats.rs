@@ -54,3 +54,15 @@ pub const DATAPATH_EVENT_NAMES: [&str; EV_COUNT as usize] = [
 
 #[cfg(feature = "user")]
 crate::user_pod!(TrafficStats);
+
+/// Value of the bench wrapper's `BENCH_TEMPLATE`: the frame every iteration starts from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchTemplate {
+    pub bytes: [u8; 64],
+    /// Non-zero: every iteration gets its own source port and address (new flows).
+    pub vary_flow: u32,
+}
+
+#[cfg(feature = "user")]
+crate::user_pod!(BenchTemplate);

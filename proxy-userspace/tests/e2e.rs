@@ -2,10 +2,11 @@
 //! real clients (curl, socat) — traffic crosses the kernel through our programs.
 //! Needs root, a mounted bpffs, iproute2, curl, socat and ethtool.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use ebpf_proxy::testbed::{
     agent::{Agent, AgentOptions},
+    eventually,
     manifests::{render, ServiceDef},
     netns::Netns,
     servers::HttpConnection,
@@ -286,14 +287,12 @@ fn a_removed_backend_gets_no_new_connections_and_an_added_one_does() {
 }
 
 fn wait_until(condition: impl Fn() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !condition() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let held = eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        condition,
+    );
+    assert!(held, "timed out waiting: {what}");
 }
 
 #[test]
@@ -510,19 +509,17 @@ fn connection_counts_return_to_zero_after_two_thousand_connections() {
     };
     // Closed connections leave "active" at once; "inactive" when conntrack expires
     // them (10 s after the close) and the GC collects them.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(25);
-    loop {
-        let (active, inactive, connections) = totals(&cluster.agent.listing().expect("list"));
-        assert_eq!(connections, 2000);
-        if active == 0 && inactive == 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "counts did not return to zero: active {active}, inactive {inactive}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
+    let mut last = (0, 0, 0);
+    let zero = eventually(Duration::from_secs(25), Duration::from_millis(500), || {
+        last = totals(&cluster.agent.listing().expect("list"));
+        last.0 == 0 && last.1 == 0
+    });
+    assert_eq!(last.2, 2000, "connections scheduled");
+    assert!(
+        zero,
+        "counts did not return to zero: active {}, inactive {}",
+        last.0, last.1
+    );
 }
 
 #[test]
@@ -865,15 +862,14 @@ fn a_pod_interface_removed_and_added_again_gets_its_program_back() {
         .topology
         .recreate_pod_interface("pod-a1")
         .expect("recreate");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while attachments() <= before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "tc not re-attached to veth1:\n{}",
-            cluster.agent.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let reattached = eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+        attachments() > before
+    });
+    assert!(
+        reattached,
+        "tc not re-attached to veth1:\n{}",
+        cluster.agent.log()
+    );
     // The backend's replies cross the new interface and are reverse-translated there.
     let body = curl(client, &format!("http://{WEB_VIP}/")).expect("curl after the re-add");
     assert_eq!(pod_of(&body), "pod-a1");

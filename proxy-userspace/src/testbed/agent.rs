@@ -182,19 +182,17 @@ impl Agent {
         expect: impl Fn(&Listing) -> bool,
     ) -> Result<()> {
         std::fs::write(&self.manifests, manifests)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.listing().map(|l| expect(&l)).unwrap_or(false) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the agent did not program the new manifests:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let programmed =
+            super::eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+                self.listing().map(|l| expect(&l)).unwrap_or(false)
+            });
+        if !programmed {
+            bail!(
+                "the agent did not program the new manifests:\n{}",
+                self.log()
+            );
         }
+        Ok(())
     }
 
     pub fn binary(&self) -> &Path {

@@ -13,3 +13,21 @@ pub mod manifests;
 pub mod netns;
 pub mod servers;
 pub mod topology;
+
+/// Polls `check` every `interval` until it holds or `timeout` passes; whether it held.
+pub fn eventually(
+    timeout: std::time::Duration,
+    interval: std::time::Duration,
+    mut check: impl FnMut() -> bool,
+) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(interval);
+    }
+}

@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: control-plane figures of ebpf-proxy on this machine.
+//! Control plane: programming latency of one endpoint change.
 //!
 //! Loads the real data path (maps in a private bpffs directory, nothing attached),
 //! programs N services x 10 endpoints from cold through the real change tracker and
@@ -35,7 +35,7 @@ fn changed_address(change: usize) -> String {
 }
 
 #[derive(Serialize)]
-struct ScaleResult {
+pub struct ScaleResult {
     services: usize,
     endpoints_per_service: usize,
     cold_program_ms: f64,
@@ -68,7 +68,7 @@ fn percentile(samples: &mut [Duration], p: f64) -> f64 {
     samples[index].as_secs_f64() * 1000.0
 }
 
-fn measure(services: usize) -> Result<ScaleResult> {
+pub fn measure(services: usize) -> Result<ScaleResult> {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/epx-bench-{}", std::process::id()));
     let _datapath = Datapath::load(&pin_dir)?;
     let result = (|| {
@@ -138,8 +138,7 @@ fn measure(services: usize) -> Result<ScaleResult> {
     result
 }
 
-fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+pub fn run(quick: bool) -> Result<Vec<ScaleResult>> {
     let scales: &[usize] = if quick {
         &[100, 1_000]
     } else {
@@ -165,14 +164,5 @@ fn main() -> Result<()> {
         );
         results.push(r);
     }
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
-    std::fs::create_dir_all(&out)?;
-    let file = out.join(if quick {
-        "control-plane-quick.json"
-    } else {
-        "control-plane.json"
-    });
-    std::fs::write(&file, serde_json::to_string_pretty(&results)?)?;
-    println!("results: {}", file.display());
-    Ok(())
+    Ok(results)
 }

@@ -1,0 +1,70 @@
+//! Measurement harness for `cargo xtask bench`, never attached by the agent.
+//!
+//! BPF_PROG_TEST_RUN with `repeat` reuses one buffer, so a translating program would
+//! measure its own output from the second iteration on. This wrapper first restores
+//! the original 64-byte frame (and, for new-flow runs, gives each iteration its own
+//! source port and address), then tail-calls the program under test. The same
+//! wrapper around a program that only returns XDP_PASS is the floor.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, ProgramArray},
+    programs::XdpContext,
+};
+use proxy_common::BenchTemplate;
+
+#[map]
+static BENCH_TEMPLATE: Array<BenchTemplate> = Array::with_max_entries(1, 0);
+/// Iterations so far, for per-iteration flows.
+#[map]
+static BENCH_TURN: Array<u64> = Array::with_max_entries(1, 0);
+/// Slot 0: the program under test.
+#[map]
+static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+const FRAME: usize = 64;
+/// Offsets of the IPv4 source address's low half and of the L4 source port.
+const SRC_LOW: usize = 14 + 14;
+const SPORT: usize = 14 + 20;
+
+#[xdp]
+pub fn bench_wrapper(ctx: XdpContext) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + FRAME > end {
+        return xdp_action::XDP_ABORTED;
+    }
+    let Some(template) = BENCH_TEMPLATE.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: the frame holds FRAME bytes (checked above).
+    unsafe { core::ptr::copy_nonoverlapping(template.bytes.as_ptr(), data as *mut u8, FRAME) };
+    if template.vary_flow != 0 {
+        let Some(turn) = BENCH_TURN.get_ptr_mut(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: map value owned by this CPU's run; frame bounds checked above.
+        unsafe {
+            *turn += 1;
+            let bytes = (*turn as u32).to_ne_bytes();
+            *((data + SPORT) as *mut [u8; 2]) = [bytes[0], bytes[1]];
+            *((data + SRC_LOW) as *mut [u8; 2]) = [bytes[2], bytes[3]];
+        }
+    }
+    // SAFETY: tail call with our own context; returns only on failure.
+    unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+#[xdp]
+pub fn bench_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,423 @@
+//! Data path: nanoseconds per packet under BPF_PROG_TEST_RUN, measured the sound way.
+//!
+//! Every iteration enters through the bench wrapper (proxy-ebpf's `bench-wrapper`),
+//! which restores the original frame and tail-calls the program under test; the same
+//! wrapper around an XDP_PASS program is the floor. Each case is checked afterwards
+//! with the data path's own counters: every iteration must have taken the intended
+//! path (translated or not, new flow or not). Caches and maps stay hot, so these are
+//! best cases for one CPU.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{ensure, Context as _, Result};
+use aya::{
+    maps::{Array, ProgramArray},
+    programs::{TestRun as _, TestRunOptions, Xdp},
+    Ebpf,
+};
+use ebpf_proxy::{
+    datapath::{
+        attach,
+        loader::{program, Datapath, MapSizes},
+        tables::Tables,
+    },
+    listing,
+    model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Protocol, Scheduler},
+    node::NodeConfig,
+    sync::{NodeSettings, Syncer},
+};
+use etherparse::PacketBuilder;
+use proxy_common::BenchTemplate;
+use serde::Serialize;
+
+static WRAPPER_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-wrapper"));
+
+const BACKENDS: u8 = 10;
+const CLIENT: [u8; 4] = [198, 18, 0, 2];
+const NODE_IP: [u8; 4] = [198, 18, 0, 1];
+
+#[derive(Serialize)]
+pub struct CaseResult {
+    pub services: usize,
+    pub case: String,
+    pub ns_median: f64,
+    pub ns_min: f64,
+    pub ns_max: f64,
+    pub rounds: usize,
+    pub repeat: u32,
+}
+
+#[derive(Serialize)]
+pub struct ProgramSize {
+    pub program: String,
+    pub verified_instructions: Option<u32>,
+    pub translated_bytes: Option<u32>,
+    pub jited_bytes: u32,
+}
+
+/// A 64-byte frame (the wrapper copies exactly that much).
+fn frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), tcp: Option<(bool, bool)>) -> [u8; 64] {
+    let builder =
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
+    let mut out = Vec::with_capacity(64);
+    match tcp {
+        Some((syn, ack)) => {
+            let mut b = builder.tcp(src.1, dst.1, 1, 65535);
+            if syn {
+                b = b.syn();
+            }
+            if ack {
+                b = b.ack(1);
+            }
+            b.write(&mut out, &[0; 10])
+        }
+        None => builder.udp(src.1, dst.1).write(&mut out, &[0; 22]),
+    }
+    .expect("build frame");
+    out.try_into().expect("64-byte frame")
+}
+
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i)
+}
+
+fn frontend(scheduler: Scheduler, first_backend: u32) -> Frontend {
+    let endpoints = (0..u32::from(BACKENDS))
+        .map(|b| Endpoint {
+            addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + first_backend + b),
+            port: 8080,
+            remote: false,
+            weight: 1 + b % 3,
+        })
+        .collect();
+    Frontend {
+        service: format!("bench/{scheduler}"),
+        external: false,
+        scheduler,
+        endpoints,
+    }
+}
+
+struct Bench {
+    datapath: Datapath,
+    wrapper: Ebpf,
+    pin_dir: PathBuf,
+    repeat: u32,
+    rounds: usize,
+}
+
+impl Bench {
+    fn set_target(&mut self, program_name: &str) -> Result<()> {
+        let fd = if program_name == "bench_pass" {
+            program::<Xdp>(&mut self.wrapper, "bench_pass")?
+                .fd()?
+                .try_clone()?
+        } else {
+            self.datapath.xdp()?.fd()?.try_clone()?
+        };
+        let mut targets: ProgramArray<_> = self
+            .wrapper
+            .map_mut("BENCH_TARGET")
+            .context("BENCH_TARGET")?
+            .try_into()?;
+        targets.set(0, &fd, 0)?;
+        Ok(())
+    }
+
+    fn set_frame(&mut self, bytes: [u8; 64], vary_flow: bool) -> Result<()> {
+        let mut template: Array<_, BenchTemplate> = self
+            .wrapper
+            .map_mut("BENCH_TEMPLATE")
+            .context("BENCH_TEMPLATE")?
+            .try_into()?;
+        template.set(
+            0,
+            BenchTemplate {
+                bytes,
+                vary_flow: u32::from(vary_flow),
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Runs the wrapper `rounds` times with `repeat` iterations: ns per iteration.
+    fn time(&mut self, repeat: u32, rounds: usize) -> Result<Vec<f64>> {
+        let wrapper: &mut Xdp = program(&mut self.wrapper, "bench_wrapper")?;
+        let input = [0u8; 64];
+        let mut output = [0u8; 64];
+        let mut samples = Vec::new();
+        for _ in 0..rounds {
+            let result = wrapper.test_run(TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut output),
+                repeat,
+                ..Default::default()
+            })?;
+            ensure!(
+                result.return_value != 0,
+                "the wrapper aborted (tail call failed?)"
+            );
+            samples.push(result.duration.as_nanos() as f64);
+        }
+        Ok(samples)
+    }
+
+    fn counters(&self) -> Result<(u64, u64)> {
+        let listing = listing::read(&self.pin_dir)?;
+        let translated = listing
+            .events
+            .iter()
+            .find(|(n, _)| n == "translated")
+            .map_or(0, |e| e.1);
+        let connections = listing.services.iter().map(|s| s.stats.connections).sum();
+        Ok((translated, connections))
+    }
+
+    /// Sends one frame once, opening the flow that later cases measure.
+    fn open_flow(&mut self, frame: [u8; 64]) -> Result<()> {
+        self.set_target("uplink_ingress")?;
+        self.set_frame(frame, false)?;
+        let before = self.counters()?;
+        self.time(1, 1)?;
+        ensure!(
+            self.counters()?.1 == before.1 + 1,
+            "the set-up packet opened no flow"
+        );
+        Ok(())
+    }
+
+    /// Measures one case and checks that every iteration translated (or not) and
+    /// opened a new flow (or not) as `expect` says.
+    fn case(
+        &mut self,
+        name: &str,
+        frame: [u8; 64],
+        vary_flow: bool,
+        expect: (bool, bool),
+        services: usize,
+    ) -> Result<CaseResult> {
+        self.set_target("uplink_ingress")?;
+        self.set_frame(frame, vary_flow)?;
+        let before = self.counters()?;
+        let mut samples = self.time(self.repeat, self.rounds)?;
+        let after = self.counters()?;
+        let iterations = u64::from(self.repeat) * self.rounds as u64;
+        let (translated, opened) = (after.0 - before.0, after.1 - before.1);
+        ensure!(
+            translated == if expect.0 { iterations } else { 0 }
+                && opened == if expect.1 { iterations } else { 0 },
+            "{name}: {translated} translated, {opened} new flows in {iterations} iterations"
+        );
+        samples.sort_by(f64::total_cmp);
+        Ok(CaseResult {
+            services,
+            case: name.to_owned(),
+            ns_median: samples[samples.len() / 2],
+            ns_min: samples[0],
+            ns_max: samples[samples.len() - 1],
+            rounds: self.rounds,
+            repeat: self.repeat,
+        })
+    }
+}
+
+/// The cases at one scale: `services` rr services of 10 backends, plus one service
+/// per scheduler measured.
+pub fn measure(
+    services: usize,
+    repeat: u32,
+    rounds: usize,
+) -> Result<(Vec<CaseResult>, Vec<ProgramSize>)> {
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/epx-bench-dp-{}", std::process::id()));
+    let sizes = MapSizes {
+        services: (services as u32 + 64).max(1024),
+        backends: (services as u32 + 64) * u32::from(BACKENDS),
+        ..MapSizes::default()
+    };
+    let datapath = Datapath::load_sized(&pin_dir, sizes)?;
+    let result = (|| {
+        let mut syncer = Syncer::recover(Tables::open(&pin_dir)?)?;
+        let node = NodeConfig {
+            name: "bench".into(),
+            addresses: vec![NODE_IP.into()],
+            uplinks: vec![],
+            pod_interface_patterns: vec![],
+        };
+        syncer.program_node(&node, &NodeSettings::default())?;
+        let mut desired = DesiredState::default();
+        for i in 0..services as u32 {
+            let key = FrontendKey {
+                listen: Listen::Address(vip(1000 + i)),
+                port: 80,
+                protocol: Protocol::Tcp,
+            };
+            desired
+                .frontends
+                .insert(key, frontend(Scheduler::Rr, i * u32::from(BACKENDS)));
+        }
+        let measured = [
+            Scheduler::Rr,
+            Scheduler::Wrr,
+            Scheduler::Lc,
+            Scheduler::Sh,
+            Scheduler::Dh,
+            Scheduler::Maglev,
+            Scheduler::Random,
+        ];
+        for (i, scheduler) in measured.iter().enumerate() {
+            let key = FrontendKey {
+                listen: Listen::Address(vip(i as u32 + 1)),
+                port: 80,
+                protocol: Protocol::Tcp,
+            };
+            desired
+                .frontends
+                .insert(key, frontend(*scheduler, 10_000_000 + i as u32 * 100));
+        }
+        let udp = FrontendKey {
+            listen: Listen::Address(vip(100)),
+            port: 53,
+            protocol: Protocol::Udp,
+        };
+        desired
+            .frontends
+            .insert(udp, frontend(Scheduler::Rr, 10_001_000));
+        let report = syncer.apply(&desired);
+        ensure!(report.problems.is_empty(), "{:?}", report.problems);
+
+        let wrapper = aya::EbpfLoader::new()
+            .load(WRAPPER_OBJECT)
+            .context("loading the bench wrapper")?;
+        let mut bench = Bench {
+            datapath,
+            wrapper,
+            pin_dir: pin_dir.clone(),
+            repeat,
+            rounds,
+        };
+        for name in ["bench_wrapper", "bench_pass"] {
+            program::<Xdp>(&mut bench.wrapper, name)?.load()?;
+        }
+        let mut results = Vec::new();
+        // The floor: the wrapper around XDP_PASS.
+        bench.set_target("bench_pass")?;
+        bench.set_frame(
+            frame((CLIENT, 40000), (vip(1).octets(), 80), Some((true, false))),
+            false,
+        )?;
+        let mut floor = bench.time(repeat, rounds)?;
+        floor.sort_by(f64::total_cmp);
+        results.push(CaseResult {
+            services,
+            case: "floor (wrapper + XDP_PASS)".into(),
+            ns_median: floor[floor.len() / 2],
+            ns_min: floor[0],
+            ns_max: floor[floor.len() - 1],
+            rounds,
+            repeat,
+        });
+        let syn = |port: u16, dst: Ipv4Addr| {
+            frame((CLIENT, port), (dst.octets(), 80), Some((true, false)))
+        };
+        results.push(bench.case(
+            "non-service packet",
+            frame((CLIENT, 40000), ([198, 18, 0, 9], 22), Some((true, false))),
+            false,
+            (false, false),
+            services,
+        )?);
+        // Open one flow, then measure its later segments.
+        bench.open_flow(syn(41000, vip(1)))?;
+        let ack = frame((CLIENT, 41000), (vip(1).octets(), 80), Some((false, true)));
+        results.push(bench.case(
+            "established TCP (conntrack hit)",
+            ack,
+            false,
+            (true, false),
+            services,
+        )?);
+        // The reply of the flow opened above, from its backend (reverse NAT).
+        let flows = ebpf_proxy::conntrack::list(&Tables::open(&pin_dir)?)?;
+        let flow = flows
+            .iter()
+            .find(|f| f.client.port() == 41000)
+            .context("the set-up flow")?;
+        let reply = frame(
+            (flow.backend.ip().octets(), flow.backend.port()),
+            (CLIENT, 41000),
+            Some((false, true)),
+        );
+        results.push(bench.case("reply (reverse NAT)", reply, false, (true, false), services)?);
+
+        let udp_frame = frame((CLIENT, 5353), (vip(100).octets(), 53), None);
+        bench.open_flow(udp_frame)?;
+        results.push(bench.case("established UDP", udp_frame, false, (true, false), services)?);
+        // New flows last: their churn fills (and evicts from) conntrack.
+        for (i, scheduler) in measured.iter().enumerate() {
+            let name = format!("new TCP flow, {scheduler}");
+            results.push(bench.case(
+                &name,
+                syn(50000, vip(i as u32 + 1)),
+                true,
+                (true, true),
+                services,
+            )?);
+        }
+        let mut sizes = Vec::new();
+        for name in [
+            ebpf_proxy::datapath::PROG_UPLINK,
+            ebpf_proxy::datapath::PROG_POD,
+        ] {
+            let info = bench
+                .datapath
+                .ebpf
+                .program(name)
+                .context("program")?
+                .info()?;
+            sizes.push(ProgramSize {
+                program: name.to_owned(),
+                verified_instructions: info.verified_instruction_count(),
+                translated_bytes: info.size_translated(),
+                jited_bytes: info.size_jitted(),
+            });
+        }
+        Ok((results, sizes))
+    })();
+    attach::cleanup(&pin_dir)?;
+    result
+}
+
+pub fn run(quick: bool) -> Result<(Vec<CaseResult>, Vec<ProgramSize>)> {
+    let (scales, repeat, rounds): (&[usize], u32, usize) = if quick {
+        (&[1, 1_000], 100_000, 3)
+    } else {
+        (&[1, 1_000, 10_000, 100_000], 1_000_000, 5)
+    };
+    let mut all = Vec::new();
+    let mut sizes = Vec::new();
+    println!(
+        "\n{:>8}  {:<34} {:>10} {:>17}",
+        "services", "case", "ns median", "min..max"
+    );
+    for &services in scales {
+        let (results, program_sizes) =
+            measure(services, repeat, rounds).with_context(|| format!("{services} services"))?;
+        for r in &results {
+            println!(
+                "{:>8}  {:<34} {:>10.1} {:>8.1}..{:<8.1}",
+                r.services, r.case, r.ns_median, r.ns_min, r.ns_max
+            );
+        }
+        all.extend(results);
+        sizes = program_sizes;
+    }
+    for s in &sizes {
+        println!(
+            "{}: {:?} instructions verified, {:?} bytes translated, {} bytes JITed",
+            s.program, s.verified_instructions, s.translated_bytes, s.jited_bytes
+        );
+    }
+    Ok((all, sizes))
+}
