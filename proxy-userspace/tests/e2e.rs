@@ -86,6 +86,13 @@ fn curl(ns: &Netns, url: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `n` requests with curl, each on its own connection; their bodies.
+fn curl_n(ns: &Netns, url: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| curl(ns, url).unwrap_or_else(|e| panic!("request {i} to {url}: {e}")))
+        .collect()
+}
+
 fn pod_of(body: &str) -> String {
     body.split_whitespace()
         .find_map(|w| w.strip_prefix("pod="))
@@ -122,9 +129,7 @@ fn cluster_ip_from_a_pod_spreads_tcp_over_all_backends() {
         vec![web(t, &["pod-a1", "pod-a2", "pod-a3"])]
     });
     let client = cluster.ns("pod-a4");
-    let bodies: Vec<String> = (0..9)
-        .map(|_| curl(client, &format!("http://{WEB_VIP}/")).expect("curl through the ClusterIP"))
-        .collect();
+    let bodies = curl_n(client, &format!("http://{WEB_VIP}/"), 9);
     let counts = tally(&bodies);
     assert_eq!(
         counts.values().copied().collect::<Vec<_>>(),
@@ -186,9 +191,7 @@ fn node_port_and_load_balancer_ip_serve_the_external_client_with_its_own_address
         format!("http://{NODE_IP}:{NODE_PORT}/"),
         format!("http://{LB_IP}/"),
     ] {
-        let bodies: Vec<String> = (0..4)
-            .map(|_| curl(client, &url).expect("curl from outside"))
-            .collect();
+        let bodies = curl_n(client, &url, 4);
         assert_eq!(tally(&bodies).len(), 2, "{url}: {bodies:?}");
         assert!(
             bodies.iter().all(|b| client_of(b) == CLIENT_IP),
@@ -255,9 +258,7 @@ fn a_removed_backend_gets_no_new_connections_and_an_added_one_does() {
         })
         .expect("update");
     // pod-a1 keeps running: only the service no longer sends to it.
-    let bodies: Vec<String> = (0..6)
-        .map(|_| curl(cluster.ns("pod-a4"), &format!("http://{WEB_VIP}/")).expect("curl"))
-        .collect();
+    let bodies = curl_n(cluster.ns("pod-a4"), &format!("http://{WEB_VIP}/"), 6);
     let counts = tally(&bodies);
     assert_eq!(
         counts.keys().cloned().collect::<Vec<_>>(),
@@ -326,9 +327,7 @@ fn node_processes_reach_cluster_ips_and_node_ports_through_the_socket_hooks() {
         format!("http://{WEB_VIP}/"),
         format!("http://{NODE_IP}:{NODE_PORT}/"),
     ] {
-        let bodies: Vec<String> = (0..4)
-            .map(|_| curl(node, &url).expect("curl from the node"))
-            .collect();
+        let bodies = curl_n(node, &url, 4);
         assert_eq!(tally(&bodies).len(), 2, "{url}: {bodies:?}");
     }
     // Unconnected UDP: the answer must appear to come from the service address, or
@@ -427,9 +426,11 @@ fn xdp_redirect_mode_transmits_from_xdp_to_receivers_that_run_gro() {
         .client
         .exec("ethtool", &["-K", "eth0", "gro", "on"])
         .expect("gro");
-    let bodies: Vec<String> = (0..4)
-        .map(|_| curl(&topology.client, &format!("http://{NODE_IP}:{NODE_PORT}/")).expect("curl"))
-        .collect();
+    let bodies = curl_n(
+        &topology.client,
+        &format!("http://{NODE_IP}:{NODE_PORT}/"),
+        4,
+    );
     assert_eq!(tally(&bodies).len(), 2, "{bodies:?}");
     let events = cluster.agent.listing().expect("list").events;
     let redirected = events
@@ -469,9 +470,7 @@ fn lc_sends_new_connections_away_from_a_backend_holding_long_lived_ones() {
         .find(|b| b.endpoint.addr.octets()[3] == 11)
         .expect("pod-a1");
     assert_eq!(a1.active, 3, "the held connections are active on pod-a1");
-    let bodies: Vec<String> = (0..10)
-        .map(|_| curl(cluster.ns("pod-a4"), &format!("http://{WEB_VIP}/")).expect("curl"))
-        .collect();
+    let bodies = curl_n(cluster.ns("pod-a4"), &format!("http://{WEB_VIP}/"), 10);
     let counts = tally(&bodies);
     assert!(
         !counts.contains_key("pod-a1"),
@@ -534,9 +533,7 @@ fn wrr_and_sh_on_real_traffic_and_a_scheduler_change_keeps_established_flows() {
     };
     let cluster = Cluster::new("wsh", 3, 0, |t| services(t, "wrr"));
     let client = cluster.ns("pod-a3");
-    let bodies: Vec<String> = (0..9)
-        .map(|_| curl(client, &format!("http://{WEB_VIP}/")).expect("curl"))
-        .collect();
+    let bodies = curl_n(client, &format!("http://{WEB_VIP}/"), 9);
     assert_eq!(
         tally(&bodies),
         BTreeMap::from([("pod-a1".to_owned(), 6), ("pod-a2".to_owned(), 3)])
