@@ -384,7 +384,7 @@ pub(crate) fn service_output(
     if spec.selector.is_none() && endpoints.is_empty() {
         out.problems.push(Problem::warning(
             object.clone(),
-            "no selector and no EndpointSlice: it has no backends",
+            "no selector and no endpoints in its EndpointSlices: it has no backends",
         ));
     }
     out.claims = frontends;
