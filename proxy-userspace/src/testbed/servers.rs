@@ -6,6 +6,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -118,14 +119,21 @@ impl Bound {
 
 fn serve_http(listener: TcpListener, pod: &str, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                let pod = pod.to_owned();
-                std::thread::spawn(move || {
-                    let _ = http_connection(stream, &pod, peer);
-                });
-            }
-            Err(_) => std::thread::sleep(POLL),
+        // Wait for a connection, or for POLL to pass so that `stop` is seen.
+        let mut pending = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid descriptor.
+        if unsafe { libc::poll(&mut pending, 1, POLL.as_millis() as i32) } <= 0 {
+            continue;
+        }
+        if let Ok((stream, peer)) = listener.accept() {
+            let pod = pod.to_owned();
+            std::thread::spawn(move || {
+                let _ = http_connection(stream, &pod, peer);
+            });
         }
     }
 }
@@ -133,6 +141,7 @@ fn serve_http(listener: TcpListener, pod: &str, stop: &AtomicBool) {
 /// Answers requests on one connection until the client closes it (keep-alive).
 fn http_connection(stream: TcpStream, pod: &str, peer: SocketAddr) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -152,11 +161,13 @@ fn http_connection(stream: TcpStream, pod: &str, peer: SocketAddr) -> std::io::R
             }
         }
         let body = greeting(pod, peer);
-        write!(
-            writer,
+        // One write: `write!` would send the parts as separate segments, and Nagle's
+        // algorithm would hold the second until the client's delayed ACK (40 ms).
+        let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
-        )?;
+        );
+        writer.write_all(response.as_bytes())?;
         if close {
             return Ok(());
         }
@@ -237,6 +248,7 @@ impl HttpConnection {
         .join()
         .map_err(|_| anyhow::anyhow!("connect thread panicked"))??;
         connected.set_read_timeout(Some(Duration::from_secs(5)))?;
+        connected.set_nodelay(true)?;
         let reader = BufReader::new(connected.try_clone()?);
         Ok(HttpConnection {
             stream: connected,
@@ -246,7 +258,8 @@ impl HttpConnection {
 
     /// One request on the kept-alive connection; returns the body.
     pub fn get(&mut self) -> Result<String> {
-        write!(self.stream, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
+        self.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
         let mut content_length = 0;
         loop {
             let mut line = String::new();

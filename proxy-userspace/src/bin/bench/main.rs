@@ -1,29 +1,51 @@
 //! `cargo xtask bench`: the figures of BENCHMARKS.md, measured on this machine.
-//! `--quick` runs fewer and smaller rounds (CI); no timing ever fails a run.
+//! `--quick` runs fewer and smaller rounds (CI); `--only control|data|e2e` runs one
+//! part. No timing ever fails a run; a path that is not taken as intended does.
 
+mod contenders;
 mod control_plane;
 mod data_path;
+mod end_to_end;
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 
 fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let control = control_plane::run(quick)?;
-    let (cases, programs) = data_path::run(quick)?;
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     std::fs::create_dir_all(&out)?;
     let suffix = if quick { "-quick" } else { "" };
-    std::fs::write(
-        out.join(format!("control-plane{suffix}.json")),
-        serde_json::to_string_pretty(&control)?,
-    )?;
-    let data = serde_json::json!({ "cases": cases, "programs": programs });
-    std::fs::write(
-        out.join(format!("data-path{suffix}.json")),
-        serde_json::to_string_pretty(&data)?,
-    )?;
+    let write = |name: &str, value: serde_json::Value| -> Result<()> {
+        std::fs::write(
+            out.join(format!("{name}{suffix}.json")),
+            serde_json::to_string_pretty(&value)?,
+        )?;
+        Ok(())
+    };
+    if part("control") {
+        write(
+            "control-plane",
+            serde_json::to_value(control_plane::run(quick)?)?,
+        )?;
+    }
+    if part("data") {
+        let (cases, programs) = data_path::run(quick)?;
+        write(
+            "data-path",
+            serde_json::json!({ "cases": cases, "programs": programs }),
+        )?;
+    }
+    if part("e2e") {
+        write("end-to-end", serde_json::to_value(end_to_end::run(quick)?)?)?;
+    }
     println!("results: {}", out.display());
     Ok(())
 }

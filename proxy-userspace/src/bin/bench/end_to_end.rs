@@ -1,0 +1,241 @@
+//! End to end through the kernel, on this machine's kernel: one topology (a client
+//! pod, three backend pods, a node), the same services programmed into each contender
+//! in turn: ebpf-proxy, and kube-proxy's iptables layout (through iptables-legacy and
+//! iptables-nft) and nftables layout. A client of our own, in the client pod, measures
+//! new TCP connections per second (connect, request, response, close: TCP_CRR-like)
+//! and requests per second on one kept-alive connection, to the last-programmed
+//! service (the worst placed for iptables' linear chain). Every request must succeed.
+//!
+//! IPVS is not here: this kernel has none (it needs the QEMU guest harness).
+//! Contenders run one after the other, not interleaved, so slow drift of the machine
+//! shows as a difference; the ranges over rounds say how noisy each figure is.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use ebpf_proxy::testbed::{
+    agent::Agent,
+    manifests::{render, ServiceDef},
+    netns::enter_current_thread,
+    servers::HttpConnection,
+    topology::Topology,
+};
+use serde::Serialize;
+
+use super::contenders::{self, Service};
+
+#[derive(Serialize)]
+pub struct E2eResult {
+    pub services: usize,
+    pub contender: String,
+    /// Time from an empty node to the services answering (rules loaded, or the agent
+    /// started, programmed and attached).
+    pub program_ms: f64,
+    pub new_connections_per_s: Vec<f64>,
+    pub keepalive_requests_per_s: Vec<f64>,
+}
+
+const CONTENDERS: [&str; 4] = ["ebpf-proxy", "iptables-legacy", "iptables-nft", "nftables"];
+const ENDPOINTS: usize = 10;
+
+fn services(count: usize, topology: &Topology) -> Vec<Service> {
+    (0..count)
+        .map(|i| {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 10 + i as u32);
+            let endpoints = if i + 1 == count {
+                ["pod-a1", "pod-a2", "pod-a3"]
+                    .iter()
+                    .map(|p| (topology.pod(p).addr, 8080))
+                    .collect()
+            } else {
+                (0..ENDPOINTS)
+                    .map(|e| {
+                        (
+                            Ipv4Addr::from(
+                                u32::from(Ipv4Addr::new(10, 128, 0, 0))
+                                    + (i * ENDPOINTS + e) as u32,
+                            ),
+                            8080,
+                        )
+                    })
+                    .collect()
+            };
+            Service {
+                ip,
+                port: 80,
+                endpoints,
+            }
+        })
+        .collect()
+}
+
+fn manifests(services: &[Service]) -> String {
+    let defs: Vec<ServiceDef> = services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut def = ServiceDef::new(&format!("svc{i}"), s.ip, "TCP", s.port, 8080);
+            def.backends = s
+                .endpoints
+                .iter()
+                .map(|(a, _)| (*a, "node-a".to_owned()))
+                .collect();
+            def
+        })
+        .collect();
+    render(&defs)
+}
+
+/// New connections per second from inside `ns`, for `duration`.
+fn connection_rate(ns: &Path, target: SocketAddr, duration: Duration) -> Result<f64> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || -> Result<f64> {
+        enter_current_thread(&ns)?;
+        let started = Instant::now();
+        let mut count = 0u64;
+        while started.elapsed() < duration {
+            let mut stream =
+                TcpStream::connect_timeout(&target, Duration::from_secs(2)).context("connect")?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            if !response.contains("pod=") {
+                bail!("unexpected response {response:?}");
+            }
+            count += 1;
+        }
+        Ok(count as f64 / started.elapsed().as_secs_f64())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+}
+
+/// Requests per second on one kept-alive connection.
+fn keepalive_rate(topology: &Topology, target: SocketAddr, duration: Duration) -> Result<f64> {
+    let mut connection = HttpConnection::open(&topology.pod("pod-a4").ns, target)?;
+    let started = Instant::now();
+    let mut count = 0u64;
+    while started.elapsed() < duration {
+        connection.get()?;
+        count += 1;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Programs one contender; returns what keeps it alive (the agent) and the time taken.
+fn program(
+    contender: &str,
+    topology: &Topology,
+    services: &[Service],
+    work_dir: &Path,
+) -> Result<(Option<Agent>, f64)> {
+    let started = Instant::now();
+    let agent = match contender {
+        "ebpf-proxy" => {
+            let binary = std::env::current_exe()?.with_file_name("ebpf-proxy");
+            Some(Agent::start(
+                &binary,
+                topology,
+                work_dir,
+                &manifests(services),
+            )?)
+        }
+        "iptables-legacy" => {
+            contenders::load(
+                &topology.node,
+                "iptables-legacy-restore",
+                &[],
+                &contenders::iptables_rules(services),
+            )?;
+            None
+        }
+        "iptables-nft" => {
+            contenders::load(
+                &topology.node,
+                "iptables-nft-restore",
+                &[],
+                &contenders::iptables_rules(services),
+            )?;
+            None
+        }
+        _ => {
+            contenders::load(
+                &topology.node,
+                "nft",
+                &["-f"],
+                &contenders::nftables_rules(services),
+            )?;
+            None
+        }
+    };
+    Ok((agent, started.elapsed().as_secs_f64() * 1000.0))
+}
+
+pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
+    let (scales, duration, rounds): (&[usize], Duration, usize) = if quick {
+        (&[1, 1_000], Duration::from_secs(1), 2)
+    } else {
+        (&[1, 10_000], Duration::from_secs(3), 3)
+    };
+    let mut results = Vec::new();
+    println!(
+        "\n{:>8}  {:<16} {:>12}  {:>26}  {:>26}",
+        "services", "contender", "program ms", "new connections/s", "keep-alive requests/s"
+    );
+    for &count in scales {
+        let topology = Topology::build(&format!("epxbench{}", std::process::id() % 100_000), 4, 0)?;
+        let services = services(count, &topology);
+        let measured = services.last().context("no service")?;
+        let target = SocketAddr::from((measured.ip, measured.port));
+        let client = topology.pod("pod-a4").ns.path();
+        for contender in CONTENDERS {
+            let work_dir = PathBuf::from(format!("/tmp/epxbench-agent-{}", std::process::id()));
+            let (agent, program_ms) = program(contender, &topology, &services, &work_dir)?;
+            let mut new_connections = Vec::new();
+            let mut keepalive = Vec::new();
+            for _ in 0..rounds {
+                new_connections.push(
+                    connection_rate(&client, target, duration)
+                        .with_context(|| format!("{contender}: new connections"))?,
+                );
+                keepalive.push(
+                    keepalive_rate(&topology, target, duration)
+                        .with_context(|| format!("{contender}: keep-alive"))?,
+                );
+            }
+            drop(agent);
+            contenders::flush(&topology.node)?;
+            let median = |v: &[f64]| {
+                let mut v = v.to_vec();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            println!(
+                "{:>8}  {:<16} {:>12.0}  {:>9.0} ({:>6.0}..{:>6.0})  {:>9.0} ({:>6.0}..{:>6.0})",
+                count,
+                contender,
+                program_ms,
+                median(&new_connections),
+                new_connections.iter().copied().fold(f64::MAX, f64::min),
+                new_connections.iter().copied().fold(0.0, f64::max),
+                median(&keepalive),
+                keepalive.iter().copied().fold(f64::MAX, f64::min),
+                keepalive.iter().copied().fold(0.0, f64::max),
+            );
+            results.push(E2eResult {
+                services: count,
+                contender: contender.to_owned(),
+                program_ms,
+                new_connections_per_s: new_connections,
+                keepalive_requests_per_s: keepalive,
+            });
+        }
+    }
+    Ok(results)
+}
