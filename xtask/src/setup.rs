@@ -15,6 +15,9 @@ const PACKAGES: &[&str] = &[
     "socat",
     "ethtool",
     "bpftool",
+    // The other contenders of `cargo xtask bench`.
+    "iptables",
+    "nftables",
     "util-linux",
 ];
 
