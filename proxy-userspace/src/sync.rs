@@ -29,7 +29,7 @@ use crate::{
     conntrack,
     datapath::{
         mmap::MappedArray,
-        tables::{decode_name, encode_name, Tables},
+        tables::{encode_name, Tables},
     },
     model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Problem, Protocol},
     node::NodeConfig,
@@ -278,22 +278,6 @@ impl Syncer {
             .config
             .set(CONFIG_XDP_FORWARD, ConfigValue::from_u64(forward), 0)?;
         Ok(())
-    }
-
-    /// The frontends currently programmed, with their backends, by service name.
-    pub fn programmed(&self) -> BTreeMap<FrontendKey, (String, Vec<Endpoint>)> {
-        self.programmed
-            .iter()
-            .map(|(key, p)| {
-                let name = self
-                    .tables
-                    .service_names
-                    .get(&p.value.id, 0)
-                    .map(|n| decode_name(&n))
-                    .unwrap_or_default();
-                (*key, (name, p.slots.iter().map(endpoint_of).collect()))
-            })
-            .collect()
     }
 
     /// Makes the maps hold exactly `desired` (compares every frontend: O(services)).

@@ -72,14 +72,6 @@ impl<T: Copy> MappedArray<T> {
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     fn check(&self, offset: usize, count: usize) -> Result<()> {
         if offset.checked_add(count).is_none_or(|end| end > self.len) {
             bail!(

@@ -33,8 +33,9 @@ pub struct Pod {
     pub addr: Ipv4Addr,
     /// The host-side interface, in the pod's node namespace.
     pub host_interface: String,
-    // Declared before `ns`: servers stop before their namespace goes.
-    servers: Option<PodServers>,
+    // Held for its Drop, and declared before `ns`: servers stop before their
+    // namespace goes.
+    _servers: PodServers,
     pub ns: Netns,
 }
 
@@ -133,7 +134,7 @@ impl Topology {
             node: node_name,
             addr,
             host_interface,
-            servers: Some(servers),
+            _servers: servers,
             ns,
         });
         Ok(self.pods.last().expect("just pushed"))
@@ -172,12 +173,5 @@ impl Topology {
         let pod = self.pod(pod);
         self.node.ip(&format!("link del {}", pod.host_interface))?;
         wire_pod(&self.node, &pod.ns, &pod.host_interface, pod.addr)
-    }
-}
-
-impl Pod {
-    /// Stops the pod's servers (the namespace stays): a backend that went away.
-    pub fn stop_servers(&mut self) {
-        self.servers = None;
     }
 }
