@@ -92,18 +92,22 @@ fn ensure_bpf_linker() -> Result<()> {
     }
     eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
     super::run({
-        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        c.args([
-            "install",
-            "--locked",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-        ])
-        .env("LLVM_PREFIX", "/usr/lib/llvm-22");
+        // Outside the workspace and without the toolchain cargo passed down: the
+        // machine's default toolchain builds it, as the tool's own instructions do.
+        let mut c = Command::new("cargo");
+        c.current_dir(std::env::temp_dir())
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22");
         c
     })
 }
