@@ -9,7 +9,7 @@ use ebpf_proxy::testbed::{
     eventually,
     manifests::{render, ServiceDef},
     netns::Netns,
-    servers::HttpConnection,
+    servers::{parse_greeting, HttpConnection},
     topology::{Topology, CLIENT_IP, NODE_IP},
 };
 
@@ -93,22 +93,19 @@ fn curl_n(ns: &Netns, url: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
+fn greeting_of(body: &str) -> (String, std::net::SocketAddr) {
+    parse_greeting(body).unwrap_or_else(|| panic!("not a greeting: {body:?}"))
+}
+
 fn pod_of(body: &str) -> String {
-    body.split_whitespace()
-        .find_map(|w| w.strip_prefix("pod="))
-        .unwrap_or_else(|| panic!("no pod in {body:?}"))
-        .to_owned()
+    greeting_of(body).0
 }
 
 fn client_of(body: &str) -> Ipv4Addr {
-    let addr = body
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("client="))
-        .unwrap_or_else(|| panic!("no client in {body:?}"));
-    addr.split(':')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .expect("client address")
+    match greeting_of(body).1 {
+        std::net::SocketAddr::V4(v4) => *v4.ip(),
+        other => panic!("not an IPv4 client: {other}"),
+    }
 }
 
 fn tally(bodies: &[String]) -> BTreeMap<String, usize> {

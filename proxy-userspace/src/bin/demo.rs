@@ -12,6 +12,7 @@ use ebpf_proxy::{
         agent::Agent,
         manifests::{render, ServiceDef},
         netns::Netns,
+        servers::parse_greeting,
         topology::{Topology, CLIENT_IP, NODE_IP},
     },
 };
@@ -90,19 +91,11 @@ fn spread(requests: usize, mut ask: impl FnMut() -> Result<String>) -> Result<Sp
     let mut spread = Spread::new();
     for _ in 0..requests {
         let answer = ask()?;
-        let field = |name: &str| {
-            answer
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .map(str::to_owned)
-                .with_context(|| format!("unexpected answer {answer:?}"))
-        };
-        let entry = spread.entry(field("pod=")?).or_default();
+        let (pod, client) =
+            parse_greeting(&answer).with_context(|| format!("unexpected answer {answer:?}"))?;
+        let entry = spread.entry(pod).or_default();
         entry.0 += 1;
-        let client = field("client=")?;
-        let client = client
-            .rsplit_once(':')
-            .map_or(client.clone(), |(a, _)| a.to_owned());
+        let client = client.ip().to_string();
         if !entry.1.contains(&client) {
             entry.1.push(client);
         }

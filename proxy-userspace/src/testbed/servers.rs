@@ -30,6 +30,15 @@ pub fn greeting(pod: &str, peer: SocketAddr) -> String {
     format!("pod={pod} client={peer}\n")
 }
 
+/// The pod and the client address a `greeting` names (at its start: a TFTP file
+/// repeats it).
+pub fn parse_greeting(text: &str) -> Option<(String, SocketAddr)> {
+    let mut words = text.split_whitespace();
+    let pod = words.next()?.strip_prefix("pod=")?.to_owned();
+    let client = words.next()?.strip_prefix("client=")?.parse().ok()?;
+    Some((pod, client))
+}
+
 pub struct PodServers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
