@@ -79,6 +79,10 @@ pub const CT_F_REPLY: u8 = 4;
 pub const CT_F_SNAT: u8 = 8;
 /// A FIN travelled in this entry's direction; the flow closes when both have one.
 pub const CT_F_FIN: u8 = 16;
+/// Rewriting gives the packet one of this node's addresses as source (a hairpin
+/// masquerade, or a NodePort reply): decided once per flow, so that the tc program
+/// knows without a look-up per packet that the kernel would drop it as a martian.
+pub const CT_F_NODE_SOURCE: u8 = 32;
 
 /// Idle timeouts in seconds, per state (Cilium's values for TCP; UDP as Calico).
 pub const CT_TIMEOUT_SYN_S: u64 = 60;

@@ -3,6 +3,7 @@
 /// Value of `SERVICE_STATS` (indexed by service id) and `BACKEND_STATS` (by backend id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct TrafficStats {
     /// New flows scheduled (IPVS's "Conns").
     pub connections: u64,

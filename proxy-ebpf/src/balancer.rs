@@ -17,8 +17,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     addr_hash, flow_hash, Addr, Backend, BackendSlotKey, CtKey, ServiceKey, ServiceValue,
-    MAX_BACKENDS_PER_SERVICE, MAX_LEAST_CONN_SCAN, SCHED_DH, SCHED_LC, SCHED_MAGLEV, SCHED_NQ,
-    SCHED_RANDOM, SCHED_SED, SCHED_SH, SCHED_WLC, SCOPE_ADDRESS, SCOPE_NODE_PORT,
+    ACCT_ACTIVE, ACCT_INACTIVE, MAX_BACKENDS_PER_SERVICE, MAX_LEAST_CONN_SCAN, SCHED_DH, SCHED_LC,
+    SCHED_MAGLEV, SCHED_NQ, SCHED_RANDOM, SCHED_SED, SCHED_SH, SCHED_WLC, SCOPE_ADDRESS,
+    SCOPE_NODE_PORT,
 };
 
 use crate::maps::{BACKEND_SLOTS, CONN_COUNTS, NODE_ADDRS, RR_CURSORS, SCHED_TABLES, SERVICES};
@@ -235,8 +236,8 @@ pub fn count_opened(backend_id: u32) {
     }
 }
 
-/// Moves one flow between the backend's counters: `from`/`to` are 0 for active, 1
-/// for inactive, anything else for "not counted".
+/// Moves one flow between the backend's counters: `from`/`to` are `ACCT_*` values
+/// (`ACCT_GONE`: not counted).
 #[inline(always)]
 pub fn count_moved(backend_id: u32, from: u32, to: u32) {
     let Some(counts) = CONN_COUNTS.get_ptr_mut(backend_id) else {
@@ -245,8 +246,8 @@ pub fn count_moved(backend_id: u32, from: u32, to: u32) {
     // SAFETY: live array slot; atomic adds of -1 and +1.
     unsafe {
         let field = |which: u32| match which {
-            0 => Some(&raw mut (*counts).active),
-            1 => Some(&raw mut (*counts).inactive),
+            ACCT_ACTIVE => Some(&raw mut (*counts).active),
+            ACCT_INACTIVE => Some(&raw mut (*counts).inactive),
             _ => None,
         };
         if let Some(f) = field(from) {

@@ -36,7 +36,7 @@ use crate::{
 #[xdp]
 pub fn uplink_ingress(ctx: XdpContext) -> u32 {
     match translate::handle(&XdpPacket(&ctx), Origin::External) {
-        Verdict::Translated(tuple, ip_len) if forward::xdp_redirect_enabled() => {
+        Verdict::Translated(tuple, ip_len, _) if forward::xdp_redirect_enabled() => {
             forward::xdp_transmit(&ctx, &tuple, ip_len)
         }
         Verdict::Pass | Verdict::Translated(..) => xdp_action::XDP_PASS,
@@ -54,7 +54,7 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
         let _ = ctx.pull_data(ctx.len().min(128));
     }
     match translate::handle(&TcPacket(&ctx), Origin::Pod) {
-        Verdict::Translated(tuple, ip_len) if balancer::is_node_address(&tuple.src) => {
+        Verdict::Translated(tuple, ip_len, true) => {
             forward::redirect_to_egress(&ctx, &tuple, ip_len)
         }
         Verdict::Pass | Verdict::Translated(..) => TC_ACT_OK,

@@ -4,9 +4,9 @@
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{
     Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR,
-    CT_ESTABLISHED, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, CT_SYN_SENT,
-    EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED,
-    EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_TRANSLATED, PROTO_TCP,
+    CT_ESTABLISHED, CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT,
+    CT_SYN_SENT, EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT,
+    EV_MALFORMED, EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_TRANSLATED, PROTO_TCP,
 };
 
 use crate::{
@@ -31,8 +31,9 @@ pub enum Verdict {
     /// Not ours, or nothing to do: let the packet continue unchanged.
     Pass,
     Drop,
-    /// Rewritten; the tuple it now carries and its IP length.
-    Translated(CtKey, u16),
+    /// Rewritten: the tuple it now carries, its IP length, and whether its new
+    /// source is a node address (`CT_F_NODE_SOURCE`).
+    Translated(CtKey, u16, bool),
 }
 
 const EEXIST: i32 = -17;
@@ -96,7 +97,11 @@ fn follow<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry, new_flow: bool) -> V
         new_flow,
     );
     counters::event(EV_TRANSLATED);
-    Verdict::Translated(flow.key.rewritten(entry), flow.ip_len)
+    Verdict::Translated(
+        flow.key.rewritten(entry),
+        flow.ip_len,
+        entry.flags & CT_F_NODE_SOURCE != 0,
+    )
 }
 
 #[inline(always)]
@@ -199,6 +204,10 @@ fn open_flow<P: Packet>(
         ..forward
     };
 
+    // The reply's new source is the frontend address: a node address for NodePorts.
+    if balancer::is_node_address(&key.dst) {
+        reply.flags |= CT_F_NODE_SOURCE;
+    }
     if needs_snat(flow, &choice, origin) {
         let Some(snat_addr) = snat_address() else {
             counters::event(EV_SNAT_EXHAUSTED);
@@ -210,7 +219,8 @@ fn open_flow<P: Packet>(
             counters::event(EV_SNAT_EXHAUSTED);
             return Verdict::Drop;
         };
-        forward.flags |= CT_F_REWRITE_SRC | CT_F_SNAT;
+        // The masquerade address is the node's first address (see `program_node`).
+        forward.flags |= CT_F_REWRITE_SRC | CT_F_SNAT | CT_F_NODE_SOURCE;
         forward.nat_src = snat_addr;
         forward.nat_sport = port;
     } else if CONNTRACK

@@ -12,17 +12,14 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
-use proxy_common::ConnCounts;
 use tokio::{signal::unix, sync::mpsc};
 use tracing::{debug, info, warn};
 
 use crate::{
-    conntrack,
     datapath::{
         attach,
         interfaces::{self, LinkEvent},
         loader::{Datapath, MapSizes},
-        mmap::MappedArray,
         tables::Tables,
     },
     manifests,
@@ -244,8 +241,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut attached = BTreeSet::new();
     let mut ticker = tokio::time::interval(config.poll_interval);
     let mut gc_ticker = tokio::time::interval(config.ct_gc_interval);
-    let mut gc_tables = Tables::open(&config.pin_dir)?;
-    let gc_counts = MappedArray::<ConnCounts>::open(&config.pin_dir, "CONN_COUNTS")?;
     let mut terminate = unix::signal(unix::SignalKind::terminate())?;
     let mut ready = false;
     loop {
@@ -288,7 +283,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     reconciled = true;
                 }
             }
-            _ = gc_ticker.tick() => match conntrack::collect(&mut gc_tables, &gc_counts) {
+            _ = gc_ticker.tick() => match syncer.collect_conntrack() {
                 Ok(report) if report.expired > 0 => {
                     status.metrics.conntrack_expired.inc_by(report.expired as u64);
                     debug!(scanned = report.scanned, expired = report.expired, "conntrack GC");

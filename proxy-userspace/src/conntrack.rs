@@ -87,7 +87,8 @@ fn uncount(counts: &MappedArray<ConnCounts>, entry: &CtEntry) {
     }
 }
 
-fn socket(addr: proxy_common::Addr, port: u16) -> SocketAddrV4 {
+/// An address and a network-order port from the maps, as a socket address.
+pub fn socket(addr: proxy_common::Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(addr.v4_octets()), u16::from_be(port))
 }
 

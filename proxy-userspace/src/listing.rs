@@ -19,7 +19,7 @@ pub struct ServiceRow {
     pub service: String,
     pub scheduler: String,
     pub external: bool,
-    pub stats: TrafficStatsView,
+    pub stats: TrafficStats,
     pub backends: Vec<BackendRow>,
 }
 
@@ -30,28 +30,7 @@ pub struct BackendRow {
     pub active: u64,
     /// Closed flows whose conntrack entry has not expired (IPVS's InActConn).
     pub inactive: u64,
-    pub stats: TrafficStatsView,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct TrafficStatsView {
-    pub connections: u64,
-    pub packets_in: u64,
-    pub packets_out: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-}
-
-impl From<TrafficStats> for TrafficStatsView {
-    fn from(s: TrafficStats) -> Self {
-        TrafficStatsView {
-            connections: s.connections,
-            packets_in: s.packets_in,
-            packets_out: s.packets_out,
-            bytes_in: s.bytes_in,
-            bytes_out: s.bytes_out,
-        }
-    }
+    pub stats: TrafficStats,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -62,7 +41,10 @@ pub struct Listing {
 }
 
 pub fn read(pin_dir: &Path) -> Result<Listing> {
-    let tables = Tables::open(pin_dir)?;
+    read_tables(&Tables::open(pin_dir)?)
+}
+
+pub fn read_tables(tables: &Tables) -> Result<Listing> {
     let mut services = Vec::new();
     for entry in tables.services.iter() {
         let (key, value) = entry.context("reading SERVICES")?;
@@ -81,7 +63,7 @@ pub fn read(pin_dir: &Path) -> Result<Listing> {
                     endpoint: endpoint_of(&backend),
                     active: counts.active,
                     inactive: counts.inactive,
-                    stats: Tables::stats_sum(&tables.backend_stats, backend.id).into(),
+                    stats: Tables::stats_sum(&tables.backend_stats, backend.id),
                 });
             }
         }
@@ -96,7 +78,7 @@ pub fn read(pin_dir: &Path) -> Result<Listing> {
             scheduler: Scheduler::from_number(value.scheduler)
                 .map_or_else(|| format!("#{}", value.scheduler), |s| s.name().to_owned()),
             external: value.flags & SVC_F_EXTERNAL != 0,
-            stats: Tables::stats_sum(&tables.service_stats, value.id).into(),
+            stats: Tables::stats_sum(&tables.service_stats, value.id),
             backends,
         });
     }
@@ -111,7 +93,7 @@ pub fn read(pin_dir: &Path) -> Result<Listing> {
     })
 }
 
-fn stats_columns(s: &TrafficStatsView) -> String {
+fn stats_columns(s: &TrafficStats) -> String {
     format!(
         "{:>8} {:>9} {:>9} {:>11} {:>11}",
         s.connections, s.packets_in, s.packets_out, s.bytes_in, s.bytes_out

@@ -79,7 +79,8 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics) -> Result<String> {
         agent.conntrack_expired.clone(),
     );
 
-    let listing = listing::read(pin_dir)?;
+    let tables = Tables::open(pin_dir)?;
+    let listing = listing::read_tables(&tables)?;
     let packets = Family::<Labels, Counter>::default();
     let bytes = Family::<Labels, Counter>::default();
     let connections = Family::<Labels, Counter>::default();
@@ -184,7 +185,6 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics) -> Result<String> {
         events,
     );
 
-    let tables = Tables::open(pin_dir)?;
     let entries = Family::<Labels, Gauge>::default();
     let capacity = Family::<Labels, Gauge>::default();
     let fill = [
@@ -193,7 +193,7 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics) -> Result<String> {
         ("CONNTRACK", tables.conntrack.keys().count()),
     ];
     for (map, used) in fill {
-        let max = aya::maps::MapInfo::from_pin(pin_dir.join(map))?.max_entries();
+        let max = tables.capacity(map)?;
         entries
             .get_or_create(&labels(&[("map", map)]))
             .set(used as i64);

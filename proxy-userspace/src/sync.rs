@@ -280,6 +280,12 @@ impl Syncer {
         Ok(())
     }
 
+    /// One conntrack garbage collection pass over the maps this syncer holds (their
+    /// flow counts are the ones the least-connection schedulers read).
+    pub fn collect_conntrack(&mut self) -> Result<conntrack::GcReport> {
+        conntrack::collect(&mut self.tables, &self.conn_counts)
+    }
+
     /// Makes the maps hold exactly `desired` (compares every frontend: O(services)).
     pub fn apply(&mut self, desired: &DesiredState) -> SyncReport {
         let mut changes: Vec<FrontendChange> = self

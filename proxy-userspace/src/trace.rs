@@ -13,7 +13,7 @@ use proxy_common::{
 use serde::Serialize;
 
 use crate::{
-    conntrack::coarse_now_ns,
+    conntrack::{coarse_now_ns, socket},
     datapath::tables::{decode_name, Tables},
     model::{Protocol, Scheduler},
     sync::endpoint_of,
@@ -34,10 +34,6 @@ pub struct Explanation {
     pub backend: Option<SocketAddrV4>,
     /// The packet's (source, destination) after translation.
     pub translated: Option<(SocketAddrV4, SocketAddrV4)>,
-}
-
-fn socket(addr: Addr, port_be: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(addr.v4_octets()), u16::from_be(port_be))
 }
 
 fn addr(socket: &SocketAddrV4) -> Addr {

@@ -186,11 +186,7 @@ fn a_mid_flow_segment_without_conntrack_is_rehashed_deterministically() {
     let packet = tcp_packet((CLIENT, 40123), (VIP, 80), Tcp::Ack, b"late");
     let first = inspect(&dp.xdp(&packet).1).dst;
     // Losing the entry (eviction, flush) must lead to the same answer every time.
-    let mut tables = dp.tables();
-    let keys: Vec<_> = tables.conntrack.keys().filter_map(Result::ok).collect();
-    for key in &keys {
-        tables.conntrack.remove(key).expect("remove");
-    }
+    dp.flush_conntrack();
     let again = inspect(&dp.xdp(&packet).1).dst;
     assert_eq!(first, again);
     assert_eq!(dp.event("ct_midflow_miss"), 2);

@@ -158,11 +158,7 @@ fn maglev_moves_only_the_removed_backends_share_of_flows() {
         .copied()
         .collect();
     dp.program_with(Scheduler::Maglev, &[(tcp(VIP, 80), remaining)]);
-    let mut tables = dp.tables();
-    let keys: Vec<_> = tables.conntrack.keys().filter_map(Result::ok).collect();
-    for key in &keys {
-        tables.conntrack.remove(key).expect("flush");
-    }
+    dp.flush_conntrack();
     let after: Vec<u8> = flows
         .iter()
         .map(|(src, port)| open(&mut dp, *src, *port, VIP))

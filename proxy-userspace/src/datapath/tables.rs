@@ -108,7 +108,8 @@ impl Tables {
 }
 
 impl Tables {
-    fn capacity(&self, name: &str) -> Result<u32> {
+    /// The maximum entries of a pinned map, as it was created.
+    pub fn capacity(&self, name: &str) -> Result<u32> {
         let info = aya::maps::MapInfo::from_pin(self.pin_dir.join(name))
             .with_context(|| format!("reading the size of {name}"))?;
         Ok(info.max_entries())

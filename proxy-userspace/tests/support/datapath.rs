@@ -126,6 +126,18 @@ impl TestDatapath {
         self.run(false, packet)
     }
 
+    /// Forgets every tracked flow, as eviction or a flush would.
+    pub fn flush_conntrack(&self) {
+        let mut tables = self.tables();
+        let keys: Vec<_> = tables.conntrack.keys().filter_map(Result::ok).collect();
+        for key in &keys {
+            tables
+                .conntrack
+                .remove(key)
+                .expect("remove a conntrack entry");
+        }
+    }
+
     pub fn event(&self, name: &str) -> u64 {
         self.tables()
             .events()
