@@ -55,6 +55,9 @@ pub const MAX_LEAST_CONN_SCAN: u32 = 128;
 /// `ServiceValue::flags` bits.
 /// The frontend is reached from outside the cluster (NodePort, LoadBalancer, external IP).
 pub const SVC_F_EXTERNAL: u8 = 1;
+/// New flows are accepted only from sources listed in `SOURCE_RANGES` for the service
+/// (a LoadBalancer's `loadBalancerSourceRanges`); others are dropped.
+pub const SVC_F_SOURCE_RANGES: u8 = 2;
 
 /// Value of `SERVICES`.
 #[repr(C)]
@@ -71,6 +74,9 @@ pub struct ServiceValue {
     /// length means the scheduler works on the slots directly.
     pub table_offset: u32,
     pub table_len: u32,
+    /// `sessionAffinity: ClientIP`: a client's new flows go to the backend of its
+    /// previous one for this many seconds after it (0: no affinity).
+    pub affinity_timeout_s: u32,
 }
 
 /// Key of `BACKEND_SLOTS`: the n-th backend of a service.
@@ -107,6 +113,44 @@ pub struct Backend {
 pub struct ConnCounts {
     pub active: u64,
     pub inactive: u64,
+}
+
+/// Entries of `AFFINITY` (clients remembered per service, LRU).
+pub const AFFINITY_ENTRIES: u32 = 131_072;
+
+/// Key of `AFFINITY`: one client of one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: Addr,
+    pub service_id: u32,
+}
+
+/// Value of `AFFINITY`: the backend the client's last new flow went to. The slot and
+/// id are checked against `BACKEND_SLOTS` before use, so a backend that left (or
+/// moved) is never chosen from memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub slot: u32,
+    pub backend_id: u32,
+    /// CLOCK_MONOTONIC_COARSE nanoseconds of the client's last new flow.
+    pub last_used_ns: u64,
+}
+
+/// Prefixes of `SOURCE_RANGES` (all services' `loadBalancerSourceRanges`).
+pub const SOURCE_RANGE_ENTRIES: u32 = 16_384;
+/// Bits of `SourceRangeKey` before the address: the service id, always matched whole.
+pub const SOURCE_RANGE_ID_BITS: u32 = 32;
+
+/// Data of an `SOURCE_RANGES` LPM-trie key: prefix length = 32 + the range's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceRangeKey {
+    /// Big-endian, so that the trie's bit order runs through it as through the address.
+    pub service_id_be: u32,
+    /// IPv4, network byte order.
+    pub addr: u32,
 }
 
 /// Index of each value in the `NODE_CONFIG` array.
@@ -158,7 +202,10 @@ crate::user_pod!(
     Backend,
     ConnCounts,
     ConfigValue,
-    NodeAddrFlags
+    NodeAddrFlags,
+    AffinityKey,
+    AffinityValue,
+    SourceRangeKey
 );
 
 /// Value of `SERVICE_NAMES` (by service id): `namespace/name:port` for listings, so a

@@ -37,7 +37,11 @@ pub const EV_XDP_REDIRECT: u32 = 8;
 pub const EV_XDP_TX: u32 = 9;
 /// Redirect mode, but the FIB had no complete answer (e.g. no neighbour yet): passed.
 pub const EV_XDP_FIB_MISS: u32 = 10;
-pub const EV_COUNT: u32 = 11;
+/// A new flow to a LoadBalancer from outside its `loadBalancerSourceRanges`: dropped.
+pub const EV_SOURCE_DENIED: u32 = 11;
+/// A new flow went to its client's remembered backend (`sessionAffinity: ClientIP`).
+pub const EV_AFFINITY_HIT: u32 = 12;
+pub const EV_COUNT: u32 = 13;
 
 pub const DATAPATH_EVENT_NAMES: [&str; EV_COUNT as usize] = [
     "translated",
@@ -51,6 +55,8 @@ pub const DATAPATH_EVENT_NAMES: [&str; EV_COUNT as usize] = [
     "xdp_redirect",
     "xdp_tx",
     "xdp_fib_miss",
+    "source_denied",
+    "affinity_hit",
 ];
 
 #[cfg(feature = "user")]

@@ -60,7 +60,7 @@ pub struct Choice {
 }
 
 #[inline(always)]
-fn backend_in_slot(service: &ServiceValue, slot: u32) -> Option<Choice> {
+pub fn backend_in_slot(service: &ServiceValue, slot: u32) -> Option<Choice> {
     let key = BackendSlotKey {
         service_id: service.id,
         slot,

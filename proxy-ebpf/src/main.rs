@@ -1,12 +1,14 @@
 //! ebpf-proxy's data path. This file only declares the entry points; each concern has
 //! its module: `parse` (headers), `balancer` (services and scheduling), `conntrack`
-//! (flow state), `translate` (the pipeline), `packet` (how XDP and tc rewrite),
-//! `sock` (node-local sockets), `maps` and `counters`.
+//! (flow state), `affinity` (sessionAffinity), `source_ranges`
+//! (loadBalancerSourceRanges), `translate` (the pipeline), `packet` (how XDP and tc
+//! rewrite), `sock` (node-local sockets), `maps` and `counters`.
 #![no_std]
 #![no_main]
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod affinity;
 mod balancer;
 mod checksum;
 mod conntrack;
@@ -16,6 +18,7 @@ mod maps;
 mod packet;
 mod parse;
 mod sock;
+mod source_ranges;
 mod translate;
 
 use aya_ebpf::{

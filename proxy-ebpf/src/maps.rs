@@ -5,12 +5,13 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry, CtKey, NodeAddrFlags,
-    ServiceKey, ServiceName, ServiceValue, SockKey, SockNat, TrafficStats, CONFIG_LEN,
-    CONNTRACK_ENTRIES, EV_COUNT, MAX_BACKENDS, MAX_SERVICES, SCHED_TABLE_CAPACITY, SOCK_ENTRIES,
+    Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
+    CtKey, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue, SockKey, SockNat, SourceRangeKey,
+    TrafficStats, AFFINITY_ENTRIES, CONFIG_LEN, CONNTRACK_ENTRIES, EV_COUNT, MAX_BACKENDS,
+    MAX_SERVICES, SCHED_TABLE_CAPACITY, SOCK_ENTRIES, SOURCE_RANGE_ENTRIES,
 };
 
 /// Frontends by (address, port, protocol, scope). Written by the agent.
@@ -60,6 +61,17 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
 pub static SERVICE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
 #[map]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// `sessionAffinity: ClientIP`: each client's backend per service, with the time of
+/// its last new flow. Written by the data path; the agent only reads it (listings).
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(AFFINITY_ENTRIES, 0);
+
+/// `loadBalancerSourceRanges` of the services flagged `SVC_F_SOURCE_RANGES`, keyed by
+/// (service id, prefix). Written by the agent.
+#[map]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(SOURCE_RANGE_ENTRIES, 0);
 
 /// What the data path did, by `EV_*` reason (drops, misses, races, malformed input).
 #[map]

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use proxy_common::{Addr, BackendSlotKey, CtKey, SockKey, SockNat, CONFIG_NETNS_COOKIE};
 
 use crate::{
-    balancer,
+    affinity, balancer, conntrack,
     counters::{self, Direction},
     maps::{BACKEND_SLOTS, NODE_CONFIG, SOCK_AFFINITY, SOCK_REVERSE},
 };
@@ -85,9 +85,14 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) {
                 proto,
                 _pad: [0; 3],
             };
-            let Some(choice) = balancer::schedule(&service, &flow) else {
+            // The node is one client for sessionAffinity too (the unspecified address).
+            let now = conntrack::now_ns();
+            let Some(choice) = affinity::recall(&service, &flow.src, now)
+                .or_else(|| balancer::schedule(&service, &flow))
+            else {
                 return;
             };
+            affinity::remember(&service, &flow.src, &choice, now);
             counters::traffic(service.id, choice.backend.id, Direction::ToBackend, 0, true);
             SockNat {
                 addr: choice.backend.addr,

@@ -6,16 +6,18 @@ use proxy_common::{
     Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR,
     CT_ESTABLISHED, CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT,
     CT_SYN_SENT, EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT,
-    EV_MALFORMED, EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_TRANSLATED, PROTO_TCP,
+    EV_MALFORMED, EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, PROTO_TCP,
 };
 
 use crate::{
+    affinity,
     balancer::{self, Choice},
     conntrack::{self, Lookup},
     counters::{self, Direction},
     maps::{CONNTRACK, NODE_CONFIG},
     packet::{Packet, IP_DST, IP_SRC, L4_DPORT, L4_SPORT},
     parse::{self, Flow, Skip, TCP_ACK, TCP_RST, TCP_SYN},
+    source_ranges,
 };
 
 /// Where the packet entered the node; decides masquerading.
@@ -156,21 +158,28 @@ fn open_flow<P: Packet>(
         }
         midflow = tcp & TCP_SYN == 0 || tcp & TCP_ACK != 0;
     }
-    let (choice, state) = if midflow {
+    if !source_ranges::admits(service, &key.src) {
+        counters::event(EV_SOURCE_DENIED);
+        return Verdict::Drop;
+    }
+    let state = if midflow {
         counters::event(EV_CT_MIDFLOW_MISS);
-        (balancer::rehash(service, key), CT_ESTABLISHED)
+        CT_ESTABLISHED
+    } else if key.proto == PROTO_TCP {
+        CT_SYN_SENT
     } else {
-        let state = if key.proto == PROTO_TCP {
-            CT_SYN_SENT
-        } else {
-            CT_ESTABLISHED
-        };
-        (balancer::schedule(service, key), state)
+        CT_ESTABLISHED
+    };
+    let choice = match affinity::recall(service, &key.src, now) {
+        Some(bound) => Some(bound),
+        None if midflow => balancer::rehash(service, key),
+        None => balancer::schedule(service, key),
     };
     let Some(choice) = choice else {
         counters::event(EV_NO_BACKEND);
         return Verdict::Drop;
     };
+    affinity::remember(service, &key.src, &choice, now);
     let backend = &choice.backend;
 
     let mut forward = CtEntry {

@@ -5,7 +5,10 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize as _;
 
 use crate::model::Problem;
@@ -15,6 +18,8 @@ use crate::model::Problem;
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// Only this node's Node matters (its zone label, for topology).
+    pub nodes: Vec<Node>,
 }
 
 /// Reads a manifests file. I/O errors are errors (the caller keeps its last good
@@ -79,6 +84,9 @@ fn add_value(value: serde_yaml::Value, objects: &mut Objects) -> Result<(), Stri
         ("discovery.k8s.io/v1", "EndpointSlice") => objects.slices.push(
             serde_yaml::from_value(value).map_err(|e| format!("invalid EndpointSlice: {e}"))?,
         ),
+        ("v1", "Node") => objects
+            .nodes
+            .push(serde_yaml::from_value(value).map_err(|e| format!("invalid Node: {e}"))?),
         ("v1", "List") => {
             let items = value
                 .get("items")

@@ -160,7 +160,7 @@ impl fmt::Display for Scheduler {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Frontend {
     /// `namespace/name:port-name`, for listings and logs.
     pub service: String,
@@ -169,6 +169,57 @@ pub struct Frontend {
     pub scheduler: Scheduler,
     /// Sorted and without duplicates.
     pub endpoints: Vec<Endpoint>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 = no affinity.
+    pub affinity_timeout_s: u32,
+    /// `loadBalancerSourceRanges` of a LoadBalancer ingress frontend: `None` admits
+    /// every source, `Some` only these IPv4 prefixes (possibly none).
+    pub source_ranges: Option<Vec<SourceRange>>,
+}
+
+/// An IPv4 prefix, `address/length`, host bits zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct SourceRange {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl fmt::Display for SourceRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for SourceRange {
+    type Err = String;
+
+    /// A CIDR as Kubernetes writes it; a host address without `/` is a /32.
+    fn from_str(text: &str) -> Result<SourceRange, String> {
+        let (addr, len) = text.trim().split_once('/').unwrap_or((text.trim(), "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IPv4 CIDR"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("{text:?} has no valid prefix length"))?;
+        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        Ok(SourceRange {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            len,
+        })
+    }
+}
+
+/// A node-local health check for a service with `externalTrafficPolicy: Local`
+/// (its `healthCheckNodePort`), as kube-proxy serves it to load balancers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Endpoints of the service on this node that serve (ready, or the terminating
+    /// fallback).
+    pub local_endpoints: usize,
 }
 
 /// Everything the data path should serve.

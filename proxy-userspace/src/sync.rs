@@ -6,7 +6,9 @@
 //!   entry makes it visible;
 //! - a changed one has its slots below the new count rewritten first, then its count,
 //!   and only then the slots beyond the count deleted;
-//! - a removed one disappears from `SERVICES` before its slots go.
+//! - a removed one disappears from `SERVICES` before its slots go;
+//! - `loadBalancerSourceRanges` prefixes are added before the service value that
+//!   flags them and withdrawn after it.
 //!
 //! Backends keep their slot while they stay (a removed one's slot is filled by a
 //! newcomer, else by the last slot), so a change touches as few slots as it can.
@@ -22,16 +24,18 @@ use proxy_common::{
     Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, NodeAddrFlags, ServiceKey,
     ServiceValue, BACKEND_F_REMOTE, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_XDP_FORWARD,
     MAX_BACKENDS_PER_SERVICE, PROTO_UDP, SCOPE_ADDRESS, SCOPE_NODE_PORT, SVC_F_EXTERNAL,
-    XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
+    SVC_F_SOURCE_RANGES, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
 use crate::{
     conntrack,
     datapath::{
         mmap::MappedArray,
-        tables::{encode_name, Tables},
+        tables::{encode_name, source_range_key, source_range_of, Tables},
     },
-    model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Problem, Protocol},
+    model::{
+        DesiredState, Endpoint, Frontend, FrontendKey, Listen, Problem, Protocol, SourceRange,
+    },
     node::NodeConfig,
     scheduling::{self, TableSpace},
     tracker::FrontendChange,
@@ -83,6 +87,8 @@ struct Programmed {
     slots: Vec<Backend>,
     /// The scheduler table in the value's extent (empty when there is none).
     table: Vec<u32>,
+    /// The `SOURCE_RANGES` prefixes of the service (sorted).
+    ranges: Vec<SourceRange>,
 }
 
 #[derive(Debug, Default)]
@@ -152,11 +158,14 @@ fn backend_of(endpoint: &Endpoint, id: u32) -> Backend {
 }
 
 fn service_flags(frontend: &Frontend) -> u8 {
+    let mut flags = 0;
     if frontend.external {
-        SVC_F_EXTERNAL
-    } else {
-        0
+        flags |= SVC_F_EXTERNAL;
     }
+    if frontend.source_ranges.is_some() {
+        flags |= SVC_F_SOURCE_RANGES;
+    }
+    flags
 }
 
 impl Syncer {
@@ -200,8 +209,26 @@ impl Syncer {
                     value,
                     slots,
                     table,
+                    ranges: Vec::new(),
                 },
             );
+        }
+        let mut ranges_of: BTreeMap<u32, Vec<SourceRange>> = BTreeMap::new();
+        let mut stray_ranges = Vec::new();
+        for key in tables.source_ranges.keys().filter_map(Result::ok) {
+            let (id, range) = source_range_of(&key);
+            if service_ids.contains(&id) {
+                ranges_of.entry(id).or_default().push(range);
+            } else {
+                stray_ranges.push(key);
+            }
+        }
+        for key in &stray_ranges {
+            let _ = tables.source_ranges.remove(key);
+        }
+        for p in programmed.values_mut() {
+            p.ranges = ranges_of.remove(&p.value.id).unwrap_or_default();
+            p.ranges.sort();
         }
         let counts: BTreeMap<u32, u32> = programmed
             .values()
@@ -394,9 +421,11 @@ impl Syncer {
                 _pad: [0; 2],
                 table_offset: 0,
                 table_len: 0,
+                affinity_timeout_s: frontend.affinity_timeout_s,
             },
             slots: Vec::new(),
             table: Vec::new(),
+            ranges: Vec::new(),
         };
         let result = (|| -> Result<()> {
             self.tables
@@ -475,11 +504,22 @@ impl Syncer {
             scheduler: frontend.scheduler.number(),
             table_offset,
             table_len,
+            affinity_timeout_s: frontend.affinity_timeout_s,
             ..current.value
         };
+        let mut ranges = frontend.source_ranges.clone().unwrap_or_default();
+        ranges.sort();
         let name = encode_name(&frontend.service);
-        if !is_new && slots == current.slots && value == current.value {
+        if !is_new && slots == current.slots && value == current.value && ranges == current.ranges {
             return Ok(false);
+        }
+        for range in ranges.iter().filter(|r| !current.ranges.contains(r)) {
+            self.tables
+                .source_ranges
+                .insert(&source_range_key(id, range), 1, 0)
+                .map_err(full_map_hint)
+                .context("loadBalancerSourceRanges")?;
+            report.map_writes += 1;
         }
         if self.tables.service_names.get(&id, 0).ok() != Some(name) {
             self.tables.service_names.insert(id, name, 0)?;
@@ -518,6 +558,12 @@ impl Syncer {
             self.tables.slots.remove(&slot_key)?;
             report.map_writes += 1;
         }
+        for range in current.ranges.iter().filter(|r| !ranges.contains(r)) {
+            self.tables
+                .source_ranges
+                .remove(&source_range_key(id, range))?;
+            report.map_writes += 1;
+        }
         if (table_offset, table_len) != (current.value.table_offset, current.value.table_len) {
             self.table_space
                 .release(current.value.table_offset, current.value.table_len);
@@ -528,6 +574,7 @@ impl Syncer {
                 value,
                 slots,
                 table,
+                ranges,
             },
         );
         Ok(true)
@@ -547,7 +594,13 @@ impl Syncer {
             });
         }
         let _ = self.tables.service_names.remove(&id);
-        report.map_writes += current.slots.len() + 2;
+        for range in &current.ranges {
+            let _ = self
+                .tables
+                .source_ranges
+                .remove(&source_range_key(id, range));
+        }
+        report.map_writes += current.slots.len() + current.ranges.len() + 2;
         for backend in &current.slots {
             self.backend_ids.release(backend.id);
         }

@@ -10,14 +10,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
 use crate::{
     manifests::Objects,
-    model::{DesiredState, Frontend, FrontendKey, Problem, Scheduler},
+    model::{DesiredState, Frontend, FrontendKey, HealthCheck, Problem, Scheduler},
     translate::{
-        object_name, service_output, slice_endpoints, slice_service, ServiceOutput, SliceEndpoint,
-        LABEL_SERVICE_NAME,
+        object_name, service_output, slice_endpoints, slice_service, NodeView, ServiceOutput,
+        SliceEndpoint, LABEL_SERVICE_NAME, LABEL_ZONE,
     },
 };
 
@@ -38,11 +41,13 @@ pub struct Flush {
     pub changes: Vec<FrontendChange>,
     /// Problems of the objects re-translated by this flush.
     pub problems: Vec<Problem>,
+    /// A health check port opened, closed or changed its answer.
+    pub health_checks_changed: bool,
 }
 
 pub struct ChangeTracker {
     node_name: String,
-    default_scheduler: Scheduler,
+    node: NodeView,
     services: BTreeMap<ObjectKey, Service>,
     slices: BTreeMap<ObjectKey, SliceRecord>,
     /// Slices by the service they name.
@@ -52,13 +57,14 @@ pub struct ChangeTracker {
     claims: BTreeMap<FrontendKey, BTreeMap<ObjectKey, Frontend>>,
     dirty_services: BTreeSet<ObjectKey>,
     dirty_slices: BTreeSet<ObjectKey>,
+    health_checks: BTreeMap<ObjectKey, (u16, HealthCheck)>,
 }
 
 impl ChangeTracker {
     pub fn new(node_name: &str) -> ChangeTracker {
         ChangeTracker {
             node_name: node_name.to_owned(),
-            default_scheduler: Scheduler::default(),
+            node: NodeView::default(),
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
             slices_of: BTreeMap::new(),
@@ -66,13 +72,36 @@ impl ChangeTracker {
             claims: BTreeMap::new(),
             dirty_services: BTreeSet::new(),
             dirty_slices: BTreeSet::new(),
+            health_checks: BTreeMap::new(),
         }
     }
 
     /// The scheduler of services without the scheduler annotation (the node's flag).
     pub fn with_default_scheduler(mut self, scheduler: Scheduler) -> ChangeTracker {
-        self.default_scheduler = scheduler;
+        self.node.default_scheduler = scheduler;
         self
+    }
+
+    /// Follows this node's Node object (its zone, for topology); other nodes and a
+    /// missing Node leave the zone unknown. A changed zone re-translates every service.
+    pub fn set_node(&mut self, node: Option<&Node>) {
+        let zone = node
+            .filter(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+            .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
+        if zone != self.node.zone {
+            self.node.zone = zone;
+            self.dirty_services.extend(self.services.keys().cloned());
+        }
+    }
+
+    /// The health checks to serve, by port (the first service by namespace/name
+    /// holds a port two of them name).
+    pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
+        let mut out = BTreeMap::new();
+        for (port, check) in self.health_checks.values() {
+            out.entry(*port).or_insert_with(|| check.clone());
+        }
+        out
     }
 
     pub fn set_service(&mut self, service: Service) {
@@ -167,6 +196,11 @@ impl ChangeTracker {
         for slice in slices.into_values() {
             self.set_slice(slice.clone());
         }
+        let own = objects
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
+        self.set_node(own);
     }
 
     /// Adds or updates `objects` without removing anything: for a source read that is
@@ -206,7 +240,7 @@ impl ChangeTracker {
                     .flatten()
                     .cloned()
                     .collect();
-                service_output(service, &endpoints, self.default_scheduler)
+                service_output(service, &endpoints, &self.node)
             });
             let old = self
                 .outputs
@@ -224,6 +258,14 @@ impl ChangeTracker {
             .collect();
         let mut recomputed = Vec::new();
         for (key, output) in outputs {
+            let check = output.as_ref().and_then(|o| o.health_check.clone());
+            if self.health_checks.get(&key) != check.as_ref() {
+                flush.health_checks_changed = true;
+                match check {
+                    Some(check) => self.health_checks.insert(key.clone(), check),
+                    None => self.health_checks.remove(&key),
+                };
+            }
             if let Some(old) = self.outputs.remove(&key) {
                 for (frontend, _) in old.claims {
                     if let Some(claimants) = self.claims.get_mut(&frontend) {

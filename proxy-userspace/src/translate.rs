@@ -12,7 +12,8 @@
 //!    in the service's namespace, merged and de-duplicated; a slice port matches a
 //!    service port by name and protocol (named target ports resolve this way).
 //! 4. Conditions: a missing `ready` means ready, a missing `serving` means `ready`.
-//!    Ready endpoints serve; only when none is ready do serving-but-terminating ones.
+//!    Ready endpoints serve; only when none is ready do serving-but-terminating ones
+//!    (kube-proxy's graceful fallback). Each policy below applies this on its own set.
 //! 5. An endpoint is local when its `nodeName` is this node; a missing `nodeName`
 //!    counts as remote, so that external traffic to it is masqueraded (always correct,
 //!    at the price of the client address).
@@ -24,6 +25,25 @@
 //!    slice with an
 //!    unparsable address. Two services claiming one frontend: the first by
 //!    namespace/name keeps it.
+//! 8. `externalTrafficPolicy: Local`: NodePort, LoadBalancer and external-IP frontends
+//!    use only this node's endpoints (none: packets are dropped), so nothing is
+//!    masqueraded and backends see the client's address; with a `healthCheckNodePort`
+//!    the node answers load balancers' health checks with its local endpoint count
+//!    (`healthcheck`). `Cluster` (the default) uses every endpoint.
+//! 9. `internalTrafficPolicy: Local`: the ClusterIP frontends use only this node's
+//!    endpoints (none: dropped).
+//! 10. Topology (`trafficDistribution: PreferClose`, or the older topology-aware
+//!     hints): for the cluster-wide set, when every ready endpoint carries zone hints
+//!     and at least one names this node's zone (the Node's `topology.kubernetes.io/zone`
+//!     label), only the endpoints hinted for this zone serve; otherwise all do. The
+//!     terminating fallback ignores hints, as kube-proxy's does.
+//! 11. `sessionAffinity: ClientIP` binds each client to its backend in the kernel for
+//!     `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800, 1..=86400)
+//!     after its last new flow.
+//! 12. `loadBalancerSourceRanges` restrict the LoadBalancer ingress frontends to the
+//!     listed IPv4 prefixes (others dropped in the kernel; IPv6 prefixes ignored, so a
+//!     list of only IPv6 prefixes admits no IPv4 client). An invalid prefix skips the
+//!     service: a firewall that cannot be programmed fails closed.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -31,19 +51,27 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
+    core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 
 use crate::{
     manifests::Objects,
-    model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Problem, Protocol, Scheduler},
+    model::{
+        DesiredState, Endpoint, Frontend, FrontendKey, HealthCheck, Listen, Problem, Protocol,
+        Scheduler, SourceRange,
+    },
     tracker::ChangeTracker,
 };
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// The Node label that names its zone (topology, rule 10).
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 /// Per-service scheduler (`rr`, `wrr`, `lc`, `wlc`, `sh`, `dh`, `sed`, `nq`, `maglev`,
 /// `random`); without it, the node's `--scheduler`.
 pub const ANNOTATION_SCHEDULER: &str = "ebpf-proxy.io/scheduler";
@@ -54,6 +82,8 @@ pub const ANNOTATION_WEIGHTS: &str = "ebpf-proxy.io/weights";
 pub struct Translation {
     pub state: DesiredState,
     pub problems: Vec<Problem>,
+    /// `healthCheckNodePort` servers, by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 /// One usable endpoint port of a slice, before the ready/terminating choice.
@@ -65,6 +95,8 @@ pub(crate) struct SliceEndpoint {
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// `hints.forZones`; `None` without hints.
+    zones: Option<BTreeSet<String>>,
 }
 
 /// What one Service asks for: its frontends (each may still lose to another
@@ -73,6 +105,8 @@ pub(crate) struct SliceEndpoint {
 pub(crate) struct ServiceOutput {
     pub claims: Vec<(FrontendKey, Frontend)>,
     pub problems: Vec<Problem>,
+    /// `healthCheckNodePort` and what it reports (rule 8).
+    pub health_check: Option<(u16, HealthCheck)>,
 }
 
 /// The whole translation of an object set at once (tests, benchmarks, one-shot use);
@@ -84,6 +118,7 @@ pub fn translate(objects: &Objects, node_name: &str) -> Translation {
     Translation {
         state: tracker.desired(),
         problems: tracker.all_problems(),
+        health_checks: tracker.health_checks(),
     }
 }
 
@@ -150,6 +185,11 @@ pub(crate) fn slice_endpoints(
         let serving = conditions.serving.unwrap_or(ready);
         let terminating = conditions.terminating.unwrap_or(false);
         let remote = endpoint.node_name.as_deref() != Some(node_name);
+        let zones = endpoint
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_zones.as_ref())
+            .map(|zones| zones.iter().map(|z| z.name.clone()).collect());
         for address in &endpoint.addresses {
             let addr: Ipv4Addr = address
                 .parse()
@@ -167,6 +207,7 @@ pub(crate) fn slice_endpoints(
                     ready,
                     serving,
                     terminating,
+                    zones: zones.clone(),
                 });
             }
         }
@@ -199,20 +240,29 @@ fn ipv4_addresses<'a>(
     Ok(out)
 }
 
-/// The addresses a service answers on, and whether each is reachable from outside.
-fn service_addresses(service: &Service) -> Result<Vec<(Ipv4Addr, bool)>, String> {
+/// How a frontend address is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Address {
+    Cluster,
+    External,
+    LoadBalancer,
+    NodePort,
+}
+
+/// The addresses a service answers on, and how each is reached.
+fn service_addresses(service: &Service) -> Result<Vec<(Ipv4Addr, Address)>, String> {
     let spec = service.spec.clone().unwrap_or_default();
     let cluster_ips = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ips.clone(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
         _ => return Err("no clusterIP".into()),
     };
-    let mut out: Vec<(Ipv4Addr, bool)> = ipv4_addresses("clusterIP", &cluster_ips)?
+    let mut out: Vec<(Ipv4Addr, Address)> = ipv4_addresses("clusterIP", &cluster_ips)?
         .into_iter()
-        .map(|a| (a, false))
+        .map(|a| (a, Address::Cluster))
         .collect();
     for a in ipv4_addresses("externalIP", spec.external_ips.iter().flatten())? {
-        out.push((a, true));
+        out.push((a, Address::External));
     }
     let ingress_ips: Vec<String> = service
         .status
@@ -224,37 +274,35 @@ fn service_addresses(service: &Service) -> Result<Vec<(Ipv4Addr, bool)>, String>
         .filter_map(|i| i.ip.clone())
         .collect();
     for a in ipv4_addresses("LoadBalancer ingress IP", &ingress_ips)? {
-        out.push((a, true));
+        out.push((a, Address::LoadBalancer));
     }
     Ok(out)
 }
 
-/// The endpoints that serve one service port (rule 4).
-fn serving_endpoints(
-    all: &[SliceEndpoint],
-    port: &ServicePort,
-    protocol: Protocol,
+/// The endpoints of one service port for each traffic policy (rules 4, 8, 9, 10).
+struct PolicySets {
+    cluster: Vec<Endpoint>,
+    local: Vec<Endpoint>,
+}
+
+/// Ready endpoints of `candidates`, else the serving-but-terminating ones (rule 4);
+/// one address:port listed twice (two slices, or local and remote) is one endpoint.
+fn ready_or_terminating<'a>(
+    candidates: impl Iterator<Item = &'a SliceEndpoint> + Clone,
 ) -> Vec<Endpoint> {
-    let name = port.name.clone().unwrap_or_default();
-    let matching: Vec<&SliceEndpoint> = all
-        .iter()
-        .filter(|e| e.port_name == name && e.protocol == protocol)
-        .collect();
-    let ready: BTreeSet<Endpoint> = matching
-        .iter()
+    let ready: BTreeSet<Endpoint> = candidates
+        .clone()
         .filter(|e| e.ready)
         .map(|e| e.endpoint)
         .collect();
     let chosen = if ready.is_empty() {
-        matching
-            .iter()
+        candidates
             .filter(|e| e.serving && e.terminating)
             .map(|e| e.endpoint)
             .collect()
     } else {
         ready
     };
-    // One address:port listed twice (in two slices, or local and remote) is one endpoint.
     let mut seen = BTreeSet::new();
     chosen
         .into_iter()
@@ -262,11 +310,113 @@ fn serving_endpoints(
         .collect()
 }
 
+/// Whether zone hints decide (rule 10): every ready endpoint has hints, and one of
+/// them is for this node's zone.
+fn hints_apply(endpoints: &[&SliceEndpoint], zone: Option<&str>) -> bool {
+    let Some(zone) = zone.filter(|z| !z.is_empty()) else {
+        return false;
+    };
+    let mut for_zone = false;
+    for endpoint in endpoints.iter().filter(|e| e.ready) {
+        match &endpoint.zones {
+            None => return false,
+            Some(zones) if zones.contains(zone) => for_zone = true,
+            Some(_) => {}
+        }
+    }
+    for_zone
+}
+
+fn policy_sets(
+    all: &[SliceEndpoint],
+    port: &ServicePort,
+    protocol: Protocol,
+    zone: Option<&str>,
+) -> PolicySets {
+    let name = port.name.clone().unwrap_or_default();
+    let matching: Vec<&SliceEndpoint> = all
+        .iter()
+        .filter(|e| e.port_name == name && e.protocol == protocol)
+        .collect();
+    let mut cluster = Vec::new();
+    if hints_apply(&matching, zone) {
+        let in_zone = |e: &&&SliceEndpoint| {
+            e.ready
+                && e.zones
+                    .as_ref()
+                    .is_some_and(|z| zone.is_some_and(|zone| z.contains(zone)))
+        };
+        cluster = ready_or_terminating(matching.iter().filter(in_zone).copied());
+    }
+    if cluster.is_empty() {
+        cluster = ready_or_terminating(matching.iter().copied());
+    }
+    let local = ready_or_terminating(matching.iter().filter(|e| !e.endpoint.remote).copied());
+    PolicySets { cluster, local }
+}
+
+/// Whether a policy field (`externalTrafficPolicy`, `internalTrafficPolicy`) says
+/// `Local`; anything else is `Cluster`, the default.
+fn is_local(policy: &Option<String>) -> bool {
+    policy.as_deref() == Some("Local")
+}
+
+/// Rule 11: the affinity timeout, 0 without `sessionAffinity: ClientIP`.
+fn affinity_timeout(spec: &ServiceSpec) -> Result<u32, String> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return Ok(0);
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match timeout {
+        None => Ok(DEFAULT_AFFINITY_TIMEOUT_S),
+        Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Ok(t as u32),
+        Some(t) => Err(format!(
+            "sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside 1..={MAX_AFFINITY_TIMEOUT_S}"
+        )),
+    }
+}
+
+/// Rule 12: the IPv4 prefixes of `loadBalancerSourceRanges`, `None` without any.
+fn source_ranges(spec: &ServiceSpec) -> Result<Option<Vec<SourceRange>>, String> {
+    let Some(ranges) = spec
+        .load_balancer_source_ranges
+        .as_ref()
+        .filter(|r| !r.is_empty())
+    else {
+        return Ok(None);
+    };
+    let mut out = BTreeSet::new();
+    for range in ranges {
+        if range.contains(':') {
+            continue;
+        }
+        out.insert(
+            range
+                .parse::<SourceRange>()
+                .map_err(|e| format!("loadBalancerSourceRanges: {e}"))?,
+        );
+    }
+    Ok(Some(out.into_iter().collect()))
+}
+
+/// What a service needs from the node beyond its frontends' defaults: the node's
+/// scheduler default and its zone.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NodeView {
+    pub default_scheduler: Scheduler,
+    pub zone: Option<String>,
+}
+
 pub(crate) fn service_output(
     service: &Service,
     endpoints: &[SliceEndpoint],
-    default_scheduler: Scheduler,
+    node: &NodeView,
 ) -> ServiceOutput {
+    let default_scheduler = node.default_scheduler;
     let mut out = ServiceOutput::default();
     let name = format!(
         "{}/{}",
@@ -282,6 +432,15 @@ pub(crate) fn service_output(
         Ok(a) => a,
         Err(message) => return out.failed(Problem::error(object, message)),
     };
+    let (affinity_timeout_s, ranges) = match (affinity_timeout(&spec), source_ranges(&spec)) {
+        (Ok(timeout), Ok(ranges)) => (timeout, ranges),
+        (Err(message), _) | (_, Err(message)) => {
+            return out.failed(Problem::error(object, message))
+        }
+    };
+    let external_local = is_local(&spec.external_traffic_policy);
+    let internal_local = is_local(&spec.internal_traffic_policy);
+    let mut local_serving = BTreeSet::new();
 
     let annotations = service.metadata.annotations.clone().unwrap_or_default();
     let scheduler = match annotations.get(ANNOTATION_SCHEDULER).map(|s| s.parse()) {
@@ -349,17 +508,32 @@ pub(crate) fn service_output(
                 ));
             }
         }
-        let mut endpoints = serving_endpoints(endpoints, port, protocol);
-        for endpoint in &mut endpoints {
-            if let Some(weight) = weights.get(&endpoint.addr) {
-                endpoint.weight = *weight;
-            }
-        }
+        let sets = policy_sets(endpoints, port, protocol, node.zone.as_deref());
+        local_serving.extend(sets.local.iter().map(|e| e.addr));
+        let weighted = |set: &[Endpoint]| -> Vec<Endpoint> {
+            set.iter()
+                .map(|e| Endpoint {
+                    weight: weights.get(&e.addr).copied().unwrap_or(e.weight),
+                    ..*e
+                })
+                .collect()
+        };
+        let internal = weighted(if internal_local {
+            &sets.local
+        } else {
+            &sets.cluster
+        });
+        let external = weighted(if external_local {
+            &sets.local
+        } else {
+            &sets.cluster
+        });
         let service_port = format!(
             "{name}:{}",
             port.name.as_deref().unwrap_or(&number.to_string())
         );
-        let mut add = |listen, port, external| {
+        let mut add = |listen, port, address: Address| {
+            let is_external = address != Address::Cluster;
             frontends.push((
                 FrontendKey {
                     listen,
@@ -368,17 +542,45 @@ pub(crate) fn service_output(
                 },
                 Frontend {
                     service: service_port.clone(),
-                    external,
+                    external: is_external,
                     scheduler,
-                    endpoints: endpoints.clone(),
+                    endpoints: if is_external {
+                        external.clone()
+                    } else {
+                        internal.clone()
+                    },
+                    affinity_timeout_s,
+                    source_ranges: if address == Address::LoadBalancer {
+                        ranges.clone()
+                    } else {
+                        None
+                    },
                 },
             ))
         };
-        for (addr, external) in &addresses {
-            add(Listen::Address(*addr), number, *external);
+        for (addr, kind) in &addresses {
+            add(Listen::Address(*addr), number, *kind);
         }
         if let Some(node_port) = node_port {
-            add(Listen::NodePort, node_port, true);
+            add(Listen::NodePort, node_port, Address::NodePort);
+        }
+    }
+    if let Some(port) = spec.health_check_node_port.filter(|_| external_local) {
+        match parse_port(port) {
+            Some(port) => {
+                out.health_check = Some((
+                    port,
+                    HealthCheck {
+                        namespace: namespace_of(service),
+                        name: service.metadata.name.clone().unwrap_or_default(),
+                        local_endpoints: local_serving.len(),
+                    },
+                ))
+            }
+            None => out.problems.push(Problem::error(
+                object.clone(),
+                format!("healthCheckNodePort {port} is out of range: no health check served"),
+            )),
         }
     }
     if spec.selector.is_none() && endpoints.is_empty() {
@@ -416,6 +618,7 @@ impl ServiceOutput {
     /// The service is skipped whole: no claims, one error.
     fn failed(mut self, problem: Problem) -> ServiceOutput {
         self.claims.clear();
+        self.health_check = None;
         self.problems.push(problem);
         self
     }

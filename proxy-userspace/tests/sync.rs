@@ -23,6 +23,7 @@ fn desired(services: usize, backends: usize) -> DesiredState {
                 external: false,
                 scheduler: Scheduler::Rr,
                 endpoints,
+                ..Default::default()
             },
         );
     }

@@ -4,11 +4,17 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    lpm_trie::{Key as LpmKey, LpmTrie},
+    Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+};
 use proxy_common::{
     Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry, CtKey, NodeAddrFlags,
-    ServiceKey, ServiceName, ServiceValue, TrafficStats, DATAPATH_EVENT_NAMES,
+    ServiceKey, ServiceName, ServiceValue, SourceRangeKey, TrafficStats, DATAPATH_EVENT_NAMES,
+    SOURCE_RANGE_ID_BITS,
 };
+
+use crate::model::SourceRange;
 
 pub struct Tables {
     /// Where the maps are pinned (memory-mapped arrays are opened from here).
@@ -25,6 +31,7 @@ pub struct Tables {
     pub service_names: HashMap<MapData, u32, ServiceName>,
     pub conn_counts: Array<MapData, ConnCounts>,
     pub sched_tables: Array<MapData, u32>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
@@ -62,6 +69,7 @@ impl Tables {
             service_names: typed!(dir, "SERVICE_NAMES"),
             conn_counts: typed!(dir, "CONN_COUNTS"),
             sched_tables: typed!(dir, "SCHED_TABLES"),
+            source_ranges: typed!(dir, "SOURCE_RANGES"),
         })
     }
 
@@ -137,6 +145,33 @@ impl Tables {
             .map(|(id, name)| (id, decode_name(&name)))
             .collect()
     }
+}
+
+/// The `SOURCE_RANGES` key of one prefix of one service.
+pub fn source_range_key(service_id: u32, range: &SourceRange) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(
+        SOURCE_RANGE_ID_BITS + u32::from(range.len),
+        SourceRangeKey {
+            service_id_be: service_id.to_be(),
+            addr: u32::from(range.addr).to_be(),
+        },
+    )
+}
+
+/// The service id and prefix of a `SOURCE_RANGES` key.
+pub fn source_range_of(key: &LpmKey<SourceRangeKey>) -> (u32, SourceRange) {
+    let data = key.data();
+    let len = key
+        .prefix_len()
+        .saturating_sub(SOURCE_RANGE_ID_BITS)
+        .min(32) as u8;
+    (
+        u32::from_be(data.service_id_be),
+        SourceRange {
+            addr: std::net::Ipv4Addr::from(u32::from_be(data.addr)),
+            len,
+        },
+    )
 }
 
 pub fn encode_name(name: &str) -> ServiceName {

@@ -347,3 +347,215 @@ fn rule6_weights_come_from_their_annotation() {
         .iter()
         .all(|e| e.weight == 1));
 }
+
+/// A LoadBalancer with a NodePort, one local and one remote endpoint.
+fn mixed_service(extra_spec: &str) -> String {
+    service(
+        "a",
+        &format!("  type: LoadBalancer\n{extra_spec}status: {{loadBalancer: {{ingress: [{{ip: 198.18.100.1}}]}}}}\n"),
+    )
+    .replace("protocol: TCP}", "protocol: TCP, nodePort: 30080}")
+        + &slice(
+            "a-1",
+            "a",
+            &(endpoint("10.244.1.1", "") + &endpoint("10.244.2.1", "").replace("node-a", "node-b")),
+        )
+}
+
+fn endpoints_of(out: &super::Translation, key: &FrontendKey) -> Vec<Ipv4Addr> {
+    out.state.frontends[key]
+        .endpoints
+        .iter()
+        .map(|e| e.addr)
+        .collect()
+}
+
+fn node_port(port: u16) -> FrontendKey {
+    FrontendKey {
+        listen: Listen::NodePort,
+        port,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn load_balancer(port: u16) -> FrontendKey {
+    FrontendKey {
+        listen: Listen::Address(Ipv4Addr::new(198, 18, 100, 1)),
+        port,
+        protocol: Protocol::Tcp,
+    }
+}
+
+#[test]
+fn rule8_external_traffic_policy_local_keeps_external_frontends_on_this_node() {
+    let local = Ipv4Addr::new(10, 244, 1, 1);
+    let remote = Ipv4Addr::new(10, 244, 2, 1);
+    let cluster = translate(&objects(&mixed_service("")), NODE);
+    assert_eq!(
+        endpoints_of(&cluster, &node_port(30080)),
+        vec![local, remote]
+    );
+    assert!(cluster.health_checks.is_empty());
+
+    let yaml = mixed_service("  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n");
+    let out = translate(&objects(&yaml), NODE);
+    assert_eq!(endpoints_of(&out, &node_port(30080)), vec![local]);
+    assert_eq!(endpoints_of(&out, &load_balancer(80)), vec![local]);
+    // The ClusterIP still reaches every endpoint.
+    assert_eq!(endpoints_of(&out, &cluster_ip(80)), vec![local, remote]);
+    let check = &out.health_checks[&32000];
+    assert_eq!((check.name.as_str(), check.local_endpoints), ("a", 1));
+
+    // On the other node's view the remote endpoint is the local one; on a node with
+    // none, external frontends have no endpoints and the health check reports 0.
+    let elsewhere = translate(&objects(&yaml), "node-c");
+    assert!(endpoints_of(&elsewhere, &node_port(30080)).is_empty());
+    assert_eq!(elsewhere.health_checks[&32000].local_endpoints, 0);
+}
+
+#[test]
+fn rule8_local_policy_falls_back_to_local_terminating_endpoints() {
+    let yaml = service("a", "  type: NodePort\n  externalTrafficPolicy: Local\n")
+        .replace("protocol: TCP}", "protocol: TCP, nodePort: 30080}")
+        + &slice(
+            "a-1",
+            "a",
+            &(endpoint(
+                "10.244.1.1",
+                ", conditions: {ready: false, serving: true, terminating: true}",
+            ) + &endpoint("10.244.2.1", "").replace("node-a", "node-b")),
+        );
+    let out = translate(&objects(&yaml), NODE);
+    assert_eq!(
+        endpoints_of(&out, &node_port(30080)),
+        vec![Ipv4Addr::new(10, 244, 1, 1)]
+    );
+    assert_eq!(
+        endpoints_of(&out, &cluster_ip(80)),
+        vec![Ipv4Addr::new(10, 244, 2, 1)]
+    );
+}
+
+#[test]
+fn rule9_internal_traffic_policy_local_keeps_the_cluster_ip_on_this_node() {
+    let out = translate(
+        &objects(&mixed_service("  internalTrafficPolicy: Local\n")),
+        NODE,
+    );
+    assert_eq!(
+        endpoints_of(&out, &cluster_ip(80)),
+        vec![Ipv4Addr::new(10, 244, 1, 1)]
+    );
+    assert_eq!(endpoints_of(&out, &node_port(30080)).len(), 2);
+}
+
+fn zoned(addr: &str, zones: &str) -> String {
+    let hints = if zones.is_empty() {
+        String::new()
+    } else {
+        format!(", hints: {{forZones: [{zones}]}}")
+    };
+    endpoint(addr, &hints)
+}
+
+const NODE_IN_ZONE_A: &str =
+    "---\napiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}\n";
+
+#[test]
+fn rule10_zone_hints_select_this_zone_only_when_every_endpoint_has_them() {
+    let hinted = service("a", "  trafficDistribution: PreferClose\n")
+        + &slice(
+            "a-1",
+            "a",
+            &(zoned("10.244.1.1", "{name: zone-a}") + &zoned("10.244.1.2", "{name: zone-b}")),
+        );
+    let with_node = format!("{hinted}{NODE_IN_ZONE_A}");
+    assert_eq!(backends(&with_node), vec![Ipv4Addr::new(10, 244, 1, 1)]);
+    // Without the node's zone, hints cannot apply.
+    assert_eq!(backends(&hinted).len(), 2);
+    // One endpoint without hints: all serve.
+    let partly = service("a", "")
+        + &slice(
+            "a-1",
+            "a",
+            &(zoned("10.244.1.1", "{name: zone-a}") + &zoned("10.244.1.2", "")),
+        )
+        + NODE_IN_ZONE_A;
+    assert_eq!(backends(&partly).len(), 2);
+    // Hints for other zones only: all serve.
+    let elsewhere = service("a", "")
+        + &slice("a-1", "a", &zoned("10.244.1.2", "{name: zone-b}"))
+        + NODE_IN_ZONE_A;
+    assert_eq!(backends(&elsewhere).len(), 1);
+}
+
+#[test]
+fn rule11_session_affinity_sets_the_timeout() {
+    let timeout = |extra: &str| {
+        translate(&objects(&service("a", extra)), NODE)
+            .state
+            .frontends[&cluster_ip(80)]
+            .affinity_timeout_s
+    };
+    assert_eq!(timeout(""), 0);
+    assert_eq!(timeout("  sessionAffinity: None\n"), 0);
+    assert_eq!(timeout("  sessionAffinity: ClientIP\n"), 10_800);
+    assert_eq!(
+        timeout("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}\n"),
+        30
+    );
+    let bad = translate(
+        &objects(&service(
+            "a",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n",
+        )),
+        NODE,
+    );
+    assert!(bad.state.frontends.is_empty());
+    assert!(
+        bad.problems[0].message.contains("timeoutSeconds"),
+        "{:?}",
+        bad.problems
+    );
+}
+
+#[test]
+fn rule12_source_ranges_restrict_only_the_load_balancer_frontend() {
+    let yaml = mixed_service(
+        "  loadBalancerSourceRanges: [198.51.100.0/24, \"203.0.113.7/32\", \"2001:db8::/64\", 192.0.2.9/16]\n",
+    );
+    let out = translate(&objects(&yaml), NODE);
+    let ranges: Vec<String> = out.state.frontends[&load_balancer(80)]
+        .source_ranges
+        .as_ref()
+        .expect("ranges")
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    // Host bits are cleared; the IPv6 prefix is not ours.
+    assert_eq!(
+        ranges,
+        ["192.0.0.0/16", "198.51.100.0/24", "203.0.113.7/32"]
+    );
+    assert_eq!(out.state.frontends[&cluster_ip(80)].source_ranges, None);
+    assert_eq!(out.state.frontends[&node_port(30080)].source_ranges, None);
+
+    let only_v6 = translate(
+        &objects(&mixed_service(
+            "  loadBalancerSourceRanges: [\"2001:db8::/64\"]\n",
+        )),
+        NODE,
+    );
+    assert_eq!(
+        only_v6.state.frontends[&load_balancer(80)].source_ranges,
+        Some(Vec::new())
+    );
+    let invalid = translate(
+        &objects(&mixed_service(
+            "  loadBalancerSourceRanges: [198.51.100.0/40]\n",
+        )),
+        NODE,
+    );
+    assert!(invalid.state.frontends.is_empty());
+    assert_eq!(invalid.problems[0].severity, Severity::Error);
+}

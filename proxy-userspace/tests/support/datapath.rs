@@ -83,18 +83,28 @@ impl TestDatapath {
         scheduler: Scheduler,
         frontends: &[(FrontendKey, Vec<Endpoint>)],
     ) {
-        let mut desired = DesiredState::default();
-        for (key, endpoints) in frontends {
-            desired.frontends.insert(
-                *key,
-                Frontend {
-                    service: format!("test/{}", key.port),
-                    external: matches!(key.listen, Listen::NodePort),
-                    scheduler,
-                    endpoints: endpoints.clone(),
-                },
-            );
-        }
+        self.program_frontends(
+            frontends
+                .iter()
+                .map(|(key, endpoints)| {
+                    let frontend = Frontend {
+                        service: format!("test/{}", key.port),
+                        external: matches!(key.listen, Listen::NodePort),
+                        scheduler,
+                        endpoints: endpoints.clone(),
+                        ..Default::default()
+                    };
+                    (*key, frontend)
+                })
+                .collect(),
+        );
+    }
+
+    /// Programs exactly these frontends.
+    pub fn program_frontends(&mut self, frontends: Vec<(FrontendKey, Frontend)>) {
+        let desired = DesiredState {
+            frontends: frontends.into_iter().collect(),
+        };
         let report = self.syncer.apply(&desired);
         assert!(report.problems.is_empty(), "{:?}", report.problems);
     }

@@ -96,6 +96,7 @@ fn frontend(scheduler: Scheduler, first_backend: u32) -> Frontend {
         external: false,
         scheduler,
         endpoints,
+        ..Default::default()
     }
 }
 
