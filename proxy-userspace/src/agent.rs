@@ -6,7 +6,7 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -22,29 +22,37 @@ use crate::{
         loader::{Datapath, MapSizes},
         tables::Tables,
     },
+    healthcheck::HealthCheckServers,
+    kubernetes::{
+        self,
+        events::EventReporter,
+        watch::{Change, Received, Update},
+    },
     manifests,
     metrics::AgentMetrics,
-    model::{Scheduler, Severity},
+    model::{Problem, Scheduler, Severity},
     node::NodeConfig,
     server::{self, Status},
     sync::{NodeSettings, Syncer},
     tracker::ChangeTracker,
+    translate::object_name,
 };
 
 pub struct AgentConfig {
     pub node: NodeConfig,
     pub pin_dir: PathBuf,
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub xdp_mode: XdpMode,
     pub cgroup: PathBuf,
-    /// How often the manifests file is checked for changes.
-    pub poll_interval: Duration,
     /// Created once services are programmed and present interfaces attached.
     pub ready_file: Option<PathBuf>,
     /// Transmit translated packets from XDP (XDP_TX/XDP_REDIRECT) instead of XDP_PASS.
     pub xdp_redirect: bool,
     /// Scheduler of services without the `ebpf-proxy.io/scheduler` annotation.
     pub default_scheduler: Scheduler,
+    /// Handle only services labelled `service.kubernetes.io/service-proxy-name` with
+    /// this value (running beside kube-proxy); `None`: every unlabelled service.
+    pub service_proxy_name: Option<String>,
     /// How often idle conntrack entries are collected.
     pub ct_gc_interval: Duration,
     /// `/metrics` and `/proxyMode`.
@@ -76,6 +84,22 @@ fn own_netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
+/// Where the services come from.
+pub enum SourceConfig {
+    /// A manifests file, re-read when its bytes change (checked every `poll_interval`).
+    Manifests {
+        path: PathBuf,
+        poll_interval: Duration,
+    },
+    /// The API server (in-cluster, or through `kubeconfig`). Changes are applied at
+    /// most once per `min_sync_period` (kube-proxy's `--min-sync-period`): a burst
+    /// of changes becomes one sync; 0 syncs every change at once.
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        min_sync_period: Duration,
+    },
+}
+
 /// Re-reads the manifests when their bytes change; keeps the last good state when
 /// the file is missing or unreadable.
 struct ManifestSource {
@@ -104,66 +128,182 @@ impl ManifestSource {
             }
         }
     }
+
+    /// Feeds a new version of the manifests to the tracker; returns parse problems.
+    fn load(&self, bytes: &[u8], tracker: &mut ChangeTracker) -> Vec<Problem> {
+        let text = String::from_utf8_lossy(bytes);
+        let (objects, problems) = manifests::parse(&text, &self.path.display().to_string());
+        if problems.is_empty() {
+            tracker.replace_all(&objects);
+        } else {
+            // A malformed document may have held objects that still serve traffic:
+            // apply what parsed, remove nothing until the file parses cleanly again.
+            warn!(
+                malformed = problems.len(),
+                "manifests have malformed documents: updating what parsed, removing nothing"
+            );
+            tracker.merge(&objects);
+        }
+        problems
+    }
 }
 
-/// Feeds a new version of the manifests through the tracker and programs what
-/// changed. With `full`, the whole desired state is compared with the maps instead
-/// (the first sync after a start, when the maps may hold a predecessor's state).
-fn sync_from(
-    bytes: &[u8],
-    source: &Path,
-    tracker: &mut ChangeTracker,
-    syncer: &mut Syncer,
-    full: bool,
-    metrics: &AgentMetrics,
-) {
-    let started = Instant::now();
-    let text = String::from_utf8_lossy(bytes);
-    let (objects, mut problems) = manifests::parse(&text, &source.display().to_string());
-    if problems.is_empty() {
-        tracker.replace_all(&objects);
-    } else {
-        // A malformed document may have held objects that still serve traffic: apply
-        // what parsed, remove nothing until the file parses cleanly again.
-        warn!(
-            malformed = problems.len(),
-            "manifests have malformed documents: updating what parsed, removing nothing"
-        );
-        tracker.merge(&objects);
-    }
-    let flush = tracker.flush();
-    problems.extend(flush.problems);
-    let report = if full {
-        syncer.apply(&tracker.desired())
-    } else {
-        syncer.apply_changes(&flush.changes)
-    };
-    problems.extend(report.problems);
-    for problem in &problems {
-        match problem.severity {
-            Severity::Error => warn!("{problem}"),
-            Severity::Warning => info!("{problem}"),
+/// Programs what the tracker holds into the maps, and everything that follows from
+/// it: health-check servers, metrics, logs and Events.
+struct Programmer {
+    tracker: ChangeTracker,
+    syncer: Syncer,
+    health_checks: HealthCheckServers,
+    events: Option<EventReporter>,
+    metrics: AgentMetrics,
+    /// Until one sync compared everything with the pinned maps, syncs are full ones
+    /// (the maps may hold a predecessor's state).
+    reconciled: bool,
+}
+
+impl Programmer {
+    /// One sync. `changed_at` is when the oldest change it applies arrived: the
+    /// programming latency is measured from there.
+    async fn sync(&mut self, mut problems: Vec<Problem>, changed_at: Option<Instant>) {
+        let started = Instant::now();
+        let flush = self.tracker.flush();
+        problems.extend(flush.problems);
+        let report = if self.reconciled {
+            self.syncer.apply_changes(&flush.changes)
+        } else {
+            self.syncer.apply(&self.tracker.desired())
+        };
+        problems.extend(report.problems);
+        if flush.health_checks_changed || !self.reconciled {
+            let checks = self.tracker.health_checks();
+            problems.extend(self.health_checks.update(checks).await);
         }
+        self.reconciled = true;
+        for problem in &problems {
+            match problem.severity {
+                Severity::Error => warn!("{problem}"),
+                Severity::Warning => info!("{problem}"),
+            }
+        }
+        if let Some(events) = &mut self.events {
+            events.report(&problems);
+        }
+        let metrics = &self.metrics;
+        metrics.syncs.inc();
+        metrics
+            .sync_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(changed_at) = changed_at {
+            metrics
+                .programming_latency_seconds
+                .observe(changed_at.elapsed().as_secs_f64());
+        }
+        metrics.sync_problems.set(problems.len() as i64);
+        metrics
+            .udp_flows_flushed
+            .inc_by(report.flushed_udp_flows as u64);
+        info!(
+            changed = flush.changes.len(),
+            added = report.added,
+            updated = report.updated,
+            removed = report.removed,
+            map_writes = report.map_writes,
+            flushed_udp_flows = report.flushed_udp_flows,
+            problems = problems.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "synced"
+        );
     }
-    metrics.syncs.inc();
-    metrics
-        .sync_duration_seconds
-        .observe(started.elapsed().as_secs_f64());
-    metrics.sync_problems.set(problems.len() as i64);
-    metrics
-        .udp_flows_flushed
-        .inc_by(report.flushed_udp_flows as u64);
-    info!(
-        changed = flush.changes.len(),
-        added = report.added,
-        updated = report.updated,
-        removed = report.removed,
-        map_writes = report.map_writes,
-        flushed_udp_flows = report.flushed_udp_flows,
-        problems = problems.len(),
-        elapsed_us = started.elapsed().as_micros() as u64,
-        "synced"
-    );
+}
+
+/// The Kubernetes source's state between syncs.
+struct KubernetesFeed {
+    updates: mpsc::Receiver<Received>,
+    min_sync_period: Duration,
+    /// Kinds whose first full list arrived; the first sync waits for all three, so
+    /// that a restart never programs services without their endpoints.
+    listed: BTreeSet<&'static str>,
+    /// When the oldest change not yet programmed arrived.
+    pending_since: Option<Instant>,
+    last_sync: Option<Instant>,
+}
+
+const KINDS: [&str; 3] = ["services", "endpointslices", "nodes"];
+
+impl KubernetesFeed {
+    /// Applies one update to the tracker.
+    fn apply(
+        &mut self,
+        update: Update,
+        received: Instant,
+        tracker: &mut ChangeTracker,
+        metrics: &AgentMetrics,
+    ) {
+        let kind = match update {
+            Update::Service(change) => {
+                match change {
+                    Change::Applied(s) => tracker.set_service(*s),
+                    Change::Deleted(s) => tracker
+                        .remove_service(&object_name(&s.metadata.namespace, &s.metadata.name)),
+                    Change::Relisted(all) => {
+                        tracker.replace_services(&all);
+                        self.listed.insert("services");
+                    }
+                }
+                "services"
+            }
+            Update::Slice(change) => {
+                match change {
+                    Change::Applied(s) => tracker.set_slice(*s),
+                    Change::Deleted(s) => {
+                        tracker.remove_slice(&object_name(&s.metadata.namespace, &s.metadata.name))
+                    }
+                    Change::Relisted(all) => {
+                        tracker.replace_slices(&all);
+                        self.listed.insert("endpointslices");
+                    }
+                }
+                "endpointslices"
+            }
+            Update::Node(change) => {
+                match change {
+                    Change::Applied(n) => tracker.set_node(Some(&n)),
+                    Change::Deleted(_) => tracker.set_node(None),
+                    Change::Relisted(all) => {
+                        tracker.set_node(all.first());
+                        self.listed.insert("nodes");
+                    }
+                }
+                "nodes"
+            }
+            Update::Trouble { kind, error } => {
+                warn!(
+                    kind,
+                    "watching the API server: {error}; the programmed state stays, retrying"
+                );
+                metrics
+                    .source_errors
+                    .get_or_create(&vec![("resource".to_owned(), kind.to_owned())])
+                    .inc();
+                return;
+            }
+        };
+        debug!(kind, "update");
+        self.pending_since.get_or_insert(received);
+    }
+
+    /// When the pending changes should be programmed: never before every kind was
+    /// listed, and not sooner than `min_sync_period` after the last sync.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.pending_since?;
+        if self.listed.len() < KINDS.len() {
+            return None;
+        }
+        let at = self
+            .last_sync
+            .map_or_else(Instant::now, |last| last + self.min_sync_period);
+        Some(tokio::time::Instant::from_std(at))
+    }
 }
 
 /// The capabilities the agent needs, and why (see also deploy/daemonset.yaml).
@@ -214,36 +354,62 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         xdp_redirect: config.xdp_redirect,
     };
     syncer.program_node(&config.node, &settings)?;
-    let mut source = ManifestSource {
-        path: config.manifests.clone(),
-        last: None,
-        unreadable_reported: false,
+    let mut programmer = Programmer {
+        tracker: ChangeTracker::new(&config.node.name)
+            .with_default_scheduler(config.default_scheduler)
+            .with_service_proxy_name(config.service_proxy_name.clone()),
+        syncer,
+        health_checks: HealthCheckServers::default(),
+        events: None,
+        metrics: status.metrics.clone(),
+        reconciled: false,
     };
-    let mut tracker =
-        ChangeTracker::new(&config.node.name).with_default_scheduler(config.default_scheduler);
-    // Until one sync compared everything with the pinned maps, syncs are full ones.
-    let mut reconciled = false;
-    if let Some(bytes) = source.changed() {
-        sync_from(
-            &bytes,
-            &config.manifests,
-            &mut tracker,
-            &mut syncer,
-            true,
-            &status.metrics,
-        );
-        reconciled = true;
+    let mut manifests = None;
+    let mut feed = None;
+    match &config.source {
+        SourceConfig::Manifests { path, .. } => {
+            let mut source = ManifestSource {
+                path: path.clone(),
+                last: None,
+                unreadable_reported: false,
+            };
+            if let Some(bytes) = source.changed() {
+                let problems = source.load(&bytes, &mut programmer.tracker);
+                programmer.sync(problems, None).await;
+            }
+            manifests = Some(source);
+        }
+        SourceConfig::Kubernetes {
+            kubeconfig,
+            min_sync_period,
+        } => {
+            let client = kubernetes::client(kubeconfig.as_deref()).await?;
+            programmer.events = Some(EventReporter::spawn(client.clone(), &config.node.name));
+            feed = Some(KubernetesFeed {
+                updates: kubernetes::watch::spawn(client, &config.node.name),
+                min_sync_period: *min_sync_period,
+                listed: BTreeSet::new(),
+                pending_since: None,
+                last_sync: None,
+            });
+        }
     }
     attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
     let watcher = tokio::spawn(interfaces::watch(link_tx));
     let mut attached = BTreeSet::new();
-    let mut ticker = tokio::time::interval(config.poll_interval);
+    let poll_interval = match &config.source {
+        SourceConfig::Manifests { poll_interval, .. } => *poll_interval,
+        SourceConfig::Kubernetes { .. } => Duration::from_secs(1),
+    };
+    let mut ticker = tokio::time::interval(poll_interval);
     let mut gc_ticker = tokio::time::interval(config.ct_gc_interval);
     let mut terminate = unix::signal(unix::SignalKind::terminate())?;
+    let mut links_listed = false;
     let mut ready = false;
     loop {
+        let sync_due = feed.as_ref().and_then(KubernetesFeed::due);
         tokio::select! {
             event = link_rx.recv() => match event {
                 Some(LinkEvent::Present(name)) if !attached.contains(&name) => {
@@ -265,25 +431,39 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     if !missing.is_empty() {
                         warn!(?missing, "uplinks not present yet; they will be attached when they appear");
                     }
-                    if !ready {
-                        ready = true;
-                        status.set_ready();
-                        mark_ready(&config)?;
-                    }
+                    links_listed = true;
                 }
                 None => {
                     let result = watcher.await;
                     anyhow::bail!("interface watcher stopped: {result:?}");
                 }
             },
-            _ = ticker.tick() => {
-                status.alive();
-                if let Some(bytes) = source.changed() {
-                    sync_from(&bytes, &config.manifests, &mut tracker, &mut syncer, !reconciled, &status.metrics);
-                    reconciled = true;
+            update = async { feed.as_mut()?.updates.recv().await }, if feed.is_some() => {
+                let Some((update, received)) = update else {
+                    anyhow::bail!("the Kubernetes watchers stopped");
+                };
+                if let Some(feed) = feed.as_mut() {
+                    feed.apply(update, received, &mut programmer.tracker, &status.metrics);
                 }
             }
-            _ = gc_ticker.tick() => match syncer.collect_conntrack() {
+            _ = tokio::time::sleep_until(sync_due.unwrap_or_else(tokio::time::Instant::now)), if sync_due.is_some() => {
+                if let Some(feed) = feed.as_mut() {
+                    let changed_at = feed.pending_since.take();
+                    feed.last_sync = Some(Instant::now());
+                    programmer.sync(Vec::new(), changed_at).await;
+                }
+            }
+            _ = ticker.tick() => {
+                status.alive();
+                if let Some(source) = manifests.as_mut() {
+                    let read_at = Instant::now();
+                    if let Some(bytes) = source.changed() {
+                        let problems = source.load(&bytes, &mut programmer.tracker);
+                        programmer.sync(problems, Some(read_at)).await;
+                    }
+                }
+            }
+            _ = gc_ticker.tick() => match programmer.syncer.collect_conntrack() {
                 Ok(report) if report.expired > 0 => {
                     status.metrics.conntrack_expired.inc_by(report.expired as u64);
                     debug!(scanned = report.scanned, expired = report.expired, "conntrack GC");
@@ -293,6 +473,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             },
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
+        }
+        // The Kubernetes source is ready after its first sync; a manifests file may
+        // appear later (its absence is logged), as before.
+        if !ready && links_listed && (programmer.reconciled || manifests.is_some()) {
+            ready = true;
+            status.set_ready();
+            mark_ready(&config)?;
         }
     }
     info!("stopping; programs stay attached through their pinned links (`ebpf-proxy cleanup` detaches)");

@@ -9,6 +9,8 @@
 pub mod agent;
 pub mod conntrack;
 pub mod datapath;
+pub mod healthcheck;
+pub mod kubernetes;
 pub mod listing;
 pub mod manifests;
 pub mod metrics;

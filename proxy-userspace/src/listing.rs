@@ -1,14 +1,14 @@
 //! `ebpf-proxy list`: an `ipvsadm -Ln --stats`-like view of the pinned maps of a
 //! running (or stopped) agent.
 
-use std::{fmt::Write as _, path::Path};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
-use proxy_common::{BackendSlotKey, TrafficStats, SVC_F_EXTERNAL};
+use proxy_common::{BackendSlotKey, TrafficStats, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::tables::{decode_name, Tables},
+    datapath::tables::{decode_name, source_range_of, Tables},
     model::{Endpoint, FrontendKey, Scheduler},
     sync::{endpoint_of, frontend_key},
 };
@@ -19,6 +19,10 @@ pub struct ServiceRow {
     pub service: String,
     pub scheduler: String,
     pub external: bool,
+    /// `sessionAffinity: ClientIP` timeout (IPVS's "persistent"); 0 = none.
+    pub affinity_timeout_s: u32,
+    /// `loadBalancerSourceRanges`: `None` admits everybody.
+    pub source_ranges: Option<Vec<String>>,
     pub stats: TrafficStats,
     pub backends: Vec<BackendRow>,
 }
@@ -45,6 +49,11 @@ pub fn read(pin_dir: &Path) -> Result<Listing> {
 }
 
 pub fn read_tables(tables: &Tables) -> Result<Listing> {
+    let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for key in tables.source_ranges.keys().filter_map(Result::ok) {
+        let (id, range) = source_range_of(&key);
+        ranges.entry(id).or_default().push(range.to_string());
+    }
     let mut services = Vec::new();
     for entry in tables.services.iter() {
         let (key, value) = entry.context("reading SERVICES")?;
@@ -78,6 +87,9 @@ pub fn read_tables(tables: &Tables) -> Result<Listing> {
             scheduler: Scheduler::from_number(value.scheduler)
                 .map_or_else(|| format!("#{}", value.scheduler), |s| s.name().to_owned()),
             external: value.flags & SVC_F_EXTERNAL != 0,
+            affinity_timeout_s: value.affinity_timeout_s,
+            source_ranges: (value.flags & SVC_F_SOURCE_RANGES != 0)
+                .then(|| ranges.remove(&value.id).unwrap_or_default()),
             stats: Tables::stats_sum(&tables.service_stats, value.id),
             backends,
         });
@@ -117,7 +129,13 @@ pub fn render(listing: &Listing) -> String {
     );
     let _ = writeln!(out, "  -> RemoteAddress:Port");
     for service in &listing.services {
-        let head = format!("{} {}", service.frontend, service.scheduler);
+        let mut head = format!("{} {}", service.frontend, service.scheduler);
+        if service.affinity_timeout_s != 0 {
+            let _ = write!(head, " persistent {}", service.affinity_timeout_s);
+        }
+        if let Some(ranges) = &service.source_ranges {
+            let _ = write!(head, " from [{}]", ranges.join(","));
+        }
         let _ = writeln!(
             out,
             "{head:<36} {:>22} {}  {}",

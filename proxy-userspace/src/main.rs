@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ebpf_proxy::{
-    agent::{self, AgentConfig},
+    agent::{self, AgentConfig, SourceConfig},
     conntrack,
     datapath::{attach, loader::MapSizes, mmap::MappedArray, tables::Tables},
     listing,
@@ -123,12 +123,22 @@ enum XdpForwardArg {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Multi-document YAML with v1 Services and discovery.k8s.io/v1 EndpointSlices;
-    /// re-read when it changes.
+    /// Multi-document YAML with v1 Services, discovery.k8s.io/v1 EndpointSlices and
+    /// optionally this node's v1 Node; re-read when it changes.
+    #[arg(long, required_unless_present_any = ["kubernetes", "kubeconfig"], conflicts_with_all = ["kubernetes", "kubeconfig"])]
+    manifests: Option<PathBuf>,
+    /// Watch the API server with the pod's service account (a DaemonSet).
     #[arg(long)]
-    manifests: PathBuf,
+    kubernetes: bool,
+    /// Watch the API server named in this kubeconfig (implies --kubernetes).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubernetes source: the shortest time between two syncs, in milliseconds
+    /// (kube-proxy's --min-sync-period); changes within it are batched. 0 syncs at once.
+    #[arg(long, default_value_t = 1000)]
+    min_sync_period_ms: u64,
     /// This node's name, as EndpointSlices' `nodeName` spells it.
-    #[arg(long)]
+    #[arg(long, env = "NODE_NAME")]
     node_name: String,
     /// An address of this node (NodePorts answer on each; the first is the SNAT source).
     #[arg(long = "node-ip", required = true)]
@@ -148,6 +158,11 @@ struct RunArgs {
     /// rr, wrr, lc, wlc, sh, dh, sed, nq, maglev, random.
     #[arg(long, default_value = "rr")]
     scheduler: Scheduler,
+    /// Handle only services labelled `service.kubernetes.io/service-proxy-name` with
+    /// this value (kube-proxy skips labelled services): runs beside kube-proxy on a
+    /// disjoint set of services. Without it: every unlabelled service, as kube-proxy.
+    #[arg(long)]
+    service_proxy_name: Option<String>,
     /// How often idle conntrack entries are collected, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     ct_gc_interval_ms: u64,
@@ -205,16 +220,25 @@ async fn main() -> Result<()> {
                     pod_interface_patterns: args.pod_interfaces,
                 },
                 pin_dir: args.pin_dir,
-                manifests: args.manifests,
+                source: match args.manifests {
+                    Some(path) => SourceConfig::Manifests {
+                        path,
+                        poll_interval: Duration::from_millis(args.poll_ms),
+                    },
+                    None => SourceConfig::Kubernetes {
+                        kubeconfig: args.kubeconfig,
+                        min_sync_period: Duration::from_millis(args.min_sync_period_ms),
+                    },
+                },
                 xdp_mode: match args.xdp_mode {
                     XdpModeArg::Native => aya::programs::XdpMode::Driver,
                     XdpModeArg::Skb => aya::programs::XdpMode::Skb,
                 },
                 cgroup: args.cgroup.unwrap_or_else(attach::default_cgroup_root),
-                poll_interval: Duration::from_millis(args.poll_ms),
                 ready_file: args.ready_file,
                 xdp_redirect: args.xdp_forward == XdpForwardArg::Redirect,
                 default_scheduler: args.scheduler,
+                service_proxy_name: args.service_proxy_name,
                 ct_gc_interval: Duration::from_millis(args.ct_gc_interval_ms),
                 metrics_address: args.metrics_bind_address,
                 health_address: args.healthz_bind_address,

@@ -27,6 +27,11 @@ pub struct AgentMetrics {
     pub sync_problems: Gauge,
     pub udp_flows_flushed: Counter,
     pub conntrack_expired: Counter,
+    /// From a change's arrival (a watch event, a re-read manifests file) to the maps
+    /// holding it, including the wait imposed by the minimum sync period.
+    pub programming_latency_seconds: Histogram,
+    /// Failed list/watch calls to the API server, by resource.
+    pub source_errors: Family<Labels, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -37,11 +42,13 @@ impl Default for AgentMetrics {
             sync_problems: Gauge::default(),
             udp_flows_flushed: Counter::default(),
             conntrack_expired: Counter::default(),
+            programming_latency_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
+            source_errors: Family::default(),
         }
     }
 }
 
-type Labels = Vec<(String, String)>;
+pub type Labels = Vec<(String, String)>;
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
@@ -72,6 +79,16 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics) -> Result<String> {
         "udp_flows_flushed",
         "UDP flows removed because their backend left",
         agent.udp_flows_flushed.clone(),
+    );
+    registry.register(
+        "network_programming_duration_seconds",
+        "Time from a change arriving from the source to the maps holding it",
+        agent.programming_latency_seconds.clone(),
+    );
+    registry.register(
+        "source_errors",
+        "Failed list or watch calls to the API server (retried with backoff)",
+        agent.source_errors.clone(),
     );
     registry.register(
         "conntrack_expired",

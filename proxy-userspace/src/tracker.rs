@@ -10,9 +10,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 use crate::{
@@ -79,6 +82,13 @@ impl ChangeTracker {
     /// The scheduler of services without the scheduler annotation (the node's flag).
     pub fn with_default_scheduler(mut self, scheduler: Scheduler) -> ChangeTracker {
         self.node.default_scheduler = scheduler;
+        self
+    }
+
+    /// Handle only the services labelled `service.kubernetes.io/service-proxy-name:
+    /// name` (and leave the unlabelled ones to kube-proxy).
+    pub fn with_service_proxy_name(mut self, name: Option<String>) -> ChangeTracker {
+        self.node.proxy_name = name;
         self
     }
 
@@ -162,45 +172,35 @@ impl ChangeTracker {
     /// Makes the tracked set equal to `objects` (a source that always reads
     /// everything, like a manifests file): only real differences mark anything dirty.
     pub fn replace_all(&mut self, objects: &Objects) {
-        let services: BTreeMap<ObjectKey, &Service> = objects
-            .services
-            .iter()
-            .map(|s| (object_name(&s.metadata.namespace, &s.metadata.name), s))
-            .collect();
-        let slices: BTreeMap<ObjectKey, &EndpointSlice> = objects
-            .slices
-            .iter()
-            .map(|s| (object_name(&s.metadata.namespace, &s.metadata.name), s))
-            .collect();
-        let gone: Vec<ObjectKey> = self
-            .services
-            .keys()
-            .filter(|k| !services.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in gone {
-            self.remove_service(&key);
-        }
-        let gone: Vec<ObjectKey> = self
-            .slices
-            .keys()
-            .filter(|k| !slices.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in gone {
-            self.remove_slice(&key);
-        }
-        for service in services.into_values() {
-            self.set_service(service.clone());
-        }
-        for slice in slices.into_values() {
-            self.set_slice(slice.clone());
-        }
+        self.replace_services(&objects.services);
+        self.replace_slices(&objects.slices);
         let own = objects
             .nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
         self.set_node(own);
+    }
+
+    /// Makes the tracked Services equal to `services` (a full list).
+    pub fn replace_services(&mut self, services: &[Service]) {
+        let (gone, wanted) = differences(self.services.keys(), services, |s| &s.metadata);
+        for key in gone {
+            self.remove_service(&key);
+        }
+        for service in wanted {
+            self.set_service(service.clone());
+        }
+    }
+
+    /// Makes the tracked EndpointSlices equal to `slices` (a full list).
+    pub fn replace_slices(&mut self, slices: &[EndpointSlice]) {
+        let (gone, wanted) = differences(self.slices.keys(), slices, |s| &s.metadata);
+        for key in gone {
+            self.remove_slice(&key);
+        }
+        for slice in wanted {
+            self.set_slice(slice.clone());
+        }
     }
 
     /// Adds or updates `objects` without removing anything: for a source read that is
@@ -364,6 +364,24 @@ impl ChangeTracker {
         }
         problems
     }
+}
+
+/// For a full list replacing the tracked objects of one kind: the keys no longer
+/// listed, and the listed objects (each once, by key).
+fn differences<'t, 'a, T>(
+    tracked: impl Iterator<Item = &'t ObjectKey>,
+    listed: &'a [T],
+    metadata: impl Fn(&T) -> &ObjectMeta,
+) -> (Vec<ObjectKey>, Vec<&'a T>) {
+    let wanted: BTreeMap<ObjectKey, &T> = listed
+        .iter()
+        .map(|o| (object_name(&metadata(o).namespace, &metadata(o).name), o))
+        .collect();
+    let gone = tracked
+        .filter(|k| !wanted.contains_key(*k))
+        .cloned()
+        .collect();
+    (gone, wanted.into_values().collect())
 }
 
 #[cfg(test)]

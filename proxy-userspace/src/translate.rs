@@ -5,6 +5,8 @@
 //! 1. Services of type ExternalName, headless ones (`clusterIP: None` or the label
 //!    `service.kubernetes.io/headless`) and ones labelled
 //!    `service.kubernetes.io/service-proxy-name` (handed to another proxy) are ignored.
+//!    With `--service-proxy-name NAME` it is the other way round, as for any
+//!    alternative proxy beside kube-proxy: only services labelled `NAME` are handled.
 //! 2. Each service port yields one frontend per IPv4 ClusterIP, external IP and
 //!    LoadBalancer ingress IP, plus a NodePort frontend when `nodePort` is set. IPv6
 //!    addresses are left to a later version (ignored, not errors).
@@ -215,12 +217,12 @@ pub(crate) fn slice_endpoints(
     Ok(out)
 }
 
-fn is_ignored(service: &Service) -> bool {
+fn is_ignored(service: &Service, proxy_name: Option<&str>) -> bool {
     let spec = service.spec.clone().unwrap_or_default();
     let labels = service.metadata.labels.clone().unwrap_or_default();
     spec.type_.as_deref() == Some("ExternalName")
         || spec.cluster_ip.as_deref() == Some("None")
-        || labels.contains_key(LABEL_SERVICE_PROXY_NAME)
+        || labels.get(LABEL_SERVICE_PROXY_NAME).map(String::as_str) != proxy_name
         || labels.contains_key(LABEL_HEADLESS)
 }
 
@@ -409,6 +411,8 @@ fn source_ranges(spec: &ServiceSpec) -> Result<Option<Vec<SourceRange>>, String>
 pub(crate) struct NodeView {
     pub default_scheduler: Scheduler,
     pub zone: Option<String>,
+    /// `--service-proxy-name`: handle only the services labelled with it.
+    pub proxy_name: Option<String>,
 }
 
 pub(crate) fn service_output(
@@ -424,7 +428,7 @@ pub(crate) fn service_output(
         service.metadata.name.as_deref().unwrap_or("<unnamed>")
     );
     let object = format!("Service {name}");
-    if is_ignored(service) {
+    if is_ignored(service, node.proxy_name.as_deref()) {
         return out;
     }
     let spec = service.spec.clone().unwrap_or_default();

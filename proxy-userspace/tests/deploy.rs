@@ -1,8 +1,16 @@
 //! The deployment manifests in deploy/: they parse as the Kubernetes objects they
-//! claim to be, pass the agent only flags it has, grant exactly the capabilities the
-//! agent checks for, and ship a services file the agent accepts.
+//! claim to be, pass the agent only flags it has and settings the ConfigMap defines,
+//! grant exactly the capabilities the agent checks for and exactly the API access it
+//! uses, and ship a services file the agent accepts.
 
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, Container, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use serde::de::DeserializeOwned;
 
 fn deploy_file(name: &str) -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -11,23 +19,17 @@ fn deploy_file(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-#[test]
-fn the_daemonset_runs_the_agent_with_its_own_flags_and_three_capabilities() {
-    let daemonset: DaemonSet =
-        serde_yaml::from_str(&deploy_file("daemonset.yaml")).expect("a DaemonSet");
-    let pod = daemonset
-        .spec
-        .expect("spec")
-        .template
-        .spec
-        .expect("pod spec");
-    assert_eq!(
-        pod.host_network,
-        Some(true),
-        "the agent serves the node's own network"
-    );
-    let container = &pod.containers[0];
-    let args = container.args.clone().expect("args");
+/// The documents of a multi-document file, each parsed as `T` when its kind matches.
+fn documents<T: DeserializeOwned>(name: &str, kind: &str) -> Vec<T> {
+    deploy_file(name)
+        .split("\n---")
+        .filter(|d| d.lines().any(|l| l == format!("kind: {kind}")))
+        .map(|d| serde_yaml::from_str(d).unwrap_or_else(|e| panic!("{name}: {kind}: {e}")))
+        .collect()
+}
+
+/// Every flag of `args` (after `run`) is one the agent has.
+fn assert_known_flags(args: &[String]) {
     assert_eq!(args[0], "run");
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_ebpf-proxy"))
         .args(["run", "--help"])
@@ -37,10 +39,55 @@ fn the_daemonset_runs_the_agent_with_its_own_flags_and_three_capabilities() {
     for arg in &args[1..] {
         let flag = arg.split('=').next().expect("flag");
         assert!(
-            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag} <")),
+            [" ", " <", "\n"]
+                .iter()
+                .any(|end| help.contains(&format!("{flag}{end}"))),
             "unknown flag {flag}"
         );
     }
+}
+
+/// `$(NAME)` references of the arguments.
+fn variables(args: &[String]) -> BTreeSet<String> {
+    args.iter()
+        .filter_map(|a| Some(a.split_once("$(")?.1.split_once(')')?.0.to_owned()))
+        .collect()
+}
+
+fn agent_container(daemonset: DaemonSet) -> (Container, k8s_openapi::api::core::v1::PodSpec) {
+    let pod = daemonset
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec");
+    (pod.containers[0].clone(), pod)
+}
+
+#[test]
+fn the_daemonset_runs_the_agent_with_its_own_flags_and_three_capabilities() {
+    let daemonset: DaemonSet =
+        serde_yaml::from_str(&deploy_file("daemonset.yaml")).expect("a DaemonSet");
+    let (container, pod) = agent_container(daemonset);
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "the agent serves the node's own network"
+    );
+    let args = container.args.clone().expect("args");
+    assert_known_flags(&args);
+    assert!(args.contains(&"--kubernetes".to_owned()));
+    // Every $(VAR) comes from the settings ConfigMap or the downward API.
+    let config: ConfigMap = serde_yaml::from_str(&deploy_file("config.yaml")).expect("a ConfigMap");
+    let mut defined: BTreeSet<String> = config.data.expect("data").into_keys().collect();
+    defined.extend(container.env.iter().flatten().map(|e| e.name.clone()));
+    let from = container.env_from.clone().expect("envFrom");
+    assert_eq!(
+        from[0].config_map_ref.as_ref().map(|r| r.name.as_str()),
+        Some("ebpf-proxy-config")
+    );
+    let missing: Vec<String> = variables(&args).difference(&defined).cloned().collect();
+    assert!(missing.is_empty(), "undefined settings: {missing:?}");
     let capabilities = container
         .security_context
         .as_ref()
@@ -56,12 +103,89 @@ fn the_daemonset_runs_the_agent_with_its_own_flags_and_three_capabilities() {
         .and_then(|p| p.http_get.clone())
         .expect("readiness");
     assert_eq!(probe.path.as_deref(), Some("/readyz"));
+    assert_eq!(pod.service_account_name.as_deref(), Some("ebpf-proxy"));
+}
+
+#[test]
+fn rbac_grants_exactly_the_api_access_the_agent_uses() {
+    let roles: Vec<ClusterRole> = documents("rbac.yaml", "ClusterRole");
+    let granted: BTreeSet<(String, String, Vec<String>)> = roles[0]
+        .rules
+        .iter()
+        .flatten()
+        .flat_map(|rule| {
+            let mut verbs = rule.verbs.clone();
+            verbs.sort();
+            let groups = rule.api_groups.clone().unwrap_or_default();
+            let resources = rule.resources.clone().unwrap_or_default();
+            assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+            groups.into_iter().flat_map(move |g| {
+                let verbs = verbs.clone();
+                resources
+                    .clone()
+                    .into_iter()
+                    .map(move |r| (g.clone(), r, verbs.clone()))
+            })
+        })
+        .collect();
+    let used: BTreeSet<(String, String, Vec<String>)> = ebpf_proxy::kubernetes::API_ACCESS
+        .iter()
+        .map(|(group, resource, verbs)| {
+            let mut verbs: Vec<String> = verbs.iter().map(|v| v.to_string()).collect();
+            verbs.sort();
+            (group.to_string(), resource.to_string(), verbs)
+        })
+        .collect();
+    assert_eq!(granted, used);
+
+    let accounts: Vec<ServiceAccount> = documents("rbac.yaml", "ServiceAccount");
+    let bindings: Vec<ClusterRoleBinding> = documents("rbac.yaml", "ClusterRoleBinding");
+    let binding = &bindings[0];
+    assert_eq!(
+        binding.role_ref.name,
+        roles[0].metadata.name.clone().expect("name")
+    );
+    let subject = &binding.subjects.as_ref().expect("subjects")[0];
+    assert_eq!(
+        (subject.kind.as_str(), Some(subject.name.clone())),
+        ("ServiceAccount", accounts[0].metadata.name.clone())
+    );
+}
+
+#[test]
+fn the_kustomizations_name_files_that_exist_and_standalone_mode_uses_the_manifests() {
+    for dir in ["", "standalone/"] {
+        let text = deploy_file(&format!("{dir}kustomization.yaml"));
+        let kustomization: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+        let files = kustomization["resources"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .chain(
+                kustomization["patches"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| &p["path"]),
+            )
+            .filter_map(|f| f.as_str());
+        for file in files {
+            deploy_file(&format!("{dir}{file}"));
+        }
+    }
+    let patch: DaemonSet =
+        serde_yaml::from_str(&deploy_file("standalone/daemonset-manifests.yaml")).expect("patch");
+    let (container, _) = agent_container(patch);
+    let args = container.args.expect("args");
+    assert_known_flags(&args);
+    assert!(args.iter().any(|a| a.starts_with("--manifests=")));
 }
 
 #[test]
 fn the_services_configmap_holds_manifests_the_agent_accepts() {
     let config_map: ConfigMap =
-        serde_yaml::from_str(&deploy_file("services-configmap.yaml")).expect("a ConfigMap");
+        serde_yaml::from_str(&deploy_file("standalone/services-configmap.yaml"))
+            .expect("a ConfigMap");
     let text = config_map.data.expect("data")["services.yaml"].clone();
     let (objects, problems) = ebpf_proxy::manifests::parse(&text, "configmap");
     assert!(problems.is_empty(), "{problems:?}");

@@ -2,6 +2,8 @@
 //! real clients (curl, socat) — traffic crosses the kernel through our programs.
 //! Needs root, a mounted bpffs, iproute2, curl, socat and ethtool.
 
+mod support;
+
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use ebpf_proxy::testbed::{
@@ -9,112 +11,15 @@ use ebpf_proxy::testbed::{
     eventually,
     manifests::{render, ServiceDef},
     netns::Netns,
-    servers::{parse_greeting, HttpConnection},
+    servers::HttpConnection,
     topology::{Topology, CLIENT_IP, NODE_IP},
 };
+use support::cluster::*;
 
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const NODE_PORT: u16 = 30080;
-
-/// A topology with the agent running on its node; both go away when dropped.
-struct Cluster {
-    agent: Agent,
-    topology: Topology,
-}
-
-impl Cluster {
-    fn new(
-        test: &str,
-        local_pods: usize,
-        remote_pods: usize,
-        services: impl Fn(&Topology) -> Vec<ServiceDef>,
-    ) -> Cluster {
-        Cluster::with_agent_args(test, local_pods, remote_pods, services, &[])
-    }
-
-    fn with_agent_args(
-        test: &str,
-        local_pods: usize,
-        remote_pods: usize,
-        services: impl Fn(&Topology) -> Vec<ServiceDef>,
-        agent_args: &[&str],
-    ) -> Cluster {
-        Cluster::with_options(
-            test,
-            local_pods,
-            remote_pods,
-            services,
-            AgentOptions {
-                extra_args: agent_args,
-                ..Default::default()
-            },
-        )
-    }
-
-    fn with_options(
-        test: &str,
-        local_pods: usize,
-        remote_pods: usize,
-        services: impl Fn(&Topology) -> Vec<ServiceDef>,
-        options: AgentOptions<'_>,
-    ) -> Cluster {
-        let prefix = format!("epx{}{test}", std::process::id() % 100_000);
-        let topology = Topology::build(&prefix, local_pods, remote_pods).expect("topology");
-        let work_dir = PathBuf::from(format!("/tmp/{prefix}"));
-        let manifests = render(&services(&topology));
-        let agent = Agent::start_with(
-            env!("CARGO_BIN_EXE_ebpf-proxy").as_ref(),
-            &topology,
-            &work_dir,
-            &manifests,
-            options,
-        )
-        .expect("agent");
-        Cluster { agent, topology }
-    }
-
-    fn ns(&self, pod: &str) -> &Netns {
-        &self.topology.pod(pod).ns
-    }
-}
-
-/// `curl` from `ns`; the body (`pod=… client=…`), or the error.
-fn curl(ns: &Netns, url: &str) -> Result<String, String> {
-    ns.exec("curl", &["-sS", "--max-time", "5", url])
-        .map_err(|e| e.to_string())
-}
-
-/// `n` requests with curl, each on its own connection; their bodies.
-fn curl_n(ns: &Netns, url: &str, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| curl(ns, url).unwrap_or_else(|e| panic!("request {i} to {url}: {e}")))
-        .collect()
-}
-
-fn greeting_of(body: &str) -> (String, std::net::SocketAddr) {
-    parse_greeting(body).unwrap_or_else(|| panic!("not a greeting: {body:?}"))
-}
-
-fn pod_of(body: &str) -> String {
-    greeting_of(body).0
-}
-
-fn client_of(body: &str) -> Ipv4Addr {
-    match greeting_of(body).1 {
-        std::net::SocketAddr::V4(v4) => *v4.ip(),
-        other => panic!("not an IPv4 client: {other}"),
-    }
-}
-
-fn tally(bodies: &[String]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for body in bodies {
-        *counts.entry(pod_of(body)).or_default() += 1;
-    }
-    counts
-}
 
 fn web(topology: &Topology, pods: &[&str]) -> ServiceDef {
     ServiceDef::new("web", WEB_VIP, "TCP", 80, 8080).with_pods(pods.iter().map(|p| topology.pod(p)))
@@ -337,6 +242,7 @@ fn established_connections_survive_an_agent_killed_and_restarted() {
     let Cluster {
         mut agent,
         topology,
+        ..
     } = Cluster::new("rst", 3, 0, |t| vec![web(t, &["pod-a1", "pod-a2"])]);
     let client = &topology.pod("pod-a3").ns;
     let mut connection = HttpConnection::open(client, (WEB_VIP, 80).into()).expect("connect");
@@ -380,7 +286,9 @@ fn cleanup_detaches_every_program_and_removes_the_pins() {
     assert!(xdp_attached(&cluster.topology));
     assert!(curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).is_ok());
     let pin_dir = cluster.agent.pin_dir.clone();
-    let Cluster { agent, topology } = cluster;
+    let Cluster {
+        agent, topology, ..
+    } = cluster;
     drop(agent); // stops the agent and runs `ebpf-proxy cleanup`
     assert!(!pin_dir.exists(), "pins left behind");
     assert!(!xdp_attached(&topology), "XDP still attached");
@@ -874,6 +782,7 @@ fn restarts_under_load_lose_no_request_and_no_stream() {
     let Cluster {
         mut agent,
         topology,
+        ..
     } = Cluster::new("load", 3, 0, |t| vec![web(t, &["pod-a1", "pod-a2"])]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client_path = topology.pod("pod-a3").ns.path();

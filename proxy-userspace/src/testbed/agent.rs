@@ -22,6 +22,8 @@ pub struct Agent {
     node_ns: PathBuf,
     pub pin_dir: PathBuf,
     pub manifests: PathBuf,
+    /// With a kubeconfig the agent watches that API server instead of `manifests`.
+    kubeconfig: Option<PathBuf>,
     work_dir: PathBuf,
     extra_args: Vec<String>,
     launcher: Vec<String>,
@@ -35,6 +37,9 @@ pub struct AgentOptions<'a> {
     pub extra_args: &'a [&'a str],
     /// A program (and its arguments) the agent runs under, inside the node namespace.
     pub launcher: &'a [&'a str],
+    /// A kubeconfig's text: the agent watches that API server (`--kubeconfig`)
+    /// instead of the manifests file.
+    pub kubeconfig: Option<&'a str>,
 }
 
 impl Agent {
@@ -67,6 +72,14 @@ impl Agent {
         std::fs::create_dir_all(work_dir)?;
         let manifests_path = work_dir.join("manifests.yaml");
         std::fs::write(&manifests_path, manifests)?;
+        let kubeconfig = match options.kubeconfig {
+            Some(text) => {
+                let path = work_dir.join("kubeconfig");
+                std::fs::write(&path, text)?;
+                Some(path)
+            }
+            None => None,
+        };
         let name = work_dir
             .file_name()
             .and_then(|n| n.to_str())
@@ -76,6 +89,7 @@ impl Agent {
             node_ns: topology.node.path(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
             manifests: manifests_path,
+            kubeconfig,
             work_dir: work_dir.to_owned(),
             extra_args: options.extra_args.iter().map(|a| a.to_string()).collect(),
             launcher: options.launcher.iter().map(|a| a.to_string()).collect(),
@@ -127,8 +141,10 @@ impl Agent {
             ])
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .arg("--manifests")
-            .arg(&self.manifests)
+            .args(match &self.kubeconfig {
+                Some(path) => ["--kubeconfig".as_ref(), path.as_os_str()],
+                None => ["--manifests".as_ref(), self.manifests.as_os_str()],
+            })
             .arg("--ready-file")
             .arg(&ready)
             .args(&self.extra_args)

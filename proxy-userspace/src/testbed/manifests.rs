@@ -18,8 +18,12 @@ pub struct ServiceDef {
     pub load_balancer_ip: Option<Ipv4Addr>,
     /// (address, node name) of each ready backend.
     pub backends: Vec<(Ipv4Addr, String)>,
+    /// (address, node name) of each terminating (but still serving) backend.
+    pub terminating: Vec<(Ipv4Addr, String)>,
     /// Service annotations, e.g. `ebpf-proxy.io/scheduler`.
     pub annotations: Vec<(String, String)>,
+    /// More `spec` fields, as YAML lines (`externalTrafficPolicy: Local`).
+    pub spec: Vec<String>,
 }
 
 impl ServiceDef {
@@ -39,12 +43,19 @@ impl ServiceDef {
             node_port: None,
             load_balancer_ip: None,
             backends: Vec::new(),
+            terminating: Vec::new(),
             annotations: Vec::new(),
+            spec: Vec::new(),
         }
     }
 
     pub fn annotated(mut self, key: &str, value: &str) -> ServiceDef {
         self.annotations.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn with_spec(mut self, line: &str) -> ServiceDef {
+        self.spec.push(line.to_owned());
         self
     }
 
@@ -71,7 +82,7 @@ pub fn render(services: &[ServiceDef]) -> String {
             .unwrap_or_default();
         let _ = write!(
             out,
-            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations: {{{annotations}}}\nspec:\n  type: {service_type}\n  selector: {{app: {name}}}\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ports:\n  - {{name: main, protocol: {proto}, port: {port}, targetPort: {target}{node_port}}}\n",
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations: {{{annotations}}}\nspec:\n  type: {service_type}\n  selector: {{app: {name}}}\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ports:\n  - {{name: main, protocol: {proto}, port: {port}, targetPort: {target}{node_port}}}\n{spec}",
             name = s.name,
             annotations = s
                 .annotations
@@ -83,6 +94,7 @@ pub fn render(services: &[ServiceDef]) -> String {
             proto = s.protocol,
             port = s.port,
             target = s.target_port,
+            spec = s.spec.iter().map(|l| format!("  {l}\n")).collect::<String>(),
         );
         if let Some(lb) = s.load_balancer_ip {
             let _ = write!(
@@ -97,7 +109,7 @@ pub fn render(services: &[ServiceDef]) -> String {
             proto = s.protocol,
             target = s.target_port,
         );
-        out.push_str(if s.backends.is_empty() {
+        out.push_str(if s.backends.is_empty() && s.terminating.is_empty() {
             "endpoints: []\n"
         } else {
             "endpoints:\n"
@@ -106,6 +118,12 @@ pub fn render(services: &[ServiceDef]) -> String {
             let _ = writeln!(
                 out,
                 "- {{addresses: [\"{addr}\"], nodeName: {node}, conditions: {{ready: true}}}}"
+            );
+        }
+        for (addr, node) in &s.terminating {
+            let _ = writeln!(
+                out,
+                "- {{addresses: [\"{addr}\"], nodeName: {node}, conditions: {{ready: false, serving: true, terminating: true}}}}"
             );
         }
     }

@@ -8,6 +8,7 @@
 //! ClusterIPs 10.96.0.0/16, LoadBalancer IPs 198.18.100.0/24.
 
 pub mod agent;
+pub mod apiserver;
 pub mod command;
 pub mod manifests;
 pub mod netns;

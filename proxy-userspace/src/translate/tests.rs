@@ -559,3 +559,28 @@ fn rule12_source_ranges_restrict_only_the_load_balancer_frontend() {
     assert!(invalid.state.frontends.is_empty());
     assert_eq!(invalid.problems[0].severity, Severity::Error);
 }
+
+#[test]
+fn rule1_with_a_service_proxy_name_only_services_labelled_with_it_are_handled() {
+    let labelled = |value: &str| {
+        service("a", "").replace(
+            "namespace: ns}",
+            &format!(
+                "namespace: ns, labels: {{service.kubernetes.io/service-proxy-name: {value}}}}}"
+            ),
+        )
+    };
+    let handled = |yaml: &str| {
+        let mut tracker = crate::tracker::ChangeTracker::new(NODE)
+            .with_service_proxy_name(Some("ebpf-proxy".into()));
+        tracker.replace_all(&objects(yaml));
+        tracker.flush();
+        !tracker.desired().frontends.is_empty()
+    };
+    assert!(handled(&labelled("ebpf-proxy")));
+    assert!(!handled(&labelled("other")));
+    assert!(
+        !handled(&service("a", "")),
+        "unlabelled services stay kube-proxy's"
+    );
+}

@@ -1,0 +1,119 @@
+//! Health checks of services with `externalTrafficPolicy: Local`: one HTTP server per
+//! `healthCheckNodePort`, answering like kube-proxy's so that cloud load balancers
+//! send external traffic only to nodes with local endpoints: 200 and the count when
+//! the node has some, 503 when it has none, for any path.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, RwLock},
+};
+
+use axum::{
+    extract::State,
+    http::StatusCode,
+    response::{AppendHeaders, IntoResponse},
+    Router,
+};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::model::{HealthCheck, Problem};
+
+type Shared = Arc<RwLock<BTreeMap<u16, HealthCheck>>>;
+
+/// The running servers and what each reports.
+#[derive(Default)]
+pub struct HealthCheckServers {
+    checks: Shared,
+    servers: BTreeMap<u16, JoinHandle<()>>,
+}
+
+impl HealthCheckServers {
+    /// Serves exactly `checks`: opens new ports, closes dropped ones, and updates the
+    /// answers of the others. A port that cannot be bound is reported.
+    pub async fn update(&mut self, checks: BTreeMap<u16, HealthCheck>) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if let Ok(mut shared) = self.checks.write() {
+            *shared = checks.clone();
+        }
+        let gone: Vec<u16> = self
+            .servers
+            .keys()
+            .filter(|p| !checks.contains_key(p))
+            .copied()
+            .collect();
+        for port in gone {
+            if let Some(server) = self.servers.remove(&port) {
+                server.abort();
+                info!(port, "health check closed");
+            }
+        }
+        for (&port, check) in &checks {
+            if self.servers.contains_key(&port) {
+                continue;
+            }
+            let address = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+            match tokio::net::TcpListener::bind(address).await {
+                Ok(listener) => {
+                    let router = Router::new()
+                        .fallback(answer)
+                        .with_state((self.checks.clone(), port));
+                    let server = tokio::spawn(async move {
+                        if let Err(e) = axum::serve(listener, router).await {
+                            warn!(port, "health check server stopped: {e}");
+                        }
+                    });
+                    self.servers.insert(port, server);
+                    info!(port, service = %format!("{}/{}", check.namespace, check.name), "health check open");
+                }
+                Err(e) => problems.push(Problem::error(
+                    format!("Service {}/{}", check.namespace, check.name),
+                    format!("healthCheckNodePort {port} cannot be served: {e}"),
+                )),
+            }
+        }
+        problems
+    }
+}
+
+impl Drop for HealthCheckServers {
+    fn drop(&mut self) {
+        for server in self.servers.values() {
+            server.abort();
+        }
+    }
+}
+
+async fn answer(State((checks, port)): State<(Shared, u16)>) -> impl IntoResponse {
+    let check = checks.read().ok().and_then(|c| c.get(&port).cloned());
+    let Some(check) = check else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            AppendHeaders(Vec::new()),
+            String::new(),
+        );
+    };
+    let status = if check.local_endpoints > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "service": {"namespace": check.namespace, "name": check.name},
+        "localEndpoints": check.local_endpoints,
+        "serviceProxyHealthy": true,
+    });
+    (
+        status,
+        AppendHeaders(vec![
+            ("content-type", "application/json".to_owned()),
+            ("x-content-type-options", "nosniff".to_owned()),
+            (
+                "x-load-balancing-endpoint-weight",
+                check.local_endpoints.to_string(),
+            ),
+        ]),
+        body.to_string(),
+    )
+}
