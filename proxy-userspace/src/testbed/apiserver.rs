@@ -161,6 +161,12 @@ impl FakeApiServer {
             .with_state(self.shared.clone());
         runtime.spawn(async move {
             if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
+                // Watch events are small writes: without TCP_NODELAY, Nagle holds each
+                // until the client's delayed ACK (40 ms). Go's servers (kube-apiserver)
+                // set it too.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 let _ = axum::serve(listener, router).await;
             }
         });

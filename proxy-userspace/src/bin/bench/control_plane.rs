@@ -25,12 +25,12 @@ use ebpf_proxy::{
 };
 use serde::Serialize;
 
-const ENDPOINTS: usize = 10;
+pub const ENDPOINTS: usize = 10;
 const CHANGES: usize = 500;
 /// Re-parsing the whole file is slow at scale: fewer samples.
 const FILE_CHANGES: usize = 20;
 
-fn changed_address(change: usize) -> String {
+pub fn changed_address(change: usize) -> String {
     Ipv4Addr::new(10, 200, (change / 250) as u8, (change % 250) as u8).to_string()
 }
 
@@ -46,7 +46,7 @@ pub struct ScaleResult {
     map_writes_per_change: usize,
 }
 
-fn service_defs(count: usize) -> Vec<ServiceDef> {
+pub fn service_defs(count: usize) -> Vec<ServiceDef> {
     (0..count)
         .map(|i| {
             let cluster_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i as u32 + 1);
@@ -62,7 +62,7 @@ fn service_defs(count: usize) -> Vec<ServiceDef> {
         .collect()
 }
 
-fn percentile(samples: &mut [Duration], p: f64) -> f64 {
+pub fn percentile(samples: &mut [Duration], p: f64) -> f64 {
     samples.sort();
     let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
     samples[index].as_secs_f64() * 1000.0

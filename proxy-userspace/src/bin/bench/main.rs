@@ -1,11 +1,12 @@
 //! `cargo xtask bench`: the figures of BENCHMARKS.md, measured on this machine.
-//! `--quick` runs fewer and smaller rounds (CI); `--only control|data|e2e` runs one
+//! `--quick` runs fewer and smaller rounds (CI); `--only control|watch|data|e2e` runs one
 //! part. No timing ever fails a run; a path that is not taken as intended does.
 
 mod contenders;
 mod control_plane;
 mod data_path;
 mod end_to_end;
+mod watch_latency;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,12 @@ fn main() -> Result<()> {
         write(
             "control-plane",
             serde_json::to_value(control_plane::run(quick)?)?,
+        )?;
+    }
+    if part("control") || part("watch") {
+        write(
+            "watch-latency",
+            serde_json::to_value(watch_latency::run(quick)?)?,
         )?;
     }
     if part("data") {
