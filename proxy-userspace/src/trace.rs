@@ -6,15 +6,15 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::Result;
 use proxy_common::{
-    addr_hash, ct_timeout_ns, flow_hash, Addr, BackendSlotKey, CtKey, ServiceKey, ServiceValue,
-    BACKEND_F_REMOTE, CONFIG_SNAT_ADDR, CT_F_REPLY, MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS,
-    SCOPE_NODE_PORT,
+    addr_hash, ct_timeout_ns, flow_hash, Addr, AffinityKey, BackendSlotKey, CtKey, ServiceKey,
+    ServiceValue, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR, CT_F_REPLY, MAX_LEAST_CONN_SCAN,
+    SCOPE_ADDRESS, SCOPE_NODE_PORT, SVC_F_SOURCE_RANGES,
 };
 use serde::Serialize;
 
 use crate::{
     conntrack::{coarse_now_ns, socket},
-    datapath::tables::{decode_name, Tables},
+    datapath::tables::{decode_name, source_range_probe, Tables},
     model::{Protocol, Scheduler},
     sync::endpoint_of,
 };
@@ -38,6 +38,44 @@ pub struct Explanation {
 
 fn addr(socket: &SocketAddrV4) -> Addr {
     Addr::from_v4_octets(socket.ip().octets())
+}
+
+/// The slot `sessionAffinity` binds the client to, as the data path would find it
+/// (fresh, and the slot still holding the remembered backend), with the reason.
+fn bound_slot(tables: &Tables, service: &ServiceValue, key: &CtKey) -> Option<(u32, String)> {
+    if service.affinity_timeout_s == 0 {
+        return None;
+    }
+    let memo = tables
+        .affinity
+        .get(
+            &AffinityKey {
+                client: key.src,
+                service_id: service.id,
+            },
+            0,
+        )
+        .ok()?;
+    let idle_s = coarse_now_ns().saturating_sub(memo.last_used_ns) / 1_000_000_000;
+    let current = tables
+        .slots
+        .get(
+            &BackendSlotKey {
+                service_id: service.id,
+                slot: memo.slot,
+            },
+            0,
+        )
+        .ok()?;
+    (idle_s <= u64::from(service.affinity_timeout_s) && current.id == memo.backend_id).then(|| {
+        (
+            memo.slot,
+            format!(
+                "sessionAffinity: the client's last new flow was {idle_s} s ago (timeout {} s): same backend",
+                service.affinity_timeout_s
+            ),
+        )
+    })
 }
 
 pub fn explain(
@@ -99,8 +137,31 @@ pub fn explain(
         .unwrap_or_default();
     out.steps.push(format!("service {name}: matched {how}"));
     out.service = Some(name);
+    if service.flags & SVC_F_SOURCE_RANGES != 0 {
+        if tables
+            .source_ranges
+            .get(&source_range_probe(service.id, key.src), 0)
+            .is_err()
+        {
+            out.steps.push(format!(
+                "loadBalancerSourceRanges: {} is not admitted: a new flow is dropped (event source_denied)",
+                src.ip()
+            ));
+            return Ok(out);
+        }
+        out.steps
+            .push("loadBalancerSourceRanges: the source is admitted".into());
+    }
     let scheduler = Scheduler::from_number(service.scheduler).unwrap_or_default();
-    let Some((slot, why)) = predict_slot(tables, &service, &key, scheduler)? else {
+    let bound = bound_slot(tables, &service, &key);
+    if let Some((_, why)) = &bound {
+        out.steps.push(why.clone());
+    }
+    let predicted = match bound {
+        Some((slot, _)) => Some((slot, "the client's affinity".to_owned())),
+        None => predict_slot(tables, &service, &key, scheduler)?,
+    };
+    let Some((slot, why)) = predicted else {
         out.steps
             .push("no backend: a new flow is dropped (event no_backend)".into());
         return Ok(out);

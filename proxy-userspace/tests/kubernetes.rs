@@ -416,3 +416,33 @@ fn a_burst_of_changes_is_batched_by_the_minimum_sync_period() {
         "{text}"
     );
 }
+
+#[test]
+fn the_agent_is_ready_only_once_its_first_lists_are_programmed_despite_refusals() {
+    let cluster = Cluster::with_api_server_prepared(
+        "krdy",
+        2,
+        0,
+        |t| vec![web(t, &["pod-a1"])],
+        &NO_BATCHING,
+        |api| {
+            // The first answers refuse: unauthenticated, forbidden, a server error.
+            api.fail_next(401, 1);
+            api.fail_next(403, 1);
+            api.fail_next(500, 1);
+        },
+    );
+    // The agent reported ready (the test harness waited for it): the service works.
+    assert_eq!(
+        reached(&cluster, "pod-a2", &format!("http://{WEB_VIP}/"), 2),
+        ["pod-a1"]
+    );
+    assert!(lists(&cluster) > 3, "{:#?}", cluster.api().requests());
+    assert!(sample(&metrics(&cluster), "ebpf_proxy_source_errors_total") >= 3.0);
+    let log = cluster.agent.log();
+    let (synced, ready) = (log.find(" synced "), log.find(" ready"));
+    assert!(
+        synced.is_some() && ready.is_some() && synced < ready,
+        "ready before the first sync:\n{log}"
+    );
+}

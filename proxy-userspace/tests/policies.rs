@@ -3,9 +3,12 @@
 
 mod support;
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
 
-use ebpf_proxy::model::{Endpoint, Frontend, FrontendKey, SourceRange};
+use ebpf_proxy::{
+    model::{Endpoint, Frontend, FrontendKey, Protocol, SourceRange},
+    trace::{explain, Origin},
+};
 use support::{datapath::*, packets::*};
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
@@ -143,4 +146,46 @@ fn source_ranges_admit_listed_clients_and_drop_the_rest() {
     assert!(connect(&mut dp, [192, 0, 2, 1], 40004, LB_IP).is_some());
     // Nothing of the removed ranges is left in the map.
     assert_eq!(dp.tables().source_ranges.keys().count(), 0);
+}
+
+#[test]
+fn trace_explains_source_ranges_and_affinity_as_the_kernel_decides() {
+    let mut dp = TestDatapath::new();
+    dp.program_frontends(vec![
+        (lb(80), frontend(0, Some(vec![range("198.18.0.0/24")]))),
+        (tcp(VIP, 80), frontend(3600, None)),
+    ]);
+    let trace = |dp: &TestDatapath, src: [u8; 4], dst: [u8; 4]| {
+        explain(
+            &dp.tables(),
+            Protocol::Tcp,
+            SocketAddrV4::new(src.into(), 41000),
+            SocketAddrV4::new(dst.into(), 80),
+            Origin::External,
+        )
+        .expect("trace")
+    };
+    let denied = trace(&dp, OTHER_CLIENT, LB_IP);
+    assert!(denied.backend.is_none(), "{:?}", denied.steps);
+    assert!(
+        denied.steps.iter().any(|s| s.contains("source_denied")),
+        "{:?}",
+        denied.steps
+    );
+    assert!(trace(&dp, CLIENT, LB_IP).backend.is_some());
+
+    // Once the client has a flow, the trace predicts the bound backend, which a new
+    // connection indeed reaches.
+    let bound = connect(&mut dp, CLIENT, 40000, VIP).expect("translated");
+    let explained = trace(&dp, CLIENT, VIP);
+    assert!(
+        explained
+            .steps
+            .iter()
+            .any(|s| s.contains("sessionAffinity")),
+        "{:?}",
+        explained.steps
+    );
+    assert_eq!(explained.backend.map(|b| b.ip().octets()), Some(bound));
+    assert_eq!(connect(&mut dp, CLIENT, 40001, VIP), Some(bound));
 }

@@ -9,9 +9,9 @@ use aya::maps::{
     Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
 };
 use proxy_common::{
-    Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry, CtKey, NodeAddrFlags,
-    ServiceKey, ServiceName, ServiceValue, SourceRangeKey, TrafficStats, DATAPATH_EVENT_NAMES,
-    SOURCE_RANGE_ID_BITS,
+    Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
+    CtKey, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue, SourceRangeKey, TrafficStats,
+    DATAPATH_EVENT_NAMES, SOURCE_RANGE_ID_BITS,
 };
 
 use crate::model::SourceRange;
@@ -32,6 +32,7 @@ pub struct Tables {
     pub conn_counts: Array<MapData, ConnCounts>,
     pub sched_tables: Array<MapData, u32>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
@@ -70,6 +71,7 @@ impl Tables {
             conn_counts: typed!(dir, "CONN_COUNTS"),
             sched_tables: typed!(dir, "SCHED_TABLES"),
             source_ranges: typed!(dir, "SOURCE_RANGES"),
+            affinity: typed!(dir, "AFFINITY"),
         })
     }
 
@@ -156,6 +158,16 @@ pub fn source_range_key(service_id: u32, range: &SourceRange) -> LpmKey<SourceRa
             addr: u32::from(range.addr).to_be(),
         },
     )
+}
+
+/// The `SOURCE_RANGES` key that matches one address of a service (the longest
+/// prefix length, as the data path looks it up).
+pub fn source_range_probe(service_id: u32, addr: Addr) -> LpmKey<SourceRangeKey> {
+    let host = SourceRange {
+        addr: addr.v4_octets().into(),
+        len: 32,
+    };
+    source_range_key(service_id, &host)
 }
 
 /// The service id and prefix of a `SOURCE_RANGES` key.

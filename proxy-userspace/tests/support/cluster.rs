@@ -119,7 +119,7 @@ pub fn tally(bodies: &[String]) -> BTreeMap<String, usize> {
 
 impl Cluster {
     /// The agent watching a fake API server (in the node's namespace) that holds
-    /// `services`, this node's Node, and whatever `prepare` adds.
+    /// `services`.
     pub fn with_api_server(
         test: &str,
         local_pods: usize,
@@ -127,11 +127,31 @@ impl Cluster {
         services: impl Fn(&Topology) -> Vec<ServiceDef>,
         agent_args: &[&str],
     ) -> Cluster {
+        Cluster::with_api_server_prepared(
+            test,
+            local_pods,
+            remote_pods,
+            services,
+            agent_args,
+            |_| {},
+        )
+    }
+
+    /// `with_api_server`, with `prepare` run on the server before the agent starts.
+    pub fn with_api_server_prepared(
+        test: &str,
+        local_pods: usize,
+        remote_pods: usize,
+        services: impl Fn(&Topology) -> Vec<ServiceDef>,
+        agent_args: &[&str],
+        prepare: impl FnOnce(&FakeApiServer),
+    ) -> Cluster {
         let prefix = format!("epx{}{test}", std::process::id() % 100_000);
         let topology = Topology::build(&prefix, local_pods, remote_pods).expect("topology");
         let api = FakeApiServer::start(&topology.node.path()).expect("API server");
         api.apply_manifests(&render(&services(&topology)))
             .expect("objects");
+        prepare(&api);
         let kubeconfig = api.kubeconfig();
         let agent = Agent::start_with(
             env!("CARGO_BIN_EXE_ebpf-proxy").as_ref(),
