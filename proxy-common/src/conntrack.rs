@@ -83,6 +83,10 @@ pub const CT_F_FIN: u8 = 16;
 /// masquerade, or a NodePort reply): decided once per flow, so that the tc program
 /// knows without a look-up per packet that the kernel would drop it as a martian.
 pub const CT_F_NODE_SOURCE: u8 = 32;
+/// `dsr-ipip` at the entry node: the packet is not rewritten but encapsulated in IPIP
+/// from `nat_src` to `nat_dst` (the backend). Only the client's direction is seen, so
+/// the entry has no reply peer.
+pub const CT_F_ENCAP: u8 = 64;
 
 /// Idle timeouts in seconds, per state (Cilium's values for TCP; UDP as Calico).
 pub const CT_TIMEOUT_SYN_S: u64 = 60;

@@ -17,6 +17,11 @@ pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
 pub const SCOPE_ADDRESS: u8 = 0;
 /// A NodePort: `addr` is zero and the packet's destination must be a node address.
 pub const SCOPE_NODE_PORT: u8 = 1;
+/// The same two reached through an IPIP tunnel (`dsr-ipip`): the frontend as seen
+/// by the node a remote entry node chose; its backends are this node's endpoints.
+pub const SCOPE_TUNNEL: u8 = 2;
+/// A NodePort of any node, reached through an IPIP tunnel.
+pub const SCOPE_TUNNEL_NODE_PORT: u8 = 3;
 
 /// Look-up key of `SERVICES`.
 #[repr(C)]
@@ -58,6 +63,12 @@ pub const SVC_F_EXTERNAL: u8 = 1;
 /// New flows are accepted only from sources listed in `SOURCE_RANGES` for the service
 /// (a LoadBalancer's `loadBalancerSourceRanges`); others are dropped.
 pub const SVC_F_SOURCE_RANGES: u8 = 2;
+/// `dsr-ipip`: a new external flow to a backend on another node is encapsulated to
+/// that backend (IPIP) instead of being translated here; replies bypass this node.
+pub const SVC_F_DSR: u8 = 4;
+/// A `SCOPE_TUNNEL*` frontend: a decapsulated packet goes to the backend the outer
+/// header names when it is one of this frontend's (this node's) endpoints.
+pub const SVC_F_TUNNEL: u8 = 8;
 
 /// Value of `SERVICES`.
 #[repr(C)]
@@ -159,7 +170,12 @@ pub const CONFIG_SNAT_ADDR: u32 = 0;
 pub const CONFIG_NETNS_COOKIE: u32 = 1;
 /// How the uplink program forwards translated packets: `XDP_FORWARD_*`.
 pub const CONFIG_XDP_FORWARD: u32 = 2;
-pub const CONFIG_LEN: u32 = 3;
+/// Outer source addresses of IPIP packets: `addr.words[0]` the first address
+/// (network order), `addr.words[1]` how many follow it (host order, a power of two;
+/// 0 = the masquerade address alone). Flows are hashed over the range so that a
+/// receiver's RSS spreads them over its CPUs, as Katran does.
+pub const CONFIG_TUNNEL_SOURCE: u32 = 3;
+pub const CONFIG_LEN: u32 = 4;
 
 /// Hand translated packets to the kernel stack (XDP_PASS): works everywhere.
 pub const XDP_FORWARD_PASS: u64 = 0;

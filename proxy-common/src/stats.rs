@@ -41,7 +41,16 @@ pub const EV_XDP_FIB_MISS: u32 = 10;
 pub const EV_SOURCE_DENIED: u32 = 11;
 /// A new flow went to its client's remembered backend (`sessionAffinity: ClientIP`).
 pub const EV_AFFINITY_HIT: u32 = 12;
-pub const EV_COUNT: u32 = 13;
+/// An IPIP packet whose inner destination is ours was decapsulated.
+pub const EV_DECAPSULATED: u32 = 13;
+/// A packet of a `dsr-ipip` flow was encapsulated to its backend.
+pub const EV_ENCAPSULATED: u32 = 14;
+/// Encapsulation would exceed the path MTU of a DF packet: ICMP fragmentation-needed
+/// went back to the client instead.
+pub const EV_FRAG_NEEDED: u32 = 15;
+/// An ICMP error about a translated flow was translated back for its receiver.
+pub const EV_ICMP_TRANSLATED: u32 = 16;
+pub const EV_COUNT: u32 = 17;
 
 pub const DATAPATH_EVENT_NAMES: [&str; EV_COUNT as usize] = [
     "translated",
@@ -57,6 +66,10 @@ pub const DATAPATH_EVENT_NAMES: [&str; EV_COUNT as usize] = [
     "xdp_fib_miss",
     "source_denied",
     "affinity_hit",
+    "decapsulated",
+    "encapsulated",
+    "frag_needed",
+    "icmp_translated",
 ];
 
 #[cfg(feature = "user")]

@@ -19,7 +19,7 @@ use proxy_common::{
     addr_hash, flow_hash, Addr, Backend, BackendSlotKey, CtKey, ServiceKey, ServiceValue,
     ACCT_ACTIVE, ACCT_INACTIVE, MAX_BACKENDS_PER_SERVICE, MAX_LEAST_CONN_SCAN, SCHED_DH, SCHED_LC,
     SCHED_MAGLEV, SCHED_NQ, SCHED_RANDOM, SCHED_SED, SCHED_SH, SCHED_WLC, SCOPE_ADDRESS,
-    SCOPE_NODE_PORT,
+    SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
 };
 
 use crate::maps::{BACKEND_SLOTS, CONN_COUNTS, NODE_ADDRS, RR_CURSORS, SCHED_TABLES, SERVICES};
@@ -45,6 +45,72 @@ pub fn lookup_service(dst: Addr, dport: u16, proto: u8) -> Option<ServiceValue> 
     key.scope = SCOPE_NODE_PORT;
     // SAFETY: as above.
     unsafe { SERVICES.get(key) }.copied()
+}
+
+/// The frontend a decapsulated packet addresses: the `dsr-ipip` view of an address
+/// or of any node's NodePort, whose backends are this node's endpoints.
+#[inline(always)]
+pub fn lookup_tunnel_service(dst: Addr, dport: u16, proto: u8) -> Option<ServiceValue> {
+    let mut key = ServiceKey {
+        addr: dst,
+        port: dport,
+        proto,
+        scope: SCOPE_TUNNEL,
+    };
+    // SAFETY: copied out at once.
+    if let Some(svc) = unsafe { SERVICES.get(key) } {
+        return Some(*svc);
+    }
+    key.addr = Addr::ZERO;
+    key.scope = SCOPE_TUNNEL_NODE_PORT;
+    // SAFETY: as above.
+    unsafe { SERVICES.get(key) }.copied()
+}
+
+/// State of a search for one backend address among a service's slots.
+#[repr(C)]
+struct Find {
+    service: ServiceValue,
+    addr: Addr,
+    /// `u32::MAX` until found.
+    slot: u32,
+}
+
+/// The service's backend at `addr` (the one an entry node encapsulated to), looked
+/// for among at most `MAX_LEAST_CONN_SCAN` slots in a `bpf_loop`.
+#[inline(always)]
+pub fn backend_at(service: &ServiceValue, addr: Addr) -> Option<Choice> {
+    let count = backend_count(service)?.get();
+    let mut find = Find {
+        service: *service,
+        addr,
+        slot: u32::MAX,
+    };
+    // SAFETY: the callback receives a pointer to `find`, which outlives the call.
+    unsafe {
+        bpf_loop(
+            count.min(MAX_LEAST_CONN_SCAN),
+            find_one as *mut c_void,
+            (&raw mut find).cast(),
+            0,
+        );
+    }
+    (find.slot != u32::MAX)
+        .then(|| backend_in_slot(service, find.slot))
+        .flatten()
+}
+
+#[inline(never)]
+extern "C" fn find_one(index: u64, ctx: *mut c_void) -> c_long {
+    // SAFETY: `backend_at` passes a valid `Find`.
+    let find = unsafe { &mut *ctx.cast::<Find>() };
+    match backend_in_slot(&find.service, index as u32) {
+        Some(choice) if choice.backend.addr == find.addr => {
+            find.slot = index as u32;
+            1
+        }
+        _ => 0,
+    }
 }
 
 #[inline(always)]

@@ -14,7 +14,7 @@ use core::intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering};
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use proxy_common::{
     ct_timeout_ns, CtEntry, CtKey, ACCT_ACTIVE, ACCT_GONE, ACCT_INACTIVE, CT_CLOSING,
-    CT_ESTABLISHED, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS, CT_SYN_SENT, PROTO_TCP,
+    CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS, CT_SYN_SENT, PROTO_TCP,
 };
 
 use crate::{
@@ -61,6 +61,15 @@ pub fn observe(flow: &Flow, entry_ptr: *mut CtEntry, entry: &CtEntry, now: u64) 
         if tcp & TCP_RST != 0 {
             state = CT_CLOSING;
             peer_state = Some(CT_CLOSING);
+        } else if flags & CT_F_ENCAP != 0 {
+            // dsr-ipip: only the client's half is seen. Its ACK means the backend
+            // answered; its FIN ends the flow here.
+            if tcp & TCP_FIN != 0 && state != CT_CLOSING {
+                state = CT_CLOSING;
+                peer_state = Some(CT_CLOSING);
+            } else if state == CT_SYN_SENT && tcp & TCP_ACK != 0 && tcp & TCP_SYN == 0 {
+                state = CT_ESTABLISHED;
+            }
         } else if tcp & TCP_FIN != 0 && flags & CT_F_FIN == 0 {
             flags |= CT_F_FIN;
             if peer_has_fin(&flow.key, entry) {

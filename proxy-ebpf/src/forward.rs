@@ -34,15 +34,17 @@ const AF_INET: u8 = 2;
 const FIB_SUCCESS: i64 = 0;
 const IP_TTL: usize = 8;
 
-/// The egress of a packet now carrying `tuple`, entering on `ifindex`.
+/// The kernel's answer (`BPF_FIB_LKUP_RET_*`) and the filled-in parameters for a
+/// packet now carrying `tuple` (IP length `ip_len`, which the MTU is checked
+/// against), entering on `ifindex`.
 #[inline(always)]
-fn fib_lookup(
+pub fn fib_query(
     ctx: &impl EbpfContext,
     tuple: &CtKey,
     ip_len: u16,
     ifindex: u32,
     flags: u32,
-) -> Option<FibParams> {
+) -> (i64, FibParams) {
     // SAFETY: an all-zero fib_lookup request is valid; the fields are set below.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -62,6 +64,19 @@ fn fib_lookup(
             flags,
         )
     };
+    (rc, params)
+}
+
+/// The egress of a packet now carrying `tuple`, when the FIB has a complete answer.
+#[inline(always)]
+fn fib_lookup(
+    ctx: &impl EbpfContext,
+    tuple: &CtKey,
+    ip_len: u16,
+    ifindex: u32,
+    flags: u32,
+) -> Option<FibParams> {
+    let (rc, params) = fib_query(ctx, tuple, ip_len, ifindex, flags);
     (rc == FIB_SUCCESS).then_some(params)
 }
 

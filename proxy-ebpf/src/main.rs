@@ -2,7 +2,7 @@
 //! its module: `parse` (headers), `balancer` (services and scheduling), `conntrack`
 //! (flow state), `affinity` (sessionAffinity), `source_ranges`
 //! (loadBalancerSourceRanges), `translate` (the pipeline), `packet` (how XDP and tc
-//! rewrite), `sock` (node-local sockets), `maps` and `counters`.
+//! rewrite), `tunnel` (IPIP), `sock` (node-local sockets), `maps` and `counters`.
 #![no_std]
 #![no_main]
 #![allow(internal_features)]
@@ -20,6 +20,7 @@ mod parse;
 mod sock;
 mod source_ranges;
 mod translate;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
@@ -29,21 +30,34 @@ use aya_ebpf::{
 
 use crate::{
     packet::{TcPacket, XdpPacket},
-    translate::{Origin, Verdict},
+    translate::{Action, Origin},
 };
 
 /// Node uplinks: traffic from outside the node to NodePorts, LoadBalancer and external
 /// IPs, and replies of masqueraded flows coming back from remote backends. Translated
 /// packets continue into the kernel's forwarding path (XDP_PASS) by default, or leave
 /// from XDP in redirect mode (see `forward` and the README for when each delivers).
+/// IPIP packets whose inner packet is ours are decapsulated first (`tunnel`), and
+/// `dsr-ipip` flows leave encapsulated.
 #[xdp]
 pub fn uplink_ingress(ctx: XdpContext) -> u32 {
-    match translate::handle(&XdpPacket(&ctx), Origin::External) {
-        Verdict::Translated(tuple, ip_len, _) if forward::xdp_redirect_enabled() => {
-            forward::xdp_transmit(&ctx, &tuple, ip_len)
+    let origin = match tunnel::outer_destination(&XdpPacket(&ctx)) {
+        Some(backend) if translate::claims_inner(&ctx, backend.v4_be()) => {
+            if tunnel::decapsulate(&ctx).is_err() {
+                return xdp_action::XDP_DROP;
+            }
+            Origin::Tunnel(backend.v4_be())
         }
-        Verdict::Pass | Verdict::Translated(..) => xdp_action::XDP_PASS,
-        Verdict::Drop => xdp_action::XDP_DROP,
+        _ => Origin::External,
+    };
+    let verdict = translate::handle(&XdpPacket(&ctx), origin);
+    match verdict.action {
+        Action::Encapsulate => tunnel::transmit(&ctx, &verdict.tuple, verdict.ip_len),
+        Action::Translated if forward::xdp_redirect_enabled() => {
+            forward::xdp_transmit(&ctx, &verdict.tuple, verdict.ip_len)
+        }
+        Action::Pass | Action::Translated => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
     }
 }
 
@@ -56,12 +70,14 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
     if ctx.data_end() - ctx.data() < 128 && ctx.len() > (ctx.data_end() - ctx.data()) as u32 {
         let _ = ctx.pull_data(ctx.len().min(128));
     }
-    match translate::handle(&TcPacket(&ctx), Origin::Pod) {
-        Verdict::Translated(tuple, ip_len, true) => {
-            forward::redirect_to_egress(&ctx, &tuple, ip_len)
+    let verdict = translate::handle(&TcPacket(&ctx), Origin::Pod);
+    match verdict.action {
+        Action::Translated if verdict.node_source => {
+            forward::redirect_to_egress(&ctx, &verdict.tuple, verdict.ip_len)
         }
-        Verdict::Pass | Verdict::Translated(..) => TC_ACT_OK,
-        Verdict::Drop => TC_ACT_SHOT,
+        Action::Pass | Action::Translated => TC_ACT_OK,
+        // Pod traffic is never direct-return (only external flows are).
+        Action::Drop | Action::Encapsulate => TC_ACT_SHOT,
     }
 }
 

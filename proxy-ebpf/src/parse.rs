@@ -43,15 +43,22 @@ const IP_OFFSET_MASK: u16 = 0x1fff;
 
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Result<Flow, Skip> {
+    parse_at(pkt, ETH_LEN)
+}
+
+/// Parses the IPv4 packet at `ip_off` of an Ethernet frame (`ETH_LEN`, or past an
+/// outer IPIP header to look at the inner packet).
+#[inline(always)]
+pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
     let eth: *const EthHdr = pkt.ptr_at(0).ok_or(Skip::NotOurs)?;
     // SAFETY: every read below is of a pointer bounds-checked by ptr_at.
     if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
         return Err(Skip::NotOurs);
     }
-    let ip: *const Ipv4Hdr = pkt.ptr_at(ETH_LEN).ok_or(Skip::Malformed)?;
+    let ip: *const Ipv4Hdr = pkt.ptr_at(ip_off).ok_or(Skip::Malformed)?;
     // The protocol byte is read as a byte: not every value is an `IpProto` variant.
     let proto: u8 = unsafe {
-        *pkt.ptr_at::<u8>(ETH_LEN + offset_of!(Ipv4Hdr, proto))
+        *pkt.ptr_at::<u8>(ip_off + offset_of!(Ipv4Hdr, proto))
             .ok_or(Skip::Malformed)?
     };
     if proto != PROTO_TCP && proto != PROTO_UDP {
@@ -73,14 +80,14 @@ pub fn parse<P: Packet>(pkt: &P) -> Result<Flow, Skip> {
     if vihl >> 4 != 4
         || ihl < 20
         || usize::from(tot_len) < ihl + l4_min
-        || ETH_LEN + usize::from(tot_len) > pkt.len()
+        || ip_off + usize::from(tot_len) > pkt.len()
     {
         return Err(Skip::Malformed);
     }
     if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
         return Err(Skip::Fragment);
     }
-    let l4_off = ETH_LEN + ihl;
+    let l4_off = ip_off + ihl;
     let l4_len = usize::from(tot_len) - ihl;
     // Header lengths must fit the IP payload, as the kernel's TCP and UDP input
     // requires; otherwise the packet is malformed and never translated.

@@ -1,12 +1,16 @@
 //! The per-packet pipeline shared by the XDP and tc hooks: parse, follow a tracked
 //! flow, or open a new one (schedule, record both directions, rewrite).
 
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    programs::XdpContext,
+};
 use proxy_common::{
     Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR,
-    CT_ESTABLISHED, CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT,
-    CT_SYN_SENT, EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT,
+    CT_ESTABLISHED, CT_F_ENCAP, CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
+    CT_F_SNAT, CT_SYN_SENT, EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT,
     EV_MALFORMED, EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, PROTO_TCP,
+    SVC_F_DSR, SVC_F_TUNNEL,
 };
 
 use crate::{
@@ -15,9 +19,9 @@ use crate::{
     conntrack::{self, Lookup},
     counters::{self, Direction},
     maps::{CONNTRACK, NODE_CONFIG},
-    packet::{Packet, IP_DST, IP_SRC, L4_DPORT, L4_SPORT},
+    packet::{Packet, XdpPacket, ETH_LEN, IP_DST, IP_SRC, L4_DPORT, L4_SPORT},
     parse::{self, Flow, Skip, TCP_ACK, TCP_RST, TCP_SYN},
-    source_ranges,
+    source_ranges, tunnel,
 };
 
 /// Where the packet entered the node; decides masquerading.
@@ -27,15 +31,57 @@ pub enum Origin {
     External,
     /// From a local pod, on its host-side interface (tc ingress).
     Pod,
+    /// From outside, decapsulated from IPIP addressed to this backend (the entry
+    /// node's choice, for `dsr-ipip`; IPv4, network order).
+    Tunnel(u32),
 }
 
-pub enum Verdict {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Action {
     /// Not ours, or nothing to do: let the packet continue unchanged.
     Pass,
     Drop,
-    /// Rewritten: the tuple it now carries, its IP length, and whether its new
-    /// source is a node address (`CT_F_NODE_SOURCE`).
-    Translated(CtKey, u16, bool),
+    /// Rewritten.
+    Translated,
+    /// Unchanged, to be encapsulated in IPIP (`dsr-ipip`).
+    Encapsulate,
+}
+
+/// What to do with a packet. A struct whose every field is always set, not an enum
+/// with payloads: LLVM filled the payload slots of payload-less variants with
+/// whatever register it had, and the verifier refuses to read an unset register.
+pub struct Verdict {
+    pub action: Action,
+    /// `Translated`: the tuple the packet now carries; `Encapsulate`: the outer
+    /// header's (source, destination, protocol 4).
+    pub tuple: CtKey,
+    /// The packet's IP length (before encapsulation).
+    pub ip_len: u16,
+    /// `Translated`: its new source is a node address (`CT_F_NODE_SOURCE`).
+    pub node_source: bool,
+}
+
+const NO_TUPLE: CtKey = CtKey {
+    src: Addr::ZERO,
+    dst: Addr::ZERO,
+    sport: 0,
+    dport: 0,
+    proto: 0,
+    _pad: [0; 3],
+};
+
+impl Verdict {
+    pub const PASS: Verdict = Verdict::bare(Action::Pass);
+    pub const DROP: Verdict = Verdict::bare(Action::Drop);
+
+    const fn bare(action: Action) -> Verdict {
+        Verdict {
+            action,
+            tuple: NO_TUPLE,
+            ip_len: 0,
+            node_source: false,
+        }
+    }
 }
 
 const EEXIST: i32 = -17;
@@ -48,14 +94,14 @@ const SNAT_PORT_MIN: u32 = 1024;
 pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     let flow = match parse::parse(pkt) {
         Ok(flow) => flow,
-        Err(Skip::NotOurs) => return Verdict::Pass,
+        Err(Skip::NotOurs) => return Verdict::PASS,
         Err(Skip::Malformed) => {
             counters::event(EV_MALFORMED);
-            return Verdict::Pass;
+            return Verdict::PASS;
         }
         Err(Skip::Fragment) => {
             counters::event(EV_FRAGMENT);
-            return Verdict::Pass;
+            return Verdict::PASS;
         }
     };
     let now = conntrack::now_ns();
@@ -72,10 +118,40 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
         }
         Lookup::Missing => {}
     }
-    match balancer::lookup_service(flow.key.dst, flow.key.dport, flow.key.proto) {
+    let (dst, dport, proto) = (flow.key.dst, flow.key.dport, flow.key.proto);
+    let service = match origin {
+        Origin::Tunnel(_) => balancer::lookup_tunnel_service(dst, dport, proto)
+            .or_else(|| balancer::lookup_service(dst, dport, proto)),
+        _ => balancer::lookup_service(dst, dport, proto),
+    };
+    match service {
         Some(service) => open_flow(pkt, &flow, &service, origin, now),
-        None => Verdict::Pass,
+        None => Verdict::PASS,
     }
+}
+
+/// Whether an IPIP packet's inner packet is ours to decapsulate and translate: it
+/// continues a tracked flow, or it is addressed to a `dsr-ipip` frontend whose
+/// backend here the outer header names, or it reaches a service through a tunnel
+/// ending at this node.
+#[inline(always)]
+pub fn claims_inner(ctx: &XdpContext, outer_dst_be: u32) -> bool {
+    let outer_dst = Addr::from_v4_be(outer_dst_be);
+    let Ok(flow) = parse::parse_at(&XdpPacket(ctx), ETH_LEN + tunnel::OUTER_LEN) else {
+        return false;
+    };
+    // SAFETY: presence check only.
+    if unsafe { CONNTRACK.get(flow.key) }.is_some() {
+        return true;
+    }
+    let (dst, dport, proto) = (flow.key.dst, flow.key.dport, flow.key.proto);
+    let to_node = balancer::is_node_address(&outer_dst);
+    if let Some(service) = balancer::lookup_tunnel_service(dst, dport, proto) {
+        if to_node || balancer::backend_at(&service, outer_dst).is_some() {
+            return true;
+        }
+    }
+    to_node && balancer::lookup_service(dst, dport, proto).is_some()
 }
 
 /// Rewrites a packet as its conntrack entry says and counts it.
@@ -84,7 +160,7 @@ fn follow<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry, new_flow: bool) -> V
     if rewrite(pkt, flow, entry).is_err() {
         // A half-rewritten packet must not leave with a broken checksum.
         counters::event(EV_MALFORMED);
-        return Verdict::Drop;
+        return Verdict::DROP;
     }
     let direction = if entry.flags & CT_F_REPLY != 0 {
         Direction::ToClient
@@ -98,12 +174,29 @@ fn follow<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry, new_flow: bool) -> V
         u64::from(flow.ip_len),
         new_flow,
     );
+    if entry.flags & CT_F_ENCAP != 0 {
+        let outer = CtKey {
+            src: entry.nat_src,
+            dst: entry.nat_dst,
+            sport: 0,
+            dport: 0,
+            proto: tunnel::PROTO_IPIP,
+            _pad: [0; 3],
+        };
+        return Verdict {
+            action: Action::Encapsulate,
+            tuple: outer,
+            ip_len: flow.ip_len,
+            node_source: false,
+        };
+    }
     counters::event(EV_TRANSLATED);
-    Verdict::Translated(
-        flow.key.rewritten(entry),
-        flow.ip_len,
-        entry.flags & CT_F_NODE_SOURCE != 0,
-    )
+    Verdict {
+        action: Action::Translated,
+        tuple: flow.key.rewritten(entry),
+        ip_len: flow.ip_len,
+        node_source: entry.flags & CT_F_NODE_SOURCE != 0,
+    }
 }
 
 #[inline(always)]
@@ -131,12 +224,24 @@ fn rewrite<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry) -> Result<(), ()> {
 /// Kubernetes masquerades exactly two kinds of service traffic: external clients sent
 /// to a backend on another node (its reply must come back through us), and a pod
 /// that reaches itself through a service (hairpin: it would otherwise answer itself).
+/// A tunnelled flow to this node's own endpoints (`dsr-ipip`) is never masqueraded:
+/// its replies go straight to the client.
 #[inline(always)]
-fn needs_snat(flow: &Flow, choice: &Choice, origin: Origin) -> bool {
+fn needs_snat(flow: &Flow, service: &ServiceValue, choice: &Choice, origin: Origin) -> bool {
+    let remote = choice.backend.flags & BACKEND_F_REMOTE != 0;
     match origin {
-        Origin::External => choice.backend.flags & BACKEND_F_REMOTE != 0,
+        Origin::External => remote,
+        Origin::Tunnel(_) => service.flags & SVC_F_TUNNEL == 0 && remote,
         Origin::Pod => choice.backend.addr == flow.key.src,
     }
+}
+
+/// `dsr-ipip` at the entry node: new external flows to a backend on another node.
+#[inline(always)]
+fn is_direct_return(service: &ServiceValue, choice: &Choice, origin: Origin) -> bool {
+    origin == Origin::External
+        && service.flags & SVC_F_DSR != 0
+        && choice.backend.flags & BACKEND_F_REMOTE != 0
 }
 
 #[inline(always)]
@@ -154,13 +259,13 @@ fn open_flow<P: Packet>(
         let tcp = flow.tcp_flags;
         if tcp & TCP_RST != 0 {
             // Nothing to reset: the flow is unknown here.
-            return Verdict::Drop;
+            return Verdict::DROP;
         }
         midflow = tcp & TCP_SYN == 0 || tcp & TCP_ACK != 0;
     }
     if !source_ranges::admits(service, &key.src) {
         counters::event(EV_SOURCE_DENIED);
-        return Verdict::Drop;
+        return Verdict::DROP;
     }
     let state = if midflow {
         counters::event(EV_CT_MIDFLOW_MISS);
@@ -170,16 +275,26 @@ fn open_flow<P: Packet>(
     } else {
         CT_ESTABLISHED
     };
-    let choice = match affinity::recall(service, &key.src, now) {
-        Some(bound) => Some(bound),
+    // A tunnelled packet goes to the backend the entry node chose, if it is here.
+    let chosen_upstream = match origin {
+        Origin::Tunnel(backend) if service.flags & SVC_F_TUNNEL != 0 => {
+            balancer::backend_at(service, Addr::from_v4_be(backend))
+        }
+        _ => None,
+    };
+    let choice = match chosen_upstream.or_else(|| affinity::recall(service, &key.src, now)) {
+        Some(choice) => Some(choice),
         None if midflow => balancer::rehash(service, key),
         None => balancer::schedule(service, key),
     };
     let Some(choice) = choice else {
         counters::event(EV_NO_BACKEND);
-        return Verdict::Drop;
+        return Verdict::DROP;
     };
     affinity::remember(service, &key.src, &choice, now);
+    if is_direct_return(service, &choice, origin) {
+        return open_encapsulated(pkt, flow, service, &choice, state, now);
+    }
     let backend = &choice.backend;
 
     let mut forward = CtEntry {
@@ -217,16 +332,16 @@ fn open_flow<P: Packet>(
     if balancer::is_node_address(&key.dst) {
         reply.flags |= CT_F_NODE_SOURCE;
     }
-    if needs_snat(flow, &choice, origin) {
+    if needs_snat(flow, service, &choice, origin) {
         let Some(snat_addr) = snat_address() else {
             counters::event(EV_SNAT_EXHAUSTED);
-            return Verdict::Drop;
+            return Verdict::DROP;
         };
         reply_key.dst = snat_addr;
         reply.flags |= CT_F_REWRITE_DST | CT_F_SNAT;
         let Some(port) = reserve_snat_port(&mut reply_key, &reply, key) else {
             counters::event(EV_SNAT_EXHAUSTED);
-            return Verdict::Drop;
+            return Verdict::DROP;
         };
         // The masquerade address is the node's first address (see `program_node`).
         forward.flags |= CT_F_REWRITE_SRC | CT_F_SNAT | CT_F_NODE_SOURCE;
@@ -253,6 +368,55 @@ fn open_flow<P: Packet>(
     }
 }
 
+/// Records a `dsr-ipip` flow (one entry: replies never come back here) and
+/// encapsulates its first packet.
+#[inline(always)]
+fn open_encapsulated<P: Packet>(
+    pkt: &P,
+    flow: &Flow,
+    service: &ServiceValue,
+    choice: &Choice,
+    state: u8,
+    now: u64,
+) -> Verdict {
+    let Some(outer_src) = tunnel::source_for(&flow.key) else {
+        counters::event(EV_SNAT_EXHAUSTED);
+        return Verdict::DROP;
+    };
+    let entry = CtEntry {
+        nat_src: outer_src,
+        nat_dst: choice.backend.addr,
+        nat_sport: 0,
+        nat_dport: 0,
+        service_id: service.id,
+        backend_id: choice.backend.id,
+        state,
+        flags: CT_F_ENCAP,
+        _pad: [0; 2],
+        accounting: ACCT_ACTIVE,
+        _pad2: 0,
+        last_seen_ns: now,
+    };
+    match CONNTRACK.insert(flow.key, entry, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {
+            balancer::count_opened(choice.backend.id);
+            follow(pkt, flow, &entry, true)
+        }
+        Err(EEXIST) => {
+            counters::event(EV_CT_RACE_LOST);
+            // SAFETY: copied out at once.
+            match unsafe { CONNTRACK.get(flow.key) }.copied() {
+                Some(winner) => follow(pkt, flow, &winner, false),
+                None => Verdict::DROP,
+            }
+        }
+        Err(_) => {
+            counters::event(EV_CT_INSERT_FAILED);
+            follow(pkt, flow, &entry, true)
+        }
+    }
+}
+
 /// Another CPU created this flow first: use its backend and withdraw our reply entry
 /// if it points elsewhere (when it is the same tuple it is the winner's, rewritten
 /// with equal content, and must stay).
@@ -261,7 +425,7 @@ fn adopt_winner<P: Packet>(pkt: &P, flow: &Flow, our_reply_key: &CtKey) -> Verdi
     counters::event(EV_CT_RACE_LOST);
     // SAFETY: copied out at once.
     let Some(winner) = (unsafe { CONNTRACK.get(flow.key) }).copied() else {
-        return Verdict::Drop;
+        return Verdict::DROP;
     };
     if flow.key.peer(&winner) != *our_reply_key {
         let _ = CONNTRACK.remove(our_reply_key);

@@ -30,7 +30,7 @@ use crate::{
     },
     manifests,
     metrics::AgentMetrics,
-    model::{Problem, Scheduler, Severity},
+    model::{Forwarding, Problem, Scheduler, Severity, SourceRange},
     node::NodeConfig,
     server::{self, Status},
     sync::{NodeSettings, Syncer},
@@ -50,6 +50,10 @@ pub struct AgentConfig {
     pub xdp_redirect: bool,
     /// Scheduler of services without the `ebpf-proxy.io/scheduler` annotation.
     pub default_scheduler: Scheduler,
+    /// Forwarding of services without the `ebpf-proxy.io/forwarding` annotation.
+    pub default_forwarding: Forwarding,
+    /// Outer source addresses of IPIP packets (`dsr-ipip`).
+    pub tunnel_source: Option<SourceRange>,
     /// Handle only services labelled `service.kubernetes.io/service-proxy-name` with
     /// this value (running beside kube-proxy); `None`: every unlabelled service.
     pub service_proxy_name: Option<String>,
@@ -352,11 +356,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let settings = NodeSettings {
         netns_cookie: own_netns_cookie()?,
         xdp_redirect: config.xdp_redirect,
+        tunnel_source: config.tunnel_source,
     };
     syncer.program_node(&config.node, &settings)?;
     let mut programmer = Programmer {
         tracker: ChangeTracker::new(&config.node.name)
             .with_default_scheduler(config.default_scheduler)
+            .with_default_forwarding(config.default_forwarding)
             .with_service_proxy_name(config.service_proxy_name.clone()),
         syncer,
         health_checks: HealthCheckServers::default(),

@@ -15,7 +15,7 @@ use ebpf_proxy::{
     conntrack,
     datapath::{attach, loader::MapSizes, mmap::MappedArray, tables::Tables},
     listing,
-    model::{Protocol, Scheduler},
+    model::{Forwarding, Protocol, Scheduler, SourceRange},
     node::NodeConfig,
     trace,
 };
@@ -163,6 +163,17 @@ struct RunArgs {
     /// disjoint set of services. Without it: every unlabelled service, as kube-proxy.
     #[arg(long)]
     service_proxy_name: Option<String>,
+    /// How external traffic reaches endpoints on other nodes, for services without
+    /// the `ebpf-proxy.io/forwarding` annotation: `snat` (translated here, replies
+    /// return through this node) or `dsr-ipip` (encapsulated to the endpoint, whose
+    /// node answers the client directly).
+    #[arg(long, default_value = "snat")]
+    forwarding: Forwarding,
+    /// `dsr-ipip`: outer source addresses of IPIP packets, a prefix whose addresses
+    /// the flows are hashed over (so receivers' RSS spreads them); without it, the
+    /// first --node-ip.
+    #[arg(long)]
+    tunnel_source_cidr: Option<SourceRange>,
     /// How often idle conntrack entries are collected, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     ct_gc_interval_ms: u64,
@@ -239,6 +250,8 @@ async fn main() -> Result<()> {
                 xdp_redirect: args.xdp_forward == XdpForwardArg::Redirect,
                 default_scheduler: args.scheduler,
                 service_proxy_name: args.service_proxy_name,
+                default_forwarding: args.forwarding,
+                tunnel_source: args.tunnel_source_cidr,
                 ct_gc_interval: Duration::from_millis(args.ct_gc_interval_ms),
                 metrics_address: args.metrics_bind_address,
                 health_address: args.healthz_bind_address,

@@ -37,11 +37,21 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// Where a frontend listens: an exact address, or a port on every node address.
+/// Where a frontend listens: an exact address, or a port on every node address; or
+/// either of them as reached through an IPIP tunnel from an entry node (`dsr-ipip`),
+/// where only this node's endpoints serve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Listen {
     Address(Ipv4Addr),
     NodePort,
+    TunnelAddress(Ipv4Addr),
+    TunnelNodePort,
+}
+
+impl Listen {
+    pub fn is_tunnel(self) -> bool {
+        matches!(self, Listen::TunnelAddress(_) | Listen::TunnelNodePort)
+    }
 }
 
 /// One virtual server, as IPVS would list it.
@@ -57,6 +67,12 @@ impl fmt::Display for FrontendKey {
         match self.listen {
             Listen::Address(addr) => write!(f, "{} {}:{}", self.protocol, addr, self.port),
             Listen::NodePort => write!(f, "{} *:{} (NodePort)", self.protocol, self.port),
+            Listen::TunnelAddress(addr) => {
+                write!(f, "{} {}:{} (IPIP)", self.protocol, addr, self.port)
+            }
+            Listen::TunnelNodePort => {
+                write!(f, "{} *:{} (NodePort, IPIP)", self.protocol, self.port)
+            }
         }
     }
 }
@@ -174,6 +190,33 @@ pub struct Frontend {
     /// `loadBalancerSourceRanges` of a LoadBalancer ingress frontend: `None` admits
     /// every source, `Some` only these IPv4 prefixes (possibly none).
     pub source_ranges: Option<Vec<SourceRange>>,
+    /// `dsr-ipip`: new external flows to remote endpoints are encapsulated to them.
+    pub dsr: bool,
+}
+
+/// How a service's external traffic reaches endpoints on other nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Forwarding {
+    /// Translated here (DNAT and SNAT); replies return through this node.
+    #[default]
+    Snat,
+    /// Encapsulated in IPIP to the endpoint, whose node translates it and answers the
+    /// client directly (direct server return).
+    DsrIpip,
+}
+
+impl std::str::FromStr for Forwarding {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Forwarding, String> {
+        match s.trim() {
+            "snat" => Ok(Forwarding::Snat),
+            "dsr-ipip" => Ok(Forwarding::DsrIpip),
+            other => Err(format!(
+                "unknown forwarding mode {other:?} (snat, dsr-ipip)"
+            )),
+        }
+    }
 }
 
 /// An IPv4 prefix, `address/length`, host bits zero.
@@ -186,6 +229,14 @@ pub struct SourceRange {
 impl fmt::Display for SourceRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl SourceRange {
+    /// How many addresses the prefix holds (saturating at 2^31 for a /0 or /1).
+    pub fn size(&self) -> u32 {
+        1u32.checked_shl(32 - u32::from(self.len))
+            .unwrap_or(1 << 31)
     }
 }
 

@@ -22,9 +22,10 @@ use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use proxy_common::{
     Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, NodeAddrFlags, ServiceKey,
-    ServiceValue, BACKEND_F_REMOTE, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_XDP_FORWARD,
-    MAX_BACKENDS_PER_SERVICE, PROTO_UDP, SCOPE_ADDRESS, SCOPE_NODE_PORT, SVC_F_EXTERNAL,
-    SVC_F_SOURCE_RANGES, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
+    ServiceValue, BACKEND_F_REMOTE, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE,
+    CONFIG_XDP_FORWARD, MAX_BACKENDS_PER_SERVICE, PROTO_UDP, SCOPE_ADDRESS, SCOPE_NODE_PORT,
+    SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_DSR, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
+    SVC_F_TUNNEL, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
 use crate::{
@@ -78,6 +79,9 @@ pub struct NodeSettings {
     pub netns_cookie: u64,
     /// Transmit translated packets from XDP instead of handing them to the stack.
     pub xdp_redirect: bool,
+    /// Outer source addresses of IPIP packets (`dsr-ipip`); `None`: the node's
+    /// masquerade address.
+    pub tunnel_source: Option<SourceRange>,
 }
 
 /// What is in the maps for one frontend.
@@ -116,6 +120,8 @@ pub fn service_key(key: &FrontendKey) -> ServiceKey {
     let (addr, scope) = match key.listen {
         Listen::Address(a) => (Addr::from_v4_octets(a.octets()), SCOPE_ADDRESS),
         Listen::NodePort => (Addr::ZERO, SCOPE_NODE_PORT),
+        Listen::TunnelAddress(a) => (Addr::from_v4_octets(a.octets()), SCOPE_TUNNEL),
+        Listen::TunnelNodePort => (Addr::ZERO, SCOPE_TUNNEL_NODE_PORT),
     };
     ServiceKey {
         addr,
@@ -128,6 +134,8 @@ pub fn service_key(key: &FrontendKey) -> ServiceKey {
 pub fn frontend_key(key: &ServiceKey) -> Option<FrontendKey> {
     let listen = match key.scope {
         SCOPE_NODE_PORT => Listen::NodePort,
+        SCOPE_TUNNEL => Listen::TunnelAddress(key.addr.v4_octets().into()),
+        SCOPE_TUNNEL_NODE_PORT => Listen::TunnelNodePort,
         _ => Listen::Address(key.addr.v4_octets().into()),
     };
     Some(FrontendKey {
@@ -157,13 +165,17 @@ fn backend_of(endpoint: &Endpoint, id: u32) -> Backend {
     }
 }
 
-fn service_flags(frontend: &Frontend) -> u8 {
+fn service_flags(key: &FrontendKey, frontend: &Frontend) -> u8 {
     let mut flags = 0;
-    if frontend.external {
-        flags |= SVC_F_EXTERNAL;
-    }
-    if frontend.source_ranges.is_some() {
-        flags |= SVC_F_SOURCE_RANGES;
+    for (set, flag) in [
+        (frontend.external, SVC_F_EXTERNAL),
+        (frontend.source_ranges.is_some(), SVC_F_SOURCE_RANGES),
+        (frontend.dsr, SVC_F_DSR),
+        (key.listen.is_tunnel(), SVC_F_TUNNEL),
+    ] {
+        if set {
+            flags |= flag;
+        }
     }
     flags
 }
@@ -304,6 +316,17 @@ impl Syncer {
         self.tables
             .config
             .set(CONFIG_XDP_FORWARD, ConfigValue::from_u64(forward), 0)?;
+        let tunnel_source = match settings.tunnel_source {
+            Some(range) => ConfigValue {
+                addr: Addr {
+                    words: [u32::from(range.addr).to_be(), range.size(), 0, 0],
+                },
+            },
+            None => ConfigValue::default(),
+        };
+        self.tables
+            .config
+            .set(CONFIG_TUNNEL_SOURCE, tunnel_source, 0)?;
         Ok(())
     }
 
@@ -417,7 +440,7 @@ impl Syncer {
                 id,
                 backend_count: 0,
                 scheduler: frontend.scheduler.number(),
-                flags: service_flags(frontend),
+                flags: service_flags(key, frontend),
                 _pad: [0; 2],
                 table_offset: 0,
                 table_len: 0,
@@ -500,7 +523,7 @@ impl Syncer {
         };
         let value = ServiceValue {
             backend_count: slots.len() as u32,
-            flags: service_flags(frontend),
+            flags: service_flags(key, frontend),
             scheduler: frontend.scheduler.number(),
             table_offset,
             table_len,

@@ -20,7 +20,7 @@ use k8s_openapi::{
 
 use crate::{
     manifests::Objects,
-    model::{DesiredState, Frontend, FrontendKey, HealthCheck, Problem, Scheduler},
+    model::{DesiredState, Forwarding, Frontend, FrontendKey, HealthCheck, Problem, Scheduler},
     translate::{
         object_name, service_output, slice_endpoints, slice_service, NodeView, ServiceOutput,
         SliceEndpoint, LABEL_SERVICE_NAME, LABEL_ZONE,
@@ -82,6 +82,12 @@ impl ChangeTracker {
     /// The scheduler of services without the scheduler annotation (the node's flag).
     pub fn with_default_scheduler(mut self, scheduler: Scheduler) -> ChangeTracker {
         self.node.default_scheduler = scheduler;
+        self
+    }
+
+    /// The forwarding of services without the forwarding annotation (the node's flag).
+    pub fn with_default_forwarding(mut self, forwarding: Forwarding) -> ChangeTracker {
+        self.node.default_forwarding = forwarding;
         self
     }
 

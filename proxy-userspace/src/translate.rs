@@ -46,6 +46,12 @@
 //!     listed IPv4 prefixes (others dropped in the kernel; IPv6 prefixes ignored, so a
 //!     list of only IPv6 prefixes admits no IPv4 client). An invalid prefix skips the
 //!     service: a firewall that cannot be programmed fails closed.
+//! 13. Forwarding of external traffic to endpoints on other nodes comes from the
+//!     annotation `ebpf-proxy.io/forwarding` (`snat`, `dsr-ipip`), else the node's
+//!     `--forwarding`. `dsr-ipip` external frontends encapsulate such flows to the
+//!     endpoint; every node also gets the frontends' IPIP views (`Listen::Tunnel*`)
+//!     holding its own endpoints, where the encapsulated flows arrive. Not with
+//!     `externalTrafficPolicy: Local` (no flow leaves the node then).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -60,8 +66,8 @@ use k8s_openapi::api::{
 use crate::{
     manifests::Objects,
     model::{
-        DesiredState, Endpoint, Frontend, FrontendKey, HealthCheck, Listen, Problem, Protocol,
-        Scheduler, SourceRange,
+        DesiredState, Endpoint, Forwarding, Frontend, FrontendKey, HealthCheck, Listen, Problem,
+        Protocol, Scheduler, SourceRange,
     },
     tracker::ChangeTracker,
 };
@@ -79,6 +85,9 @@ const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 pub const ANNOTATION_SCHEDULER: &str = "ebpf-proxy.io/scheduler";
 /// Per-endpoint weights, `address=weight, …` (Kubernetes has no endpoint weights).
 pub const ANNOTATION_WEIGHTS: &str = "ebpf-proxy.io/weights";
+/// Per-service forwarding of external traffic to other nodes: `snat` or `dsr-ipip`;
+/// without it, the node's `--forwarding`.
+pub const ANNOTATION_FORWARDING: &str = "ebpf-proxy.io/forwarding";
 
 #[derive(Debug, Default)]
 pub struct Translation {
@@ -410,6 +419,7 @@ fn source_ranges(spec: &ServiceSpec) -> Result<Option<Vec<SourceRange>>, String>
 #[derive(Clone, Debug, Default)]
 pub(crate) struct NodeView {
     pub default_scheduler: Scheduler,
+    pub default_forwarding: Forwarding,
     pub zone: Option<String>,
     /// `--service-proxy-name`: handle only the services labelled with it.
     pub proxy_name: Option<String>,
@@ -458,6 +468,19 @@ pub(crate) fn service_output(
             default_scheduler
         }
     };
+    let forwarding = match annotations.get(ANNOTATION_FORWARDING).map(|f| f.parse()) {
+        None => node.default_forwarding,
+        Some(Ok(forwarding)) => forwarding,
+        Some(Err(message)) => {
+            out.problems.push(Problem::error(
+                object.clone(),
+                format!("{ANNOTATION_FORWARDING}: {message}; using snat"),
+            ));
+            Forwarding::Snat
+        }
+    };
+    // Direct return only matters where external traffic may leave this node.
+    let dsr = forwarding == Forwarding::DsrIpip && !external_local;
     let weights = match annotations
         .get(ANNOTATION_WEIGHTS)
         .map(|w| parse_weights(w))
@@ -536,8 +559,10 @@ pub(crate) fn service_output(
             "{name}:{}",
             port.name.as_deref().unwrap_or(&number.to_string())
         );
-        let mut add = |listen, port, address: Address| {
+        let tunnelled = weighted(&sets.local);
+        let mut add = |listen: Listen, port, address: Address| {
             let is_external = address != Address::Cluster;
+            let tunnel = listen.is_tunnel();
             frontends.push((
                 FrontendKey {
                     listen,
@@ -548,25 +573,32 @@ pub(crate) fn service_output(
                     service: service_port.clone(),
                     external: is_external,
                     scheduler,
-                    endpoints: if is_external {
-                        external.clone()
-                    } else {
-                        internal.clone()
+                    endpoints: match (tunnel, is_external) {
+                        (true, _) => tunnelled.clone(),
+                        (false, true) => external.clone(),
+                        (false, false) => internal.clone(),
                     },
                     affinity_timeout_s,
-                    source_ranges: if address == Address::LoadBalancer {
+                    source_ranges: if address == Address::LoadBalancer && !tunnel {
                         ranges.clone()
                     } else {
                         None
                     },
+                    dsr: dsr && is_external && !tunnel,
                 },
             ))
         };
         for (addr, kind) in &addresses {
             add(Listen::Address(*addr), number, *kind);
+            if dsr && *kind != Address::Cluster {
+                add(Listen::TunnelAddress(*addr), number, *kind);
+            }
         }
         if let Some(node_port) = node_port {
             add(Listen::NodePort, node_port, Address::NodePort);
+            if dsr {
+                add(Listen::TunnelNodePort, node_port, Address::NodePort);
+            }
         }
     }
     if let Some(port) = spec.health_check_node_port.filter(|_| external_local) {

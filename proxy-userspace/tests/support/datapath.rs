@@ -21,6 +21,15 @@ use ebpf_proxy::{
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 
+fn test_node() -> NodeConfig {
+    NodeConfig {
+        name: "node-a".into(),
+        addresses: vec![NODE_IP],
+        uplinks: vec![],
+        pod_interface_patterns: vec![],
+    }
+}
+
 pub struct TestDatapath {
     pub datapath: Datapath,
     pub syncer: Syncer,
@@ -52,20 +61,21 @@ impl TestDatapath {
             panic!("loading the data path (root and a mounted bpffs are needed): {e:?}")
         });
         let mut syncer = Syncer::recover(Tables::open(&pin_dir).expect("tables")).expect("recover");
-        let node = NodeConfig {
-            name: "node-a".into(),
-            addresses: vec![NODE_IP],
-            uplinks: vec![],
-            pod_interface_patterns: vec![],
-        };
         syncer
-            .program_node(&node, &NodeSettings::default())
+            .program_node(&test_node(), &NodeSettings::default())
             .expect("node config");
         TestDatapath {
             datapath,
             syncer,
             pin_dir,
         }
+    }
+
+    /// Reprograms the node-wide settings.
+    pub fn settings(&mut self, settings: NodeSettings) {
+        self.syncer
+            .program_node(&test_node(), &settings)
+            .expect("node config");
     }
 
     pub fn tables(&self) -> Tables {
