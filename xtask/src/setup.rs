@@ -15,6 +15,8 @@ const PACKAGES: &[&str] = &[
     "socat",
     "ethtool",
     "bpftool",
+    // Captures of the multi-node tests (which packets cross which node).
+    "tcpdump",
     // The other contenders of `cargo xtask bench`.
     "iptables",
     "nftables",

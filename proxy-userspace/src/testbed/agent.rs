@@ -3,6 +3,7 @@
 
 use std::{
     fs::File,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -17,9 +18,21 @@ use super::{
 };
 use crate::listing::Listing;
 
+/// Which node an agent runs on, when not the topology's first node.
+#[derive(Clone, Copy)]
+pub struct NodeSpec<'a> {
+    pub netns: &'a Path,
+    pub name: &'a str,
+    pub ip: Ipv4Addr,
+    pub uplinks: &'a [&'a str],
+}
+
 pub struct Agent {
     binary: PathBuf,
     node_ns: PathBuf,
+    node_name: String,
+    node_ip: Ipv4Addr,
+    uplinks: Vec<String>,
     pub pin_dir: PathBuf,
     pub manifests: PathBuf,
     /// With a kubeconfig the agent watches that API server instead of `manifests`.
@@ -40,6 +53,8 @@ pub struct AgentOptions<'a> {
     /// A kubeconfig's text: the agent watches that API server (`--kubeconfig`)
     /// instead of the manifests file.
     pub kubeconfig: Option<&'a str>,
+    /// Another node than the topology's first (`node`, `NODE_NAME`, `NODE_IP`).
+    pub node: Option<NodeSpec<'a>>,
 }
 
 impl Agent {
@@ -84,9 +99,19 @@ impl Agent {
             .file_name()
             .and_then(|n| n.to_str())
             .context("work dir name")?;
+        let node_ns = topology.node.path();
+        let node = options.node.unwrap_or(NodeSpec {
+            netns: &node_ns,
+            name: NODE_NAME,
+            ip: NODE_IP,
+            uplinks: &UPLINKS,
+        });
         let mut agent = Agent {
             binary: binary.to_owned(),
-            node_ns: topology.node.path(),
+            node_ns: node.netns.to_owned(),
+            node_name: node.name.to_owned(),
+            node_ip: node.ip,
+            uplinks: node.uplinks.iter().map(|u| u.to_string()).collect(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
             manifests: manifests_path,
             kubeconfig,
@@ -128,11 +153,11 @@ impl Agent {
             .args([
                 "run",
                 "--node-name",
-                NODE_NAME,
+                &self.node_name,
                 "--node-ip",
-                &NODE_IP.to_string(),
+                &self.node_ip.to_string(),
             ])
-            .args(UPLINKS.iter().flat_map(|u| ["--uplink", u]))
+            .args(self.uplinks.iter().flat_map(|u| ["--uplink", u.as_str()]))
             .args([
                 "--pod-interfaces",
                 POD_INTERFACE_PATTERN,

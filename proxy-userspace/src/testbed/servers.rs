@@ -147,6 +147,15 @@ fn serve_http(listener: TcpListener, pod: &str, stop: &AtomicBool) {
     }
 }
 
+/// The largest `/bytes/N` answer.
+const MAX_BLOB: usize = 64 << 20;
+
+/// The content of `GET /bytes/N`: a pattern that a lost, repeated or reordered
+/// segment would break (its period, 251, is prime to every segment size).
+pub fn blob(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
 /// Answers requests on one connection until the client closes it (keep-alive).
 fn http_connection(stream: TcpStream, pod: &str, peer: SocketAddr) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
@@ -169,14 +178,26 @@ fn http_connection(stream: TcpStream, pod: &str, peer: SocketAddr) -> std::io::R
                 close = true;
             }
         }
-        let body = greeting(pod, peer);
+        // `GET /bytes/N`: N bytes of `blob`, for long transfers; anything else: the
+        // greeting.
+        let body = match request_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|path| path.strip_prefix("/bytes/"))
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(len) => blob(len.min(MAX_BLOB)),
+            None => greeting(pod, peer).into_bytes(),
+        };
         // One write: `write!` would send the parts as separate segments, and Nagle's
         // algorithm would hold the second until the client's delayed ACK (40 ms).
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        let mut response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
             body.len()
-        );
-        writer.write_all(response.as_bytes())?;
+        )
+        .into_bytes();
+        response.extend_from_slice(&body);
+        writer.write_all(&response)?;
         if close {
             return Ok(());
         }

@@ -44,26 +44,63 @@ pub struct Topology {
     pub pods: Vec<Pod>,
     pub node2: Netns,
     pub node: Netns,
+    /// The routed variant's router between the client and both nodes.
+    pub router: Option<Netns>,
     pub client: Netns,
     prefix: String,
 }
+
+/// The routed topology's node addresses (each node on its own link to the router).
+pub const ROUTED_NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const ROUTED_NODE2_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+const ROUTER_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+/// LoadBalancer IPs, which the router sends to the first node (as BGP or a cloud
+/// load balancer would pick an entry node).
+pub const LB_RANGE: &str = "198.18.100.0/24";
 
 impl Topology {
     /// Builds the namespaces with `local_pods` pods on the node and `remote_pods` on
     /// node2, every pod serving HTTP, UDP and TFTP. `prefix` keeps parallel
     /// topologies apart (namespace names).
     pub fn build(prefix: &str, local_pods: usize, remote_pods: usize) -> Result<Topology> {
+        Topology::build_with(prefix, local_pods, remote_pods, false)
+    }
+
+    /// The multi-node variant: the client, the node and node2 each on their own link
+    /// to a router namespace, so that a node's replies can reach the client without
+    /// crossing the other node (direct server return). The node is at
+    /// `ROUTED_NODE_IP`, node2 at `ROUTED_NODE2_IP`; `LB_RANGE` is routed to the node.
+    pub fn build_routed(prefix: &str, local_pods: usize, remote_pods: usize) -> Result<Topology> {
+        Topology::build_with(prefix, local_pods, remote_pods, true)
+    }
+
+    fn build_with(
+        prefix: &str,
+        local_pods: usize,
+        remote_pods: usize,
+        routed: bool,
+    ) -> Result<Topology> {
         let client = Netns::create(&format!("{prefix}-client"))?;
+        let router = if routed {
+            Some(Netns::create(&format!("{prefix}-router"))?)
+        } else {
+            None
+        };
         let node = Netns::create(&format!("{prefix}-node"))?;
         let node2 = Netns::create(&format!("{prefix}-node2"))?;
         let mut topology = Topology {
             pods: Vec::new(),
             node2,
             node,
+            router,
             client,
             prefix: prefix.to_owned(),
         };
-        topology.wire().context("wiring client, node and node2")?;
+        match &topology.router {
+            Some(router) => topology.wire_routed(router),
+            None => topology.wire(),
+        }
+        .context("wiring client, node and node2")?;
         for _ in 0..local_pods {
             topology.add_pod(true)?;
         }
@@ -107,6 +144,45 @@ impl Topology {
         // the same input. Pod-facing tc programs need no such help.
         client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
         node2.exec("ethtool", &["-K", "up0", "tx", "off"])?;
+        Ok(())
+    }
+
+    fn wire_routed(&self, router: &Netns) -> Result<()> {
+        let (client, node, node2) = (&self.client, &self.node, &self.node2);
+        router.ip(&format!(
+            "link add r0 type veth peer name eth0 netns {}",
+            client.name
+        ))?;
+        router.ip(&format!("addr add {ROUTER_CLIENT_SIDE}/24 dev r0"))?;
+        client.ip(&format!("addr add {CLIENT_IP}/24 dev eth0"))?;
+        client.ip("link set eth0 up")?;
+        client.ip(&format!("route add default via {ROUTER_CLIENT_SIDE}"))?;
+        for (ns, link, addr, subnet) in [
+            (node, "ra", ROUTED_NODE_IP, 1),
+            (node2, "rb", ROUTED_NODE2_IP, 2),
+        ] {
+            let gateway = Ipv4Addr::new(198, 18, subnet, 254);
+            router.ip(&format!(
+                "link add {link} type veth peer name up0 netns {}",
+                ns.name
+            ))?;
+            router.ip(&format!("addr add {gateway}/24 dev {link}"))?;
+            router.ip(&format!("link set {link} up"))?;
+            router.ip(&format!("route add 10.244.{subnet}.0/24 via {addr}"))?;
+            ns.ip(&format!("addr add {addr}/24 dev up0"))?;
+            ns.ip("link set up0 up")?;
+            ns.ip(&format!("route add default via {gateway}"))?;
+            // The router's frames feed the node's XDP program: full checksums, as
+            // from a NIC (see `wire`).
+            router.exec("ethtool", &["-K", link, "tx", "off"])?;
+        }
+        router.ip("link set r0 up")?;
+        router.ip(&format!("route add {LB_RANGE} via {ROUTED_NODE_IP}"))?;
+        for ns in [router, node, node2] {
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        }
         Ok(())
     }
 
