@@ -2,7 +2,8 @@
 //! its module: `parse` (headers), `balancer` (services and scheduling), `conntrack`
 //! (flow state), `affinity` (sessionAffinity), `source_ranges`
 //! (loadBalancerSourceRanges), `translate` (the pipeline), `packet` (how XDP and tc
-//! rewrite), `tunnel` (IPIP), `sock` (node-local sockets), `maps` and `counters`.
+//! rewrite), `tunnel` (IPIP), `icmp` (errors about
+//! translated flows), `sock` (node-local sockets), `maps` and `counters`.
 #![no_std]
 #![no_main]
 #![allow(internal_features)]
@@ -14,6 +15,7 @@ mod checksum;
 mod conntrack;
 mod counters;
 mod forward;
+mod icmp;
 mod maps;
 mod packet;
 mod parse;

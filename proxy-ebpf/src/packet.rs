@@ -45,6 +45,13 @@ pub trait Packet {
     /// Replaces the port at `l4_field` (L4_SPORT or L4_DPORT) and fixes the L4 checksum.
     fn rewrite_port(&self, flow: &Flow, l4_field: usize, old: u16, new: u16) -> Result<(), ()>;
 
+    /// Replaces the 32-bit field at `offset` and updates the 16-bit Internet checksum
+    /// at `check` (of a header without pseudo-header, e.g. IP or ICMP).
+    fn rewrite_word32(&self, offset: usize, check: usize, old: u32, new: u32) -> Result<(), ()>;
+
+    /// The same for a 16-bit field.
+    fn rewrite_word16(&self, offset: usize, check: usize, old: u16, new: u16) -> Result<(), ()>;
+
     /// A pointer to a `T` at `offset`, if the packet is long enough.
     #[inline(always)]
     fn ptr_at<T>(&self, offset: usize) -> Option<*mut T> {
@@ -115,6 +122,30 @@ impl Packet for XdpPacket<'_> {
         unsafe { field.write_unaligned(new) };
         self.update_l4_check(flow, |c| checksum::replace16(c, old, new))
     }
+
+    #[inline(always)]
+    fn rewrite_word32(&self, offset: usize, check: usize, old: u32, new: u32) -> Result<(), ()> {
+        let field: *mut u32 = self.ptr_at(offset).ok_or(())?;
+        let sum: *mut u16 = self.ptr_at(check).ok_or(())?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            field.write_unaligned(new);
+            sum.write_unaligned(checksum::replace32(sum.read_unaligned(), old, new));
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn rewrite_word16(&self, offset: usize, check: usize, old: u16, new: u16) -> Result<(), ()> {
+        let field: *mut u16 = self.ptr_at(offset).ok_or(())?;
+        let sum: *mut u16 = self.ptr_at(check).ok_or(())?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            field.write_unaligned(new);
+            sum.write_unaligned(checksum::replace16(sum.read_unaligned(), old, new));
+        }
+        Ok(())
+    }
 }
 
 pub struct TcPacket<'a>(pub &'a TcContext);
@@ -172,5 +203,21 @@ impl Packet for TcPacket<'_> {
         self.0
             .store(flow.l4_off + l4_field, &new, 0)
             .map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn rewrite_word32(&self, offset: usize, check: usize, old: u32, new: u32) -> Result<(), ()> {
+        self.0
+            .l3_csum_replace(check, u64::from(old), u64::from(new), 4)
+            .map_err(|_| ())?;
+        self.0.store(offset, &new, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn rewrite_word16(&self, offset: usize, check: usize, old: u16, new: u16) -> Result<(), ()> {
+        self.0
+            .l3_csum_replace(check, u64::from(old), u64::from(new), 2)
+            .map_err(|_| ())?;
+        self.0.store(offset, &new, 0).map_err(|_| ())
     }
 }

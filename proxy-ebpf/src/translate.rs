@@ -18,6 +18,7 @@ use crate::{
     balancer::{self, Choice},
     conntrack::{self, Lookup},
     counters::{self, Direction},
+    icmp,
     maps::{CONNTRACK, NODE_CONFIG},
     packet::{Packet, XdpPacket, ETH_LEN, IP_DST, IP_SRC, L4_DPORT, L4_SPORT},
     parse::{self, Flow, Skip, TCP_ACK, TCP_RST, TCP_SYN},
@@ -94,7 +95,8 @@ const SNAT_PORT_MIN: u32 = 1024;
 pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     let flow = match parse::parse(pkt) {
         Ok(flow) => flow,
-        Err(Skip::NotOurs) => return Verdict::PASS,
+        // Not TCP or UDP: perhaps an ICMP error about one of our flows.
+        Err(Skip::NotOurs) => return icmp::translate_error(pkt),
         Err(Skip::Malformed) => {
             counters::event(EV_MALFORMED);
             return Verdict::PASS;

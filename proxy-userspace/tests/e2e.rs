@@ -890,3 +890,55 @@ fn a_full_service_table_is_reported_and_the_services_that_fit_keep_working() {
     );
     assert!(metrics.contains("ebpf_proxy_sync_problems 1"), "{metrics}");
 }
+
+/// Whether a UDP datagram from `ns` to `target` is refused: the ICMP port
+/// unreachable came back about the address this socket is connected to.
+fn udp_refused(ns: &Netns, target: std::net::SocketAddr) -> bool {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        ebpf_proxy::testbed::netns::enter_current_thread(&path).expect("enter");
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket.connect(target).expect("connect");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let _ = socket.send(b"anyone?");
+        let mut buf = [0u8; 64];
+        matches!(socket.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+    .join()
+    .expect("probe")
+}
+
+#[test]
+fn port_unreachable_from_a_backend_reaches_clients_as_refused() {
+    // The service points at a port where the pods have no listener.
+    let closed = |t: &Topology, name: &str, vip: Ipv4Addr, lb: Ipv4Addr, pods: &[&str]| {
+        let mut service =
+            ServiceDef::new(name, vip, "UDP", 9999, 9).with_pods(pods.iter().map(|p| t.pod(p)));
+        service.load_balancer_ip = Some(lb);
+        service
+    };
+    let cluster = Cluster::new("icmp", 2, 1, |t| {
+        vec![
+            closed(t, "local", Ipv4Addr::new(10, 96, 0, 99), LB_IP, &["pod-a1"]),
+            closed(
+                t,
+                "remote",
+                Ipv4Addr::new(10, 96, 0, 98),
+                Ipv4Addr::new(198, 18, 100, 2),
+                &["pod-b1"],
+            ),
+        ]
+    });
+    // From a pod to a local backend, and from outside to a remote (masqueraded) one.
+    assert!(udp_refused(
+        cluster.ns("pod-a2"),
+        (Ipv4Addr::new(10, 96, 0, 99), 9999).into()
+    ));
+    assert!(udp_refused(&cluster.topology.client, (LB_IP, 9999).into()));
+    assert!(udp_refused(
+        &cluster.topology.client,
+        (Ipv4Addr::new(198, 18, 100, 2), 9999).into()
+    ));
+}
