@@ -10,6 +10,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::generated::bpf_xdp_adjust_head,
     macros::{map, xdp},
     maps::{Array, ProgramArray},
     programs::XdpContext,
@@ -32,6 +33,15 @@ const SPORT: usize = 14 + 20;
 
 #[xdp]
 pub fn bench_wrapper(ctx: XdpContext) -> u32 {
+    // The previous iteration may have moved the frame's start (IPIP encapsulation
+    // or decapsulation): put it back, so every iteration sees FRAME bytes.
+    let len = ctx.data_end() as i64 - ctx.data() as i64;
+    // SAFETY: helper on the program's own context.
+    if len != FRAME as i64
+        && unsafe { bpf_xdp_adjust_head(ctx.ctx, (len - FRAME as i64) as i32) } != 0
+    {
+        return xdp_action::XDP_ABORTED;
+    }
     let (data, end) = (ctx.data(), ctx.data_end());
     if data + FRAME > end {
         return xdp_action::XDP_ABORTED;

@@ -78,6 +78,32 @@ fn frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), tcp: Option<(bool, bool)>) ->
     out.try_into().expect("64-byte frame")
 }
 
+/// A 64-byte IPIP frame: a UDP packet from `src` to `dst` inside an outer header
+/// from `outer.0` to `outer.1`.
+fn ipip_frame(outer: ([u8; 4], [u8; 4]), src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> [u8; 64] {
+    let mut inner = Vec::with_capacity(44);
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1)
+        .write(&mut inner, &[0; 2])
+        .expect("build frame");
+    let mut header = [
+        0x45, 0, 0, 50, 0, 0, 0x40, 0, 64, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    header[12..16].copy_from_slice(&outer.0);
+    header[16..20].copy_from_slice(&outer.1);
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    sum = (sum & 0xffff) + (sum >> 16);
+    header[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let mut out = inner[..14].to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&inner[14..]);
+    out.try_into().expect("64-byte frame")
+}
+
 fn vip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i)
 }
@@ -147,7 +173,8 @@ impl Bench {
     fn time(&mut self, repeat: u32, rounds: usize) -> Result<Vec<f64>> {
         let wrapper: &mut Xdp = program(&mut self.wrapper, "bench_wrapper")?;
         let input = [0u8; 64];
-        let mut output = [0u8; 64];
+        // Room for an encapsulated frame (64 + 20 bytes).
+        let mut output = [0u8; 128];
         let mut samples = Vec::new();
         for _ in 0..rounds {
             let result = wrapper.test_run(TestRunOptions {
@@ -176,6 +203,15 @@ impl Bench {
         Ok((translated, connections))
     }
 
+    fn event(&self, name: &str) -> Result<u64> {
+        let listing = listing::read(&self.pin_dir)?;
+        Ok(listing
+            .events
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |e| e.1))
+    }
+
     /// Sends one frame once, opening the flow that later cases measure.
     fn open_flow(&mut self, frame: [u8; 64]) -> Result<()> {
         self.set_target("uplink_ingress")?;
@@ -199,9 +235,24 @@ impl Bench {
         expect: (bool, bool),
         services: usize,
     ) -> Result<CaseResult> {
+        self.case_counting(name, frame, vary_flow, expect, services, None)
+    }
+
+    /// `case`, and also that the event `also` (e.g. `encapsulated`) counted every
+    /// iteration.
+    fn case_counting(
+        &mut self,
+        name: &str,
+        frame: [u8; 64],
+        vary_flow: bool,
+        expect: (bool, bool),
+        services: usize,
+        also: Option<&str>,
+    ) -> Result<CaseResult> {
         self.set_target("uplink_ingress")?;
         self.set_frame(frame, vary_flow)?;
         let before = self.counters()?;
+        let also_before = also.map(|e| self.event(e)).transpose()?;
         let mut samples = self.time(self.repeat, self.rounds)?;
         let after = self.counters()?;
         let iterations = u64::from(self.repeat) * self.rounds as u64;
@@ -211,6 +262,13 @@ impl Bench {
                 && opened == if expect.1 { iterations } else { 0 },
             "{name}: {translated} translated, {opened} new flows in {iterations} iterations"
         );
+        if let (Some(event), Some(before)) = (also, also_before) {
+            let counted = self.event(event)? - before;
+            ensure!(
+                counted == iterations,
+                "{name}: {event} {counted} times in {iterations} iterations"
+            );
+        }
         samples.sort_by(f64::total_cmp);
         Ok(CaseResult {
             services,
@@ -285,6 +343,29 @@ pub fn measure(
         desired
             .frontends
             .insert(udp, frontend(Scheduler::Rr, 10_001_000));
+        // dsr-ipip: an entry frontend whose backends are remote, and the IPIP view
+        // of another, whose backends are here.
+        let mut entry = frontend(Scheduler::Rr, 10_002_000);
+        entry.dsr = true;
+        for endpoint in &mut entry.endpoints {
+            endpoint.remote = true;
+        }
+        desired.frontends.insert(
+            FrontendKey {
+                listen: Listen::Address(vip(200)),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            entry,
+        );
+        desired.frontends.insert(
+            FrontendKey {
+                listen: Listen::TunnelAddress(vip(201)),
+                port: 53,
+                protocol: Protocol::Udp,
+            },
+            frontend(Scheduler::Rr, 10_003_000),
+        );
         let report = syncer.apply(&desired);
         ensure!(report.problems.is_empty(), "{:?}", report.problems);
 
@@ -355,6 +436,38 @@ pub fn measure(
         let udp_frame = frame((CLIENT, 5353), (vip(100).octets(), 53), None);
         bench.open_flow(udp_frame)?;
         results.push(bench.case("established UDP", udp_frame, false, (true, false), services)?);
+        // dsr-ipip at the entry node: an established flow's segments, encapsulated.
+        bench.open_flow(syn(42000, vip(200)))?;
+        let dsr_ack = frame(
+            (CLIENT, 42000),
+            (vip(200).octets(), 80),
+            Some((false, true)),
+        );
+        results.push(bench.case_counting(
+            "IPIP encapsulation (dsr-ipip, established TCP)",
+            dsr_ack,
+            false,
+            (false, false),
+            services,
+            Some("encapsulated"),
+        )?);
+        // dsr-ipip at the backend's node: an established flow's datagrams,
+        // decapsulated and translated for the backend the outer header names.
+        let named = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + 10_003_000 + 3);
+        let tunnelled = ipip_frame(
+            ([198, 18, 2, 1], named.octets()),
+            (CLIENT, 5454),
+            (vip(201).octets(), 53),
+        );
+        bench.open_flow(tunnelled)?;
+        results.push(bench.case_counting(
+            "IPIP decapsulation (established UDP)",
+            tunnelled,
+            false,
+            (true, false),
+            services,
+            Some("decapsulated"),
+        )?);
         // New flows last: their churn fills (and evicts from) conntrack.
         for (i, scheduler) in measured.iter().enumerate() {
             let name = format!("new TCP flow, {scheduler}");
@@ -399,7 +512,7 @@ pub fn run(quick: bool) -> Result<(Vec<CaseResult>, Vec<ProgramSize>)> {
     let mut all = Vec::new();
     let mut sizes = Vec::new();
     println!(
-        "\n{:>8}  {:<34} {:>10} {:>17}",
+        "\n{:>8}  {:<46} {:>10} {:>17}",
         "services", "case", "ns median", "min..max"
     );
     for &services in scales {
@@ -407,7 +520,7 @@ pub fn run(quick: bool) -> Result<(Vec<CaseResult>, Vec<ProgramSize>)> {
             measure(services, repeat, rounds).with_context(|| format!("{services} services"))?;
         for r in &results {
             println!(
-                "{:>8}  {:<34} {:>10.1} {:>8.1}..{:<8.1}",
+                "{:>8}  {:<46} {:>10.1} {:>8.1}..{:<8.1}",
                 r.services, r.case, r.ns_median, r.ns_min, r.ns_max
             );
         }
