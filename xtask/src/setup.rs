@@ -17,6 +17,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     // Captures of the multi-node tests (which packets cross which node).
     "tcpdump",
+    // The font of the benchmark's plots.
+    "fonts-dejavu-core",
     // The other contenders of `cargo xtask bench`.
     "iptables",
     "nftables",

@@ -15,6 +15,8 @@ use ebpf_proxy::testbed::netns::Netns;
 pub struct Service {
     pub ip: Ipv4Addr,
     pub port: u16,
+    /// `tcp` or `udp`, as iptables and nft spell it.
+    pub proto: &'static str,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
 }
 
@@ -57,13 +59,13 @@ pub fn iptables_rules(services: &[Service]) -> String {
         let _ = writeln!(chains, ":{svc} - [0:0]");
         let _ = writeln!(
             rules,
-            "-A KUBE-SERVICES -m comment --comment \"bench/svc{s}:http cluster IP\" -m tcp -p tcp -d {}/32 --dport {} -j {svc}",
-            service.ip, service.port
+            "-A KUBE-SERVICES -m comment --comment \"bench/svc{s}:http cluster IP\" -m {p} -p {p} -d {}/32 --dport {} -j {svc}",
+            service.ip, service.port, p = service.proto
         );
         let _ = writeln!(
             rules,
-            "-A {svc} ! -s {POD_CIDR} -d {}/32 -m comment --comment \"bench/svc{s}:http cluster IP\" -m tcp -p tcp --dport {} -j KUBE-MARK-MASQ",
-            service.ip, service.port
+            "-A {svc} ! -s {POD_CIDR} -d {}/32 -m comment --comment \"bench/svc{s}:http cluster IP\" -m {p} -p {p} --dport {} -j KUBE-MARK-MASQ",
+            service.ip, service.port, p = service.proto
         );
         let n = service.endpoints.len();
         for (i, (addr, port)) in service.endpoints.iter().enumerate() {
@@ -82,7 +84,8 @@ pub fn iptables_rules(services: &[Service]) -> String {
             let _ = writeln!(rules, "-A {sep} -s {addr}/32 -j KUBE-MARK-MASQ");
             let _ = writeln!(
                 rules,
-                "-A {sep} -m tcp -p tcp -j DNAT --to-destination {addr}:{port}"
+                "-A {sep} -m {p} -p {p} -j DNAT --to-destination {addr}:{port}",
+                p = service.proto
             );
         }
     }
@@ -137,8 +140,8 @@ pub fn nftables_rules(services: &[Service]) -> String {
     for (s, service) in services.iter().enumerate() {
         let name = format!("service-{s}");
         elements.push(format!(
-            "{} . tcp . {} : goto {name}",
-            service.ip, service.port
+            "{} . {} . {} : goto {name}",
+            service.ip, service.proto, service.port
         ));
         let mut targets = Vec::new();
         for (i, (addr, port)) in service.endpoints.iter().enumerate() {
@@ -148,7 +151,7 @@ pub fn nftables_rules(services: &[Service]) -> String {
                 &endpoint,
                 &[
                     format!("ip saddr {addr} jump mark-for-masquerade"),
-                    format!("meta l4proto tcp dnat to {addr}:{port}"),
+                    format!("meta l4proto {} dnat to {addr}:{port}", service.proto),
                 ],
             );
             targets.push(format!("{i} : goto {endpoint}"));
@@ -157,8 +160,8 @@ pub fn nftables_rules(services: &[Service]) -> String {
             &name,
             &[
                 format!(
-                    "ip daddr {} tcp dport {} ip saddr != {POD_CIDR} jump mark-for-masquerade",
-                    service.ip, service.port
+                    "ip daddr {} {} dport {} ip saddr != {POD_CIDR} jump mark-for-masquerade",
+                    service.ip, service.proto, service.port
                 ),
                 format!(
                     "numgen random mod {} vmap {{ {} }}",

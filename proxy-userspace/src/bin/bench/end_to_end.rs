@@ -2,9 +2,13 @@
 //! pod, three backend pods, a node), the same services programmed into each contender
 //! in turn: ebpf-proxy, and kube-proxy's iptables layout (through iptables-legacy and
 //! iptables-nft) and nftables layout. A client of our own, in the client pod, measures
-//! new TCP connections per second (connect, request, response, close: TCP_CRR-like)
-//! and requests per second on one kept-alive connection, to the last-programmed
-//! service (the worst placed for iptables' linear chain). Every request must succeed.
+//! new TCP connections per second (connect, request, response, close: TCP_CRR-like),
+//! requests per second on one kept-alive connection, and UDP request/response pairs
+//! per second with a new socket (a new flow, as DNS clients do) for each, to the
+//! last-programmed services (the worst placed for iptables' linear chain). Every
+//! request must succeed. CPU time per new connection is the whole machine's (from
+//! /proc/stat: client, servers and proxy alike), so only its differences between
+//! contenders are the proxies' own.
 //!
 //! IPVS is not here: this kernel has none (it needs the QEMU guest harness).
 //! Contenders run one after the other, not interleaved, so slow drift of the machine
@@ -12,7 +16,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -22,7 +26,7 @@ use ebpf_proxy::testbed::{
     agent::Agent,
     manifests::{render, ServiceDef},
     netns::enter_current_thread,
-    servers::HttpConnection,
+    servers::{HttpConnection, HTTP_PORT, UDP_PORT},
     topology::Topology,
 };
 use serde::Serialize;
@@ -38,36 +42,42 @@ pub struct E2eResult {
     pub program_ms: f64,
     pub new_connections_per_s: Vec<f64>,
     pub keepalive_requests_per_s: Vec<f64>,
+    pub udp_requests_per_s: Vec<f64>,
+    /// Machine CPU time (all cores) per new connection, in microseconds.
+    pub cpu_us_per_connection: Vec<f64>,
 }
 
 const CONTENDERS: [&str; 4] = ["ebpf-proxy", "iptables-legacy", "iptables-nft", "nftables"];
 const ENDPOINTS: usize = 10;
 
+/// `count` services: the last two are measured (TCP and UDP, on the three backend
+/// pods), the others have 10 endpoints each that are never reached.
 fn services(count: usize, topology: &Topology) -> Vec<Service> {
-    (0..count)
+    let pods: Vec<Ipv4Addr> = ["pod-a1", "pod-a2", "pod-a3"]
+        .iter()
+        .map(|p| topology.pod(p).addr)
+        .collect();
+    (0..count.max(2))
         .map(|i| {
             let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 10 + i as u32);
-            let endpoints = if i + 1 == count {
-                ["pod-a1", "pod-a2", "pod-a3"]
-                    .iter()
-                    .map(|p| (topology.pod(p).addr, 8080))
-                    .collect()
+            let (proto, port, endpoints) = if i + 1 == count.max(2) {
+                ("udp", 53, pods.iter().map(|a| (*a, UDP_PORT)).collect())
+            } else if i + 2 == count.max(2) {
+                ("tcp", 80, pods.iter().map(|a| (*a, HTTP_PORT)).collect())
             } else {
-                (0..ENDPOINTS)
+                let endpoints = (0..ENDPOINTS)
                     .map(|e| {
-                        (
-                            Ipv4Addr::from(
-                                u32::from(Ipv4Addr::new(10, 128, 0, 0))
-                                    + (i * ENDPOINTS + e) as u32,
-                            ),
-                            8080,
-                        )
+                        let addr =
+                            u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * ENDPOINTS + e) as u32;
+                        (Ipv4Addr::from(addr), HTTP_PORT)
                     })
-                    .collect()
+                    .collect();
+                ("tcp", 80, endpoints)
             };
             Service {
                 ip,
-                port: 80,
+                port,
+                proto,
                 endpoints,
             }
         })
@@ -79,7 +89,9 @@ fn manifests(services: &[Service]) -> String {
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let mut def = ServiceDef::new(&format!("svc{i}"), s.ip, "TCP", s.port, 8080);
+            let protocol = if s.proto == "udp" { "UDP" } else { "TCP" };
+            let target = s.endpoints.first().map_or(HTTP_PORT, |e| e.1);
+            let mut def = ServiceDef::new(&format!("svc{i}"), s.ip, protocol, s.port, target);
             def.backends = s
                 .endpoints
                 .iter()
@@ -107,6 +119,54 @@ fn connection_rate(ns: &Path, target: SocketAddr, duration: Duration) -> Result<
             stream.read_to_string(&mut response)?;
             if !response.contains("pod=") {
                 bail!("unexpected response {response:?}");
+            }
+            count += 1;
+        }
+        Ok(count as f64 / started.elapsed().as_secs_f64())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+}
+
+/// Busy CPU time of the whole machine so far, in seconds (/proc/stat's first line:
+/// everything but idle and iowait).
+fn busy_cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .context("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let busy: u64 = fields
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(busy as f64 / ticks)
+}
+
+/// UDP request/response pairs per second from inside `ns`, each from a new socket.
+fn udp_rate(ns: &Path, target: SocketAddr, duration: Duration) -> Result<f64> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || -> Result<f64> {
+        enter_current_thread(&ns)?;
+        let started = Instant::now();
+        let mut count = 0u64;
+        let mut answer = [0u8; 256];
+        while started.elapsed() < duration {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(target)?;
+            socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+            socket.send(b"question")?;
+            let len = socket.recv(&mut answer).context("no UDP answer")?;
+            if !answer[..len].starts_with(b"pod=") {
+                bail!("unexpected UDP answer");
             }
             count += 1;
         }
@@ -185,24 +245,41 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
     };
     let mut results = Vec::new();
     println!(
-        "\n{:>8}  {:<16} {:>12}  {:>26}  {:>26}",
-        "services", "contender", "program ms", "new connections/s", "keep-alive requests/s"
+        "\n{:>8}  {:<16} {:>12}  {:>26}  {:>26}  {:>26}  {:>8}",
+        "services",
+        "contender",
+        "program ms",
+        "new connections/s",
+        "keep-alive requests/s",
+        "UDP requests/s (new flow)",
+        "CPU µs/conn"
     );
     for &count in scales {
         let topology = Topology::build(&format!("epxbench{}", std::process::id() % 100_000), 4, 0)?;
         let services = services(count, &topology);
-        let measured = services.last().context("no service")?;
-        let target = SocketAddr::from((measured.ip, measured.port));
+        let [.., tcp_service, udp_service] = services.as_slice() else {
+            bail!("fewer than two services");
+        };
+        let target = SocketAddr::from((tcp_service.ip, tcp_service.port));
+        let udp_target = SocketAddr::from((udp_service.ip, udp_service.port));
         let client = topology.pod("pod-a4").ns.path();
         for contender in CONTENDERS {
             let work_dir = PathBuf::from(format!("/tmp/epxbench-agent-{}", std::process::id()));
             let (agent, program_ms) = program(contender, &topology, &services, &work_dir)?;
             let mut new_connections = Vec::new();
             let mut keepalive = Vec::new();
+            let mut udp = Vec::new();
+            let mut cpu = Vec::new();
             for _ in 0..rounds {
-                new_connections.push(
-                    connection_rate(&client, target, duration)
-                        .with_context(|| format!("{contender}: new connections"))?,
+                let busy = busy_cpu_seconds()?;
+                let rate = connection_rate(&client, target, duration)
+                    .with_context(|| format!("{contender}: new connections"))?;
+                let connections = rate * duration.as_secs_f64();
+                cpu.push((busy_cpu_seconds()? - busy) / connections * 1e6);
+                new_connections.push(rate);
+                udp.push(
+                    udp_rate(&client, udp_target, duration)
+                        .with_context(|| format!("{contender}: UDP"))?,
                 );
                 keepalive.push(
                     keepalive_rate(&topology, target, duration)
@@ -216,17 +293,23 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
                 v.sort_by(f64::total_cmp);
                 v[v.len() / 2]
             };
+            let range = |v: &[f64]| {
+                format!(
+                    "{:>9.0} ({:>6.0}..{:>6.0})",
+                    median(v),
+                    v.iter().copied().fold(f64::MAX, f64::min),
+                    v.iter().copied().fold(0.0, f64::max)
+                )
+            };
             println!(
-                "{:>8}  {:<16} {:>12.0}  {:>9.0} ({:>6.0}..{:>6.0})  {:>9.0} ({:>6.0}..{:>6.0})",
+                "{:>8}  {:<16} {:>12.0}  {}  {}  {}  {:>8.1}",
                 count,
                 contender,
                 program_ms,
-                median(&new_connections),
-                new_connections.iter().copied().fold(f64::MAX, f64::min),
-                new_connections.iter().copied().fold(0.0, f64::max),
-                median(&keepalive),
-                keepalive.iter().copied().fold(f64::MAX, f64::min),
-                keepalive.iter().copied().fold(0.0, f64::max),
+                range(&new_connections),
+                range(&keepalive),
+                range(&udp),
+                median(&cpu),
             );
             results.push(E2eResult {
                 services: count,
@@ -234,6 +317,8 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
                 program_ms,
                 new_connections_per_s: new_connections,
                 keepalive_requests_per_s: keepalive,
+                udp_requests_per_s: udp,
+                cpu_us_per_connection: cpu,
             });
         }
     }

@@ -6,6 +6,7 @@ mod contenders;
 mod control_plane;
 mod data_path;
 mod end_to_end;
+mod plots;
 mod watch_latency;
 
 use std::path::PathBuf;
@@ -45,13 +46,16 @@ fn main() -> Result<()> {
     }
     if part("data") {
         let (cases, programs) = data_path::run(quick)?;
+        plots::per_packet(&cases, &out.join(format!("per-packet{suffix}.png")))?;
         write(
             "data-path",
             serde_json::json!({ "cases": cases, "programs": programs }),
         )?;
     }
     if part("e2e") {
-        write("end-to-end", serde_json::to_value(end_to_end::run(quick)?)?)?;
+        let results = end_to_end::run(quick)?;
+        plots::connections(&results, &out.join(format!("connections{suffix}.png")))?;
+        write("end-to-end", serde_json::to_value(results)?)?;
     }
     println!("results: {}", out.display());
     Ok(())
