@@ -64,6 +64,8 @@ pub struct AgentConfig {
     /// `/healthz`, `/livez`, `/readyz`.
     pub health_address: SocketAddr,
     pub map_sizes: MapSizes,
+    /// TCX or netlink for the pod-interface program.
+    pub tc_attach: attach::TcAttach,
 }
 
 /// The cookie of the agent's network namespace: the socket hooks serve only it.
@@ -518,7 +520,7 @@ fn attach_interface(datapath: &mut Datapath, config: &AgentConfig, name: &str) -
         return Ok(true);
     }
     if config.node.is_pod_interface(name) {
-        attach::attach_tc(datapath, name)?;
+        attach::attach_tc(datapath, name, config.tc_attach)?;
         return Ok(true);
     }
     Ok(false)

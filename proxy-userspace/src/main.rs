@@ -121,6 +121,16 @@ enum XdpForwardArg {
     Redirect,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum TcAttachArg {
+    /// TCX on kernels that have it (6.6+), else netlink.
+    Auto,
+    /// TCX links, pinned (replaced atomically on restart).
+    Tcx,
+    /// Classic clsact filters (older kernels; re-attached on restart).
+    Netlink,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Multi-document YAML with v1 Services, discovery.k8s.io/v1 EndpointSlices and
@@ -194,6 +204,9 @@ struct RunArgs {
     /// Conntrack entries (two per flow; an LRU: the oldest are evicted when full).
     #[arg(long, default_value_t = proxy_common::CONNTRACK_ENTRIES)]
     conntrack_entries: u32,
+    /// How the pod-interface program is attached.
+    #[arg(long, value_enum, default_value = "auto")]
+    tc_attach: TcAttachArg,
     /// How the uplink program forwards translated packets.
     #[arg(long, value_enum, default_value = "pass")]
     xdp_forward: XdpForwardArg,
@@ -255,6 +268,11 @@ async fn main() -> Result<()> {
                 ct_gc_interval: Duration::from_millis(args.ct_gc_interval_ms),
                 metrics_address: args.metrics_bind_address,
                 health_address: args.healthz_bind_address,
+                tc_attach: match args.tc_attach {
+                    TcAttachArg::Auto => attach::TcAttach::Auto,
+                    TcAttachArg::Tcx => attach::TcAttach::Tcx,
+                    TcAttachArg::Netlink => attach::TcAttach::Netlink,
+                },
                 map_sizes: MapSizes {
                     services: args.max_services,
                     backends: args.max_backends,

@@ -942,3 +942,35 @@ fn port_unreachable_from_a_backend_reaches_clients_as_refused() {
         (Ipv4Addr::new(198, 18, 100, 2), 9999).into()
     ));
 }
+
+#[test]
+fn netlink_tc_attachment_for_kernels_without_tcx_serves_and_survives_a_restart() {
+    let mut cluster = Cluster::with_agent_args(
+        "nltc",
+        4,
+        0,
+        |t| vec![web(t, &["pod-a1", "pod-a2", "pod-a3"])],
+        &["--tc-attach", "netlink"],
+    );
+    let filters = |cluster: &Cluster| {
+        cluster
+            .topology
+            .node
+            .exec("tc", &["filter", "show", "dev", "veth4", "ingress"])
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("name pod_ingress"))
+            .count()
+    };
+    assert_eq!(filters(&cluster), 1, "one clsact filter, no TCX link");
+    let url = format!("http://{WEB_VIP}/");
+    assert_eq!(tally(&curl_n(cluster.ns("pod-a4"), &url, 6)).len(), 3);
+    cluster.agent.kill();
+    cluster.agent.spawn().expect("restart");
+    assert_eq!(
+        filters(&cluster),
+        1,
+        "the restarted agent replaced its filter"
+    );
+    assert_eq!(tally(&curl_n(cluster.ns("pod-a4"), &url, 6)).len(), 3);
+}

@@ -18,13 +18,13 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::programs::{
     links::{FdLink, LinkOrder, PinnedLink},
-    tc::{SchedClassifierLink, TcAttachOptions},
+    tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
     xdp::XdpLink,
     CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
 };
 use tracing::{debug, info, warn};
 
-use super::{loader::program, loader::Datapath, PROG_SOCK_HOOKS};
+use super::{loader::program, loader::Datapath, PROG_POD, PROG_SOCK_HOOKS};
 
 pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
@@ -84,7 +84,41 @@ pub fn attach_xdp(dp: &mut Datapath, iface: &str, mode: XdpMode) -> Result<()> {
     Ok(())
 }
 
-pub fn attach_tc(dp: &mut Datapath, iface: &str) -> Result<()> {
+/// How the pod-interface program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcAttach {
+    /// TCX when the kernel has it (6.6 and later), else netlink.
+    #[default]
+    Auto,
+    /// A TCX link, pinned: survives the agent and is replaced atomically.
+    Tcx,
+    /// A classic clsact filter (kernels before 6.6). It also stays when the agent
+    /// exits, but it cannot be pinned: a restarted agent removes it and attaches its
+    /// own, which leaves the interface without the program for a moment.
+    Netlink,
+}
+
+impl TcAttach {
+    fn resolved(self) -> TcAttach {
+        match self {
+            TcAttach::Auto => {
+                let tcx = aya::util::KernelVersion::current()
+                    .map_or(true, |v| v >= aya::util::KernelVersion::new(6, 6, 0));
+                if tcx {
+                    TcAttach::Tcx
+                } else {
+                    TcAttach::Netlink
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+pub fn attach_tc(dp: &mut Datapath, iface: &str, how: TcAttach) -> Result<()> {
+    if how.resolved() == TcAttach::Netlink {
+        return attach_tc_netlink(dp, iface);
+    }
     let pin = pin_path(&dp.pin_dir, "tc", iface);
     fs::create_dir_all(links_dir(&dp.pin_dir))?;
     attach_pinned(
@@ -105,6 +139,49 @@ pub fn attach_tc(dp: &mut Datapath, iface: &str) -> Result<()> {
     .with_context(|| format!("tc on {iface}"))?;
     info!(iface, "tc program attached");
     Ok(())
+}
+
+fn attach_tc_netlink(dp: &mut Datapath, iface: &str) -> Result<()> {
+    // The clsact qdisc may be there already (a predecessor's, or the CNI's).
+    let _ = tc::qdisc_add_clsact(iface);
+    // A predecessor's filter of this program goes first (not pinnable, see TcAttach).
+    let _ = tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROG_POD);
+    let program = dp.tc()?;
+    let id = program
+        .attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(NlOptions {
+                priority: 1,
+                ..Default::default()
+            }),
+        )
+        .with_context(|| format!("attaching tc (netlink clsact) ingress to {iface}"))?;
+    // Kept attached when the agent exits, as a pinned link would be.
+    std::mem::forget(program.take_link(id)?);
+    info!(iface, "tc program attached (netlink)");
+    Ok(())
+}
+
+/// Removes the pod program's netlink filters (`TcAttach::Netlink`) from every
+/// interface of this network namespace; there are none where TCX links were used.
+fn detach_netlink_filters() {
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return;
+        }
+        let mut entry = list;
+        while (*entry).if_index != 0 {
+            let name = std::ffi::CStr::from_ptr((*entry).if_name).to_string_lossy();
+            if tc::qdisc_detach_program(&name, TcAttachType::Ingress, PROG_POD).is_ok() {
+                debug!(iface = %name, "netlink tc filter removed");
+            }
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
 }
 
 /// Forgets an interface that went away (its links died with it).
@@ -153,6 +230,7 @@ pub fn cleanup(pin_dir: &Path) -> Result<()> {
     if !pin_dir.exists() {
         return Ok(());
     }
+    detach_netlink_filters();
     let links = links_dir(pin_dir);
     for dir in [links.as_path(), pin_dir] {
         let Ok(entries) = fs::read_dir(dir) else {
