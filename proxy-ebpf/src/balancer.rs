@@ -67,11 +67,14 @@ pub fn lookup_tunnel_service(dst: Addr, dport: u16, proto: u8) -> Option<Service
     unsafe { SERVICES.get(key) }.copied()
 }
 
-/// State of a search for one backend address among a service's slots.
+/// State of a search for one backend address among a service's slots. Kept small:
+/// it lives in the main program's stack frame, which older verifiers count together
+/// with the callback's against the 512-byte limit.
 #[repr(C)]
 struct Find {
-    service: ServiceValue,
-    addr: Addr,
+    service_id: u32,
+    /// IPv4, network order.
+    addr: u32,
     /// `u32::MAX` until found.
     slot: u32,
 }
@@ -82,8 +85,8 @@ struct Find {
 pub fn backend_at(service: &ServiceValue, addr: Addr) -> Option<Choice> {
     let count = backend_count(service)?.get();
     let mut find = Find {
-        service: *service,
-        addr,
+        service_id: service.id,
+        addr: addr.v4_be(),
         slot: u32::MAX,
     };
     // SAFETY: the callback receives a pointer to `find`, which outlives the call.
@@ -104,8 +107,13 @@ pub fn backend_at(service: &ServiceValue, addr: Addr) -> Option<Choice> {
 extern "C" fn find_one(index: u64, ctx: *mut c_void) -> c_long {
     // SAFETY: `backend_at` passes a valid `Find`.
     let find = unsafe { &mut *ctx.cast::<Find>() };
-    match backend_in_slot(&find.service, index as u32) {
-        Some(choice) if choice.backend.addr == find.addr => {
+    let key = BackendSlotKey {
+        service_id: find.service_id,
+        slot: index as u32,
+    };
+    // SAFETY: read of a map value.
+    match unsafe { BACKEND_SLOTS.get(key) } {
+        Some(backend) if backend.addr.v4_be() == find.addr => {
             find.slot = index as u32;
             1
         }

@@ -52,7 +52,7 @@ fn main() -> Result<()> {
             ))
         }
         Task::Bench { quick } => {
-            setup::ensure()?;
+            setup::ensure_bench()?;
             build()?;
             let mut bench = Command::new(workspace_root().join("target/release/ebpf-proxy-bench"));
             if quick {

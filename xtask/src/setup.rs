@@ -25,6 +25,17 @@ const PACKAGES: &[&str] = &[
     "util-linux",
 ];
 
+/// What only `cargo xtask bench` needs: the QEMU guest that runs IPVS (a kernel this
+/// machine lacks) beside the others, and the tools that go into its initramfs.
+const BENCH_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "ipvsadm",
+    "ipset",
+    "kmod",
+    "cpio",
+];
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn ensure() -> Result<()> {
@@ -53,8 +64,18 @@ fn installed(package: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
+/// `ensure`, plus the benchmark's own packages.
+pub fn ensure_bench() -> Result<()> {
+    ensure()?;
+    install_missing(BENCH_PACKAGES)
+}
+
 fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    install_missing(PACKAGES)
+}
+
+fn install_missing(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }

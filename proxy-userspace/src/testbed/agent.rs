@@ -177,7 +177,9 @@ impl Agent {
             .stdout(log.try_clone()?)
             .stderr(log);
         self.child = Some(command.spawn().context("starting ebpf-proxy")?);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: under software emulation (the benchmark's QEMU guest) loading
+        // and verifying the programs alone takes tens of seconds.
+        let deadline = Instant::now() + Duration::from_secs(120);
         while !ready.exists() {
             if let Some(status) = self
                 .child
@@ -187,7 +189,7 @@ impl Agent {
                 bail!("ebpf-proxy exited ({status}):\n{}", self.log());
             }
             if Instant::now() > deadline {
-                bail!("ebpf-proxy not ready after 30 s:\n{}", self.log());
+                bail!("ebpf-proxy not ready after 120 s:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -253,14 +255,15 @@ impl Drop for Agent {
             }
         }
         self.kill();
-        let _ = run(
-            self.binary.to_str().unwrap_or("ebpf-proxy"),
-            &[
-                "cleanup",
-                "--pin-dir",
-                self.pin_dir.to_str().unwrap_or("/nonexistent"),
-            ],
-        );
+        // In the node's namespace: netlink tc filters (`--tc-attach netlink`) are
+        // found there, not through the pins.
+        let _ = command_in(&self.node_ns, self.binary.to_str().unwrap_or("ebpf-proxy"))
+            .arg("cleanup")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.work_dir);
     }
 }

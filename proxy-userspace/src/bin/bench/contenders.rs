@@ -1,8 +1,11 @@
 //! The other proxies, programmed as kube-proxy itself lays its rules out, from the
 //! same services: iptables mode (KUBE-SERVICES → KUBE-SVC-* with `statistic`
 //! probabilities → KUBE-SEP-* DNAT, masquerade marks), through iptables-legacy and
-//! iptables-nft, and nftables mode (a verdict map on address . protocol . port, then
-//! `numgen random` over the endpoint chains). Only the nat rules are generated: they
+//! iptables-nft, nftables mode (a verdict map on address . protocol . port, then
+//! `numgen random` over the endpoint chains), and IPVS mode (every service address on
+//! the dummy `kube-ipvs0`, one rr virtual server per service with masquerading real
+//! servers, kube-proxy's IPVS sysctls, and the KUBE-LOOP-BACK ipset with its
+//! masquerade rule for hairpin). Only the nat rules are generated: they
 //! are what a new connection traverses; kube-proxy's filter-table rules (drops of
 //! invalid conntrack states, firewall chains) are left out, which favours them.
 
@@ -178,6 +181,79 @@ pub fn nftables_rules(services: &[Service]) -> String {
     );
     out += "}\n";
     out
+}
+
+/// `ipvsadm -R` (restore) input: one round-robin virtual server per service, its
+/// endpoints as masquerading (NAT) real servers.
+pub fn ipvs_rules(services: &[Service]) -> String {
+    let mut out = String::new();
+    for service in services {
+        let flag = if service.proto == "udp" { "-u" } else { "-t" };
+        let vs = format!("{}:{}", service.ip, service.port);
+        let _ = writeln!(out, "-A {flag} {vs} -s rr");
+        for (addr, port) in &service.endpoints {
+            let _ = writeln!(out, "-a {flag} {vs} -r {addr}:{port} -m -w 1");
+        }
+    }
+    out
+}
+
+/// Programs kube-proxy's IPVS mode into the node namespace.
+pub fn load_ipvs(node: &Netns, services: &[Service]) -> Result<()> {
+    for (key, value) in [
+        ("net.ipv4.vs.conntrack", "1"),
+        ("net.ipv4.vs.expire_nodest_conn", "1"),
+        ("net.ipv4.vs.expire_quiescent_template", "1"),
+    ] {
+        node.sysctl(key, value)?;
+    }
+    node.ip("link add kube-ipvs0 type dummy")?;
+    let mut addresses = String::new();
+    let mut loopback = String::from("create KUBE-LOOP-BACK hash:ip,port,ip\n");
+    for service in services {
+        let _ = writeln!(addresses, "addr add {}/32 dev kube-ipvs0", service.ip);
+        for (addr, port) in &service.endpoints {
+            let _ = writeln!(
+                loopback,
+                "add KUBE-LOOP-BACK {addr},{}:{port},{addr}",
+                service.proto
+            );
+        }
+    }
+    load(node, "ip", &["-batch"], &addresses)?;
+    load(node, "ipset", &["restore", "-file"], &loopback)?;
+    load(
+        node,
+        "sh",
+        &["-c", "ipvsadm -R < \"$0\""],
+        &ipvs_rules(services),
+    )?;
+    node.exec(
+        "iptables-legacy",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-m",
+            "set",
+            "--match-set",
+            "KUBE-LOOP-BACK",
+            "dst,dst,src",
+            "-j",
+            "MASQUERADE",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Removes what `load_ipvs` programmed.
+pub fn flush_ipvs(node: &Netns) -> Result<()> {
+    node.exec("ipvsadm", &["-C"])?;
+    node.ip("link del kube-ipvs0")?;
+    flush(node)?;
+    node.exec("ipset", &["destroy", "KUBE-LOOP-BACK"])?;
+    Ok(())
 }
 
 /// Loads rules into a namespace through a file (the tools read their input whole).

@@ -33,7 +33,7 @@ use serde::Serialize;
 
 use super::contenders::{self, Service};
 
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 pub struct E2eResult {
     pub services: usize,
     pub contender: String,
@@ -47,7 +47,16 @@ pub struct E2eResult {
     pub cpu_us_per_connection: Vec<f64>,
 }
 
-const CONTENDERS: [&str; 4] = ["ebpf-proxy", "iptables-legacy", "iptables-nft", "nftables"];
+/// The contenders on this machine's kernel (it has no IPVS).
+const HOST_CONTENDERS: [&str; 4] = ["ebpf-proxy", "iptables-legacy", "iptables-nft", "nftables"];
+/// The contenders in the QEMU guest (`guest`), whose stock kernel has IPVS.
+pub const GUEST_CONTENDERS: [&str; 5] = [
+    "ebpf-proxy",
+    "ipvs",
+    "iptables-legacy",
+    "iptables-nft",
+    "nftables",
+];
 const ENDPOINTS: usize = 10;
 
 /// `count` services: the last two are measured (TCP and UDP, on the three backend
@@ -215,6 +224,10 @@ fn program(
             )?;
             None
         }
+        "ipvs" => {
+            contenders::load_ipvs(&topology.node, services)?;
+            None
+        }
         "iptables-nft" => {
             contenders::load(
                 &topology.node,
@@ -243,6 +256,18 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
     } else {
         (&[1, 10_000], Duration::from_secs(3), 3)
     };
+    run_contenders(&HOST_CONTENDERS, scales, duration, rounds, &mut |_| {})
+}
+
+/// Measures `contenders` at each scale; `report` sees each result as it comes (the
+/// guest prints them on its console).
+pub fn run_contenders(
+    contenders: &[&str],
+    scales: &[usize],
+    duration: Duration,
+    rounds: usize,
+    report: &mut dyn FnMut(&E2eResult),
+) -> Result<Vec<E2eResult>> {
     let mut results = Vec::new();
     println!(
         "\n{:>8}  {:<16} {:>12}  {:>26}  {:>26}  {:>26}  {:>8}",
@@ -263,7 +288,7 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
         let target = SocketAddr::from((tcp_service.ip, tcp_service.port));
         let udp_target = SocketAddr::from((udp_service.ip, udp_service.port));
         let client = topology.pod("pod-a4").ns.path();
-        for contender in CONTENDERS {
+        for &contender in contenders {
             let work_dir = PathBuf::from(format!("/tmp/epxbench-agent-{}", std::process::id()));
             let (agent, program_ms) = program(contender, &topology, &services, &work_dir)?;
             let mut new_connections = Vec::new();
@@ -287,7 +312,11 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
                 );
             }
             drop(agent);
-            contenders::flush(&topology.node)?;
+            if contender == "ipvs" {
+                contenders::flush_ipvs(&topology.node)?;
+            } else {
+                contenders::flush(&topology.node)?;
+            }
             let median = |v: &[f64]| {
                 let mut v = v.to_vec();
                 v.sort_by(f64::total_cmp);
@@ -311,7 +340,7 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
                 range(&udp),
                 median(&cpu),
             );
-            results.push(E2eResult {
+            let result = E2eResult {
                 services: count,
                 contender: contender.to_owned(),
                 program_ms,
@@ -319,7 +348,9 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
                 keepalive_requests_per_s: keepalive,
                 udp_requests_per_s: udp,
                 cpu_us_per_connection: cpu,
-            });
+            };
+            report(&result);
+            results.push(result);
         }
     }
     Ok(results)

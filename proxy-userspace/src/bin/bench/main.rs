@@ -1,11 +1,12 @@
 //! `cargo xtask bench`: the figures of BENCHMARKS.md, measured on this machine.
-//! `--quick` runs fewer and smaller rounds (CI); `--only control|watch|data|e2e` runs one
+//! `--quick` runs fewer and smaller rounds (CI); `--only control|watch|data|e2e|ipvs` runs one
 //! part. No timing ever fails a run; a path that is not taken as intended does.
 
 mod contenders;
 mod control_plane;
 mod data_path;
 mod end_to_end;
+mod guest;
 mod plots;
 mod watch_latency;
 
@@ -16,6 +17,9 @@ use anyhow::Result;
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    if args.iter().any(|a| a == "--guest-e2e") {
+        return guest::measure_in_guest(quick);
+    }
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -56,6 +60,14 @@ fn main() -> Result<()> {
         let results = end_to_end::run(quick)?;
         plots::connections(&results, &out.join(format!("connections{suffix}.png")))?;
         write("end-to-end", serde_json::to_value(results)?)?;
+    }
+    if part("ipvs") {
+        let report = guest::run_guest(quick)?;
+        plots::connections(
+            &report.results,
+            &out.join(format!("connections-guest{suffix}.png")),
+        )?;
+        write("ipvs-guest", serde_json::to_value(report)?)?;
     }
     println!("results: {}", out.display());
     Ok(())
