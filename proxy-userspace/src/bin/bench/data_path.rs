@@ -192,15 +192,11 @@ impl Bench {
         Ok(samples)
     }
 
+    /// (packets translated, connections opened) so far.
     fn counters(&self) -> Result<(u64, u64)> {
         let listing = listing::read(&self.pin_dir)?;
-        let translated = listing
-            .events
-            .iter()
-            .find(|(n, _)| n == "translated")
-            .map_or(0, |e| e.1);
         let connections = listing.services.iter().map(|s| s.stats.connections).sum();
-        Ok((translated, connections))
+        Ok((self.event("translated")?, connections))
     }
 
     fn event(&self, name: &str) -> Result<u64> {
