@@ -169,6 +169,8 @@ fn exchange(nodes: &TwoNodes) -> (String, Ipv4Addr, Vec<String>, Vec<String>) {
     (pod, *client.ip(), on("ra"), on("rb"))
 }
 
+/// Packets from the service to the client. The 8 MB download makes far more than 20
+/// even with the largest GSO segments (veth hands on up to 64 kB at once).
 fn replies(lines: &[String]) -> usize {
     lines
         .iter()
@@ -198,7 +200,7 @@ fn with_snat_every_reply_returns_through_the_entry_node() {
     assert_eq!(pod, "pod-b1");
     assert_eq!(client, ROUTED_NODE_IP, "masqueraded by the entry node");
     assert!(
-        replies(&entry) > 100,
+        replies(&entry) > 20,
         "replies cross the entry node: {}",
         replies(&entry)
     );
@@ -234,7 +236,7 @@ fn with_dsr_ipip_replies_go_straight_to_the_client_which_the_pod_sees() {
         "the second node receives them encapsulated"
     );
     assert!(
-        replies(&second) > 100,
+        replies(&second) > 20,
         "and answers the client itself: {}",
         replies(&second)
     );

@@ -56,6 +56,49 @@ pub struct ProgramSize {
     pub jited_bytes: u32,
 }
 
+/// Kernel memory of the data path's maps at one scale (each map sized for it).
+#[derive(Serialize)]
+pub struct MapMemory {
+    pub services: usize,
+    /// Sum of the maps' `memlock` (/proc/self/fdinfo), in bytes.
+    pub total_bytes: u64,
+    /// (map, bytes), largest first.
+    pub maps: Vec<(String, u64)>,
+}
+
+/// What the kernel charges for every map pinned in `pin_dir`.
+fn map_memory(pin_dir: &std::path::Path, services: usize) -> Result<MapMemory> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut maps = Vec::new();
+    for entry in std::fs::read_dir(pin_dir)? {
+        let path = entry?.path();
+        if !path.is_file() {
+            continue;
+        }
+        let map = aya::maps::MapData::from_pin(&path)?;
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            map.fd().as_fd().as_raw_fd()
+        ))?;
+        let bytes = info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        maps.push((name, bytes));
+    }
+    maps.sort_by(|a, b| b.1.cmp(&a.1));
+    Ok(MapMemory {
+        services,
+        total_bytes: maps.iter().map(|m| m.1).sum(),
+        maps,
+    })
+}
+
 /// A 64-byte frame (the wrapper copies exactly that much).
 fn frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), tcp: Option<(bool, bool)>) -> [u8; 64] {
     let builder =
@@ -284,7 +327,7 @@ pub fn measure(
     services: usize,
     repeat: u32,
     rounds: usize,
-) -> Result<(Vec<CaseResult>, Vec<ProgramSize>)> {
+) -> Result<(Vec<CaseResult>, Vec<ProgramSize>, MapMemory)> {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/epx-bench-dp-{}", std::process::id()));
     let sizes = MapSizes {
         services: (services as u32 + 64).max(1024),
@@ -493,13 +536,17 @@ pub fn measure(
                 jited_bytes: info.size_jitted(),
             });
         }
-        Ok((results, sizes))
+        Ok((results, sizes, map_memory(&pin_dir, services)?))
     })();
     attach::cleanup(&pin_dir)?;
     result
 }
 
-pub fn run(quick: bool) -> Result<(Vec<CaseResult>, Vec<ProgramSize>)> {
+/// The per-packet cases at every scale, the programs' sizes, and the maps' memory
+/// at every scale.
+pub type DataPathResults = (Vec<CaseResult>, Vec<ProgramSize>, Vec<MapMemory>);
+
+pub fn run(quick: bool) -> Result<DataPathResults> {
     let (scales, repeat, rounds): (&[usize], u32, usize) = if quick {
         (&[1, 1_000], 100_000, 3)
     } else {
@@ -507,12 +554,13 @@ pub fn run(quick: bool) -> Result<(Vec<CaseResult>, Vec<ProgramSize>)> {
     };
     let mut all = Vec::new();
     let mut sizes = Vec::new();
+    let mut memory = Vec::new();
     println!(
         "\n{:>8}  {:<46} {:>10} {:>17}",
         "services", "case", "ns median", "min..max"
     );
     for &services in scales {
-        let (results, program_sizes) =
+        let (results, program_sizes, maps) =
             measure(services, repeat, rounds).with_context(|| format!("{services} services"))?;
         for r in &results {
             println!(
@@ -522,6 +570,20 @@ pub fn run(quick: bool) -> Result<(Vec<CaseResult>, Vec<ProgramSize>)> {
         }
         all.extend(results);
         sizes = program_sizes;
+        memory.push(maps);
+    }
+    for m in &memory {
+        println!(
+            "{:>8} services: maps use {:.1} MiB (largest: {})",
+            m.services,
+            m.total_bytes as f64 / (1 << 20) as f64,
+            m.maps
+                .iter()
+                .take(3)
+                .map(|(n, b)| format!("{n} {:.1} MiB", *b as f64 / (1 << 20) as f64))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     for s in &sizes {
         println!(
@@ -529,5 +591,5 @@ pub fn run(quick: bool) -> Result<(Vec<CaseResult>, Vec<ProgramSize>)> {
             s.program, s.verified_instructions, s.translated_bytes, s.jited_bytes
         );
     }
-    Ok((all, sizes))
+    Ok((all, sizes, memory))
 }

@@ -49,11 +49,11 @@ fn main() -> Result<()> {
         )?;
     }
     if part("data") {
-        let (cases, programs) = data_path::run(quick)?;
+        let (cases, programs, memory) = data_path::run(quick)?;
         plots::per_packet(&cases, &out.join(format!("per-packet{suffix}.png")))?;
         write(
             "data-path",
-            serde_json::json!({ "cases": cases, "programs": programs }),
+            serde_json::json!({ "cases": cases, "programs": programs, "map_memory": memory }),
         )?;
     }
     if part("e2e") {
