@@ -91,7 +91,7 @@ fn map_memory(pin_dir: &std::path::Path, services: usize) -> Result<MapMemory> {
             .unwrap_or_default();
         maps.push((name, bytes));
     }
-    maps.sort_by(|a, b| b.1.cmp(&a.1));
+    maps.sort_by_key(|m| std::cmp::Reverse(m.1));
     Ok(MapMemory {
         services,
         total_bytes: maps.iter().map(|m| m.1).sum(),
