@@ -256,8 +256,15 @@ impl Drop for Agent {
         }
         self.kill();
         // In the node's namespace: netlink tc filters (`--tc-attach netlink`) are
-        // found there, not through the pins.
-        let _ = command_in(&self.node_ns, self.binary.to_str().unwrap_or("ebpf-proxy"))
+        // found there, not through the pins. If the namespace is already gone (its
+        // topology dropped first), so are the filters: the pins are removed from here.
+        let binary = self.binary.to_str().unwrap_or("ebpf-proxy");
+        let mut cleanup = if self.node_ns.exists() {
+            command_in(&self.node_ns, binary)
+        } else {
+            std::process::Command::new(binary)
+        };
+        let _ = cleanup
             .arg("cleanup")
             .arg("--pin-dir")
             .arg(&self.pin_dir)
