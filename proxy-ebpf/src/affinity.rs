@@ -35,10 +35,7 @@ pub fn recall(service: &ServiceValue, client: &Addr, now: u64) -> Option<Choice>
     if now.saturating_sub(memo.last_used_ns) > u64::from(service.affinity_timeout_s) * NS_PER_S {
         return None;
     }
-    let choice = balancer::backend_in_slot(service, memo.slot)?;
-    if choice.backend.id != memo.backend_id {
-        return None;
-    }
+    let choice = balancer::remembered_backend(service.id, memo.slot, memo.backend_id)?;
     counters::event(EV_AFFINITY_HIT);
     Some(choice)
 }

@@ -28,41 +28,47 @@ use crate::maps::{BACKEND_SLOTS, CONN_COUNTS, NODE_ADDRS, RR_CURSORS, SCHED_TABL
 /// (address, port, protocol) service, else a NodePort if the address is this node's.
 #[inline(always)]
 pub fn lookup_service(dst: Addr, dport: u16, proto: u8) -> Option<ServiceValue> {
-    let mut key = ServiceKey {
-        addr: dst,
-        port: dport,
-        proto,
-        scope: SCOPE_ADDRESS,
-    };
-    // SAFETY: the value is copied out at once; the agent replaces values whole.
-    if let Some(svc) = unsafe { SERVICES.get(key) } {
-        return Some(*svc);
-    }
-    if !is_node_address(&dst) {
-        return None;
-    }
-    key.addr = Addr::ZERO;
-    key.scope = SCOPE_NODE_PORT;
-    // SAFETY: as above.
-    unsafe { SERVICES.get(key) }.copied()
+    lookup_scoped(dst, dport, proto, (SCOPE_ADDRESS, SCOPE_NODE_PORT), true)
 }
 
 /// The frontend a decapsulated packet addresses: the `dsr-ipip` view of an address
 /// or of any node's NodePort, whose backends are this node's endpoints.
 #[inline(always)]
 pub fn lookup_tunnel_service(dst: Addr, dport: u16, proto: u8) -> Option<ServiceValue> {
+    lookup_scoped(
+        dst,
+        dport,
+        proto,
+        (SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT),
+        false,
+    )
+}
+
+/// The exact frontend in scope `scopes.0`, else the port-only one in `scopes.1`
+/// (only for this node's addresses when `node_only`).
+#[inline(always)]
+fn lookup_scoped(
+    dst: Addr,
+    dport: u16,
+    proto: u8,
+    scopes: (u8, u8),
+    node_only: bool,
+) -> Option<ServiceValue> {
     let mut key = ServiceKey {
         addr: dst,
         port: dport,
         proto,
-        scope: SCOPE_TUNNEL,
+        scope: scopes.0,
     };
-    // SAFETY: copied out at once.
+    // SAFETY: the value is copied out at once; the agent replaces values whole.
     if let Some(svc) = unsafe { SERVICES.get(key) } {
         return Some(*svc);
     }
+    if node_only && !is_node_address(&dst) {
+        return None;
+    }
     key.addr = Addr::ZERO;
-    key.scope = SCOPE_TUNNEL_NODE_PORT;
+    key.scope = scopes.1;
     // SAFETY: as above.
     unsafe { SERVICES.get(key) }.copied()
 }
@@ -107,12 +113,7 @@ pub fn backend_at(service: &ServiceValue, addr: Addr) -> Option<Choice> {
 extern "C" fn find_one(index: u64, ctx: *mut c_void) -> c_long {
     // SAFETY: `backend_at` passes a valid `Find`.
     let find = unsafe { &mut *ctx.cast::<Find>() };
-    let key = BackendSlotKey {
-        service_id: find.service_id,
-        slot: index as u32,
-    };
-    // SAFETY: read of a map value.
-    match unsafe { BACKEND_SLOTS.get(key) } {
+    match slot_backend(find.service_id, index as u32) {
         Some(backend) if backend.addr.v4_be() == find.addr => {
             find.slot = index as u32;
             1
@@ -135,16 +136,25 @@ pub struct Choice {
 
 #[inline(always)]
 pub fn backend_in_slot(service: &ServiceValue, slot: u32) -> Option<Choice> {
-    let key = BackendSlotKey {
-        service_id: service.id,
-        slot,
-    };
-    // SAFETY: copied out at once.
-    let backend = unsafe { BACKEND_SLOTS.get(key) }?;
     Some(Choice {
-        backend: *backend,
+        backend: slot_backend(service.id, slot)?,
         slot,
     })
+}
+
+/// The backend in one slot of a service.
+#[inline(always)]
+fn slot_backend(service_id: u32, slot: u32) -> Option<Backend> {
+    // SAFETY: copied out at once.
+    unsafe { BACKEND_SLOTS.get(BackendSlotKey { service_id, slot }) }.copied()
+}
+
+/// A backend remembered by slot and id (affinity, a socket's memo), if the slot still
+/// holds it: one that left, or moved to another slot, is never chosen from memory.
+#[inline(always)]
+pub fn remembered_backend(service_id: u32, slot: u32, backend_id: u32) -> Option<Choice> {
+    let backend = slot_backend(service_id, slot)?;
+    (backend.id == backend_id).then_some(Choice { backend, slot })
 }
 
 /// The number of backends, as a `NonZeroU32` so that taking a remainder by it

@@ -12,12 +12,12 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use proxy_common::{Addr, BackendSlotKey, CtKey, SockKey, SockNat, CONFIG_NETNS_COOKIE};
+use proxy_common::{Addr, CtKey, SockKey, SockNat, CONFIG_NETNS_COOKIE};
 
 use crate::{
     affinity, balancer, conntrack,
     counters::{self, Direction},
-    maps::{BACKEND_SLOTS, NODE_CONFIG, SOCK_AFFINITY, SOCK_REVERSE},
+    maps::{NODE_CONFIG, SOCK_AFFINITY, SOCK_REVERSE},
 };
 
 #[inline(always)]
@@ -47,13 +47,7 @@ fn sock_key(ctx: &SockAddrContext, addr: Addr, port: u16, proto: u8) -> SockKey 
 fn remembered(key: &SockKey) -> Option<SockNat> {
     // SAFETY: copied out at once.
     let memo = unsafe { SOCK_AFFINITY.get(key) }.copied()?;
-    let slot = BackendSlotKey {
-        service_id: memo.service_id,
-        slot: memo.slot,
-    };
-    // SAFETY: as above.
-    let backend = unsafe { BACKEND_SLOTS.get(slot) }?;
-    (backend.id == memo.backend_id).then_some(memo)
+    balancer::remembered_backend(memo.service_id, memo.slot, memo.backend_id).map(|_| memo)
 }
 
 /// connect4 and sendmsg4: point the socket at a backend. `sticky` keeps one backend

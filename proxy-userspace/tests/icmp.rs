@@ -12,18 +12,6 @@ const CLIENT: [u8; 4] = [198, 18, 0, 2];
 const POD: [u8; 4] = [10, 244, 1, 2];
 const REMOTE_POD: [u8; 4] = [10, 244, 2, 2];
 
-/// The Internet checksum over `bytes` (zero when a checksum inside them is right).
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// Port unreachable from `from` to `to`, quoting `offending` (an Ethernet frame).
 fn port_unreachable(from: [u8; 4], to: [u8; 4], offending: &[u8]) -> Vec<u8> {
     let quoted = &offending[14..14 + 28];
@@ -45,10 +33,10 @@ struct Error {
 /// Reads an ICMP error frame after checking its three checksums.
 fn read_error(frame: &[u8]) -> Error {
     let ip = &frame[14..34];
-    assert_eq!(checksum(ip), 0, "outer IP checksum");
-    assert_eq!(checksum(&frame[34..]), 0, "ICMP checksum");
+    assert_eq!(internet_checksum(ip), 0, "outer IP checksum");
+    assert_eq!(internet_checksum(&frame[34..]), 0, "ICMP checksum");
     let quoted = &frame[42..62];
-    assert_eq!(checksum(quoted), 0, "quoted IP checksum");
+    assert_eq!(internet_checksum(quoted), 0, "quoted IP checksum");
     let ports = &frame[62..66];
     let addr = |b: &[u8]| -> [u8; 4] { b.try_into().expect("4 bytes") };
     Error {

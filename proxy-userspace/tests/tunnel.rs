@@ -38,18 +38,6 @@ fn tunnel_key() -> FrontendKey {
     }
 }
 
-/// The Internet checksum of an IPv4 header (zero when the header is valid).
-fn header_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// `inner` (an Ethernet frame) inside an outer IPv4 header from `src` to `dst`.
 fn ipip(src: [u8; 4], dst: [u8; 4], inner: &[u8]) -> Vec<u8> {
     let len = (inner.len() - 14 + 20) as u16;
@@ -57,7 +45,7 @@ fn ipip(src: [u8; 4], dst: [u8; 4], inner: &[u8]) -> Vec<u8> {
     outer[2..4].copy_from_slice(&len.to_be_bytes());
     outer.extend_from_slice(&src);
     outer.extend_from_slice(&dst);
-    let check = header_checksum(&outer);
+    let check = internet_checksum(&outer);
     outer[10..12].copy_from_slice(&check.to_be_bytes());
     let mut frame = inner[..14].to_vec();
     frame.extend_from_slice(&outer);
@@ -83,7 +71,7 @@ fn outer_of(frame: &[u8], inner: &[u8]) -> ([u8; 4], [u8; 4]) {
         inner[20] & 0x40,
         "DF copied from the inner packet"
     );
-    assert_eq!(header_checksum(outer), 0, "outer header checksum");
+    assert_eq!(internet_checksum(outer), 0, "outer header checksum");
     assert_eq!(frame[34..], inner[14..], "inner packet carried unchanged");
     (
         outer[12..16].try_into().expect("4 bytes"),

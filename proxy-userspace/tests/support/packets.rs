@@ -89,3 +89,16 @@ pub fn inspect(packet: &[u8]) -> Seen {
         other => panic!("unexpected transport {other:?}"),
     }
 }
+
+/// The Internet checksum (RFC 1071) over `bytes`: zero when a checksum field inside
+/// them is right.
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

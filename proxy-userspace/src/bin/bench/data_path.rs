@@ -265,21 +265,9 @@ impl Bench {
     }
 
     /// Measures one case and checks that every iteration translated (or not) and
-    /// opened a new flow (or not) as `expect` says.
+    /// opened a new flow (or not) as `expect` says, and, with `also`, that this event
+    /// (e.g. `encapsulated`) counted every iteration.
     fn case(
-        &mut self,
-        name: &str,
-        frame: [u8; 64],
-        vary_flow: bool,
-        expect: (bool, bool),
-        services: usize,
-    ) -> Result<CaseResult> {
-        self.case_counting(name, frame, vary_flow, expect, services, None)
-    }
-
-    /// `case`, and also that the event `also` (e.g. `encapsulated`) counted every
-    /// iteration.
-    fn case_counting(
         &mut self,
         name: &str,
         frame: [u8; 64],
@@ -448,6 +436,7 @@ pub fn measure(
             false,
             (false, false),
             services,
+            None,
         )?);
         // Open one flow, then measure its later segments.
         bench.open_flow(syn(41000, vip(1)))?;
@@ -458,6 +447,7 @@ pub fn measure(
             false,
             (true, false),
             services,
+            None,
         )?);
         // The reply of the flow opened above, from its backend (reverse NAT).
         let flows = ebpf_proxy::conntrack::list(&Tables::open(&pin_dir)?)?;
@@ -470,11 +460,25 @@ pub fn measure(
             (CLIENT, 41000),
             Some((false, true)),
         );
-        results.push(bench.case("reply (reverse NAT)", reply, false, (true, false), services)?);
+        results.push(bench.case(
+            "reply (reverse NAT)",
+            reply,
+            false,
+            (true, false),
+            services,
+            None,
+        )?);
 
         let udp_frame = frame((CLIENT, 5353), (vip(100).octets(), 53), None);
         bench.open_flow(udp_frame)?;
-        results.push(bench.case("established UDP", udp_frame, false, (true, false), services)?);
+        results.push(bench.case(
+            "established UDP",
+            udp_frame,
+            false,
+            (true, false),
+            services,
+            None,
+        )?);
         // dsr-ipip at the entry node: an established flow's segments, encapsulated.
         bench.open_flow(syn(42000, vip(200)))?;
         let dsr_ack = frame(
@@ -482,7 +486,7 @@ pub fn measure(
             (vip(200).octets(), 80),
             Some((false, true)),
         );
-        results.push(bench.case_counting(
+        results.push(bench.case(
             "IPIP encapsulation (dsr-ipip, established TCP)",
             dsr_ack,
             false,
@@ -499,7 +503,7 @@ pub fn measure(
             (vip(201).octets(), 53),
         );
         bench.open_flow(tunnelled)?;
-        results.push(bench.case_counting(
+        results.push(bench.case(
             "IPIP decapsulation (established UDP)",
             tunnelled,
             false,
@@ -516,6 +520,7 @@ pub fn measure(
                 true,
                 (true, true),
                 services,
+                None,
             )?);
         }
         let mut sizes = Vec::new();

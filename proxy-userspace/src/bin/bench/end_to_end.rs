@@ -112,29 +112,42 @@ fn manifests(services: &[Service]) -> String {
     render(&defs)
 }
 
-/// New connections per second from inside `ns`, for `duration`.
-fn connection_rate(ns: &Path, target: SocketAddr, duration: Duration) -> Result<f64> {
+/// Exchanges per second from inside `ns` for `duration`: `exchange` runs again and
+/// again on a client thread in the namespace, and any failure fails the run.
+fn rate_in(
+    ns: &Path,
+    duration: Duration,
+    mut exchange: impl FnMut() -> Result<()> + Send + 'static,
+) -> Result<f64> {
     let ns = ns.to_owned();
     std::thread::spawn(move || -> Result<f64> {
         enter_current_thread(&ns)?;
         let started = Instant::now();
         let mut count = 0u64;
         while started.elapsed() < duration {
-            let mut stream =
-                TcpStream::connect_timeout(&target, Duration::from_secs(2)).context("connect")?;
-            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-            stream.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            if !response.contains("pod=") {
-                bail!("unexpected response {response:?}");
-            }
+            exchange()?;
             count += 1;
         }
         Ok(count as f64 / started.elapsed().as_secs_f64())
     })
     .join()
     .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+}
+
+/// New connections per second: connect, request, response, close.
+fn connection_rate(ns: &Path, target: SocketAddr, duration: Duration) -> Result<f64> {
+    rate_in(ns, duration, move || {
+        let mut stream =
+            TcpStream::connect_timeout(&target, Duration::from_secs(2)).context("connect")?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        if !response.contains("pod=") {
+            bail!("unexpected response {response:?}");
+        }
+        Ok(())
+    })
 }
 
 /// Busy CPU time of the whole machine so far, in seconds (/proc/stat's first line:
@@ -160,29 +173,20 @@ fn busy_cpu_seconds() -> Result<f64> {
     Ok(busy as f64 / ticks)
 }
 
-/// UDP request/response pairs per second from inside `ns`, each from a new socket.
+/// UDP request/response pairs per second, each from a new socket (a new flow).
 fn udp_rate(ns: &Path, target: SocketAddr, duration: Duration) -> Result<f64> {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || -> Result<f64> {
-        enter_current_thread(&ns)?;
-        let started = Instant::now();
-        let mut count = 0u64;
+    rate_in(ns, duration, move || {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(target)?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        socket.send(b"question")?;
         let mut answer = [0u8; 256];
-        while started.elapsed() < duration {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
-            socket.connect(target)?;
-            socket.set_read_timeout(Some(Duration::from_secs(1)))?;
-            socket.send(b"question")?;
-            let len = socket.recv(&mut answer).context("no UDP answer")?;
-            if !answer[..len].starts_with(b"pod=") {
-                bail!("unexpected UDP answer");
-            }
-            count += 1;
+        let len = socket.recv(&mut answer).context("no UDP answer")?;
+        if !answer[..len].starts_with(b"pod=") {
+            bail!("unexpected UDP answer");
         }
-        Ok(count as f64 / started.elapsed().as_secs_f64())
+        Ok(())
     })
-    .join()
-    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
 }
 
 /// Requests per second on one kept-alive connection.
