@@ -1,23 +1,101 @@
-//! Builds the eBPF programs (proxy-ebpf) for the BPF target with the nightly toolchain
-//! and leaves the object in OUT_DIR, where `datapath::loader` embeds it.
+//! Builds the eBPF programs (proxy-ebpf) for the BPF target and leaves the objects in
+//! OUT_DIR, where `datapath` embeds them.
+//!
+//! Why not aya-build: it builds into a target directory under OUT_DIR, and OUT_DIR
+//! differs between `cargo clippy`, `cargo test` and `cargo build --release`, so one
+//! `cargo xtask test` compiled the BPF object (and `core` with build-std) three times
+//! from scratch; it also re-printed every progress line of the inner build as a
+//! cargo warning. This script shares one target directory (`target/bpf`) between all
+//! of them, forwards only the inner build's warnings and errors, and passes the BPF
+//! ISA level here, so that only this inner build needs the nightly toolchain.
 
-use anyhow::{anyhow, Context as _};
-use aya_build::{Package, Toolchain};
+use std::{
+    env,
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+};
 
-fn main() -> anyhow::Result<()> {
-    let ebpf_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proxy-ebpf");
-    let root_dir = ebpf_dir
-        .to_str()
-        .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
-    println!("cargo:rerun-if-changed={root_dir}/src");
-    println!("cargo:rerun-if-changed=../proxy-common/src");
-    aya_build::build_ebpf(
-        [Package {
-            name: "proxy-ebpf",
-            root_dir,
-            ..Default::default()
-        }],
-        Toolchain::Nightly,
-    )
-    .context("building the eBPF programs (run `cargo xtask setup` if bpf-linker is missing)")
+use anyhow::{bail, Context as _, Result};
+
+/// The BPF target (the build host and every supported kernel are little-endian).
+const TARGET: &str = "bpfel-unknown-none";
+/// The binaries of proxy-ebpf: the data path and the benchmark's wrapper.
+const OBJECTS: [&str; 2] = ["proxy-ebpf", "bench-wrapper"];
+
+fn main() -> Result<()> {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    let workspace = manifest_dir
+        .parent()
+        .context("proxy-userspace lives in the workspace")?;
+    let ebpf_dir = workspace.join("proxy-ebpf");
+    println!("cargo:rerun-if-changed={}", ebpf_dir.join("src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        ebpf_dir.join("Cargo.toml").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("proxy-common/src").display()
+    );
+    let target_dir = env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), PathBuf::from)
+        .join("bpf");
+    // aya-ebpf's architecture-specific parts (pt_regs) follow the host's.
+    let arch_cfg = format!(
+        "--cfg=bpf_target_arch=\"{}\"",
+        env::var("CARGO_CFG_TARGET_ARCH")?
+    );
+    let mut cargo = Command::new("rustup");
+    cargo
+        .args(["run", "nightly", "cargo", "build", "--quiet", "--release"])
+        .args(["--package", "proxy-ebpf", "--bins", "--target", TARGET])
+        .args(["-Z", "build-std=core", "--target-dir"])
+        .arg(&target_dir)
+        .current_dir(workspace)
+        // BPF ISA v3 (kernel >= 5.1; atomic fetch-and-add from 5.12) for the shared
+        // round-robin cursor; BTF for CO-RE and bpftool.
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            [
+                "-Ctarget-cpu=v3",
+                "-Cdebuginfo=2",
+                "-Clink-arg=--btf",
+                &arch_cfg,
+            ]
+            .join("\x1f"),
+        )
+        // The outer build's compiler settings are not the inner one's.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cargo
+        .spawn()
+        .context("running `rustup run nightly cargo` (run `cargo xtask setup`)")?;
+    let stderr = child.stderr.take().context("inner build's stderr")?;
+    let mut output = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        // Warnings reach the screen; the rest only matters when the build fails.
+        if line.starts_with("warning") {
+            println!("cargo:warning={line}");
+        }
+        output.push(line);
+    }
+    if !child.wait()?.success() {
+        bail!(
+            "building the eBPF programs failed (run `cargo xtask setup` if bpf-linker is missing):\n{}",
+            output.join("\n")
+        );
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    for object in OBJECTS {
+        let built = target_dir.join(TARGET).join("release").join(object);
+        std::fs::copy(&built, out_dir.join(object))
+            .with_context(|| format!("copying {}", built.display()))?;
+    }
+    Ok(())
 }

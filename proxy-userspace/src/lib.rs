@@ -19,7 +19,6 @@ pub mod node;
 pub mod scheduling;
 pub mod server;
 pub mod sync;
-pub mod testbed;
 pub mod trace;
 pub mod tracker;
 pub mod translate;

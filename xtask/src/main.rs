@@ -90,10 +90,32 @@ fn run(mut command: Command) -> Result<()> {
     Ok(())
 }
 
+/// The agent, the demo and the benchmark, in release mode.
 fn build() -> Result<()> {
     let mut command = cargo();
-    command.args(["build", "--release", "--package", "proxy-userspace"]);
+    command.args(["build", "--release"]).args(
+        ["proxy-userspace", "proxy-testbed", "proxy-bench"]
+            .iter()
+            .flat_map(|p| ["--package", p]),
+    );
     run(command)
+}
+
+/// Cargo on the nightly toolchain for the eBPF crate alone, in the target directory
+/// proxy-userspace/build.rs builds it in (so the two share `core` and the crate's
+/// dependencies).
+fn nightly_ebpf_cargo(subcommand: &str) -> Command {
+    let mut command = Command::new("rustup");
+    command
+        .current_dir(workspace_root())
+        .args(["run", "nightly", "cargo", subcommand])
+        .args(["--package", "proxy-ebpf", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Zbuild-std=core"])
+        .arg("--target-dir")
+        .arg(workspace_root().join("target/bpf"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO");
+    command
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -103,19 +125,8 @@ fn test(args: &[String]) -> Result<()> {
     let mut clippy = cargo();
     clippy.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
     run(clippy)?;
-    let mut clippy_ebpf = cargo();
-    clippy_ebpf.args([
-        "clippy",
-        "--package",
-        "proxy-ebpf",
-        "--release",
-        "--target",
-        "bpfel-unknown-none",
-        "-Zbuild-std=core",
-        "--",
-        "-D",
-        "warnings",
-    ]);
+    let mut clippy_ebpf = nightly_ebpf_cargo("clippy");
+    clippy_ebpf.args(["--quiet", "--", "-D", "warnings"]);
     run(clippy_ebpf)?;
     let mut tests = cargo();
     tests

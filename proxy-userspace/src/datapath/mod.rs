@@ -13,6 +13,12 @@ pub mod tables;
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
+/// The benchmark's wrapper program (proxy-ebpf's `bench-wrapper`), built with the data
+/// path so that the bench needs no eBPF build of its own; the agent binary does not
+/// refer to it, so the linker leaves it out.
+pub static BENCH_WRAPPER_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-wrapper"));
+
 /// Program names in the object, as the `#[xdp]`/`#[classifier]`/… functions are named.
 pub const PROG_UPLINK: &str = "uplink_ingress";
 pub const PROG_POD: &str = "pod_ingress";

@@ -1,0 +1,288 @@
+//! The other proxies, programmed as kube-proxy itself lays its rules out, from the
+//! same services: iptables mode (KUBE-SERVICES → KUBE-SVC-* with `statistic`
+//! probabilities → KUBE-SEP-* DNAT, masquerade marks), through iptables-legacy and
+//! iptables-nft, nftables mode (a verdict map on address . protocol . port, then
+//! `numgen random` over the endpoint chains), and IPVS mode (every service address on
+//! the dummy `kube-ipvs0`, one rr virtual server per service with masquerading real
+//! servers, kube-proxy's IPVS sysctls, and the KUBE-LOOP-BACK ipset with its
+//! masquerade rule for hairpin). Only the nat rules are generated: they
+//! are what a new connection traverses; kube-proxy's filter-table rules (drops of
+//! invalid conntrack states, firewall chains) are left out, which favours them.
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use anyhow::{bail, Context as _, Result};
+use testbed::netns::Netns;
+
+/// One ClusterIP service with its endpoints, as every contender gets it.
+pub struct Service {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// `tcp` or `udp`, as iptables and nft spell it.
+    pub proto: &'static str,
+    pub endpoints: Vec<(Ipv4Addr, u16)>,
+}
+
+const POD_CIDR: &str = "10.244.0.0/16";
+
+fn chain_id(prefix: &str, index: usize) -> String {
+    // kube-proxy hashes the service/endpoint name; an index is as unique here.
+    format!("{prefix}-{index:016X}")
+}
+
+/// `iptables-restore` input for the nat table, kube-proxy iptables mode.
+pub fn iptables_rules(services: &[Service]) -> String {
+    let mut chains = String::new();
+    let mut rules = String::new();
+    for name in ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"] {
+        let _ = writeln!(chains, ":{name} - [0:0]");
+    }
+    let _ = writeln!(
+        rules,
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+    );
+    let _ = writeln!(
+        rules,
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+    );
+    let _ = writeln!(
+        rules,
+        "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING"
+    );
+    let _ = writeln!(rules, "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000");
+    let _ = writeln!(
+        rules,
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN"
+    );
+    let _ = writeln!(rules, "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000");
+    let _ = writeln!(rules, "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully");
+    let mut endpoint_index = 0;
+    for (s, service) in services.iter().enumerate() {
+        let svc = chain_id("KUBE-SVC", s);
+        let _ = writeln!(chains, ":{svc} - [0:0]");
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -m comment --comment \"bench/svc{s}:http cluster IP\" -m {p} -p {p} -d {}/32 --dport {} -j {svc}",
+            service.ip, service.port, p = service.proto
+        );
+        let _ = writeln!(
+            rules,
+            "-A {svc} ! -s {POD_CIDR} -d {}/32 -m comment --comment \"bench/svc{s}:http cluster IP\" -m {p} -p {p} --dport {} -j KUBE-MARK-MASQ",
+            service.ip, service.port, p = service.proto
+        );
+        let n = service.endpoints.len();
+        for (i, (addr, port)) in service.endpoints.iter().enumerate() {
+            let sep = chain_id("KUBE-SEP", endpoint_index);
+            endpoint_index += 1;
+            let _ = writeln!(chains, ":{sep} - [0:0]");
+            if i + 1 < n {
+                let probability = 1.0 / (n - i) as f64;
+                let _ = writeln!(
+                    rules,
+                    "-A {svc} -m statistic --mode random --probability {probability:.10} -j {sep}"
+                );
+            } else {
+                let _ = writeln!(rules, "-A {svc} -j {sep}");
+            }
+            let _ = writeln!(rules, "-A {sep} -s {addr}/32 -j KUBE-MARK-MASQ");
+            let _ = writeln!(
+                rules,
+                "-A {sep} -m {p} -p {p} -j DNAT --to-destination {addr}:{port}",
+                p = service.proto
+            );
+        }
+    }
+    format!("*nat\n{chains}{rules}COMMIT\n")
+}
+
+/// `nft -f` input, kube-proxy nftables mode.
+pub fn nftables_rules(services: &[Service]) -> String {
+    let mut out = String::from("table ip kube-proxy {\n");
+    let mut chain = |name: &str, body: &[String]| {
+        let _ = writeln!(out, "  chain {name} {{\n    {}\n  }}", body.join("\n    "));
+    };
+    chain(
+        "mark-for-masquerade",
+        &["meta mark set meta mark or 0x4000".into()],
+    );
+    chain(
+        "masquerading",
+        &[
+            "meta mark & 0x4000 == 0 return".into(),
+            "meta mark set meta mark xor 0x4000".into(),
+            "masquerade fully-random".into(),
+        ],
+    );
+    chain(
+        "services",
+        &["ip daddr . meta l4proto . th dport vmap @service-ips".into()],
+    );
+    chain(
+        "nat-prerouting",
+        &[
+            "type nat hook prerouting priority dstnat; policy accept;".into(),
+            "jump services".into(),
+        ],
+    );
+    chain(
+        "nat-output",
+        &[
+            "type nat hook output priority -100; policy accept;".into(),
+            "jump services".into(),
+        ],
+    );
+    chain(
+        "nat-postrouting",
+        &[
+            "type nat hook postrouting priority srcnat; policy accept;".into(),
+            "jump masquerading".into(),
+        ],
+    );
+    let mut elements = Vec::new();
+    let mut endpoint_index = 0;
+    for (s, service) in services.iter().enumerate() {
+        let name = format!("service-{s}");
+        elements.push(format!(
+            "{} . {} . {} : goto {name}",
+            service.ip, service.proto, service.port
+        ));
+        let mut targets = Vec::new();
+        for (i, (addr, port)) in service.endpoints.iter().enumerate() {
+            let endpoint = format!("endpoint-{endpoint_index}");
+            endpoint_index += 1;
+            chain(
+                &endpoint,
+                &[
+                    format!("ip saddr {addr} jump mark-for-masquerade"),
+                    format!("meta l4proto {} dnat to {addr}:{port}", service.proto),
+                ],
+            );
+            targets.push(format!("{i} : goto {endpoint}"));
+        }
+        chain(
+            &name,
+            &[
+                format!(
+                    "ip daddr {} {} dport {} ip saddr != {POD_CIDR} jump mark-for-masquerade",
+                    service.ip, service.proto, service.port
+                ),
+                format!(
+                    "numgen random mod {} vmap {{ {} }}",
+                    service.endpoints.len(),
+                    targets.join(", ")
+                ),
+            ],
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  map service-ips {{\n    type ipv4_addr . inet_proto . inet_service : verdict\n    elements = {{ {} }}\n  }}",
+        elements.join(",\n      ")
+    );
+    out += "}\n";
+    out
+}
+
+/// `ipvsadm -R` (restore) input: one round-robin virtual server per service, its
+/// endpoints as masquerading (NAT) real servers.
+pub fn ipvs_rules(services: &[Service]) -> String {
+    let mut out = String::new();
+    for service in services {
+        let flag = if service.proto == "udp" { "-u" } else { "-t" };
+        let vs = format!("{}:{}", service.ip, service.port);
+        let _ = writeln!(out, "-A {flag} {vs} -s rr");
+        for (addr, port) in &service.endpoints {
+            let _ = writeln!(out, "-a {flag} {vs} -r {addr}:{port} -m -w 1");
+        }
+    }
+    out
+}
+
+/// Programs kube-proxy's IPVS mode into the node namespace.
+pub fn load_ipvs(node: &Netns, services: &[Service]) -> Result<()> {
+    for (key, value) in [
+        ("net.ipv4.vs.conntrack", "1"),
+        ("net.ipv4.vs.expire_nodest_conn", "1"),
+        ("net.ipv4.vs.expire_quiescent_template", "1"),
+    ] {
+        node.sysctl(key, value)?;
+    }
+    node.ip("link add kube-ipvs0 type dummy")?;
+    let mut addresses = String::new();
+    let mut loopback = String::from("create KUBE-LOOP-BACK hash:ip,port,ip\n");
+    for service in services {
+        let _ = writeln!(addresses, "addr add {}/32 dev kube-ipvs0", service.ip);
+        for (addr, port) in &service.endpoints {
+            let _ = writeln!(
+                loopback,
+                "add KUBE-LOOP-BACK {addr},{}:{port},{addr}",
+                service.proto
+            );
+        }
+    }
+    load(node, "ip", &["-batch"], &addresses)?;
+    load(node, "ipset", &["restore", "-file"], &loopback)?;
+    load(
+        node,
+        "sh",
+        &["-c", "ipvsadm -R < \"$0\""],
+        &ipvs_rules(services),
+    )?;
+    node.exec(
+        "iptables-legacy",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-m",
+            "set",
+            "--match-set",
+            "KUBE-LOOP-BACK",
+            "dst,dst,src",
+            "-j",
+            "MASQUERADE",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Removes what `load_ipvs` programmed.
+pub fn flush_ipvs(node: &Netns) -> Result<()> {
+    node.exec("ipvsadm", &["-C"])?;
+    node.ip("link del kube-ipvs0")?;
+    flush(node)?;
+    node.exec("ipset", &["destroy", "KUBE-LOOP-BACK"])?;
+    Ok(())
+}
+
+/// Loads rules into a namespace through a file (the tools read their input whole).
+pub fn load(node: &Netns, tool: &str, args: &[&str], rules: &str) -> Result<()> {
+    let path = std::env::temp_dir().join(format!("epx-bench-{}-{tool}.rules", std::process::id()));
+    std::fs::write(&path, rules)?;
+    let mut full: Vec<&str> = args.to_vec();
+    let path_str = path.to_str().context("temp path")?;
+    full.push(path_str);
+    let result = node.exec(tool, &full);
+    let _ = std::fs::remove_file(&path);
+    result.map(|_| ())
+}
+
+/// Removes every rule a contender left in the namespace.
+pub fn flush(node: &Netns) -> Result<()> {
+    for (tool, args) in [
+        ("iptables-legacy", vec!["-t", "nat", "-F"]),
+        ("iptables-legacy", vec!["-t", "nat", "-X"]),
+        ("iptables-nft", vec!["-t", "nat", "-F"]),
+        ("iptables-nft", vec!["-t", "nat", "-X"]),
+        ("nft", vec!["flush", "ruleset"]),
+    ] {
+        node.exec(tool, &args)
+            .with_context(|| format!("{tool} {}", args.join(" ")))?;
+    }
+    let left = node.exec("nft", &["list", "ruleset"])?;
+    if left.contains("dnat") {
+        bail!("rules left after the flush:\n{left}");
+    }
+    Ok(())
+}

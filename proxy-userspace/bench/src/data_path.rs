@@ -1,0 +1,599 @@
+//! Data path: nanoseconds per packet under BPF_PROG_TEST_RUN, measured the sound way.
+//!
+//! Every iteration enters through the bench wrapper (proxy-ebpf's `bench-wrapper`),
+//! which restores the original frame and tail-calls the program under test; the same
+//! wrapper around an XDP_PASS program is the floor. Each case is checked afterwards
+//! with the data path's own counters: every iteration must have taken the intended
+//! path (translated or not, new flow or not). Caches and maps stay hot, so these are
+//! best cases for one CPU.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{ensure, Context as _, Result};
+use aya::{
+    maps::{Array, ProgramArray},
+    programs::{TestRun as _, TestRunOptions, Xdp},
+    Ebpf,
+};
+use ebpf_proxy::{
+    datapath::{
+        attach,
+        loader::{program, Datapath, MapSizes},
+        tables::Tables,
+    },
+    listing,
+    model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Protocol, Scheduler},
+    node::NodeConfig,
+    sync::{NodeSettings, Syncer},
+};
+use etherparse::PacketBuilder;
+use proxy_common::BenchTemplate;
+use serde::Serialize;
+
+static WRAPPER_OBJECT: &[u8] = ebpf_proxy::datapath::BENCH_WRAPPER_OBJECT;
+
+const BACKENDS: u8 = 10;
+const CLIENT: [u8; 4] = [198, 18, 0, 2];
+const NODE_IP: [u8; 4] = [198, 18, 0, 1];
+
+#[derive(Serialize)]
+pub struct CaseResult {
+    pub services: usize,
+    pub case: String,
+    pub ns_median: f64,
+    pub ns_min: f64,
+    pub ns_max: f64,
+    pub rounds: usize,
+    pub repeat: u32,
+}
+
+#[derive(Serialize)]
+pub struct ProgramSize {
+    pub program: String,
+    pub verified_instructions: Option<u32>,
+    pub translated_bytes: Option<u32>,
+    pub jited_bytes: u32,
+}
+
+/// Kernel memory of the data path's maps at one scale (each map sized for it).
+#[derive(Serialize)]
+pub struct MapMemory {
+    pub services: usize,
+    /// Sum of the maps' `memlock` (/proc/self/fdinfo), in bytes.
+    pub total_bytes: u64,
+    /// (map, bytes), largest first.
+    pub maps: Vec<(String, u64)>,
+}
+
+/// What the kernel charges for every map pinned in `pin_dir`.
+fn map_memory(pin_dir: &std::path::Path, services: usize) -> Result<MapMemory> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut maps = Vec::new();
+    for entry in std::fs::read_dir(pin_dir)? {
+        let path = entry?.path();
+        if !path.is_file() {
+            continue;
+        }
+        let map = aya::maps::MapData::from_pin(&path)?;
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            map.fd().as_fd().as_raw_fd()
+        ))?;
+        let bytes = info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        maps.push((name, bytes));
+    }
+    maps.sort_by_key(|m| std::cmp::Reverse(m.1));
+    Ok(MapMemory {
+        services,
+        total_bytes: maps.iter().map(|m| m.1).sum(),
+        maps,
+    })
+}
+
+/// A 64-byte frame (the wrapper copies exactly that much).
+fn frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), tcp: Option<(bool, bool)>) -> [u8; 64] {
+    let builder =
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
+    let mut out = Vec::with_capacity(64);
+    match tcp {
+        Some((syn, ack)) => {
+            let mut b = builder.tcp(src.1, dst.1, 1, 65535);
+            if syn {
+                b = b.syn();
+            }
+            if ack {
+                b = b.ack(1);
+            }
+            b.write(&mut out, &[0; 10])
+        }
+        None => builder.udp(src.1, dst.1).write(&mut out, &[0; 22]),
+    }
+    .expect("build frame");
+    out.try_into().expect("64-byte frame")
+}
+
+/// A 64-byte IPIP frame: a UDP packet from `src` to `dst` inside an outer header
+/// from `outer.0` to `outer.1`.
+fn ipip_frame(outer: ([u8; 4], [u8; 4]), src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> [u8; 64] {
+    let mut inner = Vec::with_capacity(44);
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1)
+        .write(&mut inner, &[0; 2])
+        .expect("build frame");
+    let mut header = [
+        0x45, 0, 0, 50, 0, 0, 0x40, 0, 64, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    header[12..16].copy_from_slice(&outer.0);
+    header[16..20].copy_from_slice(&outer.1);
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    sum = (sum & 0xffff) + (sum >> 16);
+    header[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let mut out = inner[..14].to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&inner[14..]);
+    out.try_into().expect("64-byte frame")
+}
+
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i)
+}
+
+fn frontend(scheduler: Scheduler, first_backend: u32) -> Frontend {
+    let endpoints = (0..u32::from(BACKENDS))
+        .map(|b| Endpoint {
+            addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + first_backend + b),
+            port: 8080,
+            remote: false,
+            weight: 1 + b % 3,
+        })
+        .collect();
+    Frontend {
+        service: format!("bench/{scheduler}"),
+        external: false,
+        scheduler,
+        endpoints,
+        ..Default::default()
+    }
+}
+
+struct Bench {
+    datapath: Datapath,
+    wrapper: Ebpf,
+    pin_dir: PathBuf,
+    repeat: u32,
+    rounds: usize,
+}
+
+impl Bench {
+    fn set_target(&mut self, program_name: &str) -> Result<()> {
+        let fd = if program_name == "bench_pass" {
+            program::<Xdp>(&mut self.wrapper, "bench_pass")?
+                .fd()?
+                .try_clone()?
+        } else {
+            self.datapath.xdp()?.fd()?.try_clone()?
+        };
+        let mut targets: ProgramArray<_> = self
+            .wrapper
+            .map_mut("BENCH_TARGET")
+            .context("BENCH_TARGET")?
+            .try_into()?;
+        targets.set(0, &fd, 0)?;
+        Ok(())
+    }
+
+    fn set_frame(&mut self, bytes: [u8; 64], vary_flow: bool) -> Result<()> {
+        let mut template: Array<_, BenchTemplate> = self
+            .wrapper
+            .map_mut("BENCH_TEMPLATE")
+            .context("BENCH_TEMPLATE")?
+            .try_into()?;
+        template.set(
+            0,
+            BenchTemplate {
+                bytes,
+                vary_flow: u32::from(vary_flow),
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Runs the wrapper `rounds` times with `repeat` iterations: ns per iteration.
+    fn time(&mut self, repeat: u32, rounds: usize) -> Result<Vec<f64>> {
+        let wrapper: &mut Xdp = program(&mut self.wrapper, "bench_wrapper")?;
+        let input = [0u8; 64];
+        // Room for an encapsulated frame (64 + 20 bytes).
+        let mut output = [0u8; 128];
+        let mut samples = Vec::new();
+        for _ in 0..rounds {
+            let result = wrapper.test_run(TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut output),
+                repeat,
+                ..Default::default()
+            })?;
+            ensure!(
+                result.return_value != 0,
+                "the wrapper aborted (tail call failed?)"
+            );
+            samples.push(result.duration.as_nanos() as f64);
+        }
+        Ok(samples)
+    }
+
+    /// (packets translated, connections opened) so far.
+    fn counters(&self) -> Result<(u64, u64)> {
+        let listing = listing::read(&self.pin_dir)?;
+        let connections = listing.services.iter().map(|s| s.stats.connections).sum();
+        Ok((self.event("translated")?, connections))
+    }
+
+    fn event(&self, name: &str) -> Result<u64> {
+        let listing = listing::read(&self.pin_dir)?;
+        Ok(listing
+            .events
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |e| e.1))
+    }
+
+    /// Sends one frame once, opening the flow that later cases measure.
+    fn open_flow(&mut self, frame: [u8; 64]) -> Result<()> {
+        self.set_target("uplink_ingress")?;
+        self.set_frame(frame, false)?;
+        let before = self.counters()?;
+        self.time(1, 1)?;
+        ensure!(
+            self.counters()?.1 == before.1 + 1,
+            "the set-up packet opened no flow"
+        );
+        Ok(())
+    }
+
+    /// Measures one case and checks that every iteration translated (or not) and
+    /// opened a new flow (or not) as `expect` says, and, with `also`, that this event
+    /// (e.g. `encapsulated`) counted every iteration.
+    fn case(
+        &mut self,
+        name: &str,
+        frame: [u8; 64],
+        vary_flow: bool,
+        expect: (bool, bool),
+        services: usize,
+        also: Option<&str>,
+    ) -> Result<CaseResult> {
+        self.set_target("uplink_ingress")?;
+        self.set_frame(frame, vary_flow)?;
+        let before = self.counters()?;
+        let also_before = also.map(|e| self.event(e)).transpose()?;
+        let mut samples = self.time(self.repeat, self.rounds)?;
+        let after = self.counters()?;
+        let iterations = u64::from(self.repeat) * self.rounds as u64;
+        let (translated, opened) = (after.0 - before.0, after.1 - before.1);
+        ensure!(
+            translated == if expect.0 { iterations } else { 0 }
+                && opened == if expect.1 { iterations } else { 0 },
+            "{name}: {translated} translated, {opened} new flows in {iterations} iterations"
+        );
+        if let (Some(event), Some(before)) = (also, also_before) {
+            let counted = self.event(event)? - before;
+            ensure!(
+                counted == iterations,
+                "{name}: {event} {counted} times in {iterations} iterations"
+            );
+        }
+        samples.sort_by(f64::total_cmp);
+        Ok(CaseResult {
+            services,
+            case: name.to_owned(),
+            ns_median: samples[samples.len() / 2],
+            ns_min: samples[0],
+            ns_max: samples[samples.len() - 1],
+            rounds: self.rounds,
+            repeat: self.repeat,
+        })
+    }
+}
+
+/// The cases at one scale: `services` rr services of 10 backends, plus one service
+/// per scheduler measured.
+pub fn measure(
+    services: usize,
+    repeat: u32,
+    rounds: usize,
+) -> Result<(Vec<CaseResult>, Vec<ProgramSize>, MapMemory)> {
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/epx-bench-dp-{}", std::process::id()));
+    let sizes = MapSizes {
+        services: (services as u32 + 64).max(1024),
+        backends: (services as u32 + 64) * u32::from(BACKENDS),
+        ..MapSizes::default()
+    };
+    let datapath = Datapath::load_sized(&pin_dir, sizes)?;
+    let result = (|| {
+        let mut syncer = Syncer::recover(Tables::open(&pin_dir)?)?;
+        let node = NodeConfig {
+            name: "bench".into(),
+            addresses: vec![NODE_IP.into()],
+            uplinks: vec![],
+            pod_interface_patterns: vec![],
+        };
+        syncer.program_node(&node, &NodeSettings::default())?;
+        let mut desired = DesiredState::default();
+        for i in 0..services as u32 {
+            let key = FrontendKey {
+                listen: Listen::Address(vip(1000 + i)),
+                port: 80,
+                protocol: Protocol::Tcp,
+            };
+            desired
+                .frontends
+                .insert(key, frontend(Scheduler::Rr, i * u32::from(BACKENDS)));
+        }
+        let measured = [
+            Scheduler::Rr,
+            Scheduler::Wrr,
+            Scheduler::Lc,
+            Scheduler::Sh,
+            Scheduler::Dh,
+            Scheduler::Maglev,
+            Scheduler::Random,
+        ];
+        for (i, scheduler) in measured.iter().enumerate() {
+            let key = FrontendKey {
+                listen: Listen::Address(vip(i as u32 + 1)),
+                port: 80,
+                protocol: Protocol::Tcp,
+            };
+            desired
+                .frontends
+                .insert(key, frontend(*scheduler, 10_000_000 + i as u32 * 100));
+        }
+        let udp = FrontendKey {
+            listen: Listen::Address(vip(100)),
+            port: 53,
+            protocol: Protocol::Udp,
+        };
+        desired
+            .frontends
+            .insert(udp, frontend(Scheduler::Rr, 10_001_000));
+        // dsr-ipip: an entry frontend whose backends are remote, and the IPIP view
+        // of another, whose backends are here.
+        let mut entry = frontend(Scheduler::Rr, 10_002_000);
+        entry.dsr = true;
+        for endpoint in &mut entry.endpoints {
+            endpoint.remote = true;
+        }
+        desired.frontends.insert(
+            FrontendKey {
+                listen: Listen::Address(vip(200)),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            entry,
+        );
+        desired.frontends.insert(
+            FrontendKey {
+                listen: Listen::TunnelAddress(vip(201)),
+                port: 53,
+                protocol: Protocol::Udp,
+            },
+            frontend(Scheduler::Rr, 10_003_000),
+        );
+        let report = syncer.apply(&desired);
+        ensure!(report.problems.is_empty(), "{:?}", report.problems);
+
+        let wrapper = aya::EbpfLoader::new()
+            .load(WRAPPER_OBJECT)
+            .context("loading the bench wrapper")?;
+        let mut bench = Bench {
+            datapath,
+            wrapper,
+            pin_dir: pin_dir.clone(),
+            repeat,
+            rounds,
+        };
+        for name in ["bench_wrapper", "bench_pass"] {
+            program::<Xdp>(&mut bench.wrapper, name)?.load()?;
+        }
+        let mut results = Vec::new();
+        // The floor: the wrapper around XDP_PASS.
+        bench.set_target("bench_pass")?;
+        bench.set_frame(
+            frame((CLIENT, 40000), (vip(1).octets(), 80), Some((true, false))),
+            false,
+        )?;
+        let mut floor = bench.time(repeat, rounds)?;
+        floor.sort_by(f64::total_cmp);
+        results.push(CaseResult {
+            services,
+            case: "floor (wrapper + XDP_PASS)".into(),
+            ns_median: floor[floor.len() / 2],
+            ns_min: floor[0],
+            ns_max: floor[floor.len() - 1],
+            rounds,
+            repeat,
+        });
+        let syn = |port: u16, dst: Ipv4Addr| {
+            frame((CLIENT, port), (dst.octets(), 80), Some((true, false)))
+        };
+        results.push(bench.case(
+            "non-service packet",
+            frame((CLIENT, 40000), ([198, 18, 0, 9], 22), Some((true, false))),
+            false,
+            (false, false),
+            services,
+            None,
+        )?);
+        // Open one flow, then measure its later segments.
+        bench.open_flow(syn(41000, vip(1)))?;
+        let ack = frame((CLIENT, 41000), (vip(1).octets(), 80), Some((false, true)));
+        results.push(bench.case(
+            "established TCP (conntrack hit)",
+            ack,
+            false,
+            (true, false),
+            services,
+            None,
+        )?);
+        // The reply of the flow opened above, from its backend (reverse NAT).
+        let flows = ebpf_proxy::conntrack::list(&Tables::open(&pin_dir)?)?;
+        let flow = flows
+            .iter()
+            .find(|f| f.client.port() == 41000)
+            .context("the set-up flow")?;
+        let reply = frame(
+            (flow.backend.ip().octets(), flow.backend.port()),
+            (CLIENT, 41000),
+            Some((false, true)),
+        );
+        results.push(bench.case(
+            "reply (reverse NAT)",
+            reply,
+            false,
+            (true, false),
+            services,
+            None,
+        )?);
+
+        let udp_frame = frame((CLIENT, 5353), (vip(100).octets(), 53), None);
+        bench.open_flow(udp_frame)?;
+        results.push(bench.case(
+            "established UDP",
+            udp_frame,
+            false,
+            (true, false),
+            services,
+            None,
+        )?);
+        // dsr-ipip at the entry node: an established flow's segments, encapsulated.
+        bench.open_flow(syn(42000, vip(200)))?;
+        let dsr_ack = frame(
+            (CLIENT, 42000),
+            (vip(200).octets(), 80),
+            Some((false, true)),
+        );
+        results.push(bench.case(
+            "IPIP encapsulation (dsr-ipip, established TCP)",
+            dsr_ack,
+            false,
+            (false, false),
+            services,
+            Some("encapsulated"),
+        )?);
+        // dsr-ipip at the backend's node: an established flow's datagrams,
+        // decapsulated and translated for the backend the outer header names.
+        let named = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + 10_003_000 + 3);
+        let tunnelled = ipip_frame(
+            ([198, 18, 2, 1], named.octets()),
+            (CLIENT, 5454),
+            (vip(201).octets(), 53),
+        );
+        bench.open_flow(tunnelled)?;
+        results.push(bench.case(
+            "IPIP decapsulation (established UDP)",
+            tunnelled,
+            false,
+            (true, false),
+            services,
+            Some("decapsulated"),
+        )?);
+        // New flows last: their churn fills (and evicts from) conntrack.
+        for (i, scheduler) in measured.iter().enumerate() {
+            let name = format!("new TCP flow, {scheduler}");
+            results.push(bench.case(
+                &name,
+                syn(50000, vip(i as u32 + 1)),
+                true,
+                (true, true),
+                services,
+                None,
+            )?);
+        }
+        let mut sizes = Vec::new();
+        for name in [
+            ebpf_proxy::datapath::PROG_UPLINK,
+            ebpf_proxy::datapath::PROG_POD,
+        ] {
+            let info = bench
+                .datapath
+                .ebpf
+                .program(name)
+                .context("program")?
+                .info()?;
+            sizes.push(ProgramSize {
+                program: name.to_owned(),
+                verified_instructions: info.verified_instruction_count(),
+                translated_bytes: info.size_translated(),
+                jited_bytes: info.size_jitted(),
+            });
+        }
+        Ok((results, sizes, map_memory(&pin_dir, services)?))
+    })();
+    attach::cleanup(&pin_dir)?;
+    result
+}
+
+/// The per-packet cases at every scale, the programs' sizes, and the maps' memory
+/// at every scale.
+pub type DataPathResults = (Vec<CaseResult>, Vec<ProgramSize>, Vec<MapMemory>);
+
+pub fn run(quick: bool) -> Result<DataPathResults> {
+    let (scales, repeat, rounds): (&[usize], u32, usize) = if quick {
+        (&[1, 1_000], 100_000, 3)
+    } else {
+        (&[1, 1_000, 10_000, 100_000], 1_000_000, 5)
+    };
+    let mut all = Vec::new();
+    let mut sizes = Vec::new();
+    let mut memory = Vec::new();
+    println!(
+        "\n{:>8}  {:<46} {:>10} {:>17}",
+        "services", "case", "ns median", "min..max"
+    );
+    for &services in scales {
+        let (results, program_sizes, maps) =
+            measure(services, repeat, rounds).with_context(|| format!("{services} services"))?;
+        for r in &results {
+            println!(
+                "{:>8}  {:<46} {:>10.1} {:>8.1}..{:<8.1}",
+                r.services, r.case, r.ns_median, r.ns_min, r.ns_max
+            );
+        }
+        all.extend(results);
+        sizes = program_sizes;
+        memory.push(maps);
+    }
+    for m in &memory {
+        println!(
+            "{:>8} services: maps use {:.1} MiB (largest: {})",
+            m.services,
+            m.total_bytes as f64 / (1 << 20) as f64,
+            m.maps
+                .iter()
+                .take(3)
+                .map(|(n, b)| format!("{n} {:.1} MiB", *b as f64 / (1 << 20) as f64))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for s in &sizes {
+        println!(
+            "{}: {:?} instructions verified, {:?} bytes translated, {} bytes JITed",
+            s.program, s.verified_instructions, s.translated_bytes, s.jited_bytes
+        );
+    }
+    Ok((all, sizes, memory))
+}

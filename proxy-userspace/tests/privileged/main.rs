@@ -1,0 +1,34 @@
+//! The privileged test suite, one binary: the real programs in the real kernel
+//! (BPF_PROG_TEST_RUN on crafted packets) and end-to-end runs of the real agent in
+//! network namespaces with real servers and clients. Needs root, a mounted bpffs and
+//! the tools `cargo xtask setup` installs (iproute2, curl, socat, ethtool, tcpdump).
+//! One module per feature; shared helpers in `support`.
+//!
+//! Without root every test would fail on its first syscall, so the binary says so in
+//! one line and runs nothing.
+
+mod agent_lifecycle;
+mod datapath;
+mod fuzz_datapath;
+mod icmp;
+mod kubernetes;
+mod manifests_source;
+mod multinode;
+mod operator_tools;
+mod policies;
+mod schedulers;
+mod services;
+mod support;
+mod sync;
+mod tunnel;
+
+#[ctor::ctor]
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "privileged tests skipped: they load eBPF programs and create network namespaces; run `cargo xtask test` as root"
+        );
+        std::process::exit(0);
+    }
+}

@@ -1,0 +1,6 @@
+//! Helpers the privileged tests share.
+
+pub mod cluster;
+pub mod datapath;
+pub mod packets;
+pub mod services;

@@ -1,0 +1,103 @@
+//! Crafting test packets and checking rewritten ones with etherparse, an
+//! implementation independent of ours (checksums included).
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const TC_ACT_OK: u32 = 0;
+
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tcp {
+    Syn,
+    SynAck,
+    Ack,
+    Fin,
+    Rst,
+}
+
+pub fn tcp_packet(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: Tcp, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 1000, 65535);
+    let builder = match flags {
+        Tcp::Syn => builder.syn(),
+        Tcp::SynAck => builder.syn().ack(1),
+        Tcp::Ack => builder.ack(1),
+        Tcp::Fin => builder.fin().ack(1),
+        Tcp::Rst => builder.rst(),
+    };
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).expect("build tcp packet");
+    out
+}
+
+pub fn udp_packet(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1);
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).expect("build udp packet");
+    out
+}
+
+/// The 5-tuple of a packet, after checking that its IPv4 and L4 checksums verify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub src: ([u8; 4], u16),
+    pub dst: ([u8; 4], u16),
+}
+
+pub fn inspect(packet: &[u8]) -> Seen {
+    let sliced = SlicedPacket::from_ethernet(packet).expect("parse output packet");
+    let Some(NetSlice::Ipv4(ip)) = sliced.net else {
+        panic!("not IPv4")
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        header.calc_header_checksum(),
+        header.header_checksum,
+        "IPv4 header checksum"
+    );
+    let (src, dst) = (header.source, header.destination);
+    match sliced.transport.expect("transport header") {
+        TransportSlice::Tcp(tcp) => {
+            let expected = tcp.calc_checksum_ipv4(src, dst).expect("tcp checksum");
+            assert_eq!(expected, tcp.checksum(), "TCP checksum");
+            Seen {
+                src: (src, tcp.source_port()),
+                dst: (dst, tcp.destination_port()),
+            }
+        }
+        TransportSlice::Udp(udp) => {
+            let udp_header = udp.to_header();
+            if udp_header.checksum != 0 {
+                let expected = udp_header
+                    .calc_checksum_ipv4_raw(src, dst, udp.payload())
+                    .expect("udp checksum");
+                assert_eq!(expected, udp_header.checksum, "UDP checksum");
+            }
+            Seen {
+                src: (src, udp_header.source_port),
+                dst: (dst, udp_header.destination_port),
+            }
+        }
+        other => panic!("unexpected transport {other:?}"),
+    }
+}
+
+/// The Internet checksum (RFC 1071) over `bytes`: zero when a checksum field inside
+/// them is right.
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
