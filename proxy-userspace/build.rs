@@ -77,10 +77,13 @@ fn main() -> Result<()> {
         .context("running `rustup run nightly cargo` (run `cargo xtask setup`)")?;
     let stderr = child.stderr.take().context("inner build's stderr")?;
     let mut output = Vec::new();
+    // Warnings (each a block up to the next blank line) reach the screen; the rest
+    // only matters when the build fails.
+    let mut in_warning = false;
     for line in BufReader::new(stderr).lines() {
         let line = line?;
-        // Warnings reach the screen; the rest only matters when the build fails.
-        if line.starts_with("warning") {
+        in_warning = line.starts_with("warning") || (in_warning && !line.is_empty());
+        if in_warning {
             println!("cargo:warning={line}");
         }
         output.push(line);

@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod conntrack;
+pub mod map_name;
 pub mod service;
 pub mod sock;
 pub mod stats;
@@ -76,3 +77,37 @@ pub(crate) use user_pod;
 
 #[cfg(feature = "user")]
 user_pod!(Addr);
+
+/// Asserts at compile time the size and alignment of shared types: both sides read
+/// these bytes (and pinned maps keep them across versions), so a layout change must be
+/// deliberate, and comes with a new map layout check in the agent's loader.
+macro_rules! assert_layout {
+    ($($t:ty => ($size:literal, $align:literal)),* $(,)?) => {
+        $(
+            const _: () = assert!(
+                core::mem::size_of::<$t>() == $size && core::mem::align_of::<$t>() == $align
+            );
+        )*
+    };
+}
+
+assert_layout! {
+    Addr => (16, 4),
+    ServiceKey => (20, 4),
+    ServiceValue => (24, 4),
+    BackendSlotKey => (8, 4),
+    Backend => (28, 4),
+    ConnCounts => (16, 8),
+    AffinityKey => (20, 4),
+    AffinityValue => (16, 8),
+    SourceRangeKey => (8, 4),
+    ConfigValue => (16, 4),
+    NodeAddrFlags => (4, 4),
+    ServiceName => (64, 1),
+    CtKey => (40, 4),
+    CtEntry => (64, 8),
+    SockKey => (32, 8),
+    SockNat => (32, 4),
+    TrafficStats => (40, 8),
+    BenchTemplate => (68, 4),
+}

@@ -34,17 +34,68 @@ pub struct ServiceKey {
     pub scope: u8,
 }
 
-/// `ServiceValue::scheduler` values: IPVS's algorithms and a few beyond.
-pub const SCHED_RR: u8 = 0;
-pub const SCHED_WRR: u8 = 1;
-pub const SCHED_LC: u8 = 2;
-pub const SCHED_WLC: u8 = 3;
-pub const SCHED_SH: u8 = 4;
-pub const SCHED_DH: u8 = 5;
-pub const SCHED_SED: u8 = 6;
-pub const SCHED_NQ: u8 = 7;
-pub const SCHED_MAGLEV: u8 = 8;
-pub const SCHED_RANDOM: u8 = 9;
+/// Declares the schedulers once: variant, `ServiceValue::scheduler` number and name.
+macro_rules! schedulers {
+    ($($(#[$meta:meta])* $variant:ident = $number:literal, $name:literal;)*) => {
+        /// How a service picks the backend of a new flow: IPVS's algorithms and a few
+        /// beyond. `ServiceValue::scheduler` holds its number; the data path dispatches
+        /// on this enum, so a number it does not know is no scheduler at all.
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+        pub enum Scheduler {
+            $($(#[$meta])* $variant = $number,)*
+        }
+
+        impl Scheduler {
+            pub const ALL: &'static [Scheduler] = &[$(Scheduler::$variant,)*];
+
+            /// The scheduler a `ServiceValue::scheduler` number names.
+            #[inline(always)]
+            pub const fn from_number(number: u8) -> Option<Scheduler> {
+                match number {
+                    $($number => Some(Scheduler::$variant),)*
+                    _ => None,
+                }
+            }
+
+            /// Its name in annotations, flags and listings (IPVS's where IPVS has it).
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Scheduler::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+schedulers! {
+    #[default]
+    Rr = 0, "rr";
+    Wrr = 1, "wrr";
+    Lc = 2, "lc";
+    Wlc = 3, "wlc";
+    Sh = 4, "sh";
+    Dh = 5, "dh";
+    Sed = 6, "sed";
+    Nq = 7, "nq";
+    Maglev = 8, "maglev";
+    Random = 9, "random";
+}
+
+impl Scheduler {
+    /// The `ServiceValue::scheduler` number.
+    #[inline(always)]
+    pub const fn number(self) -> u8 {
+        self as u8
+    }
+}
+
+impl core::fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Entries of `SCHED_TABLES`, shared by every service that has a lookup table (wrr
 /// schedules, sh/dh buckets, Maglev rings), each in its own extent.

@@ -16,10 +16,9 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_prandom_u32, bpf_loop},
 };
 use proxy_common::{
-    addr_hash, flow_hash, Addr, Backend, BackendSlotKey, CtKey, ServiceKey, ServiceValue,
-    ACCT_ACTIVE, ACCT_INACTIVE, MAX_BACKENDS_PER_SERVICE, MAX_LEAST_CONN_SCAN, SCHED_DH, SCHED_LC,
-    SCHED_MAGLEV, SCHED_NQ, SCHED_RANDOM, SCHED_SED, SCHED_SH, SCHED_WLC, SCOPE_ADDRESS,
-    SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
+    addr_hash, flow_hash, Addr, Backend, BackendSlotKey, CtKey, Scheduler, ServiceKey,
+    ServiceValue, ACCT_ACTIVE, ACCT_INACTIVE, MAX_BACKENDS_PER_SERVICE, MAX_LEAST_CONN_SCAN,
+    SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
 };
 
 use crate::maps::{BACKEND_SLOTS, CONN_COUNTS, NODE_ADDRS, RR_CURSORS, SCHED_TABLES, SERVICES};
@@ -209,15 +208,19 @@ fn cycle_len(service: &ServiceValue) -> u32 {
 /// Picks the backend of a new flow with the service's scheduler.
 #[inline(always)]
 pub fn schedule(service: &ServiceValue, key: &CtKey) -> Option<Choice> {
-    match service.scheduler {
-        SCHED_SH => pick(service, addr_hash(&key.src)),
-        SCHED_DH => pick(service, addr_hash(&key.dst)),
-        SCHED_MAGLEV => pick(service, flow_hash(key)),
+    // A number this data path does not know (a newer agent's) schedules nothing: the
+    // flow is refused like one without backends rather than sent by a guess.
+    match Scheduler::from_number(service.scheduler)? {
+        Scheduler::Sh => pick(service, addr_hash(&key.src)),
+        Scheduler::Dh => pick(service, addr_hash(&key.dst)),
+        Scheduler::Maglev => pick(service, flow_hash(key)),
         // SAFETY: helper without arguments.
-        SCHED_RANDOM => pick(service, unsafe { bpf_get_prandom_u32() }),
-        SCHED_LC | SCHED_WLC | SCHED_SED | SCHED_NQ => least_connections(service),
-        // rr and wrr: the table (if any) holds the weighted or quiesce-aware order.
-        _ => pick(service, next_turn(service)?),
+        Scheduler::Random => pick(service, unsafe { bpf_get_prandom_u32() }),
+        Scheduler::Lc | Scheduler::Wlc | Scheduler::Sed | Scheduler::Nq => {
+            least_connections(service)
+        }
+        // The table (if any) holds the weighted or quiesce-aware order.
+        Scheduler::Rr | Scheduler::Wrr => pick(service, next_turn(service)?),
     }
 }
 
@@ -229,9 +232,15 @@ pub fn schedule(service: &ServiceValue, key: &CtKey) -> Option<Choice> {
 /// answers with a reset, so the client learns at once instead of retransmitting.
 #[inline(always)]
 pub fn rehash(service: &ServiceValue, key: &CtKey) -> Option<Choice> {
-    match service.scheduler {
-        SCHED_SH | SCHED_DH | SCHED_MAGLEV => schedule(service, key),
-        _ => backend_in_slot(service, flow_hash(key) % backend_count(service)?),
+    match Scheduler::from_number(service.scheduler)? {
+        Scheduler::Sh | Scheduler::Dh | Scheduler::Maglev => schedule(service, key),
+        Scheduler::Rr
+        | Scheduler::Wrr
+        | Scheduler::Lc
+        | Scheduler::Wlc
+        | Scheduler::Sed
+        | Scheduler::Nq
+        | Scheduler::Random => backend_in_slot(service, flow_hash(key) % backend_count(service)?),
     }
 }
 
@@ -291,16 +300,17 @@ extern "C" fn scan_one(index: u64, ctx: *mut c_void) -> c_long {
     }
     let scheduler = scan.service.scheduler;
     let active = CONN_COUNTS.get(choice.backend.id).map_or(0, |c| c.active);
-    if scheduler == SCHED_NQ && active == 0 {
+    if scheduler == Scheduler::Nq.number() && active == 0 {
         scan.best_slot = slot;
         return 1;
     }
-    let weight = if scheduler == SCHED_LC {
+    let weight = if scheduler == Scheduler::Lc.number() {
         1
     } else {
         u64::from(choice.backend.weight)
     };
-    let load = active + u64::from(scheduler == SCHED_SED || scheduler == SCHED_NQ);
+    let load = active
+        + u64::from(scheduler == Scheduler::Sed.number() || scheduler == Scheduler::Nq.number());
     if scan.best_slot == u32::MAX || load * scan.best_weight < scan.best_load * weight {
         scan.best_slot = slot;
         scan.best_load = load;

@@ -1,6 +1,8 @@
-//! Incremental Internet checksum updates (RFC 1624) for programs that write packet
-//! bytes directly (XDP). Operands are the raw in-memory values of header fields: the
-//! one's complement sum is byte-order independent as long as all of them are.
+//! The Internet checksum, in one place: incremental updates (RFC 1624) for programs
+//! that write packet bytes directly (XDP), and the full sum of headers the data path
+//! builds (IPIP outer headers, ICMP errors). Operands are the raw in-memory values of
+//! header fields: the one's complement sum is byte-order independent as long as all
+//! of them are.
 
 #[inline(always)]
 fn fold(mut sum: u64) -> u16 {
@@ -27,4 +29,14 @@ pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
 #[inline(always)]
 pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
     !fold(u64::from(!check) + u64::from(!old) + u64::from(new))
+}
+
+/// The checksum of `N` 16-bit words (raw memory order in and out).
+#[inline(always)]
+pub fn of_words<const N: usize>(words: &[u16; N]) -> u16 {
+    let mut sum: u64 = 0;
+    for word in words {
+        sum += u64::from(*word);
+    }
+    !fold(sum)
 }

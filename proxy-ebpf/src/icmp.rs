@@ -14,9 +14,10 @@ use proxy_common::{Addr, CtKey, EV_ICMP_TRANSLATED};
 
 use crate::{
     balancer, counters,
+    headers::PROTO_ICMP,
     maps::CONNTRACK,
     packet::{Packet, ETH_LEN, IP_CHECK, IP_DST, IP_SRC},
-    parse::{self, PROTO_ICMP, QUOTED_OFF},
+    parse::{self, QUOTED_OFF},
     translate::{Action, Verdict},
 };
 

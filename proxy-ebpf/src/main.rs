@@ -15,6 +15,7 @@ mod checksum;
 mod conntrack;
 mod counters;
 mod forward;
+mod headers;
 mod icmp;
 mod maps;
 mod packet;

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use proxy_common::PROTO_UDP;
 
-use crate::{checksum, parse::Flow};
+use crate::{checksum, headers::Transport, parse::Flow};
 
 pub const ETH_LEN: usize = 14;
 /// Offsets inside the IPv4 header.
@@ -22,14 +22,11 @@ pub const IP_DST: usize = 16;
 pub const L4_SPORT: usize = 0;
 pub const L4_DPORT: usize = 2;
 
-/// Where the L4 checksum of a flow's protocol lives.
+/// Where the L4 checksum of a flow's protocol lives (`None`: not a protocol the data
+/// path translates, so nothing is rewritten).
 #[inline(always)]
-pub fn l4_check_offset(proto: u8) -> usize {
-    if proto == PROTO_UDP {
-        6
-    } else {
-        16
-    }
+pub fn l4_check_offset(proto: u8) -> Option<usize> {
+    Transport::from_number(proto).map(Transport::check_offset)
 }
 
 pub trait Packet {
@@ -71,16 +68,18 @@ impl XdpPacket<'_> {
     #[inline(always)]
     fn update_l4_check(&self, flow: &Flow, update: impl Fn(u16) -> u16) -> Result<(), ()> {
         let check: *mut u16 = self
-            .ptr_at(flow.l4_off + l4_check_offset(flow.key.proto))
+            .ptr_at(flow.l4_off + l4_check_offset(flow.key.proto).ok_or(())?)
             .ok_or(())?;
+        let zero_is_none =
+            Transport::from_number(flow.key.proto).is_some_and(Transport::zero_check_is_none);
         // SAFETY: bounds checked by ptr_at.
         unsafe {
             let old = check.read_unaligned();
-            if flow.key.proto == PROTO_UDP && old == 0 {
+            if zero_is_none && old == 0 {
                 return Ok(());
             }
             let mut new = update(old);
-            if flow.key.proto == PROTO_UDP && new == 0 {
+            if zero_is_none && new == 0 {
                 new = 0xffff;
             }
             check.write_unaligned(new);
@@ -178,7 +177,7 @@ impl Packet for TcPacket<'_> {
 
     #[inline(always)]
     fn rewrite_addr(&self, flow: &Flow, ip_field: usize, old: u32, new: u32) -> Result<(), ()> {
-        let l4_check = flow.l4_off + l4_check_offset(flow.key.proto);
+        let l4_check = flow.l4_off + l4_check_offset(flow.key.proto).ok_or(())?;
         let flags = Self::l4_csum_flags(flow, 4) | u64::from(BPF_F_PSEUDO_HDR);
         self.0
             .l4_csum_replace(l4_check, u64::from(old), u64::from(new), flags)
@@ -191,7 +190,7 @@ impl Packet for TcPacket<'_> {
 
     #[inline(always)]
     fn rewrite_port(&self, flow: &Flow, l4_field: usize, old: u16, new: u16) -> Result<(), ()> {
-        let l4_check = flow.l4_off + l4_check_offset(flow.key.proto);
+        let l4_check = flow.l4_off + l4_check_offset(flow.key.proto).ok_or(())?;
         self.0
             .l4_csum_replace(
                 l4_check,

@@ -1,16 +1,19 @@
 //! Header parsing: from raw bytes to the 5-tuple and the few TCP facts conntrack needs.
 
-use core::mem::offset_of;
-
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use proxy_common::{Addr, CtKey, PROTO_TCP, PROTO_UDP};
+use proxy_common::{Addr, CtKey, PROTO_TCP};
 
-use crate::packet::{Packet, ETH_LEN};
+use crate::{
+    headers::{
+        self, Transport, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE, IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
+    },
+    packet::{Packet, ETH_LEN},
+};
 
 /// TCP flag bits as in byte 13 of the header.
 pub const TCP_FIN: u8 = 0x01;
@@ -38,9 +41,6 @@ pub enum Skip {
     Fragment,
 }
 
-const IP_MF: u16 = 0x2000;
-const IP_OFFSET_MASK: u16 = 0x1fff;
-
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Result<Flow, Skip> {
     parse_at(pkt, ETH_LEN)
@@ -56,14 +56,8 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
         return Err(Skip::NotOurs);
     }
     let ip: *const Ipv4Hdr = pkt.ptr_at(ip_off).ok_or(Skip::Malformed)?;
-    // The protocol byte is read as a byte: not every value is an `IpProto` variant.
-    let proto: u8 = unsafe {
-        *pkt.ptr_at::<u8>(ip_off + offset_of!(Ipv4Hdr, proto))
-            .ok_or(Skip::Malformed)?
-    };
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Err(Skip::NotOurs);
-    }
+    let proto = headers::ipv4_proto(pkt, ip_off).ok_or(Skip::Malformed)?;
+    let transport = Transport::from_number(proto).ok_or(Skip::NotOurs)?;
     let (vihl, frags, tot_len, src, dst) = unsafe {
         (
             (*ip).vihl,
@@ -74,7 +68,7 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
         )
     };
     let ihl = usize::from(vihl & 0x0f) * 4;
-    let l4_min = if proto == PROTO_TCP { 20 } else { 8 };
+    let l4_min = transport.min_header_len();
     // The stack drops a packet whose IP length exceeds what arrived, or leaves no
     // room for its L4 header: never translate one.
     if vihl >> 4 != 4
@@ -137,9 +131,6 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
     })
 }
 
-pub const PROTO_ICMP: u8 = 1;
-const ICMP_UNREACHABLE: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
 /// Where the ICMP header starts: ICMP errors are only handled without IP options.
 pub const ICMP_OFF: usize = ETH_LEN + 20;
 /// Where the quoted IP header starts.
@@ -167,17 +158,15 @@ pub fn parse_icmp_error<P: Packet>(pkt: &P) -> Option<IcmpError> {
     unsafe {
         if (*eth).ether_type != EtherType::Ipv4 as u16
             || (*ip).vihl != 0x45
-            || (*ip).proto as u8 != PROTO_ICMP
+            || headers::ipv4_proto(pkt, ETH_LEN)? != PROTO_ICMP
             || u16::from_be_bytes((*ip).frags) & (IP_MF | IP_OFFSET_MASK) != 0
             || !matches!((*icmp)[0], ICMP_UNREACHABLE | ICMP_TIME_EXCEEDED)
             || (*quoted).vihl != 0x45
         {
             return None;
         }
-        let proto = (*quoted).proto as u8;
-        if proto != PROTO_TCP && proto != PROTO_UDP {
-            return None;
-        }
+        let proto = headers::ipv4_proto(pkt, QUOTED_OFF)?;
+        Transport::from_number(proto)?;
         let ports = ports.read_unaligned();
         Some(IcmpError {
             outer_src: Addr::from_v4_be(u32::from_ne_bytes((*ip).src_addr)),

@@ -18,7 +18,7 @@ use crate::{
     balancer::{self, Choice},
     conntrack::{self, Lookup},
     counters::{self, Direction},
-    icmp,
+    headers, icmp,
     maps::{CONNTRACK, NODE_CONFIG},
     packet::{Packet, XdpPacket, ETH_LEN, IP_DST, IP_SRC, L4_DPORT, L4_SPORT},
     parse::{self, Flow, Skip, TCP_ACK, TCP_RST, TCP_SYN},
@@ -182,7 +182,7 @@ fn follow<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry, new_flow: bool) -> V
             dst: entry.nat_dst,
             sport: 0,
             dport: 0,
-            proto: tunnel::PROTO_IPIP,
+            proto: headers::PROTO_IPIP,
             _pad: [0; 3],
         };
         return Verdict {

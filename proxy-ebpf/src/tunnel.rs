@@ -28,23 +28,20 @@ use proxy_common::{
 };
 
 use crate::{
-    counters,
+    checksum, counters,
     forward::fib_query,
+    headers::{
+        self, ICMP_FRAG_NEEDED, ICMP_UNREACHABLE, IP_DF, IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
+        PROTO_IPIP,
+    },
     maps::NODE_CONFIG,
     packet::{Packet, XdpPacket, ETH_LEN},
 };
 
-pub const PROTO_IPIP: u8 = 4;
 /// The outer header: IPv4 without options.
 pub const OUTER_LEN: usize = 20;
-const PROTO_ICMP: u8 = 1;
-const IP_DF: u8 = 0x40;
-const IP_MF_OR_OFFSET: u16 = 0x3fff;
 const TTL: u8 = 64;
 const FIB_FRAG_NEEDED: i64 = 8;
-/// ICMP destination unreachable, fragmentation needed (RFC 792, RFC 1191).
-const ICMP_UNREACHABLE: u8 = 3;
-const ICMP_FRAG_NEEDED: u8 = 4;
 /// An ICMP error quotes the offending IP header and the first 8 bytes after it.
 const QUOTED_LEN: usize = 20 + 8;
 const ICMP_LEN: usize = 8;
@@ -61,7 +58,7 @@ pub fn outer_destination<P: Packet>(pkt: &P) -> Option<Addr> {
         (
             ethertype.read_unaligned(),
             (*ip).vihl,
-            (*ip).proto as u8,
+            headers::ipv4_proto(pkt, ETH_LEN)?,
             u16::from_be_bytes((*ip).frags),
             usize::from(u16::from_be_bytes((*ip).tot_len)),
             u32::from_ne_bytes((*ip).dst_addr),
@@ -70,7 +67,7 @@ pub fn outer_destination<P: Packet>(pkt: &P) -> Option<Addr> {
     let plain = ethertype == EtherType::Ipv4 as u16
         && vihl == 0x45
         && proto == PROTO_IPIP
-        && frags & IP_MF_OR_OFFSET == 0
+        && frags & (IP_MF | IP_OFFSET_MASK) == 0
         && tot_len >= OUTER_LEN + 20
         && ETH_LEN + tot_len <= pkt.len();
     plain.then(|| Addr::from_v4_be(dst))
@@ -92,18 +89,6 @@ pub fn decapsulate(ctx: &XdpContext) -> Result<(), ()> {
     Ok(())
 }
 
-/// The Internet checksum of `N` 16-bit words (raw memory order in and out).
-#[inline(always)]
-fn checksum<const N: usize>(words: &[u16; N]) -> u16 {
-    let mut sum: u32 = 0;
-    for word in words {
-        sum += u32::from(*word);
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
 /// An IPv4 header without options, its checksum filled in.
 #[inline(always)]
 fn ipv4_header(tos: u8, tot_len: u16, df: bool, proto: u8, src: Addr, dst: Addr) -> [u16; 10] {
@@ -122,7 +107,7 @@ fn ipv4_header(tos: u8, tot_len: u16, df: bool, proto: u8, src: Addr, dst: Addr)
         u16::from_ne_bytes([dst[0], dst[1]]),
         u16::from_ne_bytes([dst[2], dst[3]]),
     ];
-    header[5] = checksum(&header);
+    header[5] = checksum::of_words(&header);
     header
 }
 
@@ -243,7 +228,7 @@ fn frag_needed(ctx: &XdpContext, mtu: u16) -> Result<(), ()> {
         for (i, word) in words.iter_mut().enumerate() {
             *word = u16::from_ne_bytes([bytes[icmp + 2 * i], bytes[icmp + 2 * i + 1]]);
         }
-        let sum = checksum(&words).to_ne_bytes();
+        let sum = checksum::of_words(&words).to_ne_bytes();
         bytes[icmp + 2] = sum[0];
         bytes[icmp + 3] = sum[1];
     }

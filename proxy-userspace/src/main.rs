@@ -15,10 +15,11 @@ use ebpf_proxy::{
     conntrack,
     datapath::{attach, loader::MapSizes, mmap::MappedArray, tables::Tables},
     listing,
-    model::{Forwarding, Protocol, Scheduler, SourceRange},
+    model::{parse_scheduler, Forwarding, Protocol, Scheduler, SourceRange},
     node::NodeConfig,
     trace,
 };
+use proxy_common::map_name;
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ebpf-proxy";
 
@@ -166,7 +167,7 @@ struct RunArgs {
     xdp_mode: XdpModeArg,
     /// Scheduler of services without the `ebpf-proxy.io/scheduler` annotation:
     /// rr, wrr, lc, wlc, sh, dh, sed, nq, maglev, random.
-    #[arg(long, default_value = "rr")]
+    #[arg(long, default_value = "rr", value_parser = parse_scheduler)]
     scheduler: Scheduler,
     /// Handle only services labelled `service.kubernetes.io/service-proxy-name` with
     /// this value (kube-proxy skips labelled services): runs beside kube-proxy on a
@@ -376,7 +377,7 @@ fn conntrack_command(action: ConntrackAction) -> Result<()> {
             backend,
         } => {
             let mut tables = Tables::open(&pin_dir)?;
-            let counts = MappedArray::open(&pin_dir, "CONN_COUNTS")?;
+            let counts = MappedArray::open(&pin_dir, map_name::CONN_COUNTS)?;
             let backend = backend.map(|b| parse_backend(&b)).transpose()?;
             let names = tables.service_names_by_id();
             let flushed = conntrack::flush(&mut tables, &counts, |_, entry| {

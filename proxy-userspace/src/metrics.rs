@@ -18,6 +18,7 @@ use prometheus_client::{
 };
 
 use crate::{datapath::tables::Tables, listing};
+use proxy_common::map_name;
 
 /// Counters the agent updates as it works.
 #[derive(Clone)]
@@ -205,9 +206,9 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics) -> Result<String> {
     let entries = Family::<Labels, Gauge>::default();
     let capacity = Family::<Labels, Gauge>::default();
     let fill = [
-        ("SERVICES", tables.services.keys().count()),
-        ("BACKEND_SLOTS", tables.slots.keys().count()),
-        ("CONNTRACK", tables.conntrack.keys().count()),
+        (map_name::SERVICES, tables.services.keys().count()),
+        (map_name::BACKEND_SLOTS, tables.slots.keys().count()),
+        (map_name::CONNTRACK, tables.conntrack.keys().count()),
     ];
     for (map, used) in fill {
         let max = tables.capacity(map)?;

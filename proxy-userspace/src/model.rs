@@ -87,93 +87,20 @@ pub struct Endpoint {
     pub weight: u32,
 }
 
-/// How a service picks the backend of a new flow.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-pub enum Scheduler {
-    #[default]
-    Rr,
-    Wrr,
-    Lc,
-    Wlc,
-    Sh,
-    Dh,
-    Sed,
-    Nq,
-    Maglev,
-    Random,
-}
+/// How a service picks the backend of a new flow: defined with its numbers and names
+/// in proxy-common, which the data path dispatches on.
+pub use proxy_common::Scheduler;
 
-impl Scheduler {
-    pub const ALL: [Scheduler; 10] = [
-        Scheduler::Rr,
-        Scheduler::Wrr,
-        Scheduler::Lc,
-        Scheduler::Wlc,
-        Scheduler::Sh,
-        Scheduler::Dh,
-        Scheduler::Sed,
-        Scheduler::Nq,
-        Scheduler::Maglev,
-        Scheduler::Random,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Scheduler::Rr => "rr",
-            Scheduler::Wrr => "wrr",
-            Scheduler::Lc => "lc",
-            Scheduler::Wlc => "wlc",
-            Scheduler::Sh => "sh",
-            Scheduler::Dh => "dh",
-            Scheduler::Sed => "sed",
-            Scheduler::Nq => "nq",
-            Scheduler::Maglev => "maglev",
-            Scheduler::Random => "random",
-        }
-    }
-
-    /// The `ServiceValue::scheduler` value.
-    pub fn number(self) -> u8 {
-        use proxy_common::*;
-        match self {
-            Scheduler::Rr => SCHED_RR,
-            Scheduler::Wrr => SCHED_WRR,
-            Scheduler::Lc => SCHED_LC,
-            Scheduler::Wlc => SCHED_WLC,
-            Scheduler::Sh => SCHED_SH,
-            Scheduler::Dh => SCHED_DH,
-            Scheduler::Sed => SCHED_SED,
-            Scheduler::Nq => SCHED_NQ,
-            Scheduler::Maglev => SCHED_MAGLEV,
-            Scheduler::Random => SCHED_RANDOM,
-        }
-    }
-
-    pub fn from_number(n: u8) -> Option<Scheduler> {
-        Scheduler::ALL.into_iter().find(|s| s.number() == n)
-    }
-}
-
-impl std::str::FromStr for Scheduler {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Scheduler, String> {
-        Scheduler::ALL
-            .into_iter()
-            .find(|k| k.name() == s.trim())
-            .ok_or_else(|| {
-                let known: Vec<&str> = Scheduler::ALL.iter().map(|k| k.name()).collect();
-                format!("unknown scheduler {s:?} (known: {})", known.join(", "))
-            })
-    }
-}
-
-impl fmt::Display for Scheduler {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
+/// A scheduler by its name (annotation, `--scheduler`).
+pub fn parse_scheduler(name: &str) -> Result<Scheduler, String> {
+    Scheduler::ALL
+        .iter()
+        .copied()
+        .find(|k| k.name() == name.trim())
+        .ok_or_else(|| {
+            let known: Vec<&str> = Scheduler::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown scheduler {name:?} (known: {})", known.join(", "))
+        })
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use proxy_common::{
-    Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, NodeAddrFlags, ServiceKey,
+    map_name, Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, NodeAddrFlags, ServiceKey,
     ServiceValue, BACKEND_F_REMOTE, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE,
     CONFIG_XDP_FORWARD, MAX_BACKENDS_PER_SERVICE, PROTO_UDP, SCOPE_ADDRESS, SCOPE_NODE_PORT,
     SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_DSR, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
@@ -184,8 +184,8 @@ impl Syncer {
     /// Rebuilds the in-memory view from the maps (a restart finds them pinned) and
     /// deletes slots a crashed predecessor may have left beyond a service's count.
     pub fn recover(mut tables: Tables) -> Result<Syncer> {
-        let sched_tables = MappedArray::<u32>::open(&tables.pin_dir, "SCHED_TABLES")?;
-        let conn_counts = MappedArray::<ConnCounts>::open(&tables.pin_dir, "CONN_COUNTS")?;
+        let sched_tables = MappedArray::<u32>::open(&tables.pin_dir, map_name::SCHED_TABLES)?;
+        let conn_counts = MappedArray::<ConnCounts>::open(&tables.pin_dir, map_name::CONN_COUNTS)?;
         let mut programmed = BTreeMap::new();
         let mut service_ids = BTreeSet::new();
         let mut backend_ids = BTreeSet::new();

@@ -152,7 +152,13 @@ pub fn explain(
         out.steps
             .push("loadBalancerSourceRanges: the source is admitted".into());
     }
-    let scheduler = Scheduler::from_number(service.scheduler).unwrap_or_default();
+    let Some(scheduler) = Scheduler::from_number(service.scheduler) else {
+        out.steps.push(format!(
+            "scheduler number {} is unknown to this data path: a new flow is dropped (event no_backend)",
+            service.scheduler
+        ));
+        return Ok(out);
+    };
     let bound = bound_slot(tables, &service, &key);
     if let Some((_, why)) = &bound {
         out.steps.push(why.clone());

@@ -66,8 +66,8 @@ use k8s_openapi::api::{
 use crate::{
     manifests::Objects,
     model::{
-        DesiredState, Endpoint, Forwarding, Frontend, FrontendKey, HealthCheck, Listen, Problem,
-        Protocol, Scheduler, SourceRange,
+        parse_scheduler, DesiredState, Endpoint, Forwarding, Frontend, FrontendKey, HealthCheck,
+        Listen, Problem, Protocol, Scheduler, SourceRange,
     },
     tracker::ChangeTracker,
 };
@@ -457,7 +457,10 @@ pub(crate) fn service_output(
     let mut local_serving = BTreeSet::new();
 
     let annotations = service.metadata.annotations.clone().unwrap_or_default();
-    let scheduler = match annotations.get(ANNOTATION_SCHEDULER).map(|s| s.parse()) {
+    let scheduler = match annotations
+        .get(ANNOTATION_SCHEDULER)
+        .map(|s| parse_scheduler(s))
+    {
         None => default_scheduler,
         Some(Ok(scheduler)) => scheduler,
         Some(Err(message)) => {

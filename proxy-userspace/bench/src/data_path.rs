@@ -27,7 +27,7 @@ use ebpf_proxy::{
     sync::{NodeSettings, Syncer},
 };
 use etherparse::PacketBuilder;
-use proxy_common::BenchTemplate;
+use proxy_common::{map_name, BenchTemplate};
 use serde::Serialize;
 
 static WRAPPER_OBJECT: &[u8] = ebpf_proxy::datapath::BENCH_WRAPPER_OBJECT;
@@ -187,8 +187,8 @@ impl Bench {
         };
         let mut targets: ProgramArray<_> = self
             .wrapper
-            .map_mut("BENCH_TARGET")
-            .context("BENCH_TARGET")?
+            .map_mut(map_name::BENCH_TARGET)
+            .context(map_name::BENCH_TARGET)?
             .try_into()?;
         targets.set(0, &fd, 0)?;
         Ok(())
@@ -197,8 +197,8 @@ impl Bench {
     fn set_frame(&mut self, bytes: [u8; 64], vary_flow: bool) -> Result<()> {
         let mut template: Array<_, BenchTemplate> = self
             .wrapper
-            .map_mut("BENCH_TEMPLATE")
-            .context("BENCH_TEMPLATE")?
+            .map_mut(map_name::BENCH_TEMPLATE)
+            .context(map_name::BENCH_TEMPLATE)?
             .try_into()?;
         template.set(
             0,

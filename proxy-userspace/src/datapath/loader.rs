@@ -15,6 +15,7 @@ use aya::{
 };
 
 use super::{EBPF_OBJECT, PROG_POD, PROG_SOCK_HOOKS, PROG_UPLINK};
+use proxy_common::map_name;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -70,14 +71,14 @@ impl MapSizes {
     /// Every sized map and its size.
     pub fn by_map(&self) -> [(&'static str, u32); 8] {
         [
-            ("SERVICES", self.services),
-            ("RR_CURSORS", self.services),
-            ("SERVICE_STATS", self.services),
-            ("SERVICE_NAMES", self.services),
-            ("BACKEND_SLOTS", self.backends),
-            ("BACKEND_STATS", self.backends),
-            ("CONN_COUNTS", self.backends),
-            ("CONNTRACK", self.conntrack),
+            (map_name::SERVICES, self.services),
+            (map_name::RR_CURSORS, self.services),
+            (map_name::SERVICE_STATS, self.services),
+            (map_name::SERVICE_NAMES, self.services),
+            (map_name::BACKEND_SLOTS, self.backends),
+            (map_name::BACKEND_STATS, self.backends),
+            (map_name::CONN_COUNTS, self.backends),
+            (map_name::CONNTRACK, self.conntrack),
         ]
     }
 }

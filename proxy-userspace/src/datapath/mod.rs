@@ -28,3 +28,42 @@ pub const PROG_SOCK_HOOKS: [&str; 4] = [
     "sock_recvmsg4",
     "sock_getpeername4",
 ];
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proxy_common::map_name;
+
+    use super::*;
+
+    /// The maps (not the data sections aya also models as maps) and programs of an
+    /// object.
+    fn contents(object: &[u8]) -> (BTreeSet<String>, BTreeSet<String>) {
+        let object = aya_obj::Object::parse(object).expect("a valid eBPF object");
+        let maps = object
+            .maps
+            .keys()
+            .filter(|name| !name.starts_with('.'))
+            .cloned()
+            .collect();
+        (maps, object.programs.keys().cloned().collect())
+    }
+
+    #[test]
+    fn the_object_has_exactly_the_maps_and_programs_the_agent_names() {
+        let (maps, programs) = contents(EBPF_OBJECT);
+        let named: BTreeSet<String> = map_name::ALL.iter().map(|n| n.to_string()).collect();
+        assert_eq!(maps, named);
+        for program in [PROG_UPLINK, PROG_POD].iter().chain(&PROG_SOCK_HOOKS) {
+            assert!(programs.contains(*program), "{program} not in {programs:?}");
+        }
+    }
+
+    #[test]
+    fn the_bench_wrapper_has_exactly_its_named_maps() {
+        let (maps, _) = contents(BENCH_WRAPPER_OBJECT);
+        let named: BTreeSet<String> = map_name::BENCH.iter().map(|n| n.to_string()).collect();
+        assert_eq!(maps, named);
+    }
+}

@@ -9,9 +9,9 @@ use aya::maps::{
     Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
 };
 use proxy_common::{
-    Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
-    CtKey, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue, SourceRangeKey, TrafficStats,
-    DATAPATH_EVENT_NAMES, SOURCE_RANGE_ID_BITS,
+    map_name, Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts,
+    CtEntry, CtKey, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue, SourceRangeKey,
+    TrafficStats, DATAPATH_EVENT_NAMES, SOURCE_RANGE_ID_BITS,
 };
 
 use crate::model::SourceRange;
@@ -47,7 +47,7 @@ fn open(dir: &Path, name: &str) -> Result<Map> {
 }
 
 macro_rules! typed {
-    ($dir:expr, $name:literal) => {
+    ($dir:expr, $name:expr) => {
         open($dir, $name)?
             .try_into()
             .with_context(|| format!("map {} has an unexpected layout", $name))?
@@ -58,20 +58,20 @@ impl Tables {
     pub fn open(dir: &Path) -> Result<Tables> {
         Ok(Tables {
             pin_dir: dir.to_owned(),
-            services: typed!(dir, "SERVICES"),
-            slots: typed!(dir, "BACKEND_SLOTS"),
-            rr_cursors: typed!(dir, "RR_CURSORS"),
-            node_addrs: typed!(dir, "NODE_ADDRS"),
-            config: typed!(dir, "NODE_CONFIG"),
-            conntrack: typed!(dir, "CONNTRACK"),
-            service_stats: typed!(dir, "SERVICE_STATS"),
-            backend_stats: typed!(dir, "BACKEND_STATS"),
-            events: typed!(dir, "DATAPATH_EVENTS"),
-            service_names: typed!(dir, "SERVICE_NAMES"),
-            conn_counts: typed!(dir, "CONN_COUNTS"),
-            sched_tables: typed!(dir, "SCHED_TABLES"),
-            source_ranges: typed!(dir, "SOURCE_RANGES"),
-            affinity: typed!(dir, "AFFINITY"),
+            services: typed!(dir, map_name::SERVICES),
+            slots: typed!(dir, map_name::BACKEND_SLOTS),
+            rr_cursors: typed!(dir, map_name::RR_CURSORS),
+            node_addrs: typed!(dir, map_name::NODE_ADDRS),
+            config: typed!(dir, map_name::NODE_CONFIG),
+            conntrack: typed!(dir, map_name::CONNTRACK),
+            service_stats: typed!(dir, map_name::SERVICE_STATS),
+            backend_stats: typed!(dir, map_name::BACKEND_STATS),
+            events: typed!(dir, map_name::DATAPATH_EVENTS),
+            service_names: typed!(dir, map_name::SERVICE_NAMES),
+            conn_counts: typed!(dir, map_name::CONN_COUNTS),
+            sched_tables: typed!(dir, map_name::SCHED_TABLES),
+            source_ranges: typed!(dir, map_name::SOURCE_RANGES),
+            affinity: typed!(dir, map_name::AFFINITY),
         })
     }
 
@@ -128,15 +128,15 @@ impl Tables {
     /// How many service ids the maps hold (the smallest of the per-service maps).
     pub fn services_capacity(&self) -> Result<u32> {
         Ok(self
-            .capacity("SERVICES")?
-            .min(self.capacity("SERVICE_STATS")?))
+            .capacity(map_name::SERVICES)?
+            .min(self.capacity(map_name::SERVICE_STATS)?))
     }
 
     /// How many backend ids the maps hold.
     pub fn backends_capacity(&self) -> Result<u32> {
         Ok(self
-            .capacity("BACKEND_SLOTS")?
-            .min(self.capacity("CONN_COUNTS")?))
+            .capacity(map_name::BACKEND_SLOTS)?
+            .min(self.capacity(map_name::CONN_COUNTS)?))
     }
 
     /// `namespace/name:port` of every service id.

@@ -1,0 +1,49 @@
+//! The names of the pinned maps, defined once. aya names a map after its `#[map]`
+//! static in proxy-ebpf (`maps.rs`), so those statics carry exactly these names; the
+//! agent opens maps only through these constants. `datapath::loader`'s tests check the
+//! built object against `ALL` (and the bench wrapper against `BENCH`), so a renamed or
+//! added map cannot drift from this list.
+
+pub const SERVICES: &str = "SERVICES";
+pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+pub const RR_CURSORS: &str = "RR_CURSORS";
+pub const SCHED_TABLES: &str = "SCHED_TABLES";
+pub const CONN_COUNTS: &str = "CONN_COUNTS";
+pub const NODE_ADDRS: &str = "NODE_ADDRS";
+pub const NODE_CONFIG: &str = "NODE_CONFIG";
+pub const CONNTRACK: &str = "CONNTRACK";
+pub const SERVICE_STATS: &str = "SERVICE_STATS";
+pub const BACKEND_STATS: &str = "BACKEND_STATS";
+pub const AFFINITY: &str = "AFFINITY";
+pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+pub const DATAPATH_EVENTS: &str = "DATAPATH_EVENTS";
+pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
+pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
+pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
+
+/// Every map of the data path's object.
+pub const ALL: [&str; 16] = [
+    SERVICES,
+    BACKEND_SLOTS,
+    RR_CURSORS,
+    SCHED_TABLES,
+    CONN_COUNTS,
+    NODE_ADDRS,
+    NODE_CONFIG,
+    CONNTRACK,
+    SERVICE_STATS,
+    BACKEND_STATS,
+    AFFINITY,
+    SOURCE_RANGES,
+    DATAPATH_EVENTS,
+    SOCK_REVERSE,
+    SOCK_AFFINITY,
+    SERVICE_NAMES,
+];
+
+/// The bench wrapper's own maps: the program it tail-calls, the frame it restores,
+/// and its iteration count (the wrapper's alone).
+pub const BENCH_TARGET: &str = "BENCH_TARGET";
+pub const BENCH_TEMPLATE: &str = "BENCH_TEMPLATE";
+pub const BENCH_TURN: &str = "BENCH_TURN";
+pub const BENCH: [&str; 3] = [BENCH_TARGET, BENCH_TEMPLATE, BENCH_TURN];

@@ -1,0 +1,79 @@
+//! Header facts every module shares, defined once: protocol numbers, IPv4 flag bits,
+//! ICMP types, and the transport protocols the data path translates, each named (a
+//! protocol is never "TCP because it is not UDP").
+
+use core::mem::offset_of;
+
+use network_types::ip::Ipv4Hdr;
+use proxy_common::{PROTO_TCP, PROTO_UDP};
+
+use crate::packet::Packet;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_IPIP: u8 = 4;
+
+/// IPv4 fragment field (host order): more fragments, fragment offset.
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET_MASK: u16 = 0x1fff;
+/// Don't fragment, in the first byte of the fragment field.
+pub const IP_DF: u8 = 0x40;
+
+/// ICMP destination unreachable and its fragmentation-needed code (RFC 792, RFC 1191),
+/// time exceeded.
+pub const ICMP_UNREACHABLE: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// The protocol byte of the IPv4 header at `ip_off`, read as a byte: network-types
+/// 0.1 declares it as the `IpProto` enum, and reading an enum whose value has no
+/// variant from packet memory is undefined behaviour.
+#[inline(always)]
+pub fn ipv4_proto<P: Packet>(pkt: &P, ip_off: usize) -> Option<u8> {
+    let byte: *const u8 = pkt.ptr_at(ip_off + offset_of!(Ipv4Hdr, proto))?;
+    // SAFETY: bounds-checked by ptr_at.
+    Some(unsafe { *byte })
+}
+
+/// A transport protocol the data path translates, and where its header keeps what
+/// translation touches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    #[inline(always)]
+    pub fn from_number(proto: u8) -> Option<Transport> {
+        match proto {
+            PROTO_TCP => Some(Transport::Tcp),
+            PROTO_UDP => Some(Transport::Udp),
+            _ => None,
+        }
+    }
+
+    /// The smallest header: ports, and everything up to the checksum.
+    #[inline(always)]
+    pub fn min_header_len(self) -> usize {
+        match self {
+            Transport::Tcp => 20,
+            Transport::Udp => 8,
+        }
+    }
+
+    /// Where the checksum sits in the header.
+    #[inline(always)]
+    pub fn check_offset(self) -> usize {
+        match self {
+            Transport::Tcp => 16,
+            Transport::Udp => 6,
+        }
+    }
+
+    /// Whether a zero checksum means "none" (UDP over IPv4): it stays zero, and a
+    /// computed zero is sent as 0xffff.
+    #[inline(always)]
+    pub fn zero_check_is_none(self) -> bool {
+        self == Transport::Udp
+    }
+}
