@@ -16,6 +16,7 @@ use tokio::{signal::unix, sync::mpsc};
 use tracing::{debug, info, warn};
 
 use crate::{
+    capabilities,
     datapath::{
         attach,
         interfaces::{self, LinkEvent},
@@ -23,25 +24,21 @@ use crate::{
         tables::Tables,
     },
     healthcheck::HealthCheckServers,
-    kubernetes::{
-        self,
-        events::EventReporter,
-        watch::{Change, Received, Update},
-    },
-    manifests,
     metrics::AgentMetrics,
     model::{Forwarding, Problem, Scheduler, Severity, SourceRange},
     node::NodeConfig,
     server::{self, Status},
+    source::{ProblemReporter, Source, SourceEvent, SourceUpdate, Updates},
     sync::{NodeSettings, Syncer},
     tracker::ChangeTracker,
-    translate::object_name,
 };
 
 pub struct AgentConfig {
     pub node: NodeConfig,
     pub pin_dir: PathBuf,
-    pub source: SourceConfig,
+    /// The shortest time between two syncs (kube-proxy's `--min-sync-period`): changes
+    /// arriving within it are batched into one sync; zero syncs every change at once.
+    pub min_sync_period: Duration,
     pub xdp_mode: XdpMode,
     pub cgroup: PathBuf,
     /// Created once services are programmed and present interfaces attached.
@@ -90,77 +87,14 @@ fn own_netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
-/// Where the services come from.
-pub enum SourceConfig {
-    /// A manifests file, re-read when its bytes change (checked every `poll_interval`).
-    Manifests {
-        path: PathBuf,
-        poll_interval: Duration,
-    },
-    /// The API server (in-cluster, or through `kubeconfig`). Changes are applied at
-    /// most once per `min_sync_period` (kube-proxy's `--min-sync-period`): a burst
-    /// of changes becomes one sync; 0 syncs every change at once.
-    Kubernetes {
-        kubeconfig: Option<PathBuf>,
-        min_sync_period: Duration,
-    },
-}
-
-/// Re-reads the manifests when their bytes change; keeps the last good state when
-/// the file is missing or unreadable.
-struct ManifestSource {
-    path: PathBuf,
-    last: Option<Vec<u8>>,
-    unreadable_reported: bool,
-}
-
-impl ManifestSource {
-    fn changed(&mut self) -> Option<Vec<u8>> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => {
-                self.unreadable_reported = false;
-                if self.last.as_ref() == Some(&bytes) {
-                    return None;
-                }
-                self.last = Some(bytes.clone());
-                Some(bytes)
-            }
-            Err(e) => {
-                if !self.unreadable_reported {
-                    warn!(path = %self.path.display(), "manifests unreadable ({e}); keeping the last programmed state");
-                    self.unreadable_reported = true;
-                }
-                None
-            }
-        }
-    }
-
-    /// Feeds a new version of the manifests to the tracker; returns parse problems.
-    fn load(&self, bytes: &[u8], tracker: &mut ChangeTracker) -> Vec<Problem> {
-        let text = String::from_utf8_lossy(bytes);
-        let (objects, problems) = manifests::parse(&text, &self.path.display().to_string());
-        if problems.is_empty() {
-            tracker.replace_all(&objects);
-        } else {
-            // A malformed document may have held objects that still serve traffic:
-            // apply what parsed, remove nothing until the file parses cleanly again.
-            warn!(
-                malformed = problems.len(),
-                "manifests have malformed documents: updating what parsed, removing nothing"
-            );
-            tracker.merge(&objects);
-        }
-        problems
-    }
-}
-
 /// Programs what the tracker holds into the maps, and everything that follows from
 /// it: health-check servers, metrics, logs and Events.
 struct Programmer {
     tracker: ChangeTracker,
     syncer: Syncer,
     health_checks: HealthCheckServers,
-    events: Option<EventReporter>,
+    /// Told about every sync's problems besides logs and metrics (Kubernetes Events).
+    reporters: Vec<Box<dyn ProblemReporter>>,
     metrics: AgentMetrics,
     /// Until one sync compared everything with the pinned maps, syncs are full ones
     /// (the maps may hold a predecessor's state).
@@ -191,8 +125,8 @@ impl Programmer {
                 Severity::Warning => info!("{problem}"),
             }
         }
-        if let Some(events) = &mut self.events {
-            events.report(&problems);
+        for reporter in &mut self.reporters {
+            reporter.report(&problems);
         }
         let metrics = &self.metrics;
         metrics.syncs.inc();
@@ -222,87 +156,25 @@ impl Programmer {
     }
 }
 
-/// The Kubernetes source's state between syncs.
-struct KubernetesFeed {
-    updates: mpsc::Receiver<Received>,
+/// When to sync: the sources' updates are applied to the tracker as they arrive, and
+/// programmed once every source has said its first view in full, then at most once
+/// per `min_sync_period`.
+struct SyncSchedule {
     min_sync_period: Duration,
-    /// Kinds whose first full list arrived; the first sync waits for all three, so
-    /// that a restart never programs services without their endpoints.
-    listed: BTreeSet<&'static str>,
+    /// Sources that have not said `Listed` yet.
+    unlisted: BTreeSet<&'static str>,
     /// When the oldest change not yet programmed arrived.
     pending_since: Option<Instant>,
+    /// Problems reported by sources since the last sync, reported with the next.
+    pending_problems: Vec<Problem>,
     last_sync: Option<Instant>,
 }
 
-const KINDS: [&str; 3] = ["services", "endpointslices", "nodes"];
-
-impl KubernetesFeed {
-    /// Applies one update to the tracker.
-    fn apply(
-        &mut self,
-        update: Update,
-        received: Instant,
-        tracker: &mut ChangeTracker,
-        metrics: &AgentMetrics,
-    ) {
-        let kind = match update {
-            Update::Service(change) => {
-                match change {
-                    Change::Applied(s) => tracker.set_service(*s),
-                    Change::Deleted(s) => tracker
-                        .remove_service(&object_name(&s.metadata.namespace, &s.metadata.name)),
-                    Change::Relisted(all) => {
-                        tracker.replace_services(&all);
-                        self.listed.insert("services");
-                    }
-                }
-                "services"
-            }
-            Update::Slice(change) => {
-                match change {
-                    Change::Applied(s) => tracker.set_slice(*s),
-                    Change::Deleted(s) => {
-                        tracker.remove_slice(&object_name(&s.metadata.namespace, &s.metadata.name))
-                    }
-                    Change::Relisted(all) => {
-                        tracker.replace_slices(&all);
-                        self.listed.insert("endpointslices");
-                    }
-                }
-                "endpointslices"
-            }
-            Update::Node(change) => {
-                match change {
-                    Change::Applied(n) => tracker.set_node(Some(&n)),
-                    Change::Deleted(_) => tracker.set_node(None),
-                    Change::Relisted(all) => {
-                        tracker.set_node(all.first());
-                        self.listed.insert("nodes");
-                    }
-                }
-                "nodes"
-            }
-            Update::Trouble { kind, error } => {
-                warn!(
-                    kind,
-                    "watching the API server: {error}; the programmed state stays, retrying"
-                );
-                metrics
-                    .source_errors
-                    .get_or_create(&vec![("resource".to_owned(), kind.to_owned())])
-                    .inc();
-                return;
-            }
-        };
-        debug!(kind, "update");
-        self.pending_since.get_or_insert(received);
-    }
-
-    /// When the pending changes should be programmed: never before every kind was
-    /// listed, and not sooner than `min_sync_period` after the last sync.
+impl SyncSchedule {
+    /// When the pending changes should be programmed.
     fn due(&self) -> Option<tokio::time::Instant> {
         self.pending_since?;
-        if self.listed.len() < KINDS.len() {
+        if !self.unlisted.is_empty() {
             return None;
         }
         let at = self
@@ -310,41 +182,60 @@ impl KubernetesFeed {
             .map_or_else(Instant::now, |last| last + self.min_sync_period);
         Some(tokio::time::Instant::from_std(at))
     }
-}
 
-/// The capabilities the agent needs, and why (see also deploy/daemonset.yaml).
-const REQUIRED_CAPABILITIES: [(u32, &str, &str); 3] = [
-    (39, "CAP_BPF", "load programs and create maps"),
-    (38, "CAP_PERFMON", "load programs that use packet pointers"),
-    (
-        12,
-        "CAP_NET_ADMIN",
-        "attach XDP, tc and cgroup programs, set accept_local on uplinks",
-    ),
-];
-
-/// Fails clearly, before touching anything, when a needed capability is missing.
-fn check_capabilities() -> Result<()> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let effective = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .context("no CapEff in /proc/self/status")?;
-    let missing: Vec<String> = REQUIRED_CAPABILITIES
-        .iter()
-        .filter(|(bit, _, _)| effective & (1 << bit) == 0)
-        .map(|(_, name, why)| format!("{name} ({why})"))
-        .collect();
-    if !missing.is_empty() {
-        anyhow::bail!("missing capabilities: {}", missing.join(", "));
+    /// Every source said its first view and all of it is programmed.
+    fn caught_up(&self) -> bool {
+        self.unlisted.is_empty() && self.pending_since.is_none()
     }
-    Ok(())
+
+    /// Applies one update to the tracker.
+    fn apply(&mut self, update: SourceUpdate, tracker: &mut ChangeTracker, metrics: &AgentMetrics) {
+        let SourceUpdate {
+            source,
+            event,
+            received,
+        } = update;
+        match event {
+            SourceEvent::Changed(change) => tracker.apply(change),
+            SourceEvent::Snapshot {
+                objects,
+                complete,
+                problems,
+            } => {
+                if !complete {
+                    warn!(
+                        source,
+                        unreadable = problems.len(),
+                        "part of the source could not be read: updating what was read, removing nothing"
+                    );
+                }
+                tracker.apply_snapshot(&objects, complete);
+                self.pending_problems.extend(problems);
+            }
+            SourceEvent::Listed => {
+                self.unlisted.remove(source);
+                return;
+            }
+            SourceEvent::Trouble { what, error } => {
+                warn!(
+                    source,
+                    what, "reading failed: {error}; the programmed state stays, retrying"
+                );
+                metrics
+                    .source_errors
+                    .get_or_create(&vec![("resource".to_owned(), what)])
+                    .inc();
+                return;
+            }
+        }
+        debug!(source, "update");
+        self.pending_since.get_or_insert(received);
+    }
 }
 
-pub async fn run(config: AgentConfig) -> Result<()> {
-    check_capabilities()?;
+/// Runs the agent with `sources` until SIGTERM or Ctrl-C.
+pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<()> {
+    capabilities::check()?;
     config.node.validate()?;
     let mut datapath = Datapath::load_sized(&config.pin_dir, config.map_sizes)?;
     let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?;
@@ -368,56 +259,38 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             .with_service_proxy_name(config.service_proxy_name.clone()),
         syncer,
         health_checks: HealthCheckServers::default(),
-        events: None,
+        reporters: Vec::new(),
         metrics: status.metrics.clone(),
         reconciled: false,
     };
-    let mut manifests = None;
-    let mut feed = None;
-    match &config.source {
-        SourceConfig::Manifests { path, .. } => {
-            let mut source = ManifestSource {
-                path: path.clone(),
-                last: None,
-                unreadable_reported: false,
-            };
-            if let Some(bytes) = source.changed() {
-                let problems = source.load(&bytes, &mut programmer.tracker);
-                programmer.sync(problems, None).await;
-            }
-            manifests = Some(source);
-        }
-        SourceConfig::Kubernetes {
-            kubeconfig,
-            min_sync_period,
-        } => {
-            let client = kubernetes::client(kubeconfig.as_deref()).await?;
-            programmer.events = Some(EventReporter::spawn(client.clone(), &config.node.name));
-            feed = Some(KubernetesFeed {
-                updates: kubernetes::watch::spawn(client, &config.node.name),
-                min_sync_period: *min_sync_period,
-                listed: BTreeSet::new(),
-                pending_since: None,
-                last_sync: None,
-            });
-        }
+    let mut schedule = SyncSchedule {
+        min_sync_period: config.min_sync_period,
+        unlisted: BTreeSet::new(),
+        pending_since: None,
+        pending_problems: Vec::new(),
+        last_sync: None,
+    };
+    let (updates_tx, mut updates) = mpsc::channel(1024);
+    let mut running_sources = Vec::new();
+    for source in sources {
+        programmer.reporters.extend(source.problem_reporter());
+        schedule.unlisted.insert(source.name());
+        let feed = Updates::new(source.name(), updates_tx.clone());
+        running_sources.push(source.start(feed));
     }
+    drop(updates_tx);
     attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
     let watcher = tokio::spawn(interfaces::watch(link_tx));
     let mut attached = BTreeSet::new();
-    let poll_interval = match &config.source {
-        SourceConfig::Manifests { poll_interval, .. } => *poll_interval,
-        SourceConfig::Kubernetes { .. } => Duration::from_secs(1),
-    };
-    let mut ticker = tokio::time::interval(poll_interval);
+    let mut alive_ticker = tokio::time::interval(Duration::from_secs(1));
     let mut gc_ticker = tokio::time::interval(config.ct_gc_interval);
     let mut terminate = unix::signal(unix::SignalKind::terminate())?;
     let mut links_listed = false;
     let mut ready = false;
     loop {
-        let sync_due = feed.as_ref().and_then(KubernetesFeed::due);
+        let sync_due = schedule.due();
         tokio::select! {
             event = link_rx.recv() => match event {
                 Some(LinkEvent::Present(name)) if !attached.contains(&name) => {
@@ -446,31 +319,19 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     anyhow::bail!("interface watcher stopped: {result:?}");
                 }
             },
-            update = async { feed.as_mut()?.updates.recv().await }, if feed.is_some() => {
-                let Some((update, received)) = update else {
-                    anyhow::bail!("the Kubernetes watchers stopped");
+            update = updates.recv() => {
+                let Some(update) = update else {
+                    anyhow::bail!("every source stopped");
                 };
-                if let Some(feed) = feed.as_mut() {
-                    feed.apply(update, received, &mut programmer.tracker, &status.metrics);
-                }
+                schedule.apply(update, &mut programmer.tracker, &status.metrics);
             }
             _ = tokio::time::sleep_until(sync_due.unwrap_or_else(tokio::time::Instant::now)), if sync_due.is_some() => {
-                if let Some(feed) = feed.as_mut() {
-                    let changed_at = feed.pending_since.take();
-                    feed.last_sync = Some(Instant::now());
-                    programmer.sync(Vec::new(), changed_at).await;
-                }
+                let changed_at = schedule.pending_since.take();
+                schedule.last_sync = Some(Instant::now());
+                let problems = std::mem::take(&mut schedule.pending_problems);
+                programmer.sync(problems, changed_at).await;
             }
-            _ = ticker.tick() => {
-                status.alive();
-                if let Some(source) = manifests.as_mut() {
-                    let read_at = Instant::now();
-                    if let Some(bytes) = source.changed() {
-                        let problems = source.load(&bytes, &mut programmer.tracker);
-                        programmer.sync(problems, Some(read_at)).await;
-                    }
-                }
-            }
+            _ = alive_ticker.tick() => status.alive(),
             _ = gc_ticker.tick() => match programmer.syncer.collect_conntrack() {
                 Ok(report) if report.expired > 0 => {
                     status.metrics.conntrack_expired.inc_by(report.expired as u64);
@@ -482,13 +343,17 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }
-        // The Kubernetes source is ready after its first sync; a manifests file may
-        // appear later (its absence is logged), as before.
-        if !ready && links_listed && (programmer.reconciled || manifests.is_some()) {
+        // Ready once interfaces were listed and every source's first view is
+        // programmed (a source that had nothing to say, such as a manifests file not
+        // there yet, leaves the pinned state as it was).
+        if !ready && links_listed && schedule.caught_up() {
             ready = true;
             status.set_ready();
             mark_ready(&config)?;
         }
+    }
+    for source in running_sources {
+        source.abort();
     }
     info!("stopping; programs stay attached through their pinned links (`ebpf-proxy cleanup` detaches)");
     Ok(())

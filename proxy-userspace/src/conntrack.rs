@@ -16,10 +16,7 @@ use proxy_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::{
-        mmap::MappedArray,
-        tables::{decode_name, Tables},
-    },
+    datapath::{codec::decode_name, mmap::MappedArray, tables::Tables},
     model::Protocol,
 };
 

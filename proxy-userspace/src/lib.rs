@@ -7,17 +7,17 @@
 //! maps, and `listing` reads the maps back for operators.
 
 pub mod agent;
+pub mod capabilities;
 pub mod conntrack;
 pub mod datapath;
 pub mod healthcheck;
-pub mod kubernetes;
 pub mod listing;
-pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod scheduling;
 pub mod server;
+pub mod source;
 pub mod sync;
 pub mod trace;
 pub mod tracker;

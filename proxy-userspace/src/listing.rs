@@ -8,9 +8,11 @@ use proxy_common::{BackendSlotKey, TrafficStats, SVC_F_EXTERNAL, SVC_F_SOURCE_RA
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::tables::{decode_name, source_range_of, Tables},
+    datapath::{
+        codec::{decode_name, endpoint_of, frontend_key, source_range_of},
+        tables::Tables,
+    },
     model::{Endpoint, FrontendKey, Scheduler},
-    sync::{endpoint_of, frontend_key},
 };
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -11,12 +11,13 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ebpf_proxy::{
-    agent::{self, AgentConfig, SourceConfig},
+    agent::{self, AgentConfig},
     conntrack,
     datapath::{attach, loader::MapSizes, mmap::MappedArray, tables::Tables},
     listing,
     model::{parse_scheduler, Forwarding, Protocol, Scheduler, SourceRange},
     node::NodeConfig,
+    source::{kubernetes::KubernetesSource, manifests::ManifestsSource, Source},
     trace,
 };
 use proxy_common::map_name;
@@ -144,10 +145,12 @@ struct RunArgs {
     /// Watch the API server named in this kubeconfig (implies --kubernetes).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
-    /// Kubernetes source: the shortest time between two syncs, in milliseconds
-    /// (kube-proxy's --min-sync-period); changes within it are batched. 0 syncs at once.
-    #[arg(long, default_value_t = 1000)]
-    min_sync_period_ms: u64,
+    /// The shortest time between two syncs, in milliseconds (kube-proxy's
+    /// --min-sync-period); changes within it are batched. 0 syncs at once. Default:
+    /// 1000 with the Kubernetes source, 0 with a manifests file (whose changes are
+    /// already batched by the file's polling).
+    #[arg(long)]
+    min_sync_period_ms: Option<u64>,
     /// This node's name, as EndpointSlices' `nodeName` spells it.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -237,6 +240,23 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => {
+            let (sources, default_sync_period_ms): (Vec<Box<dyn Source>>, u64) =
+                match &args.manifests {
+                    Some(path) => (
+                        vec![Box::new(ManifestsSource {
+                            path: path.clone(),
+                            poll_interval: Duration::from_millis(args.poll_ms),
+                        })],
+                        0,
+                    ),
+                    None => (
+                        vec![Box::new(
+                            KubernetesSource::connect(args.kubeconfig.as_deref(), &args.node_name)
+                                .await?,
+                        )],
+                        1000,
+                    ),
+                };
             let config = AgentConfig {
                 node: NodeConfig {
                     name: args.node_name,
@@ -245,16 +265,9 @@ async fn main() -> Result<()> {
                     pod_interface_patterns: args.pod_interfaces,
                 },
                 pin_dir: args.pin_dir,
-                source: match args.manifests {
-                    Some(path) => SourceConfig::Manifests {
-                        path,
-                        poll_interval: Duration::from_millis(args.poll_ms),
-                    },
-                    None => SourceConfig::Kubernetes {
-                        kubeconfig: args.kubeconfig,
-                        min_sync_period: Duration::from_millis(args.min_sync_period_ms),
-                    },
-                },
+                min_sync_period: Duration::from_millis(
+                    args.min_sync_period_ms.unwrap_or(default_sync_period_ms),
+                ),
                 xdp_mode: match args.xdp_mode {
                     XdpModeArg::Native => aya::programs::XdpMode::Driver,
                     XdpModeArg::Skb => aya::programs::XdpMode::Skb,
@@ -280,7 +293,7 @@ async fn main() -> Result<()> {
                     conntrack: args.conntrack_entries,
                 },
             };
-            agent::run(config).await
+            agent::run(config, sources).await
         }
         Command::List { pin_dir, json } => {
             let listing = listing::read(&pin_dir)?;

@@ -200,6 +200,9 @@ pub struct HealthCheck {
     pub local_endpoints: usize,
 }
 
+/// A frontend to program (`Some`) or to remove (`None`).
+pub type FrontendChange = (FrontendKey, Option<Frontend>);
+
 /// Everything the data path should serve.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {

@@ -22,24 +22,26 @@ use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use proxy_common::{
     map_name, Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, NodeAddrFlags, ServiceKey,
-    ServiceValue, BACKEND_F_REMOTE, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE,
-    CONFIG_XDP_FORWARD, MAX_BACKENDS_PER_SERVICE, PROTO_UDP, SCOPE_ADDRESS, SCOPE_NODE_PORT,
-    SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_DSR, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
-    SVC_F_TUNNEL, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
+    ServiceValue, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE, CONFIG_XDP_FORWARD,
+    MAX_BACKENDS_PER_SERVICE, PROTO_UDP, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
 use crate::{
     conntrack,
     datapath::{
+        codec::{
+            backend_of, encode_name, endpoint_of, frontend_key, service_flags, service_key,
+            source_range_key, source_range_of,
+        },
         mmap::MappedArray,
-        tables::{encode_name, source_range_key, source_range_of, Tables},
+        tables::Tables,
     },
     model::{
-        DesiredState, Endpoint, Frontend, FrontendKey, Listen, Problem, Protocol, SourceRange,
+        DesiredState, Endpoint, Frontend, FrontendChange, FrontendKey, Problem, Protocol,
+        SourceRange,
     },
     node::NodeConfig,
     scheduling::{self, TableSpace},
-    tracker::FrontendChange,
 };
 
 /// Small integer ids with reuse, for the array-indexed per-service/backend tables.
@@ -114,70 +116,6 @@ pub struct Syncer {
     programmed: BTreeMap<FrontendKey, Programmed>,
     service_ids: IdPool,
     backend_ids: IdPool,
-}
-
-pub fn service_key(key: &FrontendKey) -> ServiceKey {
-    let (addr, scope) = match key.listen {
-        Listen::Address(a) => (Addr::from_v4_octets(a.octets()), SCOPE_ADDRESS),
-        Listen::NodePort => (Addr::ZERO, SCOPE_NODE_PORT),
-        Listen::TunnelAddress(a) => (Addr::from_v4_octets(a.octets()), SCOPE_TUNNEL),
-        Listen::TunnelNodePort => (Addr::ZERO, SCOPE_TUNNEL_NODE_PORT),
-    };
-    ServiceKey {
-        addr,
-        port: key.port.to_be(),
-        proto: key.protocol.number(),
-        scope,
-    }
-}
-
-pub fn frontend_key(key: &ServiceKey) -> Option<FrontendKey> {
-    let listen = match key.scope {
-        SCOPE_NODE_PORT => Listen::NodePort,
-        SCOPE_TUNNEL => Listen::TunnelAddress(key.addr.v4_octets().into()),
-        SCOPE_TUNNEL_NODE_PORT => Listen::TunnelNodePort,
-        _ => Listen::Address(key.addr.v4_octets().into()),
-    };
-    Some(FrontendKey {
-        listen,
-        port: u16::from_be(key.port),
-        protocol: Protocol::from_number(key.proto)?,
-    })
-}
-
-pub fn endpoint_of(backend: &Backend) -> Endpoint {
-    Endpoint {
-        addr: backend.addr.v4_octets().into(),
-        port: u16::from_be(backend.port),
-        remote: backend.flags & BACKEND_F_REMOTE != 0,
-        weight: backend.weight,
-    }
-}
-
-fn backend_of(endpoint: &Endpoint, id: u32) -> Backend {
-    Backend {
-        addr: Addr::from_v4_octets(endpoint.addr.octets()),
-        port: endpoint.port.to_be(),
-        flags: if endpoint.remote { BACKEND_F_REMOTE } else { 0 },
-        _pad: 0,
-        id,
-        weight: endpoint.weight,
-    }
-}
-
-fn service_flags(key: &FrontendKey, frontend: &Frontend) -> u8 {
-    let mut flags = 0;
-    for (set, flag) in [
-        (frontend.external, SVC_F_EXTERNAL),
-        (frontend.source_ranges.is_some(), SVC_F_SOURCE_RANGES),
-        (frontend.dsr, SVC_F_DSR),
-        (key.listen.is_tunnel(), SVC_F_TUNNEL),
-    ] {
-        if set {
-            flags |= flag;
-        }
-    }
-    flags
 }
 
 impl Syncer {

@@ -14,9 +14,11 @@ use serde::Serialize;
 
 use crate::{
     conntrack::{coarse_now_ns, socket},
-    datapath::tables::{decode_name, source_range_probe, Tables},
+    datapath::{
+        codec::{decode_name, endpoint_of, source_range_probe},
+        tables::Tables,
+    },
     model::{Protocol, Scheduler},
-    sync::endpoint_of,
 };
 
 /// Where the packet enters: an uplink (XDP) or a pod interface (tc).

@@ -19,8 +19,11 @@ use k8s_openapi::{
 };
 
 use crate::{
-    manifests::Objects,
-    model::{DesiredState, Forwarding, Frontend, FrontendKey, HealthCheck, Problem, Scheduler},
+    model::{
+        DesiredState, Forwarding, Frontend, FrontendChange, FrontendKey, HealthCheck, Problem,
+        Scheduler,
+    },
+    source::{Change, ObjectChange, Objects},
     translate::{
         object_name, service_output, slice_endpoints, slice_service, NodeView, ServiceOutput,
         SliceEndpoint, LABEL_SERVICE_NAME, LABEL_ZONE,
@@ -30,8 +33,27 @@ use crate::{
 /// (namespace, name) of an object.
 pub type ObjectKey = (String, String);
 
-/// A frontend to program (`Some`) or to remove (`None`).
-pub type FrontendChange = (FrontendKey, Option<Frontend>);
+/// The whole translation of an object set at once (tests, benchmarks, one-shot use);
+/// the agent keeps a `ChangeTracker` to translate only what changed.
+#[derive(Debug, Default)]
+pub struct Translation {
+    pub state: DesiredState,
+    pub problems: Vec<Problem>,
+    /// `healthCheckNodePort` servers, by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// Translates `objects` as this node (`node_name`) sees them.
+pub fn translate_all(objects: &Objects, node_name: &str) -> Translation {
+    let mut tracker = ChangeTracker::new(node_name);
+    tracker.replace_all(objects);
+    tracker.flush();
+    Translation {
+        state: tracker.desired(),
+        problems: tracker.all_problems(),
+        health_checks: tracker.health_checks(),
+    }
+}
 
 struct SliceRecord {
     object: EndpointSlice,
@@ -172,6 +194,38 @@ impl ChangeTracker {
                 }
             }
             self.dirty_services.insert(service);
+        }
+    }
+
+    /// Applies one change a source reported.
+    pub fn apply(&mut self, change: ObjectChange) {
+        match change {
+            ObjectChange::Service(Change::Applied(service)) => self.set_service(*service),
+            ObjectChange::Service(Change::Deleted(service)) => self.remove_service(&object_name(
+                &service.metadata.namespace,
+                &service.metadata.name,
+            )),
+            ObjectChange::Service(Change::Relisted(all)) => self.replace_services(&all),
+            ObjectChange::Slice(Change::Applied(slice)) => self.set_slice(*slice),
+            ObjectChange::Slice(Change::Deleted(slice)) => self.remove_slice(&object_name(
+                &slice.metadata.namespace,
+                &slice.metadata.name,
+            )),
+            ObjectChange::Slice(Change::Relisted(all)) => self.replace_slices(&all),
+            ObjectChange::Node(Change::Applied(node)) => self.set_node(Some(&node)),
+            ObjectChange::Node(Change::Deleted(_)) => self.set_node(None),
+            ObjectChange::Node(Change::Relisted(all)) => self.set_node(all.first()),
+        }
+    }
+
+    /// Applies a source's whole view: a complete one replaces the tracked set, a
+    /// partial one (something could not be read, and may hold objects still in use)
+    /// adds and updates without removing anything.
+    pub fn apply_snapshot(&mut self, objects: &Objects, complete: bool) {
+        if complete {
+            self.replace_all(objects);
+        } else {
+            self.merge(objects);
         }
     }
 
@@ -393,7 +447,7 @@ fn differences<'t, 'a, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifests::parse;
+    use crate::source::manifests::parse;
 
     fn objects(services: usize) -> Objects {
         let mut yaml = String::new();

@@ -1,5 +1,6 @@
 //! Kubernetes objects -> desired data-path state: the one place that knows
-//! kube-proxy's rules. Every source (manifests today, the API watcher later) feeds it.
+//! kube-proxy's rules, as pure functions of the objects and the node's view. The
+//! change tracker (`tracker`) calls them for what changed; every source feeds it.
 //!
 //! Rules implemented (each one has a unit test below):
 //! 1. Services of type ExternalName, headless ones (`clusterIP: None` or the label
@@ -63,13 +64,9 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use crate::{
-    manifests::Objects,
-    model::{
-        parse_scheduler, DesiredState, Endpoint, Forwarding, Frontend, FrontendKey, HealthCheck,
-        Listen, Problem, Protocol, Scheduler, SourceRange,
-    },
-    tracker::ChangeTracker,
+use crate::model::{
+    parse_scheduler, Endpoint, Forwarding, Frontend, FrontendKey, HealthCheck, Listen, Problem,
+    Protocol, Scheduler, SourceRange,
 };
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -88,14 +85,6 @@ pub const ANNOTATION_WEIGHTS: &str = "ebpf-proxy.io/weights";
 /// Per-service forwarding of external traffic to other nodes: `snat` or `dsr-ipip`;
 /// without it, the node's `--forwarding`.
 pub const ANNOTATION_FORWARDING: &str = "ebpf-proxy.io/forwarding";
-
-#[derive(Debug, Default)]
-pub struct Translation {
-    pub state: DesiredState,
-    pub problems: Vec<Problem>,
-    /// `healthCheckNodePort` servers, by port.
-    pub health_checks: BTreeMap<u16, HealthCheck>,
-}
 
 /// One usable endpoint port of a slice, before the ready/terminating choice.
 #[derive(Clone, Debug, PartialEq)]
@@ -118,19 +107,6 @@ pub(crate) struct ServiceOutput {
     pub problems: Vec<Problem>,
     /// `healthCheckNodePort` and what it reports (rule 8).
     pub health_check: Option<(u16, HealthCheck)>,
-}
-
-/// The whole translation of an object set at once (tests, benchmarks, one-shot use);
-/// the agent goes through a `ChangeTracker` to translate only what changed.
-pub fn translate(objects: &Objects, node_name: &str) -> Translation {
-    let mut tracker = ChangeTracker::new(node_name);
-    tracker.replace_all(objects);
-    tracker.flush();
-    Translation {
-        state: tracker.desired(),
-        problems: tracker.all_problems(),
-        health_checks: tracker.health_checks(),
-    }
 }
 
 pub(crate) fn object_name(namespace: &Option<String>, name: &Option<String>) -> (String, String) {
@@ -662,6 +638,3 @@ impl ServiceOutput {
         self
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use ebpf_proxy::{
     datapath::{attach, loader::Datapath, tables::Tables},
-    manifests::{parse, Objects},
+    source::{manifests::parse, Objects},
     sync::{NodeSettings, Syncer},
     tracker::ChangeTracker,
 };

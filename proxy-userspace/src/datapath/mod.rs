@@ -1,8 +1,10 @@
 //! The kernel side as the agent sees it: loading the programs (`loader`), attaching
 //! them to interfaces and cgroups (`attach`), following interfaces as they come and go
-//! (`interfaces`), and typed access to the pinned maps (`tables`).
+//! (`interfaces`), typed access to the pinned maps (`tables`) and the model's form in
+//! them (`codec`).
 
 pub mod attach;
+pub mod codec;
 pub mod interfaces;
 pub mod layout;
 pub mod loader;

@@ -4,17 +4,12 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{
-    lpm_trie::{Key as LpmKey, LpmTrie},
-    Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
-};
+use aya::maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use proxy_common::{
     map_name, Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts,
     CtEntry, CtKey, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue, SourceRangeKey,
-    TrafficStats, DATAPATH_EVENT_NAMES, SOURCE_RANGE_ID_BITS,
+    TrafficStats, DATAPATH_EVENT_NAMES,
 };
-
-use crate::model::SourceRange;
 
 pub struct Tables {
     /// Where the maps are pinned (memory-mapped arrays are opened from here).
@@ -144,60 +139,7 @@ impl Tables {
         self.service_names
             .iter()
             .filter_map(Result::ok)
-            .map(|(id, name)| (id, decode_name(&name)))
+            .map(|(id, name)| (id, super::codec::decode_name(&name)))
             .collect()
     }
-}
-
-/// The `SOURCE_RANGES` key of one prefix of one service.
-pub fn source_range_key(service_id: u32, range: &SourceRange) -> LpmKey<SourceRangeKey> {
-    LpmKey::new(
-        SOURCE_RANGE_ID_BITS + u32::from(range.len),
-        SourceRangeKey {
-            service_id_be: service_id.to_be(),
-            addr: u32::from(range.addr).to_be(),
-        },
-    )
-}
-
-/// The `SOURCE_RANGES` key that matches one address of a service (the longest
-/// prefix length, as the data path looks it up).
-pub fn source_range_probe(service_id: u32, addr: Addr) -> LpmKey<SourceRangeKey> {
-    let host = SourceRange {
-        addr: addr.v4_octets().into(),
-        len: 32,
-    };
-    source_range_key(service_id, &host)
-}
-
-/// The service id and prefix of a `SOURCE_RANGES` key.
-pub fn source_range_of(key: &LpmKey<SourceRangeKey>) -> (u32, SourceRange) {
-    let data = key.data();
-    let len = key
-        .prefix_len()
-        .saturating_sub(SOURCE_RANGE_ID_BITS)
-        .min(32) as u8;
-    (
-        u32::from_be(data.service_id_be),
-        SourceRange {
-            addr: std::net::Ipv4Addr::from(u32::from_be(data.addr)),
-            len,
-        },
-    )
-}
-
-pub fn encode_name(name: &str) -> ServiceName {
-    let mut bytes = [0u8; 64];
-    let len = name.len().min(bytes.len());
-    bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
-    ServiceName { bytes }
-}
-
-pub fn decode_name(name: &ServiceName) -> String {
-    let end = name
-        .bytes
-        .iter()
-        .position(|b| *b == 0)
-        .unwrap_or(name.bytes.len());
-    String::from_utf8_lossy(&name.bytes[..end]).into_owned()
 }

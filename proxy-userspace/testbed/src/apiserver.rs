@@ -33,7 +33,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use super::netns::enter_current_thread;
-use ebpf_proxy::manifests;
+use ebpf_proxy::source::manifests;
 
 /// The token the agent's kubeconfig presents.
 pub const TOKEN: &str = "ebpf-proxy-test-token";

@@ -128,7 +128,7 @@ fn rbac_grants_exactly_the_api_access_the_agent_uses() {
             })
         })
         .collect();
-    let used: BTreeSet<(String, String, Vec<String>)> = ebpf_proxy::kubernetes::API_ACCESS
+    let used: BTreeSet<(String, String, Vec<String>)> = ebpf_proxy::source::kubernetes::API_ACCESS
         .iter()
         .map(|(group, resource, verbs)| {
             let mut verbs: Vec<String> = verbs.iter().map(|v| v.to_string()).collect();
@@ -187,9 +187,9 @@ fn the_services_configmap_holds_manifests_the_agent_accepts() {
         serde_yaml::from_str(&deploy_file("standalone/services-configmap.yaml"))
             .expect("a ConfigMap");
     let text = config_map.data.expect("data")["services.yaml"].clone();
-    let (objects, problems) = ebpf_proxy::manifests::parse(&text, "configmap");
+    let (objects, problems) = ebpf_proxy::source::manifests::parse(&text, "configmap");
     assert!(problems.is_empty(), "{problems:?}");
-    let translation = ebpf_proxy::translate::translate(&objects, "node-a");
+    let translation = ebpf_proxy::tracker::translate_all(&objects, "node-a");
     assert!(
         translation.problems.is_empty(),
         "{:?}",

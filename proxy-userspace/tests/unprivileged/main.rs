@@ -1,5 +1,6 @@
-//! Tests that need no privileges: the deploy manifests checked against the agent, and
-//! property tests of the translation rules and the change tracker.
+//! Tests that need no privileges: the deploy manifests checked against the agent, the
+//! translation rules one by one, and property tests of the rules and the tracker.
 
 mod deploy;
 mod translation_props;
+mod translation_rules;

@@ -6,10 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ebpf_proxy::{
-    manifests::Objects,
     model::{FrontendKey, Listen, Protocol},
+    source::Objects,
+    tracker::translate_all,
     tracker::ChangeTracker,
-    translate::translate,
 };
 use k8s_openapi::{
     api::{
@@ -337,7 +337,7 @@ proptest! {
         slices in prop::collection::vec(slice_strategy(), 0..8),
     ) {
         let objects = build(&services, &slices);
-        let translation = translate(&objects, "node-a");
+        let translation = translate_all(&objects, "node-a");
         prop_assert_eq!(as_model(&translation.state), reference(&objects));
     }
 
@@ -360,7 +360,7 @@ proptest! {
                     None => { programmed.remove(&key); }
                 }
             }
-            let fresh = translate(&objects, "node-a").state;
+            let fresh = translate_all(&objects, "node-a").state;
             prop_assert_eq!(&programmed, &fresh.frontends);
             tracker.replace_all(&objects);
             prop_assert!(tracker.flush().changes.is_empty(), "unchanged input produced changes");

@@ -1,33 +1,82 @@
-//! The manifests source: Kubernetes objects from multi-document YAML files on disk,
-//! the embedded default that needs no cluster. Each document is parsed on its own, so
-//! a malformed one is reported and skipped while the others still load.
+//! The manifests source: Kubernetes objects from a multi-document YAML file on disk,
+//! the embedded default that needs no cluster. The file is re-read when its bytes
+//! change; each document is parsed on its own, so a malformed one is reported and
+//! skipped while the others still load (and then nothing is removed: the malformed
+//! document may hold objects still in use).
 
-use std::path::Path;
+use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, Result};
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
 use serde::Deserialize as _;
+use tokio::task::JoinHandle;
+use tracing::warn;
 
+use super::{Objects, Source, SourceEvent, Updates};
 use crate::model::Problem;
 
-/// The Kubernetes objects the translation reads.
-#[derive(Clone, Debug, Default)]
-pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    /// Only this node's Node matters (its zone label, for topology).
-    pub nodes: Vec<Node>,
+/// A manifests file, checked every `poll_interval`.
+pub struct ManifestsSource {
+    pub path: PathBuf,
+    pub poll_interval: Duration,
 }
 
-/// Reads a manifests file. I/O errors are errors (the caller keeps its last good
-/// state); bad documents inside a readable file are problems.
-pub fn read(path: &Path) -> Result<(Objects, Vec<Problem>)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading manifests {}", path.display()))?;
-    Ok(parse(&text, &path.display().to_string()))
+impl Source for ManifestsSource {
+    fn name(&self) -> &'static str {
+        "manifests"
+    }
+
+    fn start(self: Box<Self>, updates: Updates) -> JoinHandle<()> {
+        tokio::spawn(self.follow(updates))
+    }
+}
+
+impl ManifestsSource {
+    async fn follow(self, updates: Updates) {
+        let origin = self.path.display().to_string();
+        let mut last: Option<Vec<u8>> = None;
+        let mut unreadable_reported = false;
+        let mut ticker = tokio::time::interval(self.poll_interval);
+        let mut listed = false;
+        loop {
+            ticker.tick().await;
+            // tokio reads on its blocking pool: a file that blocks (a FIFO) stalls this
+            // source, never the agent.
+            let event = match tokio::fs::read(&self.path).await {
+                Ok(bytes) if last.as_ref() != Some(&bytes) => {
+                    unreadable_reported = false;
+                    let (objects, problems) = parse(&String::from_utf8_lossy(&bytes), &origin);
+                    last = Some(bytes);
+                    Some(SourceEvent::Snapshot {
+                        complete: problems.is_empty(),
+                        objects,
+                        problems,
+                    })
+                }
+                Ok(_) => None,
+                Err(e) if !unreadable_reported => {
+                    unreadable_reported = true;
+                    warn!(path = %origin, "manifests unreadable ({e}); keeping the last programmed state");
+                    Some(SourceEvent::Trouble {
+                        what: origin.clone(),
+                        error: e.to_string(),
+                    })
+                }
+                Err(_) => None,
+            };
+            if let Some(event) = event {
+                if !updates.send(event).await {
+                    return;
+                }
+            }
+            // After the first read, whatever it found: a missing file leaves the pinned
+            // state as it is (nothing is said, so nothing is synced or removed).
+            if !listed {
+                listed = true;
+                if !updates.send(SourceEvent::Listed).await {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Splits on `---` document markers and parses each document on its own.

@@ -130,6 +130,12 @@ fn truncate(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
+impl crate::source::ProblemReporter for EventReporter {
+    fn report(&mut self, problems: &[Problem]) {
+        EventReporter::report(self, problems);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

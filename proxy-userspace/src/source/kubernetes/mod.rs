@@ -1,6 +1,6 @@
 //! The Kubernetes source: Services, EndpointSlices and this node's Node from the API
 //! server, watched with kube-rs (`watch`), and Events for objects that cannot be
-//! programmed (`events`). It feeds the same `tracker` as the manifests source.
+//! programmed (`events`).
 
 pub mod events;
 pub mod watch;
@@ -9,6 +9,43 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio::task::JoinHandle;
+
+use super::{ProblemReporter, Source, Updates};
+
+/// The API server, in-cluster or through a kubeconfig.
+pub struct KubernetesSource {
+    client: kube::Client,
+    node_name: String,
+}
+
+impl KubernetesSource {
+    /// A source talking to the API server of `kubeconfig`, else the in-cluster one.
+    /// Nothing is sent to the server before `start`.
+    pub async fn connect(kubeconfig: Option<&Path>, node_name: &str) -> Result<KubernetesSource> {
+        Ok(KubernetesSource {
+            client: client(kubeconfig).await?,
+            node_name: node_name.to_owned(),
+        })
+    }
+}
+
+impl Source for KubernetesSource {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn problem_reporter(&self) -> Option<Box<dyn ProblemReporter>> {
+        Some(Box::new(events::EventReporter::spawn(
+            self.client.clone(),
+            &self.node_name,
+        )))
+    }
+
+    fn start(self: Box<Self>, updates: Updates) -> JoinHandle<()> {
+        watch::spawn(self.client, &self.node_name, updates)
+    }
+}
 
 /// Every API access the agent makes, as (API group, resource, verbs): the
 /// ClusterRole in `deploy/rbac.yaml` must grant exactly these (a test checks it).

@@ -1,11 +1,15 @@
-//! Unit tests of the translation rules (numbered as in the module comment).
+//! The translation rules, one test (or more) per rule, numbered as in the rule list at
+//! the top of `translate.rs`; `policies` has rules 8 to 13. Through the public API: a
+//! manifests text, translated whole by the change tracker.
+
+mod policies;
 
 use std::net::Ipv4Addr;
 
-use super::translate;
-use crate::{
-    manifests::{parse, Objects},
+use ebpf_proxy::{
     model::{Endpoint, FrontendKey, Listen, Protocol, Severity},
+    source::{manifests::parse, Objects},
+    tracker::{translate_all, ChangeTracker, Translation},
 };
 
 const NODE: &str = "node-a";
@@ -41,7 +45,7 @@ fn cluster_ip(port: u16) -> FrontendKey {
 }
 
 fn backends(yaml: &str) -> Vec<Ipv4Addr> {
-    let out = translate(&objects(yaml), NODE);
+    let out = translate_all(&objects(yaml), NODE);
     out.state.frontends[&cluster_ip(80)]
         .endpoints
         .iter()
@@ -55,12 +59,12 @@ fn rule1_ignored_services_produce_nothing() {
         "a",
         "  type: ExternalName\n  externalName: example.invalid\n",
     );
-    assert!(translate(&objects(&external_name), NODE)
+    assert!(translate_all(&objects(&external_name), NODE)
         .state
         .frontends
         .is_empty());
     let headless = service("a", "").replace("clusterIP: 10.96.0.1", "clusterIP: None");
-    assert!(translate(&objects(&headless), NODE)
+    assert!(translate_all(&objects(&headless), NODE)
         .state
         .frontends
         .is_empty());
@@ -73,7 +77,7 @@ fn rule1_ignored_services_produce_nothing() {
             &format!("namespace: ns, labels: {{{label}}}}}"),
         );
         assert!(
-            translate(&objects(&labelled), NODE)
+            translate_all(&objects(&labelled), NODE)
                 .state
                 .frontends
                 .is_empty(),
@@ -89,7 +93,7 @@ fn rule2_every_address_and_the_node_port_get_a_frontend() {
         "  type: LoadBalancer\n  externalIPs: [198.18.50.1, \"2001:db8::1\"]\nstatus: {loadBalancer: {ingress: [{ip: 198.18.100.1}]}}\n",
     )
     .replace("protocol: TCP}", "protocol: TCP, nodePort: 30080}");
-    let out = translate(&objects(&yaml), NODE);
+    let out = translate_all(&objects(&yaml), NODE);
     let keys: Vec<String> = out.state.frontends.keys().map(|k| k.to_string()).collect();
     assert_eq!(
         keys,
@@ -119,7 +123,7 @@ fn rule3_slices_are_merged_deduplicated_and_matched_by_port_name() {
         )
         + &slice("a-3", "a", &endpoint("10.244.1.9", ""))
             .replace("name: http, port: 8080", "name: metrics, port: 9090");
-    let out = translate(&objects(&yaml), NODE);
+    let out = translate_all(&objects(&yaml), NODE);
     let endpoints = &out.state.frontends[&cluster_ip(80)].endpoints;
     assert_eq!(
         endpoints
@@ -165,7 +169,7 @@ fn rule5_endpoints_on_other_or_unknown_nodes_are_remote() {
                 + &endpoint("10.244.2.1", "").replace("nodeName: node-a", "nodeName: node-b")
                 + &endpoint("10.244.3.1", "").replace(", nodeName: node-a", "")),
         );
-    let out = translate(&objects(&yaml), NODE);
+    let out = translate_all(&objects(&yaml), NODE);
     let remote: Vec<(u8, bool)> = out.state.frontends[&cluster_ip(80)]
         .endpoints
         .iter()
@@ -175,7 +179,7 @@ fn rule5_endpoints_on_other_or_unknown_nodes_are_remote() {
 }
 
 #[test]
-fn rule6_bad_services_are_skipped_and_named_while_others_keep_working() {
+fn rule7_bad_services_are_skipped_and_named_while_others_keep_working() {
     let good = service("good", "").replace("10.96.0.1", "10.96.0.2");
     let cases = [
         (
@@ -210,7 +214,7 @@ fn rule6_bad_services_are_skipped_and_named_while_others_keep_working() {
         ),
     ];
     for (what, bad) in cases {
-        let out = translate(&objects(&(bad + &good)), NODE);
+        let out = translate_all(&objects(&(bad + &good)), NODE);
         assert_eq!(
             out.state.frontends.len(),
             1,
@@ -226,7 +230,7 @@ fn rule6_bad_services_are_skipped_and_named_while_others_keep_working() {
 }
 
 #[test]
-fn rule6_a_slice_with_a_bad_address_is_skipped_and_named() {
+fn rule7_a_slice_with_a_bad_address_is_skipped_and_named() {
     let yaml = service("a", "")
         + &slice("a-1", "a", &endpoint("10.244.1.1", ""))
         + &slice(
@@ -234,7 +238,7 @@ fn rule6_a_slice_with_a_bad_address_is_skipped_and_named() {
             "a",
             &(endpoint("10.244.1.2", "") + &endpoint("not-an-ip", "")),
         );
-    let out = translate(&objects(&yaml), NODE);
+    let out = translate_all(&objects(&yaml), NODE);
     assert_eq!(out.state.frontends[&cluster_ip(80)].endpoints.len(), 1);
     assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
     assert_eq!(out.problems[0].object, "EndpointSlice ns/a-2");
@@ -242,10 +246,10 @@ fn rule6_a_slice_with_a_bad_address_is_skipped_and_named() {
 }
 
 #[test]
-fn a_slice_for_an_unknown_service_and_a_selectorless_service_are_warnings() {
+fn rule7_a_slice_for_an_unknown_service_and_a_selectorless_service_are_warnings() {
     let selectorless = service("manual", "").replace("  selector: {app: manual}\n", "");
     let yaml = selectorless + &slice("ghost-1", "ghost", &endpoint("10.244.1.1", ""));
-    let out = translate(&objects(&yaml), NODE);
+    let out = translate_all(&objects(&yaml), NODE);
     assert_eq!(
         out.state.frontends.len(),
         1,
@@ -271,9 +275,9 @@ fn a_slice_for_an_unknown_service_and_a_selectorless_service_are_warnings() {
 }
 
 #[test]
-fn two_services_claiming_one_frontend_keep_the_first() {
+fn rule7_two_services_claiming_one_frontend_keep_the_first() {
     let yaml = service("a", "") + &service("b", "");
-    let out = translate(&objects(&yaml), NODE);
+    let out = translate_all(&objects(&yaml), NODE);
     assert_eq!(out.state.frontends[&cluster_ip(80)].service, "ns/a:http");
     assert_eq!(out.problems[0].object, "Service ns/b");
 }
@@ -291,23 +295,23 @@ fn annotated(annotations: &str) -> String {
 
 #[test]
 fn rule6_the_scheduler_annotation_chooses_per_service_and_a_bad_one_keeps_the_default() {
-    let out = translate(
+    let out = translate_all(
         &objects(&annotated("ebpf-proxy.io/scheduler: maglev")),
         NODE,
     );
     assert_eq!(
         out.state.frontends[&cluster_ip(80)].scheduler,
-        crate::model::Scheduler::Maglev
+        ebpf_proxy::model::Scheduler::Maglev
     );
     assert!(out.problems.is_empty(), "{:?}", out.problems);
 
-    let out = translate(
+    let out = translate_all(
         &objects(&annotated("ebpf-proxy.io/scheduler: fastest")),
         NODE,
     );
     assert_eq!(
         out.state.frontends[&cluster_ip(80)].scheduler,
-        crate::model::Scheduler::Rr
+        ebpf_proxy::model::Scheduler::Rr
     );
     assert_eq!(out.problems[0].object, "Service ns/a");
     assert!(
@@ -321,7 +325,7 @@ fn rule6_the_scheduler_annotation_chooses_per_service_and_a_bad_one_keeps_the_de
 
 #[test]
 fn rule6_weights_come_from_their_annotation() {
-    let out = translate(
+    let out = translate_all(
         &objects(&annotated(
             "ebpf-proxy.io/weights: \"10.244.1.1=3, 10.244.1.2=0\"",
         )),
@@ -333,7 +337,7 @@ fn rule6_weights_come_from_their_annotation() {
         .map(|e| e.weight)
         .collect();
     assert_eq!(weights, vec![3, 0]);
-    let out = translate(
+    let out = translate_all(
         &objects(&annotated("ebpf-proxy.io/weights: \"10.244.1.1=heavy\"")),
         NODE,
     );
@@ -348,8 +352,33 @@ fn rule6_weights_come_from_their_annotation() {
         .all(|e| e.weight == 1));
 }
 
+#[test]
+fn rule1_with_a_service_proxy_name_only_services_labelled_with_it_are_handled() {
+    let labelled = |value: &str| {
+        service("a", "").replace(
+            "namespace: ns}",
+            &format!(
+                "namespace: ns, labels: {{service.kubernetes.io/service-proxy-name: {value}}}}}"
+            ),
+        )
+    };
+    let handled = |yaml: &str| {
+        let mut tracker =
+            ChangeTracker::new(NODE).with_service_proxy_name(Some("ebpf-proxy".into()));
+        tracker.replace_all(&objects(yaml));
+        tracker.flush();
+        !tracker.desired().frontends.is_empty()
+    };
+    assert!(handled(&labelled("ebpf-proxy")));
+    assert!(!handled(&labelled("other")));
+    assert!(
+        !handled(&service("a", "")),
+        "unlabelled services stay kube-proxy's"
+    );
+}
+
 /// A LoadBalancer with a NodePort, one local and one remote endpoint.
-fn mixed_service(extra_spec: &str) -> String {
+pub(super) fn mixed_service(extra_spec: &str) -> String {
     service(
         "a",
         &format!("  type: LoadBalancer\n{extra_spec}status: {{loadBalancer: {{ingress: [{{ip: 198.18.100.1}}]}}}}\n"),
@@ -362,7 +391,7 @@ fn mixed_service(extra_spec: &str) -> String {
         )
 }
 
-fn endpoints_of(out: &super::Translation, key: &FrontendKey) -> Vec<Ipv4Addr> {
+pub(super) fn endpoints_of(out: &Translation, key: &FrontendKey) -> Vec<Ipv4Addr> {
     out.state.frontends[key]
         .endpoints
         .iter()
@@ -370,7 +399,7 @@ fn endpoints_of(out: &super::Translation, key: &FrontendKey) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-fn node_port(port: u16) -> FrontendKey {
+pub(super) fn node_port(port: u16) -> FrontendKey {
     FrontendKey {
         listen: Listen::NodePort,
         port,
@@ -378,209 +407,10 @@ fn node_port(port: u16) -> FrontendKey {
     }
 }
 
-fn load_balancer(port: u16) -> FrontendKey {
+pub(super) fn load_balancer(port: u16) -> FrontendKey {
     FrontendKey {
         listen: Listen::Address(Ipv4Addr::new(198, 18, 100, 1)),
         port,
         protocol: Protocol::Tcp,
     }
-}
-
-#[test]
-fn rule8_external_traffic_policy_local_keeps_external_frontends_on_this_node() {
-    let local = Ipv4Addr::new(10, 244, 1, 1);
-    let remote = Ipv4Addr::new(10, 244, 2, 1);
-    let cluster = translate(&objects(&mixed_service("")), NODE);
-    assert_eq!(
-        endpoints_of(&cluster, &node_port(30080)),
-        vec![local, remote]
-    );
-    assert!(cluster.health_checks.is_empty());
-
-    let yaml = mixed_service("  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n");
-    let out = translate(&objects(&yaml), NODE);
-    assert_eq!(endpoints_of(&out, &node_port(30080)), vec![local]);
-    assert_eq!(endpoints_of(&out, &load_balancer(80)), vec![local]);
-    // The ClusterIP still reaches every endpoint.
-    assert_eq!(endpoints_of(&out, &cluster_ip(80)), vec![local, remote]);
-    let check = &out.health_checks[&32000];
-    assert_eq!((check.name.as_str(), check.local_endpoints), ("a", 1));
-
-    // On the other node's view the remote endpoint is the local one; on a node with
-    // none, external frontends have no endpoints and the health check reports 0.
-    let elsewhere = translate(&objects(&yaml), "node-c");
-    assert!(endpoints_of(&elsewhere, &node_port(30080)).is_empty());
-    assert_eq!(elsewhere.health_checks[&32000].local_endpoints, 0);
-}
-
-#[test]
-fn rule8_local_policy_falls_back_to_local_terminating_endpoints() {
-    let yaml = service("a", "  type: NodePort\n  externalTrafficPolicy: Local\n")
-        .replace("protocol: TCP}", "protocol: TCP, nodePort: 30080}")
-        + &slice(
-            "a-1",
-            "a",
-            &(endpoint(
-                "10.244.1.1",
-                ", conditions: {ready: false, serving: true, terminating: true}",
-            ) + &endpoint("10.244.2.1", "").replace("node-a", "node-b")),
-        );
-    let out = translate(&objects(&yaml), NODE);
-    assert_eq!(
-        endpoints_of(&out, &node_port(30080)),
-        vec![Ipv4Addr::new(10, 244, 1, 1)]
-    );
-    assert_eq!(
-        endpoints_of(&out, &cluster_ip(80)),
-        vec![Ipv4Addr::new(10, 244, 2, 1)]
-    );
-}
-
-#[test]
-fn rule9_internal_traffic_policy_local_keeps_the_cluster_ip_on_this_node() {
-    let out = translate(
-        &objects(&mixed_service("  internalTrafficPolicy: Local\n")),
-        NODE,
-    );
-    assert_eq!(
-        endpoints_of(&out, &cluster_ip(80)),
-        vec![Ipv4Addr::new(10, 244, 1, 1)]
-    );
-    assert_eq!(endpoints_of(&out, &node_port(30080)).len(), 2);
-}
-
-fn zoned(addr: &str, zones: &str) -> String {
-    let hints = if zones.is_empty() {
-        String::new()
-    } else {
-        format!(", hints: {{forZones: [{zones}]}}")
-    };
-    endpoint(addr, &hints)
-}
-
-const NODE_IN_ZONE_A: &str =
-    "---\napiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}\n";
-
-#[test]
-fn rule10_zone_hints_select_this_zone_only_when_every_endpoint_has_them() {
-    let hinted = service("a", "  trafficDistribution: PreferClose\n")
-        + &slice(
-            "a-1",
-            "a",
-            &(zoned("10.244.1.1", "{name: zone-a}") + &zoned("10.244.1.2", "{name: zone-b}")),
-        );
-    let with_node = format!("{hinted}{NODE_IN_ZONE_A}");
-    assert_eq!(backends(&with_node), vec![Ipv4Addr::new(10, 244, 1, 1)]);
-    // Without the node's zone, hints cannot apply.
-    assert_eq!(backends(&hinted).len(), 2);
-    // One endpoint without hints: all serve.
-    let partly = service("a", "")
-        + &slice(
-            "a-1",
-            "a",
-            &(zoned("10.244.1.1", "{name: zone-a}") + &zoned("10.244.1.2", "")),
-        )
-        + NODE_IN_ZONE_A;
-    assert_eq!(backends(&partly).len(), 2);
-    // Hints for other zones only: all serve.
-    let elsewhere = service("a", "")
-        + &slice("a-1", "a", &zoned("10.244.1.2", "{name: zone-b}"))
-        + NODE_IN_ZONE_A;
-    assert_eq!(backends(&elsewhere).len(), 1);
-}
-
-#[test]
-fn rule11_session_affinity_sets_the_timeout() {
-    let timeout = |extra: &str| {
-        translate(&objects(&service("a", extra)), NODE)
-            .state
-            .frontends[&cluster_ip(80)]
-            .affinity_timeout_s
-    };
-    assert_eq!(timeout(""), 0);
-    assert_eq!(timeout("  sessionAffinity: None\n"), 0);
-    assert_eq!(timeout("  sessionAffinity: ClientIP\n"), 10_800);
-    assert_eq!(
-        timeout("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}\n"),
-        30
-    );
-    let bad = translate(
-        &objects(&service(
-            "a",
-            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n",
-        )),
-        NODE,
-    );
-    assert!(bad.state.frontends.is_empty());
-    assert!(
-        bad.problems[0].message.contains("timeoutSeconds"),
-        "{:?}",
-        bad.problems
-    );
-}
-
-#[test]
-fn rule12_source_ranges_restrict_only_the_load_balancer_frontend() {
-    let yaml = mixed_service(
-        "  loadBalancerSourceRanges: [198.51.100.0/24, \"203.0.113.7/32\", \"2001:db8::/64\", 192.0.2.9/16]\n",
-    );
-    let out = translate(&objects(&yaml), NODE);
-    let ranges: Vec<String> = out.state.frontends[&load_balancer(80)]
-        .source_ranges
-        .as_ref()
-        .expect("ranges")
-        .iter()
-        .map(|r| r.to_string())
-        .collect();
-    // Host bits are cleared; the IPv6 prefix is not ours.
-    assert_eq!(
-        ranges,
-        ["192.0.0.0/16", "198.51.100.0/24", "203.0.113.7/32"]
-    );
-    assert_eq!(out.state.frontends[&cluster_ip(80)].source_ranges, None);
-    assert_eq!(out.state.frontends[&node_port(30080)].source_ranges, None);
-
-    let only_v6 = translate(
-        &objects(&mixed_service(
-            "  loadBalancerSourceRanges: [\"2001:db8::/64\"]\n",
-        )),
-        NODE,
-    );
-    assert_eq!(
-        only_v6.state.frontends[&load_balancer(80)].source_ranges,
-        Some(Vec::new())
-    );
-    let invalid = translate(
-        &objects(&mixed_service(
-            "  loadBalancerSourceRanges: [198.51.100.0/40]\n",
-        )),
-        NODE,
-    );
-    assert!(invalid.state.frontends.is_empty());
-    assert_eq!(invalid.problems[0].severity, Severity::Error);
-}
-
-#[test]
-fn rule1_with_a_service_proxy_name_only_services_labelled_with_it_are_handled() {
-    let labelled = |value: &str| {
-        service("a", "").replace(
-            "namespace: ns}",
-            &format!(
-                "namespace: ns, labels: {{service.kubernetes.io/service-proxy-name: {value}}}}}"
-            ),
-        )
-    };
-    let handled = |yaml: &str| {
-        let mut tracker = crate::tracker::ChangeTracker::new(NODE)
-            .with_service_proxy_name(Some("ebpf-proxy".into()));
-        tracker.replace_all(&objects(yaml));
-        tracker.flush();
-        !tracker.desired().frontends.is_empty()
-    };
-    assert!(handled(&labelled("ebpf-proxy")));
-    assert!(!handled(&labelled("other")));
-    assert!(
-        !handled(&service("a", "")),
-        "unlabelled services stay kube-proxy's"
-    );
 }
