@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod conntrack;
+pub mod decide;
 pub mod map_name;
 pub mod service;
 pub mod sock;

@@ -120,6 +120,10 @@ pub const SVC_F_DSR: u8 = 4;
 /// A `SCOPE_TUNNEL*` frontend: a decapsulated packet goes to the backend the outer
 /// header names when it is one of this frontend's (this node's) endpoints.
 pub const SVC_F_TUNNEL: u8 = 8;
+/// A traffic policy (`externalTrafficPolicy` or `internalTrafficPolicy: Local`)
+/// narrowed the frontend's endpoints to this node's. Only `trace` reads it, to explain
+/// a drop: the data path needs nothing but the endpoint set.
+pub const SVC_F_LOCAL_ONLY: u8 = 16;
 
 /// Value of `SERVICES`.
 #[repr(C)]

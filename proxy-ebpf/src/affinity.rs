@@ -5,15 +5,13 @@
 //! so a backend that left is never chosen from it.
 
 use aya_ebpf::bindings::BPF_ANY;
-use proxy_common::{Addr, AffinityKey, AffinityValue, ServiceValue, EV_AFFINITY_HIT};
+use proxy_common::{decide, Addr, AffinityKey, AffinityValue, ServiceValue, EV_AFFINITY_HIT};
 
 use crate::{
     balancer::{self, Choice},
     counters,
     maps::AFFINITY,
 };
-
-const NS_PER_S: u64 = 1_000_000_000;
 
 #[inline(always)]
 fn key(service: &ServiceValue, client: &Addr) -> AffinityKey {
@@ -32,7 +30,7 @@ pub fn recall(service: &ServiceValue, client: &Addr, now: u64) -> Option<Choice>
     }
     // SAFETY: copied out at once.
     let memo = unsafe { AFFINITY.get(key(service, client)) }.copied()?;
-    if now.saturating_sub(memo.last_used_ns) > u64::from(service.affinity_timeout_s) * NS_PER_S {
+    if !decide::affinity_fresh(service, &memo, now) {
         return None;
     }
     let choice = balancer::remembered_backend(service.id, memo.slot, memo.backend_id)?;

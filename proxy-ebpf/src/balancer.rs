@@ -1,24 +1,24 @@
 //! Service look-up and backend selection for new flows: IPVS's schedulers (rr, wrr,
 //! lc, wlc, sh, dh, sed, nq) and Maglev and random, chosen per service.
 //!
+//! The decisions themselves (which position, how backends compare) are
+//! `proxy_common::decide`'s, shared with `trace`; this module feeds them the maps.
 //! Table-driven schedulers read one entry of the service's extent of `SCHED_TABLES`
-//! (built by the agent: `sync::tables`), so their per-packet cost is fixed. The
+//! (built by the agent's `scheduling`), so their per-packet cost is fixed. The
 //! least-connection family compares backends' active flow counts over at most
 //! `MAX_LEAST_CONN_SCAN` backends from a rotating start.
 
-use core::{
-    intrinsics::{atomic_xadd, AtomicOrdering},
-    num::{NonZeroU32, NonZeroU64},
-};
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     cty::{c_long, c_void},
     helpers::generated::{bpf_get_prandom_u32, bpf_loop},
 };
 use proxy_common::{
-    addr_hash, flow_hash, Addr, Backend, BackendSlotKey, CtKey, Scheduler, ServiceKey,
-    ServiceValue, ACCT_ACTIVE, ACCT_INACTIVE, MAX_BACKENDS_PER_SERVICE, MAX_LEAST_CONN_SCAN,
-    SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
+    decide::{self, LeastLoaded, Position, SchedTables},
+    Addr, Backend, BackendSlotKey, CtKey, Scheduler, ServiceKey, ServiceValue, ACCT_ACTIVE,
+    ACCT_INACTIVE, MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL,
+    SCOPE_TUNNEL_NODE_PORT,
 };
 
 use crate::maps::{BACKEND_SLOTS, CONN_COUNTS, NODE_ADDRS, RR_CURSORS, SCHED_TABLES, SERVICES};
@@ -88,7 +88,7 @@ struct Find {
 /// for among at most `MAX_LEAST_CONN_SCAN` slots in a `bpf_loop`.
 #[inline(always)]
 pub fn backend_at(service: &ServiceValue, addr: Addr) -> Option<Choice> {
-    let count = backend_count(service)?.get();
+    let count = decide::backend_count(service)?.get();
     let mut find = Find {
         service_id: service.id,
         addr: addr.v4_be(),
@@ -156,29 +156,20 @@ pub fn remembered_backend(service_id: u32, slot: u32, backend_id: u32) -> Option
     (backend.id == backend_id).then_some(Choice { backend, slot })
 }
 
-/// The number of backends, as a `NonZeroU32` so that taking a remainder by it
-/// compiles without a division-by-zero panic path (which the verifier rejects).
-#[inline(always)]
-fn backend_count(service: &ServiceValue) -> Option<NonZeroU32> {
-    let count = service.backend_count;
-    if count > MAX_BACKENDS_PER_SERVICE {
-        return None;
+/// `SCHED_TABLES`, as the shared decisions read it.
+struct KernelTables;
+
+impl SchedTables for KernelTables {
+    #[inline(always)]
+    fn entry(&self, index: u32) -> Option<u32> {
+        SCHED_TABLES.get(index).copied()
     }
-    NonZeroU32::new(count)
 }
 
-/// Position `n` (taken modulo the length) of the service's table, or of its slots
-/// when it has no table.
+/// The backend at position `n` of the service's table (or slots).
 #[inline(always)]
 fn pick(service: &ServiceValue, n: u32) -> Option<Choice> {
-    match NonZeroU32::new(service.table_len) {
-        Some(len) => {
-            let entry = service.table_offset.checked_add(n % len)?;
-            let slot = *SCHED_TABLES.get(entry)?;
-            backend_in_slot(service, slot)
-        }
-        None => backend_in_slot(service, n % backend_count(service)?),
-    }
+    backend_in_slot(service, decide::slot_at(&KernelTables, service, n)?)
 }
 
 /// The next turn of the service's shared rotation.
@@ -190,58 +181,31 @@ fn next_turn(service: &ServiceValue) -> Option<u32> {
     // SeqCst, not Relaxed: with Relaxed, LLVM 22 emits the non-fetching `lock add`
     // and then reads the old value from the operand register (seen in objdump).
     // SAFETY: the pointer is to a live, aligned array slot.
-    let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
-    // The table or slot count divides 2^32 rarely; the u64 cursor keeps rr exact
-    // across wrap-around of the low word for any length up to 2^32.
-    Some((turn % NonZeroU64::from(NonZeroU32::new(cycle_len(service))?)) as u32)
+    let cursor = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
+    decide::turn(service, cursor)
 }
 
-#[inline(always)]
-fn cycle_len(service: &ServiceValue) -> u32 {
-    if service.table_len != 0 {
-        service.table_len
-    } else {
-        service.backend_count
-    }
-}
-
-/// Picks the backend of a new flow with the service's scheduler.
+/// Picks the backend of a new flow with the service's scheduler. A number this data
+/// path does not know (a newer agent's) schedules nothing: the flow is refused like
+/// one without backends rather than sent by a guess.
 #[inline(always)]
 pub fn schedule(service: &ServiceValue, key: &CtKey) -> Option<Choice> {
-    // A number this data path does not know (a newer agent's) schedules nothing: the
-    // flow is refused like one without backends rather than sent by a guess.
-    match Scheduler::from_number(service.scheduler)? {
-        Scheduler::Sh => pick(service, addr_hash(&key.src)),
-        Scheduler::Dh => pick(service, addr_hash(&key.dst)),
-        Scheduler::Maglev => pick(service, flow_hash(key)),
+    match decide::position(Scheduler::from_number(service.scheduler)?, key) {
+        Position::Hash(hash) => pick(service, hash),
         // SAFETY: helper without arguments.
-        Scheduler::Random => pick(service, unsafe { bpf_get_prandom_u32() }),
-        Scheduler::Lc | Scheduler::Wlc | Scheduler::Sed | Scheduler::Nq => {
-            least_connections(service)
-        }
+        Position::Random => pick(service, unsafe { bpf_get_prandom_u32() }),
+        Position::LeastLoaded => least_connections(service),
         // The table (if any) holds the weighted or quiesce-aware order.
-        Scheduler::Rr | Scheduler::Wrr => pick(service, next_turn(service)?),
+        Position::NextTurn => pick(service, next_turn(service)?),
     }
 }
 
 /// Picks a backend for a flow that should already exist but has no conntrack entry
-/// (a TCP segment without SYN). Stateless and deterministic: every packet of the
-/// orphaned flow lands on the same backend whichever CPU handles it. The hashing
-/// schedulers give their own answer, which is the original choice unless the
-/// backends changed; for the others the backend either still knows the connection or
-/// answers with a reset, so the client learns at once instead of retransmitting.
+/// (`decide::rehash_slot`): the backend either still knows the connection or answers
+/// with a reset, so the client learns at once instead of retransmitting.
 #[inline(always)]
 pub fn rehash(service: &ServiceValue, key: &CtKey) -> Option<Choice> {
-    match Scheduler::from_number(service.scheduler)? {
-        Scheduler::Sh | Scheduler::Dh | Scheduler::Maglev => schedule(service, key),
-        Scheduler::Rr
-        | Scheduler::Wrr
-        | Scheduler::Lc
-        | Scheduler::Wlc
-        | Scheduler::Sed
-        | Scheduler::Nq
-        | Scheduler::Random => backend_in_slot(service, flow_hash(key) % backend_count(service)?),
-    }
+    backend_in_slot(service, decide::rehash_slot(&KernelTables, service, key)?)
 }
 
 /// State of one least-connection scan, shared with the `bpf_loop` callback.
@@ -249,25 +213,19 @@ pub fn rehash(service: &ServiceValue, key: &CtKey) -> Option<Choice> {
 struct Scan {
     service: ServiceValue,
     start: u32,
-    /// `u32::MAX` until a candidate is found.
-    best_slot: u32,
-    best_load: u64,
-    best_weight: u64,
+    load: LeastLoaded,
 }
 
-/// The least-connection family. With a = active flows and w = weight:
-/// lc: min a; wlc: min a/w; sed: min (a+1)/w; nq: an idle backend if any, else sed.
-/// Ratios are compared by cross-multiplication. The scan runs in `bpf_loop`, so the
-/// verifier checks one iteration instead of unrolling `MAX_LEAST_CONN_SCAN` of them.
+/// The least-connection family (`decide::LeastLoaded`). The scan runs in `bpf_loop`,
+/// so the verifier checks one iteration instead of unrolling `MAX_LEAST_CONN_SCAN` of
+/// them.
 #[inline(always)]
 fn least_connections(service: &ServiceValue) -> Option<Choice> {
-    let count = backend_count(service)?.get();
+    let count = decide::backend_count(service)?.get();
     let mut scan = Scan {
         service: *service,
         start: next_turn(service)?,
-        best_slot: u32::MAX,
-        best_load: 0,
-        best_weight: 1,
+        load: LeastLoaded::default(),
     };
     // SAFETY: the callback receives a pointer to `scan`, which outlives the call.
     unsafe {
@@ -278,9 +236,7 @@ fn least_connections(service: &ServiceValue) -> Option<Choice> {
             0,
         );
     }
-    (scan.best_slot != u32::MAX)
-        .then(|| backend_in_slot(service, scan.best_slot))
-        .flatten()
+    backend_in_slot(service, scan.load.chosen()?)
 }
 
 /// One backend of a least-connection scan; returns 1 to stop (an idle backend for nq).
@@ -288,35 +244,17 @@ fn least_connections(service: &ServiceValue) -> Option<Choice> {
 extern "C" fn scan_one(index: u64, ctx: *mut c_void) -> c_long {
     // SAFETY: `least_connections` passes a valid `Scan`.
     let scan = unsafe { &mut *ctx.cast::<Scan>() };
-    let Some(count) = NonZeroU32::new(scan.service.backend_count) else {
+    let Some(slot) = LeastLoaded::slot(&scan.service, scan.start, index as u32) else {
         return 1;
     };
-    let slot = scan.start.wrapping_add(index as u32) % count;
     let Some(choice) = backend_in_slot(&scan.service, slot) else {
         return 0;
     };
-    if choice.backend.weight == 0 {
-        return 0;
-    }
-    let scheduler = scan.service.scheduler;
     let active = CONN_COUNTS.get(choice.backend.id).map_or(0, |c| c.active);
-    if scheduler == Scheduler::Nq.number() && active == 0 {
-        scan.best_slot = slot;
-        return 1;
-    }
-    let weight = if scheduler == Scheduler::Lc.number() {
-        1
-    } else {
-        u64::from(choice.backend.weight)
-    };
-    let load = active
-        + u64::from(scheduler == Scheduler::Sed.number() || scheduler == Scheduler::Nq.number());
-    if scan.best_slot == u32::MAX || load * scan.best_weight < scan.best_load * weight {
-        scan.best_slot = slot;
-        scan.best_load = load;
-        scan.best_weight = weight;
-    }
-    0
+    c_long::from(
+        scan.load
+            .consider(scan.service.scheduler, slot, choice.backend.weight, active),
+    )
 }
 
 /// Counts a new flow as active on its backend.

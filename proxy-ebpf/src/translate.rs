@@ -6,11 +6,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use proxy_common::{
-    Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR,
-    CT_ESTABLISHED, CT_F_ENCAP, CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
-    CT_F_SNAT, CT_SYN_SENT, EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT,
-    EV_MALFORMED, EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, PROTO_TCP,
-    SVC_F_DSR, SVC_F_TUNNEL,
+    decide::{self, Entry},
+    Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, CONFIG_SNAT_ADDR, CT_ESTABLISHED, CT_F_ENCAP,
+    CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, CT_SYN_SENT,
+    EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED,
+    EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, PROTO_TCP, SVC_F_TUNNEL,
 };
 
 use crate::{
@@ -223,27 +223,16 @@ fn rewrite<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry) -> Result<(), ()> {
     Ok(())
 }
 
-/// Kubernetes masquerades exactly two kinds of service traffic: external clients sent
-/// to a backend on another node (its reply must come back through us), and a pod
-/// that reaches itself through a service (hairpin: it would otherwise answer itself).
-/// A tunnelled flow to this node's own endpoints (`dsr-ipip`) is never masqueraded:
-/// its replies go straight to the client.
-#[inline(always)]
-fn needs_snat(flow: &Flow, service: &ServiceValue, choice: &Choice, origin: Origin) -> bool {
-    let remote = choice.backend.flags & BACKEND_F_REMOTE != 0;
-    match origin {
-        Origin::External => remote,
-        Origin::Tunnel(_) => service.flags & SVC_F_TUNNEL == 0 && remote,
-        Origin::Pod => choice.backend.addr == flow.key.src,
+impl Origin {
+    /// The kind of entry the shared decisions distinguish.
+    #[inline(always)]
+    fn entry(self) -> Entry {
+        match self {
+            Origin::External => Entry::External,
+            Origin::Pod => Entry::Pod,
+            Origin::Tunnel(_) => Entry::Tunnel,
+        }
     }
-}
-
-/// `dsr-ipip` at the entry node: new external flows to a backend on another node.
-#[inline(always)]
-fn is_direct_return(service: &ServiceValue, choice: &Choice, origin: Origin) -> bool {
-    origin == Origin::External
-        && service.flags & SVC_F_DSR != 0
-        && choice.backend.flags & BACKEND_F_REMOTE != 0
 }
 
 #[inline(always)]
@@ -294,7 +283,7 @@ fn open_flow<P: Packet>(
         return Verdict::DROP;
     };
     affinity::remember(service, &key.src, &choice, now);
-    if is_direct_return(service, &choice, origin) {
+    if decide::returns_directly(service, &choice.backend, origin.entry()) {
         return open_encapsulated(pkt, flow, service, &choice, state, now);
     }
     let backend = &choice.backend;
@@ -334,7 +323,7 @@ fn open_flow<P: Packet>(
     if balancer::is_node_address(&key.dst) {
         reply.flags |= CT_F_NODE_SOURCE;
     }
-    if needs_snat(flow, service, &choice, origin) {
+    if decide::masquerades(service, &choice.backend, &flow.key.src, origin.entry()) {
         let Some(snat_addr) = snat_address() else {
             counters::event(EV_SNAT_EXHAUSTED);
             return Verdict::DROP;

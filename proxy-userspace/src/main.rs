@@ -53,10 +53,15 @@ enum Command {
         pin_dir: PathBuf,
         #[arg(long, value_enum, default_value = "tcp")]
         proto: ProtoArg,
-        #[arg(long)]
+        /// `address:port` (`address` alone for ICMP).
+        #[arg(long, value_parser = parse_endpoint)]
         src: SocketAddrV4,
-        #[arg(long)]
+        #[arg(long, value_parser = parse_endpoint)]
         dst: SocketAddrV4,
+        /// The packet arrives encapsulated in IPIP to this address (`dsr-ipip`: an
+        /// entry node chose a backend here, or tunnelled to this node's address).
+        #[arg(long)]
+        outer_dst: Option<Ipv4Addr>,
         /// The interface the packet arrives on (an uplink or a pod interface the agent
         /// attached); without it, the packet comes from outside the node.
         #[arg(long)]
@@ -80,6 +85,16 @@ enum Command {
 enum ProtoArg {
     Tcp,
     Udp,
+    Icmp,
+}
+
+/// `address:port`, or an address alone (port 0).
+fn parse_endpoint(text: &str) -> Result<SocketAddrV4, String> {
+    text.parse::<SocketAddrV4>().or_else(|_| {
+        text.parse::<Ipv4Addr>()
+            .map(|ip| SocketAddrV4::new(ip, 0))
+            .map_err(|_| format!("{text:?} is neither address:port nor an IPv4 address"))
+    })
 }
 
 #[derive(Subcommand)]
@@ -309,6 +324,7 @@ async fn main() -> Result<()> {
             proto,
             src,
             dst,
+            outer_dst,
             iface,
             json,
         } => {
@@ -330,11 +346,17 @@ async fn main() -> Result<()> {
                 }
                 Some(iface) => anyhow::bail!("{iface} is not an interface the agent attached to"),
             };
-            let protocol = match proto {
-                ProtoArg::Tcp => Protocol::Tcp,
-                ProtoArg::Udp => Protocol::Udp,
+            let origin = match (outer_dst, origin) {
+                (Some(outer_dst), trace::Origin::External) => trace::Origin::Tunnel { outer_dst },
+                (Some(_), _) => anyhow::bail!("--outer-dst: IPIP arrives on uplinks only"),
+                (None, origin) => origin,
             };
-            let explanation = trace::explain(&Tables::open(&pin_dir)?, protocol, src, dst, origin)?;
+            let tables = Tables::open(&pin_dir)?;
+            let explanation = match proto {
+                ProtoArg::Tcp => trace::explain(&tables, Protocol::Tcp, src, dst, origin)?,
+                ProtoArg::Udp => trace::explain(&tables, Protocol::Udp, src, dst, origin)?,
+                ProtoArg::Icmp => trace::explain_icmp(&tables, *src.ip(), *dst.ip())?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&explanation)?);
             } else {

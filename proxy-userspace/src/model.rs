@@ -119,6 +119,8 @@ pub struct Frontend {
     pub source_ranges: Option<Vec<SourceRange>>,
     /// `dsr-ipip`: new external flows to remote endpoints are encapsulated to them.
     pub dsr: bool,
+    /// A traffic policy `Local` narrowed `endpoints` to this node's.
+    pub local_only: bool,
 }
 
 /// How a service's external traffic reaches endpoints on other nodes.

@@ -564,6 +564,12 @@ pub(crate) fn service_output(
                         None
                     },
                     dsr: dsr && is_external && !tunnel,
+                    local_only: !tunnel
+                        && if is_external {
+                            external_local
+                        } else {
+                            internal_local
+                        },
                 },
             ))
         };

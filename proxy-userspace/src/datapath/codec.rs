@@ -6,7 +6,7 @@ use aya::maps::lpm_trie::Key as LpmKey;
 use proxy_common::{
     Addr, Backend, ServiceKey, ServiceName, SourceRangeKey, BACKEND_F_REMOTE, SCOPE_ADDRESS,
     SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SOURCE_RANGE_ID_BITS, SVC_F_DSR,
-    SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
+    SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
 };
 
 use crate::model::{Endpoint, Frontend, FrontendKey, Listen, Protocol, SourceRange};
@@ -74,6 +74,7 @@ pub fn service_flags(key: &FrontendKey, frontend: &Frontend) -> u8 {
         (frontend.source_ranges.is_some(), SVC_F_SOURCE_RANGES),
         (frontend.dsr, SVC_F_DSR),
         (key.listen.is_tunnel(), SVC_F_TUNNEL),
+        (frontend.local_only, SVC_F_LOCAL_ONLY),
     ] {
         if set {
             flags |= flag;

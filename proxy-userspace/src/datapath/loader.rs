@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    programs::{CgroupSockAddr, SchedClassifier, Xdp},
+    programs::{CgroupSockAddr, ProgramError, SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
 
@@ -104,15 +104,15 @@ impl Datapath {
             .context("loading the eBPF object (maps pinned in an incompatible layout? run `ebpf-proxy cleanup`)")?;
         {
             let xdp: &mut Xdp = program(&mut ebpf, PROG_UPLINK)?;
-            xdp.load().context("verifying the XDP program")?;
+            verify("the XDP program", || xdp.load())?;
         }
         {
             let tc: &mut SchedClassifier = program(&mut ebpf, PROG_POD)?;
-            tc.load().context("verifying the tc program")?;
+            verify("the tc program", || tc.load())?;
         }
         for name in PROG_SOCK_HOOKS {
             let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            hook.load().with_context(|| format!("verifying {name}"))?;
+            verify(name, || hook.load())?;
         }
         Ok(Datapath {
             ebpf,
@@ -137,4 +137,23 @@ where
         .with_context(|| format!("program {name} missing from the object"))?
         .try_into()
         .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+/// Loads (verifies) a program, again when the verifier was interrupted: the kernel
+/// abandons verification with EAGAIN when a signal arrives meanwhile (a child process
+/// exiting in a process that handles SIGCHLD, as tokio's process driver does), and
+/// libbpf retries the same way.
+fn verify(what: &str, mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<()> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if attempt < ATTEMPTS && io_error.raw_os_error() == Some(libc::EAGAIN) =>
+            {
+                attempt += 1;
+            }
+            result => return result.with_context(|| format!("verifying {what}")),
+        }
+    }
 }

@@ -9,6 +9,7 @@
 
 mod agent_lifecycle;
 mod datapath;
+mod decisions;
 mod fuzz_datapath;
 mod icmp;
 mod kubernetes;

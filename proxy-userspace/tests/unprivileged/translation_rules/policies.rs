@@ -25,6 +25,10 @@ fn rule8_external_traffic_policy_local_keeps_external_frontends_on_this_node() {
     assert_eq!(endpoints_of(&out, &cluster_ip(80)), vec![local, remote]);
     let check = &out.health_checks[&32000];
     assert_eq!((check.name.as_str(), check.local_endpoints), ("a", 1));
+    // The narrowing is recorded, for `trace` to explain a drop.
+    assert!(out.state.frontends[&node_port(30080)].local_only);
+    assert!(!out.state.frontends[&cluster_ip(80)].local_only);
+    assert!(!cluster.state.frontends[&node_port(30080)].local_only);
 
     // On the other node's view the remote endpoint is the local one; on a node with
     // none, external frontends have no endpoints and the health check reports 0.
@@ -66,6 +70,8 @@ fn rule9_internal_traffic_policy_local_keeps_the_cluster_ip_on_this_node() {
         endpoints_of(&out, &cluster_ip(80)),
         vec![Ipv4Addr::new(10, 244, 1, 1)]
     );
+    assert!(out.state.frontends[&cluster_ip(80)].local_only);
+    assert!(!out.state.frontends[&node_port(30080)].local_only);
     assert_eq!(endpoints_of(&out, &node_port(30080)).len(), 2);
 }
 

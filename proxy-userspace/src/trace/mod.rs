@@ -1,0 +1,375 @@
+//! `ebpf-proxy trace`: explains what the data path does with a packet, by reading
+//! the pinned maps and deciding with the kernel's own decision code
+//! (`proxy_common::decide`, see `schedule`), without sending anything or changing any
+//! state (the round-robin cursor included).
+
+mod schedule;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::Result;
+use proxy_common::{
+    ct_timeout_ns,
+    decide::{self, Entry},
+    Addr, AffinityKey, BackendSlotKey, CtKey, Scheduler, ServiceKey, ServiceValue,
+    BACKEND_F_REMOTE, CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS,
+    SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY,
+    SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
+};
+use serde::Serialize;
+
+use crate::{
+    conntrack::{coarse_now_ns, socket},
+    datapath::{
+        codec::{decode_name, endpoint_of, source_range_probe},
+        tables::Tables,
+    },
+    model::Protocol,
+};
+
+/// Where the packet enters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Origin {
+    /// An uplink (XDP), from outside the node.
+    External,
+    /// A pod interface (tc).
+    Pod,
+    /// An uplink, encapsulated in IPIP by an entry node to `outer_dst` (`dsr-ipip`).
+    Tunnel { outer_dst: Ipv4Addr },
+}
+
+impl Origin {
+    fn entry(self) -> Entry {
+        match self {
+            Origin::External => Entry::External,
+            Origin::Pod => Entry::Pod,
+            Origin::Tunnel { .. } => Entry::Tunnel,
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Explanation {
+    /// What happens, step by step, in words.
+    pub steps: Vec<String>,
+    pub service: Option<String>,
+    pub backend: Option<SocketAddrV4>,
+    /// The packet's (source, destination) after translation.
+    pub translated: Option<(SocketAddrV4, SocketAddrV4)>,
+    /// Sent unchanged inside IPIP to this address (`dsr-ipip`) instead of translated.
+    pub encapsulated_to: Option<Ipv4Addr>,
+    /// Why a new flow is dropped, when it is: a policy (source ranges, a traffic
+    /// policy `Local` without endpoints here) or no backend at all.
+    pub dropped: Option<String>,
+}
+
+impl Explanation {
+    fn drop_because(mut self, reason: String) -> Explanation {
+        self.steps.push(format!("dropped: {reason}"));
+        self.dropped = Some(reason);
+        self
+    }
+}
+
+fn addr(socket: &SocketAddrV4) -> Addr {
+    Addr::from_v4_octets(socket.ip().octets())
+}
+
+fn slot_backend(tables: &Tables, service_id: u32, slot: u32) -> Option<proxy_common::Backend> {
+    tables
+        .slots
+        .get(&BackendSlotKey { service_id, slot }, 0)
+        .ok()
+}
+
+/// The slot `sessionAffinity` binds the client to, as the data path would find it
+/// (fresh, and the slot still holding the remembered backend), with the reason.
+fn bound_slot(tables: &Tables, service: &ServiceValue, key: &CtKey) -> Option<(u32, String)> {
+    let memo = tables
+        .affinity
+        .get(
+            &AffinityKey {
+                client: key.src,
+                service_id: service.id,
+            },
+            0,
+        )
+        .ok()?;
+    let now = coarse_now_ns();
+    let current = slot_backend(tables, service.id, memo.slot)?;
+    (decide::affinity_fresh(service, &memo, now) && current.id == memo.backend_id).then(|| {
+        (
+            memo.slot,
+            format!(
+                "sessionAffinity: the client's last new flow was {} s ago (timeout {} s): same backend",
+                now.saturating_sub(memo.last_used_ns) / 1_000_000_000,
+                service.affinity_timeout_s
+            ),
+        )
+    })
+}
+
+/// ICMP: only errors about translated flows are rewritten (matched by the packet they
+/// quote); anything else passes untouched, echo requests to service addresses included.
+pub fn explain_icmp(tables: &Tables, src: Ipv4Addr, dst: Ipv4Addr) -> Result<Explanation> {
+    let mut out = Explanation::default();
+    out.steps.push(
+        "ICMP is never scheduled: an error (unreachable, time exceeded) about a translated flow is translated back by the flow it quotes; anything else passes untouched".into(),
+    );
+    let dst_addr = Addr::from_v4_octets(dst.octets());
+    let is_service_address = tables
+        .services
+        .keys()
+        .filter_map(Result::ok)
+        .any(|k| k.scope == SCOPE_ADDRESS && k.addr == dst_addr);
+    if is_service_address {
+        out.steps.push(format!(
+            "{dst} is a service address: {src}'s echo request passes to the stack, which answers only if the node owns the address"
+        ));
+    }
+    Ok(out)
+}
+
+pub fn explain(
+    tables: &Tables,
+    protocol: Protocol,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    origin: Origin,
+) -> Result<Explanation> {
+    let mut out = Explanation::default();
+    let key = CtKey {
+        src: addr(&src),
+        dst: addr(&dst),
+        sport: src.port().to_be(),
+        dport: dst.port().to_be(),
+        proto: protocol.number(),
+        _pad: [0; 3],
+    };
+    if let Ok(entry) = tables.conntrack.get(&key, 0) {
+        let idle = coarse_now_ns().saturating_sub(entry.last_seen_ns);
+        if idle <= ct_timeout_ns(key.proto, entry.state) {
+            let direction = if entry.flags & CT_F_REPLY != 0 {
+                "reply"
+            } else {
+                "original"
+            };
+            let after = key.rewritten(&entry);
+            out.steps.push(format!(
+                "conntrack: a tracked flow ({direction} direction, idle {} s): rewritten as the entry says",
+                idle / 1_000_000_000
+            ));
+            out.service = tables
+                .service_names
+                .get(&entry.service_id, 0)
+                .ok()
+                .map(|n| decode_name(&n));
+            if entry.flags & CT_F_ENCAP != 0 {
+                let outer = Ipv4Addr::from(entry.nat_dst.v4_octets());
+                out.steps.push(format!(
+                    "dsr-ipip: encapsulated unchanged in IPIP to the backend {outer}"
+                ));
+                out.encapsulated_to = Some(outer);
+                return Ok(out);
+            }
+            out.backend =
+                (entry.flags & CT_F_REPLY == 0).then(|| socket(entry.nat_dst, entry.nat_dport));
+            out.translated = Some((
+                socket(after.src, after.sport),
+                socket(after.dst, after.dport),
+            ));
+            return Ok(out);
+        }
+        out.steps
+            .push("conntrack: an entry exists but has expired: the packet opens a new flow".into());
+    } else {
+        out.steps.push("conntrack: no entry for this tuple".into());
+    }
+    let found = match origin {
+        Origin::Tunnel { .. } => {
+            lookup_scoped(tables, &key, (SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT), false)
+                .map(|(v, _)| (v, "by its IPIP view (dsr-ipip)"))
+                .or_else(|| lookup_service(tables, &key))
+        }
+        _ => lookup_service(tables, &key),
+    };
+    let Some((service, how)) = found else {
+        out.steps
+            .push("no service has this destination: the packet passes untouched".into());
+        return Ok(out);
+    };
+    let name = tables
+        .service_names
+        .get(&service.id, 0)
+        .map(|n| decode_name(&n))
+        .unwrap_or_default();
+    out.steps.push(format!("service {name}: matched {how}"));
+    out.service = Some(name.clone());
+    if service.flags & SVC_F_SOURCE_RANGES != 0 {
+        if tables
+            .source_ranges
+            .get(&source_range_probe(service.id, key.src), 0)
+            .is_err()
+        {
+            return Ok(out.drop_because(format!(
+                "loadBalancerSourceRanges: {} is not admitted (event source_denied)",
+                src.ip()
+            )));
+        }
+        out.steps
+            .push("loadBalancerSourceRanges: the source is admitted".into());
+    }
+    let Some(scheduler) = Scheduler::from_number(service.scheduler) else {
+        return Ok(out.drop_because(format!(
+            "scheduler number {} is unknown to this data path (event no_backend)",
+            service.scheduler
+        )));
+    };
+    let upstream = match origin {
+        Origin::Tunnel { outer_dst } if service.flags & SVC_F_TUNNEL != 0 => {
+            tunnel_backend_slot(tables, &service, outer_dst).map(|slot| {
+                (
+                    slot,
+                    format!(
+                    "the entry node chose this node's backend {outer_dst} (the outer destination)"
+                ),
+                )
+            })
+        }
+        _ => None,
+    };
+    let predicted = match upstream.or_else(|| bound_slot(tables, &service, &key)) {
+        Some(known) => Some(known),
+        None => schedule::predict_slot(tables, &service, &key, scheduler)?,
+    };
+    let Some((slot, why)) = predicted else {
+        let reason = no_backend_reason(tables, &service, &name);
+        return Ok(out.drop_because(reason));
+    };
+    let Some(backend) = slot_backend(tables, service.id, slot) else {
+        return Ok(out.drop_because(format!("slot {slot} holds no backend (event no_backend)")));
+    };
+    let endpoint = endpoint_of(&backend);
+    let backend_socket = SocketAddrV4::new(endpoint.addr, endpoint.port);
+    out.steps.push(format!(
+        "scheduler {scheduler}: {why} -> backend {backend_socket} (slot {slot})"
+    ));
+    out.backend = Some(backend_socket);
+    if decide::returns_directly(&service, &backend, origin.entry()) {
+        out.steps.push(format!(
+            "dsr-ipip: the backend is on another node: the packet is encapsulated unchanged in IPIP to {}, whose node answers the client directly",
+            endpoint.addr
+        ));
+        out.encapsulated_to = Some(endpoint.addr);
+        return Ok(out);
+    }
+    let source = if decide::masquerades(&service, &backend, &key.src, origin.entry()) {
+        let reason = match origin {
+            Origin::Pod => "a pod reaching itself (hairpin)",
+            _ => "external traffic to a backend on another node",
+        };
+        let snat = Ipv4Addr::from(tables.config.get(&CONFIG_SNAT_ADDR, 0)?.addr.v4_octets());
+        out.steps.push(format!(
+            "{reason}: masqueraded to {snat} (the client's port if free)"
+        ));
+        SocketAddrV4::new(snat, src.port())
+    } else {
+        out.steps
+            .push("no masquerade: the backend sees the client's address".into());
+        src
+    };
+    out.translated = Some((source, backend_socket));
+    Ok(out)
+}
+
+/// Why a service gives a new flow no backend: a traffic policy `Local` on a node
+/// without local endpoints (naming the endpoints elsewhere), or none at all.
+fn no_backend_reason(tables: &Tables, service: &ServiceValue, name: &str) -> String {
+    if service.flags & SVC_F_LOCAL_ONLY == 0 {
+        return "the service has no backend (event no_backend)".into();
+    }
+    let policy = if service.flags & SVC_F_EXTERNAL != 0 {
+        "externalTrafficPolicy"
+    } else {
+        "internalTrafficPolicy"
+    };
+    let elsewhere = endpoints_elsewhere(tables, name);
+    let where_ = if elsewhere.is_empty() {
+        "and none elsewhere either".to_owned()
+    } else {
+        format!("its endpoints are on other nodes: {}", elsewhere.join(", "))
+    };
+    format!("{policy}: Local and no endpoint on this node ({where_}) (event no_backend)")
+}
+
+/// The remote endpoints of the service's other frontends (those no traffic policy
+/// narrowed), by `namespace/name:port`.
+fn endpoints_elsewhere(tables: &Tables, name: &str) -> Vec<String> {
+    let mut found = std::collections::BTreeSet::new();
+    for value in tables
+        .services
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(_, v)| v)
+    {
+        let same = tables
+            .service_names
+            .get(&value.id, 0)
+            .is_ok_and(|n| decode_name(&n) == name);
+        if !same || value.flags & (SVC_F_LOCAL_ONLY | SVC_F_TUNNEL) != 0 {
+            continue;
+        }
+        for slot in 0..value.backend_count {
+            if let Some(backend) = slot_backend(tables, value.id, slot) {
+                if backend.flags & BACKEND_F_REMOTE != 0 {
+                    let endpoint = endpoint_of(&backend);
+                    found.insert(SocketAddrV4::new(endpoint.addr, endpoint.port).to_string());
+                }
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// The slot of the service's backend at `addr`, as the kernel's search finds it.
+fn tunnel_backend_slot(tables: &Tables, service: &ServiceValue, addr: Ipv4Addr) -> Option<u32> {
+    let wanted = Addr::from_v4_octets(addr.octets());
+    (0..service.backend_count.min(MAX_LEAST_CONN_SCAN))
+        .find(|slot| slot_backend(tables, service.id, *slot).is_some_and(|b| b.addr == wanted))
+}
+
+fn lookup_service(tables: &Tables, key: &CtKey) -> Option<(ServiceValue, &'static str)> {
+    lookup_scoped(tables, key, (SCOPE_ADDRESS, SCOPE_NODE_PORT), true)
+}
+
+/// The exact frontend in scope `scopes.0`, else the port-only one in `scopes.1` (only
+/// for this node's addresses when `node_only`), as the kernel looks them up.
+fn lookup_scoped(
+    tables: &Tables,
+    key: &CtKey,
+    scopes: (u8, u8),
+    node_only: bool,
+) -> Option<(ServiceValue, &'static str)> {
+    let exact = ServiceKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        scope: scopes.0,
+    };
+    if let Ok(value) = tables.services.get(&exact, 0) {
+        return Some((value, "by address and port"));
+    }
+    if node_only {
+        tables.node_addrs.get(&key.dst, 0).ok()?;
+    }
+    let port_only = ServiceKey {
+        addr: Addr::ZERO,
+        scope: scopes.1,
+        ..exact
+    };
+    tables
+        .services
+        .get(&port_only, 0)
+        .ok()
+        .map(|v| (v, "as a NodePort on a node address"))
+}
