@@ -16,9 +16,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     decide::{self, LeastLoaded, Position, SchedTables},
-    Addr, Backend, BackendSlotKey, CtKey, Scheduler, ServiceKey, ServiceValue, ACCT_ACTIVE,
-    ACCT_INACTIVE, MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL,
-    SCOPE_TUNNEL_NODE_PORT,
+    Addr, Backend, BackendSlotKey, CtKey, Scheduler, ServiceKey, ServiceValue, MAX_LEAST_CONN_SCAN,
+    SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
 };
 
 use crate::maps::{BACKEND_SLOTS, CONN_COUNTS, NODE_ADDRS, RR_CURSORS, SCHED_TABLES, SERVICES};
@@ -255,38 +254,4 @@ extern "C" fn scan_one(index: u64, ctx: *mut c_void) -> c_long {
         scan.load
             .consider(scan.service.scheduler, slot, choice.backend.weight, active),
     )
-}
-
-/// Counts a new flow as active on its backend.
-#[inline(always)]
-pub fn count_opened(backend_id: u32) {
-    if let Some(counts) = CONN_COUNTS.get_ptr_mut(backend_id) {
-        // SAFETY: live array slot; atomic add (see next_turn about the ordering).
-        unsafe {
-            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*counts).active, 1)
-        };
-    }
-}
-
-/// Moves one flow between the backend's counters: `from`/`to` are `ACCT_*` values
-/// (`ACCT_GONE`: not counted).
-#[inline(always)]
-pub fn count_moved(backend_id: u32, from: u32, to: u32) {
-    let Some(counts) = CONN_COUNTS.get_ptr_mut(backend_id) else {
-        return;
-    };
-    // SAFETY: live array slot; atomic adds of -1 and +1.
-    unsafe {
-        let field = |which: u32| match which {
-            ACCT_ACTIVE => Some(&raw mut (*counts).active),
-            ACCT_INACTIVE => Some(&raw mut (*counts).inactive),
-            _ => None,
-        };
-        if let Some(f) = field(from) {
-            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(f, u64::MAX);
-        }
-        if let Some(f) = field(to) {
-            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(f, 1);
-        }
-    }
 }

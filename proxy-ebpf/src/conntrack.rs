@@ -9,17 +9,16 @@
 //! - `accounting` (how the flow counts in `CONN_COUNTS`) changes only by atomic
 //!   compare-and-exchange or exchange, so each transition is counted exactly once.
 
-use core::intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering};
-
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use proxy_common::{
-    ct_timeout_ns, CtEntry, CtKey, ACCT_ACTIVE, ACCT_GONE, ACCT_INACTIVE, CT_CLOSING,
-    CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS, CT_SYN_SENT, PROTO_TCP,
+    ct_timeout_ns, Addr, CtEntry, CtKey, ACCT_ACTIVE, ACCT_INACTIVE, CONFIG_SNAT_ADDR, CT_CLOSING,
+    CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS, CT_SYN_SENT, EV_CT_RACE_LOST,
+    PROTO_TCP,
 };
 
 use crate::{
-    balancer,
-    maps::CONNTRACK,
+    accounting, counters,
+    maps::{CONNTRACK, NODE_CONFIG},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -120,42 +119,14 @@ pub fn observe(flow: &Flow, entry_ptr: *mut CtEntry, entry: &CtEntry, now: u64) 
     };
     if let Some(original) = original {
         match peer_state {
-            CT_CLOSING => move_accounting(original, entry.backend_id, ACCT_ACTIVE, ACCT_INACTIVE),
-            CT_SYN_SENT => move_accounting(original, entry.backend_id, ACCT_INACTIVE, ACCT_ACTIVE),
+            CT_CLOSING => {
+                accounting::transition(original, entry.backend_id, ACCT_ACTIVE, ACCT_INACTIVE)
+            }
+            CT_SYN_SENT => {
+                accounting::transition(original, entry.backend_id, ACCT_INACTIVE, ACCT_ACTIVE)
+            }
             _ => {}
         }
-    }
-}
-
-/// Moves the flow of an original entry between `CONN_COUNTS` counters if it is still
-/// counted as `from`: a compare-and-exchange, so that two CPUs seeing the closing
-/// packets of both directions at once count the transition once.
-#[inline(always)]
-fn move_accounting(original: *mut CtEntry, backend_id: u32, from: u32, to: u32) {
-    // SAFETY: a live map value; the field is only ever changed atomically.
-    let (_, swapped) = unsafe {
-        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-            &raw mut (*original).accounting,
-            from,
-            to,
-        )
-    };
-    if swapped {
-        balancer::count_moved(backend_id, from, to);
-    }
-}
-
-/// Stops counting an original entry that is about to be replaced (it expired).
-#[inline(always)]
-pub fn retire(entry: *mut CtEntry) {
-    // SAFETY: a live map value; atomic exchange as in `move_accounting`.
-    unsafe {
-        if (*entry).flags & CT_F_REPLY != 0 {
-            return;
-        }
-        let was =
-            atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(&raw mut (*entry).accounting, ACCT_GONE);
-        balancer::count_moved((*entry).backend_id, was, ACCT_GONE);
     }
 }
 
@@ -163,4 +134,57 @@ pub fn retire(entry: *mut CtEntry) {
 fn peer_has_fin(key: &CtKey, entry: &CtEntry) -> bool {
     // SAFETY: copied flag read.
     unsafe { CONNTRACK.get(key.peer(entry)) }.is_some_and(|peer| peer.flags & CT_F_FIN != 0)
+}
+
+/// Ports tried for a masqueraded flow before giving up: the client's own port, then
+/// hash-derived ones.
+const SNAT_ATTEMPTS: u32 = 8;
+const SNAT_PORT_MIN: u32 = 1024;
+
+#[inline(always)]
+pub fn snat_address() -> Option<Addr> {
+    let addr = NODE_CONFIG.get(CONFIG_SNAT_ADDR)?.addr;
+    if addr.is_zero() {
+        None
+    } else {
+        Some(addr)
+    }
+}
+
+/// Claims a masquerade port by inserting the reply entry if absent: the client's own
+/// port when free (the common case, and what keeps a flow's tuple recognisable), else
+/// a few hash-derived ones. Bounded, so a crowded node drops instead of looping.
+#[inline(always)]
+pub fn reserve_snat_port(reply_key: &mut CtKey, reply: &CtEntry, original: &CtKey) -> Option<u16> {
+    let hash = proxy_common::flow_hash(original);
+    for attempt in 0..SNAT_ATTEMPTS {
+        let port = if attempt == 0 {
+            original.sport
+        } else {
+            let mixed = hash ^ attempt.wrapping_mul(0x9e37_79b9);
+            ((SNAT_PORT_MIN + mixed % (65_536 - SNAT_PORT_MIN)) as u16).to_be()
+        };
+        reply_key.dport = port;
+        if CONNTRACK
+            .insert(*reply_key, reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// Another CPU created this flow first: its record, with our reply entry withdrawn if
+/// it points elsewhere (when it is the same tuple it is the winner's, rewritten with
+/// equal content, and must stay). `None`: the winner's record vanished meanwhile.
+#[inline(always)]
+pub fn adopt_winner(key: &CtKey, our_reply_key: &CtKey) -> Option<CtEntry> {
+    counters::event(EV_CT_RACE_LOST);
+    // SAFETY: copied out at once.
+    let winner = (unsafe { CONNTRACK.get(key) }).copied()?;
+    if key.peer(&winner) != *our_reply_key {
+        let _ = CONNTRACK.remove(our_reply_key);
+    }
+    Some(winner)
 }

@@ -6,27 +6,89 @@
 //! whose backend has no listener would never learn it (the quoted tuple names the
 //! backend, not the service it connected to).
 //!
+//! Everything ICMP is here: recognising an error (`parse_error`) and translating it;
+//! the errors the data path generates itself (fragmentation needed before IPIP
+//! encapsulation) are built by `tunnel`, which owns the outer header they quote.
+//!
 //! The flow is found from the quoted tuple: the error travels against the quoted
 //! packet, so the quoted tuple reversed is the key of the entry for the error's own
 //! direction, whose rewrite gives the receiver's view.
 
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
 use proxy_common::{Addr, CtKey, EV_ICMP_TRANSLATED};
 
 use crate::{
     balancer, counters,
-    headers::PROTO_ICMP,
+    headers::{
+        self, Transport, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE, IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
+    },
     maps::CONNTRACK,
     packet::{Packet, ETH_LEN, IP_CHECK, IP_DST, IP_SRC},
-    parse::{self, QUOTED_OFF},
     translate::{Action, Verdict},
 };
 
+/// Where the ICMP header starts: ICMP errors are only handled without IP options.
+const ICMP_OFF: usize = ETH_LEN + 20;
+/// Where the quoted IP header starts.
+pub const QUOTED_OFF: usize = ICMP_OFF + 8;
+
+/// An ICMP error (destination unreachable, time exceeded) about a TCP or UDP packet.
+struct IcmpError {
+    pub outer_src: Addr,
+    pub outer_dst: Addr,
+    pub ip_len: u16,
+    /// The quoted packet's tuple, as it travelled.
+    pub quoted: CtKey,
+}
+
+/// An ICMP error whose headers (outer and quoted, both without options, and the
+/// quoted ports) are all in the packet.
+#[inline(always)]
+fn parse_error<P: Packet>(pkt: &P) -> Option<IcmpError> {
+    let eth: *const EthHdr = pkt.ptr_at(0)?;
+    let ip: *const Ipv4Hdr = pkt.ptr_at(ETH_LEN)?;
+    let icmp: *const [u8; 8] = pkt.ptr_at(ICMP_OFF)?;
+    let quoted: *const Ipv4Hdr = pkt.ptr_at(QUOTED_OFF)?;
+    let ports: *const [u16; 2] = pkt.ptr_at(QUOTED_OFF + 20)?;
+    // SAFETY: every pointer is bounds-checked.
+    unsafe {
+        if (*eth).ether_type != EtherType::Ipv4 as u16
+            || (*ip).vihl != 0x45
+            || headers::ipv4_proto(pkt, ETH_LEN)? != PROTO_ICMP
+            || u16::from_be_bytes((*ip).frags) & (IP_MF | IP_OFFSET_MASK) != 0
+            || !matches!((*icmp)[0], ICMP_UNREACHABLE | ICMP_TIME_EXCEEDED)
+            || (*quoted).vihl != 0x45
+        {
+            return None;
+        }
+        let proto = headers::ipv4_proto(pkt, QUOTED_OFF)?;
+        Transport::from_number(proto)?;
+        let ports = ports.read_unaligned();
+        Some(IcmpError {
+            outer_src: Addr::from_v4_be(u32::from_ne_bytes((*ip).src_addr)),
+            outer_dst: Addr::from_v4_be(u32::from_ne_bytes((*ip).dst_addr)),
+            ip_len: u16::from_be_bytes((*ip).tot_len),
+            quoted: CtKey {
+                src: Addr::from_v4_be(u32::from_ne_bytes((*quoted).src_addr)),
+                dst: Addr::from_v4_be(u32::from_ne_bytes((*quoted).dst_addr)),
+                sport: ports[0],
+                dport: ports[1],
+                proto,
+                _pad: [0; 3],
+            },
+        })
+    }
+}
+
 /// The ICMP checksum: at offset 2 of the ICMP header.
-const ICMP_CHECK: usize = parse::ICMP_OFF + 2;
+const ICMP_CHECK: usize = ICMP_OFF + 2;
 
 #[inline(always)]
 pub fn translate_error<P: Packet>(pkt: &P) -> Verdict {
-    let Some(error) = parse::parse_icmp_error(pkt) else {
+    let Some(error) = parse_error(pkt) else {
         return Verdict::PASS;
     };
     let quoted = error.quoted;
@@ -70,12 +132,7 @@ pub fn translate_error<P: Packet>(pkt: &P) -> Verdict {
 /// change the ICMP checksum; the outer addresses, the outer IP checksum. The quoted
 /// L4 checksum is left as it was (nobody checks it in an error).
 #[inline(always)]
-fn rewrite<P: Packet>(
-    pkt: &P,
-    error: &parse::IcmpError,
-    sent: &CtKey,
-    outer_src: Addr,
-) -> Result<(), ()> {
+fn rewrite<P: Packet>(pkt: &P, error: &IcmpError, sent: &CtKey, outer_src: Addr) -> Result<(), ()> {
     let quoted = &error.quoted;
     let quoted_check = QUOTED_OFF + IP_CHECK;
     let words = [

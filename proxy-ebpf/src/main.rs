@@ -1,14 +1,18 @@
 //! ebpf-proxy's data path. This file only declares the entry points; each concern has
-//! its module: `parse` (headers), `balancer` (services and scheduling), `conntrack`
-//! (flow state), `affinity` (sessionAffinity), `source_ranges`
+//! its module: `headers` (protocol numbers and per-protocol header facts), `parse`
+//! (reading headers), `balancer` (service look-up, scheduling over the shared
+//! `proxy_common::decide`), `accounting` (connections per backend), `conntrack`
+//! (recording flows, their state), `affinity` (sessionAffinity), `source_ranges`
 //! (loadBalancerSourceRanges), `translate` (the pipeline), `packet` (how XDP and tc
-//! rewrite), `tunnel` (IPIP), `icmp` (errors about
-//! translated flows), `sock` (node-local sockets), `maps` and `counters`.
+//! rewrite), `checksum` (the Internet checksum), `tunnel` (IPIP), `icmp` (errors about
+//! translated flows), `forward` (redirects), `sock` (node-local sockets), `maps` and
+//! `counters`.
 #![no_std]
 #![no_main]
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod accounting;
 mod affinity;
 mod balancer;
 mod checksum;

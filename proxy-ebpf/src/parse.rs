@@ -9,9 +9,7 @@ use network_types::{
 use proxy_common::{Addr, CtKey, PROTO_TCP};
 
 use crate::{
-    headers::{
-        self, Transport, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE, IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
-    },
+    headers::{self, Transport, IP_MF, IP_OFFSET_MASK},
     packet::{Packet, ETH_LEN},
 };
 
@@ -129,57 +127,4 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
         tcp_flags,
         ip_len: tot_len,
     })
-}
-
-/// Where the ICMP header starts: ICMP errors are only handled without IP options.
-pub const ICMP_OFF: usize = ETH_LEN + 20;
-/// Where the quoted IP header starts.
-pub const QUOTED_OFF: usize = ICMP_OFF + 8;
-
-/// An ICMP error (destination unreachable, time exceeded) about a TCP or UDP packet.
-pub struct IcmpError {
-    pub outer_src: Addr,
-    pub outer_dst: Addr,
-    pub ip_len: u16,
-    /// The quoted packet's tuple, as it travelled.
-    pub quoted: CtKey,
-}
-
-/// An ICMP error whose headers (outer and quoted, both without options, and the
-/// quoted ports) are all in the packet.
-#[inline(always)]
-pub fn parse_icmp_error<P: Packet>(pkt: &P) -> Option<IcmpError> {
-    let eth: *const EthHdr = pkt.ptr_at(0)?;
-    let ip: *const Ipv4Hdr = pkt.ptr_at(ETH_LEN)?;
-    let icmp: *const [u8; 8] = pkt.ptr_at(ICMP_OFF)?;
-    let quoted: *const Ipv4Hdr = pkt.ptr_at(QUOTED_OFF)?;
-    let ports: *const [u16; 2] = pkt.ptr_at(QUOTED_OFF + 20)?;
-    // SAFETY: every pointer is bounds-checked.
-    unsafe {
-        if (*eth).ether_type != EtherType::Ipv4 as u16
-            || (*ip).vihl != 0x45
-            || headers::ipv4_proto(pkt, ETH_LEN)? != PROTO_ICMP
-            || u16::from_be_bytes((*ip).frags) & (IP_MF | IP_OFFSET_MASK) != 0
-            || !matches!((*icmp)[0], ICMP_UNREACHABLE | ICMP_TIME_EXCEEDED)
-            || (*quoted).vihl != 0x45
-        {
-            return None;
-        }
-        let proto = headers::ipv4_proto(pkt, QUOTED_OFF)?;
-        Transport::from_number(proto)?;
-        let ports = ports.read_unaligned();
-        Some(IcmpError {
-            outer_src: Addr::from_v4_be(u32::from_ne_bytes((*ip).src_addr)),
-            outer_dst: Addr::from_v4_be(u32::from_ne_bytes((*ip).dst_addr)),
-            ip_len: u16::from_be_bytes((*ip).tot_len),
-            quoted: CtKey {
-                src: Addr::from_v4_be(u32::from_ne_bytes((*quoted).src_addr)),
-                dst: Addr::from_v4_be(u32::from_ne_bytes((*quoted).dst_addr)),
-                sport: ports[0],
-                dport: ports[1],
-                proto,
-                _pad: [0; 3],
-            },
-        })
-    }
 }

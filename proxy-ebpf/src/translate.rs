@@ -7,19 +7,19 @@ use aya_ebpf::{
 };
 use proxy_common::{
     decide::{self, Entry},
-    Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, CONFIG_SNAT_ADDR, CT_ESTABLISHED, CT_F_ENCAP,
-    CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, CT_SYN_SENT,
-    EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED,
-    EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, PROTO_TCP, SVC_F_TUNNEL,
+    Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, CT_ESTABLISHED, CT_F_ENCAP, CT_F_NODE_SOURCE,
+    CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, CT_SYN_SENT, EV_CT_INSERT_FAILED,
+    EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED, EV_NO_BACKEND,
+    EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, PROTO_TCP, SVC_F_TUNNEL,
 };
 
 use crate::{
-    affinity,
+    accounting, affinity,
     balancer::{self, Choice},
     conntrack::{self, Lookup},
     counters::{self, Direction},
     headers, icmp,
-    maps::{CONNTRACK, NODE_CONFIG},
+    maps::CONNTRACK,
     packet::{Packet, XdpPacket, ETH_LEN, IP_DST, IP_SRC, L4_DPORT, L4_SPORT},
     parse::{self, Flow, Skip, TCP_ACK, TCP_RST, TCP_SYN},
     source_ranges, tunnel,
@@ -86,10 +86,6 @@ impl Verdict {
 }
 
 const EEXIST: i32 = -17;
-/// Ports tried for a masqueraded flow before giving up: the client's own port, then
-/// hash-derived ones.
-const SNAT_ATTEMPTS: u32 = 8;
-const SNAT_PORT_MIN: u32 = 1024;
 
 #[inline(always)]
 pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
@@ -115,7 +111,7 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             return follow(pkt, &flow, &entry, false);
         }
         Lookup::Stale(entry_ptr) => {
-            conntrack::retire(entry_ptr);
+            accounting::retire(entry_ptr);
             let _ = CONNTRACK.remove(flow.key);
         }
         Lookup::Missing => {}
@@ -324,13 +320,13 @@ fn open_flow<P: Packet>(
         reply.flags |= CT_F_NODE_SOURCE;
     }
     if decide::masquerades(service, &choice.backend, &flow.key.src, origin.entry()) {
-        let Some(snat_addr) = snat_address() else {
+        let Some(snat_addr) = conntrack::snat_address() else {
             counters::event(EV_SNAT_EXHAUSTED);
             return Verdict::DROP;
         };
         reply_key.dst = snat_addr;
         reply.flags |= CT_F_REWRITE_DST | CT_F_SNAT;
-        let Some(port) = reserve_snat_port(&mut reply_key, &reply, key) else {
+        let Some(port) = conntrack::reserve_snat_port(&mut reply_key, &reply, key) else {
             counters::event(EV_SNAT_EXHAUSTED);
             return Verdict::DROP;
         };
@@ -347,10 +343,13 @@ fn open_flow<P: Packet>(
 
     match CONNTRACK.insert(key, forward, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
-            balancer::count_opened(backend.id);
+            accounting::opened(backend.id);
             follow(pkt, flow, &forward, true)
         }
-        Err(EEXIST) => adopt_winner(pkt, flow, &reply_key),
+        Err(EEXIST) => match conntrack::adopt_winner(key, &reply_key) {
+            Some(winner) => follow(pkt, flow, &winner, false),
+            None => Verdict::DROP,
+        },
         Err(_) => {
             // Translate this packet anyway; the flow continues through re-hashing.
             counters::event(EV_CT_INSERT_FAILED);
@@ -390,7 +389,7 @@ fn open_encapsulated<P: Packet>(
     };
     match CONNTRACK.insert(flow.key, entry, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
-            balancer::count_opened(choice.backend.id);
+            accounting::opened(choice.backend.id);
             follow(pkt, flow, &entry, true)
         }
         Err(EEXIST) => {
@@ -406,54 +405,4 @@ fn open_encapsulated<P: Packet>(
             follow(pkt, flow, &entry, true)
         }
     }
-}
-
-/// Another CPU created this flow first: use its backend and withdraw our reply entry
-/// if it points elsewhere (when it is the same tuple it is the winner's, rewritten
-/// with equal content, and must stay).
-#[inline(always)]
-fn adopt_winner<P: Packet>(pkt: &P, flow: &Flow, our_reply_key: &CtKey) -> Verdict {
-    counters::event(EV_CT_RACE_LOST);
-    // SAFETY: copied out at once.
-    let Some(winner) = (unsafe { CONNTRACK.get(flow.key) }).copied() else {
-        return Verdict::DROP;
-    };
-    if flow.key.peer(&winner) != *our_reply_key {
-        let _ = CONNTRACK.remove(our_reply_key);
-    }
-    follow(pkt, flow, &winner, false)
-}
-
-#[inline(always)]
-fn snat_address() -> Option<Addr> {
-    let addr = NODE_CONFIG.get(CONFIG_SNAT_ADDR)?.addr;
-    if addr.is_zero() {
-        None
-    } else {
-        Some(addr)
-    }
-}
-
-/// Claims a masquerade port by inserting the reply entry if absent: the client's own
-/// port when free (the common case, and what keeps a flow's tuple recognisable), else
-/// a few hash-derived ones. Bounded, so a crowded node drops instead of looping.
-#[inline(always)]
-fn reserve_snat_port(reply_key: &mut CtKey, reply: &CtEntry, original: &CtKey) -> Option<u16> {
-    let hash = proxy_common::flow_hash(original);
-    for attempt in 0..SNAT_ATTEMPTS {
-        let port = if attempt == 0 {
-            original.sport
-        } else {
-            let mixed = hash ^ attempt.wrapping_mul(0x9e37_79b9);
-            ((SNAT_PORT_MIN + mixed % (65_536 - SNAT_PORT_MIN)) as u16).to_be()
-        };
-        reply_key.dport = port;
-        if CONNTRACK
-            .insert(*reply_key, reply, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return Some(port);
-        }
-    }
-    None
 }

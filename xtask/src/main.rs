@@ -28,6 +28,9 @@ enum Task {
         /// Fewer and smaller runs (for CI): never fails on a timing.
         #[arg(long)]
         quick: bool,
+        /// One part only: control, watch, data, e2e or ipvs.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Lints, unit tests, in-kernel data path tests and end-to-end tests.
     Test {
@@ -51,12 +54,15 @@ fn main() -> Result<()> {
                 workspace_root().join("target/release/ebpf-proxy-demo"),
             ))
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             setup::ensure_bench()?;
             build()?;
             let mut bench = Command::new(workspace_root().join("target/release/ebpf-proxy-bench"));
             if quick {
                 bench.arg("--quick");
+            }
+            if let Some(part) = only {
+                bench.args(["--only", &part]);
             }
             run(bench)
         }
