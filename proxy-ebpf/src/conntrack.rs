@@ -1,13 +1,27 @@
-//! Conntrack look-ups and state changes.
+//! Conntrack: look-ups, TCP state changes, and the parts of recording a new flow that
+//! touch more than its own entry (masquerade ports, a race lost to another CPU). The
+//! entries of a new translated flow are built in `translate::open_flow`: moving that
+//! into this module crashed bpf-linker (LLVM 22, in every shape tried), so it stays
+//! there until the linker copes.
 //!
 //! Races, written down because several CPUs may be in here at once for one flow:
 //! - Look-ups copy the entry; the only in-place writes are `state`, `flags` and
-//!   `last_seen_ns`, each a plain store. Two CPUs writing them at once leave one of
-//!   two valid values, and both values describe the same flow and backend.
-//! - Creation is insert-if-absent (see `translate::open_flow`), so two CPUs that both
-//!   see a new flow agree on the first one's backend.
-//! - `accounting` (how the flow counts in `CONN_COUNTS`) changes only by atomic
-//!   compare-and-exchange or exchange, so each transition is counted exactly once.
+//!   `last_seen_ns`, each a plain store of a value computed from the copy. Two CPUs
+//!   writing them at once leave one of two values, both describing the same flow
+//!   and backend. The worst cases, all bounded by timeouts and never misrouting:
+//!   - a lost `CT_F_FIN` (one CPU records the FIN of one direction while another
+//!     stores the flags it read before): when the other side's FIN comes, the flow
+//!     is not seen closing, and stays ESTABLISHED and counted active until a RST, a
+//!     reuse of the tuple, or its idle timeout;
+//!   - a lost state advance (SYN_SENT -> ESTABLISHED overwritten by a concurrent
+//!     refresh that still carries SYN_SENT): the next packet advances it again;
+//!     meanwhile the flow has the shorter SYN timeout;
+//!   - a lost `last_seen_ns` refresh: the older of two close times, at most
+//!     `CT_REFRESH_NS` apart.
+//! - Creation is insert-if-absent, so two CPUs that both see a new flow agree on the
+//!   first one's backend; the loser withdraws its reply entry (`adopt_winner`).
+//! - How the flow is counted in `CONN_COUNTS` changes only atomically (`accounting`),
+//!   so each transition is counted exactly once.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use proxy_common::{
