@@ -1,10 +1,11 @@
 //! The ebpf-proxy agent as a library: the binary (`main.rs`) is a thin CLI over it,
 //! and the tests and the demo drive the same code.
 //!
-//! Data flows one way: a *source* (`manifests`) yields Kubernetes objects, the
-//! `tracker` re-translates (`translate`) only the services that changed into frontends
-//! of the desired `model`, `sync` writes those differences to the kernel `datapath`
-//! maps, and `listing` reads the maps back for operators.
+//! Data flows one way: *sources* (`source::manifests`, `source::kubernetes`) yield
+//! Kubernetes objects, the `tracker` re-translates (`translate`) only the services
+//! that changed into frontends of the desired `model`, `sync` writes those differences
+//! to the kernel `datapath` maps (through `datapath::codec`), and `listing`, `trace`,
+//! `conntrack` and `metrics` read the maps back for operators.
 
 pub mod agent;
 pub mod capabilities;

@@ -37,7 +37,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load and attach the data path and keep it in sync with the manifests.
+    /// Load and attach the data path and keep it in sync with its source (a manifests
+    /// file or the API server).
     Run(Box<RunArgs>),
     /// Show programmed services, backends and counters, like `ipvsadm -Ln --stats`.
     List {
@@ -235,6 +236,10 @@ struct RunArgs {
     /// How often to check the manifests file for changes, in milliseconds.
     #[arg(long, default_value_t = 500)]
     poll_ms: u64,
+    /// Let an empty manifests file remove every service (without it, an empty file is
+    /// reported and the programmed services stay: it is far more often a truncation).
+    #[arg(long)]
+    allow_empty_manifests: bool,
     /// File to create once the first sync is done and interfaces are attached.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -257,13 +262,15 @@ async fn main() -> Result<()> {
         Command::Run(args) => {
             let (sources, default_sync_period_ms): (Vec<Box<dyn Source>>, u64) =
                 match &args.manifests {
-                    Some(path) => (
-                        vec![Box::new(ManifestsSource {
+                    Some(path) => {
+                        let source = ManifestsSource {
                             path: path.clone(),
                             poll_interval: Duration::from_millis(args.poll_ms),
-                        })],
-                        0,
-                    ),
+                            allow_empty: args.allow_empty_manifests,
+                        };
+                        source.check()?;
+                        (vec![Box::new(source)], 0)
+                    }
                     None => (
                         vec![Box::new(
                             KubernetesSource::connect(args.kubeconfig.as_deref(), &args.node_name)

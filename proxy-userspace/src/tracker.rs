@@ -59,6 +59,9 @@ struct SliceRecord {
     object: EndpointSlice,
     service: Option<ObjectKey>,
     endpoints: Result<Vec<SliceEndpoint>, String>,
+    /// The endpoints in use: these, or, while a new version of the slice cannot be
+    /// read, the last version that could (a bad update never empties a service).
+    serving: Option<Vec<SliceEndpoint>>,
 }
 
 #[derive(Default)]
@@ -161,8 +164,13 @@ impl ChangeTracker {
         if self.slices.get(&key).is_some_and(|r| r.object == slice) {
             return;
         }
-        self.remove_slice(&key);
         let service = slice_service(&slice);
+        let last_good = self
+            .slices
+            .get(&key)
+            .filter(|previous| previous.service == service)
+            .and_then(|previous| previous.serving.clone());
+        self.remove_slice(&key);
         if let Some(service) = &service {
             self.slices_of
                 .entry(service.clone())
@@ -171,12 +179,14 @@ impl ChangeTracker {
             self.dirty_services.insert(service.clone());
         }
         let endpoints = slice_endpoints(&slice, &self.node_name);
+        let serving = endpoints.as_ref().ok().cloned().or(last_good);
         self.slices.insert(
             key.clone(),
             SliceRecord {
                 object: slice,
                 service,
                 endpoints,
+                serving,
             },
         );
         self.dirty_slices.insert(key);
@@ -296,7 +306,7 @@ impl ChangeTracker {
                     .get(&key)
                     .into_iter()
                     .flatten()
-                    .filter_map(|slice| self.slices.get(slice)?.endpoints.as_ref().ok())
+                    .filter_map(|slice| self.slices.get(slice)?.serving.as_ref())
                     .flatten()
                     .cloned()
                     .collect();
@@ -368,6 +378,10 @@ impl ChangeTracker {
             (None, _) => vec![Problem::warning(
                 object,
                 format!("no {LABEL_SERVICE_NAME} label: ignored"),
+            )],
+            (_, Err(message)) if record.serving.is_some() => vec![Problem::error(
+                object,
+                format!("{message}; its last readable version stays in use"),
             )],
             (_, Err(message)) => vec![Problem::error(object, message.clone())],
             (Some(service), Ok(_)) if !self.services.contains_key(service) => {
@@ -554,5 +568,37 @@ mod tests {
             .map(|(_, f)| f.as_ref().expect("both stay").endpoints.len())
             .collect();
         assert_eq!(endpoints, vec![0, 2]);
+    }
+
+    #[test]
+    fn a_bad_update_of_a_slice_keeps_its_last_good_endpoints() {
+        let mut tracker = ChangeTracker::new("n");
+        let all = objects(1);
+        tracker.replace_all(&all);
+        tracker.flush();
+        let mut bad = all.slices[0].clone();
+        bad.endpoints[0].addresses[0] = "not-an-address".into();
+        tracker.set_slice(bad);
+        let flush = tracker.flush();
+        assert!(flush.changes.is_empty(), "{:?}", flush.changes);
+        assert!(
+            flush
+                .problems
+                .iter()
+                .any(|p| p.message.contains("last readable version")),
+            "{:?}",
+            flush.problems
+        );
+        assert_eq!(
+            tracker
+                .desired()
+                .frontends
+                .values()
+                .next()
+                .expect("kept")
+                .endpoints
+                .len(),
+            1
+        );
     }
 }

@@ -24,10 +24,12 @@
 //!    node default; an unknown name is an error for that service, which keeps the
 //!    default. Weights come from `ebpf-proxy.io/weights` (`addr=weight, …`), default 1.
 //! 7. Bad input is reported as a `Problem` naming the object and skips only that
-//!    object: a service with an unparsable address or duplicate ports or nodePorts, a
-//!    slice with an
-//!    unparsable address. Two services claiming one frontend: the first by
-//!    namespace/name keeps it.
+//!    object: a service with an unparsable address, an address no service can have
+//!    (loopback, unspecified, broadcast, multicast, link-local) as clusterIP,
+//!    externalIP or LoadBalancer ingress IP, or duplicate ports or nodePorts; a slice
+//!    with an unparsable address or port (the slice's last readable version, if any,
+//!    stays in use: a bad update never empties a service). Two services claiming one
+//!    frontend: the first by namespace/name keeps it.
 //! 8. `externalTrafficPolicy: Local`: NodePort, LoadBalancer and external-IP frontends
 //!    use only this node's endpoints (none: packets are dropped), so nothing is
 //!    masqueraded and backends see the client's address; with a `healthCheckNodePort`
@@ -219,12 +221,36 @@ fn ipv4_addresses<'a>(
     let mut out = Vec::new();
     for address in addresses {
         match address.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => out.push(v4),
+            Ok(IpAddr::V4(v4)) => match unusable_reason(v4) {
+                None => out.push(v4),
+                Some(reason) => {
+                    return Err(format!("{what} {v4} is {reason}: no service can have it"))
+                }
+            },
             Ok(IpAddr::V6(_)) => {}
             Err(_) => return Err(format!("{what} {address:?} is not an IP address")),
         }
     }
     Ok(out)
+}
+
+/// Why an address can never be a service's (rule 7): traffic to it is the node's own
+/// (loopback: `127.0.0.1:10249` would hand the agent's metrics port to a pod), or it
+/// names no single host.
+fn unusable_reason(addr: Ipv4Addr) -> Option<&'static str> {
+    if addr.is_loopback() {
+        Some("a loopback address")
+    } else if addr.is_unspecified() {
+        Some("the unspecified address")
+    } else if addr.is_broadcast() {
+        Some("the broadcast address")
+    } else if addr.is_multicast() {
+        Some("a multicast address")
+    } else if addr.is_link_local() {
+        Some("a link-local address")
+    } else {
+        None
+    }
 }
 
 /// How a frontend address is reached.

@@ -17,6 +17,9 @@ use crate::model::Problem;
 pub struct ManifestsSource {
     pub path: PathBuf,
     pub poll_interval: Duration,
+    /// An empty file (nothing but blanks and comments) removes every service; without
+    /// this it is refused as the likely truncation it is.
+    pub allow_empty: bool,
 }
 
 impl Source for ManifestsSource {
@@ -29,7 +32,72 @@ impl Source for ManifestsSource {
     }
 }
 
+/// How long a changed file must stay the same before it is applied: a writer that
+/// rewrites the file in place (not by rename) is caught mid-way by a reader, and a
+/// half-written file would remove every service it did not reach yet.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// What one look at the file found.
+enum Read {
+    /// The same bytes as last applied.
+    Unchanged,
+    /// New bytes, stable for `SETTLE`.
+    Changed(Vec<u8>),
+    /// New bytes still changing: looked at again on the next poll.
+    Changing,
+}
+
 impl ManifestsSource {
+    /// Checks that the path names a file that can be read, before the agent starts:
+    /// a mistyped path would otherwise give a "ready" agent without services.
+    pub fn check(&self) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let metadata = std::fs::metadata(&self.path)
+            .with_context(|| format!("manifests file {}", self.path.display()))?;
+        anyhow::ensure!(
+            metadata.is_file(),
+            "manifests file {}: not a regular file",
+            self.path.display()
+        );
+        Ok(())
+    }
+
+    async fn read(&self, last: Option<&Vec<u8>>) -> std::io::Result<Read> {
+        // Only regular files: reading a FIFO would block until a writer comes.
+        let regular = tokio::fs::metadata(&self.path).await?.is_file();
+        if !regular {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        let bytes = tokio::fs::read(&self.path).await?;
+        if last == Some(&bytes) {
+            return Ok(Read::Unchanged);
+        }
+        tokio::time::sleep(SETTLE).await;
+        let again = tokio::fs::read(&self.path).await?;
+        Ok(if again == bytes {
+            Read::Changed(bytes)
+        } else {
+            Read::Changing
+        })
+    }
+
+    /// What a new version of the file says.
+    fn snapshot(&self, bytes: &[u8], origin: &str) -> SourceEvent {
+        let text = String::from_utf8_lossy(bytes);
+        let (objects, mut problems) = parse(&text, origin);
+        if split_documents(&text).is_empty() && !self.allow_empty {
+            problems.push(Problem::error(
+                origin.to_owned(),
+                "the file is empty: keeping the programmed services (an empty file removes them only with --allow-empty-manifests)",
+            ));
+        }
+        SourceEvent::Snapshot {
+            complete: problems.is_empty(),
+            objects,
+            problems,
+        }
+    }
+
     async fn follow(self, updates: Updates) {
         let origin = self.path.display().to_string();
         let mut last: Option<Vec<u8>> = None;
@@ -38,20 +106,14 @@ impl ManifestsSource {
         let mut listed = false;
         loop {
             ticker.tick().await;
-            // tokio reads on its blocking pool: a file that blocks (a FIFO) stalls this
-            // source, never the agent.
-            let event = match tokio::fs::read(&self.path).await {
-                Ok(bytes) if last.as_ref() != Some(&bytes) => {
+            let event = match self.read(last.as_ref()).await {
+                Ok(Read::Changed(bytes)) => {
                     unreadable_reported = false;
-                    let (objects, problems) = parse(&String::from_utf8_lossy(&bytes), &origin);
+                    let event = self.snapshot(&bytes, &origin);
                     last = Some(bytes);
-                    Some(SourceEvent::Snapshot {
-                        complete: problems.is_empty(),
-                        objects,
-                        problems,
-                    })
+                    Some(event)
                 }
-                Ok(_) => None,
+                Ok(Read::Unchanged | Read::Changing) => None,
                 Err(e) if !unreadable_reported => {
                     unreadable_reported = true;
                     warn!(path = %origin, "manifests unreadable ({e}); keeping the last programmed state");
@@ -67,8 +129,9 @@ impl ManifestsSource {
                     return;
                 }
             }
-            // After the first read, whatever it found: a missing file leaves the pinned
-            // state as it is (nothing is said, so nothing is synced or removed).
+            // After the first look, whatever it found: a file that vanished or is
+            // being written leaves the pinned state as it is (nothing is said, so
+            // nothing is synced or removed).
             if !listed {
                 listed = true;
                 if !updates.send(SourceEvent::Listed).await {
@@ -117,6 +180,14 @@ fn add_document(document: String, objects: &mut Objects) -> Result<(), String> {
     add_value(value, objects)
 }
 
+/// The (apiVersion, kind) pairs the translation reads.
+const READ_KINDS: [(&str, &str); 4] = [
+    ("v1", "Service"),
+    ("discovery.k8s.io/v1", "EndpointSlice"),
+    ("v1", "Node"),
+    ("v1", "List"),
+];
+
 fn add_value(value: serde_yaml::Value, objects: &mut Objects) -> Result<(), String> {
     let field = |name: &str| {
         value
@@ -146,8 +217,21 @@ fn add_value(value: serde_yaml::Value, objects: &mut Objects) -> Result<(), Stri
                 add_value(item, objects)?;
             }
         }
-        // Other kinds (Deployments, Pods…) commonly share a file with Services: not ours.
         (_, "") => return Err("no `kind` field: not a Kubernetes object".into()),
+        // A kind the translation reads, misspelt or of another API version: reported,
+        // which keeps the file's snapshot partial (it removes nothing), never taken
+        // for the absence of the object.
+        (_, kind) if READ_KINDS.iter().any(|(_, k)| k.eq_ignore_ascii_case(kind)) => {
+            let (expected_version, expected_kind) = READ_KINDS
+                .iter()
+                .find(|(_, k)| k.eq_ignore_ascii_case(kind))
+                .copied()
+                .unwrap_or_default();
+            return Err(format!(
+                "{api_version:?} {kind:?} is not read (expected apiVersion {expected_version:?}, kind {expected_kind:?})"
+            ));
+        }
+        // Other kinds (Deployments, Pods…) commonly share a file with Services: not ours.
         _ => {}
     }
     Ok(())
@@ -194,5 +278,50 @@ mod tests {
         let (objects, problems) = parse(&text, "f");
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(objects.services.len(), 1);
+    }
+
+    #[test]
+    fn a_kind_the_translation_reads_with_another_version_or_spelling_is_a_problem() {
+        for (api_version, kind) in [
+            ("v1beta1", "Service"),
+            ("v1", "service"),
+            ("discovery.k8s.io/v1beta1", "EndpointSlice"),
+        ] {
+            let text = GOOD_SERVICE
+                .replace("apiVersion: v1", &format!("apiVersion: {api_version}"))
+                .replace("kind: Service", &format!("kind: {kind}"));
+            let (objects, problems) = parse(&text, "f");
+            assert!(objects.services.is_empty());
+            assert_eq!(problems.len(), 1, "{api_version} {kind}: {problems:?}");
+            assert!(
+                problems[0].message.contains("is not read"),
+                "{}",
+                problems[0]
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_file_is_refused_unless_allowed() {
+        let source = |allow_empty| ManifestsSource {
+            path: "f".into(),
+            poll_interval: Duration::from_secs(1),
+            allow_empty,
+        };
+        for text in ["", "\n# only a comment\n---\n"] {
+            match source(false).snapshot(text.as_bytes(), "f") {
+                SourceEvent::Snapshot {
+                    complete, problems, ..
+                } => {
+                    assert!(!complete, "an empty file must not remove anything");
+                    assert!(problems[0].message.contains("empty"), "{problems:?}");
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(matches!(
+                source(true).snapshot(text.as_bytes(), "f"),
+                SourceEvent::Snapshot { complete: true, .. }
+            ));
+        }
     }
 }

@@ -85,3 +85,91 @@ fn a_full_service_table_is_reported_and_the_services_that_fit_keep_working() {
     );
     assert!(metrics.contains("ebpf_proxy_sync_problems 1"), "{metrics}");
 }
+
+/// Issue 14: an empty file, or a document of a kind the agent reads under another
+/// apiVersion or spelling, must not remove what it no longer lists; a bad update of an
+/// EndpointSlice must not empty its service.
+#[test]
+fn an_empty_file_a_misversioned_document_or_a_bad_slice_removes_nothing() {
+    let services = |t: &Topology| vec![web(t, &["pod-a1"]), dns(t, &["pod-a1"])];
+    let cluster = Cluster::new("trunc", 2, 0, services);
+    let client = cluster.ns("pod-a2");
+    let good = render(&services(&cluster.topology));
+    let still_serving = |what: &str| {
+        assert!(
+            curl(client, &format!("http://{WEB_VIP}/")).is_ok(),
+            "{what}"
+        );
+        assert!(
+            udp_ask(client, &format!("{DNS_VIP}:53")).starts_with("pod=pod-a1"),
+            "{what}"
+        );
+        assert_eq!(
+            cluster.agent.listing().expect("list").services.len(),
+            2,
+            "{what}"
+        );
+    };
+
+    std::fs::write(&cluster.agent.manifests, "").expect("truncate");
+    wait_until(
+        || cluster.agent.log().contains("the file is empty"),
+        "the agent read the empty file",
+    );
+    still_serving("after truncation to 0 bytes");
+
+    // The dns Service as `v1beta1`: a problem, not an absence.
+    let misversioned = good.replacen(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns",
+        "apiVersion: v1beta1\nkind: Service\nmetadata:\n  name: dns",
+        1,
+    );
+    assert_ne!(misversioned, good, "the dns Service document was found");
+    std::fs::write(&cluster.agent.manifests, misversioned).expect("write");
+    wait_until(
+        || cluster.agent.log().contains("is not read"),
+        "the agent read the misversioned document",
+    );
+    still_serving("after a misversioned document");
+
+    // The dns EndpointSlice with port 0: its last readable version stays in use.
+    let bad_slice = good.replacen("port: 5353", "port: 0", 1);
+    assert_ne!(bad_slice, good, "the dns slice port was found");
+    std::fs::write(&cluster.agent.manifests, bad_slice).expect("write");
+    wait_until(
+        || cluster.agent.log().contains("last readable version"),
+        "the agent read the bad slice",
+    );
+    still_serving("after a bad EndpointSlice");
+}
+
+#[test]
+fn a_manifests_path_that_is_missing_or_not_a_regular_file_is_refused_at_start() {
+    let cluster = Cluster::new("mpath", 1, 0, |t| vec![web(t, &["pod-a1"])]);
+    let fifo = cluster.agent.manifests.with_file_name("fifo");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    for path in [fifo.clone(), fifo.with_file_name("no-such-file.yaml")] {
+        let output = cluster
+            .topology
+            .node
+            .command(cluster.agent.binary().to_str().expect("path"))
+            .args(["run", "--manifests"])
+            .arg(&path)
+            .args(["--node-name", "n", "--node-ip", "198.18.0.1"])
+            .args(["--pin-dir", "/sys/fs/bpf/epx-never-created"])
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{}: {stderr}", path.display());
+        assert!(
+            stderr.contains("manifests file"),
+            "{}: {stderr}",
+            path.display()
+        );
+    }
+    assert!(!std::path::Path::new("/sys/fs/bpf/epx-never-created").exists());
+}

@@ -213,8 +213,29 @@ fn rule7_bad_services_are_skipped_and_named_while_others_keep_working() {
             ),
         ),
     ];
-    for (what, bad) in cases {
-        let out = translate_all(&objects(&(bad + &good)), NODE);
+    // Addresses no service can have, as clusterIP, externalIP or LoadBalancer IP.
+    let unusable = [
+        "127.0.0.1",
+        "0.0.0.0",
+        "255.255.255.255",
+        "224.0.0.5",
+        "169.254.1.1",
+    ]
+    .into_iter()
+    .flat_map(|addr| {
+        [
+            service("bad", "").replace("clusterIP: 10.96.0.1", &format!("clusterIP: {addr}")),
+            service("bad", &format!("  externalIPs: [{addr}]\n")),
+            service(
+                "bad",
+                &format!("status: {{loadBalancer: {{ingress: [{{ip: {addr}}}]}}}}\n"),
+            )
+            .replace("  selector:", "  type: LoadBalancer\n  selector:"),
+        ]
+    })
+    .map(|bad| ("unusable address", bad));
+    for (what, bad) in cases.into_iter().chain(unusable) {
+        let out = translate_all(&objects(&(bad.clone() + &good)), NODE);
         assert_eq!(
             out.state.frontends.len(),
             1,
@@ -225,7 +246,7 @@ fn rule7_bad_services_are_skipped_and_named_while_others_keep_working() {
             .iter()
             .find(|p| p.severity == Severity::Error)
             .unwrap_or_else(|| panic!("{what}: no error reported"));
-        assert_eq!(problem.object, "Service ns/bad", "{what}");
+        assert_eq!(problem.object, "Service ns/bad", "{what}: {bad}");
     }
 }
 
