@@ -88,8 +88,12 @@ pub fn position(scheduler: Scheduler, key: &CtKey) -> Position {
 /// answer (the original choice unless the backends changed); the others hash the
 /// 5-tuple over the slots.
 #[inline(always)]
-pub fn rehash_slot<T: SchedTables>(tables: &T, service: &ServiceValue, key: &CtKey) -> Option<u32> {
-    let scheduler = Scheduler::from_number(service.scheduler)?;
+pub fn rehash_slot<T: SchedTables>(
+    tables: &T,
+    service: &ServiceValue,
+    scheduler: Scheduler,
+    key: &CtKey,
+) -> Option<u32> {
     match position(scheduler, key) {
         Position::Hash(hash) => slot_at(tables, service, hash),
         Position::NextTurn | Position::Random | Position::LeastLoaded => {

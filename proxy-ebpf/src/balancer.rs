@@ -184,12 +184,10 @@ fn next_turn(service: &ServiceValue) -> Option<u32> {
     decide::turn(service, cursor)
 }
 
-/// Picks the backend of a new flow with the service's scheduler. A number this data
-/// path does not know (a newer agent's) schedules nothing: the flow is refused like
-/// one without backends rather than sent by a guess.
+/// Picks the backend of a new flow with the service's scheduler (`scheduler_of`).
 #[inline(always)]
-pub fn schedule(service: &ServiceValue, key: &CtKey) -> Option<Choice> {
-    match decide::position(Scheduler::from_number(service.scheduler)?, key) {
+pub fn schedule(service: &ServiceValue, scheduler: Scheduler, key: &CtKey) -> Option<Choice> {
+    match decide::position(scheduler, key) {
         Position::Hash(hash) => pick(service, hash),
         // SAFETY: helper without arguments.
         Position::Random => pick(service, unsafe { bpf_get_prandom_u32() }),
@@ -203,8 +201,19 @@ pub fn schedule(service: &ServiceValue, key: &CtKey) -> Option<Choice> {
 /// (`decide::rehash_slot`): the backend either still knows the connection or answers
 /// with a reset, so the client learns at once instead of retransmitting.
 #[inline(always)]
-pub fn rehash(service: &ServiceValue, key: &CtKey) -> Option<Choice> {
-    backend_in_slot(service, decide::rehash_slot(&KernelTables, service, key)?)
+pub fn rehash(service: &ServiceValue, scheduler: Scheduler, key: &CtKey) -> Option<Choice> {
+    backend_in_slot(
+        service,
+        decide::rehash_slot(&KernelTables, service, scheduler, key)?,
+    )
+}
+
+/// The service's scheduler. A number this data path does not know (a newer agent's)
+/// is none: the flow is refused like one without backends rather than sent by a
+/// guess. Decided once, where a new flow starts, not deep in the scheduling.
+#[inline(always)]
+pub fn scheduler_of(service: &ServiceValue) -> Option<Scheduler> {
+    Scheduler::from_number(service.scheduler)
 }
 
 /// State of one least-connection scan, shared with the `bpf_loop` callback.

@@ -57,14 +57,14 @@ fn parse_error<P: Packet>(pkt: &P) -> Option<IcmpError> {
     unsafe {
         if (*eth).ether_type != EtherType::Ipv4 as u16
             || (*ip).vihl != 0x45
-            || headers::ipv4_proto(pkt, ETH_LEN)? != PROTO_ICMP
+            || headers::ipv4_proto(ip) != PROTO_ICMP
             || u16::from_be_bytes((*ip).frags) & (IP_MF | IP_OFFSET_MASK) != 0
             || !matches!((*icmp)[0], ICMP_UNREACHABLE | ICMP_TIME_EXCEEDED)
             || (*quoted).vihl != 0x45
         {
             return None;
         }
-        let proto = headers::ipv4_proto(pkt, QUOTED_OFF)?;
+        let proto = headers::ipv4_proto(quoted);
         Transport::from_number(proto)?;
         let ports = ports.read_unaligned();
         Some(IcmpError {

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use proxy_common::PROTO_UDP;
 
-use crate::{checksum, headers::Transport, parse::Flow};
+use crate::{checksum, parse::Flow};
 
 pub const ETH_LEN: usize = 14;
 /// Offsets inside the IPv4 header.
@@ -21,13 +21,6 @@ pub const IP_DST: usize = 16;
 /// Offsets inside the L4 header (ports are at the same place for TCP and UDP).
 pub const L4_SPORT: usize = 0;
 pub const L4_DPORT: usize = 2;
-
-/// Where the L4 checksum of a flow's protocol lives (`None`: not a protocol the data
-/// path translates, so nothing is rewritten).
-#[inline(always)]
-pub fn l4_check_offset(proto: u8) -> Option<usize> {
-    Transport::from_number(proto).map(Transport::check_offset)
-}
 
 pub trait Packet {
     fn start(&self) -> usize;
@@ -67,11 +60,10 @@ impl XdpPacket<'_> {
     /// and never producing one.
     #[inline(always)]
     fn update_l4_check(&self, flow: &Flow, update: impl Fn(u16) -> u16) -> Result<(), ()> {
-        let check: *mut u16 = self
-            .ptr_at(flow.l4_off + l4_check_offset(flow.key.proto).ok_or(())?)
-            .ok_or(())?;
-        let zero_is_none =
-            Transport::from_number(flow.key.proto).is_some_and(Transport::zero_check_is_none);
+        let check: *mut u16 = self.ptr_at(flow.l4_check).ok_or(())?;
+        // UDP over IPv4: a zero checksum means "none" (it stays zero, and a computed
+        // zero is sent as 0xffff).
+        let zero_is_none = flow.key.proto == PROTO_UDP;
         // SAFETY: bounds checked by ptr_at.
         unsafe {
             let old = check.read_unaligned();
@@ -177,7 +169,7 @@ impl Packet for TcPacket<'_> {
 
     #[inline(always)]
     fn rewrite_addr(&self, flow: &Flow, ip_field: usize, old: u32, new: u32) -> Result<(), ()> {
-        let l4_check = flow.l4_off + l4_check_offset(flow.key.proto).ok_or(())?;
+        let l4_check = flow.l4_check;
         let flags = Self::l4_csum_flags(flow, 4) | u64::from(BPF_F_PSEUDO_HDR);
         self.0
             .l4_csum_replace(l4_check, u64::from(old), u64::from(new), flags)
@@ -190,7 +182,7 @@ impl Packet for TcPacket<'_> {
 
     #[inline(always)]
     fn rewrite_port(&self, flow: &Flow, l4_field: usize, old: u16, new: u16) -> Result<(), ()> {
-        let l4_check = flow.l4_off + l4_check_offset(flow.key.proto).ok_or(())?;
+        let l4_check = flow.l4_check;
         self.0
             .l4_csum_replace(
                 l4_check,

@@ -24,6 +24,9 @@ pub struct Flow {
     pub key: CtKey,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
+    /// Offset of the L4 checksum from the start of the frame: decided here, once, by
+    /// the protocol (`Transport::check_offset`), so that rewrites do not branch on it.
+    pub l4_check: usize,
     pub tcp_flags: u8,
     /// IP total length, for byte counters.
     pub ip_len: u16,
@@ -54,7 +57,8 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
         return Err(Skip::NotOurs);
     }
     let ip: *const Ipv4Hdr = pkt.ptr_at(ip_off).ok_or(Skip::Malformed)?;
-    let proto = headers::ipv4_proto(pkt, ip_off).ok_or(Skip::Malformed)?;
+    // SAFETY: `ip` is bounds-checked.
+    let proto = unsafe { headers::ipv4_proto(ip) };
     let transport = Transport::from_number(proto).ok_or(Skip::NotOurs)?;
     let (vihl, frags, tot_len, src, dst) = unsafe {
         (
@@ -124,6 +128,7 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
             _pad: [0; 3],
         },
         l4_off,
+        l4_check: l4_off + transport.check_offset(),
         tcp_flags,
         ip_len: tot_len,
     })

@@ -81,8 +81,11 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) {
             };
             // The node is one client for sessionAffinity too (the unspecified address).
             let now = conntrack::now_ns();
+            let Some(scheduler) = balancer::scheduler_of(&service) else {
+                return;
+            };
             let Some(choice) = affinity::recall(&service, &flow.src, now)
-                .or_else(|| balancer::schedule(&service, &flow))
+                .or_else(|| balancer::schedule(&service, scheduler, &flow))
             else {
                 return;
             };

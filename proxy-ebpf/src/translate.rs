@@ -240,6 +240,10 @@ fn open_flow<P: Packet>(
     now: u64,
 ) -> Verdict {
     let key = &flow.key;
+    let Some(scheduler) = balancer::scheduler_of(service) else {
+        counters::event(EV_NO_BACKEND);
+        return Verdict::DROP;
+    };
     // A TCP segment other than a SYN opens nothing: it belongs to a flow we lost.
     let mut midflow = false;
     if key.proto == PROTO_TCP {
@@ -271,8 +275,8 @@ fn open_flow<P: Packet>(
     };
     let choice = match chosen_upstream.or_else(|| affinity::recall(service, &key.src, now)) {
         Some(choice) => Some(choice),
-        None if midflow => balancer::rehash(service, key),
-        None => balancer::schedule(service, key),
+        None if midflow => balancer::rehash(service, scheduler, key),
+        None => balancer::schedule(service, scheduler, key),
     };
     let Some(choice) = choice else {
         counters::event(EV_NO_BACKEND);

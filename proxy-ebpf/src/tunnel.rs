@@ -58,7 +58,7 @@ pub fn outer_destination<P: Packet>(pkt: &P) -> Option<Addr> {
         (
             ethertype.read_unaligned(),
             (*ip).vihl,
-            headers::ipv4_proto(pkt, ETH_LEN)?,
+            headers::ipv4_proto(ip),
             u16::from_be_bytes((*ip).frags),
             usize::from(u16::from_be_bytes((*ip).tot_len)),
             u32::from_ne_bytes((*ip).dst_addr),
