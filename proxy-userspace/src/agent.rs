@@ -21,6 +21,7 @@ use crate::{
         attach,
         interfaces::{self, LinkEvent},
         loader::{Datapath, MapSizes},
+        lock::PinDirLock,
         tables::Tables,
     },
     healthcheck::HealthCheckServers,
@@ -237,6 +238,7 @@ impl SyncSchedule {
 pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<()> {
     capabilities::check()?;
     config.node.validate()?;
+    let _pin_dir_lock = PinDirLock::acquire(&config.pin_dir)?;
     let mut datapath = Datapath::load_sized(&config.pin_dir, config.map_sizes)?;
     let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?;
     let status = Status::new(config.pin_dir.clone(), AgentMetrics::default());

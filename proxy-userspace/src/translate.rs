@@ -10,7 +10,8 @@
 //!    alternative proxy beside kube-proxy: only services labelled `NAME` are handled.
 //! 2. Each service port yields one frontend per IPv4 ClusterIP, external IP and
 //!    LoadBalancer ingress IP, plus a NodePort frontend when `nodePort` is set. IPv6
-//!    addresses are left to a later version (ignored, not errors).
+//!    addresses are left to a later version (ignored, not errors); a service without
+//!    an IPv4 ClusterIP gets no frontend at all (a warning), its NodePorts included.
 //! 3. Endpoints come from every EndpointSlice labelled `kubernetes.io/service-name`
 //!    in the service's namespace, merged and de-duplicated; a slice port matches a
 //!    service port by name and protocol (named target ports resolve this way).
@@ -448,6 +449,14 @@ pub(crate) fn service_output(
         Ok(a) => a,
         Err(message) => return out.failed(Problem::error(object, message)),
     };
+    if !addresses.iter().any(|(_, kind)| *kind == Address::Cluster) {
+        // IPv6-only (rule 2): nothing of it is served, its NodePorts included, which
+        // would otherwise open on the node's IPv4 addresses to no endpoint.
+        return out.failed(Problem::warning(
+            object,
+            "no IPv4 clusterIP (IPv6 is not served yet): ignored",
+        ));
+    }
     let (affinity_timeout_s, ranges) = match (affinity_timeout(&spec), source_ranges(&spec)) {
         (Ok(timeout), Ok(ranges)) => (timeout, ranges),
         (Err(message), _) | (_, Err(message)) => {

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod interfaces;
 pub mod layout;
 pub mod loader;
+pub mod lock;
 pub mod mmap;
 pub mod tables;
 

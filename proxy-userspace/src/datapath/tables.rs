@@ -32,13 +32,29 @@ pub struct Tables {
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
     let path = dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening pinned map {} (is an agent running with this --pin-dir?)",
-            path.display()
-        )
+    let data = MapData::from_pin(&path).map_err(|e| {
+        let hint = if permission_denied(&e) {
+            "permission denied: reading the maps needs root (CAP_BPF)"
+        } else {
+            "is an agent running with this --pin-dir?"
+        };
+        anyhow::Error::new(e).context(format!("opening pinned map {} ({hint})", path.display()))
     })?;
     Map::from_map_data(data).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Whether an error was, at bottom, the kernel refusing access.
+fn permission_denied(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 macro_rules! typed {

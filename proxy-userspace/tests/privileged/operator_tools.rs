@@ -194,3 +194,24 @@ fn trace_explains_a_packet_without_changing_anything() {
     );
     assert_eq!(tracked["backend"], "10.244.2.11:8080");
 }
+
+/// Issue 14: `list` by a user who may not read the maps says so, instead of asking
+/// whether an agent runs.
+#[test]
+fn list_without_the_right_to_read_the_maps_says_permission_denied() {
+    let cluster = Cluster::new("eacces", 1, 0, |t| vec![web(t, &["pod-a1"])]);
+    let output = cluster
+        .topology
+        .node
+        .command("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(cluster.agent.binary())
+        .args(["list", "--pin-dir"])
+        .arg(&cluster.agent.pin_dir)
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    assert!(!stderr.contains("is an agent running"), "{stderr}");
+}

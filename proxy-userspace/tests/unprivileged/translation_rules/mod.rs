@@ -109,6 +109,22 @@ fn rule2_every_address_and_the_node_port_get_a_frontend() {
 }
 
 #[test]
+fn rule2_an_ipv6_only_service_gets_no_frontend_not_even_its_node_port() {
+    let yaml = service("v6", "  type: NodePort\n  ipFamilies: [IPv6]\n")
+        .replace("clusterIP: 10.96.0.1", "clusterIP: fd00::10")
+        .replace("protocol: TCP}", "protocol: TCP, nodePort: 30080}");
+    let out = translate_all(&objects(&yaml), NODE);
+    assert!(out.state.frontends.is_empty(), "{:?}", out.state.frontends);
+    assert!(
+        out.problems
+            .iter()
+            .any(|p| p.severity == Severity::Warning && p.message.contains("IPv4")),
+        "{:?}",
+        out.problems
+    );
+}
+
+#[test]
 fn rule3_slices_are_merged_deduplicated_and_matched_by_port_name() {
     let yaml = service("a", "")
         + &slice(
