@@ -152,7 +152,7 @@ crate::user_pod!(CtKey, CtEntry);
 pub fn flow_hash(key: &CtKey) -> u32 {
     let ports = ((key.sport as u32) << 16) | key.dport as u32;
     let mut h = 0x9747_b28c_u32;
-    let words = [key.src.words[0], key.dst.words[0], ports, key.proto as u32];
+    let words = [key.src.folded(), key.dst.folded(), ports, key.proto as u32];
     let mut i = 0;
     while i < words.len() {
         let mut k = words[i].wrapping_mul(0xcc9e_2d51);
@@ -170,9 +170,10 @@ pub fn flow_hash(key: &CtKey) -> u32 {
 }
 
 /// IPVS's sh/dh bucket of an address: `hash_32(ntohl(addr), 8)` as ip_vs_sh.c and
-/// ip_vs_dh.c compute it (the port is not part of it).
+/// ip_vs_dh.c compute it (the port is not part of it), of the folded address for
+/// IPv6 as they do.
 #[inline(always)]
 pub fn addr_hash(addr: &Addr) -> u32 {
     const GOLDEN_RATIO_32: u32 = 0x61C8_8647;
-    u32::from_be(addr.v4_be()).wrapping_mul(GOLDEN_RATIO_32) >> (32 - 8)
+    u32::from_be(addr.folded()).wrapping_mul(GOLDEN_RATIO_32) >> (32 - 8)
 }

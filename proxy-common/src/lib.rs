@@ -58,6 +58,14 @@ impl Addr {
         self.words[0].to_ne_bytes()
     }
 
+    /// The address folded to one word (the XOR of its words), in network byte order:
+    /// what hashes take of it. IPVS folds IPv6 addresses the same way for sh and dh;
+    /// an IPv4 address folds to itself, so IPv4 hashes are those of the address.
+    #[inline(always)]
+    pub const fn folded(&self) -> u32 {
+        self.words[0] ^ self.words[1] ^ self.words[2] ^ self.words[3]
+    }
+
     pub const fn is_zero(&self) -> bool {
         self.words[0] == 0 && self.words[1] == 0 && self.words[2] == 0 && self.words[3] == 0
     }
