@@ -139,21 +139,40 @@ where
         .with_context(|| format!("program {name} has an unexpected type"))
 }
 
-/// Loads (verifies) a program, again when the verifier was interrupted: the kernel
-/// abandons verification with EAGAIN when a signal arrives meanwhile (a child process
-/// exiting in a process that handles SIGCHLD, as tokio's process driver does), and
-/// libbpf retries the same way.
+/// Loads (verifies) a program with this thread's signals blocked, and again if the
+/// verifier was interrupted all the same: the kernel abandons verification with
+/// EAGAIN when a signal is pending for the loading thread (a child process exiting in
+/// a process that handles SIGCHLD, as tokio's process driver does, hit the tests), and
+/// the uplink program's verification takes long enough to meet one. Blocked signals
+/// stay pending and are delivered when the mask is restored.
 fn verify(what: &str, mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<()> {
-    const ATTEMPTS: u32 = 5;
+    const ATTEMPTS: u32 = 10;
     let mut attempt = 1;
     loop {
-        match load() {
+        let result = with_signals_blocked(&mut load);
+        match result {
             Err(ProgramError::LoadError { io_error, .. })
                 if attempt < ATTEMPTS && io_error.raw_os_error() == Some(libc::EAGAIN) =>
             {
+                // Signals come in bursts (children exiting together): let one pass.
+                std::thread::sleep(std::time::Duration::from_millis(20 * u64::from(attempt)));
                 attempt += 1;
             }
             result => return result.with_context(|| format!("verifying {what}")),
         }
+    }
+}
+
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigset_t values are plain data initialised by sigfillset/pthread_sigmask;
+    // the previous mask is restored before returning.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
+        let result = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        result
     }
 }
