@@ -5,7 +5,7 @@
 use anyhow::Result;
 use proxy_common::{
     decide::{self, LeastLoaded, Position, SchedTables},
-    BackendSlotKey, CtKey, Scheduler, ServiceValue, MAX_LEAST_CONN_SCAN,
+    CtKey, Scheduler, ServiceValue, MAX_LEAST_CONN_SCAN,
 };
 
 use crate::datapath::tables::Tables;
@@ -62,13 +62,7 @@ fn least_loaded(
         let Some(slot) = LeastLoaded::slot(service, start, index) else {
             break;
         };
-        let Ok(backend) = tables.slots.get(
-            &BackendSlotKey {
-                service_id: service.id,
-                slot,
-            },
-            0,
-        ) else {
+        let Some(backend) = super::slot_backend(tables, service.id, slot) else {
             continue;
         };
         let active = tables

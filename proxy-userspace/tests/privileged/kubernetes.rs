@@ -5,7 +5,10 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use crate::support::cluster::*;
+use crate::support::{
+    cluster::*,
+    services::{web, LB_IP, NODE_PORT, WEB_VIP},
+};
 use testbed::{
     apiserver::Resource,
     eventually,
@@ -14,16 +17,9 @@ use testbed::{
     topology::{Topology, CLIENT_IP, NODE_IP},
 };
 
-const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
-const NODE_PORT: u16 = 30080;
 const HEALTH_PORT: u16 = 32000;
 /// Every change is programmed at once unless a test asks otherwise.
 const NO_BATCHING: [&str; 2] = ["--min-sync-period-ms", "0"];
-
-fn web(topology: &Topology, pods: &[&str]) -> ServiceDef {
-    ServiceDef::new("web", WEB_VIP, "TCP", 80, 8080).with_pods(pods.iter().map(|p| topology.pod(p)))
-}
 
 /// Replaces the service's objects on the API server.
 fn publish(cluster: &Cluster, service: ServiceDef) {
