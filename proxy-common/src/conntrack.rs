@@ -63,12 +63,18 @@ impl CtKey {
     }
 }
 
-/// `CtEntry::state` values (TCP; other protocols stay `CT_ESTABLISHED`).
-/// The client's SYN was seen, nothing came back yet.
+/// `CtEntry::state` values (TCP, moved by `tcp::next`; other protocols stay
+/// `CT_ESTABLISHED`).
+/// The client's SYN (or a segment of a flow picked up mid-stream) was seen, nothing
+/// came back yet.
 pub const CT_SYN_SENT: u8 = 0;
+/// Both ends answered: the client acknowledged the backend's SYN-ACK.
 pub const CT_ESTABLISHED: u8 = 1;
 /// A FIN or RST was seen in either direction.
 pub const CT_CLOSING: u8 = 2;
+/// The backend sent its SYN-ACK; the client has not acknowledged it yet. Still
+/// half-open: the SYN timeout, not counted active.
+pub const CT_SYN_RECV: u8 = 3;
 
 /// `CtEntry::flags` bits.
 pub const CT_F_REWRITE_SRC: u8 = 1;
@@ -121,7 +127,8 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
 }
 
-/// `CtEntry::accounting` values.
+/// `CtEntry::accounting` values, as IPVS counts: a TCP flow is active while it is
+/// established, inactive while half-open or closing; a UDP flow is active.
 pub const ACCT_ACTIVE: u32 = 0;
 pub const ACCT_INACTIVE: u32 = 1;
 /// No longer counted (expired or replaced).
@@ -132,7 +139,7 @@ pub const ACCT_GONE: u32 = 2;
 pub const fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
     let seconds = if proto == crate::PROTO_TCP {
         match state {
-            CT_SYN_SENT => CT_TIMEOUT_SYN_S,
+            CT_SYN_SENT | CT_SYN_RECV => CT_TIMEOUT_SYN_S,
             CT_ESTABLISHED => CT_TIMEOUT_TCP_ESTABLISHED_S,
             _ => CT_TIMEOUT_CLOSING_S,
         }

@@ -9,7 +9,7 @@
 use core::num::{NonZeroU32, NonZeroU64};
 
 use crate::{
-    addr_hash, flow_hash, Addr, AffinityValue, Backend, CtKey, Scheduler, ServiceValue,
+    addr_hash, flow_hash, Addr, AffinityValue, Backend, ConnCounts, CtKey, Scheduler, ServiceValue,
     BACKEND_F_REMOTE, MAX_BACKENDS_PER_SERVICE, SVC_F_DSR, SVC_F_TUNNEL,
 };
 
@@ -102,9 +102,18 @@ pub fn rehash_slot<T: SchedTables>(
     }
 }
 
-/// A least-connection scan in progress. With a = active flows and w = weight:
-/// lc: min a; wlc: min a/w; sed: min (a+1)/w; nq: an idle backend if any, else sed.
-/// Ratios are compared by cross-multiplication; backends of weight 0 are quiesced.
+/// Counts above this compare as equal (no backend holds 16 million flows).
+const COUNT_CAP: u64 = 1 << 24;
+
+/// The largest endpoint weight, as IPVS's (`ipvsadm -w`: 0 to 65,535).
+pub const MAX_WEIGHT: u32 = 65_535;
+
+/// A least-connection scan in progress, with IPVS's overheads (a = active flows,
+/// i = inactive ones, w = weight): lc: min 256a + i; wlc: min (256a + i)/w;
+/// sed: min (a+1)/w; nq: an idle backend (a = 0) if any, else sed. Inactive flows
+/// weigh little but break ties, so that a burst of new (half-open) connections
+/// spreads before any of them is established. Ratios are compared by
+/// cross-multiplication; backends of weight 0 are quiesced.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct LeastLoaded {
@@ -133,21 +142,30 @@ impl LeastLoaded {
 
     /// Considers one backend; true when the scan can stop (an idle backend for nq).
     #[inline(always)]
-    pub fn consider(&mut self, scheduler: u8, slot: u32, weight: u32, active: u64) -> bool {
+    pub fn consider(&mut self, scheduler: u8, slot: u32, weight: u32, counts: &ConnCounts) -> bool {
         if weight == 0 {
             return false;
         }
         let nq = scheduler == Scheduler::Nq.number();
-        if nq && active == 0 {
+        if nq && counts.active == 0 {
             self.best_slot = slot;
             return true;
         }
-        let weight = if scheduler == Scheduler::Lc.number() {
+        // Capped so that the cross-multiplication cannot wrap: a load below 2^33
+        // times a weight below 2^16.
+        let active = counts.active.min(COUNT_CAP);
+        let inactive = counts.inactive.min(COUNT_CAP);
+        let lc = scheduler == Scheduler::Lc.number();
+        let weight = if lc {
             1
         } else {
-            u64::from(weight)
+            u64::from(weight.min(MAX_WEIGHT))
         };
-        let load = active + u64::from(scheduler == Scheduler::Sed.number() || nq);
+        let load = if lc || scheduler == Scheduler::Wlc.number() {
+            active * 256 + inactive
+        } else {
+            active + 1
+        };
         if self.best_slot == u32::MAX || load * self.best_weight < self.best_load * weight {
             self.best_slot = slot;
             self.best_load = load;

@@ -12,6 +12,7 @@ pub mod map_name;
 pub mod service;
 pub mod sock;
 pub mod stats;
+pub mod tcp;
 
 pub use conntrack::*;
 pub use service::*;

@@ -172,8 +172,9 @@ pub struct Backend {
     pub weight: u32,
 }
 
-/// Value of `CONN_COUNTS` (by backend id), as `ipvsadm -Ln` shows them: flows not
-/// closed yet, and closed flows whose conntrack entry has not expired yet.
+/// Value of `CONN_COUNTS` (by backend id), as `ipvsadm -Ln` shows them: established
+/// flows (and UDP flows), and half-open or closing TCP flows whose conntrack entry
+/// has not expired yet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnCounts {

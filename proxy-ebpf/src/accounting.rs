@@ -4,23 +4,32 @@
 //! Each original conntrack entry records how it is counted (`CtEntry::accounting`,
 //! an `ACCT_*` value) and that field changes only by atomic compare-and-exchange or
 //! exchange, so each transition is counted once however many CPUs see the packets
-//! that cause it; the counters themselves move by atomic adds. The agent's conntrack
-//! GC uncounts flows that just stop (UDP, evicted entries) the same way.
+//! that cause it; the counters themselves move by atomic adds, and never below zero.
+//! The agent's conntrack GC uncounts flows that just stop (UDP, evicted entries) the
+//! same way, and reconciles the counters with the table so that a drift heals.
 
 use core::intrinsics::{atomic_cxchg, atomic_xadd, atomic_xchg, AtomicOrdering};
 
-use proxy_common::{CtEntry, ACCT_ACTIVE, ACCT_GONE, ACCT_INACTIVE, CT_F_REPLY};
+use proxy_common::{ConnCounts, CtEntry, ACCT_ACTIVE, ACCT_GONE, ACCT_INACTIVE, CT_F_REPLY};
 
 use crate::maps::CONN_COUNTS;
 
-/// Counts a new flow as active on its backend.
+/// Counts a new flow on its backend, as `how` (`ACCT_ACTIVE` or `ACCT_INACTIVE`).
+/// The counter is addressed by offset, not chosen by a branch: `how` is computed
+/// without one (see `translate::open_flow`), and a branch here would fork every path
+/// of a new flow in two for the verifier.
 #[inline(always)]
-pub fn opened(backend_id: u32) {
-    if let Some(counts) = CONN_COUNTS.get_ptr_mut(backend_id) {
-        // SAFETY: live array slot; atomic add (SeqCst: see balancer::next_turn).
-        unsafe {
-            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*counts).active, 1)
-        };
+pub fn opened(backend_id: u32, how: u32) {
+    const _: () = assert!(ACCT_ACTIVE == 0 && ACCT_INACTIVE == 1);
+    const _: () = assert!(core::mem::offset_of!(ConnCounts, inactive) == 8);
+    let Some(counts) = CONN_COUNTS.get_ptr_mut(backend_id) else {
+        return;
+    };
+    // SAFETY: live array slot; `how & 1` selects `active` (offset 0) or `inactive`
+    // (offset 8) of it; atomic add (SeqCst: see balancer::next_turn).
+    unsafe {
+        let counter = counts.cast::<u64>().add((how & 1) as usize);
+        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, 1);
     }
 }
 
@@ -31,7 +40,7 @@ fn moved(backend_id: u32, from: u32, to: u32) {
     let Some(counts) = CONN_COUNTS.get_ptr_mut(backend_id) else {
         return;
     };
-    // SAFETY: live array slot; atomic adds of -1 and +1.
+    // SAFETY: live array slot; the fields are only changed atomically.
     unsafe {
         let field = |which: u32| match which {
             ACCT_ACTIVE => Some(&raw mut (*counts).active),
@@ -39,11 +48,29 @@ fn moved(backend_id: u32, from: u32, to: u32) {
             _ => None,
         };
         if let Some(f) = field(from) {
-            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(f, u64::MAX);
+            decrement(f);
         }
         if let Some(f) = field(to) {
+            // SeqCst: see balancer::next_turn.
             atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(f, 1);
         }
+    }
+}
+
+/// Subtracts one unless the counter is zero: a count that drifted low (a flow
+/// uncounted twice in a race the module comment allows) stays at zero instead of
+/// wrapping to 2^64 - 1, and the agent's reconciliation restores it. An add that is
+/// undone when it wrapped, not a compare-and-exchange loop: no loop for the verifier
+/// to unroll in every path that closes a flow. A reader between the two adds sees
+/// the wrapped value for an instant (the schedulers cap counts, so such a backend
+/// just looks busy to one decision).
+///
+/// # Safety
+/// `counter` points into a live map value that is only changed atomically.
+#[inline(always)]
+unsafe fn decrement(counter: *mut u64) {
+    if atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, u64::MAX) == 0 {
+        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, 1);
     }
 }
 

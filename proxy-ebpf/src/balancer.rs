@@ -258,9 +258,12 @@ extern "C" fn scan_one(index: u64, ctx: *mut c_void) -> c_long {
     let Some(choice) = backend_in_slot(&scan.service, slot) else {
         return 0;
     };
-    let active = CONN_COUNTS.get(choice.backend.id).map_or(0, |c| c.active);
+    let counts = CONN_COUNTS
+        .get(choice.backend.id)
+        .copied()
+        .unwrap_or_default();
     c_long::from(
         scan.load
-            .consider(scan.service.scheduler, slot, choice.backend.weight, active),
+            .consider(scan.service.scheduler, slot, choice.backend.weight, &counts),
     )
 }

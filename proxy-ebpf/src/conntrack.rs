@@ -13,9 +13,9 @@
 //!     stores the flags it read before): when the other side's FIN comes, the flow
 //!     is not seen closing, and stays ESTABLISHED and counted active until a RST, a
 //!     reuse of the tuple, or its idle timeout;
-//!   - a lost state advance (SYN_SENT -> ESTABLISHED overwritten by a concurrent
-//!     refresh that still carries SYN_SENT): the next packet advances it again;
-//!     meanwhile the flow has the shorter SYN timeout;
+//!   - a lost state advance (SYN_RECV -> ESTABLISHED overwritten by a concurrent
+//!     refresh that still carries SYN_RECV): the client's next acknowledgement
+//!     advances it again; meanwhile the flow has the SYN timeout and counts inactive;
 //!   - a lost `last_seen_ns` refresh: the older of two close times, at most
 //!     `CT_REFRESH_NS` apart.
 //! - Creation is insert-if-absent, so two CPUs that both see a new flow agree on the
@@ -25,15 +25,15 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use proxy_common::{
-    ct_timeout_ns, Addr, CtEntry, CtKey, ACCT_ACTIVE, ACCT_INACTIVE, CONFIG_SNAT_ADDR, CT_CLOSING,
-    CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS, CT_SYN_SENT, EV_CT_RACE_LOST,
-    PROTO_TCP,
+    ct_timeout_ns, tcp, Addr, CtEntry, CtKey, ACCT_ACTIVE, ACCT_INACTIVE, CONFIG_SNAT_ADDR,
+    CT_CLOSING, CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS, CT_SYN_SENT,
+    EV_CT_RACE_LOST, PROTO_TCP,
 };
 
 use crate::{
     accounting, counters,
     maps::{CONNTRACK, NODE_CONFIG},
-    parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::Flow,
 };
 
 #[inline(always)]
@@ -66,40 +66,13 @@ pub fn lookup(key: &CtKey, now: u64) -> Lookup {
 /// Writes happen only when something changed or the refresh interval passed.
 #[inline(always)]
 pub fn observe(flow: &Flow, entry_ptr: *mut CtEntry, entry: &CtEntry, now: u64) {
-    let mut state = entry.state;
-    let mut flags = entry.flags;
-    let mut peer_state = None;
-    if flow.key.proto == PROTO_TCP {
-        let tcp = flow.tcp_flags;
-        if tcp & TCP_RST != 0 {
-            state = CT_CLOSING;
-            peer_state = Some(CT_CLOSING);
-        } else if flags & CT_F_ENCAP != 0 {
-            // dsr-ipip: only the client's half is seen. Its ACK means the backend
-            // answered; its FIN ends the flow here.
-            if tcp & TCP_FIN != 0 && state != CT_CLOSING {
-                state = CT_CLOSING;
-                peer_state = Some(CT_CLOSING);
-            } else if state == CT_SYN_SENT && tcp & TCP_ACK != 0 && tcp & TCP_SYN == 0 {
-                state = CT_ESTABLISHED;
-            }
-        } else if tcp & TCP_FIN != 0 && flags & CT_F_FIN == 0 {
-            flags |= CT_F_FIN;
-            if peer_has_fin(&flow.key, entry) {
-                state = CT_CLOSING;
-                peer_state = Some(CT_CLOSING);
-            }
-        } else if state == CT_SYN_SENT && entry.flags & CT_F_REPLY != 0 && tcp & TCP_ACK != 0 {
-            // The backend's SYN-ACK: the connection is up in both directions.
-            state = CT_ESTABLISHED;
-            peer_state = Some(CT_ESTABLISHED);
-        } else if state == CT_CLOSING && entry.flags & CT_F_REPLY == 0 && tcp & TCP_SYN != 0 {
-            // The client reuses the tuple for a new connection; it keeps its backend.
-            state = CT_SYN_SENT;
-            flags &= !CT_F_FIN;
-            peer_state = Some(CT_SYN_SENT);
-        }
-    }
+    let (state, flags) = if flow.key.proto == PROTO_TCP {
+        tcp::next(entry.state, entry.flags, flow.tcp_flags, || {
+            peer_has_fin(&flow.key, entry)
+        })
+    } else {
+        (entry.state, entry.flags)
+    };
     if state == entry.state
         && flags == entry.flags
         && now.saturating_sub(entry.last_seen_ns) < CT_REFRESH_NS
@@ -112,16 +85,21 @@ pub fn observe(flow: &Flow, entry_ptr: *mut CtEntry, entry: &CtEntry, now: u64) 
         (*entry_ptr).flags = flags;
         (*entry_ptr).last_seen_ns = now;
     }
-    let Some(peer_state) = peer_state else {
+    if state == entry.state {
         return;
+    }
+    // Both directions share the flow's state; a dsr-ipip flow has no reply entry.
+    let peer = if entry.flags & CT_F_ENCAP == 0 {
+        CONNTRACK.get_ptr_mut(flow.key.peer(entry))
+    } else {
+        None
     };
-    let peer = CONNTRACK.get_ptr_mut(flow.key.peer(entry));
     if let Some(peer) = peer {
         // SAFETY: as above.
         unsafe {
-            (*peer).state = peer_state;
+            (*peer).state = state;
             (*peer).last_seen_ns = now;
-            if peer_state == CT_SYN_SENT {
+            if state == CT_SYN_SENT {
                 (*peer).flags &= !CT_F_FIN;
             }
         }
@@ -132,12 +110,12 @@ pub fn observe(flow: &Flow, entry_ptr: *mut CtEntry, entry: &CtEntry, now: u64) 
         peer
     };
     if let Some(original) = original {
-        match peer_state {
+        match state {
+            CT_ESTABLISHED => {
+                accounting::transition(original, entry.backend_id, ACCT_INACTIVE, ACCT_ACTIVE)
+            }
             CT_CLOSING => {
                 accounting::transition(original, entry.backend_id, ACCT_ACTIVE, ACCT_INACTIVE)
-            }
-            CT_SYN_SENT => {
-                accounting::transition(original, entry.backend_id, ACCT_INACTIVE, ACCT_ACTIVE)
             }
             _ => {}
         }

@@ -3,7 +3,7 @@
 //! conntrack state of established flows where it left them.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -49,12 +49,16 @@ pub static NODE_ADDRS: HashMap<Addr, NodeAddrFlags> = HashMap::pinned(64, 0);
 #[map]
 pub static NODE_CONFIG: Array<ConfigValue> = Array::pinned(CONFIG_LEN, 0);
 
-/// Both directions of every translated flow. Shared by all CPUs (entries are found
-/// whichever CPU handles a packet) with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`) so
-/// that inserts do not contend on one global LRU lock.
+/// Both directions of every translated flow, shared by all CPUs: the two directions
+/// of a flow arrive on different interfaces, so on different CPUs, which rules out
+/// Katran's one-LRU-per-CPU design. One common LRU list, not per-CPU lists
+/// (`BPF_F_NO_COMMON_LRU`): those split the table into one share per possible CPU
+/// and evict within a share, so one CPU's burst of new flows (a SYN flood) evicted
+/// the established flows of that CPU while the table was half empty. The common
+/// list evicts only when the whole table is nearly full (BENCHMARKS.md measures
+/// what its lock costs).
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
-    LruHashMap::pinned(CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CONNTRACK_ENTRIES, 0);
 
 /// Per-service and per-backend traffic counters, per CPU to avoid shared writes.
 #[map]

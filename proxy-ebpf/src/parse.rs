@@ -13,12 +13,6 @@ use crate::{
     packet::{Packet, ETH_LEN},
 };
 
-/// TCP flag bits as in byte 13 of the header.
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
-
 /// A parsed IPv4 TCP or UDP packet.
 pub struct Flow {
     pub key: CtKey,

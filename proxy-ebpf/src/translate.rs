@@ -7,10 +7,11 @@ use aya_ebpf::{
 };
 use proxy_common::{
     decide::{self, Entry},
-    Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, CT_ESTABLISHED, CT_F_ENCAP, CT_F_NODE_SOURCE,
-    CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, CT_SYN_SENT, EV_CT_INSERT_FAILED,
-    EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED, EV_NO_BACKEND,
-    EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, PROTO_TCP, SVC_F_TUNNEL,
+    tcp::{TCP_ACK, TCP_RST, TCP_SYN},
+    Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, ACCT_INACTIVE, CT_ESTABLISHED, CT_F_ENCAP,
+    CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, CT_SYN_SENT,
+    EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED,
+    EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, PROTO_TCP, SVC_F_TUNNEL,
 };
 
 use crate::{
@@ -21,7 +22,7 @@ use crate::{
     headers, icmp,
     maps::CONNTRACK,
     packet::{Packet, XdpPacket, ETH_LEN, IP_DST, IP_SRC, L4_DPORT, L4_SPORT},
-    parse::{self, Flow, Skip, TCP_ACK, TCP_RST, TCP_SYN},
+    parse::{self, Flow, Skip},
     source_ranges, tunnel,
 };
 
@@ -258,14 +259,18 @@ fn open_flow<P: Packet>(
         counters::event(EV_SOURCE_DENIED);
         return Verdict::DROP;
     }
-    let state = if midflow {
+    if midflow {
         counters::event(EV_CT_MIDFLOW_MISS);
-        CT_ESTABLISHED
-    } else if key.proto == PROTO_TCP {
-        CT_SYN_SENT
-    } else {
-        CT_ESTABLISHED
-    };
+    }
+    // TCP starts half-open and inactive, also mid-stream: only the answers make it
+    // established (see proxy_common::tcp), so forged segments cannot create
+    // long-lived entries; UDP is established and active from its first datagram.
+    // Arithmetic rather than a branch: a branch here doubled the paths the verifier
+    // walks through the rest of a new flow.
+    const _: () = assert!(CT_SYN_SENT == 0 && CT_ESTABLISHED == 1);
+    const _: () = assert!(ACCT_ACTIVE == 0 && ACCT_INACTIVE == 1);
+    let tcp = u8::from(key.proto == PROTO_TCP);
+    let (state, accounting) = (1 - tcp, u32::from(tcp));
     // A tunnelled packet goes to the backend the entry node chose, if it is here.
     let chosen_upstream = match origin {
         Origin::Tunnel(backend) if service.flags & SVC_F_TUNNEL != 0 => {
@@ -284,7 +289,7 @@ fn open_flow<P: Packet>(
     };
     affinity::remember(service, &key.src, &choice, now);
     if decide::returns_directly(service, &choice.backend, origin.entry()) {
-        return open_encapsulated(pkt, flow, service, &choice, state, now);
+        return open_encapsulated(pkt, flow, service, &choice, (state, accounting), now);
     }
     let backend = &choice.backend;
 
@@ -298,7 +303,7 @@ fn open_flow<P: Packet>(
         state,
         flags: CT_F_REWRITE_DST,
         _pad: [0; 2],
-        accounting: ACCT_ACTIVE,
+        accounting,
         _pad2: 0,
         last_seen_ns: now,
     };
@@ -347,7 +352,7 @@ fn open_flow<P: Packet>(
 
     match CONNTRACK.insert(key, forward, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
-            accounting::opened(backend.id);
+            accounting::opened(backend.id, accounting);
             follow(pkt, flow, &forward, true)
         }
         Err(EEXIST) => match conntrack::adopt_winner(key, &reply_key) {
@@ -370,7 +375,7 @@ fn open_encapsulated<P: Packet>(
     flow: &Flow,
     service: &ServiceValue,
     choice: &Choice,
-    state: u8,
+    (state, accounting): (u8, u32),
     now: u64,
 ) -> Verdict {
     let Some(outer_src) = tunnel::source_for(&flow.key) else {
@@ -387,13 +392,13 @@ fn open_encapsulated<P: Packet>(
         state,
         flags: CT_F_ENCAP,
         _pad: [0; 2],
-        accounting: ACCT_ACTIVE,
+        accounting,
         _pad2: 0,
         last_seen_ns: now,
     };
     match CONNTRACK.insert(flow.key, entry, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
-            accounting::opened(choice.backend.id);
+            accounting::opened(choice.backend.id, accounting);
             follow(pkt, flow, &entry, true)
         }
         Err(EEXIST) => {

@@ -335,11 +335,14 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             }
             _ = alive_ticker.tick() => status.alive(),
             _ = gc_ticker.tick() => match programmer.syncer.collect_conntrack() {
-                Ok(report) if report.expired > 0 => {
+                Ok((report, corrected)) => {
                     status.metrics.conntrack_expired.inc_by(report.expired as u64);
+                    status.metrics.connection_count_corrections.inc_by(corrected as u64);
+                    if corrected > 0 {
+                        warn!(corrected, "connection counters disagreed with conntrack; corrected");
+                    }
                     debug!(scanned = report.scanned, expired = report.expired, "conntrack GC");
                 }
-                Ok(_) => {}
                 Err(e) => warn!("conntrack GC: {e:#}"),
             },
             _ = tokio::signal::ctrl_c() => break,

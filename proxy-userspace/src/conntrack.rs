@@ -3,15 +3,18 @@
 //! The data path expires entries lazily (an idle entry is replaced when its tuple is
 //! seen again) and the LRU evicts when full; neither happens for a flow that simply
 //! stops. The agent therefore removes entries idle past their timeout and stops
-//! counting their flows in `CONN_COUNTS`, which is what keeps the least-connection
-//! schedulers' counts from drifting (UDP flows never close).
+//! counting their flows in `CONN_COUNTS` (UDP flows never close), and counts what is
+//! left, so that the counters can be reconciled with it (`sync::accounting`).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use anyhow::{Context as _, Result};
 use proxy_common::{
     ct_timeout_ns, ConnCounts, CtEntry, CtKey, ACCT_ACTIVE, ACCT_INACTIVE, CT_CLOSING,
-    CT_ESTABLISHED, CT_F_REPLY, CT_F_SNAT, CT_SYN_SENT,
+    CT_ESTABLISHED, CT_F_REPLY, CT_F_SNAT, CT_SYN_RECV, CT_SYN_SENT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -35,36 +38,62 @@ pub fn coarse_now_ns() -> u64 {
 pub struct GcReport {
     pub scanned: usize,
     pub expired: usize,
+    /// What the entries left after the pass say about each backend id.
+    pub census: Census,
 }
 
-/// One pass over `CONNTRACK`.
+#[derive(Debug, Default)]
+pub struct Census {
+    /// Backend ids named by an entry (either direction).
+    pub referenced: BTreeSet<u32>,
+    /// How the original entries count their flows, by backend id.
+    pub counted: BTreeMap<u32, ConnCounts>,
+}
+
+impl Census {
+    fn add(&mut self, entry: &CtEntry) {
+        self.referenced.insert(entry.backend_id);
+        if entry.flags & CT_F_REPLY != 0 {
+            return;
+        }
+        let counts = self.counted.entry(entry.backend_id).or_default();
+        match entry.accounting {
+            ACCT_ACTIVE => counts.active += 1,
+            ACCT_INACTIVE => counts.inactive += 1,
+            _ => {}
+        }
+    }
+}
+
+/// One pass over `CONNTRACK`: removes what expired, and takes the census of the rest.
 ///
 /// Race, written down: a packet of a flow can arrive while its expired entry is being
 /// removed here. The data path then also sees the entry as stale and retires it
 /// itself; its exchange of `accounting` and our read of it can both see the flow as
 /// counted, so it may be uncounted twice. That takes a packet arriving after the full
-/// idle timeout, in the microseconds between our read and delete.
+/// idle timeout, in the microseconds between our read and delete; the counters do
+/// not go below zero, and reconciliation with the census corrects them.
 pub fn collect(tables: &mut Tables, counts: &MappedArray<ConnCounts>) -> Result<GcReport> {
     let now = coarse_now_ns();
+    let expired_at = |key: &CtKey, entry: &CtEntry| {
+        now.saturating_sub(entry.last_seen_ns) > ct_timeout_ns(key.proto, entry.state)
+    };
     let mut report = GcReport::default();
-    let expired: Vec<CtKey> = tables
-        .conntrack
-        .iter()
-        .filter_map(Result::ok)
-        .inspect(|_| report.scanned += 1)
-        .filter(|(key, entry)| {
-            now.saturating_sub(entry.last_seen_ns) > ct_timeout_ns(key.proto, entry.state)
-        })
-        .map(|(key, _)| key)
-        .collect();
+    let mut expired = Vec::new();
+    for (key, entry) in tables.conntrack.iter().filter_map(Result::ok) {
+        report.scanned += 1;
+        if expired_at(&key, &entry) {
+            expired.push(key);
+        } else {
+            report.census.add(&entry);
+        }
+    }
     for key in expired {
         let Ok(entry) = tables.conntrack.get(&key, 0) else {
             continue;
         };
-        if now.saturating_sub(entry.last_seen_ns) <= ct_timeout_ns(key.proto, entry.state) {
-            continue; // refreshed since the scan
-        }
-        if tables.conntrack.remove(&key).is_err() {
+        if !expired_at(&key, &entry) || tables.conntrack.remove(&key).is_err() {
+            report.census.add(&entry); // refreshed since the scan
             continue;
         }
         report.expired += 1;
@@ -77,8 +106,8 @@ pub fn collect(tables: &mut Tables, counts: &MappedArray<ConnCounts>) -> Result<
 fn uncount(counts: &MappedArray<ConnCounts>, entry: &CtEntry) {
     if entry.flags & CT_F_REPLY == 0 {
         match entry.accounting {
-            ACCT_ACTIVE => counts.forget_flow(entry.backend_id, false),
-            ACCT_INACTIVE => counts.forget_flow(entry.backend_id, true),
+            ACCT_ACTIVE => counts.adjust(entry.backend_id, -1, 0),
+            ACCT_INACTIVE => counts.adjust(entry.backend_id, 0, -1),
             _ => {}
         }
     }
@@ -106,6 +135,7 @@ pub struct FlowView {
 fn state_name(state: u8) -> &'static str {
     match state {
         CT_SYN_SENT => "SYN_SENT",
+        CT_SYN_RECV => "SYN_RECV",
         CT_ESTABLISHED => "ESTABLISHED",
         CT_CLOSING => "CLOSING",
         _ => "?",

@@ -28,6 +28,7 @@ pub struct AgentMetrics {
     pub sync_problems: Gauge,
     pub udp_flows_flushed: Counter,
     pub conntrack_expired: Counter,
+    pub connection_count_corrections: Counter,
     /// From a change's arrival (a watch event, a re-read manifests file) to the maps
     /// holding it, including the wait imposed by the minimum sync period.
     pub programming_latency_seconds: Histogram,
@@ -43,6 +44,7 @@ impl Default for AgentMetrics {
             sync_problems: Gauge::default(),
             udp_flows_flushed: Counter::default(),
             conntrack_expired: Counter::default(),
+            connection_count_corrections: Counter::default(),
             programming_latency_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
             source_errors: Family::default(),
         }
@@ -95,6 +97,11 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics) -> Result<String> {
         "conntrack_expired",
         "Conntrack entries collected after their idle timeout",
         agent.conntrack_expired.clone(),
+    );
+    registry.register(
+        "connection_count_corrections",
+        "Backend connection counters corrected to what the conntrack table holds",
+        agent.connection_count_corrections.clone(),
     );
 
     let tables = Tables::open(pin_dir)?;

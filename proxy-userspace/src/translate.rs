@@ -67,6 +67,8 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
+use proxy_common::decide::MAX_WEIGHT;
+
 use crate::model::{
     parse_scheduler, Endpoint, Forwarding, Frontend, FrontendKey, HealthCheck, Listen, Problem,
     Protocol, Scheduler, SourceRange,
@@ -649,7 +651,8 @@ pub(crate) fn service_output(
     out
 }
 
-/// `10.244.1.2=3, 10.244.1.3=1`: endpoint address = weight (0 quiesces).
+/// `10.244.1.2=3, 10.244.1.3=1`: endpoint address = weight (0 quiesces, at most
+/// 65,535 as in IPVS).
 fn parse_weights(text: &str) -> Result<BTreeMap<Ipv4Addr, u32>, String> {
     text.split(',')
         .filter(|item| !item.trim().is_empty())
@@ -664,7 +667,9 @@ fn parse_weights(text: &str) -> Result<BTreeMap<Ipv4Addr, u32>, String> {
             let weight = weight
                 .trim()
                 .parse()
-                .map_err(|_| format!("{weight:?} is not a weight"))?;
+                .ok()
+                .filter(|w| *w <= MAX_WEIGHT)
+                .ok_or_else(|| format!("{weight:?} is not a weight (0 to {MAX_WEIGHT})"))?;
             Ok((addr, weight))
         })
         .collect()

@@ -1,7 +1,10 @@
 //! Refusing pinned maps of another layout. Maps are reused across restarts and
 //! upgrades by their pin; a version whose keys or values changed size would read a
 //! predecessor's map wrongly (nothing in the kernel stops a smaller value). Before
-//! loading, every pinned map is compared with this version's definition.
+//! loading, every pinned map is compared with this version's definition. Other map
+//! flags (the conntrack table's LRU lists were per-CPU before 2026-12) do not change
+//! what the maps hold: the pinned map is kept, with a warning that the new flags
+//! take effect after a `cleanup`.
 
 use std::path::Path;
 
@@ -27,6 +30,15 @@ pub fn check_pinned_maps(pin_dir: &Path, sizes: &MapSizes) -> Result<()> {
             .find(|(map, _)| map == name)
             .map_or(wanted.max_entries(), |(_, size)| *size);
         let want = (wanted.key_size(), wanted.value_size(), entries);
+        if pinned.map_flags() != wanted.map_flags() {
+            tracing::warn!(
+                map = name.as_str(),
+                pinned = format_args!("{:#x}", pinned.map_flags()),
+                wanted = format_args!("{:#x}", wanted.map_flags()),
+                "pinned map has other flags than this version creates; kept as it is \
+                 (conntrack survives), the new flags take effect after `ebpf-proxy cleanup`"
+            );
+        }
         if have != want {
             mismatches.push(format!(
                 "{name}: pinned key/value/entries {}/{}/{}, this version needs {}/{}/{}",

@@ -72,6 +72,11 @@ impl<T: Copy> MappedArray<T> {
         })
     }
 
+    /// How many entries the map has.
+    pub fn entries(&self) -> usize {
+        self.len
+    }
+
     fn check(&self, offset: usize, count: usize) -> Result<()> {
         if offset.checked_add(count).is_none_or(|end| end > self.len) {
             bail!(
@@ -124,10 +129,14 @@ impl MappedArray<ConnCounts> {
         }
     }
 
-    /// One flow of `backend` is no longer counted as active (or inactive).
-    pub fn forget_flow(&self, backend: u32, inactive: bool) {
-        if let Some(counter) = self.counter(backend, inactive) {
-            counter.fetch_sub(1, Ordering::SeqCst);
+    /// Adds to a backend's counters, never below zero (as the data path's decrement).
+    pub fn adjust(&self, backend: u32, active: i64, inactive: i64) {
+        for (is_inactive, delta) in [(false, active), (true, inactive)] {
+            if let Some(counter) = self.counter(backend, is_inactive) {
+                let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    Some(n.saturating_add_signed(delta))
+                });
+            }
         }
     }
 

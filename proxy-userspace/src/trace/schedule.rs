@@ -65,11 +65,8 @@ fn least_loaded(
         let Some(backend) = super::slot_backend(tables, service.id, slot) else {
             continue;
         };
-        let active = tables
-            .conn_counts
-            .get(&backend.id, 0)
-            .map_or(0, |c| c.active);
-        if scan.consider(service.scheduler, slot, backend.weight, active) {
+        let counts = tables.conn_counts.get(&backend.id, 0).unwrap_or_default();
+        if scan.consider(service.scheduler, slot, backend.weight, &counts) {
             return Ok(Some((slot, "an idle backend (nq)".into())));
         }
     }
@@ -77,7 +74,7 @@ fn least_loaded(
         (
             slot,
             format!(
-                "fewest active flows (load {}, weight {}; weight-0 backends are quiesced)",
+                "least loaded (load {}, weight {}; weight-0 backends are quiesced)",
                 scan.best_load, scan.best_weight
             ),
         )

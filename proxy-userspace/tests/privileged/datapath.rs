@@ -305,29 +305,6 @@ fn ip_options_are_skipped_to_find_the_ports() {
     assert_eq!(inspect(&out).dst, (POD_A, 8080));
 }
 
-/// Runs `f` on a thread pinned to `cpu`: BPF_PROG_TEST_RUN executes on the caller's CPU.
-fn on_cpu<T: Send + 'static>(
-    cpu: usize,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    std::thread::spawn(move || {
-        // SAFETY: plain sched_setaffinity on the calling thread.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            assert_eq!(
-                libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
-                0
-            );
-        }
-        f()
-    })
-}
-
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 #[test]
 fn a_flow_keeps_its_backend_when_its_packets_change_cpu() {
     if cpus() < 2 {

@@ -7,9 +7,11 @@
 //! Without root every test would fail on its first syscall, so the binary says so in
 //! one line and runs nothing.
 
+mod accounting;
 mod agent_lifecycle;
 mod datapath;
 mod decisions;
+mod floods;
 mod fuzz_datapath;
 mod icmp;
 mod kubernetes;

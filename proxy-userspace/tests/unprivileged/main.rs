@@ -1,6 +1,8 @@
 //! Tests that need no privileges: the deploy manifests checked against the agent, the
-//! translation rules one by one, and property tests of the rules and the tracker.
+//! translation rules one by one, property tests of the rules and the tracker, and
+//! the TCP state machine conntrack follows.
 
 mod deploy;
+mod tcp_states;
 mod translation_props;
 mod translation_rules;

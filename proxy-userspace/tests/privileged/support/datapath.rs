@@ -18,6 +18,9 @@ use ebpf_proxy::{
     node::NodeConfig,
     sync::{NodeSettings, Syncer},
 };
+use proxy_common::{Addr, CtEntry, CtKey, PROTO_TCP};
+
+use super::packets::{inspect, tcp_packet, Seen, Tcp, XDP_PASS};
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 
@@ -158,6 +161,29 @@ impl TestDatapath {
         }
     }
 
+    /// A complete TCP handshake through the programs, as a client outside the node
+    /// and a local backend make it (SYN in on the uplink, SYN-ACK in on the pod
+    /// interface, ACK in on the uplink); returns the backend the flow went to.
+    pub fn establish(&mut self, client: ([u8; 4], u16), frontend: ([u8; 4], u16)) -> Seen {
+        let (verdict, out) = self.xdp(&tcp_packet(client, frontend, Tcp::Syn, b""));
+        assert_eq!(verdict, XDP_PASS);
+        let backend = inspect(&out).dst;
+        let _ = self.tc(&tcp_packet(backend, client, Tcp::SynAck, b""));
+        let _ = self.xdp(&tcp_packet(client, frontend, Tcp::Ack, b""));
+        Seen {
+            src: client,
+            dst: backend,
+        }
+    }
+
+    /// The original conntrack entry of a flow, as the client sent it.
+    pub fn entry(&self, client: ([u8; 4], u16), frontend: ([u8; 4], u16)) -> Option<CtEntry> {
+        self.tables()
+            .conntrack
+            .get(&ct_key(client, frontend), 0)
+            .ok()
+    }
+
     pub fn event(&self, name: &str) -> u64 {
         self.tables()
             .events()
@@ -172,6 +198,41 @@ impl Drop for TestDatapath {
     fn drop(&mut self) {
         let _ = attach::cleanup(&self.pin_dir);
     }
+}
+
+/// The conntrack key of a TCP packet from `src` to `dst`.
+pub fn ct_key(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> CtKey {
+    CtKey {
+        src: Addr::from_v4_octets(src.0),
+        dst: Addr::from_v4_octets(dst.0),
+        sport: src.1.to_be(),
+        dport: dst.1.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// Runs `f` on a thread pinned to `cpu`: BPF_PROG_TEST_RUN executes on the caller's CPU.
+pub fn on_cpu<T: Send + 'static>(
+    cpu: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        // SAFETY: plain sched_setaffinity on the calling thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+                0
+            );
+        }
+        f()
+    })
+}
+
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 pub fn tcp(addr: [u8; 4], port: u16) -> FrontendKey {

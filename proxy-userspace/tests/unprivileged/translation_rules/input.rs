@@ -183,17 +183,22 @@ fn rule6_weights_come_from_their_annotation() {
         .map(|e| e.weight)
         .collect();
     assert_eq!(weights, vec![3, 0]);
-    let out = translate_all(
-        &objects(&annotated("ebpf-proxy.io/weights: \"10.244.1.1=heavy\"")),
-        NODE,
-    );
-    assert!(
-        out.problems[0].message.contains("is not a weight"),
-        "{}",
-        out.problems[0]
-    );
-    assert!(out.state.frontends[&cluster_ip(80)]
-        .endpoints
-        .iter()
-        .all(|e| e.weight == 1));
+    // Not a number, or beyond IPVS's 65,535: reported, and every weight stays 1.
+    for bad in ["heavy", "65536"] {
+        let out = translate_all(
+            &objects(&annotated(&format!(
+                "ebpf-proxy.io/weights: \"10.244.1.1={bad}\""
+            ))),
+            NODE,
+        );
+        assert!(
+            out.problems[0].message.contains("is not a weight"),
+            "{}",
+            out.problems[0]
+        );
+        assert!(out.state.frontends[&cluster_ip(80)]
+            .endpoints
+            .iter()
+            .all(|e| e.weight == 1));
+    }
 }

@@ -26,6 +26,12 @@ use proxy_common::{
     MAX_BACKENDS_PER_SERVICE, PROTO_UDP, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
+mod accounting;
+mod ids;
+
+use accounting::Reconciler;
+use ids::{Assigned, BackendIds, IdPool};
+
 use crate::{
     conntrack,
     datapath::{
@@ -43,36 +49,6 @@ use crate::{
     node::NodeConfig,
     scheduling::{self, TableSpace},
 };
-
-/// Small integer ids with reuse, for the array-indexed per-service/backend tables.
-#[derive(Debug)]
-struct IdPool {
-    limit: u32,
-    next: u32,
-    free: BTreeSet<u32>,
-}
-
-impl IdPool {
-    fn with_used(limit: u32, used: &BTreeSet<u32>) -> IdPool {
-        let next = used.last().map_or(0, |max| max + 1);
-        let free = (0..next).filter(|id| !used.contains(id)).collect();
-        IdPool { limit, next, free }
-    }
-
-    fn allocate(&mut self) -> Option<u32> {
-        if let Some(id) = self.free.pop_first() {
-            return Some(id);
-        }
-        (self.next < self.limit).then(|| {
-            self.next += 1;
-            self.next - 1
-        })
-    }
-
-    fn release(&mut self, id: u32) {
-        self.free.insert(id);
-    }
-}
 
 /// Node-wide data path settings that are not part of the node's identity.
 #[derive(Clone, Copy, Debug, Default)]
@@ -115,7 +91,8 @@ pub struct Syncer {
     table_space: TableSpace,
     programmed: BTreeMap<FrontendKey, Programmed>,
     service_ids: IdPool,
-    backend_ids: IdPool,
+    backend_ids: BackendIds,
+    counts_reconciler: Reconciler,
 }
 
 impl Syncer {
@@ -202,8 +179,16 @@ impl Syncer {
                 .values()
                 .map(|p| (p.value.table_offset, p.value.table_len)),
         );
+        // Ids that conntrack still names stay retired until their flows are gone.
+        let referenced: BTreeSet<u32> = tables
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, entry)| entry.backend_id)
+            .collect();
         let service_ids = IdPool::with_used(tables.services_capacity()?, &service_ids);
-        let backend_ids = IdPool::with_used(tables.backends_capacity()?, &backend_ids);
+        let backend_ids =
+            BackendIds::recover(tables.backends_capacity()?, &backend_ids, &referenced);
         Ok(Syncer {
             tables,
             sched_tables,
@@ -212,6 +197,7 @@ impl Syncer {
             programmed,
             service_ids,
             backend_ids,
+            counts_reconciler: Reconciler::default(),
         })
     }
 
@@ -269,9 +255,18 @@ impl Syncer {
     }
 
     /// One conntrack garbage collection pass over the maps this syncer holds (their
-    /// flow counts are the ones the least-connection schedulers read).
-    pub fn collect_conntrack(&mut self) -> Result<conntrack::GcReport> {
-        conntrack::collect(&mut self.tables, &self.conn_counts)
+    /// flow counts are the ones the least-connection schedulers read): expires idle
+    /// flows, reconciles the counts with what is left, and frees the retired backend
+    /// ids no flow names any more. Returns the pass and how many counters it corrected.
+    pub fn collect_conntrack(&mut self) -> Result<(conntrack::GcReport, usize)> {
+        let before = self.conn_counts.read(0, self.conn_counts.entries())?;
+        let report = conntrack::collect(&mut self.tables, &self.conn_counts)?;
+        let corrected =
+            self.counts_reconciler
+                .reconcile(&self.conn_counts, &before, &report.census.counted)?;
+        self.backend_ids
+            .release_unreferenced(&report.census.referenced);
+        Ok((report, corrected))
     }
 
     /// Makes the maps hold exactly `desired` (compares every frontend: O(services)).
@@ -444,7 +439,7 @@ impl Syncer {
             .filter(|e| e.weight > 0)
             .copied()
             .collect();
-        let slots = self.assign_slots(&current.slots, &schedulable)?;
+        let (slots, fresh) = self.assign_slots(key, &current.slots, &schedulable)?;
         let table = scheduling::table(frontend.scheduler, &slots, (&current.slots, &current.table))
             .unwrap_or_default();
         let (table_offset, table_len) = if table == current.table {
@@ -490,7 +485,7 @@ impl Syncer {
             if current.slots.get(slot) == Some(backend) {
                 continue;
             }
-            if !current.slots.iter().any(|b| b.id == backend.id) {
+            if fresh.contains(&backend.id) {
                 Tables::reset_stats(&mut self.tables.backend_stats, backend.id)?;
                 self.conn_counts.reset(backend.id);
             }
@@ -563,7 +558,8 @@ impl Syncer {
         }
         report.map_writes += current.slots.len() + current.ranges.len() + 2;
         for backend in &current.slots {
-            self.backend_ids.release(backend.id);
+            self.backend_ids
+                .retire(backend.id, (*key, backend.addr, backend.port));
         }
         self.service_ids.release(id);
         self.table_space
@@ -573,7 +569,13 @@ impl Syncer {
 
     /// The new slot list: staying backends keep their slot (and id), newcomers fill
     /// the holes of leavers, then the tail; remaining holes take the last slot.
-    fn assign_slots(&mut self, old: &[Backend], wanted: &[Endpoint]) -> Result<Vec<Backend>> {
+    /// Also returns the ids given out fresh (their counters are to be zeroed).
+    fn assign_slots(
+        &mut self,
+        key: &FrontendKey,
+        old: &[Backend],
+        wanted: &[Endpoint],
+    ) -> Result<(Vec<Backend>, BTreeSet<u32>)> {
         let wanted_by_addr: BTreeMap<(Addr, u16), &Endpoint> = wanted
             .iter()
             .map(|e| ((Addr::from_v4_octets(e.addr.octets()), e.port.to_be()), e))
@@ -588,12 +590,20 @@ impl Syncer {
             .collect();
         let kept: BTreeSet<(Addr, u16)> = old.iter().map(|b| (b.addr, b.port)).collect();
         let mut newcomers = Vec::new();
-        for (addr_port, endpoint) in &wanted_by_addr {
-            if !kept.contains(addr_port) {
-                let id = self
+        let mut fresh = BTreeSet::new();
+        for ((addr, port), endpoint) in &wanted_by_addr {
+            if !kept.contains(&(*addr, *port)) {
+                let id = match self
                     .backend_ids
-                    .allocate()
-                    .context("the backend table is full (raise --max-backends)")?;
+                    .assign(&(*key, *addr, *port))
+                    .context("the backend table is full (raise --max-backends)")?
+                {
+                    Assigned::Fresh(id) => {
+                        fresh.insert(id);
+                        id
+                    }
+                    Assigned::Returning(id) => id,
+                };
                 newcomers.push(backend_of(endpoint, id));
             }
         }
@@ -614,10 +624,11 @@ impl Syncer {
         let result: Vec<Backend> = slots.into_iter().flatten().collect();
         for backend in old {
             if !result.iter().any(|b| b.id == backend.id) {
-                self.backend_ids.release(backend.id);
+                self.backend_ids
+                    .retire(backend.id, (*key, backend.addr, backend.port));
             }
         }
-        Ok(result)
+        Ok((result, fresh))
     }
 }
 
