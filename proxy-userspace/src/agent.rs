@@ -25,6 +25,7 @@ use crate::{
         tables::Tables,
     },
     healthcheck::HealthCheckServers,
+    limits,
     metrics::AgentMetrics,
     model::{Forwarding, Problem, Scheduler, Severity, SourceRange},
     node::NodeConfig,
@@ -238,6 +239,7 @@ impl SyncSchedule {
 pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<()> {
     capabilities::check()?;
     config.node.validate()?;
+    limits::raise_open_files();
     let _pin_dir_lock = PinDirLock::acquire(&config.pin_dir)?;
     let mut datapath = Datapath::load_sized(&config.pin_dir, config.map_sizes)?;
     let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?;

@@ -16,9 +16,12 @@ use axum::{
     Router,
 };
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::model::{HealthCheck, Problem};
+use crate::{
+    model::{HealthCheck, Problem},
+    server,
+};
 
 type Shared = Arc<RwLock<BTreeMap<u16, HealthCheck>>>;
 
@@ -59,11 +62,9 @@ impl HealthCheckServers {
                     let router = Router::new()
                         .fallback(answer)
                         .with_state((self.checks.clone(), port));
-                    let server = tokio::spawn(async move {
-                        if let Err(e) = axum::serve(listener, router).await {
-                            warn!(port, "health check server stopped: {e}");
-                        }
-                    });
+                    // Within the same limits as the agent's own health port: load
+                    // balancers probe it, and so may anyone else.
+                    let server = tokio::spawn(server::serve(listener, router, &server::LIMITS));
                     self.servers.insert(port, server);
                     info!(port, service = %format!("{}/{}", check.namespace, check.name), "health check open");
                 }

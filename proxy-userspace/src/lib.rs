@@ -12,6 +12,7 @@ pub mod capabilities;
 pub mod conntrack;
 pub mod datapath;
 pub mod healthcheck;
+pub mod limits;
 pub mod listing;
 pub mod metrics;
 pub mod model;

@@ -4,20 +4,35 @@
 //! - health address (default 0.0.0.0:10256, where load balancers probe nodes):
 //!   `/healthz` and `/livez` (the agent's loop ran recently), `/readyz` (services
 //!   programmed and interfaces attached). Nothing else is served on either.
+//!
+//! Anyone who can reach the health port (every load balancer, so usually anyone) may
+//! try to hold connections open. Each listener therefore limits what a peer can
+//! hold ([`LIMITS`]): a connection must send its request headers within a few
+//! seconds (also between keep-alive requests), lives at most a minute, and each
+//! source address may hold only a few at once, within a total cap. Connections over
+//! a limit are closed at once. An idle or trickling peer thus cannot exhaust the
+//! agent's descriptors nor shut out the probes of other addresses.
 
 use std::{
-    net::SocketAddr,
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
-use tracing::warn;
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
 
 use crate::metrics::{self, AgentMetrics};
 
@@ -110,6 +125,98 @@ async fn readyz(State(status): State<Arc<Status>>) -> impl IntoResponse {
     }
 }
 
+/// What a peer may hold on one listener.
+pub struct Limits {
+    /// Connections of all peers at once.
+    pub connections: usize,
+    /// Connections of one source address at once.
+    pub per_peer: usize,
+    /// To send a request's headers, counted from when the connection waits for one.
+    pub header_timeout: Duration,
+    /// A connection's whole life: keep-alive does not keep it forever.
+    pub lifetime: Duration,
+}
+
+/// Probes and scrapes are a few short requests; a metrics scrape of a large node
+/// takes a few seconds (BENCHMARKS.md).
+pub const LIMITS: Limits = Limits {
+    connections: 256,
+    per_peer: 16,
+    header_timeout: Duration::from_secs(5),
+    lifetime: Duration::from_secs(60),
+};
+
+/// After a failed accept (out of descriptors, say): a pause instead of a busy loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Connections held, in total and per source address.
+#[derive(Default)]
+struct Held {
+    total: usize,
+    by_peer: BTreeMap<IpAddr, usize>,
+}
+
+/// One admitted connection; gives its place back when dropped.
+struct Admission {
+    held: Arc<Mutex<Held>>,
+    peer: IpAddr,
+}
+
+fn admit(held: &Arc<Mutex<Held>>, peer: IpAddr, limits: &Limits) -> Option<Admission> {
+    let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
+    let of_peer = h.by_peer.get(&peer).copied().unwrap_or(0);
+    if h.total >= limits.connections || of_peer >= limits.per_peer {
+        return None;
+    }
+    h.total += 1;
+    h.by_peer.insert(peer, of_peer + 1);
+    Some(Admission {
+        held: held.clone(),
+        peer,
+    })
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        h.total -= 1;
+        if let Some(n) = h.by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                h.by_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Serves HTTP/1 on `listener` within `limits`, until the task is dropped.
+pub async fn serve(listener: TcpListener, router: Router, limits: &'static Limits) {
+    let held = Arc::new(Mutex::new(Held::default()));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!("accepting an HTTP connection: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Some(admission) = admit(&held, peer.ip(), limits) else {
+            debug!(%peer, "HTTP connection over the limits: closed");
+            continue; // dropping the stream closes it
+        };
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let _admission = admission;
+            let mut http = http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(limits.lifetime, connection).await;
+        });
+    }
+}
+
 /// Binds both addresses (failing at once if one is taken) and serves in the background.
 pub async fn spawn(
     metrics_address: SocketAddr,
@@ -129,14 +236,10 @@ pub async fn spawn(
         (metrics_address, metrics_router),
         (health_address, health_router),
     ] {
-        let listener = tokio::net::TcpListener::bind(address)
+        let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("listening on {address}"))?;
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                warn!("HTTP server on {address} stopped: {e}");
-            }
-        });
+        tokio::spawn(serve(listener, router, &LIMITS));
     }
     Ok(())
 }

@@ -215,3 +215,49 @@ fn list_without_the_right_to_read_the_maps_says_permission_denied() {
     assert!(stderr.contains("permission denied"), "{stderr}");
     assert!(!stderr.contains("is an agent running"), "{stderr}");
 }
+
+#[test]
+fn a_peer_holding_connections_cannot_starve_the_health_port() {
+    use std::{io::Read as _, net::TcpStream, time::Duration};
+
+    let cluster = Cluster::new("hflood", 1, 0, |t| vec![web(t, &["pod-a1"])]);
+    let client_ns = cluster.topology.client.path();
+    let health = std::net::SocketAddr::from((NODE_IP, 10256));
+    // One peer opens 40 connections and sends nothing on them.
+    let streams: Vec<TcpStream> = std::thread::spawn(move || {
+        testbed::netns::enter_current_thread(&client_ns).expect("enter the client");
+        (0..40)
+            .filter_map(|_| TcpStream::connect_timeout(&health, Duration::from_secs(2)).ok())
+            .collect()
+    })
+    .join()
+    .expect("flooding thread");
+    assert_eq!(streams.len(), 40, "the kernel accepts them all");
+    let closed = |timeout: Duration| {
+        streams
+            .iter()
+            .filter(|stream| {
+                stream.set_read_timeout(Some(timeout)).expect("timeout");
+                let mut reader: &TcpStream = stream;
+                match reader.read(&mut [0u8; 1]) {
+                    Ok(n) => n == 0,
+                    Err(e) => !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                }
+            })
+            .count()
+    };
+    // Over its share (16 per address) its connections are closed at once ...
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(closed(Duration::from_millis(100)), 40 - 16);
+    // ... while other addresses are answered ...
+    assert!(
+        curl(&cluster.topology.node, "http://127.0.0.1:10256/healthz")
+            .expect("healthz from another address")
+            .contains("lastUpdated")
+    );
+    // ... and the idle ones go after the header timeout (5 s).
+    assert_eq!(closed(Duration::from_secs(7)), 40);
+}

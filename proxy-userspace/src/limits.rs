@@ -1,0 +1,35 @@
+//! The agent's own resource limits.
+
+use tracing::{info, warn};
+
+/// Raises the soft limit on open descriptors to the hard one. The agent holds a
+/// descriptor per map, link, watch and HTTP connection, and the default soft limit
+/// (1,024) is what a peer holding connections ran it out of; the hard limit is the
+/// operator's (the container runtime's) to set.
+pub fn raise_open_files() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            warn!("reading RLIMIT_NOFILE: {}", std::io::Error::last_os_error());
+            return;
+        }
+        if limit.rlim_cur >= limit.rlim_max {
+            return;
+        }
+        let before = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            warn!("raising RLIMIT_NOFILE: {}", std::io::Error::last_os_error());
+            return;
+        }
+        info!(
+            from = before,
+            to = limit.rlim_max,
+            "raised the open-files limit"
+        );
+    }
+}
