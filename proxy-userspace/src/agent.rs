@@ -108,6 +108,7 @@ impl Programmer {
     /// programming latency is measured from there.
     async fn sync(&mut self, mut problems: Vec<Problem>, changed_at: Option<Instant>) {
         let started = Instant::now();
+        let source_problems = problems.len();
         let flush = self.tracker.flush();
         problems.extend(flush.problems);
         let report = if self.reconciled {
@@ -116,9 +117,12 @@ impl Programmer {
             self.syncer.apply(&self.tracker.desired())
         };
         problems.extend(report.problems);
+        let mut health_problems = 0;
         if flush.health_checks_changed || !self.reconciled {
             let checks = self.tracker.health_checks();
-            problems.extend(self.health_checks.update(checks).await);
+            let found = self.health_checks.update(checks).await;
+            health_problems = found.len();
+            problems.extend(found);
         }
         self.reconciled = true;
         for problem in &problems {
@@ -140,7 +144,14 @@ impl Programmer {
                 .programming_latency_seconds
                 .observe(changed_at.elapsed().as_secs_f64());
         }
-        metrics.sync_problems.set(problems.len() as i64);
+        // What stands now, not what this sync happened to touch: every tracked
+        // object's problems, every frontend still refused, and what the sources and
+        // health checks reported this time.
+        let standing = self.tracker.all_problems().len()
+            + report.unprogrammed
+            + source_problems
+            + health_problems;
+        metrics.sync_problems.set(standing as i64);
         metrics
             .udp_flows_flushed
             .inc_by(report.flushed_udp_flows as u64);

@@ -75,7 +75,7 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics) -> Result<String> {
     );
     registry.register(
         "sync_problems",
-        "Objects the last sync could not (fully) program",
+        "Problems standing after the last sync: objects not (fully) translated, frontends not programmed (retried every sync), and the last reports of sources and health checks",
         agent.sync_problems.clone(),
     );
     registry.register(

@@ -82,6 +82,9 @@ pub struct SyncReport {
     /// UDP flows removed because their backend left the service.
     pub flushed_udp_flows: usize,
     pub problems: Vec<Problem>,
+    /// Frontends not programmed after this sync (refused for lack of room, say);
+    /// each is tried again at every sync until it fits.
+    pub unprogrammed: usize,
 }
 
 pub struct Syncer {
@@ -93,6 +96,8 @@ pub struct Syncer {
     service_ids: IdPool,
     backend_ids: BackendIds,
     counts_reconciler: Reconciler,
+    /// Frontends a sync could not program, as last asked for.
+    refused: BTreeMap<FrontendKey, Frontend>,
 }
 
 impl Syncer {
@@ -198,6 +203,7 @@ impl Syncer {
             service_ids,
             backend_ids,
             counts_reconciler: Reconciler::default(),
+            refused: BTreeMap::new(),
         })
     }
 
@@ -287,32 +293,23 @@ impl Syncer {
         let mut report = SyncReport::default();
         let departed = self.departing_udp_backends(changes);
         for (key, change) in changes {
-            let result = match change {
-                None if self.programmed.contains_key(key) => {
-                    self.remove(key, &mut report).map(|()| report.removed += 1)
-                }
-                None => Ok(()),
-                Some(frontend) if self.programmed.contains_key(key) => {
-                    self.update(key, frontend, &mut report).map(|changed| {
-                        if changed {
-                            report.updated += 1;
-                        }
-                    })
-                }
-                Some(frontend) => self
-                    .add(key, frontend, &mut report)
-                    .map(|()| report.added += 1),
-            };
-            if let Err(e) = result {
-                let what = change
-                    .as_ref()
-                    .map_or(String::new(), |f| format!(" ({})", f.service));
-                report.problems.push(Problem::error(
-                    format!("{key}{what}"),
-                    format!("not programmed: {e:#}"),
-                ));
-            }
+            self.refused.remove(key);
+            self.apply_one(key, change.as_ref(), &mut report);
         }
+        // What did not fit before may fit now (these changes may have made room),
+        // and is tried again until it does: a source says a frontend only once.
+        let changed: BTreeSet<&FrontendKey> = changes.iter().map(|(key, _)| key).collect();
+        let retry: Vec<(FrontendKey, Frontend)> = self
+            .refused
+            .iter()
+            .filter(|(key, _)| !changed.contains(key))
+            .map(|(key, frontend)| (*key, frontend.clone()))
+            .collect();
+        for (key, frontend) in retry {
+            self.refused.remove(&key);
+            self.apply_one(&key, Some(&frontend), &mut report);
+        }
+        report.unprogrammed = self.refused.len();
         if !departed.is_empty() {
             match conntrack::flush(&mut self.tables, &self.conn_counts, |key, entry| {
                 key.proto == PROTO_UDP
@@ -326,6 +323,35 @@ impl Syncer {
             }
         }
         report
+    }
+
+    /// Applies one change; a frontend that cannot be programmed is reported and kept
+    /// in `refused`, to be tried again at the next sync.
+    fn apply_one(&mut self, key: &FrontendKey, change: Option<&Frontend>, report: &mut SyncReport) {
+        let result = match change {
+            None if self.programmed.contains_key(key) => {
+                self.remove(key, report).map(|()| report.removed += 1)
+            }
+            None => Ok(()),
+            Some(frontend) if self.programmed.contains_key(key) => {
+                self.update(key, frontend, report).map(|changed| {
+                    if changed {
+                        report.updated += 1;
+                    }
+                })
+            }
+            Some(frontend) => self.add(key, frontend, report).map(|()| report.added += 1),
+        };
+        if let Err(e) = result {
+            let what = change.map_or(String::new(), |f| format!(" ({})", f.service));
+            report.problems.push(Problem::error(
+                format!("{key}{what}"),
+                format!("not programmed: {e:#}"),
+            ));
+            if let Some(frontend) = change {
+                self.refused.insert(*key, frontend.clone());
+            }
+        }
     }
 
     /// (service id, address, port) of UDP backends these changes take away. Their

@@ -44,26 +44,28 @@ fn a_corrupted_or_deleted_manifests_file_keeps_the_last_good_state() {
     assert_eq!(cluster.agent.listing().expect("list").services.len(), 2);
 }
 
+fn numbered_services(t: &Topology, numbers: std::ops::RangeInclusive<u8>) -> Vec<ServiceDef> {
+    numbers
+        .map(|i| {
+            ServiceDef::new(
+                &format!("svc{i}"),
+                Ipv4Addr::new(10, 96, 1, i),
+                "TCP",
+                80,
+                8080,
+            )
+            .with_pods([t.pod("pod-a1")])
+        })
+        .collect()
+}
+
 #[test]
-fn a_full_service_table_is_reported_and_the_services_that_fit_keep_working() {
+fn a_full_service_table_is_reported_and_what_did_not_fit_is_programmed_once_room_appears() {
     let cluster = Cluster::with_agent_args(
         "full",
         2,
         0,
-        |t| {
-            (1..=3u8)
-                .map(|i| {
-                    ServiceDef::new(
-                        &format!("svc{i}"),
-                        Ipv4Addr::new(10, 96, 1, i),
-                        "TCP",
-                        80,
-                        8080,
-                    )
-                    .with_pods([t.pod("pod-a1")])
-                })
-                .collect()
-        },
+        |t| numbered_services(t, 1..=3),
         &["--max-services", "2"],
     );
     let log = cluster.agent.log();
@@ -78,12 +80,27 @@ fn a_full_service_table_is_reported_and_the_services_that_fit_keep_working() {
         curl(client, "http://10.96.1.3/").is_err(),
         "the third does not fit"
     );
-    let metrics = curl(&cluster.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
+    let metrics =
+        || curl(&cluster.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
+    let now = metrics();
     assert!(
-        metrics.contains("ebpf_proxy_map_capacity{map=\"SERVICES\"} 2"),
-        "{metrics}"
+        now.contains("ebpf_proxy_map_capacity{map=\"SERVICES\"} 2"),
+        "{now}"
     );
-    assert!(metrics.contains("ebpf_proxy_sync_problems 1"), "{metrics}");
+    assert!(now.contains("ebpf_proxy_sync_problems 1"), "{now}");
+    // svc1 goes: the third is programmed without being mentioned again, and the
+    // problem is gone.
+    cluster
+        .agent
+        .update_manifests(&render(&numbered_services(&cluster.topology, 2..=3)), |l| {
+            l.services
+                .iter()
+                .any(|s| s.service.starts_with("demo/svc3"))
+        })
+        .expect("svc3 programmed once svc1 made room");
+    assert!(curl(client, "http://10.96.1.3/").is_ok());
+    let now = metrics();
+    assert!(now.contains("ebpf_proxy_sync_problems 0"), "{now}");
 }
 
 /// Issue 14: an empty file, or a document of a kind the agent reads under another
