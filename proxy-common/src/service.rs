@@ -210,6 +210,15 @@ pub const SOURCE_RANGE_ENTRIES: u32 = 16_384;
 /// Bits of `SourceRangeKey` before the address: the service id, always matched whole.
 pub const SOURCE_RANGE_ID_BITS: u32 = 32;
 
+/// The pseudo service id under which `SOURCE_RANGES` holds the outer sources that
+/// may tunnel (IPIP) into `dsr-ipip` frontends (no service has this id).
+pub const TUNNEL_PEERS_ID: u32 = u32::MAX;
+/// `SOURCE_RANGES` values under `TUNNEL_PEERS_ID`: a configured trusted prefix, or
+/// the catch-all `0.0.0.0/0` written when no list is configured (any source may
+/// tunnel, but its inner source cannot be believed).
+pub const TUNNEL_PEER_TRUSTED: u8 = 1;
+pub const TUNNEL_PEER_UNVERIFIED: u8 = 2;
+
 /// Data of an `SOURCE_RANGES` LPM-trie key: prefix length = 32 + the range's length.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

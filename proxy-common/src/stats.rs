@@ -16,7 +16,8 @@ pub struct TrafficStats {
 }
 
 /// Declares the data path's events once: an `EV_*` index of `DATAPATH_EVENTS` each,
-/// numbered in order, and its name in metrics and listings.
+/// numbered in order, and its name in metrics and listings. New events go at the
+/// end, so that a pinned map of a previous version keeps its indexes.
 macro_rules! datapath_events {
     ($($(#[doc = $doc:literal])* $constant:ident => $name:literal,)*) => {
         #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
@@ -71,10 +72,19 @@ datapath_events! {
     EV_FRAG_NEEDED => "frag_needed",
     /// An ICMP error about a translated flow was translated back for its receiver.
     EV_ICMP_TRANSLATED => "icmp_translated",
+    /// An IPIP packet for a `dsr-ipip` frontend came from an outer source not trusted
+    /// to tunnel (not in `--ipip-trusted-sources`, or none configured and the service
+    /// has `loadBalancerSourceRanges`, which an unverified inner source would bypass):
+    /// dropped.
+    EV_TUNNEL_REFUSED => "tunnel_refused",
 }
 
-/// Entries of `DATAPATH_EVENTS`.
+/// Events defined.
 pub const EV_COUNT: u32 = DATAPATH_EVENT_NAMES.len() as u32;
+/// Entries of `DATAPATH_EVENTS`: room for events yet to come, so that adding one
+/// does not change the map's size (a size change makes a pinned map unusable).
+pub const EV_CAPACITY: u32 = 64;
+const _: () = assert!(EV_COUNT <= EV_CAPACITY);
 
 #[cfg(feature = "user")]
 crate::user_pod!(TrafficStats);

@@ -37,7 +37,7 @@ use aya_ebpf::{
 
 use crate::{
     packet::{TcPacket, XdpPacket},
-    translate::{Action, Origin},
+    translate::{Action, Inner, Origin},
 };
 
 /// Node uplinks: traffic from outside the node to NodePorts, LoadBalancer and external
@@ -48,13 +48,16 @@ use crate::{
 /// `dsr-ipip` flows leave encapsulated.
 #[xdp]
 pub fn uplink_ingress(ctx: XdpContext) -> u32 {
-    let origin = match tunnel::outer_destination(&XdpPacket(&ctx)) {
-        Some(backend) if translate::claims_inner(&ctx, backend.v4_be()) => {
+    let claim = tunnel::outer_addresses(&XdpPacket(&ctx))
+        .map(|(src, dst)| (dst, translate::claim_inner(&ctx, &src, &dst)));
+    let origin = match claim {
+        Some((backend, Inner::Decapsulate)) => {
             if tunnel::decapsulate(&ctx).is_err() {
                 return xdp_action::XDP_DROP;
             }
             Origin::Tunnel(backend.v4_be())
         }
+        Some((_, Inner::Refuse)) => return xdp_action::XDP_DROP,
         _ => Origin::External,
     };
     let verdict = translate::handle(&XdpPacket(&ctx), origin);

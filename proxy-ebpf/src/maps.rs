@@ -10,7 +10,7 @@ use aya_ebpf::{
 use proxy_common::{
     Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
     CtKey, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue, SockKey, SockNat, SourceRangeKey,
-    TrafficStats, AFFINITY_ENTRIES, CONFIG_LEN, CONNTRACK_ENTRIES, EV_COUNT, MAX_BACKENDS,
+    TrafficStats, AFFINITY_ENTRIES, CONFIG_LEN, CONNTRACK_ENTRIES, EV_CAPACITY, MAX_BACKENDS,
     MAX_SERVICES, SCHED_TABLE_CAPACITY, SOCK_ENTRIES, SOURCE_RANGE_ENTRIES,
 };
 
@@ -79,7 +79,7 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(SOURCE_R
 
 /// What the data path did, by `EV_*` reason (drops, misses, races, malformed input).
 #[map]
-pub static DATAPATH_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(EV_COUNT, 0);
+pub static DATAPATH_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(EV_CAPACITY, 0);
 
 /// Socket hooks: the service address a node-local socket believes it talks to, keyed
 /// by the backend it really talks to (restored in recvmsg/getpeername).

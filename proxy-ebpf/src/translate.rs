@@ -11,7 +11,8 @@ use proxy_common::{
     Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, ACCT_INACTIVE, CT_ESTABLISHED, CT_F_ENCAP,
     CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, CT_SYN_SENT,
     EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED,
-    EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, PROTO_TCP, SVC_F_TUNNEL,
+    EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, EV_TUNNEL_REFUSED,
+    PROTO_TCP, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
 };
 
 use crate::{
@@ -23,7 +24,8 @@ use crate::{
     maps::CONNTRACK,
     packet::{Packet, XdpPacket, ETH_LEN, IP_DST, IP_SRC, L4_DPORT, L4_SPORT},
     parse::{self, Flow, Skip},
-    source_ranges, tunnel,
+    source_ranges,
+    tunnel::{self, PeerTrust},
 };
 
 /// Where the packet entered the node; decides masquerading.
@@ -119,8 +121,7 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     }
     let (dst, dport, proto) = (flow.key.dst, flow.key.dport, flow.key.proto);
     let service = match origin {
-        Origin::Tunnel(_) => balancer::lookup_tunnel_service(dst, dport, proto)
-            .or_else(|| balancer::lookup_service(dst, dport, proto)),
+        Origin::Tunnel(_) => balancer::lookup_tunnel_service(dst, dport, proto),
         _ => balancer::lookup_service(dst, dport, proto),
     };
     match service {
@@ -129,28 +130,40 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     }
 }
 
-/// Whether an IPIP packet's inner packet is ours to decapsulate and translate: it
-/// continues a tracked flow, or it is addressed to a `dsr-ipip` frontend whose
-/// backend here the outer header names, or it reaches a service through a tunnel
-/// ending at this node.
+/// What to do with an IPIP packet (see `tunnel` for the rules).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Inner {
+    /// Not addressed to a `dsr-ipip` frontend here: passed as it is.
+    NotOurs,
+    Decapsulate,
+    /// Ours, but from an outer source not trusted to send it: dropped.
+    Refuse,
+}
+
+/// Whether an IPIP packet's inner packet is ours to decapsulate and translate: it is
+/// addressed to a `dsr-ipip` frontend, the outer header to this node or to one of
+/// that frontend's backends here, and the outer source may tunnel.
 #[inline(always)]
-pub fn claims_inner(ctx: &XdpContext, outer_dst_be: u32) -> bool {
-    let outer_dst = Addr::from_v4_be(outer_dst_be);
+pub fn claim_inner(ctx: &XdpContext, outer_src: &Addr, outer_dst: &Addr) -> Inner {
     let Ok(flow) = parse::parse_at(&XdpPacket(ctx), ETH_LEN + tunnel::OUTER_LEN) else {
-        return false;
+        return Inner::NotOurs;
     };
-    // SAFETY: presence check only.
-    if unsafe { CONNTRACK.get(flow.key) }.is_some() {
-        return true;
-    }
     let (dst, dport, proto) = (flow.key.dst, flow.key.dport, flow.key.proto);
-    let to_node = balancer::is_node_address(&outer_dst);
-    if let Some(service) = balancer::lookup_tunnel_service(dst, dport, proto) {
-        if to_node || balancer::backend_at(&service, outer_dst).is_some() {
-            return true;
+    let Some(service) = balancer::lookup_tunnel_service(dst, dport, proto) else {
+        return Inner::NotOurs;
+    };
+    if !balancer::is_node_address(outer_dst) && balancer::backend_at(&service, *outer_dst).is_none()
+    {
+        return Inner::NotOurs;
+    }
+    match tunnel::peer_trust(outer_src) {
+        PeerTrust::Trusted => Inner::Decapsulate,
+        PeerTrust::Unverified if service.flags & SVC_F_SOURCE_RANGES == 0 => Inner::Decapsulate,
+        PeerTrust::Unverified | PeerTrust::Refused => {
+            counters::event(EV_TUNNEL_REFUSED);
+            Inner::Refuse
         }
     }
-    to_node && balancer::lookup_service(dst, dport, proto).is_some()
 }
 
 /// Rewrites a packet as its conntrack entry says and counts it.

@@ -1,10 +1,16 @@
 //! IPIP (IPv4-in-IPv4, protocol 4), done by the uplink program itself: the kernel
 //! needs no ipip module, and the pod behind the tunnel needs no tunnel device.
 //!
-//! - Decapsulation: an IPIP packet whose inner packet belongs to a flow or service of
-//!   ours loses its outer header here (it is *removed*, not kept: the backend is a
-//!   plain pod that could not decapsulate it) and the inner packet is translated as
-//!   if it had arrived bare, keeping the client's address.
+//! - Decapsulation: an IPIP packet whose inner packet is addressed to a `dsr-ipip`
+//!   frontend, for this node or one of its backends, loses its outer header here (it
+//!   is *removed*, not kept: the backend is a plain pod that could not decapsulate
+//!   it) and the inner packet is translated as if it had arrived bare, keeping the
+//!   client's address. Nothing else is decapsulated: an outsider must not reach
+//!   other services, or other flows, by wrapping packets. Where the operator lists
+//!   the outer sources that may tunnel (`--ipip-trusted-sources`), others are
+//!   dropped; without a list any source may, but then the inner source proves
+//!   nothing, so a frontend with `loadBalancerSourceRanges` refuses tunnelled flows
+//!   (wrapping a packet with an admitted inner source would bypass the ranges).
 //! - Encapsulation (`dsr-ipip`, at the entry node): the client's packet, untouched,
 //!   goes inside an outer header addressed to the chosen backend; the network routes
 //!   it to the backend's node, which decapsulates it for the pod (IPVS's tunnel mode
@@ -19,12 +25,14 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{xdp_action, BPF_FIB_LOOKUP_SKIP_NEIGH},
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use network_types::{eth::EtherType, ip::Ipv4Hdr};
 use proxy_common::{
-    flow_hash, Addr, CtKey, CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE, EV_DECAPSULATED,
-    EV_ENCAPSULATED, EV_FRAG_NEEDED,
+    flow_hash, Addr, CtKey, SourceRangeKey, CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE,
+    EV_DECAPSULATED, EV_ENCAPSULATED, EV_FRAG_NEEDED, SOURCE_RANGE_ID_BITS, TUNNEL_PEERS_ID,
+    TUNNEL_PEER_TRUSTED,
 };
 
 use crate::{
@@ -34,7 +42,7 @@ use crate::{
         self, ICMP_FRAG_NEEDED, ICMP_UNREACHABLE, IP_DF, IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
         PROTO_IPIP,
     },
-    maps::NODE_CONFIG,
+    maps::{NODE_CONFIG, SOURCE_RANGES},
     packet::{Packet, XdpPacket, ETH_LEN},
 };
 
@@ -47,20 +55,21 @@ const QUOTED_LEN: usize = 20 + 8;
 const ICMP_LEN: usize = 8;
 const ERROR_FRAME_LEN: usize = ETH_LEN + 20 + ICMP_LEN + QUOTED_LEN;
 
-/// The outer destination of an IPIP packet this program can decapsulate: no options,
-/// not a fragment, lengths consistent with the frame.
+/// The outer (source, destination) of an IPIP packet this program can decapsulate:
+/// no options, not a fragment, lengths consistent with the frame.
 #[inline(always)]
-pub fn outer_destination<P: Packet>(pkt: &P) -> Option<Addr> {
+pub fn outer_addresses<P: Packet>(pkt: &P) -> Option<(Addr, Addr)> {
     let ethertype: *const u16 = pkt.ptr_at(12)?;
     let ip: *const Ipv4Hdr = pkt.ptr_at(ETH_LEN)?;
     // SAFETY: both pointers are bounds-checked.
-    let (ethertype, vihl, proto, frags, tot_len, dst) = unsafe {
+    let (ethertype, vihl, proto, frags, tot_len, src, dst) = unsafe {
         (
             ethertype.read_unaligned(),
             (*ip).vihl,
             headers::ipv4_proto(ip),
             u16::from_be_bytes((*ip).frags),
             usize::from(u16::from_be_bytes((*ip).tot_len)),
+            u32::from_ne_bytes((*ip).src_addr),
             u32::from_ne_bytes((*ip).dst_addr),
         )
     };
@@ -70,7 +79,34 @@ pub fn outer_destination<P: Packet>(pkt: &P) -> Option<Addr> {
         && frags & (IP_MF | IP_OFFSET_MASK) == 0
         && tot_len >= OUTER_LEN + 20
         && ETH_LEN + tot_len <= pkt.len();
-    plain.then(|| Addr::from_v4_be(dst))
+    plain.then(|| (Addr::from_v4_be(src), Addr::from_v4_be(dst)))
+}
+
+/// How far an IPIP packet's outer source is trusted to tunnel into this node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum PeerTrust {
+    /// In `--ipip-trusted-sources`: its inner source is what the entry node saw.
+    Trusted,
+    /// No list is configured: it may tunnel, but its inner source proves nothing.
+    Unverified,
+    /// A list is configured and does not hold it.
+    Refused,
+}
+
+#[inline(always)]
+pub fn peer_trust(outer_src: &Addr) -> PeerTrust {
+    let key = Key::new(
+        SOURCE_RANGE_ID_BITS + 32,
+        SourceRangeKey {
+            service_id_be: TUNNEL_PEERS_ID.to_be(),
+            addr: outer_src.v4_be(),
+        },
+    );
+    match SOURCE_RANGES.get(key).copied() {
+        Some(TUNNEL_PEER_TRUSTED) => PeerTrust::Trusted,
+        Some(_) => PeerTrust::Unverified,
+        None => PeerTrust::Refused,
+    }
 }
 
 /// Removes the outer header (the Ethernet header moves up over it).

@@ -16,7 +16,7 @@ use ebpf_proxy::{
     datapath::{attach, loader::MapSizes, mmap::MappedArray, tables::Tables},
     listing,
     model::{parse_scheduler, Forwarding, Protocol, Scheduler, SourceRange},
-    node::NodeConfig,
+    node::{self, NodeConfig},
     source::{kubernetes::KubernetesSource, manifests::ManifestsSource, Source},
     trace,
 };
@@ -60,9 +60,12 @@ enum Command {
         #[arg(long, value_parser = parse_endpoint)]
         dst: SocketAddrV4,
         /// The packet arrives encapsulated in IPIP to this address (`dsr-ipip`: an
-        /// entry node chose a backend here, or tunnelled to this node's address).
-        #[arg(long)]
+        /// entry node chose a backend here, or tunnelled to this node's address) ...
+        #[arg(long, requires = "outer_src")]
         outer_dst: Option<Ipv4Addr>,
+        /// ... from this address (the entry node's tunnel source).
+        #[arg(long, requires = "outer_dst")]
+        outer_src: Option<Ipv4Addr>,
         /// The interface the packet arrives on (an uplink or a pod interface the agent
         /// attached); without it, the packet comes from outside the node.
         #[arg(long)]
@@ -80,6 +83,11 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Makes the node's kernel settings what the data path needs and the agent may
+    /// not be able to make itself (a container's /proc/sys is read-only unless
+    /// privileged): `net.ipv4.conf.all.accept_local=1`. For a privileged init
+    /// container; changes nothing else and may run any number of times.
+    PrepareNode,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -204,6 +212,13 @@ struct RunArgs {
     /// first --node-ip.
     #[arg(long)]
     tunnel_source_cidr: Option<SourceRange>,
+    /// `dsr-ipip`: the outer sources (comma-separated prefixes: the nodes' tunnel
+    /// sources) allowed to tunnel into this node; IPIP from others is dropped.
+    /// Without it any source may, except into frontends with
+    /// loadBalancerSourceRanges, whose tunnelled flows are then refused (an
+    /// unverified inner source would bypass the ranges).
+    #[arg(long, value_delimiter = ',')]
+    ipip_trusted_sources: Option<Vec<SourceRange>>,
     /// How often idle conntrack entries are collected, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     ct_gc_interval_ms: u64,
@@ -301,6 +316,7 @@ async fn main() -> Result<()> {
                 service_proxy_name: args.service_proxy_name,
                 default_forwarding: args.forwarding,
                 tunnel_source: args.tunnel_source_cidr,
+                tunnel_peers: args.ipip_trusted_sources,
                 ct_gc_interval: Duration::from_millis(args.ct_gc_interval_ms),
                 metrics_address: args.metrics_bind_address,
                 health_address: args.healthz_bind_address,
@@ -332,6 +348,7 @@ async fn main() -> Result<()> {
             src,
             dst,
             outer_dst,
+            outer_src,
             iface,
             json,
         } => {
@@ -353,8 +370,11 @@ async fn main() -> Result<()> {
                 }
                 Some(iface) => anyhow::bail!("{iface} is not an interface the agent attached to"),
             };
-            let origin = match (outer_dst, origin) {
-                (Some(outer_dst), trace::Origin::External) => trace::Origin::Tunnel { outer_dst },
+            let origin = match (outer_src.zip(outer_dst), origin) {
+                (Some((outer_src, outer_dst)), trace::Origin::External) => trace::Origin::Tunnel {
+                    outer_src,
+                    outer_dst,
+                },
                 (Some(_), _) => anyhow::bail!("--outer-dst: IPIP arrives on uplinks only"),
                 (None, origin) => origin,
             };
@@ -378,6 +398,7 @@ async fn main() -> Result<()> {
         }
         Command::Conntrack { action } => conntrack_command(action),
         Command::Cleanup { pin_dir } => attach::cleanup(&pin_dir),
+        Command::PrepareNode => node::accept_local_sources("all"),
     }
 }
 

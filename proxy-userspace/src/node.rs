@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -47,6 +47,36 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
         (Some(p), Some(t)) if p == t => glob_match(&pattern[1..], &text[1..]),
         _ => false,
     }
+}
+
+/// XDP hands translated packets to the stack (XDP_PASS). A masqueraded one, and the
+/// reply of a NodePort flow from a remote backend, then carry a node address as
+/// source, which the input path drops as a martian unless the interface accepts
+/// local sources: `accept_local` on the interface or on `all` (the kernel takes
+/// either). (This needs `rp_filter` 0 or 2 on uplinks; strict mode 1 would still drop
+/// them.) Where `/proc/sys` is read-only (a container that is not privileged), the
+/// setting may already be made on the host, which is then enough.
+pub fn accept_local_sources(iface: &str) -> Result<()> {
+    let path = accept_local_path(iface);
+    let Err(error) = std::fs::write(&path, b"1") else {
+        return Ok(());
+    };
+    let enabled = |p: &str| std::fs::read_to_string(p).is_ok_and(|v| v.trim() == "1");
+    if enabled(&path) || enabled(&accept_local_path("all")) {
+        return Ok(());
+    }
+    Err(error).with_context(|| {
+        format!(
+            "{path} cannot be set to 1, so translated packets with a node source would be \
+             dropped as martians: set net.ipv4.conf.{iface}.accept_local=1 (or .all.) on the \
+             host (`ebpf-proxy prepare-node` in a privileged init container does), or give \
+             the agent a writable /proc/sys"
+        )
+    })
+}
+
+fn accept_local_path(iface: &str) -> String {
+    format!("/proc/sys/net/ipv4/conf/{iface}/accept_local")
 }
 
 #[cfg(test)]

@@ -2,8 +2,9 @@
 //! probes and dashboards work:
 //! - metrics address (default 127.0.0.1:10249): `/metrics`, `/proxyMode` (`ebpf`);
 //! - health address (default 0.0.0.0:10256, where load balancers probe nodes):
-//!   `/healthz` and `/livez` (the agent's loop ran recently), `/readyz` (services
-//!   programmed and interfaces attached). Nothing else is served on either.
+//!   `/healthz` and `/livez` (the agent's loop ran recently and its pinned state is
+//!   intact), `/readyz` (services programmed and interfaces attached; when not, the
+//!   body says what is missing, one line per item). Nothing else is served on either.
 //!
 //! Anyone who can reach the health port (every load balancer, so usually anyone) may
 //! try to hold connections open. Each listener therefore limits what a peer can
@@ -40,7 +41,10 @@ use crate::metrics::{self, AgentMetrics};
 pub struct Status {
     pub pin_dir: PathBuf,
     pub metrics: AgentMetrics,
-    ready: AtomicBool,
+    /// `None`: ready; else what is missing, one line per item.
+    readiness: Mutex<Option<String>>,
+    /// Set while the agent's pinned state is broken (and not yet restored).
+    broken: AtomicBool,
     /// Unix seconds of the agent loop's last turn.
     last_turn: AtomicU64,
 }
@@ -59,13 +63,21 @@ impl Status {
         Arc::new(Status {
             pin_dir,
             metrics,
-            ready: AtomicBool::new(false),
+            readiness: Mutex::new(Some("starting\n".into())),
+            broken: AtomicBool::new(false),
             last_turn: AtomicU64::new(unix_now()),
         })
     }
 
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+    /// Ready when nothing is missing.
+    pub fn set_readiness(&self, missing: &[String]) {
+        let text = (!missing.is_empty()).then(|| missing.join("\n") + "\n");
+        *self.readiness.lock().unwrap_or_else(|e| e.into_inner()) = text;
+    }
+
+    /// The pinned state is broken (`true`) or whole again: `/healthz` fails meanwhile.
+    pub fn set_broken(&self, broken: bool) {
+        self.broken.store(broken, Ordering::Relaxed);
     }
 
     /// Called on every turn of the agent loop.
@@ -106,7 +118,9 @@ async fn render_metrics(State(status): State<Arc<Status>>) -> impl IntoResponse 
 
 async fn healthz(State(status): State<Arc<Status>>) -> impl IntoResponse {
     let (last, now) = (status.last_turn.load(Ordering::Relaxed), unix_now());
-    let code = if now.saturating_sub(last) <= HEALTHY_WITHIN_SECONDS {
+    let code = if now.saturating_sub(last) <= HEALTHY_WITHIN_SECONDS
+        && !status.broken.load(Ordering::Relaxed)
+    {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -118,10 +132,17 @@ async fn healthz(State(status): State<Arc<Status>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(status): State<Arc<Status>>) -> impl IntoResponse {
-    if status.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    let missing = status
+        .readiness
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    match missing {
+        None => (StatusCode::OK, "ok\n".to_owned()),
+        Some(missing) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready:\n{missing}"),
+        ),
     }
 }
 

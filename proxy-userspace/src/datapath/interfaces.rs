@@ -11,10 +11,16 @@ use netlink_packet_route::{
 use netlink_sys::{AsyncSocket as _, SocketAddr};
 use tokio::sync::mpsc;
 
+/// Interfaces by index: a rename is a `Present` with a known index and a new name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEvent {
-    Present(String),
-    Removed(String),
+    Present {
+        index: u32,
+        name: String,
+    },
+    Removed {
+        index: u32,
+    },
     /// Every interface present at start has been reported.
     ListDone,
 }
@@ -23,6 +29,13 @@ fn link_name(message: &LinkMessage) -> Option<String> {
     message.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(name) => Some(name.clone()),
         _ => None,
+    })
+}
+
+fn present(message: &LinkMessage) -> Option<LinkEvent> {
+    Some(LinkEvent::Present {
+        index: message.header.index,
+        name: link_name(message)?,
     })
 }
 
@@ -40,8 +53,8 @@ pub async fn watch(events: mpsc::Sender<LinkEvent>) -> Result<()> {
 
     let mut links = handle.link().get().execute();
     while let Some(link) = links.try_next().await.context("listing interfaces")? {
-        if let Some(name) = link_name(&link) {
-            if events.send(LinkEvent::Present(name)).await.is_err() {
+        if let Some(event) = present(&link) {
+            if events.send(event).await.is_err() {
                 return Ok(());
             }
         }
@@ -51,11 +64,11 @@ pub async fn watch(events: mpsc::Sender<LinkEvent>) -> Result<()> {
     }
     while let Some((message, _)) = messages.next().await {
         let event = match message.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                link_name(&link).map(LinkEvent::Present)
-            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => present(&link),
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
-                link_name(&link).map(LinkEvent::Removed)
+                Some(LinkEvent::Removed {
+                    index: link.header.index,
+                })
             }
             _ => None,
         };

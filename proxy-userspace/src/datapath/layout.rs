@@ -4,14 +4,20 @@
 //! loading, every pinned map is compared with this version's definition. Other map
 //! flags (the conntrack table's LRU lists were per-CPU before 2026-12) do not change
 //! what the maps hold: the pinned map is kept, with a warning that the new flags
-//! take effect after a `cleanup`.
+//! take effect after a `cleanup`. A map that holds only counters an operator reads
+//! (`DATAPATH_EVENTS`) is not worth refusing to start for: when its size differs it
+//! is unpinned, so that the loader creates it afresh (the counters restart at 0).
 
 use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::MapInfo;
+use proxy_common::map_name;
 
 use super::{loader::MapSizes, EBPF_OBJECT};
+
+/// Maps whose contents may be dropped on an upgrade.
+const RECREATABLE: &[&str] = &[map_name::DATAPATH_EVENTS];
 
 pub fn check_pinned_maps(pin_dir: &Path, sizes: &MapSizes) -> Result<()> {
     let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the embedded eBPF object")?;
@@ -38,6 +44,14 @@ pub fn check_pinned_maps(pin_dir: &Path, sizes: &MapSizes) -> Result<()> {
                 "pinned map has other flags than this version creates; kept as it is \
                  (conntrack survives), the new flags take effect after `ebpf-proxy cleanup`"
             );
+        }
+        if have != want && RECREATABLE.contains(&name.as_str()) {
+            tracing::warn!(
+                map = name.as_str(),
+                "pinned map of another size holds only counters: created afresh"
+            );
+            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            continue;
         }
         if have != want {
             mismatches.push(format!(

@@ -84,6 +84,33 @@ impl MapSizes {
 }
 
 impl Datapath {
+    /// Whether the maps are still pinned where this data path pinned them (someone
+    /// may remove the directory, or a map's pin, while the agent runs).
+    pub fn pins_intact(&self) -> bool {
+        self.ebpf
+            .maps()
+            .all(|(name, _)| self.pin_dir.join(name).exists())
+    }
+
+    /// Pins again the maps whose pins were removed, from the descriptors this data
+    /// path holds: their contents (services, conntrack) were never lost, only their
+    /// names. Returns how many were re-pinned. Links pinned in the directory are gone
+    /// for good (their programs were detached): interfaces need attaching again.
+    pub fn restore_pins(&self) -> Result<usize> {
+        std::fs::create_dir_all(&self.pin_dir)
+            .with_context(|| format!("creating pin directory {}", self.pin_dir.display()))?;
+        let mut restored = 0;
+        for (name, map) in self.ebpf.maps() {
+            let path = self.pin_dir.join(name);
+            if !path.exists() {
+                map.pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+                restored += 1;
+            }
+        }
+        Ok(restored)
+    }
+
     /// Loads (but does not attach) every program, pinning maps in `pin_dir`.
     pub fn load(pin_dir: &Path) -> Result<Datapath> {
         Datapath::load_sized(pin_dir, MapSizes::default())

@@ -23,7 +23,8 @@ use aya::maps::MapError;
 use proxy_common::{
     map_name, Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, NodeAddrFlags, ServiceKey,
     ServiceValue, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE, CONFIG_XDP_FORWARD,
-    MAX_BACKENDS_PER_SERVICE, PROTO_UDP, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
+    MAX_BACKENDS_PER_SERVICE, PROTO_UDP, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED,
+    TUNNEL_PEER_UNVERIFIED, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
 mod accounting;
@@ -51,7 +52,7 @@ use crate::{
 };
 
 /// Node-wide data path settings that are not part of the node's identity.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct NodeSettings {
     /// The network namespace whose sockets the socket hooks translate.
     pub netns_cookie: u64,
@@ -60,6 +61,9 @@ pub struct NodeSettings {
     /// Outer source addresses of IPIP packets (`dsr-ipip`); `None`: the node's
     /// masquerade address.
     pub tunnel_source: Option<SourceRange>,
+    /// Outer sources trusted to tunnel into `dsr-ipip` frontends; `None`: any, but
+    /// unverified (see the `tunnel` module of the data path).
+    pub tunnel_peers: Option<Vec<SourceRange>>,
 }
 
 /// What is in the maps for one frontend.
@@ -149,6 +153,9 @@ impl Syncer {
         let mut stray_ranges = Vec::new();
         for key in tables.source_ranges.keys().filter_map(Result::ok) {
             let (id, range) = source_range_of(&key);
+            if id == TUNNEL_PEERS_ID {
+                continue; // node-wide, rewritten by program_node
+            }
             if service_ids.contains(&id) {
                 ranges_of.entry(id).or_default().push(range);
             } else {
@@ -257,6 +264,44 @@ impl Syncer {
         self.tables
             .config
             .set(CONFIG_TUNNEL_SOURCE, tunnel_source, 0)?;
+        self.program_tunnel_peers(settings.tunnel_peers.as_deref())
+    }
+
+    /// The outer sources that may tunnel in, under the pseudo service id
+    /// `TUNNEL_PEERS_ID` of `SOURCE_RANGES`: the listed prefixes as trusted, or, with
+    /// no list, `0.0.0.0/0` as unverified. New entries go in before stale ones go out.
+    fn program_tunnel_peers(&mut self, peers: Option<&[SourceRange]>) -> Result<()> {
+        let wanted: BTreeMap<SourceRange, u8> = match peers {
+            Some(list) => list.iter().map(|r| (*r, TUNNEL_PEER_TRUSTED)).collect(),
+            None => BTreeMap::from([(
+                SourceRange {
+                    addr: Ipv4Addr::UNSPECIFIED,
+                    len: 0,
+                },
+                TUNNEL_PEER_UNVERIFIED,
+            )]),
+        };
+        let present: Vec<SourceRange> = self
+            .tables
+            .source_ranges
+            .keys()
+            .filter_map(Result::ok)
+            .map(|key| source_range_of(&key))
+            .filter(|(id, _)| *id == TUNNEL_PEERS_ID)
+            .map(|(_, range)| range)
+            .collect();
+        for (range, trust) in &wanted {
+            self.tables
+                .source_ranges
+                .insert(&source_range_key(TUNNEL_PEERS_ID, range), trust, 0)
+                .map_err(full_map_hint)
+                .context("--ipip-trusted-sources")?;
+        }
+        for range in present.iter().filter(|r| !wanted.contains_key(r)) {
+            self.tables
+                .source_ranges
+                .remove(&source_range_key(TUNNEL_PEERS_ID, range))?;
+        }
         Ok(())
     }
 

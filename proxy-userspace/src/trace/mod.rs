@@ -14,7 +14,7 @@ use proxy_common::{
     Addr, AffinityKey, BackendSlotKey, CtKey, Scheduler, ServiceKey, ServiceValue,
     BACKEND_F_REMOTE, CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS,
     SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY,
-    SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
+    SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED,
 };
 use serde::Serialize;
 
@@ -34,8 +34,12 @@ pub enum Origin {
     External,
     /// A pod interface (tc).
     Pod,
-    /// An uplink, encapsulated in IPIP by an entry node to `outer_dst` (`dsr-ipip`).
-    Tunnel { outer_dst: Ipv4Addr },
+    /// An uplink, encapsulated in IPIP from `outer_src` to `outer_dst` (`dsr-ipip`:
+    /// an entry node chose a backend here).
+    Tunnel {
+        outer_src: Ipv4Addr,
+        outer_dst: Ipv4Addr,
+    },
 }
 
 impl Origin {
@@ -146,6 +150,28 @@ pub fn explain(
         proto: protocol.number(),
         _pad: [0; 3],
     };
+    if let Origin::Tunnel {
+        outer_src,
+        outer_dst,
+    } = origin
+    {
+        match tunnel_claim(tables, &key, outer_src, outer_dst) {
+            Claim::NotOurs(why) => {
+                out.steps.push(format!(
+                    "IPIP {outer_src} -> {outer_dst}: {why}; passed encapsulated, not translated"
+                ));
+                return Ok(out);
+            }
+            Claim::Refused(why) => {
+                return Ok(out.drop_because(format!(
+                    "IPIP {outer_src} -> {outer_dst}: {why} (event tunnel_refused)"
+                )))
+            }
+            Claim::Ours(why) => out.steps.push(format!(
+                "IPIP {outer_src} -> {outer_dst}: {why}; decapsulated"
+            )),
+        }
+    }
     if let Ok(entry) = tables.conntrack.get(&key, 0) {
         let idle = coarse_now_ns().saturating_sub(entry.last_seen_ns);
         if idle <= ct_timeout_ns(key.proto, entry.state) {
@@ -189,7 +215,6 @@ pub fn explain(
         Origin::Tunnel { .. } => {
             lookup_scoped(tables, &key, (SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT), false)
                 .map(|(v, _)| (v, "by its IPIP view (dsr-ipip)"))
-                .or_else(|| lookup_service(tables, &key))
         }
         _ => lookup_service(tables, &key),
     };
@@ -226,7 +251,7 @@ pub fn explain(
         )));
     };
     let upstream = match origin {
-        Origin::Tunnel { outer_dst } if service.flags & SVC_F_TUNNEL != 0 => {
+        Origin::Tunnel { outer_dst, .. } if service.flags & SVC_F_TUNNEL != 0 => {
             tunnel_backend_slot(tables, &service, outer_dst).map(|slot| {
                 (
                     slot,
@@ -332,6 +357,45 @@ fn endpoints_elsewhere(tables: &Tables, name: &str) -> Vec<String> {
 }
 
 /// The slot of the service's backend at `addr`, as the kernel's search finds it.
+/// Whether the uplink program decapsulates an IPIP packet (`translate::claim_inner`).
+enum Claim {
+    NotOurs(&'static str),
+    Refused(&'static str),
+    Ours(&'static str),
+}
+
+fn tunnel_claim(tables: &Tables, key: &CtKey, outer_src: Ipv4Addr, outer_dst: Ipv4Addr) -> Claim {
+    let Some((service, _)) =
+        lookup_scoped(tables, key, (SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT), false)
+    else {
+        return Claim::NotOurs("the inner packet is for no dsr-ipip frontend");
+    };
+    let to_node = tables
+        .node_addrs
+        .get(&Addr::from_v4_octets(outer_dst.octets()), 0)
+        .is_ok();
+    if !to_node && tunnel_backend_slot(tables, &service, outer_dst).is_none() {
+        return Claim::NotOurs("addressed to neither this node nor a backend of the frontend here");
+    }
+    let trust = tables
+        .source_ranges
+        .get(
+            &source_range_probe(TUNNEL_PEERS_ID, Addr::from_v4_octets(outer_src.octets())),
+            0,
+        )
+        .ok();
+    match trust {
+        Some(TUNNEL_PEER_TRUSTED) => Claim::Ours("the outer source is a trusted tunnel peer"),
+        Some(_) if service.flags & SVC_F_SOURCE_RANGES == 0 => {
+            Claim::Ours("no trusted tunnel peers are configured: any outer source may tunnel")
+        }
+        Some(_) => Claim::Refused(
+            "the frontend has loadBalancerSourceRanges and no trusted tunnel peers are configured, so the inner source cannot be believed",
+        ),
+        None => Claim::Refused("the outer source is not in --ipip-trusted-sources"),
+    }
+}
+
 fn tunnel_backend_slot(tables: &Tables, service: &ServiceValue, addr: Ipv4Addr) -> Option<u32> {
     let wanted = Addr::from_v4_octets(addr.octets());
     (0..service.backend_count.min(MAX_LEAST_CONN_SCAN))

@@ -40,6 +40,8 @@ pub struct Agent {
     work_dir: PathBuf,
     extra_args: Vec<String>,
     launcher: Vec<String>,
+    /// Return from `spawn` once started, without waiting for the ready marker.
+    no_ready_wait: bool,
     child: Option<Child>,
 }
 
@@ -55,6 +57,8 @@ pub struct AgentOptions<'a> {
     pub kubeconfig: Option<&'a str>,
     /// Another node than the topology's first (`node`, `NODE_NAME`, `NODE_IP`).
     pub node: Option<NodeSpec<'a>>,
+    /// Do not wait for the agent to be ready (a test of an agent that is not).
+    pub no_ready_wait: bool,
 }
 
 impl Agent {
@@ -118,6 +122,7 @@ impl Agent {
             work_dir: work_dir.to_owned(),
             extra_args: options.extra_args.iter().map(|a| a.to_string()).collect(),
             launcher: options.launcher.iter().map(|a| a.to_string()).collect(),
+            no_ready_wait: options.no_ready_wait,
             child: None,
         };
         agent.spawn()?;
@@ -177,6 +182,9 @@ impl Agent {
             .stdout(log.try_clone()?)
             .stderr(log);
         self.child = Some(command.spawn().context("starting ebpf-proxy")?);
+        if self.no_ready_wait {
+            return Ok(());
+        }
         // Generous: under software emulation (the benchmark's QEMU guest) loading
         // and verifying the programs alone takes tens of seconds.
         let deadline = Instant::now() + Duration::from_secs(120);

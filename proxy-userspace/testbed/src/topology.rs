@@ -250,4 +250,16 @@ impl Topology {
         self.node.ip(&format!("link del {}", pod.host_interface))?;
         wire_pod(&self.node, &pod.ns, &pod.host_interface, pod.addr)
     }
+
+    /// The pod's host-side interface is renamed to `other` (which keeps it), then
+    /// removed, and a new one takes its old name: the name returns on a new index.
+    pub fn rename_away_and_replace_pod_interface(&self, pod: &str, other: &str) -> Result<()> {
+        let pod = self.pod(pod);
+        let name = &pod.host_interface;
+        self.node.ip(&format!("link set {name} down"))?;
+        self.node.ip(&format!("link set {name} name {other}"))?;
+        self.node.ip(&format!("link set {other} up"))?;
+        self.node.ip(&format!("link del {other}"))?;
+        wire_pod(&self.node, &pod.ns, name, pod.addr)
+    }
 }

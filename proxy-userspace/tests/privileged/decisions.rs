@@ -228,6 +228,7 @@ fn trace_shows_dsr_encapsulation_and_follows_a_tunnelled_packet_to_the_named_bac
         VIP,
         80,
         Origin::Tunnel {
+            outer_src: [198, 18, 2, 1].into(),
             outer_dst: OTHER_LOCAL_POD.into(),
         },
     );

@@ -11,6 +11,7 @@ mod accounting;
 mod agent_lifecycle;
 mod datapath;
 mod decisions;
+mod faults;
 mod floods;
 mod fuzz_datapath;
 mod icmp;

@@ -3,7 +3,10 @@
 //! backend, and the backend's node decapsulates it and translates it for the very
 //! backend the outer header names, keeping the client's address.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use crate::support::{datapath::*, packets::*};
 use ebpf_proxy::{
@@ -218,4 +221,96 @@ fn ipip_that_is_not_ours_passes_untouched() {
         assert_eq!(out, frame);
     }
     assert_eq!(dp.event("decapsulated"), 0);
+}
+
+/// Issue 14: IPIP was decapsulated for any service on a node address, and a tracked
+/// flow's packets were taken from any wrapper.
+#[test]
+fn only_dsr_ipip_frontends_are_reached_through_a_tunnel() {
+    let mut dp = TestDatapath::new();
+    let mut tunnel = dsr_frontend(vec![local(POD_1, 8080)]);
+    tunnel.dsr = false;
+    dp.program_frontends(vec![
+        (tunnel_key(), tunnel),
+        (tcp(LB, 443), dsr_frontend(vec![local(POD_2, 8443)])),
+    ]);
+    // A plain (not tunnelled) flow to the other frontend, then a wrapped segment of
+    // it and a wrapped new flow to it, addressed to the node.
+    let plain = tcp_packet((CLIENT, 40000), (LB, 443), Tcp::Syn, b"");
+    assert_eq!(inspect(&dp.xdp(&plain).1).dst, (POD_2, 8443));
+    for inner in [
+        tcp_packet((CLIENT, 40000), (LB, 443), Tcp::Ack, b"injected"),
+        tcp_packet((CLIENT, 40001), (LB, 443), Tcp::Syn, b""),
+    ] {
+        let frame = ipip(ENTRY_NODE, NODE_IP.octets(), &inner);
+        let (verdict, out) = dp.xdp(&frame);
+        assert_eq!((verdict, out), (XDP_PASS, frame), "passed as it came");
+    }
+    assert_eq!(dp.event("decapsulated"), 0);
+}
+
+#[test]
+fn with_trusted_sources_configured_only_they_may_tunnel() {
+    let mut dp = TestDatapath::new();
+    dp.settings(NodeSettings {
+        tunnel_peers: Some(vec!["198.18.2.0/24".parse().expect("prefix")]),
+        ..Default::default()
+    });
+    let mut tunnel = dsr_frontend(vec![local(POD_1, 8080)]);
+    tunnel.dsr = false;
+    dp.program_frontends(vec![(tunnel_key(), tunnel)]);
+    let inner = tcp_packet((CLIENT, 40000), (LB, 80), Tcp::Syn, b"");
+    let (verdict, out) = dp.xdp(&ipip(ENTRY_NODE, POD_1, &inner));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(inspect(&out).dst, (POD_1, 8080), "a trusted peer's flow");
+    let (verdict, _) = dp.xdp(&ipip([203, 0, 113, 9], POD_1, &inner));
+    assert_eq!(verdict, XDP_DROP, "an outsider's wrapper");
+    assert_eq!(dp.event("tunnel_refused"), 1);
+}
+
+#[test]
+fn a_tunnel_cannot_carry_a_flow_past_load_balancer_source_ranges() {
+    let mut dp = TestDatapath::new();
+    let mut tunnel = dsr_frontend(vec![local(POD_1, 8080)]);
+    tunnel.dsr = false;
+    tunnel.source_ranges = Some(vec!["198.18.0.0/24".parse().expect("prefix")]);
+    dp.program_frontends(vec![(tunnel_key(), tunnel.clone())]);
+    // CLIENT is admitted by the ranges, but the wrapper could come from anyone: with
+    // no trusted peers configured, nobody can vouch for the inner source.
+    let inner = tcp_packet((CLIENT, 40000), (LB, 80), Tcp::Syn, b"");
+    let (verdict, _) = dp.xdp(&ipip([203, 0, 113, 9], POD_1, &inner));
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(dp.event("tunnel_refused"), 1);
+    // trace says the same.
+    let explained = ebpf_proxy::trace::explain(
+        &dp.tables(),
+        Protocol::Tcp,
+        SocketAddrV4::new(CLIENT.into(), 40000),
+        SocketAddrV4::new(LB.into(), 80),
+        ebpf_proxy::trace::Origin::Tunnel {
+            outer_src: [203, 0, 113, 9].into(),
+            outer_dst: POD_1.into(),
+        },
+    )
+    .expect("trace");
+    assert!(
+        explained
+            .dropped
+            .as_deref()
+            .is_some_and(|why| why.contains("tunnel_refused")),
+        "{explained:?}"
+    );
+    // A trusted entry node vouches for it (it applied the ranges itself).
+    dp.settings(NodeSettings {
+        tunnel_peers: Some(vec!["198.18.2.0/24".parse().expect("prefix")]),
+        ..Default::default()
+    });
+    let (verdict, out) = dp.xdp(&ipip(ENTRY_NODE, POD_1, &inner));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(inspect(&out).dst, (POD_1, 8080));
+    // And the ranges still apply to what it carries.
+    let outsider = tcp_packet(([203, 0, 113, 7], 40000), (LB, 80), Tcp::Syn, b"");
+    let (verdict, _) = dp.xdp(&ipip(ENTRY_NODE, POD_1, &outsider));
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(dp.event("source_denied"), 1);
 }

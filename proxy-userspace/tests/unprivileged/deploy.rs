@@ -106,6 +106,59 @@ fn the_daemonset_runs_the_agent_with_its_own_flags_and_three_capabilities() {
     assert_eq!(pod.service_account_name.as_deref(), Some("ebpf-proxy"));
 }
 
+/// Issue 14: the DaemonSet ran without a read-only root, with privilege escalation
+/// allowed, no seccomp profile, no resources, and the host's whole bpffs mounted.
+#[test]
+fn the_daemonset_is_hardened_and_its_one_privileged_step_is_the_agents_own() {
+    let daemonset: DaemonSet =
+        serde_yaml::from_str(&deploy_file("daemonset.yaml")).expect("a DaemonSet");
+    let (container, pod) = agent_container(daemonset);
+    let security = container.security_context.clone().expect("securityContext");
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_ne!(security.privileged, Some(true));
+    let seccomp = pod
+        .security_context
+        .and_then(|s| s.seccomp_profile)
+        .expect("a pod seccomp profile");
+    assert_eq!(seccomp.type_, "RuntimeDefault");
+    let resources = container.resources.clone().expect("resources");
+    assert!(resources.requests.is_some_and(|r| r.contains_key("memory")));
+    assert!(resources.limits.is_some_and(|l| l.contains_key("memory")));
+    // Only the agent's own pin directory of the host's bpffs is mounted.
+    let args = container.args.clone().expect("args");
+    let pin_dir = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--pin-dir="))
+        .expect("--pin-dir");
+    let mounts = container.volume_mounts.clone().expect("mounts");
+    let bpffs = mounts
+        .iter()
+        .find(|m| m.name == "bpffs")
+        .expect("bpffs mount");
+    assert_eq!(bpffs.mount_path, pin_dir);
+    let volume = pod
+        .volumes
+        .expect("volumes")
+        .into_iter()
+        .find(|v| v.name == "bpffs")
+        .and_then(|v| v.host_path)
+        .expect("bpffs hostPath");
+    assert_eq!(volume.path, pin_dir);
+    // The privileged init container runs the agent's own `prepare-node`, which exists.
+    let init = pod.init_containers.expect("init containers");
+    assert_eq!(init.len(), 1);
+    assert_eq!(
+        init[0].args.as_deref(),
+        Some(&["prepare-node".to_owned()][..])
+    );
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_ebpf-proxy"))
+        .arg("--help")
+        .output()
+        .expect("ebpf-proxy --help");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("prepare-node"));
+}
+
 #[test]
 fn rbac_grants_exactly_the_api_access_the_agent_uses() {
     let roles: Vec<ClusterRole> = documents("rbac.yaml", "ClusterRole");

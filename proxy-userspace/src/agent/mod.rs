@@ -15,6 +15,10 @@ use aya::programs::XdpMode;
 use tokio::{signal::unix, sync::mpsc};
 use tracing::{debug, info, warn};
 
+mod attachments;
+
+use attachments::Attachments;
+
 use crate::{
     capabilities,
     datapath::{
@@ -53,6 +57,8 @@ pub struct AgentConfig {
     pub default_forwarding: Forwarding,
     /// Outer source addresses of IPIP packets (`dsr-ipip`).
     pub tunnel_source: Option<SourceRange>,
+    /// Outer sources trusted to tunnel in (`--ipip-trusted-sources`).
+    pub tunnel_peers: Option<Vec<SourceRange>>,
     /// Handle only services labelled `service.kubernetes.io/service-proxy-name` with
     /// this value (running beside kube-proxy); `None`: every unlabelled service.
     pub service_proxy_name: Option<String>,
@@ -265,6 +271,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         netns_cookie: own_netns_cookie()?,
         xdp_redirect: config.xdp_redirect,
         tunnel_source: config.tunnel_source,
+        tunnel_peers: config.tunnel_peers.clone(),
     };
     syncer.program_node(&config.node, &settings)?;
     let mut programmer = Programmer {
@@ -298,34 +305,25 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
     let watcher = tokio::spawn(interfaces::watch(link_tx));
-    let mut attached = BTreeSet::new();
+    let mut attachments = Attachments::default();
     let mut alive_ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut retry_ticker = tokio::time::interval(attachments::RETRY_INTERVAL);
     let mut gc_ticker = tokio::time::interval(config.ct_gc_interval);
     let mut terminate = unix::signal(unix::SignalKind::terminate())?;
     let mut links_listed = false;
-    let mut ready = false;
+    let mut marked_ready = false;
     loop {
         let sync_due = schedule.due();
         tokio::select! {
             event = link_rx.recv() => match event {
-                Some(LinkEvent::Present(name)) if !attached.contains(&name) => {
-                    match attach_interface(&mut datapath, &config, &name) {
-                        Ok(true) => { attached.insert(name); }
-                        Ok(false) => {}
-                        Err(e) => warn!("{e:#}"),
-                    }
+                Some(LinkEvent::Present { index, name }) => {
+                    attachments.present(&mut datapath, &config, index, &name);
                 }
-                Some(LinkEvent::Present(_)) => {}
-                Some(LinkEvent::Removed(name)) => {
-                    if attached.remove(&name) {
-                        info!(iface = %name, "interface removed");
-                        attach::forget_interface(&config.pin_dir, &name);
-                    }
-                }
+                Some(LinkEvent::Removed { index }) => attachments.removed(&config, index),
                 Some(LinkEvent::ListDone) => {
-                    let missing: Vec<&String> = config.node.uplinks.iter().filter(|u| !attached.contains(*u)).collect();
+                    let missing = attachments.missing(&config);
                     if !missing.is_empty() {
-                        warn!(?missing, "uplinks not present yet; they will be attached when they appear");
+                        warn!(?missing, "not attached yet; retried, and attached when they appear");
                     }
                     links_listed = true;
                 }
@@ -346,7 +344,15 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
                 let problems = std::mem::take(&mut schedule.pending_problems);
                 programmer.sync(problems, changed_at).await;
             }
-            _ = alive_ticker.tick() => status.alive(),
+            _ = alive_ticker.tick() => {
+                status.alive();
+                if !datapath.pins_intact() {
+                    status.set_broken(true);
+                    restore_pinned_state(&mut datapath, &mut attachments, &config);
+                }
+                status.set_broken(!datapath.pins_intact());
+            }
+            _ = retry_ticker.tick() => attachments.retry(&mut datapath, &config),
             _ = gc_ticker.tick() => match programmer.syncer.collect_conntrack() {
                 Ok((report, corrected)) => {
                     status.metrics.conntrack_expired.inc_by(report.expired as u64);
@@ -361,12 +367,25 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }
-        // Ready once interfaces were listed and every source's first view is
-        // programmed (a source that had nothing to say, such as a manifests file not
-        // there yet, leaves the pinned state as it was).
-        if !ready && links_listed && schedule.caught_up() {
-            ready = true;
-            status.set_ready();
+        // Ready once interfaces were listed, every source's first view is programmed
+        // (a source that had nothing to say, such as a manifests file not there yet,
+        // leaves the pinned state as it was), and everything of ours is attached.
+        let mut missing = attachments.missing(&config);
+        if !links_listed {
+            missing.push("interfaces: not listed yet".into());
+        }
+        if !schedule.caught_up() {
+            missing.push("sources: first view not programmed yet".into());
+        }
+        if !datapath.pins_intact() {
+            missing.push(format!(
+                "pin directory {}: maps missing",
+                config.pin_dir.display()
+            ));
+        }
+        status.set_readiness(&missing);
+        if missing.is_empty() && !marked_ready {
+            marked_ready = true;
             mark_ready(&config)?;
         }
     }
@@ -377,34 +396,32 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     Ok(())
 }
 
+/// Someone removed the pin directory (or pins in it) under the running agent: the
+/// maps live on in the descriptors the agent holds, so they are pinned again, and
+/// the links, which went with their pins, are attached again.
+fn restore_pinned_state(
+    datapath: &mut Datapath,
+    attachments: &mut Attachments,
+    config: &AgentConfig,
+) {
+    warn!(pin_dir = %config.pin_dir.display(), "pinned maps vanished; pinning them again and re-attaching");
+    match datapath.restore_pins() {
+        Ok(restored) => info!(restored, "maps pinned again"),
+        Err(e) => {
+            warn!("restoring the pinned maps: {e:#}");
+            return;
+        }
+    }
+    attachments.attach_again(datapath, config);
+    if let Err(e) = attach::attach_sock_hooks(datapath, &config.cgroup) {
+        warn!("re-attaching the socket hooks: {e:#}");
+    }
+}
+
 fn mark_ready(config: &AgentConfig) -> Result<()> {
     info!("ready");
     if let Some(path) = &config.ready_file {
         std::fs::write(path, b"ready\n").with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
-}
-
-/// XDP hands translated packets to the stack (XDP_PASS). A masqueraded one, and the
-/// reply of a NodePort flow from a remote backend, then carry a node address as
-/// source, which the input path drops as a martian unless the interface accepts
-/// local sources. (This needs `rp_filter` 0 or 2 on uplinks; strict mode 1 would
-/// still drop them.)
-fn accept_local_sources(iface: &str) -> Result<()> {
-    let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
-    std::fs::write(&path, b"1").with_context(|| format!("enabling {path}"))
-}
-
-/// Attaches what an interface needs; returns whether it is one of ours.
-fn attach_interface(datapath: &mut Datapath, config: &AgentConfig, name: &str) -> Result<bool> {
-    if config.node.uplinks.iter().any(|u| u == name) {
-        accept_local_sources(name)?;
-        attach::attach_xdp(datapath, name, config.xdp_mode)?;
-        return Ok(true);
-    }
-    if config.node.is_pod_interface(name) {
-        attach::attach_tc(datapath, name, config.tc_attach)?;
-        return Ok(true);
-    }
-    Ok(false)
 }
