@@ -91,6 +91,19 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
     }
 }
 
+/// Egress of uplinks and pod interfaces: an ICMP error the node itself sends about a
+/// packet it forwarded after translation (fragmentation needed where the next hop's
+/// MTU is smaller, time exceeded) quotes the translated tuple; it is translated back
+/// here, so that the client recognises its own packet and path-MTU discovery works
+/// through every path. Everything else leaves untouched.
+#[classifier]
+pub fn node_egress(ctx: TcContext) -> i32 {
+    match icmp::translate_error(&TcPacket(&ctx)).action {
+        Action::Drop => TC_ACT_SHOT,
+        _ => TC_ACT_OK,
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
     sock::redirect(&ctx, false);

@@ -15,7 +15,10 @@ use tracing::{info, warn};
 
 use super::AgentConfig;
 use crate::{
-    datapath::{attach, loader::Datapath},
+    datapath::{
+        attach::{self, TcHook},
+        loader::Datapath,
+    },
     node,
 };
 
@@ -104,11 +107,13 @@ impl Attachments {
 fn attach_interface(datapath: &mut Datapath, config: &AgentConfig, name: &str) -> Result<bool> {
     if config.node.uplinks.iter().any(|u| u == name) {
         attach::attach_xdp(datapath, name, config.xdp_mode)?;
+        attach::attach_tc(datapath, name, config.tc_attach, TcHook::NodeEgress)?;
         node::accept_local_sources(name).context("XDP attached, but accept_local is missing")?;
         return Ok(true);
     }
     if config.node.is_pod_interface(name) {
-        attach::attach_tc(datapath, name, config.tc_attach)?;
+        attach::attach_tc(datapath, name, config.tc_attach, TcHook::PodIngress)?;
+        attach::attach_tc(datapath, name, config.tc_attach, TcHook::NodeEgress)?;
         return Ok(true);
     }
     Ok(false)

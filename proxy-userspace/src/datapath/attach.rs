@@ -24,7 +24,7 @@ use aya::programs::{
 };
 use tracing::{debug, info, warn};
 
-use super::{loader::program, loader::Datapath, PROG_POD, PROG_SOCK_HOOKS};
+use super::{loader::program, loader::Datapath, PROG_EGRESS, PROG_POD, PROG_SOCK_HOOKS};
 
 pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
@@ -115,14 +115,56 @@ impl TcAttach {
     }
 }
 
-pub fn attach_tc(dp: &mut Datapath, iface: &str, how: TcAttach) -> Result<()> {
-    if how.resolved() == TcAttach::Netlink {
-        return attach_tc_netlink(dp, iface);
+/// The two tc programs: what pods send (ingress of their host-side interfaces), and
+/// what the node sends out of uplinks and pod interfaces (egress: its own ICMP errors
+/// about translated packets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcHook {
+    PodIngress,
+    NodeEgress,
+}
+
+impl TcHook {
+    const ALL: [TcHook; 2] = [TcHook::PodIngress, TcHook::NodeEgress];
+
+    fn program(self) -> &'static str {
+        match self {
+            TcHook::PodIngress => PROG_POD,
+            TcHook::NodeEgress => PROG_EGRESS,
+        }
     }
-    let pin = pin_path(&dp.pin_dir, "tc", iface);
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            TcHook::PodIngress => TcAttachType::Ingress,
+            TcHook::NodeEgress => TcAttachType::Egress,
+        }
+    }
+
+    /// The link's pin name prefix.
+    fn pin_kind(self) -> &'static str {
+        match self {
+            TcHook::PodIngress => "tc",
+            TcHook::NodeEgress => "tcegress",
+        }
+    }
+
+    fn classifier(self, dp: &mut Datapath) -> Result<&mut SchedClassifier> {
+        match self {
+            TcHook::PodIngress => dp.tc(),
+            TcHook::NodeEgress => dp.tc_egress(),
+        }
+    }
+}
+
+pub fn attach_tc(dp: &mut Datapath, iface: &str, how: TcAttach, hook: TcHook) -> Result<()> {
+    if how.resolved() == TcAttach::Netlink {
+        return attach_tc_netlink(dp, iface, hook);
+    }
+    let pin = pin_path(&dp.pin_dir, hook.pin_kind(), iface);
     fs::create_dir_all(links_dir(&dp.pin_dir))?;
     attach_pinned(
-        dp.tc()?,
+        hook.classifier(dp)?,
         &pin,
         |tc: &mut SchedClassifier, link| {
             tc.attach_to_link(SchedClassifierLink::try_from(link)?)?;
@@ -131,39 +173,39 @@ pub fn attach_tc(dp: &mut Datapath, iface: &str, how: TcAttach) -> Result<()> {
         |tc| {
             let options = TcAttachOptions::TcxOrder(LinkOrder::default());
             let id = tc
-                .attach_with_options(iface, TcAttachType::Ingress, options)
-                .with_context(|| format!("attaching tc (TCX) ingress to {iface}"))?;
+                .attach_with_options(iface, hook.attach_type(), options)
+                .with_context(|| format!("attaching tc (TCX) {hook:?} to {iface}"))?;
             Ok(tc.take_link(id)?.try_into()?)
         },
     )
-    .with_context(|| format!("tc on {iface}"))?;
-    info!(iface, "tc program attached");
+    .with_context(|| format!("tc {hook:?} on {iface}"))?;
+    info!(iface, ?hook, "tc program attached");
     Ok(())
 }
 
-fn attach_tc_netlink(dp: &mut Datapath, iface: &str) -> Result<()> {
+fn attach_tc_netlink(dp: &mut Datapath, iface: &str, hook: TcHook) -> Result<()> {
     // The clsact qdisc may be there already (a predecessor's, or the CNI's).
     let _ = tc::qdisc_add_clsact(iface);
     // A predecessor's filter of this program goes first (not pinnable, see TcAttach).
-    let _ = tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROG_POD);
-    let program = dp.tc()?;
+    let _ = tc::qdisc_detach_program(iface, hook.attach_type(), hook.program());
+    let program = hook.classifier(dp)?;
     let id = program
         .attach_with_options(
             iface,
-            TcAttachType::Ingress,
+            hook.attach_type(),
             TcAttachOptions::Netlink(NlOptions {
                 priority: 1,
                 ..Default::default()
             }),
         )
-        .with_context(|| format!("attaching tc (netlink clsact) ingress to {iface}"))?;
+        .with_context(|| format!("attaching tc (netlink clsact) {hook:?} to {iface}"))?;
     // Kept attached when the agent exits, as a pinned link would be.
     std::mem::forget(program.take_link(id)?);
-    info!(iface, "tc program attached (netlink)");
+    info!(iface, ?hook, "tc program attached (netlink)");
     Ok(())
 }
 
-/// Removes the pod program's netlink filters (`TcAttach::Netlink`) from every
+/// Removes the tc programs' netlink filters (`TcAttach::Netlink`) from every
 /// interface of this network namespace; there are none where TCX links were used.
 fn detach_netlink_filters() {
     // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
@@ -175,8 +217,10 @@ fn detach_netlink_filters() {
         let mut entry = list;
         while (*entry).if_index != 0 {
             let name = std::ffi::CStr::from_ptr((*entry).if_name).to_string_lossy();
-            if tc::qdisc_detach_program(&name, TcAttachType::Ingress, PROG_POD).is_ok() {
-                debug!(iface = %name, "netlink tc filter removed");
+            for hook in TcHook::ALL {
+                if tc::qdisc_detach_program(&name, hook.attach_type(), hook.program()).is_ok() {
+                    debug!(iface = %name, ?hook, "netlink tc filter removed");
+                }
             }
             entry = entry.add(1);
         }
@@ -186,7 +230,7 @@ fn detach_netlink_filters() {
 
 /// Forgets an interface that went away (its links died with it).
 pub fn forget_interface(pin_dir: &Path, iface: &str) {
-    for kind in ["tc", "xdp"] {
+    for kind in TcHook::ALL.map(TcHook::pin_kind).into_iter().chain(["xdp"]) {
         let _ = fs::remove_file(pin_path(pin_dir, kind, iface));
     }
 }

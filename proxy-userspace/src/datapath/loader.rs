@@ -14,7 +14,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
-use super::{EBPF_OBJECT, PROG_POD, PROG_SOCK_HOOKS, PROG_UPLINK};
+use super::{EBPF_OBJECT, PROG_EGRESS, PROG_POD, PROG_SOCK_HOOKS, PROG_UPLINK};
 use proxy_common::map_name;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -133,9 +133,12 @@ impl Datapath {
             let xdp: &mut Xdp = program(&mut ebpf, PROG_UPLINK)?;
             verify("the XDP program", || xdp.load())?;
         }
-        {
-            let tc: &mut SchedClassifier = program(&mut ebpf, PROG_POD)?;
-            verify("the tc program", || tc.load())?;
+        for (name, what) in [
+            (PROG_POD, "the pod tc program"),
+            (PROG_EGRESS, "the egress tc program"),
+        ] {
+            let tc: &mut SchedClassifier = program(&mut ebpf, name)?;
+            verify(what, || tc.load())?;
         }
         for name in PROG_SOCK_HOOKS {
             let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
@@ -153,6 +156,10 @@ impl Datapath {
 
     pub fn tc(&mut self) -> Result<&mut SchedClassifier> {
         program(&mut self.ebpf, PROG_POD)
+    }
+
+    pub fn tc_egress(&mut self) -> Result<&mut SchedClassifier> {
+        program(&mut self.ebpf, PROG_EGRESS)
     }
 }
 

@@ -25,6 +25,7 @@ pub static BENCH_WRAPPER_OBJECT: &[u8] =
 /// Program names in the object, as the `#[xdp]`/`#[classifier]`/… functions are named.
 pub const PROG_UPLINK: &str = "uplink_ingress";
 pub const PROG_POD: &str = "pod_ingress";
+pub const PROG_EGRESS: &str = "node_egress";
 pub const PROG_SOCK_HOOKS: [&str; 4] = [
     "sock_connect4",
     "sock_sendmsg4",
@@ -58,7 +59,10 @@ mod tests {
         let (maps, programs) = contents(EBPF_OBJECT);
         let named: BTreeSet<String> = map_name::ALL.iter().map(|n| n.to_string()).collect();
         assert_eq!(maps, named);
-        for program in [PROG_UPLINK, PROG_POD].iter().chain(&PROG_SOCK_HOOKS) {
+        for program in [PROG_UPLINK, PROG_POD, PROG_EGRESS]
+            .iter()
+            .chain(&PROG_SOCK_HOOKS)
+        {
             assert!(programs.contains(*program), "{program} not in {programs:?}");
         }
     }

@@ -169,15 +169,22 @@ fn http_connection(stream: TcpStream, pod: &str, peer: SocketAddr) -> std::io::R
             return Ok(());
         }
         let mut close = false;
+        let mut body_len = 0u64;
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
                 break;
             }
-            if header.to_ascii_lowercase().starts_with("connection: close") {
+            let header = header.to_ascii_lowercase();
+            if header.starts_with("connection: close") {
                 close = true;
             }
+            if let Some(len) = header.strip_prefix("content-length:") {
+                body_len = len.trim().parse().unwrap_or(0);
+            }
         }
+        // A request body (an upload) is read whole and dropped.
+        std::io::copy(&mut (&mut reader).take(body_len), &mut std::io::sink())?;
         // `GET /bytes/N`: N bytes of `blob`, for long transfers; anything else: the
         // greeting.
         let body = match request_line

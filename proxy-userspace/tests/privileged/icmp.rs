@@ -8,7 +8,12 @@ use std::{net::Ipv4Addr, time::Duration};
 use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
 use testbed::{manifests::ServiceDef, netns::Netns, topology::Topology};
 
-use crate::support::{cluster::*, datapath::*, packets::*, services::LB_IP};
+use crate::support::{
+    cluster::*,
+    datapath::*,
+    packets::*,
+    services::{web, LB_IP, NODE_PORT},
+};
 
 const VIP: [u8; 4] = [10, 96, 0, 53];
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
@@ -108,6 +113,44 @@ fn errors_about_unknown_flows_pass_untouched() {
     assert_eq!(dp.event("icmp_translated"), 0);
 }
 
+/// Issue 14: errors the node itself generated about a translated packet it forwarded
+/// (a smaller MTU further on, a TTL running out) left quoting the backend.
+#[test]
+fn errors_the_node_sends_about_translated_packets_are_translated_on_egress() {
+    let mut dp = TestDatapath::new();
+    dp.program(&[(udp(VIP, 53), vec![local(POD, 5353)])]);
+    let question = udp_packet((CLIENT, 40000), (VIP, 53), b"question");
+    let (_, translated) = dp.xdp(&question);
+    assert_eq!(inspect(&translated).dst, (POD, 5353));
+    for kind in [
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: 1400,
+        }),
+        Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit),
+    ] {
+        let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(NODE_IP.octets(), CLIENT, 64)
+            .icmpv4(kind);
+        let mut error = Vec::new();
+        builder
+            .write(&mut error, &translated[14..14 + 28])
+            .expect("icmp packet");
+        let (verdict, out) = dp.tc_egress(&error);
+        assert_eq!(verdict, TC_ACT_OK);
+        let read = read_error(&out);
+        assert_eq!(
+            read.outer,
+            (NODE_IP.octets(), CLIENT),
+            "from the node, as sent"
+        );
+        assert_eq!(read.quoted, ((CLIENT, 40000), (VIP, 53)));
+    }
+    assert_eq!(dp.event("icmp_translated"), 2);
+    // Anything else leaves the egress program as it came.
+    let (verdict, out) = dp.tc_egress(&question);
+    assert_eq!((verdict, out), (TC_ACT_OK, question));
+}
+
 // End to end: the errors reach real clients.
 
 /// Whether a UDP datagram from `ns` to `target` is refused: the ICMP port
@@ -160,4 +203,40 @@ fn port_unreachable_from_a_backend_reaches_clients_as_refused() {
         &cluster.topology.client,
         (Ipv4Addr::new(198, 18, 100, 2), 9999).into()
     ));
+}
+
+/// Issue 14: a smaller MTU between the node and a backend broke path-MTU discovery
+/// through a NodePort (the node's fragmentation-needed quoted the backend).
+#[test]
+fn path_mtu_discovery_works_through_a_node_port_to_a_narrower_pod_link() {
+    let cluster = Cluster::new("pmtu", 1, 0, |t| {
+        let mut service = web(t, &["pod-a1"]);
+        service.node_port = Some(NODE_PORT);
+        vec![service]
+    });
+    let host_side = &cluster.topology.pod("pod-a1").host_interface;
+    cluster
+        .topology
+        .node
+        .ip(&format!("link set {host_side} mtu 1400"))
+        .expect("narrow the pod link");
+    // 200 kB up: the client's full-size segments do not fit the pod link, so the
+    // node answers fragmentation-needed, which must reach the client translated.
+    let upload = std::env::temp_dir().join(format!("epx-pmtu-{}", std::process::id()));
+    std::fs::write(&upload, vec![b'x'; 200_000]).expect("upload file");
+    let url = format!("http://{}:{NODE_PORT}/", testbed::topology::NODE_IP);
+    let result = cluster.topology.client.exec(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "15",
+            "--data-binary",
+            &format!("@{}", upload.display()),
+            &url,
+        ],
+    );
+    let _ = std::fs::remove_file(&upload);
+    let body = result.expect("the upload completes");
+    assert_eq!(pod_of(&body), "pod-a1");
 }

@@ -33,6 +33,12 @@ fn test_node() -> NodeConfig {
     }
 }
 
+enum Hook {
+    Uplink,
+    PodIngress,
+    NodeEgress,
+}
+
 pub struct TestDatapath {
     pub datapath: Datapath,
     pub syncer: Syncer,
@@ -122,17 +128,17 @@ impl TestDatapath {
         assert!(report.problems.is_empty(), "{:?}", report.problems);
     }
 
-    fn run(&mut self, xdp: bool, packet: &[u8]) -> (u32, Vec<u8>) {
+    fn run(&mut self, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; packet.len() + 256];
         let options = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
             ..Default::default()
         };
-        let result = if xdp {
-            self.datapath.xdp().expect("xdp").test_run(options)
-        } else {
-            self.datapath.tc().expect("tc").test_run(options)
+        let result = match hook {
+            Hook::Uplink => self.datapath.xdp().expect("xdp").test_run(options),
+            Hook::PodIngress => self.datapath.tc().expect("tc").test_run(options),
+            Hook::NodeEgress => self.datapath.tc_egress().expect("tc").test_run(options),
         }
         .expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
@@ -141,12 +147,17 @@ impl TestDatapath {
 
     /// Runs the uplink XDP program; returns the verdict and the packet as it left.
     pub fn xdp(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
-        self.run(true, packet)
+        self.run(Hook::Uplink, packet)
     }
 
     /// Runs the pod-interface tc program.
     pub fn tc(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
-        self.run(false, packet)
+        self.run(Hook::PodIngress, packet)
+    }
+
+    /// Runs the egress tc program (uplinks and pod interfaces).
+    pub fn tc_egress(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.run(Hook::NodeEgress, packet)
     }
 
     /// Forgets every tracked flow, as eviction or a flush would.
