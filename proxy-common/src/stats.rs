@@ -44,8 +44,9 @@ datapath_events! {
     EV_CT_INSERT_FAILED => "ct_insert_failed",
     /// Two CPUs created the same flow at once; the later one adopted the first's backend.
     EV_CT_RACE_LOST => "ct_race_lost",
-    /// A service had no backend (or a scheduler number this data path does not know,
-    /// rather than a guess): the packet was dropped.
+    /// A service had no backend here because a traffic policy `Local` left this node
+    /// without one (or it has a scheduler number this data path does not know, rather
+    /// than a guess): the packet was dropped.
     EV_NO_BACKEND => "no_backend",
     /// A packet too short or malformed for its headers; passed untouched.
     EV_MALFORMED => "malformed",
@@ -77,6 +78,10 @@ datapath_events! {
     /// has `loadBalancerSourceRanges`, which an unverified inner source would bypass):
     /// dropped.
     EV_TUNNEL_REFUSED => "tunnel_refused",
+    /// A new flow to a service without endpoints was refused: ICMP port unreachable
+    /// back to the client (a pod or external), or connect()/sendmsg() failed with
+    /// EPERM (a node-local socket).
+    EV_REFUSED => "refused",
 }
 
 /// Events defined.

@@ -40,3 +40,9 @@ pub fn of_words<const N: usize>(words: &[u16; N]) -> u16 {
     }
     !fold(sum)
 }
+
+/// The checksum of a sum of 16-bit words (raw memory order in and out).
+#[inline(always)]
+pub fn finish(sum: u64) -> u16 {
+    !fold(sum)
+}

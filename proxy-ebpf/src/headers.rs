@@ -5,7 +5,9 @@
 use core::mem::offset_of;
 
 use network_types::ip::Ipv4Hdr;
-use proxy_common::{PROTO_TCP, PROTO_UDP};
+use proxy_common::{Addr, PROTO_TCP, PROTO_UDP};
+
+use crate::checksum;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_IPIP: u8 = 4;
@@ -19,6 +21,7 @@ pub const IP_DF: u8 = 0x40;
 /// ICMP destination unreachable and its fragmentation-needed code (RFC 792, RFC 1191),
 /// time exceeded.
 pub const ICMP_UNREACHABLE: u8 = 3;
+pub const ICMP_PORT_UNREACHABLE: u8 = 3;
 pub const ICMP_FRAG_NEEDED: u8 = 4;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 
@@ -70,4 +73,29 @@ impl Transport {
             Transport::Udp => 6,
         }
     }
+}
+
+/// The TTL of the packets the data path builds.
+const TTL: u8 = 64;
+
+/// An IPv4 header without options, its checksum filled in.
+#[inline(always)]
+pub fn ipv4_header(tos: u8, tot_len: u16, df: bool, proto: u8, src: Addr, dst: Addr) -> [u16; 10] {
+    let len = tot_len.to_be_bytes();
+    let src = src.v4_be().to_ne_bytes();
+    let dst = dst.v4_be().to_ne_bytes();
+    let mut header = [
+        u16::from_ne_bytes([0x45, tos]),
+        u16::from_ne_bytes(len),
+        0,
+        u16::from_ne_bytes([if df { IP_DF } else { 0 }, 0]),
+        u16::from_ne_bytes([TTL, proto]),
+        0,
+        u16::from_ne_bytes([src[0], src[1]]),
+        u16::from_ne_bytes([src[2], src[3]]),
+        u16::from_ne_bytes([dst[0], dst[1]]),
+        u16::from_ne_bytes([dst[2], dst[3]]),
+    ];
+    header[5] = checksum::of_words(&header);
+    header
 }

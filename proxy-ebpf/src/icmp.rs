@@ -6,14 +6,20 @@
 //! whose backend has no listener would never learn it (the quoted tuple names the
 //! backend, not the service it connected to).
 //!
-//! Everything ICMP is here: recognising an error (`parse_error`) and translating it;
-//! the errors the data path generates itself (fragmentation needed before IPIP
-//! encapsulation) are built by `tunnel`, which owns the outer header they quote.
+//! Everything ICMP is here: recognising an error (`parse_error`), translating it, and
+//! refusing a new flow to a service without endpoints (port unreachable, as
+//! kube-proxy's REJECT answers); fragmentation-needed before IPIP encapsulation is
+//! built by `tunnel`, which owns the outer header it quotes.
 //!
 //! The flow is found from the quoted tuple: the error travels against the quoted
 //! packet, so the quoted tuple reversed is the key of the entry for the error's own
 //! direction, whose rewrite gives the receiver's view.
 
+use aya_ebpf::{
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, TC_ACT_SHOT},
+    helpers::generated::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail},
+    programs::{TcContext, XdpContext},
+};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -21,12 +27,13 @@ use network_types::{
 use proxy_common::{Addr, CtKey, EV_ICMP_TRANSLATED};
 
 use crate::{
-    balancer, counters,
+    balancer, checksum, counters,
     headers::{
-        self, Transport, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE, IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
+        self, ipv4_header, Transport, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
+        IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
     },
     maps::CONNTRACK,
-    packet::{Packet, ETH_LEN, IP_CHECK, IP_DST, IP_SRC},
+    packet::{Packet, TcPacket, XdpPacket, ETH_LEN, IP_CHECK, IP_DST, IP_SRC},
     translate::{Action, Verdict},
 };
 
@@ -166,4 +173,131 @@ fn rewrite<P: Packet>(pkt: &P, error: &IcmpError, sent: &CtKey, outer_src: Addr)
         }
     }
     Ok(())
+}
+
+/// A refusal: Ethernet, IP, ICMP header, and the quoted IP header with 8 bytes.
+const REFUSAL_LEN: usize = ETH_LEN + 20 + 8 + 28;
+
+/// Turns the packet into its refusal in place (XDP memory is the packet's: no frame
+/// on the stack) and hands it to the kernel, which routes it to the client (as
+/// `tunnel`'s fragmentation-needed): XDP_TX would send it back to the previous hop,
+/// but a veth peer without XDP or GRO drops what it gets that way.
+#[inline(always)]
+pub fn refuse_xdp(ctx: &XdpContext) -> u32 {
+    const QUOTE: usize = 28;
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    // Room for the whole refusal first; what lies beyond it goes last.
+    let grow = REFUSAL_LEN as i32 - len;
+    // SAFETY: helper on the program's own context.
+    if grow > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, grow) } != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    let pkt = XdpPacket(ctx);
+    let Some(frame) = pkt.ptr_at::<[u8; REFUSAL_LEN]>(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: the whole refusal is bounds-checked; the quoted bytes move to after
+    // the new headers (14..42 to 42..70: no overlap).
+    unsafe {
+        let frame = &mut *frame;
+        if frame[ETH_LEN] != 0x45 {
+            return xdp_action::XDP_DROP;
+        }
+        let mut quoted = [0u8; QUOTE];
+        quoted.copy_from_slice(&frame[ETH_LEN..QUOTED_OFF]);
+        frame[QUOTED_OFF..].copy_from_slice(&quoted);
+        write_refusal_headers(frame);
+    }
+    // SAFETY: as above; the frame only shrinks.
+    if grow < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, grow) } != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_PASS
+}
+
+/// The IP and ICMP headers of a refusal whose Ethernet header and quote are in place:
+/// from the address the quoted packet was sent to (the service's), to its sender,
+/// and the ICMP checksum over the header and the quote (the rest of the frame).
+#[inline(always)]
+fn write_refusal_headers<const N: usize>(frame: &mut [u8; N]) {
+    let ip_len = (N - ETH_LEN) as u16;
+    let word =
+        |f: &[u8; N], at: usize| u32::from_ne_bytes([f[at], f[at + 1], f[at + 2], f[at + 3]]);
+    let sender = Addr::from_v4_be(word(frame, QUOTED_OFF + IP_SRC));
+    let service = Addr::from_v4_be(word(frame, QUOTED_OFF + IP_DST));
+    let ip = ipv4_header(0xc0, ip_len, false, PROTO_ICMP, service, sender);
+    for (i, w) in ip.iter().enumerate() {
+        let b = w.to_ne_bytes();
+        frame[ETH_LEN + 2 * i] = b[0];
+        frame[ETH_LEN + 2 * i + 1] = b[1];
+    }
+    frame[ICMP_OFF..QUOTED_OFF].copy_from_slice(&[
+        ICMP_UNREACHABLE,
+        ICMP_PORT_UNREACHABLE,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]);
+    let mut sum: u64 = 0;
+    let mut i = ICMP_OFF;
+    while i + 1 < N {
+        sum += u64::from(u16::from_ne_bytes([frame[i], frame[i + 1]]));
+        i += 2;
+    }
+    let sum = checksum::finish(sum).to_ne_bytes();
+    frame[ICMP_CHECK] = sum[0];
+    frame[ICMP_CHECK + 1] = sum[1];
+}
+
+/// Swaps the Ethernet addresses: the frame goes back where it came from (tc sends it
+/// out of the interface it came in on).
+#[inline(always)]
+fn swap_macs<const N: usize>(frame: &mut [u8; N]) {
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&frame[..6]);
+    frame.copy_within(6..12, 0);
+    frame[6..12].copy_from_slice(&mac);
+}
+
+/// A refusal from tc quotes 64 bytes of the refused packet (its IP header and 44
+/// bytes: RFC 1812 allows more than RFC 792's 8), zero-padded when it is shorter: the
+/// kernel will not cut an skb short of a checksum field a local socket left to
+/// offload (TCP: offset 36 of the IP packet), so the quote must reach past it.
+const TC_REFUSAL_LEN: usize = QUOTED_OFF + 64;
+
+/// Turns the packet into its refusal in place and sends it back to the pod (out of
+/// the pod interface it came in on). Room for the new headers is made between the
+/// Ethernet and IP headers, which leaves the quote where it belongs; no frame on the
+/// stack (the pod program's is nearly full).
+#[inline(always)]
+pub fn refuse_tc(ctx: &TcContext) -> i32 {
+    const ROOM: i32 = (QUOTED_OFF - ETH_LEN) as i32;
+    let options = TcPacket(ctx)
+        .ptr_at::<u8>(ETH_LEN)
+        // SAFETY: bounds-checked.
+        .is_none_or(|vihl| unsafe { *vihl } != 0x45);
+    if options
+        || ctx.adjust_room(ROOM, BPF_ADJ_ROOM_MAC, 0).is_err()
+        // SAFETY: helper on the program's own context.
+        || unsafe { bpf_skb_change_tail(ctx.skb.skb, TC_REFUSAL_LEN as u32, 0) } != 0
+        || ctx.pull_data(TC_REFUSAL_LEN as u32).is_err()
+    {
+        return TC_ACT_SHOT;
+    }
+    let Some(frame) = TcPacket(ctx).ptr_at::<[u8; TC_REFUSAL_LEN]>(0) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: bounds-checked, linear packet memory the program may write.
+    unsafe {
+        let frame = &mut *frame;
+        swap_macs(frame);
+        write_refusal_headers(frame);
+    }
+    // SAFETY: reading the context's own field.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
 }

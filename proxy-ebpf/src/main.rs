@@ -68,6 +68,7 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
         }
         Action::Pass | Action::Translated => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
+        Action::Refuse => icmp::refuse_xdp(&ctx),
     }
 }
 
@@ -86,6 +87,7 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
             forward::redirect_to_egress(&ctx, &verdict.tuple, verdict.ip_len)
         }
         Action::Pass | Action::Translated => TC_ACT_OK,
+        Action::Refuse => icmp::refuse_tc(&ctx),
         // Pod traffic is never direct-return (only external flows are).
         Action::Drop | Action::Encapsulate => TC_ACT_SHOT,
     }
@@ -104,16 +106,27 @@ pub fn node_egress(ctx: TcContext) -> i32 {
     }
 }
 
+/// What a cgroup sock_addr hook returns: 1 lets the call go on, 0 fails it (EPERM).
+/// The bool reached the exit through a 32-bit stack slot whose value the verifier
+/// cannot bound to [0, 1]; hidden from LLVM (`black_box`), it is branched on and the
+/// exit sees one of two constants.
+#[inline(always)]
+fn allow(allowed: bool) -> i32 {
+    if core::hint::black_box(allowed) {
+        1
+    } else {
+        0
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::redirect(&ctx, false);
-    1
+    allow(sock::redirect(&ctx, false))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::redirect(&ctx, true);
-    1
+    allow(sock::redirect(&ctx, true))
 }
 
 #[cgroup_sock_addr(recvmsg4)]

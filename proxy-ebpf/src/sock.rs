@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use proxy_common::{Addr, CtKey, SockKey, SockNat, CONFIG_NETNS_COOKIE};
+use proxy_common::{Addr, CtKey, SockKey, SockNat, CONFIG_NETNS_COOKIE, EV_REFUSED};
 
 use crate::{
     affinity, balancer, conntrack,
@@ -51,11 +51,14 @@ fn remembered(key: &SockKey) -> Option<SockNat> {
 }
 
 /// connect4 and sendmsg4: point the socket at a backend. `sticky` keeps one backend
-/// per (socket, service) for unconnected sends.
+/// per (socket, service) for unconnected sends. Returns false to refuse the call: a
+/// service without a backend for this node fails connect()/sendmsg() at once (EPERM,
+/// the only error a cgroup hook can give; kube-proxy's REJECT gives ECONNREFUSED)
+/// instead of letting the packets leave the node for the service address.
 #[inline(always)]
-pub fn redirect(ctx: &SockAddrContext, sticky: bool) {
+pub fn redirect(ctx: &SockAddrContext, sticky: bool) -> bool {
     if !in_node_netns(ctx) {
-        return;
+        return true;
     }
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: reads and writes of the context fields the attach type allows.
@@ -63,7 +66,7 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) {
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
     let vip = Addr::from_v4_be(ip);
     let Some(service) = balancer::lookup_service(vip, port, proto) else {
-        return;
+        return true;
     };
     let affinity_key = sock_key(ctx, vip, port, proto);
     let target = match sticky.then(|| remembered(&affinity_key)).flatten() {
@@ -82,12 +85,13 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) {
             // The node is one client for sessionAffinity too (the unspecified address).
             let now = conntrack::now_ns();
             let Some(scheduler) = balancer::scheduler_of(&service) else {
-                return;
+                return true;
             };
             let Some(choice) = affinity::recall(&service, &flow.src, now)
                 .or_else(|| balancer::schedule(&service, scheduler, &flow))
             else {
-                return;
+                counters::event(EV_REFUSED);
+                return false;
             };
             affinity::remember(&service, &flow.src, &choice, now);
             counters::traffic(service.id, choice.backend.id, Direction::ToBackend, 0, true);
@@ -119,6 +123,7 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) {
         (*sa).user_ip4 = target.addr.v4_be();
         (*sa).user_port = u32::from(target.port);
     }
+    true
 }
 
 /// recvmsg4 and getpeername4: show the service address instead of the backend's.

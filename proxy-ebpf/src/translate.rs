@@ -11,8 +11,8 @@ use proxy_common::{
     Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, ACCT_INACTIVE, CT_ESTABLISHED, CT_F_ENCAP,
     CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, CT_SYN_SENT,
     EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED,
-    EV_NO_BACKEND, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, EV_TUNNEL_REFUSED,
-    PROTO_TCP, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
+    EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED,
+    EV_TUNNEL_REFUSED, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
 };
 
 use crate::{
@@ -49,6 +49,9 @@ pub enum Action {
     Translated,
     /// Unchanged, to be encapsulated in IPIP (`dsr-ipip`).
     Encapsulate,
+    /// A new flow to a service without endpoints: answered with ICMP port
+    /// unreachable (`icmp::refuse_*`), as kube-proxy rejects it.
+    Refuse,
 }
 
 /// What to do with a packet. A struct whose every field is always set, not an enum
@@ -77,6 +80,7 @@ const NO_TUPLE: CtKey = CtKey {
 impl Verdict {
     pub const PASS: Verdict = Verdict::bare(Action::Pass);
     pub const DROP: Verdict = Verdict::bare(Action::Drop);
+    pub const REFUSE: Verdict = Verdict::bare(Action::Refuse);
 
     const fn bare(action: Action) -> Verdict {
         Verdict {
@@ -297,8 +301,7 @@ fn open_flow<P: Packet>(
         None => balancer::schedule(service, scheduler, key),
     };
     let Some(choice) = choice else {
-        counters::event(EV_NO_BACKEND);
-        return Verdict::DROP;
+        return no_backend(service);
     };
     affinity::remember(service, &key.src, &choice, now);
     if decide::returns_directly(service, &choice.backend, origin.entry()) {
@@ -378,6 +381,20 @@ fn open_flow<P: Packet>(
             follow(pkt, flow, &forward, true)
         }
     }
+}
+
+/// What a new flow to a service that gives it no backend gets, as from kube-proxy:
+/// refused (ICMP port unreachable) when the service has no usable endpoint at all;
+/// dropped when a traffic policy `Local` left this node without one (so that load
+/// balancers' health checks, not clients, find out).
+#[inline(always)]
+fn no_backend(service: &ServiceValue) -> Verdict {
+    if service.flags & SVC_F_LOCAL_ONLY != 0 {
+        counters::event(EV_NO_BACKEND);
+        return Verdict::DROP;
+    }
+    counters::event(EV_REFUSED);
+    Verdict::REFUSE
 }
 
 /// Records a `dsr-ipip` flow (one entry: replies never come back here) and

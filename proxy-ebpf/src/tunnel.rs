@@ -39,8 +39,8 @@ use crate::{
     checksum, counters,
     forward::fib_query,
     headers::{
-        self, ICMP_FRAG_NEEDED, ICMP_UNREACHABLE, IP_DF, IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
-        PROTO_IPIP,
+        self, ipv4_header, ICMP_FRAG_NEEDED, ICMP_UNREACHABLE, IP_DF, IP_MF, IP_OFFSET_MASK,
+        PROTO_ICMP, PROTO_IPIP,
     },
     maps::{NODE_CONFIG, SOURCE_RANGES},
     packet::{Packet, XdpPacket, ETH_LEN},
@@ -48,7 +48,6 @@ use crate::{
 
 /// The outer header: IPv4 without options.
 pub const OUTER_LEN: usize = 20;
-const TTL: u8 = 64;
 const FIB_FRAG_NEEDED: i64 = 8;
 /// An ICMP error quotes the offending IP header and the first 8 bytes after it.
 const QUOTED_LEN: usize = 20 + 8;
@@ -123,28 +122,6 @@ pub fn decapsulate(ctx: &XdpContext) -> Result<(), ()> {
     }
     counters::event(EV_DECAPSULATED);
     Ok(())
-}
-
-/// An IPv4 header without options, its checksum filled in.
-#[inline(always)]
-fn ipv4_header(tos: u8, tot_len: u16, df: bool, proto: u8, src: Addr, dst: Addr) -> [u16; 10] {
-    let len = tot_len.to_be_bytes();
-    let src = src.v4_be().to_ne_bytes();
-    let dst = dst.v4_be().to_ne_bytes();
-    let mut header = [
-        u16::from_ne_bytes([0x45, tos]),
-        u16::from_ne_bytes(len),
-        0,
-        u16::from_ne_bytes([if df { IP_DF } else { 0 }, 0]),
-        u16::from_ne_bytes([TTL, proto]),
-        0,
-        u16::from_ne_bytes([src[0], src[1]]),
-        u16::from_ne_bytes([src[2], src[3]]),
-        u16::from_ne_bytes([dst[0], dst[1]]),
-        u16::from_ne_bytes([dst[2], dst[3]]),
-    ];
-    header[5] = checksum::of_words(&header);
-    header
 }
 
 /// The outer source of a flow's IPIP packets: an address of the configured range

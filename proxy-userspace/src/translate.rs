@@ -601,7 +601,10 @@ pub(crate) fn service_output(
                         None
                     },
                     dsr: dsr && is_external && !tunnel,
+                    // A policy `Local` drops (rather than refuses) only where the
+                    // service has endpoints elsewhere, as kube-proxy does.
                     local_only: !tunnel
+                        && !sets.cluster.is_empty()
                         && if is_external {
                             external_local
                         } else {

@@ -311,7 +311,7 @@ pub fn explain(
 /// without local endpoints (naming the endpoints elsewhere), or none at all.
 fn no_backend_reason(tables: &Tables, service: &ServiceValue, name: &str) -> String {
     if service.flags & SVC_F_LOCAL_ONLY == 0 {
-        return "the service has no backend (event no_backend)".into();
+        return "the service has no endpoints: refused with ICMP port unreachable from the service address, as kube-proxy rejects (event refused)".into();
     }
     let policy = if service.flags & SVC_F_EXTERNAL != 0 {
         "externalTrafficPolicy"

@@ -200,15 +200,6 @@ fn a_reset_for_an_unknown_flow_is_dropped_without_creating_state() {
 }
 
 #[test]
-fn a_service_without_backends_drops_and_counts() {
-    let mut dp = TestDatapath::new();
-    dp.program(&[(tcp(VIP, 80), vec![])]);
-    let (verdict, _) = dp.xdp(&tcp_packet((CLIENT, 40000), (VIP, 80), Tcp::Syn, b""));
-    assert_eq!(verdict, XDP_DROP);
-    assert_eq!(dp.event("no_backend"), 1);
-}
-
-#[test]
 fn udp_is_translated_and_a_zero_checksum_stays_zero() {
     let mut dp = TestDatapath::new();
     dp.program(&[(udp(VIP, 53), vec![local(POD_A, 5353)])]);

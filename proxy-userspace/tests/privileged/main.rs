@@ -20,6 +20,7 @@ mod manifests_source;
 mod multinode;
 mod operator_tools;
 mod policies;
+mod refusals;
 mod schedulers;
 mod services;
 mod support;

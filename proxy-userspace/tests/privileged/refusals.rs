@@ -1,0 +1,121 @@
+//! Issue 13: a new flow to a service without endpoints gets the answer kube-proxy's
+//! REJECT gives (ICMP port unreachable from the service address), at once, from
+//! outside, from a pod and from the node itself, instead of hanging its client or
+//! leaving the node; a traffic policy `Local` with endpoints only elsewhere drops, as
+//! kube-proxy does.
+
+use std::time::{Duration, Instant};
+
+use ebpf_proxy::model::{Frontend, Protocol};
+use testbed::{manifests::ServiceDef, topology::Topology};
+
+use crate::support::{cluster::*, datapath::*, packets::*, services::*};
+
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const CLIENT: [u8; 4] = [198, 18, 0, 2];
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// Checks a refusal of `offending` (an Ethernet frame): from the address it was sent
+/// to, ICMP port unreachable quoting `quoted` bytes of it from its IP header on
+/// (zero-padded beyond its end), every checksum valid; Ethernet addresses swapped
+/// when it is sent straight back (tc), kept when the kernel routes it (XDP).
+fn assert_refusal(frame: &[u8], offending: &[u8], quoted: usize, swapped: bool) {
+    assert_eq!(frame.len(), 42 + quoted, "{frame:02x?}");
+    let ip_len = u16::from_be_bytes([frame[16], frame[17]]);
+    assert_eq!(usize::from(ip_len), 28 + quoted);
+    if swapped {
+        assert_eq!(frame[..6], offending[6..12], "back to the sender's MAC");
+        assert_eq!(frame[6..12], offending[..6]);
+    } else {
+        assert_eq!(frame[..12], offending[..12]);
+    }
+    let ip = &frame[14..34];
+    assert_eq!(internet_checksum(ip), 0, "IP checksum");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!(ip[12..16], offending[30..34], "from the service address");
+    assert_eq!(ip[16..20], offending[26..30], "to the sender");
+    assert_eq!((frame[34], frame[35]), (3, 3), "port unreachable");
+    assert_eq!(internet_checksum(&frame[34..]), 0, "ICMP checksum");
+    let mut expected = offending[14..].to_vec();
+    expected.resize(quoted, 0);
+    assert_eq!(frame[42..], expected[..quoted], "the quote");
+}
+
+#[test]
+fn a_new_flow_to_a_service_without_endpoints_is_refused_from_the_service_address() {
+    let mut dp = TestDatapath::new();
+    dp.program(&[(tcp(VIP, 80), vec![]), (udp(VIP, 53), vec![])]);
+    // From outside (XDP), TCP and UDP, short and long.
+    for packet in [
+        tcp_packet((CLIENT, 40000), (VIP, 80), Tcp::Syn, b""),
+        udp_packet((CLIENT, 40001), (VIP, 53), &[7u8; 600]),
+    ] {
+        let (verdict, out) = dp.xdp(&packet);
+        assert_eq!(verdict, XDP_PASS, "routed to the client by the kernel");
+        assert_refusal(&out, &packet, 28, false);
+    }
+    // From a pod (tc: redirected back out of its interface), quoting 64 bytes.
+    let pod = ([10, 244, 1, 9], 40002);
+    for payload in [&b"question"[..], &[9u8; 300][..], b"odd"] {
+        let packet = udp_packet(pod, (VIP, 53), payload);
+        let (verdict, out) = dp.tc(&packet);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_refusal(&out, &packet, 64, true);
+    }
+    assert_eq!(dp.event("refused"), 5);
+    assert_eq!(dp.tables().conntrack.keys().count(), 0, "nothing tracked");
+}
+
+#[test]
+fn a_local_policy_with_endpoints_only_elsewhere_drops_as_kube_proxy_does() {
+    let mut dp = TestDatapath::new();
+    dp.program_frontends(vec![(
+        node_port(30080, Protocol::Tcp),
+        Frontend {
+            service: "test/local".into(),
+            external: true,
+            local_only: true,
+            ..Default::default()
+        },
+    )]);
+    let node = NODE_IP.octets();
+    let (verdict, _) = dp.xdp(&tcp_packet((CLIENT, 40000), (node, 30080), Tcp::Syn, b""));
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!((dp.event("no_backend"), dp.event("refused")), (1, 0));
+}
+
+fn empty(t: &Topology) -> Vec<ServiceDef> {
+    let mut service = web(t, &[]);
+    service.load_balancer_ip = Some(LB_IP);
+    vec![service]
+}
+
+/// How a curl to `url` from `ns` ended, and how long it took.
+fn attempt(ns: &testbed::netns::Netns, url: &str) -> (Result<String, String>, Duration) {
+    let started = Instant::now();
+    let result = curl(ns, url);
+    (result, started.elapsed())
+}
+
+#[test]
+fn clients_of_a_service_without_endpoints_are_refused_at_once() {
+    let cluster = Cluster::new("refuse", 1, 0, empty);
+    let vip = format!("http://{WEB_VIP}/");
+    let lb = format!("http://{LB_IP}/");
+    // curl says "Couldn't connect to server" (exit 7) for a refused connection, and
+    // for a node-local socket whose connect() the hook failed (EPERM, the only error
+    // a cgroup hook can give); a lost SYN would be a timeout (exit 28) instead.
+    for (who, ns, url) in [
+        ("a pod", cluster.ns("pod-a1"), &vip),
+        ("outside", &cluster.topology.client, &lb),
+        ("the node", &cluster.topology.node, &vip),
+    ] {
+        let (result, took) = attempt(ns, url);
+        let error = result.expect_err(who);
+        assert!(
+            error.contains("Couldn't connect to server"),
+            "{who}: {error}"
+        );
+        assert!(took < Duration::from_secs(1), "{who}: {took:?}");
+    }
+}
