@@ -20,9 +20,10 @@ pub const DATAPATH_EVENTS: &str = "DATAPATH_EVENTS";
 pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
 pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
 pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
+pub const SERVICE_ADDRS: &str = "SERVICE_ADDRS";
 
 /// Every map of the data path's object.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     SERVICES,
     BACKEND_SLOTS,
     RR_CURSORS,
@@ -39,6 +40,7 @@ pub const ALL: [&str; 16] = [
     SOCK_REVERSE,
     SOCK_AFFINITY,
     SERVICE_NAMES,
+    SERVICE_ADDRS,
 ];
 
 /// The bench wrapper's own maps: the program it tail-calls, the frame it restores,

@@ -20,7 +20,9 @@ use proxy_common::{
     SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
 };
 
-use crate::maps::{BACKEND_SLOTS, CONN_COUNTS, NODE_ADDRS, RR_CURSORS, SCHED_TABLES, SERVICES};
+use crate::maps::{
+    BACKEND_SLOTS, CONN_COUNTS, NODE_ADDRS, RR_CURSORS, SCHED_TABLES, SERVICES, SERVICE_ADDRS,
+};
 
 /// The frontend a packet (or a socket's destination) addresses: an exact
 /// (address, port, protocol) service, else a NodePort if the address is this node's.
@@ -118,6 +120,14 @@ extern "C" fn find_one(index: u64, ctx: *mut c_void) -> c_long {
         }
         _ => 0,
     }
+}
+
+/// Whether a frontend listens on the address (and it is not also this node's own, whose
+/// other ports belong to the node).
+#[inline(always)]
+pub fn is_service_address(addr: &Addr) -> bool {
+    // SAFETY: presence checks only.
+    unsafe { SERVICE_ADDRS.get(addr) }.is_some() && !is_node_address(addr)
 }
 
 #[inline(always)]

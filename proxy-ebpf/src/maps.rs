@@ -41,6 +41,13 @@ pub static SCHED_TABLES: Array<u32> = Array::pinned(SCHED_TABLE_CAPACITY, BPF_F_
 #[map]
 pub static CONN_COUNTS: Array<ConnCounts> = Array::pinned(MAX_BACKENDS, BPF_F_MMAPABLE);
 
+/// Every address a frontend listens on (ClusterIPs, external and LoadBalancer IPs),
+/// with how many frontends use it: traffic to one of them that matches no frontend
+/// (another port, another protocol) is refused instead of leaving the node for an
+/// address nobody outside owns. Written by the agent.
+#[map]
+pub static SERVICE_ADDRS: HashMap<Addr, u32> = HashMap::pinned(MAX_SERVICES, 0);
+
 /// This node's own addresses: NodePorts answer on any of them. Written by the agent.
 #[map]
 pub static NODE_ADDRS: HashMap<Addr, NodeAddrFlags> = HashMap::pinned(64, 0);

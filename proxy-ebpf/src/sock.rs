@@ -52,7 +52,8 @@ fn remembered(key: &SockKey) -> Option<SockNat> {
 
 /// connect4 and sendmsg4: point the socket at a backend. `sticky` keeps one backend
 /// per (socket, service) for unconnected sends. Returns false to refuse the call: a
-/// service without a backend for this node fails connect()/sendmsg() at once (EPERM,
+/// service without a backend for this node, or a port of a service address no
+/// frontend has, fails connect()/sendmsg() at once (EPERM,
 /// the only error a cgroup hook can give; kube-proxy's REJECT gives ECONNREFUSED)
 /// instead of letting the packets leave the node for the service address.
 #[inline(always)]
@@ -66,6 +67,11 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) -> bool {
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
     let vip = Addr::from_v4_be(ip);
     let Some(service) = balancer::lookup_service(vip, port, proto) else {
+        // Another port of a service address: refused rather than sent out.
+        if balancer::is_service_address(&vip) {
+            counters::event(EV_REFUSED);
+            return false;
+        }
         return true;
     };
     let affinity_key = sock_key(ctx, vip, port, proto);

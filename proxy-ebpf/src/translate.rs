@@ -130,6 +130,12 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     };
     match service {
         Some(service) => open_flow(pkt, &flow, &service, origin, now),
+        // Another port or protocol of a service address: refused (as kube-proxy's
+        // nftables mode does), not let out towards an address nobody outside owns.
+        None if !matches!(origin, Origin::Tunnel(_)) && balancer::is_service_address(&dst) => {
+            counters::event(EV_REFUSED);
+            Verdict::REFUSE
+        }
         None => Verdict::PASS,
     }
 }

@@ -69,9 +69,10 @@ impl Default for MapSizes {
 
 impl MapSizes {
     /// Every sized map and its size.
-    pub fn by_map(&self) -> [(&'static str, u32); 8] {
+    pub fn by_map(&self) -> [(&'static str, u32); 9] {
         [
             (map_name::SERVICES, self.services),
+            (map_name::SERVICE_ADDRS, self.services),
             (map_name::RR_CURSORS, self.services),
             (map_name::SERVICE_STATS, self.services),
             (map_name::SERVICE_NAMES, self.services),

@@ -28,6 +28,8 @@ pub struct Tables {
     pub sched_tables: Array<MapData, u32>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// Frontend addresses, with how many frontends listen on each.
+    pub service_addrs: HashMap<MapData, Addr, u32>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
@@ -83,6 +85,7 @@ impl Tables {
             sched_tables: typed!(dir, map_name::SCHED_TABLES),
             source_ranges: typed!(dir, map_name::SOURCE_RANGES),
             affinity: typed!(dir, map_name::AFFINITY),
+            service_addrs: typed!(dir, map_name::SERVICE_ADDRS),
         })
     }
 

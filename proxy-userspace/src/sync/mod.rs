@@ -44,7 +44,7 @@ use crate::{
         tables::Tables,
     },
     model::{
-        DesiredState, Endpoint, Frontend, FrontendChange, FrontendKey, Problem, Protocol,
+        DesiredState, Endpoint, Frontend, FrontendChange, FrontendKey, Listen, Problem, Protocol,
         SourceRange,
     },
     node::NodeConfig,
@@ -191,6 +191,21 @@ impl Syncer {
                 .values()
                 .map(|p| (p.value.table_offset, p.value.table_len)),
         );
+        // The frontend addresses as the programmed frontends have them (a crashed
+        // predecessor may have left the map between two states).
+        let wanted = frontend_addresses(programmed.keys());
+        let present: Vec<Addr> = tables.service_addrs.keys().filter_map(Result::ok).collect();
+        for addr in present.iter().filter(|a| !wanted.contains_key(a)) {
+            let _ = tables.service_addrs.remove(addr);
+        }
+        for (addr, count) in &wanted {
+            if tables.service_addrs.get(addr, 0).ok() != Some(*count) {
+                tables
+                    .service_addrs
+                    .insert(addr, count, 0)
+                    .context("SERVICE_ADDRS")?;
+            }
+        }
         // Ids that conntrack still names stay retired until their flows are gone.
         let referenced: BTreeSet<u32> = tables
             .conntrack
@@ -468,10 +483,35 @@ impl Syncer {
             return Err(e);
         }
         self.programmed.insert(*key, programmed);
-        if let Err(e) = self.write(key, frontend, true, report) {
+        // Counted first, so that `remove` below undoes it when the write fails.
+        let written = self
+            .count_address(key, 1)
+            .and_then(|()| self.write(key, frontend, true, report));
+        if let Err(e) = written {
             // Leave nothing half-programmed behind: the next sync tries again.
             let _ = self.remove(key, report);
             return Err(e);
+        }
+        Ok(())
+    }
+
+    /// One more (or one fewer) frontend on the key's address, in `SERVICE_ADDRS`.
+    fn count_address(&mut self, key: &FrontendKey, delta: i64) -> Result<()> {
+        let Listen::Address(ip) = key.listen else {
+            return Ok(());
+        };
+        let addr = Addr::from_v4_octets(ip.octets());
+        let count = self.tables.service_addrs.get(&addr, 0).unwrap_or(0);
+        match u32::try_from(i64::from(count) + delta) {
+            Ok(0) | Err(_) => {
+                let _ = self.tables.service_addrs.remove(&addr);
+            }
+            Ok(count) => self
+                .tables
+                .service_addrs
+                .insert(addr, count, 0)
+                .map_err(full_map_hint)
+                .context("SERVICE_ADDRS")?,
         }
         Ok(())
     }
@@ -611,6 +651,7 @@ impl Syncer {
         let Some(current) = self.programmed.remove(key) else {
             return Ok(());
         };
+        let _ = self.count_address(key, -1);
         let id = current.value.id;
         // Absent entries are fine here: a failed add removes what it wrote so far.
         let _ = self.tables.services.remove(&service_key(key));
@@ -701,6 +742,17 @@ impl Syncer {
         }
         Ok((result, fresh))
     }
+}
+
+/// How many programmed frontends listen on each address.
+fn frontend_addresses<'a>(keys: impl Iterator<Item = &'a FrontendKey>) -> BTreeMap<Addr, u32> {
+    let mut counts = BTreeMap::new();
+    for key in keys {
+        if let Listen::Address(ip) = key.listen {
+            *counts.entry(Addr::from_v4_octets(ip.octets())).or_default() += 1;
+        }
+    }
+    counts
 }
 
 fn full_map_hint(e: MapError) -> anyhow::Error {

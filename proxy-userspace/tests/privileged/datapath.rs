@@ -37,14 +37,14 @@ fn a_service_packet_is_translated_to_a_backend_with_valid_checksums() {
     );
 }
 
+/// (Another port of a service address is refused instead: see `refusals`.)
 #[test]
-fn a_packet_for_no_service_passes_byte_for_byte() {
+fn a_packet_for_no_service_address_passes_byte_for_byte() {
     let mut dp = TestDatapath::new();
     dp.program(&[(tcp(VIP, 80), three_backends())]);
     for packet in [
-        tcp_packet((CLIENT, 40000), (VIP, 81), Tcp::Syn, b"x"),
         tcp_packet((CLIENT, 40000), ([10, 96, 0, 11], 80), Tcp::Syn, b"x"),
-        udp_packet((CLIENT, 40000), (VIP, 80), b"x"),
+        udp_packet((CLIENT, 40000), ([10, 96, 0, 12], 80), b"x"),
     ] {
         let (verdict, out) = dp.xdp(&packet);
         assert_eq!(verdict, XDP_PASS);

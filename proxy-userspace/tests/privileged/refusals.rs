@@ -119,3 +119,57 @@ fn clients_of_a_service_without_endpoints_are_refused_at_once() {
         assert!(took < Duration::from_secs(1), "{who}: {took:?}");
     }
 }
+
+/// Issue 13: traffic to a port of a service address that no frontend has left the
+/// node (towards the default gateway) or looped between the node and its router.
+#[test]
+fn another_port_or_protocol_of_a_service_address_is_refused() {
+    let mut dp = TestDatapath::new();
+    let backends = vec![local([10, 244, 1, 2], 8080)];
+    dp.program(&[(tcp(VIP, 80), backends.clone())]);
+    for packet in [
+        tcp_packet((CLIENT, 40000), (VIP, 81), Tcp::Syn, b""),
+        udp_packet((CLIENT, 40001), (VIP, 80), b"another protocol"),
+    ] {
+        let (verdict, out) = dp.xdp(&packet);
+        assert_eq!(verdict, XDP_PASS);
+        assert_refusal(&out, &packet, 28, false);
+        let (verdict, out) = dp.tc(&packet);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_refusal(&out, &packet, 64, true);
+    }
+    // Addresses that are no service's, and the node's own other ports, pass.
+    for packet in [
+        tcp_packet((CLIENT, 40002), ([10, 96, 0, 99], 81), Tcp::Syn, b""),
+        tcp_packet((CLIENT, 40003), (NODE_IP.octets(), 22), Tcp::Syn, b""),
+    ] {
+        let (verdict, out) = dp.xdp(&packet);
+        assert_eq!((verdict, out), (XDP_PASS, packet));
+    }
+    // Once the service is gone its address is nobody's: passed again.
+    dp.program(&[(tcp([10, 96, 0, 11], 80), backends)]);
+    let packet = tcp_packet((CLIENT, 40004), (VIP, 81), Tcp::Syn, b"");
+    let (verdict, out) = dp.xdp(&packet);
+    assert_eq!((verdict, out), (XDP_PASS, packet));
+    assert_eq!(dp.event("refused"), 4);
+}
+
+#[test]
+fn clients_of_an_unknown_port_of_a_cluster_ip_are_refused_at_once() {
+    let cluster = Cluster::new("uport", 2, 0, |t| vec![web(t, &["pod-a1"])]);
+    let url = format!("http://{WEB_VIP}:81/");
+    for (who, ns) in [
+        ("a pod", cluster.ns("pod-a2")),
+        ("the node", &cluster.topology.node),
+    ] {
+        let (result, took) = attempt(ns, &url);
+        let error = result.expect_err(who);
+        assert!(
+            error.contains("Couldn't connect to server"),
+            "{who}: {error}"
+        );
+        assert!(took < Duration::from_secs(1), "{who}: {took:?}");
+    }
+    // The service's own port still serves.
+    assert!(curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).is_ok());
+}
