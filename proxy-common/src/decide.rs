@@ -10,7 +10,8 @@ use core::num::{NonZeroU32, NonZeroU64};
 
 use crate::{
     addr_hash, flow_hash, Addr, AffinityValue, Backend, ConnCounts, CtKey, Scheduler, ServiceValue,
-    BACKEND_F_REMOTE, MAX_BACKENDS_PER_SERVICE, SVC_F_DSR, SVC_F_TUNNEL,
+    BACKEND_F_REMOTE, MAX_BACKENDS_PER_SERVICE, SVC_F_DSR, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
+    TUNNEL_PEER_TRUSTED,
 };
 
 const NS_PER_S: u64 = 1_000_000_000;
@@ -224,4 +225,40 @@ pub fn returns_directly(service: &ServiceValue, backend: &Backend, entry: Entry)
     entry == Entry::External
         && service.flags & SVC_F_DSR != 0
         && backend.flags & BACKEND_F_REMOTE != 0
+}
+
+/// How far an IPIP packet's outer source is trusted to tunnel into this node (its
+/// `SOURCE_RANGES` entry under `TUNNEL_PEERS_ID`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TunnelPeer {
+    /// In `--ipip-trusted-sources`: its inner source is what the entry node saw.
+    Trusted,
+    /// No list is configured: it may tunnel, but its inner source proves nothing.
+    Unverified,
+    /// A list is configured and does not hold it.
+    Refused,
+}
+
+impl TunnelPeer {
+    /// The peer's standing from its `SOURCE_RANGES` value, if it has one.
+    #[inline(always)]
+    pub fn from_entry(value: Option<u8>) -> TunnelPeer {
+        match value {
+            Some(TUNNEL_PEER_TRUSTED) => TunnelPeer::Trusted,
+            Some(_) => TunnelPeer::Unverified,
+            None => TunnelPeer::Refused,
+        }
+    }
+}
+
+/// Whether a peer may tunnel a packet into a `dsr-ipip` frontend: a trusted one
+/// always; an unverified one unless the frontend has `loadBalancerSourceRanges`,
+/// which a wrapped packet with an admitted inner source would bypass.
+#[inline(always)]
+pub fn admits_tunnel(peer: TunnelPeer, service: &ServiceValue) -> bool {
+    match peer {
+        TunnelPeer::Trusted => true,
+        TunnelPeer::Unverified => service.flags & SVC_F_SOURCE_RANGES == 0,
+        TunnelPeer::Refused => false,
+    }
 }

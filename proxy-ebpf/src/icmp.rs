@@ -215,17 +215,20 @@ pub fn refuse_xdp(ctx: &XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// The IP and ICMP headers of a refusal whose Ethernet header and quote are in place:
-/// from the address the quoted packet was sent to (the service's), to its sender,
-/// and the ICMP checksum over the header and the quote (the rest of the frame).
+/// The IP and ICMP headers of an ICMP error (destination unreachable with `code`,
+/// `rest` the last 4 bytes of its header) whose Ethernet header and quote (from
+/// `QUOTED_OFF` to the end of the frame) are in place, from `src` to `dst`, with the
+/// ICMP checksum over header and quote. The errors the data path builds itself: a
+/// refusal (here) and fragmentation-needed (`tunnel`).
 #[inline(always)]
-fn write_refusal_headers<const N: usize>(frame: &mut [u8; N]) {
-    let ip_len = (N - ETH_LEN) as u16;
-    let word =
-        |f: &[u8; N], at: usize| u32::from_ne_bytes([f[at], f[at + 1], f[at + 2], f[at + 3]]);
-    let sender = Addr::from_v4_be(word(frame, QUOTED_OFF + IP_SRC));
-    let service = Addr::from_v4_be(word(frame, QUOTED_OFF + IP_DST));
-    let ip = ipv4_header(0xc0, ip_len, false, PROTO_ICMP, service, sender);
+pub fn write_error_headers<const N: usize>(
+    frame: &mut [u8; N],
+    code: u8,
+    rest: [u8; 4],
+    src: Addr,
+    dst: Addr,
+) {
+    let ip = ipv4_header(0xc0, (N - ETH_LEN) as u16, false, PROTO_ICMP, src, dst);
     for (i, w) in ip.iter().enumerate() {
         let b = w.to_ne_bytes();
         frame[ETH_LEN + 2 * i] = b[0];
@@ -233,13 +236,13 @@ fn write_refusal_headers<const N: usize>(frame: &mut [u8; N]) {
     }
     frame[ICMP_OFF..QUOTED_OFF].copy_from_slice(&[
         ICMP_UNREACHABLE,
-        ICMP_PORT_UNREACHABLE,
+        code,
         0,
         0,
-        0,
-        0,
-        0,
-        0,
+        rest[0],
+        rest[1],
+        rest[2],
+        rest[3],
     ]);
     let mut sum: u64 = 0;
     let mut i = ICMP_OFF;
@@ -250,6 +253,17 @@ fn write_refusal_headers<const N: usize>(frame: &mut [u8; N]) {
     let sum = checksum::finish(sum).to_ne_bytes();
     frame[ICMP_CHECK] = sum[0];
     frame[ICMP_CHECK + 1] = sum[1];
+}
+
+/// A refusal's headers: port unreachable from the address the quoted packet was sent
+/// to (the service's), to its sender.
+#[inline(always)]
+fn write_refusal_headers<const N: usize>(frame: &mut [u8; N]) {
+    let word =
+        |f: &[u8; N], at: usize| u32::from_ne_bytes([f[at], f[at + 1], f[at + 2], f[at + 3]]);
+    let sender = Addr::from_v4_be(word(frame, QUOTED_OFF + IP_SRC));
+    let service = Addr::from_v4_be(word(frame, QUOTED_OFF + IP_DST));
+    write_error_headers(frame, ICMP_PORT_UNREACHABLE, [0; 4], service, sender);
 }
 
 /// Swaps the Ethernet addresses: the frame goes back where it came from (tc sends it

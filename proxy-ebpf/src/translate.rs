@@ -12,7 +12,7 @@ use proxy_common::{
     CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, CT_SYN_SENT,
     EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED,
     EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED,
-    EV_TUNNEL_REFUSED, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
+    EV_TUNNEL_REFUSED, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
 };
 
 use crate::{
@@ -24,8 +24,7 @@ use crate::{
     maps::CONNTRACK,
     packet::{Packet, XdpPacket, ETH_LEN, IP_DST, IP_SRC, L4_DPORT, L4_SPORT},
     parse::{self, Flow, Skip},
-    source_ranges,
-    tunnel::{self, PeerTrust},
+    source_ranges, tunnel,
 };
 
 /// Where the packet entered the node; decides masquerading.
@@ -166,13 +165,11 @@ pub fn claim_inner(ctx: &XdpContext, outer_src: &Addr, outer_dst: &Addr) -> Inne
     {
         return Inner::NotOurs;
     }
-    match tunnel::peer_trust(outer_src) {
-        PeerTrust::Trusted => Inner::Decapsulate,
-        PeerTrust::Unverified if service.flags & SVC_F_SOURCE_RANGES == 0 => Inner::Decapsulate,
-        PeerTrust::Unverified | PeerTrust::Refused => {
-            counters::event(EV_TUNNEL_REFUSED);
-            Inner::Refuse
-        }
+    if decide::admits_tunnel(tunnel::peer_trust(outer_src), &service) {
+        Inner::Decapsulate
+    } else {
+        counters::event(EV_TUNNEL_REFUSED);
+        Inner::Refuse
     }
 }
 

@@ -30,18 +30,16 @@ use aya_ebpf::{
 };
 use network_types::{eth::EtherType, ip::Ipv4Hdr};
 use proxy_common::{
-    flow_hash, Addr, CtKey, SourceRangeKey, CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE,
-    EV_DECAPSULATED, EV_ENCAPSULATED, EV_FRAG_NEEDED, SOURCE_RANGE_ID_BITS, TUNNEL_PEERS_ID,
-    TUNNEL_PEER_TRUSTED,
+    decide::TunnelPeer, flow_hash, Addr, CtKey, SourceRangeKey, CONFIG_SNAT_ADDR,
+    CONFIG_TUNNEL_SOURCE, EV_DECAPSULATED, EV_ENCAPSULATED, EV_FRAG_NEEDED, SOURCE_RANGE_ID_BITS,
+    TUNNEL_PEERS_ID,
 };
 
 use crate::{
-    checksum, counters,
+    counters,
     forward::fib_query,
-    headers::{
-        self, ipv4_header, ICMP_FRAG_NEEDED, ICMP_UNREACHABLE, IP_DF, IP_MF, IP_OFFSET_MASK,
-        PROTO_ICMP, PROTO_IPIP,
-    },
+    headers::{self, ipv4_header, ICMP_FRAG_NEEDED, IP_DF, IP_MF, IP_OFFSET_MASK, PROTO_IPIP},
+    icmp,
     maps::{NODE_CONFIG, SOURCE_RANGES},
     packet::{Packet, XdpPacket, ETH_LEN},
 };
@@ -81,19 +79,8 @@ pub fn outer_addresses<P: Packet>(pkt: &P) -> Option<(Addr, Addr)> {
     plain.then(|| (Addr::from_v4_be(src), Addr::from_v4_be(dst)))
 }
 
-/// How far an IPIP packet's outer source is trusted to tunnel into this node.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum PeerTrust {
-    /// In `--ipip-trusted-sources`: its inner source is what the entry node saw.
-    Trusted,
-    /// No list is configured: it may tunnel, but its inner source proves nothing.
-    Unverified,
-    /// A list is configured and does not hold it.
-    Refused,
-}
-
 #[inline(always)]
-pub fn peer_trust(outer_src: &Addr) -> PeerTrust {
+pub fn peer_trust(outer_src: &Addr) -> TunnelPeer {
     let key = Key::new(
         SOURCE_RANGE_ID_BITS + 32,
         SourceRangeKey {
@@ -101,11 +88,7 @@ pub fn peer_trust(outer_src: &Addr) -> PeerTrust {
             addr: outer_src.v4_be(),
         },
     );
-    match SOURCE_RANGES.get(key).copied() {
-        Some(TUNNEL_PEER_TRUSTED) => PeerTrust::Trusted,
-        Some(_) => PeerTrust::Unverified,
-        None => PeerTrust::Refused,
-    }
+    TunnelPeer::from_entry(SOURCE_RANGES.get(key).copied())
 }
 
 /// Removes the outer header (the Ethernet header moves up over it).
@@ -212,38 +195,14 @@ fn frag_needed(ctx: &XdpContext, mtu: u16) -> Result<(), ()> {
         let mut eth = [0u8; ETH_LEN];
         eth.copy_from_slice(&bytes[grow as usize..grow as usize + ETH_LEN]);
         bytes[..ETH_LEN].copy_from_slice(&eth);
-        let header = ipv4_header(
-            0xc0,
-            (20 + ICMP_LEN + QUOTED_LEN) as u16,
-            false,
-            PROTO_ICMP,
+        let m = mtu.to_be_bytes();
+        icmp::write_error_headers(
+            bytes,
+            ICMP_FRAG_NEEDED,
+            [0, 0, m[0], m[1]],
             node,
             Addr::from_v4_be(sender),
         );
-        for (i, word) in header.iter().enumerate() {
-            let b = word.to_ne_bytes();
-            bytes[ETH_LEN + 2 * i] = b[0];
-            bytes[ETH_LEN + 2 * i + 1] = b[1];
-        }
-        let icmp = ETH_LEN + 20;
-        let m = mtu.to_be_bytes();
-        bytes[icmp..icmp + ICMP_LEN].copy_from_slice(&[
-            ICMP_UNREACHABLE,
-            ICMP_FRAG_NEEDED,
-            0,
-            0,
-            0,
-            0,
-            m[0],
-            m[1],
-        ]);
-        let mut words = [0u16; (ICMP_LEN + QUOTED_LEN) / 2];
-        for (i, word) in words.iter_mut().enumerate() {
-            *word = u16::from_ne_bytes([bytes[icmp + 2 * i], bytes[icmp + 2 * i + 1]]);
-        }
-        let sum = checksum::of_words(&words).to_ne_bytes();
-        bytes[icmp + 2] = sum[0];
-        bytes[icmp + 3] = sum[1];
     }
     // SAFETY: helper on the program's own context; the frame only shrinks.
     if shrink < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, shrink) } != 0 {

@@ -312,6 +312,8 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     let mut terminate = unix::signal(unix::SignalKind::terminate())?;
     let mut links_listed = false;
     let mut marked_ready = false;
+    // Checked once a second (the alive tick), not on every turn of the loop.
+    let mut pins_whole = true;
     loop {
         let sync_due = schedule.due();
         tokio::select! {
@@ -347,10 +349,10 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             _ = alive_ticker.tick() => {
                 status.alive();
                 if !datapath.pins_intact() {
-                    status.set_broken(true);
                     restore_pinned_state(&mut datapath, &mut attachments, &config);
                 }
-                status.set_broken(!datapath.pins_intact());
+                pins_whole = datapath.pins_intact();
+                status.set_broken(!pins_whole);
             }
             _ = retry_ticker.tick() => attachments.retry(&mut datapath, &config),
             _ = gc_ticker.tick() => match programmer.syncer.collect_conntrack() {
@@ -377,7 +379,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         if !schedule.caught_up() {
             missing.push("sources: first view not programmed yet".into());
         }
-        if !datapath.pins_intact() {
+        if !pins_whole {
             missing.push(format!(
                 "pin directory {}: maps missing",
                 config.pin_dir.display()

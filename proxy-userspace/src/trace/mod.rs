@@ -10,11 +10,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::Result;
 use proxy_common::{
     ct_timeout_ns,
-    decide::{self, Entry},
+    decide::{self, Entry, TunnelPeer},
     Addr, AffinityKey, BackendSlotKey, CtKey, Scheduler, ServiceKey, ServiceValue,
     BACKEND_F_REMOTE, CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS,
     SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY,
-    SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED,
+    SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID,
 };
 use serde::Serialize;
 
@@ -377,22 +377,25 @@ fn tunnel_claim(tables: &Tables, key: &CtKey, outer_src: Ipv4Addr, outer_dst: Ip
     if !to_node && tunnel_backend_slot(tables, &service, outer_dst).is_none() {
         return Claim::NotOurs("addressed to neither this node nor a backend of the frontend here");
     }
-    let trust = tables
-        .source_ranges
-        .get(
-            &source_range_probe(TUNNEL_PEERS_ID, Addr::from_v4_octets(outer_src.octets())),
-            0,
-        )
-        .ok();
-    match trust {
-        Some(TUNNEL_PEER_TRUSTED) => Claim::Ours("the outer source is a trusted tunnel peer"),
-        Some(_) if service.flags & SVC_F_SOURCE_RANGES == 0 => {
+    let peer = TunnelPeer::from_entry(
+        tables
+            .source_ranges
+            .get(
+                &source_range_probe(TUNNEL_PEERS_ID, Addr::from_v4_octets(outer_src.octets())),
+                0,
+            )
+            .ok(),
+    );
+    let admitted = decide::admits_tunnel(peer, &service);
+    match peer {
+        TunnelPeer::Trusted => Claim::Ours("the outer source is a trusted tunnel peer"),
+        TunnelPeer::Unverified if admitted => {
             Claim::Ours("no trusted tunnel peers are configured: any outer source may tunnel")
         }
-        Some(_) => Claim::Refused(
+        TunnelPeer::Unverified => Claim::Refused(
             "the frontend has loadBalancerSourceRanges and no trusted tunnel peers are configured, so the inner source cannot be believed",
         ),
-        None => Claim::Refused("the outer source is not in --ipip-trusted-sources"),
+        TunnelPeer::Refused => Claim::Refused("the outer source is not in --ipip-trusted-sources"),
     }
 }
 
