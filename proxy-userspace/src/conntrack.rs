@@ -7,7 +7,7 @@
 //! left, so that the counters can be reconciled with it (`sync::accounting`).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -142,16 +142,31 @@ fn state_name(state: u8) -> &'static str {
     }
 }
 
-/// The original entries of every tracked flow (one per flow).
-pub fn list(tables: &Tables) -> Result<Vec<FlowView>> {
+/// The original entry of every tracked flow (one per flow), in table order, read as
+/// they are asked for: a table of a million flows is shown as it is read, never held.
+pub fn flows(tables: &Tables) -> impl Iterator<Item = Result<FlowView>> + '_ {
     let now = coarse_now_ns();
-    let mut flows = Vec::new();
-    for item in tables.conntrack.iter() {
-        let (key, entry) = item.context("reading CONNTRACK")?;
+    // Flows of one service share its name: looked up once.
+    let mut names: HashMap<u32, String> = HashMap::new();
+    tables.conntrack.iter().filter_map(move |item| {
+        let (key, entry) = match item.context("reading CONNTRACK") {
+            Ok(item) => item,
+            Err(e) => return Some(Err(e)),
+        };
         if entry.flags & CT_F_REPLY != 0 {
-            continue;
+            return None;
         }
-        flows.push(FlowView {
+        let service = names
+            .entry(entry.service_id)
+            .or_insert_with(|| {
+                tables
+                    .service_names
+                    .get(&entry.service_id, 0)
+                    .map(|n| decode_name(&n))
+                    .unwrap_or_default()
+            })
+            .clone();
+        Some(Ok(FlowView {
             protocol: Protocol::from_number(key.proto)
                 .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
             client: socket(key.src, key.sport),
@@ -159,17 +174,11 @@ pub fn list(tables: &Tables) -> Result<Vec<FlowView>> {
             backend: socket(entry.nat_dst, entry.nat_dport),
             masquerade: (entry.flags & CT_F_SNAT != 0)
                 .then(|| socket(entry.nat_src, entry.nat_sport)),
-            service: tables
-                .service_names
-                .get(&entry.service_id, 0)
-                .map(|n| decode_name(&n))
-                .unwrap_or_default(),
+            service,
             state: state_name(entry.state),
             idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
-        });
-    }
-    flows.sort_by_key(|f| (f.service.clone(), f.client));
-    Ok(flows)
+        }))
+    })
 }
 
 /// Removes every flow whose original entry matches (both of its entries), and stops

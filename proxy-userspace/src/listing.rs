@@ -4,7 +4,9 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
-use proxy_common::{BackendSlotKey, TrafficStats, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES};
+use proxy_common::{
+    BackendSlotKey, ServiceValue, TrafficStats, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -62,30 +64,9 @@ pub fn read_tables(tables: &Tables) -> Result<Listing> {
         let Some(frontend) = frontend_key(&key) else {
             continue;
         };
-        let mut backends = Vec::new();
-        for slot in 0..value.backend_count {
-            let slot_key = BackendSlotKey {
-                service_id: value.id,
-                slot,
-            };
-            if let Ok(backend) = tables.slots.get(&slot_key, 0) {
-                let counts = tables.conn_counts.get(&backend.id, 0).unwrap_or_default();
-                backends.push(BackendRow {
-                    endpoint: endpoint_of(&backend),
-                    active: counts.active,
-                    inactive: counts.inactive,
-                    stats: Tables::stats_sum(&tables.backend_stats, backend.id),
-                });
-            }
-        }
-        backends.sort_by_key(|b| (b.endpoint.addr, b.endpoint.port));
         services.push(ServiceRow {
             frontend,
-            service: tables
-                .service_names
-                .get(&value.id, 0)
-                .map(|n| decode_name(&n))
-                .unwrap_or_default(),
+            service: service_name(tables, value.id),
             scheduler: Scheduler::from_number(value.scheduler)
                 .map_or_else(|| format!("#{}", value.scheduler), |s| s.name().to_owned()),
             external: value.flags & SVC_F_EXTERNAL != 0,
@@ -93,7 +74,7 @@ pub fn read_tables(tables: &Tables) -> Result<Listing> {
             source_ranges: (value.flags & SVC_F_SOURCE_RANGES != 0)
                 .then(|| ranges.remove(&value.id).unwrap_or_default()),
             stats: Tables::stats_sum(&tables.service_stats, value.id),
-            backends,
+            backends: backend_rows(tables, &value),
         });
     }
     services.sort_by_key(|s| s.frontend);
@@ -105,6 +86,37 @@ pub fn read_tables(tables: &Tables) -> Result<Listing> {
             .map(|(name, n)| (name.to_owned(), n))
             .collect(),
     })
+}
+
+/// `namespace/name:port` of a programmed service id ("" when the map lacks it).
+pub fn service_name(tables: &Tables, id: u32) -> String {
+    tables
+        .service_names
+        .get(&id, 0)
+        .map(|n| decode_name(&n))
+        .unwrap_or_default()
+}
+
+/// A frontend's backends with their counts and traffic, by address.
+pub fn backend_rows(tables: &Tables, service: &ServiceValue) -> Vec<BackendRow> {
+    let mut backends = Vec::new();
+    for slot in 0..service.backend_count {
+        let slot_key = BackendSlotKey {
+            service_id: service.id,
+            slot,
+        };
+        if let Ok(backend) = tables.slots.get(&slot_key, 0) {
+            let counts = tables.conn_counts.get(&backend.id, 0).unwrap_or_default();
+            backends.push(BackendRow {
+                endpoint: endpoint_of(&backend),
+                active: counts.active,
+                inactive: counts.inactive,
+                stats: Tables::stats_sum(&tables.backend_stats, backend.id),
+            });
+        }
+    }
+    backends.sort_by_key(|b| (b.endpoint.addr, b.endpoint.port));
+    backends
 }
 
 fn stats_columns(s: &TrafficStats) -> String {

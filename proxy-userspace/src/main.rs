@@ -2,7 +2,7 @@
 //! `cleanup` what it left attached.
 
 use std::{
-    io::IsTerminal as _,
+    io::{IsTerminal as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     time::Duration,
@@ -225,6 +225,11 @@ struct RunArgs {
     /// Where `/metrics` and `/proxyMode` are served (kube-proxy's default).
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: SocketAddr,
+    /// Per-frontend and per-backend series in one scrape at most (5 per frontend, 7
+    /// per backend; frontends in listing order, the rest counted in
+    /// `ebpf_proxy_metrics_series_omitted` and in the `frontends_*` totals).
+    #[arg(long, default_value_t = 10_000)]
+    metrics_max_series: usize,
     /// Where `/healthz`, `/livez` and `/readyz` are served (kube-proxy's default: on
     /// every address, for load balancers' node health checks).
     #[arg(long, default_value = "0.0.0.0:10256")]
@@ -319,6 +324,7 @@ async fn main() -> Result<()> {
                 tunnel_peers: args.ipip_trusted_sources,
                 ct_gc_interval: Duration::from_millis(args.ct_gc_interval_ms),
                 metrics_address: args.metrics_bind_address,
+                metrics_max_series: args.metrics_max_series,
                 health_address: args.healthz_bind_address,
                 tc_attach: match args.tc_attach {
                     TcAttachArg::Auto => attach::TcAttach::Auto,
@@ -410,28 +416,49 @@ fn conntrack_command(action: ConntrackAction) -> Result<()> {
             json,
         } => {
             let tables = Tables::open(&pin_dir)?;
-            let flows: Vec<conntrack::FlowView> = conntrack::list(&tables)?
-                .into_iter()
-                .filter(|f| {
-                    service
-                        .as_ref()
-                        .is_none_or(|s| f.service.starts_with(s.as_str()))
-                })
-                .collect();
+            let wanted = |f: &conntrack::FlowView| {
+                service
+                    .as_ref()
+                    .is_none_or(|s| f.service.starts_with(s.as_str()))
+            };
+            // Written as read (a JSON array too), so that a large table shows at once
+            // and is never held whole.
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             if json {
-                println!("{}", serde_json::to_string_pretty(&flows)?);
-                return Ok(());
+                write!(out, "[")?;
             }
-            for f in &flows {
-                let masquerade = f
-                    .masquerade
-                    .map(|m| format!(" via {m}"))
-                    .unwrap_or_default();
-                println!(
-                    "{} {} -> {} -> {}{masquerade} {} idle {}s {}",
-                    f.protocol, f.client, f.frontend, f.backend, f.state, f.idle_seconds, f.service
-                );
+            let mut first = true;
+            for flow in conntrack::flows(&tables) {
+                let f = flow?;
+                if !wanted(&f) {
+                    continue;
+                }
+                if json {
+                    let separator = if first { "\n" } else { ",\n" };
+                    write!(out, "{separator}{}", serde_json::to_string(&f)?)?;
+                } else {
+                    let masquerade = f
+                        .masquerade
+                        .map(|m| format!(" via {m}"))
+                        .unwrap_or_default();
+                    writeln!(
+                        out,
+                        "{} {} -> {} -> {}{masquerade} {} idle {}s {}",
+                        f.protocol,
+                        f.client,
+                        f.frontend,
+                        f.backend,
+                        f.state,
+                        f.idle_seconds,
+                        f.service
+                    )?;
+                }
+                first = false;
             }
+            if json {
+                writeln!(out, "\n]")?;
+            }
+            out.flush()?;
             Ok(())
         }
         ConntrackAction::Flush {

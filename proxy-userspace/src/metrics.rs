@@ -17,8 +17,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{datapath::tables::Tables, listing};
-use proxy_common::map_name;
+use crate::{
+    datapath::{codec::frontend_key, tables::Tables},
+    listing,
+};
+use proxy_common::{map_name, TrafficStats};
 
 /// Counters the agent updates as it works.
 #[derive(Clone)]
@@ -60,8 +63,17 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-/// The whole exposition, in the OpenMetrics text format.
-pub fn render(pin_dir: &Path, agent: &AgentMetrics) -> Result<String> {
+/// Series written per frontend (connections, packets and bytes in and out) and per
+/// backend (the same, and its active and inactive flows).
+const SERIES_PER_FRONTEND: usize = 5;
+const SERIES_PER_BACKEND: usize = 7;
+
+/// The whole exposition, in the OpenMetrics text format. Per-frontend and per-backend
+/// series are written for frontends in listing order until `max_series` would be
+/// passed (a frontend's backends only when all of them fit); the totals cover every
+/// frontend, and `metrics_series_omitted` says what was left out. A node with
+/// 100,000 services would otherwise answer each scrape with hundreds of megabytes.
+pub fn render(pin_dir: &Path, agent: &AgentMetrics, max_series: usize) -> Result<String> {
     let mut registry = Registry::with_prefix("ebpf_proxy");
     registry.register(
         "syncs",
@@ -105,104 +117,13 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics) -> Result<String> {
     );
 
     let tables = Tables::open(pin_dir)?;
-    let listing = listing::read_tables(&tables)?;
-    let packets = Family::<Labels, Counter>::default();
-    let bytes = Family::<Labels, Counter>::default();
-    let connections = Family::<Labels, Counter>::default();
-    let backend_packets = Family::<Labels, Counter>::default();
-    let backend_bytes = Family::<Labels, Counter>::default();
-    let backend_connections = Family::<Labels, Counter>::default();
-    let flows = Family::<Labels, Gauge>::default();
-    for service in &listing.services {
-        let frontend = service.frontend.to_string();
-        let base = [
-            ("service", service.service.as_str()),
-            ("frontend", frontend.as_str()),
-        ];
-        let s = &service.stats;
-        connections
-            .get_or_create(&labels(&base))
-            .inc_by(s.connections);
-        for (direction, p, b) in [
-            ("in", s.packets_in, s.bytes_in),
-            ("out", s.packets_out, s.bytes_out),
-        ] {
-            let l = labels(&[base[0], base[1], ("direction", direction)]);
-            packets.get_or_create(&l).inc_by(p);
-            bytes.get_or_create(&l).inc_by(b);
-        }
-        for backend in &service.backends {
-            let address = format!("{}:{}", backend.endpoint.addr, backend.endpoint.port);
-            let with_backend = [base[0], base[1], ("backend", address.as_str())];
-            let b = &backend.stats;
-            backend_connections
-                .get_or_create(&labels(&with_backend))
-                .inc_by(b.connections);
-            for (direction, p, n) in [
-                ("in", b.packets_in, b.bytes_in),
-                ("out", b.packets_out, b.bytes_out),
-            ] {
-                let l = labels(&[
-                    with_backend[0],
-                    with_backend[1],
-                    with_backend[2],
-                    ("direction", direction),
-                ]);
-                backend_packets.get_or_create(&l).inc_by(p);
-                backend_bytes.get_or_create(&l).inc_by(n);
-            }
-            for (state, n) in [("active", backend.active), ("inactive", backend.inactive)] {
-                let l = labels(&[
-                    with_backend[0],
-                    with_backend[1],
-                    with_backend[2],
-                    ("state", state),
-                ]);
-                flows.get_or_create(&l).set(n as i64);
-            }
-        }
-    }
-    registry.register(
-        "service_packets",
-        "Packets through a service frontend",
-        packets,
-    );
-    registry.register(
-        "service_bytes",
-        "IP bytes through a service frontend",
-        bytes,
-    );
-    registry.register(
-        "service_connections",
-        "Flows a frontend scheduled",
-        connections,
-    );
-    registry.register(
-        "backend_packets",
-        "Packets to and from a backend",
-        backend_packets,
-    );
-    registry.register(
-        "backend_bytes",
-        "IP bytes to and from a backend",
-        backend_bytes,
-    );
-    registry.register(
-        "backend_connections",
-        "Flows scheduled to a backend",
-        backend_connections,
-    );
-    registry.register(
-        "backend_flows",
-        "Open (active) and closed but tracked (inactive) flows",
-        flows,
-    );
+    register_traffic(&mut registry, &tables, max_series);
 
     let events = Family::<Labels, Counter>::default();
-    for (reason, n) in &listing.events {
+    for (reason, n) in tables.events() {
         events
             .get_or_create(&labels(&[("reason", reason)]))
-            .inc_by(*n);
+            .inc_by(n);
     }
     registry.register(
         "datapath_events",
@@ -236,4 +157,178 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics) -> Result<String> {
     let mut out = String::new();
     encode(&mut out, &registry)?;
     Ok(out)
+}
+
+/// Traffic per frontend and per backend (within `max_series`), and over all frontends.
+fn register_traffic(registry: &mut Registry, tables: &Tables, max_series: usize) {
+    let mut frontends: Vec<_> = tables
+        .services
+        .iter()
+        .filter_map(Result::ok)
+        .filter_map(|(key, value)| Some((frontend_key(&key)?, value)))
+        .collect();
+    frontends.sort_by_key(|(frontend, _)| *frontend);
+    let packets = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    let connections = Family::<Labels, Counter>::default();
+    let backend_packets = Family::<Labels, Counter>::default();
+    let backend_bytes = Family::<Labels, Counter>::default();
+    let backend_connections = Family::<Labels, Counter>::default();
+    let flows = Family::<Labels, Gauge>::default();
+    let mut total = TrafficStats::default();
+    let (mut omitted_frontends, mut omitted_backends) = (0, 0);
+    let mut room = max_series;
+    for (frontend, value) in &frontends {
+        let s = Tables::stats_sum(&tables.service_stats, value.id);
+        total.connections += s.connections;
+        total.packets_in += s.packets_in;
+        total.packets_out += s.packets_out;
+        total.bytes_in += s.bytes_in;
+        total.bytes_out += s.bytes_out;
+        let backend_series = value.backend_count as usize * SERIES_PER_BACKEND;
+        if room < SERIES_PER_FRONTEND {
+            omitted_frontends += 1;
+            omitted_backends += u64::from(value.backend_count);
+            continue;
+        }
+        room -= SERIES_PER_FRONTEND;
+        let service = listing::service_name(tables, value.id);
+        let frontend = frontend.to_string();
+        let base = [
+            ("service", service.as_str()),
+            ("frontend", frontend.as_str()),
+        ];
+        add_traffic(&connections, &packets, &bytes, &base, &s);
+        if room < backend_series {
+            omitted_backends += u64::from(value.backend_count);
+            continue;
+        }
+        room -= backend_series;
+        for backend in listing::backend_rows(tables, value) {
+            let address = format!("{}:{}", backend.endpoint.addr, backend.endpoint.port);
+            let with_backend = [base[0], base[1], ("backend", address.as_str())];
+            add_traffic(
+                &backend_connections,
+                &backend_packets,
+                &backend_bytes,
+                &with_backend,
+                &backend.stats,
+            );
+            for (state, n) in [("active", backend.active), ("inactive", backend.inactive)] {
+                let l = labels(&[
+                    with_backend[0],
+                    with_backend[1],
+                    with_backend[2],
+                    ("state", state),
+                ]);
+                flows.get_or_create(&l).set(n as i64);
+            }
+        }
+    }
+    let all_connections: Counter = Counter::default();
+    all_connections.inc_by(total.connections);
+    let all_packets = Family::<Labels, Counter>::default();
+    let all_bytes = Family::<Labels, Counter>::default();
+    add_directions(&all_packets, &all_bytes, &[], &total);
+    let omitted = Family::<Labels, Gauge>::default();
+    for (kind, n) in [
+        ("frontend", omitted_frontends),
+        ("backend", omitted_backends),
+    ] {
+        omitted
+            .get_or_create(&labels(&[("kind", kind)]))
+            .set(n as i64);
+    }
+    for (name, help, family) in [
+        (
+            "service_packets",
+            "Packets through a service frontend",
+            packets,
+        ),
+        (
+            "service_bytes",
+            "IP bytes through a service frontend",
+            bytes,
+        ),
+        (
+            "service_connections",
+            "Flows a frontend scheduled",
+            connections,
+        ),
+        (
+            "backend_packets",
+            "Packets to and from a backend",
+            backend_packets,
+        ),
+        (
+            "backend_bytes",
+            "IP bytes to and from a backend",
+            backend_bytes,
+        ),
+        (
+            "backend_connections",
+            "Flows scheduled to a backend",
+            backend_connections,
+        ),
+        (
+            "frontends_packets",
+            "Packets through all frontends",
+            all_packets,
+        ),
+        (
+            "frontends_bytes",
+            "IP bytes through all frontends",
+            all_bytes,
+        ),
+    ] {
+        registry.register(name, help, family);
+    }
+    registry.register(
+        "frontends_connections",
+        "Flows all frontends scheduled",
+        all_connections,
+    );
+    registry.register(
+        "backend_flows",
+        "Open (active) and closed but tracked (inactive) flows",
+        flows,
+    );
+    registry.register(
+        "metrics_series_omitted",
+        "Frontends and backends without series of their own (--metrics-max-series); the frontends_* totals still count them",
+        omitted,
+    );
+}
+
+/// A connections counter and in/out packet and byte counters for one label set.
+fn add_traffic(
+    connections: &Family<Labels, Counter>,
+    packets: &Family<Labels, Counter>,
+    bytes: &Family<Labels, Counter>,
+    base: &[(&str, &str)],
+    stats: &TrafficStats,
+) {
+    connections
+        .get_or_create(&labels(base))
+        .inc_by(stats.connections);
+    add_directions(packets, bytes, base, stats);
+}
+
+/// In and out packet and byte counters for one label set.
+fn add_directions(
+    packets: &Family<Labels, Counter>,
+    bytes: &Family<Labels, Counter>,
+    base: &[(&str, &str)],
+    stats: &TrafficStats,
+) {
+    for (direction, p, b) in [
+        ("in", stats.packets_in, stats.bytes_in),
+        ("out", stats.packets_out, stats.bytes_out),
+    ] {
+        let mut with_direction = base.to_vec();
+        with_direction.push(("direction", direction));
+        let l = labels(&with_direction);
+        packets.get_or_create(&l).inc_by(p);
+        bytes.get_or_create(&l).inc_by(b);
+    }
 }

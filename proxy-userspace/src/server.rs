@@ -41,6 +41,11 @@ use crate::metrics::{self, AgentMetrics};
 pub struct Status {
     pub pin_dir: PathBuf,
     pub metrics: AgentMetrics,
+    /// `--metrics-max-series`.
+    pub metrics_max_series: usize,
+    /// One scrape rendered at a time: parallel scrapes of a large node would each
+    /// hold a whole exposition.
+    rendering: Mutex<()>,
     /// `None`: ready; else what is missing, one line per item.
     readiness: Mutex<Option<String>>,
     /// Set while the agent's pinned state is broken (and not yet restored).
@@ -59,10 +64,12 @@ fn unix_now() -> u64 {
 }
 
 impl Status {
-    pub fn new(pin_dir: PathBuf, metrics: AgentMetrics) -> Arc<Status> {
+    pub fn new(pin_dir: PathBuf, metrics: AgentMetrics, metrics_max_series: usize) -> Arc<Status> {
         Arc::new(Status {
             pin_dir,
             metrics,
+            metrics_max_series,
+            rendering: Mutex::new(()),
             readiness: Mutex::new(Some("starting\n".into())),
             broken: AtomicBool::new(false),
             last_turn: AtomicU64::new(unix_now()),
@@ -91,9 +98,11 @@ async fn proxy_mode() -> &'static str {
 }
 
 async fn render_metrics(State(status): State<Arc<Status>>) -> impl IntoResponse {
-    let rendered =
-        tokio::task::spawn_blocking(move || metrics::render(&status.pin_dir, &status.metrics))
-            .await;
+    let rendered = tokio::task::spawn_blocking(move || {
+        let _one_at_a_time = status.rendering.lock();
+        metrics::render(&status.pin_dir, &status.metrics, status.metrics_max_series)
+    })
+    .await;
     match rendered {
         Ok(Ok(text)) => (
             StatusCode::OK,

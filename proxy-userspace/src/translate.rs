@@ -73,6 +73,7 @@ use crate::model::{
     parse_scheduler, Endpoint, Forwarding, Frontend, FrontendKey, HealthCheck, Listen, Problem,
     Protocol, Scheduler, SourceRange,
 };
+use crate::source::ObjectKey;
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -82,6 +83,8 @@ pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
+/// What every annotation ebpf-proxy reads begins with.
+pub const ANNOTATION_PREFIX: &str = "ebpf-proxy.io/";
 /// Per-service scheduler (`rr`, `wrr`, `lc`, `wlc`, `sh`, `dh`, `sed`, `nq`, `maglev`,
 /// `random`); without it, the node's `--scheduler`.
 pub const ANNOTATION_SCHEDULER: &str = "ebpf-proxy.io/scheduler";
@@ -114,13 +117,6 @@ pub(crate) struct ServiceOutput {
     pub health_check: Option<(u16, HealthCheck)>,
 }
 
-pub(crate) fn object_name(namespace: &Option<String>, name: &Option<String>) -> (String, String) {
-    (
-        namespace.clone().unwrap_or_else(|| "default".into()),
-        name.clone().unwrap_or_else(|| "<unnamed>".into()),
-    )
-}
-
 fn namespace_of(service: &Service) -> String {
     service
         .metadata
@@ -144,11 +140,11 @@ fn parse_port(port: i32) -> Option<u16> {
 }
 
 /// The service a slice belongs to, by its `kubernetes.io/service-name` label.
-pub(crate) fn slice_service(slice: &EndpointSlice) -> Option<(String, String)> {
+pub(crate) fn slice_service(slice: &EndpointSlice) -> Option<ObjectKey> {
     let service = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some(object_name(
-        &slice.metadata.namespace,
-        &Some(service.clone()),
+    Some(ObjectKey::new(
+        slice.metadata.namespace.as_deref().unwrap_or("default"),
+        service,
     ))
 }
 
@@ -685,5 +681,10 @@ impl ServiceOutput {
         self.health_check = None;
         self.problems.push(problem);
         self
+    }
+
+    /// A service whose kept form could not be read back: skipped, and said.
+    pub fn unreadable(service: &ObjectKey, message: String) -> ServiceOutput {
+        ServiceOutput::default().failed(Problem::error(format!("Service {service}"), message))
     }
 }

@@ -28,7 +28,7 @@ enum Task {
         /// Fewer and smaller runs (for CI): never fails on a timing.
         #[arg(long)]
         quick: bool,
-        /// One part only: control, watch, data, e2e or ipvs.
+        /// One part only: control, scale, watch, data, e2e or ipvs.
         #[arg(long)]
         only: Option<String>,
     },

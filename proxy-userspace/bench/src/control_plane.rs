@@ -46,14 +46,15 @@ pub struct ScaleResult {
     map_writes_per_change: usize,
 }
 
-pub fn service_defs(count: usize) -> Vec<ServiceDef> {
+/// `count` ClusterIP services with `endpoints` endpoints each, all addresses distinct.
+pub fn service_defs(count: usize, endpoints: usize) -> Vec<ServiceDef> {
     (0..count)
         .map(|i| {
             let cluster_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i as u32 + 1);
             let mut def = ServiceDef::new(&format!("svc{i}"), cluster_ip, "TCP", 80, 8080);
-            def.backends = (0..ENDPOINTS)
+            def.backends = (0..endpoints)
                 .map(|e| {
-                    let addr = u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * ENDPOINTS + e) as u32;
+                    let addr = u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * endpoints + e) as u32;
                     (Ipv4Addr::from(addr), "node-a".to_owned())
                 })
                 .collect();
@@ -82,7 +83,7 @@ pub fn measure(services: usize) -> Result<ScaleResult> {
             },
             &NodeSettings::default(),
         )?;
-        let manifests = render(&service_defs(services));
+        let manifests = render(&service_defs(services, ENDPOINTS));
         let (mut objects, problems): (Objects, _) = parse(&manifests, "bench");
         anyhow::ensure!(problems.is_empty(), "{problems:?}");
 

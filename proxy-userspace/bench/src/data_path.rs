@@ -449,7 +449,8 @@ pub fn measure(
             None,
         )?);
         // The reply of the flow opened above, from its backend (reverse NAT).
-        let flows = ebpf_proxy::conntrack::list(&Tables::open(&pin_dir)?)?;
+        let tables = Tables::open(&pin_dir)?;
+        let flows = ebpf_proxy::conntrack::flows(&tables).collect::<Result<Vec<_>>>()?;
         let flow = flows
             .iter()
             .find(|f| f.client.port() == 41000)

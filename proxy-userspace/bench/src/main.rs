@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: the figures of BENCHMARKS.md, measured on this machine.
-//! `--quick` runs fewer and smaller rounds (CI); `--only control|watch|data|e2e|ipvs` runs one
+//! `--quick` runs fewer and smaller rounds (CI); `--only control|scale|watch|data|e2e|ipvs` runs one
 //! part. No timing ever fails a run; a path that is not taken as intended does.
 
+mod agent_scale;
 mod contenders;
 mod control_plane;
 mod data_path;
@@ -40,6 +41,12 @@ fn main() -> Result<()> {
         write(
             "control-plane",
             serde_json::to_value(control_plane::run(quick)?)?,
+        )?;
+    }
+    if part("scale") {
+        write(
+            "agent-scale",
+            serde_json::to_value(agent_scale::run(quick)?)?,
         )?;
     }
     if part("control") || part("watch") {

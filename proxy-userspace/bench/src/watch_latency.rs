@@ -53,7 +53,7 @@ pub fn measure(services: usize) -> Result<WatchResult> {
     let prefix = format!("epxw{}", std::process::id() % 100_000);
     let topology = Topology::build(&prefix, 0, 0)?;
     let api = FakeApiServer::start(&topology.node.path())?;
-    let mut defs = service_defs(services);
+    let mut defs = service_defs(services, ENDPOINTS);
     api.apply_manifests(&render(&defs))?;
     let kubeconfig = api.kubeconfig();
     let binary = std::env::current_exe()?.with_file_name("ebpf-proxy");

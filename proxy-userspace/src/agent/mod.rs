@@ -66,6 +66,8 @@ pub struct AgentConfig {
     pub ct_gc_interval: Duration,
     /// `/metrics` and `/proxyMode`.
     pub metrics_address: SocketAddr,
+    /// Per-frontend and per-backend series in one scrape at most.
+    pub metrics_max_series: usize,
     /// `/healthz`, `/livez`, `/readyz`.
     pub health_address: SocketAddr,
     pub map_sizes: MapSizes,
@@ -161,6 +163,9 @@ impl Programmer {
         metrics
             .udp_flows_flushed
             .inc_by(report.flushed_udp_flows as u64);
+        if flush.changes.len() >= LARGE_SYNC {
+            limits::return_free_memory();
+        }
         info!(
             changed = flush.changes.len(),
             added = report.added,
@@ -174,6 +179,10 @@ impl Programmer {
         );
     }
 }
+
+/// A sync changing this many frontends (a first sync, a file replaced) is followed
+/// by returning the memory it freed.
+const LARGE_SYNC: usize = 1_000;
 
 /// When to sync: the sources' updates are applied to the tracker as they arrive, and
 /// programmed once every source has said its first view in full, then at most once
@@ -216,19 +225,10 @@ impl SyncSchedule {
         } = update;
         match event {
             SourceEvent::Changed(change) => tracker.apply(change),
-            SourceEvent::Snapshot {
-                objects,
-                complete,
-                problems,
-            } => {
-                if !complete {
-                    warn!(
-                        source,
-                        unreadable = problems.len(),
-                        "part of the source could not be read: updating what was read, removing nothing"
-                    );
+            SourceEvent::Changes { changes, problems } => {
+                for change in changes {
+                    tracker.apply(change);
                 }
-                tracker.apply_snapshot(&objects, complete);
                 self.pending_problems.extend(problems);
             }
             SourceEvent::Listed => {
@@ -260,7 +260,11 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     let _pin_dir_lock = PinDirLock::acquire(&config.pin_dir)?;
     let mut datapath = Datapath::load_sized(&config.pin_dir, config.map_sizes)?;
     let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?;
-    let status = Status::new(config.pin_dir.clone(), AgentMetrics::default());
+    let status = Status::new(
+        config.pin_dir.clone(),
+        AgentMetrics::default(),
+        config.metrics_max_series,
+    );
     server::spawn(
         config.metrics_address,
         config.health_address,

@@ -1,6 +1,10 @@
 //! Array maps created with `BPF_F_MMAPABLE`, mapped into the agent: a Maglev ring of
 //! 65,537 entries is one memory copy instead of 65,537 syscalls, and counters shared
 //! with the data path can be changed with the same atomic instructions it uses.
+//!
+//! Only the pages an access needs are mapped, and only for that access: the kernel
+//! maps an array's pages whole and at once, so a standing mapping of the scheduler
+//! tables would count their 32 MB in the agent's resident memory for good.
 
 use std::{
     marker::PhantomData,
@@ -15,20 +19,29 @@ use aya::maps::MapData;
 use proxy_common::ConnCounts;
 
 pub struct MappedArray<T> {
-    _map: MapData,
-    base: NonNull<u8>,
+    map: MapData,
     len: usize,
     /// The kernel stores array elements 8-byte aligned: a u32 takes 8 bytes.
     stride: usize,
-    bytes: usize,
     _values: PhantomData<T>,
 }
 
-// SAFETY: the mapping is plain shared memory, shared with the kernel anyway; writes
-// need &mut self, and the &self accessors are reads and atomic updates.
-unsafe impl<T: Send> Send for MappedArray<T> {}
-// SAFETY: as above.
-unsafe impl<T: Sync> Sync for MappedArray<T> {}
+const PAGE: usize = 4096;
+
+/// Some pages of an array, mapped until dropped.
+struct Window {
+    base: NonNull<u8>,
+    bytes: usize,
+    /// Where the first element asked for lies in the window.
+    skip: usize,
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `MappedArray::window` mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+    }
+}
 
 impl<T: Copy> MappedArray<T> {
     pub fn open(dir: &Path, name: &str) -> Result<MappedArray<T>> {
@@ -43,33 +56,19 @@ impl<T: Copy> MappedArray<T> {
                 std::mem::size_of::<T>()
             );
         }
-        let len = info.max_entries() as usize;
-        let stride = std::mem::size_of::<T>().next_multiple_of(8);
-        let page = 4096;
-        let bytes = (len * stride).div_ceil(page) * page;
-        // SAFETY: mapping a BPF array map fd (created mmapable) read-write, shared.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mmap of map {name}"));
-        }
-        Ok(MappedArray {
-            _map: map,
-            base: NonNull::new(base.cast()).context("mmap returned null")?,
-            len,
-            stride,
-            bytes,
+        let array = MappedArray {
+            len: info.max_entries() as usize,
+            stride: std::mem::size_of::<T>().next_multiple_of(8),
+            map,
             _values: PhantomData,
-        })
+        };
+        // Fails now, not at the first sync, if the map was not created mmapable.
+        drop(
+            array
+                .window(0, 1)
+                .with_context(|| format!("mmap of map {name}"))?,
+        );
+        Ok(array)
     }
 
     /// How many entries the map has.
@@ -77,82 +76,105 @@ impl<T: Copy> MappedArray<T> {
         self.len
     }
 
-    fn check(&self, offset: usize, count: usize) -> Result<()> {
-        if offset.checked_add(count).is_none_or(|end| end > self.len) {
+    /// Maps the pages holding entries `first..first + count`, checked to exist.
+    fn window(&self, first: usize, count: usize) -> Result<Window> {
+        if first.checked_add(count).is_none_or(|end| end > self.len) {
             bail!(
-                "entries {offset}..{} are outside the map ({} entries)",
-                offset + count,
+                "entries {first}..{} are outside the map ({} entries)",
+                first + count,
                 self.len
             );
         }
-        Ok(())
+        let start = first * self.stride / PAGE * PAGE;
+        let end = ((first + count) * self.stride).next_multiple_of(PAGE);
+        let bytes = (end - start).max(PAGE);
+        // SAFETY: mapping pages of a BPF array map fd (created mmapable) read-write,
+        // shared, inside the map (checked above).
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.map.fd().as_fd().as_raw_fd(),
+                start as libc::off_t,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of an array map");
+        }
+        Ok(Window {
+            base: NonNull::new(base.cast()).context("mmap returned null")?,
+            bytes,
+            skip: first * self.stride - start,
+        })
     }
 
-    fn element(&self, index: usize) -> *mut T {
-        // SAFETY: callers check `index < len`; the element lies inside the mapping.
-        unsafe { self.base.as_ptr().add(index * self.stride).cast() }
+    /// The `index`th element of a window.
+    fn element(&self, window: &Window, index: usize) -> *mut T {
+        // SAFETY: `window` covers the elements asked for, `index` counts from the
+        // first of them.
+        unsafe {
+            window
+                .base
+                .as_ptr()
+                .add(window.skip + index * self.stride)
+                .cast()
+        }
     }
 
     pub fn write(&mut self, offset: usize, values: &[T]) -> Result<()> {
-        self.check(offset, values.len())?;
+        let window = self.window(offset, values.len())?;
         for (i, value) in values.iter().enumerate() {
-            // SAFETY: in bounds (checked); the data path only reads extents not in use.
-            unsafe { self.element(offset + i).write(*value) };
+            // SAFETY: inside the window; the data path only reads extents not in use.
+            unsafe { self.element(&window, i).write(*value) };
         }
         Ok(())
     }
 
     pub fn read(&self, offset: usize, count: usize) -> Result<Vec<T>> {
-        self.check(offset, count)?;
-        // SAFETY: in bounds (checked).
-        Ok((offset..offset + count)
-            .map(|i| unsafe { self.element(i).read() })
+        let window = self.window(offset, count)?;
+        // SAFETY: inside the window.
+        Ok((0..count)
+            .map(|i| unsafe { self.element(&window, i).read() })
             .collect())
     }
 }
 
 impl MappedArray<ConnCounts> {
-    fn counter(&self, index: u32, inactive: bool) -> Option<&AtomicU64> {
-        if index as usize >= self.len {
-            return None;
-        }
-        // SAFETY: in bounds; the fields are naturally aligned u64s that the data path
-        // also updates atomically.
-        unsafe {
-            let counts = self.element(index as usize);
-            let field = if inactive {
-                &raw mut (*counts).inactive
-            } else {
-                &raw mut (*counts).active
+    /// Applies `update` to a backend's (active, inactive) counters, atomically as the
+    /// data path changes them.
+    fn update_counters(&self, backend: u32, update: impl Fn(&AtomicU64, bool)) {
+        let Ok(window) = self.window(backend as usize, 1) else {
+            return;
+        };
+        let counts = self.element(&window, 0);
+        for inactive in [false, true] {
+            // SAFETY: inside the window; the fields are naturally aligned u64s that
+            // the data path also updates atomically.
+            let counter = unsafe {
+                AtomicU64::from_ptr(if inactive {
+                    &raw mut (*counts).inactive
+                } else {
+                    &raw mut (*counts).active
+                })
             };
-            Some(AtomicU64::from_ptr(field))
+            update(counter, inactive);
         }
     }
 
     /// Adds to a backend's counters, never below zero (as the data path's decrement).
     pub fn adjust(&self, backend: u32, active: i64, inactive: i64) {
-        for (is_inactive, delta) in [(false, active), (true, inactive)] {
-            if let Some(counter) = self.counter(backend, is_inactive) {
-                let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                    Some(n.saturating_add_signed(delta))
-                });
-            }
-        }
+        self.update_counters(backend, |counter, is_inactive| {
+            let delta = if is_inactive { inactive } else { active };
+            let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_add_signed(delta))
+            });
+        });
     }
 
     /// Zeroes a backend id's counters before the id is handed to a new backend.
     pub fn reset(&self, backend: u32) {
-        for inactive in [false, true] {
-            if let Some(counter) = self.counter(backend, inactive) {
-                counter.store(0, Ordering::SeqCst);
-            }
-        }
-    }
-}
-
-impl<T> Drop for MappedArray<T> {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what open() mapped.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+        self.update_counters(backend, |counter, _| counter.store(0, Ordering::SeqCst));
     }
 }

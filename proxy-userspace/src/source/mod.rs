@@ -5,11 +5,13 @@
 //! here, not a new branch in `agent`.
 //!
 //! What a source may say is also what it may *not* say: a source removes state only by
-//! a deletion, a complete listing or a complete snapshot. A snapshot it knows to be
-//! partial (a file with a malformed document) adds and updates, and removes nothing.
+//! a deletion or a complete listing, and says a deletion only when it positively knows
+//! the object is gone (a file with a malformed document adds and updates, and removes
+//! nothing).
 
 pub mod kubernetes;
 pub mod manifests;
+mod object_key;
 
 use std::time::Instant;
 
@@ -20,6 +22,7 @@ use k8s_openapi::api::{
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::model::Problem;
+pub use object_key::ObjectKey;
 
 /// The Kubernetes objects the translation reads.
 #[derive(Clone, Debug, Default)]
@@ -53,11 +56,9 @@ pub enum ObjectChange {
 pub enum SourceEvent {
     /// One object (or one kind's complete list) changed.
     Changed(ObjectChange),
-    /// Everything the source holds now. `complete: false` (some of it could not be
-    /// read) adds and updates what is there and removes nothing.
-    Snapshot {
-        objects: Objects,
-        complete: bool,
+    /// Changes to apply together (one version of a file): no sync sees part of them.
+    Changes {
+        changes: Vec<ObjectChange>,
         /// What could not be read, reported with the sync that follows.
         problems: Vec<Problem>,
     },
@@ -101,6 +102,30 @@ impl Updates {
             received: Instant::now(),
         };
         self.tx.send(update).await.is_ok()
+    }
+
+    /// `send` for a source running on a thread of its own.
+    pub fn send_blocking(&self, event: SourceEvent) -> bool {
+        let update = SourceUpdate {
+            source: self.source,
+            event,
+            received: Instant::now(),
+        };
+        self.tx.blocking_send(update).is_ok()
+    }
+
+    /// Waits (on a source's own thread) until at most `queued` updates wait for the
+    /// agent: a source reading a large file in pieces would otherwise parse far
+    /// ahead and hold the whole file parsed in the queue.
+    pub fn wait_until_queued_at_most(&self, queued: usize) {
+        while !self.tx.is_closed() && self.tx.max_capacity() - self.tx.capacity() > queued {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// The agent stopped listening.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
     }
 }
 

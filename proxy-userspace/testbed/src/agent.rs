@@ -204,6 +204,11 @@ impl Agent {
         Ok(())
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the process without any cleanup (as `kill -9` would).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -77,6 +77,59 @@ fn conntrack_list_and_flush_show_and_remove_flows() {
     );
 }
 
+/// Issue 14: a scrape stays bounded whatever the number of services: per-frontend and
+/// per-backend series up to `--metrics-max-series`, the rest counted, totals whole.
+#[test]
+fn metrics_series_are_capped_and_the_totals_still_count_everything() {
+    // Room for one frontend's five series and its backend's seven, not for more.
+    let cluster = Cluster::with_agent_args(
+        "mcap",
+        2,
+        0,
+        |t| vec![web(t, &["pod-a1"]), dns(t, &["pod-a1"])],
+        &["--metrics-max-series", "12"],
+    );
+    let client = cluster.ns("pod-a2");
+    for _ in 0..2 {
+        curl(client, &format!("http://{WEB_VIP}/")).expect("curl");
+    }
+    assert!(udp_ask(client, &format!("{DNS_VIP}:53")).starts_with("pod=pod-a1"));
+    let metrics = curl(&cluster.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    let per_frontend = metrics
+        .lines()
+        .filter(|l| l.starts_with("ebpf_proxy_service_connections_total{"))
+        .count();
+    let per_backend = metrics
+        .lines()
+        .filter(|l| l.starts_with("ebpf_proxy_backend_connections_total{"))
+        .count();
+    assert_eq!((per_frontend, per_backend), (1, 1), "{metrics}");
+    // Frontends in listing order: TCP before UDP, so the web service keeps its series.
+    assert_eq!(
+        value("ebpf_proxy_service_connections_total{service=\"demo/web:main\",frontend=\"TCP 10.96.0.10:80\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("ebpf_proxy_metrics_series_omitted{kind=\"frontend\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("ebpf_proxy_metrics_series_omitted{kind=\"backend\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("ebpf_proxy_frontends_connections_total"),
+        3.0,
+        "{metrics}"
+    );
+}
+
 #[test]
 fn metrics_health_and_proxy_mode_answer_like_kube_proxy() {
     let cluster = Cluster::new("obs", 2, 0, |t| vec![web(t, &["pod-a1"])]);

@@ -8,6 +8,9 @@
 //! API server normally prevents), the first by namespace/name holds it and the other
 //! is reported; if the holder goes away the next claimant takes over.
 
+mod few;
+mod stored;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::{
@@ -25,13 +28,14 @@ use crate::{
     },
     source::{Change, ObjectChange, Objects},
     translate::{
-        object_name, service_output, slice_endpoints, slice_service, NodeView, ServiceOutput,
-        SliceEndpoint, LABEL_SERVICE_NAME, LABEL_ZONE,
+        service_output, slice_endpoints, slice_service, NodeView, ServiceOutput, SliceEndpoint,
+        LABEL_SERVICE_NAME, LABEL_ZONE,
     },
 };
+use few::Few;
+use stored::StoredService;
 
-/// (namespace, name) of an object.
-pub type ObjectKey = (String, String);
+pub use crate::source::ObjectKey;
 
 /// The whole translation of an object set at once (tests, benchmarks, one-shot use);
 /// the agent keeps a `ChangeTracker` to translate only what changed.
@@ -55,13 +59,24 @@ pub fn translate_all(objects: &Objects, node_name: &str) -> Translation {
     }
 }
 
+/// What the tracker keeps of an EndpointSlice: what the translation made of it (the
+/// object itself is not kept: its translation is all that is ever read again).
+#[derive(PartialEq)]
 struct SliceRecord {
-    object: EndpointSlice,
     service: Option<ObjectKey>,
+    /// `addressType: IPv4` (others are not served yet, and not reported either).
+    ipv4: bool,
     endpoints: Result<Vec<SliceEndpoint>, String>,
-    /// The endpoints in use: these, or, while a new version of the slice cannot be
-    /// read, the last version that could (a bad update never empties a service).
-    serving: Option<Vec<SliceEndpoint>>,
+    /// While the slice cannot be read, its last version that could (a bad update
+    /// never empties a service).
+    last_good: Option<Vec<SliceEndpoint>>,
+}
+
+impl SliceRecord {
+    /// The endpoints in use.
+    fn serving(&self) -> Option<&Vec<SliceEndpoint>> {
+        self.endpoints.as_ref().ok().or(self.last_good.as_ref())
+    }
 }
 
 #[derive(Default)]
@@ -76,13 +91,14 @@ pub struct Flush {
 pub struct ChangeTracker {
     node_name: String,
     node: NodeView,
-    services: BTreeMap<ObjectKey, Service>,
+    services: BTreeMap<ObjectKey, StoredService>,
     slices: BTreeMap<ObjectKey, SliceRecord>,
     /// Slices by the service they name.
-    slices_of: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    slices_of: BTreeMap<ObjectKey, Few<ObjectKey>>,
     outputs: BTreeMap<ObjectKey, ServiceOutput>,
-    /// Every claimant of every frontend, in namespace/name order.
-    claims: BTreeMap<FrontendKey, BTreeMap<ObjectKey, Frontend>>,
+    /// Every claimant of every frontend, in namespace/name order (what each asks
+    /// for is in its `outputs`).
+    claims: BTreeMap<FrontendKey, Few<ObjectKey>>,
     dirty_services: BTreeSet<ObjectKey>,
     dirty_slices: BTreeSet<ObjectKey>,
     health_checks: BTreeMap<ObjectKey, (u16, HealthCheck)>,
@@ -146,9 +162,10 @@ impl ChangeTracker {
     }
 
     pub fn set_service(&mut self, service: Service) {
-        let key = object_name(&service.metadata.namespace, &service.metadata.name);
-        if self.services.get(&key) != Some(&service) {
-            self.services.insert(key.clone(), service);
+        let key = ObjectKey::of(&service.metadata.namespace, &service.metadata.name);
+        let stored = StoredService::new(&service);
+        if self.services.get(&key) != Some(&stored) {
+            self.services.insert(key.clone(), stored);
             self.dirty_services.insert(key);
         }
     }
@@ -160,35 +177,35 @@ impl ChangeTracker {
     }
 
     pub fn set_slice(&mut self, slice: EndpointSlice) {
-        let key = object_name(&slice.metadata.namespace, &slice.metadata.name);
-        if self.slices.get(&key).is_some_and(|r| r.object == slice) {
+        let key = ObjectKey::of(&slice.metadata.namespace, &slice.metadata.name);
+        let service = slice_service(&slice);
+        let endpoints = slice_endpoints(&slice, &self.node_name);
+        let last_good = match &endpoints {
+            Ok(_) => None,
+            Err(_) => self
+                .slices
+                .get(&key)
+                .filter(|previous| previous.service == service)
+                .and_then(|previous| previous.serving().cloned()),
+        };
+        let record = SliceRecord {
+            service,
+            ipv4: slice.address_type == "IPv4",
+            endpoints,
+            last_good,
+        };
+        if self.slices.get(&key) == Some(&record) {
             return;
         }
-        let service = slice_service(&slice);
-        let last_good = self
-            .slices
-            .get(&key)
-            .filter(|previous| previous.service == service)
-            .and_then(|previous| previous.serving.clone());
         self.remove_slice(&key);
-        if let Some(service) = &service {
+        if let Some(service) = &record.service {
             self.slices_of
                 .entry(service.clone())
                 .or_default()
                 .insert(key.clone());
             self.dirty_services.insert(service.clone());
         }
-        let endpoints = slice_endpoints(&slice, &self.node_name);
-        let serving = endpoints.as_ref().ok().cloned().or(last_good);
-        self.slices.insert(
-            key.clone(),
-            SliceRecord {
-                object: slice,
-                service,
-                endpoints,
-                serving,
-            },
-        );
+        self.slices.insert(key.clone(), record);
         self.dirty_slices.insert(key);
     }
 
@@ -207,35 +224,32 @@ impl ChangeTracker {
         }
     }
 
+    fn is_own(&self, node: &Node) -> bool {
+        node.metadata.name.as_deref() == Some(self.node_name.as_str())
+    }
+
     /// Applies one change a source reported.
     pub fn apply(&mut self, change: ObjectChange) {
         match change {
             ObjectChange::Service(Change::Applied(service)) => self.set_service(*service),
-            ObjectChange::Service(Change::Deleted(service)) => self.remove_service(&object_name(
+            ObjectChange::Service(Change::Deleted(service)) => self.remove_service(&ObjectKey::of(
                 &service.metadata.namespace,
                 &service.metadata.name,
             )),
             ObjectChange::Service(Change::Relisted(all)) => self.replace_services(&all),
             ObjectChange::Slice(Change::Applied(slice)) => self.set_slice(*slice),
-            ObjectChange::Slice(Change::Deleted(slice)) => self.remove_slice(&object_name(
+            ObjectChange::Slice(Change::Deleted(slice)) => self.remove_slice(&ObjectKey::of(
                 &slice.metadata.namespace,
                 &slice.metadata.name,
             )),
             ObjectChange::Slice(Change::Relisted(all)) => self.replace_slices(&all),
-            ObjectChange::Node(Change::Applied(node)) => self.set_node(Some(&node)),
-            ObjectChange::Node(Change::Deleted(_)) => self.set_node(None),
+            // Only this node's Node matters; a file may hold others.
+            ObjectChange::Node(Change::Applied(node)) if self.is_own(&node) => {
+                self.set_node(Some(&node))
+            }
+            ObjectChange::Node(Change::Deleted(node)) if self.is_own(&node) => self.set_node(None),
+            ObjectChange::Node(Change::Applied(_) | Change::Deleted(_)) => {}
             ObjectChange::Node(Change::Relisted(all)) => self.set_node(all.first()),
-        }
-    }
-
-    /// Applies a source's whole view: a complete one replaces the tracked set, a
-    /// partial one (something could not be read, and may hold objects still in use)
-    /// adds and updates without removing anything.
-    pub fn apply_snapshot(&mut self, objects: &Objects, complete: bool) {
-        if complete {
-            self.replace_all(objects);
-        } else {
-            self.merge(objects);
         }
     }
 
@@ -273,19 +287,12 @@ impl ChangeTracker {
         }
     }
 
-    /// Adds or updates `objects` without removing anything: for a source read that is
-    /// known to be incomplete (a malformed document may hold objects still in use).
-    pub fn merge(&mut self, objects: &Objects) {
-        for service in &objects.services {
-            self.set_service(service.clone());
-        }
-        for slice in &objects.slices {
-            self.set_slice(slice.clone());
-        }
-    }
-
-    fn holder(&self, key: &FrontendKey) -> Option<&Frontend> {
-        self.claims.get(key)?.values().next()
+    /// The service holding a frontend, and what it asks for there.
+    fn holder(&self, key: &FrontendKey) -> Option<(&ObjectKey, &Frontend)> {
+        let service = self.claims.get(key)?.first()?;
+        let output = self.outputs.get(service)?;
+        let (_, frontend) = output.claims.iter().find(|(k, _)| k == key)?;
+        Some((service, frontend))
     }
 
     /// Re-translates what changed; returns the frontends whose programmed form differs.
@@ -300,17 +307,20 @@ impl ChangeTracker {
         let mut outputs = Vec::new();
         let mut affected = BTreeSet::new();
         for key in dirty {
-            let output = self.services.get(&key).map(|service| {
+            let output = self.services.get(&key).map(|stored| {
                 let endpoints: Vec<SliceEndpoint> = self
                     .slices_of
                     .get(&key)
                     .into_iter()
                     .flatten()
-                    .filter_map(|slice| self.slices.get(slice)?.serving.as_ref())
+                    .filter_map(|slice| self.slices.get(slice)?.serving())
                     .flatten()
                     .cloned()
                     .collect();
-                service_output(service, &endpoints, &self.node)
+                match stored.decode() {
+                    Ok(service) => service_output(&service, &endpoints, &self.node),
+                    Err(message) => ServiceOutput::unreadable(&key, message),
+                }
             });
             let old = self
                 .outputs
@@ -324,7 +334,7 @@ impl ChangeTracker {
         }
         let before: BTreeMap<FrontendKey, Option<Frontend>> = affected
             .iter()
-            .map(|k| (*k, self.holder(k).cloned()))
+            .map(|k| (*k, self.holder(k).map(|(_, f)| f.clone())))
             .collect();
         let mut recomputed = Vec::new();
         for (key, output) in outputs {
@@ -347,18 +357,18 @@ impl ChangeTracker {
                 }
             }
             if let Some(output) = output {
-                for (frontend, value) in &output.claims {
+                for (frontend, _) in &output.claims {
                     self.claims
                         .entry(*frontend)
                         .or_default()
-                        .insert(key.clone(), value.clone());
+                        .insert(key.clone());
                 }
                 self.outputs.insert(key.clone(), output);
                 recomputed.push(key);
             }
         }
         for (frontend, previous) in before {
-            let now = self.holder(&frontend).cloned();
+            let now = self.holder(&frontend).map(|(_, f)| f.clone());
             if now != previous {
                 flush.changes.push((frontend, now));
             }
@@ -370,8 +380,8 @@ impl ChangeTracker {
     }
 
     fn slice_problems(&self, key: &ObjectKey, record: &SliceRecord) -> Vec<Problem> {
-        let object = format!("EndpointSlice {}/{}", key.0, key.1);
-        if record.object.address_type != "IPv4" {
+        let object = format!("EndpointSlice {key}");
+        if !record.ipv4 {
             return Vec::new();
         }
         match (&record.service, &record.endpoints) {
@@ -379,14 +389,14 @@ impl ChangeTracker {
                 object,
                 format!("no {LABEL_SERVICE_NAME} label: ignored"),
             )],
-            (_, Err(message)) if record.serving.is_some() => vec![Problem::error(
+            (_, Err(message)) if record.last_good.is_some() => vec![Problem::error(
                 object,
                 format!("{message}; its last readable version stays in use"),
             )],
             (_, Err(message)) => vec![Problem::error(object, message.clone())],
             (Some(service), Ok(_)) if !self.services.contains_key(service) => {
                 vec![Problem::warning(
-                    format!("EndpointSlice for {}/{}", service.0, service.1),
+                    format!("EndpointSlice for {service}"),
                     "no such service: ignored",
                 )]
             }
@@ -401,13 +411,12 @@ impl ChangeTracker {
         };
         let mut problems = output.problems.clone();
         for (frontend, _) in &output.claims {
-            let Some((holder, held)) = self.claims.get(frontend).and_then(|c| c.iter().next())
-            else {
+            let Some((holder, held)) = self.holder(frontend) else {
                 continue;
             };
             if holder != key {
                 problems.push(Problem::error(
-                    format!("Service {}/{}", key.0, key.1),
+                    format!("Service {key}"),
                     format!("{frontend} already belongs to {}", held.service),
                 ));
             }
@@ -421,7 +430,7 @@ impl ChangeTracker {
             frontends: self
                 .claims
                 .keys()
-                .filter_map(|k| Some((*k, self.holder(k)?.clone())))
+                .filter_map(|k| Some((*k, self.holder(k)?.1.clone())))
                 .collect(),
         }
     }
@@ -449,7 +458,7 @@ fn differences<'t, 'a, T>(
 ) -> (Vec<ObjectKey>, Vec<&'a T>) {
     let wanted: BTreeMap<ObjectKey, &T> = listed
         .iter()
-        .map(|o| (object_name(&metadata(o).namespace, &metadata(o).name), o))
+        .map(|o| (ObjectKey::of(&metadata(o).namespace, &metadata(o).name), o))
         .collect();
     let gone = tracked
         .filter(|k| !wanted.contains_key(*k))
@@ -538,7 +547,7 @@ mod tests {
             "{:?}",
             flush.problems
         );
-        tracker.remove_service(&("ns".into(), "s0".into()));
+        tracker.remove_service(&ObjectKey::new("ns", "s0"));
         let flush = tracker.flush();
         assert_eq!(flush.changes.len(), 1);
         assert_eq!(
