@@ -60,6 +60,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -98,7 +99,8 @@ pub const ANNOTATION_FORWARDING: &str = "ebpf-proxy.io/forwarding";
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct SliceEndpoint {
     endpoint: Endpoint,
-    port_name: String,
+    /// Shared by the slice's endpoints (the tracker keeps these for every slice).
+    port_name: Arc<str>,
     protocol: Protocol,
     ready: bool,
     serving: bool,
@@ -114,7 +116,7 @@ pub(crate) struct ServiceOutput {
     pub claims: Vec<(FrontendKey, Frontend)>,
     pub problems: Vec<Problem>,
     /// `healthCheckNodePort` and what it reports (rule 8).
-    pub health_check: Option<(u16, HealthCheck)>,
+    pub health_check: Option<Box<(u16, HealthCheck)>>,
 }
 
 fn namespace_of(service: &Service) -> String {
@@ -164,7 +166,11 @@ pub(crate) fn slice_endpoints(
             .and_then(parse_port)
             .ok_or_else(|| format!("port {:?} is not a valid port number", port.port))?;
         let protocol = parse_protocol(port.protocol.as_deref())?;
-        ports.push((port.name.clone().unwrap_or_default(), protocol, number));
+        ports.push((
+            Arc::<str>::from(port.name.as_deref().unwrap_or_default()),
+            protocol,
+            number,
+        ));
     }
     let mut out = Vec::new();
     for endpoint in &slice.endpoints {
@@ -348,7 +354,7 @@ fn policy_sets(
     let name = port.name.clone().unwrap_or_default();
     let matching: Vec<&SliceEndpoint> = all
         .iter()
-        .filter(|e| e.port_name == name && e.protocol == protocol)
+        .filter(|e| *e.port_name == *name && e.protocol == protocol)
         .collect();
     let mut cluster = Vec::new();
     if hints_apply(&matching, zone) {
@@ -625,14 +631,14 @@ pub(crate) fn service_output(
     if let Some(port) = spec.health_check_node_port.filter(|_| external_local) {
         match parse_port(port) {
             Some(port) => {
-                out.health_check = Some((
+                out.health_check = Some(Box::new((
                     port,
                     HealthCheck {
                         namespace: namespace_of(service),
                         name: service.metadata.name.clone().unwrap_or_default(),
                         local_endpoints: local_serving.len(),
                     },
-                ))
+                )))
             }
             None => out.problems.push(Problem::error(
                 object.clone(),

@@ -11,7 +11,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context as _, Result};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::AgentConfig;
 use crate::{
@@ -42,16 +42,22 @@ impl Attachments {
             info!(from = %old, to = %name, "interface renamed");
             attach::forget_interface(&config.pin_dir, &old);
         }
-        self.failed.remove(&index);
+        let previous = self.failed.remove(&index);
         match attach_interface(dp, config, name) {
             Ok(true) => {
                 self.attached.insert(index, name.to_owned());
             }
             Ok(false) => {}
             Err(e) => {
-                warn!(iface = %name, "{e:#} (retried every {RETRY_INTERVAL:?})");
-                self.failed
-                    .insert(index, (name.to_owned(), format!("{e:#}")));
+                let error = format!("{e:#}");
+                // Said when it starts or changes, not at every retry (`/readyz` keeps
+                // saying it).
+                if previous.is_some_and(|(n, before)| n == name && before == error) {
+                    debug!(iface = %name, "{error} (retrying)");
+                } else {
+                    warn!(iface = %name, "{error} (retried every {RETRY_INTERVAL:?})");
+                }
+                self.failed.insert(index, (name.to_owned(), error));
             }
         }
     }

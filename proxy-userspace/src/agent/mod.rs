@@ -257,14 +257,45 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     capabilities::check()?;
     config.node.validate()?;
     limits::raise_open_files();
-    let _pin_dir_lock = PinDirLock::acquire(&config.pin_dir)?;
-    let mut datapath = Datapath::load_sized(&config.pin_dir, config.map_sizes)?;
-    let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?;
+    let mut pin_dir_lock = PinDirLock::acquire(&config.pin_dir)?;
     let status = Status::new(
         config.pin_dir.clone(),
         AgentMetrics::default(),
         config.metrics_max_series,
     );
+    let mut tracker = ChangeTracker::new(&config.node.name)
+        .with_default_scheduler(config.default_scheduler)
+        .with_default_forwarding(config.default_forwarding)
+        .with_service_proxy_name(config.service_proxy_name.clone());
+    let mut schedule = SyncSchedule {
+        min_sync_period: config.min_sync_period,
+        unlisted: BTreeSet::new(),
+        pending_since: None,
+        pending_problems: Vec::new(),
+        last_sync: None,
+    };
+    let (updates_tx, mut updates) = mpsc::channel(1024);
+    let mut reporters = Vec::new();
+    let mut running_sources = Vec::new();
+    for source in sources {
+        reporters.extend(source.problem_reporter());
+        schedule.unlisted.insert(source.name());
+        let feed = Updates::new(source.name(), updates_tx.clone());
+        running_sources.push(source.start(feed));
+    }
+    drop(updates_tx);
+    // The programs load and verify (seconds, for the uplink program) while the
+    // sources read: a large manifests file is parsed and tracked meanwhile.
+    let pin_dir = config.pin_dir.clone();
+    let sizes = config.map_sizes;
+    let mut loading = tokio::task::spawn_blocking(move || Datapath::load_sized(&pin_dir, sizes));
+    let mut datapath = loop {
+        tokio::select! {
+            loaded = &mut loading => break loaded.context("loading the data path")??,
+            Some(update) = updates.recv() => schedule.apply(update, &mut tracker, &status.metrics),
+        }
+    };
+    let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?;
     server::spawn(
         config.metrics_address,
         config.health_address,
@@ -279,32 +310,13 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     };
     syncer.program_node(&config.node, &settings)?;
     let mut programmer = Programmer {
-        tracker: ChangeTracker::new(&config.node.name)
-            .with_default_scheduler(config.default_scheduler)
-            .with_default_forwarding(config.default_forwarding)
-            .with_service_proxy_name(config.service_proxy_name.clone()),
+        tracker,
         syncer,
         health_checks: HealthCheckServers::default(),
-        reporters: Vec::new(),
+        reporters,
         metrics: status.metrics.clone(),
         reconciled: false,
     };
-    let mut schedule = SyncSchedule {
-        min_sync_period: config.min_sync_period,
-        unlisted: BTreeSet::new(),
-        pending_since: None,
-        pending_problems: Vec::new(),
-        last_sync: None,
-    };
-    let (updates_tx, mut updates) = mpsc::channel(1024);
-    let mut running_sources = Vec::new();
-    for source in sources {
-        programmer.reporters.extend(source.problem_reporter());
-        schedule.unlisted.insert(source.name());
-        let feed = Updates::new(source.name(), updates_tx.clone());
-        running_sources.push(source.start(feed));
-    }
-    drop(updates_tx);
     attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
@@ -353,7 +365,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             _ = alive_ticker.tick() => {
                 status.alive();
                 if !datapath.pins_intact() {
-                    restore_pinned_state(&mut datapath, &mut attachments, &config);
+                    restore_pinned_state(&mut datapath, &mut attachments, &config, &mut pin_dir_lock);
                 }
                 pins_whole = datapath.pins_intact();
                 status.set_broken(!pins_whole);
@@ -409,8 +421,13 @@ fn restore_pinned_state(
     datapath: &mut Datapath,
     attachments: &mut Attachments,
     config: &AgentConfig,
+    lock: &mut PinDirLock,
 ) {
     warn!(pin_dir = %config.pin_dir.display(), "pinned maps vanished; pinning them again and re-attaching");
+    // First, so that no other agent takes a directory made anew in the meantime.
+    if let Err(e) = lock.renew(&config.pin_dir) {
+        warn!("locking the pin directory again: {e:#}");
+    }
     match datapath.restore_pins() {
         Ok(restored) => info!(restored, "maps pinned again"),
         Err(e) => {

@@ -11,7 +11,7 @@ use super::loader::ensure_bpffs;
 
 /// Held for the agent's lifetime.
 pub struct PinDirLock {
-    _directory: File,
+    directory: File,
 }
 
 impl PinDirLock {
@@ -34,8 +34,20 @@ impl PinDirLock {
             }
             return Err(error).with_context(|| format!("locking {}", dir.display()));
         }
-        Ok(PinDirLock {
-            _directory: directory,
-        })
+        Ok(PinDirLock { directory })
+    }
+
+    /// Takes the lock again (creating the directory) if `dir` is no longer the
+    /// directory locked: it was removed, and a lock on a deleted directory keeps
+    /// nobody out.
+    pub fn renew(&mut self, dir: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let held = self.directory.metadata()?;
+        let same = std::fs::metadata(dir)
+            .is_ok_and(|now| (held.dev(), held.ino()) == (now.dev(), now.ino()));
+        if !same {
+            *self = PinDirLock::acquire(dir)?;
+        }
+        Ok(())
     }
 }

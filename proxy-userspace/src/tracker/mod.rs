@@ -178,7 +178,12 @@ impl ChangeTracker {
 
     pub fn set_slice(&mut self, slice: EndpointSlice) {
         let key = ObjectKey::of(&slice.metadata.namespace, &slice.metadata.name);
-        let service = slice_service(&slice);
+        // The service's own key when it is tracked: one allocation for both.
+        let service = slice_service(&slice).map(|named| {
+            self.services
+                .get_key_value(&named)
+                .map_or(named, |(key, _)| key.clone())
+        });
         let endpoints = slice_endpoints(&slice, &self.node_name);
         let last_good = match &endpoints {
             Ok(_) => None,
@@ -338,7 +343,9 @@ impl ChangeTracker {
             .collect();
         let mut recomputed = Vec::new();
         for (key, output) in outputs {
-            let check = output.as_ref().and_then(|o| o.health_check.clone());
+            let check = output
+                .as_ref()
+                .and_then(|o| o.health_check.as_deref().cloned());
             if self.health_checks.get(&key) != check.as_ref() {
                 flush.health_checks_changed = true;
                 match check {

@@ -323,22 +323,8 @@ fn pinned_maps_of_another_layout_are_refused_clearly() {
 #[test]
 fn a_second_agent_on_the_same_pin_directory_is_refused() {
     let cluster = Cluster::new("lock", 1, 0, |t| vec![web(t, &["pod-a1"])]);
-    let binary = cluster.agent.binary().to_str().expect("path").to_owned();
-    let output = cluster
-        .topology
-        .node
-        .command("timeout")
-        .args(["20", &binary, "run", "--manifests"])
-        .arg(&cluster.agent.manifests)
-        .args(["--node-name", "n", "--node-ip", "198.18.0.1"])
-        .args(["--metrics-bind-address", "127.0.0.1:0"])
-        .args(["--healthz-bind-address", "127.0.0.1:0"])
-        .arg("--pin-dir")
-        .arg(&cluster.agent.pin_dir)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let (succeeded, stderr) = cluster.second_agent();
+    assert!(!succeeded, "{stderr}");
     assert!(stderr.contains("another agent"), "{stderr}");
     assert!(curl(cluster.ns("pod-a1"), &format!("http://{WEB_VIP}/")).is_ok());
     assert_eq!(cluster.agent.listing().expect("list").services.len(), 1);

@@ -76,6 +76,14 @@ fn with_a_read_only_proc_sys_the_agent_says_what_it_needs_and_is_ready_once_it_h
         readyz(&cluster).is_err_and(|body| lines.iter().all(|l| body.contains(l.as_str())))
     });
     assert!(said, "{:?}\n{}", readyz(&cluster), cluster.agent.log());
+    // Retried every 2 s, but said once per interface until something changes.
+    std::thread::sleep(Duration::from_secs(5));
+    let log = cluster.agent.log();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("WARN ebpf_proxy::agent::attachments") && l.contains("up0/"))
+        .count();
+    assert_eq!(warnings, 1, "{log}");
     // What the DaemonSet's privileged init container does, from outside the agent's
     // mounts.
     let binary = cluster.agent.binary().to_str().expect("binary").to_owned();
@@ -139,4 +147,7 @@ fn a_removed_pin_directory_is_noticed_and_restored_with_its_flows() {
     assert!(curl(client, &format!("http://{WEB_VIP}/")).is_ok());
     let listing = cluster.agent.listing().expect("list");
     assert_eq!(listing.services.len(), 1);
+    // The new directory is locked as the old one was: a second agent is refused.
+    let (succeeded, stderr) = cluster.second_agent();
+    assert!(!succeeded && stderr.contains("another agent"), "{stderr}");
 }

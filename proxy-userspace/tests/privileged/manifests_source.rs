@@ -1,10 +1,17 @@
-//! The manifests source, end to end: a corrupted or deleted file keeps the last good
-//! state; a full service table is reported and what fits keeps working.
+//! The manifests source, end to end: a corrupted, deleted, emptied, cut or slowly
+//! written file keeps the last good state (under traffic, no request fails); a full
+//! service table is reported and what fits keeps working.
 
-use std::net::Ipv4Addr;
+use std::{
+    io::Write as _,
+    net::Ipv4Addr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use testbed::{
     manifests::{render, ServiceDef},
+    servers::HttpConnection,
     topology::Topology,
 };
 
@@ -189,4 +196,104 @@ fn a_manifests_path_that_is_missing_or_not_a_regular_file_is_refused_at_start() 
         );
     }
     assert!(!std::path::Path::new("/sys/fs/bpf/epx-never-created").exists());
+}
+
+/// Issue 14's fault suite: under continuous traffic (a new connection each request, to
+/// every service in turn), the manifests file is emptied, cut short in the middle of
+/// a line (a writer that stopped), rewritten in place in 8 KB pieces (a writer that is
+/// slow), and given a document of a wrong apiVersion. No request fails, and every
+/// service is still programmed after each.
+#[test]
+fn a_file_emptied_cut_short_written_slowly_or_misversioned_under_traffic_loses_no_request() {
+    const SERVICES: u8 = 60;
+    let services = |t: &Topology| numbered_services(t, 1..=SERVICES);
+    let cluster = Cluster::new("mfault", 2, 0, services);
+    let good = render(&services(&cluster.topology));
+    let path = cluster.agent.manifests.clone();
+    let settle = || std::thread::sleep(Duration::from_millis(1_500));
+    let restore = || {
+        let temporary = path.with_extension("new");
+        std::fs::write(&temporary, &good).expect("write");
+        std::fs::rename(&temporary, &path).expect("rename");
+        settle();
+    };
+    let all_programmed =
+        || cluster.agent.listing().expect("list").services.len() == usize::from(SERVICES);
+    let stop = AtomicBool::new(false);
+    let (sent, failures) = std::thread::scope(|scope| {
+        // Stops the traffic also when an assertion below fails (else the scope would
+        // wait for it for ever).
+        let stopping = StopOnDrop(&stop);
+        let traffic = scope.spawn(|| {
+            let client = cluster.ns("pod-a2");
+            let (mut sent, mut failures) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let vip = Ipv4Addr::new(10, 96, 1, 1 + (sent % u32::from(SERVICES)) as u8);
+                sent += 1;
+                let answer =
+                    HttpConnection::open(client, (vip, 80).into()).and_then(|mut c| c.get());
+                if let Err(e) = answer {
+                    failures.push(format!("{vip}: {e:#}"));
+                }
+            }
+            (sent, failures)
+        });
+        // Emptied.
+        std::fs::write(&path, "").expect("empty");
+        settle();
+        assert!(all_programmed(), "after emptying");
+        restore();
+        // Cut short in the middle of a line, in the middle of the file.
+        let mut cut = good.len() / 2;
+        while good.as_bytes()[cut - 1] == b'\n' {
+            cut += 1;
+        }
+        std::fs::write(&path, &good[..cut]).expect("cut short");
+        settle();
+        assert!(all_programmed(), "after cutting short");
+        restore();
+        // Rewritten in place, slowly.
+        let mut file = std::fs::File::create(&path).expect("rewrite");
+        for piece in good.as_bytes().chunks(8 * 1024) {
+            file.write_all(piece).expect("piece");
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        drop(file);
+        settle();
+        assert!(all_programmed(), "after a slow rewrite");
+        // One Service under a wrong apiVersion.
+        let misversioned = good.replacen(
+            "apiVersion: v1\nkind: Service",
+            "apiVersion: v2\nkind: Service",
+            1,
+        );
+        std::fs::write(&path, misversioned).expect("misversioned");
+        settle();
+        assert!(all_programmed(), "after a misversioned document");
+        restore();
+        drop(stopping);
+        traffic.join().expect("traffic")
+    });
+    let log = cluster.agent.log();
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:?}\n{log}",
+        failures.len()
+    );
+    assert!(sent > 100, "only {sent} requests");
+    for said in [
+        "the file is empty",
+        "cut short",
+        "\"v2\" \"Service\" is not read",
+    ] {
+        assert!(log.contains(said), "{said:?} not in\n{log}");
+    }
+}
+
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }

@@ -123,12 +123,22 @@ impl FileView {
         reading: &Reading<'_>,
         emit: &mut dyn FnMut(Vec<ObjectChange>),
     ) -> Vec<Problem> {
-        let documents = split_documents(text);
+        let mut documents = split_documents(text);
         let mut problems = Vec::new();
         if documents.is_empty() && !reading.allow_empty {
             problems.push(Problem::error(
                 reading.origin.to_owned(),
                 "the file is empty: keeping the programmed services (an empty file removes them only with --allow-empty-manifests)",
+            ));
+        }
+        // A writer that stopped mid-way (a full disk, a crash) leaves a file that ends
+        // in the middle of a line: its last document may still parse, with fields or
+        // endpoints missing, and the documents after the cut would be taken as gone.
+        if !text.is_empty() && !text.ends_with('\n') {
+            documents.pop();
+            problems.push(Problem::error(
+                format!("document {} of {}", documents.len() + 1, reading.origin),
+                "the file does not end with a newline: taken as cut short by a writer that stopped; its last document is not read and nothing is removed until the file ends with a newline",
             ));
         }
         let mut read: HashMap<u64, Vec<ObjectId>> = HashMap::new();
@@ -278,6 +288,21 @@ mod tests {
             (vec![], vec!["a".into()], 0),
             "unless allowed"
         );
+    }
+
+    #[test]
+    fn a_file_cut_short_applies_nothing_of_its_last_document_and_removes_nothing() {
+        let mut view = FileView::default();
+        let (a, b) = (service("a", "10.96.0.1"), service("b", "10.96.0.2"));
+        update(&mut view, &[a.clone(), b.clone()]);
+        // Cut inside the ports line of a changed `a`: what remains of it parses.
+        let a2 = service("a", "10.96.0.9");
+        let cut = &a2[..a2.find("  ports").expect("ports") + 4];
+        assert_eq!(update(&mut view, &[cut.to_owned()]), (vec![], vec![], 1));
+        // Whole again: the new `a` is applied (and `b`, not seen in the cut version,
+        // is said again, which changes nothing).
+        let (applied, deleted, problems) = update(&mut view, &[a2, b]);
+        assert_eq!((applied[0].as_str(), deleted, problems), ("a", vec![], 0));
     }
 
     #[test]

@@ -79,6 +79,29 @@ impl Cluster {
     pub fn ns(&self, pod: &str) -> &Netns {
         &self.topology.pod(pod).ns
     }
+
+    /// Starts another agent on this cluster's pin directory (it should be refused):
+    /// whether it exited successfully, and what it said.
+    pub fn second_agent(&self) -> (bool, String) {
+        let binary = self.agent.binary().to_str().expect("path").to_owned();
+        let output = self
+            .topology
+            .node
+            .command("timeout")
+            .args(["20", &binary, "run", "--manifests"])
+            .arg(&self.agent.manifests)
+            .args(["--node-name", "n", "--node-ip", "198.18.0.1"])
+            .args(["--metrics-bind-address", "127.0.0.1:0"])
+            .args(["--healthz-bind-address", "127.0.0.1:0"])
+            .arg("--pin-dir")
+            .arg(&self.agent.pin_dir)
+            .output()
+            .expect("run");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
 }
 
 /// `curl` from `ns`; the body (`pod=… client=…`), or the error.
