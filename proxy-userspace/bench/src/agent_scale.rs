@@ -4,7 +4,8 @@
 //! service programmed), the agent's memory (resident now and at its peak), one
 //! endpoint change through the file (written atomically, as `kubectl`-style tools
 //! and ConfigMap mounts do, until the agent's sync of it is logged), and one
-//! `/metrics` scrape (bytes and time; three at once for the memory they cost).
+//! `/metrics` scrape (bytes and time; three at once for the memory they cost), and
+//! `ebpf-proxy conntrack list` of 200,000 flows (to its first line, and to its last).
 
 use std::{
     path::{Path, PathBuf},
@@ -38,6 +39,56 @@ pub struct AgentScale {
     metrics_bytes: usize,
     metrics_scrape_ms: f64,
     rss_peak_after_parallel_scrapes_mib: f64,
+    /// `conntrack list` of `CONNTRACK_FLOWS` flows: first line, and all of them.
+    conntrack_flows: usize,
+    conntrack_list_first_line_ms: f64,
+    conntrack_list_all_ms: f64,
+}
+
+/// Flows put in conntrack for the listing (the adversary listed 177k).
+const CONNTRACK_FLOWS: usize = 200_000;
+
+/// Fills the agent's conntrack with established flows and times `conntrack list`:
+/// (first line, every line) in ms.
+fn time_conntrack_list(agent: &Agent) -> Result<(f64, f64)> {
+    use std::io::BufRead as _;
+    use proxy_common::{Addr, CtEntry, CtKey, CT_ESTABLISHED, PROTO_TCP};
+    let mut tables = ebpf_proxy::datapath::tables::Tables::open(&agent.pin_dir)?;
+    let now = ebpf_proxy::conntrack::coarse_now_ns();
+    for flow in 0..CONNTRACK_FLOWS {
+        let client = u32::from(std::net::Ipv4Addr::new(10, 244, 0, 0)) + (flow / 60_000) as u32;
+        let key = CtKey {
+            src: Addr::from_v4_be(client.to_be()),
+            dst: Addr::from_v4_octets([10, 96, 0, 1]),
+            sport: (1024 + (flow % 60_000) as u16).to_be(),
+            dport: 80u16.to_be(),
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let entry = CtEntry {
+            nat_dst: Addr::from_v4_octets([10, 128, 0, 0]),
+            nat_dport: 8080u16.to_be(),
+            service_id: 0,
+            state: CT_ESTABLISHED,
+            last_seen_ns: now,
+            ..CtEntry::default()
+        };
+        tables.conntrack.insert(key, entry, 0)?;
+    }
+    let pin_dir = agent.pin_dir.to_str().context("pin dir")?;
+    let started = Instant::now();
+    let mut child = std::process::Command::new(agent.binary())
+        .args(["conntrack", "list", "--pin-dir", pin_dir])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    lines.next().context("no flow listed")??;
+    let first = started.elapsed();
+    let count = 1 + lines.count();
+    let all = started.elapsed();
+    child.wait()?;
+    anyhow::ensure!(count == CONNTRACK_FLOWS, "listed {count} of {CONNTRACK_FLOWS} flows");
+    Ok((first.as_secs_f64() * 1000.0, all.as_secs_f64() * 1000.0))
 }
 
 /// Resident, peak resident and anonymous resident memory of a process, MiB.
@@ -138,6 +189,7 @@ fn measure(services: usize, work_dir: &Path) -> Result<AgentScale> {
             .try_for_each(|s| s.join().expect("scrape thread").map(drop))
     })?;
     let (_, rss_peak_after_scrapes, _) = memory_mib(pid)?;
+    let (list_first, list_all) = time_conntrack_list(&agent)?;
     Ok(AgentScale {
         services,
         manifests_bytes: manifests.len(),
@@ -150,6 +202,9 @@ fn measure(services: usize, work_dir: &Path) -> Result<AgentScale> {
         metrics_bytes,
         metrics_scrape_ms: metrics_seconds * 1000.0,
         rss_peak_after_parallel_scrapes_mib: rss_peak_after_scrapes,
+        conntrack_flows: CONNTRACK_FLOWS,
+        conntrack_list_first_line_ms: list_first,
+        conntrack_list_all_ms: list_all,
     })
 }
 
@@ -165,7 +220,7 @@ pub fn run(quick: bool) -> Result<Vec<AgentScale>> {
         &[1_000, 10_000, 50_000, 100_000]
     };
     println!(
-        "{:>8} {:>9} {:>10} {:>9} {:>9} {:>16} {:>10} {:>10} {:>12}",
+        "{:>8} {:>9} {:>10} {:>9} {:>9} {:>16} {:>10} {:>10} {:>12} {:>18}",
         "services",
         "file MB",
         "cold ms",
@@ -174,7 +229,8 @@ pub fn run(quick: bool) -> Result<Vec<AgentScale>> {
         "change ms p50/max",
         "/metrics kB",
         "scrape ms",
-        "3 scrapes peak"
+        "3 scrapes peak",
+        "ct list 1st/all ms"
     );
     let mut results = Vec::new();
     for &services in scales {
@@ -183,7 +239,7 @@ pub fn run(quick: bool) -> Result<Vec<AgentScale>> {
         let _ = std::fs::remove_dir_all(&work_dir);
         let r = result.with_context(|| format!("{services} services"))?;
         println!(
-            "{:>8} {:>9.1} {:>10.0} {:>9.1} {:>9.1} {:>16} {:>10.0} {:>10.0} {:>12.1}",
+            "{:>8} {:>9.1} {:>10.0} {:>9.1} {:>9.1} {:>16} {:>10.0} {:>10.0} {:>12.1} {:>18}",
             r.services,
             r.manifests_bytes as f64 / 1e6,
             r.cold_start_ms,
@@ -193,6 +249,10 @@ pub fn run(quick: bool) -> Result<Vec<AgentScale>> {
             r.metrics_bytes as f64 / 1e3,
             r.metrics_scrape_ms,
             r.rss_peak_after_parallel_scrapes_mib,
+            format!(
+                "{:.0}/{:.0}",
+                r.conntrack_list_first_line_ms, r.conntrack_list_all_ms
+            ),
         );
         results.push(r);
     }
