@@ -51,8 +51,8 @@ const CONNTRACK_FLOWS: usize = 200_000;
 /// Fills the agent's conntrack with established flows and times `conntrack list`:
 /// (first line, every line) in ms.
 fn time_conntrack_list(agent: &Agent) -> Result<(f64, f64)> {
-    use std::io::BufRead as _;
     use proxy_common::{Addr, CtEntry, CtKey, CT_ESTABLISHED, PROTO_TCP};
+    use std::io::BufRead as _;
     let mut tables = ebpf_proxy::datapath::tables::Tables::open(&agent.pin_dir)?;
     let now = ebpf_proxy::conntrack::coarse_now_ns();
     for flow in 0..CONNTRACK_FLOWS {
@@ -87,7 +87,10 @@ fn time_conntrack_list(agent: &Agent) -> Result<(f64, f64)> {
     let count = 1 + lines.count();
     let all = started.elapsed();
     child.wait()?;
-    anyhow::ensure!(count == CONNTRACK_FLOWS, "listed {count} of {CONNTRACK_FLOWS} flows");
+    anyhow::ensure!(
+        count == CONNTRACK_FLOWS,
+        "listed {count} of {CONNTRACK_FLOWS} flows"
+    );
     Ok((first.as_secs_f64() * 1000.0, all.as_secs_f64() * 1000.0))
 }
 

@@ -15,7 +15,7 @@ use testbed::{
     topology::Topology,
 };
 
-use crate::support::{cluster::*, services::*};
+use crate::support::{cluster::*, services::*, traffic::StopOnDrop};
 
 #[test]
 fn a_corrupted_or_deleted_manifests_file_keeps_the_last_good_state() {
@@ -287,13 +287,5 @@ fn a_file_emptied_cut_short_written_slowly_or_misversioned_under_traffic_loses_n
         "\"v2\" \"Service\" is not read",
     ] {
         assert!(log.contains(said), "{said:?} not in\n{log}");
-    }
-}
-
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
     }
 }

@@ -4,3 +4,4 @@ pub mod cluster;
 pub mod datapath;
 pub mod packets;
 pub mod services;
+pub mod traffic;
