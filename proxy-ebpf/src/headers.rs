@@ -24,6 +24,8 @@ pub const ICMP_UNREACHABLE: u8 = 3;
 pub const ICMP_PORT_UNREACHABLE: u8 = 3;
 pub const ICMP_FRAG_NEEDED: u8 = 4;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
+/// ICMP echo request (ping).
+pub const ICMP_ECHO_REQUEST: u8 = 8;
 
 /// The protocol byte of an IPv4 header, read as a byte: network-types 0.1 declares it
 /// as the `IpProto` enum, and reading an enum whose value has no variant from packet

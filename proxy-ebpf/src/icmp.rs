@@ -29,8 +29,8 @@ use proxy_common::{Addr, CtKey, EV_ICMP_TRANSLATED};
 use crate::{
     balancer, checksum, counters,
     headers::{
-        self, ipv4_header, Transport, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
-        IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
+        self, ipv4_header, Transport, ICMP_ECHO_REQUEST, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED,
+        ICMP_UNREACHABLE, IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
     },
     maps::CONNTRACK,
     packet::{Packet, TcPacket, XdpPacket, ETH_LEN, IP_CHECK, IP_DST, IP_SRC},
@@ -173,6 +173,33 @@ fn rewrite<P: Packet>(pkt: &P, error: &IcmpError, sent: &CtKey, outer_src: Addr)
         }
     }
     Ok(())
+}
+
+/// An echo request (ping) to a service address, which is refused like any port or
+/// protocol of it that no service has (kube-proxy's nftables mode rejects them all
+/// with port unreachable): nobody outside owns the address, so a request let out
+/// leaks towards the default gateway, and one to a LoadBalancer IP routed to the
+/// node bounces between the node and its router until its TTL runs out. Answering
+/// instead (IPVS's way, whose VIPs sit on a local interface) would tell a prober
+/// the service is up when it may have no endpoint.
+#[inline(always)]
+pub fn is_echo_to_service<P: Packet>(pkt: &P) -> bool {
+    let (Some(eth), Some(ip), Some(icmp)) = (
+        pkt.ptr_at::<EthHdr>(0),
+        pkt.ptr_at::<Ipv4Hdr>(ETH_LEN),
+        pkt.ptr_at::<[u8; 8]>(ICMP_OFF),
+    ) else {
+        return false;
+    };
+    // SAFETY: every pointer is bounds-checked.
+    unsafe {
+        (*eth).ether_type == EtherType::Ipv4 as u16
+            && (*ip).vihl == 0x45
+            && headers::ipv4_proto(ip) == PROTO_ICMP
+            && u16::from_be_bytes((*ip).frags) & (IP_MF | IP_OFFSET_MASK) == 0
+            && (*icmp)[0] == ICMP_ECHO_REQUEST
+            && balancer::is_service_address(&Addr::from_v4_be(u32::from_ne_bytes((*ip).dst_addr)))
+    }
 }
 
 /// A refusal: Ethernet, IP, ICMP header, and the quoted IP header with 8 bytes.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ebpf_proxy::model::{Frontend, Protocol};
 use testbed::{manifests::ServiceDef, topology::Topology};
 
-use crate::support::{cluster::*, datapath::*, packets::*, services::*};
+use crate::support::{cluster::*, datapath::*, packets::*, services::*, traffic::ping};
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
@@ -130,6 +130,7 @@ fn another_port_or_protocol_of_a_service_address_is_refused() {
     for packet in [
         tcp_packet((CLIENT, 40000), (VIP, 81), Tcp::Syn, b""),
         udp_packet((CLIENT, 40001), (VIP, 80), b"another protocol"),
+        ping_packet(CLIENT, VIP),
     ] {
         let (verdict, out) = dp.xdp(&packet);
         assert_eq!(verdict, XDP_PASS);
@@ -142,6 +143,8 @@ fn another_port_or_protocol_of_a_service_address_is_refused() {
     for packet in [
         tcp_packet((CLIENT, 40002), ([10, 96, 0, 99], 81), Tcp::Syn, b""),
         tcp_packet((CLIENT, 40003), (NODE_IP.octets(), 22), Tcp::Syn, b""),
+        ping_packet(CLIENT, [10, 96, 0, 99]),
+        ping_packet(CLIENT, NODE_IP.octets()),
     ] {
         let (verdict, out) = dp.xdp(&packet);
         assert_eq!((verdict, out), (XDP_PASS, packet));
@@ -151,7 +154,31 @@ fn another_port_or_protocol_of_a_service_address_is_refused() {
     let packet = tcp_packet((CLIENT, 40004), (VIP, 81), Tcp::Syn, b"");
     let (verdict, out) = dp.xdp(&packet);
     assert_eq!((verdict, out), (XDP_PASS, packet));
-    assert_eq!(dp.event("refused"), 4);
+    assert_eq!(dp.event("refused"), 6);
+}
+
+/// Issue 13: a ping of a ClusterIP (from a pod) or of a LoadBalancer IP (from outside)
+/// is answered at once with port unreachable from the service address (as kube-proxy's
+/// nftables mode rejects it), where it used to leave the node untranslated (and, for a
+/// LoadBalancer IP routed to the node, to loop between the node and its router).
+#[test]
+fn a_ping_of_a_service_address_is_refused_from_it() {
+    let cluster = Cluster::new("ping", 2, 0, |t| {
+        let mut service = web(t, &["pod-a1"]);
+        service.load_balancer_ip = Some(LB_IP);
+        vec![service]
+    });
+    for (who, ns, address) in [
+        ("a pod", cluster.ns("pod-a2"), WEB_VIP),
+        ("outside", &cluster.topology.client, LB_IP),
+    ] {
+        let started = Instant::now();
+        let answer = ping(ns, address, Duration::from_secs(2));
+        assert_eq!(answer, Some((address, 3, 3)), "{who}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{who}");
+    }
+    // The service still serves.
+    assert!(curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).is_ok());
 }
 
 #[test]

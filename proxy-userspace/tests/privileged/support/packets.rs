@@ -44,6 +44,16 @@ pub fn udp_packet(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> V
     out
 }
 
+pub fn ping_packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .icmpv4_echo_request(0x1337, 1);
+    let payload = b"ebpf-proxy ping";
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).expect("build ping packet");
+    out
+}
+
 /// The 5-tuple of a packet, after checking that its IPv4 and L4 checksums verify.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Seen {
