@@ -15,6 +15,17 @@ pub struct TrafficStats {
     pub bytes_out: u64,
 }
 
+impl TrafficStats {
+    /// Adds another set of counters (another CPU's, another service's).
+    pub fn add(&mut self, other: &TrafficStats) {
+        self.connections += other.connections;
+        self.packets_in += other.packets_in;
+        self.bytes_in += other.bytes_in;
+        self.packets_out += other.packets_out;
+        self.bytes_out += other.bytes_out;
+    }
+}
+
 /// Declares the data path's events once: an `EV_*` index of `DATAPATH_EVENTS` each,
 /// numbered in order, and its name in metrics and listings. New events go at the
 /// end, so that a pinned map of a previous version keeps its indexes.

@@ -24,7 +24,7 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
-use proxy_common::{Addr, CtKey, EV_ICMP_TRANSLATED};
+use proxy_common::{Addr, CtKey, EV_ICMP_TRANSLATED, EV_REFUSED};
 
 use crate::{
     balancer, checksum, counters,
@@ -51,24 +51,32 @@ struct IcmpError {
     pub quoted: CtKey,
 }
 
-/// An ICMP error whose headers (outer and quoted, both without options, and the
-/// quoted ports) are all in the packet.
+/// The IPv4 and ICMP headers of an unfragmented ICMP packet without IP options: the
+/// only ICMP the data path reads.
 #[inline(always)]
-fn parse_error<P: Packet>(pkt: &P) -> Option<IcmpError> {
+fn icmp_headers<P: Packet>(pkt: &P) -> Option<(*const Ipv4Hdr, *const [u8; 8])> {
     let eth: *const EthHdr = pkt.ptr_at(0)?;
     let ip: *const Ipv4Hdr = pkt.ptr_at(ETH_LEN)?;
     let icmp: *const [u8; 8] = pkt.ptr_at(ICMP_OFF)?;
+    // SAFETY: every pointer is bounds-checked.
+    let plain = unsafe {
+        (*eth).ether_type == EtherType::Ipv4 as u16
+            && (*ip).vihl == 0x45
+            && headers::ipv4_proto(ip) == PROTO_ICMP
+            && u16::from_be_bytes((*ip).frags) & (IP_MF | IP_OFFSET_MASK) == 0
+    };
+    plain.then_some((ip, icmp))
+}
+
+/// An ICMP error (its headers from `icmp_headers`) whose quoted headers (without
+/// options, and the quoted ports) are all in the packet.
+#[inline(always)]
+fn parse_error<P: Packet>(pkt: &P, ip: *const Ipv4Hdr, icmp: *const [u8; 8]) -> Option<IcmpError> {
     let quoted: *const Ipv4Hdr = pkt.ptr_at(QUOTED_OFF)?;
     let ports: *const [u16; 2] = pkt.ptr_at(QUOTED_OFF + 20)?;
-    // SAFETY: every pointer is bounds-checked.
+    // SAFETY: every pointer is bounds-checked (`ip` and `icmp` by `icmp_headers`).
     unsafe {
-        if (*eth).ether_type != EtherType::Ipv4 as u16
-            || (*ip).vihl != 0x45
-            || headers::ipv4_proto(ip) != PROTO_ICMP
-            || u16::from_be_bytes((*ip).frags) & (IP_MF | IP_OFFSET_MASK) != 0
-            || !matches!((*icmp)[0], ICMP_UNREACHABLE | ICMP_TIME_EXCEEDED)
-            || (*quoted).vihl != 0x45
-        {
+        if !matches!((*icmp)[0], ICMP_UNREACHABLE | ICMP_TIME_EXCEEDED) || (*quoted).vihl != 0x45 {
             return None;
         }
         let proto = headers::ipv4_proto(quoted);
@@ -93,9 +101,47 @@ fn parse_error<P: Packet>(pkt: &P) -> Option<IcmpError> {
 /// The ICMP checksum: at offset 2 of the ICMP header.
 const ICMP_CHECK: usize = ICMP_OFF + 2;
 
+// An echo request (ping) to a service address is refused like any port or protocol
+// of it that no service has (kube-proxy's nftables mode rejects them all with port
+// unreachable): nobody outside owns the address, so a request let out leaks towards
+// the default gateway, and one to a LoadBalancer IP routed to the node bounces
+// between the node and its router until its TTL runs out. Answering instead (IPVS's
+// way, whose VIPs sit on a local interface) would tell a prober the service is up
+// when it may have no endpoint.
+
+/// What the data path does with ICMP it is given (neither TCP nor UDP): an echo
+/// request to a service address is refused (unless it came through a tunnel, where
+/// only `dsr-ipip` frontends are reached); an error about one of our flows is
+/// translated; anything else passes.
+#[inline(always)]
+pub fn handle<P: Packet>(pkt: &P, tunnelled: bool) -> Verdict {
+    let Some((ip, icmp)) = icmp_headers(pkt) else {
+        return Verdict::PASS;
+    };
+    // SAFETY: bounds-checked by `icmp_headers`.
+    let (kind, dst) = unsafe { ((*icmp)[0], u32::from_ne_bytes((*ip).dst_addr)) };
+    if kind == ICMP_ECHO_REQUEST {
+        if !tunnelled && balancer::is_service_address(&Addr::from_v4_be(dst)) {
+            counters::event(EV_REFUSED);
+            return Verdict::REFUSE;
+        }
+        return Verdict::PASS;
+    }
+    translate_parsed_error(pkt, ip, icmp)
+}
+
+/// An ICMP error the node sends about one of our flows, translated back (`node_egress`).
 #[inline(always)]
 pub fn translate_error<P: Packet>(pkt: &P) -> Verdict {
-    let Some(error) = parse_error(pkt) else {
+    match icmp_headers(pkt) {
+        Some((ip, icmp)) => translate_parsed_error(pkt, ip, icmp),
+        None => Verdict::PASS,
+    }
+}
+
+#[inline(always)]
+fn translate_parsed_error<P: Packet>(pkt: &P, ip: *const Ipv4Hdr, icmp: *const [u8; 8]) -> Verdict {
+    let Some(error) = parse_error(pkt, ip, icmp) else {
         return Verdict::PASS;
     };
     let quoted = error.quoted;
@@ -173,33 +219,6 @@ fn rewrite<P: Packet>(pkt: &P, error: &IcmpError, sent: &CtKey, outer_src: Addr)
         }
     }
     Ok(())
-}
-
-/// An echo request (ping) to a service address, which is refused like any port or
-/// protocol of it that no service has (kube-proxy's nftables mode rejects them all
-/// with port unreachable): nobody outside owns the address, so a request let out
-/// leaks towards the default gateway, and one to a LoadBalancer IP routed to the
-/// node bounces between the node and its router until its TTL runs out. Answering
-/// instead (IPVS's way, whose VIPs sit on a local interface) would tell a prober
-/// the service is up when it may have no endpoint.
-#[inline(always)]
-pub fn is_echo_to_service<P: Packet>(pkt: &P) -> bool {
-    let (Some(eth), Some(ip), Some(icmp)) = (
-        pkt.ptr_at::<EthHdr>(0),
-        pkt.ptr_at::<Ipv4Hdr>(ETH_LEN),
-        pkt.ptr_at::<[u8; 8]>(ICMP_OFF),
-    ) else {
-        return false;
-    };
-    // SAFETY: every pointer is bounds-checked.
-    unsafe {
-        (*eth).ether_type == EtherType::Ipv4 as u16
-            && (*ip).vihl == 0x45
-            && headers::ipv4_proto(ip) == PROTO_ICMP
-            && u16::from_be_bytes((*ip).frags) & (IP_MF | IP_OFFSET_MASK) == 0
-            && (*icmp)[0] == ICMP_ECHO_REQUEST
-            && balancer::is_service_address(&Addr::from_v4_be(u32::from_ne_bytes((*ip).dst_addr)))
-    }
 }
 
 /// A refusal: Ethernet, IP, ICMP header, and the quoted IP header with 8 bytes.

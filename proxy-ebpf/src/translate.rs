@@ -97,15 +97,9 @@ const EEXIST: i32 = -17;
 pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     let flow = match parse::parse(pkt) {
         Ok(flow) => flow,
-        // Not TCP or UDP: a ping of a service address (refused), or perhaps an ICMP
-        // error about one of our flows.
-        Err(Skip::NotOurs) => {
-            if !matches!(origin, Origin::Tunnel(_)) && icmp::is_echo_to_service(pkt) {
-                counters::event(EV_REFUSED);
-                return Verdict::REFUSE;
-            }
-            return icmp::translate_error(pkt);
-        }
+        // Not TCP or UDP: a ping of a service address, or perhaps an ICMP error about
+        // one of our flows.
+        Err(Skip::NotOurs) => return icmp::handle(pkt, matches!(origin, Origin::Tunnel(_))),
         Err(Skip::Malformed) => {
             counters::event(EV_MALFORMED);
             return Verdict::PASS;

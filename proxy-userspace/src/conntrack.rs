@@ -19,7 +19,7 @@ use proxy_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::{codec::decode_name, mmap::MappedArray, tables::Tables},
+    datapath::{mmap::MappedArray, tables::Tables},
     model::Protocol,
 };
 
@@ -158,13 +158,7 @@ pub fn flows(tables: &Tables) -> impl Iterator<Item = Result<FlowView>> + '_ {
         }
         let service = names
             .entry(entry.service_id)
-            .or_insert_with(|| {
-                tables
-                    .service_names
-                    .get(&entry.service_id, 0)
-                    .map(|n| decode_name(&n))
-                    .unwrap_or_default()
-            })
+            .or_insert_with(|| tables.service_name(entry.service_id).unwrap_or_default())
             .clone();
         Some(Ok(FlowView {
             protocol: Protocol::from_number(key.proto)

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::{
-        codec::{decode_name, endpoint_of, frontend_key, source_range_of},
+        codec::{endpoint_of, frontend_key, source_range_of},
         tables::Tables,
     },
     model::{Endpoint, FrontendKey, Scheduler},
@@ -66,7 +66,7 @@ pub fn read_tables(tables: &Tables) -> Result<Listing> {
         };
         services.push(ServiceRow {
             frontend,
-            service: service_name(tables, value.id),
+            service: tables.service_name(value.id).unwrap_or_default(),
             scheduler: Scheduler::from_number(value.scheduler)
                 .map_or_else(|| format!("#{}", value.scheduler), |s| s.name().to_owned()),
             external: value.flags & SVC_F_EXTERNAL != 0,
@@ -86,15 +86,6 @@ pub fn read_tables(tables: &Tables) -> Result<Listing> {
             .map(|(name, n)| (name.to_owned(), n))
             .collect(),
     })
-}
-
-/// `namespace/name:port` of a programmed service id ("" when the map lacks it).
-pub fn service_name(tables: &Tables, id: u32) -> String {
-    tables
-        .service_names
-        .get(&id, 0)
-        .map(|n| decode_name(&n))
-        .unwrap_or_default()
 }
 
 /// A frontend's backends with their counts and traffic, by address.

@@ -180,11 +180,7 @@ fn register_traffic(registry: &mut Registry, tables: &Tables, max_series: usize)
     let mut room = max_series;
     for (frontend, value) in &frontends {
         let s = Tables::stats_sum(&tables.service_stats, value.id);
-        total.connections += s.connections;
-        total.packets_in += s.packets_in;
-        total.packets_out += s.packets_out;
-        total.bytes_in += s.bytes_in;
-        total.bytes_out += s.bytes_out;
+        total.add(&s);
         let backend_series = value.backend_count as usize * SERIES_PER_BACKEND;
         if room < SERIES_PER_FRONTEND {
             omitted_frontends += 1;
@@ -192,7 +188,7 @@ fn register_traffic(registry: &mut Registry, tables: &Tables, max_series: usize)
             continue;
         }
         room -= SERIES_PER_FRONTEND;
-        let service = listing::service_name(tables, value.id);
+        let service = tables.service_name(value.id).unwrap_or_default();
         let frontend = frontend.to_string();
         let base = [
             ("service", service.as_str()),

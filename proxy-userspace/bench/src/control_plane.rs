@@ -102,7 +102,6 @@ pub fn measure(services: usize) -> Result<ScaleResult> {
         for change in 0..CHANGES {
             let slice = &mut objects.slices[(change * 7919) % services];
             slice.endpoints[0].addresses[0] = changed_address(change);
-            let slice = slice.clone();
             let started = Instant::now();
             tracker.set_slice(slice);
             let report = syncer.apply_changes(&tracker.flush().changes);

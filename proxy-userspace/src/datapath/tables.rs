@@ -94,11 +94,7 @@ impl Tables {
         let mut total = TrafficStats::default();
         if let Ok(values) = map.get(&index, 0) {
             for v in values.iter() {
-                total.connections += v.connections;
-                total.packets_in += v.packets_in;
-                total.bytes_in += v.bytes_in;
-                total.packets_out += v.packets_out;
-                total.bytes_out += v.bytes_out;
+                total.add(v);
             }
         }
         total
@@ -151,6 +147,14 @@ impl Tables {
         Ok(self
             .capacity(map_name::BACKEND_SLOTS)?
             .min(self.capacity(map_name::CONN_COUNTS)?))
+    }
+
+    /// `namespace/name:port` of a service id, if the map has it.
+    pub fn service_name(&self, id: u32) -> Option<String> {
+        self.service_names
+            .get(&id, 0)
+            .ok()
+            .map(|n| super::codec::decode_name(&n))
     }
 
     /// `namespace/name:port` of every service id.

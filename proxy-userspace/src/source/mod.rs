@@ -94,24 +94,22 @@ impl Updates {
         Updates { source, tx }
     }
 
-    /// Sends one event; false once the agent stopped listening.
-    pub async fn send(&self, event: SourceEvent) -> bool {
-        let update = SourceUpdate {
+    fn update(&self, event: SourceEvent) -> SourceUpdate {
+        SourceUpdate {
             source: self.source,
             event,
             received: Instant::now(),
-        };
-        self.tx.send(update).await.is_ok()
+        }
+    }
+
+    /// Sends one event; false once the agent stopped listening.
+    pub async fn send(&self, event: SourceEvent) -> bool {
+        self.tx.send(self.update(event)).await.is_ok()
     }
 
     /// `send` for a source running on a thread of its own.
     pub fn send_blocking(&self, event: SourceEvent) -> bool {
-        let update = SourceUpdate {
-            source: self.source,
-            event,
-            received: Instant::now(),
-        };
-        self.tx.blocking_send(update).is_ok()
+        self.tx.blocking_send(self.update(event)).is_ok()
     }
 
     /// Waits (on a source's own thread) until at most `queued` updates wait for the

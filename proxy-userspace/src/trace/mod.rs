@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::{
     conntrack::{coarse_now_ns, socket},
     datapath::{
-        codec::{decode_name, endpoint_of, source_range_probe},
+        codec::{endpoint_of, source_range_probe},
         tables::Tables,
     },
     model::Protocol,
@@ -185,11 +185,7 @@ pub fn explain(
                 "conntrack: a tracked flow ({direction} direction, idle {} s): rewritten as the entry says",
                 idle / 1_000_000_000
             ));
-            out.service = tables
-                .service_names
-                .get(&entry.service_id, 0)
-                .ok()
-                .map(|n| decode_name(&n));
+            out.service = tables.service_name(entry.service_id);
             if entry.flags & CT_F_ENCAP != 0 {
                 let outer = Ipv4Addr::from(entry.nat_dst.v4_octets());
                 out.steps.push(format!(
@@ -223,11 +219,7 @@ pub fn explain(
             .push("no service has this destination: the packet passes untouched".into());
         return Ok(out);
     };
-    let name = tables
-        .service_names
-        .get(&service.id, 0)
-        .map(|n| decode_name(&n))
-        .unwrap_or_default();
+    let name = tables.service_name(service.id).unwrap_or_default();
     out.steps.push(format!("service {name}: matched {how}"));
     out.service = Some(name.clone());
     if service.flags & SVC_F_SOURCE_RANGES != 0 {
@@ -337,10 +329,7 @@ fn endpoints_elsewhere(tables: &Tables, name: &str) -> Vec<String> {
         .filter_map(Result::ok)
         .map(|(_, v)| v)
     {
-        let same = tables
-            .service_names
-            .get(&value.id, 0)
-            .is_ok_and(|n| decode_name(&n) == name);
+        let same = tables.service_name(value.id).as_deref() == Some(name);
         if !same || value.flags & (SVC_F_LOCAL_ONLY | SVC_F_TUNNEL) != 0 {
             continue;
         }

@@ -143,7 +143,7 @@ impl ChangeTracker {
     /// missing Node leave the zone unknown. A changed zone re-translates every service.
     pub fn set_node(&mut self, node: Option<&Node>) {
         let zone = node
-            .filter(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+            .filter(|n| self.is_own(n))
             .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
         if zone != self.node.zone {
             self.node.zone = zone;
@@ -161,9 +161,9 @@ impl ChangeTracker {
         out
     }
 
-    pub fn set_service(&mut self, service: Service) {
+    pub fn set_service(&mut self, service: &Service) {
         let key = ObjectKey::of(&service.metadata.namespace, &service.metadata.name);
-        let stored = StoredService::new(&service);
+        let stored = StoredService::new(service);
         if self.services.get(&key) != Some(&stored) {
             self.services.insert(key.clone(), stored);
             self.dirty_services.insert(key);
@@ -176,15 +176,15 @@ impl ChangeTracker {
         }
     }
 
-    pub fn set_slice(&mut self, slice: EndpointSlice) {
+    pub fn set_slice(&mut self, slice: &EndpointSlice) {
         let key = ObjectKey::of(&slice.metadata.namespace, &slice.metadata.name);
         // The service's own key when it is tracked: one allocation for both.
-        let service = slice_service(&slice).map(|named| {
+        let service = slice_service(slice).map(|named| {
             self.services
                 .get_key_value(&named)
                 .map_or(named, |(key, _)| key.clone())
         });
-        let endpoints = slice_endpoints(&slice, &self.node_name);
+        let endpoints = slice_endpoints(slice, &self.node_name);
         let last_good = match &endpoints {
             Ok(_) => None,
             Err(_) => self
@@ -236,13 +236,13 @@ impl ChangeTracker {
     /// Applies one change a source reported.
     pub fn apply(&mut self, change: ObjectChange) {
         match change {
-            ObjectChange::Service(Change::Applied(service)) => self.set_service(*service),
+            ObjectChange::Service(Change::Applied(service)) => self.set_service(&service),
             ObjectChange::Service(Change::Deleted(service)) => self.remove_service(&ObjectKey::of(
                 &service.metadata.namespace,
                 &service.metadata.name,
             )),
             ObjectChange::Service(Change::Relisted(all)) => self.replace_services(&all),
-            ObjectChange::Slice(Change::Applied(slice)) => self.set_slice(*slice),
+            ObjectChange::Slice(Change::Applied(slice)) => self.set_slice(&slice),
             ObjectChange::Slice(Change::Deleted(slice)) => self.remove_slice(&ObjectKey::of(
                 &slice.metadata.namespace,
                 &slice.metadata.name,
@@ -263,10 +263,7 @@ impl ChangeTracker {
     pub fn replace_all(&mut self, objects: &Objects) {
         self.replace_services(&objects.services);
         self.replace_slices(&objects.slices);
-        let own = objects
-            .nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
+        let own = objects.nodes.iter().find(|n| self.is_own(n));
         self.set_node(own);
     }
 
@@ -277,7 +274,7 @@ impl ChangeTracker {
             self.remove_service(&key);
         }
         for service in wanted {
-            self.set_service(service.clone());
+            self.set_service(service);
         }
     }
 
@@ -288,7 +285,7 @@ impl ChangeTracker {
             self.remove_slice(&key);
         }
         for slice in wanted {
-            self.set_slice(slice.clone());
+            self.set_slice(slice);
         }
     }
 
@@ -505,7 +502,7 @@ mod tests {
             "same objects, no change"
         );
         all.slices[3].endpoints[0].addresses[0] = "10.244.9.9".into();
-        tracker.set_slice(all.slices[3].clone());
+        tracker.set_slice(&all.slices[3]);
         let flush = tracker.flush();
         assert_eq!(flush.changes.len(), 1);
         let (key, frontend) = &flush.changes[0];
@@ -576,7 +573,7 @@ mod tests {
             .as_mut()
             .expect("labels")
             .insert(LABEL_SERVICE_NAME.into(), "s1".into());
-        tracker.set_slice(moved);
+        tracker.set_slice(&moved);
         let changes = tracker.flush().changes;
         assert_eq!(changes.len(), 2, "{changes:?}");
         let endpoints: Vec<usize> = changes
@@ -594,7 +591,7 @@ mod tests {
         tracker.flush();
         let mut bad = all.slices[0].clone();
         bad.endpoints[0].addresses[0] = "not-an-address".into();
-        tracker.set_slice(bad);
+        tracker.set_slice(&bad);
         let flush = tracker.flush();
         assert!(flush.changes.is_empty(), "{:?}", flush.changes);
         assert!(

@@ -6,10 +6,7 @@
 //! every document of the new version could be read (and the file is not empty,
 //! unless that is allowed): a version with a bad document removes nothing.
 
-use std::{
-    collections::{hash_map::DefaultHasher, BTreeSet, HashMap},
-    hash::{Hash as _, Hasher as _},
-};
+use std::collections::{BTreeSet, HashMap};
 
 use k8s_openapi::{
     api::{
@@ -19,7 +16,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use super::parse::{parse_documents, split_documents};
+use super::{
+    hash_of,
+    parse::{parse_documents, place, split_documents},
+};
 use crate::{
     model::Problem,
     source::{Change, ObjectChange, ObjectKey, Objects},
@@ -87,12 +87,6 @@ fn identify(objects: Objects) -> (Vec<ObjectId>, Vec<ObjectChange>) {
     (ids, changes)
 }
 
-fn hash_of(document: &str) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    document.hash(&mut hasher);
-    hasher.finish()
-}
-
 /// The file as last applied.
 #[derive(Default)]
 pub struct FileView {
@@ -137,7 +131,7 @@ impl FileView {
         if !text.is_empty() && !text.ends_with('\n') {
             documents.pop();
             problems.push(Problem::error(
-                format!("document {} of {}", documents.len() + 1, reading.origin),
+                place(documents.len(), reading.origin),
                 "the file does not end with a newline: taken as cut short by a writer that stopped; its last document is not read and nothing is removed until the file ends with a newline",
             ));
         }
@@ -146,13 +140,19 @@ impl FileView {
         let mut defined: HashMap<ObjectId, usize> = HashMap::new();
         let mut fresh = Vec::new();
         for (index, document) in documents.iter().enumerate() {
-            let hash = hash_of(document);
-            match self.documents.get(&hash) {
+            let hash = hash_of(document.as_bytes());
+            // Taken out of the last version's documents: what stays there is what is
+            // gone (a document present twice finds its ids in `read` the second time).
+            let known = self
+                .documents
+                .remove(&hash)
+                .or_else(|| read.get(&hash).cloned());
+            match known {
                 Some(ids) => {
-                    for id in ids {
+                    for id in &ids {
                         defined.entry(id.clone()).or_insert(index);
                     }
-                    read.insert(hash, ids.clone());
+                    read.insert(hash, ids);
                 }
                 None => fresh.push((index, hash, *document)),
             }
@@ -161,11 +161,11 @@ impl FileView {
             let texts: Vec<&str> = piece.iter().map(|(_, _, text)| *text).collect();
             let mut changes = Vec::new();
             for ((index, hash, _), parsed) in piece.iter().zip(parse_documents(&texts)) {
-                let place = format!("document {} of {}", index + 1, reading.origin);
+                let at = place(*index, reading.origin);
                 let objects = match parsed {
                     Ok(objects) => objects,
                     Err(message) => {
-                        problems.push(Problem::error(place, message));
+                        problems.push(Problem::error(at, message));
                         continue;
                     }
                 };
@@ -173,7 +173,7 @@ impl FileView {
                 for (id, change) in ids.iter().zip(applied) {
                     match defined.get(id) {
                         Some(first) if first != index => problems.push(Problem::error(
-                            place.clone(),
+                            at.clone(),
                             format!(
                                 "{id:?} is also defined in document {}: skipped here",
                                 first + 1
@@ -189,6 +189,8 @@ impl FileView {
             }
             emit(changes);
         }
+        // The last version's documents that this one no longer has, and what earlier
+        // incomplete versions kept: their objects not defined any more are gone.
         let before = self
             .documents
             .values()

@@ -20,7 +20,7 @@ use tracing::warn;
 use super::{Objects, Source, SourceEvent, Updates};
 use crate::model::Problem;
 use diff::{FileView, Reading};
-pub use parse::split_documents;
+use parse::{place, split_documents};
 
 /// A manifests file, checked every `poll_interval`.
 pub struct ManifestsSource {
@@ -63,6 +63,7 @@ enum Read {
     Changing,
 }
 
+/// Tells a file's versions, and its documents, apart.
 fn hash_of(bytes: &[u8]) -> u64 {
     let mut hasher = DefaultHasher::new();
     bytes.hash(&mut hasher);
@@ -111,11 +112,11 @@ impl ManifestsSource {
         bytes: &[u8],
         first: bool,
         updates: &Updates,
+        origin: &str,
     ) -> bool {
-        let origin = self.path.display().to_string();
         let text = String::from_utf8_lossy(bytes);
         let reading = Reading {
-            origin: &origin,
+            origin,
             allow_empty: self.allow_empty,
             piece: if first { FIRST_READ_PIECE } else { usize::MAX },
         };
@@ -160,7 +161,7 @@ impl ManifestsSource {
                 Ok(Read::Changed(bytes, hash)) => {
                     unreadable_reported = false;
                     last = Some(hash);
-                    if !self.say_changes(&mut view, &bytes, !listed, updates) {
+                    if !self.say_changes(&mut view, &bytes, !listed, updates, &origin) {
                         return;
                     }
                 }
@@ -205,10 +206,7 @@ pub fn parse(text: &str, origin: &str) -> (Objects, Vec<Problem>) {
                 objects.slices.extend(more.slices);
                 objects.nodes.extend(more.nodes);
             }
-            Err(message) => problems.push(Problem::error(
-                format!("document {} of {origin}", index + 1),
-                message,
-            )),
+            Err(message) => problems.push(Problem::error(place(index, origin), message)),
         }
     }
     (objects, problems)

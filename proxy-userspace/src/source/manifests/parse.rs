@@ -43,8 +43,19 @@ pub fn split_documents(text: &str) -> Vec<&str> {
     documents
 }
 
+/// Where a problem of a document is reported: `document N of <file>`.
+pub fn place(index: usize, origin: &str) -> String {
+    format!("document {} of {origin}", index + 1)
+}
+
+/// Below this many documents (one edit, usually) threads cost more than they save.
+const PARALLEL_FROM: usize = 64;
+
 /// Parses documents on every CPU; each result is in its document's place.
 pub fn parse_documents(documents: &[&str]) -> Vec<Result<Objects, String>> {
+    if documents.len() < PARALLEL_FROM {
+        return documents.iter().map(|d| parse_document(d)).collect();
+    }
     let threads = thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = documents.len().div_ceil(threads).max(1);
     thread::scope(|scope| {
