@@ -23,7 +23,10 @@ pub struct CtKey {
     /// Network byte order.
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// `Family::number`. The entry's NAT addresses are of the same family: the data
+    /// path translates within a family, never between them.
+    pub family: u8,
+    pub _pad: [u8; 2],
 }
 
 impl CtKey {
@@ -36,7 +39,8 @@ impl CtKey {
             sport: self.dport,
             dport: self.sport,
             proto: self.proto,
-            _pad: [0; 3],
+            family: self.family,
+            _pad: [0; 2],
         }
     }
 

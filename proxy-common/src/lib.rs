@@ -8,6 +8,7 @@
 
 pub mod conntrack;
 pub mod decide;
+pub mod key_layout;
 pub mod map_name;
 pub mod service;
 pub mod sock;
@@ -19,13 +20,70 @@ pub use service::*;
 pub use sock::*;
 pub use stats::*;
 
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
 /// IP protocol numbers the data path translates.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// An IP address in network byte order. IPv4 occupies `words[0]` and the other
-/// words stay zero; the 16-byte width keeps every key ready for IPv6 without a
-/// layout change.
+/// An address family, as keys carry it in a `family` byte (`Family::number`).
+///
+/// IPv4 is 0 on purpose: the byte was padding (always zero) in keys written before
+/// keys carried a family, so a pinned map from then reads as IPv4, unchanged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const V4_NUMBER: u8 = 0;
+    pub const V6_NUMBER: u8 = 1;
+
+    /// The `family` byte of a key.
+    #[inline(always)]
+    pub const fn number(self) -> u8 {
+        match self {
+            Family::V4 => Family::V4_NUMBER,
+            Family::V6 => Family::V6_NUMBER,
+        }
+    }
+
+    /// The family a key's byte names (`None`: a byte no version writes).
+    #[inline(always)]
+    pub const fn from_number(number: u8) -> Option<Family> {
+        match number {
+            Family::V4_NUMBER => Some(Family::V4),
+            Family::V6_NUMBER => Some(Family::V6),
+            _ => None,
+        }
+    }
+
+    /// How many bits an address of the family has: the length of a host prefix.
+    #[inline(always)]
+    pub const fn bits(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    pub const fn of(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// An IP address of either family in network byte order, as keys and values hold
+/// it: an IPv6 address fills the 16 bytes; IPv4 occupies `words[0]` and the other
+/// words stay zero. The width alone does not tell the families apart (`a.b.c.d` and
+/// `a0b:c0d::` are the same bytes), so every key that holds an address either has
+/// a `family` byte or belongs to a service, whose frontend has one family. Why one
+/// 16-byte form rather than separate IPv4 maps: README, "Address families".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Addr {
@@ -70,6 +128,47 @@ impl Addr {
     pub const fn is_zero(&self) -> bool {
         self.words[0] == 0 && self.words[1] == 0 && self.words[2] == 0 && self.words[3] == 0
     }
+
+    /// Builds an address from the sixteen octets of an IPv6 address.
+    pub const fn from_v6_octets(o: [u8; 16]) -> Addr {
+        let mut words = [0u32; 4];
+        let mut i = 0;
+        while i < 4 {
+            words[i] = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+            i += 1;
+        }
+        Addr { words }
+    }
+
+    /// The sixteen octets of an IPv6 address.
+    pub const fn v6_octets(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = self.words[i].to_ne_bytes();
+            out[4 * i] = b[0];
+            out[4 * i + 1] = b[1];
+            out[4 * i + 2] = b[2];
+            out[4 * i + 3] = b[3];
+            i += 1;
+        }
+        out
+    }
+
+    pub const fn from_ip(ip: &IpAddr) -> Addr {
+        match ip {
+            IpAddr::V4(v4) => Addr::from_v4_octets(v4.octets()),
+            IpAddr::V6(v6) => Addr::from_v6_octets(v6.octets()),
+        }
+    }
+
+    /// The address as the `family` a key or its service says it is.
+    pub const fn to_ip(&self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => IpAddr::V4(Ipv4Addr::from_octets(self.v4_octets())),
+            Family::V6 => IpAddr::V6(Ipv6Addr::from_octets(self.v6_octets())),
+        }
+    }
 }
 
 /// Implements `aya::Pod` for map types when built for userspace.
@@ -103,15 +202,16 @@ macro_rules! assert_layout {
 
 assert_layout! {
     Addr => (16, 4),
-    ServiceKey => (20, 4),
+    ServiceKey => (24, 4),
     ServiceValue => (24, 4),
     BackendSlotKey => (8, 4),
     Backend => (28, 4),
     ConnCounts => (16, 8),
     AffinityKey => (20, 4),
     AffinityValue => (16, 8),
-    SourceRangeKey => (8, 4),
+    SourceRangeKey => (20, 4),
     ConfigValue => (16, 4),
+    AddrKey => (20, 4),
     NodeAddrFlags => (4, 4),
     ServiceName => (64, 1),
     CtKey => (40, 4),

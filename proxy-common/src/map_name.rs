@@ -44,8 +44,20 @@ pub const ALL: [&str; 17] = [
 ];
 
 /// The bench wrapper's own maps: the program it tail-calls, the frame it restores,
-/// and its iteration count (the wrapper's alone).
+/// its iteration count, and the tables of the key-layout measurement.
 pub const BENCH_TARGET: &str = "BENCH_TARGET";
 pub const BENCH_TEMPLATE: &str = "BENCH_TEMPLATE";
 pub const BENCH_TURN: &str = "BENCH_TURN";
-pub const BENCH: [&str; 3] = [BENCH_TARGET, BENCH_TEMPLATE, BENCH_TURN];
+/// The key-layout measurement (`key_layout`): its two tables and how many flows
+/// it looks up.
+pub const KEYS_WIDE: &str = "KEYS_WIDE";
+pub const KEYS_NARROW: &str = "KEYS_NARROW";
+pub const KEYS_ACTIVE: &str = "KEYS_ACTIVE";
+pub const BENCH: [&str; 6] = [
+    BENCH_TARGET,
+    BENCH_TEMPLATE,
+    BENCH_TURN,
+    KEYS_WIDE,
+    KEYS_NARROW,
+    KEYS_ACTIVE,
+];

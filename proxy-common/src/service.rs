@@ -32,6 +32,11 @@ pub struct ServiceKey {
     pub port: u16,
     pub proto: u8,
     pub scope: u8,
+    /// `Family::number`: a NodePort of each family is its own frontend (its `addr`
+    /// is zero), and a service's family is that of all its flows (`AffinityKey`,
+    /// `SOURCE_RANGES` and the backends need no family of their own).
+    pub family: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Declares the schedulers once: variant, `ServiceValue::scheduler` number and name.
@@ -185,7 +190,7 @@ pub struct ConnCounts {
 /// Entries of `AFFINITY` (clients remembered per service, LRU).
 pub const AFFINITY_ENTRIES: u32 = 131_072;
 
-/// Key of `AFFINITY`: one client of one service.
+/// Key of `AFFINITY`: one client of one service (of the service's family).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
@@ -220,13 +225,14 @@ pub const TUNNEL_PEER_TRUSTED: u8 = 1;
 pub const TUNNEL_PEER_UNVERIFIED: u8 = 2;
 
 /// Data of an `SOURCE_RANGES` LPM-trie key: prefix length = 32 + the range's length.
+/// The address is of the service's family (the pseudo id `TUNNEL_PEERS_ID` holds
+/// IPv4 outer sources: IPIP).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceRangeKey {
     /// Big-endian, so that the trie's bit order runs through it as through the address.
     pub service_id_be: u32,
-    /// IPv4, network byte order.
-    pub addr: u32,
+    pub addr: Addr,
 }
 
 /// Index of each value in the `NODE_CONFIG` array.
@@ -268,7 +274,29 @@ impl ConfigValue {
     }
 }
 
-/// Value of `NODE_ADDRS` (a set keyed by `Addr`): present means "this node's address".
+/// An address with its family, the key of the address sets `NODE_ADDRS` and
+/// `SERVICE_ADDRS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrKey {
+    pub addr: Addr,
+    /// `Family::number`.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+impl AddrKey {
+    #[inline(always)]
+    pub const fn new(addr: Addr, family: u8) -> AddrKey {
+        AddrKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of `NODE_ADDRS` (a set): present means "this node's address".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeAddrFlags {
@@ -283,6 +311,7 @@ crate::user_pod!(
     Backend,
     ConnCounts,
     ConfigValue,
+    AddrKey,
     NodeAddrFlags,
     AffinityKey,
     AffinityValue,

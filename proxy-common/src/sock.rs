@@ -17,7 +17,9 @@ pub struct SockKey {
     /// Network byte order.
     pub port: u16,
     pub proto: u8,
-    pub _pad: [u8; 5],
+    /// `Family::number` (the NAT address of `SockNat` is of the same family).
+    pub family: u8,
+    pub _pad: [u8; 4],
 }
 
 /// Value of `SOCK_REVERSE` (backend -> service address as the application sees it)

@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     decide::{self, LeastLoaded, Position, SchedTables},
-    Addr, Backend, BackendSlotKey, CtKey, Scheduler, ServiceKey, ServiceValue, MAX_LEAST_CONN_SCAN,
-    SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
+    Addr, AddrKey, Backend, BackendSlotKey, CtKey, Scheduler, ServiceKey, ServiceValue,
+    MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
 };
 
 use crate::maps::{
@@ -27,44 +27,34 @@ use crate::maps::{
 /// The frontend a packet (or a socket's destination) addresses: an exact
 /// (address, port, protocol) service, else a NodePort if the address is this node's.
 #[inline(always)]
-pub fn lookup_service(dst: Addr, dport: u16, proto: u8) -> Option<ServiceValue> {
-    lookup_scoped(dst, dport, proto, (SCOPE_ADDRESS, SCOPE_NODE_PORT), true)
+pub fn lookup_service(tuple: &CtKey) -> Option<ServiceValue> {
+    lookup_scoped(tuple, (SCOPE_ADDRESS, SCOPE_NODE_PORT), true)
 }
 
 /// The frontend a decapsulated packet addresses: the `dsr-ipip` view of an address
 /// or of any node's NodePort, whose backends are this node's endpoints.
 #[inline(always)]
-pub fn lookup_tunnel_service(dst: Addr, dport: u16, proto: u8) -> Option<ServiceValue> {
-    lookup_scoped(
-        dst,
-        dport,
-        proto,
-        (SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT),
-        false,
-    )
+pub fn lookup_tunnel_service(tuple: &CtKey) -> Option<ServiceValue> {
+    lookup_scoped(tuple, (SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT), false)
 }
 
-/// The exact frontend in scope `scopes.0`, else the port-only one in `scopes.1`
-/// (only for this node's addresses when `node_only`).
+/// The exact frontend of the tuple's destination in scope `scopes.0`, else the
+/// port-only one in `scopes.1` (only for this node's addresses when `node_only`).
 #[inline(always)]
-fn lookup_scoped(
-    dst: Addr,
-    dport: u16,
-    proto: u8,
-    scopes: (u8, u8),
-    node_only: bool,
-) -> Option<ServiceValue> {
+fn lookup_scoped(tuple: &CtKey, scopes: (u8, u8), node_only: bool) -> Option<ServiceValue> {
     let mut key = ServiceKey {
-        addr: dst,
-        port: dport,
-        proto,
+        addr: tuple.dst,
+        port: tuple.dport,
+        proto: tuple.proto,
         scope: scopes.0,
+        family: tuple.family,
+        _pad: [0; 3],
     };
     // SAFETY: the value is copied out at once; the agent replaces values whole.
     if let Some(svc) = unsafe { SERVICES.get(key) } {
         return Some(*svc);
     }
-    if node_only && !is_node_address(&dst) {
+    if node_only && !is_node_address(tuple.family, &tuple.dst) {
         return None;
     }
     key.addr = Addr::ZERO;
@@ -79,10 +69,10 @@ fn lookup_scoped(
 #[repr(C)]
 struct Find {
     service_id: u32,
-    /// IPv4, network order.
-    addr: u32,
     /// `u32::MAX` until found.
     slot: u32,
+    /// Of the service's family.
+    addr: Addr,
 }
 
 /// The service's backend at `addr` (the one an entry node encapsulated to), looked
@@ -92,8 +82,8 @@ pub fn backend_at(service: &ServiceValue, addr: Addr) -> Option<Choice> {
     let count = decide::backend_count(service)?.get();
     let mut find = Find {
         service_id: service.id,
-        addr: addr.v4_be(),
         slot: u32::MAX,
+        addr,
     };
     // SAFETY: the callback receives a pointer to `find`, which outlives the call.
     unsafe {
@@ -114,7 +104,7 @@ extern "C" fn find_one(index: u64, ctx: *mut c_void) -> c_long {
     // SAFETY: `backend_at` passes a valid `Find`.
     let find = unsafe { &mut *ctx.cast::<Find>() };
     match slot_backend(find.service_id, index as u32) {
-        Some(backend) if backend.addr.v4_be() == find.addr => {
+        Some(backend) if backend.addr == find.addr => {
             find.slot = index as u32;
             1
         }
@@ -125,15 +115,16 @@ extern "C" fn find_one(index: u64, ctx: *mut c_void) -> c_long {
 /// Whether a frontend listens on the address (and it is not also this node's own, whose
 /// other ports belong to the node).
 #[inline(always)]
-pub fn is_service_address(addr: &Addr) -> bool {
+pub fn is_service_address(family: u8, addr: &Addr) -> bool {
     // SAFETY: presence checks only.
-    unsafe { SERVICE_ADDRS.get(addr) }.is_some() && !is_node_address(addr)
+    unsafe { SERVICE_ADDRS.get(AddrKey::new(*addr, family)) }.is_some()
+        && !is_node_address(family, addr)
 }
 
 #[inline(always)]
-pub fn is_node_address(addr: &Addr) -> bool {
+pub fn is_node_address(family: u8, addr: &Addr) -> bool {
     // SAFETY: presence check only.
-    unsafe { NODE_ADDRS.get(addr) }.is_some()
+    unsafe { NODE_ADDRS.get(AddrKey::new(*addr, family)) }.is_some()
 }
 
 /// A chosen backend and the slot it was found in.

@@ -12,10 +12,13 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::{Array, ProgramArray},
+    maps::{Array, LruHashMap, ProgramArray},
     programs::XdpContext,
 };
-use proxy_common::BenchTemplate;
+use proxy_common::{
+    key_layout::{self, NarrowEntry, NarrowKey, WideEntry, WideKey},
+    BenchTemplate, CONNTRACK_ENTRIES,
+};
 
 #[map]
 static BENCH_TEMPLATE: Array<BenchTemplate> = Array::with_max_entries(1, 0);
@@ -71,6 +74,59 @@ pub fn bench_wrapper(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn bench_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// The key-layout measurement (`proxy_common::key_layout`): the same table of
+/// conntrack's size and flags, keyed as today and as IPv4 alone.
+#[map]
+static KEYS_WIDE: LruHashMap<WideKey, WideEntry> =
+    LruHashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
+#[map]
+static KEYS_NARROW: LruHashMap<NarrowKey, NarrowEntry> =
+    LruHashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
+
+/// How many of the filled flows the programs look up in turn.
+#[map]
+static KEYS_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The next of the active flows, a new one every iteration.
+#[inline(always)]
+fn next_flow() -> Option<u32> {
+    let active = u64::from(*KEYS_ACTIVE.get(0)?).max(1);
+    let turn = BENCH_TURN.get_ptr_mut(0)?;
+    // SAFETY: map value, one test run on one CPU at a time.
+    unsafe {
+        *turn += 1;
+        Some((*turn % active) as u32)
+    }
+}
+
+/// XDP_PASS when the flow is found (the bench checks every look-up hit).
+#[inline(always)]
+fn found(hit: bool) -> u32 {
+    if hit {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+#[xdp]
+pub fn bench_keys_wide(_ctx: XdpContext) -> u32 {
+    let Some(i) = next_flow() else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: presence check only.
+    found(unsafe { KEYS_WIDE.get(key_layout::wide_key(i)) }.is_some())
+}
+
+#[xdp]
+pub fn bench_keys_narrow(_ctx: XdpContext) -> u32 {
+    let Some(i) = next_flow() else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: presence check only.
+    found(unsafe { KEYS_NARROW.get(key_layout::narrow_key(i)) }.is_some())
 }
 
 #[cfg(not(test))]

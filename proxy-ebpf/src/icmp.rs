@@ -24,7 +24,7 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
-use proxy_common::{Addr, CtKey, EV_ICMP_TRANSLATED, EV_REFUSED};
+use proxy_common::{Addr, CtKey, Family, EV_ICMP_TRANSLATED, EV_REFUSED};
 
 use crate::{
     balancer, checksum, counters,
@@ -36,6 +36,10 @@ use crate::{
     packet::{Packet, TcPacket, XdpPacket, ETH_LEN, IP_CHECK, IP_DST, IP_SRC},
     translate::{Action, Verdict},
 };
+
+/// ICMP here is ICMPv4: its packets and the flows they quote are IPv4 (ICMPv6 is
+/// another protocol, with its own module when IPv6 is translated).
+const V4: u8 = Family::V4.number();
 
 /// Where the ICMP header starts: ICMP errors are only handled without IP options.
 const ICMP_OFF: usize = ETH_LEN + 20;
@@ -92,7 +96,8 @@ fn parse_error<P: Packet>(pkt: &P, ip: *const Ipv4Hdr, icmp: *const [u8; 8]) -> 
                 sport: ports[0],
                 dport: ports[1],
                 proto,
-                _pad: [0; 3],
+                family: V4,
+                _pad: [0; 2],
             },
         })
     }
@@ -121,7 +126,7 @@ pub fn handle<P: Packet>(pkt: &P, tunnelled: bool) -> Verdict {
     // SAFETY: bounds-checked by `icmp_headers`.
     let (kind, dst) = unsafe { ((*icmp)[0], u32::from_ne_bytes((*ip).dst_addr)) };
     if kind == ICMP_ECHO_REQUEST {
-        if !tunnelled && balancer::is_service_address(&Addr::from_v4_be(dst)) {
+        if !tunnelled && balancer::is_service_address(V4, &Addr::from_v4_be(dst)) {
             counters::event(EV_REFUSED);
             return Verdict::REFUSE;
         }
@@ -173,10 +178,11 @@ fn translate_parsed_error<P: Packet>(pkt: &P, ip: *const Ipv4Hdr, icmp: *const [
             sport: 0,
             dport: 0,
             proto: PROTO_ICMP,
-            _pad: [0; 3],
+            family: V4,
+            _pad: [0; 2],
         },
         ip_len: error.ip_len,
-        node_source: balancer::is_node_address(&outer_src),
+        node_source: balancer::is_node_address(V4, &outer_src),
     }
 }
 

@@ -55,7 +55,7 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
             if tunnel::decapsulate(&ctx).is_err() {
                 return xdp_action::XDP_DROP;
             }
-            Origin::Tunnel(backend.v4_be())
+            Origin::Tunnel(backend)
         }
         Some((_, Inner::Refuse)) => return xdp_action::XDP_DROP,
         _ => Origin::External,

@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
+    AddrKey, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
     CtKey, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue, SockKey, SockNat, SourceRangeKey,
     TrafficStats, AFFINITY_ENTRIES, CONFIG_LEN, CONNTRACK_ENTRIES, EV_CAPACITY, MAX_BACKENDS,
     MAX_SERVICES, SCHED_TABLE_CAPACITY, SOCK_ENTRIES, SOURCE_RANGE_ENTRIES,
@@ -46,11 +46,11 @@ pub static CONN_COUNTS: Array<ConnCounts> = Array::pinned(MAX_BACKENDS, BPF_F_MM
 /// (another port, another protocol) is refused instead of leaving the node for an
 /// address nobody outside owns. Written by the agent.
 #[map]
-pub static SERVICE_ADDRS: HashMap<Addr, u32> = HashMap::pinned(MAX_SERVICES, 0);
+pub static SERVICE_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_SERVICES, 0);
 
 /// This node's own addresses: NodePorts answer on any of them. Written by the agent.
 #[map]
-pub static NODE_ADDRS: HashMap<Addr, NodeAddrFlags> = HashMap::pinned(64, 0);
+pub static NODE_ADDRS: HashMap<AddrKey, NodeAddrFlags> = HashMap::pinned(64, 0);
 
 /// Node-wide settings indexed by `CONFIG_*`. Written by the agent.
 #[map]

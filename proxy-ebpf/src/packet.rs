@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
-use proxy_common::PROTO_UDP;
+use proxy_common::{Addr, Family, PROTO_UDP};
 
 use crate::{checksum, parse::Flow};
 
@@ -22,18 +22,56 @@ pub const IP_DST: usize = 16;
 pub const L4_SPORT: usize = 0;
 pub const L4_DPORT: usize = 2;
 
+/// Which of a packet's two addresses (or ports) a rewrite replaces.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Src,
+    Dst,
+}
+
+impl Side {
+    /// The address field's offset in an IPv4 packet's frame.
+    #[inline(always)]
+    fn ipv4_offset(self) -> usize {
+        match self {
+            Side::Src => ETH_LEN + IP_SRC,
+            Side::Dst => ETH_LEN + IP_DST,
+        }
+    }
+
+    #[inline(always)]
+    pub fn port_offset(self) -> usize {
+        match self {
+            Side::Src => L4_SPORT,
+            Side::Dst => L4_DPORT,
+        }
+    }
+}
+
 pub trait Packet {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
     /// The whole packet's length (for tc, beyond the linear part too).
     fn len(&self) -> usize;
 
-    /// Replaces the 32-bit address at `ip_field` (IP_SRC or IP_DST) and fixes the IP
-    /// checksum and the L4 pseudo-header checksum.
-    fn rewrite_addr(&self, flow: &Flow, ip_field: usize, old: u32, new: u32) -> Result<(), ()>;
+    /// Replaces the source or destination address of the flow's family and fixes the
+    /// checksums that cover it (IPv4's header checksum, the L4 pseudo-header).
+    #[inline(always)]
+    fn rewrite_addr(&self, flow: &Flow, side: Side, old: &Addr, new: &Addr) -> Result<(), ()> {
+        match flow.family {
+            Family::V4 => self.rewrite_addr_v4(flow, side.ipv4_offset(), old.v4_be(), new.v4_be()),
+            // Not reached: `parse` yields IPv4 flows only until it reads IPv6 headers;
+            // their rewrite (four words, no header checksum) comes with them.
+            Family::V6 => Err(()),
+        }
+    }
 
-    /// Replaces the port at `l4_field` (L4_SPORT or L4_DPORT) and fixes the L4 checksum.
-    fn rewrite_port(&self, flow: &Flow, l4_field: usize, old: u16, new: u16) -> Result<(), ()>;
+    /// The IPv4 rewrite: the 32-bit address at `offset`, the IP checksum and the L4
+    /// pseudo-header checksum.
+    fn rewrite_addr_v4(&self, flow: &Flow, offset: usize, old: u32, new: u32) -> Result<(), ()>;
+
+    /// Replaces the source or destination port and fixes the L4 checksum.
+    fn rewrite_port(&self, flow: &Flow, side: Side, old: u16, new: u16) -> Result<(), ()>;
 
     /// Replaces the 32-bit field at `offset` and updates the 16-bit Internet checksum
     /// at `check` (of a header without pseudo-header, e.g. IP or ICMP).
@@ -95,8 +133,8 @@ impl Packet for XdpPacket<'_> {
     }
 
     #[inline(always)]
-    fn rewrite_addr(&self, flow: &Flow, ip_field: usize, old: u32, new: u32) -> Result<(), ()> {
-        let field: *mut u32 = self.ptr_at(ETH_LEN + ip_field).ok_or(())?;
+    fn rewrite_addr_v4(&self, flow: &Flow, offset: usize, old: u32, new: u32) -> Result<(), ()> {
+        let field: *mut u32 = self.ptr_at(offset).ok_or(())?;
         let check: *mut u16 = self.ptr_at(ETH_LEN + IP_CHECK).ok_or(())?;
         // SAFETY: bounds checked by ptr_at.
         unsafe {
@@ -107,8 +145,8 @@ impl Packet for XdpPacket<'_> {
     }
 
     #[inline(always)]
-    fn rewrite_port(&self, flow: &Flow, l4_field: usize, old: u16, new: u16) -> Result<(), ()> {
-        let field: *mut u16 = self.ptr_at(flow.l4_off + l4_field).ok_or(())?;
+    fn rewrite_port(&self, flow: &Flow, side: Side, old: u16, new: u16) -> Result<(), ()> {
+        let field: *mut u16 = self.ptr_at(flow.l4_off + side.port_offset()).ok_or(())?;
         // SAFETY: bounds checked by ptr_at.
         unsafe { field.write_unaligned(new) };
         self.update_l4_check(flow, |c| checksum::replace16(c, old, new))
@@ -168,7 +206,7 @@ impl Packet for TcPacket<'_> {
     }
 
     #[inline(always)]
-    fn rewrite_addr(&self, flow: &Flow, ip_field: usize, old: u32, new: u32) -> Result<(), ()> {
+    fn rewrite_addr_v4(&self, flow: &Flow, offset: usize, old: u32, new: u32) -> Result<(), ()> {
         let l4_check = flow.l4_check;
         let flags = Self::l4_csum_flags(flow, 4) | u64::from(BPF_F_PSEUDO_HDR);
         self.0
@@ -177,11 +215,11 @@ impl Packet for TcPacket<'_> {
         self.0
             .l3_csum_replace(ETH_LEN + IP_CHECK, u64::from(old), u64::from(new), 4)
             .map_err(|_| ())?;
-        self.0.store(ETH_LEN + ip_field, &new, 0).map_err(|_| ())
+        self.0.store(offset, &new, 0).map_err(|_| ())
     }
 
     #[inline(always)]
-    fn rewrite_port(&self, flow: &Flow, l4_field: usize, old: u16, new: u16) -> Result<(), ()> {
+    fn rewrite_port(&self, flow: &Flow, side: Side, old: u16, new: u16) -> Result<(), ()> {
         let l4_check = flow.l4_check;
         self.0
             .l4_csum_replace(
@@ -192,7 +230,7 @@ impl Packet for TcPacket<'_> {
             )
             .map_err(|_| ())?;
         self.0
-            .store(flow.l4_off + l4_field, &new, 0)
+            .store(flow.l4_off + side.port_offset(), &new, 0)
             .map_err(|_| ())
     }
 

@@ -6,15 +6,17 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use proxy_common::{Addr, CtKey, PROTO_TCP};
+use proxy_common::{Addr, CtKey, Family, PROTO_TCP};
 
 use crate::{
     headers::{self, Transport, IP_MF, IP_OFFSET_MASK},
     packet::{Packet, ETH_LEN},
 };
 
-/// A parsed IPv4 TCP or UDP packet.
+/// A parsed TCP or UDP packet (of either family, once IPv6 headers are parsed: the
+/// rest of the data path reads the family here or in the key, never the headers).
 pub struct Flow {
+    pub family: Family,
     pub key: CtKey,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
@@ -113,13 +115,15 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
         (sport, dport, 0)
     };
     Ok(Flow {
+        family: Family::V4,
         key: CtKey {
             src: Addr::from_v4_be(src),
             dst: Addr::from_v4_be(dst),
             sport,
             dport,
             proto,
-            _pad: [0; 3],
+            family: Family::V4.number(),
+            _pad: [0; 2],
         },
         l4_off,
         l4_check: l4_off + transport.check_offset(),

@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use proxy_common::{Addr, CtKey, SockKey, SockNat, CONFIG_NETNS_COOKIE, EV_REFUSED};
+use proxy_common::{Addr, CtKey, Family, SockKey, SockNat, CONFIG_NETNS_COOKIE, EV_REFUSED};
 
 use crate::{
     affinity, balancer, conntrack,
@@ -30,6 +30,10 @@ fn in_node_netns(ctx: &SockAddrContext) -> bool {
     wanted.as_u64() != 0 && wanted.as_u64() == cookie
 }
 
+/// The family of the hooks here: the `*4` attach types, whose context holds the
+/// address in `user_ip4`. The `*6` hooks (`user_ip6`) come with IPv6 services.
+const FAMILY: Family = Family::V4;
+
 #[inline(always)]
 fn sock_key(ctx: &SockAddrContext, addr: Addr, port: u16, proto: u8) -> SockKey {
     SockKey {
@@ -38,7 +42,8 @@ fn sock_key(ctx: &SockAddrContext, addr: Addr, port: u16, proto: u8) -> SockKey 
         addr,
         port,
         proto,
-        _pad: [0; 5],
+        family: FAMILY.number(),
+        _pad: [0; 4],
     }
 }
 
@@ -66,9 +71,20 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) -> bool {
     let (ip, port, proto) =
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
     let vip = Addr::from_v4_be(ip);
-    let Some(service) = balancer::lookup_service(vip, port, proto) else {
+    // The source address is not chosen yet at connect(): hashing schedulers see the
+    // node's sockets as one client, as IPVS sees the node's address.
+    let flow = CtKey {
+        src: Addr::ZERO,
+        dst: vip,
+        sport: 0,
+        dport: port,
+        proto,
+        family: FAMILY.number(),
+        _pad: [0; 2],
+    };
+    let Some(service) = balancer::lookup_service(&flow) else {
         // Another port of a service address: refused rather than sent out.
-        if balancer::is_service_address(&vip) {
+        if balancer::is_service_address(flow.family, &vip) {
             counters::event(EV_REFUSED);
             return false;
         }
@@ -78,16 +94,6 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) -> bool {
     let target = match sticky.then(|| remembered(&affinity_key)).flatten() {
         Some(memo) => memo,
         None => {
-            // The source address is not chosen yet at connect(): hashing schedulers
-            // see the node's sockets as one client, as IPVS sees the node's address.
-            let flow = CtKey {
-                src: Addr::ZERO,
-                dst: vip,
-                sport: 0,
-                dport: port,
-                proto,
-                _pad: [0; 3],
-            };
             // The node is one client for sessionAffinity too (the unspecified address).
             let now = conntrack::now_ns();
             let Some(scheduler) = balancer::scheduler_of(&service) else {

@@ -8,10 +8,10 @@ use aya_ebpf::{
 use proxy_common::{
     decide::{self, Entry},
     tcp::{TCP_ACK, TCP_RST, TCP_SYN},
-    Addr, CtEntry, CtKey, ServiceValue, ACCT_ACTIVE, ACCT_INACTIVE, CT_ESTABLISHED, CT_F_ENCAP,
-    CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, CT_SYN_SENT,
-    EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED,
-    EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED,
+    Addr, CtEntry, CtKey, Family, ServiceValue, ACCT_ACTIVE, ACCT_INACTIVE, CT_ESTABLISHED,
+    CT_F_ENCAP, CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT,
+    CT_SYN_SENT, EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT,
+    EV_MALFORMED, EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED,
     EV_TUNNEL_REFUSED, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
 };
 
@@ -22,7 +22,7 @@ use crate::{
     counters::{self, Direction},
     headers, icmp,
     maps::CONNTRACK,
-    packet::{Packet, XdpPacket, ETH_LEN, IP_DST, IP_SRC, L4_DPORT, L4_SPORT},
+    packet::{Packet, Side, XdpPacket, ETH_LEN},
     parse::{self, Flow, Skip},
     source_ranges, tunnel,
 };
@@ -35,8 +35,8 @@ pub enum Origin {
     /// From a local pod, on its host-side interface (tc ingress).
     Pod,
     /// From outside, decapsulated from IPIP addressed to this backend (the entry
-    /// node's choice, for `dsr-ipip`; IPv4, network order).
-    Tunnel(u32),
+    /// node's choice, for `dsr-ipip`).
+    Tunnel(Addr),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -73,7 +73,8 @@ const NO_TUPLE: CtKey = CtKey {
     sport: 0,
     dport: 0,
     proto: 0,
-    _pad: [0; 3],
+    family: 0,
+    _pad: [0; 2],
 };
 
 impl Verdict {
@@ -123,16 +124,17 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
         }
         Lookup::Missing => {}
     }
-    let (dst, dport, proto) = (flow.key.dst, flow.key.dport, flow.key.proto);
     let service = match origin {
-        Origin::Tunnel(_) => balancer::lookup_tunnel_service(dst, dport, proto),
-        _ => balancer::lookup_service(dst, dport, proto),
+        Origin::Tunnel(_) => balancer::lookup_tunnel_service(&flow.key),
+        _ => balancer::lookup_service(&flow.key),
     };
     match service {
         Some(service) => open_flow(pkt, &flow, &service, origin, now),
         // Another port or protocol of a service address: refused (as kube-proxy's
         // nftables mode does), not let out towards an address nobody outside owns.
-        None if !matches!(origin, Origin::Tunnel(_)) && balancer::is_service_address(&dst) => {
+        None if !matches!(origin, Origin::Tunnel(_))
+            && balancer::is_service_address(flow.key.family, &flow.key.dst) =>
+        {
             counters::event(EV_REFUSED);
             Verdict::REFUSE
         }
@@ -158,11 +160,13 @@ pub fn claim_inner(ctx: &XdpContext, outer_src: &Addr, outer_dst: &Addr) -> Inne
     let Ok(flow) = parse::parse_at(&XdpPacket(ctx), ETH_LEN + tunnel::OUTER_LEN) else {
         return Inner::NotOurs;
     };
-    let (dst, dport, proto) = (flow.key.dst, flow.key.dport, flow.key.proto);
-    let Some(service) = balancer::lookup_tunnel_service(dst, dport, proto) else {
+    let Some(service) = balancer::lookup_tunnel_service(&flow.key) else {
         return Inner::NotOurs;
     };
-    if !balancer::is_node_address(outer_dst) && balancer::backend_at(&service, *outer_dst).is_none()
+    // The outer header is IPv4 (IPIP).
+    let outer_family = Family::V4.number();
+    if !balancer::is_node_address(outer_family, outer_dst)
+        && balancer::backend_at(&service, *outer_dst).is_none()
     {
         return Inner::NotOurs;
     }
@@ -201,7 +205,8 @@ fn follow<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry, new_flow: bool) -> V
             sport: 0,
             dport: 0,
             proto: headers::PROTO_IPIP,
-            _pad: [0; 3],
+            family: Family::V4.number(),
+            _pad: [0; 2],
         };
         return Verdict {
             action: Action::Encapsulate,
@@ -224,18 +229,18 @@ fn rewrite<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry) -> Result<(), ()> {
     let key = &flow.key;
     if entry.flags & CT_F_REWRITE_SRC != 0 {
         if entry.nat_src != key.src {
-            pkt.rewrite_addr(flow, IP_SRC, key.src.v4_be(), entry.nat_src.v4_be())?;
+            pkt.rewrite_addr(flow, Side::Src, &key.src, &entry.nat_src)?;
         }
         if entry.nat_sport != key.sport {
-            pkt.rewrite_port(flow, L4_SPORT, key.sport, entry.nat_sport)?;
+            pkt.rewrite_port(flow, Side::Src, key.sport, entry.nat_sport)?;
         }
     }
     if entry.flags & CT_F_REWRITE_DST != 0 {
         if entry.nat_dst != key.dst {
-            pkt.rewrite_addr(flow, IP_DST, key.dst.v4_be(), entry.nat_dst.v4_be())?;
+            pkt.rewrite_addr(flow, Side::Dst, &key.dst, &entry.nat_dst)?;
         }
         if entry.nat_dport != key.dport {
-            pkt.rewrite_port(flow, L4_DPORT, key.dport, entry.nat_dport)?;
+            pkt.rewrite_port(flow, Side::Dst, key.dport, entry.nat_dport)?;
         }
     }
     Ok(())
@@ -276,7 +281,7 @@ fn open_flow<P: Packet>(
         }
         midflow = tcp & TCP_SYN == 0 || tcp & TCP_ACK != 0;
     }
-    if !source_ranges::admits(service, &key.src) {
+    if !source_ranges::admits(service, flow.family, &key.src) {
         counters::event(EV_SOURCE_DENIED);
         return Verdict::DROP;
     }
@@ -295,7 +300,7 @@ fn open_flow<P: Packet>(
     // A tunnelled packet goes to the backend the entry node chose, if it is here.
     let chosen_upstream = match origin {
         Origin::Tunnel(backend) if service.flags & SVC_F_TUNNEL != 0 => {
-            balancer::backend_at(service, Addr::from_v4_be(backend))
+            balancer::backend_at(service, backend)
         }
         _ => None,
     };
@@ -333,7 +338,8 @@ fn open_flow<P: Packet>(
         sport: backend.port,
         dport: key.sport,
         proto: key.proto,
-        _pad: [0; 3],
+        family: key.family,
+        _pad: [0; 2],
     };
     let mut reply = CtEntry {
         nat_src: key.dst,
@@ -345,11 +351,11 @@ fn open_flow<P: Packet>(
     };
 
     // The reply's new source is the frontend address: a node address for NodePorts.
-    if balancer::is_node_address(&key.dst) {
+    if balancer::is_node_address(key.family, &key.dst) {
         reply.flags |= CT_F_NODE_SOURCE;
     }
     if decide::masquerades(service, &choice.backend, &flow.key.src, origin.entry()) {
-        let Some(snat_addr) = conntrack::snat_address() else {
+        let Some(snat_addr) = conntrack::snat_address(key.family) else {
             counters::event(EV_SNAT_EXHAUSTED);
             return Verdict::DROP;
         };

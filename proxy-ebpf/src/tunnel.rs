@@ -25,14 +25,12 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{xdp_action, BPF_FIB_LOOKUP_SKIP_NEIGH},
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use network_types::{eth::EtherType, ip::Ipv4Hdr};
 use proxy_common::{
-    decide::TunnelPeer, flow_hash, Addr, CtKey, SourceRangeKey, CONFIG_SNAT_ADDR,
-    CONFIG_TUNNEL_SOURCE, EV_DECAPSULATED, EV_ENCAPSULATED, EV_FRAG_NEEDED, SOURCE_RANGE_ID_BITS,
-    TUNNEL_PEERS_ID,
+    decide::TunnelPeer, flow_hash, Addr, CtKey, Family, CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE,
+    EV_DECAPSULATED, EV_ENCAPSULATED, EV_FRAG_NEEDED, TUNNEL_PEERS_ID,
 };
 
 use crate::{
@@ -42,6 +40,7 @@ use crate::{
     icmp,
     maps::{NODE_CONFIG, SOURCE_RANGES},
     packet::{Packet, XdpPacket, ETH_LEN},
+    source_ranges,
 };
 
 /// The outer header: IPv4 without options.
@@ -81,13 +80,7 @@ pub fn outer_addresses<P: Packet>(pkt: &P) -> Option<(Addr, Addr)> {
 
 #[inline(always)]
 pub fn peer_trust(outer_src: &Addr) -> TunnelPeer {
-    let key = Key::new(
-        SOURCE_RANGE_ID_BITS + 32,
-        SourceRangeKey {
-            service_id_be: TUNNEL_PEERS_ID.to_be(),
-            addr: outer_src.v4_be(),
-        },
-    );
+    let key = source_ranges::host_key(TUNNEL_PEERS_ID, Family::V4, outer_src);
     TunnelPeer::from_entry(SOURCE_RANGES.get(key).copied())
 }
 

@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
 };
 
 use anyhow::{Context as _, Result};
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::{mmap::MappedArray, tables::Tables},
-    model::Protocol,
+    model::{Family, Protocol},
 };
 
 /// CLOCK_MONOTONIC_COARSE, the data path's clock (`bpf_ktime_get_coarse_ns`).
@@ -113,20 +113,20 @@ fn uncount(counts: &MappedArray<ConnCounts>, entry: &CtEntry) {
     }
 }
 
-/// An address and a network-order port from the maps, as a socket address.
-pub fn socket(addr: proxy_common::Addr, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(addr.v4_octets()), u16::from_be(port))
+/// An address of `family` and a network-order port from the maps, as a socket address.
+pub fn socket(addr: proxy_common::Addr, port: u16, family: Family) -> SocketAddr {
+    SocketAddr::new(addr.to_ip(family), u16::from_be(port))
 }
 
 /// One tracked flow, as `ebpf-proxy conntrack list` shows it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct FlowView {
     pub protocol: String,
-    pub client: SocketAddrV4,
-    pub frontend: SocketAddrV4,
-    pub backend: SocketAddrV4,
+    pub client: SocketAddr,
+    pub frontend: SocketAddr,
+    pub backend: SocketAddr,
     /// The masquerade address:port the backend sees, when the flow is masqueraded.
-    pub masquerade: Option<SocketAddrV4>,
+    pub masquerade: Option<SocketAddr>,
     pub service: String,
     pub state: &'static str,
     pub idle_seconds: u64,
@@ -156,6 +156,8 @@ pub fn flows(tables: &Tables) -> impl Iterator<Item = Result<FlowView>> + '_ {
         if entry.flags & CT_F_REPLY != 0 {
             return None;
         }
+        // A family byte no version of ours writes: not a flow of ours to show.
+        let family = Family::from_number(key.family)?;
         let service = names
             .entry(entry.service_id)
             .or_insert_with(|| tables.service_name(entry.service_id).unwrap_or_default())
@@ -163,11 +165,11 @@ pub fn flows(tables: &Tables) -> impl Iterator<Item = Result<FlowView>> + '_ {
         Some(Ok(FlowView {
             protocol: Protocol::from_number(key.proto)
                 .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
-            client: socket(key.src, key.sport),
-            frontend: socket(key.dst, key.dport),
-            backend: socket(entry.nat_dst, entry.nat_dport),
+            client: socket(key.src, key.sport, family),
+            frontend: socket(key.dst, key.dport, family),
+            backend: socket(entry.nat_dst, entry.nat_dport, family),
             masquerade: (entry.flags & CT_F_SNAT != 0)
-                .then(|| socket(entry.nat_src, entry.nat_sport)),
+                .then(|| socket(entry.nat_src, entry.nat_sport, family)),
             service,
             state: state_name(entry.state),
             idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,

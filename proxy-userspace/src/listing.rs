@@ -4,17 +4,18 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
+use aya::maps::lpm_trie::Key as LpmKey;
 use proxy_common::{
-    BackendSlotKey, ServiceValue, TrafficStats, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
+    BackendSlotKey, ServiceValue, SourceRangeKey, TrafficStats, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::{
-        codec::{endpoint_of, frontend_key, source_range_of},
+        codec::{endpoint_of, frontend_key, source_range_id, source_range_of},
         tables::Tables,
     },
-    model::{Endpoint, FrontendKey, Scheduler},
+    model::{Endpoint, Family, FrontendKey, Scheduler},
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,10 +54,9 @@ pub fn read(pin_dir: &Path) -> Result<Listing> {
 }
 
 pub fn read_tables(tables: &Tables) -> Result<Listing> {
-    let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let mut ranges: BTreeMap<u32, Vec<LpmKey<SourceRangeKey>>> = BTreeMap::new();
     for key in tables.source_ranges.keys().filter_map(Result::ok) {
-        let (id, range) = source_range_of(&key);
-        ranges.entry(id).or_default().push(range.to_string());
+        ranges.entry(source_range_id(&key)).or_default().push(key);
     }
     let mut services = Vec::new();
     for entry in tables.services.iter() {
@@ -64,6 +64,8 @@ pub fn read_tables(tables: &Tables) -> Result<Listing> {
         let Some(frontend) = frontend_key(&key) else {
             continue;
         };
+        let family = frontend.listen.family();
+        let source_ranges = ranges.remove(&value.id).unwrap_or_default();
         services.push(ServiceRow {
             frontend,
             service: tables.service_name(value.id).unwrap_or_default(),
@@ -71,10 +73,14 @@ pub fn read_tables(tables: &Tables) -> Result<Listing> {
                 .map_or_else(|| format!("#{}", value.scheduler), |s| s.name().to_owned()),
             external: value.flags & SVC_F_EXTERNAL != 0,
             affinity_timeout_s: value.affinity_timeout_s,
-            source_ranges: (value.flags & SVC_F_SOURCE_RANGES != 0)
-                .then(|| ranges.remove(&value.id).unwrap_or_default()),
+            source_ranges: (value.flags & SVC_F_SOURCE_RANGES != 0).then(|| {
+                source_ranges
+                    .iter()
+                    .map(|key| source_range_of(key, family).1.to_string())
+                    .collect()
+            }),
             stats: Tables::stats_sum(&tables.service_stats, value.id),
-            backends: backend_rows(tables, &value),
+            backends: backend_rows(tables, &value, family),
         });
     }
     services.sort_by_key(|s| s.frontend);
@@ -89,7 +95,7 @@ pub fn read_tables(tables: &Tables) -> Result<Listing> {
 }
 
 /// A frontend's backends with their counts and traffic, by address.
-pub fn backend_rows(tables: &Tables, service: &ServiceValue) -> Vec<BackendRow> {
+pub fn backend_rows(tables: &Tables, service: &ServiceValue, family: Family) -> Vec<BackendRow> {
     let mut backends = Vec::new();
     for slot in 0..service.backend_count {
         let slot_key = BackendSlotKey {
@@ -99,7 +105,7 @@ pub fn backend_rows(tables: &Tables, service: &ServiceValue) -> Vec<BackendRow> 
         if let Ok(backend) = tables.slots.get(&slot_key, 0) {
             let counts = tables.conn_counts.get(&backend.id, 0).unwrap_or_default();
             backends.push(BackendRow {
-                endpoint: endpoint_of(&backend),
+                endpoint: endpoint_of(&backend, family),
                 active: counts.active,
                 inactive: counts.inactive,
                 stats: Tables::stats_sum(&tables.backend_stats, backend.id),

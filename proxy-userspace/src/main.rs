@@ -3,7 +3,7 @@
 
 use std::{
     io::{IsTerminal as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
@@ -15,12 +15,12 @@ use ebpf_proxy::{
     conntrack,
     datapath::{attach, loader::MapSizes, mmap::MappedArray, tables::Tables},
     listing,
-    model::{parse_scheduler, Forwarding, Protocol, Scheduler, SourceRange},
+    model::{parse_scheduler, Family, Forwarding, Protocol, Scheduler, SourceRange},
     node::{self, NodeConfig},
     source::{kubernetes::KubernetesSource, manifests::ManifestsSource, Source},
     trace,
 };
-use proxy_common::map_name;
+use proxy_common::{map_name, Addr};
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ebpf-proxy";
 
@@ -56,14 +56,14 @@ enum Command {
         proto: ProtoArg,
         /// `address:port` (`address` alone for ICMP).
         #[arg(long, value_parser = parse_endpoint)]
-        src: SocketAddrV4,
+        src: SocketAddr,
         #[arg(long, value_parser = parse_endpoint)]
-        dst: SocketAddrV4,
+        dst: SocketAddr,
         /// The packet arrives encapsulated in IPIP to this address (`dsr-ipip`: an
         /// entry node chose a backend here, or tunnelled to this node's address) ...
         #[arg(long, requires = "outer_src")]
         outer_dst: Option<Ipv4Addr>,
-        /// ... from this address (the entry node's tunnel source).
+        /// ... from this address (the entry node's tunnel source; IPIP is IPv4).
         #[arg(long, requires = "outer_dst")]
         outer_src: Option<Ipv4Addr>,
         /// The interface the packet arrives on (an uplink or a pod interface the agent
@@ -97,12 +97,12 @@ enum ProtoArg {
     Icmp,
 }
 
-/// `address:port`, or an address alone (port 0).
-fn parse_endpoint(text: &str) -> Result<SocketAddrV4, String> {
-    text.parse::<SocketAddrV4>().or_else(|_| {
-        text.parse::<Ipv4Addr>()
-            .map(|ip| SocketAddrV4::new(ip, 0))
-            .map_err(|_| format!("{text:?} is neither address:port nor an IPv4 address"))
+/// `address:port` (`[address]:port` for IPv6), or an address alone (port 0).
+fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>().or_else(|_| {
+        text.parse::<IpAddr>()
+            .map(|ip| SocketAddr::new(ip, 0))
+            .map_err(|_| format!("{text:?} is neither address:port nor an IP address"))
     })
 }
 
@@ -210,14 +210,14 @@ struct RunArgs {
     /// `dsr-ipip`: outer source addresses of IPIP packets, a prefix whose addresses
     /// the flows are hashed over (so receivers' RSS spreads them); without it, the
     /// first --node-ip.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_ipip_range)]
     tunnel_source_cidr: Option<SourceRange>,
     /// `dsr-ipip`: the outer sources (comma-separated prefixes: the nodes' tunnel
     /// sources) allowed to tunnel into this node; IPIP from others is dropped.
     /// Without it any source may, except into frontends with
     /// loadBalancerSourceRanges, whose tunnelled flows are then refused (an
     /// unverified inner source would bypass the ranges).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = parse_ipip_range)]
     ipip_trusted_sources: Option<Vec<SourceRange>>,
     /// How often idle conntrack entries are collected, in milliseconds.
     #[arg(long, default_value_t = 5000)]
@@ -302,7 +302,7 @@ async fn main() -> Result<()> {
             let config = AgentConfig {
                 node: NodeConfig {
                     name: args.node_name,
-                    addresses: args.node_ips,
+                    addresses: args.node_ips.into_iter().map(IpAddr::V4).collect(),
                     uplinks: args.uplinks,
                     pod_interface_patterns: args.pod_interfaces,
                 },
@@ -378,8 +378,8 @@ async fn main() -> Result<()> {
             };
             let origin = match (outer_src.zip(outer_dst), origin) {
                 (Some((outer_src, outer_dst)), trace::Origin::External) => trace::Origin::Tunnel {
-                    outer_src,
-                    outer_dst,
+                    outer_src: outer_src.into(),
+                    outer_dst: outer_dst.into(),
                 },
                 (Some(_), _) => anyhow::bail!("--outer-dst: IPIP arrives on uplinks only"),
                 (None, origin) => origin,
@@ -388,7 +388,7 @@ async fn main() -> Result<()> {
             let explanation = match proto {
                 ProtoArg::Tcp => trace::explain(&tables, Protocol::Tcp, src, dst, origin)?,
                 ProtoArg::Udp => trace::explain(&tables, Protocol::Udp, src, dst, origin)?,
-                ProtoArg::Icmp => trace::explain_icmp(&tables, *src.ip(), *dst.ip())?,
+                ProtoArg::Icmp => trace::explain_icmp(&tables, src.ip(), dst.ip())?,
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&explanation)?);
@@ -477,7 +477,7 @@ fn conntrack_command(action: ConntrackAction) -> Result<()> {
                         .is_some_and(|n| n.starts_with(s.as_str()))
                 });
                 let backend_ok = backend.is_none_or(|(addr, port)| {
-                    entry.nat_dst.v4_octets() == addr.octets()
+                    entry.nat_dst == Addr::from_ip(&addr)
                         && port.is_none_or(|p| u16::from_be(entry.nat_dport) == p)
                 });
                 service_ok && backend_ok
@@ -488,11 +488,19 @@ fn conntrack_command(action: ConntrackAction) -> Result<()> {
     }
 }
 
-/// `10.244.1.2` or `10.244.1.2:8080`.
-fn parse_backend(text: &str) -> Result<(Ipv4Addr, Option<u16>)> {
-    let (addr, port) = match text.split_once(':') {
-        Some((addr, port)) => (addr, Some(port.parse().context("backend port")?)),
-        None => (text, None),
-    };
-    Ok((addr.parse().context("backend address")?, port))
+/// A prefix of IPIP outer addresses: IPv4, as IPIP's outer header is.
+fn parse_ipip_range(text: &str) -> Result<SourceRange, String> {
+    let range: SourceRange = text.parse()?;
+    if range.family() != Family::V4 {
+        return Err(format!("{text:?}: IPIP's outer addresses are IPv4"));
+    }
+    Ok(range)
+}
+
+/// `10.244.1.2`, `10.244.1.2:8080`, `fd00::5` or `[fd00::5]:8080`.
+fn parse_backend(text: &str) -> Result<(IpAddr, Option<u16>)> {
+    if let Ok(socket) = text.parse::<SocketAddr>() {
+        return Ok((socket.ip(), Some(socket.port())));
+    }
+    Ok((text.parse().context("backend address")?, None))
 }

@@ -189,6 +189,7 @@ fn register_traffic(registry: &mut Registry, tables: &Tables, max_series: usize)
         }
         room -= SERIES_PER_FRONTEND;
         let service = tables.service_name(value.id).unwrap_or_default();
+        let frontend_family = frontend.listen.family();
         let frontend = frontend.to_string();
         let base = [
             ("service", service.as_str()),
@@ -200,8 +201,9 @@ fn register_traffic(registry: &mut Registry, tables: &Tables, max_series: usize)
             continue;
         }
         room -= backend_series;
-        for backend in listing::backend_rows(tables, value) {
-            let address = format!("{}:{}", backend.endpoint.addr, backend.endpoint.port);
+        for backend in listing::backend_rows(tables, value, frontend_family) {
+            let address =
+                std::net::SocketAddr::new(backend.endpoint.addr, backend.endpoint.port).to_string();
             let with_backend = [base[0], base[1], ("backend", address.as_str())];
             add_traffic(
                 &backend_connections,

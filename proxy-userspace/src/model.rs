@@ -1,7 +1,13 @@
 //! The desired state of the data path, independent of where it came from: what
 //! `translate` produces from Kubernetes objects and what `sync` programs.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+pub use proxy_common::Family;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,15 +48,23 @@ impl fmt::Display for Protocol {
 /// where only this node's endpoints serve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Listen {
-    Address(Ipv4Addr),
-    NodePort,
-    TunnelAddress(Ipv4Addr),
-    TunnelNodePort,
+    Address(IpAddr),
+    /// On every node address of the family: a dual-stack NodePort is two frontends.
+    NodePort(Family),
+    TunnelAddress(IpAddr),
+    TunnelNodePort(Family),
 }
 
 impl Listen {
     pub fn is_tunnel(self) -> bool {
-        matches!(self, Listen::TunnelAddress(_) | Listen::TunnelNodePort)
+        matches!(self, Listen::TunnelAddress(_) | Listen::TunnelNodePort(_))
+    }
+
+    pub fn family(self) -> Family {
+        match self {
+            Listen::Address(addr) | Listen::TunnelAddress(addr) => Family::of(&addr),
+            Listen::NodePort(family) | Listen::TunnelNodePort(family) => family,
+        }
     }
 }
 
@@ -65,13 +79,30 @@ pub struct FrontendKey {
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.listen {
-            Listen::Address(addr) => write!(f, "{} {}:{}", self.protocol, addr, self.port),
-            Listen::NodePort => write!(f, "{} *:{} (NodePort)", self.protocol, self.port),
-            Listen::TunnelAddress(addr) => {
-                write!(f, "{} {}:{} (IPIP)", self.protocol, addr, self.port)
+            Listen::Address(addr) => {
+                write!(f, "{} {}:{}", self.protocol, BracketedAddr(addr), self.port)
             }
-            Listen::TunnelNodePort => {
-                write!(f, "{} *:{} (NodePort, IPIP)", self.protocol, self.port)
+            Listen::NodePort(family) => {
+                write!(
+                    f,
+                    "{} {}:{} (NodePort)",
+                    self.protocol,
+                    any_address(family),
+                    self.port
+                )
+            }
+            Listen::TunnelAddress(addr) => {
+                write!(
+                    f,
+                    "{} {}:{} (IPIP)",
+                    self.protocol,
+                    BracketedAddr(addr),
+                    self.port
+                )
+            }
+            Listen::TunnelNodePort(family) => {
+                let any = any_address(family);
+                write!(f, "{} {any}:{} (NodePort, IPIP)", self.protocol, self.port)
             }
         }
     }
@@ -79,7 +110,7 @@ impl fmt::Display for FrontendKey {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// Runs on another node (external traffic to it is masqueraded).
     pub remote: bool,
@@ -148,10 +179,30 @@ impl std::str::FromStr for Forwarding {
     }
 }
 
-/// An IPv4 prefix, `address/length`, host bits zero.
+/// Every node address of a family, where an address would be written.
+fn any_address(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "*",
+        Family::V6 => "[*]",
+    }
+}
+
+/// The address part of `address:port` as it is written: IPv6 in brackets.
+struct BracketedAddr(IpAddr);
+
+impl fmt::Display for BracketedAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => write!(f, "{v4}"),
+            IpAddr::V6(v6) => write!(f, "[{v6}]"),
+        }
+    }
+}
+
+/// A prefix of either family, `address/length`, host bits zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct SourceRange {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub len: u8,
 }
 
@@ -162,32 +213,49 @@ impl fmt::Display for SourceRange {
 }
 
 impl SourceRange {
-    /// How many addresses the prefix holds (saturating at 2^31 for a /0 or /1).
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
+
+    /// How many addresses the prefix holds (saturating at 2^31).
     pub fn size(&self) -> u32 {
-        1u32.checked_shl(32 - u32::from(self.len))
-            .unwrap_or(1 << 31)
+        let host_bits = u32::from(self.family().bits() - self.len);
+        1u32.checked_shl(host_bits).unwrap_or(1 << 31)
     }
 }
 
 impl std::str::FromStr for SourceRange {
     type Err = String;
 
-    /// A CIDR as Kubernetes writes it; a host address without `/` is a /32.
+    /// A CIDR as Kubernetes writes it; a host address without `/` is a host prefix.
     fn from_str(text: &str) -> Result<SourceRange, String> {
-        let (addr, len) = text.trim().split_once('/').unwrap_or((text.trim(), "32"));
-        let addr: Ipv4Addr = addr
+        let (addr, len) = match text.trim().split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (text.trim(), None),
+        };
+        let addr: IpAddr = addr
             .parse()
-            .map_err(|_| format!("{text:?} is not an IPv4 CIDR"))?;
-        let len: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("{text:?} has no valid prefix length"))?;
-        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-        Ok(SourceRange {
-            addr: Ipv4Addr::from(u32::from(addr) & mask),
-            len,
-        })
+            .map_err(|_| format!("{text:?} is not a CIDR"))?;
+        let max = Family::of(&addr).bits();
+        let len: u8 = match len {
+            None => max,
+            Some(len) => len
+                .parse()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{text:?} has no valid prefix length"))?,
+        };
+        let addr = match addr {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        };
+        Ok(SourceRange { addr, len })
     }
 }
 

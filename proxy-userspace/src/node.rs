@@ -1,7 +1,7 @@
 //! This node's identity, from flags: what decides local vs remote endpoints, which
 //! addresses answer NodePorts, and which interfaces get which program.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use anyhow::{bail, Context as _, Result};
 
@@ -9,8 +9,9 @@ use anyhow::{bail, Context as _, Result};
 pub struct NodeConfig {
     /// Matched against EndpointSlice `nodeName` to tell local from remote endpoints.
     pub name: String,
-    /// Addresses that answer NodePorts; the first is the masquerade (SNAT) source.
-    pub addresses: Vec<Ipv4Addr>,
+    /// Addresses that answer NodePorts; the first of a family is that family's
+    /// masquerade (SNAT) source.
+    pub addresses: Vec<IpAddr>,
     /// Interfaces facing the outside: XDP.
     pub uplinks: Vec<String>,
     /// Glob patterns (`*` and `?`) of host-side pod interfaces: tc ingress.
@@ -19,14 +20,19 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.addresses.is_empty() {
-            bail!("at least one --node-ip is required (NodePorts and masquerading use it)");
+        if !self.addresses.iter().any(IpAddr::is_ipv4) {
+            bail!("at least one IPv4 --node-ip is required (NodePorts and masquerading use it)");
         }
         Ok(())
     }
 
-    pub fn snat_address(&self) -> Ipv4Addr {
-        self.addresses[0]
+    /// The masquerade source: the first IPv4 address (`validate` makes sure of one).
+    pub fn snat_address(&self) -> IpAddr {
+        self.addresses
+            .iter()
+            .copied()
+            .find(IpAddr::is_ipv4)
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
     }
 
     pub fn is_pod_interface(&self, name: &str) -> bool {

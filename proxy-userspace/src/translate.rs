@@ -71,8 +71,8 @@ use k8s_openapi::api::{
 use proxy_common::decide::MAX_WEIGHT;
 
 use crate::model::{
-    parse_scheduler, Endpoint, Forwarding, Frontend, FrontendKey, HealthCheck, Listen, Problem,
-    Protocol, Scheduler, SourceRange,
+    parse_scheduler, Endpoint, Family, Forwarding, Frontend, FrontendKey, HealthCheck, Listen,
+    Problem, Protocol, Scheduler, SourceRange,
 };
 use crate::source::ObjectKey;
 
@@ -185,8 +185,9 @@ pub(crate) fn slice_endpoints(
             .and_then(|h| h.for_zones.as_ref())
             .map(|zones| zones.iter().map(|z| z.name.clone()).collect());
         for address in &endpoint.addresses {
-            let addr: Ipv4Addr = address
-                .parse()
+            let addr = address
+                .parse::<Ipv4Addr>()
+                .map(IpAddr::V4)
                 .map_err(|_| format!("endpoint address {address:?} is not an IPv4 address"))?;
             for (port_name, protocol, port) in &ports {
                 out.push(SliceEndpoint {
@@ -222,12 +223,12 @@ fn is_ignored(service: &Service, proxy_name: Option<&str>) -> bool {
 fn ipv4_addresses<'a>(
     what: &str,
     addresses: impl IntoIterator<Item = &'a String>,
-) -> Result<Vec<Ipv4Addr>, String> {
+) -> Result<Vec<IpAddr>, String> {
     let mut out = Vec::new();
     for address in addresses {
         match address.parse::<IpAddr>() {
             Ok(IpAddr::V4(v4)) => match unusable_reason(v4) {
-                None => out.push(v4),
+                None => out.push(IpAddr::V4(v4)),
                 Some(reason) => {
                     return Err(format!("{what} {v4} is {reason}: no service can have it"))
                 }
@@ -268,14 +269,14 @@ enum Address {
 }
 
 /// The addresses a service answers on, and how each is reached.
-fn service_addresses(service: &Service) -> Result<Vec<(Ipv4Addr, Address)>, String> {
+fn service_addresses(service: &Service) -> Result<Vec<(IpAddr, Address)>, String> {
     let spec = service.spec.clone().unwrap_or_default();
     let cluster_ips = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ips.clone(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
         _ => return Err("no clusterIP".into()),
     };
-    let mut out: Vec<(Ipv4Addr, Address)> = ipv4_addresses("clusterIP", &cluster_ips)?
+    let mut out: Vec<(IpAddr, Address)> = ipv4_addresses("clusterIP", &cluster_ips)?
         .into_iter()
         .map(|a| (a, Address::Cluster))
         .collect();
@@ -622,9 +623,15 @@ pub(crate) fn service_output(
             }
         }
         if let Some(node_port) = node_port {
-            add(Listen::NodePort, node_port, Address::NodePort);
+            // On the IPv4 node addresses: the family every frontend has until IPv6
+            // Services are translated.
+            add(Listen::NodePort(Family::V4), node_port, Address::NodePort);
             if dsr {
-                add(Listen::TunnelNodePort, node_port, Address::NodePort);
+                add(
+                    Listen::TunnelNodePort(Family::V4),
+                    node_port,
+                    Address::NodePort,
+                );
             }
         }
     }
@@ -658,7 +665,7 @@ pub(crate) fn service_output(
 
 /// `10.244.1.2=3, 10.244.1.3=1`: endpoint address = weight (0 quiesces, at most
 /// 65,535 as in IPVS).
-fn parse_weights(text: &str) -> Result<BTreeMap<Ipv4Addr, u32>, String> {
+fn parse_weights(text: &str) -> Result<BTreeMap<IpAddr, u32>, String> {
     text.split(',')
         .filter(|item| !item.trim().is_empty())
         .map(|item| {
@@ -668,7 +675,7 @@ fn parse_weights(text: &str) -> Result<BTreeMap<Ipv4Addr, u32>, String> {
             let addr = addr
                 .trim()
                 .parse()
-                .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+                .map_err(|_| format!("{addr:?} is not an IP address"))?;
             let weight = weight
                 .trim()
                 .parse()

@@ -51,7 +51,7 @@ const CONNTRACK_FLOWS: usize = 200_000;
 /// Fills the agent's conntrack with established flows and times `conntrack list`:
 /// (first line, every line) in ms.
 fn time_conntrack_list(agent: &Agent) -> Result<(f64, f64)> {
-    use proxy_common::{Addr, CtEntry, CtKey, CT_ESTABLISHED, PROTO_TCP};
+    use proxy_common::{Addr, CtEntry, CtKey, Family, CT_ESTABLISHED, PROTO_TCP};
     use std::io::BufRead as _;
     let mut tables = ebpf_proxy::datapath::tables::Tables::open(&agent.pin_dir)?;
     let now = ebpf_proxy::conntrack::coarse_now_ns();
@@ -63,7 +63,8 @@ fn time_conntrack_list(agent: &Agent) -> Result<(f64, f64)> {
             sport: (1024 + (flow % 60_000) as u16).to_be(),
             dport: 80u16.to_be(),
             proto: PROTO_TCP,
-            _pad: [0; 3],
+            family: Family::V4.number(),
+            _pad: [0; 2],
         };
         let entry = CtEntry {
             nat_dst: Addr::from_v4_octets([10, 128, 0, 0]),

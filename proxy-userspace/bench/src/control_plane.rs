@@ -77,7 +77,7 @@ pub fn measure(services: usize) -> Result<ScaleResult> {
         syncer.program_node(
             &ebpf_proxy::node::NodeConfig {
                 name: "node-a".into(),
-                addresses: vec![Ipv4Addr::new(198, 18, 0, 1)],
+                addresses: vec![Ipv4Addr::new(198, 18, 0, 1).into()],
                 uplinks: vec![],
                 pod_interface_patterns: vec![],
             },

@@ -7,12 +7,15 @@
 //! path (translated or not, new flow or not). Caches and maps stay hot, so these are
 //! best cases for one CPU.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
 
 use anyhow::{ensure, Context as _, Result};
 use aya::{
     maps::{Array, ProgramArray},
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::Xdp,
     Ebpf,
 };
 use ebpf_proxy::{
@@ -27,6 +30,8 @@ use ebpf_proxy::{
     sync::{NodeSettings, Syncer},
 };
 use etherparse::PacketBuilder;
+
+use crate::kernel;
 use proxy_common::{map_name, BenchTemplate};
 use serde::Serialize;
 
@@ -67,23 +72,13 @@ pub struct MapMemory {
 
 /// What the kernel charges for every map pinned in `pin_dir`.
 fn map_memory(pin_dir: &std::path::Path, services: usize) -> Result<MapMemory> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
     let mut maps = Vec::new();
     for entry in std::fs::read_dir(pin_dir)? {
         let path = entry?.path();
         if !path.is_file() {
             continue;
         }
-        let map = aya::maps::MapData::from_pin(&path)?;
-        let info = std::fs::read_to_string(format!(
-            "/proc/self/fdinfo/{}",
-            map.fd().as_fd().as_raw_fd()
-        ))?;
-        let bytes = info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
+        let bytes = kernel::map_memory(&aya::maps::MapData::from_pin(&path)?)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -150,10 +145,19 @@ fn vip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i)
 }
 
+/// The octets of an address the bench made IPv4.
+fn v4_octets(ip: IpAddr) -> Result<[u8; 4]> {
+    match ip {
+        IpAddr::V4(v4) => Ok(v4.octets()),
+        IpAddr::V6(v6) => anyhow::bail!("{v6}: the bench's flows are IPv4"),
+    }
+}
+
 fn frontend(scheduler: Scheduler, first_backend: u32) -> Frontend {
     let endpoints = (0..u32::from(BACKENDS))
         .map(|b| Endpoint {
-            addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + first_backend + b),
+            addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + first_backend + b)
+                .into(),
             port: 8080,
             remote: false,
             weight: 1 + b % 3,
@@ -214,22 +218,11 @@ impl Bench {
     /// Runs the wrapper `rounds` times with `repeat` iterations: ns per iteration.
     fn time(&mut self, repeat: u32, rounds: usize) -> Result<Vec<f64>> {
         let wrapper: &mut Xdp = program(&mut self.wrapper, "bench_wrapper")?;
-        let input = [0u8; 64];
-        // Room for an encapsulated frame (64 + 20 bytes).
-        let mut output = [0u8; 128];
         let mut samples = Vec::new();
         for _ in 0..rounds {
-            let result = wrapper.test_run(TestRunOptions {
-                data_in: Some(&input),
-                data_out: Some(&mut output),
-                repeat,
-                ..Default::default()
-            })?;
-            ensure!(
-                result.return_value != 0,
-                "the wrapper aborted (tail call failed?)"
-            );
-            samples.push(result.duration.as_nanos() as f64);
+            let (return_value, ns) = kernel::test_run(wrapper, repeat)?;
+            ensure!(return_value != 0, "the wrapper aborted (tail call failed?)");
+            samples.push(ns);
         }
         Ok(samples)
     }
@@ -334,7 +327,7 @@ pub fn measure(
         let mut desired = DesiredState::default();
         for i in 0..services as u32 {
             let key = FrontendKey {
-                listen: Listen::Address(vip(1000 + i)),
+                listen: Listen::Address(vip(1000 + i).into()),
                 port: 80,
                 protocol: Protocol::Tcp,
             };
@@ -353,7 +346,7 @@ pub fn measure(
         ];
         for (i, scheduler) in measured.iter().enumerate() {
             let key = FrontendKey {
-                listen: Listen::Address(vip(i as u32 + 1)),
+                listen: Listen::Address(vip(i as u32 + 1).into()),
                 port: 80,
                 protocol: Protocol::Tcp,
             };
@@ -362,7 +355,7 @@ pub fn measure(
                 .insert(key, frontend(*scheduler, 10_000_000 + i as u32 * 100));
         }
         let udp = FrontendKey {
-            listen: Listen::Address(vip(100)),
+            listen: Listen::Address(vip(100).into()),
             port: 53,
             protocol: Protocol::Udp,
         };
@@ -378,7 +371,7 @@ pub fn measure(
         }
         desired.frontends.insert(
             FrontendKey {
-                listen: Listen::Address(vip(200)),
+                listen: Listen::Address(vip(200).into()),
                 port: 80,
                 protocol: Protocol::Tcp,
             },
@@ -386,7 +379,7 @@ pub fn measure(
         );
         desired.frontends.insert(
             FrontendKey {
-                listen: Listen::TunnelAddress(vip(201)),
+                listen: Listen::TunnelAddress(vip(201).into()),
                 port: 53,
                 protocol: Protocol::Udp,
             },
@@ -456,7 +449,7 @@ pub fn measure(
             .find(|f| f.client.port() == 41000)
             .context("the set-up flow")?;
         let reply = frame(
-            (flow.backend.ip().octets(), flow.backend.port()),
+            (v4_octets(flow.backend.ip())?, flow.backend.port()),
             (CLIENT, 41000),
             Some((false, true)),
         );

@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: the figures of BENCHMARKS.md, measured on this machine.
-//! `--quick` runs fewer and smaller rounds (CI); `--only control|scale|watch|data|e2e|ipvs` runs one
+//! `--quick` runs fewer and smaller rounds (CI); `--only control|scale|watch|data|keys|e2e|ipvs` runs one
 //! part. No timing ever fails a run; a path that is not taken as intended does.
 
 mod agent_scale;
@@ -8,6 +8,8 @@ mod control_plane;
 mod data_path;
 mod end_to_end;
 mod guest;
+mod kernel;
+mod key_layout;
 mod plots;
 mod watch_latency;
 
@@ -62,6 +64,9 @@ fn main() -> Result<()> {
             "data-path",
             serde_json::json!({ "cases": cases, "programs": programs, "map_memory": memory }),
         )?;
+    }
+    if part("keys") {
+        write("key-layout", serde_json::to_value(key_layout::run(quick)?)?)?;
     }
     if part("e2e") {
         let results = end_to_end::run(quick)?;

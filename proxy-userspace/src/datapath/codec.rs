@@ -2,11 +2,13 @@
 //! prefixes. One place for both directions, so that the writer (`sync`) and every
 //! reader (`listing`, `trace`, `conntrack`, metrics) agree on every byte.
 
+use std::net::IpAddr;
+
 use aya::maps::lpm_trie::Key as LpmKey;
 use proxy_common::{
-    Addr, Backend, ServiceKey, ServiceName, SourceRangeKey, BACKEND_F_REMOTE, SCOPE_ADDRESS,
-    SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SOURCE_RANGE_ID_BITS, SVC_F_DSR,
-    SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
+    Addr, AddrKey, Backend, Family, ServiceKey, ServiceName, SourceRangeKey, BACKEND_F_REMOTE,
+    SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SOURCE_RANGE_ID_BITS,
+    SVC_F_DSR, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
 };
 
 use crate::model::{Endpoint, Frontend, FrontendKey, Listen, Protocol, SourceRange};
@@ -14,27 +16,30 @@ use crate::model::{Endpoint, Frontend, FrontendKey, Listen, Protocol, SourceRang
 /// The `SERVICES` key of a frontend.
 pub fn service_key(key: &FrontendKey) -> ServiceKey {
     let (addr, scope) = match key.listen {
-        Listen::Address(a) => (Addr::from_v4_octets(a.octets()), SCOPE_ADDRESS),
-        Listen::NodePort => (Addr::ZERO, SCOPE_NODE_PORT),
-        Listen::TunnelAddress(a) => (Addr::from_v4_octets(a.octets()), SCOPE_TUNNEL),
-        Listen::TunnelNodePort => (Addr::ZERO, SCOPE_TUNNEL_NODE_PORT),
+        Listen::Address(a) => (Addr::from_ip(&a), SCOPE_ADDRESS),
+        Listen::NodePort(_) => (Addr::ZERO, SCOPE_NODE_PORT),
+        Listen::TunnelAddress(a) => (Addr::from_ip(&a), SCOPE_TUNNEL),
+        Listen::TunnelNodePort(_) => (Addr::ZERO, SCOPE_TUNNEL_NODE_PORT),
     };
     ServiceKey {
         addr,
         port: key.port.to_be(),
         proto: key.protocol.number(),
         scope,
+        family: key.listen.family().number(),
+        _pad: [0; 3],
     }
 }
 
-/// The frontend a `SERVICES` key stands for (`None`: a scope or protocol this agent
-/// does not know).
+/// The frontend a `SERVICES` key stands for (`None`: a scope, family or protocol this
+/// agent does not know).
 pub fn frontend_key(key: &ServiceKey) -> Option<FrontendKey> {
+    let family = Family::from_number(key.family)?;
     let listen = match key.scope {
-        SCOPE_ADDRESS => Listen::Address(key.addr.v4_octets().into()),
-        SCOPE_NODE_PORT => Listen::NodePort,
-        SCOPE_TUNNEL => Listen::TunnelAddress(key.addr.v4_octets().into()),
-        SCOPE_TUNNEL_NODE_PORT => Listen::TunnelNodePort,
+        SCOPE_ADDRESS => Listen::Address(key.addr.to_ip(family)),
+        SCOPE_NODE_PORT => Listen::NodePort(family),
+        SCOPE_TUNNEL => Listen::TunnelAddress(key.addr.to_ip(family)),
+        SCOPE_TUNNEL_NODE_PORT => Listen::TunnelNodePort(family),
         _ => return None,
     };
     Some(FrontendKey {
@@ -44,10 +49,15 @@ pub fn frontend_key(key: &ServiceKey) -> Option<FrontendKey> {
     })
 }
 
-/// The endpoint a backend slot holds.
-pub fn endpoint_of(backend: &Backend) -> Endpoint {
+/// The key of an address in an address set (`NODE_ADDRS`, `SERVICE_ADDRS`).
+pub fn addr_key(addr: &IpAddr) -> AddrKey {
+    AddrKey::new(Addr::from_ip(addr), Family::of(addr).number())
+}
+
+/// The endpoint a backend slot of a frontend of `family` holds.
+pub fn endpoint_of(backend: &Backend, family: Family) -> Endpoint {
     Endpoint {
-        addr: backend.addr.v4_octets().into(),
+        addr: backend.addr.to_ip(family),
         port: u16::from_be(backend.port),
         remote: backend.flags & BACKEND_F_REMOTE != 0,
         weight: backend.weight,
@@ -57,7 +67,7 @@ pub fn endpoint_of(backend: &Backend) -> Endpoint {
 /// The backend slot value of an endpoint, with its backend id.
 pub fn backend_of(endpoint: &Endpoint, id: u32) -> Backend {
     Backend {
-        addr: Addr::from_v4_octets(endpoint.addr.octets()),
+        addr: Addr::from_ip(&endpoint.addr),
         port: endpoint.port.to_be(),
         flags: if endpoint.remote { BACKEND_F_REMOTE } else { 0 },
         _pad: 0,
@@ -89,32 +99,38 @@ pub fn source_range_key(service_id: u32, range: &SourceRange) -> LpmKey<SourceRa
         SOURCE_RANGE_ID_BITS + u32::from(range.len),
         SourceRangeKey {
             service_id_be: service_id.to_be(),
-            addr: u32::from(range.addr).to_be(),
+            addr: Addr::from_ip(&range.addr),
         },
     )
 }
 
 /// The `SOURCE_RANGES` key that matches one address of a service (the longest
 /// prefix length, as the data path looks it up).
-pub fn source_range_probe(service_id: u32, addr: Addr) -> LpmKey<SourceRangeKey> {
+pub fn source_range_probe(service_id: u32, addr: &IpAddr) -> LpmKey<SourceRangeKey> {
     let host = SourceRange {
-        addr: addr.v4_octets().into(),
-        len: 32,
+        addr: *addr,
+        len: Family::of(addr).bits(),
     };
     source_range_key(service_id, &host)
 }
 
-/// The service id and prefix of a `SOURCE_RANGES` key.
-pub fn source_range_of(key: &LpmKey<SourceRangeKey>) -> (u32, SourceRange) {
+/// The service id a `SOURCE_RANGES` key belongs to.
+pub fn source_range_id(key: &LpmKey<SourceRangeKey>) -> u32 {
+    u32::from_be(key.data().service_id_be)
+}
+
+/// The service id and prefix of a `SOURCE_RANGES` key of a service of `family` (the
+/// key does not say: a service's family is its `SERVICES` key's).
+pub fn source_range_of(key: &LpmKey<SourceRangeKey>, family: Family) -> (u32, SourceRange) {
     let data = key.data();
     let len = key
         .prefix_len()
         .saturating_sub(SOURCE_RANGE_ID_BITS)
-        .min(32) as u8;
+        .min(u32::from(family.bits())) as u8;
     (
-        u32::from_be(data.service_id_be),
+        source_range_id(key),
         SourceRange {
-            addr: std::net::Ipv4Addr::from(u32::from_be(data.addr)),
+            addr: data.addr.to_ip(family),
             len,
         },
     )

@@ -130,6 +130,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps pinned in an incompatible layout? run `ebpf-proxy cleanup`)")?;
+        super::widen::carry_over(pin_dir, &mut ebpf)?;
         {
             let xdp: &mut Xdp = program(&mut ebpf, PROG_UPLINK)?;
             verify("the XDP program", || xdp.load())?;

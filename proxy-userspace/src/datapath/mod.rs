@@ -1,7 +1,8 @@
 //! The kernel side as the agent sees it: loading the programs (`loader`), attaching
 //! them to interfaces and cgroups (`attach`), following interfaces as they come and go
 //! (`interfaces`), typed access to the pinned maps (`tables`) and the model's form in
-//! them (`codec`).
+//! them (`codec`), and a predecessor's maps carried over to this layout (`layout`,
+//! `widen`).
 
 pub mod attach;
 pub mod codec;
@@ -11,6 +12,7 @@ pub mod loader;
 pub mod lock;
 pub mod mmap;
 pub mod tables;
+pub mod widen;
 
 /// The eBPF object built by build.rs from proxy-ebpf.
 pub static EBPF_OBJECT: &[u8] =

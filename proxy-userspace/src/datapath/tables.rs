@@ -6,9 +6,9 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use aya::maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use proxy_common::{
-    map_name, Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts,
-    CtEntry, CtKey, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue, SourceRangeKey,
-    TrafficStats, DATAPATH_EVENT_NAMES,
+    map_name, AddrKey, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue,
+    ConnCounts, CtEntry, CtKey, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue,
+    SourceRangeKey, TrafficStats, DATAPATH_EVENT_NAMES,
 };
 
 pub struct Tables {
@@ -17,7 +17,7 @@ pub struct Tables {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub slots: HashMap<MapData, BackendSlotKey, Backend>,
     pub rr_cursors: Array<MapData, u64>,
-    pub node_addrs: HashMap<MapData, Addr, NodeAddrFlags>,
+    pub node_addrs: HashMap<MapData, AddrKey, NodeAddrFlags>,
     pub config: Array<MapData, ConfigValue>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
@@ -29,7 +29,7 @@ pub struct Tables {
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     /// Frontend addresses, with how many frontends listen on each.
-    pub service_addrs: HashMap<MapData, Addr, u32>,
+    pub service_addrs: HashMap<MapData, AddrKey, u32>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<Map> {

@@ -15,15 +15,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use proxy_common::{
-    map_name, Addr, Backend, BackendSlotKey, ConfigValue, ConnCounts, NodeAddrFlags, ServiceKey,
-    ServiceValue, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE, CONFIG_XDP_FORWARD,
-    MAX_BACKENDS_PER_SERVICE, PROTO_UDP, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED,
+    map_name, Addr, AddrKey, Backend, BackendSlotKey, ConfigValue, ConnCounts, NodeAddrFlags,
+    ServiceKey, ServiceValue, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE,
+    CONFIG_XDP_FORWARD, MAX_BACKENDS_PER_SERVICE, PROTO_UDP, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED,
     TUNNEL_PEER_UNVERIFIED, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
@@ -37,15 +37,15 @@ use crate::{
     conntrack,
     datapath::{
         codec::{
-            backend_of, encode_name, endpoint_of, frontend_key, service_flags, service_key,
-            source_range_key, source_range_of,
+            addr_key, backend_of, encode_name, endpoint_of, frontend_key, service_flags,
+            service_key, source_range_id, source_range_key, source_range_of,
         },
         mmap::MappedArray,
         tables::Tables,
     },
     model::{
-        DesiredState, Endpoint, Frontend, FrontendChange, FrontendKey, Listen, Problem, Protocol,
-        SourceRange,
+        DesiredState, Endpoint, Family, Frontend, FrontendChange, FrontendKey, Listen, Problem,
+        Protocol, SourceRange,
     },
     node::NodeConfig,
     scheduling::{self, TableSpace},
@@ -149,17 +149,23 @@ impl Syncer {
                 },
             );
         }
+        let family_of: BTreeMap<u32, Family> = programmed
+            .iter()
+            .map(|(key, p)| (p.value.id, key.listen.family()))
+            .collect();
         let mut ranges_of: BTreeMap<u32, Vec<SourceRange>> = BTreeMap::new();
         let mut stray_ranges = Vec::new();
         for key in tables.source_ranges.keys().filter_map(Result::ok) {
-            let (id, range) = source_range_of(&key);
+            let id = source_range_id(&key);
             if id == TUNNEL_PEERS_ID {
                 continue; // node-wide, rewritten by program_node
             }
-            if service_ids.contains(&id) {
-                ranges_of.entry(id).or_default().push(range);
-            } else {
-                stray_ranges.push(key);
+            match family_of.get(&id) {
+                Some(family) => ranges_of
+                    .entry(id)
+                    .or_default()
+                    .push(source_range_of(&key, *family).1),
+                None => stray_ranges.push(key),
             }
         }
         for key in &stray_ranges {
@@ -194,7 +200,7 @@ impl Syncer {
         // The frontend addresses as the programmed frontends have them (a crashed
         // predecessor may have left the map between two states).
         let wanted = frontend_addresses(programmed.keys());
-        let present: Vec<Addr> = tables.service_addrs.keys().filter_map(Result::ok).collect();
+        let present: Vec<AddrKey> = tables.service_addrs.keys().filter_map(Result::ok).collect();
         for addr in present.iter().filter(|a| !wanted.contains_key(a)) {
             let _ = tables.service_addrs.remove(addr);
         }
@@ -232,12 +238,8 @@ impl Syncer {
     /// Programs node-wide settings: node addresses (NodePorts), the masquerade
     /// source, the network namespace the socket hooks serve, the XDP forwarding mode.
     pub fn program_node(&mut self, node: &NodeConfig, settings: &NodeSettings) -> Result<()> {
-        let wanted: BTreeSet<Addr> = node
-            .addresses
-            .iter()
-            .map(|a| Addr::from_v4_octets(a.octets()))
-            .collect();
-        let present: Vec<Addr> = self
+        let wanted: BTreeSet<AddrKey> = node.addresses.iter().map(addr_key).collect();
+        let present: Vec<AddrKey> = self
             .tables
             .node_addrs
             .keys()
@@ -252,7 +254,7 @@ impl Syncer {
                 .insert(addr, NodeAddrFlags { flags: 0 }, 0)?;
         }
         let snat = ConfigValue {
-            addr: Addr::from_v4_octets(node.snat_address().octets()),
+            addr: Addr::from_ip(&node.snat_address()),
         };
         self.tables.config.set(CONFIG_SNAT_ADDR, snat, 0)?;
         self.tables.config.set(
@@ -271,7 +273,7 @@ impl Syncer {
         let tunnel_source = match settings.tunnel_source {
             Some(range) => ConfigValue {
                 addr: Addr {
-                    words: [u32::from(range.addr).to_be(), range.size(), 0, 0],
+                    words: [Addr::from_ip(&range.addr).v4_be(), range.size(), 0, 0],
                 },
             },
             None => ConfigValue::default(),
@@ -290,7 +292,7 @@ impl Syncer {
             Some(list) => list.iter().map(|r| (*r, TUNNEL_PEER_TRUSTED)).collect(),
             None => BTreeMap::from([(
                 SourceRange {
-                    addr: Ipv4Addr::UNSPECIFIED,
+                    addr: Ipv4Addr::UNSPECIFIED.into(),
                     len: 0,
                 },
                 TUNNEL_PEER_UNVERIFIED,
@@ -301,9 +303,8 @@ impl Syncer {
             .source_ranges
             .keys()
             .filter_map(Result::ok)
-            .map(|key| source_range_of(&key))
-            .filter(|(id, _)| *id == TUNNEL_PEERS_ID)
-            .map(|(_, range)| range)
+            .filter(|key| source_range_id(key) == TUNNEL_PEERS_ID)
+            .map(|key| source_range_of(&key, Family::V4).1)
             .collect();
         for (range, trust) in &wanted {
             self.tables
@@ -428,14 +429,14 @@ impl Syncer {
             if key.protocol != Protocol::Udp {
                 continue;
             }
-            let staying: BTreeSet<(Ipv4Addr, u16)> = change
+            let staying: BTreeSet<(IpAddr, u16)> = change
                 .iter()
                 .flat_map(|f| f.endpoints.iter())
                 .filter(|e| e.weight > 0)
                 .map(|e| (e.addr, e.port))
                 .collect();
             for backend in &current.slots {
-                let endpoint = endpoint_of(backend);
+                let endpoint = endpoint_of(backend, key.listen.family());
                 if !staying.contains(&(endpoint.addr, endpoint.port)) {
                     departed.insert((current.value.id, backend.addr, backend.port));
                 }
@@ -500,7 +501,7 @@ impl Syncer {
         let Listen::Address(ip) = key.listen else {
             return Ok(());
         };
-        let addr = Addr::from_v4_octets(ip.octets());
+        let addr = addr_key(&ip);
         let count = self.tables.service_addrs.get(&addr, 0).unwrap_or(0);
         match u32::try_from(i64::from(count) + delta) {
             Ok(0) | Err(_) => {
@@ -690,7 +691,7 @@ impl Syncer {
     ) -> Result<(Vec<Backend>, BTreeSet<u32>)> {
         let wanted_by_addr: BTreeMap<(Addr, u16), &Endpoint> = wanted
             .iter()
-            .map(|e| ((Addr::from_v4_octets(e.addr.octets()), e.port.to_be()), e))
+            .map(|e| ((Addr::from_ip(&e.addr), e.port.to_be()), e))
             .collect();
         let mut slots: Vec<Option<Backend>> = old
             .iter()
@@ -745,11 +746,11 @@ impl Syncer {
 }
 
 /// How many programmed frontends listen on each address.
-fn frontend_addresses<'a>(keys: impl Iterator<Item = &'a FrontendKey>) -> BTreeMap<Addr, u32> {
+fn frontend_addresses<'a>(keys: impl Iterator<Item = &'a FrontendKey>) -> BTreeMap<AddrKey, u32> {
     let mut counts = BTreeMap::new();
     for key in keys {
         if let Listen::Address(ip) = key.listen {
-            *counts.entry(Addr::from_v4_octets(ip.octets())).or_default() += 1;
+            *counts.entry(addr_key(&ip)).or_default() += 1;
         }
     }
     counts

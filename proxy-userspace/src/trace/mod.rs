@@ -5,13 +5,13 @@
 
 mod schedule;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 use proxy_common::{
     ct_timeout_ns,
     decide::{self, Entry, TunnelPeer},
-    Addr, AffinityKey, BackendSlotKey, CtKey, Scheduler, ServiceKey, ServiceValue,
+    Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, Family, Scheduler, ServiceKey, ServiceValue,
     BACKEND_F_REMOTE, CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS,
     SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY,
     SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID,
@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::{
     conntrack::{coarse_now_ns, socket},
     datapath::{
-        codec::{endpoint_of, source_range_probe},
+        codec::{addr_key, endpoint_of, source_range_probe},
         tables::Tables,
     },
     model::Protocol,
@@ -37,8 +37,8 @@ pub enum Origin {
     /// An uplink, encapsulated in IPIP from `outer_src` to `outer_dst` (`dsr-ipip`:
     /// an entry node chose a backend here).
     Tunnel {
-        outer_src: Ipv4Addr,
-        outer_dst: Ipv4Addr,
+        outer_src: IpAddr,
+        outer_dst: IpAddr,
     },
 }
 
@@ -57,11 +57,11 @@ pub struct Explanation {
     /// What happens, step by step, in words.
     pub steps: Vec<String>,
     pub service: Option<String>,
-    pub backend: Option<SocketAddrV4>,
+    pub backend: Option<SocketAddr>,
     /// The packet's (source, destination) after translation.
-    pub translated: Option<(SocketAddrV4, SocketAddrV4)>,
+    pub translated: Option<(SocketAddr, SocketAddr)>,
     /// Sent unchanged inside IPIP to this address (`dsr-ipip`) instead of translated.
-    pub encapsulated_to: Option<Ipv4Addr>,
+    pub encapsulated_to: Option<IpAddr>,
     /// Why a new flow is dropped, when it is: a policy (source ranges, a traffic
     /// policy `Local` without endpoints here) or no backend at all.
     pub dropped: Option<String>,
@@ -73,10 +73,6 @@ impl Explanation {
         self.dropped = Some(reason);
         self
     }
-}
-
-fn addr(socket: &SocketAddrV4) -> Addr {
-    Addr::from_v4_octets(socket.ip().octets())
 }
 
 fn slot_backend(tables: &Tables, service_id: u32, slot: u32) -> Option<proxy_common::Backend> {
@@ -113,42 +109,52 @@ fn bound_slot(tables: &Tables, service: &ServiceValue, key: &CtKey) -> Option<(u
     })
 }
 
-/// ICMP: only errors about translated flows are rewritten (matched by the packet they
-/// quote); anything else passes untouched, echo requests to service addresses included.
-pub fn explain_icmp(tables: &Tables, src: Ipv4Addr, dst: Ipv4Addr) -> Result<Explanation> {
+/// ICMP: an echo request to a service address is refused (`icmp::handle`); errors
+/// about translated flows are rewritten (matched by the packet they quote); anything
+/// else passes untouched.
+pub fn explain_icmp(tables: &Tables, src: IpAddr, dst: IpAddr) -> Result<Explanation> {
     let mut out = Explanation::default();
     out.steps.push(
-        "ICMP is never scheduled: an error (unreachable, time exceeded) about a translated flow is translated back by the flow it quotes; anything else passes untouched".into(),
+        "ICMP is never scheduled: an error (unreachable, time exceeded) about a translated flow is translated back by the flow it quotes".into(),
     );
-    let dst_addr = Addr::from_v4_octets(dst.octets());
-    let is_service_address = tables
-        .services
-        .keys()
-        .filter_map(Result::ok)
-        .any(|k| k.scope == SCOPE_ADDRESS && k.addr == dst_addr);
-    if is_service_address {
+    if is_refused_service_address(tables, &dst) {
         out.steps.push(format!(
-            "{dst} is a service address: {src}'s echo request passes to the stack, which answers only if the node owns the address"
+            "{dst} is a service address and not this node's: {src}'s echo request is refused with ICMP port unreachable from it, as kube-proxy's nftables mode rejects it (event refused)"
         ));
+    } else {
+        out.steps
+            .push("an echo request or any other ICMP message passes untouched".into());
     }
     Ok(out)
+}
+
+/// Whether traffic to `addr` that no frontend takes is refused: a frontend listens on
+/// it and it is not a node address (`balancer::is_service_address`).
+fn is_refused_service_address(tables: &Tables, addr: &IpAddr) -> bool {
+    let key = addr_key(addr);
+    tables.service_addrs.get(&key, 0).is_ok() && tables.node_addrs.get(&key, 0).is_err()
 }
 
 pub fn explain(
     tables: &Tables,
     protocol: Protocol,
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
+    src: SocketAddr,
+    dst: SocketAddr,
     origin: Origin,
 ) -> Result<Explanation> {
     let mut out = Explanation::default();
+    let family = Family::of(&dst.ip());
+    if Family::of(&src.ip()) != family {
+        anyhow::bail!("{src} and {dst} are of different address families");
+    }
     let key = CtKey {
-        src: addr(&src),
-        dst: addr(&dst),
+        src: Addr::from_ip(&src.ip()),
+        dst: Addr::from_ip(&dst.ip()),
         sport: src.port().to_be(),
         dport: dst.port().to_be(),
         proto: protocol.number(),
-        _pad: [0; 3],
+        family: family.number(),
+        _pad: [0; 2],
     };
     if let Origin::Tunnel {
         outer_src,
@@ -187,18 +193,18 @@ pub fn explain(
             ));
             out.service = tables.service_name(entry.service_id);
             if entry.flags & CT_F_ENCAP != 0 {
-                let outer = Ipv4Addr::from(entry.nat_dst.v4_octets());
+                let outer = entry.nat_dst.to_ip(family);
                 out.steps.push(format!(
                     "dsr-ipip: encapsulated unchanged in IPIP to the backend {outer}"
                 ));
                 out.encapsulated_to = Some(outer);
                 return Ok(out);
             }
-            out.backend =
-                (entry.flags & CT_F_REPLY == 0).then(|| socket(entry.nat_dst, entry.nat_dport));
+            out.backend = (entry.flags & CT_F_REPLY == 0)
+                .then(|| socket(entry.nat_dst, entry.nat_dport, family));
             out.translated = Some((
-                socket(after.src, after.sport),
-                socket(after.dst, after.dport),
+                socket(after.src, after.sport, family),
+                socket(after.dst, after.dport, family),
             ));
             return Ok(out);
         }
@@ -215,6 +221,14 @@ pub fn explain(
         _ => lookup_service(tables, &key),
     };
     let Some((service, how)) = found else {
+        if !matches!(origin, Origin::Tunnel { .. }) && is_refused_service_address(tables, &dst.ip())
+        {
+            out.steps.push(format!(
+                "no frontend has this port and protocol of the service address {}: refused with ICMP port unreachable, as kube-proxy's nftables mode rejects it (event refused)",
+                dst.ip()
+            ));
+            return Ok(out);
+        }
         out.steps
             .push("no service has this destination: the packet passes untouched".into());
         return Ok(out);
@@ -225,7 +239,7 @@ pub fn explain(
     if service.flags & SVC_F_SOURCE_RANGES != 0 {
         if tables
             .source_ranges
-            .get(&source_range_probe(service.id, key.src), 0)
+            .get(&source_range_probe(service.id, &src.ip()), 0)
             .is_err()
         {
             return Ok(out.drop_because(format!(
@@ -266,8 +280,8 @@ pub fn explain(
     let Some(backend) = slot_backend(tables, service.id, slot) else {
         return Ok(out.drop_because(format!("slot {slot} holds no backend (event no_backend)")));
     };
-    let endpoint = endpoint_of(&backend);
-    let backend_socket = SocketAddrV4::new(endpoint.addr, endpoint.port);
+    let endpoint = endpoint_of(&backend, family);
+    let backend_socket = SocketAddr::new(endpoint.addr, endpoint.port);
     out.steps.push(format!(
         "scheduler {scheduler}: {why} -> backend {backend_socket} (slot {slot})"
     ));
@@ -285,11 +299,15 @@ pub fn explain(
             Origin::Pod => "a pod reaching itself (hairpin)",
             _ => "external traffic to a backend on another node",
         };
-        let snat = Ipv4Addr::from(tables.config.get(&CONFIG_SNAT_ADDR, 0)?.addr.v4_octets());
+        let snat = tables
+            .config
+            .get(&CONFIG_SNAT_ADDR, 0)?
+            .addr
+            .to_ip(Family::V4);
         out.steps.push(format!(
             "{reason}: masqueraded to {snat} (the client's port if free)"
         ));
-        SocketAddrV4::new(snat, src.port())
+        SocketAddr::new(snat, src.port())
     } else {
         out.steps
             .push("no masquerade: the backend sees the client's address".into());
@@ -323,21 +341,19 @@ fn no_backend_reason(tables: &Tables, service: &ServiceValue, name: &str) -> Str
 /// narrowed), by `namespace/name:port`.
 fn endpoints_elsewhere(tables: &Tables, name: &str) -> Vec<String> {
     let mut found = std::collections::BTreeSet::new();
-    for value in tables
-        .services
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(_, v)| v)
-    {
+    for (key, value) in tables.services.iter().filter_map(Result::ok) {
         let same = tables.service_name(value.id).as_deref() == Some(name);
+        let Some(family) = Family::from_number(key.family) else {
+            continue;
+        };
         if !same || value.flags & (SVC_F_LOCAL_ONLY | SVC_F_TUNNEL) != 0 {
             continue;
         }
         for slot in 0..value.backend_count {
             if let Some(backend) = slot_backend(tables, value.id, slot) {
                 if backend.flags & BACKEND_F_REMOTE != 0 {
-                    let endpoint = endpoint_of(&backend);
-                    found.insert(SocketAddrV4::new(endpoint.addr, endpoint.port).to_string());
+                    let endpoint = endpoint_of(&backend, family);
+                    found.insert(SocketAddr::new(endpoint.addr, endpoint.port).to_string());
                 }
             }
         }
@@ -353,26 +369,20 @@ enum Claim {
     Ours(&'static str),
 }
 
-fn tunnel_claim(tables: &Tables, key: &CtKey, outer_src: Ipv4Addr, outer_dst: Ipv4Addr) -> Claim {
+fn tunnel_claim(tables: &Tables, key: &CtKey, outer_src: IpAddr, outer_dst: IpAddr) -> Claim {
     let Some((service, _)) =
         lookup_scoped(tables, key, (SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT), false)
     else {
         return Claim::NotOurs("the inner packet is for no dsr-ipip frontend");
     };
-    let to_node = tables
-        .node_addrs
-        .get(&Addr::from_v4_octets(outer_dst.octets()), 0)
-        .is_ok();
+    let to_node = tables.node_addrs.get(&addr_key(&outer_dst), 0).is_ok();
     if !to_node && tunnel_backend_slot(tables, &service, outer_dst).is_none() {
         return Claim::NotOurs("addressed to neither this node nor a backend of the frontend here");
     }
     let peer = TunnelPeer::from_entry(
         tables
             .source_ranges
-            .get(
-                &source_range_probe(TUNNEL_PEERS_ID, Addr::from_v4_octets(outer_src.octets())),
-                0,
-            )
+            .get(&source_range_probe(TUNNEL_PEERS_ID, &outer_src), 0)
             .ok(),
     );
     let admitted = decide::admits_tunnel(peer, &service);
@@ -388,8 +398,8 @@ fn tunnel_claim(tables: &Tables, key: &CtKey, outer_src: Ipv4Addr, outer_dst: Ip
     }
 }
 
-fn tunnel_backend_slot(tables: &Tables, service: &ServiceValue, addr: Ipv4Addr) -> Option<u32> {
-    let wanted = Addr::from_v4_octets(addr.octets());
+fn tunnel_backend_slot(tables: &Tables, service: &ServiceValue, addr: IpAddr) -> Option<u32> {
+    let wanted = Addr::from_ip(&addr);
     (0..service.backend_count.min(MAX_LEAST_CONN_SCAN))
         .find(|slot| slot_backend(tables, service.id, *slot).is_some_and(|b| b.addr == wanted))
 }
@@ -411,12 +421,15 @@ fn lookup_scoped(
         port: key.dport,
         proto: key.proto,
         scope: scopes.0,
+        family: key.family,
+        _pad: [0; 3],
     };
     if let Ok(value) = tables.services.get(&exact, 0) {
         return Some((value, "by address and port"));
     }
     if node_only {
-        tables.node_addrs.get(&key.dst, 0).ok()?;
+        let dst = AddrKey::new(key.dst, key.family);
+        tables.node_addrs.get(&dst, 0).ok()?;
     }
     let port_only = ServiceKey {
         addr: Addr::ZERO,

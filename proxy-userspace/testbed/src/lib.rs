@@ -32,3 +32,18 @@ pub fn eventually(
         std::thread::sleep(interval);
     }
 }
+
+/// The octets of an address that the tests and benches made IPv4 (all of theirs are;
+/// `std`'s `IpAddr` has no `octets`, as an address may be IPv6).
+pub trait Ipv4Octets {
+    fn octets(&self) -> [u8; 4];
+}
+
+impl Ipv4Octets for std::net::IpAddr {
+    fn octets(&self) -> [u8; 4] {
+        match self {
+            std::net::IpAddr::V4(v4) => v4.octets(),
+            std::net::IpAddr::V6(v6) => panic!("{v6}: the test addresses are IPv4"),
+        }
+    }
+}

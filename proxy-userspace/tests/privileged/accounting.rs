@@ -6,6 +6,7 @@
 
 use ebpf_proxy::{datapath::mmap::MappedArray, model::Scheduler};
 use proxy_common::{map_name, ConnCounts};
+use testbed::Ipv4Octets as _;
 
 use crate::{
     schedulers::{backends, count_choices, established, open, VIP},

@@ -2,6 +2,7 @@
 //! programs in the real kernel (root and a mounted bpffs required).
 
 use std::collections::{BTreeMap, BTreeSet};
+use testbed::Ipv4Octets as _;
 
 use crate::support::{datapath::*, packets::*};
 

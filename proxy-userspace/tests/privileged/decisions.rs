@@ -5,7 +5,8 @@
 //! through BPF_PROG_TEST_RUN. And the cases `trace` must explain beyond the backend:
 //! a policy drop with its reason, `dsr-ipip` encapsulation, a tunnelled packet, ICMP.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
+use testbed::Ipv4Octets as _;
 
 use ebpf_proxy::{
     model::{Endpoint, Frontend, FrontendKey, Listen, Protocol, Scheduler},
@@ -84,8 +85,8 @@ fn trace_predicts_what_the_kernel_does_over_random_states() {
             let predicted = explain(
                 &dp.tables(),
                 Protocol::Tcp,
-                SocketAddrV4::new(client.into(), port),
-                SocketAddrV4::new(VIP.into(), 80),
+                SocketAddr::from((client, port)),
+                SocketAddr::from((VIP, 80)),
                 Origin::External,
             )
             .expect("trace");
@@ -146,8 +147,8 @@ fn trace(
     explain(
         &dp.tables(),
         Protocol::Tcp,
-        SocketAddrV4::new(CLIENT.into(), 41000),
-        SocketAddrV4::new(dst.into(), port),
+        SocketAddr::from((CLIENT, 41000)),
+        SocketAddr::from((dst, port)),
         origin,
     )
     .expect("trace")
@@ -245,7 +246,7 @@ fn trace_shows_dsr_encapsulation_and_follows_a_tunnelled_packet_to_the_named_bac
     );
     assert_eq!(
         tunnelled.backend,
-        Some(SocketAddrV4::new(OTHER_LOCAL_POD.into(), 8080)),
+        Some(SocketAddr::from((OTHER_LOCAL_POD, 8080))),
         "{:?}",
         tunnelled.steps
     );

@@ -26,6 +26,7 @@ mod services;
 mod support;
 mod sync;
 mod tunnel;
+mod upgrades;
 
 #[ctor::ctor]
 fn require_root() {

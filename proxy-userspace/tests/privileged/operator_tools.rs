@@ -1,6 +1,7 @@
 //! What operators use, end to end: UDP flows flushed when a backend leaves,
 //! `conntrack list` and `flush`, metrics and health like kube-proxy's, `trace`.
 
+use testbed::Ipv4Octets as _;
 use testbed::{manifests::render, servers::HttpConnection, topology::NODE_IP};
 
 use crate::support::{cluster::*, services::*};

@@ -1,7 +1,8 @@
 //! Per-service policies the kernel enforces, packet by packet through
 //! BPF_PROG_TEST_RUN: `sessionAffinity: ClientIP` and `loadBalancerSourceRanges`.
 
-use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+use testbed::Ipv4Octets as _;
 
 use crate::support::{datapath::*, packets::*};
 use ebpf_proxy::{
@@ -150,7 +151,7 @@ fn source_ranges_admit_listed_clients_and_drop_the_rest() {
         .keys()
         .filter_map(Result::ok)
         .filter(|k| {
-            ebpf_proxy::datapath::codec::source_range_of(k).0 != proxy_common::TUNNEL_PEERS_ID
+            ebpf_proxy::datapath::codec::source_range_id(k) != proxy_common::TUNNEL_PEERS_ID
         })
         .count();
     assert_eq!(left, 0);
@@ -167,8 +168,8 @@ fn trace_explains_source_ranges_and_affinity_as_the_kernel_decides() {
         explain(
             &dp.tables(),
             Protocol::Tcp,
-            SocketAddrV4::new(src.into(), 41000),
-            SocketAddrV4::new(dst.into(), 80),
+            SocketAddr::from((src, 41000)),
+            SocketAddr::from((dst, 80)),
             Origin::External,
         )
         .expect("trace")

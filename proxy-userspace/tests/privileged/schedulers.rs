@@ -4,6 +4,7 @@
 //! on real traffic through the agent.
 
 use std::{collections::BTreeMap, time::Duration};
+use testbed::Ipv4Octets as _;
 
 use ebpf_proxy::model::{Endpoint, Scheduler};
 use testbed::{

@@ -4,6 +4,7 @@
 //! processes through the socket hooks, and XDP redirect mode.
 
 use std::net::Ipv4Addr;
+use testbed::Ipv4Octets as _;
 
 use testbed::{
     manifests::{render, ServiceDef},

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
 };
 
 use crate::support::{datapath::*, packets::*};
@@ -33,7 +33,7 @@ fn dsr_frontend(endpoints: Vec<Endpoint>) -> Frontend {
 
 fn tunnel_key() -> FrontendKey {
     FrontendKey {
-        listen: Listen::TunnelAddress(Ipv4Addr::from(LB)),
+        listen: Listen::TunnelAddress(Ipv4Addr::from(LB).into()),
         port: 80,
         protocol: Protocol::Tcp,
     }
@@ -285,8 +285,8 @@ fn a_tunnel_cannot_carry_a_flow_past_load_balancer_source_ranges() {
     let explained = ebpf_proxy::trace::explain(
         &dp.tables(),
         Protocol::Tcp,
-        SocketAddrV4::new(CLIENT.into(), 40000),
-        SocketAddrV4::new(LB.into(), 80),
+        SocketAddr::from((CLIENT, 40000)),
+        SocketAddr::from((LB, 80)),
         ebpf_proxy::trace::Origin::Tunnel {
             outer_src: [203, 0, 113, 9].into(),
             outer_dst: POD_1.into(),

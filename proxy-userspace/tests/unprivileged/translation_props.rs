@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ebpf_proxy::{
-    model::{FrontendKey, Listen, Protocol},
+    model::{Family, FrontendKey, Listen, Protocol},
     source::Objects,
     tracker::translate_all,
     tracker::ChangeTracker,
@@ -286,7 +286,7 @@ fn reference(objects: &Objects) -> Model {
             if let Some(node_port) = port.node_port {
                 claims.push((
                     FrontendKey {
-                        listen: Listen::NodePort,
+                        listen: Listen::NodePort(Family::V4),
                         port: node_port as u16,
                         protocol,
                     },

@@ -14,7 +14,7 @@ use ebpf_proxy::{
         loader::{Datapath, MapSizes},
         tables::Tables,
     },
-    model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Protocol, Scheduler},
+    model::{DesiredState, Endpoint, Family, Frontend, FrontendKey, Listen, Protocol, Scheduler},
     node::NodeConfig,
     sync::{NodeSettings, Syncer},
 };
@@ -27,7 +27,7 @@ pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 fn test_node() -> NodeConfig {
     NodeConfig {
         name: "node-a".into(),
-        addresses: vec![NODE_IP],
+        addresses: vec![NODE_IP.into()],
         uplinks: vec![],
         pod_interface_patterns: vec![],
     }
@@ -108,7 +108,7 @@ impl TestDatapath {
                 .map(|(key, endpoints)| {
                     let frontend = Frontend {
                         service: format!("test/{}", key.port),
-                        external: matches!(key.listen, Listen::NodePort),
+                        external: matches!(key.listen, Listen::NodePort(_)),
                         scheduler,
                         endpoints: endpoints.clone(),
                         ..Default::default()
@@ -219,7 +219,8 @@ pub fn ct_key(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> CtKey {
         sport: src.1.to_be(),
         dport: dst.1.to_be(),
         proto: PROTO_TCP,
-        _pad: [0; 3],
+        family: Family::V4.number(),
+        _pad: [0; 2],
     }
 }
 
@@ -248,7 +249,7 @@ pub fn cpus() -> usize {
 
 pub fn tcp(addr: [u8; 4], port: u16) -> FrontendKey {
     FrontendKey {
-        listen: Listen::Address(Ipv4Addr::from(addr)),
+        listen: Listen::Address(Ipv4Addr::from(addr).into()),
         port,
         protocol: Protocol::Tcp,
     }
@@ -263,7 +264,7 @@ pub fn udp(addr: [u8; 4], port: u16) -> FrontendKey {
 
 pub fn node_port(port: u16, protocol: Protocol) -> FrontendKey {
     FrontendKey {
-        listen: Listen::NodePort,
+        listen: Listen::NodePort(Family::V4),
         port,
         protocol,
     }
@@ -271,7 +272,7 @@ pub fn node_port(port: u16, protocol: Protocol) -> FrontendKey {
 
 pub fn local(addr: [u8; 4], port: u16) -> Endpoint {
     Endpoint {
-        addr: Ipv4Addr::from(addr),
+        addr: Ipv4Addr::from(addr).into(),
         port,
         remote: false,
         weight: 1,

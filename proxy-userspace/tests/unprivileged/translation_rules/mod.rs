@@ -7,9 +7,10 @@ mod input;
 mod policies;
 
 use std::net::Ipv4Addr;
+use testbed::Ipv4Octets as _;
 
 use ebpf_proxy::{
-    model::{Endpoint, FrontendKey, Listen, Protocol, Severity},
+    model::{Endpoint, Family, FrontendKey, Listen, Protocol, Severity},
     source::{manifests::parse, Objects},
     tracker::{translate_all, ChangeTracker, Translation},
 };
@@ -40,7 +41,7 @@ fn endpoint(addr: &str, extra: &str) -> String {
 
 fn cluster_ip(port: u16) -> FrontendKey {
     FrontendKey {
-        listen: Listen::Address(Ipv4Addr::new(10, 96, 0, 1)),
+        listen: Listen::Address(Ipv4Addr::new(10, 96, 0, 1).into()),
         port,
         protocol: Protocol::Tcp,
     }
@@ -51,7 +52,7 @@ fn backends(yaml: &str) -> Vec<Ipv4Addr> {
     out.state.frontends[&cluster_ip(80)]
         .endpoints
         .iter()
-        .map(|e| e.addr)
+        .map(|e| Ipv4Addr::from(e.addr.octets()))
         .collect()
 }
 
@@ -239,13 +240,13 @@ pub(super) fn endpoints_of(out: &Translation, key: &FrontendKey) -> Vec<Ipv4Addr
     out.state.frontends[key]
         .endpoints
         .iter()
-        .map(|e| e.addr)
+        .map(|e| Ipv4Addr::from(e.addr.octets()))
         .collect()
 }
 
 pub(super) fn node_port(port: u16) -> FrontendKey {
     FrontendKey {
-        listen: Listen::NodePort,
+        listen: Listen::NodePort(Family::V4),
         port,
         protocol: Protocol::Tcp,
     }
@@ -253,7 +254,7 @@ pub(super) fn node_port(port: u16) -> FrontendKey {
 
 pub(super) fn load_balancer(port: u16) -> FrontendKey {
     FrontendKey {
-        listen: Listen::Address(Ipv4Addr::new(198, 18, 100, 1)),
+        listen: Listen::Address(Ipv4Addr::new(198, 18, 100, 1).into()),
         port,
         protocol: Protocol::Tcp,
     }

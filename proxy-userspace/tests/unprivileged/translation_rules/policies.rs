@@ -2,7 +2,7 @@
 
 use std::net::Ipv4Addr;
 
-use ebpf_proxy::model::{Listen, Severity};
+use ebpf_proxy::model::{Family, Listen, Severity};
 
 use super::*;
 
@@ -209,11 +209,11 @@ fn rule13_dsr_ipip_marks_external_frontends_and_adds_tunnel_views_of_local_endpo
     );
     // The IPIP views, where encapsulated flows arrive, hold this node's endpoints only.
     let tunnel_lb = FrontendKey {
-        listen: Listen::TunnelAddress(Ipv4Addr::new(198, 18, 100, 1)),
+        listen: Listen::TunnelAddress(Ipv4Addr::new(198, 18, 100, 1).into()),
         ..load_balancer(80)
     };
     let tunnel_node_port = FrontendKey {
-        listen: Listen::TunnelNodePort,
+        listen: Listen::TunnelNodePort(Family::V4),
         ..node_port(30080)
     };
     assert_eq!(endpoints_of(&out, &tunnel_lb), vec![local]);
@@ -221,7 +221,7 @@ fn rule13_dsr_ipip_marks_external_frontends_and_adds_tunnel_views_of_local_endpo
     assert!(
         !frontends
             .keys()
-            .any(|k| k.listen == Listen::TunnelAddress(Ipv4Addr::new(10, 96, 0, 1))),
+            .any(|k| k.listen == Listen::TunnelAddress(Ipv4Addr::new(10, 96, 0, 1).into())),
         "no tunnel view of a ClusterIP"
     );
 
