@@ -24,7 +24,7 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
-use proxy_common::{Addr, CtKey, Family, EV_ICMP_TRANSLATED, EV_REFUSED};
+use proxy_common::{Addr, CtKey, Family, EV_ICMP_TRANSLATED};
 
 use crate::{
     balancer, checksum, counters,
@@ -34,7 +34,7 @@ use crate::{
     },
     maps::CONNTRACK,
     packet::{Packet, TcPacket, XdpPacket, ETH_LEN, IP_CHECK, IP_DST, IP_SRC},
-    translate::{Action, Verdict},
+    translate::{self, Action, Origin, Verdict},
 };
 
 /// ICMP here is ICMPv4: its packets and the flows they quote are IPv4 (ICMPv6 is
@@ -114,23 +114,18 @@ const ICMP_CHECK: usize = ICMP_OFF + 2;
 // way, whose VIPs sit on a local interface) would tell a prober the service is up
 // when it may have no endpoint.
 
-/// What the data path does with ICMP it is given (neither TCP nor UDP): an echo
-/// request to a service address is refused (unless it came through a tunnel, where
-/// only `dsr-ipip` frontends are reached); an error about one of our flows is
-/// translated; anything else passes.
+/// What the data path does with ICMP: an echo request follows the rule for what no
+/// frontend takes at a service address (`translate::refused_at_service_address`); an
+/// error about one of our flows is translated; anything else passes.
 #[inline(always)]
-pub fn handle<P: Packet>(pkt: &P, tunnelled: bool) -> Verdict {
+pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     let Some((ip, icmp)) = icmp_headers(pkt) else {
         return Verdict::PASS;
     };
     // SAFETY: bounds-checked by `icmp_headers`.
     let (kind, dst) = unsafe { ((*icmp)[0], u32::from_ne_bytes((*ip).dst_addr)) };
     if kind == ICMP_ECHO_REQUEST {
-        if !tunnelled && balancer::is_service_address(V4, &Addr::from_v4_be(dst)) {
-            counters::event(EV_REFUSED);
-            return Verdict::REFUSE;
-        }
-        return Verdict::PASS;
+        return translate::refused_at_service_address(origin, V4, &Addr::from_v4_be(dst));
     }
     translate_parsed_error(pkt, ip, icmp)
 }
@@ -237,6 +232,15 @@ const REFUSAL_LEN: usize = ETH_LEN + 20 + 8 + 28;
 #[inline(always)]
 pub fn refuse_xdp(ctx: &XdpContext) -> u32 {
     const QUOTE: usize = 28;
+    // A header with options is not quoted (the quote is a fixed 28 bytes): dropped,
+    // before the frame is touched.
+    let options = XdpPacket(ctx)
+        .ptr_at::<u8>(ETH_LEN)
+        // SAFETY: bounds-checked.
+        .is_none_or(|vihl| unsafe { *vihl } != 0x45);
+    if options {
+        return xdp_action::XDP_DROP;
+    }
     let len = (ctx.data_end() - ctx.data()) as i32;
     // Room for the whole refusal first; what lies beyond it goes last.
     let grow = REFUSAL_LEN as i32 - len;
@@ -252,9 +256,6 @@ pub fn refuse_xdp(ctx: &XdpContext) -> u32 {
     // the new headers (14..42 to 42..70: no overlap).
     unsafe {
         let frame = &mut *frame;
-        if frame[ETH_LEN] != 0x45 {
-            return xdp_action::XDP_DROP;
-        }
         let mut quoted = [0u8; QUOTE];
         quoted.copy_from_slice(&frame[ETH_LEN..QUOTED_OFF]);
         frame[QUOTED_OFF..].copy_from_slice(&quoted);

@@ -30,8 +30,11 @@ pub struct Flow {
 
 /// Why a packet is not a candidate for translation.
 pub enum Skip {
-    /// Not IPv4 TCP/UDP: none of our business.
+    /// Not IPv4: none of our business.
     NotOurs,
+    /// Well-formed, unfragmented IPv4 of a protocol the data path does not translate
+    /// (ICMP among them): `translate::other_protocol` decides what becomes of it.
+    OtherProtocol,
     /// Claims to be IPv4 TCP/UDP but its headers do not fit or make no sense.
     Malformed,
     /// A fragment: only the first carries ports, so none are translated.
@@ -55,7 +58,7 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
     let ip: *const Ipv4Hdr = pkt.ptr_at(ip_off).ok_or(Skip::Malformed)?;
     // SAFETY: `ip` is bounds-checked.
     let proto = unsafe { headers::ipv4_proto(ip) };
-    let transport = Transport::from_number(proto).ok_or(Skip::NotOurs)?;
+    let transport = Transport::from_number(proto);
     let (vihl, frags, tot_len, src, dst) = unsafe {
         (
             (*ip).vihl,
@@ -66,9 +69,11 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
         )
     };
     let ihl = usize::from(vihl & 0x0f) * 4;
-    let l4_min = transport.min_header_len();
+    let l4_min = transport.map_or(0, Transport::min_header_len);
     // The stack drops a packet whose IP length exceeds what arrived, or leaves no
-    // room for its L4 header: never translate one.
+    // room for its L4 header: never translate (or answer) one. Checked for every
+    // protocol: another protocol's packet may be refused, and only a well-formed,
+    // unfragmented one is.
     if vihl >> 4 != 4
         || ihl < 20
         || usize::from(tot_len) < ihl + l4_min
@@ -79,6 +84,7 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
     if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
         return Err(Skip::Fragment);
     }
+    let transport = transport.ok_or(Skip::OtherProtocol)?;
     let l4_off = ip_off + ihl;
     let l4_len = usize::from(tot_len) - ihl;
     // Header lengths must fit the IP payload, as the kernel's TCP and UDP input
@@ -130,4 +136,18 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
         tcp_flags,
         ip_len: tot_len,
     })
+}
+
+/// The protocol and destination of the IPv4 packet at `ETH_LEN` (its header in the
+/// frame), whatever the protocol.
+#[inline(always)]
+pub fn ipv4_protocol_and_destination<P: Packet>(pkt: &P) -> Option<(u8, Addr)> {
+    let ip: *const Ipv4Hdr = pkt.ptr_at(ETH_LEN)?;
+    // SAFETY: `ip` is bounds-checked.
+    unsafe {
+        Some((
+            headers::ipv4_proto(ip),
+            Addr::from_v4_be(u32::from_ne_bytes((*ip).dst_addr)),
+        ))
+    }
 }

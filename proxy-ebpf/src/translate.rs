@@ -98,9 +98,8 @@ const EEXIST: i32 = -17;
 pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     let flow = match parse::parse(pkt) {
         Ok(flow) => flow,
-        // Not TCP or UDP: a ping of a service address, or perhaps an ICMP error about
-        // one of our flows.
-        Err(Skip::NotOurs) => return icmp::handle(pkt, matches!(origin, Origin::Tunnel(_))),
+        Err(Skip::NotOurs) => return Verdict::PASS,
+        Err(Skip::OtherProtocol) => return other_protocol(pkt, origin),
         Err(Skip::Malformed) => {
             counters::event(EV_MALFORMED);
             return Verdict::PASS;
@@ -130,16 +129,36 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     };
     match service {
         Some(service) => open_flow(pkt, &flow, &service, origin, now),
-        // Another port or protocol of a service address: refused (as kube-proxy's
-        // nftables mode does), not let out towards an address nobody outside owns.
-        None if !matches!(origin, Origin::Tunnel(_))
-            && balancer::is_service_address(flow.key.family, &flow.key.dst) =>
-        {
-            counters::event(EV_REFUSED);
-            Verdict::REFUSE
-        }
-        None => Verdict::PASS,
+        // Another port or protocol of a service address.
+        None => refused_at_service_address(origin, flow.key.family, &flow.key.dst),
     }
+}
+
+/// What no frontend takes at a service address (another port, another protocol, a
+/// ping) is refused, as kube-proxy's nftables mode rejects it, instead of being let out
+/// towards an address nobody outside owns (or looping between node and router).
+/// Through a tunnel only `dsr-ipip` frontends are reached: the rest passes.
+#[inline(always)]
+pub fn refused_at_service_address(origin: Origin, family: u8, dst: &Addr) -> Verdict {
+    if !matches!(origin, Origin::Tunnel(_)) && balancer::is_service_address(family, dst) {
+        counters::event(EV_REFUSED);
+        return Verdict::REFUSE;
+    }
+    Verdict::PASS
+}
+
+/// An IPv4 packet that is neither TCP nor UDP: ICMP is `icmp`'s (an error about one of
+/// our flows is translated back, a ping follows the rule above); every other protocol
+/// (GRE, SCTP, ESP, IPIP not for us…) follows the rule above.
+#[inline(always)]
+fn other_protocol<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
+    let Some((proto, dst)) = parse::ipv4_protocol_and_destination(pkt) else {
+        return Verdict::PASS;
+    };
+    if proto == headers::PROTO_ICMP {
+        return icmp::handle(pkt, origin);
+    }
+    refused_at_service_address(origin, Family::V4.number(), &dst)
 }
 
 /// What to do with an IPIP packet (see `tunnel` for the rules).

@@ -118,13 +118,12 @@ pub fn explain_icmp(tables: &Tables, src: IpAddr, dst: IpAddr) -> Result<Explana
         "ICMP is never scheduled: an error (unreachable, time exceeded) about a translated flow is translated back by the flow it quotes".into(),
     );
     if is_refused_service_address(tables, &dst) {
-        out.steps.push(format!(
+        return Ok(out.drop_because(format!(
             "{dst} is a service address and not this node's: {src}'s echo request is refused with ICMP port unreachable from it, as kube-proxy's nftables mode rejects it (event refused)"
-        ));
-    } else {
-        out.steps
-            .push("an echo request or any other ICMP message passes untouched".into());
+        )));
     }
+    out.steps
+        .push("an echo request or any other ICMP message passes untouched".into());
     Ok(out)
 }
 
@@ -223,11 +222,10 @@ pub fn explain(
     let Some((service, how)) = found else {
         if !matches!(origin, Origin::Tunnel { .. }) && is_refused_service_address(tables, &dst.ip())
         {
-            out.steps.push(format!(
+            return Ok(out.drop_because(format!(
                 "no frontend has this port and protocol of the service address {}: refused with ICMP port unreachable, as kube-proxy's nftables mode rejects it (event refused)",
                 dst.ip()
-            ));
-            return Ok(out);
+            )));
         }
         out.steps
             .push("no service has this destination: the packet passes untouched".into());

@@ -91,8 +91,7 @@ fn trace_predicts_what_the_kernel_does_over_random_states() {
             )
             .expect("trace");
             let (verdict, out) = dp.xdp(&tcp_packet((client, port), (VIP, 80), Tcp::Syn, b""));
-            // A refusal also passes: as ICMP port unreachable (IP protocol 1).
-            let refused = verdict == XDP_PASS && out.get(23) == Some(&1);
+            let refused = refused(verdict, &out);
             assert_eq!(
                 refused,
                 predicted
@@ -253,18 +252,38 @@ fn trace_shows_dsr_encapsulation_and_follows_a_tunnelled_packet_to_the_named_bac
     assert!(tunnelled.steps.iter().any(|s| s.contains("IPIP view")));
 }
 
+/// Whether the data path answered a frame with ICMP port unreachable (a refusal
+/// passes as ICMP: IP protocol 1, type 3).
+fn refused(verdict: u32, out: &[u8]) -> bool {
+    verdict == XDP_PASS && out.get(23) == Some(&1) && out.get(34) == Some(&3)
+}
+
+/// What the kernel refuses (a ping or another port of a service address) trace says
+/// it refuses; a ping of another address passes in both.
 #[test]
-fn trace_accepts_icmp_and_says_a_service_address_is_not_answered_by_the_data_path() {
+fn trace_says_what_the_kernel_refuses_at_a_service_address() {
     let mut dp = TestDatapath::new();
     dp.program(&[(tcp(VIP, 80), vec![local(LOCAL_POD, 8080)])]);
-    let explained = explain_icmp(&dp.tables(), CLIENT.into(), VIP.into()).expect("trace");
-    assert!(
+    let says_refused = |explained: &ebpf_proxy::trace::Explanation| {
         explained
-            .steps
-            .iter()
-            .any(|s| s.contains("is a service address")),
-        "{:?}",
-        explained.steps
-    );
-    assert!(explained.backend.is_none() && explained.translated.is_none());
+            .dropped
+            .as_deref()
+            .is_some_and(|why| why.contains("event refused"))
+    };
+    for (dst, kernel_refuses) in [(VIP, true), ([10, 96, 0, 99], false)] {
+        let (verdict, out) = dp.xdp(&ping_packet(CLIENT, dst));
+        assert_eq!(refused(verdict, &out), kernel_refuses, "ping {dst:?}");
+        let explained = explain_icmp(&dp.tables(), CLIENT.into(), dst.into()).expect("trace");
+        assert_eq!(
+            says_refused(&explained),
+            kernel_refuses,
+            "ping {dst:?}: {:?}",
+            explained.steps
+        );
+        assert!(explained.backend.is_none() && explained.translated.is_none());
+    }
+    let (verdict, out) = dp.xdp(&tcp_packet((CLIENT, 41000), (VIP, 81), Tcp::Syn, b""));
+    assert!(refused(verdict, &out), "another port of the VIP");
+    let explained = trace(&dp, VIP, 81, Origin::External);
+    assert!(says_refused(&explained), "{:?}", explained.steps);
 }

@@ -9,7 +9,13 @@ use std::time::{Duration, Instant};
 use ebpf_proxy::model::{Frontend, Protocol};
 use testbed::{manifests::ServiceDef, topology::Topology};
 
-use crate::support::{cluster::*, datapath::*, packets::*, services::*, traffic::ping};
+use crate::support::{
+    cluster::*,
+    datapath::*,
+    packets::*,
+    services::*,
+    traffic::{icmp_answer, ping},
+};
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
@@ -157,6 +163,35 @@ fn another_port_or_protocol_of_a_service_address_is_refused() {
     assert_eq!(dp.event("refused"), 6);
 }
 
+/// Issue 13: any other IP protocol (GRE, SCTP, ESP, IPIP not addressed to a
+/// `dsr-ipip` frontend) to a service address left the node towards an address nobody
+/// outside owns: refused like another port; to other addresses it passes untouched.
+#[test]
+fn every_other_protocol_to_a_service_address_is_refused() {
+    const GRE: u8 = 47;
+    const SCTP: u8 = 132;
+    const ESP: u8 = 50;
+    const IPIP: u8 = 4;
+    let mut dp = TestDatapath::new();
+    dp.program(&[(tcp(VIP, 80), vec![local([10, 244, 1, 2], 8080)])]);
+    let payload = [0x5au8; 40];
+    for protocol in [GRE, SCTP, ESP, IPIP] {
+        let packet = ip_packet(CLIENT, VIP, protocol, &payload);
+        let (verdict, out) = dp.xdp(&packet);
+        assert_eq!(verdict, XDP_PASS, "protocol {protocol}");
+        assert_refusal(&out, &packet, 28, false);
+        let (verdict, out) = dp.tc(&packet);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "protocol {protocol}");
+        assert_refusal(&out, &packet, 64, true);
+        for elsewhere in [[10, 96, 0, 99], NODE_IP.octets()] {
+            let packet = ip_packet(CLIENT, elsewhere, protocol, &payload);
+            let (verdict, out) = dp.xdp(&packet);
+            assert_eq!((verdict, out), (XDP_PASS, packet), "protocol {protocol}");
+        }
+    }
+    assert_eq!(dp.event("refused"), 8);
+}
+
 /// Issue 13: a ping of a ClusterIP (from a pod) or of a LoadBalancer IP (from outside)
 /// is answered at once with port unreachable from the service address (as kube-proxy's
 /// nftables mode rejects it), where it used to leave the node untranslated (and, for a
@@ -178,6 +213,42 @@ fn a_ping_of_a_service_address_is_refused_from_it() {
         assert!(started.elapsed() < Duration::from_secs(1), "{who}");
     }
     // The service still serves.
+    assert!(curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).is_ok());
+}
+
+/// Issue 13: a GRE packet from a pod to a ClusterIP and an SCTP packet from outside to
+/// a LoadBalancer IP, real packets through the namespaces: port unreachable from the
+/// service address at once (they used to leave the node for an address nobody owns).
+#[test]
+fn other_protocols_to_a_service_address_are_refused_end_to_end() {
+    let cluster = Cluster::new("proto", 2, 0, |t| {
+        let mut service = web(t, &["pod-a1"]);
+        service.load_balancer_ip = Some(LB_IP);
+        vec![service]
+    });
+    // A GRE header (no flags, protocol IPv4) and an SCTP common header (ports 5000 to
+    // 80, a verification tag, a zero checksum), each with a few bytes after it.
+    let gre = [&[0u8, 0, 0x08, 0][..], &[0x5a; 36]].concat();
+    let sctp = [
+        &[0x13u8, 0x88, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0][..],
+        &[0x5a; 28],
+    ]
+    .concat();
+    for (who, ns, address, protocol, message) in [
+        ("GRE from a pod", cluster.ns("pod-a2"), WEB_VIP, 47, gre),
+        (
+            "SCTP from outside",
+            &cluster.topology.client,
+            LB_IP,
+            132,
+            sctp,
+        ),
+    ] {
+        let started = Instant::now();
+        let answer = icmp_answer(ns, address, protocol, message, Duration::from_secs(2));
+        assert_eq!(answer, Some((address, 3, 3)), "{who}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{who}");
+    }
     assert!(curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).is_ok());
 }
 

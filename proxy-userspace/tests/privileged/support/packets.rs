@@ -44,6 +44,16 @@ pub fn udp_packet(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> V
     out
 }
 
+/// An IPv4 packet of any protocol (the payload is its header and data).
+pub fn ip_packet(src: [u8; 4], dst: [u8; 4], protocol: u8, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, dst, 64);
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut out, etherparse::IpNumber(protocol), payload)
+        .expect("build ip packet");
+    out
+}
+
 pub fn ping_packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv4(src, dst, 64)

@@ -1,5 +1,6 @@
 //! Traffic for tests that run beside it: a stop flag that also stops on a failed
-//! assertion, spoofed SYNs sent from inside a namespace, and a ping.
+//! assertion, spoofed SYNs sent from inside a namespace, a ping and packets of other
+//! protocols, and the ICMP answer they get.
 
 use std::{
     net::Ipv4Addr,
@@ -90,11 +91,17 @@ pub fn spoofed_syns(ns: &Netns, target: ([u8; 4], u16), count: u32) -> u32 {
     })
 }
 
-/// One ICMP echo request from `ns` to `to`, of `ping`'s default size (a raw socket:
-/// this machine has no `ping` binary to rely on), and the first ICMP message other
-/// than an echo request that arrives within `wait`: (its source, type, code).
-pub fn ping(ns: &Netns, to: Ipv4Addr, wait: Duration) -> Option<(Ipv4Addr, u8, u8)> {
-    with_raw_socket(ns, libc::IPPROTO_ICMP, move |fd| {
+/// Sends `message` from `ns` to `to` as the payload of an IP packet of `protocol`
+/// (through a raw socket) and returns the first ICMP message other than an echo
+/// request that arrives within `wait`: (its source, type, code).
+pub fn icmp_answer(
+    ns: &Netns,
+    to: Ipv4Addr,
+    protocol: libc::c_int,
+    message: Vec<u8>,
+    wait: Duration,
+) -> Option<(Ipv4Addr, u8, u8)> {
+    with_raw_socket(ns, libc::IPPROTO_ICMP, move |icmp| {
         let timeout = libc::timeval {
             tv_sec: wait.as_secs() as libc::time_t,
             tv_usec: wait.subsec_micros() as libc::suseconds_t,
@@ -102,25 +109,35 @@ pub fn ping(ns: &Netns, to: Ipv4Addr, wait: Duration) -> Option<(Ipv4Addr, u8, u
         // SAFETY: setting a socket option from a value we own.
         unsafe {
             libc::setsockopt(
-                fd,
+                icmp,
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 (&raw const timeout).cast(),
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             )
         };
-        // 56 bytes of data, as `ping` sends by default.
-        let mut request = [0u8; 8 + 56];
-        request[..8].copy_from_slice(&[8, 0, 0, 0, 0x13, 0x37, 0, 1]);
-        let checksum = internet_checksum(&request).to_be_bytes();
-        request[2..4].copy_from_slice(&checksum);
-        if !send_to(fd, &request, to.octets()) {
+        let sent = if protocol == libc::IPPROTO_ICMP {
+            send_to(icmp, &message, to.octets())
+        } else {
+            // SAFETY: a raw socket of this thread (in the namespace), closed below.
+            let other = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, protocol) };
+            assert!(
+                other >= 0,
+                "raw socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let sent = send_to(other, &message, to.octets());
+            // SAFETY: closing the socket opened above.
+            unsafe { libc::close(other) };
+            sent
+        };
+        if !sent {
             return None;
         }
         let mut answer = [0u8; 1500];
         loop {
             // SAFETY: receiving into a buffer we own.
-            let n = unsafe { libc::recv(fd, answer.as_mut_ptr().cast(), answer.len(), 0) };
+            let n = unsafe { libc::recv(icmp, answer.as_mut_ptr().cast(), answer.len(), 0) };
             if n < 28 {
                 return None;
             }
@@ -132,4 +149,15 @@ pub fn ping(ns: &Netns, to: Ipv4Addr, wait: Duration) -> Option<(Ipv4Addr, u8, u
             }
         }
     })
+}
+
+/// One ICMP echo request from `ns` to `to`, of `ping`'s default size (this machine
+/// has no `ping` binary to rely on), and the first ICMP answer (`icmp_answer`).
+pub fn ping(ns: &Netns, to: Ipv4Addr, wait: Duration) -> Option<(Ipv4Addr, u8, u8)> {
+    // 56 bytes of data, as `ping` sends by default.
+    let mut request = vec![0u8; 8 + 56];
+    request[..8].copy_from_slice(&[8, 0, 0, 0, 0x13, 0x37, 0, 1]);
+    let checksum = internet_checksum(&request).to_be_bytes();
+    request[2..4].copy_from_slice(&checksum);
+    icmp_answer(ns, to, libc::IPPROTO_ICMP, request, wait)
 }
