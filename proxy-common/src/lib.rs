@@ -8,6 +8,7 @@
 
 pub mod conntrack;
 pub mod decide;
+pub mod fragments;
 pub mod key_layout;
 pub mod map_name;
 pub mod service;
@@ -16,6 +17,7 @@ pub mod stats;
 pub mod tcp;
 
 pub use conntrack::*;
+pub use fragments::*;
 pub use service::*;
 pub use sock::*;
 pub use stats::*;
@@ -220,4 +222,6 @@ assert_layout! {
     SockNat => (32, 4),
     TrafficStats => (40, 8),
     BenchTemplate => (68, 4),
+    FragmentKey => (36, 4),
+    FragmentPorts => (4, 2),
 }

@@ -21,9 +21,10 @@ pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
 pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
 pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
 pub const SERVICE_ADDRS: &str = "SERVICE_ADDRS";
+pub const FRAGMENTS: &str = "FRAGMENTS";
 
 /// Every map of the data path's object.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     SERVICES,
     BACKEND_SLOTS,
     RR_CURSORS,
@@ -41,6 +42,7 @@ pub const ALL: [&str; 17] = [
     SOCK_AFFINITY,
     SERVICE_NAMES,
     SERVICE_ADDRS,
+    FRAGMENTS,
 ];
 
 /// The bench wrapper's own maps: the program it tail-calls, the frame it restores,

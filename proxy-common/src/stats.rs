@@ -61,7 +61,8 @@ datapath_events! {
     EV_NO_BACKEND => "no_backend",
     /// A packet too short or malformed for its headers; passed untouched.
     EV_MALFORMED => "malformed",
-    /// An IP fragment: passed untouched (fragments are not translated in this version).
+    /// A later IP fragment whose datagram's first fragment was not seen here, or
+    /// whose flow is not tracked (or a fragment of another protocol): passed untouched.
     EV_FRAGMENT => "fragment",
     /// No free SNAT port after bounded retries: the packet was dropped.
     EV_SNAT_EXHAUSTED => "snat_exhausted",

@@ -19,6 +19,7 @@ mod checksum;
 mod conntrack;
 mod counters;
 mod forward;
+mod fragments;
 mod headers;
 mod icmp;
 mod maps;

@@ -9,9 +9,10 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AddrKey, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
-    CtKey, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue, SockKey, SockNat, SourceRangeKey,
-    TrafficStats, AFFINITY_ENTRIES, CONFIG_LEN, CONNTRACK_ENTRIES, EV_CAPACITY, MAX_BACKENDS,
-    MAX_SERVICES, SCHED_TABLE_CAPACITY, SOCK_ENTRIES, SOURCE_RANGE_ENTRIES,
+    CtKey, FragmentKey, FragmentPorts, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue,
+    SockKey, SockNat, SourceRangeKey, TrafficStats, AFFINITY_ENTRIES, CONFIG_LEN,
+    CONNTRACK_ENTRIES, EV_CAPACITY, FRAGMENT_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
+    SCHED_TABLE_CAPACITY, SOCK_ENTRIES, SOURCE_RANGE_ENTRIES,
 };
 
 /// Frontends by (address, port, protocol, scope). Written by the agent.
@@ -47,6 +48,11 @@ pub static CONN_COUNTS: Array<ConnCounts> = Array::pinned(MAX_BACKENDS, BPF_F_MM
 /// address nobody outside owns. Written by the agent.
 #[map]
 pub static SERVICE_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_SERVICES, 0);
+
+/// The ports of datagrams whose later fragments are still to come (`fragments`).
+#[map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
+    LruHashMap::pinned(FRAGMENT_ENTRIES, 0);
 
 /// This node's own addresses: NodePorts answer on any of them. Written by the agent.
 #[map]

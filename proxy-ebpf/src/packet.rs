@@ -67,7 +67,8 @@ pub trait Packet {
     }
 
     /// The IPv4 rewrite: the 32-bit address at `offset`, the IP checksum and the L4
-    /// pseudo-header checksum.
+    /// pseudo-header checksum (a later fragment has none: its first fragment's covers
+    /// the datagram).
     fn rewrite_addr_v4(&self, flow: &Flow, offset: usize, old: u32, new: u32) -> Result<(), ()>;
 
     /// Replaces the source or destination port and fixes the L4 checksum.
@@ -141,6 +142,9 @@ impl Packet for XdpPacket<'_> {
             field.write_unaligned(new);
             check.write_unaligned(checksum::replace32(check.read_unaligned(), old, new));
         }
+        if !flow.has_l4 {
+            return Ok(());
+        }
         self.update_l4_check(flow, |c| checksum::replace32(c, old, new))
     }
 
@@ -207,11 +211,12 @@ impl Packet for TcPacket<'_> {
 
     #[inline(always)]
     fn rewrite_addr_v4(&self, flow: &Flow, offset: usize, old: u32, new: u32) -> Result<(), ()> {
-        let l4_check = flow.l4_check;
-        let flags = Self::l4_csum_flags(flow, 4) | u64::from(BPF_F_PSEUDO_HDR);
-        self.0
-            .l4_csum_replace(l4_check, u64::from(old), u64::from(new), flags)
-            .map_err(|_| ())?;
+        if flow.has_l4 {
+            let flags = Self::l4_csum_flags(flow, 4) | u64::from(BPF_F_PSEUDO_HDR);
+            self.0
+                .l4_csum_replace(flow.l4_check, u64::from(old), u64::from(new), flags)
+                .map_err(|_| ())?;
+        }
         self.0
             .l3_csum_replace(ETH_LEN + IP_CHECK, u64::from(old), u64::from(new), 4)
             .map_err(|_| ())?;

@@ -6,7 +6,7 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use proxy_common::{Addr, CtKey, Family, PROTO_TCP};
+use proxy_common::{Addr, CtKey, Family, FragmentKey, FragmentPorts, PROTO_TCP};
 
 use crate::{
     headers::{self, Transport, IP_MF, IP_OFFSET_MASK},
@@ -26,6 +26,14 @@ pub struct Flow {
     pub tcp_flags: u8,
     /// IP total length, for byte counters.
     pub ip_len: u16,
+    /// The packet holds the L4 header: false for a later fragment of a datagram,
+    /// whose ports `fragments` found (only its addresses are rewritten).
+    pub has_l4: bool,
+    /// The first fragment of a datagram whose later fragments follow (`fragments`
+    /// remembers its ports under `ip_id`).
+    pub more_fragments: bool,
+    /// The IP identification, network byte order.
+    pub ip_id: u16,
 }
 
 /// Why a packet is not a candidate for translation.
@@ -37,7 +45,8 @@ pub enum Skip {
     OtherProtocol,
     /// Claims to be IPv4 TCP/UDP but its headers do not fit or make no sense.
     Malformed,
-    /// A fragment: only the first carries ports, so none are translated.
+    /// A later fragment of a datagram (not its first): no L4 header, its ports are
+    /// `fragments`'.
     Fragment,
 }
 
@@ -59,11 +68,12 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
     // SAFETY: `ip` is bounds-checked.
     let proto = unsafe { headers::ipv4_proto(ip) };
     let transport = Transport::from_number(proto);
-    let (vihl, frags, tot_len, src, dst) = unsafe {
+    let (vihl, frags, tot_len, ip_id, src, dst) = unsafe {
         (
             (*ip).vihl,
             u16::from_be_bytes((*ip).frags),
             u16::from_be_bytes((*ip).tot_len),
+            u16::from_ne_bytes((*ip).id),
             u32::from_ne_bytes((*ip).src_addr),
             u32::from_ne_bytes((*ip).dst_addr),
         )
@@ -81,9 +91,13 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
     {
         return Err(Skip::Malformed);
     }
-    if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
+    if frags & IP_OFFSET_MASK != 0 {
         return Err(Skip::Fragment);
     }
+    // The first fragment of a datagram goes the way of a whole one (so another
+    // protocol's may be refused, quoting it, as RFC 792 allows for a first fragment).
+    // No branch on it here: one doubled the paths the verifier walks after parsing.
+    let more_fragments = frags & IP_MF;
     let transport = transport.ok_or(Skip::OtherProtocol)?;
     let l4_off = ip_off + ihl;
     let l4_len = usize::from(tot_len) - ihl;
@@ -115,7 +129,10 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
                 usize::from(u16::from_be_bytes((*udp).len)),
             )
         };
-        if udp_len < 8 || udp_len > l4_len {
+        // A first fragment holds only the start of the datagram its length counts
+        // (arithmetic, not a branch: see above).
+        let room = l4_len | (usize::from(more_fragments >> 13) * 0xffff);
+        if udp_len < 8 || udp_len > room {
             return Err(Skip::Malformed);
         }
         (sport, dport, 0)
@@ -135,6 +152,56 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
         l4_check: l4_off + transport.check_offset(),
         tcp_flags,
         ip_len: tot_len,
+        has_l4: true,
+        more_fragments: more_fragments != 0,
+        ip_id,
+    })
+}
+
+/// A later fragment (`Skip::Fragment`, its header checked by `parse`) as a flow of the
+/// ports its datagram's first fragment carried, if `ports_of` knows them.
+#[inline(always)]
+pub fn later_fragment<P: Packet>(
+    pkt: &P,
+    ports_of: impl FnOnce(&FragmentKey) -> Option<FragmentPorts>,
+) -> Option<Flow> {
+    let ip: *const Ipv4Hdr = pkt.ptr_at(ETH_LEN)?;
+    // SAFETY: `ip` is bounds-checked.
+    let (proto, tot_len, ip_id, src, dst) = unsafe {
+        (
+            headers::ipv4_proto(ip),
+            u16::from_be_bytes((*ip).tot_len),
+            u16::from_ne_bytes((*ip).id),
+            Addr::from_v4_be(u32::from_ne_bytes((*ip).src_addr)),
+            Addr::from_v4_be(u32::from_ne_bytes((*ip).dst_addr)),
+        )
+    };
+    let family = Family::V4.number();
+    let ports = ports_of(&FragmentKey {
+        src,
+        dst,
+        id: ip_id,
+        proto,
+        family,
+    })?;
+    Some(Flow {
+        family: Family::V4,
+        key: CtKey {
+            src,
+            dst,
+            sport: ports.sport,
+            dport: ports.dport,
+            proto,
+            family,
+            _pad: [0; 2],
+        },
+        l4_off: 0,
+        l4_check: 0,
+        tcp_flags: 0,
+        ip_len: tot_len,
+        has_l4: false,
+        more_fragments: false,
+        ip_id,
     })
 }
 

@@ -20,7 +20,7 @@ use crate::{
     balancer::{self, Choice},
     conntrack::{self, Lookup},
     counters::{self, Direction},
-    headers, icmp,
+    fragments, headers, icmp,
     maps::CONNTRACK,
     packet::{Packet, Side, XdpPacket, ETH_LEN},
     parse::{self, Flow, Skip},
@@ -104,11 +104,11 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             counters::event(EV_MALFORMED);
             return Verdict::PASS;
         }
-        Err(Skip::Fragment) => {
-            counters::event(EV_FRAGMENT);
-            return Verdict::PASS;
-        }
+        Err(Skip::Fragment) => return later_fragment(pkt),
     };
+    if flow.more_fragments {
+        fragments::remember(&flow);
+    }
     let now = conntrack::now_ns();
     match conntrack::lookup(&flow.key, now) {
         Lookup::Live(entry_ptr) => {
@@ -159,6 +159,27 @@ fn other_protocol<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
         return icmp::handle(pkt, origin);
     }
     refused_at_service_address(origin, Family::V4.number(), &dst)
+}
+
+/// A later fragment of a datagram follows its flow, as its first fragment did (its
+/// addresses only); it never opens one. One whose first fragment was not seen, or
+/// whose flow is not tracked, passes untouched (`fragment`).
+#[inline(always)]
+fn later_fragment<P: Packet>(pkt: &P) -> Verdict {
+    let tracked = parse::later_fragment(pkt, fragments::ports_of).and_then(|flow| {
+        match conntrack::lookup(&flow.key, conntrack::now_ns()) {
+            // SAFETY: copy of a live map value.
+            Lookup::Live(entry) => Some((flow, unsafe { *entry })),
+            _ => None,
+        }
+    });
+    match tracked {
+        Some((flow, entry)) => follow(pkt, &flow, &entry, false),
+        None => {
+            counters::event(EV_FRAGMENT);
+            Verdict::PASS
+        }
+    }
 }
 
 /// What to do with an IPIP packet (see `tunnel` for the rules).
@@ -250,7 +271,8 @@ fn rewrite<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry) -> Result<(), ()> {
         if entry.nat_src != key.src {
             pkt.rewrite_addr(flow, Side::Src, &key.src, &entry.nat_src)?;
         }
-        if entry.nat_sport != key.sport {
+        // A later fragment has no ports: its first fragment's carry the change.
+        if entry.nat_sport != key.sport && flow.has_l4 {
             pkt.rewrite_port(flow, Side::Src, key.sport, entry.nat_sport)?;
         }
     }
@@ -258,7 +280,7 @@ fn rewrite<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry) -> Result<(), ()> {
         if entry.nat_dst != key.dst {
             pkt.rewrite_addr(flow, Side::Dst, &key.dst, &entry.nat_dst)?;
         }
-        if entry.nat_dport != key.dport {
+        if entry.nat_dport != key.dport && flow.has_l4 {
             pkt.rewrite_port(flow, Side::Dst, key.dport, entry.nat_dport)?;
         }
     }

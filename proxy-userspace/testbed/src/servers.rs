@@ -211,11 +211,18 @@ fn http_connection(stream: TcpStream, pod: &str, peer: SocketAddr) -> std::io::R
     }
 }
 
+/// Answers every datagram with the greeting, padded with dots to the question's
+/// length when the question is longer: a datagram too large for one frame gets an
+/// answer that is fragmented too.
 fn serve_udp(socket: UdpSocket, pod: &str, stop: &AtomicBool) {
-    let mut buf = [0u8; 1500];
+    let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(greeting(pod, peer).as_bytes(), peer);
+        if let Ok((len, peer)) = socket.recv_from(&mut buf) {
+            let mut answer = greeting(pod, peer).into_bytes();
+            if len > answer.len() {
+                answer.resize(len, b'.');
+            }
+            let _ = socket.send_to(&answer, peer);
         }
     }
 }

@@ -256,9 +256,8 @@ fn malformed_and_fragmented_packets_pass_untouched() {
     let mut ihl_past_end = good.clone();
     ihl_past_end[14] = 0x4f; // 60-byte header: the TCP header would start past the data
     cases.push(("IHL past the packet", ihl_past_end));
-    let mut fragment = good.clone();
-    fragment[14 + 6] = 0x20; // more fragments
-    cases.push(("first fragment", fragment));
+    // A later fragment whose first was never seen (fragments of tracked flows are
+    // translated: see `fragments`).
     let mut later_fragment = good.clone();
     later_fragment[14 + 7] = 0x10; // offset 16*8
     cases.push(("later fragment", later_fragment));
@@ -273,7 +272,7 @@ fn malformed_and_fragmented_packets_pass_untouched() {
         "garbage must not create state"
     );
     assert!(dp.event("malformed") >= 3);
-    assert_eq!(dp.event("fragment"), 2);
+    assert_eq!(dp.event("fragment"), 1);
 }
 
 #[test]

@@ -13,6 +13,7 @@ mod datapath;
 mod decisions;
 mod faults;
 mod floods;
+mod fragments;
 mod fuzz_datapath;
 mod icmp;
 mod kubernetes;

@@ -54,6 +54,59 @@ pub fn ip_packet(src: [u8; 4], dst: [u8; 4], protocol: u8, payload: &[u8]) -> Ve
     out
 }
 
+/// Splits an Ethernet frame's IPv4 packet (20-byte header) into two fragments, the
+/// first carrying `at` bytes of its payload (a multiple of 8), both with IP id `id`
+/// and valid header checksums.
+pub fn fragments(frame: &[u8], at: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(at % 8, 0);
+    let (head, payload) = frame.split_at(14 + 20);
+    let piece = |bytes: &[u8], offset: usize, more: bool| {
+        let mut out = head.to_vec();
+        out.extend_from_slice(bytes);
+        let ip = &mut out[14..34];
+        ip[2..4].copy_from_slice(&(20 + bytes.len() as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&id.to_be_bytes());
+        let flags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+        ip[6..8].copy_from_slice(&flags.to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let checksum = internet_checksum(ip);
+        ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+        out
+    };
+    (
+        piece(&payload[..at], 0, true),
+        piece(&payload[at..], at, false),
+    )
+}
+
+/// The packet two fragments (from `fragments`, possibly rewritten) make together:
+/// the first's headers (no longer a fragment) and both payloads.
+pub fn reassemble(first: &[u8], second: &[u8]) -> Vec<u8> {
+    assert_eq!(first[14 + 4..14 + 6], second[14 + 4..14 + 6], "one IP id");
+    assert_eq!(
+        first[14 + 12..14 + 20],
+        second[14 + 12..14 + 20],
+        "same addresses"
+    );
+    for fragment in [first, second] {
+        assert_eq!(
+            internet_checksum(&fragment[14..34]),
+            0,
+            "IP header checksum"
+        );
+    }
+    let mut out = first.to_vec();
+    out.extend_from_slice(&second[34..]);
+    let total = (out.len() - 14) as u16;
+    let ip = &mut out[14..34];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6..8].copy_from_slice(&[0, 0]);
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let checksum = internet_checksum(ip);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    out
+}
+
 pub fn ping_packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv4(src, dst, 64)

@@ -1,0 +1,108 @@
+//! Issue 13: IP fragments of translated flows. Only a datagram's first fragment
+//! carries the ports; the later ones used to pass untranslated (to a service address
+//! nobody owns), so a datagram larger than the path MTU never arrived whole. Now the
+//! first fragment's ports are remembered and every fragment follows the flow.
+
+use testbed::servers::parse_greeting;
+
+use crate::support::{cluster::*, datapath::*, packets::*, services::*};
+
+const VIP: [u8; 4] = [10, 96, 0, 53];
+const POD: [u8; 4] = [10, 244, 1, 2];
+const CLIENT: [u8; 4] = [198, 18, 0, 2];
+const TC_ACT_OK: u32 = 0;
+
+/// A UDP datagram too large for one 1500-byte frame, in two fragments.
+fn fragmented(src: ([u8; 4], u16), dst: ([u8; 4], u16), id: u16) -> (Vec<u8>, Vec<u8>) {
+    let payload: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8).collect();
+    fragments(&udp_packet(src, dst, &payload), 1480, id)
+}
+
+#[test]
+fn every_fragment_of_a_datagram_follows_its_flow_both_ways() {
+    let mut dp = TestDatapath::new();
+    dp.program(&[(udp(VIP, 53), vec![local(POD, 5353)])]);
+
+    // From outside to the service: both fragments go to the backend, and together
+    // they are the datagram with a valid UDP checksum for its new addresses.
+    let (first, second) = fragmented((CLIENT, 40000), (VIP, 53), 0x4242);
+    let (verdict, first_out) = dp.xdp(&first);
+    assert_eq!(verdict, XDP_PASS);
+    let (verdict, second_out) = dp.xdp(&second);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        second_out[14 + 16..14 + 20],
+        POD,
+        "the later fragment's destination"
+    );
+    assert_eq!(second_out[34..], second[34..], "its payload untouched");
+    let request = inspect(&reassemble(&first_out, &second_out));
+    assert_eq!(request.src, (CLIENT, 40000));
+    assert_eq!(request.dst, (POD, 5353));
+
+    // The backend's answer, fragmented too, comes back from the service address.
+    let (first, second) = fragmented((POD, 5353), (CLIENT, 40000), 0x5151);
+    let (verdict, first_out) = dp.tc(&first);
+    assert_eq!(verdict, TC_ACT_OK);
+    let (verdict, second_out) = dp.tc(&second);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        second_out[14 + 12..14 + 16],
+        VIP,
+        "the later fragment's source"
+    );
+    let answer = inspect(&reassemble(&first_out, &second_out));
+    assert_eq!(answer.src, (VIP, 53));
+    assert_eq!(answer.dst, (CLIENT, 40000));
+    assert_eq!(dp.event("fragment"), 0);
+}
+
+#[test]
+fn a_later_fragment_without_its_first_passes_untouched_and_opens_nothing() {
+    let mut dp = TestDatapath::new();
+    dp.program(&[(udp(VIP, 53), vec![local(POD, 5353)])]);
+    // Reordered: the later fragment first. It cannot be translated yet.
+    let (first, second) = fragmented((CLIENT, 40001), (VIP, 53), 0x6161);
+    let (verdict, out) = dp.xdp(&second);
+    assert_eq!((verdict, out), (XDP_PASS, second.clone()));
+    assert_eq!(dp.event("fragment"), 1);
+    assert_eq!(dp.tables().conntrack.keys().count(), 0);
+    // Its first fragment still opens the flow, and fragments of another datagram
+    // (another IP id) of the same client are not mistaken for it.
+    let (verdict, out) = dp.xdp(&first);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out[14 + 16..14 + 20], POD);
+    let (_, stranger) = fragmented((CLIENT, 40001), (VIP, 53), 0x6262);
+    let (verdict, out) = dp.xdp(&stranger);
+    assert_eq!((verdict, out), (XDP_PASS, stranger));
+    assert_eq!(dp.event("fragment"), 2);
+}
+
+/// Real datagrams of 4,000 bytes from a pod to a UDP ClusterIP: the client's kernel
+/// fragments the question, the backend's the answer (the pod links' MTU is 1,500);
+/// every fragment is translated both ways and both ends reassemble the datagrams.
+#[test]
+fn datagrams_larger_than_the_mtu_reach_a_udp_service_and_come_back_whole() {
+    let cluster = Cluster::new("frag", 2, 0, |t| vec![dns(t, &["pod-a1"])]);
+    let client = cluster.ns("pod-a2");
+    let answer = client
+        .exec(
+            "sh",
+            &[
+                "-c",
+                &format!("head -c 4000 /dev/zero | tr '\\0' q | socat -T 3 - UDP4:{DNS_VIP}:53"),
+            ],
+        )
+        .expect("socat");
+    assert_eq!(answer.len(), 4000, "{:?}", &answer[..answer.len().min(80)]);
+    let (pod, seen_client) = parse_greeting(&answer).expect("a greeting");
+    assert_eq!(pod, "pod-a1");
+    assert_eq!(
+        seen_client.ip(),
+        std::net::IpAddr::V4(cluster.topology.pod("pod-a2").addr)
+    );
+    assert!(
+        answer.trim_end().ends_with('.'),
+        "padded to the question's size"
+    );
+}
