@@ -17,6 +17,7 @@ mod fragments;
 mod fuzz_datapath;
 mod icmp;
 mod kubernetes;
+mod kubernetes_resilience;
 mod manifests_source;
 mod multinode;
 mod operator_tools;

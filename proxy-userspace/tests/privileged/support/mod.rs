@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod datapath;
+pub mod kubernetes;
 pub mod packets;
 pub mod services;
 pub mod traffic;
