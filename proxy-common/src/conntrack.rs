@@ -67,8 +67,8 @@ impl CtKey {
     }
 }
 
-/// `CtEntry::state` values (TCP, moved by `tcp::next`; other protocols stay
-/// `CT_ESTABLISHED`).
+/// `CtEntry::state` values (TCP's, moved by `tcp::next`; a UDP entry stays
+/// `CT_ESTABLISHED`: `Transport` says which protocol has which).
 /// The client's SYN (or a segment of a flow picked up mid-stream) was seen, nothing
 /// came back yet.
 pub const CT_SYN_SENT: u8 = 0;
@@ -138,19 +138,14 @@ pub const ACCT_INACTIVE: u32 = 1;
 /// No longer counted (expired or replaced).
 pub const ACCT_GONE: u32 = 2;
 
-/// Idle timeout of an entry, in nanoseconds.
+/// Idle timeout of an entry of protocol `proto`, in nanoseconds (`Transport`'s; an
+/// entry of a protocol no version of ours tracks has none: it is stale at once).
 #[inline(always)]
 pub const fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
-    let seconds = if proto == crate::PROTO_TCP {
-        match state {
-            CT_SYN_SENT | CT_SYN_RECV => CT_TIMEOUT_SYN_S,
-            CT_ESTABLISHED => CT_TIMEOUT_TCP_ESTABLISHED_S,
-            _ => CT_TIMEOUT_CLOSING_S,
-        }
-    } else {
-        CT_TIMEOUT_UDP_S
-    };
-    seconds * 1_000_000_000
+    match crate::Transport::from_number(proto) {
+        Some(transport) => transport.timeout_ns(state),
+        None => 0,
+    }
 }
 
 #[cfg(feature = "user")]

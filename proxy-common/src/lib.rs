@@ -15,12 +15,14 @@ pub mod service;
 pub mod sock;
 pub mod stats;
 pub mod tcp;
+pub mod transport;
 
 pub use conntrack::*;
 pub use fragments::*;
 pub use service::*;
 pub use sock::*;
 pub use stats::*;
+pub use transport::Transport;
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -13,6 +13,7 @@
 
 use crate::{
     CT_CLOSING, CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_SYN_RECV, CT_SYN_SENT,
+    CT_TIMEOUT_CLOSING_S, CT_TIMEOUT_SYN_S, CT_TIMEOUT_TCP_ESTABLISHED_S,
 };
 
 /// TCP flag bits as in byte 13 of the header.
@@ -62,5 +63,16 @@ pub fn next(state: u8, flags: u8, tcp: u8, peer_fin: impl FnOnce() -> bool) -> (
         // The client reuses the tuple for a new connection; it keeps its backend.
         CT_CLOSING if !from_backend && syn && !ack => (CT_SYN_SENT, flags & !CT_F_FIN),
         _ => (state, flags),
+    }
+}
+
+/// How long a TCP entry in `state` lives without traffic, in seconds: half-open flows
+/// keep the short SYN timeout (a flood's entries go soon).
+#[inline(always)]
+pub const fn timeout_s(state: u8) -> u64 {
+    match state {
+        CT_SYN_SENT | CT_SYN_RECV => CT_TIMEOUT_SYN_S,
+        CT_ESTABLISHED => CT_TIMEOUT_TCP_ESTABLISHED_S,
+        _ => CT_TIMEOUT_CLOSING_S,
     }
 }

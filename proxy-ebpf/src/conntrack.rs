@@ -25,9 +25,9 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use proxy_common::{
-    ct_timeout_ns, tcp, Addr, CtEntry, CtKey, Family, ACCT_ACTIVE, ACCT_INACTIVE, CONFIG_SNAT_ADDR,
+    ct_timeout_ns, Addr, CtEntry, CtKey, Family, ACCT_ACTIVE, ACCT_INACTIVE, CONFIG_SNAT_ADDR,
     CT_CLOSING, CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS, CT_SYN_SENT,
-    EV_CT_RACE_LOST, PROTO_TCP,
+    EV_CT_RACE_LOST,
 };
 
 use crate::{
@@ -62,17 +62,16 @@ pub fn lookup(key: &CtKey, now: u64) -> Lookup {
     Lookup::Live(entry)
 }
 
-/// Advances TCP state on a packet of a tracked flow and refreshes its idle timer.
+/// Advances a tracked flow's state as its protocol says (`Transport::next`) and
+/// refreshes its idle timer.
 /// Writes happen only when something changed or the refresh interval passed.
 #[inline(always)]
 pub fn observe(flow: &Flow, entry_ptr: *mut CtEntry, entry: &CtEntry, now: u64) {
-    let (state, flags) = if flow.key.proto == PROTO_TCP {
-        tcp::next(entry.state, entry.flags, flow.tcp_flags, || {
+    let (state, flags) = flow
+        .transport
+        .next(entry.state, entry.flags, flow.tcp_flags, || {
             peer_has_fin(&flow.key, entry)
-        })
-    } else {
-        (entry.state, entry.flags)
-    };
+        });
     if state == entry.state
         && flags == entry.flags
         && now.saturating_sub(entry.last_seen_ns) < CT_REFRESH_NS

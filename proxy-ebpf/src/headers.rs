@@ -1,11 +1,11 @@
 //! Header facts every module shares, defined once: protocol numbers, IPv4 flag bits,
-//! ICMP types, and the transport protocols the data path translates, each named (a
-//! protocol is never "TCP because it is not UDP").
+//! ICMP types. The transport protocols the data path translates, and what differs
+//! between them, are `proxy_common::Transport`.
 
 use core::mem::offset_of;
 
 use network_types::ip::Ipv4Hdr;
-use proxy_common::{Addr, PROTO_TCP, PROTO_UDP};
+use proxy_common::Addr;
 
 use crate::checksum;
 
@@ -38,43 +38,6 @@ pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub unsafe fn ipv4_proto(ip: *const Ipv4Hdr) -> u8 {
     // SAFETY: the caller's header covers the byte.
     unsafe { *ip.cast::<u8>().add(offset_of!(Ipv4Hdr, proto)) }
-}
-
-/// A transport protocol the data path translates, and where its header keeps what
-/// translation touches.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Tcp,
-    Udp,
-}
-
-impl Transport {
-    #[inline(always)]
-    pub fn from_number(proto: u8) -> Option<Transport> {
-        match proto {
-            PROTO_TCP => Some(Transport::Tcp),
-            PROTO_UDP => Some(Transport::Udp),
-            _ => None,
-        }
-    }
-
-    /// The smallest header: ports, and everything up to the checksum.
-    #[inline(always)]
-    pub fn min_header_len(self) -> usize {
-        match self {
-            Transport::Tcp => 20,
-            Transport::Udp => 8,
-        }
-    }
-
-    /// Where the checksum sits in the header.
-    #[inline(always)]
-    pub fn check_offset(self) -> usize {
-        match self {
-            Transport::Tcp => 16,
-            Transport::Udp => 6,
-        }
-    }
 }
 
 /// The TTL of the packets the data path builds.

@@ -24,12 +24,12 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
-use proxy_common::{Addr, CtKey, Family, EV_ICMP_TRANSLATED};
+use proxy_common::{Addr, CtKey, Family, Transport, EV_ICMP_TRANSLATED};
 
 use crate::{
     balancer, checksum, counters,
     headers::{
-        self, ipv4_header, Transport, ICMP_ECHO_REQUEST, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED,
+        self, ipv4_header, ICMP_ECHO_REQUEST, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED,
         ICMP_UNREACHABLE, IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
     },
     maps::CONNTRACK,

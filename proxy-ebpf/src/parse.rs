@@ -6,10 +6,10 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use proxy_common::{Addr, CtKey, Family, FragmentKey, FragmentPorts, PROTO_TCP};
+use proxy_common::{Addr, CtKey, Family, FragmentKey, FragmentPorts, Transport};
 
 use crate::{
-    headers::{self, Transport, IP_MF, IP_OFFSET_MASK},
+    headers::{self, IP_MF, IP_OFFSET_MASK},
     packet::{Packet, ETH_LEN},
 };
 
@@ -17,6 +17,8 @@ use crate::{
 /// rest of the data path reads the family here or in the key, never the headers).
 pub struct Flow {
     pub family: Family,
+    /// How conntrack follows the flow (`Transport::next`).
+    pub transport: Transport,
     pub key: CtKey,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
@@ -103,42 +105,46 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
     let l4_len = usize::from(tot_len) - ihl;
     // Header lengths must fit the IP payload, as the kernel's TCP and UDP input
     // requires; otherwise the packet is malformed and never translated.
-    let (sport, dport, tcp_flags) = if proto == PROTO_TCP {
-        let tcp: *const TcpHdr = pkt.ptr_at(l4_off).ok_or(Skip::Malformed)?;
-        // The flags byte is read through the checked header pointer: a second bounds
-        // check at a variable offset would be merged by LLVM into a pointer the
-        // verifier no longer recognises as checked.
-        let (sport, dport, flags, data_offset) = unsafe {
-            (
-                u16::from_ne_bytes((*tcp).source),
-                u16::from_ne_bytes((*tcp).dest),
-                *tcp.cast::<u8>().add(13),
-                usize::from(*tcp.cast::<u8>().add(12) >> 4) * 4,
-            )
-        };
-        if data_offset < 20 || data_offset > l4_len {
-            return Err(Skip::Malformed);
+    let (sport, dport, tcp_flags) = match transport {
+        Transport::Tcp => {
+            let tcp: *const TcpHdr = pkt.ptr_at(l4_off).ok_or(Skip::Malformed)?;
+            // The flags byte is read through the checked header pointer: a second bounds
+            // check at a variable offset would be merged by LLVM into a pointer the
+            // verifier no longer recognises as checked.
+            let (sport, dport, flags, data_offset) = unsafe {
+                (
+                    u16::from_ne_bytes((*tcp).source),
+                    u16::from_ne_bytes((*tcp).dest),
+                    *tcp.cast::<u8>().add(13),
+                    usize::from(*tcp.cast::<u8>().add(12) >> 4) * 4,
+                )
+            };
+            if data_offset < 20 || data_offset > l4_len {
+                return Err(Skip::Malformed);
+            }
+            (sport, dport, flags)
         }
-        (sport, dport, flags)
-    } else {
-        let udp: *const UdpHdr = pkt.ptr_at(l4_off).ok_or(Skip::Malformed)?;
-        let (sport, dport, udp_len) = unsafe {
-            (
-                u16::from_ne_bytes((*udp).src),
-                u16::from_ne_bytes((*udp).dst),
-                usize::from(u16::from_be_bytes((*udp).len)),
-            )
-        };
-        // A first fragment holds only the start of the datagram its length counts
-        // (arithmetic, not a branch: see above).
-        let room = l4_len | (usize::from(more_fragments >> 13) * 0xffff);
-        if udp_len < 8 || udp_len > room {
-            return Err(Skip::Malformed);
+        Transport::Udp => {
+            let udp: *const UdpHdr = pkt.ptr_at(l4_off).ok_or(Skip::Malformed)?;
+            let (sport, dport, udp_len) = unsafe {
+                (
+                    u16::from_ne_bytes((*udp).src),
+                    u16::from_ne_bytes((*udp).dst),
+                    usize::from(u16::from_be_bytes((*udp).len)),
+                )
+            };
+            // A first fragment holds only the start of the datagram its length counts
+            // (arithmetic, not a branch: see above).
+            let room = l4_len | (usize::from(more_fragments >> 13) * 0xffff);
+            if udp_len < 8 || udp_len > room {
+                return Err(Skip::Malformed);
+            }
+            (sport, dport, 0)
         }
-        (sport, dport, 0)
     };
     Ok(Flow {
         family: Family::V4,
+        transport,
         key: CtKey {
             src: Addr::from_v4_be(src),
             dst: Addr::from_v4_be(dst),
@@ -176,6 +182,7 @@ pub fn later_fragment<P: Packet>(
             Addr::from_v4_be(u32::from_ne_bytes((*ip).dst_addr)),
         )
     };
+    let transport = Transport::from_number(proto)?;
     let family = Family::V4.number();
     let ports = ports_of(&FragmentKey {
         src,
@@ -186,6 +193,7 @@ pub fn later_fragment<P: Packet>(
     })?;
     Some(Flow {
         family: Family::V4,
+        transport,
         key: CtKey {
             src,
             dst,

@@ -6,3 +6,4 @@ mod deploy;
 mod tcp_states;
 mod translation_props;
 mod translation_rules;
+mod transports;

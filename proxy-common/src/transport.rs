@@ -1,0 +1,69 @@
+//! The transport protocols the data path translates, and everything that differs
+//! between them, decided here by an exhaustive match: where the header keeps what
+//! translation touches, and how conntrack follows a flow (its states and their idle
+//! timeouts). A protocol is never "TCP because it is not UDP"; a new one (SCTP) is a
+//! variant here, and the compiler names every place that must learn it.
+
+use crate::{tcp, CT_TIMEOUT_UDP_S, PROTO_TCP, PROTO_UDP};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    #[inline(always)]
+    pub const fn from_number(proto: u8) -> Option<Transport> {
+        match proto {
+            PROTO_TCP => Some(Transport::Tcp),
+            PROTO_UDP => Some(Transport::Udp),
+            _ => None,
+        }
+    }
+
+    /// The smallest header: ports, and everything up to the checksum.
+    #[inline(always)]
+    pub const fn min_header_len(self) -> usize {
+        match self {
+            Transport::Tcp => 20,
+            Transport::Udp => 8,
+        }
+    }
+
+    /// Where the checksum sits in the header.
+    #[inline(always)]
+    pub const fn check_offset(self) -> usize {
+        match self {
+            Transport::Tcp => 16,
+            Transport::Udp => 6,
+        }
+    }
+
+    /// A tracked entry's (state, flags) after a packet with `l4_flags` (TCP's flag
+    /// byte) travelled in its direction; `peer_fin` as `tcp::next` asks it. UDP has
+    /// one state: its entries live while datagrams come.
+    #[inline(always)]
+    pub fn next(
+        self,
+        state: u8,
+        flags: u8,
+        l4_flags: u8,
+        peer_fin: impl FnOnce() -> bool,
+    ) -> (u8, u8) {
+        match self {
+            Transport::Tcp => tcp::next(state, flags, l4_flags, peer_fin),
+            Transport::Udp => (state, flags),
+        }
+    }
+
+    /// How long an entry in `state` lives without traffic, in nanoseconds.
+    #[inline(always)]
+    pub const fn timeout_ns(self, state: u8) -> u64 {
+        let seconds = match self {
+            Transport::Tcp => tcp::timeout_s(state),
+            Transport::Udp => CT_TIMEOUT_UDP_S,
+        };
+        seconds * 1_000_000_000
+    }
+}
