@@ -131,6 +131,49 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
 }
 
+impl CtEntry {
+    /// The client's direction of a new flow to a backend at (`addr`, `port`): the
+    /// destination rewritten. Masquerading, when decided, rewrites the source too.
+    #[inline(always)]
+    pub const fn original(
+        key: &CtKey,
+        (addr, port): (Addr, u16),
+        (service_id, backend_id): (u32, u32),
+        (state, accounting): (u8, u32),
+        now: u64,
+    ) -> CtEntry {
+        CtEntry {
+            nat_src: key.src,
+            nat_dst: addr,
+            nat_sport: key.sport,
+            nat_dport: port,
+            service_id,
+            backend_id,
+            state,
+            flags: CT_F_REWRITE_DST,
+            _pad: [0; 2],
+            accounting,
+            _pad2: 0,
+            last_seen_ns: now,
+        }
+    }
+
+    /// The backend's direction of the flow whose client direction `key` the
+    /// `original` entry rewrites: the source put back to what the client sent to.
+    /// Its key is `key.peer(original)`.
+    #[inline(always)]
+    pub const fn reply_to(key: &CtKey, original: &CtEntry) -> CtEntry {
+        CtEntry {
+            nat_src: key.dst,
+            nat_dst: key.src,
+            nat_sport: key.dport,
+            nat_dport: key.sport,
+            flags: CT_F_REWRITE_SRC | CT_F_REPLY,
+            ..*original
+        }
+    }
+}
+
 /// `CtEntry::accounting` values, as IPVS counts: a TCP flow is active while it is
 /// established, inactive while half-open or closing; a UDP flow is active.
 pub const ACCT_ACTIVE: u32 = 0;

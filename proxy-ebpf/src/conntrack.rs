@@ -1,8 +1,10 @@
-//! Conntrack: look-ups, TCP state changes, and the parts of recording a new flow that
-//! touch more than its own entry (masquerade ports, a race lost to another CPU). The
-//! entries of a new translated flow are built in `translate::open_flow`: moving that
-//! into this module crashed bpf-linker (LLVM 22, in every shape tried), so it stays
-//! there until the linker copes.
+//! Conntrack: look-ups, state changes (`Transport::next`), and the parts of recording
+//! a new flow that touch more than its own entry (masquerade ports, a race lost to
+//! another CPU). A new flow's two entries are built by `proxy_common::conntrack`
+//! (`CtEntry::original`, `CtEntry::reply_to`, `CtKey::peer`); `translate::open_flow`
+//! decides masquerading and inserts them. (Moving the construction here, as eBPF
+//! code returning entries, crashed bpf-linker with LLVM 22 in every shape tried; as
+//! `const fn`s of the shared types it builds.)
 //!
 //! Races, written down because several CPUs may be in here at once for one flow:
 //! - Look-ups copy the entry; the only in-place writes are `state`, `flags` and

@@ -359,37 +359,15 @@ fn open_flow<P: Packet>(
     }
     let backend = &choice.backend;
 
-    let mut forward = CtEntry {
-        nat_src: key.src,
-        nat_dst: backend.addr,
-        nat_sport: key.sport,
-        nat_dport: backend.port,
-        service_id: service.id,
-        backend_id: backend.id,
-        state,
-        flags: CT_F_REWRITE_DST,
-        _pad: [0; 2],
-        accounting,
-        _pad2: 0,
-        last_seen_ns: now,
-    };
-    let mut reply_key = CtKey {
-        src: backend.addr,
-        dst: key.src,
-        sport: backend.port,
-        dport: key.sport,
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
-    };
-    let mut reply = CtEntry {
-        nat_src: key.dst,
-        nat_dst: key.src,
-        nat_sport: key.dport,
-        nat_dport: key.sport,
-        flags: CT_F_REWRITE_SRC | CT_F_REPLY,
-        ..forward
-    };
+    let mut forward = CtEntry::original(
+        key,
+        (backend.addr, backend.port),
+        (service.id, backend.id),
+        (state, accounting),
+        now,
+    );
+    let mut reply_key = key.peer(&forward);
+    let mut reply = CtEntry::reply_to(key, &forward);
 
     // The reply's new source is the frontend address: a node address for NodePorts.
     if balancer::is_node_address(key.family, &key.dst) {

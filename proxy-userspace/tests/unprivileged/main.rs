@@ -2,6 +2,7 @@
 //! translation rules one by one, property tests of the rules and the tracker, and
 //! the TCP state machine conntrack follows.
 
+mod conntrack_entries;
 mod deploy;
 mod tcp_states;
 mod translation_props;
