@@ -276,6 +276,7 @@ pub fn cleanup(pin_dir: &Path) -> Result<()> {
     }
     detach_netlink_filters();
     let links = links_dir(pin_dir);
+    let link_ids = pinned_link_ids(&links);
     for dir in [links.as_path(), pin_dir] {
         let Ok(entries) = fs::read_dir(dir) else {
             continue;
@@ -291,6 +292,41 @@ pub fn cleanup(pin_dir: &Path) -> Result<()> {
         fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
     }
     fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    wait_until_released(&link_ids);
     info!(pin_dir = %pin_dir.display(), "programs detached and maps unpinned");
     Ok(())
+}
+
+/// The kernel ids of the links pinned in `links`.
+fn pinned_link_ids(links: &Path) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir(links) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| PinnedLink::from_pin(entry.path()).ok())
+        .filter_map(|link| FdLink::from(link).info().ok())
+        .map(|info| info.id())
+        .collect()
+}
+
+/// Waits (up to 5 s) until the kernel has let go of these links: removing a link's
+/// last pin detaches its program only once the kernel frees the pin's inode, after
+/// an RCU grace period, so "detached" is said when it is so, not just ordered.
+fn wait_until_released(link_ids: &[u32]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let remaining = aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .filter(|link| link_ids.contains(&link.id()))
+            .count();
+        if remaining == 0 {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            warn!(remaining, "links still held by the kernel after 5 s");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
