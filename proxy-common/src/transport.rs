@@ -6,13 +6,25 @@
 
 use crate::{tcp, CT_TIMEOUT_UDP_S, PROTO_TCP, PROTO_UDP};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Also the agent's `model::Protocol` (a Kubernetes port's protocol), so that the
+/// protocols and their numbers are listed once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub enum Transport {
     Tcp,
     Udp,
 }
 
 impl Transport {
+    /// The IP protocol number.
+    #[inline(always)]
+    pub const fn number(self) -> u8 {
+        match self {
+            Transport::Tcp => PROTO_TCP,
+            Transport::Udp => PROTO_UDP,
+        }
+    }
+
     #[inline(always)]
     pub const fn from_number(proto: u8) -> Option<Transport> {
         match proto {
@@ -65,5 +77,14 @@ impl Transport {
             Transport::Udp => CT_TIMEOUT_UDP_S,
         };
         seconds * 1_000_000_000
+    }
+}
+
+impl core::fmt::Display for Transport {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp => "TCP",
+            Transport::Udp => "UDP",
+        })
     }
 }

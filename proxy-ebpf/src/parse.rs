@@ -16,6 +16,8 @@ use crate::{
 /// A parsed TCP or UDP packet (of either family, once IPv6 headers are parsed: the
 /// rest of the data path reads the family here or in the key, never the headers).
 pub struct Flow {
+    /// The key's `family` byte as the enum the rewrites match on exhaustively
+    /// (converting the byte back would add a fallible branch per packet).
     pub family: Family,
     /// How conntrack follows the flow (`Transport::next`).
     pub transport: Transport,

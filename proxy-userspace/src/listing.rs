@@ -76,7 +76,7 @@ pub fn read_tables(tables: &Tables) -> Result<Listing> {
             source_ranges: (value.flags & SVC_F_SOURCE_RANGES != 0).then(|| {
                 source_ranges
                     .iter()
-                    .map(|key| source_range_of(key, family).1.to_string())
+                    .map(|key| source_range_of(key, family).to_string())
                     .collect()
             }),
             stats: Tables::stats_sum(&tables.service_stats, value.id),

@@ -11,37 +11,9 @@ pub use proxy_common::Family;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => proxy_common::PROTO_TCP,
-            Protocol::Udp => proxy_common::PROTO_UDP,
-        }
-    }
-
-    pub fn from_number(n: u8) -> Option<Protocol> {
-        match n {
-            proxy_common::PROTO_TCP => Some(Protocol::Tcp),
-            proxy_common::PROTO_UDP => Some(Protocol::Udp),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-        })
-    }
-}
+/// A port's protocol: the data path's transports, with their numbers and names
+/// (`proxy_common::Transport`).
+pub use proxy_common::Transport as Protocol;
 
 /// Where a frontend listens: an exact address, or a port on every node address; or
 /// either of them as reached through an IPIP tunnel from an entry node (`dsr-ipip`),

@@ -119,21 +119,17 @@ pub fn source_range_id(key: &LpmKey<SourceRangeKey>) -> u32 {
     u32::from_be(key.data().service_id_be)
 }
 
-/// The service id and prefix of a `SOURCE_RANGES` key of a service of `family` (the
-/// key does not say: a service's family is its `SERVICES` key's).
-pub fn source_range_of(key: &LpmKey<SourceRangeKey>, family: Family) -> (u32, SourceRange) {
-    let data = key.data();
+/// The prefix of a `SOURCE_RANGES` key of a service of `family` (the key does not say:
+/// a service's family is its `SERVICES` key's).
+pub fn source_range_of(key: &LpmKey<SourceRangeKey>, family: Family) -> SourceRange {
     let len = key
         .prefix_len()
         .saturating_sub(SOURCE_RANGE_ID_BITS)
         .min(u32::from(family.bits())) as u8;
-    (
-        source_range_id(key),
-        SourceRange {
-            addr: data.addr.to_ip(family),
-            len,
-        },
-    )
+    SourceRange {
+        addr: key.data().addr.to_ip(family),
+        len,
+    }
 }
 
 /// A service's `namespace/name:port` as `SERVICE_NAMES` holds it (cut at 64 bytes).

@@ -22,10 +22,15 @@ use aya::{
 };
 use proxy_common::{map_name, AddrKey, NodeAddrFlags, ServiceKey, ServiceValue, SourceRangeKey};
 
-/// A map whose key grew: its name and the key size it had before.
+/// Carries a predecessor's map (its entries) into this version's; returns how many.
+type Carry = fn(MapData, &mut Map) -> Result<usize>;
+
+/// A map whose key grew: its name, the key size it had before, and how its entries
+/// are carried over.
 struct Widened {
     name: &'static str,
     old_key_size: u32,
+    carry: Carry,
 }
 
 /// Every map whose key grew by zero bytes at its end (2026-12, address families).
@@ -33,26 +38,26 @@ const WIDENED: [Widened; 4] = [
     Widened {
         name: map_name::SERVICES,
         old_key_size: 20,
+        carry: widen_hash::<20, ServiceKey, ServiceValue>,
     },
     Widened {
         name: map_name::SERVICE_ADDRS,
         old_key_size: 16,
+        carry: widen_hash::<16, AddrKey, u32>,
     },
     Widened {
         name: map_name::NODE_ADDRS,
         old_key_size: 16,
+        carry: widen_hash::<16, AddrKey, NodeAddrFlags>,
     },
     Widened {
-        // An LPM key: the 4-byte prefix length, the service id and an IPv4 address.
+        // An LPM key: the 4-byte prefix length, then the service id and an IPv4
+        // address.
         name: map_name::SOURCE_RANGES,
-        old_key_size: 12,
+        old_key_size: 4 + 8,
+        carry: widen_source_ranges::<8>,
     },
 ];
-
-/// Old key sizes in the layout of the predecessor, as `WIDENED` lists them.
-const OLD_SERVICE_KEY: usize = 20;
-const OLD_ADDR_KEY: usize = 16;
-const OLD_SOURCE_RANGE_DATA: usize = 8;
 
 fn aside(pin_dir: &Path, name: &str) -> PathBuf {
     // bpffs refuses names with a dot.
@@ -99,13 +104,7 @@ pub fn carry_over(pin_dir: &Path, ebpf: &mut Ebpf) -> Result<()> {
         let new = ebpf
             .map_mut(widened.name)
             .with_context(|| format!("map {} missing from the object", widened.name))?;
-        let carried = match widened.name {
-            map_name::SERVICES => {
-                widen_hash::<OLD_SERVICE_KEY, ServiceKey, ServiceValue>(old, new)?
-            }
-            map_name::SOURCE_RANGES => widen_source_ranges(old, new)?,
-            _ => widen_hash::<OLD_ADDR_KEY, AddrKey, NodeAddrFlags>(old, new)?,
-        };
+        let carried = (widened.carry)(old, new)?;
         std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         tracing::info!(map = widened.name, entries = carried, "carried over");
     }
@@ -138,9 +137,8 @@ fn widen_hash<const OLD: usize, K: Pod + Default, V: Pod>(
     Ok(carried)
 }
 
-fn widen_source_ranges(old: MapData, new: &mut Map) -> Result<usize> {
-    let old: LpmTrie<MapData, [u8; OLD_SOURCE_RANGE_DATA], u8> =
-        LpmTrie::try_from(Map::LpmTrie(old))?;
+fn widen_source_ranges<const OLD: usize>(old: MapData, new: &mut Map) -> Result<usize> {
+    let old: LpmTrie<MapData, [u8; OLD], u8> = LpmTrie::try_from(Map::LpmTrie(old))?;
     let mut new: LpmTrie<&mut MapData, SourceRangeKey, u8> = LpmTrie::try_from(new)?;
     let mut carried = 0;
     for entry in old.iter() {

@@ -164,7 +164,7 @@ impl Syncer {
                 Some(family) => ranges_of
                     .entry(id)
                     .or_default()
-                    .push(source_range_of(&key, *family).1),
+                    .push(source_range_of(&key, *family)),
                 None => stray_ranges.push(key),
             }
         }
@@ -304,7 +304,7 @@ impl Syncer {
             .keys()
             .filter_map(Result::ok)
             .filter(|key| source_range_id(key) == TUNNEL_PEERS_ID)
-            .map(|key| source_range_of(&key, Family::V4).1)
+            .map(|key| source_range_of(&key, Family::V4))
             .collect();
         for (range, trust) in &wanted {
             self.tables

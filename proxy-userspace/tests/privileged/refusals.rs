@@ -4,7 +4,10 @@
 //! leaving the node; a traffic policy `Local` with endpoints only elsewhere drops, as
 //! kube-proxy does.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use ebpf_proxy::model::{Frontend, Protocol};
 use testbed::{manifests::ServiceDef, topology::Topology};
@@ -192,25 +195,43 @@ fn every_other_protocol_to_a_service_address_is_refused() {
     assert_eq!(dp.event("refused"), 8);
 }
 
+/// The web service with a LoadBalancer IP, on two nodes' worth of pods.
+fn exposed_web(name: &str) -> Cluster {
+    Cluster::new(name, 2, 0, |t| {
+        let mut service = web(t, &["pod-a1"]);
+        service.load_balancer_ip = Some(LB_IP);
+        vec![service]
+    })
+}
+
+/// Asserts that `probe` (waiting up to 2 s) got port unreachable from `address`, and
+/// within a second.
+fn assert_refused_at_once(
+    who: &str,
+    address: Ipv4Addr,
+    probe: impl FnOnce(Duration) -> Option<(Ipv4Addr, u8, u8)>,
+) {
+    let started = Instant::now();
+    assert_eq!(
+        probe(Duration::from_secs(2)),
+        Some((address, 3, 3)),
+        "{who}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1), "{who}");
+}
+
 /// Issue 13: a ping of a ClusterIP (from a pod) or of a LoadBalancer IP (from outside)
 /// is answered at once with port unreachable from the service address (as kube-proxy's
 /// nftables mode rejects it), where it used to leave the node untranslated (and, for a
 /// LoadBalancer IP routed to the node, to loop between the node and its router).
 #[test]
 fn a_ping_of_a_service_address_is_refused_from_it() {
-    let cluster = Cluster::new("ping", 2, 0, |t| {
-        let mut service = web(t, &["pod-a1"]);
-        service.load_balancer_ip = Some(LB_IP);
-        vec![service]
-    });
+    let cluster = exposed_web("ping");
     for (who, ns, address) in [
         ("a pod", cluster.ns("pod-a2"), WEB_VIP),
         ("outside", &cluster.topology.client, LB_IP),
     ] {
-        let started = Instant::now();
-        let answer = ping(ns, address, Duration::from_secs(2));
-        assert_eq!(answer, Some((address, 3, 3)), "{who}");
-        assert!(started.elapsed() < Duration::from_secs(1), "{who}");
+        assert_refused_at_once(who, address, |wait| ping(ns, address, wait));
     }
     // The service still serves.
     assert!(curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).is_ok());
@@ -221,11 +242,7 @@ fn a_ping_of_a_service_address_is_refused_from_it() {
 /// service address at once (they used to leave the node for an address nobody owns).
 #[test]
 fn other_protocols_to_a_service_address_are_refused_end_to_end() {
-    let cluster = Cluster::new("proto", 2, 0, |t| {
-        let mut service = web(t, &["pod-a1"]);
-        service.load_balancer_ip = Some(LB_IP);
-        vec![service]
-    });
+    let cluster = exposed_web("proto");
     // A GRE header (no flags, protocol IPv4) and an SCTP common header (ports 5000 to
     // 80, a verification tag, a zero checksum), each with a few bytes after it.
     let gre = [&[0u8, 0, 0x08, 0][..], &[0x5a; 36]].concat();
@@ -244,10 +261,9 @@ fn other_protocols_to_a_service_address_are_refused_end_to_end() {
             sctp,
         ),
     ] {
-        let started = Instant::now();
-        let answer = icmp_answer(ns, address, protocol, message, Duration::from_secs(2));
-        assert_eq!(answer, Some((address, 3, 3)), "{who}");
-        assert!(started.elapsed() < Duration::from_secs(1), "{who}");
+        assert_refused_at_once(who, address, |wait| {
+            icmp_answer(ns, address, protocol, message, wait)
+        });
     }
     assert!(curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).is_ok());
 }
