@@ -158,6 +158,32 @@ impl CtEntry {
         }
     }
 
+    /// The one entry of a new `dsr-ipip` flow: its packets leave encapsulated from
+    /// `outer_src` to the backend's node address `outer_dst`, unchanged inside (the
+    /// backend answers the client directly, so no reply is ever seen here).
+    #[inline(always)]
+    pub const fn encapsulated(
+        (outer_src, outer_dst): (Addr, Addr),
+        (service_id, backend_id): (u32, u32),
+        (state, accounting): (u8, u32),
+        now: u64,
+    ) -> CtEntry {
+        CtEntry {
+            nat_src: outer_src,
+            nat_dst: outer_dst,
+            nat_sport: 0,
+            nat_dport: 0,
+            service_id,
+            backend_id,
+            state,
+            flags: CT_F_ENCAP,
+            _pad: [0; 2],
+            accounting,
+            _pad2: 0,
+            last_seen_ns: now,
+        }
+    }
+
     /// The backend's direction of the flow whose client direction `key` the
     /// `original` entry rewrites: the source put back to what the client sent to.
     /// Its key is `key.peer(original)`.

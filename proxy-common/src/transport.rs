@@ -4,7 +4,10 @@
 //! timeouts). A protocol is never "TCP because it is not UDP"; a new one (SCTP) is a
 //! variant here, and the compiler names every place that must learn it.
 
-use crate::{tcp, CT_TIMEOUT_UDP_S, PROTO_TCP, PROTO_UDP};
+use crate::{
+    tcp, ACCT_ACTIVE, ACCT_INACTIVE, CT_ESTABLISHED, CT_SYN_SENT, CT_TIMEOUT_UDP_S, PROTO_TCP,
+    PROTO_UDP,
+};
 
 /// Also the agent's `model::Protocol` (a Kubernetes port's protocol), so that the
 /// protocols and their numbers are listed once.
@@ -32,6 +35,20 @@ impl Transport {
             PROTO_UDP => Some(Transport::Udp),
             _ => None,
         }
+    }
+
+    /// A new flow's first conntrack (state, accounting) for protocol number `proto`:
+    /// TCP starts half-open and inactive, also when picked up mid-stream (only the
+    /// answers make it established, see `tcp`, so forged segments cannot create
+    /// long-lived entries); UDP is established and active from its first datagram.
+    /// Arithmetic on the number rather than a match: on the data path a branch here
+    /// doubled the paths the verifier walks through the rest of a new flow.
+    #[inline(always)]
+    pub const fn opening(proto: u8) -> (u8, u32) {
+        const _: () = assert!(CT_SYN_SENT == 0 && CT_ESTABLISHED == 1);
+        const _: () = assert!(ACCT_ACTIVE == 0 && ACCT_INACTIVE == 1);
+        let tcp = (proto == PROTO_TCP) as u8;
+        (1 - tcp, tcp as u32)
     }
 
     /// The smallest header: ports, and everything up to the checksum.

@@ -1,10 +1,19 @@
 //! Conntrack: look-ups, state changes (`Transport::next`), and the parts of recording
 //! a new flow that touch more than its own entry (masquerade ports, a race lost to
-//! another CPU). A new flow's two entries are built by `proxy_common::conntrack`
-//! (`CtEntry::original`, `CtEntry::reply_to`, `CtKey::peer`); `translate::open_flow`
-//! decides masquerading and inserts them. (Moving the construction here, as eBPF
-//! code returning entries, crashed bpf-linker with LLVM 22 in every shape tried; as
-//! `const fn`s of the shared types it builds.)
+//! another CPU). A new flow's entries and first state are built by `proxy_common`
+//! (`Transport::opening`, `CtEntry::original`, `CtEntry::reply_to`,
+//! `CtEntry::encapsulated`, `CtKey::peer`); `translate::open_flow` decides
+//! masquerading and inserts them.
+//!
+//! Why the two inserts are not a function here, tried again with LLVM 22 / bpf-linker
+//! 0.13 (an `open(key, &mut forward, masquerade) -> Opened` with a shared
+//! insert-if-absent): with the masquerade decided after the entries are built, as
+//! now, the programs' frames grew from 472 to 496–504 bytes, past the verifier's
+//! 512-byte limit for the call chain through the least-connection scan ("combined
+//! stack size of 3 calls is 528"); decided before, or with `open` not inlined,
+//! bpf-linker crashed (SIGSEGV in post-RA pseudo-instruction expansion). Moving the
+//! large entries to a per-CPU scratch map would free the stack; that belongs with the
+//! IPv6 data path, which needs the room anyway.
 //!
 //! Races, written down because several CPUs may be in here at once for one flow:
 //! - Look-ups copy the entry; the only in-place writes are `state`, `flags` and

@@ -8,11 +8,11 @@ use aya_ebpf::{
 use proxy_common::{
     decide::{self, Entry},
     tcp::{TCP_ACK, TCP_RST, TCP_SYN},
-    Addr, CtEntry, CtKey, Family, ServiceValue, ACCT_ACTIVE, ACCT_INACTIVE, CT_ESTABLISHED,
-    CT_F_ENCAP, CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT,
-    CT_SYN_SENT, EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT,
-    EV_MALFORMED, EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED,
-    EV_TUNNEL_REFUSED, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
+    Addr, CtEntry, CtKey, Family, ServiceValue, Transport, CT_F_ENCAP, CT_F_NODE_SOURCE,
+    CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, EV_CT_INSERT_FAILED,
+    EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED, EV_NO_BACKEND, EV_REFUSED,
+    EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, EV_TUNNEL_REFUSED, PROTO_TCP,
+    SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
 };
 
 use crate::{
@@ -329,15 +329,7 @@ fn open_flow<P: Packet>(
     if midflow {
         counters::event(EV_CT_MIDFLOW_MISS);
     }
-    // TCP starts half-open and inactive, also mid-stream: only the answers make it
-    // established (see proxy_common::tcp), so forged segments cannot create
-    // long-lived entries; UDP is established and active from its first datagram.
-    // Arithmetic rather than a branch: a branch here doubled the paths the verifier
-    // walks through the rest of a new flow.
-    const _: () = assert!(CT_SYN_SENT == 0 && CT_ESTABLISHED == 1);
-    const _: () = assert!(ACCT_ACTIVE == 0 && ACCT_INACTIVE == 1);
-    let tcp = u8::from(key.proto == PROTO_TCP);
-    let (state, accounting) = (1 - tcp, u32::from(tcp));
+    let opening = Transport::opening(key.proto);
     // A tunnelled packet goes to the backend the entry node chose, if it is here.
     let chosen_upstream = match origin {
         Origin::Tunnel(backend) if service.flags & SVC_F_TUNNEL != 0 => {
@@ -355,7 +347,7 @@ fn open_flow<P: Packet>(
     };
     affinity::remember(service, &key.src, &choice, now);
     if decide::returns_directly(service, &choice.backend, origin.entry()) {
-        return open_encapsulated(pkt, flow, service, &choice, (state, accounting), now);
+        return open_encapsulated(pkt, flow, service, &choice, opening, now);
     }
     let backend = &choice.backend;
 
@@ -363,7 +355,7 @@ fn open_flow<P: Packet>(
         key,
         (backend.addr, backend.port),
         (service.id, backend.id),
-        (state, accounting),
+        opening,
         now,
     );
     let mut reply_key = key.peer(&forward);
@@ -397,7 +389,7 @@ fn open_flow<P: Packet>(
 
     match CONNTRACK.insert(key, forward, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
-            accounting::opened(backend.id, accounting);
+            accounting::opened(backend.id, forward.accounting);
             follow(pkt, flow, &forward, true)
         }
         Err(EEXIST) => match conntrack::adopt_winner(key, &reply_key) {
@@ -434,30 +426,22 @@ fn open_encapsulated<P: Packet>(
     flow: &Flow,
     service: &ServiceValue,
     choice: &Choice,
-    (state, accounting): (u8, u32),
+    opening: (u8, u32),
     now: u64,
 ) -> Verdict {
     let Some(outer_src) = tunnel::source_for(&flow.key) else {
         counters::event(EV_SNAT_EXHAUSTED);
         return Verdict::DROP;
     };
-    let entry = CtEntry {
-        nat_src: outer_src,
-        nat_dst: choice.backend.addr,
-        nat_sport: 0,
-        nat_dport: 0,
-        service_id: service.id,
-        backend_id: choice.backend.id,
-        state,
-        flags: CT_F_ENCAP,
-        _pad: [0; 2],
-        accounting,
-        _pad2: 0,
-        last_seen_ns: now,
-    };
+    let entry = CtEntry::encapsulated(
+        (outer_src, choice.backend.addr),
+        (service.id, choice.backend.id),
+        opening,
+        now,
+    );
     match CONNTRACK.insert(flow.key, entry, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
-            accounting::opened(choice.backend.id, accounting);
+            accounting::opened(choice.backend.id, entry.accounting);
             follow(pkt, flow, &entry, true)
         }
         Err(EEXIST) => {

@@ -3,7 +3,8 @@
 //! the tuple the client sent to.
 
 use proxy_common::{
-    Addr, CtEntry, CtKey, Family, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, PROTO_TCP,
+    Addr, CtEntry, CtKey, Family, CT_F_ENCAP, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
+    PROTO_TCP,
 };
 
 fn client_to_service() -> CtKey {
@@ -46,4 +47,21 @@ fn the_reply_entry_undoes_the_original_one() {
         (3, 7, 0, 1)
     );
     assert_eq!(reply.last_seen_ns, 42);
+}
+
+#[test]
+fn an_encapsulated_flow_keeps_its_tuple_and_names_the_tunnel_ends() {
+    let node = Addr::from_v4_octets([192, 0, 2, 1]);
+    let backend_node = Addr::from_v4_octets([192, 0, 2, 2]);
+    let entry = CtEntry::encapsulated((node, backend_node), (7, 9), (0, 1), 123);
+    assert_eq!(
+        entry.flags, CT_F_ENCAP,
+        "no rewrite: the inner packet is the client's"
+    );
+    assert_eq!((entry.nat_src, entry.nat_dst), (node, backend_node));
+    assert_eq!((entry.service_id, entry.backend_id), (7, 9));
+    assert_eq!(
+        (entry.state, entry.accounting, entry.last_seen_ns),
+        (0, 1, 123)
+    );
 }

@@ -4,8 +4,8 @@
 use proxy_common::{
     ct_timeout_ns,
     tcp::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    Transport, CT_CLOSING, CT_ESTABLISHED, CT_F_REPLY, CT_SYN_RECV, CT_SYN_SENT, PROTO_TCP,
-    PROTO_UDP,
+    Transport, ACCT_ACTIVE, ACCT_INACTIVE, CT_CLOSING, CT_ESTABLISHED, CT_F_REPLY, CT_SYN_RECV,
+    CT_SYN_SENT, PROTO_TCP, PROTO_UDP,
 };
 
 const SECOND: u64 = 1_000_000_000;
@@ -19,6 +19,14 @@ fn udp_has_one_state_whatever_its_bytes_look_like() {
             (CT_ESTABLISHED, CT_F_REPLY)
         );
     }
+}
+
+#[test]
+fn a_new_tcp_flow_starts_half_open_and_a_new_udp_flow_established() {
+    // Only the answers make a TCP flow established, so forged segments cannot
+    // create long-lived, counted entries.
+    assert_eq!(Transport::opening(PROTO_TCP), (CT_SYN_SENT, ACCT_INACTIVE));
+    assert_eq!(Transport::opening(PROTO_UDP), (CT_ESTABLISHED, ACCT_ACTIVE));
 }
 
 #[test]
