@@ -1,7 +1,8 @@
 //! Health checks of services with `externalTrafficPolicy: Local`: one HTTP server per
 //! `healthCheckNodePort`, answering like kube-proxy's so that cloud load balancers
 //! send external traffic only to nodes with local endpoints: 200 and the count when
-//! the node has some, 503 when it has none, for any path.
+//! the node has some and the agent is healthy (`health`), else 503, for any path;
+//! `serviceProxyHealthy` says the agent's health, as in kube-proxy.
 
 use std::{
     collections::BTreeMap,
@@ -20,19 +21,28 @@ use tracing::info;
 
 use crate::{
     model::{HealthCheck, Problem},
-    server,
+    server::{self, Status},
 };
 
 type Shared = Arc<RwLock<BTreeMap<u16, HealthCheck>>>;
 
 /// The running servers and what each reports.
-#[derive(Default)]
 pub struct HealthCheckServers {
     checks: Shared,
     servers: BTreeMap<u16, JoinHandle<()>>,
+    /// The agent's, whose health every answer carries.
+    status: Arc<Status>,
 }
 
 impl HealthCheckServers {
+    pub fn new(status: Arc<Status>) -> HealthCheckServers {
+        HealthCheckServers {
+            checks: Shared::default(),
+            servers: BTreeMap::new(),
+            status,
+        }
+    }
+
     /// Serves exactly `checks`: opens new ports, closes dropped ones, and updates the
     /// answers of the others. A port that cannot be bound is reported.
     pub async fn update(&mut self, checks: BTreeMap<u16, HealthCheck>) -> Vec<Problem> {
@@ -59,9 +69,11 @@ impl HealthCheckServers {
             let address = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
             match tokio::net::TcpListener::bind(address).await {
                 Ok(listener) => {
-                    let router = Router::new()
-                        .fallback(answer)
-                        .with_state((self.checks.clone(), port));
+                    let router = Router::new().fallback(answer).with_state((
+                        self.checks.clone(),
+                        port,
+                        self.status.clone(),
+                    ));
                     // Within the same limits as the agent's own health port: load
                     // balancers probe it, and so may anyone else.
                     let server = tokio::spawn(server::serve(listener, router, &server::LIMITS));
@@ -86,7 +98,9 @@ impl Drop for HealthCheckServers {
     }
 }
 
-async fn answer(State((checks, port)): State<(Shared, u16)>) -> impl IntoResponse {
+async fn answer(
+    State((checks, port, status)): State<(Shared, u16, Arc<Status>)>,
+) -> impl IntoResponse {
     let check = checks.read().ok().and_then(|c| c.get(&port).cloned());
     let Some(check) = check else {
         return (
@@ -95,7 +109,10 @@ async fn answer(State((checks, port)): State<(Shared, u16)>) -> impl IntoRespons
             String::new(),
         );
     };
-    let status = if check.local_endpoints > 0 {
+    // An unhealthy proxy fails every check too, as kube-proxy's does: its maps may
+    // be stale, so load balancers should prefer other nodes.
+    let proxy_healthy = status.health.verdict().proxy_healthy;
+    let code = if check.local_endpoints > 0 && proxy_healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -103,10 +120,10 @@ async fn answer(State((checks, port)): State<(Shared, u16)>) -> impl IntoRespons
     let body = serde_json::json!({
         "service": {"namespace": check.namespace, "name": check.name},
         "localEndpoints": check.local_endpoints,
-        "serviceProxyHealthy": true,
+        "serviceProxyHealthy": proxy_healthy,
     });
     (
-        status,
+        code,
         AppendHeaders(vec![
             ("content-type", "application/json".to_owned()),
             ("x-content-type-options", "nosniff".to_owned()),

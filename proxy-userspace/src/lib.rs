@@ -11,6 +11,7 @@ pub mod agent;
 pub mod capabilities;
 pub mod conntrack;
 pub mod datapath;
+pub mod health;
 pub mod healthcheck;
 pub mod limits;
 pub mod listing;

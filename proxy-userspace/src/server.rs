@@ -2,9 +2,9 @@
 //! probes and dashboards work:
 //! - metrics address (default 127.0.0.1:10249): `/metrics`, `/proxyMode` (`ebpf`);
 //! - health address (default 0.0.0.0:10256, where load balancers probe nodes):
-//!   `/healthz` and `/livez` (the agent's loop ran recently and its pinned state is
-//!   intact), `/readyz` (services programmed and interfaces attached; when not, the
-//!   body says what is missing, one line per item). Nothing else is served on either.
+//!   `/healthz` and `/livez` with kube-proxy's meanings and answers (see `health`),
+//!   `/readyz` (services programmed and interfaces attached; when not, the body says
+//!   what is missing, one line per item). Nothing else is served on either.
 //!
 //! Anyone who can reach the health port (every load balancer, so usually anyone) may
 //! try to hold connections open. Each listener therefore limits what a peer can
@@ -18,11 +18,8 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -35,7 +32,10 @@ use hyper_util::{
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::metrics::{self, AgentMetrics};
+use crate::{
+    health::{Health, PENDING_TIMEOUT},
+    metrics::{self, AgentMetrics},
+};
 
 /// What the endpoints report, shared with the agent loop.
 pub struct Status {
@@ -48,19 +48,7 @@ pub struct Status {
     rendering: Mutex<()>,
     /// `None`: ready; else what is missing, one line per item.
     readiness: Mutex<Option<String>>,
-    /// Set while the agent's pinned state is broken (and not yet restored).
-    broken: AtomicBool,
-    /// Unix seconds of the agent loop's last turn.
-    last_turn: AtomicU64,
-}
-
-/// How stale the loop may be before `/healthz` fails.
-const HEALTHY_WITHIN_SECONDS: u64 = 30;
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    pub health: Health,
 }
 
 impl Status {
@@ -71,8 +59,7 @@ impl Status {
             metrics_max_series,
             rendering: Mutex::new(()),
             readiness: Mutex::new(Some("starting\n".into())),
-            broken: AtomicBool::new(false),
-            last_turn: AtomicU64::new(unix_now()),
+            health: Health::new(PENDING_TIMEOUT),
         })
     }
 
@@ -80,16 +67,6 @@ impl Status {
     pub fn set_readiness(&self, missing: &[String]) {
         let text = (!missing.is_empty()).then(|| missing.join("\n") + "\n");
         *self.readiness.lock().unwrap_or_else(|e| e.into_inner()) = text;
-    }
-
-    /// The pinned state is broken (`true`) or whole again: `/healthz` fails meanwhile.
-    pub fn set_broken(&self, broken: bool) {
-        self.broken.store(broken, Ordering::Relaxed);
-    }
-
-    /// Called on every turn of the agent loop.
-    pub fn alive(&self) {
-        self.last_turn.store(unix_now(), Ordering::Relaxed);
     }
 }
 
@@ -125,18 +102,44 @@ async fn render_metrics(State(status): State<Arc<Status>>) -> impl IntoResponse 
     }
 }
 
-async fn healthz(State(status): State<Arc<Status>>) -> impl IntoResponse {
-    let (last, now) = (status.last_turn.load(Ordering::Relaxed), unix_now());
-    let code = if now.saturating_sub(last) <= HEALTHY_WITHIN_SECONDS
-        && !status.broken.load(Ordering::Relaxed)
-    {
+/// kube-proxy's answer: JSON with `lastUpdated` and `currentTime` (here in Unix
+/// seconds; kube-proxy prints Go time strings), and `/healthz` adds `nodeEligible`.
+fn health_answer(healthy: bool, body: serde_json::Value) -> impl IntoResponse {
+    let code = if healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         code,
-        format!("{{\"lastUpdated\": {last}, \"currentTime\": {now}}}\n"),
+        [
+            ("content-type", "application/json"),
+            ("x-content-type-options", "nosniff"),
+        ],
+        format!("{body}\n"),
+    )
+}
+
+async fn healthz(State(status): State<Arc<Status>>) -> impl IntoResponse {
+    let verdict = status.health.verdict();
+    health_answer(
+        verdict.healthz(),
+        serde_json::json!({
+            "lastUpdated": verdict.last_updated,
+            "currentTime": verdict.current_time,
+            "nodeEligible": verdict.node_eligible,
+        }),
+    )
+}
+
+async fn livez(State(status): State<Arc<Status>>) -> impl IntoResponse {
+    let verdict = status.health.verdict();
+    health_answer(
+        verdict.proxy_healthy,
+        serde_json::json!({
+            "lastUpdated": verdict.last_updated,
+            "currentTime": verdict.current_time,
+        }),
     )
 }
 
@@ -259,7 +262,7 @@ pub async fn spawn(
         .with_state(status.clone());
     let health_router = Router::new()
         .route("/healthz", get(healthz))
-        .route("/livez", get(healthz))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .with_state(status);
     for (address, router) in [

@@ -28,6 +28,7 @@ use crate::{
         lock::PinDirLock,
         tables::Tables,
     },
+    health,
     healthcheck::HealthCheckServers,
     limits,
     metrics::AgentMetrics,
@@ -312,7 +313,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     let mut programmer = Programmer {
         tracker,
         syncer,
-        health_checks: HealthCheckServers::default(),
+        health_checks: HealthCheckServers::new(status.clone()),
         reporters,
         metrics: status.metrics.clone(),
         reconciled: false,
@@ -328,6 +329,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     let mut terminate = unix::signal(unix::SignalKind::terminate())?;
     let mut links_listed = false;
     let mut marked_ready = false;
+    let mut node_eligible = true;
     // Checked once a second (the alive tick), not on every turn of the loop.
     let mut pins_whole = true;
     loop {
@@ -361,14 +363,15 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
                 schedule.last_sync = Some(Instant::now());
                 let problems = std::mem::take(&mut schedule.pending_problems);
                 programmer.sync(problems, changed_at).await;
+                status.health.synced();
             }
             _ = alive_ticker.tick() => {
-                status.alive();
+                status.health.turned();
                 if !datapath.pins_intact() {
                     restore_pinned_state(&mut datapath, &mut attachments, &config, &mut pin_dir_lock);
                 }
                 pins_whole = datapath.pins_intact();
-                status.set_broken(!pins_whole);
+                status.health.set_pins_broken(!pins_whole);
             }
             _ = retry_ticker.tick() => attachments.retry(&mut datapath, &config),
             _ = gc_ticker.tick() => match programmer.syncer.collect_conntrack() {
@@ -402,6 +405,17 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             ));
         }
         status.set_readiness(&missing);
+        status.health.set_pending(schedule.pending_since);
+        let eligible = programmer.tracker.node_eligible();
+        if eligible != node_eligible {
+            node_eligible = eligible;
+            if eligible {
+                info!("the node may serve again: /healthz follows the proxy's health");
+            } else {
+                warn!("the node is being deleted or tainted {}: /healthz answers 503 so that load balancers drain it", health::TO_BE_DELETED_TAINT);
+            }
+            status.health.set_node_eligible(eligible);
+        }
         if missing.is_empty() && !marked_ready {
             marked_ready = true;
             mark_ready(&config)?;

@@ -22,6 +22,7 @@ use k8s_openapi::{
 };
 
 use crate::{
+    health,
     model::{
         DesiredState, Forwarding, Frontend, FrontendChange, FrontendKey, HealthCheck, Problem,
         Scheduler,
@@ -102,6 +103,10 @@ pub struct ChangeTracker {
     dirty_services: BTreeSet<ObjectKey>,
     dirty_slices: BTreeSet<ObjectKey>,
     health_checks: BTreeMap<ObjectKey, (u16, HealthCheck)>,
+    /// This node's Node was seen (so that a list without it says it is gone).
+    node_seen: bool,
+    /// See `health`: not being deleted, not tainted for deletion.
+    node_eligible: bool,
 }
 
 impl ChangeTracker {
@@ -117,6 +122,8 @@ impl ChangeTracker {
             dirty_services: BTreeSet::new(),
             dirty_slices: BTreeSet::new(),
             health_checks: BTreeMap::new(),
+            node_seen: false,
+            node_eligible: true,
         }
     }
 
@@ -139,16 +146,28 @@ impl ChangeTracker {
         self
     }
 
-    /// Follows this node's Node object (its zone, for topology); other nodes and a
-    /// missing Node leave the zone unknown. A changed zone re-translates every service.
+    /// Follows this node's Node object: its zone, for topology (a missing Node leaves
+    /// it unknown; a changed zone re-translates every service), and whether the node
+    /// may serve (`health`). `None`, or only other nodes: this node's Node is not
+    /// there, which says it is gone only once it was seen.
     pub fn set_node(&mut self, node: Option<&Node>) {
-        let zone = node
-            .filter(|n| self.is_own(n))
-            .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
+        let own = node.filter(|n| self.is_own(n));
+        match own {
+            Some(node) => self.node_eligible = health::node_eligible(node),
+            None if self.node_seen => self.node_eligible = false,
+            None => {}
+        }
+        self.node_seen |= own.is_some();
+        let zone = own.and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
         if zone != self.node.zone {
             self.node.zone = zone;
             self.dirty_services.extend(self.services.keys().cloned());
         }
+    }
+
+    /// Whether this node may serve, as its Node object says (see `health`).
+    pub fn node_eligible(&self) -> bool {
+        self.node_eligible
     }
 
     /// The health checks to serve, by port (the first service by namespace/name
@@ -252,7 +271,10 @@ impl ChangeTracker {
             ObjectChange::Node(Change::Applied(node)) if self.is_own(&node) => {
                 self.set_node(Some(&node))
             }
-            ObjectChange::Node(Change::Deleted(node)) if self.is_own(&node) => self.set_node(None),
+            ObjectChange::Node(Change::Deleted(node)) if self.is_own(&node) => {
+                self.node_seen = true;
+                self.set_node(None)
+            }
             ObjectChange::Node(Change::Applied(_) | Change::Deleted(_)) => {}
             ObjectChange::Node(Change::Relisted(all)) => self.set_node(all.first()),
         }
@@ -475,6 +497,7 @@ fn differences<'t, 'a, T>(
 mod tests {
     use super::*;
     use crate::source::manifests::parse;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn objects(services: usize) -> Objects {
         let mut yaml = String::new();
@@ -488,6 +511,31 @@ mod tests {
         let (objects, problems) = parse(&yaml, "test");
         assert!(problems.is_empty(), "{problems:?}");
         objects
+    }
+
+    #[test]
+    fn the_node_is_eligible_until_its_node_says_otherwise_or_goes() {
+        let mut tracker = ChangeTracker::new("n");
+        let mut all = objects(1);
+        tracker.replace_all(&all);
+        assert!(tracker.node_eligible(), "no Node object: eligible");
+        let mut node = Node::default();
+        node.metadata.name = Some("other".into());
+        node.metadata.deletion_timestamp = Some(Time(Default::default()));
+        all.nodes.push(node.clone());
+        tracker.replace_all(&all);
+        assert!(tracker.node_eligible(), "another node's deletion");
+        node.metadata.name = Some("n".into());
+        all.nodes = vec![node.clone()];
+        tracker.replace_all(&all);
+        assert!(!tracker.node_eligible(), "being deleted");
+        node.metadata.deletion_timestamp = None;
+        all.nodes = vec![node];
+        tracker.replace_all(&all);
+        assert!(tracker.node_eligible());
+        all.nodes.clear();
+        tracker.replace_all(&all);
+        assert!(!tracker.node_eligible(), "gone after it was seen");
     }
 
     #[test]

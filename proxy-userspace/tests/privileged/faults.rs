@@ -9,25 +9,6 @@ use testbed::{agent::AgentOptions, eventually, servers::HttpConnection, topology
 
 use crate::support::{cluster::*, services::*};
 
-/// The body of a health endpoint: `Ok` for 200, `Err` for any other answer or none.
-fn probe(cluster: &Cluster, path: &str) -> Result<String, String> {
-    let url = format!("http://127.0.0.1:10256{path}");
-    let out = cluster
-        .topology
-        .node
-        .exec(
-            "curl",
-            &["-sS", "--max-time", "5", "-w", "\n%{http_code}", &url],
-        )
-        .map_err(|e| e.to_string())?;
-    let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", &out));
-    if code == "200" {
-        Ok(body.to_owned())
-    } else {
-        Err(format!("{code}: {body}"))
-    }
-}
-
 fn readyz(cluster: &Cluster) -> Result<String, String> {
     probe(cluster, "/readyz")
 }

@@ -21,6 +21,7 @@ mod kubernetes;
 mod kubernetes_resilience;
 mod manifests_source;
 mod multinode;
+mod node_health;
 mod operator_tools;
 mod policies;
 mod refusals;
