@@ -94,12 +94,23 @@ pub struct Endpoint {
 /// in proxy-common, which the data path dispatches on.
 pub use proxy_common::Scheduler;
 
-/// A scheduler by its name (annotation, `--scheduler`).
+/// Other names schedulers go by: IPVS (and so kube-proxy's `ipvs.scheduler`) calls
+/// Maglev hashing `mh`.
+const SCHEDULER_ALIASES: [(&str, Scheduler); 1] = [("mh", Scheduler::Maglev)];
+
+/// A scheduler by its name or an alias (annotation, `--scheduler`).
 pub fn parse_scheduler(name: &str) -> Result<Scheduler, String> {
+    let name = name.trim();
     Scheduler::ALL
         .iter()
         .copied()
-        .find(|k| k.name() == name.trim())
+        .find(|k| k.name() == name)
+        .or_else(|| {
+            SCHEDULER_ALIASES
+                .iter()
+                .find(|(alias, _)| *alias == name)
+                .map(|(_, scheduler)| *scheduler)
+        })
         .ok_or_else(|| {
             let known: Vec<&str> = Scheduler::ALL.iter().map(|k| k.name()).collect();
             format!("unknown scheduler {name:?} (known: {})", known.join(", "))

@@ -103,13 +103,23 @@ async fn render_metrics(State(status): State<Arc<Status>>) -> impl IntoResponse 
 }
 
 /// kube-proxy's answer: JSON with `lastUpdated` and `currentTime` (here in Unix
-/// seconds; kube-proxy prints Go time strings), and `/healthz` adds `nodeEligible`.
-fn health_answer(healthy: bool, body: serde_json::Value) -> impl IntoResponse {
+/// seconds; kube-proxy prints Go time strings), and `/healthz` adds `nodeEligible`;
+/// counted in kube-proxy's `kubeproxy_proxy_{healthz,livez}_total` by code.
+fn health_answer(
+    status: &Status,
+    livez: bool,
+    healthy: bool,
+    body: serde_json::Value,
+) -> impl IntoResponse {
     let code = if healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    status
+        .metrics
+        .kube_proxy
+        .health_answered(livez, code.as_u16());
     (
         code,
         [
@@ -123,6 +133,8 @@ fn health_answer(healthy: bool, body: serde_json::Value) -> impl IntoResponse {
 async fn healthz(State(status): State<Arc<Status>>) -> impl IntoResponse {
     let verdict = status.health.verdict();
     health_answer(
+        &status,
+        false,
         verdict.healthz(),
         serde_json::json!({
             "lastUpdated": verdict.last_updated,
@@ -135,6 +147,8 @@ async fn healthz(State(status): State<Arc<Status>>) -> impl IntoResponse {
 async fn livez(State(status): State<Arc<Status>>) -> impl IntoResponse {
     let verdict = status.health.verdict();
     health_answer(
+        &status,
+        true,
         verdict.proxy_healthy,
         serde_json::json!({
             "lastUpdated": verdict.last_updated,

@@ -9,7 +9,9 @@
 //!    With `--service-proxy-name NAME` it is the other way round, as for any
 //!    alternative proxy beside kube-proxy: only services labelled `NAME` are handled.
 //! 2. Each service port yields one frontend per IPv4 ClusterIP, external IP and
-//!    LoadBalancer ingress IP, plus a NodePort frontend when `nodePort` is set. IPv6
+//!    LoadBalancer ingress IP (but not an ingress IP with `ipMode: Proxy`, which
+//!    the load balancer does not deliver to: in-cluster traffic to it goes out to the
+//!    load balancer), plus a NodePort frontend when `nodePort` is set. IPv6
 //!    addresses are left to a later version (ignored, not errors); a service without
 //!    an IPv4 ClusterIP gets no frontend at all (a warning), its NodePorts included.
 //! 3. Endpoints come from every EndpointSlice labelled `kubernetes.io/service-name`
@@ -38,10 +40,13 @@
 //!    (`healthcheck`). `Cluster` (the default) uses every endpoint.
 //! 9. `internalTrafficPolicy: Local`: the ClusterIP frontends use only this node's
 //!    endpoints (none: dropped).
-//! 10. Topology (`trafficDistribution: PreferClose`, or the older topology-aware
-//!     hints): for the cluster-wide set, when every ready endpoint carries zone hints
-//!     and at least one names this node's zone (the Node's `topology.kubernetes.io/zone`
-//!     label), only the endpoints hinted for this zone serve; otherwise all do. The
+//! 10. Topology, from the hints the EndpointSlice controller sets, as kube-proxy reads
+//!     them: for the cluster-wide set, when every ready endpoint carries node hints
+//!     (`trafficDistribution: PreferSameNode`) and at least one names this node, only
+//!     those serve; else when every ready endpoint carries zone hints
+//!     (`PreferClose`/`PreferSameZone`, or the older topology-aware hints) and at least
+//!     one names this node's zone (the Node's `topology.kubernetes.io/zone` label),
+//!     only the endpoints hinted for this zone serve; otherwise all do. The
 //!     terminating fallback ignores hints, as kube-proxy's does.
 //! 11. `sessionAffinity: ClientIP` binds each client to its backend in the kernel for
 //!     `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800, 1..=86400)
@@ -107,6 +112,18 @@ pub(crate) struct SliceEndpoint {
     terminating: bool,
     /// `hints.forZones`; `None` without hints.
     zones: Option<BTreeSet<String>>,
+    /// `hints.forNodes`, as far as this node is concerned.
+    node_hint: NodeHint,
+}
+
+/// An endpoint's `hints.forNodes` (set by the EndpointSlice controller for
+/// `trafficDistribution: PreferSameNode`), seen from this node: only whether it names
+/// this node matters, so that is all that is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NodeHint {
+    None,
+    ForThisNode,
+    ForOtherNodes,
 }
 
 /// What one Service asks for: its frontends (each may still lose to another
@@ -184,6 +201,11 @@ pub(crate) fn slice_endpoints(
             .as_ref()
             .and_then(|h| h.for_zones.as_ref())
             .map(|zones| zones.iter().map(|z| z.name.clone()).collect());
+        let node_hint = match endpoint.hints.as_ref().and_then(|h| h.for_nodes.as_ref()) {
+            Some(nodes) if nodes.iter().any(|n| n.name == node_name) => NodeHint::ForThisNode,
+            Some(nodes) if !nodes.is_empty() => NodeHint::ForOtherNodes,
+            _ => NodeHint::None,
+        };
         for address in &endpoint.addresses {
             let addr = address
                 .parse::<Ipv4Addr>()
@@ -203,6 +225,7 @@ pub(crate) fn slice_endpoints(
                     serving,
                     terminating,
                     zones: zones.clone(),
+                    node_hint,
                 });
             }
         }
@@ -290,6 +313,10 @@ fn service_addresses(service: &Service) -> Result<Vec<(IpAddr, Address)>, String
         .and_then(|lb| lb.ingress.as_ref())
         .into_iter()
         .flatten()
+        // `ipMode: Proxy`: the load balancer delivers to the node's address and port
+        // (or the pod's), not to this IP; the node must not short-circuit traffic to
+        // it either, so in-cluster clients reach the load balancer (KEP-1860).
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|i| i.ip.clone())
         .collect();
     for a in ipv4_addresses("LoadBalancer ingress IP", &ingress_ips)? {
@@ -329,21 +356,43 @@ fn ready_or_terminating<'a>(
         .collect()
 }
 
-/// Whether zone hints decide (rule 10): every ready endpoint has hints, and one of
-/// them is for this node's zone.
-fn hints_apply(endpoints: &[&SliceEndpoint], zone: Option<&str>) -> bool {
-    let Some(zone) = zone.filter(|z| !z.is_empty()) else {
-        return false;
-    };
-    let mut for_zone = false;
-    for endpoint in endpoints.iter().filter(|e| e.ready) {
-        match &endpoint.zones {
-            None => return false,
-            Some(zones) if zones.contains(zone) => for_zone = true,
-            Some(_) => {}
+/// Which hints decide the cluster-wide set (rule 10), as kube-proxy chooses: node
+/// hints when every ready endpoint has them and one names this node, else zone hints
+/// when every ready endpoint has them and one names this node's zone, else none.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Topology<'a> {
+    SameNode,
+    SameZone(&'a str),
+    Anywhere,
+}
+
+impl<'a> Topology<'a> {
+    fn of(endpoints: &[&SliceEndpoint], zone: Option<&'a str>) -> Topology<'a> {
+        let ready = || endpoints.iter().filter(|e| e.ready);
+        if ready().all(|e| e.node_hint != NodeHint::None)
+            && ready().any(|e| e.node_hint == NodeHint::ForThisNode)
+        {
+            return Topology::SameNode;
+        }
+        let Some(zone) = zone.filter(|z| !z.is_empty()) else {
+            return Topology::Anywhere;
+        };
+        let hinted_here = |e: &&&SliceEndpoint| e.zones.as_ref().is_some_and(|z| z.contains(zone));
+        if ready().all(|e| e.zones.is_some()) && ready().any(|e| hinted_here(&e)) {
+            Topology::SameZone(zone)
+        } else {
+            Topology::Anywhere
         }
     }
-    for_zone
+
+    /// Whether a ready endpoint serves this node under these hints.
+    fn admits(self, endpoint: &SliceEndpoint) -> bool {
+        match self {
+            Topology::SameNode => endpoint.node_hint == NodeHint::ForThisNode,
+            Topology::SameZone(zone) => endpoint.zones.as_ref().is_some_and(|z| z.contains(zone)),
+            Topology::Anywhere => true,
+        }
+    }
 }
 
 fn policy_sets(
@@ -358,14 +407,10 @@ fn policy_sets(
         .filter(|e| *e.port_name == *name && e.protocol == protocol)
         .collect();
     let mut cluster = Vec::new();
-    if hints_apply(&matching, zone) {
-        let in_zone = |e: &&&SliceEndpoint| {
-            e.ready
-                && e.zones
-                    .as_ref()
-                    .is_some_and(|z| zone.is_some_and(|zone| z.contains(zone)))
-        };
-        cluster = ready_or_terminating(matching.iter().filter(in_zone).copied());
+    let topology = Topology::of(&matching, zone);
+    if topology != Topology::Anywhere {
+        let hinted = |e: &&&SliceEndpoint| e.ready && topology.admits(e);
+        cluster = ready_or_terminating(matching.iter().filter(hinted).copied());
     }
     if cluster.is_empty() {
         cluster = ready_or_terminating(matching.iter().copied());

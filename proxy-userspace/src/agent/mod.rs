@@ -118,6 +118,7 @@ impl Programmer {
     async fn sync(&mut self, mut problems: Vec<Problem>, changed_at: Option<Instant>) {
         let started = Instant::now();
         let source_problems = problems.len();
+        let full = !self.reconciled;
         let flush = self.tracker.flush();
         problems.extend(flush.problems);
         let report = if self.reconciled {
@@ -148,6 +149,13 @@ impl Programmer {
         metrics
             .sync_duration_seconds
             .observe(started.elapsed().as_secs_f64());
+        metrics.kube_proxy.synced(
+            started.elapsed().as_secs_f64(),
+            full,
+            flush.applied,
+            &flush.triggers,
+            self.tracker.no_local_endpoints(),
+        );
         if let Some(changed_at) = changed_at {
             metrics
                 .programming_latency_seconds
@@ -250,6 +258,7 @@ impl SyncSchedule {
         }
         debug!(source, "update");
         self.pending_since.get_or_insert(received);
+        metrics.kube_proxy.queued(tracker.pending_changes());
     }
 }
 

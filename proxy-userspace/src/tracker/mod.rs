@@ -8,10 +8,14 @@
 //! API server normally prevents), the first by namespace/name holds it and the other
 //! is reported; if the holder goes away the next claimant takes over.
 
+mod changes;
 mod few;
 mod stored;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::SystemTime,
+};
 
 use k8s_openapi::{
     api::{
@@ -35,6 +39,8 @@ use crate::{
 };
 use few::Few;
 use stored::StoredService;
+
+pub use changes::{NoLocalEndpoints, ObjectChanges, TRIGGER_TIME_ANNOTATION};
 
 pub use crate::source::ObjectKey;
 
@@ -87,6 +93,10 @@ pub struct Flush {
     pub problems: Vec<Problem>,
     /// A health check port opened, closed or changed its answer.
     pub health_checks_changed: bool,
+    /// The object changes this flush programs.
+    pub applied: ObjectChanges,
+    /// The trigger times of the EndpointSlice versions it programs.
+    pub triggers: Vec<SystemTime>,
 }
 
 pub struct ChangeTracker {
@@ -107,6 +117,9 @@ pub struct ChangeTracker {
     node_seen: bool,
     /// See `health`: not being deleted, not tainted for deletion.
     node_eligible: bool,
+    /// Object changes since the last flush, and the slices' trigger times.
+    pending: ObjectChanges,
+    triggers: Vec<SystemTime>,
 }
 
 impl ChangeTracker {
@@ -124,6 +137,8 @@ impl ChangeTracker {
             health_checks: BTreeMap::new(),
             node_seen: false,
             node_eligible: true,
+            pending: ObjectChanges::default(),
+            triggers: Vec::new(),
         }
     }
 
@@ -165,6 +180,16 @@ impl ChangeTracker {
         }
     }
 
+    /// The object changes not flushed yet.
+    pub fn pending_changes(&self) -> ObjectChanges {
+        self.pending
+    }
+
+    /// Services whose Local traffic policy finds no endpoint on this node, now.
+    pub fn no_local_endpoints(&self) -> NoLocalEndpoints {
+        NoLocalEndpoints::count(self.outputs.values())
+    }
+
     /// Whether this node may serve, as its Node object says (see `health`).
     pub fn node_eligible(&self) -> bool {
         self.node_eligible
@@ -186,12 +211,14 @@ impl ChangeTracker {
         if self.services.get(&key) != Some(&stored) {
             self.services.insert(key.clone(), stored);
             self.dirty_services.insert(key);
+            self.pending.services += 1;
         }
     }
 
     pub fn remove_service(&mut self, key: &ObjectKey) {
         if self.services.remove(key).is_some() {
             self.dirty_services.insert(key.clone());
+            self.pending.services += 1;
         }
     }
 
@@ -221,7 +248,9 @@ impl ChangeTracker {
         if self.slices.get(&key) == Some(&record) {
             return;
         }
-        self.remove_slice(&key);
+        self.forget_slice(&key);
+        self.pending.slices += 1;
+        self.triggers.extend(changes::trigger_time(slice));
         if let Some(service) = &record.service {
             self.slices_of
                 .entry(service.clone())
@@ -234,8 +263,15 @@ impl ChangeTracker {
     }
 
     pub fn remove_slice(&mut self, key: &ObjectKey) {
+        if self.forget_slice(key) {
+            self.pending.slices += 1;
+        }
+    }
+
+    /// Drops a slice and what points at it; false when it was not tracked.
+    fn forget_slice(&mut self, key: &ObjectKey) -> bool {
         let Some(record) = self.slices.remove(key) else {
-            return;
+            return false;
         };
         if let Some(service) = record.service {
             if let Some(slices) = self.slices_of.get_mut(&service) {
@@ -246,6 +282,7 @@ impl ChangeTracker {
             }
             self.dirty_services.insert(service);
         }
+        true
     }
 
     fn is_own(&self, node: &Node) -> bool {
@@ -321,7 +358,11 @@ impl ChangeTracker {
 
     /// Re-translates what changed; returns the frontends whose programmed form differs.
     pub fn flush(&mut self) -> Flush {
-        let mut flush = Flush::default();
+        let mut flush = Flush {
+            applied: std::mem::take(&mut self.pending),
+            triggers: std::mem::take(&mut self.triggers),
+            ..Flush::default()
+        };
         for key in std::mem::take(&mut self.dirty_slices) {
             if let Some(record) = self.slices.get(&key) {
                 flush.problems.extend(self.slice_problems(&key, record));
@@ -536,6 +577,59 @@ mod tests {
         all.nodes.clear();
         tracker.replace_all(&all);
         assert!(!tracker.node_eligible(), "gone after it was seen");
+    }
+
+    #[test]
+    fn changes_are_counted_until_flushed_with_their_trigger_times() {
+        let mut tracker = ChangeTracker::new("n");
+        let mut all = objects(2);
+        tracker.replace_all(&all);
+        let four = ObjectChanges {
+            services: 2,
+            slices: 2,
+        };
+        assert_eq!(tracker.pending_changes(), four);
+        assert_eq!(tracker.flush().applied, four);
+        tracker.replace_all(&all);
+        assert_eq!(
+            tracker.pending_changes(),
+            ObjectChanges::default(),
+            "same objects"
+        );
+        all.slices[0].metadata.annotations = Some(
+            [(
+                TRIGGER_TIME_ANNOTATION.to_owned(),
+                "2026-12-02T10:00:00Z".to_owned(),
+            )]
+            .into(),
+        );
+        all.slices[0].endpoints[0].addresses[0] = "10.244.9.9".into();
+        tracker.set_slice(&all.slices[0]);
+        tracker.remove_slice(&ObjectKey::of(&Some("ns".into()), &Some("s1-1".into())));
+        let flush = tracker.flush();
+        assert_eq!(flush.applied.slices, 2);
+        let expected: SystemTime = "2026-12-02T10:00:00Z"
+            .parse::<k8s_openapi::chrono::DateTime<k8s_openapi::chrono::Utc>>()
+            .map(SystemTime::from)
+            .expect("time");
+        assert_eq!(flush.triggers, vec![expected]);
+    }
+
+    #[test]
+    fn a_local_policy_without_local_endpoints_is_counted_by_policy() {
+        let yaml = "---\napiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: ns}\nspec:\n  type: NodePort\n  externalTrafficPolicy: Local\n  clusterIP: 10.96.0.1\n  ports: [{name: http, port: 80, nodePort: 30080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: lb-1, namespace: ns, labels: {kubernetes.io/service-name: lb}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [\"10.244.1.2\"], nodeName: elsewhere}]\n";
+        let (objects, problems) = parse(yaml, "test");
+        assert!(problems.is_empty(), "{problems:?}");
+        let mut tracker = ChangeTracker::new("n");
+        tracker.replace_all(&objects);
+        tracker.flush();
+        assert_eq!(
+            tracker.no_local_endpoints(),
+            NoLocalEndpoints {
+                internal: 0,
+                external: 1
+            }
+        );
     }
 
     #[test]

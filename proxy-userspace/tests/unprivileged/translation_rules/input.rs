@@ -141,15 +141,18 @@ fn annotated(annotations: &str) -> String {
 
 #[test]
 fn rule6_the_scheduler_annotation_chooses_per_service_and_a_bad_one_keeps_the_default() {
-    let out = translate_all(
-        &objects(&annotated("ebpf-proxy.io/scheduler: maglev")),
-        NODE,
-    );
-    assert_eq!(
-        out.state.frontends[&cluster_ip(80)].scheduler,
-        ebpf_proxy::model::Scheduler::Maglev
-    );
-    assert!(out.problems.is_empty(), "{:?}", out.problems);
+    // `mh`: IPVS's name for Maglev, as kube-proxy's IPVS mode spells it.
+    for name in ["maglev", "mh"] {
+        let out = translate_all(
+            &objects(&annotated(&format!("ebpf-proxy.io/scheduler: {name}"))),
+            NODE,
+        );
+        assert_eq!(
+            out.state.frontends[&cluster_ip(80)].scheduler,
+            ebpf_proxy::model::Scheduler::Maglev
+        );
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+    }
 
     let out = translate_all(
         &objects(&annotated("ebpf-proxy.io/scheduler: fastest")),

@@ -47,6 +47,10 @@ fn cluster_ip(port: u16) -> FrontendKey {
     }
 }
 
+fn frontend_names(out: &Translation) -> Vec<String> {
+    out.state.frontends.keys().map(|k| k.to_string()).collect()
+}
+
 fn backends(yaml: &str) -> Vec<Ipv4Addr> {
     let out = translate_all(&objects(yaml), NODE);
     out.state.frontends[&cluster_ip(80)]
@@ -97,9 +101,8 @@ fn rule2_every_address_and_the_node_port_get_a_frontend() {
     )
     .replace("protocol: TCP}", "protocol: TCP, nodePort: 30080}");
     let out = translate_all(&objects(&yaml), NODE);
-    let keys: Vec<String> = out.state.frontends.keys().map(|k| k.to_string()).collect();
     assert_eq!(
-        keys,
+        frontend_names(&out),
         vec![
             "TCP 10.96.0.1:80",
             "TCP 198.18.50.1:80",
@@ -109,6 +112,21 @@ fn rule2_every_address_and_the_node_port_get_a_frontend() {
     );
     assert!(!out.state.frontends[&cluster_ip(80)].external);
     assert!(out.state.frontends.values().filter(|f| f.external).count() == 3);
+}
+
+#[test]
+fn rule2_a_load_balancer_ip_in_proxy_mode_gets_no_frontend() {
+    let yaml = service("a", "  type: LoadBalancer\n")
+        + "status: {loadBalancer: {ingress: [{ip: 198.18.100.1, ipMode: Proxy}, {ip: 198.18.100.2, ipMode: VIP}, {ip: 198.18.100.3}]}}\n";
+    let out = translate_all(&objects(&yaml), NODE);
+    assert_eq!(
+        frontend_names(&out),
+        vec![
+            "TCP 10.96.0.1:80",
+            "TCP 198.18.100.2:80",
+            "TCP 198.18.100.3:80"
+        ]
+    );
 }
 
 #[test]

@@ -115,6 +115,38 @@ fn rule10_zone_hints_select_this_zone_only_when_every_endpoint_has_them() {
     assert_eq!(backends(&elsewhere).len(), 1);
 }
 
+fn for_nodes(addr: &str, nodes: &str, zones: &str) -> String {
+    endpoint(
+        addr,
+        &format!(", hints: {{forNodes: [{nodes}], forZones: [{zones}]}}"),
+    )
+}
+
+#[test]
+fn rule10_node_hints_select_this_node_before_zone_hints() {
+    // PreferSameNode: the controller hints each endpoint for its own node (and, as a
+    // fallback for others, for its zone).
+    let hinted = service("a", "  trafficDistribution: PreferSameNode\n")
+        + &slice(
+            "a-1",
+            "a",
+            &(for_nodes("10.244.1.1", "{name: node-a}", "{name: zone-a}")
+                + &for_nodes("10.244.1.2", "{name: node-b}", "{name: zone-a}")
+                + &for_nodes("10.244.1.3", "{name: node-c}", "{name: zone-b}")),
+        )
+        + NODE_IN_ZONE_A;
+    assert_eq!(backends(&hinted), vec![Ipv4Addr::new(10, 244, 1, 1)]);
+    // No endpoint for this node: the zone hints decide.
+    let elsewhere = hinted.replace("{name: node-a}", "{name: node-d}");
+    assert_eq!(
+        backends(&elsewhere),
+        vec![Ipv4Addr::new(10, 244, 1, 1), Ipv4Addr::new(10, 244, 1, 2)]
+    );
+    // One endpoint without node hints: they do not apply.
+    let partly = hinted.replace("forNodes: [{name: node-b}], ", "");
+    assert_eq!(backends(&partly).len(), 2, "zone-a's two");
+}
+
 #[test]
 fn rule11_session_affinity_sets_the_timeout() {
     let timeout = |extra: &str| {
