@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use proxy_common::{
     ct_timeout_ns, ConnCounts, CtEntry, CtKey, ACCT_ACTIVE, ACCT_INACTIVE, CT_CLOSING,
-    CT_ESTABLISHED, CT_F_REPLY, CT_F_SNAT, CT_SYN_RECV, CT_SYN_SENT,
+    CT_ESTABLISHED, CT_F_ENCAP, CT_F_REPLY, CT_F_SNAT, CT_SYN_RECV, CT_SYN_SENT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -130,6 +130,29 @@ pub struct FlowView {
     pub service: String,
     pub state: &'static str,
     pub idle_seconds: u64,
+    /// `dsr-ipip`: encapsulated to the backend's node, which answers the client.
+    pub encapsulated: bool,
+}
+
+/// One flow as `conntrack list` prints it; `wide` adds how it is forwarded.
+pub fn render(f: &FlowView, wide: bool) -> String {
+    let masquerade = f
+        .masquerade
+        .map(|m| format!(" via {m}"))
+        .unwrap_or_default();
+    let mut line = format!(
+        "{} {} -> {} -> {}{masquerade} {} idle {}s {}",
+        f.protocol, f.client, f.frontend, f.backend, f.state, f.idle_seconds, f.service
+    );
+    if wide {
+        let forwarding = match (f.encapsulated, f.masquerade.is_some()) {
+            (true, _) => "dsr-ipip",
+            (false, true) => "dnat+snat",
+            (false, false) => "dnat",
+        };
+        line.push_str(&format!(" ({forwarding})"));
+    }
+    line
 }
 
 fn state_name(state: u8) -> &'static str {
@@ -173,6 +196,7 @@ pub fn flows(tables: &Tables) -> impl Iterator<Item = Result<FlowView>> + '_ {
             service,
             state: state_name(entry.state),
             idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
+            encapsulated: entry.flags & CT_F_ENCAP != 0,
         }))
     })
 }

@@ -18,6 +18,7 @@ pub mod listing;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod output;
 pub mod scheduling;
 pub mod server;
 pub mod source;

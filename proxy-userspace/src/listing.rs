@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 use anyhow::{Context as _, Result};
 use aya::maps::lpm_trie::Key as LpmKey;
 use proxy_common::{
-    BackendSlotKey, ServiceValue, SourceRangeKey, TrafficStats, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
+    BackendSlotKey, ServiceValue, SourceRangeKey, TrafficStats, SVC_F_DSR, SVC_F_EXTERNAL,
+    SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES,
 };
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +25,10 @@ pub struct ServiceRow {
     pub service: String,
     pub scheduler: String,
     pub external: bool,
+    /// A traffic policy `Local` narrowed it to this node's endpoints.
+    pub local_only: bool,
+    /// `dsr-ipip`: new external flows to remote endpoints are encapsulated to them.
+    pub dsr: bool,
     /// `sessionAffinity: ClientIP` timeout (IPVS's "persistent"); 0 = none.
     pub affinity_timeout_s: u32,
     /// `loadBalancerSourceRanges`: `None` admits everybody.
@@ -72,6 +77,8 @@ pub fn read_tables(tables: &Tables) -> Result<Listing> {
             scheduler: Scheduler::from_number(value.scheduler)
                 .map_or_else(|| format!("#{}", value.scheduler), |s| s.name().to_owned()),
             external: value.flags & SVC_F_EXTERNAL != 0,
+            local_only: value.flags & SVC_F_LOCAL_ONLY != 0,
+            dsr: value.flags & SVC_F_DSR != 0,
             affinity_timeout_s: value.affinity_timeout_s,
             source_ranges: (value.flags & SVC_F_SOURCE_RANGES != 0).then(|| {
                 source_ranges
@@ -123,7 +130,10 @@ fn stats_columns(s: &TrafficStats) -> String {
     )
 }
 
-pub fn render(listing: &Listing) -> String {
+/// The ipvsadm-like table; `wide` adds each frontend's kind and policies (external or
+/// in-cluster, traffic policy `Local`, `dsr-ipip`) and every data path event, zero
+/// ones too.
+pub fn render(listing: &Listing, wide: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -146,6 +156,23 @@ pub fn render(listing: &Listing) -> String {
         }
         if let Some(ranges) = &service.source_ranges {
             let _ = write!(head, " from [{}]", ranges.join(","));
+        }
+        if wide {
+            let kind = if service.external {
+                "external"
+            } else {
+                "cluster"
+            };
+            let _ = write!(head, " [{kind}");
+            for (set, flag) in [
+                (service.local_only, "local-only"),
+                (service.dsr, "dsr-ipip"),
+            ] {
+                if set {
+                    let _ = write!(head, " {flag}");
+                }
+            }
+            head.push(']');
         }
         let _ = writeln!(
             out,
@@ -177,7 +204,7 @@ pub fn render(listing: &Listing) -> String {
     let events: Vec<String> = listing
         .events
         .iter()
-        .filter(|(_, n)| *n > 0)
+        .filter(|(_, n)| wide || *n > 0)
         .map(|(name, n)| format!("{name}={n}"))
         .collect();
     if !events.is_empty() {

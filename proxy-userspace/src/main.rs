@@ -2,7 +2,7 @@
 //! `cleanup` what it left attached.
 
 use std::{
-    io::{IsTerminal as _, Write as _},
+    io::IsTerminal as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     time::Duration,
@@ -17,6 +17,7 @@ use ebpf_proxy::{
     listing,
     model::{parse_scheduler, Family, Forwarding, Protocol, Scheduler, SourceRange},
     node::{self, NodeConfig},
+    output::{self, Format, OutputArgs},
     source::{kubernetes::KubernetesSource, manifests::ManifestsSource, Source},
     trace,
 };
@@ -44,9 +45,8 @@ enum Command {
     List {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Explain what the data path does with a packet (reads the maps, changes nothing).
     Trace {
@@ -115,8 +115,8 @@ enum ConntrackAction {
         /// Only flows of services whose name starts with this (`namespace/name`).
         #[arg(long)]
         service: Option<String>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Remove flows: all, those of a service, or those to a backend.
     Flush {
@@ -339,12 +339,15 @@ async fn main() -> Result<()> {
             };
             agent::run(config, sources).await
         }
-        Command::List { pin_dir, json } => {
+        Command::List { pin_dir, output } => {
             let listing = listing::read(&pin_dir)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&listing)?);
-            } else {
-                print!("{}", listing::render(&listing));
+            let format = output.format();
+            print!(
+                "{}",
+                output::document(&listing, format, |wide| listing::render(&listing, wide))?
+            );
+            if listing.services.is_empty() && matches!(format, Format::Text | Format::Wide) {
+                eprintln!("no services programmed");
             }
             Ok(())
         }
@@ -413,7 +416,7 @@ fn conntrack_command(action: ConntrackAction) -> Result<()> {
         ConntrackAction::List {
             pin_dir,
             service,
-            json,
+            output,
         } => {
             let tables = Tables::open(&pin_dir)?;
             let wanted = |f: &conntrack::FlowView| {
@@ -421,45 +424,15 @@ fn conntrack_command(action: ConntrackAction) -> Result<()> {
                     .as_ref()
                     .is_none_or(|s| f.service.starts_with(s.as_str()))
             };
-            // Written as read (a JSON array too), so that a large table shows at once
-            // and is never held whole.
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            if json {
-                write!(out, "[")?;
-            }
-            let mut first = true;
+            let out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut table = output::Stream::start(out, output.format());
             for flow in conntrack::flows(&tables) {
-                let f = flow?;
-                if !wanted(&f) {
-                    continue;
+                let flow = flow?;
+                if wanted(&flow) {
+                    table.record(&flow, |wide| conntrack::render(&flow, wide))?;
                 }
-                if json {
-                    let separator = if first { "\n" } else { ",\n" };
-                    write!(out, "{separator}{}", serde_json::to_string(&f)?)?;
-                } else {
-                    let masquerade = f
-                        .masquerade
-                        .map(|m| format!(" via {m}"))
-                        .unwrap_or_default();
-                    writeln!(
-                        out,
-                        "{} {} -> {} -> {}{masquerade} {} idle {}s {}",
-                        f.protocol,
-                        f.client,
-                        f.frontend,
-                        f.backend,
-                        f.state,
-                        f.idle_seconds,
-                        f.service
-                    )?;
-                }
-                first = false;
             }
-            if json {
-                writeln!(out, "\n]")?;
-            }
-            out.flush()?;
-            Ok(())
+            table.finish("no tracked flows")
         }
         ConntrackAction::Flush {
             pin_dir,

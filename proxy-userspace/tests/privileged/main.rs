@@ -23,6 +23,7 @@ mod kubernetes_resilience;
 mod manifests_source;
 mod multinode;
 mod node_health;
+mod operator_output;
 mod operator_tools;
 mod policies;
 mod refusals;

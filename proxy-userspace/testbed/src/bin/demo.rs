@@ -74,7 +74,7 @@ fn main() -> Result<()> {
     );
 
     println!("\n== ebpf-proxy list");
-    print!("{}", listing::render(&agent.listing()?));
+    print!("{}", listing::render(&agent.listing()?, false));
     drop(agent);
     drop(topology);
     println!("\n== torn down: namespaces deleted, programs detached, pins removed");
