@@ -8,6 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    fmt::Write as _,
     net::SocketAddr,
 };
 
@@ -150,7 +151,7 @@ pub fn render(f: &FlowView, wide: bool) -> String {
             (false, true) => "dnat+snat",
             (false, false) => "dnat",
         };
-        line.push_str(&format!(" ({forwarding})"));
+        let _ = write!(line, " ({forwarding})");
     }
     line
 }

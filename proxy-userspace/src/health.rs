@@ -121,8 +121,14 @@ impl Health {
         self.update(|o| o.pins_broken = broken);
     }
 
-    pub fn set_node_eligible(&self, eligible: bool) {
-        self.update(|o| o.node_eligible = eligible);
+    /// Whether this changed what the node was.
+    pub fn set_node_eligible(&self, eligible: bool) -> bool {
+        let mut changed = false;
+        self.update(|o| {
+            changed = o.node_eligible != eligible;
+            o.node_eligible = eligible;
+        });
+        changed
     }
 
     pub fn verdict(&self) -> Verdict {

@@ -338,7 +338,6 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     let mut terminate = unix::signal(unix::SignalKind::terminate())?;
     let mut links_listed = false;
     let mut marked_ready = false;
-    let mut node_eligible = true;
     // Checked once a second (the alive tick), not on every turn of the loop.
     let mut pins_whole = true;
     loop {
@@ -416,14 +415,12 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         status.set_readiness(&missing);
         status.health.set_pending(schedule.pending_since);
         let eligible = programmer.tracker.node_eligible();
-        if eligible != node_eligible {
-            node_eligible = eligible;
+        if status.health.set_node_eligible(eligible) {
             if eligible {
                 info!("the node may serve again: /healthz follows the proxy's health");
             } else {
                 warn!("the node is being deleted or tainted {}: /healthz answers 503 so that load balancers drain it", health::TO_BE_DELETED_TAINT);
             }
-            status.health.set_node_eligible(eligible);
         }
         if missing.is_empty() && !marked_ready {
             marked_ready = true;

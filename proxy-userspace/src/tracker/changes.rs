@@ -25,20 +25,32 @@ pub struct NoLocalEndpoints {
 }
 
 impl NoLocalEndpoints {
-    pub(super) fn count<'a>(outputs: impl Iterator<Item = &'a ServiceOutput>) -> NoLocalEndpoints {
-        let mut count = NoLocalEndpoints::default();
-        for output in outputs {
-            let without = |external: bool| {
-                output.claims.iter().any(|(_, frontend)| {
-                    frontend.external == external
-                        && frontend.local_only
-                        && frontend.endpoints.is_empty()
-                })
-            };
-            count.internal += usize::from(without(false));
-            count.external += usize::from(without(true));
+    /// One service's part: whether its internal and its external frontends find no
+    /// endpoint here under a Local policy.
+    pub(super) fn of(output: &ServiceOutput) -> NoLocalEndpoints {
+        let without = |external: bool| {
+            usize::from(output.claims.iter().any(|(_, frontend)| {
+                frontend.external == external
+                    && frontend.local_only
+                    && frontend.endpoints.is_empty()
+            }))
+        };
+        NoLocalEndpoints {
+            internal: without(false),
+            external: without(true),
         }
-        count
+    }
+
+    /// Kept up to date as services are re-translated, so that a sync never walks
+    /// every service for it.
+    pub(super) fn add(&mut self, part: NoLocalEndpoints) {
+        self.internal += part.internal;
+        self.external += part.external;
+    }
+
+    pub(super) fn remove(&mut self, part: NoLocalEndpoints) {
+        self.internal -= part.internal;
+        self.external -= part.external;
     }
 }
 

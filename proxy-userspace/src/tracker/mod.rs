@@ -120,6 +120,8 @@ pub struct ChangeTracker {
     /// Object changes since the last flush, and the slices' trigger times.
     pending: ObjectChanges,
     triggers: Vec<SystemTime>,
+    /// Over every service in `outputs`.
+    no_local: NoLocalEndpoints,
 }
 
 impl ChangeTracker {
@@ -139,6 +141,7 @@ impl ChangeTracker {
             node_eligible: true,
             pending: ObjectChanges::default(),
             triggers: Vec::new(),
+            no_local: NoLocalEndpoints::default(),
         }
     }
 
@@ -187,7 +190,7 @@ impl ChangeTracker {
 
     /// Services whose Local traffic policy finds no endpoint on this node, now.
     pub fn no_local_endpoints(&self) -> NoLocalEndpoints {
-        NoLocalEndpoints::count(self.outputs.values())
+        self.no_local
     }
 
     /// Whether this node may serve, as its Node object says (see `health`).
@@ -414,6 +417,7 @@ impl ChangeTracker {
                 };
             }
             if let Some(old) = self.outputs.remove(&key) {
+                self.no_local.remove(NoLocalEndpoints::of(&old));
                 for (frontend, _) in old.claims {
                     if let Some(claimants) = self.claims.get_mut(&frontend) {
                         claimants.remove(&key);
@@ -430,6 +434,7 @@ impl ChangeTracker {
                         .or_default()
                         .insert(key.clone());
                 }
+                self.no_local.add(NoLocalEndpoints::of(&output));
                 self.outputs.insert(key.clone(), output);
                 recomputed.push(key);
             }
@@ -630,6 +635,10 @@ mod tests {
                 external: 1
             }
         );
+        // Kept as services change, not recounted: gone with its service.
+        tracker.replace_all(&Objects::default());
+        tracker.flush();
+        assert_eq!(tracker.no_local_endpoints(), NoLocalEndpoints::default());
     }
 
     #[test]
