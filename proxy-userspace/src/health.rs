@@ -65,6 +65,10 @@ pub struct Verdict {
     /// else the last sync's (0: none yet).
     pub last_updated: u64,
     pub current_time: u64,
+    /// Unix seconds of the last sync's end.
+    pub last_synced: Option<u64>,
+    /// How long the oldest change not yet programmed has waited.
+    pub pending_for: Option<Duration>,
 }
 
 impl Verdict {
@@ -151,6 +155,10 @@ impl Health {
                 observed.last_synced.map_or(0, unix_seconds)
             },
             current_time: unix_seconds(wall),
+            last_synced: observed.last_synced.map(unix_seconds),
+            pending_for: observed
+                .oldest_pending
+                .map(|since| now.saturating_duration_since(since)),
         }
     }
 }

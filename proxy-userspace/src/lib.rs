@@ -5,7 +5,7 @@
 //! Kubernetes objects, the `tracker` re-translates (`translate`) only the services
 //! that changed into frontends of the desired `model`, `sync` writes those differences
 //! to the kernel `datapath` maps (through `datapath::codec`), and `listing`, `trace`,
-//! `conntrack` and `metrics` read the maps back for operators.
+//! `conntrack`, `status` and `metrics` read the maps back for operators.
 
 pub mod agent;
 pub mod capabilities;
@@ -22,6 +22,7 @@ pub mod output;
 pub mod scheduling;
 pub mod server;
 pub mod source;
+pub mod status;
 pub mod sync;
 pub mod trace;
 pub mod tracker;

@@ -19,7 +19,7 @@ use ebpf_proxy::{
     node::{self, NodeConfig},
     output::{self, Format, OutputArgs},
     source::{kubernetes::KubernetesSource, manifests::ManifestsSource, Source},
-    trace,
+    status, trace,
 };
 use proxy_common::{map_name, Addr};
 
@@ -45,6 +45,17 @@ enum Command {
     List {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// One screen: the agent, its source and syncs, what is attached where, map fill,
+    /// conntrack, kube-proxy coverage, problems. Exits 1 when it lists a problem.
+    Status {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// The agent's `--metrics-bind-address` (where it serves `/statusz`).
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        agent: SocketAddr,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -348,6 +359,23 @@ async fn main() -> Result<()> {
             );
             if listing.services.is_empty() && matches!(format, Format::Text | Format::Wide) {
                 eprintln!("no services programmed");
+            }
+            Ok(())
+        }
+        Command::Status {
+            pin_dir,
+            agent,
+            output,
+        } => {
+            let report = status::gather(&pin_dir, agent).await;
+            print!(
+                "{}",
+                output::document(&report, output.format(), |wide| status::render(
+                    &report, wide
+                ))?
+            );
+            if !report.problems.is_empty() {
+                std::process::exit(1);
             }
             Ok(())
         }

@@ -148,17 +148,26 @@ pub enum Forwarding {
     DsrIpip,
 }
 
+impl Forwarding {
+    const ALL: [Forwarding; 2] = [Forwarding::Snat, Forwarding::DsrIpip];
+
+    /// As the flag and the annotation spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Forwarding::Snat => "snat",
+            Forwarding::DsrIpip => "dsr-ipip",
+        }
+    }
+}
+
 impl std::str::FromStr for Forwarding {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Forwarding, String> {
-        match s.trim() {
-            "snat" => Ok(Forwarding::Snat),
-            "dsr-ipip" => Ok(Forwarding::DsrIpip),
-            other => Err(format!(
-                "unknown forwarding mode {other:?} (snat, dsr-ipip)"
-            )),
-        }
+        Forwarding::ALL
+            .into_iter()
+            .find(|f| f.name() == s.trim())
+            .ok_or_else(|| format!("unknown forwarding mode {:?} (snat, dsr-ipip)", s.trim()))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The agent's HTTP endpoints, on kube-proxy's ports and paths so that existing
 //! probes and dashboards work:
-//! - metrics address (default 127.0.0.1:10249): `/metrics`, `/proxyMode` (`ebpf`);
+//! - metrics address (default 127.0.0.1:10249): `/metrics`, `/proxyMode` (`ebpf`),
+//!   `/statusz` (the agent's half of `ebpf-proxy status`, JSON);
 //! - health address (default 0.0.0.0:10256, where load balancers probe nodes):
 //!   `/healthz` and `/livez` with kube-proxy's meanings and answers (see `health`),
 //!   `/readyz` (services programmed and interfaces attached; when not, the body says
@@ -35,6 +36,7 @@ use tracing::{debug, warn};
 use crate::{
     health::{Health, PENDING_TIMEOUT},
     metrics::{self, AgentMetrics},
+    status::AgentReport,
 };
 
 /// What the endpoints report, shared with the agent loop.
@@ -49,6 +51,9 @@ pub struct Status {
     /// `None`: ready; else what is missing, one line per item.
     readiness: Mutex<Option<String>>,
     pub health: Health,
+    /// The agent's half of `ebpf-proxy status`; health and readiness are filled in
+    /// when asked.
+    report: Mutex<AgentReport>,
 }
 
 impl Status {
@@ -60,7 +65,13 @@ impl Status {
             rendering: Mutex::new(()),
             readiness: Mutex::new(Some("starting\n".into())),
             health: Health::new(PENDING_TIMEOUT),
+            report: Mutex::new(AgentReport::default()),
         })
+    }
+
+    /// Changes what `/statusz` reports.
+    pub fn update_report(&self, change: impl FnOnce(&mut AgentReport)) {
+        change(&mut self.report.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Ready when nothing is missing.
@@ -72,6 +83,27 @@ impl Status {
 
 async fn proxy_mode() -> &'static str {
     "ebpf"
+}
+
+async fn statusz(State(status): State<Arc<Status>>) -> impl IntoResponse {
+    let mut report = status
+        .report
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let verdict = status.health.verdict();
+    report.proxy_healthy = verdict.proxy_healthy;
+    report.node_eligible = verdict.node_eligible;
+    report.last_sync = verdict.last_synced;
+    report.pending_seconds = verdict.pending_for.map(|d| d.as_secs());
+    report.syncs = status.metrics.syncs.get();
+    report.not_ready = status
+        .readiness
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_deref()
+        .map_or_else(Vec::new, |text| text.lines().map(str::to_owned).collect());
+    axum::Json(report)
 }
 
 async fn render_metrics(State(status): State<Arc<Status>>) -> impl IntoResponse {
@@ -273,6 +305,7 @@ pub async fn spawn(
     let metrics_router = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/proxyMode", get(proxy_mode))
+        .route("/statusz", get(statusz))
         .with_state(status.clone());
     let health_router = Router::new()
         .route("/healthz", get(healthz))

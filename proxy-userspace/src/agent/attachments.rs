@@ -20,6 +20,7 @@ use crate::{
         loader::Datapath,
     },
     node,
+    status::{InterfaceState, Role},
 };
 
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(2);
@@ -88,6 +89,29 @@ impl Attachments {
         for (index, name) in attached {
             self.present(dp, config, index, &name);
         }
+    }
+
+    /// Every interface of ours, attached or not, for `status`.
+    pub fn states(&self, config: &AgentConfig) -> Vec<InterfaceState> {
+        let role = |name: &str| match config.node.uplinks.iter().any(|u| u == name) {
+            true => Role::Uplink,
+            false => Role::Pod,
+        };
+        let attached = self.attached.values().map(|name| InterfaceState {
+            name: name.clone(),
+            role: role(name),
+            error: None,
+        });
+        let failed = self.failed.values().map(|(name, error)| InterfaceState {
+            name: name.clone(),
+            role: role(name),
+            error: Some(error.clone()),
+        });
+        let mut states: Vec<InterfaceState> = attached.chain(failed).collect();
+        states.sort_by(|a, b| {
+            (a.role != Role::Uplink, &a.name).cmp(&(b.role != Role::Uplink, &b.name))
+        });
+        states
     }
 
     /// What is missing, one line per item; empty when everything of ours is attached.

@@ -36,6 +36,7 @@ use crate::{
     node::NodeConfig,
     server::{self, Status},
     source::{ProblemReporter, Source, SourceEvent, SourceUpdate, Updates},
+    status::{self, AgentReport, Settings, SourceState},
     sync::{NodeSettings, Syncer},
     tracker::ChangeTracker,
 };
@@ -115,7 +116,8 @@ struct Programmer {
 impl Programmer {
     /// One sync. `changed_at` is when the oldest change it applies arrived: the
     /// programming latency is measured from there.
-    async fn sync(&mut self, mut problems: Vec<Problem>, changed_at: Option<Instant>) {
+    /// Returns the problems that stand after it (for `status`).
+    async fn sync(&mut self, mut problems: Vec<Problem>, changed_at: Option<Instant>) -> Standing {
         let started = Instant::now();
         let source_problems = problems.len();
         let full = !self.reconciled;
@@ -164,11 +166,23 @@ impl Programmer {
         // What stands now, not what this sync happened to touch: every tracked
         // object's problems, every frontend still refused, and what the sources and
         // health checks reported this time.
-        let standing = self.tracker.all_problems().len()
-            + report.unprogrammed
-            + source_problems
-            + health_problems;
-        metrics.sync_problems.set(standing as i64);
+        let mut standing = Standing::default();
+        let tracked = self.tracker.all_problems();
+        let this_sync = problems[..source_problems]
+            .iter()
+            .chain(problems[problems.len() - health_problems..].iter());
+        for problem in tracked.iter().chain(this_sync) {
+            standing.note(problem.to_string());
+        }
+        if report.unprogrammed > 0 {
+            standing.note(format!(
+                "{} frontends not programmed: the maps are full (--max-services, --max-backends)",
+                report.unprogrammed
+            ));
+        }
+        metrics
+            .sync_problems
+            .set((tracked.len() + report.unprogrammed + source_problems + health_problems) as i64);
         metrics
             .udp_flows_flushed
             .inc_by(report.flushed_udp_flows as u64);
@@ -186,6 +200,23 @@ impl Programmer {
             elapsed_us = started.elapsed().as_micros() as u64,
             "synced"
         );
+        standing
+    }
+}
+
+/// The problems that stand after a sync: the first few for `status`, and how many.
+#[derive(Default)]
+struct Standing {
+    shown: Vec<String>,
+    total: usize,
+}
+
+impl Standing {
+    fn note(&mut self, problem: String) {
+        if self.shown.len() < status::PROBLEMS_SHOWN {
+            self.shown.push(problem);
+        }
+        self.total += 1;
     }
 }
 
@@ -284,12 +315,19 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         pending_problems: Vec::new(),
         last_sync: None,
     };
+    status.update_report(|r| *r = initial_report(&config));
     let (updates_tx, mut updates) = mpsc::channel(1024);
     let mut reporters = Vec::new();
     let mut running_sources = Vec::new();
     for source in sources {
         reporters.extend(source.problem_reporter());
         schedule.unlisted.insert(source.name());
+        status.update_report(|r| {
+            r.sources.push(SourceState {
+                name: source.name().into(),
+                listed: false,
+            })
+        });
         let feed = Updates::new(source.name(), updates_tx.clone());
         running_sources.push(source.start(feed));
     }
@@ -346,8 +384,12 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             event = link_rx.recv() => match event {
                 Some(LinkEvent::Present { index, name }) => {
                     attachments.present(&mut datapath, &config, index, &name);
+                    status.update_report(|r| r.interfaces = attachments.states(&config));
                 }
-                Some(LinkEvent::Removed { index }) => attachments.removed(&config, index),
+                Some(LinkEvent::Removed { index }) => {
+                    attachments.removed(&config, index);
+                    status.update_report(|r| r.interfaces = attachments.states(&config));
+                }
                 Some(LinkEvent::ListDone) => {
                     let missing = attachments.missing(&config);
                     if !missing.is_empty() {
@@ -370,8 +412,12 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
                 let changed_at = schedule.pending_since.take();
                 schedule.last_sync = Some(Instant::now());
                 let problems = std::mem::take(&mut schedule.pending_problems);
-                programmer.sync(problems, changed_at).await;
+                let standing = programmer.sync(problems, changed_at).await;
                 status.health.synced();
+                status.update_report(|r| {
+                    r.problems = standing.shown;
+                    r.problems_total = standing.total;
+                });
             }
             _ = alive_ticker.tick() => {
                 status.health.turned();
@@ -381,7 +427,10 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
                 pins_whole = datapath.pins_intact();
                 status.health.set_pins_broken(!pins_whole);
             }
-            _ = retry_ticker.tick() => attachments.retry(&mut datapath, &config),
+            _ = retry_ticker.tick() => {
+                attachments.retry(&mut datapath, &config);
+                status.update_report(|r| r.interfaces = attachments.states(&config));
+            }
             _ = gc_ticker.tick() => match programmer.syncer.collect_conntrack() {
                 Ok((report, corrected)) => {
                     status.metrics.conntrack_expired.inc_by(report.expired as u64);
@@ -413,6 +462,11 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             ));
         }
         status.set_readiness(&missing);
+        status.update_report(|r| {
+            for source in &mut r.sources {
+                source.listed = !schedule.unlisted.contains(source.name.as_str());
+            }
+        });
         status.health.set_pending(schedule.pending_since);
         let eligible = programmer.tracker.node_eligible();
         if status.health.set_node_eligible(eligible) {
@@ -432,6 +486,35 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     }
     info!("stopping; programs stay attached through their pinned links (`ebpf-proxy cleanup` detaches)");
     Ok(())
+}
+
+/// What `/statusz` says before anything happened.
+fn initial_report(config: &AgentConfig) -> AgentReport {
+    AgentReport {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        node: config.node.name.clone(),
+        node_ips: config.node.addresses.clone(),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        socket_hooks: config.cgroup.display().to_string(),
+        settings: Settings {
+            xdp_mode: match config.xdp_mode {
+                XdpMode::Driver => "native".into(),
+                _ => "skb".into(),
+            },
+            xdp_forward: if config.xdp_redirect {
+                "redirect"
+            } else {
+                "pass"
+            }
+            .into(),
+            tc_attach: format!("{:?}", config.tc_attach.resolved()).to_lowercase(),
+            forwarding: config.default_forwarding.name().into(),
+            scheduler: config.default_scheduler.name().into(),
+        },
+        ..Default::default()
+    }
 }
 
 /// Someone removed the pin directory (or pins in it) under the running agent: the

@@ -99,7 +99,8 @@ pub enum TcAttach {
 }
 
 impl TcAttach {
-    fn resolved(self) -> TcAttach {
+    /// What `Auto` means on this kernel.
+    pub fn resolved(self) -> TcAttach {
         match self {
             TcAttach::Auto => {
                 let tcx = aya::util::KernelVersion::current()

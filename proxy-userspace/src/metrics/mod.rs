@@ -25,7 +25,6 @@ use prometheus_client::{
 
 use crate::datapath::tables::Tables;
 pub use kube_proxy::KubeProxyMetrics;
-use proxy_common::map_name;
 
 /// Counters the agent updates as it works.
 #[derive(Clone)]
@@ -142,13 +141,7 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics, max_series: usize) -> Result
 
     let entries = Family::<Labels, Gauge>::default();
     let capacity = Family::<Labels, Gauge>::default();
-    let fill = [
-        (map_name::SERVICES, tables.services.keys().count()),
-        (map_name::BACKEND_SLOTS, tables.slots.keys().count()),
-        (map_name::CONNTRACK, tables.conntrack.keys().count()),
-    ];
-    for (map, used) in fill {
-        let max = tables.capacity(map)?;
+    for (map, used, max) in tables.fill()? {
         entries
             .get_or_create(&labels(&[("map", map)]))
             .set(used as i64);

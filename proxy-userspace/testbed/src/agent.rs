@@ -230,6 +230,22 @@ impl Agent {
         Ok(serde_json::from_str(&json)?)
     }
 
+    /// `ebpf-proxy status ARGS` on the agent's node (where its metrics address is):
+    /// whether it exited 0 (no problem listed), and its output.
+    pub fn status(&self, args: &[&str]) -> Result<(bool, String)> {
+        let binary = self.binary.to_str().context("binary path")?;
+        let output = command_in(&self.node_ns, binary)
+            .arg("status")
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output()?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        ))
+    }
+
     /// Replaces the manifests and waits until the agent has programmed `expect`
     /// (a predicate on the listing).
     pub fn update_manifests(

@@ -24,6 +24,7 @@ mod manifests_source;
 mod multinode;
 mod node_health;
 mod operator_output;
+mod operator_status;
 mod operator_tools;
 mod policies;
 mod refusals;

@@ -75,6 +75,10 @@ fn main() -> Result<()> {
 
     println!("\n== ebpf-proxy list");
     print!("{}", listing::render(&agent.listing()?, false));
+    println!("\n== ebpf-proxy status");
+    let (all_well, status) = agent.status(&[])?;
+    print!("{status}");
+    anyhow::ensure!(all_well, "ebpf-proxy status lists problems");
     drop(agent);
     drop(topology);
     println!("\n== torn down: namespaces deleted, programs detached, pins removed");

@@ -1,0 +1,100 @@
+//! `ebpf-proxy status` (issue 15): one screen that tells the truth about the node,
+//! from a running agent and from what a stopped one left in the kernel.
+
+use testbed::{
+    manifests::{render, ServiceDef},
+    topology::Topology,
+};
+
+use crate::support::{cluster::*, services::*};
+
+fn web_node_port(topology: &Topology) -> ServiceDef {
+    let mut web = web(topology, &["pod-a1"]);
+    web.node_port = Some(NODE_PORT);
+    web
+}
+
+#[test]
+fn status_shows_the_agent_what_is_attached_the_maps_and_the_problems() {
+    let cluster = Cluster::new("status", 2, 0, |t| vec![web_node_port(t)]);
+    let agent = &cluster.agent;
+
+    let (all_well, text) = agent.status(&[]).expect("status");
+    assert!(all_well, "no problem, exit 0:\n{text}");
+    for expected in [
+        "Agent:          running",
+        "Source:         manifests (synced)",
+        "/livez ok, /healthz ok, /readyz ok",
+        "up0           uplink  XDP native (forward: pass), tc egress (tcx)",
+        "up1           uplink  XDP native",
+        "pod     tc ingress and egress (tcx)",
+        "yes NodePort                XDP on up0, up1",
+        "yes ClusterIP from pods     tc on 2 pod interfaces",
+        "no  IPv6 and dual-stack",
+        "Problems:       none",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
+
+    let (_, json) = agent.status(&["-o", "json"]).expect("status");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let (_, yaml) = agent.status(&["-o", "yaml"]).expect("status");
+    let from_yaml: serde_json::Value = serde_yaml::from_str(&yaml).expect("yaml");
+    assert_eq!(
+        from_yaml["agent"]["interfaces"],
+        report["agent"]["interfaces"]
+    );
+    let services = report["maps"]
+        .as_array()
+        .expect("maps")
+        .iter()
+        .find(|m| m["map"] == "SERVICES")
+        .expect("the services map");
+    // The ClusterIP and the NodePort on each of the node's addresses.
+    let frontends = agent.listing().expect("listing").services.len();
+    assert_eq!(services["entries"], frontends, "{json}");
+    assert_eq!(services["capacity"], proxy_common::MAX_SERVICES, "{json}");
+    assert!(report["agent"]["syncs"].as_u64() >= Some(1), "{json}");
+
+    // A service the agent must skip: status names it and exits 1.
+    let mut bad = web(&cluster.topology, &["pod-a2"]);
+    bad.name = "bad".into();
+    bad.cluster_ip = std::net::Ipv4Addr::new(10, 96, 0, 99);
+    bad.annotations
+        .push(("ebpf-proxy.io/scheduler".into(), "fastest".into()));
+    let services = vec![web_node_port(&cluster.topology), bad];
+    std::fs::write(&agent.manifests, render(&services)).expect("manifests");
+    wait_until(
+        || agent.status(&[]).is_ok_and(|(well, _)| !well),
+        "status lists the bad service",
+    );
+    let (_, text) = agent.status(&[]).expect("status");
+    assert!(text.contains("Problems:       1"), "{text}");
+    assert!(
+        text.contains("Service demo/bad") && text.contains("fastest"),
+        "{text}"
+    );
+
+    // The agent gone: its programs still serve, and status says both.
+    let mut cluster = cluster;
+    cluster.agent.kill();
+    let (all_well, text) = cluster.agent.status(&[]).expect("status");
+    assert!(!all_well, "{text}");
+    assert!(text.contains("Agent:          NOT ANSWERING"), "{text}");
+    assert!(
+        text.contains("its programs stay attached and serve with the maps as they are"),
+        "{text}"
+    );
+    assert!(text.contains("SERVICES              3 /"), "{text}");
+    for served in [
+        "yes ClusterIP from pods     tc on 2 pod interfaces",
+        "yes NodePort                XDP on up0, up1",
+        "no  healthCheckNodePort",
+    ] {
+        assert!(text.contains(served), "{served:?}, from the pins:\n{text}");
+    }
+    assert!(
+        curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).is_ok(),
+        "still served"
+    );
+}
