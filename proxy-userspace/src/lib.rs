@@ -13,6 +13,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod health;
 pub mod healthcheck;
+pub mod kube_proxy_config;
 pub mod limits;
 pub mod listing;
 pub mod metrics;

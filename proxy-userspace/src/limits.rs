@@ -41,3 +41,17 @@ pub fn return_free_memory() {
     // SAFETY: no arguments to get wrong; glibc's allocator is thread-safe.
     unsafe { libc::malloc_trim(0) };
 }
+
+/// kube-proxy's `oomScoreAdj`: how willingly the kernel kills the agent when memory
+/// runs out. Lowering it needs `CAP_SYS_RESOURCE`, which the agent is not given
+/// (the kubelet already lowers it for `system-node-critical` pods): then it is only
+/// said, and the agent runs on.
+pub fn set_oom_score_adj(adj: i32) {
+    match std::fs::write("/proc/self/oom_score_adj", adj.to_string()) {
+        Ok(()) => info!(adj, "oom_score_adj set"),
+        Err(e) => warn!(
+            adj,
+            "oomScoreAdj not applied: {e} (lowering it needs CAP_SYS_RESOURCE)"
+        ),
+    }
+}

@@ -14,6 +14,8 @@ use ebpf_proxy::{
     agent::{self, AgentConfig},
     conntrack,
     datapath::{attach, loader::MapSizes, mmap::MappedArray, tables::Tables},
+    health,
+    kube_proxy_config::KubeProxyConfig,
     listing,
     model::{parse_scheduler, Family, Forwarding, Protocol, Scheduler, SourceRange},
     node::{self, NodeConfig},
@@ -172,8 +174,14 @@ enum TcAttachArg {
 struct RunArgs {
     /// Multi-document YAML with v1 Services, discovery.k8s.io/v1 EndpointSlices and
     /// optionally this node's v1 Node; re-read when it changes.
-    #[arg(long, required_unless_present_any = ["kubernetes", "kubeconfig"], conflicts_with_all = ["kubernetes", "kubeconfig"])]
+    #[arg(long, required_unless_present_any = ["kubernetes", "kubeconfig", "config"], conflicts_with_all = ["kubernetes", "kubeconfig"])]
     manifests: Option<PathBuf>,
+    /// kube-proxy's configuration file (`KubeProxyConfiguration`, YAML or JSON): its
+    /// settings apply where no flag says otherwise; what has no effect or is not
+    /// supported is said at start, and a field kube-proxy does not know is refused.
+    /// Without --manifests it implies the API server (its kubeconfig, else in-cluster).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Watch the API server with the pod's service account (a DaemonSet).
     #[arg(long)]
     kubernetes: bool,
@@ -186,17 +194,20 @@ struct RunArgs {
     /// already batched by the file's polling).
     #[arg(long)]
     min_sync_period_ms: Option<u64>,
-    /// This node's name, as EndpointSlices' `nodeName` spells it.
+    /// This node's name, as EndpointSlices' `nodeName` spells it (or the config's
+    /// hostnameOverride).
     #[arg(long, env = "NODE_NAME")]
-    node_name: String,
-    /// An address of this node (NodePorts answer on each; the first is the SNAT source).
-    #[arg(long = "node-ip", required = true)]
+    node_name: Option<String>,
+    /// An address of this node (NodePorts answer on each; the first is the SNAT
+    /// source). Without it, the config's bindAddress.
+    #[arg(long = "node-ip")]
     node_ips: Vec<Ipv4Addr>,
     /// An interface facing the outside world (XDP). Repeatable.
     #[arg(long = "uplink")]
     uplinks: Vec<String>,
-    /// Glob of host-side pod interfaces (tc ingress). Repeatable.
-    #[arg(long = "pod-interfaces", default_values = ["veth*", "cali*"])]
+    /// Glob of host-side pod interfaces (tc ingress). Repeatable. Default: the
+    /// config's detectLocal interface, else `veth*` and `cali*`.
+    #[arg(long = "pod-interfaces")]
     pod_interfaces: Vec<String>,
     /// bpffs directory for pinned maps and links.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -204,9 +215,10 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "native")]
     xdp_mode: XdpModeArg,
     /// Scheduler of services without the `ebpf-proxy.io/scheduler` annotation:
-    /// rr, wrr, lc, wlc, sh, dh, sed, nq, maglev, random.
-    #[arg(long, default_value = "rr", value_parser = parse_scheduler)]
-    scheduler: Scheduler,
+    /// rr, wrr, lc, wlc, sh, dh, sed, nq, maglev (mh), random. Default: the config's
+    /// ipvs.scheduler, else rr.
+    #[arg(long, value_parser = parse_scheduler)]
+    scheduler: Option<Scheduler>,
     /// Handle only services labelled `service.kubernetes.io/service-proxy-name` with
     /// this value (kube-proxy skips labelled services): runs beside kube-proxy on a
     /// disjoint set of services. Without it: every unlabelled service, as kube-proxy.
@@ -233,18 +245,20 @@ struct RunArgs {
     /// How often idle conntrack entries are collected, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     ct_gc_interval_ms: u64,
-    /// Where `/metrics` and `/proxyMode` are served (kube-proxy's default).
-    #[arg(long, default_value = "127.0.0.1:10249")]
-    metrics_bind_address: SocketAddr,
+    /// Where `/metrics`, `/proxyMode` and `/statusz` are served. Default: the
+    /// config's, else kube-proxy's 127.0.0.1:10249.
+    #[arg(long)]
+    metrics_bind_address: Option<SocketAddr>,
     /// Per-frontend and per-backend series in one scrape at most (5 per frontend, 7
     /// per backend; frontends in listing order, the rest counted in
     /// `ebpf_proxy_metrics_series_omitted` and in the `frontends_*` totals).
     #[arg(long, default_value_t = 10_000)]
     metrics_max_series: usize,
-    /// Where `/healthz`, `/livez` and `/readyz` are served (kube-proxy's default: on
-    /// every address, for load balancers' node health checks).
-    #[arg(long, default_value = "0.0.0.0:10256")]
-    healthz_bind_address: SocketAddr,
+    /// Where `/healthz`, `/livez` and `/readyz` are served. Default: the config's,
+    /// else kube-proxy's 0.0.0.0:10256 (every address, for load balancers' node
+    /// health checks).
+    #[arg(long)]
+    healthz_bind_address: Option<SocketAddr>,
     /// Frontends the maps hold (each ClusterIP, external IP, LB IP and NodePort port
     /// is one).
     #[arg(long, default_value_t = proxy_common::MAX_SERVICES)]
@@ -291,63 +305,11 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => {
-            let (sources, default_sync_period_ms): (Vec<Box<dyn Source>>, u64) =
-                match &args.manifests {
-                    Some(path) => {
-                        let source = ManifestsSource {
-                            path: path.clone(),
-                            poll_interval: Duration::from_millis(args.poll_ms),
-                            allow_empty: args.allow_empty_manifests,
-                        };
-                        source.check()?;
-                        (vec![Box::new(source)], 0)
-                    }
-                    None => (
-                        vec![Box::new(
-                            KubernetesSource::connect(args.kubeconfig.as_deref(), &args.node_name)
-                                .await?,
-                        )],
-                        1000,
-                    ),
-                };
-            let config = AgentConfig {
-                node: NodeConfig {
-                    name: args.node_name,
-                    addresses: args.node_ips.into_iter().map(IpAddr::V4).collect(),
-                    uplinks: args.uplinks,
-                    pod_interface_patterns: args.pod_interfaces,
-                },
-                pin_dir: args.pin_dir,
-                min_sync_period: Duration::from_millis(
-                    args.min_sync_period_ms.unwrap_or(default_sync_period_ms),
-                ),
-                xdp_mode: match args.xdp_mode {
-                    XdpModeArg::Native => aya::programs::XdpMode::Driver,
-                    XdpModeArg::Skb => aya::programs::XdpMode::Skb,
-                },
-                cgroup: args.cgroup.unwrap_or_else(attach::default_cgroup_root),
-                ready_file: args.ready_file,
-                xdp_redirect: args.xdp_forward == XdpForwardArg::Redirect,
-                default_scheduler: args.scheduler,
-                service_proxy_name: args.service_proxy_name,
-                default_forwarding: args.forwarding,
-                tunnel_source: args.tunnel_source_cidr,
-                tunnel_peers: args.ipip_trusted_sources,
-                ct_gc_interval: Duration::from_millis(args.ct_gc_interval_ms),
-                metrics_address: args.metrics_bind_address,
-                metrics_max_series: args.metrics_max_series,
-                health_address: args.healthz_bind_address,
-                tc_attach: match args.tc_attach {
-                    TcAttachArg::Auto => attach::TcAttach::Auto,
-                    TcAttachArg::Tcx => attach::TcAttach::Tcx,
-                    TcAttachArg::Netlink => attach::TcAttach::Netlink,
-                },
-                map_sizes: MapSizes {
-                    services: args.max_services,
-                    backends: args.max_backends,
-                    conntrack: args.conntrack_entries,
-                },
+            let file = match &args.config {
+                Some(path) => KubeProxyConfig::load(path)?,
+                None => KubeProxyConfig::default(),
             };
+            let (config, sources) = run_settings(*args, file).await?;
             agent::run(config, sources).await
         }
         Command::List { pin_dir, output } => {
@@ -437,6 +399,111 @@ async fn main() -> Result<()> {
         Command::Cleanup { pin_dir } => attach::cleanup(&pin_dir),
         Command::PrepareNode => node::accept_local_sources("all"),
     }
+}
+
+/// The agent's settings: flags first, then kube-proxy's configuration file, then
+/// the defaults (kube-proxy's where it has one).
+async fn run_settings(
+    args: RunArgs,
+    file: KubeProxyConfig,
+) -> Result<(AgentConfig, Vec<Box<dyn Source>>)> {
+    for note in &file.unsupported {
+        tracing::warn!("--config: {note}: not supported");
+    }
+    for note in &file.no_effect {
+        tracing::info!("--config: {note}: no effect");
+    }
+    let node_name = args
+        .node_name
+        .or(file.node_name)
+        .context("--node-name (or NODE_NAME, or the config's hostnameOverride) is required")?;
+    let node_ips: Vec<IpAddr> = match (&args.node_ips[..], file.primary_address) {
+        ([], Some(primary)) => vec![primary],
+        ([], None) => anyhow::bail!("--node-ip (or the config's bindAddress) is required"),
+        (ips, _) => ips.iter().copied().map(IpAddr::V4).collect(),
+    };
+    anyhow::ensure!(
+        node_ips.iter().all(IpAddr::is_ipv4),
+        "the node's addresses are IPv4 for now"
+    );
+    let pod_interfaces = match (args.pod_interfaces, file.pod_interfaces) {
+        (flags, _) if !flags.is_empty() => flags,
+        (_, Some(from_file)) => vec![from_file],
+        _ => vec!["veth*".into(), "cali*".into()],
+    };
+    let kubeconfig = args.kubeconfig.or(file.kubeconfig);
+    let (sources, default_sync_period_ms): (Vec<Box<dyn Source>>, u64) = match &args.manifests {
+        Some(path) => {
+            let source = ManifestsSource {
+                path: path.clone(),
+                poll_interval: Duration::from_millis(args.poll_ms),
+                allow_empty: args.allow_empty_manifests,
+            };
+            source.check()?;
+            (vec![Box::new(source)], 0)
+        }
+        None => (
+            vec![Box::new(
+                KubernetesSource::connect(kubeconfig.as_deref(), &node_name).await?,
+            )],
+            1000,
+        ),
+    };
+    let min_sync_period = args
+        .min_sync_period_ms
+        .map(Duration::from_millis)
+        .or(file.min_sync_period)
+        .unwrap_or(Duration::from_millis(default_sync_period_ms));
+    let config = AgentConfig {
+        node: NodeConfig {
+            name: node_name,
+            addresses: node_ips,
+            uplinks: args.uplinks,
+            pod_interface_patterns: pod_interfaces,
+        },
+        pin_dir: args.pin_dir,
+        min_sync_period,
+        xdp_mode: match args.xdp_mode {
+            XdpModeArg::Native => aya::programs::XdpMode::Driver,
+            XdpModeArg::Skb => aya::programs::XdpMode::Skb,
+        },
+        cgroup: args.cgroup.unwrap_or_else(attach::default_cgroup_root),
+        ready_file: args.ready_file,
+        xdp_redirect: args.xdp_forward == XdpForwardArg::Redirect,
+        default_scheduler: args.scheduler.or(file.scheduler).unwrap_or(Scheduler::Rr),
+        service_proxy_name: args.service_proxy_name,
+        default_forwarding: args.forwarding,
+        tunnel_source: args.tunnel_source_cidr,
+        tunnel_peers: args.ipip_trusted_sources,
+        ct_gc_interval: Duration::from_millis(args.ct_gc_interval_ms),
+        metrics_address: args
+            .metrics_bind_address
+            .or(file.metrics_bind_address)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 10249))),
+        metrics_max_series: args.metrics_max_series,
+        health_address: args
+            .healthz_bind_address
+            .or(file.healthz_bind_address)
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 10256))),
+        // Without a config file, a port that cannot be bound stops the agent (its
+        // probes would fail anyway); with one, the file says, as in kube-proxy.
+        bind_hard_fail: args.config.is_none() || file.bind_address_hard_fail,
+        health_timeout: file
+            .sync_period
+            .map_or(health::PENDING_TIMEOUT, |period| period * 2),
+        oom_score_adj: file.oom_score_adj,
+        tc_attach: match args.tc_attach {
+            TcAttachArg::Auto => attach::TcAttach::Auto,
+            TcAttachArg::Tcx => attach::TcAttach::Tcx,
+            TcAttachArg::Netlink => attach::TcAttach::Netlink,
+        },
+        map_sizes: MapSizes {
+            services: args.max_services,
+            backends: args.max_backends,
+            conntrack: args.conntrack_entries,
+        },
+    };
+    Ok((config, sources))
 }
 
 fn conntrack_command(action: ConntrackAction) -> Result<()> {

@@ -34,7 +34,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::{
-    health::{Health, PENDING_TIMEOUT},
+    health::Health,
     metrics::{self, AgentMetrics},
     status::AgentReport,
 };
@@ -57,14 +57,21 @@ pub struct Status {
 }
 
 impl Status {
-    pub fn new(pin_dir: PathBuf, metrics: AgentMetrics, metrics_max_series: usize) -> Arc<Status> {
+    /// `pending_timeout`: how long a change may wait to be programmed before the
+    /// proxy is unhealthy.
+    pub fn new(
+        pin_dir: PathBuf,
+        metrics: AgentMetrics,
+        metrics_max_series: usize,
+        pending_timeout: Duration,
+    ) -> Arc<Status> {
         Arc::new(Status {
             pin_dir,
             metrics,
             metrics_max_series,
             rendering: Mutex::new(()),
             readiness: Mutex::new(Some("starting\n".into())),
-            health: Health::new(PENDING_TIMEOUT),
+            health: Health::new(pending_timeout),
             report: Mutex::new(AgentReport::default()),
         })
     }
@@ -296,12 +303,15 @@ pub async fn serve(listener: TcpListener, router: Router, limits: &'static Limit
     }
 }
 
-/// Binds both addresses (failing at once if one is taken) and serves in the background.
+/// Binds both addresses and serves in the background. With `hard_fail` an address
+/// that cannot be bound is fatal; without (kube-proxy's `bindAddressHardFail: false`)
+/// it is returned, and the agent serves without that listener.
 pub async fn spawn(
     metrics_address: SocketAddr,
     health_address: SocketAddr,
     status: Arc<Status>,
-) -> Result<()> {
+    hard_fail: bool,
+) -> Result<Vec<String>> {
     let metrics_router = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/proxyMode", get(proxy_mode))
@@ -312,14 +322,20 @@ pub async fn spawn(
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .with_state(status);
+    let mut unbound = Vec::new();
     for (address, router) in [
         (metrics_address, metrics_router),
         (health_address, health_router),
     ] {
-        let listener = TcpListener::bind(address)
-            .await
-            .with_context(|| format!("listening on {address}"))?;
-        tokio::spawn(serve(listener, router, &LIMITS));
+        match TcpListener::bind(address).await {
+            Ok(listener) => {
+                tokio::spawn(serve(listener, router, &LIMITS));
+            }
+            Err(e) if hard_fail => {
+                return Err(e).with_context(|| format!("listening on {address}"));
+            }
+            Err(e) => unbound.push(format!("listening on {address}: {e}")),
+        }
     }
-    Ok(())
+    Ok(unbound)
 }

@@ -72,6 +72,14 @@ pub struct AgentConfig {
     pub metrics_max_series: usize,
     /// `/healthz`, `/livez`, `/readyz`.
     pub health_address: SocketAddr,
+    /// Whether an HTTP address that cannot be bound stops the agent (kube-proxy's
+    /// `bindAddressHardFail`); otherwise it runs without that listener, and says so.
+    pub bind_hard_fail: bool,
+    /// How long a change may wait to be programmed before `/healthz` and `/livez`
+    /// fail (kube-proxy: twice its `syncPeriod`).
+    pub health_timeout: Duration,
+    /// kube-proxy's `oomScoreAdj`, applied at start if the agent may.
+    pub oom_score_adj: Option<i32>,
     pub map_sizes: MapSizes,
     /// TCX or netlink for the pod-interface program.
     pub tc_attach: attach::TcAttach,
@@ -299,10 +307,14 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     config.node.validate()?;
     limits::raise_open_files();
     let mut pin_dir_lock = PinDirLock::acquire(&config.pin_dir)?;
+    if let Some(adj) = config.oom_score_adj {
+        limits::set_oom_score_adj(adj);
+    }
     let status = Status::new(
         config.pin_dir.clone(),
         AgentMetrics::default(),
         config.metrics_max_series,
+        config.health_timeout,
     );
     let mut tracker = ChangeTracker::new(&config.node.name)
         .with_default_scheduler(config.default_scheduler)
@@ -344,12 +356,16 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         }
     };
     let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?;
-    server::spawn(
+    let unbound = server::spawn(
         config.metrics_address,
         config.health_address,
         status.clone(),
+        config.bind_hard_fail,
     )
     .await?;
+    for failure in &unbound {
+        warn!("{failure}; running without it (bindAddressHardFail is false)");
+    }
     let settings = NodeSettings {
         netns_cookie: own_netns_cookie()?,
         xdp_redirect: config.xdp_redirect,

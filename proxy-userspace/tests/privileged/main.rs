@@ -17,6 +17,7 @@ mod floods;
 mod fragments;
 mod fuzz_datapath;
 mod icmp;
+mod kube_proxy_config;
 mod kube_proxy_metrics;
 mod kubernetes;
 mod kubernetes_resilience;

@@ -4,6 +4,7 @@
 
 mod conntrack_entries;
 mod deploy;
+mod kube_proxy_config;
 mod tcp_states;
 mod translation_props;
 mod translation_rules;
