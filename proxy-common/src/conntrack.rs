@@ -98,11 +98,50 @@ pub const CT_F_NODE_SOURCE: u8 = 32;
 /// the entry has no reply peer.
 pub const CT_F_ENCAP: u8 = 64;
 
-/// Idle timeouts in seconds, per state (Cilium's values for TCP; UDP as Calico).
+/// Default idle timeouts in seconds, per state (Cilium's values for TCP; UDP as
+/// Calico). The agent may set others at load (`CtTimeouts`).
 pub const CT_TIMEOUT_SYN_S: u64 = 60;
 pub const CT_TIMEOUT_TCP_ESTABLISHED_S: u64 = 21_600;
 pub const CT_TIMEOUT_CLOSING_S: u64 = 10;
 pub const CT_TIMEOUT_UDP_S: u64 = 60;
+
+/// Which idle timeout an entry follows: an index into `CtTimeouts::ns`.
+pub const TIMEOUT_SYN: usize = 0;
+pub const TIMEOUT_TCP_ESTABLISHED: usize = 1;
+pub const TIMEOUT_CLOSING: usize = 2;
+pub const TIMEOUT_UDP: usize = 3;
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// The idle timeouts in force, in nanoseconds, by `TIMEOUT_*`. The data path holds
+/// them as a global set when the programs are loaded (read-only data: no map look-up
+/// per packet), the agent's collector and the tools as this value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    pub ns: [u64; 4],
+}
+
+impl CtTimeouts {
+    pub const DEFAULT: CtTimeouts = CtTimeouts {
+        ns: [
+            CT_TIMEOUT_SYN_S * NS_PER_S,
+            CT_TIMEOUT_TCP_ESTABLISHED_S * NS_PER_S,
+            CT_TIMEOUT_CLOSING_S * NS_PER_S,
+            CT_TIMEOUT_UDP_S * NS_PER_S,
+        ],
+    };
+
+    /// Idle timeout of an entry of protocol `proto` in `state`, in nanoseconds (an
+    /// entry of a protocol no version of ours tracks has none: it is stale at once).
+    #[inline(always)]
+    pub const fn of(&self, proto: u8, state: u8) -> u64 {
+        match ct_timeout_kind(proto, state) {
+            Some(kind) => self.ns[kind & 3],
+            None => 0,
+        }
+    }
+}
 
 /// The data path refreshes `last_seen_ns` at most this often, so that an established
 /// flow does not write a shared cache line on every packet.
@@ -207,18 +246,18 @@ pub const ACCT_INACTIVE: u32 = 1;
 /// No longer counted (expired or replaced).
 pub const ACCT_GONE: u32 = 2;
 
-/// Idle timeout of an entry of protocol `proto`, in nanoseconds (`Transport`'s; an
-/// entry of a protocol no version of ours tracks has none: it is stale at once).
+/// Which timeout (`TIMEOUT_*`) an entry of protocol `proto` in `state` follows
+/// (`Transport`'s); `None` for a protocol no version of ours tracks.
 #[inline(always)]
-pub const fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
+pub const fn ct_timeout_kind(proto: u8, state: u8) -> Option<usize> {
     match crate::Transport::from_number(proto) {
-        Some(transport) => transport.timeout_ns(state),
-        None => 0,
+        Some(transport) => Some(transport.timeout_kind(state)),
+        None => None,
     }
 }
 
 #[cfg(feature = "user")]
-crate::user_pod!(CtKey, CtEntry);
+crate::user_pod!(CtKey, CtEntry, CtTimeouts);
 
 /// MurmurHash3 (32-bit) of a 5-tuple's four words: each word is mixed in on its own,
 /// so structured inputs (sequential addresses and ports) spread evenly. Used by the

@@ -13,7 +13,7 @@
 
 use crate::{
     CT_CLOSING, CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_SYN_RECV, CT_SYN_SENT,
-    CT_TIMEOUT_CLOSING_S, CT_TIMEOUT_SYN_S, CT_TIMEOUT_TCP_ESTABLISHED_S,
+    TIMEOUT_CLOSING, TIMEOUT_SYN, TIMEOUT_TCP_ESTABLISHED,
 };
 
 /// TCP flag bits as in byte 13 of the header.
@@ -66,13 +66,13 @@ pub fn next(state: u8, flags: u8, tcp: u8, peer_fin: impl FnOnce() -> bool) -> (
     }
 }
 
-/// How long a TCP entry in `state` lives without traffic, in seconds: half-open flows
-/// keep the short SYN timeout (a flood's entries go soon).
+/// Which idle timeout a TCP entry in `state` follows: half-open flows keep the short
+/// SYN timeout (a flood's entries go soon).
 #[inline(always)]
-pub const fn timeout_s(state: u8) -> u64 {
+pub const fn timeout_kind(state: u8) -> usize {
     match state {
-        CT_SYN_SENT | CT_SYN_RECV => CT_TIMEOUT_SYN_S,
-        CT_ESTABLISHED => CT_TIMEOUT_TCP_ESTABLISHED_S,
-        _ => CT_TIMEOUT_CLOSING_S,
+        CT_SYN_SENT | CT_SYN_RECV => TIMEOUT_SYN,
+        CT_ESTABLISHED => TIMEOUT_TCP_ESTABLISHED,
+        _ => TIMEOUT_CLOSING,
     }
 }

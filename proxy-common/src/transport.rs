@@ -5,8 +5,7 @@
 //! variant here, and the compiler names every place that must learn it.
 
 use crate::{
-    tcp, ACCT_ACTIVE, ACCT_INACTIVE, CT_ESTABLISHED, CT_SYN_SENT, CT_TIMEOUT_UDP_S, PROTO_TCP,
-    PROTO_UDP,
+    tcp, ACCT_ACTIVE, ACCT_INACTIVE, CT_ESTABLISHED, CT_SYN_SENT, PROTO_TCP, PROTO_UDP, TIMEOUT_UDP,
 };
 
 /// Also the agent's `model::Protocol` (a Kubernetes port's protocol), so that the
@@ -86,14 +85,13 @@ impl Transport {
         }
     }
 
-    /// How long an entry in `state` lives without traffic, in nanoseconds.
+    /// Which idle timeout (`TIMEOUT_*`) an entry in `state` follows.
     #[inline(always)]
-    pub const fn timeout_ns(self, state: u8) -> u64 {
-        let seconds = match self {
-            Transport::Tcp => tcp::timeout_s(state),
-            Transport::Udp => CT_TIMEOUT_UDP_S,
-        };
-        seconds * 1_000_000_000
+    pub const fn timeout_kind(self, state: u8) -> usize {
+        match self {
+            Transport::Tcp => tcp::timeout_kind(state),
+            Transport::Udp => TIMEOUT_UDP,
+        }
     }
 }
 

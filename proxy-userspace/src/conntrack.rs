@@ -14,8 +14,8 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use proxy_common::{
-    ct_timeout_ns, ConnCounts, CtEntry, CtKey, ACCT_ACTIVE, ACCT_INACTIVE, CT_CLOSING,
-    CT_ESTABLISHED, CT_F_ENCAP, CT_F_REPLY, CT_F_SNAT, CT_SYN_RECV, CT_SYN_SENT,
+    ConnCounts, CtEntry, CtKey, CtTimeouts, ACCT_ACTIVE, ACCT_INACTIVE, CT_CLOSING, CT_ESTABLISHED,
+    CT_F_ENCAP, CT_F_REPLY, CT_F_SNAT, CT_SYN_RECV, CT_SYN_SENT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -74,10 +74,14 @@ impl Census {
 /// counted, so it may be uncounted twice. That takes a packet arriving after the full
 /// idle timeout, in the microseconds between our read and delete; the counters do
 /// not go below zero, and reconciliation with the census corrects them.
-pub fn collect(tables: &mut Tables, counts: &MappedArray<ConnCounts>) -> Result<GcReport> {
+pub fn collect(
+    tables: &mut Tables,
+    counts: &MappedArray<ConnCounts>,
+    timeouts: &CtTimeouts,
+) -> Result<GcReport> {
     let now = coarse_now_ns();
     let expired_at = |key: &CtKey, entry: &CtEntry| {
-        now.saturating_sub(entry.last_seen_ns) > ct_timeout_ns(key.proto, entry.state)
+        now.saturating_sub(entry.last_seen_ns) > timeouts.of(key.proto, entry.state)
     };
     let mut report = GcReport::default();
     let mut expired = Vec::new();

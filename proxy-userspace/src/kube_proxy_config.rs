@@ -87,9 +87,9 @@ pub const FIELDS: &[(&str, Handling)] = &[
     ("ipvs.scheduler", Used),
     ("ipvs.excludeCIDRs", NoEffect("no IPVS virtual servers to clean up")),
     ("ipvs.strictARP", NoEffect("service addresses are never assigned to an interface (no kube-ipvs0), so nothing answers ARP for them")),
-    ("ipvs.tcpTimeout", Unsupported("conntrack timeouts are fixed (TCP established 6 h, FIN 10 s, UDP 60 s)")),
-    ("ipvs.tcpFinTimeout", Unsupported("conntrack timeouts are fixed (TCP established 6 h, FIN 10 s, UDP 60 s)")),
-    ("ipvs.udpTimeout", Unsupported("conntrack timeouts are fixed (TCP established 6 h, FIN 10 s, UDP 60 s)")),
+    ("ipvs.tcpTimeout", Used),
+    ("ipvs.tcpFinTimeout", Used),
+    ("ipvs.udpTimeout", Used),
     ("nftables.masqueradeBit", NO_FWMARK),
     ("nftables.masqueradeAll", Unsupported("traffic from pods to ClusterIPs keeps its source; masquerading all of it is not implemented yet")),
     ("nftables.syncPeriod", Used),
@@ -104,11 +104,11 @@ pub const FIELDS: &[(&str, Handling)] = &[
     ("oomScoreAdj", Used),
     ("conntrack.maxPerCore", NF_CONNTRACK),
     ("conntrack.min", NF_CONNTRACK),
-    ("conntrack.tcpEstablishedTimeout", Unsupported("conntrack timeouts are fixed (TCP established 6 h, FIN 10 s, UDP 60 s)")),
-    ("conntrack.tcpCloseWaitTimeout", Unsupported("conntrack timeouts are fixed (TCP established 6 h, FIN 10 s, UDP 60 s)")),
+    ("conntrack.tcpEstablishedTimeout", Used),
+    ("conntrack.tcpCloseWaitTimeout", NoEffect("a flow whose FIN or RST was seen follows the FIN timeout (ipvs.tcpFinTimeout, --tcp-fin-timeout); a half-closed flow that still carries traffic lives on")),
     ("conntrack.tcpBeLiberal", NoEffect("the data path's conntrack does not check TCP windows")),
-    ("conntrack.udpTimeout", Unsupported("conntrack timeouts are fixed (TCP established 6 h, FIN 10 s, UDP 60 s)")),
-    ("conntrack.udpStreamTimeout", Unsupported("conntrack timeouts are fixed (TCP established 6 h, FIN 10 s, UDP 60 s)")),
+    ("conntrack.udpTimeout", Used),
+    ("conntrack.udpStreamTimeout", Used),
     ("configSyncPeriod", NO_RESYNC),
     ("portRange", NoEffect("unused by kube-proxy too")),
     ("windowsRunAsService", WINDOWS),
@@ -147,6 +147,12 @@ pub struct KubeProxyConfig {
     /// From `detectLocalMode: InterfaceNamePrefix` or `BridgeInterface`.
     pub pod_interfaces: Option<String>,
     pub oom_score_adj: Option<i32>,
+    /// Conntrack idle timeouts: established TCP, TCP after a FIN or RST, UDP. In
+    /// ipvs mode the IPVS section's (IPVS's own connection table is what balances
+    /// there), else and where it says 0 the conntrack section's.
+    pub tcp_timeout: Option<Duration>,
+    pub tcp_fin_timeout: Option<Duration>,
+    pub udp_timeout: Option<Duration>,
     /// Fields set to ask for what ebpf-proxy does not do, with why: warned at start.
     pub unsupported: Vec<String>,
     /// Fields set that configure what ebpf-proxy does not have, with why: said at start.
@@ -262,7 +268,21 @@ impl KubeProxyConfig {
             Some("BridgeInterface") => text_of("detectLocal.bridgeInterface")?.map(str::to_owned),
             Some(other) => return Err(invalid(format!("detectLocalMode {other:?} is not a mode"))),
         };
+        // 0 keeps the system's value, in both sections.
+        let timeout = |path: &str| -> Result<Option<Duration>, Problem> {
+            let in_ipvs_mode = mode == Mode::Ipvs || !path.starts_with("ipvs.");
+            Ok(duration_of(path)?.filter(|d| in_ipvs_mode && !d.is_zero()))
+        };
+        let tcp_timeout =
+            timeout("ipvs.tcpTimeout")?.or(timeout("conntrack.tcpEstablishedTimeout")?);
+        let tcp_fin_timeout = timeout("ipvs.tcpFinTimeout")?;
+        let udp_timeout = timeout("ipvs.udpTimeout")?
+            .or(timeout("conntrack.udpStreamTimeout")?)
+            .or(timeout("conntrack.udpTimeout")?);
         Ok(KubeProxyConfig {
+            tcp_timeout,
+            tcp_fin_timeout,
+            udp_timeout,
             node_name: text_of("hostnameOverride")?.map(str::to_owned),
             primary_address: text_of("bindAddress")?
                 .map(|a| {

@@ -23,7 +23,9 @@ use ebpf_proxy::{
     source::{kubernetes::KubernetesSource, manifests::ManifestsSource, Source},
     status, trace,
 };
-use proxy_common::{map_name, Addr};
+use proxy_common::{
+    map_name, Addr, CtTimeouts, TIMEOUT_CLOSING, TIMEOUT_TCP_ESTABLISHED, TIMEOUT_UDP,
+};
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ebpf-proxy";
 
@@ -85,6 +87,9 @@ enum Command {
         iface: Option<String>,
         #[arg(long)]
         json: bool,
+        /// The agent's `--metrics-bind-address` (it says the idle timeouts in force).
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        agent: SocketAddr,
     },
     /// Tracked flows: list them, or flush some (their next packet is scheduled anew).
     Conntrack {
@@ -242,6 +247,19 @@ struct RunArgs {
     /// unverified inner source would bypass the ranges).
     #[arg(long, value_delimiter = ',', value_parser = parse_ipip_range)]
     ipip_trusted_sources: Option<Vec<SourceRange>>,
+    /// Idle timeout of established TCP flows (`6h`, `900s`; ipvsadm's `--set tcp`).
+    /// Default: the config's ipvs.tcpTimeout or conntrack.tcpEstablishedTimeout,
+    /// else 6 h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    tcp_timeout: Option<Duration>,
+    /// Idle timeout of TCP flows after a FIN or RST. Default: the config's
+    /// ipvs.tcpFinTimeout, else 10 s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    tcp_fin_timeout: Option<Duration>,
+    /// Idle timeout of UDP flows. Default: the config's ipvs.udpTimeout,
+    /// conntrack.udpStreamTimeout or conntrack.udpTimeout, else 60 s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    udp_timeout: Option<Duration>,
     /// How often idle conntrack entries are collected, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     ct_gc_interval_ms: u64,
@@ -350,6 +368,7 @@ async fn main() -> Result<()> {
             outer_src,
             iface,
             json,
+            agent,
         } => {
             let origin = match iface {
                 None => trace::Origin::External,
@@ -378,9 +397,21 @@ async fn main() -> Result<()> {
                 (None, origin) => origin,
             };
             let tables = Tables::open(&pin_dir)?;
+            // The idle timeouts the programs were loaded with are the agent's to say.
+            let timeouts = match status::fetch_agent_report(agent).await {
+                Ok(report) => report.conntrack_timeouts.into(),
+                Err(e) => {
+                    eprintln!("{e:#}: judging idle flows by the default timeouts");
+                    CtTimeouts::DEFAULT
+                }
+            };
             let explanation = match proto {
-                ProtoArg::Tcp => trace::explain(&tables, Protocol::Tcp, src, dst, origin)?,
-                ProtoArg::Udp => trace::explain(&tables, Protocol::Udp, src, dst, origin)?,
+                ProtoArg::Tcp => {
+                    trace::explain(&tables, &timeouts, Protocol::Tcp, src, dst, origin)?
+                }
+                ProtoArg::Udp => {
+                    trace::explain(&tables, &timeouts, Protocol::Udp, src, dst, origin)?
+                }
                 ProtoArg::Icmp => trace::explain_icmp(&tables, src.ip(), dst.ip())?,
             };
             if json {
@@ -502,8 +533,34 @@ async fn run_settings(
             backends: args.max_backends,
             conntrack: args.conntrack_entries,
         },
+        ct_timeouts: ct_timeouts([
+            (
+                TIMEOUT_TCP_ESTABLISHED,
+                args.tcp_timeout.or(file.tcp_timeout),
+            ),
+            (
+                TIMEOUT_CLOSING,
+                args.tcp_fin_timeout.or(file.tcp_fin_timeout),
+            ),
+            (TIMEOUT_UDP, args.udp_timeout.or(file.udp_timeout)),
+        ])?,
     };
     Ok((config, sources))
+}
+
+/// The default idle timeouts with those set (`TIMEOUT_*`, duration).
+fn ct_timeouts(set: [(usize, Option<Duration>); 3]) -> Result<CtTimeouts> {
+    let mut timeouts = CtTimeouts::DEFAULT;
+    for (kind, duration) in set {
+        if let Some(duration) = duration {
+            anyhow::ensure!(
+                duration >= Duration::from_secs(1),
+                "idle timeouts are whole seconds, at least 1 s"
+            );
+            timeouts.ns[kind] = Duration::from_secs(duration.as_secs()).as_nanos() as u64;
+        }
+    }
+    Ok(timeouts)
 }
 
 fn conntrack_command(action: ConntrackAction) -> Result<()> {

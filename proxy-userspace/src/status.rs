@@ -21,6 +21,10 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
+use proxy_common::{
+    CtTimeouts, TIMEOUT_CLOSING, TIMEOUT_SYN, TIMEOUT_TCP_ESTABLISHED, TIMEOUT_UDP,
+};
+
 use crate::datapath::{attach, tables::Tables, PROG_SOCK_HOOKS};
 
 /// The agent's own account of itself (`/statusz`).
@@ -45,6 +49,7 @@ pub struct AgentReport {
     pub interfaces: Vec<InterfaceState>,
     /// The cgroup the socket hooks are attached to.
     pub socket_hooks: String,
+    pub conntrack_timeouts: Timeouts,
     pub settings: Settings,
     /// The standing problems (objects skipped or changed, frontends that did not fit),
     /// the first [`PROBLEMS_SHOWN`] of them.
@@ -80,6 +85,41 @@ pub enum Role {
     Uplink,
     /// tc ingress and egress: pods' traffic to services.
     Pod,
+}
+
+/// Conntrack idle timeouts, in seconds.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    pub tcp_syn: u64,
+    pub tcp_established: u64,
+    /// After a FIN or RST.
+    pub tcp_closing: u64,
+    pub udp: u64,
+}
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+impl From<CtTimeouts> for Timeouts {
+    fn from(t: CtTimeouts) -> Timeouts {
+        Timeouts {
+            tcp_syn: t.ns[TIMEOUT_SYN] / NS_PER_S,
+            tcp_established: t.ns[TIMEOUT_TCP_ESTABLISHED] / NS_PER_S,
+            tcp_closing: t.ns[TIMEOUT_CLOSING] / NS_PER_S,
+            udp: t.ns[TIMEOUT_UDP] / NS_PER_S,
+        }
+    }
+}
+
+impl From<Timeouts> for CtTimeouts {
+    fn from(t: Timeouts) -> CtTimeouts {
+        let mut ns = [0; 4];
+        ns[TIMEOUT_SYN] = t.tcp_syn * NS_PER_S;
+        ns[TIMEOUT_TCP_ESTABLISHED] = t.tcp_established * NS_PER_S;
+        ns[TIMEOUT_CLOSING] = t.tcp_closing * NS_PER_S;
+        ns[TIMEOUT_UDP] = t.udp * NS_PER_S;
+        CtTimeouts { ns }
+    }
 }
 
 /// How the agent runs, as the operator asked for it.
@@ -445,6 +485,17 @@ pub fn render(report: &StatusReport, wide: bool) -> String {
             out,
             "Conntrack:      {} entries (two per flow; `ebpf-proxy conntrack list`)",
             ct.entries
+        );
+    }
+    if let Some(agent) = &report.agent {
+        let t = agent.conntrack_timeouts;
+        let _ = writeln!(
+            out,
+            "Idle timeouts:  tcp {}, tcpfin {}, udp {}, syn {}",
+            format_age(t.tcp_established),
+            format_age(t.tcp_closing),
+            format_age(t.udp),
+            format_age(t.tcp_syn)
         );
     }
     if wide {

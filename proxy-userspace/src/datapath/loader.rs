@@ -15,7 +15,10 @@ use aya::{
 };
 
 use super::{EBPF_OBJECT, PROG_EGRESS, PROG_POD, PROG_SOCK_HOOKS, PROG_UPLINK};
-use proxy_common::map_name;
+use proxy_common::{map_name, CtTimeouts};
+
+/// The data path's global holding the idle timeouts (`proxy-ebpf`'s conntrack).
+const CT_TIMEOUTS_GLOBAL: &str = "CT_TIMEOUTS";
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -88,9 +91,14 @@ impl Datapath {
     /// Whether the maps are still pinned where this data path pinned them (someone
     /// may remove the directory, or a map's pin, while the agent runs).
     pub fn pins_intact(&self) -> bool {
-        self.ebpf
-            .maps()
+        self.pinned_maps()
             .all(|(name, _)| self.pin_dir.join(name).exists())
+    }
+
+    /// The maps, without the data sections aya also models as maps (`.rodata`:
+    /// the load-time settings, which belong to this load and are never pinned).
+    fn pinned_maps(&self) -> impl Iterator<Item = (&str, &aya::maps::Map)> {
+        self.ebpf.maps().filter(|(name, _)| !name.starts_with('.'))
     }
 
     /// Pins again the maps whose pins were removed, from the descriptors this data
@@ -101,7 +109,7 @@ impl Datapath {
         std::fs::create_dir_all(&self.pin_dir)
             .with_context(|| format!("creating pin directory {}", self.pin_dir.display()))?;
         let mut restored = 0;
-        for (name, map) in self.ebpf.maps() {
+        for (name, map) in self.pinned_maps() {
             let path = self.pin_dir.join(name);
             if !path.exists() {
                 map.pin(&path)
@@ -118,6 +126,15 @@ impl Datapath {
     }
 
     pub fn load_sized(pin_dir: &Path, sizes: MapSizes) -> Result<Datapath> {
+        Datapath::load_configured(pin_dir, sizes, CtTimeouts::DEFAULT)
+    }
+
+    /// Loads with the conntrack idle timeouts set in the programs' read-only data.
+    pub fn load_configured(
+        pin_dir: &Path,
+        sizes: MapSizes,
+        timeouts: CtTimeouts,
+    ) -> Result<Datapath> {
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
@@ -127,6 +144,7 @@ impl Datapath {
         for (name, size) in sizes.by_map() {
             loader.map_max_entries(name, size);
         }
+        loader.override_global(CT_TIMEOUTS_GLOBAL, &timeouts, true);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps pinned in an incompatible layout? run `ebpf-proxy cleanup`)")?;

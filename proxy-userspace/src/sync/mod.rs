@@ -21,10 +21,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use proxy_common::{
-    map_name, Addr, AddrKey, Backend, BackendSlotKey, ConfigValue, ConnCounts, NodeAddrFlags,
-    ServiceKey, ServiceValue, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE,
-    CONFIG_XDP_FORWARD, MAX_BACKENDS_PER_SERVICE, PROTO_UDP, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED,
-    TUNNEL_PEER_UNVERIFIED, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
+    map_name, Addr, AddrKey, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtTimeouts,
+    NodeAddrFlags, ServiceKey, ServiceValue, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR,
+    CONFIG_TUNNEL_SOURCE, CONFIG_XDP_FORWARD, MAX_BACKENDS_PER_SERVICE, PROTO_UDP, TUNNEL_PEERS_ID,
+    TUNNEL_PEER_TRUSTED, TUNNEL_PEER_UNVERIFIED, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
 mod accounting;
@@ -102,6 +102,8 @@ pub struct Syncer {
     counts_reconciler: Reconciler,
     /// Frontends a sync could not program, as last asked for.
     refused: BTreeMap<FrontendKey, Frontend>,
+    /// The idle timeouts the data path was loaded with: the collector's too.
+    ct_timeouts: CtTimeouts,
 }
 
 impl Syncer {
@@ -232,7 +234,14 @@ impl Syncer {
             backend_ids,
             counts_reconciler: Reconciler::default(),
             refused: BTreeMap::new(),
+            ct_timeouts: CtTimeouts::DEFAULT,
         })
+    }
+
+    /// Collects with these idle timeouts (those the programs were loaded with).
+    pub fn with_ct_timeouts(mut self, timeouts: CtTimeouts) -> Syncer {
+        self.ct_timeouts = timeouts;
+        self
     }
 
     /// Programs node-wide settings: node addresses (NodePorts), the masquerade
@@ -327,7 +336,7 @@ impl Syncer {
     /// ids no flow names any more. Returns the pass and how many counters it corrected.
     pub fn collect_conntrack(&mut self) -> Result<(conntrack::GcReport, usize)> {
         let before = self.conn_counts.read(0, self.conn_counts.entries())?;
-        let report = conntrack::collect(&mut self.tables, &self.conn_counts)?;
+        let report = conntrack::collect(&mut self.tables, &self.conn_counts, &self.ct_timeouts)?;
         let corrected =
             self.counts_reconciler
                 .reconcile(&self.conn_counts, &before, &report.census.counted)?;

@@ -9,12 +9,11 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 use proxy_common::{
-    ct_timeout_ns,
     decide::{self, Entry, TunnelPeer},
-    Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, Family, Scheduler, ServiceKey, ServiceValue,
-    BACKEND_F_REMOTE, CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS,
-    SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY,
-    SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID,
+    Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, CtTimeouts, Family, Scheduler, ServiceKey,
+    ServiceValue, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN,
+    SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL,
+    SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID,
 };
 use serde::Serialize;
 
@@ -136,6 +135,7 @@ fn is_refused_service_address(tables: &Tables, addr: &IpAddr) -> bool {
 
 pub fn explain(
     tables: &Tables,
+    timeouts: &CtTimeouts,
     protocol: Protocol,
     src: SocketAddr,
     dst: SocketAddr,
@@ -179,7 +179,7 @@ pub fn explain(
     }
     if let Ok(entry) = tables.conntrack.get(&key, 0) {
         let idle = coarse_now_ns().saturating_sub(entry.last_seen_ns);
-        if idle <= ct_timeout_ns(key.proto, entry.state) {
+        if idle <= timeouts.of(key.proto, entry.state) {
             let direction = if entry.flags & CT_F_REPLY != 0 {
                 "reply"
             } else {

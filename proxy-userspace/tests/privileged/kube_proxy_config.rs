@@ -26,17 +26,14 @@ fn an_ipvs_mode_kube_proxy_configuration_runs_the_agent_equivalently() {
             "healthzBindAddress: 0.0.0.0:10256",
             "healthzBindAddress: 198.51.100.7:10256",
         );
-    let path = std::env::temp_dir().join(format!("epx-kpc-{}.yaml", std::process::id()));
-    std::fs::write(&path, config).expect("write");
-    let path_text = path.to_str().expect("path").to_owned();
+    let config = ConfigFile::new("kpconfig", &config);
     let cluster = Cluster::with_agent_args(
         "kpconfig",
         2,
         0,
         |t| vec![web(t, &["pod-a1", "pod-a2"])],
-        &["--config", &path_text],
+        &["--config", config.path()],
     );
-    let _ = std::fs::remove_file(&path);
 
     let listing = cluster.agent.listing().expect("listing");
     assert_eq!(
@@ -60,5 +57,67 @@ fn an_ipvs_mode_kube_proxy_configuration_runs_the_agent_equivalently() {
     assert!(
         !log.contains("iptables.localhostNodePorts"),
         "another mode's section is ignored, as kube-proxy ignores it:\n{log}"
+    );
+}
+
+/// Writes a config file for one test; removed when dropped.
+struct ConfigFile(std::path::PathBuf);
+
+impl ConfigFile {
+    fn new(name: &str, text: &str) -> ConfigFile {
+        let path = std::env::temp_dir().join(format!("epx-{name}-{}.yaml", std::process::id()));
+        std::fs::write(&path, text).expect("write");
+        ConfigFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("path")
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_udp_flow_expires_at_the_configured_timeout() {
+    let config = ConfigFile::new(
+        "kpudp",
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+         mode: ipvs\nipvs:\n  udpTimeout: 3s\n",
+    );
+    // The collector is kept away, so that what ends the flow is the data path's
+    // own judgement of its idle time (set at load from the file).
+    let cluster = Cluster::with_agent_args(
+        "kpudp",
+        3,
+        0,
+        |t| vec![dns(t, &["pod-a1", "pod-a2"])],
+        &["--config", config.path(), "--ct-gc-interval-ms", "600000"],
+    );
+    let client = cluster.ns("pod-a3");
+    // One client port: the same flow each time while it is tracked.
+    let target = format!("{DNS_VIP}:53,sourceport=40053,reuseaddr");
+    let backend = || {
+        udp_ask(client, &target)
+            .split_whitespace()
+            .next()
+            .map(str::to_owned)
+    };
+    let first = backend();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(backend(), first, "2 s idle: still the same flow");
+    std::thread::sleep(std::time::Duration::from_millis(3_500));
+    // 3.5 s idle: a new flow, which round robin gives the other backend.
+    assert_ne!(backend(), first, "3.5 s idle: scheduled anew");
+
+    let (_, json) = cluster.agent.status(&["-o", "json"]).expect("status");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(report["agent"]["conntrackTimeouts"]["udp"], 3, "{json}");
+    assert_eq!(
+        report["agent"]["conntrackTimeouts"]["tcpEstablished"], 21_600,
+        "{json}"
     );
 }

@@ -58,11 +58,19 @@ fn an_ipvs_operators_file_maps_to_equivalent_settings() {
     assert_eq!(config.node_name, None);
     assert_eq!(config.oom_score_adj, Some(-999));
     assert!(!config.bind_address_hard_fail);
+    // The IPVS section's timeouts are 0 (the system's): the conntrack section's apply.
+    assert_eq!(config.tcp_timeout, Some(Duration::from_secs(24 * 3600)));
+    assert_eq!((config.tcp_fin_timeout, config.udp_timeout), (None, None));
     // Said at start, each with its reason; the iptables and nftables sections are
     // another mode's and ignored, as kube-proxy ignores them.
     let said =
         |list: &[String], field: &str| list.iter().any(|n| n.starts_with(&format!("{field}: ")));
-    for field in ["ipvs.strictARP", "conntrack.maxPerCore", "configSyncPeriod"] {
+    for field in [
+        "ipvs.strictARP",
+        "conntrack.maxPerCore",
+        "configSyncPeriod",
+        "conntrack.tcpCloseWaitTimeout",
+    ] {
         assert!(
             said(&config.no_effect, field),
             "{field}: {:?}",
@@ -108,6 +116,35 @@ fn json_is_read_as_yaml_is() {
         "the default port"
     );
     assert!(config.bind_address_hard_fail);
+}
+
+#[test]
+fn the_ipvs_sections_timeouts_apply_in_ipvs_mode_only() {
+    let head = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
+    let section = "ipvs:\n  tcpTimeout: 15m\n  tcpFinTimeout: 2m\n  udpTimeout: 5m\n\
+                   conntrack:\n  tcpEstablishedTimeout: 24h\n  udpTimeout: 30s\n";
+    let ipvs = parse(&format!("{head}mode: ipvs\n{section}")).expect("ipvs");
+    assert_eq!(
+        (ipvs.tcp_timeout, ipvs.tcp_fin_timeout, ipvs.udp_timeout),
+        (
+            Some(Duration::from_secs(900)),
+            Some(Duration::from_secs(120)),
+            Some(Duration::from_secs(300))
+        )
+    );
+    let nftables = parse(&format!("{head}mode: nftables\n{section}")).expect("nftables");
+    assert_eq!(
+        (
+            nftables.tcp_timeout,
+            nftables.tcp_fin_timeout,
+            nftables.udp_timeout
+        ),
+        (
+            Some(Duration::from_secs(86_400)),
+            None,
+            Some(Duration::from_secs(30))
+        )
+    );
 }
 
 #[test]

@@ -2,10 +2,9 @@
 //! states and idle timeouts, and none for a protocol no version tracks.
 
 use proxy_common::{
-    ct_timeout_ns,
     tcp::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    Transport, ACCT_ACTIVE, ACCT_INACTIVE, CT_CLOSING, CT_ESTABLISHED, CT_F_REPLY, CT_SYN_RECV,
-    CT_SYN_SENT, PROTO_TCP, PROTO_UDP,
+    CtTimeouts, Transport, ACCT_ACTIVE, ACCT_INACTIVE, CT_CLOSING, CT_ESTABLISHED, CT_F_REPLY,
+    CT_SYN_RECV, CT_SYN_SENT, PROTO_TCP, PROTO_UDP,
 };
 
 const SECOND: u64 = 1_000_000_000;
@@ -45,6 +44,7 @@ fn tcp_follows_its_handshake_and_teardown() {
 
 #[test]
 fn each_protocol_has_its_idle_timeouts_and_an_unknown_one_none() {
+    let ct_timeout_ns = |proto, state| CtTimeouts::DEFAULT.of(proto, state);
     assert_eq!(ct_timeout_ns(PROTO_UDP, CT_ESTABLISHED), 60 * SECOND);
     assert_eq!(ct_timeout_ns(PROTO_TCP, CT_SYN_SENT), 60 * SECOND);
     assert_eq!(ct_timeout_ns(PROTO_TCP, CT_SYN_RECV), 60 * SECOND);
@@ -53,4 +53,9 @@ fn each_protocol_has_its_idle_timeouts_and_an_unknown_one_none() {
     // SCTP (132): no entry of it is ever made; one found is stale at once, where it
     // used to get UDP's timeout (every protocol but TCP did).
     assert_eq!(ct_timeout_ns(132, CT_ESTABLISHED), 0);
+    // Set timeouts are followed, per kind.
+    let mut set = CtTimeouts::DEFAULT;
+    set.ns[proxy_common::TIMEOUT_UDP] = 5 * SECOND;
+    assert_eq!(set.of(PROTO_UDP, CT_ESTABLISHED), 5 * SECOND);
+    assert_eq!(set.of(PROTO_TCP, CT_ESTABLISHED), 21_600 * SECOND);
 }
