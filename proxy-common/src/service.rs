@@ -296,11 +296,23 @@ impl AddrKey {
     }
 }
 
-/// Value of `NODE_ADDRS` (a set): present means "this node's address".
+/// Value of `NODE_ADDRS`: present means "this node's address".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeAddrFlags {
     pub flags: u32,
+}
+
+/// A node address on which NodePorts do not answer (kube-proxy's
+/// `nodePortAddresses` leaves it out). The flag says "not", so that entries written
+/// before it existed (0) keep answering.
+pub const NODE_ADDR_NO_NODE_PORTS: u32 = 1;
+
+impl NodeAddrFlags {
+    #[inline(always)]
+    pub const fn answers_node_ports(&self) -> bool {
+        self.flags & NODE_ADDR_NO_NODE_PORTS == 0
+    }
 }
 
 #[cfg(feature = "user")]

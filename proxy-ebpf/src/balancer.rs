@@ -54,7 +54,7 @@ fn lookup_scoped(tuple: &CtKey, scopes: (u8, u8), node_only: bool) -> Option<Ser
     if let Some(svc) = unsafe { SERVICES.get(key) } {
         return Some(*svc);
     }
-    if node_only && !is_node_address(tuple.family, &tuple.dst) {
+    if node_only && !answers_node_ports(tuple.family, &tuple.dst) {
         return None;
     }
     key.addr = Addr::ZERO;
@@ -125,6 +125,15 @@ pub fn is_service_address(family: u8, addr: &Addr) -> bool {
 pub fn is_node_address(family: u8, addr: &Addr) -> bool {
     // SAFETY: presence check only.
     unsafe { NODE_ADDRS.get(AddrKey::new(*addr, family)) }.is_some()
+}
+
+/// Whether NodePorts answer on the address: a node address not left out by
+/// `nodePortAddresses`.
+#[inline(always)]
+fn answers_node_ports(family: u8, addr: &Addr) -> bool {
+    // SAFETY: the value is read once, by copy.
+    unsafe { NODE_ADDRS.get(AddrKey::new(*addr, family)) }
+        .is_some_and(|flags| flags.answers_node_ports())
 }
 
 /// A chosen backend and the slot it was found in.

@@ -18,7 +18,10 @@ use std::{
 
 use serde_json::Value;
 
-use crate::model::{parse_scheduler, Scheduler};
+use crate::{
+    model::{parse_scheduler, Scheduler},
+    node_ports::NodePortAddresses,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -100,7 +103,7 @@ pub const FIELDS: &[(&str, Handling)] = &[
     ("detectLocal.interfaceNamePrefix", Used),
     ("detectLocal.clusterCIDRs", Unsupported("local traffic is told by the interface it arrives on (--pod-interfaces), not by its source address")),
     ("clusterCIDR", Unsupported("local traffic is told by the interface it arrives on (--pod-interfaces), not by its source address")),
-    ("nodePortAddresses", Unsupported("NodePorts answer on the --node-ip addresses")),
+    ("nodePortAddresses", Used),
     ("oomScoreAdj", Used),
     ("conntrack.maxPerCore", NF_CONNTRACK),
     ("conntrack.min", NF_CONNTRACK),
@@ -147,6 +150,9 @@ pub struct KubeProxyConfig {
     /// From `detectLocalMode: InterfaceNamePrefix` or `BridgeInterface`.
     pub pod_interfaces: Option<String>,
     pub oom_score_adj: Option<i32>,
+    /// Where NodePorts answer: the list, else kube-proxy's default for the mode
+    /// (`all` in iptables and ipvs mode, `primary` in nftables mode).
+    pub node_port_addresses: Option<NodePortAddresses>,
     /// Conntrack idle timeouts: established TCP, TCP after a FIN or RST, UDP. In
     /// ipvs mode the IPVS section's (IPVS's own connection table is what balances
     /// there), else and where it says 0 the conntrack section's.
@@ -279,7 +285,18 @@ impl KubeProxyConfig {
         let udp_timeout = timeout("ipvs.udpTimeout")?
             .or(timeout("conntrack.udpStreamTimeout")?)
             .or(timeout("conntrack.udpTimeout")?);
+        let listed: Vec<String> = match field("nodePortAddresses") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(value) => serde_json::from_value(value.clone())
+                .map_err(|_| invalid("nodePortAddresses: a list of CIDRs and keywords expected"))?,
+        };
+        let node_port_addresses = match (listed.is_empty(), mode) {
+            (false, _) => NodePortAddresses::parse(&listed).map_err(invalid)?,
+            (true, Mode::Nftables) => NodePortAddresses::parse(&["primary"]).map_err(invalid)?,
+            (true, _) => NodePortAddresses::parse(&["all"]).map_err(invalid)?,
+        };
         Ok(KubeProxyConfig {
+            node_port_addresses: Some(node_port_addresses),
             tcp_timeout,
             tcp_fin_timeout,
             udp_timeout,

@@ -19,6 +19,7 @@ pub mod listing;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod node_ports;
 pub mod output;
 pub mod scheduling;
 pub mod server;

@@ -19,6 +19,7 @@ use ebpf_proxy::{
     listing,
     model::{parse_scheduler, Family, Forwarding, Protocol, Scheduler, SourceRange},
     node::{self, NodeConfig},
+    node_ports::NodePortAddresses,
     output::{self, Format, OutputArgs},
     source::{kubernetes::KubernetesSource, manifests::ManifestsSource, Source},
     status, trace,
@@ -207,6 +208,13 @@ struct RunArgs {
     /// source). Without it, the config's bindAddress.
     #[arg(long = "node-ip")]
     node_ips: Vec<Ipv4Addr>,
+    /// Where NodePorts answer (kube-proxy's --nodeport-addresses): comma-separated
+    /// CIDRs and the keywords `primary` (the --node-ip addresses) and `all`; the
+    /// node's addresses they hold are followed as they change. Default: the config's
+    /// nodePortAddresses (or kube-proxy's default for its mode), else the --node-ip
+    /// addresses.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<String>,
     /// An interface facing the outside world (XDP). Repeatable.
     #[arg(long = "uplink")]
     uplinks: Vec<String>,
@@ -489,6 +497,13 @@ async fn run_settings(
         node: NodeConfig {
             name: node_name,
             addresses: node_ips,
+            node_ports: match (args.nodeport_addresses, file.node_port_addresses) {
+                (flags, _) if !flags.is_empty() => {
+                    NodePortAddresses::parse(&flags).map_err(anyhow::Error::msg)?
+                }
+                (_, Some(from_file)) => from_file,
+                _ => NodePortAddresses::NodeIps,
+            },
             uplinks: args.uplinks,
             pod_interface_patterns: pod_interfaces,
         },

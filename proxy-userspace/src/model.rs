@@ -209,6 +209,11 @@ impl SourceRange {
         Family::of(&self.addr)
     }
 
+    /// Whether the prefix holds `addr` (never one of the other family).
+    pub fn contains(&self, addr: &IpAddr) -> bool {
+        Family::of(addr) == self.family() && masked(*addr, self.len) == self.addr
+    }
+
     /// How many addresses the prefix holds (saturating at 2^31).
     pub fn size(&self) -> u32 {
         let host_bits = u32::from(self.family().bits() - self.len);
@@ -237,17 +242,22 @@ impl std::str::FromStr for SourceRange {
                 .filter(|l| *l <= max)
                 .ok_or_else(|| format!("{text:?} has no valid prefix length"))?,
         };
-        let addr = match addr {
-            IpAddr::V4(v4) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
-            }
-            IpAddr::V6(v6) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
-            }
-        };
+        let addr = masked(addr, len);
         Ok(SourceRange { addr, len })
+    }
+}
+
+/// `addr` with the bits beyond the first `len` cleared.
+fn masked(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
     }
 }
 

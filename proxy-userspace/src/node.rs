@@ -5,13 +5,18 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::node_ports::NodePortAddresses;
+
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     /// Matched against EndpointSlice `nodeName` to tell local from remote endpoints.
     pub name: String,
-    /// Addresses that answer NodePorts; the first of a family is that family's
-    /// masquerade (SNAT) source.
+    /// The node's primary addresses: the first of a family is that family's
+    /// masquerade (SNAT) source. NodePorts answer on them unless `node_ports` says
+    /// otherwise.
     pub addresses: Vec<IpAddr>,
+    /// Which of the node's addresses answer NodePorts.
+    pub node_ports: NodePortAddresses,
     /// Interfaces facing the outside: XDP.
     pub uplinks: Vec<String>,
     /// Glob patterns (`*` and `?`) of host-side pod interfaces: tc ingress.

@@ -78,6 +78,7 @@ pub fn measure(services: usize) -> Result<ScaleResult> {
             &ebpf_proxy::node::NodeConfig {
                 name: "node-a".into(),
                 addresses: vec![Ipv4Addr::new(198, 18, 0, 1).into()],
+                node_ports: Default::default(),
                 uplinks: vec![],
                 pod_interface_patterns: vec![],
             },

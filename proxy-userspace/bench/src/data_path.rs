@@ -320,6 +320,7 @@ pub fn measure(
         let node = NodeConfig {
             name: "bench".into(),
             addresses: vec![NODE_IP.into()],
+            node_ports: Default::default(),
             uplinks: vec![],
             pod_interface_patterns: vec![],
         };

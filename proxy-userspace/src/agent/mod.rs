@@ -377,8 +377,17 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         xdp_redirect: config.xdp_redirect,
         tunnel_source: config.tunnel_source,
         tunnel_peers: config.tunnel_peers.clone(),
+        // Read before the first programming, so that a restart keeps every address
+        // that answers NodePorts in place.
+        interface_addresses: match config.node.node_ports.follows_interfaces() {
+            true => interfaces::ipv4_addresses().await?,
+            false => BTreeSet::new(),
+        },
     };
     syncer.program_node(&config.node, &settings)?;
+    let mut node_addresses = NodeAddresses {
+        present: settings.interface_addresses.clone(),
+    };
     let mut programmer = Programmer {
         tracker,
         syncer,
@@ -407,6 +416,9 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
                 Some(LinkEvent::Present { index, name }) => {
                     attachments.present(&mut datapath, &config, index, &name);
                     status.update_report(|r| r.interfaces = attachments.states(&config));
+                }
+                Some(LinkEvent::Address { address, present }) => {
+                    node_addresses.changed(&config, &mut programmer.syncer, address, present);
                 }
                 Some(LinkEvent::Removed { index }) => {
                     attachments.removed(&config, index);
@@ -508,6 +520,45 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     }
     info!("stopping; programs stay attached through their pinned links (`ebpf-proxy cleanup` detaches)");
     Ok(())
+}
+
+/// The IPv4 addresses on the node's interfaces, followed when `nodePortAddresses`
+/// chooses from them.
+struct NodeAddresses {
+    present: BTreeSet<std::net::IpAddr>,
+}
+
+impl NodeAddresses {
+    fn changed(
+        &mut self,
+        config: &AgentConfig,
+        syncer: &mut Syncer,
+        address: std::net::IpAddr,
+        present: bool,
+    ) {
+        let changed = match present {
+            true => self.present.insert(address),
+            false => self.present.remove(&address),
+        };
+        if !changed || !config.node.node_ports.follows_interfaces() {
+            return;
+        }
+        let entries = config
+            .node
+            .node_ports
+            .entries(&config.node.addresses, &self.present);
+        let answering: Vec<String> = entries
+            .iter()
+            .filter(|(_, flags)| flags.answers_node_ports())
+            .map(|(addr, _)| addr.to_string())
+            .collect();
+        match syncer.program_node_addresses(&entries) {
+            Ok(()) => {
+                info!(%address, present, answering = %answering.join(" "), "node addresses changed: NodePorts follow")
+            }
+            Err(e) => warn!(%address, "programming the node's addresses: {e:#}"),
+        }
+    }
 }
 
 /// What `/statusz` says before anything happened.

@@ -1,10 +1,14 @@
 //! Following network interfaces through rtnetlink, so that pod interfaces created
-//! after start get their program, and removed ones are forgotten.
+//! after start get their program, and removed ones are forgotten; and their IPv4
+//! addresses, which `nodePortAddresses` chooses from.
+
+use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::{Context as _, Result};
 use futures::{StreamExt as _, TryStreamExt as _};
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::{
+    address::{AddressAttribute, AddressMessage},
     link::{LinkAttribute, LinkMessage},
     RouteNetlinkMessage,
 };
@@ -23,6 +27,39 @@ pub enum LinkEvent {
     },
     /// Every interface present at start has been reported.
     ListDone,
+    /// An address was added to an interface, or removed (`present: false`).
+    Address {
+        address: IpAddr,
+        present: bool,
+    },
+}
+
+/// The interface's own address (`IFA_LOCAL`; `IFA_ADDRESS` is the peer's on
+/// point-to-point links).
+fn address_of(message: &AddressMessage) -> Option<IpAddr> {
+    let local = message.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(ip) => Some(*ip),
+        _ => None,
+    });
+    local.or_else(|| {
+        message.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        })
+    })
+}
+
+/// The IPv4 addresses on the node's interfaces now.
+pub async fn ipv4_addresses() -> Result<BTreeSet<IpAddr>> {
+    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    let task = tokio::spawn(connection);
+    let mut addresses = BTreeSet::new();
+    let mut listing = handle.address().get().execute();
+    while let Some(message) = listing.try_next().await.context("listing addresses")? {
+        addresses.extend(address_of(&message).filter(IpAddr::is_ipv4));
+    }
+    task.abort();
+    Ok(addresses)
 }
 
 fn link_name(message: &LinkMessage) -> Option<String> {
@@ -47,13 +84,28 @@ pub async fn watch(events: mpsc::Sender<LinkEvent>) -> Result<()> {
     connection
         .socket_mut()
         .socket_mut()
-        .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))
-        .context("subscribing to link notifications")?;
+        .bind(&SocketAddr::new(
+            0,
+            rtnetlink::constants::RTMGRP_LINK | rtnetlink::constants::RTMGRP_IPV4_IFADDR,
+        ))
+        .context("subscribing to link and address notifications")?;
     tokio::spawn(connection);
 
     let mut links = handle.link().get().execute();
     while let Some(link) = links.try_next().await.context("listing interfaces")? {
         if let Some(event) = present(&link) {
+            if events.send(event).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    let mut addresses = handle.address().get().execute();
+    while let Some(message) = addresses.try_next().await.context("listing addresses")? {
+        if let Some(address) = address_of(&message).filter(IpAddr::is_ipv4) {
+            let event = LinkEvent::Address {
+                address,
+                present: true,
+            };
             if events.send(event).await.is_err() {
                 return Ok(());
             }
@@ -68,6 +120,18 @@ pub async fn watch(events: mpsc::Sender<LinkEvent>) -> Result<()> {
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
                 Some(LinkEvent::Removed {
                     index: link.header.index,
+                })
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(message)) => {
+                address_of(&message).map(|address| LinkEvent::Address {
+                    address,
+                    present: true,
+                })
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(message)) => {
+                address_of(&message).map(|address| LinkEvent::Address {
+                    address,
+                    present: false,
                 })
             }
             _ => None,

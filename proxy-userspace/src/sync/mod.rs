@@ -64,6 +64,9 @@ pub struct NodeSettings {
     /// Outer sources trusted to tunnel into `dsr-ipip` frontends; `None`: any, but
     /// unverified (see the `tunnel` module of the data path).
     pub tunnel_peers: Option<Vec<SourceRange>>,
+    /// The addresses on the node's interfaces (those `nodePortAddresses` chooses
+    /// from, when it is set).
+    pub interface_addresses: BTreeSet<IpAddr>,
 }
 
 /// What is in the maps for one frontend.
@@ -247,21 +250,11 @@ impl Syncer {
     /// Programs node-wide settings: node addresses (NodePorts), the masquerade
     /// source, the network namespace the socket hooks serve, the XDP forwarding mode.
     pub fn program_node(&mut self, node: &NodeConfig, settings: &NodeSettings) -> Result<()> {
-        let wanted: BTreeSet<AddrKey> = node.addresses.iter().map(addr_key).collect();
-        let present: Vec<AddrKey> = self
-            .tables
-            .node_addrs
-            .keys()
-            .filter_map(Result::ok)
-            .collect();
-        for addr in present.iter().filter(|a| !wanted.contains(a)) {
-            self.tables.node_addrs.remove(addr)?;
-        }
-        for addr in &wanted {
-            self.tables
-                .node_addrs
-                .insert(addr, NodeAddrFlags { flags: 0 }, 0)?;
-        }
+        self.program_node_addresses(
+            &node
+                .node_ports
+                .entries(&node.addresses, &settings.interface_addresses),
+        )?;
         let snat = ConfigValue {
             addr: Addr::from_ip(&node.snat_address()),
         };
@@ -291,6 +284,32 @@ impl Syncer {
             .config
             .set(CONFIG_TUNNEL_SOURCE, tunnel_source, 0)?;
         self.program_tunnel_peers(settings.tunnel_peers.as_deref())
+    }
+
+    /// Makes `NODE_ADDRS` hold exactly `wanted`: new and changed entries first, then
+    /// the stale ones go (an address that stays never misses a packet).
+    pub fn program_node_addresses(
+        &mut self,
+        wanted: &BTreeMap<IpAddr, NodeAddrFlags>,
+    ) -> Result<()> {
+        let wanted: BTreeMap<AddrKey, NodeAddrFlags> =
+            wanted.iter().map(|(a, f)| (addr_key(a), *f)).collect();
+        for (addr, flags) in &wanted {
+            if self.tables.node_addrs.get(addr, 0).ok() != Some(*flags) {
+                self.tables.node_addrs.insert(addr, flags, 0)?;
+            }
+        }
+        let stale: Vec<AddrKey> = self
+            .tables
+            .node_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|a| !wanted.contains_key(a))
+            .collect();
+        for addr in stale {
+            self.tables.node_addrs.remove(&addr)?;
+        }
+        Ok(())
     }
 
     /// The outer sources that may tunnel in, under the pseudo service id

@@ -427,7 +427,10 @@ fn lookup_scoped(
     }
     if node_only {
         let dst = AddrKey::new(key.dst, key.family);
-        tables.node_addrs.get(&dst, 0).ok()?;
+        let flags = tables.node_addrs.get(&dst, 0).ok()?;
+        if !flags.answers_node_ports() {
+            return None;
+        }
     }
     let port_only = ServiceKey {
         addr: Addr::ZERO,

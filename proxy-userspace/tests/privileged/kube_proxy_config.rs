@@ -31,7 +31,11 @@ fn an_ipvs_mode_kube_proxy_configuration_runs_the_agent_equivalently() {
         "kpconfig",
         2,
         0,
-        |t| vec![web(t, &["pod-a1", "pod-a2"])],
+        |t| {
+            let mut web = web(t, &["pod-a1", "pod-a2"]);
+            web.node_port = Some(NODE_PORT);
+            vec![web]
+        },
         &["--config", config.path()],
     );
 
@@ -41,6 +45,13 @@ fn an_ipvs_mode_kube_proxy_configuration_runs_the_agent_equivalently() {
         "ipvs.scheduler: mh"
     );
     assert!(curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).is_ok());
+    // nodePortAddresses unset: kube-proxy's ipvs-mode default, every node address
+    // (the --node-ip flag gives only 198.18.0.1).
+    let on_link = format!("http://{}:{NODE_PORT}/", testbed::topology::NODE_LINK_IP);
+    assert!(
+        curl(&cluster.topology.node2, &on_link).is_ok(),
+        "NodePort on up1's address"
+    );
     let metrics = curl(&cluster.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
     assert!(metrics.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds"));
 

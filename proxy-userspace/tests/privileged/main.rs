@@ -24,6 +24,7 @@ mod kubernetes_resilience;
 mod manifests_source;
 mod multinode;
 mod node_health;
+mod node_port_addresses;
 mod operator_output;
 mod operator_status;
 mod operator_tools;

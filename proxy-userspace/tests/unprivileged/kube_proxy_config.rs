@@ -8,6 +8,7 @@ use std::{path::Path, time::Duration};
 use ebpf_proxy::{
     kube_proxy_config::{KubeProxyConfig, FIELDS},
     model::Scheduler,
+    node_ports::NodePortAddresses,
 };
 
 fn here(name: &str) -> std::path::PathBuf {
@@ -58,6 +59,11 @@ fn an_ipvs_operators_file_maps_to_equivalent_settings() {
     assert_eq!(config.node_name, None);
     assert_eq!(config.oom_score_adj, Some(-999));
     assert!(!config.bind_address_hard_fail);
+    assert_eq!(
+        config.node_port_addresses,
+        Some(NodePortAddresses::parse(&["all"]).expect("all")),
+        "unset: kube-proxy's default in ipvs mode"
+    );
     // The IPVS section's timeouts are 0 (the system's): the conntrack section's apply.
     assert_eq!(config.tcp_timeout, Some(Duration::from_secs(24 * 3600)));
     assert_eq!((config.tcp_fin_timeout, config.udp_timeout), (None, None));

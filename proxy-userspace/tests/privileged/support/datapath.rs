@@ -28,6 +28,7 @@ fn test_node() -> NodeConfig {
     NodeConfig {
         name: "node-a".into(),
         addresses: vec![NODE_IP.into()],
+        node_ports: Default::default(),
         uplinks: vec![],
         pod_interface_patterns: vec![],
     }
