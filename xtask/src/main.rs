@@ -1,6 +1,8 @@
 //! `cargo xtask`: everything that is not a plain cargo build — installing what a fresh
-//! machine lacks, the demo, and the test suite (which needs root and a kernel).
+//! machine lacks, the demo, the image, and the test suite (which needs root and a
+//! kernel).
 
+mod image;
 mod setup;
 
 use std::process::Command;
@@ -32,7 +34,15 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
-    /// Lints, unit tests, in-kernel data path tests and end-to-end tests.
+    /// The agent's OCI image (target/image/): no base image, reproducible, tagged
+    /// with the version.
+    Image {
+        /// amd64 (this machine) or arm64 (cross-compiled).
+        #[arg(long, default_value = "amd64")]
+        arch: String,
+    },
+    /// Lints, unit tests, in-kernel data path tests and end-to-end tests (the image
+    /// first: a test runs it under runc).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -66,8 +76,13 @@ fn main() -> Result<()> {
             }
             run(bench)
         }
+        Task::Image { arch } => {
+            setup::ensure()?;
+            image::build(image::arch(&arch)?)
+        }
         Task::Test { args } => {
             setup::ensure()?;
+            image::build(image::arch("amd64")?)?;
             test(&args)
         }
     }

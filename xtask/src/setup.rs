@@ -17,6 +17,11 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     // Captures of the multi-node tests (which packets cross which node).
     "tcpdump",
+    // The container runtime the image's test runs it under (crun, the other one in
+    // Debian, refuses this kind of host's hybrid cgroup layout); binutils' readelf
+    // finds the libraries `cargo xtask image` puts in the image.
+    "runc",
+    "binutils",
     // The font of the benchmark's plots.
     "fonts-dejavu-core",
     // The other contenders of `cargo xtask bench`.
@@ -68,6 +73,27 @@ fn installed(package: &str) -> bool {
 pub fn ensure_bench() -> Result<()> {
     ensure()?;
     install_missing(BENCH_PACKAGES)
+}
+
+/// A foreign architecture's Rust standard library, C compiler and libc (the image's
+/// `--arch arm64`).
+pub fn ensure_cross(rust_target: &str, packages: &[&str]) -> Result<()> {
+    install_missing(packages)?;
+    let listed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("running rustup")?;
+    if String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .any(|l| l == rust_target)
+    {
+        return Ok(());
+    }
+    super::run({
+        let mut c = Command::new("rustup");
+        c.args(["target", "add", rust_target]);
+        c
+    })
 }
 
 fn ensure_packages() -> Result<()> {

@@ -9,6 +9,7 @@
 
 mod accounting;
 mod agent_lifecycle;
+mod container;
 mod cpus;
 mod datapath;
 mod decisions;

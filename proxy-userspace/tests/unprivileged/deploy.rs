@@ -159,6 +159,30 @@ fn the_daemonset_is_hardened_and_its_one_privileged_step_is_the_agents_own() {
     assert!(String::from_utf8_lossy(&help.stdout).contains("prepare-node"));
 }
 
+/// Issue 15: `latest` named whatever was pushed last; the image `cargo xtask image`
+/// builds is tagged with the crate's version, and both containers run that one.
+#[test]
+fn the_daemonset_runs_the_image_of_this_version() {
+    let daemonset: DaemonSet =
+        serde_yaml::from_str(&deploy_file("daemonset.yaml")).expect("a DaemonSet");
+    let pod = daemonset
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec");
+    let images: Vec<Option<String>> = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&pod.containers)
+        .map(|c| c.image.clone())
+        .collect();
+    let tag = format!("ebpf-proxy:{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(images, [Some(tag.clone()), Some(tag)]);
+    assert!(!deploy_file("daemonset.yaml").contains(":latest"));
+}
+
 #[test]
 fn rbac_grants_exactly_the_api_access_the_agent_uses() {
     let roles: Vec<ClusterRole> = documents("rbac.yaml", "ClusterRole");
