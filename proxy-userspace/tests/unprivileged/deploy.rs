@@ -230,8 +230,8 @@ fn rbac_grants_exactly_the_api_access_the_agent_uses() {
 }
 
 #[test]
-fn the_kustomizations_name_files_that_exist_and_standalone_mode_uses_the_manifests() {
-    for dir in ["", "standalone/"] {
+fn the_kustomizations_name_files_that_exist_and_their_patches_pass_known_flags() {
+    for dir in ["", "standalone/", "from-kube-proxy/"] {
         let text = deploy_file(&format!("{dir}kustomization.yaml"));
         let kustomization: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
         let files = kustomization["resources"]
@@ -256,6 +256,24 @@ fn the_kustomizations_name_files_that_exist_and_standalone_mode_uses_the_manifes
     let args = container.args.expect("args");
     assert_known_flags(&args);
     assert!(args.iter().any(|a| a.starts_with("--manifests=")));
+
+    // Migration: kube-proxy's own file, from the volume the patch mounts.
+    let patch: DaemonSet = serde_yaml::from_str(&deploy_file(
+        "from-kube-proxy/daemonset-kube-proxy-config.yaml",
+    ))
+    .expect("patch");
+    let (container, pod) = agent_container(patch);
+    let args = container.args.expect("args");
+    assert_known_flags(&args);
+    assert!(args.contains(&"--config=/var/lib/kube-proxy/config.conf".to_owned()));
+    let mounted = container.volume_mounts.expect("mounts");
+    assert_eq!(mounted[0].mount_path, "/var/lib/kube-proxy");
+    let volume = &pod.volumes.expect("volumes")[0];
+    assert_eq!(volume.name, mounted[0].name);
+    assert_eq!(
+        volume.config_map.as_ref().map(|c| c.name.as_str()),
+        Some("kube-proxy")
+    );
 }
 
 #[test]

@@ -212,6 +212,23 @@ fn what_kube_proxy_would_refuse_is_refused() {
 }
 
 #[test]
+fn the_readme_says_what_happens_to_every_field() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README");
+    let table = &readme[readme
+        .find("| field | what ebpf-proxy does |")
+        .expect("the field table")..];
+    for (field, _) in FIELDS {
+        let name = field.trim_end_matches('.');
+        assert!(
+            table.contains(&format!("`{name}`")),
+            "{name} missing from the README's table"
+        );
+    }
+}
+
+#[test]
 fn every_field_has_one_handling() {
     let mut names: Vec<&str> = FIELDS.iter().map(|(f, _)| *f).collect();
     names.sort_unstable();
