@@ -113,9 +113,8 @@ pub const TIMEOUT_UDP: usize = 3;
 
 const NS_PER_S: u64 = 1_000_000_000;
 
-/// The idle timeouts in force, in nanoseconds, by `TIMEOUT_*`. The data path holds
-/// them as a global set when the programs are loaded (read-only data: no map look-up
-/// per packet), the agent's collector and the tools as this value.
+/// The idle timeouts in force, in nanoseconds, by `TIMEOUT_*`: in the data path's
+/// `LoadSettings`, and the agent's collector and the tools hold the same value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtTimeouts {
@@ -257,7 +256,7 @@ pub const fn ct_timeout_kind(proto: u8, state: u8) -> Option<usize> {
 }
 
 #[cfg(feature = "user")]
-crate::user_pod!(CtKey, CtEntry, CtTimeouts);
+crate::user_pod!(CtKey, CtEntry);
 
 /// MurmurHash3 (32-bit) of a 5-tuple's four words: each word is mixed in on its own,
 /// so structured inputs (sequential addresses and ports) spread evenly. Used by the

@@ -10,8 +10,8 @@ use core::num::{NonZeroU32, NonZeroU64};
 
 use crate::{
     addr_hash, flow_hash, Addr, AffinityValue, Backend, ConnCounts, CtKey, Scheduler, ServiceValue,
-    BACKEND_F_REMOTE, MAX_BACKENDS_PER_SERVICE, SVC_F_DSR, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
-    TUNNEL_PEER_TRUSTED,
+    BACKEND_F_REMOTE, MAX_BACKENDS_PER_SERVICE, SVC_F_DSR, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
+    SVC_F_TUNNEL, TUNNEL_PEER_TRUSTED,
 };
 
 const NS_PER_S: u64 = 1_000_000_000;
@@ -206,15 +206,24 @@ pub enum Entry {
 /// Kubernetes masquerades exactly two kinds of service traffic: external clients sent
 /// to a backend on another node (its reply must come back through us), and a pod
 /// that reaches itself through a service (hairpin: it would otherwise answer itself).
-/// A tunnelled flow to this node's own endpoints (`dsr-ipip`) is never masqueraded:
-/// its replies go straight to the client.
+/// With `masquerade_all` (kube-proxy's `masqueradeAll`, for CNIs that need it) every
+/// pod's flow to a ClusterIP is masqueraded too. A tunnelled flow to this node's own
+/// endpoints (`dsr-ipip`) is never masqueraded: its replies go straight to the client.
 #[inline(always)]
-pub fn masquerades(service: &ServiceValue, backend: &Backend, client: &Addr, entry: Entry) -> bool {
+pub fn masquerades(
+    service: &ServiceValue,
+    backend: &Backend,
+    client: &Addr,
+    entry: Entry,
+    masquerade_all: bool,
+) -> bool {
     let remote = backend.flags & BACKEND_F_REMOTE != 0;
     match entry {
         Entry::External => remote,
         Entry::Tunnel => service.flags & SVC_F_TUNNEL == 0 && remote,
-        Entry::Pod => backend.addr == *client,
+        Entry::Pod => {
+            backend.addr == *client || (masquerade_all && service.flags & SVC_F_EXTERNAL == 0)
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod fragments;
 pub mod key_layout;
 pub mod map_name;
 pub mod service;
+pub mod settings;
 pub mod sock;
 pub mod stats;
 pub mod tcp;
@@ -20,6 +21,7 @@ pub mod transport;
 pub use conntrack::*;
 pub use fragments::*;
 pub use service::*;
+pub use settings::*;
 pub use sock::*;
 pub use stats::*;
 pub use transport::Transport;
@@ -225,5 +227,6 @@ assert_layout! {
     TrafficStats => (40, 8),
     BenchTemplate => (68, 4),
     FragmentKey => (36, 4),
+    LoadSettings => (40, 8),
     FragmentPorts => (4, 2),
 }

@@ -36,30 +36,23 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use proxy_common::{
-    ct_timeout_kind, Addr, CtEntry, CtKey, CtTimeouts, Family, ACCT_ACTIVE, ACCT_INACTIVE,
-    CONFIG_SNAT_ADDR, CT_CLOSING, CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS,
-    CT_SYN_SENT, EV_CT_RACE_LOST,
+    ct_timeout_kind, Addr, CtEntry, CtKey, Family, ACCT_ACTIVE, ACCT_INACTIVE, CONFIG_SNAT_ADDR,
+    CT_CLOSING, CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS, CT_SYN_SENT,
+    EV_CT_RACE_LOST,
 };
 
 use crate::{
     accounting, counters,
     maps::{CONNTRACK, NODE_CONFIG},
     parse::Flow,
+    settings,
 };
-
-/// The idle timeouts, by `TIMEOUT_*`: read-only data the agent sets when it loads
-/// the programs (`--tcp-timeout` …, kube-proxy's config), so a lookup costs no map
-/// access. The name is the agent's handle to it.
-#[no_mangle]
-static CT_TIMEOUTS: CtTimeouts = CtTimeouts::DEFAULT;
 
 /// Idle timeout of an entry, in nanoseconds (an untracked protocol's: 0, stale).
 #[inline(always)]
 fn timeout_ns(proto: u8, state: u8) -> u64 {
     match ct_timeout_kind(proto, state) {
-        // SAFETY: a read of read-only data; volatile, so that the compiler does not
-        // fold in the default the agent replaces at load.
-        Some(kind) => unsafe { core::ptr::read_volatile(&CT_TIMEOUTS.ns[kind & 3]) },
+        Some(kind) => settings::ct_timeout_ns(kind),
         None => 0,
     }
 }

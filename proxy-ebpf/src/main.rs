@@ -25,6 +25,7 @@ mod icmp;
 mod maps;
 mod packet;
 mod parse;
+mod settings;
 mod sock;
 mod source_ranges;
 mod translate;

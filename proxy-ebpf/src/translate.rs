@@ -24,7 +24,7 @@ use crate::{
     maps::CONNTRACK,
     packet::{Packet, Side, XdpPacket, ETH_LEN},
     parse::{self, Flow, Skip},
-    source_ranges, tunnel,
+    settings, source_ranges, tunnel,
 };
 
 /// Where the packet entered the node; decides masquerading.
@@ -365,7 +365,13 @@ fn open_flow<P: Packet>(
     if balancer::is_node_address(key.family, &key.dst) {
         reply.flags |= CT_F_NODE_SOURCE;
     }
-    if decide::masquerades(service, &choice.backend, &flow.key.src, origin.entry()) {
+    if decide::masquerades(
+        service,
+        &choice.backend,
+        &flow.key.src,
+        origin.entry(),
+        settings::masquerade_all(),
+    ) {
         let Some(snat_addr) = conntrack::snat_address(key.family) else {
             counters::event(EV_SNAT_EXHAUSTED);
             return Verdict::DROP;

@@ -80,7 +80,7 @@ pub const FIELDS: &[(&str, Handling)] = &[
     ("showHiddenMetricsForVersion", NoEffect("no hidden metrics")),
     ("mode", Used),
     ("iptables.masqueradeBit", NO_FWMARK),
-    ("iptables.masqueradeAll", Unsupported("traffic from pods to ClusterIPs keeps its source; masquerading all of it is not implemented yet")),
+    ("iptables.masqueradeAll", Used),
     ("iptables.localhostNodePorts", Unsupported("NodePorts are not served on 127.0.0.1 (as in kube-proxy's ipvs and nftables modes)")),
     ("iptables.snatNodeInternalIP", NoEffect("the masquerade source is always the node's primary address")),
     ("iptables.syncPeriod", Used),
@@ -94,7 +94,7 @@ pub const FIELDS: &[(&str, Handling)] = &[
     ("ipvs.tcpFinTimeout", Used),
     ("ipvs.udpTimeout", Used),
     ("nftables.masqueradeBit", NO_FWMARK),
-    ("nftables.masqueradeAll", Unsupported("traffic from pods to ClusterIPs keeps its source; masquerading all of it is not implemented yet")),
+    ("nftables.masqueradeAll", Used),
     ("nftables.syncPeriod", Used),
     ("nftables.minSyncPeriod", Used),
     ("winkernel.", WINDOWS),
@@ -150,6 +150,9 @@ pub struct KubeProxyConfig {
     /// From `detectLocalMode: InterfaceNamePrefix` or `BridgeInterface`.
     pub pod_interfaces: Option<String>,
     pub oom_score_adj: Option<i32>,
+    /// `masqueradeAll` of the mode's section (ipvs mode: the iptables section's, as
+    /// kube-proxy reads it).
+    pub masquerade_all: bool,
     /// Where NodePorts answer: the list, else kube-proxy's default for the mode
     /// (`all` in iptables and ipvs mode, `primary` in nftables mode).
     pub node_port_addresses: Option<NodePortAddresses>,
@@ -212,11 +215,14 @@ impl KubeProxyConfig {
             Mode::Ipvs => "ipvs",
             Mode::Nftables => "nftables",
         };
-        // Another mode's section is ignored, as kube-proxy ignores it.
+        // Another mode's section is ignored, as kube-proxy ignores it; its ipvs mode
+        // takes the masquerading fields from the iptables section.
         let other_mode = |path: &str| {
+            let shared = mode == Mode::Ipvs && path.starts_with("iptables.masquerade");
             ["iptables.", "ipvs.", "nftables."]
                 .iter()
                 .any(|s| path.starts_with(s) && !path.starts_with(&format!("{section}.")))
+                && !shared
         };
         let (mut unsupported, mut no_effect, mut unknown) = (Vec::new(), Vec::new(), Vec::new());
         for (path, value) in leaves(&document, String::new()) {
@@ -295,7 +301,15 @@ impl KubeProxyConfig {
             (true, Mode::Nftables) => NodePortAddresses::parse(&["primary"]).map_err(invalid)?,
             (true, _) => NodePortAddresses::parse(&["all"]).map_err(invalid)?,
         };
+        let masquerade_section = if mode == Mode::Nftables {
+            "nftables"
+        } else {
+            "iptables"
+        };
         Ok(KubeProxyConfig {
+            masquerade_all: field(&format!("{masquerade_section}.masqueradeAll"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             node_port_addresses: Some(node_port_addresses),
             tcp_timeout,
             tcp_fin_timeout,

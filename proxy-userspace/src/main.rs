@@ -25,7 +25,7 @@ use ebpf_proxy::{
     status, trace,
 };
 use proxy_common::{
-    map_name, Addr, CtTimeouts, TIMEOUT_CLOSING, TIMEOUT_TCP_ESTABLISHED, TIMEOUT_UDP,
+    map_name, Addr, CtTimeouts, LoadSettings, TIMEOUT_CLOSING, TIMEOUT_TCP_ESTABLISHED, TIMEOUT_UDP,
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ebpf-proxy";
@@ -268,6 +268,11 @@ struct RunArgs {
     /// conntrack.udpStreamTimeout or conntrack.udpTimeout, else 60 s.
     #[arg(long, value_parser = humantime::parse_duration)]
     udp_timeout: Option<Duration>,
+    /// Masquerade every flow from a pod to a ClusterIP, not only a pod reaching
+    /// itself (kube-proxy's --masquerade-all, for CNIs that need it). Default: the
+    /// config's iptables/nftables masqueradeAll.
+    #[arg(long)]
+    masquerade_all: bool,
     /// How often idle conntrack entries are collected, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     ct_gc_interval_ms: u64,
@@ -406,19 +411,25 @@ async fn main() -> Result<()> {
             };
             let tables = Tables::open(&pin_dir)?;
             // The idle timeouts the programs were loaded with are the agent's to say.
-            let timeouts = match status::fetch_agent_report(agent).await {
-                Ok(report) => report.conntrack_timeouts.into(),
+            let settings = match status::fetch_agent_report(agent).await {
+                Ok(report) => LoadSettings {
+                    ct_timeouts: report.conntrack_timeouts.into(),
+                    masquerade_all: u32::from(report.masquerade_all),
+                    _pad: 0,
+                },
                 Err(e) => {
-                    eprintln!("{e:#}: judging idle flows by the default timeouts");
-                    CtTimeouts::DEFAULT
+                    eprintln!(
+                        "{e:#}: explaining with the default settings (timeouts, masquerading)"
+                    );
+                    LoadSettings::DEFAULT
                 }
             };
             let explanation = match proto {
                 ProtoArg::Tcp => {
-                    trace::explain(&tables, &timeouts, Protocol::Tcp, src, dst, origin)?
+                    trace::explain(&tables, &settings, Protocol::Tcp, src, dst, origin)?
                 }
                 ProtoArg::Udp => {
-                    trace::explain(&tables, &timeouts, Protocol::Udp, src, dst, origin)?
+                    trace::explain(&tables, &settings, Protocol::Udp, src, dst, origin)?
                 }
                 ProtoArg::Icmp => trace::explain_icmp(&tables, src.ip(), dst.ip())?,
             };
@@ -548,17 +559,21 @@ async fn run_settings(
             backends: args.max_backends,
             conntrack: args.conntrack_entries,
         },
-        ct_timeouts: ct_timeouts([
-            (
-                TIMEOUT_TCP_ESTABLISHED,
-                args.tcp_timeout.or(file.tcp_timeout),
-            ),
-            (
-                TIMEOUT_CLOSING,
-                args.tcp_fin_timeout.or(file.tcp_fin_timeout),
-            ),
-            (TIMEOUT_UDP, args.udp_timeout.or(file.udp_timeout)),
-        ])?,
+        load_settings: LoadSettings {
+            ct_timeouts: ct_timeouts([
+                (
+                    TIMEOUT_TCP_ESTABLISHED,
+                    args.tcp_timeout.or(file.tcp_timeout),
+                ),
+                (
+                    TIMEOUT_CLOSING,
+                    args.tcp_fin_timeout.or(file.tcp_fin_timeout),
+                ),
+                (TIMEOUT_UDP, args.udp_timeout.or(file.udp_timeout)),
+            ])?,
+            masquerade_all: u32::from(args.masquerade_all || file.masquerade_all),
+            _pad: 0,
+        },
     };
     Ok((config, sources))
 }

@@ -50,6 +50,8 @@ pub struct AgentReport {
     /// The cgroup the socket hooks are attached to.
     pub socket_hooks: String,
     pub conntrack_timeouts: Timeouts,
+    /// kube-proxy's `masqueradeAll`.
+    pub masquerade_all: bool,
     pub settings: Settings,
     /// The standing problems (objects skipped or changed, frontends that did not fit),
     /// the first [`PROBLEMS_SHOWN`] of them.
@@ -449,8 +451,10 @@ pub fn render(report: &StatusReport, wide: bool) -> String {
                 let s = &a.settings;
                 let _ = writeln!(
                     out,
-                    "Defaults:       scheduler {}, forwarding {}",
-                    s.scheduler, s.forwarding
+                    "Defaults:       scheduler {}, forwarding {}, masquerade all {}",
+                    s.scheduler,
+                    s.forwarding,
+                    if a.masquerade_all { "yes" } else { "no" }
                 );
             }
         }

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
-use proxy_common::CtTimeouts;
+use proxy_common::LoadSettings;
 use tokio::{signal::unix, sync::mpsc};
 use tracing::{debug, info, warn};
 
@@ -82,8 +82,9 @@ pub struct AgentConfig {
     /// kube-proxy's `oomScoreAdj`, applied at start if the agent may.
     pub oom_score_adj: Option<i32>,
     pub map_sizes: MapSizes,
-    /// Conntrack idle timeouts (set in the programs at load, and the collector's).
-    pub ct_timeouts: CtTimeouts,
+    /// Set in the programs at load: conntrack idle timeouts (the collector's too),
+    /// kube-proxy's `masqueradeAll`.
+    pub load_settings: LoadSettings,
     /// TCX or netlink for the pod-interface program.
     pub tc_attach: attach::TcAttach,
 }
@@ -351,17 +352,17 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     // sources read: a large manifests file is parsed and tracked meanwhile.
     let pin_dir = config.pin_dir.clone();
     let sizes = config.map_sizes;
-    let timeouts = config.ct_timeouts;
+    let settings = config.load_settings;
     let mut loading =
-        tokio::task::spawn_blocking(move || Datapath::load_configured(&pin_dir, sizes, timeouts));
+        tokio::task::spawn_blocking(move || Datapath::load_configured(&pin_dir, sizes, settings));
     let mut datapath = loop {
         tokio::select! {
             loaded = &mut loading => break loaded.context("loading the data path")??,
             Some(update) = updates.recv() => schedule.apply(update, &mut tracker, &status.metrics),
         }
     };
-    let mut syncer =
-        Syncer::recover(Tables::open(&config.pin_dir)?)?.with_ct_timeouts(config.ct_timeouts);
+    let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?
+        .with_ct_timeouts(config.load_settings.ct_timeouts);
     let unbound = server::spawn(
         config.metrics_address,
         config.health_address,
@@ -571,7 +572,8 @@ fn initial_report(config: &AgentConfig) -> AgentReport {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         socket_hooks: config.cgroup.display().to_string(),
-        conntrack_timeouts: config.ct_timeouts.into(),
+        conntrack_timeouts: config.load_settings.ct_timeouts.into(),
+        masquerade_all: config.load_settings.masquerade_all != 0,
         settings: Settings {
             xdp_mode: match config.xdp_mode {
                 XdpMode::Driver => "native".into(),

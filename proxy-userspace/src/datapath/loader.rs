@@ -15,10 +15,7 @@ use aya::{
 };
 
 use super::{EBPF_OBJECT, PROG_EGRESS, PROG_POD, PROG_SOCK_HOOKS, PROG_UPLINK};
-use proxy_common::{map_name, CtTimeouts};
-
-/// The data path's global holding the idle timeouts (`proxy-ebpf`'s conntrack).
-const CT_TIMEOUTS_GLOBAL: &str = "CT_TIMEOUTS";
+use proxy_common::{map_name, LoadSettings, SETTINGS_GLOBAL};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -126,14 +123,14 @@ impl Datapath {
     }
 
     pub fn load_sized(pin_dir: &Path, sizes: MapSizes) -> Result<Datapath> {
-        Datapath::load_configured(pin_dir, sizes, CtTimeouts::DEFAULT)
+        Datapath::load_configured(pin_dir, sizes, LoadSettings::DEFAULT)
     }
 
-    /// Loads with the conntrack idle timeouts set in the programs' read-only data.
+    /// Loads with `settings` in the programs' read-only data.
     pub fn load_configured(
         pin_dir: &Path,
         sizes: MapSizes,
-        timeouts: CtTimeouts,
+        settings: LoadSettings,
     ) -> Result<Datapath> {
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir)
@@ -144,7 +141,7 @@ impl Datapath {
         for (name, size) in sizes.by_map() {
             loader.map_max_entries(name, size);
         }
-        loader.override_global(CT_TIMEOUTS_GLOBAL, &timeouts, true);
+        loader.override_global(SETTINGS_GLOBAL, &settings, true);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps pinned in an incompatible layout? run `ebpf-proxy cleanup`)")?;

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::Result;
 use proxy_common::{
     decide::{self, Entry, TunnelPeer},
-    Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, CtTimeouts, Family, Scheduler, ServiceKey,
+    Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, Family, LoadSettings, Scheduler, ServiceKey,
     ServiceValue, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN,
     SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL,
     SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID,
@@ -135,7 +135,7 @@ fn is_refused_service_address(tables: &Tables, addr: &IpAddr) -> bool {
 
 pub fn explain(
     tables: &Tables,
-    timeouts: &CtTimeouts,
+    settings: &LoadSettings,
     protocol: Protocol,
     src: SocketAddr,
     dst: SocketAddr,
@@ -179,7 +179,7 @@ pub fn explain(
     }
     if let Ok(entry) = tables.conntrack.get(&key, 0) {
         let idle = coarse_now_ns().saturating_sub(entry.last_seen_ns);
-        if idle <= timeouts.of(key.proto, entry.state) {
+        if idle <= settings.ct_timeouts.of(key.proto, entry.state) {
             let direction = if entry.flags & CT_F_REPLY != 0 {
                 "reply"
             } else {
@@ -292,25 +292,28 @@ pub fn explain(
         out.encapsulated_to = Some(endpoint.addr);
         return Ok(out);
     }
-    let source = if decide::masquerades(&service, &backend, &key.src, origin.entry()) {
-        let reason = match origin {
-            Origin::Pod => "a pod reaching itself (hairpin)",
-            _ => "external traffic to a backend on another node",
+    let masquerade_all = settings.masquerade_all != 0;
+    let source =
+        if decide::masquerades(&service, &backend, &key.src, origin.entry(), masquerade_all) {
+            let reason = match origin {
+                Origin::Pod if key.src == backend.addr => "a pod reaching itself (hairpin)",
+                Origin::Pod => "masqueradeAll: every pod's flow to a ClusterIP",
+                _ => "external traffic to a backend on another node",
+            };
+            let snat = tables
+                .config
+                .get(&CONFIG_SNAT_ADDR, 0)?
+                .addr
+                .to_ip(Family::V4);
+            out.steps.push(format!(
+                "{reason}: masqueraded to {snat} (the client's port if free)"
+            ));
+            SocketAddr::new(snat, src.port())
+        } else {
+            out.steps
+                .push("no masquerade: the backend sees the client's address".into());
+            src
         };
-        let snat = tables
-            .config
-            .get(&CONFIG_SNAT_ADDR, 0)?
-            .addr
-            .to_ip(Family::V4);
-        out.steps.push(format!(
-            "{reason}: masqueraded to {snat} (the client's port if free)"
-        ));
-        SocketAddr::new(snat, src.port())
-    } else {
-        out.steps
-            .push("no masquerade: the backend sees the client's address".into());
-        src
-    };
     out.translated = Some((source, backend_socket));
     Ok(out)
 }

@@ -84,7 +84,7 @@ fn trace_predicts_what_the_kernel_does_over_random_states() {
             let port = 20_000 + (state as u16 % 1000) * PROBES + probe;
             let predicted = explain(
                 &dp.tables(),
-                &proxy_common::CtTimeouts::DEFAULT,
+                &proxy_common::LoadSettings::DEFAULT,
                 Protocol::Tcp,
                 SocketAddr::from((client, port)),
                 SocketAddr::from((VIP, 80)),
@@ -146,7 +146,7 @@ fn trace(
 ) -> ebpf_proxy::trace::Explanation {
     explain(
         &dp.tables(),
-        &proxy_common::CtTimeouts::DEFAULT,
+        &proxy_common::LoadSettings::DEFAULT,
         Protocol::Tcp,
         SocketAddr::from((CLIENT, 41000)),
         SocketAddr::from((dst, port)),

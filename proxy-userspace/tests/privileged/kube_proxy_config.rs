@@ -132,3 +132,25 @@ fn a_udp_flow_expires_at_the_configured_timeout() {
         "{json}"
     );
 }
+
+#[test]
+fn masquerade_all_hides_every_pods_address_from_cluster_ip_backends() {
+    let config = ConfigFile::new(
+        "kpmasq",
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+         mode: ipvs\niptables:\n  masqueradeAll: true\n",
+    );
+    let cluster = Cluster::with_agent_args(
+        "kpmasq",
+        2,
+        0,
+        |t| vec![web(t, &["pod-a1"])],
+        &["--config", config.path()],
+    );
+    // pod-a2 to the ClusterIP: its backend sees the node's address, not the pod's
+    // (without masqueradeAll it sees the pod: the first test of `services`).
+    let body = curl(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/")).expect("answered");
+    assert_eq!(client_of(&body), testbed::topology::NODE_IP, "{body}");
+    let (_, json) = cluster.agent.status(&["-o", "json"]).expect("status");
+    assert!(json.contains("\"masqueradeAll\": true"), "{json}");
+}

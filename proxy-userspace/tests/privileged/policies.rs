@@ -167,7 +167,7 @@ fn trace_explains_source_ranges_and_affinity_as_the_kernel_decides() {
     let trace = |dp: &TestDatapath, src: [u8; 4], dst: [u8; 4]| {
         explain(
             &dp.tables(),
-            &proxy_common::CtTimeouts::DEFAULT,
+            &proxy_common::LoadSettings::DEFAULT,
             Protocol::Tcp,
             SocketAddr::from((src, 41000)),
             SocketAddr::from((dst, 80)),

@@ -284,7 +284,7 @@ fn a_tunnel_cannot_carry_a_flow_past_load_balancer_source_ranges() {
     // trace says the same.
     let explained = ebpf_proxy::trace::explain(
         &dp.tables(),
-        &proxy_common::CtTimeouts::DEFAULT,
+        &proxy_common::LoadSettings::DEFAULT,
         Protocol::Tcp,
         SocketAddr::from((CLIENT, 40000)),
         SocketAddr::from((LB, 80)),

@@ -64,6 +64,7 @@ fn an_ipvs_operators_file_maps_to_equivalent_settings() {
         Some(NodePortAddresses::parse(&["all"]).expect("all")),
         "unset: kube-proxy's default in ipvs mode"
     );
+    assert!(!config.masquerade_all);
     // The IPVS section's timeouts are 0 (the system's): the conntrack section's apply.
     assert_eq!(config.tcp_timeout, Some(Duration::from_secs(24 * 3600)));
     assert_eq!((config.tcp_fin_timeout, config.udp_timeout), (None, None));
@@ -76,6 +77,8 @@ fn an_ipvs_operators_file_maps_to_equivalent_settings() {
         "conntrack.maxPerCore",
         "configSyncPeriod",
         "conntrack.tcpCloseWaitTimeout",
+        // ipvs mode reads masquerading from the iptables section, as kube-proxy does.
+        "iptables.masqueradeBit",
     ] {
         assert!(
             said(&config.no_effect, field),
@@ -87,7 +90,7 @@ fn an_ipvs_operators_file_maps_to_equivalent_settings() {
     assert!(said(&config.unsupported, field), "{:?}", config.unsupported);
     for ignored in [
         "iptables.localhostNodePorts",
-        "iptables.masqueradeBit",
+        "iptables.syncPeriod",
         "nftables.masqueradeBit",
     ] {
         assert!(
@@ -122,6 +125,16 @@ fn json_is_read_as_yaml_is() {
         "the default port"
     );
     assert!(config.bind_address_hard_fail);
+}
+
+#[test]
+fn masquerade_all_comes_from_the_section_kube_proxy_reads_it_from() {
+    let head = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
+    let both = "iptables:\n  masqueradeAll: true\nnftables:\n  masqueradeAll: false\n";
+    for (mode, expected) in [("ipvs", true), ("iptables", true), ("nftables", false)] {
+        let config = parse(&format!("{head}mode: {mode}\n{both}")).expect(mode);
+        assert_eq!(config.masquerade_all, expected, "{mode}");
+    }
 }
 
 #[test]
