@@ -22,6 +22,12 @@ pub const SCOPE_NODE_PORT: u8 = 1;
 pub const SCOPE_TUNNEL: u8 = 2;
 /// A NodePort of any node, reached through an IPIP tunnel.
 pub const SCOPE_TUNNEL_NODE_PORT: u8 = 3;
+/// The same two as in-cluster clients (pods, the node's own sockets) see an external
+/// frontend whose `externalTrafficPolicy: Local` narrowed it to this node's
+/// endpoints: every endpoint, as kube-proxy short-circuits in-cluster traffic to a
+/// service's external addresses.
+pub const SCOPE_IN_CLUSTER: u8 = 4;
+pub const SCOPE_IN_CLUSTER_NODE_PORT: u8 = 5;
 
 /// Look-up key of `SERVICES`.
 #[repr(C)]
@@ -129,6 +135,8 @@ pub const SVC_F_TUNNEL: u8 = 8;
 /// narrowed the frontend's endpoints to this node's. Only `trace` reads it, to explain
 /// a drop: the data path needs nothing but the endpoint set.
 pub const SVC_F_LOCAL_ONLY: u8 = 16;
+/// An external frontend with a `SCOPE_IN_CLUSTER*` view, which in-cluster clients get.
+pub const SVC_F_IN_CLUSTER_VIEW: u8 = 32;
 
 /// Value of `SERVICES`.
 #[repr(C)]

@@ -17,7 +17,8 @@ use aya_ebpf::{
 use proxy_common::{
     decide::{self, LeastLoaded, Position, SchedTables},
     Addr, AddrKey, Backend, BackendSlotKey, CtKey, Scheduler, ServiceKey, ServiceValue,
-    MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
+    MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS, SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT,
+    SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_IN_CLUSTER_VIEW,
 };
 
 use crate::maps::{
@@ -29,6 +30,19 @@ use crate::maps::{
 #[inline(always)]
 pub fn lookup_service(tuple: &CtKey) -> Option<ServiceValue> {
     lookup_scoped(tuple, (SCOPE_ADDRESS, SCOPE_NODE_PORT), true)
+}
+
+/// The frontend an in-cluster client (a pod, the node's own sockets) addresses: as
+/// `lookup_service`, except that an external frontend with an in-cluster view
+/// (`externalTrafficPolicy: Local`) gives that view, every endpoint, as kube-proxy
+/// short-circuits in-cluster traffic to external addresses.
+#[inline(always)]
+pub fn lookup_service_in_cluster(tuple: &CtKey) -> Option<ServiceValue> {
+    let service = lookup_service(tuple)?;
+    if service.flags & SVC_F_IN_CLUSTER_VIEW == 0 {
+        return Some(service);
+    }
+    lookup_scoped(tuple, (SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT), true).or(Some(service))
 }
 
 /// The frontend a decapsulated packet addresses: the `dsr-ipip` view of an address

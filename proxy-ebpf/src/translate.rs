@@ -125,6 +125,7 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     }
     let service = match origin {
         Origin::Tunnel(_) => balancer::lookup_tunnel_service(&flow.key),
+        Origin::Pod => balancer::lookup_service_in_cluster(&flow.key),
         _ => balancer::lookup_service(&flow.key),
     };
     match service {

@@ -17,7 +17,9 @@ pub use proxy_common::Transport as Protocol;
 
 /// Where a frontend listens: an exact address, or a port on every node address; or
 /// either of them as reached through an IPIP tunnel from an entry node (`dsr-ipip`),
-/// where only this node's endpoints serve.
+/// where only this node's endpoints serve; or as in-cluster clients reach an
+/// external frontend that `externalTrafficPolicy: Local` narrowed (every endpoint
+/// serves them, as kube-proxy short-circuits them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Listen {
     Address(IpAddr),
@@ -25,6 +27,8 @@ pub enum Listen {
     NodePort(Family),
     TunnelAddress(IpAddr),
     TunnelNodePort(Family),
+    InClusterAddress(IpAddr),
+    InClusterNodePort(Family),
 }
 
 impl Listen {
@@ -32,10 +36,21 @@ impl Listen {
         matches!(self, Listen::TunnelAddress(_) | Listen::TunnelNodePort(_))
     }
 
+    pub fn is_in_cluster(self) -> bool {
+        matches!(
+            self,
+            Listen::InClusterAddress(_) | Listen::InClusterNodePort(_)
+        )
+    }
+
     pub fn family(self) -> Family {
         match self {
-            Listen::Address(addr) | Listen::TunnelAddress(addr) => Family::of(&addr),
-            Listen::NodePort(family) | Listen::TunnelNodePort(family) => family,
+            Listen::Address(addr)
+            | Listen::TunnelAddress(addr)
+            | Listen::InClusterAddress(addr) => Family::of(&addr),
+            Listen::NodePort(family)
+            | Listen::TunnelNodePort(family)
+            | Listen::InClusterNodePort(family) => family,
         }
     }
 }
@@ -75,6 +90,18 @@ impl fmt::Display for FrontendKey {
             Listen::TunnelNodePort(family) => {
                 let any = any_address(family);
                 write!(f, "{} {any}:{} (NodePort, IPIP)", self.protocol, self.port)
+            }
+            Listen::InClusterAddress(addr) => {
+                let addr = BracketedAddr(addr);
+                write!(f, "{} {addr}:{} (in-cluster)", self.protocol, self.port)
+            }
+            Listen::InClusterNodePort(family) => {
+                let any = any_address(family);
+                write!(
+                    f,
+                    "{} {any}:{} (NodePort, in-cluster)",
+                    self.protocol, self.port
+                )
             }
         }
     }
@@ -135,6 +162,8 @@ pub struct Frontend {
     pub dsr: bool,
     /// A traffic policy `Local` narrowed `endpoints` to this node's.
     pub local_only: bool,
+    /// An external frontend with an in-cluster view (`Listen::InCluster*`).
+    pub in_cluster_view: bool,
 }
 
 /// How a service's external traffic reaches endpoints on other nodes.

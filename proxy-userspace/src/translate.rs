@@ -37,7 +37,10 @@
 //!    use only this node's endpoints (none: packets are dropped), so nothing is
 //!    masqueraded and backends see the client's address; with a `healthCheckNodePort`
 //!    the node answers load balancers' health checks with its local endpoint count
-//!    (`healthcheck`). `Cluster` (the default) uses every endpoint.
+//!    (`healthcheck`). `Cluster` (the default) uses every endpoint. In-cluster
+//!    clients (pods, the node's own sockets) of a frontend so narrowed get every
+//!    endpoint, through its in-cluster view (`Listen::InCluster*`), as kube-proxy
+//!    short-circuits in-cluster traffic to a service's external addresses.
 //! 9. `internalTrafficPolicy: Local`: the ClusterIP frontends use only this node's
 //!    endpoints (none: dropped).
 //! 10. Topology, from the hints the EndpointSlice controller sets, as kube-proxy reads
@@ -624,8 +627,13 @@ pub(crate) fn service_output(
             port.name.as_deref().unwrap_or(&number.to_string())
         );
         let tunnelled = weighted(&sets.local);
+        // In-cluster clients of an external frontend that the policy narrowed get
+        // every endpoint (rule 8).
+        let short_circuit = external_local && sets.cluster != sets.local;
+        let cluster_wide = weighted(&sets.cluster);
         let mut add = |listen: Listen, port, address: Address| {
-            let is_external = address != Address::Cluster;
+            let in_cluster = listen.is_in_cluster();
+            let is_external = address != Address::Cluster && !in_cluster;
             let tunnel = listen.is_tunnel();
             frontends.push((
                 FrontendKey {
@@ -637,10 +645,11 @@ pub(crate) fn service_output(
                     service: service_port.clone(),
                     external: is_external,
                     scheduler,
-                    endpoints: match (tunnel, is_external) {
-                        (true, _) => tunnelled.clone(),
-                        (false, true) => external.clone(),
-                        (false, false) => internal.clone(),
+                    endpoints: match (tunnel, in_cluster, is_external) {
+                        (true, _, _) => tunnelled.clone(),
+                        (false, true, _) => cluster_wide.clone(),
+                        (false, false, true) => external.clone(),
+                        (false, false, false) => internal.clone(),
                     },
                     affinity_timeout_s,
                     source_ranges: if address == Address::LoadBalancer && !tunnel {
@@ -649,9 +658,11 @@ pub(crate) fn service_output(
                         None
                     },
                     dsr: dsr && is_external && !tunnel,
+                    in_cluster_view: short_circuit && is_external && !tunnel,
                     // A policy `Local` drops (rather than refuses) only where the
                     // service has endpoints elsewhere, as kube-proxy does.
                     local_only: !tunnel
+                        && !in_cluster
                         && !sets.cluster.is_empty()
                         && if is_external {
                             external_local
@@ -666,6 +677,9 @@ pub(crate) fn service_output(
             if dsr && *kind != Address::Cluster {
                 add(Listen::TunnelAddress(*addr), number, *kind);
             }
+            if short_circuit && *kind != Address::Cluster {
+                add(Listen::InClusterAddress(*addr), number, *kind);
+            }
         }
         if let Some(node_port) = node_port {
             // On the IPv4 node addresses: the family every frontend has until IPv6
@@ -674,6 +688,13 @@ pub(crate) fn service_output(
             if dsr {
                 add(
                     Listen::TunnelNodePort(Family::V4),
+                    node_port,
+                    Address::NodePort,
+                );
+            }
+            if short_circuit {
+                add(
+                    Listen::InClusterNodePort(Family::V4),
                     node_port,
                     Address::NodePort,
                 );

@@ -7,8 +7,9 @@ use std::net::IpAddr;
 use aya::maps::lpm_trie::Key as LpmKey;
 use proxy_common::{
     Addr, AddrKey, Backend, Family, ServiceKey, ServiceName, SourceRangeKey, BACKEND_F_REMOTE,
-    SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SOURCE_RANGE_ID_BITS,
-    SVC_F_DSR, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
+    SCOPE_ADDRESS, SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT, SCOPE_NODE_PORT, SCOPE_TUNNEL,
+    SCOPE_TUNNEL_NODE_PORT, SOURCE_RANGE_ID_BITS, SVC_F_DSR, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW,
+    SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
 };
 
 use crate::model::{Endpoint, Frontend, FrontendKey, Listen, Protocol, SourceRange};
@@ -20,6 +21,8 @@ pub fn service_key(key: &FrontendKey) -> ServiceKey {
         Listen::NodePort(_) => (Addr::ZERO, SCOPE_NODE_PORT),
         Listen::TunnelAddress(a) => (Addr::from_ip(&a), SCOPE_TUNNEL),
         Listen::TunnelNodePort(_) => (Addr::ZERO, SCOPE_TUNNEL_NODE_PORT),
+        Listen::InClusterAddress(a) => (Addr::from_ip(&a), SCOPE_IN_CLUSTER),
+        Listen::InClusterNodePort(_) => (Addr::ZERO, SCOPE_IN_CLUSTER_NODE_PORT),
     };
     ServiceKey {
         addr,
@@ -40,6 +43,8 @@ pub fn frontend_key(key: &ServiceKey) -> Option<FrontendKey> {
         SCOPE_NODE_PORT => Listen::NodePort(family),
         SCOPE_TUNNEL => Listen::TunnelAddress(key.addr.to_ip(family)),
         SCOPE_TUNNEL_NODE_PORT => Listen::TunnelNodePort(family),
+        SCOPE_IN_CLUSTER => Listen::InClusterAddress(key.addr.to_ip(family)),
+        SCOPE_IN_CLUSTER_NODE_PORT => Listen::InClusterNodePort(family),
         _ => return None,
     };
     Some(FrontendKey {
@@ -85,6 +90,7 @@ pub fn service_flags(key: &FrontendKey, frontend: &Frontend) -> u8 {
         (frontend.dsr, SVC_F_DSR),
         (key.listen.is_tunnel(), SVC_F_TUNNEL),
         (frontend.local_only, SVC_F_LOCAL_ONLY),
+        (frontend.in_cluster_view, SVC_F_IN_CLUSTER_VIEW),
     ] {
         if set {
             flags |= flag;

@@ -12,8 +12,9 @@ use proxy_common::{
     decide::{self, Entry, TunnelPeer},
     Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, Family, LoadSettings, Scheduler, ServiceKey,
     ServiceValue, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN,
-    SCOPE_ADDRESS, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL,
-    SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID,
+    SCOPE_ADDRESS, SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT, SCOPE_NODE_PORT, SCOPE_TUNNEL,
+    SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_LOCAL_ONLY,
+    SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID,
 };
 use serde::Serialize;
 
@@ -217,6 +218,9 @@ pub fn explain(
             lookup_scoped(tables, &key, (SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT), false)
                 .map(|(v, _)| (v, "by its IPIP view (dsr-ipip)"))
         }
+        Origin::Pod => {
+            lookup_service(tables, &key).map(|found| in_cluster_view(tables, &key, found))
+        }
         _ => lookup_service(tables, &key),
     };
     let Some((service, how)) = found else {
@@ -407,6 +411,26 @@ fn tunnel_backend_slot(tables: &Tables, service: &ServiceValue, addr: IpAddr) ->
 
 fn lookup_service(tables: &Tables, key: &CtKey) -> Option<(ServiceValue, &'static str)> {
     lookup_scoped(tables, key, (SCOPE_ADDRESS, SCOPE_NODE_PORT), true)
+}
+
+/// An in-cluster client of an external frontend that `externalTrafficPolicy: Local`
+/// narrowed gets its in-cluster view, every endpoint (`balancer::lookup_service_in_cluster`).
+fn in_cluster_view(
+    tables: &Tables,
+    key: &CtKey,
+    found: (ServiceValue, &'static str),
+) -> (ServiceValue, &'static str) {
+    if found.0.flags & SVC_F_IN_CLUSTER_VIEW == 0 {
+        return found;
+    }
+    lookup_scoped(tables, key, (SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT), true)
+        .map(|(view, _)| {
+            (
+                view,
+                "by its in-cluster view: every endpoint, as kube-proxy short-circuits pods' traffic to external addresses",
+            )
+        })
+        .unwrap_or(found)
 }
 
 /// The exact frontend in scope `scopes.0`, else the port-only one in `scopes.1` (only

@@ -243,3 +243,37 @@ fn xdp_redirect_mode_transmits_from_xdp_to_receivers_that_run_gro() {
         .map_or(0, |e| e.1);
     assert!(redirected > 0, "no frame left by XDP_REDIRECT: {events:?}");
 }
+
+/// kube-proxy short-circuits in-cluster traffic to a service's external addresses:
+/// a pod, or the node itself, reaching the LoadBalancer IP or a NodePort of an
+/// `externalTrafficPolicy: Local` service is served by every endpoint, while
+/// outside clients get only this node's (none here: dropped).
+#[test]
+fn in_cluster_clients_of_a_local_policy_service_use_every_endpoint() {
+    let cluster = Cluster::new("shortcut", 1, 1, |t| {
+        let mut web = web(t, &["pod-b1"]);
+        web.node_port = Some(NODE_PORT);
+        web.load_balancer_ip = Some(LB_IP);
+        vec![web.with_spec("externalTrafficPolicy: Local")]
+    });
+    let lb = format!("http://{LB_IP}/");
+    let node_port = format!("http://{NODE_IP}:{NODE_PORT}/");
+    assert!(
+        curl(&cluster.topology.client, &lb).is_err(),
+        "outside: no local endpoint"
+    );
+    for (what, url) in [("the LoadBalancer IP", &lb), ("the NodePort", &node_port)] {
+        let body = curl(cluster.ns("pod-a1"), url).unwrap_or_else(|e| panic!("pod to {what}: {e}"));
+        assert_eq!(pod_of(&body), "pod-b1", "pod to {what}");
+    }
+    let body = curl(&cluster.topology.node, &lb).expect("the node's own socket to the LB IP");
+    assert_eq!(pod_of(&body), "pod-b1");
+    let listing = cluster.agent.listing().expect("listing");
+    assert!(
+        listing
+            .services
+            .iter()
+            .any(|s| s.frontend.to_string().contains("(in-cluster)")),
+        "the view is listed"
+    );
+}

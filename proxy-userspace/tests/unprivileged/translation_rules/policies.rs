@@ -2,7 +2,7 @@
 
 use std::net::Ipv4Addr;
 
-use ebpf_proxy::model::{Family, Listen, Severity};
+use ebpf_proxy::model::{Family, FrontendKey, Listen, Severity};
 
 use super::*;
 
@@ -29,6 +29,24 @@ fn rule8_external_traffic_policy_local_keeps_external_frontends_on_this_node() {
     assert!(out.state.frontends[&node_port(30080)].local_only);
     assert!(!out.state.frontends[&cluster_ip(80)].local_only);
     assert!(!cluster.state.frontends[&node_port(30080)].local_only);
+    // In-cluster clients (pods, the node) get every endpoint through in-cluster views
+    // of the narrowed external frontends, as kube-proxy short-circuits them; the
+    // cluster policy needs none.
+    let in_cluster = |key: FrontendKey| FrontendKey {
+        listen: match key.listen {
+            Listen::Address(addr) => Listen::InClusterAddress(addr),
+            _ => Listen::InClusterNodePort(Family::V4),
+        },
+        ..key
+    };
+    for external in [node_port(30080), load_balancer(80)] {
+        assert!(out.state.frontends[&external].in_cluster_view, "{external}");
+        let view = in_cluster(external);
+        assert_eq!(endpoints_of(&out, &view), vec![local, remote], "{view}");
+        assert!(!out.state.frontends[&view].external, "{view}");
+        assert!(!cluster.state.frontends.contains_key(&view), "{view}");
+        assert!(!cluster.state.frontends[&external].in_cluster_view);
+    }
 
     // On the other node's view the remote endpoint is the local one; on a node with
     // none, external frontends have no endpoints and the health check reports 0.
