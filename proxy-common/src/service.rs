@@ -232,6 +232,13 @@ pub const TUNNEL_PEERS_ID: u32 = u32::MAX;
 pub const TUNNEL_PEER_TRUSTED: u8 = 1;
 pub const TUNNEL_PEER_UNVERIFIED: u8 = 2;
 
+/// The pseudo service id under which `SOURCE_RANGES` holds the cluster's pod CIDRs
+/// (kube-proxy's `clusterCIDR`): a source in them arriving on an uplink counts as
+/// in-cluster (a pod whose own node did not translate its traffic).
+pub const CLUSTER_CIDRS_ID: u32 = u32::MAX - 1;
+/// The value of its entries (only their presence is read).
+pub const CLUSTER_CIDR: u8 = 1;
+
 /// Data of an `SOURCE_RANGES` LPM-trie key: prefix length = 32 + the range's length.
 /// The address is of the service's family (the pseudo id `TUNNEL_PEERS_ID` holds
 /// IPv4 outer sources: IPIP).

@@ -32,14 +32,18 @@ pub fn lookup_service(tuple: &CtKey) -> Option<ServiceValue> {
     lookup_scoped(tuple, (SCOPE_ADDRESS, SCOPE_NODE_PORT), true)
 }
 
-/// The frontend an in-cluster client (a pod, the node's own sockets) addresses: as
-/// `lookup_service`, except that an external frontend with an in-cluster view
-/// (`externalTrafficPolicy: Local`) gives that view, every endpoint, as kube-proxy
-/// short-circuits in-cluster traffic to external addresses.
+/// The frontend a client addresses: as `lookup_service`, except that an external
+/// frontend with an in-cluster view (`externalTrafficPolicy: Local`) gives that view,
+/// every endpoint, to an in-cluster client (`in_cluster`, asked only then: a pod, the
+/// node's own sockets, a source in the cluster CIDRs), as kube-proxy short-circuits
+/// in-cluster traffic to external addresses.
 #[inline(always)]
-pub fn lookup_service_in_cluster(tuple: &CtKey) -> Option<ServiceValue> {
+pub fn lookup_service_from(
+    tuple: &CtKey,
+    in_cluster: impl FnOnce() -> bool,
+) -> Option<ServiceValue> {
     let service = lookup_service(tuple)?;
-    if service.flags & SVC_F_IN_CLUSTER_VIEW == 0 {
+    if service.flags & SVC_F_IN_CLUSTER_VIEW == 0 || !in_cluster() {
         return Some(service);
     }
     lookup_scoped(tuple, (SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT), true).or(Some(service))

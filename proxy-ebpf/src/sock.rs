@@ -82,7 +82,7 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) -> bool {
         family: FAMILY.number(),
         _pad: [0; 2],
     };
-    let Some(service) = balancer::lookup_service_in_cluster(&flow) else {
+    let Some(service) = balancer::lookup_service_from(&flow, || true) else {
         // Another port of a service address: refused rather than sent out.
         if balancer::is_service_address(flow.family, &vip) {
             counters::event(EV_REFUSED);

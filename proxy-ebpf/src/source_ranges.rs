@@ -3,10 +3,19 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
-    Addr, Family, ServiceValue, SourceRangeKey, SOURCE_RANGE_ID_BITS, SVC_F_SOURCE_RANGES,
+    Addr, Family, ServiceValue, SourceRangeKey, CLUSTER_CIDRS_ID, SOURCE_RANGE_ID_BITS,
+    SVC_F_SOURCE_RANGES,
 };
 
 use crate::maps::SOURCE_RANGES;
+
+/// Whether `src` lies in the cluster's pod CIDRs (`--cluster-cidr`).
+#[inline(always)]
+pub fn in_cluster_cidrs(family: Family, src: &Addr) -> bool {
+    SOURCE_RANGES
+        .get(host_key(CLUSTER_CIDRS_ID, family, src))
+        .is_some()
+}
 
 /// Whether a new flow from `src` (of the service's family) may use the service.
 #[inline(always)]

@@ -125,8 +125,10 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     }
     let service = match origin {
         Origin::Tunnel(_) => balancer::lookup_tunnel_service(&flow.key),
-        Origin::Pod => balancer::lookup_service_in_cluster(&flow.key),
-        _ => balancer::lookup_service(&flow.key),
+        Origin::Pod => balancer::lookup_service_from(&flow.key, || true),
+        Origin::External => balancer::lookup_service_from(&flow.key, || {
+            source_ranges::in_cluster_cidrs(flow.family, &flow.key.src)
+        }),
     };
     match service {
         Some(service) => open_flow(pkt, &flow, &service, origin, now),

@@ -19,7 +19,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    model::{parse_scheduler, Scheduler},
+    model::{parse_scheduler, Family, Scheduler, SourceRange},
     node_ports::NodePortAddresses,
 };
 
@@ -101,8 +101,8 @@ pub const FIELDS: &[(&str, Handling)] = &[
     ("detectLocalMode", Used),
     ("detectLocal.bridgeInterface", Used),
     ("detectLocal.interfaceNamePrefix", Used),
-    ("detectLocal.clusterCIDRs", Unsupported("local traffic is told by the interface it arrives on (--pod-interfaces), not by its source address")),
-    ("clusterCIDR", Unsupported("local traffic is told by the interface it arrives on (--pod-interfaces), not by its source address")),
+    ("detectLocal.clusterCIDRs", Used),
+    ("clusterCIDR", Used),
     ("nodePortAddresses", Used),
     ("oomScoreAdj", Used),
     ("conntrack.maxPerCore", NF_CONNTRACK),
@@ -150,6 +150,10 @@ pub struct KubeProxyConfig {
     /// From `detectLocalMode: InterfaceNamePrefix` or `BridgeInterface`.
     pub pod_interfaces: Option<String>,
     pub oom_score_adj: Option<i32>,
+    /// The cluster's IPv4 pod CIDRs (`clusterCIDR`, `detectLocal.clusterCIDRs`), in
+    /// `detectLocalMode` ClusterCIDR (the default): a detector of in-cluster sources
+    /// on uplinks, beside the pod interfaces.
+    pub cluster_cidrs: Vec<SourceRange>,
     /// `masqueradeAll` of the mode's section (ipvs mode: the iptables section's, as
     /// kube-proxy reads it).
     pub masquerade_all: bool,
@@ -272,6 +276,28 @@ impl KubeProxyConfig {
             }
             _ => None,
         };
+        let cidr_mode = matches!(text_of("detectLocalMode")?, None | Some("ClusterCIDR"));
+        let listed_cidrs: Vec<String> = match field("detectLocal.clusterCIDRs") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(value) => serde_json::from_value(value.clone())
+                .map_err(|_| invalid("detectLocal.clusterCIDRs: a list of CIDRs expected"))?,
+        };
+        let mut cluster_cidrs = Vec::new();
+        let texts = text_of("clusterCIDR")?
+            .into_iter()
+            .flat_map(|t| t.split(','));
+        for text in texts.chain(listed_cidrs.iter().map(String::as_str)) {
+            let range: SourceRange = text
+                .parse()
+                .map_err(|e| invalid(format!("clusterCIDR: {e}")))?;
+            match (cidr_mode, range.family()) {
+                (true, Family::V4) => cluster_cidrs.push(range),
+                (true, _) => no_effect.push(format!("clusterCIDR {range}: IPv6 is not served yet")),
+                (false, _) => no_effect.push(format!(
+                    "clusterCIDR {range}: detectLocalMode is not ClusterCIDR, as kube-proxy ignores it"
+                )),
+            }
+        }
         let pod_interfaces = match text_of("detectLocalMode")? {
             None | Some("ClusterCIDR") | Some("NodeCIDR") => None,
             Some("InterfaceNamePrefix") => {
@@ -307,6 +333,7 @@ impl KubeProxyConfig {
             "iptables"
         };
         Ok(KubeProxyConfig {
+            cluster_cidrs,
             masquerade_all: field(&format!("{masquerade_section}.masqueradeAll"))
                 .and_then(Value::as_bool)
                 .unwrap_or(false),

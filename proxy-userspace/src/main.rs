@@ -246,14 +246,14 @@ struct RunArgs {
     /// `dsr-ipip`: outer source addresses of IPIP packets, a prefix whose addresses
     /// the flows are hashed over (so receivers' RSS spreads them); without it, the
     /// first --node-ip.
-    #[arg(long, value_parser = parse_ipip_range)]
+    #[arg(long, value_parser = parse_ipv4_range)]
     tunnel_source_cidr: Option<SourceRange>,
     /// `dsr-ipip`: the outer sources (comma-separated prefixes: the nodes' tunnel
     /// sources) allowed to tunnel into this node; IPIP from others is dropped.
     /// Without it any source may, except into frontends with
     /// loadBalancerSourceRanges, whose tunnelled flows are then refused (an
     /// unverified inner source would bypass the ranges).
-    #[arg(long, value_delimiter = ',', value_parser = parse_ipip_range)]
+    #[arg(long, value_delimiter = ',', value_parser = parse_ipv4_range)]
     ipip_trusted_sources: Option<Vec<SourceRange>>,
     /// Idle timeout of established TCP flows (`6h`, `900s`; ipvsadm's `--set tcp`).
     /// Default: the config's ipvs.tcpTimeout or conntrack.tcpEstablishedTimeout,
@@ -273,6 +273,12 @@ struct RunArgs {
     /// config's iptables/nftables masqueradeAll.
     #[arg(long)]
     masquerade_all: bool,
+    /// The cluster's IPv4 pod CIDRs (kube-proxy's --cluster-cidr, comma-separated):
+    /// a source in them that arrives on an uplink is an in-cluster client, which
+    /// gets every endpoint of an `externalTrafficPolicy: Local` service, as pods here
+    /// do. Default: the config's clusterCIDR (in detectLocalMode ClusterCIDR).
+    #[arg(long, value_delimiter = ',', value_parser = parse_ipv4_range)]
+    cluster_cidr: Vec<SourceRange>,
     /// How often idle conntrack entries are collected, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     ct_gc_interval_ms: u64,
@@ -532,6 +538,10 @@ async fn run_settings(
         default_forwarding: args.forwarding,
         tunnel_source: args.tunnel_source_cidr,
         tunnel_peers: args.ipip_trusted_sources,
+        cluster_cidrs: match args.cluster_cidr {
+            flags if !flags.is_empty() => flags,
+            _ => file.cluster_cidrs,
+        },
         ct_gc_interval: Duration::from_millis(args.ct_gc_interval_ms),
         metrics_address: args
             .metrics_bind_address
@@ -643,11 +653,12 @@ fn conntrack_command(action: ConntrackAction) -> Result<()> {
     }
 }
 
-/// A prefix of IPIP outer addresses: IPv4, as IPIP's outer header is.
-fn parse_ipip_range(text: &str) -> Result<SourceRange, String> {
+/// An IPv4 prefix: IPIP's outer addresses are IPv4, and so, until IPv6 is served,
+/// is everything the data path classifies by source.
+fn parse_ipv4_range(text: &str) -> Result<SourceRange, String> {
     let range: SourceRange = text.parse()?;
     if range.family() != Family::V4 {
-        return Err(format!("{text:?}: IPIP's outer addresses are IPv4"));
+        return Err(format!("{text:?}: an IPv4 prefix expected"));
     }
     Ok(range)
 }

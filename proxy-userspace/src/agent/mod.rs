@@ -62,6 +62,8 @@ pub struct AgentConfig {
     pub tunnel_source: Option<SourceRange>,
     /// Outer sources trusted to tunnel in (`--ipip-trusted-sources`).
     pub tunnel_peers: Option<Vec<SourceRange>>,
+    /// The cluster's pod CIDRs (`--cluster-cidr`, kube-proxy's `clusterCIDR`).
+    pub cluster_cidrs: Vec<SourceRange>,
     /// Handle only services labelled `service.kubernetes.io/service-proxy-name` with
     /// this value (running beside kube-proxy); `None`: every unlabelled service.
     pub service_proxy_name: Option<String>,
@@ -378,6 +380,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         xdp_redirect: config.xdp_redirect,
         tunnel_source: config.tunnel_source,
         tunnel_peers: config.tunnel_peers.clone(),
+        cluster_cidrs: config.cluster_cidrs.clone(),
         // Read before the first programming, so that a restart keeps every address
         // that answers NodePorts in place.
         interface_addresses: match config.node.node_ports.follows_interfaces() {

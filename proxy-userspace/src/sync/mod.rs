@@ -22,9 +22,10 @@ use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use proxy_common::{
     map_name, Addr, AddrKey, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtTimeouts,
-    NodeAddrFlags, ServiceKey, ServiceValue, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR,
-    CONFIG_TUNNEL_SOURCE, CONFIG_XDP_FORWARD, MAX_BACKENDS_PER_SERVICE, PROTO_UDP, TUNNEL_PEERS_ID,
-    TUNNEL_PEER_TRUSTED, TUNNEL_PEER_UNVERIFIED, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
+    NodeAddrFlags, ServiceKey, ServiceValue, CLUSTER_CIDR, CLUSTER_CIDRS_ID, CONFIG_NETNS_COOKIE,
+    CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE, CONFIG_XDP_FORWARD, MAX_BACKENDS_PER_SERVICE,
+    PROTO_UDP, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED, TUNNEL_PEER_UNVERIFIED, XDP_FORWARD_PASS,
+    XDP_FORWARD_REDIRECT,
 };
 
 mod accounting;
@@ -67,6 +68,9 @@ pub struct NodeSettings {
     /// The addresses on the node's interfaces (those `nodePortAddresses` chooses
     /// from, when it is set).
     pub interface_addresses: BTreeSet<IpAddr>,
+    /// The cluster's pod CIDRs (kube-proxy's `clusterCIDR`): sources in them that
+    /// arrive on an uplink are in-cluster clients.
+    pub cluster_cidrs: Vec<SourceRange>,
 }
 
 /// What is in the maps for one frontend.
@@ -283,7 +287,14 @@ impl Syncer {
         self.tables
             .config
             .set(CONFIG_TUNNEL_SOURCE, tunnel_source, 0)?;
-        self.program_tunnel_peers(settings.tunnel_peers.as_deref())
+        self.program_tunnel_peers(settings.tunnel_peers.as_deref())?;
+        let cluster_cidrs: BTreeMap<SourceRange, u8> = settings
+            .cluster_cidrs
+            .iter()
+            .map(|r| (*r, CLUSTER_CIDR))
+            .collect();
+        self.program_node_ranges(CLUSTER_CIDRS_ID, &cluster_cidrs)
+            .context("--cluster-cidr")
     }
 
     /// Makes `NODE_ADDRS` hold exactly `wanted`: new and changed entries first, then
@@ -314,7 +325,7 @@ impl Syncer {
 
     /// The outer sources that may tunnel in, under the pseudo service id
     /// `TUNNEL_PEERS_ID` of `SOURCE_RANGES`: the listed prefixes as trusted, or, with
-    /// no list, `0.0.0.0/0` as unverified. New entries go in before stale ones go out.
+    /// no list, `0.0.0.0/0` as unverified.
     fn program_tunnel_peers(&mut self, peers: Option<&[SourceRange]>) -> Result<()> {
         let wanted: BTreeMap<SourceRange, u8> = match peers {
             Some(list) => list.iter().map(|r| (*r, TUNNEL_PEER_TRUSTED)).collect(),
@@ -326,25 +337,31 @@ impl Syncer {
                 TUNNEL_PEER_UNVERIFIED,
             )]),
         };
+        self.program_node_ranges(TUNNEL_PEERS_ID, &wanted)
+            .context("--ipip-trusted-sources")
+    }
+
+    /// Makes the (IPv4) prefixes under a pseudo service id of `SOURCE_RANGES` exactly
+    /// `wanted`. New entries go in before stale ones go out.
+    fn program_node_ranges(&mut self, id: u32, wanted: &BTreeMap<SourceRange, u8>) -> Result<()> {
         let present: Vec<SourceRange> = self
             .tables
             .source_ranges
             .keys()
             .filter_map(Result::ok)
-            .filter(|key| source_range_id(key) == TUNNEL_PEERS_ID)
+            .filter(|key| source_range_id(key) == id)
             .map(|key| source_range_of(&key, Family::V4))
             .collect();
-        for (range, trust) in &wanted {
+        for (range, value) in wanted {
             self.tables
                 .source_ranges
-                .insert(&source_range_key(TUNNEL_PEERS_ID, range), trust, 0)
-                .map_err(full_map_hint)
-                .context("--ipip-trusted-sources")?;
+                .insert(&source_range_key(id, range), value, 0)
+                .map_err(full_map_hint)?;
         }
         for range in present.iter().filter(|r| !wanted.contains_key(r)) {
             self.tables
                 .source_ranges
-                .remove(&source_range_key(TUNNEL_PEERS_ID, range))?;
+                .remove(&source_range_key(id, range))?;
         }
         Ok(())
     }

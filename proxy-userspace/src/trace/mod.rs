@@ -11,10 +11,10 @@ use anyhow::Result;
 use proxy_common::{
     decide::{self, Entry, TunnelPeer},
     Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, Family, LoadSettings, Scheduler, ServiceKey,
-    ServiceValue, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN,
-    SCOPE_ADDRESS, SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT, SCOPE_NODE_PORT, SCOPE_TUNNEL,
-    SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_LOCAL_ONLY,
-    SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID,
+    ServiceValue, BACKEND_F_REMOTE, CLUSTER_CIDRS_ID, CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY,
+    MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS, SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT,
+    SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW,
+    SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID,
 };
 use serde::Serialize;
 
@@ -221,7 +221,10 @@ pub fn explain(
         Origin::Pod => {
             lookup_service(tables, &key).map(|found| in_cluster_view(tables, &key, found))
         }
-        _ => lookup_service(tables, &key),
+        Origin::External if in_cluster_cidrs(tables, &key) => {
+            lookup_service(tables, &key).map(|found| in_cluster_view(tables, &key, found))
+        }
+        Origin::External => lookup_service(tables, &key),
     };
     let Some((service, how)) = found else {
         if !matches!(origin, Origin::Tunnel { .. }) && is_refused_service_address(tables, &dst.ip())
@@ -413,6 +416,15 @@ fn lookup_service(tables: &Tables, key: &CtKey) -> Option<(ServiceValue, &'stati
     lookup_scoped(tables, key, (SCOPE_ADDRESS, SCOPE_NODE_PORT), true)
 }
 
+/// Whether the source lies in the cluster's pod CIDRs (`--cluster-cidr`).
+fn in_cluster_cidrs(tables: &Tables, key: &CtKey) -> bool {
+    let Some(family) = Family::from_number(key.family) else {
+        return false;
+    };
+    let probe = source_range_probe(CLUSTER_CIDRS_ID, &key.src.to_ip(family));
+    tables.source_ranges.get(&probe, 0).is_ok()
+}
+
 /// An in-cluster client of an external frontend that `externalTrafficPolicy: Local`
 /// narrowed gets its in-cluster view, every endpoint (`balancer::lookup_service_in_cluster`).
 fn in_cluster_view(
@@ -427,7 +439,7 @@ fn in_cluster_view(
         .map(|(view, _)| {
             (
                 view,
-                "by its in-cluster view: every endpoint, as kube-proxy short-circuits pods' traffic to external addresses",
+                "by its in-cluster view: every endpoint, as kube-proxy short-circuits in-cluster clients (pods, the node, the cluster CIDRs) to external addresses",
             )
         })
         .unwrap_or(found)

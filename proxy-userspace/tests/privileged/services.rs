@@ -244,18 +244,22 @@ fn xdp_redirect_mode_transmits_from_xdp_to_receivers_that_run_gro() {
     assert!(redirected > 0, "no frame left by XDP_REDIRECT: {events:?}");
 }
 
+/// A LoadBalancer service with `externalTrafficPolicy: Local` whose one endpoint is
+/// on node2.
+fn remote_only_local_policy(topology: &testbed::topology::Topology) -> ServiceDef {
+    let mut web = web(topology, &["pod-b1"]);
+    web.node_port = Some(NODE_PORT);
+    web.load_balancer_ip = Some(LB_IP);
+    web.with_spec("externalTrafficPolicy: Local")
+}
+
 /// kube-proxy short-circuits in-cluster traffic to a service's external addresses:
 /// a pod, or the node itself, reaching the LoadBalancer IP or a NodePort of an
 /// `externalTrafficPolicy: Local` service is served by every endpoint, while
 /// outside clients get only this node's (none here: dropped).
 #[test]
 fn in_cluster_clients_of_a_local_policy_service_use_every_endpoint() {
-    let cluster = Cluster::new("shortcut", 1, 1, |t| {
-        let mut web = web(t, &["pod-b1"]);
-        web.node_port = Some(NODE_PORT);
-        web.load_balancer_ip = Some(LB_IP);
-        vec![web.with_spec("externalTrafficPolicy: Local")]
-    });
+    let cluster = Cluster::new("shortcut", 1, 1, |t| vec![remote_only_local_policy(t)]);
     let lb = format!("http://{LB_IP}/");
     let node_port = format!("http://{NODE_IP}:{NODE_PORT}/");
     assert!(
@@ -275,5 +279,30 @@ fn in_cluster_clients_of_a_local_policy_service_use_every_endpoint() {
             .iter()
             .any(|s| s.frontend.to_string().contains("(in-cluster)")),
         "the view is listed"
+    );
+}
+
+/// `--cluster-cidr` (kube-proxy's clusterCIDR): a source in it that arrives on an
+/// uplink is an in-cluster client too (a pod whose own node did not translate its
+/// traffic), so it gets every endpoint; one outside it gets this node's (none).
+#[test]
+fn a_cluster_cidr_source_on_an_uplink_is_an_in_cluster_client() {
+    let cluster = Cluster::with_agent_args(
+        "clcidr",
+        1,
+        1,
+        |t| vec![remote_only_local_policy(t)],
+        &["--cluster-cidr", &format!("{CLIENT_IP}/32")],
+    );
+    let lb = format!("http://{LB_IP}/");
+    let body = curl(&cluster.topology.client, &lb).expect("in the cluster CIDR");
+    // Masqueraded: the reply from the other node must come back through this one.
+    assert_eq!(
+        (pod_of(&body), client_of(&body)),
+        ("pod-b1".to_owned(), NODE_IP)
+    );
+    assert!(
+        curl(&cluster.topology.node2, &lb).is_err(),
+        "node2's address is not in it: this node's endpoints only, none"
     );
 }

@@ -183,13 +183,30 @@ fn detect_local_modes_name_the_pod_interfaces() {
         bridge.expect("bridge").pod_interfaces.as_deref(),
         Some("cni0")
     );
-    let cidr = parse(&format!("{head}clusterCIDR: 10.244.0.0/16\n")).expect("cidr");
+    // ClusterCIDR (the default mode): a detector beside the pod interfaces; the
+    // IPv6 half of a dual-stack pair is said to have no effect yet.
+    let cidr = parse(&format!(
+        "{head}clusterCIDR: 10.244.0.0/16,fd00:10:244::/56\ndetectLocal:\n  clusterCIDRs: [10.245.0.0/16]\n"
+    ))
+    .expect("cidr");
+    assert_eq!(
+        cidr.cluster_cidrs,
+        [
+            "10.244.0.0/16".parse().expect("cidr"),
+            "10.245.0.0/16".parse().expect("cidr")
+        ]
+    );
+    assert!(cidr
+        .no_effect
+        .iter()
+        .any(|n| n.contains("fd00:10:244::/56")));
+    let other_mode = parse(&format!(
+        "{head}detectLocalMode: InterfaceNamePrefix\ndetectLocal:\n  interfaceNamePrefix: cali\nclusterCIDR: 10.244.0.0/16\n"
+    ))
+    .expect("prefix");
     assert!(
-        cidr.unsupported
-            .iter()
-            .any(|n| n.starts_with("clusterCIDR: ")),
-        "{:?}",
-        cidr.unsupported
+        other_mode.cluster_cidrs.is_empty(),
+        "kube-proxy ignores it then"
     );
 }
 
