@@ -101,7 +101,6 @@ pub const FIELDS: &[(&str, Handling)] = &[
     ("detectLocalMode", Used),
     ("detectLocal.bridgeInterface", Used),
     ("detectLocal.interfaceNamePrefix", Used),
-    ("detectLocal.clusterCIDRs", Used),
     ("clusterCIDR", Used),
     ("nodePortAddresses", Used),
     ("oomScoreAdj", Used),
@@ -150,7 +149,7 @@ pub struct KubeProxyConfig {
     /// From `detectLocalMode: InterfaceNamePrefix` or `BridgeInterface`.
     pub pod_interfaces: Option<String>,
     pub oom_score_adj: Option<i32>,
-    /// The cluster's IPv4 pod CIDRs (`clusterCIDR`, `detectLocal.clusterCIDRs`), in
+    /// The cluster's IPv4 pod CIDRs (`clusterCIDR`), in
     /// `detectLocalMode` ClusterCIDR (the default): a detector of in-cluster sources
     /// on uplinks, beside the pod interfaces.
     pub cluster_cidrs: Vec<SourceRange>,
@@ -231,6 +230,8 @@ impl KubeProxyConfig {
         let (mut unsupported, mut no_effect, mut unknown) = (Vec::new(), Vec::new(), Vec::new());
         for (path, value) in leaves(&document, String::new()) {
             match handling(&path) {
+                // A section written as null is an absent one, as in kube-proxy.
+                _ if value.is_null() => {}
                 None => unknown.push(path),
                 Some(_) if is_zero(value) || other_mode(&path) => {}
                 Some(Used) => {}
@@ -265,7 +266,7 @@ impl KubeProxyConfig {
             "clientConnection.acceptContentTypes",
         ] {
             if text_of(content_type)?.is_some_and(|t| !t.contains("json")) {
-                unsupported.push(format!(
+                no_effect.push(format!(
                     "{content_type}: the agent speaks JSON to the API server"
                 ));
             }
@@ -277,16 +278,11 @@ impl KubeProxyConfig {
             _ => None,
         };
         let cidr_mode = matches!(text_of("detectLocalMode")?, None | Some("ClusterCIDR"));
-        let listed_cidrs: Vec<String> = match field("detectLocal.clusterCIDRs") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(value) => serde_json::from_value(value.clone())
-                .map_err(|_| invalid("detectLocal.clusterCIDRs: a list of CIDRs expected"))?,
-        };
         let mut cluster_cidrs = Vec::new();
         let texts = text_of("clusterCIDR")?
             .into_iter()
             .flat_map(|t| t.split(','));
-        for text in texts.chain(listed_cidrs.iter().map(String::as_str)) {
+        for text in texts {
             let range: SourceRange = text
                 .parse()
                 .map_err(|e| invalid(format!("clusterCIDR: {e}")))?;
@@ -299,18 +295,41 @@ impl KubeProxyConfig {
             }
         }
         let pod_interfaces = match text_of("detectLocalMode")? {
-            None | Some("ClusterCIDR") | Some("NodeCIDR") => None,
+            None | Some("ClusterCIDR") => None,
+            Some("NodeCIDR") => {
+                no_effect.push(
+                    "detectLocalMode: NodeCIDR: pod traffic is what arrives on pod interfaces; \
+                     the node's pod CIDR adds nothing to that"
+                        .into(),
+                );
+                None
+            }
             Some("InterfaceNamePrefix") => {
                 text_of("detectLocal.interfaceNamePrefix")?.map(|prefix| format!("{prefix}*"))
             }
             Some("BridgeInterface") => text_of("detectLocal.bridgeInterface")?.map(str::to_owned),
             Some(other) => return Err(invalid(format!("detectLocalMode {other:?} is not a mode"))),
         };
-        // 0 keeps the system's value, in both sections.
+        // In ipvs mode the IPVS section's (IPVS's connection table is what balances
+        // there; the conntrack section sizes nf_conntrack's), else the conntrack
+        // section's. 0 keeps the system's value: ebpf-proxy's defaults.
         let timeout = |path: &str| -> Result<Option<Duration>, Problem> {
-            let in_ipvs_mode = mode == Mode::Ipvs || !path.starts_with("ipvs.");
-            Ok(duration_of(path)?.filter(|d| in_ipvs_mode && !d.is_zero()))
+            let applies = (mode == Mode::Ipvs) == path.starts_with("ipvs.");
+            Ok(duration_of(path)?.filter(|d| applies && !d.is_zero()))
         };
+        if mode == Mode::Ipvs {
+            for path in [
+                "conntrack.tcpEstablishedTimeout",
+                "conntrack.udpTimeout",
+                "conntrack.udpStreamTimeout",
+            ] {
+                if duration_of(path)?.is_some_and(|d| !d.is_zero()) {
+                    no_effect.push(format!(
+                        "{path}: in ipvs mode the ipvs section's timeouts apply, as they do to IPVS"
+                    ));
+                }
+            }
+        }
         let tcp_timeout =
             timeout("ipvs.tcpTimeout")?.or(timeout("conntrack.tcpEstablishedTimeout")?);
         let tcp_fin_timeout = timeout("ipvs.tcpFinTimeout")?;

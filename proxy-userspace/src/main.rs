@@ -271,8 +271,9 @@ struct RunArgs {
     /// Masquerade every flow from a pod to a ClusterIP, not only a pod reaching
     /// itself (kube-proxy's --masquerade-all, for CNIs that need it). Default: the
     /// config's iptables/nftables masqueradeAll.
-    #[arg(long)]
-    masquerade_all: bool,
+    /// `--masquerade-all=false` overrides a config file's `true`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    masquerade_all: Option<bool>,
     /// The cluster's IPv4 pod CIDRs (kube-proxy's --cluster-cidr, comma-separated):
     /// a source in them that arrives on an uplink is an in-cluster client, which
     /// gets every endpoint of an `externalTrafficPolicy: Local` service, as pods here
@@ -487,7 +488,11 @@ async fn run_settings(
         (_, Some(from_file)) => vec![from_file],
         _ => vec!["veth*".into(), "cali*".into()],
     };
-    let kubeconfig = args.kubeconfig.or(file.kubeconfig);
+    // --kubernetes means the pod's service account, whatever the file names.
+    let kubeconfig = match args.kubernetes {
+        true => None,
+        false => args.kubeconfig.or(file.kubeconfig),
+    };
     let (sources, default_sync_period_ms): (Vec<Box<dyn Source>>, u64) = match &args.manifests {
         Some(path) => {
             let source = ManifestsSource {
@@ -581,7 +586,7 @@ async fn run_settings(
                 ),
                 (TIMEOUT_UDP, args.udp_timeout.or(file.udp_timeout)),
             ])?,
-            masquerade_all: u32::from(args.masquerade_all || file.masquerade_all),
+            masquerade_all: u32::from(args.masquerade_all.unwrap_or(file.masquerade_all)),
             _pad: 0,
         },
     };
@@ -593,11 +598,13 @@ fn ct_timeouts(set: [(usize, Option<Duration>); 3]) -> Result<CtTimeouts> {
     let mut timeouts = CtTimeouts::DEFAULT;
     for (kind, duration) in set {
         if let Some(duration) = duration {
+            // A year at most: beyond, nanoseconds would overflow the data path's sums.
             anyhow::ensure!(
-                duration >= Duration::from_secs(1),
-                "idle timeouts are whole seconds, at least 1 s"
+                (Duration::from_secs(1)..=Duration::from_secs(365 * 86_400)).contains(&duration),
+                "idle timeout {duration:?} (--tcp-timeout, --tcp-fin-timeout, --udp-timeout or \
+                 the config's): whole seconds from 1 s to a year"
             );
-            timeouts.ns[kind] = Duration::from_secs(duration.as_secs()).as_nanos() as u64;
+            timeouts.ns[kind] = duration.as_secs() * 1_000_000_000;
         }
     }
     Ok(timeouts)

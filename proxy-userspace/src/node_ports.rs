@@ -80,9 +80,11 @@ impl NodePortAddresses {
                     })
                 };
                 let primary_answers = matches.contains(&NodePortMatch::Primary);
+                // Never loopback, whatever the CIDRs: `all` is every address but those
+                // (NodePorts on 127.0.0.1 are kube-proxy's iptables mode only).
                 let mut entries: BTreeMap<IpAddr, NodeAddrFlags> = present
                     .iter()
-                    .filter(|a| a.is_ipv4() && in_cidr(a))
+                    .filter(|a| a.is_ipv4() && !a.is_loopback() && in_cidr(a))
                     .map(|a| (*a, answering(true)))
                     .collect();
                 for addr in primary {
@@ -105,10 +107,16 @@ mod tests {
     #[test]
     fn cidrs_and_primary_choose_the_answering_addresses() {
         let primary = [ip("198.18.0.1")];
-        let present: BTreeSet<IpAddr> = ["198.18.0.1", "198.18.0.77", "198.18.1.1", "fd00::1"]
-            .into_iter()
-            .map(ip)
-            .collect();
+        let present: BTreeSet<IpAddr> = [
+            "127.0.0.1",
+            "198.18.0.1",
+            "198.18.0.77",
+            "198.18.1.1",
+            "fd00::1",
+        ]
+        .into_iter()
+        .map(ip)
+        .collect();
         let answers = |config: &NodePortAddresses| -> Vec<(String, bool)> {
             config
                 .entries(&primary, &present)
@@ -135,7 +143,7 @@ mod tests {
         let primary_only = NodePortAddresses::parse(&["primary"]).expect("primary");
         assert_eq!(answers(&primary_only), [pair("198.18.0.1", true)]);
         let all = NodePortAddresses::parse(&["all"]).expect("all");
-        assert_eq!(answers(&all).len(), 3, "every IPv4 address");
+        assert_eq!(answers(&all).len(), 3, "every IPv4 address but loopback");
         assert!(NodePortAddresses::parse(&["localhost"]).is_err());
         assert!(NodePortAddresses::parse(&["10.0.0.0/33"]).is_err());
         assert!(NodePortAddresses::parse::<&str>(&[]).is_err());

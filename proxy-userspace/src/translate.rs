@@ -632,8 +632,10 @@ pub(crate) fn service_output(
         let short_circuit = external_local && sets.cluster != sets.local;
         let cluster_wide = weighted(&sets.cluster);
         let mut add = |listen: Listen, port, address: Address| {
+            // A view stays external: masqueradeAll (ClusterIPs only) leaves it alone,
+            // as it leaves the frontend it is a view of.
             let in_cluster = listen.is_in_cluster();
-            let is_external = address != Address::Cluster && !in_cluster;
+            let is_external = address != Address::Cluster;
             let tunnel = listen.is_tunnel();
             frontends.push((
                 FrontendKey {
@@ -657,8 +659,8 @@ pub(crate) fn service_output(
                     } else {
                         None
                     },
-                    dsr: dsr && is_external && !tunnel,
-                    in_cluster_view: short_circuit && is_external && !tunnel,
+                    dsr: dsr && is_external && !tunnel && !in_cluster,
+                    in_cluster_view: short_circuit && is_external && !tunnel && !in_cluster,
                     // A policy `Local` drops (rather than refuses) only where the
                     // service has endpoints elsewhere, as kube-proxy does.
                     local_only: !tunnel

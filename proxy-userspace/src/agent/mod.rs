@@ -125,6 +125,8 @@ struct Programmer {
     /// Until one sync compared everything with the pinned maps, syncs are full ones
     /// (the maps may hold a predecessor's state).
     reconciled: bool,
+    /// What the health-check servers last reported (a port that cannot be bound).
+    health_check_problems: Vec<Problem>,
 }
 
 impl Programmer {
@@ -143,12 +145,11 @@ impl Programmer {
             self.syncer.apply(&self.tracker.desired())
         };
         problems.extend(report.problems);
-        let mut health_problems = 0;
+        // Said when the servers change; they stand until the next change.
         if flush.health_checks_changed || !self.reconciled {
             let checks = self.tracker.health_checks();
-            let found = self.health_checks.update(checks).await;
-            health_problems = found.len();
-            problems.extend(found);
+            self.health_check_problems = self.health_checks.update(checks).await;
+            problems.extend(self.health_check_problems.iter().cloned());
         }
         self.reconciled = true;
         for problem in &problems {
@@ -182,10 +183,11 @@ impl Programmer {
         // health checks reported this time.
         let mut standing = Standing::default();
         let tracked = self.tracker.all_problems();
-        let this_sync = problems[..source_problems]
+        let standing_ones = tracked
             .iter()
-            .chain(problems[problems.len() - health_problems..].iter());
-        for problem in tracked.iter().chain(this_sync) {
+            .chain(&problems[..source_problems])
+            .chain(&self.health_check_problems);
+        for problem in standing_ones {
             standing.note(problem.to_string());
         }
         if report.unprogrammed > 0 {
@@ -194,9 +196,12 @@ impl Programmer {
                 report.unprogrammed
             ));
         }
-        metrics
-            .sync_problems
-            .set((tracked.len() + report.unprogrammed + source_problems + health_problems) as i64);
+        metrics.sync_problems.set(
+            (tracked.len()
+                + report.unprogrammed
+                + source_problems
+                + self.health_check_problems.len()) as i64,
+        );
         metrics
             .udp_flows_flushed
             .inc_by(report.flushed_udp_flows as u64);
@@ -375,23 +380,23 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     for failure in &unbound {
         warn!("{failure}; running without it (bindAddressHardFail is false)");
     }
+    // Read before the first programming, so that a restart keeps every address that
+    // answers NodePorts in place.
+    let mut node_addresses = NodeAddresses {
+        present: match config.node.node_ports.follows_interfaces() {
+            true => interfaces::ipv4_addresses().await?,
+            false => BTreeSet::new(),
+        },
+    };
     let settings = NodeSettings {
         netns_cookie: own_netns_cookie()?,
         xdp_redirect: config.xdp_redirect,
         tunnel_source: config.tunnel_source,
         tunnel_peers: config.tunnel_peers.clone(),
         cluster_cidrs: config.cluster_cidrs.clone(),
-        // Read before the first programming, so that a restart keeps every address
-        // that answers NodePorts in place.
-        interface_addresses: match config.node.node_ports.follows_interfaces() {
-            true => interfaces::ipv4_addresses().await?,
-            false => BTreeSet::new(),
-        },
+        interface_addresses: node_addresses.addresses(),
     };
     syncer.program_node(&config.node, &settings)?;
-    let mut node_addresses = NodeAddresses {
-        present: settings.interface_addresses.clone(),
-    };
     let mut programmer = Programmer {
         tracker,
         syncer,
@@ -399,6 +404,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         reporters,
         metrics: status.metrics.clone(),
         reconciled: false,
+        health_check_problems: Vec::new(),
     };
     attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
 
@@ -421,8 +427,13 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
                     attachments.present(&mut datapath, &config, index, &name);
                     status.update_report(|r| r.interfaces = attachments.states(&config));
                 }
-                Some(LinkEvent::Address { address, present }) => {
-                    node_addresses.changed(&config, &mut programmer.syncer, address, present);
+                Some(LinkEvent::AddressesListed(listed)) => {
+                    let change = AddressChange::Listed(listed);
+                    node_addresses.changed(&config, &mut programmer.syncer, change);
+                }
+                Some(LinkEvent::Address { index, address, present }) => {
+                    let change = AddressChange::One { index, address, present };
+                    node_addresses.changed(&config, &mut programmer.syncer, change);
                 }
                 Some(LinkEvent::Removed { index }) => {
                     attachments.removed(&config, index);
@@ -526,41 +537,69 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     Ok(())
 }
 
-/// The IPv4 addresses on the node's interfaces, followed when `nodePortAddresses`
-/// chooses from them.
+/// The IPv4 addresses on the node's interfaces, by interface (an address may be on
+/// two), followed when `nodePortAddresses` chooses from them.
 struct NodeAddresses {
-    present: BTreeSet<std::net::IpAddr>,
+    present: BTreeSet<(u32, std::net::IpAddr)>,
+}
+
+/// What the interface watcher said about addresses.
+enum AddressChange {
+    /// All of them (its own listing: no change can have slipped past it).
+    Listed(BTreeSet<(u32, std::net::IpAddr)>),
+    One {
+        index: u32,
+        address: std::net::IpAddr,
+        present: bool,
+    },
 }
 
 impl NodeAddresses {
-    fn changed(
-        &mut self,
-        config: &AgentConfig,
-        syncer: &mut Syncer,
-        address: std::net::IpAddr,
-        present: bool,
-    ) {
-        let changed = match present {
-            true => self.present.insert(address),
-            false => self.present.remove(&address),
-        };
-        if !changed || !config.node.node_ports.follows_interfaces() {
+    fn addresses(&self) -> BTreeSet<std::net::IpAddr> {
+        self.present.iter().map(|(_, address)| *address).collect()
+    }
+
+    fn changed(&mut self, config: &AgentConfig, syncer: &mut Syncer, change: AddressChange) {
+        let before = self.addresses();
+        match change {
+            AddressChange::Listed(listed) => self.present = listed,
+            AddressChange::One {
+                index,
+                address,
+                present,
+            } => {
+                if present {
+                    self.present.insert((index, address));
+                } else {
+                    self.present.remove(&(index, address));
+                }
+            }
+        }
+        let now = self.addresses();
+        if now == before || !config.node.node_ports.follows_interfaces() {
             return;
         }
-        let entries = config
-            .node
-            .node_ports
-            .entries(&config.node.addresses, &self.present);
-        let answering: Vec<String> = entries
-            .iter()
-            .filter(|(_, flags)| flags.answers_node_ports())
-            .map(|(addr, _)| addr.to_string())
-            .collect();
+        let entries = config.node.node_ports.entries(&config.node.addresses, &now);
+        let listed = |set: Vec<&std::net::IpAddr>| -> String {
+            set.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let answering = listed(
+            entries
+                .iter()
+                .filter(|(_, flags)| flags.answers_node_ports())
+                .map(|(addr, _)| addr)
+                .collect(),
+        );
+        let added = listed(now.difference(&before).collect());
+        let removed = listed(before.difference(&now).collect());
         match syncer.program_node_addresses(&entries) {
             Ok(()) => {
-                info!(%address, present, answering = %answering.join(" "), "node addresses changed: NodePorts follow")
+                info!(%added, %removed, %answering, "node addresses changed: NodePorts follow")
             }
-            Err(e) => warn!(%address, "programming the node's addresses: {e:#}"),
+            Err(e) => warn!("programming the node's addresses: {e:#}"),
         }
     }
 }

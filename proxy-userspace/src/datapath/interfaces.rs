@@ -27,8 +27,12 @@ pub enum LinkEvent {
     },
     /// Every interface present at start has been reported.
     ListDone,
+    /// Every IPv4 address present at start, with its interface's index (before
+    /// `ListDone`).
+    AddressesListed(BTreeSet<(u32, IpAddr)>),
     /// An address was added to an interface, or removed (`present: false`).
     Address {
+        index: u32,
         address: IpAddr,
         present: bool,
     },
@@ -49,16 +53,32 @@ fn address_of(message: &AddressMessage) -> Option<IpAddr> {
     })
 }
 
-/// The IPv4 addresses on the node's interfaces now.
-pub async fn ipv4_addresses() -> Result<BTreeSet<IpAddr>> {
+fn address_event(message: &AddressMessage, present: bool) -> Option<LinkEvent> {
+    let address = address_of(message).filter(IpAddr::is_ipv4)?;
+    Some(LinkEvent::Address {
+        index: message.header.index,
+        address,
+        present,
+    })
+}
+
+/// The IPv4 addresses on the node's interfaces now, with the interface's index.
+pub async fn ipv4_addresses() -> Result<BTreeSet<(u32, IpAddr)>> {
     let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     let task = tokio::spawn(connection);
+    let listed = list_ipv4_addresses(&handle).await;
+    task.abort();
+    listed
+}
+
+async fn list_ipv4_addresses(handle: &rtnetlink::Handle) -> Result<BTreeSet<(u32, IpAddr)>> {
     let mut addresses = BTreeSet::new();
     let mut listing = handle.address().get().execute();
     while let Some(message) = listing.try_next().await.context("listing addresses")? {
-        addresses.extend(address_of(&message).filter(IpAddr::is_ipv4));
+        if let Some(address) = address_of(&message).filter(IpAddr::is_ipv4) {
+            addresses.insert((message.header.index, address));
+        }
     }
-    task.abort();
     Ok(addresses)
 }
 
@@ -99,17 +119,13 @@ pub async fn watch(events: mpsc::Sender<LinkEvent>) -> Result<()> {
             }
         }
     }
-    let mut addresses = handle.address().get().execute();
-    while let Some(message) = addresses.try_next().await.context("listing addresses")? {
-        if let Some(address) = address_of(&message).filter(IpAddr::is_ipv4) {
-            let event = LinkEvent::Address {
-                address,
-                present: true,
-            };
-            if events.send(event).await.is_err() {
-                return Ok(());
-            }
-        }
+    let addresses = list_ipv4_addresses(&handle).await?;
+    if events
+        .send(LinkEvent::AddressesListed(addresses))
+        .await
+        .is_err()
+    {
+        return Ok(());
     }
     if events.send(LinkEvent::ListDone).await.is_err() {
         return Ok(());
@@ -123,16 +139,10 @@ pub async fn watch(events: mpsc::Sender<LinkEvent>) -> Result<()> {
                 })
             }
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(message)) => {
-                address_of(&message).map(|address| LinkEvent::Address {
-                    address,
-                    present: true,
-                })
+                address_event(&message, true)
             }
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(message)) => {
-                address_of(&message).map(|address| LinkEvent::Address {
-                    address,
-                    present: false,
-                })
+                address_event(&message, false)
             }
             _ => None,
         };

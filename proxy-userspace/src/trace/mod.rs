@@ -426,7 +426,7 @@ fn in_cluster_cidrs(tables: &Tables, key: &CtKey) -> bool {
 }
 
 /// An in-cluster client of an external frontend that `externalTrafficPolicy: Local`
-/// narrowed gets its in-cluster view, every endpoint (`balancer::lookup_service_in_cluster`).
+/// narrowed gets its in-cluster view, every endpoint (`balancer::lookup_service_from`).
 fn in_cluster_view(
     tables: &Tables,
     key: &CtKey,

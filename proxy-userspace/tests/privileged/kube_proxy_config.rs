@@ -59,7 +59,7 @@ fn an_ipvs_mode_kube_proxy_configuration_runs_the_agent_equivalently() {
     for said in [
         "--config: ipvs.strictARP: service addresses are never assigned to an interface",
         "--config: conntrack.maxPerCore: sizes the kernel's nf_conntrack table",
-        "--config: clientConnection.contentType: the agent speaks JSON to the API server: not supported",
+        "--config: clientConnection.contentType: the agent speaks JSON to the API server: no effect",
         "listening on 198.51.100.7:10256",
         "running without it (bindAddressHardFail is false)",
     ] {

@@ -65,9 +65,16 @@ fn an_ipvs_operators_file_maps_to_equivalent_settings() {
         "unset: kube-proxy's default in ipvs mode"
     );
     assert!(!config.masquerade_all);
-    // The IPVS section's timeouts are 0 (the system's): the conntrack section's apply.
-    assert_eq!(config.tcp_timeout, Some(Duration::from_secs(24 * 3600)));
-    assert_eq!((config.tcp_fin_timeout, config.udp_timeout), (None, None));
+    // The IPVS section's timeouts are 0 (the system's): ebpf-proxy's defaults; the
+    // conntrack section's are nf_conntrack's, not IPVS's, and said to have no effect.
+    assert_eq!(
+        (
+            config.tcp_timeout,
+            config.tcp_fin_timeout,
+            config.udp_timeout
+        ),
+        (None, None, None)
+    );
     // Said at start, each with its reason; the iptables and nftables sections are
     // another mode's and ignored, as kube-proxy ignores them.
     let said =
@@ -77,6 +84,8 @@ fn an_ipvs_operators_file_maps_to_equivalent_settings() {
         "conntrack.maxPerCore",
         "configSyncPeriod",
         "conntrack.tcpCloseWaitTimeout",
+        "conntrack.tcpEstablishedTimeout",
+        "clientConnection.contentType",
         // ipvs mode reads masquerading from the iptables section, as kube-proxy does.
         "iptables.masqueradeBit",
     ] {
@@ -86,8 +95,7 @@ fn an_ipvs_operators_file_maps_to_equivalent_settings() {
             config.no_effect
         );
     }
-    let field = "clientConnection.contentType";
-    assert!(said(&config.unsupported, field), "{:?}", config.unsupported);
+    assert!(config.unsupported.is_empty(), "{:?}", config.unsupported);
     for ignored in [
         "iptables.localhostNodePorts",
         "iptables.syncPeriod",
@@ -143,6 +151,14 @@ fn the_ipvs_sections_timeouts_apply_in_ipvs_mode_only() {
     let section = "ipvs:\n  tcpTimeout: 15m\n  tcpFinTimeout: 2m\n  udpTimeout: 5m\n\
                    conntrack:\n  tcpEstablishedTimeout: 24h\n  udpTimeout: 30s\n";
     let ipvs = parse(&format!("{head}mode: ipvs\n{section}")).expect("ipvs");
+    let zero = parse(&format!(
+        "{head}mode: ipvs\nipvs:\n  tcpTimeout: 0s\nconntrack:\n  tcpEstablishedTimeout: 24h\n"
+    ))
+    .expect("zero");
+    assert_eq!(
+        zero.tcp_timeout, None,
+        "0: ebpf-proxy's default, not nf_conntrack's"
+    );
     assert_eq!(
         (ipvs.tcp_timeout, ipvs.tcp_fin_timeout, ipvs.udp_timeout),
         (
@@ -186,16 +202,10 @@ fn detect_local_modes_name_the_pod_interfaces() {
     // ClusterCIDR (the default mode): a detector beside the pod interfaces; the
     // IPv6 half of a dual-stack pair is said to have no effect yet.
     let cidr = parse(&format!(
-        "{head}clusterCIDR: 10.244.0.0/16,fd00:10:244::/56\ndetectLocal:\n  clusterCIDRs: [10.245.0.0/16]\n"
+        "{head}clusterCIDR: 10.244.0.0/16,fd00:10:244::/56\n"
     ))
     .expect("cidr");
-    assert_eq!(
-        cidr.cluster_cidrs,
-        [
-            "10.244.0.0/16".parse().expect("cidr"),
-            "10.245.0.0/16".parse().expect("cidr")
-        ]
-    );
+    assert_eq!(cidr.cluster_cidrs, ["10.244.0.0/16".parse().expect("cidr")]);
     assert!(cidr
         .no_effect
         .iter()
@@ -207,6 +217,20 @@ fn detect_local_modes_name_the_pod_interfaces() {
     assert!(
         other_mode.cluster_cidrs.is_empty(),
         "kube-proxy ignores it then"
+    );
+}
+
+#[test]
+fn null_sections_are_absent_ones_and_node_cidr_mode_is_said() {
+    let head = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
+    let config = parse(&format!(
+        "{head}featureGates: null\nconntrack: null\nlogging: null\ndetectLocalMode: NodeCIDR\n"
+    ))
+    .expect("nulls");
+    assert!(
+        config.no_effect.iter().any(|n| n.contains("NodeCIDR")),
+        "{:?}",
+        config.no_effect
     );
 }
 

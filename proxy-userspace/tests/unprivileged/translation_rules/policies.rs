@@ -43,7 +43,11 @@ fn rule8_external_traffic_policy_local_keeps_external_frontends_on_this_node() {
         assert!(out.state.frontends[&external].in_cluster_view, "{external}");
         let view = in_cluster(external);
         assert_eq!(endpoints_of(&out, &view), vec![local, remote], "{view}");
-        assert!(!out.state.frontends[&view].external, "{view}");
+        let view_frontend = &out.state.frontends[&view];
+        assert!(
+            view_frontend.external && !view_frontend.in_cluster_view,
+            "{view}"
+        );
         assert!(!cluster.state.frontends.contains_key(&view), "{view}");
         assert!(!cluster.state.frontends[&external].in_cluster_view);
     }
