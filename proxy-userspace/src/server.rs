@@ -1,7 +1,7 @@
 //! The agent's HTTP endpoints, on kube-proxy's ports and paths so that existing
 //! probes and dashboards work:
 //! - metrics address (default 127.0.0.1:10249): `/metrics`, `/proxyMode` (`ebpf`),
-//!   `/statusz` (the agent's half of `ebpf-proxy status`, JSON);
+//!   `/statusz` (the agent's half of `ebpf-proxy status`, JSON; local peers only);
 //! - health address (default 0.0.0.0:10256, where load balancers probe nodes):
 //!   `/healthz` and `/livez` with kube-proxy's meanings and answers (see `health`),
 //!   `/readyz` (services programmed and interfaces attached; when not, the body says
@@ -92,7 +92,21 @@ async fn proxy_mode() -> &'static str {
     "ebpf"
 }
 
-async fn statusz(State(status): State<Arc<Status>>) -> impl IntoResponse {
+/// The address a connection came from.
+#[derive(Clone, Copy)]
+struct Peer(IpAddr);
+
+/// `/statusz` answers local peers only (`ebpf-proxy status` runs on the node, or in
+/// the agent's pod, which shares the node's network): a metrics address on every
+/// interface, as Prometheus setups often configure, must not tell the network the
+/// node's interfaces, addresses and the names of the objects with problems.
+async fn statusz(
+    State(status): State<Arc<Status>>,
+    axum::Extension(Peer(peer)): axum::Extension<Peer>,
+) -> axum::response::Response {
+    if !peer.is_loopback() {
+        return (StatusCode::FORBIDDEN, "/statusz answers local peers only\n").into_response();
+    }
     let mut report = status
         .report
         .lock()
@@ -110,7 +124,7 @@ async fn statusz(State(status): State<Arc<Status>>) -> impl IntoResponse {
         .unwrap_or_else(|e| e.into_inner())
         .as_deref()
         .map_or_else(Vec::new, |text| text.lines().map(str::to_owned).collect());
-    axum::Json(report)
+    axum::Json(report).into_response()
 }
 
 async fn render_metrics(State(status): State<Arc<Status>>) -> impl IntoResponse {
@@ -291,7 +305,9 @@ pub async fn serve(listener: TcpListener, router: Router, limits: &'static Limit
             debug!(%peer, "HTTP connection over the limits: closed");
             continue; // dropping the stream closes it
         };
-        let service = TowerToHyperService::new(router.clone());
+        // Handlers that answer only local peers read the peer from here.
+        let service =
+            TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer.ip()))));
         tokio::spawn(async move {
             let _admission = admission;
             let mut http = http1::Builder::new();

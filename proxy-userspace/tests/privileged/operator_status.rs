@@ -98,3 +98,43 @@ fn status_shows_the_agent_what_is_attached_the_maps_and_the_problems() {
         "still served"
     );
 }
+
+/// With the metrics address on every interface (as Prometheus setups often have
+/// it), `/metrics` answers the network and `/statusz` only local peers: the node's
+/// interfaces, addresses and problem objects are not the network's to read.
+#[test]
+fn statusz_answers_local_peers_only() {
+    let cluster = Cluster::with_agent_args(
+        "statuspeer",
+        1,
+        0,
+        |t| vec![web_node_port(t)],
+        &["--metrics-bind-address", "0.0.0.0:10249"],
+    );
+    let from_outside = |path: &str| {
+        cluster
+            .topology
+            .client
+            .exec(
+                "curl",
+                &[
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "5",
+                    &format!("http://{}:10249{path}", testbed::topology::NODE_IP),
+                ],
+            )
+            .expect("curl")
+    };
+    assert_eq!(from_outside("/metrics"), "200");
+    assert_eq!(from_outside("/statusz"), "403");
+    let (all_well, text) = cluster.agent.status(&[]).expect("status");
+    assert!(
+        all_well && text.contains("Agent:          running"),
+        "{text}"
+    );
+}
