@@ -165,12 +165,7 @@ fn the_daemonset_is_hardened_and_its_one_privileged_step_is_the_agents_own() {
 fn the_daemonset_runs_the_image_of_this_version() {
     let daemonset: DaemonSet =
         serde_yaml::from_str(&deploy_file("daemonset.yaml")).expect("a DaemonSet");
-    let pod = daemonset
-        .spec
-        .expect("spec")
-        .template
-        .spec
-        .expect("pod spec");
+    let (_, pod) = agent_container(daemonset);
     let images: Vec<Option<String>> = pod
         .init_containers
         .iter()
