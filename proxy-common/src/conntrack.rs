@@ -160,7 +160,10 @@ pub struct CtEntry {
     pub backend_id: u32,
     pub state: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// Client-to-backend entries: which of the flow's packets announce a related
+    /// flow (`HELPER_*`, from the frontend; `related`).
+    pub helper: u8,
+    pub _pad: u8,
     /// Original entries only: how the flow counts in `CONN_COUNTS` (`ACCT_*`),
     /// changed only by atomic exchange so that no transition is counted twice.
     pub accounting: u32,
@@ -189,7 +192,8 @@ impl CtEntry {
             backend_id,
             state,
             flags: CT_F_REWRITE_DST,
-            _pad: [0; 2],
+            helper: crate::HELPER_NONE,
+            _pad: 0,
             accounting,
             _pad2: 0,
             last_seen_ns: now,
@@ -215,7 +219,8 @@ impl CtEntry {
             backend_id,
             state,
             flags: CT_F_ENCAP,
-            _pad: [0; 2],
+            helper: crate::HELPER_NONE,
+            _pad: 0,
             accounting,
             _pad2: 0,
             last_seen_ns: now,

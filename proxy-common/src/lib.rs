@@ -11,6 +11,7 @@ pub mod decide;
 pub mod fragments;
 pub mod key_layout;
 pub mod map_name;
+pub mod related;
 pub mod service;
 pub mod settings;
 pub mod sock;
@@ -20,6 +21,7 @@ pub mod transport;
 
 pub use conntrack::*;
 pub use fragments::*;
+pub use related::*;
 pub use service::*;
 pub use settings::*;
 pub use sock::*;
@@ -229,4 +231,6 @@ assert_layout! {
     FragmentKey => (36, 4),
     LoadSettings => (40, 8),
     FragmentPorts => (4, 2),
+    ExpectKey => (36, 4),
+    Expectation => (136, 8),
 }

@@ -22,9 +22,12 @@ pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
 pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
 pub const SERVICE_ADDRS: &str = "SERVICE_ADDRS";
 pub const FRAGMENTS: &str = "FRAGMENTS";
+pub const EXPECTATIONS: &str = "EXPECTATIONS";
+pub const EXPECTED_UNTIL: &str = "EXPECTED_UNTIL";
+pub const RELATED_SCRATCH: &str = "RELATED_SCRATCH";
 
 /// Every map of the data path's object.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 21] = [
     SERVICES,
     BACKEND_SLOTS,
     RR_CURSORS,
@@ -43,6 +46,9 @@ pub const ALL: [&str; 18] = [
     SERVICE_NAMES,
     SERVICE_ADDRS,
     FRAGMENTS,
+    EXPECTATIONS,
+    EXPECTED_UNTIL,
+    RELATED_SCRATCH,
 ];
 
 /// The bench wrapper's own maps: the program it tail-calls, the frame it restores,

@@ -148,7 +148,9 @@ pub struct ServiceValue {
     pub backend_count: u32,
     pub scheduler: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// Which packets of the frontend's flows announce a related flow (`HELPER_*`).
+    pub helper: u8,
+    pub _pad: u8,
     /// The service's extent of `SCHED_TABLES` (entries are backend slots); a zero
     /// length means the scheduler works on the slots directly.
     pub table_offset: u32,

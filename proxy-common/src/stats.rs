@@ -94,6 +94,11 @@ datapath_events! {
     /// back to the client (a pod or external), or connect()/sendmsg() failed with
     /// EPERM (a node-local socket).
     EV_REFUSED => "refused",
+    /// A packet announced a related flow (a TFTP request through a frontend with the
+    /// TFTP helper): an expectation was recorded (`related`).
+    EV_EXPECTED => "expected",
+    /// A packet met an expectation: its related flow was opened and translated.
+    EV_RELATED => "related",
 }
 
 /// Events defined.

@@ -5,8 +5,8 @@
 //! (recording flows, their state), `affinity` (sessionAffinity), `source_ranges`
 //! (loadBalancerSourceRanges), `translate` (the pipeline), `packet` (how XDP and tc
 //! rewrite), `checksum` (the Internet checksum), `tunnel` (IPIP), `icmp` (errors about
-//! translated flows), `forward` (redirects), `sock` (node-local sockets), `maps` and
-//! `counters`.
+//! translated flows), `related` (flows a tracked flow announces: TFTP's new port),
+//! `forward` (redirects), `sock` (node-local sockets), `maps` and `counters`.
 #![no_std]
 #![no_main]
 #![allow(internal_features)]
@@ -25,6 +25,7 @@ mod icmp;
 mod maps;
 mod packet;
 mod parse;
+mod related;
 mod settings;
 mod sock;
 mod source_ranges;

@@ -9,10 +9,10 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AddrKey, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
-    CtKey, FragmentKey, FragmentPorts, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue,
-    SockKey, SockNat, SourceRangeKey, TrafficStats, AFFINITY_ENTRIES, CONFIG_LEN,
-    CONNTRACK_ENTRIES, EV_CAPACITY, FRAGMENT_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
-    SCHED_TABLE_CAPACITY, SOCK_ENTRIES, SOURCE_RANGE_ENTRIES,
+    CtKey, ExpectKey, Expectation, FragmentKey, FragmentPorts, NodeAddrFlags, ServiceKey,
+    ServiceName, ServiceValue, SockKey, SockNat, SourceRangeKey, TrafficStats, AFFINITY_ENTRIES,
+    CONFIG_LEN, CONNTRACK_ENTRIES, EV_CAPACITY, EXPECTATION_ENTRIES, FRAGMENT_ENTRIES,
+    MAX_BACKENDS, MAX_SERVICES, SCHED_TABLE_CAPACITY, SOCK_ENTRIES, SOURCE_RANGE_ENTRIES,
 };
 
 /// Frontends by (address, port, protocol, scope). Written by the agent.
@@ -53,6 +53,24 @@ pub static SERVICE_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_SERVICES, 
 #[map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
     LruHashMap::pinned(FRAGMENT_ENTRIES, 0);
+
+/// Related flows announced and not yet met (`related`), by the tuple their first
+/// packet will carry but its source port.
+#[map]
+pub static EXPECTATIONS: LruHashMap<ExpectKey, Expectation> =
+    LruHashMap::pinned(EXPECTATION_ENTRIES, 0);
+
+/// Slot 0: the CLOCK_MONOTONIC_COARSE time until which an expectation may be live
+/// (the latest one's expiry). Before it, a packet that opens no tracked flow is
+/// looked up in `EXPECTATIONS`; after it (on most nodes: always), it costs the
+/// packets that are not ours one array read instead of a hash look-up.
+#[map]
+pub static EXPECTED_UNTIL: Array<u64> = Array::pinned(1, 0);
+
+/// Per-CPU room where `related` assembles an expectation and the entries of the
+/// related flow that meets one (too large for the stack). Holds nothing between packets.
+#[map]
+pub static RELATED_SCRATCH: PerCpuArray<Expectation> = PerCpuArray::pinned(1, 0);
 
 /// This node's own addresses: NodePorts answer on any of them. Written by the agent.
 #[map]

@@ -24,7 +24,7 @@ use crate::{
     maps::CONNTRACK,
     packet::{Packet, Side, XdpPacket, ETH_LEN},
     parse::{self, Flow, Skip},
-    settings, source_ranges, tunnel,
+    related, settings, source_ranges, tunnel,
 };
 
 /// Where the packet entered the node; decides masquerading.
@@ -115,6 +115,7 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             // SAFETY: copy of a live map value.
             let entry = unsafe { *entry_ptr };
             conntrack::observe(&flow, entry_ptr, &entry, now);
+            related::announce(pkt, &flow, entry.helper, now);
             return follow(pkt, &flow, &entry, false);
         }
         Lookup::Stale(entry_ptr) => {
@@ -122,6 +123,14 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             let _ = CONNTRACK.remove(flow.key);
         }
         Lookup::Missing => {}
+    }
+    // A flow some tracked flow announced (a TFTP server's answer from its new port)
+    // goes before the frontends, as netfilter meets expectations before its NAT rules.
+    if related::may_be_expected(now) {
+        if let Some(entry) = related::claim(&flow, now) {
+            // SAFETY: this CPU's scratch slot (`related::claim`).
+            return follow(pkt, &flow, unsafe { &*entry }, false);
+        }
     }
     let service = match origin {
         Origin::Tunnel(_) => balancer::lookup_tunnel_service(&flow.key),
@@ -396,9 +405,12 @@ fn open_flow<P: Packet>(
         counters::event(EV_CT_INSERT_FAILED);
     }
 
+    // Only the client's direction announces related flows.
+    forward.helper = service.helper;
     match CONNTRACK.insert(key, forward, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             accounting::opened(backend.id, forward.accounting);
+            related::announce(pkt, flow, forward.helper, now);
             follow(pkt, flow, &forward, true)
         }
         Err(EEXIST) => match conntrack::adopt_winner(key, &reply_key) {

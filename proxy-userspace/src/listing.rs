@@ -16,7 +16,7 @@ use crate::{
         codec::{endpoint_of, frontend_key, source_range_id, source_range_of},
         tables::Tables,
     },
-    model::{Endpoint, Family, FrontendKey, Scheduler},
+    model::{Endpoint, Family, FrontendKey, Helper, Scheduler},
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -29,6 +29,9 @@ pub struct ServiceRow {
     pub local_only: bool,
     /// `dsr-ipip`: new external flows to remote endpoints are encapsulated to them.
     pub dsr: bool,
+    /// Its connection-tracking helper (related flows).
+    #[serde(default)]
+    pub helper: Helper,
     /// `sessionAffinity: ClientIP` timeout (IPVS's "persistent"); 0 = none.
     pub affinity_timeout_s: u32,
     /// `loadBalancerSourceRanges`: `None` admits everybody.
@@ -79,6 +82,7 @@ pub fn read_tables(tables: &Tables) -> Result<Listing> {
             external: value.flags & SVC_F_EXTERNAL != 0,
             local_only: value.flags & SVC_F_LOCAL_ONLY != 0,
             dsr: value.flags & SVC_F_DSR != 0,
+            helper: Helper::from_number(value.helper),
             affinity_timeout_s: value.affinity_timeout_s,
             source_ranges: (value.flags & SVC_F_SOURCE_RANGES != 0).then(|| {
                 source_ranges
@@ -131,7 +135,7 @@ fn stats_columns(s: &TrafficStats) -> String {
 }
 
 /// The ipvsadm-like table; `wide` adds each frontend's kind and policies (external or
-/// in-cluster, traffic policy `Local`, `dsr-ipip`) and every data path event, zero
+/// in-cluster, traffic policy `Local`, `dsr-ipip`, a helper) and every data path event, zero
 /// ones too.
 pub fn render(listing: &Listing, wide: bool) -> String {
     let mut out = String::new();
@@ -167,6 +171,7 @@ pub fn render(listing: &Listing, wide: bool) -> String {
             for (set, flag) in [
                 (service.local_only, "local-only"),
                 (service.dsr, "dsr-ipip"),
+                (service.helper == Helper::Tftp, "helper tftp"),
             ] {
                 if set {
                     let _ = write!(head, " {flag}");

@@ -164,6 +164,58 @@ pub struct Frontend {
     pub local_only: bool,
     /// An external frontend with an in-cluster view (`Listen::InCluster*`).
     pub in_cluster_view: bool,
+    /// Which of its flows' packets announce related flows (`proxy_common::related`).
+    pub helper: Helper,
+}
+
+/// A connection-tracking helper of a frontend (`proxy_common::related`): which packets
+/// of its flows announce a related flow that the data path then translates too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Helper {
+    #[default]
+    None,
+    /// TFTP: a read or write request announces the server's answer from a new port.
+    Tftp,
+}
+
+impl Helper {
+    const ALL: [Helper; 2] = [Helper::None, Helper::Tftp];
+
+    /// As the annotation spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Helper::None => "none",
+            Helper::Tftp => "tftp",
+        }
+    }
+
+    /// The `ServiceValue::helper` number.
+    pub fn number(self) -> u8 {
+        match self {
+            Helper::None => proxy_common::HELPER_NONE,
+            Helper::Tftp => proxy_common::HELPER_TFTP,
+        }
+    }
+
+    /// The helper a `ServiceValue::helper` number names (an unknown one: none).
+    pub fn from_number(number: u8) -> Helper {
+        Helper::ALL
+            .into_iter()
+            .find(|h| h.number() == number)
+            .unwrap_or_default()
+    }
+}
+
+impl std::str::FromStr for Helper {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Helper, String> {
+        Helper::ALL
+            .into_iter()
+            .find(|h| h.name() == s.trim())
+            .ok_or_else(|| format!("unknown helper {:?} (tftp, none)", s.trim()))
+    }
 }
 
 /// How a service's external traffic reaches endpoints on other nodes.

@@ -64,6 +64,13 @@
 //!     endpoint; every node also gets the frontends' IPIP views (`Listen::Tunnel*`)
 //!     holding its own endpoints, where the encapsulated flows arrive. Not with
 //!     `externalTrafficPolicy: Local` (no flow leaves the node then).
+//! 14. Related flows: the UDP ports of a service annotated `ebpf-proxy.io/helper: tftp`
+//!     get the TFTP helper on every frontend (ClusterIP, NodePort, LoadBalancer,
+//!     external IP), so that a server's answer from a new port, and the transfer
+//!     after it, are translated like the request (`proxy_common::related`); without
+//!     the annotation, a UDP service port 69 gets it, as the kernel's TFTP helper
+//!     watches port 69. `none` turns that off; an unknown helper is an error for that
+//!     service, which keeps the default.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -79,8 +86,8 @@ use k8s_openapi::api::{
 use proxy_common::decide::MAX_WEIGHT;
 
 use crate::model::{
-    parse_scheduler, Endpoint, Family, Forwarding, Frontend, FrontendKey, HealthCheck, Listen,
-    Problem, Protocol, Scheduler, SourceRange,
+    parse_scheduler, Endpoint, Family, Forwarding, Frontend, FrontendKey, HealthCheck, Helper,
+    Listen, Problem, Protocol, Scheduler, SourceRange,
 };
 use crate::source::ObjectKey;
 
@@ -102,6 +109,9 @@ pub const ANNOTATION_WEIGHTS: &str = "ebpf-proxy.io/weights";
 /// Per-service forwarding of external traffic to other nodes: `snat` or `dsr-ipip`;
 /// without it, the node's `--forwarding`.
 pub const ANNOTATION_FORWARDING: &str = "ebpf-proxy.io/forwarding";
+/// Per-service connection-tracking helper of its UDP ports: `tftp` or `none`; without
+/// it, UDP port 69 gets `tftp` (rule 14).
+pub const ANNOTATION_HELPER: &str = "ebpf-proxy.io/helper";
 
 /// One usable endpoint port of a slice, before the ready/terminating choice.
 #[derive(Clone, Debug, PartialEq)]
@@ -428,6 +438,19 @@ fn is_local(policy: &Option<String>) -> bool {
     policy.as_deref() == Some("Local")
 }
 
+/// Rule 14: the helper of one service port, given the service's annotated one.
+/// Helpers watch UDP only (TFTP is the one there is).
+fn port_helper(annotated: Option<Helper>, protocol: Protocol, port: u16) -> Helper {
+    if protocol != Protocol::Udp {
+        return Helper::None;
+    }
+    annotated.unwrap_or(if port == proxy_common::TFTP_PORT {
+        Helper::Tftp
+    } else {
+        Helper::None
+    })
+}
+
 /// Rule 11: the affinity timeout, 0 without `sessionAffinity: ClientIP`.
 fn affinity_timeout(spec: &ServiceSpec) -> Result<u32, String> {
     if spec.session_affinity.as_deref() != Some("ClientIP") {
@@ -546,6 +569,17 @@ pub(crate) fn service_output(
             Forwarding::Snat
         }
     };
+    let helper = match annotations.get(ANNOTATION_HELPER).map(|h| h.parse()) {
+        None => None,
+        Some(Ok(helper)) => Some(helper),
+        Some(Err(message)) => {
+            out.problems.push(Problem::error(
+                object.clone(),
+                format!("{ANNOTATION_HELPER}: {message}; using the default"),
+            ));
+            None
+        }
+    };
     // Direct return only matters where external traffic may leave this node.
     let dsr = forwarding == Forwarding::DsrIpip && !external_local;
     let weights = match annotations
@@ -602,6 +636,7 @@ pub(crate) fn service_output(
                 ));
             }
         }
+        let port_helper = port_helper(helper, protocol, number);
         let sets = policy_sets(endpoints, port, protocol, node.zone.as_deref());
         local_serving.extend(sets.local.iter().map(|e| e.addr));
         let weighted = |set: &[Endpoint]| -> Vec<Endpoint> {
@@ -661,6 +696,7 @@ pub(crate) fn service_output(
                     },
                     dsr: dsr && is_external && !tunnel && !in_cluster,
                     in_cluster_view: short_circuit && is_external && !tunnel && !in_cluster,
+                    helper: port_helper,
                     // A policy `Local` drops (rather than refuses) only where the
                     // service has endpoints elsewhere, as kube-proxy does.
                     local_only: !tunnel

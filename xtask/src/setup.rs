@@ -24,6 +24,8 @@ const PACKAGES: &[&str] = &[
     "binutils",
     // The font of the benchmark's plots.
     "fonts-dejavu-core",
+    // The TFTP server the related-flow tests transfer files from (in pod namespaces).
+    "tftpd-hpa",
     // The other contenders of `cargo xtask bench`.
     "iptables",
     "nftables",
@@ -100,6 +102,11 @@ fn ensure_packages() -> Result<()> {
     install_missing(PACKAGES)
 }
 
+/// Packages whose installation starts a host service (Debian starts daemons it
+/// installs). The tests run their own copies inside namespaces; the host's service is
+/// stopped and disabled, only when this installation brought it.
+const NO_HOST_SERVICE: &[&str] = &["tftpd-hpa"];
+
 fn install_missing(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
@@ -117,7 +124,14 @@ fn install_missing(packages: &[&str]) -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive");
         c
-    })
+    })?;
+    for service in missing.iter().filter(|p| NO_HOST_SERVICE.contains(p)) {
+        // Without systemd (a container) nothing was started; either way, best effort.
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", service])
+            .status();
+    }
+    Ok(())
 }
 
 fn ensure_rust_src() -> Result<()> {

@@ -7,8 +7,8 @@ use anyhow::{Context as _, Result};
 use aya::maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use proxy_common::{
     map_name, AddrKey, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue,
-    ConnCounts, CtEntry, CtKey, NodeAddrFlags, ServiceKey, ServiceName, ServiceValue,
-    SourceRangeKey, TrafficStats, DATAPATH_EVENT_NAMES,
+    ConnCounts, CtEntry, CtKey, ExpectKey, Expectation, NodeAddrFlags, ServiceKey, ServiceName,
+    ServiceValue, SourceRangeKey, TrafficStats, DATAPATH_EVENT_NAMES,
 };
 
 pub struct Tables {
@@ -128,6 +128,12 @@ impl Tables {
 }
 
 impl Tables {
+    /// The expectations of related flows (`proxy_common::related`), opened when asked
+    /// for: a listing against an agent older than them still works.
+    pub fn expectations(&self) -> Result<HashMap<MapData, ExpectKey, Expectation>> {
+        Ok(typed!(&self.pin_dir, map_name::EXPECTATIONS))
+    }
+
     /// The maximum entries of a pinned map, as it was created.
     pub fn capacity(&self, name: &str) -> Result<u32> {
         let info = aya::maps::MapInfo::from_pin(self.pin_dir.join(name))

@@ -506,7 +506,8 @@ impl Syncer {
                 backend_count: 0,
                 scheduler: frontend.scheduler.number(),
                 flags: service_flags(key, frontend),
-                _pad: [0; 2],
+                helper: frontend.helper.number(),
+                _pad: 0,
                 table_offset: 0,
                 table_len: 0,
                 affinity_timeout_s: frontend.affinity_timeout_s,
@@ -614,6 +615,7 @@ impl Syncer {
         let value = ServiceValue {
             backend_count: slots.len() as u32,
             flags: service_flags(key, frontend),
+            helper: frontend.helper.number(),
             scheduler: frontend.scheduler.number(),
             table_offset,
             table_len,

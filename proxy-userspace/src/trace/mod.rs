@@ -10,11 +10,12 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::Result;
 use proxy_common::{
     decide::{self, Entry, TunnelPeer},
-    Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, Family, LoadSettings, Scheduler, ServiceKey,
-    ServiceValue, BACKEND_F_REMOTE, CLUSTER_CIDRS_ID, CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY,
-    MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS, SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT,
-    SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW,
-    SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID,
+    Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, ExpectKey, Expectation, Family,
+    LoadSettings, Scheduler, ServiceKey, ServiceValue, BACKEND_F_REMOTE, CLUSTER_CIDRS_ID,
+    CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS, SCOPE_IN_CLUSTER,
+    SCOPE_IN_CLUSTER_NODE_PORT, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
+    SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
+    TUNNEL_PEERS_ID,
 };
 use serde::Serialize;
 
@@ -24,7 +25,7 @@ use crate::{
         codec::{addr_key, endpoint_of, source_range_probe},
         tables::Tables,
     },
-    model::Protocol,
+    model::{Helper, Protocol},
 };
 
 /// Where the packet enters.
@@ -213,6 +214,21 @@ pub fn explain(
     } else {
         out.steps.push("conntrack: no entry for this tuple".into());
     }
+    if let Some(related) = met_expectation(tables, &key) {
+        let service = tables.service_name(related.to_client.service_id);
+        out.steps.push(format!(
+            "related flow: {} announced it (a TFTP request; the expectation expires in {} s): opened with that flow's translations, the backend's new port kept (event related)",
+            service.as_deref().unwrap_or("a flow"),
+            related.expires_ns.saturating_sub(coarse_now_ns()) / 1_000_000_000
+        ));
+        let after = key.rewritten(&related.to_client);
+        out.service = service;
+        out.translated = Some((
+            socket(after.src, after.sport, family),
+            socket(after.dst, after.dport, family),
+        ));
+        return Ok(out);
+    }
     let found = match origin {
         Origin::Tunnel { .. } => {
             lookup_scoped(tables, &key, (SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT), false)
@@ -241,6 +257,11 @@ pub fn explain(
     let name = tables.service_name(service.id).unwrap_or_default();
     out.steps.push(format!("service {name}: matched {how}"));
     out.service = Some(name.clone());
+    if Helper::from_number(service.helper) == Helper::Tftp && protocol == Protocol::Udp {
+        out.steps.push(
+            "helper tftp: a read or write request records an expectation for the server's answer from a new port (event expected)".into(),
+        );
+    }
     if service.flags & SVC_F_SOURCE_RANGES != 0 {
         if tables
             .source_ranges
@@ -323,6 +344,22 @@ pub fn explain(
         };
     out.translated = Some((source, backend_socket));
     Ok(out)
+}
+
+/// The expectation a packet that matches no tracked flow meets, as the data path
+/// would find it (`related::claim`), turned into the related flow's entries.
+fn met_expectation(tables: &Tables, key: &CtKey) -> Option<Expectation> {
+    let now = coarse_now_ns();
+    let mut expectation = tables
+        .expectations()
+        .ok()?
+        .get(&ExpectKey::of(key), 0)
+        .ok()?;
+    if now >= expectation.expires_ns {
+        return None;
+    }
+    expectation.meet(key.sport, now);
+    Some(expectation)
 }
 
 /// Why a service gives a new flow no backend: a traffic policy `Local` on a node

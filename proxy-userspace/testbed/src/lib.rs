@@ -13,6 +13,7 @@ pub mod command;
 pub mod manifests;
 pub mod netns;
 pub mod servers;
+pub mod tftpd;
 pub mod topology;
 
 /// Polls `check` every `interval` until it holds or `timeout` passes; whether it held.

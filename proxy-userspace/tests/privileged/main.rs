@@ -31,10 +31,12 @@ mod operator_status;
 mod operator_tools;
 mod policies;
 mod refusals;
+mod related_flows;
 mod schedulers;
 mod services;
 mod support;
 mod sync;
+mod tftp;
 mod tunnel;
 mod upgrades;
 

@@ -1,10 +1,11 @@
 //! The translation rules, one test (or more) per rule, numbered as in the rule list at
 //! the top of `translate.rs`: rules 1 to 5 here, 6 and 7 in `input`, 8 to 13 in
-//! `policies`. Through the public API: a manifests text, translated whole by the
+//! `policies`, 14 in `related`. Through the public API: a manifests text, translated whole by the
 //! change tracker.
 
 mod input;
 mod policies;
+mod related;
 
 use std::net::Ipv4Addr;
 use testbed::Ipv4Octets as _;
