@@ -98,6 +98,10 @@ pub const CT_F_NODE_SOURCE: u8 = 32;
 /// the entry has no reply peer.
 pub const CT_F_ENCAP: u8 = 64;
 
+/// A related flow (`related`): opened by an expectation its announcing flow recorded
+/// (a TFTP server's answer from a new port), not by a frontend.
+pub const CT_F_RELATED: u8 = 128;
+
 /// Default idle timeouts in seconds, per state (Cilium's values for TCP; UDP as
 /// Calico). The agent may set others at load (`CtTimeouts`).
 pub const CT_TIMEOUT_SYN_S: u64 = 60;
@@ -163,7 +167,10 @@ pub struct CtEntry {
     /// Client-to-backend entries: which of the flow's packets announce a related
     /// flow (`HELPER_*`, from the frontend; `related`).
     pub helper: u8,
-    pub _pad: u8,
+    /// Client-to-backend entries of flows with a helper: 1 when the backend is on
+    /// this node, so that its related flows are met only from pod interfaces (0: only
+    /// from uplinks), where its packets come from.
+    pub backend_here: u8,
     /// Original entries only: how the flow counts in `CONN_COUNTS` (`ACCT_*`),
     /// changed only by atomic exchange so that no transition is counted twice.
     pub accounting: u32,
@@ -193,7 +200,7 @@ impl CtEntry {
             state,
             flags: CT_F_REWRITE_DST,
             helper: crate::HELPER_NONE,
-            _pad: 0,
+            backend_here: 0,
             accounting,
             _pad2: 0,
             last_seen_ns: now,
@@ -220,7 +227,7 @@ impl CtEntry {
             state,
             flags: CT_F_ENCAP,
             helper: crate::HELPER_NONE,
-            _pad: 0,
+            backend_here: 0,
             accounting,
             _pad2: 0,
             last_seen_ns: now,

@@ -10,6 +10,13 @@
 //! included), only the backend's new port differing, as netfilter's
 //! `nf_nat_follow_master` does; the expectation is then used up.
 //!
+//! Met only as netfilter would meet it, and no more: while the announcing flow lives
+//! (its backend-to-client entry is live), arriving where the backend's packets arrive
+//! (a pod interface for a backend on this node, an uplink for another node's), and
+//! without displacing a tracked flow or another flow's expectation (both are
+//! inserted only if absent; a clash leaves the packet untranslated, counted as
+//! `related_clash`).
+//!
 //! The mechanism knows nothing of TFTP: a helper only decides which packets announce
 //! (`HELPER_*`), and what is expected is always "the backend answers from any port".
 
@@ -80,11 +87,37 @@ pub struct Expectation {
 }
 
 impl Expectation {
+    /// The key of the announcing flow's backend-to-client entry, of which `key` is
+    /// the expected tuple: an expectation is met only while that flow lives, as
+    /// netfilter removes a connection's expectations with it.
+    #[inline(always)]
+    pub const fn announcer_reply(&self, key: &ExpectKey) -> CtKey {
+        CtKey {
+            src: key.src,
+            dst: key.dst,
+            sport: self.to_backend.nat_dport,
+            dport: key.dport,
+            proto: key.proto,
+            family: key.family,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Whether `other` was recorded by the same announcing flow (the same client and
+    /// backend port): a retransmitted request refreshes its expectation, another
+    /// flow's is left alone.
+    #[inline(always)]
+    pub fn same_announcer(&self, other: &Expectation) -> bool {
+        self.to_client.nat_dst == other.to_client.nat_dst
+            && self.to_client.nat_dport == other.to_client.nat_dport
+            && self.to_backend.nat_dport == other.to_backend.nat_dport
+    }
+
     /// Turns the announcing flow's entries into those of the related flow whose first
     /// packet, from the backend's `port`, met this expectation: the backend-to-client
     /// one (for that packet) and the client-to-backend one, each counted nowhere
     /// (`ACCT_GONE`: the announcing flow is the connection) and announcing nothing
-    /// more. In place: the data path does it in per-CPU scratch memory, as two entries
+    /// more, marked `CT_F_RELATED`. In place: the data path does it in per-CPU scratch memory, as two entries
     /// do not fit its stack beside the rest of a packet's path.
     #[inline(always)]
     pub fn meet(&mut self, port: u16, now: u64) {
@@ -92,6 +125,7 @@ impl Expectation {
         self.to_client.nat_sport = port;
         self.to_backend.nat_dport = port;
         for entry in [&mut self.to_client, &mut self.to_backend] {
+            entry.flags |= crate::CT_F_RELATED;
             entry.helper = HELPER_NONE;
             entry.accounting = crate::ACCT_GONE;
             entry.last_seen_ns = now;

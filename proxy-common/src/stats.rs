@@ -99,6 +99,9 @@ datapath_events! {
     EV_EXPECTED => "expected",
     /// A packet met an expectation: its related flow was opened and translated.
     EV_RELATED => "related",
+    /// An expectation or a related flow was not recorded because another flow's
+    /// expectation or a tracked flow held its tuple: the packet went untranslated.
+    EV_RELATED_CLASH => "related_clash",
 }
 
 /// Events defined.

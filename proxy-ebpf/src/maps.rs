@@ -2,6 +2,7 @@
 //! bpffs directory, so a restarted agent finds its services and, above all, the
 //! conntrack state of established flows where it left them.
 
+use crate::related::Scratch;
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
@@ -70,7 +71,7 @@ pub static EXPECTED_UNTIL: Array<u64> = Array::pinned(1, 0);
 /// Per-CPU room where `related` assembles an expectation and the entries of the
 /// related flow that meets one (too large for the stack). Holds nothing between packets.
 #[map]
-pub static RELATED_SCRATCH: PerCpuArray<Expectation> = PerCpuArray::pinned(1, 0);
+pub static RELATED_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::pinned(1, 0);
 
 /// This node's own addresses: NodePorts answer on any of them. Written by the agent.
 #[map]

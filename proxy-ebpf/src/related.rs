@@ -4,9 +4,9 @@
 //! assembled in `RELATED_SCRATCH`, not on the stack: two conntrack entries do not fit
 //! beside the rest of a packet's path in the verifier's 512 bytes.
 
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
-    CtEntry, ExpectKey, EV_CT_INSERT_FAILED, EV_CT_RACE_LOST, EV_EXPECTED, EV_RELATED,
+    CtEntry, CtKey, ExpectKey, Expectation, EV_EXPECTED, EV_RELATED, EV_RELATED_CLASH,
     EXPECTATION_TIMEOUT_NS, HELPER_NONE, HELPER_TFTP, PROTO_UDP, TFTP_RRQ, TFTP_WRQ,
 };
 
@@ -16,8 +16,6 @@ use crate::{
     packet::Packet,
     parse::Flow,
 };
-
-const EEXIST: i32 = -17;
 
 /// Whether an expectation may be live: only then is a packet that matches no tracked
 /// flow looked up in `EXPECTATIONS`.
@@ -29,7 +27,8 @@ pub fn may_be_expected(now: u64) -> bool {
 /// Records the related flow a client-to-backend packet announces, if its flow's
 /// `helper` says it does: the backend may answer from any port to where it answers
 /// this flow. The flow's entries are read back from `CONNTRACK`, so a flow whose
-/// entries could not be stored announces nothing.
+/// entries could not be stored announces nothing. Another flow's expectation of the
+/// same tuple is left alone (netfilter refuses such a clash too).
 // By reference, not by value as clippy would have it: a value would be copied to the
 // stack, which is what the scratch slot is for.
 #[expect(clippy::needless_borrows_for_generic_args)]
@@ -38,26 +37,42 @@ pub fn announce<P: Packet>(pkt: &P, flow: &Flow, helper: u8, now: u64) {
     if helper == HELPER_NONE || !announces(pkt, flow, helper) {
         return;
     }
-    let Some(scratch) = RELATED_SCRATCH.get_ptr_mut(0) else {
+    // SAFETY: this CPU's scratch slot, nobody else's for the program's run; the
+    // keys live there too, off the stack (which a new flow's path fills already).
+    let Some(scratch) = RELATED_SCRATCH.get_ptr_mut(0).map(|s| unsafe { &mut *s }) else {
         return;
     };
-    let Some(to_backend) = CONNTRACK.get_ptr(flow.key) else {
+    let Some(to_backend) = CONNTRACK.get_ptr(&flow.key) else {
         return;
     };
-    // SAFETY: live map values and this CPU's scratch slot; copied field by field.
-    let reply_key = flow.key.peer(unsafe { &*to_backend });
-    let Some(to_client) = CONNTRACK.get_ptr(reply_key) else {
+    // SAFETY: a live map value.
+    scratch.ct_key = flow.key.peer(unsafe { &*to_backend });
+    let Some(to_client) = CONNTRACK.get_ptr(&scratch.ct_key) else {
         return;
     };
+    scratch.expect_key = ExpectKey::of(&scratch.ct_key);
     let expires_ns = now + EXPECTATION_TIMEOUT_NS;
-    // SAFETY: as above.
-    let inserted = unsafe {
-        (*scratch).to_backend = *to_backend;
-        (*scratch).to_client = *to_client;
-        (*scratch).expires_ns = expires_ns;
-        EXPECTATIONS.insert(ExpectKey::of(&reply_key), &*scratch, u64::from(BPF_ANY))
+    let expectation = &mut scratch.expectation;
+    // SAFETY: live map values, copied.
+    unsafe {
+        expectation.to_backend = *to_backend;
+        expectation.to_client = *to_client;
+    }
+    expectation.expires_ns = expires_ns;
+    let recorded = match EXPECTATIONS.get_ptr_mut(&scratch.expect_key) {
+        // A retransmitted request: the same expectation, for longer.
+        // SAFETY: a live map value; a plain store of its expiry.
+        Some(existing) if unsafe { (*existing).same_announcer(expectation) } => {
+            unsafe { (*existing).expires_ns = expires_ns };
+            true
+        }
+        Some(_) => false,
+        None => EXPECTATIONS
+            .insert(&scratch.expect_key, &*expectation, u64::from(BPF_NOEXIST))
+            .is_ok(),
     };
-    if inserted.is_err() {
+    if !recorded {
+        counters::event(EV_RELATED_CLASH);
         return;
     }
     if let Some(until) = EXPECTED_UNTIL.get_ptr_mut(0) {
@@ -86,41 +101,91 @@ fn announces<P: Packet>(pkt: &P, flow: &Flow, helper: u8) -> bool {
     }
 }
 
+/// What became of a packet that matched no tracked flow, as far as expectations go.
+/// No payload: the met entry is read from the scratch slot (`met_entry`), since LLVM
+/// leaves payload slots of other variants unset (see `translate::Verdict`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Nothing expected it: it goes on to the frontends.
+    NotExpected,
+    /// It met an expectation: translate it as `met_entry` says.
+    Met,
+    /// It matched an expectation's tuple but may not meet it (it arrived where the
+    /// backend's packets do not, or the expectation or its announcing flow is gone, or
+    /// a tracked flow holds the tuple): passed untranslated (`Pass`) or, when it can
+    /// only be spoofed, dropped (`Drop`).
+    Pass,
+    Drop,
+}
+
 /// Opens the related flow a packet that matches no tracked flow was expected to
-/// start: both of its entries recorded, the expectation used up. The entry that
-/// translates this packet (in this CPU's scratch slot, valid for the rest of the
-/// program's run), or `None` when nothing expected it.
+/// start (`from_pod`: it came from a pod interface, not an uplink): both of its
+/// entries recorded, the expectation used up.
 // Entries by reference: see `announce`.
 #[expect(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
-pub fn claim(flow: &Flow, now: u64) -> Option<*const CtEntry> {
-    let key = ExpectKey::of(&flow.key);
-    let expectation = EXPECTATIONS.get_ptr(key)?;
-    let scratch = RELATED_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: a live map value copied into this CPU's scratch slot.
-    let live = unsafe {
-        *scratch = *expectation;
-        now < (*scratch).expires_ns
-    };
-    let _ = EXPECTATIONS.remove(key);
-    if !live {
-        return None;
-    }
+pub fn claim(flow: &Flow, from_pod: bool, now: u64) -> Claim {
     // SAFETY: this CPU's scratch slot, nobody else's for the program's run.
-    let related = unsafe { &mut *scratch };
+    let Some(scratch) = RELATED_SCRATCH.get_ptr_mut(0).map(|s| unsafe { &mut *s }) else {
+        return Claim::NotExpected;
+    };
+    scratch.expect_key = ExpectKey::of(&flow.key);
+    let Some(expectation) = EXPECTATIONS.get_ptr(&scratch.expect_key) else {
+        return Claim::NotExpected;
+    };
+    // SAFETY: a live map value, copied.
+    scratch.expectation = unsafe { *expectation };
+    let related = &mut scratch.expectation;
+    // The backend's packets arrive from its pod's interface if it is on this node,
+    // else from an uplink: one from elsewhere with its address is spoofed (the
+    // expectation stays for the real one).
+    if (related.to_backend.backend_here != 0) != from_pod {
+        counters::event(EV_RELATED_CLASH);
+        return Claim::Drop;
+    }
+    let _ = EXPECTATIONS.remove(&scratch.expect_key);
+    // Its announcing flow still tracked (an entry idle past its timeout counts until
+    // the collector or a new packet removes it: a lighter test, for the verifier).
+    scratch.ct_key = related.announcer_reply(&scratch.expect_key);
+    let announcer_lives = CONNTRACK.get_ptr(&scratch.ct_key).is_some();
+    if now >= related.expires_ns || !announcer_lives {
+        return Claim::Pass;
+    }
     related.meet(flow.key.sport, now);
-    let client_key = flow.key.peer(&related.to_client);
-    if CONNTRACK
-        .insert(client_key, &related.to_backend, u64::from(BPF_ANY))
-        .is_err()
-    {
-        counters::event(EV_CT_INSERT_FAILED);
+    scratch.ct_key = flow.key.peer(&related.to_client);
+    let opened = CONNTRACK
+        .insert(&scratch.ct_key, &related.to_backend, u64::from(BPF_NOEXIST))
+        .is_ok()
+        && CONNTRACK
+            .insert(&flow.key, &related.to_client, u64::from(BPF_NOEXIST))
+            .is_ok();
+    if !opened {
+        // A tracked flow holds the client's side of the tuple (never displaced), or
+        // another CPU opened the flow with an earlier packet of it at this instant:
+        // this one goes untranslated, as a lost packet would.
+        counters::event(EV_RELATED_CLASH);
+        return Claim::Pass;
     }
-    match CONNTRACK.insert(flow.key, &related.to_client, u64::from(BPF_NOEXIST)) {
-        Ok(()) => counters::event(EV_RELATED),
-        // Another CPU opened it with an earlier packet: the same translation.
-        Err(EEXIST) => counters::event(EV_CT_RACE_LOST),
-        Err(_) => counters::event(EV_CT_INSERT_FAILED),
-    }
-    Some(&related.to_client)
+    counters::event(EV_RELATED);
+    Claim::Met
+}
+
+/// The entry of the related flow `claim` just opened (`Claim::Met`), in this CPU's
+/// scratch slot.
+#[inline(always)]
+pub fn met_entry() -> Option<*const CtEntry> {
+    let scratch = RELATED_SCRATCH.get_ptr(0)?;
+    // SAFETY: a field of this CPU's scratch slot.
+    Some(unsafe { &raw const (*scratch).expectation.to_client })
+}
+
+/// Per-CPU room of `related` (`RELATED_SCRATCH`): an expectation and the entries of
+/// the related flow that meets one, and the keys looked up meanwhile.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Scratch {
+    expectation: Expectation,
+    expect_key: ExpectKey,
+    _pad: u32,
+    ct_key: CtKey,
 }

@@ -8,11 +8,11 @@ use aya_ebpf::{
 use proxy_common::{
     decide::{self, Entry},
     tcp::{TCP_ACK, TCP_RST, TCP_SYN},
-    Addr, CtEntry, CtKey, Family, ServiceValue, Transport, CT_F_ENCAP, CT_F_NODE_SOURCE,
-    CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, EV_CT_INSERT_FAILED,
-    EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED, EV_NO_BACKEND, EV_REFUSED,
-    EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, EV_TUNNEL_REFUSED, PROTO_TCP,
-    SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
+    Addr, CtEntry, CtKey, Family, ServiceValue, Transport, BACKEND_F_REMOTE, CT_F_ENCAP,
+    CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT,
+    EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED,
+    EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED,
+    EV_TUNNEL_REFUSED, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
 };
 
 use crate::{
@@ -24,7 +24,8 @@ use crate::{
     maps::CONNTRACK,
     packet::{Packet, Side, XdpPacket, ETH_LEN},
     parse::{self, Flow, Skip},
-    related, settings, source_ranges, tunnel,
+    related::{self, Claim},
+    settings, source_ranges, tunnel,
 };
 
 /// Where the packet entered the node; decides masquerading.
@@ -124,14 +125,6 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
         }
         Lookup::Missing => {}
     }
-    // A flow some tracked flow announced (a TFTP server's answer from its new port)
-    // goes before the frontends, as netfilter meets expectations before its NAT rules.
-    if related::may_be_expected(now) {
-        if let Some(entry) = related::claim(&flow, now) {
-            // SAFETY: this CPU's scratch slot (`related::claim`).
-            return follow(pkt, &flow, unsafe { &*entry }, false);
-        }
-    }
     let service = match origin {
         Origin::Tunnel(_) => balancer::lookup_tunnel_service(&flow.key),
         Origin::Pod => balancer::lookup_service_from(&flow.key, || true),
@@ -141,9 +134,37 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     };
     match service {
         Some(service) => open_flow(pkt, &flow, &service, origin, now),
-        // Another port or protocol of a service address.
-        None => refused_at_service_address(origin, flow.key.family, &flow.key.dst),
+        None => related_or_refused(pkt, &flow, origin, now),
     }
+}
+
+/// A packet that opens no tracked flow and no frontend's: a flow some tracked flow
+/// announced (a TFTP server's answer from its new port, `related`), or traffic to
+/// another port or protocol of a service address (refused), or not ours. After the
+/// frontends, where netfilter meets expectations before its NAT rules: here the
+/// verifier follows a new flow's path once, not once more per way of not meeting an
+/// expectation (that took the uplink program from 606,000 processed instructions to
+/// 750,000). What differs: a related flow's first packet whose tuple is also a UDP
+/// frontend's (a masquerade port that equals a NodePort) opens a flow to that
+/// frontend instead (README, "Related flows").
+#[inline(always)]
+fn related_or_refused<P: Packet>(pkt: &P, flow: &Flow, origin: Origin, now: u64) -> Verdict {
+    if related::may_be_expected(now) {
+        match related::claim(flow, origin == Origin::Pod, now) {
+            Claim::NotExpected => {}
+            Claim::Met => {
+                return match related::met_entry() {
+                    // SAFETY: this CPU's scratch slot (`related::met_entry`).
+                    Some(entry) => follow(pkt, flow, unsafe { &*entry }, false),
+                    None => Verdict::PASS,
+                };
+            }
+            Claim::Pass => return Verdict::PASS,
+            Claim::Drop => return Verdict::DROP,
+        }
+    }
+    // Another port or protocol of a service address.
+    refused_at_service_address(origin, flow.key.family, &flow.key.dst)
 }
 
 /// What no frontend takes at a service address (another port, another protocol, a
@@ -407,6 +428,7 @@ fn open_flow<P: Packet>(
 
     // Only the client's direction announces related flows.
     forward.helper = service.helper;
+    forward.backend_here = u8::from(backend.flags & BACKEND_F_REMOTE == 0);
     match CONNTRACK.insert(key, forward, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             accounting::opened(backend.id, forward.accounting);

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use proxy_common::{
     ConnCounts, CtEntry, CtKey, CtTimeouts, ACCT_ACTIVE, ACCT_INACTIVE, CT_CLOSING, CT_ESTABLISHED,
-    CT_F_ENCAP, CT_F_REPLY, CT_F_SNAT, CT_SYN_RECV, CT_SYN_SENT,
+    CT_F_ENCAP, CT_F_RELATED, CT_F_REPLY, CT_F_SNAT, CT_SYN_RECV, CT_SYN_SENT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -137,6 +137,10 @@ pub struct FlowView {
     pub idle_seconds: u64,
     /// `dsr-ipip`: encapsulated to the backend's node, which answers the client.
     pub encapsulated: bool,
+    /// A related flow (a TFTP transfer from the server's new port): its frontend
+    /// port is that new port, and it counts as part of its request's connection.
+    #[serde(default)]
+    pub related: bool,
 }
 
 /// One flow as `conntrack list` prints it; `wide` adds how it is forwarded.
@@ -155,7 +159,8 @@ pub fn render(f: &FlowView, wide: bool) -> String {
             (false, true) => "dnat+snat",
             (false, false) => "dnat",
         };
-        let _ = write!(line, " ({forwarding})");
+        let related = if f.related { ", related" } else { "" };
+        let _ = write!(line, " ({forwarding}{related})");
     }
     line
 }
@@ -202,6 +207,7 @@ pub fn flows(tables: &Tables) -> impl Iterator<Item = Result<FlowView>> + '_ {
             state: state_name(entry.state),
             idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
             encapsulated: entry.flags & CT_F_ENCAP != 0,
+            related: entry.flags & CT_F_RELATED != 0,
         }))
     })
 }

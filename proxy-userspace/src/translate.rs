@@ -64,13 +64,16 @@
 //!     endpoint; every node also gets the frontends' IPIP views (`Listen::Tunnel*`)
 //!     holding its own endpoints, where the encapsulated flows arrive. Not with
 //!     `externalTrafficPolicy: Local` (no flow leaves the node then).
-//! 14. Related flows: the UDP ports of a service annotated `ebpf-proxy.io/helper: tftp`
-//!     get the TFTP helper on every frontend (ClusterIP, NodePort, LoadBalancer,
-//!     external IP), so that a server's answer from a new port, and the transfer
-//!     after it, are translated like the request (`proxy_common::related`); without
-//!     the annotation, a UDP service port 69 gets it, as the kernel's TFTP helper
-//!     watches port 69. `none` turns that off; an unknown helper is an error for that
-//!     service, which keeps the default.
+//! 14. Related flows: a UDP service port 69 gets the TFTP helper on every frontend
+//!     (ClusterIP, NodePort, LoadBalancer, external IP), as the kernel's TFTP helper
+//!     watches port 69, so that a server's answer from a new port, and the transfer
+//!     after it, are translated like the request (`proxy_common::related`). The
+//!     annotation `ebpf-proxy.io/helper` replaces that default: `tftp` (every UDP
+//!     port), `tftp:<port number or name>, …` (those ports), or `none`. An unknown
+//!     helper is an error for that service, which keeps the default; a listed port
+//!     that is no UDP port of the service is a warning. A port with a helper is
+//!     forwarded with snat, never `dsr-ipip` (rule 13): related flows need both
+//!     directions through the node that translated the request.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -438,17 +441,62 @@ fn is_local(policy: &Option<String>) -> bool {
     policy.as_deref() == Some("Local")
 }
 
-/// Rule 14: the helper of one service port, given the service's annotated one.
-/// Helpers watch UDP only (TFTP is the one there is).
-fn port_helper(annotated: Option<Helper>, protocol: Protocol, port: u16) -> Helper {
-    if protocol != Protocol::Udp {
-        return Helper::None;
+/// Rule 14: the `ebpf-proxy.io/helper` annotation, which UDP ports get which helper.
+#[derive(Debug, Default)]
+struct HelperPorts {
+    /// `tftp`: every UDP port of the service.
+    every: bool,
+    /// `tftp:<port>`: these service ports, by number or name.
+    ports: BTreeSet<String>,
+}
+
+/// `none`, or a comma-separated list of `tftp` and `tftp:<port number or name>`.
+fn parse_helpers(value: &str) -> Result<HelperPorts, String> {
+    let mut out = HelperPorts::default();
+    if value.trim() == Helper::None.name() {
+        return Ok(out);
     }
-    annotated.unwrap_or(if port == proxy_common::TFTP_PORT {
+    for item in value.split(',').map(str::trim) {
+        let (helper, port) = match item.split_once(':') {
+            Some((helper, port)) => (helper, Some(port.trim())),
+            None => (item, None),
+        };
+        if helper.parse::<Helper>()? != Helper::Tftp {
+            return Err(format!("{item:?}: none stands alone"));
+        }
+        match port {
+            Some("") => return Err(format!("{item:?}: no port")),
+            Some(port) => {
+                out.ports.insert(port.to_owned());
+            }
+            None => out.every = true,
+        }
+    }
+    Ok(out)
+}
+
+/// Rule 14: the helper of one service port (`name`, `number`), given the service's
+/// annotation. Helpers watch UDP only (TFTP is the one there is).
+fn port_helper(
+    annotated: Option<&HelperPorts>,
+    protocol: Protocol,
+    number: u16,
+    name: Option<&str>,
+) -> Helper {
+    let wanted = match annotated {
+        _ if protocol != Protocol::Udp => false,
+        None => number == proxy_common::TFTP_PORT,
+        Some(helpers) => {
+            helpers.every
+                || helpers.ports.contains(&number.to_string())
+                || name.is_some_and(|name| helpers.ports.contains(name))
+        }
+    };
+    if wanted {
         Helper::Tftp
     } else {
         Helper::None
-    })
+    }
 }
 
 /// Rule 11: the affinity timeout, 0 without `sessionAffinity: ClientIP`.
@@ -569,7 +617,7 @@ pub(crate) fn service_output(
             Forwarding::Snat
         }
     };
-    let helper = match annotations.get(ANNOTATION_HELPER).map(|h| h.parse()) {
+    let helper = match annotations.get(ANNOTATION_HELPER).map(|h| parse_helpers(h)) {
         None => None,
         Some(Ok(helper)) => Some(helper),
         Some(Err(message)) => {
@@ -636,7 +684,12 @@ pub(crate) fn service_output(
                 ));
             }
         }
-        let port_helper = port_helper(helper, protocol, number);
+        let port_helper = port_helper(helper.as_ref(), protocol, number, port.name.as_deref());
+        // Related flows need both directions through this node: a port with a helper
+        // is forwarded with snat (its answers from a new port would otherwise reach
+        // the client from the backend's node, and the client's own answers to them
+        // arrive here, where nothing expects them).
+        let dsr = dsr && port_helper == Helper::None;
         let sets = policy_sets(endpoints, port, protocol, node.zone.as_deref());
         local_serving.extend(sets.local.iter().map(|e| e.addr));
         let weighted = |set: &[Endpoint]| -> Vec<Endpoint> {
@@ -736,6 +789,26 @@ pub(crate) fn service_output(
                     node_port,
                     Address::NodePort,
                 );
+            }
+        }
+    }
+    if let Some(helpers) = &helper {
+        let udp_ports: Vec<(String, Option<&str>)> = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| parse_protocol(p.protocol.as_deref()) == Ok(Protocol::Udp))
+            .map(|p| (p.port.to_string(), p.name.as_deref()))
+            .collect();
+        for listed in &helpers.ports {
+            if !udp_ports
+                .iter()
+                .any(|(number, name)| number == listed || *name == Some(listed.as_str()))
+            {
+                out.problems.push(Problem::warning(
+                    object.clone(),
+                    format!("{ANNOTATION_HELPER}: {listed} is no UDP port of the service"),
+                ));
             }
         }
     }

@@ -23,9 +23,9 @@ use aya::maps::MapError;
 use proxy_common::{
     map_name, Addr, AddrKey, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtTimeouts,
     NodeAddrFlags, ServiceKey, ServiceValue, CLUSTER_CIDR, CLUSTER_CIDRS_ID, CONFIG_NETNS_COOKIE,
-    CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE, CONFIG_XDP_FORWARD, MAX_BACKENDS_PER_SERVICE,
-    PROTO_UDP, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED, TUNNEL_PEER_UNVERIFIED, XDP_FORWARD_PASS,
-    XDP_FORWARD_REDIRECT,
+    CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE, CONFIG_XDP_FORWARD, CT_F_RELATED,
+    MAX_BACKENDS_PER_SERVICE, PROTO_UDP, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED,
+    TUNNEL_PEER_UNVERIFIED, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
 mod accounting;
@@ -417,9 +417,17 @@ impl Syncer {
         }
         report.unprogrammed = self.refused.len();
         if !departed.is_empty() {
+            // A related flow (a TFTP transfer) goes with its backend, whatever port the
+            // backend answered from.
+            let departed_addrs: BTreeSet<(u32, Addr)> =
+                departed.iter().map(|(id, addr, _)| (*id, *addr)).collect();
             match conntrack::flush(&mut self.tables, &self.conn_counts, |key, entry| {
                 key.proto == PROTO_UDP
-                    && departed.contains(&(entry.service_id, entry.nat_dst, entry.nat_dport))
+                    && if entry.flags & CT_F_RELATED != 0 {
+                        departed_addrs.contains(&(entry.service_id, entry.nat_dst))
+                    } else {
+                        departed.contains(&(entry.service_id, entry.nat_dst, entry.nat_dport))
+                    }
             }) {
                 Ok(flushed) => report.flushed_udp_flows = flushed,
                 Err(e) => report.problems.push(Problem::error(

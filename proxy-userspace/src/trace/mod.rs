@@ -214,21 +214,6 @@ pub fn explain(
     } else {
         out.steps.push("conntrack: no entry for this tuple".into());
     }
-    if let Some(related) = met_expectation(tables, &key) {
-        let service = tables.service_name(related.to_client.service_id);
-        out.steps.push(format!(
-            "related flow: {} announced it (a TFTP request; the expectation expires in {} s): opened with that flow's translations, the backend's new port kept (event related)",
-            service.as_deref().unwrap_or("a flow"),
-            related.expires_ns.saturating_sub(coarse_now_ns()) / 1_000_000_000
-        ));
-        let after = key.rewritten(&related.to_client);
-        out.service = service;
-        out.translated = Some((
-            socket(after.src, after.sport, family),
-            socket(after.dst, after.dport, family),
-        ));
-        return Ok(out);
-    }
     let found = match origin {
         Origin::Tunnel { .. } => {
             lookup_scoped(tables, &key, (SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT), false)
@@ -243,6 +228,14 @@ pub fn explain(
         Origin::External => lookup_service(tables, &key),
     };
     let Some((service, how)) = found else {
+        // (An agent older than expectations has no such map: nothing is expected.)
+        let expected = tables
+            .expectations()
+            .ok()
+            .and_then(|map| map.get(&ExpectKey::of(&key), 0).ok());
+        if let Some(expectation) = expected {
+            return Ok(explain_related(tables, out, &key, expectation, origin));
+        }
         if !matches!(origin, Origin::Tunnel { .. }) && is_refused_service_address(tables, &dst.ip())
         {
             return Ok(out.drop_because(format!(
@@ -346,20 +339,48 @@ pub fn explain(
     Ok(out)
 }
 
-/// The expectation a packet that matches no tracked flow meets, as the data path
-/// would find it (`related::claim`), turned into the related flow's entries.
-fn met_expectation(tables: &Tables, key: &CtKey) -> Option<Expectation> {
+/// A packet that opens no tracked flow and no frontend's, and matches `expectation`
+/// (`related::claim`): what becomes of it.
+fn explain_related(
+    tables: &Tables,
+    mut out: Explanation,
+    key: &CtKey,
+    mut expectation: Expectation,
+    origin: Origin,
+) -> Explanation {
+    let expect_key = ExpectKey::of(key);
+    let service = tables.service_name(expectation.to_client.service_id);
+    let announcer = service.as_deref().unwrap_or("a flow");
+    if (expectation.to_backend.backend_here != 0) != (origin == Origin::Pod) {
+        return out.drop_because(format!(
+            "the tuple is expected ({announcer} announced it), but the backend's packets arrive from {}: spoofed (event related_clash)",
+            if origin == Origin::Pod { "an uplink" } else { "its pod's interface" }
+        ));
+    }
     let now = coarse_now_ns();
-    let mut expectation = tables
-        .expectations()
-        .ok()?
-        .get(&ExpectKey::of(key), 0)
-        .ok()?;
-    if now >= expectation.expires_ns {
-        return None;
+    let announcer_lives = tables
+        .conntrack
+        .get(&expectation.announcer_reply(&expect_key), 0)
+        .is_ok();
+    if now >= expectation.expires_ns || !announcer_lives {
+        out.steps.push(format!(
+            "an expectation of {announcer} matches but its request's flow is gone or it expired: used up, the packet passes untouched"
+        ));
+        return out;
     }
     expectation.meet(key.sport, now);
-    Some(expectation)
+    out.steps.push(format!(
+        "related flow: {announcer} announced it (a TFTP request; the expectation expires in {} s): opened with that flow's translations, the backend's new port kept (event related)",
+        expectation.expires_ns.saturating_sub(now) / 1_000_000_000
+    ));
+    let after = key.rewritten(&expectation.to_client);
+    let family = Family::from_number(key.family).unwrap_or_default();
+    out.service = service;
+    out.translated = Some((
+        socket(after.src, after.sport, family),
+        socket(after.dst, after.dport, family),
+    ));
+    out
 }
 
 /// Why a service gives a new flow no backend: a traffic policy `Local` on a node

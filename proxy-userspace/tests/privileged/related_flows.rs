@@ -109,6 +109,108 @@ fn a_tftp_request_through_a_masqueraded_node_port_lets_the_server_answer_from_a_
     // The related flow is part of the request's connection, not another one.
     let listing = ebpf_proxy::listing::read(&dp.pin_dir).expect("list");
     assert_eq!(listing.services[0].backends[0].active, 1);
+    let related = |dp: &TestDatapath| {
+        ebpf_proxy::conntrack::flows(&dp.tables())
+            .filter_map(Result::ok)
+            .filter(|f| f.related)
+            .count()
+    };
+    assert_eq!(related(&dp), 1, "conntrack list shows the related flow");
+
+    // The backend leaves: its UDP flows are flushed, the transfer from its new port
+    // with them.
+    dp.program_frontends(vec![tftp_frontend(
+        node_port(30069, Protocol::Udp),
+        remote([10, 244, 2, 3], 69),
+        Helper::Tftp,
+    )]);
+    assert_eq!(related(&dp), 0);
+    assert_eq!(dp.tables().conntrack.keys().count(), 0);
+}
+
+#[test]
+fn an_expectation_is_met_only_where_the_backends_packets_arrive_and_while_its_request_lives() {
+    let mut dp = TestDatapath::new();
+    dp.program_frontends(vec![tftp_frontend(
+        udp(VIP, 69),
+        local(POD_A, 69),
+        Helper::Tftp,
+    )]);
+    dp.tc(&udp_packet((POD_B, 40000), (VIP, 69), READ_REQUEST));
+    assert_eq!(dp.event("expected"), 1);
+    // The backend is on this node: a packet with its address from an uplink is
+    // spoofed, and dropped; the expectation stays for the real one.
+    let spoofed = udp_packet((POD_A, 50000), (POD_B, 40000), DATA_1);
+    let explained = ebpf_proxy::trace::explain(
+        &dp.tables(),
+        &proxy_common::LoadSettings::DEFAULT,
+        Protocol::Udp,
+        SocketAddr::from((POD_A, 50000)),
+        SocketAddr::from((POD_B, 40000)),
+        ebpf_proxy::trace::Origin::External,
+    )
+    .expect("trace");
+    assert!(
+        explained
+            .dropped
+            .as_deref()
+            .is_some_and(|d| d.contains("spoofed")),
+        "{:?}",
+        explained.steps
+    );
+    assert_eq!(dp.xdp(&spoofed).0, XDP_DROP);
+    assert_eq!(dp.event("related"), 0);
+    // Its request's flow gone (flushed, or expired and collected), the expectation is
+    // not met: netfilter removes a connection's expectations with it.
+    dp.flush_conntrack();
+    let (verdict, out) = dp.tc(&spoofed);
+    assert_eq!((verdict, out), (TC_ACT_OK, spoofed));
+    assert_eq!(dp.event("related"), 0);
+    assert_eq!(dp.tables().conntrack.keys().count(), 0);
+}
+
+#[test]
+fn one_flows_expectation_is_never_displaced_by_anothers() {
+    let mut dp = TestDatapath::new();
+    dp.program_frontends(vec![
+        tftp_frontend(
+            node_port(30069, Protocol::Udp),
+            remote(REMOTE_POD, 69),
+            Helper::Tftp,
+        ),
+        tftp_frontend(
+            node_port(30070, Protocol::Udp),
+            remote(REMOTE_POD, 6969),
+            Helper::Tftp,
+        ),
+    ]);
+    let node = NODE_IP.octets();
+    let other_client = [198, 18, 0, 3];
+    // Two clients with the same port, masqueraded to the same node port towards two
+    // ports of one pod: both servers would answer from a new port to that node port.
+    let (_, out) = dp.xdp(&udp_packet((CLIENT, 40000), (node, 30069), READ_REQUEST));
+    let first = inspect(&out);
+    let (_, out) = dp.xdp(&udp_packet(
+        (other_client, 40000),
+        (node, 30070),
+        READ_REQUEST,
+    ));
+    let second = inspect(&out);
+    assert_eq!(first.src, second.src, "one masquerade port for both");
+    assert_eq!((dp.event("expected"), dp.event("related_clash")), (1, 1));
+    // The answer goes to the client whose request was expected first, not the other.
+    let (_, out) = dp.xdp(&udp_packet((REMOTE_POD, 50123), first.src, DATA_1));
+    assert_eq!(inspect(&out).dst, (CLIENT, 40000));
+    // Met, the expectation is used up: the second client's request, retransmitted,
+    // now records its own.
+    dp.xdp(&udp_packet(
+        (other_client, 40000),
+        (node, 30070),
+        READ_REQUEST,
+    ));
+    assert_eq!((dp.event("expected"), dp.event("related_clash")), (2, 1));
+    let (_, out) = dp.xdp(&udp_packet((REMOTE_POD, 50124), first.src, DATA_1));
+    assert_eq!(inspect(&out).dst, (other_client, 40000));
 }
 
 #[test]

@@ -12,7 +12,7 @@ use super::{objects, NODE};
 /// A NodePort service with UDP 69, UDP 6969 and TCP 69, annotated as given.
 fn translated(annotations: &str) -> Translation {
     let yaml = format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: tftp, namespace: ns{annotations}}}\nspec:\n  selector: {{app: tftp}}\n  type: NodePort\n  clusterIP: 10.96.0.1\n  ports:\n  - {{name: tftp, port: 69, protocol: UDP, nodePort: 30069}}\n  - {{name: alt, port: 6969, protocol: UDP}}\n  - {{name: tcp, port: 69, protocol: TCP}}\n"
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: tftp, namespace: ns{annotations}}}\nspec:\n  selector: {{app: tftp}}\n  type: NodePort\n  clusterIP: 10.96.0.1\n  ports:\n  - {{name: tftp, port: 69, protocol: UDP, nodePort: 30069}}\n  - {{name: alt, port: 6969, protocol: UDP, nodePort: 30070}}\n  - {{name: tcp, port: 69, protocol: TCP}}\n"
     );
     translate_all(&objects(&yaml), NODE)
 }
@@ -69,6 +69,40 @@ fn rule14_udp_port_69_gets_the_tftp_helper_on_every_frontend_unless_annotated() 
         Helper::None
     );
 
+    // Listed ports only, by name or number; a listed port that is not UDP is said.
+    for listed in ["tftp:alt", "tftp:6969", "\"tftp:alt, tftp:tcp\""] {
+        let ports = translated(&format!(
+            ", annotations: {{ebpf-proxy.io/helper: {listed}}}"
+        ));
+        assert_eq!(
+            helper_of(&ports, cluster_ip, 6969, Protocol::Udp),
+            Helper::Tftp,
+            "{listed}"
+        );
+        assert_eq!(
+            helper_of(&ports, cluster_ip, 69, Protocol::Udp),
+            Helper::None,
+            "{listed}"
+        );
+        assert_eq!(
+            helper_of(&ports, node_port, 30069, Protocol::Udp),
+            Helper::None
+        );
+        assert_eq!(
+            helper_of(&ports, cluster_ip, 69, Protocol::Tcp),
+            Helper::None
+        );
+        assert_eq!(
+            ports
+                .problems
+                .iter()
+                .any(|p| p.message.contains("tcp is no UDP port")),
+            listed.contains("tftp:tcp"),
+            "{listed}: {:?}",
+            ports.problems
+        );
+    }
+
     let none = translated(", annotations: {ebpf-proxy.io/helper: none}");
     assert!(
         helpers(&none).iter().all(|(_, h)| *h == Helper::None),
@@ -87,4 +121,29 @@ fn rule14_udp_port_69_gets_the_tftp_helper_on_every_frontend_unless_annotated() 
         unknown.problems
     );
     assert_eq!(helpers(&unknown), helpers(&default));
+}
+
+#[test]
+fn rule14_a_port_with_a_helper_is_never_dsr_ipip() {
+    let dsr = translated(", annotations: {ebpf-proxy.io/forwarding: dsr-ipip}");
+    let node_port = |port| FrontendKey {
+        listen: Listen::NodePort(ebpf_proxy::model::Family::V4),
+        port,
+        protocol: Protocol::Udp,
+    };
+    assert!(
+        !dsr.state.frontends[&node_port(30069)].dsr,
+        "TFTP stays snat"
+    );
+    assert!(
+        dsr.state.frontends[&node_port(30070)].dsr,
+        "the other port is dsr-ipip"
+    );
+    assert!(
+        !dsr.state
+            .frontends
+            .keys()
+            .any(|k| k.listen.is_tunnel() && k.port == 30069),
+        "no IPIP view of the TFTP port"
+    );
 }
