@@ -92,7 +92,7 @@ datapath_events! {
     EV_TUNNEL_REFUSED => "tunnel_refused",
     /// A new flow to a service without endpoints was refused: ICMP port unreachable
     /// back to the client (a pod or external), or connect()/sendmsg() failed with
-    /// EPERM (a node-local socket).
+    /// ECONNREFUSED (a node-local socket).
     EV_REFUSED => "refused",
     /// A packet announced a related flow (a TFTP request through a frontend with the
     /// TFTP helper): an expectation was recorded (`related`).

@@ -109,7 +109,8 @@ pub fn node_egress(ctx: TcContext) -> i32 {
     }
 }
 
-/// What a cgroup sock_addr hook returns: 1 lets the call go on, 0 fails it (EPERM).
+/// What a cgroup sock_addr hook returns: 1 lets the call go on, 0 fails it (with the
+/// errno the program set, `sock::refuse`; EPERM if none).
 /// The bool reached the exit through a 32-bit stack slot whose value the verifier
 /// cannot bound to [0, 1]; hidden from LLVM (`black_box`), it is branched on and the
 /// exit sees one of two constants.

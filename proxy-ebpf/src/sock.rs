@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use proxy_common::{Addr, CtKey, Family, SockKey, SockNat, CONFIG_NETNS_COOKIE, EV_REFUSED};
@@ -55,11 +55,21 @@ fn remembered(key: &SockKey) -> Option<SockNat> {
     balancer::remembered_backend(memo.service_id, memo.slot, memo.backend_id).map(|_| memo)
 }
 
+/// Fails the connect()/sendmsg() at hand with ECONNREFUSED, the error kube-proxy's
+/// REJECT gives a node-local client (a hook that only returns 0 gives EPERM).
+#[inline(always)]
+fn refuse() -> bool {
+    const ECONNREFUSED: i32 = 111;
+    counters::event(EV_REFUSED);
+    // SAFETY: plain helper call (cgroup connect and sendmsg hooks may set the errno).
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    false
+}
+
 /// connect4 and sendmsg4: point the socket at a backend. `sticky` keeps one backend
 /// per (socket, service) for unconnected sends. Returns false to refuse the call: a
 /// service without a backend for this node, or a port of a service address no
-/// frontend has, fails connect()/sendmsg() at once (EPERM,
-/// the only error a cgroup hook can give; kube-proxy's REJECT gives ECONNREFUSED)
+/// frontend has, fails connect()/sendmsg() at once with ECONNREFUSED (`refuse`)
 /// instead of letting the packets leave the node for the service address.
 #[inline(always)]
 pub fn redirect(ctx: &SockAddrContext, sticky: bool) -> bool {
@@ -85,8 +95,7 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) -> bool {
     let Some(service) = balancer::lookup_service_from(&flow, || true) else {
         // Another port of a service address: refused rather than sent out.
         if balancer::is_service_address(flow.family, &vip) {
-            counters::event(EV_REFUSED);
-            return false;
+            return refuse();
         }
         return true;
     };
@@ -102,8 +111,7 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) -> bool {
             let Some(choice) = affinity::recall(&service, &flow.src, now)
                 .or_else(|| balancer::schedule(&service, scheduler, &flow))
             else {
-                counters::event(EV_REFUSED);
-                return false;
+                return refuse();
             };
             affinity::remember(&service, &flow.src, &choice, now);
             counters::traffic(service.id, choice.backend.id, Direction::ToBackend, 0, true);

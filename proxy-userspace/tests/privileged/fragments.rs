@@ -3,7 +3,9 @@
 //! nobody owns), so a datagram larger than the path MTU never arrived whole. Now the
 //! first fragment's ports are remembered and every fragment follows the flow.
 
-use testbed::servers::parse_greeting;
+use std::net::Ipv4Addr;
+
+use testbed::{manifests::ServiceDef, servers::parse_greeting, topology::NODE_IP};
 
 use crate::support::{cluster::*, datapath::*, packets::*, services::*};
 
@@ -78,22 +80,26 @@ fn a_later_fragment_without_its_first_passes_untouched_and_opens_nothing() {
     assert_eq!(dp.event("fragment"), 2);
 }
 
+/// A datagram of `size` bytes to `target` from `ns`, and the UDP test server's
+/// answer (its greeting padded with dots to the question's size).
+fn ask_large(ns: &testbed::netns::Netns, target: &str, size: usize) -> String {
+    ns.exec(
+        "sh",
+        &[
+            "-c",
+            &format!("head -c {size} /dev/zero | tr '\\0' q | socat -b 65536 -T 3 - UDP4:{target}"),
+        ],
+    )
+    .expect("socat")
+}
+
 /// Real datagrams of 4,000 bytes from a pod to a UDP ClusterIP: the client's kernel
 /// fragments the question, the backend's the answer (the pod links' MTU is 1,500);
 /// every fragment is translated both ways and both ends reassemble the datagrams.
 #[test]
 fn datagrams_larger_than_the_mtu_reach_a_udp_service_and_come_back_whole() {
     let cluster = Cluster::new("frag", 2, 0, |t| vec![dns(t, &["pod-a1"])]);
-    let client = cluster.ns("pod-a2");
-    let answer = client
-        .exec(
-            "sh",
-            &[
-                "-c",
-                &format!("head -c 4000 /dev/zero | tr '\\0' q | socat -T 3 - UDP4:{DNS_VIP}:53"),
-            ],
-        )
-        .expect("socat");
+    let answer = ask_large(cluster.ns("pod-a2"), &format!("{DNS_VIP}:53"), 4000);
     assert_eq!(answer.len(), 4000, "{:?}", &answer[..answer.len().min(80)]);
     let (pod, seen_client) = parse_greeting(&answer).expect("a greeting");
     assert_eq!(pod, "pod-a1");
@@ -105,4 +111,56 @@ fn datagrams_larger_than_the_mtu_reach_a_udp_service_and_come_back_whole() {
         answer.trim_end().ends_with('.'),
         "padded to the question's size"
     );
+}
+
+/// 60,000-byte datagrams (41 fragments each way) through a ClusterIP from a pod, and
+/// from outside through NodePorts to a local backend and to a remote one (masqueraded:
+/// the answer's fragments come back through the uplink's XDP program).
+#[test]
+fn sixty_thousand_byte_datagrams_cross_cluster_ips_and_node_ports_whole() {
+    let cluster = Cluster::new("frag60k", 2, 1, |t| {
+        let mut local = dns(t, &["pod-a1"]);
+        local.node_port = Some(30053);
+        let mut remote =
+            ServiceDef::new("dns-remote", Ipv4Addr::new(10, 96, 0, 54), "UDP", 53, 5353)
+                .with_pods([t.pod("pod-b1")]);
+        remote.node_port = Some(30054);
+        vec![local, remote]
+    });
+    let client = &cluster.topology.client;
+    for (path, ns, target, backend) in [
+        (
+            "ClusterIP from a pod",
+            cluster.ns("pod-a2"),
+            format!("{DNS_VIP}:53"),
+            "pod-a1",
+        ),
+        (
+            "NodePort, local backend",
+            client,
+            format!("{NODE_IP}:30053"),
+            "pod-a1",
+        ),
+        (
+            "NodePort, remote backend",
+            client,
+            format!("{NODE_IP}:30054"),
+            "pod-b1",
+        ),
+    ] {
+        let answer = ask_large(ns, &target, 60_000);
+        assert_eq!(
+            answer.len(),
+            60_000,
+            "{path}: {:?}",
+            &answer[..answer.len().min(80)]
+        );
+        let (pod, _) = parse_greeting(&answer).expect("a greeting");
+        assert_eq!(pod, backend, "{path}");
+        // The greeting, then the padding to the question's size: byte for byte.
+        assert!(
+            answer.as_bytes()[200..].iter().all(|b| *b == b'.'),
+            "{path}"
+        );
+    }
 }

@@ -111,9 +111,9 @@ fn clients_of_a_service_without_endpoints_are_refused_at_once() {
     let cluster = Cluster::new("refuse", 1, 0, empty);
     let vip = format!("http://{WEB_VIP}/");
     let lb = format!("http://{LB_IP}/");
-    // curl says "Couldn't connect to server" (exit 7) for a refused connection, and
-    // for a node-local socket whose connect() the hook failed (EPERM, the only error
-    // a cgroup hook can give); a lost SYN would be a timeout (exit 28) instead.
+    // curl says "Couldn't connect to server" (exit 7) for a refused connection (a
+    // node-local socket's included: its connect() fails at once); a lost SYN would be
+    // a timeout (exit 28) instead.
     for (who, ns, url) in [
         ("a pod", cluster.ns("pod-a1"), &vip),
         ("outside", &cluster.topology.client, &lb),
@@ -126,6 +126,19 @@ fn clients_of_a_service_without_endpoints_are_refused_at_once() {
             "{who}: {error}"
         );
         assert!(took < Duration::from_secs(1), "{who}: {took:?}");
+    }
+    // On the node, the socket hook fails connect() with ECONNREFUSED, as kube-proxy's
+    // REJECT does, not EPERM; another port of the service address alike.
+    for port in [80, 81] {
+        let refused = cluster
+            .topology
+            .node
+            .command("socat")
+            .args(["-T1", "-", &format!("TCP4:{WEB_VIP}:{port}")])
+            .output()
+            .expect("socat");
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(said.contains("Connection refused"), "port {port}: {said}");
     }
 }
 
