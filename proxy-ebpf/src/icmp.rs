@@ -16,7 +16,7 @@
 //! direction, whose rewrite gives the receiver's view.
 
 use aya_ebpf::{
-    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, TC_ACT_SHOT},
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, BPF_F_INGRESS, TC_ACT_SHOT},
     helpers::generated::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail},
     programs::{TcContext, XdpContext},
 };
@@ -128,15 +128,6 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
         return translate::refused_at_service_address(origin, V4, &Addr::from_v4_be(dst));
     }
     translate_parsed_error(pkt, ip, icmp)
-}
-
-/// An ICMP error the node sends about one of our flows, translated back (`node_egress`).
-#[inline(always)]
-pub fn translate_error<P: Packet>(pkt: &P) -> Verdict {
-    match icmp_headers(pkt) {
-        Some((ip, icmp)) => translate_parsed_error(pkt, ip, icmp),
-        None => Verdict::PASS,
-    }
 }
 
 #[inline(always)]
@@ -335,12 +326,24 @@ fn swap_macs<const N: usize>(frame: &mut [u8; N]) {
 /// offload (TCP: offset 36 of the IP packet), so the quote must reach past it.
 const TC_REFUSAL_LEN: usize = QUOTED_OFF + 64;
 
-/// Turns the packet into its refusal in place and sends it back to the pod (out of
-/// the pod interface it came in on). Room for the new headers is made between the
-/// Ethernet and IP headers, which leaves the quote where it belongs; no frame on the
-/// stack (the pod program's is nearly full).
+/// Where a refusal built by a tc program goes: back to whoever sent the packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    /// A pod, whose packet the tc ingress hook of its interface saw: out of that
+    /// interface towards it.
+    Pod,
+    /// The node itself (or what it forwards), whose packet an egress hook saw: into
+    /// the node's stack, as if it arrived on that interface.
+    Node,
+}
+
+/// Turns the packet into its refusal in place and sends it back to its `sender`.
+/// Room for the new headers is made between the Ethernet and IP headers, which leaves
+/// the quote where it belongs; no frame on the stack (the pod program's is nearly
+/// full). The MAC addresses are swapped, so that a refusal entering the node's stack
+/// is addressed to the interface's own.
 #[inline(always)]
-pub fn refuse_tc(ctx: &TcContext) -> i32 {
+pub fn refuse_tc(ctx: &TcContext, sender: Sender) -> i32 {
     const ROOM: i32 = (QUOTED_OFF - ETH_LEN) as i32;
     let options = TcPacket(ctx)
         .ptr_at::<u8>(ETH_LEN)
@@ -365,6 +368,10 @@ pub fn refuse_tc(ctx: &TcContext) -> i32 {
     }
     // SAFETY: reading the context's own field.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let flags = match sender {
+        Sender::Pod => 0,
+        Sender::Node => u64::from(BPF_F_INGRESS),
+    };
     // SAFETY: plain helper call.
-    unsafe { bpf_redirect(ifindex, 0) as i32 }
+    unsafe { bpf_redirect(ifindex, flags) as i32 }
 }

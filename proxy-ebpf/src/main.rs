@@ -39,6 +39,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    icmp::Sender,
     packet::{TcPacket, XdpPacket},
     translate::{Action, Inner, Origin},
 };
@@ -90,7 +91,7 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
             forward::redirect_to_egress(&ctx, &verdict.tuple, verdict.ip_len)
         }
         Action::Pass | Action::Translated => TC_ACT_OK,
-        Action::Refuse => icmp::refuse_tc(&ctx),
+        Action::Refuse => icmp::refuse_tc(&ctx, Sender::Pod),
         // Pod traffic is never direct-return (only external flows are).
         Action::Drop | Action::Encapsulate => TC_ACT_SHOT,
     }
@@ -100,11 +101,16 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
 /// packet it forwarded after translation (fragmentation needed where the next hop's
 /// MTU is smaller, time exceeded) quotes the translated tuple; it is translated back
 /// here, so that the client recognises its own packet and path-MTU discovery works
-/// through every path. Everything else leaves untouched.
+/// through every path. A ping of a service address from the node's own processes
+/// (which no socket hook sees: ICMP sockets have none) is refused back into the node,
+/// as pods' and outside clients' pings are, instead of leaving towards the default
+/// gateway. Everything else leaves untouched.
 #[classifier]
 pub fn node_egress(ctx: TcContext) -> i32 {
-    match icmp::translate_error(&TcPacket(&ctx)).action {
+    // The node is refused as a pod is: any service address but its own.
+    match icmp::handle(&TcPacket(&ctx), Origin::Pod).action {
         Action::Drop => TC_ACT_SHOT,
+        Action::Refuse => icmp::refuse_tc(&ctx, Sender::Node),
         _ => TC_ACT_OK,
     }
 }

@@ -10,7 +10,10 @@ use std::{
 };
 
 use ebpf_proxy::model::{Frontend, Protocol};
-use testbed::{manifests::ServiceDef, topology::Topology};
+use testbed::{
+    manifests::ServiceDef,
+    topology::{Topology, CLIENT_IP},
+};
 
 use crate::support::{
     cluster::*,
@@ -161,6 +164,14 @@ fn another_port_or_protocol_of_a_service_address_is_refused() {
         assert_eq!(verdict, TC_ACT_REDIRECT);
         assert_refusal(&out, &packet, 64, true);
     }
+    // The node's own ping of a service address, seen leaving (egress): refused back
+    // into the node, the same refusal; its ping of any other address leaves.
+    let ping = ping_packet(NODE_IP.octets(), VIP);
+    let (verdict, out) = dp.tc_egress(&ping);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_refusal(&out, &ping, 64, true);
+    let elsewhere = ping_packet(NODE_IP.octets(), [10, 96, 0, 99]);
+    assert_eq!(dp.tc_egress(&elsewhere), (0, elsewhere));
     // Addresses that are no service's, and the node's own other ports, pass.
     for packet in [
         tcp_packet((CLIENT, 40002), ([10, 96, 0, 99], 81), Tcp::Syn, b""),
@@ -176,7 +187,7 @@ fn another_port_or_protocol_of_a_service_address_is_refused() {
     let packet = tcp_packet((CLIENT, 40004), (VIP, 81), Tcp::Syn, b"");
     let (verdict, out) = dp.xdp(&packet);
     assert_eq!((verdict, out), (XDP_PASS, packet));
-    assert_eq!(dp.event("refused"), 6);
+    assert_eq!(dp.event("refused"), 7);
 }
 
 /// Issue 13: any other IP protocol (GRE, SCTP, ESP, IPIP not addressed to a
@@ -237,12 +248,21 @@ fn assert_refused_at_once(
 /// is answered at once with port unreachable from the service address (as kube-proxy's
 /// nftables mode rejects it), where it used to leave the node untranslated (and, for a
 /// LoadBalancer IP routed to the node, to loop between the node and its router).
+/// The node's own processes too: their pings (which no socket hook sees) left towards
+/// the default gateway; the egress program now refuses them back into the node.
 #[test]
 fn a_ping_of_a_service_address_is_refused_from_it() {
     let cluster = exposed_web("ping");
+    let node = &cluster.topology.node;
+    // A default route, as real nodes have: without the refusal the node's ping of a
+    // service address would leave through it (and get no answer).
+    node.ip(&format!("route add default via {CLIENT_IP}"))
+        .expect("route");
     for (who, ns, address) in [
         ("a pod", cluster.ns("pod-a2"), WEB_VIP),
         ("outside", &cluster.topology.client, LB_IP),
+        ("the node, a ClusterIP", node, WEB_VIP),
+        ("the node, a LoadBalancer IP", node, LB_IP),
     ] {
         assert_refused_at_once(who, address, |wait| ping(ns, address, wait));
     }
