@@ -33,6 +33,9 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// IP protocol numbers the data path translates.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// ICMP: errors about translated flows are translated back, pings of service
+/// addresses refused (the data path and `trace` both say so).
+pub const PROTO_ICMP: u8 = 1;
 
 /// An address family, as keys carry it in a `family` byte (`Family::number`).
 ///

@@ -9,7 +9,7 @@ use proxy_common::Addr;
 
 use crate::checksum;
 
-pub const PROTO_ICMP: u8 = 1;
+pub use proxy_common::PROTO_ICMP;
 pub const PROTO_IPIP: u8 = 4;
 
 /// IPv4 fragment field (host order): more fragments, fragment offset.

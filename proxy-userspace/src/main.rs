@@ -114,6 +114,23 @@ enum ProtoArg {
     Tcp,
     Udp,
     Icmp,
+    /// Protocols never translated, only refused at service addresses.
+    Sctp,
+    Gre,
+    Esp,
+}
+
+impl ProtoArg {
+    /// The IP protocol number of one never translated.
+    fn untranslated_number(self) -> Option<u8> {
+        match self {
+            ProtoArg::Tcp | ProtoArg::Udp => None,
+            ProtoArg::Icmp => Some(proxy_common::PROTO_ICMP),
+            ProtoArg::Sctp => Some(132),
+            ProtoArg::Gre => Some(47),
+            ProtoArg::Esp => Some(50),
+        }
+    }
 }
 
 /// `address:port` (`[address]:port` for IPv6), or an address alone (port 0).
@@ -431,14 +448,14 @@ async fn main() -> Result<()> {
                     LoadSettings::DEFAULT
                 }
             };
-            let explanation = match proto {
-                ProtoArg::Tcp => {
-                    trace::explain(&tables, &settings, Protocol::Tcp, src, dst, origin)?
+            let explanation = match (proto, proto.untranslated_number()) {
+                (_, Some(number)) => {
+                    trace::explain_untranslated(&tables, number, src.ip(), dst.ip())?
                 }
-                ProtoArg::Udp => {
+                (ProtoArg::Udp, None) => {
                     trace::explain(&tables, &settings, Protocol::Udp, src, dst, origin)?
                 }
-                ProtoArg::Icmp => trace::explain_icmp(&tables, src.ip(), dst.ip())?,
+                _ => trace::explain(&tables, &settings, Protocol::Tcp, src, dst, origin)?,
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&explanation)?);

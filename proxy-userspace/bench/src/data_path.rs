@@ -129,16 +129,34 @@ fn ipip_frame(outer: ([u8; 4], [u8; 4]), src: ([u8; 4], u16), dst: ([u8; 4], u16
     ];
     header[12..16].copy_from_slice(&outer.0);
     header[16..20].copy_from_slice(&outer.1);
-    let mut sum: u32 = header
+    set_ipv4_checksum(&mut header);
+    let mut out = inner[..14].to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&inner[14..]);
+    out.try_into().expect("64-byte frame")
+}
+
+/// Fills in the checksum of a 20-byte IPv4 header.
+fn set_ipv4_checksum(header: &mut [u8]) {
+    header[10..12].fill(0);
+    let mut sum: u32 = header[..20]
         .chunks(2)
         .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
         .sum();
     sum = (sum & 0xffff) + (sum >> 16);
     header[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    let mut out = inner[..14].to_vec();
-    out.extend_from_slice(&header);
-    out.extend_from_slice(&inner[14..]);
-    out.try_into().expect("64-byte frame")
+}
+
+/// `frame` as a fragment of a datagram with IP id `id`: the first (more fragments
+/// follow, offset 0) or a later one (at `offset` 8-byte units, its bytes after the IP
+/// header mere data).
+fn fragment(mut frame: [u8; 64], id: u16, offset: u16) -> [u8; 64] {
+    const MORE_FRAGMENTS: u16 = 0x2000;
+    let flags = if offset == 0 { MORE_FRAGMENTS } else { offset };
+    frame[18..20].copy_from_slice(&id.to_be_bytes());
+    frame[20..22].copy_from_slice(&flags.to_be_bytes());
+    set_ipv4_checksum(&mut frame[14..34]);
+    frame
 }
 
 fn vip(i: u32) -> Ipv4Addr {
@@ -473,6 +491,21 @@ pub fn measure(
             services,
             None,
         )?);
+        // IP fragments of the established UDP flow: the first (which leaves its ports
+        // in FRAGMENTS) and a later one (which finds them, then its flow).
+        for (name, offset) in [
+            ("first fragment (established UDP)", 0),
+            ("later fragment (established UDP)", 185),
+        ] {
+            results.push(bench.case(
+                name,
+                fragment(udp_frame, 0x4242, offset),
+                false,
+                (true, false),
+                services,
+                None,
+            )?);
+        }
         // dsr-ipip at the entry node: an established flow's segments, encapsulated.
         bench.open_flow(syn(42000, vip(200)))?;
         let dsr_ack = frame(

@@ -12,10 +12,10 @@ use proxy_common::{
     decide::{self, Entry, TunnelPeer},
     Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, ExpectKey, Expectation, Family,
     LoadSettings, Scheduler, ServiceKey, ServiceValue, BACKEND_F_REMOTE, CLUSTER_CIDRS_ID,
-    CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS, SCOPE_IN_CLUSTER,
-    SCOPE_IN_CLUSTER_NODE_PORT, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
-    SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
-    TUNNEL_PEERS_ID,
+    CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN, PROTO_ICMP, SCOPE_ADDRESS,
+    SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT, SCOPE_NODE_PORT, SCOPE_TUNNEL,
+    SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_LOCAL_ONLY,
+    SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID,
 };
 use serde::Serialize;
 
@@ -110,21 +110,35 @@ fn bound_slot(tables: &Tables, service: &ServiceValue, key: &CtKey) -> Option<(u
     })
 }
 
-/// ICMP: an echo request to a service address is refused (`icmp::handle`); errors
-/// about translated flows are rewritten (matched by the packet they quote); anything
-/// else passes untouched.
-pub fn explain_icmp(tables: &Tables, src: IpAddr, dst: IpAddr) -> Result<Explanation> {
+/// A packet of a protocol the data path never schedules (`protocol`, its IP number):
+/// ICMP (an echo request to a service address is refused, `icmp::handle`; errors
+/// about translated flows are rewritten, matched by the packet they quote) or any
+/// other (SCTP, GRE, ESP…: refused at a service address, `translate::other_protocol`).
+/// Elsewhere it passes untouched.
+pub fn explain_untranslated(
+    tables: &Tables,
+    protocol: u8,
+    src: IpAddr,
+    dst: IpAddr,
+) -> Result<Explanation> {
     let mut out = Explanation::default();
-    out.steps.push(
-        "ICMP is never scheduled: an error (unreachable, time exceeded) about a translated flow is translated back by the flow it quotes".into(),
-    );
+    let (what, step) = match protocol {
+        PROTO_ICMP => (
+            "echo request".to_owned(),
+            "ICMP is never scheduled: an error (unreachable, time exceeded) about a translated flow is translated back by the flow it quotes",
+        ),
+        other => (
+            format!("IP protocol {other} packet"),
+            "only TCP and UDP are scheduled: a packet of another IP protocol is never translated",
+        ),
+    };
+    out.steps.push(step.into());
     if is_refused_service_address(tables, &dst) {
         return Ok(out.drop_because(format!(
-            "{dst} is a service address and not this node's: {src}'s echo request is refused with ICMP port unreachable from it, as kube-proxy's nftables mode rejects it (event refused)"
+            "{dst} is a service address and not this node's: {src}'s {what} is refused with ICMP port unreachable from it, as kube-proxy's nftables mode rejects it (event refused)"
         )));
     }
-    out.steps
-        .push("an echo request or any other ICMP message passes untouched".into());
+    out.steps.push(format!("the {what} passes untouched"));
     Ok(out)
 }
 

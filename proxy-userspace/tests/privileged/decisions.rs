@@ -10,7 +10,7 @@ use testbed::Ipv4Octets as _;
 
 use ebpf_proxy::{
     model::{Endpoint, Frontend, FrontendKey, Listen, Protocol, Scheduler},
-    trace::{explain, explain_icmp, Origin},
+    trace::{explain, explain_untranslated, Origin},
 };
 
 use crate::support::{datapath::*, packets::*};
@@ -273,16 +273,28 @@ fn trace_says_what_the_kernel_refuses_at_a_service_address() {
             .is_some_and(|why| why.contains("event refused"))
     };
     for (dst, kernel_refuses) in [(VIP, true), ([10, 96, 0, 99], false)] {
-        let (verdict, out) = dp.xdp(&ping_packet(CLIENT, dst));
-        assert_eq!(refused(verdict, &out), kernel_refuses, "ping {dst:?}");
-        let explained = explain_icmp(&dp.tables(), CLIENT.into(), dst.into()).expect("trace");
-        assert_eq!(
-            says_refused(&explained),
-            kernel_refuses,
-            "ping {dst:?}: {:?}",
-            explained.steps
-        );
-        assert!(explained.backend.is_none() && explained.translated.is_none());
+        // A ping, and SCTP and GRE packets.
+        for (protocol, packet) in [
+            (1, ping_packet(CLIENT, dst)),
+            (132, ip_packet(CLIENT, dst, 132, &[0x5a; 40])),
+            (47, ip_packet(CLIENT, dst, 47, &[0x5a; 40])),
+        ] {
+            let (verdict, out) = dp.xdp(&packet);
+            assert_eq!(
+                refused(verdict, &out),
+                kernel_refuses,
+                "{protocol} to {dst:?}"
+            );
+            let explained = explain_untranslated(&dp.tables(), protocol, CLIENT.into(), dst.into())
+                .expect("trace");
+            assert_eq!(
+                says_refused(&explained),
+                kernel_refuses,
+                "{protocol} to {dst:?}: {:?}",
+                explained.steps
+            );
+            assert!(explained.backend.is_none() && explained.translated.is_none());
+        }
     }
     let (verdict, out) = dp.xdp(&tcp_packet((CLIENT, 41000), (VIP, 81), Tcp::Syn, b""));
     assert!(refused(verdict, &out), "another port of the VIP");
