@@ -137,6 +137,12 @@ pub fn observe(flow: &Flow, entry_ptr: *mut CtEntry, entry: &CtEntry, now: u64) 
             CT_CLOSING => {
                 accounting::transition(original, entry.backend_id, ACCT_ACTIVE, ACCT_INACTIVE)
             }
+            // Back to SYN_SENT only from CLOSING, by the client's SYN: a new connection
+            // on the tuple (`tcp::next`), which keeps its backend and is counted, as
+            // IPVS counts it (though with `conn_reuse_mode` 1 it schedules it afresh).
+            // Here, where the state already forks, not as `follow`'s new flow: a flag
+            // that varies there doubled the pod program's verifier work.
+            CT_SYN_SENT => counters::connection(entry.service_id, entry.backend_id),
             _ => {}
         }
     }

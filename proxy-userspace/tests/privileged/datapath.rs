@@ -321,3 +321,25 @@ fn a_full_conntrack_evicts_old_flows_and_keeps_translating_new_ones() {
         "an LRU evicts instead of failing"
     );
 }
+
+/// Issue 17: a client that reuses a closing flow's tuple for a new connection (a SYN
+/// on it) keeps its backend, and that connection is counted, as IPVS counts it.
+#[test]
+fn a_syn_reusing_a_closing_tuple_counts_as_a_new_connection() {
+    let mut dp = TestDatapath::new();
+    dp.program(&[(tcp(VIP, 80), vec![local(POD_A, 8080), local(POD_B, 8080)])]);
+    let (client, frontend) = ((CLIENT, 40000), (VIP, 80));
+    let flow = dp.establish(client, frontend);
+    dp.xdp(&tcp_packet(client, frontend, Tcp::Fin, b""));
+    dp.tc(&tcp_packet(flow.dst, client, Tcp::Fin, b""));
+    assert_eq!(
+        dp.entry(client, frontend).map(|e| e.state),
+        Some(proxy_common::CT_CLOSING)
+    );
+    let (_, out) = dp.xdp(&tcp_packet(client, frontend, Tcp::Syn, b""));
+    assert_eq!(inspect(&out).dst, flow.dst, "the same backend");
+    // A retransmitted SYN of that connection is not another one.
+    dp.xdp(&tcp_packet(client, frontend, Tcp::Syn, b""));
+    let listing = ebpf_proxy::listing::read(&dp.pin_dir).expect("list");
+    assert_eq!(listing.services[0].stats.connections, 2);
+}
