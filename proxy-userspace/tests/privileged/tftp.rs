@@ -25,6 +25,8 @@ const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 69);
 const LOCAL_NODE_PORT: u16 = 30069;
 const REMOTE_NODE_PORT: u16 = 30070;
 const UNHELPED_NODE_PORT: u16 = 30071;
+const UNHELPED_LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 72);
+const UNHELPED_LOCAL_NODE_PORT: u16 = 30072;
 
 /// 200 kB that no shifted or truncated copy equals.
 fn content() -> Vec<u8> {
@@ -130,6 +132,13 @@ fn tftp_transfers_work_through_every_nat_path() {
                 t.pod("pod-b1"),
             )
             .annotated("ebpf-proxy.io/helper", "none"),
+            tftp_service(
+                "tftp-unhelped-local",
+                UNHELPED_LOCAL_VIP,
+                UNHELPED_LOCAL_NODE_PORT,
+                t.pod("pod-a1"),
+            )
+            .annotated("ebpf-proxy.io/helper", "none"),
         ]
     });
     let topology = &cluster.topology;
@@ -137,14 +146,20 @@ fn tftp_transfers_work_through_every_nat_path() {
     let content = content();
     let _servers = serve(topology, "ours", &content);
     assert_transfers(topology, &content);
-    // The helper is what makes it work: without it the masqueraded path fails, the
-    // server's answer from its new port reaching nobody.
-    let failed = fetch(
-        &topology.client,
-        &format!("{NODE_IP}:{UNHELPED_NODE_PORT}"),
-        3,
-    );
-    assert!(failed.is_err(), "a transfer without the helper worked");
+    // The helper is what makes it work: without it the masqueraded path fails (the
+    // server's answer from its new port reaches the node, which has no socket there),
+    // and so does the local one (the answer comes from the pod's address, which the
+    // client cannot answer).
+    for (path, port) in [
+        ("masqueraded", UNHELPED_NODE_PORT),
+        ("local backend", UNHELPED_LOCAL_NODE_PORT),
+    ] {
+        let failed = fetch(&topology.client, &format!("{NODE_IP}:{port}"), 3);
+        assert!(
+            failed.is_err(),
+            "{path}: a transfer without the helper worked"
+        );
+    }
 }
 
 /// kube-proxy's iptables layout for the same services (KUBE-SERVICES, KUBE-NODEPORTS,
