@@ -186,6 +186,5 @@ pub fn met_entry() -> Option<*const CtEntry> {
 pub struct Scratch {
     expectation: Expectation,
     expect_key: ExpectKey,
-    _pad: u32,
     ct_key: CtKey,
 }

@@ -211,11 +211,26 @@ impl std::str::FromStr for Helper {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Helper, String> {
-        Helper::ALL
-            .into_iter()
-            .find(|h| h.name() == s.trim())
-            .ok_or_else(|| format!("unknown helper {:?} (tftp, none)", s.trim()))
+        by_name(&Helper::ALL, Helper::name, s, "helper")
     }
+}
+
+/// The one of `all` whose `name` is `text` (trimmed), or an error naming them all:
+/// the parsing of the annotations' small vocabularies.
+fn by_name<T: Copy>(
+    all: &[T],
+    name: fn(T) -> &'static str,
+    text: &str,
+    what: &str,
+) -> Result<T, String> {
+    let text = text.trim();
+    all.iter()
+        .copied()
+        .find(|v| name(*v) == text)
+        .ok_or_else(|| {
+            let known: Vec<&str> = all.iter().map(|v| name(*v)).collect();
+            format!("unknown {what} {text:?} ({})", known.join(", "))
+        })
 }
 
 /// How a service's external traffic reaches endpoints on other nodes.
@@ -245,10 +260,7 @@ impl std::str::FromStr for Forwarding {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Forwarding, String> {
-        Forwarding::ALL
-            .into_iter()
-            .find(|f| f.name() == s.trim())
-            .ok_or_else(|| format!("unknown forwarding mode {:?} (snat, dsr-ipip)", s.trim()))
+        by_name(&Forwarding::ALL, Forwarding::name, s, "forwarding mode")
     }
 }
 
