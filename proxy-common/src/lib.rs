@@ -12,6 +12,7 @@ pub mod fragments;
 pub mod key_layout;
 pub mod map_name;
 pub mod related;
+pub mod sctp;
 pub mod service;
 pub mod settings;
 pub mod sock;
@@ -33,6 +34,12 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// IP protocol numbers the data path translates.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+/// SCTP's programs' slot in the per-hook program arrays (`UPLINK_TRANSPORTS`,
+/// `POD_TRANSPORTS`): SCTP is translated by programs of its own, tail-called by the
+/// hooks' main programs (a third transport in one program would triple the paths
+/// the verifier walks, past its limit).
+pub const SCTP_PROGRAM: u32 = 0;
 /// ICMP: errors about translated flows are translated back, pings of service
 /// addresses refused (the data path and `trace` both say so).
 pub const PROTO_ICMP: u8 = 1;

@@ -25,9 +25,11 @@ pub const FRAGMENTS: &str = "FRAGMENTS";
 pub const EXPECTATIONS: &str = "EXPECTATIONS";
 pub const EXPECTED_UNTIL: &str = "EXPECTED_UNTIL";
 pub const RELATED_SCRATCH: &str = "RELATED_SCRATCH";
+pub const UPLINK_TRANSPORTS: &str = "UPLINK_TRANSPORTS";
+pub const POD_TRANSPORTS: &str = "POD_TRANSPORTS";
 
 /// Every map of the data path's object.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 23] = [
     SERVICES,
     BACKEND_SLOTS,
     RR_CURSORS,
@@ -49,6 +51,8 @@ pub const ALL: [&str; 21] = [
     EXPECTATIONS,
     EXPECTED_UNTIL,
     RELATED_SCRATCH,
+    UPLINK_TRANSPORTS,
+    POD_TRANSPORTS,
 ];
 
 /// The bench wrapper's own maps: the program it tail-calls, the frame it restores,

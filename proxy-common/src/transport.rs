@@ -5,7 +5,8 @@
 //! variant here, and the compiler names every place that must learn it.
 
 use crate::{
-    tcp, ACCT_ACTIVE, ACCT_INACTIVE, CT_ESTABLISHED, CT_SYN_SENT, PROTO_TCP, PROTO_UDP, TIMEOUT_UDP,
+    sctp, tcp, ACCT_ACTIVE, ACCT_INACTIVE, CT_ESTABLISHED, CT_SYN_SENT, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, TIMEOUT_UDP,
 };
 
 /// Also the agent's `model::Protocol` (a Kubernetes port's protocol), so that the
@@ -15,6 +16,7 @@ use crate::{
 pub enum Transport {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Transport {
@@ -24,6 +26,7 @@ impl Transport {
         match self {
             Transport::Tcp => PROTO_TCP,
             Transport::Udp => PROTO_UDP,
+            Transport::Sctp => PROTO_SCTP,
         }
     }
 
@@ -32,22 +35,28 @@ impl Transport {
         match proto {
             PROTO_TCP => Some(Transport::Tcp),
             PROTO_UDP => Some(Transport::Udp),
+            PROTO_SCTP => Some(Transport::Sctp),
             _ => None,
         }
     }
 
     /// A new flow's first conntrack (state, accounting) for protocol number `proto`:
-    /// TCP starts half-open and inactive, also when picked up mid-stream (only the
-    /// answers make it established, see `tcp`, so forged segments cannot create
-    /// long-lived entries); UDP is established and active from its first datagram.
+    /// TCP and SCTP start half-open and inactive, also when picked up mid-stream (only
+    /// the answers make them established, see `tcp` and `sctp`, so forged packets
+    /// cannot create long-lived entries); UDP is established and active from its first
+    /// datagram.
     /// Arithmetic on the number rather than a match: on the data path a branch here
-    /// doubled the paths the verifier walks through the rest of a new flow.
+    /// doubled the paths the verifier walks through the rest of a new flow (and a
+    /// comparison with UDP's number instead of TCP's added half as many again). Of
+    /// the three transports, bit 2 of the number is set for exactly the two with a
+    /// handshake.
     #[inline(always)]
     pub const fn opening(proto: u8) -> (u8, u32) {
         const _: () = assert!(CT_SYN_SENT == 0 && CT_ESTABLISHED == 1);
         const _: () = assert!(ACCT_ACTIVE == 0 && ACCT_INACTIVE == 1);
-        let tcp = (proto == PROTO_TCP) as u8;
-        (1 - tcp, tcp as u32)
+        const _: () = assert!(PROTO_TCP & 4 != 0 && PROTO_SCTP & 4 != 0 && PROTO_UDP & 4 == 0);
+        let handshake = (proto >> 2) & 1;
+        (1 - handshake, handshake as u32)
     }
 
     /// The smallest header: ports, and everything up to the checksum.
@@ -56,6 +65,7 @@ impl Transport {
         match self {
             Transport::Tcp => 20,
             Transport::Udp => 8,
+            Transport::Sctp => sctp::MIN_PACKET_LEN,
         }
     }
 
@@ -65,12 +75,14 @@ impl Transport {
         match self {
             Transport::Tcp => 16,
             Transport::Udp => 6,
+            Transport::Sctp => sctp::CHECKSUM_OFFSET,
         }
     }
 
     /// A tracked entry's (state, flags) after a packet with `l4_flags` (TCP's flag
-    /// byte) travelled in its direction; `peer_fin` as `tcp::next` asks it. UDP has
-    /// one state: its entries live while datagrams come.
+    /// byte, or SCTP's first chunk read as one: `sctp::as_tcp_flags`) travelled in its
+    /// direction; `peer_fin` as `tcp::next` asks it. UDP has one state: its entries
+    /// live while datagrams come.
     #[inline(always)]
     pub fn next(
         self,
@@ -80,7 +92,7 @@ impl Transport {
         peer_fin: impl FnOnce() -> bool,
     ) -> (u8, u8) {
         match self {
-            Transport::Tcp => tcp::next(state, flags, l4_flags, peer_fin),
+            Transport::Tcp | Transport::Sctp => tcp::next(state, flags, l4_flags, peer_fin),
             Transport::Udp => (state, flags),
         }
     }
@@ -89,7 +101,7 @@ impl Transport {
     #[inline(always)]
     pub const fn timeout_kind(self, state: u8) -> usize {
         match self {
-            Transport::Tcp => tcp::timeout_kind(state),
+            Transport::Tcp | Transport::Sctp => tcp::timeout_kind(state),
             Transport::Udp => TIMEOUT_UDP,
         }
     }
@@ -100,6 +112,7 @@ impl core::fmt::Display for Transport {
         f.write_str(match self {
             Transport::Tcp => "TCP",
             Transport::Udp => "UDP",
+            Transport::Sctp => "SCTP",
         })
     }
 }

@@ -7,6 +7,12 @@
 //! rewrite), `checksum` (the Internet checksum), `tunnel` (IPIP), `icmp` (errors about
 //! translated flows), `related` (flows a tracked flow announces: TFTP's new port),
 //! `forward` (redirects), `sock` (node-local sockets), `maps` and `counters`.
+//!
+//! SCTP packets are translated by programs of their own (`*_sctp`), the same
+//! pipeline instantiated for SCTP alone, which each hook's main program tail-calls
+//! once it parsed an SCTP header (`Packet::hand_over`):
+//! verified apart, each stays within the verifier's budget (a third transport in the
+//! main programs walked more than a million instructions).
 #![no_std]
 #![no_main]
 #![allow(internal_features)]
@@ -40,8 +46,8 @@ use aya_ebpf::{
 
 use crate::{
     icmp::Sender,
-    packet::{TcPacket, XdpPacket},
-    translate::{Action, Inner, Origin},
+    packet::{SctpPacket, TcPacket, XdpPacket},
+    translate::{Action, Inner, Origin, Verdict},
 };
 
 /// Node uplinks: traffic from outside the node to NodePorts, LoadBalancer and external
@@ -65,14 +71,27 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
         _ => Origin::External,
     };
     let verdict = translate::handle(&XdpPacket(&ctx), origin);
+    uplink_action(&ctx, verdict)
+}
+
+/// SCTP from the uplinks, tail-called by `uplink_ingress` (no IPIP: SCTP frontends are
+/// never `dsr-ipip`).
+#[xdp]
+pub fn uplink_ingress_sctp(ctx: XdpContext) -> u32 {
+    let verdict = translate::handle(&SctpPacket(&XdpPacket(&ctx)), Origin::External);
+    uplink_action(&ctx, verdict)
+}
+
+#[inline(always)]
+fn uplink_action(ctx: &XdpContext, verdict: Verdict) -> u32 {
     match verdict.action {
-        Action::Encapsulate => tunnel::transmit(&ctx, &verdict.tuple, verdict.ip_len),
+        Action::Encapsulate => tunnel::transmit(ctx, &verdict.tuple, verdict.ip_len),
         Action::Translated if forward::xdp_redirect_enabled() => {
-            forward::xdp_transmit(&ctx, &verdict.tuple, verdict.ip_len)
+            forward::xdp_transmit(ctx, &verdict.tuple, verdict.ip_len)
         }
         Action::Pass | Action::Translated => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
-        Action::Refuse => icmp::refuse_xdp(&ctx),
+        Action::Refuse => icmp::refuse_xdp(ctx),
     }
 }
 
@@ -86,12 +105,24 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
         let _ = ctx.pull_data(ctx.len().min(128));
     }
     let verdict = translate::handle(&TcPacket(&ctx), Origin::Pod);
+    pod_action(&ctx, verdict)
+}
+
+/// SCTP from pods, tail-called by `pod_ingress` (after its pull of the headers).
+#[classifier]
+pub fn pod_ingress_sctp(ctx: TcContext) -> i32 {
+    let verdict = translate::handle(&SctpPacket(&TcPacket(&ctx)), Origin::Pod);
+    pod_action(&ctx, verdict)
+}
+
+#[inline(always)]
+fn pod_action(ctx: &TcContext, verdict: Verdict) -> i32 {
     match verdict.action {
         Action::Translated if verdict.node_source => {
-            forward::redirect_to_egress(&ctx, &verdict.tuple, verdict.ip_len)
+            forward::redirect_to_egress(ctx, &verdict.tuple, verdict.ip_len)
         }
         Action::Pass | Action::Translated => TC_ACT_OK,
-        Action::Refuse => icmp::refuse_tc(&ctx, Sender::Pod),
+        Action::Refuse => icmp::refuse_tc(ctx, Sender::Pod),
         // Pod traffic is never direct-return (only external flows are).
         Action::Drop | Action::Encapsulate => TC_ACT_SHOT,
     }

@@ -6,7 +6,7 @@ use crate::related::Scratch;
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use proxy_common::{
     AddrKey, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
@@ -15,6 +15,16 @@ use proxy_common::{
     CONFIG_LEN, CONNTRACK_ENTRIES, EV_CAPACITY, EXPECTATION_ENTRIES, FRAGMENT_ENTRIES,
     MAX_BACKENDS, MAX_SERVICES, SCHED_TABLE_CAPACITY, SOCK_ENTRIES, SOURCE_RANGE_ENTRIES,
 };
+
+/// The programs a hook's main program hands a transport's packets to (SCTP's, at
+/// `SCTP_PROGRAM`), one array per program type (the kernel allows a tail call only
+/// between programs of one type). Pinned like the rest: the kernel empties a program
+/// array when its last user reference goes, so an unpinned one would lose SCTP while
+/// the agent restarts; the new agent puts its own programs in.
+#[map]
+pub static UPLINK_TRANSPORTS: ProgramArray = ProgramArray::pinned(1, 0);
+#[map]
+pub static POD_TRANSPORTS: ProgramArray = ProgramArray::pinned(1, 0);
 
 /// Frontends by (address, port, protocol, scope). Written by the agent.
 #[map]

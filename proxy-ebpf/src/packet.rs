@@ -1,7 +1,8 @@
 //! The one difference between the XDP and tc hooks the translation logic cares about:
 //! how header fields are rewritten. XDP writes the bytes and fixes checksums itself;
 //! tc goes through the skb helpers, which also keep the kernel's checksum state
-//! (CHECKSUM_PARTIAL from local sockets, CHECKSUM_COMPLETE) right.
+//! (CHECKSUM_PARTIAL from local sockets, CHECKSUM_COMPLETE) right. SCTP's programs
+//! see their packets through `SctpPacket`, whose checksum is SCTP's.
 
 use core::mem::size_of;
 
@@ -9,16 +10,20 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
-use proxy_common::{Addr, Family, PROTO_UDP};
+use proxy_common::{sctp, Addr, Family, PROTO_UDP, SCTP_PROGRAM};
 
-use crate::{checksum, parse::Flow};
+use crate::{
+    checksum,
+    maps::{POD_TRANSPORTS, UPLINK_TRANSPORTS},
+    parse::Flow,
+};
 
 pub const ETH_LEN: usize = 14;
 /// Offsets inside the IPv4 header.
 pub const IP_CHECK: usize = 10;
 pub const IP_SRC: usize = 12;
 pub const IP_DST: usize = 16;
-/// Offsets inside the L4 header (ports are at the same place for TCP and UDP).
+/// Offsets inside the L4 header (ports are at the same place for TCP, UDP and SCTP).
 pub const L4_SPORT: usize = 0;
 pub const L4_DPORT: usize = 2;
 
@@ -49,6 +54,12 @@ impl Side {
 }
 
 pub trait Packet {
+    /// Whether the program handling the packet translates SCTP (and nothing else) or
+    /// TCP and UDP: SCTP has programs of its own (see `main`), which see their packets
+    /// as `SctpPacket`s. Known at compile time, so that each program holds the code of
+    /// its own transports only.
+    const SCTP: bool = false;
+
     fn start(&self) -> usize;
     fn end(&self) -> usize;
     /// The whole packet's length (for tc, beyond the linear part too).
@@ -80,6 +91,21 @@ pub trait Packet {
 
     /// The same for a 16-bit field.
     fn rewrite_word16(&self, offset: usize, check: usize, old: u16, new: u16) -> Result<(), ()>;
+
+    /// Hands the packet to the hook's program for its transport (`Skip::OtherProgram`):
+    /// a tail call, which returns only if that program is missing.
+    fn hand_over(&self);
+
+    /// Replaces the bytes at `offset`, no checksum touched.
+    fn store<const N: usize>(&self, offset: usize, bytes: [u8; N]) -> Result<(), ()>;
+
+    /// The bytes at `offset`.
+    #[inline(always)]
+    fn load<const N: usize>(&self, offset: usize) -> Result<[u8; N], ()> {
+        let at: *const [u8; N] = self.ptr_at(offset).ok_or(())?;
+        // SAFETY: bounds checked by ptr_at.
+        Ok(unsafe { at.read_unaligned() })
+    }
 
     /// A pointer to a `T` at `offset`, if the packet is long enough.
     #[inline(always)]
@@ -179,6 +205,20 @@ impl Packet for XdpPacket<'_> {
         }
         Ok(())
     }
+
+    #[inline(always)]
+    fn hand_over(&self) {
+        // SAFETY: a tail call with the program's own context.
+        unsafe { UPLINK_TRANSPORTS.tail_call(self.0, SCTP_PROGRAM) };
+    }
+
+    #[inline(always)]
+    fn store<const N: usize>(&self, offset: usize, bytes: [u8; N]) -> Result<(), ()> {
+        let at: *mut [u8; N] = self.ptr_at(offset).ok_or(())?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { at.write_unaligned(bytes) };
+        Ok(())
+    }
 }
 
 pub struct TcPacket<'a>(pub &'a TcContext);
@@ -253,5 +293,91 @@ impl Packet for TcPacket<'_> {
             .l3_csum_replace(check, u64::from(old), u64::from(new), 2)
             .map_err(|_| ())?;
         self.0.store(offset, &new, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn hand_over(&self) {
+        // SAFETY: a tail call with the program's own context.
+        unsafe { POD_TRANSPORTS.tail_call(self.0, SCTP_PROGRAM) };
+    }
+
+    #[inline(always)]
+    fn store<const N: usize>(&self, offset: usize, bytes: [u8; N]) -> Result<(), ()> {
+        self.0.store(offset, &bytes, 0).map_err(|_| ())
+    }
+
+    /// Through the skb helper: the bytes may lie beyond the linear part.
+    #[inline(always)]
+    fn load<const N: usize>(&self, offset: usize) -> Result<[u8; N], ()> {
+        self.0.load(offset).map_err(|_| ())
+    }
+}
+
+/// A packet of SCTP's programs, rewritten through the hook's own packet type but for
+/// the checksums: SCTP's CRC32c covers no address (an address rewrite fixes only the
+/// IP header's checksum) and is updated for a port by `sctp::updated_checksum`. No
+/// checksum helper knows CRC32c; a packet of a local SCTP socket may carry none yet
+/// (CHECKSUM_PARTIAL), and then the kernel or the device computes it after the
+/// program, over the rewritten bytes.
+pub struct SctpPacket<'a, P>(pub &'a P);
+
+impl<P: Packet> Packet for SctpPacket<'_, P> {
+    const SCTP: bool = true;
+
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.0.start()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.0.end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    #[inline(always)]
+    fn rewrite_addr_v4(&self, _flow: &Flow, offset: usize, old: u32, new: u32) -> Result<(), ()> {
+        self.0.rewrite_word32(offset, ETH_LEN + IP_CHECK, old, new)
+    }
+
+    #[inline(always)]
+    fn rewrite_port(&self, flow: &Flow, side: Side, old: u16, new: u16) -> Result<(), ()> {
+        let sum = self.0.load::<4>(flow.l4_check)?;
+        let sum = sctp::updated_checksum(
+            sum,
+            side.port_offset(),
+            old.to_ne_bytes(),
+            new.to_ne_bytes(),
+            flow.l4_len,
+        );
+        self.0
+            .store(flow.l4_off + side.port_offset(), new.to_ne_bytes())?;
+        self.0.store(flow.l4_check, sum)
+    }
+
+    #[inline(always)]
+    fn rewrite_word32(&self, offset: usize, check: usize, old: u32, new: u32) -> Result<(), ()> {
+        self.0.rewrite_word32(offset, check, old, new)
+    }
+
+    #[inline(always)]
+    fn rewrite_word16(&self, offset: usize, check: usize, old: u16, new: u16) -> Result<(), ()> {
+        self.0.rewrite_word16(offset, check, old, new)
+    }
+
+    /// SCTP's programs translate SCTP alone and are handed nothing else.
+    #[inline(always)]
+    fn hand_over(&self) {}
+
+    #[inline(always)]
+    fn store<const N: usize>(&self, offset: usize, bytes: [u8; N]) -> Result<(), ()> {
+        self.0.store(offset, bytes)
+    }
+
+    #[inline(always)]
+    fn load<const N: usize>(&self, offset: usize) -> Result<[u8; N], ()> {
+        self.0.load(offset)
     }
 }

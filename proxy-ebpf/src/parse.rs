@@ -1,4 +1,5 @@
-//! Header parsing: from raw bytes to the 5-tuple and the few TCP facts conntrack needs.
+//! Header parsing: from raw bytes to the 5-tuple and the few TCP (or SCTP) facts
+//! conntrack needs.
 
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -6,14 +7,14 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use proxy_common::{Addr, CtKey, Family, FragmentKey, FragmentPorts, Transport};
+use proxy_common::{sctp, Addr, CtKey, Family, FragmentKey, FragmentPorts, Transport};
 
 use crate::{
     headers::{self, IP_MF, IP_OFFSET_MASK},
     packet::{Packet, ETH_LEN},
 };
 
-/// A parsed TCP or UDP packet (of either family, once IPv6 headers are parsed: the
+/// A parsed TCP, UDP or SCTP packet (of either family, once IPv6 headers are parsed: the
 /// rest of the data path reads the family here or in the key, never the headers).
 pub struct Flow {
     /// The key's `family` byte as the enum the rewrites match on exhaustively
@@ -27,7 +28,11 @@ pub struct Flow {
     /// Offset of the L4 checksum from the start of the frame: decided here, once, by
     /// the protocol (`Transport::check_offset`), so that rewrites do not branch on it.
     pub l4_check: usize,
+    /// TCP's flags, or SCTP's first chunk read as the TCP flags of its part
+    /// (`sctp::as_tcp_flags`).
     pub tcp_flags: u8,
+    /// The L4 header and payload's length (SCTP's checksum update needs it).
+    pub l4_len: u16,
     /// IP total length, for byte counters.
     pub ip_len: u16,
     /// The packet holds the L4 header: false for a later fragment of a datagram,
@@ -45,15 +50,23 @@ pub enum Skip {
     /// Not IPv4: none of our business.
     NotOurs,
     /// Well-formed, unfragmented IPv4 of a protocol the data path does not translate
-    /// (ICMP among them): `translate::other_protocol` decides what becomes of it.
+    /// (ICMP among them), or the first fragment of an SCTP packet (its checksum update
+    /// needs the whole packet's length, which only its last fragment tells; Linux
+    /// sends SCTP with DF and splits chunks instead, so these are rare):
+    /// `translate::other_protocol` decides what becomes of it.
     OtherProtocol,
-    /// Claims to be IPv4 TCP/UDP but its headers do not fit or make no sense.
+    /// Claims to be IPv4 TCP, UDP or SCTP but its headers do not fit or make no sense.
     Malformed,
+    /// A transport another program of the hook translates (SCTP, for the main
+    /// programs): `Packet::hand_over` tail-calls it.
+    OtherProgram,
     /// A later fragment of a datagram (not its first): no L4 header, its ports are
     /// `fragments`'.
     Fragment,
 }
 
+/// Parses the packet as its program sees it (`Packet::SCTP`): the transports
+/// another program translates are handed over (`Skip::OtherProgram`).
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Result<Flow, Skip> {
     parse_at(pkt, ETH_LEN)
@@ -103,6 +116,9 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
     // No branch on it here: one doubled the paths the verifier walks after parsing.
     let more_fragments = frags & IP_MF;
     let transport = transport.ok_or(Skip::OtherProtocol)?;
+    if matches!(transport, Transport::Sctp) != P::SCTP {
+        return Err(Skip::OtherProgram);
+    }
     let l4_off = ip_off + ihl;
     let l4_len = usize::from(tot_len) - ihl;
     // Header lengths must fit the IP payload, as the kernel's TCP and UDP input
@@ -143,6 +159,24 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
             }
             (sport, dport, 0)
         }
+        Transport::Sctp => {
+            // The common header and the first chunk's type (its length was checked
+            // against the IP length above), through one checked pointer.
+            let header: *const [u8; sctp::MIN_PACKET_LEN] =
+                pkt.ptr_at(l4_off).ok_or(Skip::Malformed)?;
+            if more_fragments != 0 {
+                return Err(Skip::OtherProtocol);
+            }
+            let (sport, dport, chunk) = unsafe {
+                let h = &*header;
+                (
+                    u16::from_ne_bytes([h[0], h[1]]),
+                    u16::from_ne_bytes([h[2], h[3]]),
+                    h[sctp::FIRST_CHUNK_OFFSET],
+                )
+            };
+            (sport, dport, sctp::TCP_FLAGS_OF_CHUNK[usize::from(chunk)])
+        }
     };
     Ok(Flow {
         family: Family::V4,
@@ -159,8 +193,10 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
         l4_off,
         l4_check: l4_off + transport.check_offset(),
         tcp_flags,
+        l4_len: l4_len as u16,
         ip_len: tot_len,
         has_l4: true,
+
         more_fragments: more_fragments != 0,
         ip_id,
     })
@@ -208,8 +244,10 @@ pub fn later_fragment<P: Packet>(
         l4_off: 0,
         l4_check: 0,
         tcp_flags: 0,
+        l4_len: 0,
         ip_len: tot_len,
         has_l4: false,
+
         more_fragments: false,
         ip_id,
     })

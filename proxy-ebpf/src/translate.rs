@@ -101,6 +101,12 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
         Ok(flow) => flow,
         Err(Skip::NotOurs) => return Verdict::PASS,
         Err(Skip::OtherProtocol) => return other_protocol(pkt, origin),
+        Err(Skip::OtherProgram) => {
+            pkt.hand_over();
+            // Not handed over (the program is missing): refused at a service address
+            // as an untranslated protocol is.
+            return other_protocol(pkt, origin);
+        }
         Err(Skip::Malformed) => {
             counters::event(EV_MALFORMED);
             return Verdict::PASS;
@@ -180,9 +186,9 @@ pub fn refused_at_service_address(origin: Origin, family: u8, dst: &Addr) -> Ver
     Verdict::PASS
 }
 
-/// An IPv4 packet that is neither TCP nor UDP: ICMP is `icmp`'s (an error about one of
+/// An IPv4 packet that is neither TCP, UDP nor SCTP (or an SCTP first fragment): ICMP is `icmp`'s (an error about one of
 /// our flows is translated back, a ping follows the rule above); every other protocol
-/// (GRE, SCTP, ESP, IPIP not for us…) follows the rule above.
+/// (GRE, ESP, IPIP not for us…) follows the rule above.
 #[inline(always)]
 fn other_protocol<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     let Some((proto, dst)) = parse::ipv4_protocol_and_destination(pkt) else {
@@ -345,9 +351,12 @@ fn open_flow<P: Packet>(
         counters::event(EV_NO_BACKEND);
         return Verdict::DROP;
     };
-    // A TCP segment other than a SYN opens nothing: it belongs to a flow we lost.
+    // A TCP segment other than a SYN (an SCTP packet other than an INIT: its first
+    // chunk reads as TCP flags) opens nothing: it belongs to a flow we lost. Whether
+    // the flow is SCTP is known at compile time (`Packet::SCTP`): a comparison of
+    // the protocol here multiplied the paths the verifier walks.
     let mut midflow = false;
-    if key.proto == PROTO_TCP {
+    if P::SCTP || key.proto == PROTO_TCP {
         let tcp = flow.tcp_flags;
         if tcp & TCP_RST != 0 {
             // Nothing to reset: the flow is unknown here.

@@ -165,9 +165,14 @@ pub fn render(f: &FlowView, wide: bool) -> String {
     line
 }
 
-fn state_name(state: u8) -> &'static str {
+/// An entry's state in its protocol's words: an SCTP association goes through TCP's
+/// states (`proxy_common::sctp`), named after the chunk that moved it.
+fn state_name(protocol: Option<Protocol>, state: u8) -> &'static str {
+    let sctp = protocol == Some(Protocol::Sctp);
     match state {
+        CT_SYN_SENT if sctp => "INIT_SENT",
         CT_SYN_SENT => "SYN_SENT",
+        CT_SYN_RECV if sctp => "INIT_ACKED",
         CT_SYN_RECV => "SYN_RECV",
         CT_ESTABLISHED => "ESTABLISHED",
         CT_CLOSING => "CLOSING",
@@ -195,16 +200,16 @@ pub fn flows(tables: &Tables) -> impl Iterator<Item = Result<FlowView>> + '_ {
             .entry(entry.service_id)
             .or_insert_with(|| tables.service_name(entry.service_id).unwrap_or_default())
             .clone();
+        let protocol = Protocol::from_number(key.proto);
         Some(Ok(FlowView {
-            protocol: Protocol::from_number(key.proto)
-                .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
+            protocol: protocol.map_or_else(|| key.proto.to_string(), |p| p.to_string()),
             client: socket(key.src, key.sport, family),
             frontend: socket(key.dst, key.dport, family),
             backend: socket(entry.nat_dst, entry.nat_dport, family),
             masquerade: (entry.flags & CT_F_SNAT != 0)
                 .then(|| socket(entry.nat_src, entry.nat_sport, family)),
             service,
-            state: state_name(entry.state),
+            state: state_name(protocol, entry.state),
             idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
             encapsulated: entry.flags & CT_F_ENCAP != 0,
             related: entry.flags & CT_F_RELATED != 0,

@@ -113,22 +113,24 @@ enum Command {
 enum ProtoArg {
     Tcp,
     Udp,
-    Icmp,
-    /// Protocols never translated, only refused at service addresses.
     Sctp,
+    /// Protocols never translated, only refused at service addresses.
+    Icmp,
     Gre,
     Esp,
 }
 
 impl ProtoArg {
-    /// The IP protocol number of one never translated.
-    fn untranslated_number(self) -> Option<u8> {
+    /// The transport the data path translates, or the IP protocol number of one it
+    /// never translates.
+    fn transport(self) -> Result<Protocol, u8> {
         match self {
-            ProtoArg::Tcp | ProtoArg::Udp => None,
-            ProtoArg::Icmp => Some(proxy_common::PROTO_ICMP),
-            ProtoArg::Sctp => Some(132),
-            ProtoArg::Gre => Some(47),
-            ProtoArg::Esp => Some(50),
+            ProtoArg::Tcp => Ok(Protocol::Tcp),
+            ProtoArg::Udp => Ok(Protocol::Udp),
+            ProtoArg::Sctp => Ok(Protocol::Sctp),
+            ProtoArg::Icmp => Err(proxy_common::PROTO_ICMP),
+            ProtoArg::Gre => Err(47),
+            ProtoArg::Esp => Err(50),
         }
     }
 }
@@ -448,14 +450,9 @@ async fn main() -> Result<()> {
                     LoadSettings::DEFAULT
                 }
             };
-            let explanation = match (proto, proto.untranslated_number()) {
-                (_, Some(number)) => {
-                    trace::explain_untranslated(&tables, number, src.ip(), dst.ip())?
-                }
-                (ProtoArg::Udp, None) => {
-                    trace::explain(&tables, &settings, Protocol::Udp, src, dst, origin)?
-                }
-                _ => trace::explain(&tables, &settings, Protocol::Tcp, src, dst, origin)?,
+            let explanation = match proto.transport() {
+                Ok(protocol) => trace::explain(&tables, &settings, protocol, src, dst, origin)?,
+                Err(number) => trace::explain_untranslated(&tables, number, src.ip(), dst.ip())?,
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&explanation)?);

@@ -63,7 +63,9 @@
 //!     `--forwarding`. `dsr-ipip` external frontends encapsulate such flows to the
 //!     endpoint; every node also gets the frontends' IPIP views (`Listen::Tunnel*`)
 //!     holding its own endpoints, where the encapsulated flows arrive. Not with
-//!     `externalTrafficPolicy: Local` (no flow leaves the node then).
+//!     `externalTrafficPolicy: Local` (no flow leaves the node then), and never for
+//!     SCTP ports (they are snat): SCTP is translated by programs of its own, which do
+//!     not encapsulate.
 //! 14. Related flows: a UDP service port 69 gets the TFTP helper on every frontend
 //!     (ClusterIP, NodePort, LoadBalancer, external IP), as the kernel's TFTP helper
 //!     watches port 69, so that a server's answer from a new port, and the transfer
@@ -164,8 +166,9 @@ fn parse_protocol(protocol: Option<&str>) -> Result<Protocol, String> {
     match protocol.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Ok(Protocol::Sctp),
         other => Err(format!(
-            "protocol {other} is not supported (TCP and UDP are)"
+            "protocol {other} is not supported (TCP, UDP and SCTP are)"
         )),
     }
 }
@@ -689,7 +692,7 @@ pub(crate) fn service_output(
         // is forwarded with snat (its answers from a new port would otherwise reach
         // the client from the backend's node, and the client's own answers to them
         // arrive here, where nothing expects them).
-        let dsr = dsr && port_helper == Helper::None;
+        let dsr = dsr && port_helper == Helper::None && protocol != Protocol::Sctp;
         let sets = policy_sets(endpoints, port, protocol, node.zone.as_deref());
         local_serving.extend(sets.local.iter().map(|e| e.addr));
         let weighted = |set: &[Endpoint]| -> Vec<Endpoint> {

@@ -10,12 +10,16 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
+    maps::ProgramArray,
     programs::{CgroupSockAddr, ProgramError, SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
 
-use super::{EBPF_OBJECT, PROG_EGRESS, PROG_POD, PROG_SOCK_HOOKS, PROG_UPLINK};
-use proxy_common::{map_name, LoadSettings, SETTINGS_GLOBAL};
+use super::{
+    EBPF_OBJECT, PROG_EGRESS, PROG_POD, PROG_POD_SCTP, PROG_SOCK_HOOKS, PROG_UPLINK,
+    PROG_UPLINK_SCTP,
+};
+use proxy_common::{map_name, LoadSettings, SCTP_PROGRAM, SETTINGS_GLOBAL};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -146,16 +150,42 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps pinned in an incompatible layout? run `ebpf-proxy cleanup`)")?;
         super::widen::carry_over(pin_dir, &mut ebpf)?;
-        {
-            let xdp: &mut Xdp = program(&mut ebpf, PROG_UPLINK)?;
-            verify("the XDP program", || xdp.load())?;
+        for (name, what) in [
+            (PROG_UPLINK, "the XDP program"),
+            (PROG_UPLINK_SCTP, "the XDP program for SCTP"),
+        ] {
+            let xdp: &mut Xdp = program(&mut ebpf, name)?;
+            verify(what, || xdp.load())?;
         }
         for (name, what) in [
             (PROG_POD, "the pod tc program"),
+            (PROG_POD_SCTP, "the pod tc program for SCTP"),
             (PROG_EGRESS, "the egress tc program"),
         ] {
             let tc: &mut SchedClassifier = program(&mut ebpf, name)?;
             verify(what, || tc.load())?;
+        }
+        // SCTP's programs, where the main ones tail-call them; replaces a previous
+        // agent's in the pinned arrays (theirs served until now).
+        for (array, name) in [
+            (map_name::UPLINK_TRANSPORTS, PROG_UPLINK_SCTP),
+            (map_name::POD_TRANSPORTS, PROG_POD_SCTP),
+        ] {
+            let fd = ebpf
+                .program(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .fd()
+                .with_context(|| format!("{name} is not loaded"))?
+                .try_clone()
+                .context("duplicating a program descriptor")?;
+            let mut programs = ProgramArray::try_from(
+                ebpf.map_mut(array)
+                    .with_context(|| format!("map {array} missing from the object"))?,
+            )
+            .with_context(|| format!("{array} is not a program array"))?;
+            programs
+                .set(SCTP_PROGRAM, &fd, 0)
+                .with_context(|| format!("putting {name} in {array}"))?;
         }
         for name in PROG_SOCK_HOOKS {
             let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;

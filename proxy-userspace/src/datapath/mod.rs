@@ -28,6 +28,10 @@ pub static BENCH_WRAPPER_OBJECT: &[u8] =
 pub const PROG_UPLINK: &str = "uplink_ingress";
 pub const PROG_POD: &str = "pod_ingress";
 pub const PROG_EGRESS: &str = "node_egress";
+/// SCTP's own programs, tail-called by the uplink's and the pod interfaces' (see
+/// proxy-ebpf's `main`): loaded and put in place here, never attached.
+pub const PROG_UPLINK_SCTP: &str = "uplink_ingress_sctp";
+pub const PROG_POD_SCTP: &str = "pod_ingress_sctp";
 pub const PROG_SOCK_HOOKS: [&str; 4] = [
     "sock_connect4",
     "sock_sendmsg4",
@@ -61,9 +65,15 @@ mod tests {
         let (maps, programs) = contents(EBPF_OBJECT);
         let named: BTreeSet<String> = map_name::ALL.iter().map(|n| n.to_string()).collect();
         assert_eq!(maps, named);
-        for program in [PROG_UPLINK, PROG_POD, PROG_EGRESS]
-            .iter()
-            .chain(&PROG_SOCK_HOOKS)
+        for program in [
+            PROG_UPLINK,
+            PROG_UPLINK_SCTP,
+            PROG_POD,
+            PROG_POD_SCTP,
+            PROG_EGRESS,
+        ]
+        .iter()
+        .chain(&PROG_SOCK_HOOKS)
         {
             assert!(programs.contains(*program), "{program} not in {programs:?}");
         }

@@ -113,7 +113,7 @@ fn bound_slot(tables: &Tables, service: &ServiceValue, key: &CtKey) -> Option<(u
 /// A packet of a protocol the data path never schedules (`protocol`, its IP number):
 /// ICMP (an echo request to a service address is refused, `icmp::handle`; errors
 /// about translated flows are rewritten, matched by the packet they quote) or any
-/// other (SCTP, GRE, ESP…: refused at a service address, `translate::other_protocol`).
+/// other (GRE, ESP…: refused at a service address, `translate::other_protocol`).
 /// Elsewhere it passes untouched.
 pub fn explain_untranslated(
     tables: &Tables,
@@ -129,7 +129,7 @@ pub fn explain_untranslated(
         ),
         other => (
             format!("IP protocol {other} packet"),
-            "only TCP and UDP are scheduled: a packet of another IP protocol is never translated",
+            "only TCP, UDP and SCTP are scheduled: a packet of another IP protocol is never translated",
         ),
     };
     out.steps.push(step.into());

@@ -273,10 +273,10 @@ fn trace_says_what_the_kernel_refuses_at_a_service_address() {
             .is_some_and(|why| why.contains("event refused"))
     };
     for (dst, kernel_refuses) in [(VIP, true), ([10, 96, 0, 99], false)] {
-        // A ping, and SCTP and GRE packets.
+        // A ping, and ESP and GRE packets.
         for (protocol, packet) in [
             (1, ping_packet(CLIENT, dst)),
-            (132, ip_packet(CLIENT, dst, 132, &[0x5a; 40])),
+            (50, ip_packet(CLIENT, dst, 50, &[0x5a; 40])),
             (47, ip_packet(CLIENT, dst, 47, &[0x5a; 40])),
         ] {
             let (verdict, out) = dp.xdp(&packet);

@@ -33,6 +33,7 @@ mod policies;
 mod refusals;
 mod related_flows;
 mod schedulers;
+mod sctp;
 mod services;
 mod support;
 mod sync;

@@ -190,19 +190,19 @@ fn another_port_or_protocol_of_a_service_address_is_refused() {
     assert_eq!(dp.event("refused"), 7);
 }
 
-/// Issue 13: any other IP protocol (GRE, SCTP, ESP, IPIP not addressed to a
+/// Issue 13: any other IP protocol (GRE, DCCP, ESP, IPIP not addressed to a
 /// `dsr-ipip` frontend) to a service address left the node towards an address nobody
 /// outside owns: refused like another port; to other addresses it passes untouched.
 #[test]
 fn every_other_protocol_to_a_service_address_is_refused() {
     const GRE: u8 = 47;
-    const SCTP: u8 = 132;
+    const DCCP: u8 = 33;
     const ESP: u8 = 50;
     const IPIP: u8 = 4;
     let mut dp = TestDatapath::new();
     dp.program(&[(tcp(VIP, 80), vec![local([10, 244, 1, 2], 8080)])]);
     let payload = [0x5au8; 40];
-    for protocol in [GRE, SCTP, ESP, IPIP] {
+    for protocol in [GRE, DCCP, ESP, IPIP] {
         let packet = ip_packet(CLIENT, VIP, protocol, &payload);
         let (verdict, out) = dp.xdp(&packet);
         assert_eq!(verdict, XDP_PASS, "protocol {protocol}");
@@ -271,8 +271,9 @@ fn a_ping_of_a_service_address_is_refused_from_it() {
 }
 
 /// Issue 13: a GRE packet from a pod to a ClusterIP and an SCTP packet from outside to
-/// a LoadBalancer IP, real packets through the namespaces: port unreachable from the
-/// service address at once (they used to leave the node for an address nobody owns).
+/// a port the LoadBalancer IP has for TCP only, real packets through the namespaces:
+/// port unreachable from the service address at once (they used to leave the node for
+/// an address nobody owns).
 #[test]
 fn other_protocols_to_a_service_address_are_refused_end_to_end() {
     let cluster = exposed_web("proto");

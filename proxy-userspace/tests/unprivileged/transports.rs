@@ -2,9 +2,10 @@
 //! states and idle timeouts, and none for a protocol no version tracks.
 
 use proxy_common::{
+    sctp::{self, TCP_FLAGS_OF_CHUNK},
     tcp::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     CtTimeouts, Transport, ACCT_ACTIVE, ACCT_INACTIVE, CT_CLOSING, CT_ESTABLISHED, CT_F_REPLY,
-    CT_SYN_RECV, CT_SYN_SENT, PROTO_TCP, PROTO_UDP,
+    CT_SYN_RECV, CT_SYN_SENT, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 const SECOND: u64 = 1_000_000_000;
@@ -21,11 +22,74 @@ fn udp_has_one_state_whatever_its_bytes_look_like() {
 }
 
 #[test]
-fn a_new_tcp_flow_starts_half_open_and_a_new_udp_flow_established() {
-    // Only the answers make a TCP flow established, so forged segments cannot
-    // create long-lived, counted entries.
+fn a_new_tcp_or_sctp_flow_starts_half_open_and_a_new_udp_flow_established() {
+    // Only the answers make a TCP flow (an SCTP association) established, so forged
+    // packets cannot create long-lived, counted entries.
     assert_eq!(Transport::opening(PROTO_TCP), (CT_SYN_SENT, ACCT_INACTIVE));
+    assert_eq!(Transport::opening(PROTO_SCTP), (CT_SYN_SENT, ACCT_INACTIVE));
     assert_eq!(Transport::opening(PROTO_UDP), (CT_ESTABLISHED, ACCT_ACTIVE));
+}
+
+/// One SCTP packet whose first chunk is `chunk`, from the client (`side` 0) or the
+/// backend (`CT_F_REPLY`), applied to an entry in `state`; `peer_shut_down` answers
+/// whether the other direction already sent its SHUTDOWN (or SHUTDOWN-ACK).
+fn sctp_step(state: u8, side: u8, chunk: u8, peer_shut_down: bool) -> u8 {
+    let flags = TCP_FLAGS_OF_CHUNK[usize::from(chunk)];
+    Transport::Sctp
+        .next(state, side, flags, || peer_shut_down)
+        .0
+}
+
+#[test]
+fn an_sctp_association_is_established_by_the_clients_cookie_echo() {
+    let from_client = 0;
+    let from_backend = CT_F_REPLY;
+    // INIT opens half-open; the backend's INIT-ACK keeps it half-open (a spoofed INIT
+    // gets this far and no further); the client's COOKIE-ECHO completes it.
+    assert_eq!(Transport::opening(PROTO_SCTP).0, CT_SYN_SENT);
+    let state = sctp_step(CT_SYN_SENT, from_backend, sctp::CHUNK_INIT_ACK, false);
+    assert_eq!(state, CT_SYN_RECV);
+    assert_eq!(
+        sctp_step(state, from_backend, 0, false),
+        CT_SYN_RECV,
+        "only the client completes it"
+    );
+    let state = sctp_step(state, from_client, sctp::CHUNK_COOKIE_ECHO, false);
+    assert_eq!(state, CT_ESTABLISHED);
+    // An association picked up mid-stream (its entry lost) is established by the
+    // backend's answer, as a TCP flow is (DATA, SACK, HEARTBEAT-ACK…).
+    assert_eq!(
+        sctp_step(CT_SYN_SENT, from_backend, 3, false),
+        CT_ESTABLISHED
+    );
+}
+
+#[test]
+fn an_sctp_association_closes_by_shutdown_both_ways_or_either_abort() {
+    for side in [0, CT_F_REPLY] {
+        assert_eq!(
+            sctp_step(CT_ESTABLISHED, side, sctp::CHUNK_ABORT, false),
+            CT_CLOSING
+        );
+        assert_eq!(
+            sctp_step(CT_ESTABLISHED, side, sctp::CHUNK_SHUTDOWN_COMPLETE, false),
+            CT_CLOSING
+        );
+    }
+    // SHUTDOWN one way leaves it established; the SHUTDOWN-ACK back closes it.
+    assert_eq!(
+        sctp_step(CT_ESTABLISHED, 0, sctp::CHUNK_SHUTDOWN, false),
+        CT_ESTABLISHED
+    );
+    assert_eq!(
+        sctp_step(CT_ESTABLISHED, CT_F_REPLY, sctp::CHUNK_SHUTDOWN_ACK, true),
+        CT_CLOSING
+    );
+    // A new association on the closed tuple (an INIT from the client) starts over.
+    assert_eq!(
+        sctp_step(CT_CLOSING, 0, sctp::CHUNK_INIT, false),
+        CT_SYN_SENT
+    );
 }
 
 #[test]
@@ -50,9 +114,12 @@ fn each_protocol_has_its_idle_timeouts_and_an_unknown_one_none() {
     assert_eq!(ct_timeout_ns(PROTO_TCP, CT_SYN_RECV), 60 * SECOND);
     assert_eq!(ct_timeout_ns(PROTO_TCP, CT_ESTABLISHED), 21_600 * SECOND);
     assert_eq!(ct_timeout_ns(PROTO_TCP, CT_CLOSING), 10 * SECOND);
-    // SCTP (132): no entry of it is ever made; one found is stale at once, where it
+    // An SCTP association follows TCP's timeouts.
+    assert_eq!(ct_timeout_ns(PROTO_SCTP, CT_SYN_SENT), 60 * SECOND);
+    assert_eq!(ct_timeout_ns(PROTO_SCTP, CT_ESTABLISHED), 21_600 * SECOND);
+    // DCCP (33): no entry of it is ever made; one found is stale at once, where it
     // used to get UDP's timeout (every protocol but TCP did).
-    assert_eq!(ct_timeout_ns(132, CT_ESTABLISHED), 0);
+    assert_eq!(ct_timeout_ns(33, CT_ESTABLISHED), 0);
     // Set timeouts are followed, per kind.
     let mut set = CtTimeouts::DEFAULT;
     set.ns[proxy_common::TIMEOUT_UDP] = 5 * SECOND;

@@ -54,6 +54,62 @@ pub fn ip_packet(src: [u8; 4], dst: [u8; 4], protocol: u8, payload: &[u8]) -> Ve
     out
 }
 
+/// An SCTP packet (RFC 9260): the common header with verification tag `tag`, then
+/// one chunk of type `chunk` carrying `value` (flags zero, padded to four bytes), its
+/// CRC32c computed by the `crc32c` crate, an implementation independent of ours.
+pub fn sctp_packet(
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    tag: u32,
+    chunk: u8,
+    value: &[u8],
+) -> Vec<u8> {
+    let mut sctp = [src.1.to_be_bytes(), dst.1.to_be_bytes()].concat();
+    sctp.extend_from_slice(&tag.to_be_bytes());
+    sctp.extend_from_slice(&[0; 4]);
+    sctp.extend_from_slice(&[chunk, 0]);
+    sctp.extend_from_slice(
+        &u16::try_from(4 + value.len())
+            .expect("a chunk fits a packet")
+            .to_be_bytes(),
+    );
+    sctp.extend_from_slice(value);
+    sctp.resize(sctp.len().next_multiple_of(4), 0);
+    let crc = crc32c::crc32c(&sctp);
+    sctp[8..12].copy_from_slice(&crc.to_le_bytes());
+    ip_packet(src.0, dst.0, 132, &sctp)
+}
+
+/// The 5-tuple of an SCTP packet (20-byte IPv4 header), after checking its IPv4
+/// header checksum and its CRC32c (by the `crc32c` crate).
+pub fn inspect_sctp(packet: &[u8]) -> Seen {
+    let ip = &packet[14..34];
+    assert_eq!(internet_checksum(ip), 0, "IPv4 header checksum");
+    assert_eq!(ip[9], 132, "SCTP");
+    let sctp = &packet[34..];
+    assert_eq!(sctp_checksum_error(sctp), 0, "CRC32c");
+    let port = |at: usize| u16::from_be_bytes([sctp[at], sctp[at + 1]]);
+    Seen {
+        src: (
+            ip[12..16].try_into().expect("a slice of the packet"),
+            port(0),
+        ),
+        dst: (
+            ip[16..20].try_into().expect("a slice of the packet"),
+            port(2),
+        ),
+    }
+}
+
+/// The XOR of an SCTP packet's checksum field and the CRC32c of its bytes: zero when
+/// the field is right.
+pub fn sctp_checksum_error(sctp: &[u8]) -> u32 {
+    let stored = u32::from_le_bytes(sctp[8..12].try_into().expect("a slice of the packet"));
+    let mut zeroed = sctp.to_vec();
+    zeroed[8..12].fill(0);
+    stored ^ crc32c::crc32c(&zeroed)
+}
+
 /// Splits an Ethernet frame's IPv4 packet (20-byte header) into two fragments, the
 /// first carrying `at` bytes of its payload (a multiple of 8), both with IP id `id`
 /// and valid header checksums.

@@ -24,7 +24,7 @@ fn rule7_bad_services_are_skipped_and_named_while_others_keep_working() {
         ),
         (
             "unsupported protocol",
-            service("bad", "").replace("protocol: TCP", "protocol: SCTP"),
+            service("bad", "").replace("protocol: TCP", "protocol: DCCP"),
         ),
         (
             "no cluster IP",

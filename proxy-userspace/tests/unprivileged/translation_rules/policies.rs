@@ -311,3 +311,51 @@ fn rule13_dsr_ipip_marks_external_frontends_and_adds_tunnel_views_of_local_endpo
     );
     assert!(unknown.state.frontends.values().all(|f| !f.dsr));
 }
+
+/// Issue 13: a Service with TCP and SCTP ports (as telco services have: HTTP beside
+/// Diameter) gets every frontend of both, with the endpoints of each port's own
+/// protocol; under `dsr-ipip` the SCTP ports stay snat (rule 13: SCTP's programs do
+/// not encapsulate) and the TCP ports do not lose their encapsulation for them.
+#[test]
+fn rule13_a_service_mixing_sctp_and_tcp_keeps_both_and_sctp_is_never_dsr_ipip() {
+    let yaml = mixed_service("")
+        .replace(
+            "ports: [{name: http, port: 80, protocol: TCP, nodePort: 30080}]",
+            "ports: [{name: http, port: 80, protocol: TCP, nodePort: 30080}, {name: diameter, port: 3868, protocol: SCTP, nodePort: 30868}]",
+        )
+        .replace(
+            "ports: [{name: http, port: 8080, protocol: TCP}]",
+            "ports: [{name: http, port: 8080, protocol: TCP}, {name: diameter, port: 3869, protocol: SCTP}]",
+        )
+        .replace(
+            "namespace: ns}",
+            "namespace: ns, annotations: {ebpf-proxy.io/forwarding: dsr-ipip}}",
+        );
+    let out = translate_all(&objects(&yaml), NODE);
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+    let sctp = |key: FrontendKey| FrontendKey {
+        protocol: Protocol::Sctp,
+        ..key
+    };
+    let frontends = &out.state.frontends;
+    for key in [cluster_ip(3868), node_port(30868), load_balancer(3868)] {
+        let frontend = &frontends[&sctp(key)];
+        assert!(!frontend.dsr, "{}", sctp(key));
+        assert!(frontend.endpoints.iter().all(|e| e.port == 3869));
+        assert_eq!(endpoints_of(&out, &sctp(key)).len(), 2);
+    }
+    assert!(
+        frontends[&node_port(30080)].dsr,
+        "the TCP port keeps dsr-ipip"
+    );
+    assert!(frontends[&cluster_ip(80)]
+        .endpoints
+        .iter()
+        .all(|e| e.port == 8080));
+    assert!(
+        !frontends
+            .keys()
+            .any(|k| k.listen.is_tunnel() && k.protocol == Protocol::Sctp),
+        "no tunnel view of an SCTP port"
+    );
+}
