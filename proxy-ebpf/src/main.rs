@@ -8,6 +8,11 @@
 //! translated flows), `related` (flows a tracked flow announces: TFTP's new port),
 //! `forward` (redirects), `sock` (node-local sockets), `maps` and `counters`.
 //!
+//! The entry points' bodies are inlined into the functions the program attribute
+//! generates: as a frame of their own under that function's, they made the call
+//! chain of a `bpf_loop` callback one frame deeper, which kernels before 6.8 (32-byte
+//! frame rounding) refuse past 512 bytes of stack.
+//!
 //! SCTP packets are translated by programs of their own (`*_sctp`), the same
 //! pipeline instantiated for SCTP alone, which each hook's main program tail-calls
 //! once it parsed an SCTP header (`Packet::hand_over`):
@@ -57,6 +62,7 @@ use crate::{
 /// IPIP packets whose inner packet is ours are decapsulated first (`tunnel`), and
 /// `dsr-ipip` flows leave encapsulated.
 #[xdp]
+#[inline(always)]
 pub fn uplink_ingress(ctx: XdpContext) -> u32 {
     let claim = tunnel::outer_addresses(&XdpPacket(&ctx))
         .map(|(src, dst)| (dst, translate::claim_inner(&ctx, &src, &dst)));
@@ -77,6 +83,7 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
 /// SCTP from the uplinks, tail-called by `uplink_ingress` (no IPIP: SCTP frontends are
 /// never `dsr-ipip`).
 #[xdp]
+#[inline(always)]
 pub fn uplink_ingress_sctp(ctx: XdpContext) -> u32 {
     let verdict = translate::handle(&SctpPacket(&XdpPacket(&ctx)), Origin::External);
     uplink_action(&ctx, verdict)
@@ -98,6 +105,7 @@ fn uplink_action(ctx: &XdpContext, verdict: Verdict) -> u32 {
 /// Host side of pod interfaces (tc ingress = packets the pod sends): pod-to-service
 /// traffic and the replies of backend pods.
 #[classifier]
+#[inline(always)]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
     // Pull the headers into the linear area once if the skb starts short of them;
     // 128 bytes covers Ethernet, IPv4 with options and a TCP header with options.
@@ -110,6 +118,7 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
 
 /// SCTP from pods, tail-called by `pod_ingress` (after its pull of the headers).
 #[classifier]
+#[inline(always)]
 pub fn pod_ingress_sctp(ctx: TcContext) -> i32 {
     let verdict = translate::handle(&SctpPacket(&TcPacket(&ctx)), Origin::Pod);
     pod_action(&ctx, verdict)

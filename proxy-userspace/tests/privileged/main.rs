@@ -34,6 +34,7 @@ mod refusals;
 mod related_flows;
 mod schedulers;
 mod sctp;
+mod sctp_guest;
 mod services;
 mod support;
 mod sync;

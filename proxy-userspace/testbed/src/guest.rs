@@ -1,0 +1,364 @@
+//! A throw-away QEMU guest running Debian's stock kernel, which has what this
+//! machine's kernel lacks (IPVS, SCTP, dummy… as modules): booted from an initramfs
+//! built here from Debian's packages, the host's tools and the binaries a run needs,
+//! it runs one command and powers off. The benchmark runs IPVS beside the others in
+//! it; the tests run real SCTP associations. Nothing is fetched but Debian packages
+//! (`apt-get download`); the guest has no network card, so all its traffic stays
+//! between namespaces inside it.
+//!
+//! Acceleration: real KVM when /dev/kvm is usable; on nested PVM (`kvm_pvm`), where a
+//! stock kernel cannot run at speed, software emulation (TCG), about 60 times
+//! slower: only ratios between runs of one guest boot mean anything (see
+//! ../shared/IPVS-GUEST.md).
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+
+/// What one guest boot runs.
+pub struct GuestRun {
+    /// Names the work directory under `target/guest` (the initramfs), so that runs
+    /// of different kinds do not share one; the kernel is downloaded once for all.
+    pub name: &'static str,
+    /// Binaries copied in with the libraries `ldd` names: (here, in the guest).
+    pub binaries: Vec<(PathBuf, PathBuf)>,
+    /// The shell command the guest's init runs once the modules are loaded.
+    pub command: String,
+}
+
+/// What a successful boot ran on, and how long it took.
+pub struct GuestOutcome {
+    pub kernel: String,
+    pub acceleration: &'static str,
+    pub elapsed: Duration,
+}
+
+/// The tools the guest runs, copied with the libraries `ldd` names.
+const TOOLS: [&str; 18] = [
+    "/usr/bin/dash",
+    "/usr/sbin/ip",
+    "/usr/sbin/tc",
+    "/usr/sbin/ethtool",
+    "/usr/bin/nsenter",
+    "/usr/sbin/nft",
+    "/usr/sbin/xtables-legacy-multi",
+    "/usr/sbin/xtables-nft-multi",
+    "/usr/sbin/ipvsadm",
+    "/usr/sbin/ipset",
+    "/usr/sbin/sysctl",
+    "/usr/bin/kmod",
+    "/usr/bin/mount",
+    "/usr/bin/umount",
+    "/usr/bin/mkdir",
+    "/usr/bin/sleep",
+    "/usr/bin/cat",
+    "/usr/bin/socat",
+];
+/// Names the xtables multi-call binaries answer to.
+const XTABLES: [(&str, &str); 6] = [
+    ("iptables-legacy", "xtables-legacy-multi"),
+    ("iptables-legacy-restore", "xtables-legacy-multi"),
+    ("iptables-legacy-save", "xtables-legacy-multi"),
+    ("iptables-nft", "xtables-nft-multi"),
+    ("iptables-nft-restore", "xtables-nft-multi"),
+    ("iptables-nft-save", "xtables-nft-multi"),
+];
+/// Kernel module directories the contenders need (loaded on demand by kmod).
+const MODULE_DIRS: [&str; 4] = [
+    "kernel/net",
+    "kernel/lib",
+    "kernel/crypto",
+    "kernel/drivers/net",
+];
+/// Modules loaded before the run (the rest are requested by the kernel itself).
+const MODULES: [&str; 19] = [
+    "veth",
+    "dummy",
+    "ip_vs",
+    "ip_vs_rr",
+    "nf_conntrack",
+    "nf_nat",
+    "ip_tables",
+    "iptable_nat",
+    "xt_nat",
+    "xt_MASQUERADE",
+    "xt_mark",
+    "xt_comment",
+    "xt_statistic",
+    "xt_set",
+    "ip_set_hash_ipportip",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_numgen",
+    "sctp",
+];
+
+fn output_of(command: &mut Command) -> Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    ensure!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// KVM when it can run a stock kernel, else TCG.
+fn acceleration() -> (&'static str, Vec<&'static str>) {
+    let nested_pvm = Path::new("/sys/module/kvm_pvm").exists();
+    if !nested_pvm && Path::new("/dev/kvm").exists() {
+        ("kvm", vec!["-accel", "kvm", "-cpu", "host"])
+    } else {
+        (
+            "tcg (software emulation: compare ratios only)",
+            vec!["-accel", "tcg,thread=multi,tb-size=512", "-cpu", "max"],
+        )
+    }
+}
+
+/// Downloads and unpacks Debian's current stock kernel into `dir` (once); returns
+/// its version.
+fn kernel(dir: &Path) -> Result<String> {
+    let depends = output_of(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+    let image = depends
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: linux-image-"))
+        .context("no linux-image dependency of linux-image-amd64")?
+        .trim()
+        .to_owned();
+    let version = image.clone();
+    let unpacked = dir.join("kernel");
+    if !unpacked
+        .join("boot")
+        .join(format!("vmlinuz-{version}"))
+        .exists()
+    {
+        fs::create_dir_all(dir)?;
+        let package = format!("linux-image-{image}-unsigned");
+        output_of(
+            Command::new("apt-get")
+                .current_dir(dir)
+                .args(["download", "-q", &package]),
+        )?;
+        let deb = fs::read_dir(dir)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.extension().is_some_and(|e| e == "deb") && p.to_string_lossy().contains(&package)
+            })
+            .context("downloaded kernel package")?;
+        output_of(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    }
+    Ok(version)
+}
+
+/// Copies `binary` (following links) and the libraries it loads into `root`.
+fn copy_with_libraries(binary: &Path, root: &Path, dest: &Path) -> Result<()> {
+    let target = root.join(dest.strip_prefix("/").unwrap_or(dest));
+    fs::create_dir_all(target.parent().context("no parent")?)?;
+    fs::copy(binary, &target).with_context(|| format!("copying {}", binary.display()))?;
+    let ldd = Command::new("ldd").arg(binary).output()?;
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split("=>")
+            .nth(1)
+            .unwrap_or(line)
+            .split_whitespace()
+            .next()
+            .unwrap_or("");
+        if path.starts_with('/') {
+            let lib = root.join(path.trim_start_matches('/'));
+            if !lib.exists() {
+                fs::create_dir_all(lib.parent().context("no parent")?)?;
+                fs::copy(path, &lib).with_context(|| format!("copying {path}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    output_of(Command::new("cp").arg("-a").arg(from).arg(to))?;
+    Ok(())
+}
+
+/// The guest's /init: mounts, modules, `command`, power off.
+fn init_script(command: &str) -> String {
+    format!(
+        "#!/bin/sh\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
+         mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
+         mount -t tmpfs tmpfs /tmp\nmount -t tmpfs tmpfs /run\nmkdir -p /run/netns /sys/fs/bpf\n\
+         mount -t bpf bpf /sys/fs/bpf\nmount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
+         for m in {modules}; do modprobe $m || echo \"EPX-GUEST-NOTE no module $m\"; done\n\
+         ip link set lo up\necho EPX-GUEST-START\n\
+         {command}\necho EPX-GUEST-EXIT $?\n\
+         echo o > /proc/sysrq-trigger\nsleep 10\n",
+        modules = MODULES.join(" ")
+    )
+}
+
+/// Builds the initramfs (gzip'd newc cpio) for `version` at `work/initrd.gz`, with
+/// the kernel's modules from `dir`.
+fn initramfs(dir: &Path, work: &Path, version: &str, spec: &GuestRun) -> Result<PathBuf> {
+    let root = work.join("root");
+    let _ = fs::remove_dir_all(&root);
+    // A merged /usr, as Debian's: the paths ldd prints and the ones the tools were
+    // built with (iptables' xtables directory) then agree.
+    for sub in [
+        "usr/bin",
+        "usr/sbin",
+        "usr/lib/modules",
+        "usr/lib/x86_64-linux-gnu",
+        "usr/lib64",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "etc",
+    ] {
+        fs::create_dir_all(root.join(sub))?;
+    }
+    for top in ["bin", "sbin", "lib", "lib64"] {
+        symlink(format!("usr/{top}"), root.join(top))?;
+    }
+    output_of(
+        Command::new("mknod")
+            .arg(root.join("dev/console"))
+            .args(["c", "5", "1"]),
+    )?;
+    // ipset and iptables name protocols through these.
+    for file in ["/etc/protocols", "/etc/services"] {
+        fs::copy(file, root.join(file.trim_start_matches('/')))?;
+    }
+    // busybox for the few commands left (poweroff…); dash is the shell, because
+    // busybox's sh prefers its own applets to the real tools.
+    fs::copy("/bin/busybox", root.join("bin/busybox")).context("busybox-static")?;
+    for tool in TOOLS {
+        copy_with_libraries(Path::new(tool), &root, Path::new(tool))?;
+    }
+    symlink("/usr/bin/dash", root.join("bin/sh"))?;
+    for (name, multi) in XTABLES {
+        symlink(multi, root.join("usr/sbin").join(name))?;
+    }
+    for name in ["modprobe", "insmod", "depmod", "lsmod"] {
+        symlink("/usr/bin/kmod", root.join("sbin").join(name))?;
+    }
+    for name in ["poweroff", "ls", "echo"] {
+        symlink("/bin/busybox", root.join("bin").join(name))?;
+    }
+    copy_tree(
+        Path::new("/usr/lib/x86_64-linux-gnu/xtables"),
+        &root.join("usr/lib/x86_64-linux-gnu"),
+    )?;
+    for (binary, at) in &spec.binaries {
+        copy_with_libraries(binary, &root, at)?;
+    }
+    // Rust binaries unwind through libgcc_s, which ldd does not always list.
+    let gcc = Path::new("/lib/x86_64-linux-gnu/libgcc_s.so.1");
+    copy_with_libraries(gcc, &root, gcc)?;
+    let modules = dir.join("kernel/lib/modules").join(version);
+    let guest_modules = root.join("lib/modules").join(version);
+    fs::create_dir_all(guest_modules.join("kernel/drivers"))?;
+    for sub in MODULE_DIRS {
+        let target = guest_modules.join(sub);
+        fs::create_dir_all(target.parent().context("no parent")?)?;
+        copy_tree(&modules.join(sub), &target)?;
+    }
+    for file in fs::read_dir(&modules)?.filter_map(Result::ok) {
+        if file.path().is_file() {
+            fs::copy(file.path(), guest_modules.join(file.file_name()))?;
+        }
+    }
+    output_of(Command::new("depmod").arg("-b").arg(&root).arg(version))?;
+    let init = root.join("init");
+    fs::write(&init, init_script(&spec.command))?;
+    output_of(Command::new("chmod").arg("755").arg(&init))?;
+    let image = work.join("initrd.gz");
+    output_of(Command::new("sh").current_dir(&root).arg("-c").arg(format!(
+        "find . | cpio -o -H newc --quiet | gzip -1 > {}",
+        image.display()
+    )))?;
+    Ok(image)
+}
+
+/// The directory shared by every guest run: `target/guest` of this workspace.
+fn guest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/guest")
+}
+
+/// Boots the guest for `spec`, hands `on_line` each console line as it comes, and
+/// fails (with the console's last lines) unless the command exited 0.
+pub fn run(spec: &GuestRun, mut on_line: impl FnMut(&str)) -> Result<GuestOutcome> {
+    let dir = guest_dir();
+    let version = kernel(&dir)?;
+    let work = dir.join(spec.name);
+    fs::create_dir_all(&work)?;
+    let initrd = initramfs(&dir, &work, &version, spec)?;
+    let (accel_name, accel) = acceleration();
+    let kernel_image = dir.join("kernel/boot").join(format!("vmlinuz-{version}"));
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(&accel)
+        .args([
+            "-smp",
+            "2",
+            "-m",
+            "2048",
+            "-nodefaults",
+            "-nic",
+            "none",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&kernel_image)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("qemu-system-x86_64 (qemu-system-x86)")?;
+    let stdout = child.stdout.take().context("guest console")?;
+    let mut exit = None;
+    let mut log = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if let Some(code) = line.split("EPX-GUEST-EXIT ").nth(1) {
+            exit = code.trim().parse::<i32>().ok();
+        } else {
+            on_line(&line);
+            log.push(line);
+        }
+    }
+    let _ = child.wait();
+    if exit != Some(0) {
+        let tail: Vec<&String> = log.iter().rev().take(60).collect();
+        bail!(
+            "the guest run failed (exit {exit:?}); its console ended with:\n{}",
+            tail.into_iter()
+                .rev()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    Ok(GuestOutcome {
+        kernel: version,
+        acceleration: accel_name,
+        elapsed: started.elapsed(),
+    })
+}
