@@ -15,16 +15,20 @@
 //! built at compile time), like RFC 1624's incremental Internet checksum, and a
 //! corrupted packet stays corrupted.
 //!
-//! **Conntrack.** An association is followed as a TCP connection is (`tcp::next`):
-//! the first chunk of a packet reads as the TCP flags of the segment playing the same
-//! part (INIT as a SYN, INIT-ACK as a SYN-ACK, COOKIE-ECHO or anything later as an
-//! acknowledgement, ABORT and SHUTDOWN-COMPLETE as a reset, SHUTDOWN and SHUTDOWN-ACK
-//! as FINs). INIT, INIT-ACK and SHUTDOWN-COMPLETE are never bundled (RFC 9260 6.10)
-//! and COOKIE-ECHO comes first in its packet, so the first chunk decides every
-//! handshake step; an ABORT bundled behind DATA leaves the entry to its idle timeout
-//! (netfilter walks every chunk; the data path reads one).
+//! **Conntrack** (`next`). An association goes through TCP's states, moved by the
+//! first chunk of each packet: INIT opens it half-open; the backend's INIT-ACK keeps
+//! it half-open; only the backend's COOKIE-ACK establishes it, since the backend
+//! sends one only for a COOKIE-ECHO that returns the cookie of its own INIT-ACK,
+//! which a client spoofing its address never saw. (TCP establishes on the client's
+//! ACK, because a backend resets a forged one; an SCTP backend silently discards a
+//! packet with a wrong verification tag, so nothing would close an entry a forged
+//! packet had established.) SHUTDOWN and SHUTDOWN-ACK are the FINs, ABORT and
+//! SHUTDOWN-COMPLETE the resets. INIT, INIT-ACK and SHUTDOWN-COMPLETE are never
+//! bundled, COOKIE-ECHO and COOKIE-ACK come first in theirs (RFC 9260 6.10), so the
+//! first chunk decides every handshake step; an ABORT bundled behind DATA leaves the
+//! entry to its idle timeout (netfilter walks every chunk; the data path reads one).
 
-use crate::tcp::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::{CT_CLOSING, CT_ESTABLISHED, CT_F_FIN, CT_F_REPLY, CT_SYN_RECV, CT_SYN_SENT};
 
 /// The common header (ports, verification tag, checksum) and one chunk header: the
 /// least a packet the kernel's SCTP input accepts holds.
@@ -41,31 +45,35 @@ pub const CHUNK_ABORT: u8 = 6;
 pub const CHUNK_SHUTDOWN: u8 = 7;
 pub const CHUNK_SHUTDOWN_ACK: u8 = 8;
 pub const CHUNK_COOKIE_ECHO: u8 = 10;
+pub const CHUNK_COOKIE_ACK: u8 = 11;
 pub const CHUNK_SHUTDOWN_COMPLETE: u8 = 14;
 
-/// The TCP flags of the segment that plays the part of a packet whose first chunk is
-/// `chunk` (see the module's documentation).
-pub const fn as_tcp_flags(chunk: u8) -> u8 {
+/// The entry's (state, flags) after a packet whose first chunk is `chunk` travelled
+/// in its direction (see the module's documentation); `peer_shutdown` says whether
+/// the other direction already sent its SHUTDOWN (or SHUTDOWN-ACK), asked only when
+/// this packet carries one. A pure function, as `tcp::next`.
+#[inline(always)]
+pub fn next(state: u8, flags: u8, chunk: u8, peer_shutdown: impl FnOnce() -> bool) -> (u8, u8) {
+    let from_backend = flags & CT_F_REPLY != 0;
     match chunk {
-        CHUNK_INIT => TCP_SYN,
-        CHUNK_INIT_ACK => TCP_SYN | TCP_ACK,
-        CHUNK_ABORT | CHUNK_SHUTDOWN_COMPLETE => TCP_RST,
-        CHUNK_SHUTDOWN | CHUNK_SHUTDOWN_ACK => TCP_FIN | TCP_ACK,
-        _ => TCP_ACK,
+        CHUNK_ABORT | CHUNK_SHUTDOWN_COMPLETE => (CT_CLOSING, flags),
+        CHUNK_SHUTDOWN | CHUNK_SHUTDOWN_ACK => {
+            if flags & CT_F_FIN != 0 {
+                return (state, flags); // a retransmission
+            }
+            let state = if peer_shutdown() { CT_CLOSING } else { state };
+            (state, flags | CT_F_FIN)
+        }
+        CHUNK_INIT_ACK if from_backend && state == CT_SYN_SENT => (CT_SYN_RECV, flags),
+        CHUNK_COOKIE_ACK if from_backend && state == CT_SYN_RECV => (CT_ESTABLISHED, flags),
+        // The client starts a new association on a closed tuple: it keeps its backend.
+        CHUNK_INIT if !from_backend && state == CT_CLOSING => (CT_SYN_SENT, flags & !CT_F_FIN),
+        // An association picked up mid-stream (its entry lost): the backend's answer
+        // establishes it (a backend that does not know it answers with an ABORT).
+        _ if from_backend && state == CT_SYN_SENT && chunk != CHUNK_INIT => (CT_ESTABLISHED, flags),
+        _ => (state, flags),
     }
 }
-
-/// `as_tcp_flags` for every chunk type: the data path looks the flags up instead of
-/// branching per chunk type (each branch would be a path the verifier walks).
-pub static TCP_FLAGS_OF_CHUNK: [u8; 256] = {
-    let mut table = [0; 256];
-    let mut chunk = 0;
-    while chunk < 256 {
-        table[chunk] = as_tcp_flags(chunk as u8);
-        chunk += 1;
-    }
-    table
-};
 
 /// CRC32c's polynomial, reflected: bit 31 is the coefficient of x^0.
 const POLY: u32 = 0x82f6_3b78;
@@ -215,26 +223,5 @@ mod tests {
         bytes[100] ^= 0x40;
         set_checksum(&mut bytes);
         assert_eq!(updated, bytes[8..12]);
-    }
-
-    #[test]
-    fn chunks_read_as_the_tcp_segments_playing_their_part() {
-        assert_eq!(TCP_FLAGS_OF_CHUNK[usize::from(CHUNK_INIT)], TCP_SYN);
-        assert_eq!(
-            TCP_FLAGS_OF_CHUNK[usize::from(CHUNK_INIT_ACK)],
-            TCP_SYN | TCP_ACK
-        );
-        assert_eq!(TCP_FLAGS_OF_CHUNK[usize::from(CHUNK_COOKIE_ECHO)], TCP_ACK);
-        assert_eq!(TCP_FLAGS_OF_CHUNK[0], TCP_ACK, "DATA");
-        assert_eq!(TCP_FLAGS_OF_CHUNK[usize::from(CHUNK_ABORT)], TCP_RST);
-        assert_eq!(
-            TCP_FLAGS_OF_CHUNK[usize::from(CHUNK_SHUTDOWN_COMPLETE)],
-            TCP_RST
-        );
-        assert_eq!(
-            TCP_FLAGS_OF_CHUNK[usize::from(CHUNK_SHUTDOWN)],
-            TCP_FIN | TCP_ACK
-        );
-        assert_eq!(TCP_FLAGS_OF_CHUNK[0xc1], TCP_ACK, "ASCONF");
     }
 }

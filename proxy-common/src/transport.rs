@@ -80,9 +80,9 @@ impl Transport {
     }
 
     /// A tracked entry's (state, flags) after a packet with `l4_flags` (TCP's flag
-    /// byte, or SCTP's first chunk read as one: `sctp::as_tcp_flags`) travelled in its
-    /// direction; `peer_fin` as `tcp::next` asks it. UDP has one state: its entries
-    /// live while datagrams come.
+    /// byte, or SCTP's first chunk type) travelled in its direction; `peer_fin` as
+    /// `tcp::next` and `sctp::next` ask it. UDP has one state: its entries live while
+    /// datagrams come.
     #[inline(always)]
     pub fn next(
         self,
@@ -92,7 +92,8 @@ impl Transport {
         peer_fin: impl FnOnce() -> bool,
     ) -> (u8, u8) {
         match self {
-            Transport::Tcp | Transport::Sctp => tcp::next(state, flags, l4_flags, peer_fin),
+            Transport::Tcp => tcp::next(state, flags, l4_flags, peer_fin),
+            Transport::Sctp => sctp::next(state, flags, l4_flags, peer_fin),
             Transport::Udp => (state, flags),
         }
     }

@@ -316,9 +316,7 @@ impl Packet for TcPacket<'_> {
 /// A packet of SCTP's programs, rewritten through the hook's own packet type but for
 /// the checksums: SCTP's CRC32c covers no address (an address rewrite fixes only the
 /// IP header's checksum) and is updated for a port by `sctp::updated_checksum`. No
-/// checksum helper knows CRC32c; a packet of a local SCTP socket may carry none yet
-/// (CHECKSUM_PARTIAL), and then the kernel or the device computes it after the
-/// program, over the rewritten bytes.
+/// checksum helper knows CRC32c.
 pub struct SctpPacket<'a, P>(pub &'a P);
 
 impl<P: Packet> Packet for SctpPacket<'_, P> {
@@ -342,9 +340,18 @@ impl<P: Packet> Packet for SctpPacket<'_, P> {
         self.0.rewrite_word32(offset, ETH_LEN + IP_CHECK, old, new)
     }
 
+    /// A zero checksum is left alone: a local socket's packet whose checksum the
+    /// device or kernel computes later (CHECKSUM_PARTIAL), over the field as it finds
+    /// it, zero. A real CRC32c is zero once in 2^32 packets; that one is dropped by
+    /// its receiver and retransmitted.
     #[inline(always)]
     fn rewrite_port(&self, flow: &Flow, side: Side, old: u16, new: u16) -> Result<(), ()> {
         let sum = self.0.load::<4>(flow.l4_check)?;
+        self.0
+            .store(flow.l4_off + side.port_offset(), new.to_ne_bytes())?;
+        if sum == [0; 4] {
+            return Ok(());
+        }
         let sum = sctp::updated_checksum(
             sum,
             side.port_offset(),
@@ -352,8 +359,6 @@ impl<P: Packet> Packet for SctpPacket<'_, P> {
             new.to_ne_bytes(),
             flow.l4_len,
         );
-        self.0
-            .store(flow.l4_off + side.port_offset(), new.to_ne_bytes())?;
         self.0.store(flow.l4_check, sum)
     }
 

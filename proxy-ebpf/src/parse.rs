@@ -28,8 +28,7 @@ pub struct Flow {
     /// Offset of the L4 checksum from the start of the frame: decided here, once, by
     /// the protocol (`Transport::check_offset`), so that rewrites do not branch on it.
     pub l4_check: usize,
-    /// TCP's flags, or SCTP's first chunk read as the TCP flags of its part
-    /// (`sctp::as_tcp_flags`).
+    /// TCP's flags, or SCTP's first chunk type (`sctp::next`).
     pub tcp_flags: u8,
     /// The L4 header and payload's length (SCTP's checksum update needs it).
     pub l4_len: u16,
@@ -175,7 +174,7 @@ pub fn parse_at<P: Packet>(pkt: &P, ip_off: usize) -> Result<Flow, Skip> {
                     h[sctp::FIRST_CHUNK_OFFSET],
                 )
             };
-            (sport, dport, sctp::TCP_FLAGS_OF_CHUNK[usize::from(chunk)])
+            (sport, dport, chunk)
         }
     };
     Ok(Flow {

@@ -7,6 +7,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     decide::{self, Entry},
+    sctp,
     tcp::{TCP_ACK, TCP_RST, TCP_SYN},
     Addr, CtEntry, CtKey, Family, ServiceValue, Transport, BACKEND_F_REMOTE, CT_F_ENCAP,
     CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT,
@@ -351,12 +352,19 @@ fn open_flow<P: Packet>(
         counters::event(EV_NO_BACKEND);
         return Verdict::DROP;
     };
-    // A TCP segment other than a SYN (an SCTP packet other than an INIT: its first
-    // chunk reads as TCP flags) opens nothing: it belongs to a flow we lost. Whether
-    // the flow is SCTP is known at compile time (`Packet::SCTP`): a comparison of
-    // the protocol here multiplied the paths the verifier walks.
+    // A TCP segment other than a SYN (an SCTP packet other than an INIT) opens
+    // nothing: it belongs to a flow we lost. Whether the flow is SCTP is known at
+    // compile time (`Packet::SCTP`): a comparison of the protocol here multiplied
+    // the paths the verifier walks.
     let mut midflow = false;
-    if P::SCTP || key.proto == PROTO_TCP {
+    if P::SCTP {
+        let chunk = flow.tcp_flags;
+        if chunk == sctp::CHUNK_ABORT || chunk == sctp::CHUNK_SHUTDOWN_COMPLETE {
+            // Nothing to close: the association is unknown here.
+            return Verdict::DROP;
+        }
+        midflow = chunk != sctp::CHUNK_INIT;
+    } else if key.proto == PROTO_TCP {
         let tcp = flow.tcp_flags;
         if tcp & TCP_RST != 0 {
             // Nothing to reset: the flow is unknown here.

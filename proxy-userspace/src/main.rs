@@ -114,7 +114,8 @@ enum ProtoArg {
     Tcp,
     Udp,
     Sctp,
-    /// Protocols never translated, only refused at service addresses.
+    /// ICMP: errors translated back with the flow they quote, pings of service
+    /// addresses refused; GRE and ESP: never translated, refused at service addresses.
     Icmp,
     Gre,
     Esp,

@@ -165,8 +165,13 @@ impl Datapath {
             let tc: &mut SchedClassifier = program(&mut ebpf, name)?;
             verify(what, || tc.load())?;
         }
+        for name in PROG_SOCK_HOOKS {
+            let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            verify(name, || hook.load())?;
+        }
         // SCTP's programs, where the main ones tail-call them; replaces a previous
-        // agent's in the pinned arrays (theirs served until now).
+        // agent's in the pinned arrays (theirs served until now), last, once every
+        // program of this load was verified: a load that fails leaves them serving.
         for (array, name) in [
             (map_name::UPLINK_TRANSPORTS, PROG_UPLINK_SCTP),
             (map_name::POD_TRANSPORTS, PROG_POD_SCTP),
@@ -186,10 +191,6 @@ impl Datapath {
             programs
                 .set(SCTP_PROGRAM, &fd, 0)
                 .with_context(|| format!("putting {name} in {array}"))?;
-        }
-        for name in PROG_SOCK_HOOKS {
-            let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            verify(name, || hook.load())?;
         }
         Ok(Datapath {
             ebpf,

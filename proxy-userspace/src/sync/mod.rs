@@ -24,7 +24,7 @@ use proxy_common::{
     map_name, Addr, AddrKey, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtTimeouts,
     NodeAddrFlags, ServiceKey, ServiceValue, CLUSTER_CIDR, CLUSTER_CIDRS_ID, CONFIG_NETNS_COOKIE,
     CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE, CONFIG_XDP_FORWARD, CT_F_RELATED,
-    MAX_BACKENDS_PER_SERVICE, PROTO_UDP, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED,
+    MAX_BACKENDS_PER_SERVICE, PROTO_TCP, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED,
     TUNNEL_PEER_UNVERIFIED, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
@@ -397,7 +397,7 @@ impl Syncer {
     /// turn out unchanged write nothing.
     pub fn apply_changes(&mut self, changes: &[FrontendChange]) -> SyncReport {
         let mut report = SyncReport::default();
-        let departed = self.departing_udp_backends(changes);
+        let departed = self.departing_flushed_backends(changes);
         for (key, change) in changes {
             self.refused.remove(key);
             self.apply_one(key, change.as_ref(), &mut report);
@@ -422,7 +422,7 @@ impl Syncer {
             let departed_addrs: BTreeSet<(u32, Addr)> =
                 departed.iter().map(|(id, addr, _)| (*id, *addr)).collect();
             match conntrack::flush(&mut self.tables, &self.conn_counts, |key, entry| {
-                key.proto == PROTO_UDP
+                key.proto != PROTO_TCP
                     && if entry.flags & CT_F_RELATED != 0 {
                         departed_addrs.contains(&(entry.service_id, entry.nat_dst))
                     } else {
@@ -468,18 +468,21 @@ impl Syncer {
         }
     }
 
-    /// (service id, address, port) of UDP backends these changes take away. Their
-    /// flows are flushed, as kube-proxy deletes conntrack entries of removed UDP
+    /// (service id, address, port) of UDP and SCTP backends these changes take away.
+    /// Their flows are flushed, as kube-proxy deletes conntrack entries of removed UDP
     /// endpoints: a UDP client (DNS above all) keeps its source port, and its stale
-    /// entry would otherwise keep sending it to a backend that is gone. TCP flows to
-    /// removed backends drain instead (their peers end them).
-    fn departing_udp_backends(&self, changes: &[FrontendChange]) -> BTreeSet<(u32, Addr, u16)> {
+    /// entry would otherwise keep sending it to a backend that is gone; an SCTP peer
+    /// (Diameter between fixed ports) sends its new INIT on the same tuple, which the
+    /// stale entry would hold on the gone backend, refreshed by every retry. TCP
+    /// flows to removed backends drain instead (their peers end them, and a new
+    /// connection from the same port is rescheduled once the entry closes).
+    fn departing_flushed_backends(&self, changes: &[FrontendChange]) -> BTreeSet<(u32, Addr, u16)> {
         let mut departed = BTreeSet::new();
         for (key, change) in changes {
             let Some(current) = self.programmed.get(key) else {
                 continue;
             };
-            if key.protocol != Protocol::Udp {
+            if key.protocol == Protocol::Tcp {
                 continue;
             }
             let staying: BTreeSet<(IpAddr, u16)> = change

@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use ebpf_proxy::model::{FrontendKey, Protocol};
 use proxy_common::{
     sctp::{
-        CHUNK_ABORT, CHUNK_COOKIE_ECHO, CHUNK_INIT, CHUNK_INIT_ACK, CHUNK_SHUTDOWN,
-        CHUNK_SHUTDOWN_ACK,
+        CHUNK_ABORT, CHUNK_COOKIE_ACK, CHUNK_COOKIE_ECHO, CHUNK_INIT, CHUNK_INIT_ACK,
+        CHUNK_SHUTDOWN, CHUNK_SHUTDOWN_ACK,
     },
     CtEntry, CT_CLOSING, CT_ESTABLISHED, CT_SYN_RECV, CT_SYN_SENT, PROTO_SCTP,
 };
@@ -61,9 +61,10 @@ fn assert_chunks_kept(sent: &[u8], out: &[u8]) {
 }
 
 /// A pod's association with a ClusterIP whose backend listens on another port:
-/// INIT, INIT-ACK, COOKIE-ECHO, DATA of every size class, SHUTDOWN both ways, each
-/// translated with a valid CRC32c, and conntrack following the handshake: half-open
-/// and not counted until the client's COOKIE-ECHO, closing after the SHUTDOWN-ACK.
+/// INIT, INIT-ACK, COOKIE-ECHO, COOKIE-ACK, DATA of every size class, SHUTDOWN both
+/// ways, each translated with a valid CRC32c, and conntrack following the handshake:
+/// half-open and not counted until the backend's COOKIE-ACK, closing after the
+/// SHUTDOWN-ACK.
 #[test]
 fn a_pods_association_with_a_cluster_ip_is_translated_with_valid_checksums() {
     let mut dp = TestDatapath::new();
@@ -93,6 +94,13 @@ fn a_pods_association_with_a_cluster_ip_is_translated_with_valid_checksums() {
     assert_eq!(entry(&dp, client, frontend).state, CT_SYN_RECV);
     assert_eq!(active_connections(&dp), 0, "half-open is not active");
     send(&mut dp, CHUNK_COOKIE_ECHO, &[0x33; 280]);
+    assert_eq!(entry(&dp, client, frontend).state, CT_SYN_RECV);
+    assert_eq!(
+        active_connections(&dp),
+        0,
+        "only the backend's COOKIE-ACK tells"
+    );
+    answer(&mut dp, CHUNK_COOKIE_ACK, &[]);
     assert_eq!(entry(&dp, client, frontend).state, CT_ESTABLISHED);
     assert_eq!(active_connections(&dp), 1);
     // DATA of every size up to a full 1500-byte packet, and across the 256-byte
@@ -158,6 +166,10 @@ fn an_association_through_a_masqueraded_node_port_is_translated_both_ways() {
     let cookie = sctp_packet(client, frontend, 7, CHUNK_COOKIE_ECHO, &[0x33; 64]);
     let (_, out) = dp.xdp(&cookie);
     assert_eq!(inspect_sctp(&out), forwarded);
+    let cookie_ack = sctp_packet(forwarded.dst, forwarded.src, 7, CHUNK_COOKIE_ACK, &[]);
+    let (_, out) = dp.xdp(&cookie_ack);
+    let acked = inspect_sctp(&out);
+    assert_eq!((acked.src, acked.dst), (frontend, client));
     assert_eq!(entry(&dp, client, frontend).state, CT_ESTABLISHED);
 
     let abort = sctp_packet(forwarded.dst, forwarded.src, 7, CHUNK_ABORT, &[]);
@@ -192,6 +204,48 @@ fn a_corrupted_packet_is_not_repaired() {
         "translated"
     );
     assert_eq!(sctp_checksum_error(&out[34..]), error);
+}
+
+/// A pod's own SCTP packet whose checksum its veth computes later
+/// (CHECKSUM_PARTIAL: the field is still zero) keeps a zero field, both ways: the
+/// kernel computes the CRC32c over the packet as it finds it, the field included, so
+/// a correction written into the zero would make it wrong.
+#[test]
+fn a_checksum_left_to_the_device_is_left_alone() {
+    let mut dp = TestDatapath::new();
+    dp.program(&[(sctp(VIP, DIAMETER), vec![local(POD, BACKEND_PORT)])]);
+    let unsummed = |mut packet: Vec<u8>| {
+        packet[34 + 8..34 + 12].fill(0);
+        packet
+    };
+    let init = unsummed(sctp_packet(
+        (POD_CLIENT, 40000),
+        (VIP, DIAMETER),
+        0,
+        CHUNK_INIT,
+        &[1; 16],
+    ));
+    let (_, out) = dp.tc(&init);
+    assert_eq!(
+        &out[34 + 2..34 + 4],
+        &BACKEND_PORT.to_be_bytes(),
+        "translated"
+    );
+    assert_eq!(&out[34 + 8..34 + 12], &[0; 4]);
+    let init_ack = unsummed(sctp_packet(
+        (POD, BACKEND_PORT),
+        (POD_CLIENT, 40000),
+        1,
+        CHUNK_INIT_ACK,
+        &[2; 16],
+    ));
+    let (_, out) = dp.tc(&init_ack);
+    assert_eq!(
+        &out[34..34 + 2],
+        &DIAMETER.to_be_bytes(),
+        "reverse-translated"
+    );
+    assert_eq!(&out[34 + 8..34 + 12], &[0; 4]);
 }
 
 /// What opens an association and what does not: an ABORT of an unknown association
@@ -241,4 +295,35 @@ fn only_packets_an_association_can_begin_with_open_one() {
             0
         )
         .is_err());
+}
+
+/// A backend that leaves takes its associations' entries with it (as a UDP
+/// backend's flows): a peer between fixed ports (Diameter's 3868 to 3868) starts its
+/// next association with an INIT on the same tuple, which the stale established
+/// entry, refreshed by every retry, would have held on the gone backend.
+#[test]
+fn a_departing_backend_takes_its_associations_and_the_next_init_is_rescheduled() {
+    let mut dp = TestDatapath::new();
+    let other = [10, 244, 1, 3];
+    dp.program(&[(sctp(VIP, DIAMETER), vec![local(POD, BACKEND_PORT)])]);
+    let client = (CLIENT, DIAMETER);
+    let frontend = (VIP, DIAMETER);
+    let init = sctp_packet(client, frontend, 0, CHUNK_INIT, &[0x11; 16]);
+    assert_eq!(inspect_sctp(&dp.xdp(&init).1).dst, (POD, BACKEND_PORT));
+    let backend = (POD, BACKEND_PORT);
+    for chunk in [CHUNK_INIT_ACK, CHUNK_COOKIE_ACK] {
+        let _ = dp.tc(&sctp_packet(backend, client, 7, chunk, &[0x22; 16]));
+    }
+    let _ = dp.xdp(&sctp_packet(
+        client,
+        frontend,
+        7,
+        CHUNK_COOKIE_ECHO,
+        &[0x33; 16],
+    ));
+    assert_eq!(entry(&dp, client, frontend).state, CT_ESTABLISHED);
+
+    dp.program(&[(sctp(VIP, DIAMETER), vec![local(other, BACKEND_PORT)])]);
+    assert!(dp.tables().conntrack.keys().next().is_none(), "flushed");
+    assert_eq!(inspect_sctp(&dp.xdp(&init).1).dst, (other, BACKEND_PORT));
 }

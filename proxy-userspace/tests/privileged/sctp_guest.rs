@@ -109,6 +109,25 @@ fn in_guest() {
         remote.node_port = Some(DIAMETER_NODE_PORT + 1);
         vec![local, remote]
     });
+    // Every veth would leave a local socket's checksum to its peer, and the peer
+    // trusts it unverified: the node's own interfaces compute it on the way out
+    // instead, as a NIC without SCTP offload does, so that every receiver checks the
+    // checksum the data path left (a correction written into a checksum still to be
+    // computed broke it, for example).
+    let node = &cluster.topology.node;
+    let mut interfaces = vec!["up0".to_owned(), "up1".to_owned()];
+    interfaces.extend(
+        cluster
+            .topology
+            .pods
+            .iter()
+            .filter(|p| p.node == testbed::topology::NODE_NAME)
+            .map(|p| p.host_interface.clone()),
+    );
+    for interface in &interfaces {
+        node.exec("ethtool", &["-K", interface, "tx-checksum-sctp", "off"])
+            .expect("ethtool");
+    }
     let _servers = [
         EchoServer::start(cluster.ns("pod-a1")),
         EchoServer::start(cluster.ns("pod-b1")),
@@ -143,6 +162,14 @@ fn in_guest() {
         assert!(associated, "{who}: {}", echoed(ns, &target));
         println!("SCTP association ok: {who}");
     }
+    for (name, ns) in [
+        ("the client", &cluster.topology.client),
+        ("pod-a1", cluster.ns("pod-a1")),
+        ("pod-a2", cluster.ns("pod-a2")),
+        ("pod-b1", cluster.ns("pod-b1")),
+    ] {
+        assert_eq!(checksum_errors(ns), 0, "{name}");
+    }
     let listing = tool(&cluster, &["conntrack", "list"]);
     println!("{listing}");
     // The last association, masqueraded, went through its shutdown (the others may
@@ -165,6 +192,18 @@ fn tool(cluster: &Cluster, args: &[&str]) -> String {
         .output()
         .expect("ebpf-proxy");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The SCTP checksum errors a namespace's stack counted.
+fn checksum_errors(ns: &Netns) -> u64 {
+    let counters = ns
+        .exec("cat", &["/proc/net/sctp/snmp"])
+        .expect("SCTP counters");
+    counters
+        .lines()
+        .find_map(|l| l.strip_prefix("SctpChecksumErrors"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("SctpChecksumErrors")
 }
 
 /// What the console shows of a failed association: the flows and events, and each

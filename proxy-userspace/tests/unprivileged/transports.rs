@@ -2,7 +2,7 @@
 //! states and idle timeouts, and none for a protocol no version tracks.
 
 use proxy_common::{
-    sctp::{self, TCP_FLAGS_OF_CHUNK},
+    sctp,
     tcp::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     CtTimeouts, Transport, ACCT_ACTIVE, ACCT_INACTIVE, CT_CLOSING, CT_ESTABLISHED, CT_F_REPLY,
     CT_SYN_RECV, CT_SYN_SENT, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
@@ -34,60 +34,81 @@ fn a_new_tcp_or_sctp_flow_starts_half_open_and_a_new_udp_flow_established() {
 /// backend (`CT_F_REPLY`), applied to an entry in `state`; `peer_shut_down` answers
 /// whether the other direction already sent its SHUTDOWN (or SHUTDOWN-ACK).
 fn sctp_step(state: u8, side: u8, chunk: u8, peer_shut_down: bool) -> u8 {
-    let flags = TCP_FLAGS_OF_CHUNK[usize::from(chunk)];
     Transport::Sctp
-        .next(state, side, flags, || peer_shut_down)
+        .next(state, side, chunk, || peer_shut_down)
         .0
 }
 
+const FROM_CLIENT: u8 = 0;
+const FROM_BACKEND: u8 = CT_F_REPLY;
+const DATA: u8 = 0;
+const SACK: u8 = 3;
+
 #[test]
-fn an_sctp_association_is_established_by_the_clients_cookie_echo() {
-    let from_client = 0;
-    let from_backend = CT_F_REPLY;
-    // INIT opens half-open; the backend's INIT-ACK keeps it half-open (a spoofed INIT
-    // gets this far and no further); the client's COOKIE-ECHO completes it.
+fn an_sctp_association_is_established_by_the_backends_cookie_ack() {
+    // INIT opens half-open; the backend's INIT-ACK keeps it half-open; the client's
+    // COOKIE-ECHO does not establish it (a spoofed client could send one, with a
+    // made-up cookie the backend silently discards); the backend's COOKIE-ACK does.
     assert_eq!(Transport::opening(PROTO_SCTP).0, CT_SYN_SENT);
-    let state = sctp_step(CT_SYN_SENT, from_backend, sctp::CHUNK_INIT_ACK, false);
+    let state = sctp_step(CT_SYN_SENT, FROM_BACKEND, sctp::CHUNK_INIT_ACK, false);
     assert_eq!(state, CT_SYN_RECV);
-    assert_eq!(
-        sctp_step(state, from_backend, 0, false),
-        CT_SYN_RECV,
-        "only the client completes it"
-    );
-    let state = sctp_step(state, from_client, sctp::CHUNK_COOKIE_ECHO, false);
+    for chunk in [sctp::CHUNK_COOKIE_ECHO, DATA, SACK] {
+        assert_eq!(
+            sctp_step(state, FROM_CLIENT, chunk, false),
+            CT_SYN_RECV,
+            "{chunk}"
+        );
+    }
+    assert_eq!(sctp_step(state, FROM_BACKEND, DATA, false), CT_SYN_RECV);
+    let state = sctp_step(state, FROM_BACKEND, sctp::CHUNK_COOKIE_ACK, false);
     assert_eq!(state, CT_ESTABLISHED);
     // An association picked up mid-stream (its entry lost) is established by the
-    // backend's answer, as a TCP flow is (DATA, SACK, HEARTBEAT-ACK…).
+    // backend's answer (DATA, SACK, HEARTBEAT-ACK…), not by the client's packets.
     assert_eq!(
-        sctp_step(CT_SYN_SENT, from_backend, 3, false),
+        sctp_step(CT_SYN_SENT, FROM_BACKEND, SACK, false),
         CT_ESTABLISHED
+    );
+    assert_eq!(
+        sctp_step(CT_SYN_SENT, FROM_CLIENT, DATA, false),
+        CT_SYN_SENT
+    );
+}
+
+#[test]
+fn a_spoofed_init_never_gets_past_half_open() {
+    // The forged client sees neither the INIT-ACK nor its tag: whatever it sends
+    // next leaves the entry half-open, on the short timeout, counted inactive.
+    let mut state = sctp_step(CT_SYN_SENT, FROM_BACKEND, sctp::CHUNK_INIT_ACK, false);
+    for chunk in [sctp::CHUNK_COOKIE_ECHO, DATA, SACK, sctp::CHUNK_INIT] {
+        state = sctp_step(state, FROM_CLIENT, chunk, false);
+        assert_eq!(state, CT_SYN_RECV, "after chunk {chunk}");
+    }
+    assert_eq!(
+        CtTimeouts::DEFAULT.of(PROTO_SCTP, state),
+        60 * SECOND,
+        "the half-open timeout"
     );
 }
 
 #[test]
 fn an_sctp_association_closes_by_shutdown_both_ways_or_either_abort() {
-    for side in [0, CT_F_REPLY] {
-        assert_eq!(
-            sctp_step(CT_ESTABLISHED, side, sctp::CHUNK_ABORT, false),
-            CT_CLOSING
-        );
-        assert_eq!(
-            sctp_step(CT_ESTABLISHED, side, sctp::CHUNK_SHUTDOWN_COMPLETE, false),
-            CT_CLOSING
-        );
+    for side in [FROM_CLIENT, FROM_BACKEND] {
+        for chunk in [sctp::CHUNK_ABORT, sctp::CHUNK_SHUTDOWN_COMPLETE] {
+            assert_eq!(sctp_step(CT_ESTABLISHED, side, chunk, false), CT_CLOSING);
+        }
     }
     // SHUTDOWN one way leaves it established; the SHUTDOWN-ACK back closes it.
     assert_eq!(
-        sctp_step(CT_ESTABLISHED, 0, sctp::CHUNK_SHUTDOWN, false),
+        sctp_step(CT_ESTABLISHED, FROM_CLIENT, sctp::CHUNK_SHUTDOWN, false),
         CT_ESTABLISHED
     );
     assert_eq!(
-        sctp_step(CT_ESTABLISHED, CT_F_REPLY, sctp::CHUNK_SHUTDOWN_ACK, true),
+        sctp_step(CT_ESTABLISHED, FROM_BACKEND, sctp::CHUNK_SHUTDOWN_ACK, true),
         CT_CLOSING
     );
     // A new association on the closed tuple (an INIT from the client) starts over.
     assert_eq!(
-        sctp_step(CT_CLOSING, 0, sctp::CHUNK_INIT, false),
+        sctp_step(CT_CLOSING, FROM_CLIENT, sctp::CHUNK_INIT, false),
         CT_SYN_SENT
     );
 }
