@@ -191,12 +191,14 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The guest's /init: mounts, modules, `command`, power off.
+/// The guest's /init: mounts, modules, `command`, power off. /tmp stays the
+/// initramfs's own (writable) directory: binaries copied to their paths here may live
+/// under /tmp (a clone built there), and a tmpfs mounted over it would hide them.
 fn init_script(command: &str) -> String {
     format!(
         "#!/bin/sh\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
-         mount -t tmpfs tmpfs /tmp\nmount -t tmpfs tmpfs /run\nmkdir -p /run/netns /sys/fs/bpf\n\
+         mount -t tmpfs tmpfs /run\nmkdir -p /run/netns /sys/fs/bpf\n\
          mount -t bpf bpf /sys/fs/bpf\nmount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
          for m in {modules}; do modprobe $m || echo \"EPX-GUEST-NOTE no module $m\"; done\n\
          ip link set lo up\necho EPX-GUEST-START\n\
@@ -262,6 +264,10 @@ fn initramfs(dir: &Path, work: &Path, version: &str, spec: &GuestRun) -> Result<
     )?;
     for (binary, at) in &spec.binaries {
         copy_with_libraries(binary, &root, at)?;
+        // A debug build's binaries are mostly debug information (hundreds of MB for
+        // the test binary), which the guest would unpack into its memory.
+        let copied = root.join(at.strip_prefix("/").unwrap_or(at));
+        output_of(Command::new("strip").arg("--strip-debug").arg(&copied))?;
     }
     // Rust binaries unwind through libgcc_s, which ldd does not always list.
     let gcc = Path::new("/lib/x86_64-linux-gnu/libgcc_s.so.1");
