@@ -115,6 +115,30 @@ fn frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), tcp: Option<(bool, bool)>) ->
     out.try_into().expect("64-byte frame")
 }
 
+/// A 64-byte SCTP frame: the common header and one chunk of type `chunk` filling
+/// the rest. Its checksum is any nonzero value: the data path updates a checksum
+/// without checking it, and leaves a zero one (still to be computed by a device)
+/// alone, which would skip the update this case measures.
+fn sctp_frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), chunk: u8) -> [u8; 64] {
+    let mut sctp = [0u8; 64 - 34];
+    sctp[0..2].copy_from_slice(&src.1.to_be_bytes());
+    sctp[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    sctp[8..12].copy_from_slice(&0x5c7b_a11du32.to_le_bytes());
+    sctp[12] = chunk;
+    let chunk_len = sctp.len() as u16 - 12;
+    sctp[14..16].copy_from_slice(&chunk_len.to_be_bytes());
+    let mut out = Vec::with_capacity(64);
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.0, dst.0, 64)
+        .write(
+            &mut out,
+            etherparse::IpNumber(proxy_common::PROTO_SCTP),
+            &sctp,
+        )
+        .expect("build frame");
+    out.try_into().expect("64-byte frame")
+}
+
 /// A 64-byte IPIP frame: a UDP packet from `src` to `dst` inside an outer header
 /// from `outer.0` to `outer.1`.
 fn ipip_frame(outer: ([u8; 4], [u8; 4]), src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> [u8; 64] {
@@ -344,15 +368,25 @@ pub fn measure(
         };
         syncer.program_node(&node, &NodeSettings::default())?;
         let mut desired = DesiredState::default();
-        for i in 0..services as u32 {
+        // A frontend at `vip(i)`, its backends numbered from `first_backend`.
+        let mut add = |i: u32, port: u16, protocol: Protocol, scheduler, first_backend| {
             let key = FrontendKey {
-                listen: Listen::Address(vip(1000 + i).into()),
-                port: 80,
-                protocol: Protocol::Tcp,
+                listen: Listen::Address(vip(i).into()),
+                port,
+                protocol,
             };
             desired
                 .frontends
-                .insert(key, frontend(Scheduler::Rr, i * u32::from(BACKENDS)));
+                .insert(key, frontend(scheduler, first_backend));
+        };
+        for i in 0..services as u32 {
+            add(
+                1000 + i,
+                80,
+                Protocol::Tcp,
+                Scheduler::Rr,
+                i * u32::from(BACKENDS),
+            );
         }
         let measured = [
             Scheduler::Rr,
@@ -364,23 +398,11 @@ pub fn measure(
             Scheduler::Random,
         ];
         for (i, scheduler) in measured.iter().enumerate() {
-            let key = FrontendKey {
-                listen: Listen::Address(vip(i as u32 + 1).into()),
-                port: 80,
-                protocol: Protocol::Tcp,
-            };
-            desired
-                .frontends
-                .insert(key, frontend(*scheduler, 10_000_000 + i as u32 * 100));
+            let i = i as u32;
+            add(i + 1, 80, Protocol::Tcp, *scheduler, 10_000_000 + i * 100);
         }
-        let udp = FrontendKey {
-            listen: Listen::Address(vip(100).into()),
-            port: 53,
-            protocol: Protocol::Udp,
-        };
-        desired
-            .frontends
-            .insert(udp, frontend(Scheduler::Rr, 10_001_000));
+        add(100, 53, Protocol::Udp, Scheduler::Rr, 10_001_000);
+        add(300, 3868, Protocol::Sctp, Scheduler::Rr, 10_004_000);
         // dsr-ipip: an entry frontend whose backends are remote, and the IPIP view
         // of another, whose backends are here.
         let mut entry = frontend(Scheduler::Rr, 10_002_000);
@@ -506,6 +528,18 @@ pub fn measure(
                 None,
             )?);
         }
+        // SCTP, through its own program (a tail call from the uplink's): an
+        // established association's DATA, its CRC32c updated for the backend's port.
+        let sctp_data = sctp_frame((CLIENT, 3868), (vip(300).octets(), 3868), 0);
+        bench.open_flow(sctp_frame((CLIENT, 3868), (vip(300).octets(), 3868), 1))?;
+        results.push(bench.case(
+            "established SCTP (DATA, CRC32c update)",
+            sctp_data,
+            false,
+            (true, false),
+            services,
+            None,
+        )?);
         // dsr-ipip at the entry node: an established flow's segments, encapsulated.
         bench.open_flow(syn(42000, vip(200)))?;
         let dsr_ack = frame(
@@ -550,10 +584,20 @@ pub fn measure(
                 None,
             )?);
         }
+        results.push(bench.case(
+            "new SCTP association (INIT), rr",
+            sctp_frame((CLIENT, 50000), (vip(300).octets(), 3868), 1),
+            true,
+            (true, true),
+            services,
+            None,
+        )?);
         let mut sizes = Vec::new();
         for name in [
             ebpf_proxy::datapath::PROG_UPLINK,
+            ebpf_proxy::datapath::PROG_UPLINK_SCTP,
             ebpf_proxy::datapath::PROG_POD,
+            ebpf_proxy::datapath::PROG_POD_SCTP,
         ] {
             let info = bench
                 .datapath
