@@ -48,6 +48,12 @@ pub const CHUNK_COOKIE_ECHO: u8 = 10;
 pub const CHUNK_COOKIE_ACK: u8 = 11;
 pub const CHUNK_SHUTDOWN_COMPLETE: u8 = 14;
 
+/// ABORT and SHUTDOWN-COMPLETE: the association is over (a reset, in TCP's terms).
+#[inline(always)]
+pub const fn ends_association(chunk: u8) -> bool {
+    chunk == CHUNK_ABORT || chunk == CHUNK_SHUTDOWN_COMPLETE
+}
+
 /// The entry's (state, flags) after a packet whose first chunk is `chunk` travelled
 /// in its direction (see the module's documentation); `peer_shutdown` says whether
 /// the other direction already sent its SHUTDOWN (or SHUTDOWN-ACK), asked only when
@@ -56,7 +62,7 @@ pub const CHUNK_SHUTDOWN_COMPLETE: u8 = 14;
 pub fn next(state: u8, flags: u8, chunk: u8, peer_shutdown: impl FnOnce() -> bool) -> (u8, u8) {
     let from_backend = flags & CT_F_REPLY != 0;
     match chunk {
-        CHUNK_ABORT | CHUNK_SHUTDOWN_COMPLETE => (CT_CLOSING, flags),
+        _ if ends_association(chunk) => (CT_CLOSING, flags),
         CHUNK_SHUTDOWN | CHUNK_SHUTDOWN_ACK => {
             if flags & CT_F_FIN != 0 {
                 return (state, flags); // a retransmission
@@ -83,7 +89,7 @@ const ONE: u32 = 1 << 31;
 /// `a · b mod P`, without a data-dependent branch (each would double the paths the
 /// verifier walks).
 #[inline(always)]
-pub const fn multiply(a: u32, mut b: u32) -> u32 {
+const fn multiply(a: u32, mut b: u32) -> u32 {
     let mut product = 0;
     let mut degree = 0;
     while degree < 32 {
@@ -117,13 +123,13 @@ const fn powers(step: u32) -> [u32; 256] {
 }
 
 /// `x^(8·l)` for the low byte of a length, and `x^(8·256·h)` for its high byte.
-pub static X_POW_8_LOW: [u32; 256] = powers(1);
-pub static X_POW_8_HIGH: [u32; 256] = powers(256);
+static X_POW_8_LOW: [u32; 256] = powers(1);
+static X_POW_8_HIGH: [u32; 256] = powers(256);
 
 /// What to XOR into the checksum (read little-endian) of a `len`-byte SCTP packet
 /// whose first four bytes changed by `ports_xor` (old XOR new, in packet order).
 #[inline(always)]
-pub fn checksum_delta(ports_xor: [u8; 4], len: u16) -> u32 {
+fn checksum_delta(ports_xor: [u8; 4], len: u16) -> u32 {
     let [low, high] = len.to_le_bytes();
     let x_pow = multiply(
         X_POW_8_LOW[usize::from(low)],

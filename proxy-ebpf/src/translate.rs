@@ -359,7 +359,7 @@ fn open_flow<P: Packet>(
     let mut midflow = false;
     if P::SCTP {
         let chunk = flow.tcp_flags;
-        if chunk == sctp::CHUNK_ABORT || chunk == sctp::CHUNK_SHUTDOWN_COMPLETE {
+        if sctp::ends_association(chunk) {
             // Nothing to close: the association is unknown here.
             return Verdict::DROP;
         }

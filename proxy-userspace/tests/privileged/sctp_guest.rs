@@ -54,10 +54,10 @@ const BACKEND_PORT: u16 = 3869;
 /// shuts the association down, stopped when dropped. The server closes, not the
 /// client: SCTP has no half-close, so a client that shut down after sending could
 /// not receive the answer.
-struct EchoServer(Child);
+struct AnsweringServer(Child);
 
-impl EchoServer {
-    fn start(ns: &Netns) -> EchoServer {
+impl AnsweringServer {
+    fn start(ns: &Netns) -> AnsweringServer {
         let child = ns
             .command("socat")
             .args([
@@ -68,11 +68,11 @@ impl EchoServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("socat SCTP server");
-        EchoServer(child)
+        AnsweringServer(child)
     }
 }
 
-impl Drop for EchoServer {
+impl Drop for AnsweringServer {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -129,8 +129,8 @@ fn in_guest() {
             .expect("ethtool");
     }
     let _servers = [
-        EchoServer::start(cluster.ns("pod-a1")),
-        EchoServer::start(cluster.ns("pod-b1")),
+        AnsweringServer::start(cluster.ns("pod-a1")),
+        AnsweringServer::start(cluster.ns("pod-b1")),
     ];
     let node_port = |port: u16| format!("{NODE_IP}:{port}");
     let cluster_ip = format!("{DIAMETER_VIP}:3868");
