@@ -81,16 +81,22 @@ fn a_later_fragment_without_its_first_passes_untouched_and_opens_nothing() {
 }
 
 /// A datagram of `size` bytes to `target` from `ns`, and the UDP test server's
-/// answer (its greeting padded with dots to the question's size).
+/// answer (its greeting padded with dots to the question's size). socat sends each
+/// read of its input as one datagram, so the question comes from a regular file,
+/// read whole at once: from a pipe, socat could read (and send) whatever part the
+/// writer had written so far, several datagrams whose answers add up to the size.
 fn ask_large(ns: &testbed::netns::Netns, target: &str, size: usize) -> String {
-    ns.exec(
-        "sh",
-        &[
-            "-c",
-            &format!("head -c {size} /dev/zero | tr '\\0' q | socat -b 65536 -T 3 - UDP4:{target}"),
-        ],
-    )
-    .expect("socat")
+    let question =
+        std::env::temp_dir().join(format!("epx-frag-question-{}-{size}", std::process::id()));
+    std::fs::write(&question, vec![b'q'; size]).expect("write the question");
+    let answer = ns
+        .command("socat")
+        .args(["-b", "65536", "-T", "3", "-", &format!("UDP4:{target}")])
+        .stdin(std::fs::File::open(&question).expect("open the question"))
+        .output()
+        .expect("socat");
+    std::fs::remove_file(&question).expect("remove the question");
+    String::from_utf8(answer.stdout).expect("a text answer")
 }
 
 /// Real datagrams of 4,000 bytes from a pod to a UDP ClusterIP: the client's kernel
