@@ -20,8 +20,9 @@ use anyhow::{bail, Context as _, Result};
 
 /// The BPF target (the build host and every supported kernel are little-endian).
 const TARGET: &str = "bpfel-unknown-none";
-/// The binaries of proxy-ebpf: the data path and the benchmark's wrapper.
-const OBJECTS: [&str; 2] = ["proxy-ebpf", "bench-wrapper"];
+/// The binaries of proxy-ebpf: the data path, the same for kernels 5.10 to 5.17, and
+/// the benchmark's wrapper.
+const OBJECTS: [&str; 3] = ["proxy-ebpf", "proxy-ebpf-legacy", "bench-wrapper"];
 
 fn main() -> Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);

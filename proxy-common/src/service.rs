@@ -118,6 +118,9 @@ pub const MAGLEV_TABLE_SIZE: u32 = 65_537;
 /// Backends the least-connection family examines per new flow, starting at a
 /// rotating position: the bound that keeps the per-packet cost fixed.
 pub const MAX_LEAST_CONN_SCAN: u32 = 128;
+/// The same bound in the data path for kernels 5.10 to 5.17, which have no
+/// `bpf_loop`: there the scan is a loop the verifier unrolls, so it stays short.
+pub const MAX_LEAST_CONN_SCAN_LEGACY: u32 = 4;
 
 /// `ServiceValue::flags` bits.
 /// The frontend is reached from outside the cluster (NodePort, LoadBalancer, external IP).

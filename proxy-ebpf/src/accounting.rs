@@ -7,6 +7,10 @@
 //! that cause it; the counters themselves move by atomic adds, and never below zero.
 //! The agent's conntrack GC uncounts flows that just stop (UDP, evicted entries) the
 //! same way, and reconciles the counters with the table so that a drift heals.
+//!
+//! Kernels before 5.12 (`LEGACY_KERNEL`) have only the plain atomic add: there the
+//! exchanges are a read and a write, so two CPUs may, rarely, both make one
+//! transition; the counters then drift, never below zero, until the reconciliation.
 
 use core::intrinsics::{atomic_cxchg, atomic_xadd, atomic_xchg, AtomicOrdering};
 
@@ -26,11 +30,8 @@ pub fn opened(backend_id: u32, how: u32) {
         return;
     };
     // SAFETY: live array slot; `how & 1` selects `active` (offset 0) or `inactive`
-    // (offset 8) of it; atomic add (SeqCst: see balancer::next_turn).
-    unsafe {
-        let counter = counts.cast::<u64>().add((how & 1) as usize);
-        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, 1);
-    }
+    // (offset 8) of it.
+    unsafe { add(counts.cast::<u64>().add((how & 1) as usize), 1) };
 }
 
 /// Moves one flow between the backend's counters: `from`/`to` are `ACCT_*` values
@@ -51,8 +52,7 @@ fn moved(backend_id: u32, from: u32, to: u32) {
             decrement(f);
         }
         if let Some(f) = field(to) {
-            // SeqCst: see balancer::next_turn.
-            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(f, 1);
+            add(f, 1);
         }
     }
 }
@@ -69,8 +69,49 @@ fn moved(backend_id: u32, from: u32, to: u32) {
 /// `counter` points into a live map value that is only changed atomically.
 #[inline(always)]
 unsafe fn decrement(counter: *mut u64) {
-    if atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, u64::MAX) == 0 {
-        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, 1);
+    // SAFETY: the caller's promise.
+    unsafe {
+        if crate::LEGACY_KERNEL {
+            // No fetching add: test first (a race may still wrap the counter).
+            if core::ptr::read_volatile(counter) != 0 {
+                add(counter, u64::MAX);
+            }
+        } else if fetch_add(counter, u64::MAX) == 0 {
+            add(counter, 1);
+        }
+    }
+}
+
+/// Adds `n` to a counter that CPUs share: the plain atomic add (BPF_XADD), which
+/// every kernel has. Relaxed: LLVM then emits the non-fetching instruction.
+///
+/// # Safety
+/// `counter` points into a live map value that is only changed atomically.
+#[inline(always)]
+unsafe fn add(counter: *mut u64, n: u64) {
+    // SAFETY: the caller's promise.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, n) };
+}
+
+/// Adds `n` to a shared counter and returns its previous value: an atomic
+/// fetch-and-add (BPF_ATOMIC | BPF_FETCH, 5.12) where the kernel has it, else a read
+/// and a plain atomic add, between which another CPU may add too.
+///
+/// # Safety
+/// `counter` points into a live map value that is only changed atomically.
+#[inline(always)]
+pub unsafe fn fetch_add(counter: *mut u64, n: u64) -> u64 {
+    // SAFETY: the caller's promise.
+    unsafe {
+        if crate::LEGACY_KERNEL {
+            let was = core::ptr::read_volatile(counter);
+            add(counter, n);
+            was
+        } else {
+            // SeqCst, not Relaxed: with Relaxed, LLVM 22 emits the non-fetching add
+            // and then reads the old value from the operand register (objdump).
+            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, n)
+        }
     }
 }
 
@@ -79,13 +120,22 @@ unsafe fn decrement(counter: *mut u64) {
 /// both directions at once count the transition once.
 #[inline(always)]
 pub fn transition(original: *mut CtEntry, backend_id: u32, from: u32, to: u32) {
-    // SAFETY: a live map value; the field is only ever changed atomically.
-    let (_, swapped) = unsafe {
-        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-            &raw mut (*original).accounting,
-            from,
-            to,
-        )
+    // SAFETY: a live map value; the field is only ever changed atomically (or, on
+    // legacy kernels, by these reads and writes).
+    let swapped = unsafe {
+        let field = &raw mut (*original).accounting;
+        if crate::LEGACY_KERNEL {
+            let current = core::ptr::read_volatile(field) == from;
+            if current {
+                core::ptr::write_volatile(field, to);
+            }
+            current
+        } else {
+            atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                field, from, to,
+            )
+            .1
+        }
     };
     if swapped {
         moved(backend_id, from, to);
@@ -100,8 +150,14 @@ pub fn retire(entry: *mut CtEntry) {
         if (*entry).flags & CT_F_REPLY != 0 {
             return;
         }
-        let was =
-            atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(&raw mut (*entry).accounting, ACCT_GONE);
+        let field = &raw mut (*entry).accounting;
+        let was = if crate::LEGACY_KERNEL {
+            let was = core::ptr::read_volatile(field);
+            core::ptr::write_volatile(field, ACCT_GONE);
+            was
+        } else {
+            atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(field, ACCT_GONE)
+        };
         moved((*entry).backend_id, was, ACCT_GONE);
     }
 }

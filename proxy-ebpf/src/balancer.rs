@@ -8,8 +8,6 @@
 //! least-connection family compares backends' active flow counts over at most
 //! `MAX_LEAST_CONN_SCAN` backends from a rotating start.
 
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
-
 use aya_ebpf::{
     cty::{c_long, c_void},
     helpers::generated::{bpf_get_prandom_u32, bpf_loop},
@@ -17,7 +15,7 @@ use aya_ebpf::{
 use proxy_common::{
     decide::{self, LeastLoaded, Position, SchedTables},
     Addr, AddrKey, Backend, BackendSlotKey, CtKey, Scheduler, ServiceKey, ServiceValue,
-    MAX_LEAST_CONN_SCAN, SCOPE_ADDRESS, SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT,
+    MAX_LEAST_CONN_SCAN, MAX_LEAST_CONN_SCAN_LEGACY, SCOPE_ADDRESS, SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT,
     SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT, SVC_F_IN_CLUSTER_VIEW,
 };
 
@@ -104,14 +102,7 @@ pub fn backend_at(service: &ServiceValue, addr: Addr) -> Option<Choice> {
         addr,
     };
     // SAFETY: the callback receives a pointer to `find`, which outlives the call.
-    unsafe {
-        bpf_loop(
-            count.min(MAX_LEAST_CONN_SCAN),
-            find_one as *mut c_void,
-            (&raw mut find).cast(),
-            0,
-        );
-    }
+    unsafe { for_each_slot(count, find_one, (&raw mut find).cast()) };
     (find.slot != u32::MAX)
         .then(|| backend_in_slot(service, find.slot))
         .flatten()
@@ -203,12 +194,8 @@ fn pick(service: &ServiceValue, n: u32) -> Option<Choice> {
 #[inline(always)]
 fn next_turn(service: &ServiceValue) -> Option<u32> {
     let cursor = RR_CURSORS.get_ptr_mut(service.id)?;
-    // An atomic fetch-and-add (BPF_ATOMIC | BPF_FETCH): core's atomic types lack
-    // read-modify-write methods on the BPF target, the intrinsic compiles to the insn.
-    // SeqCst, not Relaxed: with Relaxed, LLVM 22 emits the non-fetching `lock add`
-    // and then reads the old value from the operand register (seen in objdump).
     // SAFETY: the pointer is to a live, aligned array slot.
-    let cursor = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
+    let cursor = unsafe { crate::accounting::fetch_add(cursor, 1) };
     decide::turn(service, cursor)
 }
 
@@ -244,6 +231,27 @@ pub fn scheduler_of(service: &ServiceValue) -> Option<Scheduler> {
     Scheduler::from_number(service.scheduler)
 }
 
+/// Calls `step` for the indexes 0.. of a service's `count` slots, up to the scan
+/// bound, until it returns non-zero: in `bpf_loop`, whose callback the verifier
+/// checks once, or on kernels without it (`LEGACY_KERNEL`) in a bounded loop it
+/// unrolls, over fewer slots.
+///
+/// # Safety
+/// `ctx` is what `step` expects, and outlives the call.
+#[inline(always)]
+unsafe fn for_each_slot(count: u32, step: extern "C" fn(u64, *mut c_void) -> c_long, ctx: *mut c_void) {
+    if crate::LEGACY_KERNEL {
+        let steps = count.min(MAX_LEAST_CONN_SCAN_LEGACY);
+        let mut index = 0;
+        while index < steps && step(u64::from(index), ctx) == 0 {
+            index += 1;
+        }
+    } else {
+        // SAFETY: the caller's promise about `ctx`.
+        unsafe { bpf_loop(count.min(MAX_LEAST_CONN_SCAN), step as *mut c_void, ctx, 0) };
+    }
+}
+
 /// State of one least-connection scan, shared with the `bpf_loop` callback.
 #[repr(C)]
 struct Scan {
@@ -264,14 +272,7 @@ fn least_connections(service: &ServiceValue) -> Option<Choice> {
         load: LeastLoaded::default(),
     };
     // SAFETY: the callback receives a pointer to `scan`, which outlives the call.
-    unsafe {
-        bpf_loop(
-            count.min(MAX_LEAST_CONN_SCAN),
-            scan_one as *mut c_void,
-            (&raw mut scan).cast(),
-            0,
-        );
-    }
+    unsafe { for_each_slot(count, scan_one, (&raw mut scan).cast()) };
     backend_in_slot(service, scan.load.chosen()?)
 }
 

@@ -34,7 +34,10 @@
 //! - How the flow is counted in `CONN_COUNTS` changes only atomically (`accounting`),
 //!   so each transition is counted exactly once.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+};
 use proxy_common::{
     ct_timeout_kind, Addr, CtEntry, CtKey, Family, ACCT_ACTIVE, ACCT_INACTIVE, CONFIG_SNAT_ADDR,
     CT_CLOSING, CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS, CT_SYN_SENT,
@@ -57,10 +60,18 @@ fn timeout_ns(proto: u8, state: u8) -> u64 {
     }
 }
 
+/// CLOCK_MONOTONIC, as the agent's GC reads it: the coarse clock (a tick's
+/// resolution, cheaper) from 5.11, the precise one before.
 #[inline(always)]
 pub fn now_ns() -> u64 {
-    // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    // SAFETY: helpers without arguments.
+    unsafe {
+        if crate::LEGACY_KERNEL {
+            bpf_ktime_get_ns()
+        } else {
+            bpf_ktime_get_coarse_ns()
+        }
+    }
 }
 
 pub enum Lookup {

@@ -56,13 +56,17 @@ fn remembered(key: &SockKey) -> Option<SockNat> {
 }
 
 /// Fails the connect()/sendmsg() at hand with ECONNREFUSED, the error kube-proxy's
-/// REJECT gives a node-local client (a hook that only returns 0 gives EPERM).
+/// REJECT gives a node-local client (a hook that only returns 0 gives EPERM, as it
+/// must on kernels before 5.18, which lack `bpf_set_retval`).
 #[inline(always)]
 fn refuse() -> bool {
     const ECONNREFUSED: i32 = 111;
     counters::event(EV_REFUSED);
-    // SAFETY: plain helper call (cgroup connect and sendmsg hooks may set the errno).
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    if !crate::LEGACY_KERNEL {
+        // SAFETY: plain helper call (cgroup connect and sendmsg hooks may set the
+        // errno).
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+    }
     false
 }
 

@@ -13,7 +13,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ebpf_proxy::{
     agent::{self, AgentConfig},
     conntrack,
-    datapath::{attach, loader::MapSizes, mmap::MappedArray, tables::Tables},
+    datapath::{
+        attach, generation::Generation, loader::MapSizes, mmap::MappedArray, tables::Tables,
+    },
     health,
     kube_proxy_config::KubeProxyConfig,
     listing,
@@ -333,6 +335,11 @@ struct RunArgs {
     /// How the uplink program forwards translated packets.
     #[arg(long, value_enum, default_value = "pass")]
     xdp_forward: XdpForwardArg,
+    /// Which data path object to load (default: the one the kernel's helpers allow,
+    /// found by probing). `legacy` runs the object for kernels 5.10 to 5.17 on any
+    /// kernel, to try its fallbacks.
+    #[arg(long, value_enum)]
+    datapath: Option<Generation>,
     /// cgroup v2 directory for the socket hooks (default: the hierarchy's root).
     #[arg(long)]
     cgroup: Option<PathBuf>,
@@ -584,6 +591,7 @@ async fn run_settings(
             TcAttachArg::Tcx => attach::TcAttach::Tcx,
             TcAttachArg::Netlink => attach::TcAttach::Netlink,
         },
+        generation: args.datapath,
         map_sizes: MapSizes {
             services: args.max_services,
             backends: args.max_backends,

@@ -324,7 +324,10 @@ impl Served {
         Served {
             uplinks: attached(Role::Uplink),
             pods: attached(Role::Pod),
-            socket_hooks: Some(format!("socket hooks at {}", agent.socket_hooks)),
+            // Detached on kernels that cannot name the agent's namespace (the
+            // agent's report then says why, in `SOCKET_HOOKS_OFF`'s words).
+            socket_hooks: (!agent.socket_hooks.starts_with("off:"))
+                .then(|| format!("socket hooks at {}", agent.socket_hooks)),
         }
     }
 

@@ -44,6 +44,11 @@ enum Task {
     /// Lints, unit tests, in-kernel data path tests and end-to-end tests (the image
     /// first: a test runs it under runc).
     Test {
+        /// Instead of the suite on this machine's kernel, the kernel matrix: boots
+        /// Debian's stock kernel of this generation (5.10, 6.1, 6.12, or `all`, comma-
+        /// separated for several) in QEMU and runs the data path's tests there.
+        #[arg(long)]
+        kernel: Option<String>,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -80,10 +85,17 @@ fn main() -> Result<()> {
             setup::ensure()?;
             image::build(image::arch(&arch)?)
         }
-        Task::Test { args } => {
+        Task::Test { kernel: None, args } => {
             setup::ensure()?;
             image::build(image::arch("amd64")?)?;
             test(&args)
+        }
+        Task::Test {
+            kernel: Some(kernels),
+            args,
+        } => {
+            setup::ensure()?;
+            kernel_matrix(&kernels, &args)
         }
     }
 }
@@ -160,6 +172,19 @@ fn test(args: &[String]) -> Result<()> {
         ])
         .args(args);
     run_counting_tests(tests)
+}
+
+/// The privileged suite's kernel-matrix test (ignored in ordinary runs), for the
+/// kernel generations `kernels` names.
+fn kernel_matrix(kernels: &str, args: &[String]) -> Result<()> {
+    let mut matrix = cargo();
+    matrix
+        .args(["test", "-p", "proxy-userspace", "--test", "privileged"])
+        .args(args)
+        .args(["--", "--ignored", "--exact", "--nocapture"])
+        .arg("kernel_matrix::the_data_path_suite_passes_on_debian_stock_kernels")
+        .env("EPX_KERNELS", kernels);
+    run_counting_tests(matrix)
 }
 
 /// Runs `cargo test`, echoing its output, and closes with one line that totals every

@@ -35,6 +35,7 @@ pub fn run_guest(quick: bool) -> Result<GuestReport> {
             (exe.clone(), PathBuf::from("/usr/bin/ebpf-proxy-bench")),
         ],
         command: format!("/usr/bin/ebpf-proxy-bench --guest-e2e {args}"),
+        kernel: guest::DebianKernel::Bookworm,
     };
     println!("\nIPVS guest: Debian's stock kernel");
     let mut results = Vec::new();

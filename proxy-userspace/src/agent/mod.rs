@@ -24,6 +24,7 @@ use crate::{
     capabilities,
     datapath::{
         attach,
+        generation::Generation,
         interfaces::{self, LinkEvent},
         loader::{Datapath, MapSizes},
         lock::PinDirLock,
@@ -84,6 +85,8 @@ pub struct AgentConfig {
     /// kube-proxy's `oomScoreAdj`, applied at start if the agent may.
     pub oom_score_adj: Option<i32>,
     pub map_sizes: MapSizes,
+    /// The data path object to load; `None`: the kernel's, by probing.
+    pub generation: Option<Generation>,
     /// Set in the programs at load: conntrack idle timeouts (the collector's too),
     /// kube-proxy's `masqueradeAll`.
     pub load_settings: LoadSettings,
@@ -92,7 +95,10 @@ pub struct AgentConfig {
 }
 
 /// The cookie of the agent's network namespace: the socket hooks serve only it.
-fn own_netns_cookie() -> Result<u64> {
+/// `None` on kernels before 5.14, which cannot tell it (no `SO_NETNS_COOKIE`): the
+/// socket hooks then stay detached, since they could not tell the node's sockets
+/// from pods' (which the pod interfaces' program serves).
+fn own_netns_cookie() -> Result<Option<u64>> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("opening a probe socket")?;
     let mut cookie: u64 = 0;
@@ -108,10 +114,22 @@ fn own_netns_cookie() -> Result<u64> {
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("SO_NETNS_COOKIE (Linux >= 5.14)");
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::ENOPROTOOPT) {
+            return Ok(None);
+        }
+        return Err(error).context("SO_NETNS_COOKIE (Linux >= 5.14)");
     }
-    Ok(cookie)
+    Ok(Some(cookie))
 }
+
+/// Whether the socket hooks can serve this kernel (see `own_netns_cookie`).
+fn socket_hooks_possible() -> bool {
+    matches!(own_netns_cookie(), Ok(Some(_)))
+}
+
+/// What `status` says of the socket hooks when they stay detached.
+const SOCKET_HOOKS_OFF: &str = "off: this kernel cannot name the agent's network namespace (SO_NETNS_COOKIE, 5.14); the node's own processes reach services untranslated";
 
 /// Programs what the tracker holds into the maps, and everything that follows from
 /// it: health-check servers, metrics, logs and Events.
@@ -360,8 +378,14 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     let pin_dir = config.pin_dir.clone();
     let sizes = config.map_sizes;
     let settings = config.load_settings;
-    let mut loading =
-        tokio::task::spawn_blocking(move || Datapath::load_configured(&pin_dir, sizes, settings));
+    let generation = match config.generation {
+        Some(chosen) => chosen,
+        None => Generation::of_this_kernel()?,
+    };
+    info!(%generation, "loading the data path");
+    let mut loading = tokio::task::spawn_blocking(move || {
+        Datapath::load_configured(&pin_dir, sizes, settings, generation)
+    });
     let mut datapath = loop {
         tokio::select! {
             loaded = &mut loading => break loaded.context("loading the data path")??,
@@ -388,8 +412,13 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             false => BTreeSet::new(),
         },
     };
+    let netns_cookie = own_netns_cookie()?;
+    if netns_cookie.is_none() {
+        warn!("{SOCKET_HOOKS_OFF}");
+        status.update_report(|r| r.socket_hooks = SOCKET_HOOKS_OFF.into());
+    }
     let settings = NodeSettings {
-        netns_cookie: own_netns_cookie()?,
+        netns_cookie: netns_cookie.unwrap_or(0),
         xdp_redirect: config.xdp_redirect,
         tunnel_source: config.tunnel_source,
         tunnel_peers: config.tunnel_peers.clone(),
@@ -406,7 +435,9 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         reconciled: false,
         health_check_problems: Vec::new(),
     };
-    attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
+    if netns_cookie.is_some() {
+        attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
+    }
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
     let watcher = tokio::spawn(interfaces::watch(link_tx));
@@ -657,8 +688,10 @@ fn restore_pinned_state(
         }
     }
     attachments.attach_again(datapath, config);
-    if let Err(e) = attach::attach_sock_hooks(datapath, &config.cgroup) {
-        warn!("re-attaching the socket hooks: {e:#}");
+    if socket_hooks_possible() {
+        if let Err(e) = attach::attach_sock_hooks(datapath, &config.cgroup) {
+            warn!("re-attaching the socket hooks: {e:#}");
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use aya::{
 };
 
 use super::{
-    EBPF_OBJECT, PROG_EGRESS, PROG_POD, PROG_POD_SCTP, PROG_SOCK_HOOKS, PROG_UPLINK,
+    generation::Generation, PROG_EGRESS, PROG_POD, PROG_POD_SCTP, PROG_SOCK_HOOKS, PROG_UPLINK,
     PROG_UPLINK_SCTP,
 };
 use proxy_common::{map_name, LoadSettings, SCTP_PROGRAM, SETTINGS_GLOBAL};
@@ -49,6 +49,8 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 pub struct Datapath {
     pub ebpf: Ebpf,
     pub pin_dir: PathBuf,
+    /// Which object was loaded.
+    pub generation: Generation,
 }
 
 /// Map sizes an operator may change (`run --max-services` …). They take effect when
@@ -127,14 +129,20 @@ impl Datapath {
     }
 
     pub fn load_sized(pin_dir: &Path, sizes: MapSizes) -> Result<Datapath> {
-        Datapath::load_configured(pin_dir, sizes, LoadSettings::DEFAULT)
+        Datapath::load_configured(
+            pin_dir,
+            sizes,
+            LoadSettings::DEFAULT,
+            Generation::of_this_kernel()?,
+        )
     }
 
-    /// Loads with `settings` in the programs' read-only data.
+    /// Loads `generation`'s object with `settings` in the programs' read-only data.
     pub fn load_configured(
         pin_dir: &Path,
         sizes: MapSizes,
         settings: LoadSettings,
+        generation: Generation,
     ) -> Result<Datapath> {
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir)
@@ -147,7 +155,7 @@ impl Datapath {
         }
         loader.override_global(SETTINGS_GLOBAL, &settings, true);
         let mut ebpf = loader
-            .load(EBPF_OBJECT)
+            .load(generation.object())
             .context("loading the eBPF object (maps pinned in an incompatible layout? run `ebpf-proxy cleanup`)")?;
         super::widen::carry_over(pin_dir, &mut ebpf)?;
         for (name, what) in [
@@ -195,6 +203,7 @@ impl Datapath {
         Ok(Datapath {
             ebpf,
             pin_dir: pin_dir.to_owned(),
+            generation,
         })
     }
 

@@ -6,6 +6,7 @@
 
 pub mod attach;
 pub mod codec;
+pub mod generation;
 pub mod interfaces;
 pub mod layout;
 pub mod loader;
@@ -14,7 +15,8 @@ pub mod mmap;
 pub mod tables;
 pub mod widen;
 
-/// The eBPF object built by build.rs from proxy-ebpf.
+/// The eBPF object built by build.rs from proxy-ebpf, for kernels from 5.18 (the
+/// legacy one is `generation`'s).
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
@@ -45,7 +47,7 @@ mod tests {
 
     use proxy_common::map_name;
 
-    use super::*;
+    use super::{generation::Generation, *};
 
     /// The maps (not the data sections aya also models as maps) and programs of an
     /// object.
@@ -61,21 +63,26 @@ mod tests {
     }
 
     #[test]
-    fn the_object_has_exactly_the_maps_and_programs_the_agent_names() {
-        let (maps, programs) = contents(EBPF_OBJECT);
-        let named: BTreeSet<String> = map_name::ALL.iter().map(|n| n.to_string()).collect();
-        assert_eq!(maps, named);
-        for program in [
-            PROG_UPLINK,
-            PROG_UPLINK_SCTP,
-            PROG_POD,
-            PROG_POD_SCTP,
-            PROG_EGRESS,
-        ]
-        .iter()
-        .chain(&PROG_SOCK_HOOKS)
-        {
-            assert!(programs.contains(*program), "{program} not in {programs:?}");
+    fn each_object_has_exactly_the_maps_and_programs_the_agent_names() {
+        for generation in [Generation::Current, Generation::Legacy] {
+            let (maps, programs) = contents(generation.object());
+            let named: BTreeSet<String> = map_name::ALL.iter().map(|n| n.to_string()).collect();
+            assert_eq!(maps, named, "{generation}");
+            for program in [
+                PROG_UPLINK,
+                PROG_UPLINK_SCTP,
+                PROG_POD,
+                PROG_POD_SCTP,
+                PROG_EGRESS,
+            ]
+            .iter()
+            .chain(&PROG_SOCK_HOOKS)
+            {
+                assert!(
+                    programs.contains(*program),
+                    "{generation}: {program} not in {programs:?}"
+                );
+            }
         }
     }
 

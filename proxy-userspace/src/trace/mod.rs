@@ -12,10 +12,10 @@ use proxy_common::{
     decide::{self, Entry, TunnelPeer},
     Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, ExpectKey, Expectation, Family,
     LoadSettings, Scheduler, ServiceKey, ServiceValue, BACKEND_F_REMOTE, CLUSTER_CIDRS_ID,
-    CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, MAX_LEAST_CONN_SCAN, PROTO_ICMP, SCOPE_ADDRESS,
-    SCOPE_IN_CLUSTER, SCOPE_IN_CLUSTER_NODE_PORT, SCOPE_NODE_PORT, SCOPE_TUNNEL,
-    SCOPE_TUNNEL_NODE_PORT, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_LOCAL_ONLY,
-    SVC_F_SOURCE_RANGES, SVC_F_TUNNEL, TUNNEL_PEERS_ID,
+    CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, PROTO_ICMP, SCOPE_ADDRESS, SCOPE_IN_CLUSTER,
+    SCOPE_IN_CLUSTER_NODE_PORT, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
+    SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
+    TUNNEL_PEERS_ID,
 };
 use serde::Serialize;
 
@@ -480,7 +480,7 @@ fn tunnel_claim(tables: &Tables, key: &CtKey, outer_src: IpAddr, outer_dst: IpAd
 
 fn tunnel_backend_slot(tables: &Tables, service: &ServiceValue, addr: IpAddr) -> Option<u32> {
     let wanted = Addr::from_ip(&addr);
-    (0..service.backend_count.min(MAX_LEAST_CONN_SCAN))
+    (0..service.backend_count.min(schedule::scan_bound()))
         .find(|slot| slot_backend(tables, service.id, *slot).is_some_and(|b| b.addr == wanted))
 }
 

@@ -2,13 +2,26 @@
 //! (`proxy_common::decide`) over the pinned maps, read-only: the round-robin cursor is
 //! read, never advanced.
 
+use std::sync::OnceLock;
+
 use anyhow::Result;
 use proxy_common::{
     decide::{self, LeastLoaded, Position, SchedTables},
     CtKey, Scheduler, ServiceValue, MAX_LEAST_CONN_SCAN,
 };
 
-use crate::datapath::tables::Tables;
+use crate::datapath::{generation::Generation, tables::Tables};
+
+/// How many slots the kernel's scans examine (least connections, a tunnel's
+/// backend): the bound of the data path object this kernel runs, probed once. An
+/// agent forced to `--datapath legacy` on a newer kernel scans fewer than assumed
+/// here, which only matters for services of more than that many backends.
+pub fn scan_bound() -> u32 {
+    static BOUND: OnceLock<u32> = OnceLock::new();
+    *BOUND.get_or_init(|| {
+        Generation::of_this_kernel().map_or(MAX_LEAST_CONN_SCAN, Generation::least_conn_scan)
+    })
+}
 
 impl SchedTables for Tables {
     fn entry(&self, index: u32) -> Option<u32> {
@@ -58,7 +71,7 @@ fn least_loaded(
     start: u32,
 ) -> Result<Option<(u32, String)>> {
     let mut scan = LeastLoaded::default();
-    for index in 0..service.backend_count.min(MAX_LEAST_CONN_SCAN) {
+    for index in 0..service.backend_count.min(scan_bound()) {
         let Some(slot) = LeastLoaded::slot(service, start, index) else {
             break;
         };

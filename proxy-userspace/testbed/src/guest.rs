@@ -24,13 +24,16 @@ use anyhow::{bail, ensure, Context as _, Result};
 
 /// What one guest boot runs.
 pub struct GuestRun {
-    /// Names the work directory under `target/guest` (the initramfs), so that runs
-    /// of different kinds do not share one; the kernel is downloaded once for all.
+    /// Names the work directory under `target/guest` (the initramfs, with the
+    /// kernel's release), so that runs of different kinds do not share one; each
+    /// kernel is downloaded once for all.
     pub name: &'static str,
     /// Binaries copied in with the libraries `ldd` names: (here, in the guest).
     pub binaries: Vec<(PathBuf, PathBuf)>,
     /// The shell command the guest's init runs once the modules are loaded.
     pub command: String,
+    /// Which stock kernel boots.
+    pub kernel: DebianKernel,
 }
 
 /// What a successful boot ran on, and how long it took.
@@ -41,7 +44,7 @@ pub struct GuestOutcome {
 }
 
 /// The tools the guest runs, copied with the libraries `ldd` names.
-const TOOLS: [&str; 18] = [
+const TOOLS: [&str; 19] = [
     "/usr/bin/dash",
     "/usr/sbin/ip",
     "/usr/sbin/tc",
@@ -60,6 +63,7 @@ const TOOLS: [&str; 18] = [
     "/usr/bin/sleep",
     "/usr/bin/cat",
     "/usr/bin/socat",
+    "/usr/bin/curl",
 ];
 /// Names the xtables multi-call binaries answer to.
 const XTABLES: [(&str, &str); 6] = [
@@ -125,40 +129,134 @@ fn acceleration() -> (&'static str, Vec<&'static str>) {
     }
 }
 
-/// Downloads and unpacks Debian's current stock kernel into `dir` (once); returns
-/// its version.
-fn kernel(dir: &Path) -> Result<String> {
-    let depends = output_of(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+/// A stock kernel of one of Debian's releases: the kernels operators run, from the
+/// oldest a cluster still has (5.10) to a recent one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DebianKernel {
+    /// Debian 11's 5.10 (also Amazon Linux 2's generation).
+    Bullseye,
+    /// Debian 12's 6.1: the benchmark's and the SCTP test's guest.
+    Bookworm,
+    /// Debian 13's 6.12.
+    Trixie,
+}
+
+impl DebianKernel {
+    pub const ALL: [DebianKernel; 3] = [Self::Bullseye, Self::Bookworm, Self::Trixie];
+
+    /// The release's code name, as the archive names its suites.
+    pub fn release(self) -> &'static str {
+        match self {
+            Self::Bullseye => "bullseye",
+            Self::Bookworm => "bookworm",
+            Self::Trixie => "trixie",
+        }
+    }
+
+    /// The kernel generation, as operators name it ("5.10").
+    pub fn generation(self) -> &'static str {
+        match self {
+            Self::Bullseye => "5.10",
+            Self::Bookworm => "6.1",
+            Self::Trixie => "6.12",
+        }
+    }
+
+    /// The release whose kernel generation is `generation`.
+    pub fn from_generation(generation: &str) -> Option<DebianKernel> {
+        Self::ALL.into_iter().find(|k| k.generation() == generation)
+    }
+}
+
+/// `apt-get` or `apt-cache` with a private configuration under `dir` that knows only
+/// `release` (and its security suite): the machine's own sources are never touched.
+fn private_apt(tool: &str, dir: &Path, release: &str) -> Result<Command> {
+    let sources = dir.join("sources.list");
+    if !sources.exists() {
+        for sub in ["lists/partial", "cache/archives/partial"] {
+            fs::create_dir_all(dir.join(sub))?;
+        }
+        let keyring = "signed-by=/usr/share/keyrings/debian-archive-keyring.gpg";
+        fs::write(
+            &sources,
+            format!(
+                "deb [{keyring}] http://deb.debian.org/debian {release} main\n\
+                 deb [{keyring}] http://deb.debian.org/debian-security {release}-security main\n"
+            ),
+        )?;
+    }
+    let mut command = Command::new(tool);
+    command
+        .arg("-q")
+        .arg(format!("-oDir::Etc::sourcelist={}", sources.display()))
+        .arg("-oDir::Etc::sourceparts=-")
+        .arg(format!(
+            "-oDir::State::Lists={}",
+            dir.join("lists").display()
+        ))
+        .arg(format!("-oDir::Cache={}", dir.join("cache").display()))
+        .arg("-oAPT::Get::List-Cleanup=0");
+    Ok(command)
+}
+
+/// Downloads and unpacks `kernel`'s current stock image and modules into
+/// `dir/kernel-<release>` (once); returns that directory and the kernel's version.
+fn kernel(dir: &Path, kernel: DebianKernel) -> Result<(PathBuf, String)> {
+    let release = kernel.release();
+    let unpacked = dir.join(format!("kernel-{release}"));
+    if let Some(version) = unpacked_version(&unpacked) {
+        return Ok((unpacked, version));
+    }
+    let apt = dir.join(format!("apt-{release}"));
+    output_of(private_apt("apt-get", &apt, release)?.arg("update"))?;
+    let depends =
+        output_of(private_apt("apt-cache", &apt, release)?.args(["depends", "linux-image-amd64"]))?;
     let image = depends
         .lines()
         .find_map(|l| l.trim().strip_prefix("Depends: linux-image-"))
         .context("no linux-image dependency of linux-image-amd64")?
         .trim()
         .to_owned();
-    let version = image.clone();
-    let unpacked = dir.join("kernel");
-    if !unpacked
-        .join("boot")
-        .join(format!("vmlinuz-{version}"))
-        .exists()
-    {
-        fs::create_dir_all(dir)?;
-        let package = format!("linux-image-{image}-unsigned");
-        output_of(
-            Command::new("apt-get")
-                .current_dir(dir)
-                .args(["download", "-q", &package]),
-        )?;
-        let deb = fs::read_dir(dir)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| {
-                p.extension().is_some_and(|e| e == "deb") && p.to_string_lossy().contains(&package)
-            })
-            .context("downloaded kernel package")?;
-        output_of(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
-    }
-    Ok(version)
+    let package = format!("linux-image-{image}-unsigned");
+    let download = apt.join("download");
+    fs::create_dir_all(&download)?;
+    output_of(
+        private_apt("apt-get", &apt, release)?
+            .current_dir(&download)
+            .args(["download", &package]),
+    )?;
+    let deb = fs::read_dir(&download)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "deb") && p.to_string_lossy().contains(&package)
+        })
+        .context("downloaded kernel package")?;
+    output_of(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    unpacked_version(&unpacked)
+        .map(|version| (unpacked, version))
+        .context("no vmlinuz in the kernel package")
+}
+
+/// The version of the kernel unpacked at `dir`, if one is.
+fn unpacked_version(dir: &Path) -> Option<String> {
+    fs::read_dir(dir.join("boot"))
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("vmlinuz-").map(str::to_owned)
+        })
+}
+
+/// The kernel's module tree inside its unpacked package (Debian moved it under /usr
+/// in trixie).
+fn module_tree(unpacked: &Path, version: &str) -> Result<PathBuf> {
+    ["lib/modules", "usr/lib/modules"]
+        .into_iter()
+        .map(|at| unpacked.join(at).join(version))
+        .find(|p| p.is_dir())
+        .context("no module tree in the kernel package")
 }
 
 /// Copies `binary` (following links) and the libraries it loads into `root`.
@@ -209,8 +307,8 @@ fn init_script(command: &str) -> String {
 }
 
 /// Builds the initramfs (gzip'd newc cpio) for `version` at `work/initrd.gz`, with
-/// the kernel's modules from `dir`.
-fn initramfs(dir: &Path, work: &Path, version: &str, spec: &GuestRun) -> Result<PathBuf> {
+/// the kernel's modules from the tree `modules`.
+fn initramfs(modules: &Path, work: &Path, version: &str, spec: &GuestRun) -> Result<PathBuf> {
     let root = work.join("root");
     let _ = fs::remove_dir_all(&root);
     // A merged /usr, as Debian's: the paths ldd prints and the ones the tools were
@@ -272,7 +370,6 @@ fn initramfs(dir: &Path, work: &Path, version: &str, spec: &GuestRun) -> Result<
     // Rust binaries unwind through libgcc_s, which ldd does not always list.
     let gcc = Path::new("/lib/x86_64-linux-gnu/libgcc_s.so.1");
     copy_with_libraries(gcc, &root, gcc)?;
-    let modules = dir.join("kernel/lib/modules").join(version);
     let guest_modules = root.join("lib/modules").join(version);
     fs::create_dir_all(guest_modules.join("kernel/drivers"))?;
     for sub in MODULE_DIRS {
@@ -280,7 +377,7 @@ fn initramfs(dir: &Path, work: &Path, version: &str, spec: &GuestRun) -> Result<
         fs::create_dir_all(target.parent().context("no parent")?)?;
         copy_tree(&modules.join(sub), &target)?;
     }
-    for file in fs::read_dir(&modules)?.filter_map(Result::ok) {
+    for file in fs::read_dir(modules)?.filter_map(Result::ok) {
         if file.path().is_file() {
             fs::copy(file.path(), guest_modules.join(file.file_name()))?;
         }
@@ -306,12 +403,12 @@ fn guest_dir() -> PathBuf {
 /// fails (with the console's last lines) unless the command exited 0.
 pub fn run(spec: &GuestRun, mut on_line: impl FnMut(&str)) -> Result<GuestOutcome> {
     let dir = guest_dir();
-    let version = kernel(&dir)?;
-    let work = dir.join(spec.name);
+    let (unpacked, version) = kernel(&dir, spec.kernel)?;
+    let work = dir.join(format!("{}-{}", spec.name, spec.kernel.release()));
     fs::create_dir_all(&work)?;
-    let initrd = initramfs(&dir, &work, &version, spec)?;
+    let initrd = initramfs(&module_tree(&unpacked, &version)?, &work, &version, spec)?;
     let (accel_name, accel) = acceleration();
-    let kernel_image = dir.join("kernel/boot").join(format!("vmlinuz-{version}"));
+    let kernel_image = unpacked.join("boot").join(format!("vmlinuz-{version}"));
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(&accel)

@@ -25,7 +25,14 @@ fn counts(dp: &TestDatapath, backend: u8) -> (u64, u64) {
 
 #[test]
 fn lc_sends_new_flows_to_the_backend_with_fewest_active_ones() {
-    let mut dp = TestDatapath::new();
+    lc_sends_new_flows_to_the_backend_with_fewest_active_ones_on(TestDatapath::new);
+}
+
+/// Also run on the legacy object (`legacy_kernels`).
+pub(crate) fn lc_sends_new_flows_to_the_backend_with_fewest_active_ones_on(
+    load: fn() -> TestDatapath,
+) {
+    let mut dp = load();
     dp.program_with(Scheduler::Lc, &[(tcp(VIP, 80), backends(3))]);
     let client = [198, 18, 0, 2];
     // Three open flows land on three different backends.
@@ -49,7 +56,14 @@ fn lc_sends_new_flows_to_the_backend_with_fewest_active_ones() {
 
 #[test]
 fn half_open_flows_count_inactive_and_spread_lc_as_in_ipvs() {
-    let mut dp = TestDatapath::new();
+    half_open_flows_count_inactive_and_spread_lc_as_in_ipvs_on(TestDatapath::new);
+}
+
+/// Also run on the legacy object (`legacy_kernels`).
+pub(crate) fn half_open_flows_count_inactive_and_spread_lc_as_in_ipvs_on(
+    load: fn() -> TestDatapath,
+) {
+    let mut dp = load();
     dp.program_with(Scheduler::Lc, &[(tcp(VIP, 80), backends(3))]);
     // SYNs only: half-open, inactive; IPVS's lc overhead (256 active + inactive)
     // still spreads them.
@@ -65,7 +79,12 @@ fn half_open_flows_count_inactive_and_spread_lc_as_in_ipvs() {
 
 #[test]
 fn a_connection_closed_from_both_sides_is_counted_once() {
-    let mut dp = TestDatapath::new();
+    a_connection_closed_from_both_sides_is_counted_once_on(TestDatapath::new);
+}
+
+/// Also run on the legacy object (`legacy_kernels`).
+pub(crate) fn a_connection_closed_from_both_sides_is_counted_once_on(load: fn() -> TestDatapath) {
+    let mut dp = load();
     dp.program_with(Scheduler::Lc, &[(tcp(VIP, 80), backends(1))]);
     let client = ([198, 18, 0, 2], 1000);
     let backend = dp.establish(client, (VIP, 80)).dst;

@@ -2,6 +2,8 @@
 //! programs in the real kernel (root and a mounted bpffs required).
 
 use std::collections::BTreeMap;
+
+use proxy_common::{LoadSettings, TIMEOUT_UDP};
 use testbed::Ipv4Octets as _;
 
 use crate::support::{datapath::*, packets::*};
@@ -70,7 +72,14 @@ fn replies_are_reverse_translated_to_the_service_address() {
 
 #[test]
 fn round_robin_is_exact_and_conntrack_keeps_each_flow_on_its_backend() {
-    let mut dp = TestDatapath::new();
+    round_robin_is_exact_and_conntrack_keeps_each_flow_on_its_backend_on(TestDatapath::new);
+}
+
+/// Also run on the legacy object (`legacy_kernels`).
+pub(crate) fn round_robin_is_exact_and_conntrack_keeps_each_flow_on_its_backend_on(
+    load: fn() -> TestDatapath,
+) {
+    let mut dp = load();
     dp.program(&[(tcp(VIP, 80), three_backends())]);
     let mut per_backend: BTreeMap<([u8; 4], u16), usize> = BTreeMap::new();
     let mut chosen = Vec::new();
@@ -218,7 +227,12 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
 
 #[test]
 fn an_expired_udp_entry_is_replaced_by_a_new_choice() {
-    let mut dp = TestDatapath::new();
+    // A one-second UDP timeout: an entry aged to time 0 is then expired on a machine
+    // up for longer (a freshly booted guest of the kernel matrix is up for less than
+    // the default's 60 s).
+    let mut settings = LoadSettings::DEFAULT;
+    settings.ct_timeouts.ns[TIMEOUT_UDP] = 1_000_000_000;
+    let mut dp = TestDatapath::with_settings(settings);
     dp.program(&[(udp(VIP, 53), vec![local(POD_A, 53), local(POD_B, 53)])]);
     let packet = udp_packet((CLIENT, 40000), (VIP, 53), b"q");
     let first = inspect(&dp.xdp(&packet).1).dst;

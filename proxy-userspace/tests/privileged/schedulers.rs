@@ -195,12 +195,17 @@ fn maglev_moves_only_the_removed_backends_share_of_flows() {
 
 #[test]
 fn wlc_and_sed_weigh_active_flows() {
-    let mut dp = TestDatapath::new();
+    wlc_and_sed_weigh_active_flows_on(TestDatapath::new);
+}
+
+/// Also run on the legacy object (`legacy_kernels`).
+pub(crate) fn wlc_and_sed_weigh_active_flows_on(load: fn() -> TestDatapath) {
+    let mut dp = load();
     dp.program_with(Scheduler::Wlc, &[(tcp(VIP, 80), weighted(&[1, 3]))]);
     let spread = count_choices((0..8).map(|i| established(&mut dp, [198, 18, 0, 2], 1000 + i)));
     assert_eq!(spread, BTreeMap::from([(1, 2), (2, 6)]));
 
-    let mut dp = TestDatapath::new();
+    let mut dp = load();
     dp.program_with(Scheduler::Sed, &[(tcp(VIP, 80), weighted(&[1, 3]))]);
     // (a+1)/w: the heavy backend takes the first two ((0+1)/3 and (1+1)/3 < 1/1), and
     // for every further 4 flows, 3 go to it.
@@ -214,7 +219,12 @@ fn wlc_and_sed_weigh_active_flows() {
 
 #[test]
 fn nq_prefers_an_idle_backend_whatever_its_weight() {
-    let mut dp = TestDatapath::new();
+    nq_prefers_an_idle_backend_whatever_its_weight_on(TestDatapath::new);
+}
+
+/// Also run on the legacy object (`legacy_kernels`).
+pub(crate) fn nq_prefers_an_idle_backend_whatever_its_weight_on(load: fn() -> TestDatapath) {
+    let mut dp = load();
     dp.program_with(Scheduler::Nq, &[(tcp(VIP, 80), weighted(&[1, 100]))]);
     let first: Vec<u8> = (0..2)
         .map(|i| established(&mut dp, [198, 18, 0, 2], 1000 + i))

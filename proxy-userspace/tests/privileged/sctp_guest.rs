@@ -35,6 +35,7 @@ fn real_associations_through_a_cluster_ip_and_a_node_port() {
             "{} --ignored --exact {TEST} --nocapture --test-threads 1",
             exe.display()
         ),
+        kernel: guest::DebianKernel::Bookworm,
     };
     let mut passed = false;
     guest::run(&spec, |line| {

@@ -11,6 +11,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use ebpf_proxy::{
     datapath::{
         attach,
+        generation::Generation,
         loader::{Datapath, MapSizes},
         tables::Tables,
     },
@@ -18,7 +19,7 @@ use ebpf_proxy::{
     node::NodeConfig,
     sync::{NodeSettings, Syncer},
 };
-use proxy_common::{Addr, CtEntry, CtKey, PROTO_TCP};
+use proxy_common::{Addr, CtEntry, CtKey, LoadSettings, PROTO_TCP};
 
 use super::packets::{inspect, tcp_packet, Seen, Tcp, XDP_PASS};
 
@@ -52,6 +53,27 @@ impl TestDatapath {
     }
 
     pub fn with_sizes(sizes: MapSizes) -> TestDatapath {
+        let generation = Generation::of_this_kernel().expect("probing the kernel");
+        TestDatapath::loaded(sizes, LoadSettings::DEFAULT, generation)
+    }
+
+    /// The object for kernels 5.10 to 5.17, whatever this kernel is: its fallbacks
+    /// run at full speed here too.
+    pub fn legacy() -> TestDatapath {
+        TestDatapath::loaded(
+            MapSizes::default(),
+            LoadSettings::DEFAULT,
+            Generation::Legacy,
+        )
+    }
+
+    /// With `settings` in the programs (conntrack timeouts…).
+    pub fn with_settings(settings: LoadSettings) -> TestDatapath {
+        let generation = Generation::of_this_kernel().expect("probing the kernel");
+        TestDatapath::loaded(MapSizes::default(), settings, generation)
+    }
+
+    fn loaded(sizes: MapSizes, settings: LoadSettings, generation: Generation) -> TestDatapath {
         // A private, empty network namespace for this test thread: the programs'
         // FIB look-ups then find no routes, whatever the machine has.
         // SAFETY: unshare affects only the calling thread.
@@ -66,7 +88,8 @@ impl TestDatapath {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let datapath = Datapath::load_sized(&pin_dir, sizes).unwrap_or_else(|e| {
+        let loaded = Datapath::load_configured(&pin_dir, sizes, settings, generation);
+        let datapath = loaded.unwrap_or_else(|e| {
             let _ = attach::cleanup(&pin_dir);
             panic!("loading the data path (root and a mounted bpffs are needed): {e:?}")
         });

@@ -1,0 +1,178 @@
+// The modules and entry points of the data path, shared by its two crate roots:
+// `main.rs` (kernels from 5.18) and `legacy.rs` (5.10 to 5.17), which differ only in
+// `LEGACY_KERNEL`. Included, not a module, so that the entry points stay at the
+// crate root and the modules are the crate's own.
+
+mod accounting;
+mod affinity;
+mod balancer;
+mod checksum;
+mod conntrack;
+mod counters;
+mod forward;
+mod fragments;
+mod headers;
+mod icmp;
+mod maps;
+mod packet;
+mod parse;
+mod related;
+mod settings;
+mod sock;
+mod source_ranges;
+mod translate;
+mod tunnel;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
+};
+
+use crate::{
+    icmp::Sender,
+    packet::{SctpPacket, TcPacket, XdpPacket},
+    translate::{Action, Inner, Origin, Verdict},
+};
+
+/// Node uplinks: traffic from outside the node to NodePorts, LoadBalancer and external
+/// IPs, and replies of masqueraded flows coming back from remote backends. Translated
+/// packets continue into the kernel's forwarding path (XDP_PASS) by default, or leave
+/// from XDP in redirect mode (see `forward` and the README for when each delivers).
+/// IPIP packets whose inner packet is ours are decapsulated first (`tunnel`), and
+/// `dsr-ipip` flows leave encapsulated.
+#[xdp]
+#[inline(always)]
+pub fn uplink_ingress(ctx: XdpContext) -> u32 {
+    let claim = tunnel::outer_addresses(&XdpPacket(&ctx))
+        .map(|(src, dst)| (dst, translate::claim_inner(&ctx, &src, &dst)));
+    let origin = match claim {
+        Some((backend, Inner::Decapsulate)) => {
+            if tunnel::decapsulate(&ctx).is_err() {
+                return xdp_action::XDP_DROP;
+            }
+            Origin::Tunnel(backend)
+        }
+        Some((_, Inner::Refuse)) => return xdp_action::XDP_DROP,
+        _ => Origin::External,
+    };
+    let verdict = translate::handle(&XdpPacket(&ctx), origin);
+    uplink_action(&ctx, verdict)
+}
+
+/// SCTP from the uplinks, tail-called by `uplink_ingress` (no IPIP: SCTP frontends are
+/// never `dsr-ipip`).
+#[xdp]
+#[inline(always)]
+pub fn uplink_ingress_sctp(ctx: XdpContext) -> u32 {
+    let verdict = translate::handle(&SctpPacket(&XdpPacket(&ctx)), Origin::External);
+    uplink_action(&ctx, verdict)
+}
+
+#[inline(always)]
+fn uplink_action(ctx: &XdpContext, verdict: Verdict) -> u32 {
+    match verdict.action {
+        Action::Encapsulate => tunnel::transmit(ctx, &verdict.tuple, verdict.ip_len),
+        Action::Translated if forward::xdp_redirect_enabled() => {
+            forward::xdp_transmit(ctx, &verdict.tuple, verdict.ip_len)
+        }
+        Action::Pass | Action::Translated => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+        Action::Refuse => icmp::refuse_xdp(ctx),
+    }
+}
+
+/// Host side of pod interfaces (tc ingress = packets the pod sends): pod-to-service
+/// traffic and the replies of backend pods.
+#[classifier]
+#[inline(always)]
+pub fn pod_ingress(ctx: TcContext) -> i32 {
+    // Pull the headers into the linear area once if the skb starts short of them;
+    // 128 bytes covers Ethernet, IPv4 with options and a TCP header with options.
+    if ctx.data_end() - ctx.data() < 128 && ctx.len() > (ctx.data_end() - ctx.data()) as u32 {
+        let _ = ctx.pull_data(ctx.len().min(128));
+    }
+    let verdict = translate::handle(&TcPacket(&ctx), Origin::Pod);
+    pod_action(&ctx, verdict)
+}
+
+/// SCTP from pods, tail-called by `pod_ingress` (after its pull of the headers).
+#[classifier]
+#[inline(always)]
+pub fn pod_ingress_sctp(ctx: TcContext) -> i32 {
+    let verdict = translate::handle(&SctpPacket(&TcPacket(&ctx)), Origin::Pod);
+    pod_action(&ctx, verdict)
+}
+
+#[inline(always)]
+fn pod_action(ctx: &TcContext, verdict: Verdict) -> i32 {
+    match verdict.action {
+        Action::Translated if verdict.node_source => {
+            forward::redirect_to_egress(ctx, &verdict.tuple, verdict.ip_len)
+        }
+        Action::Pass | Action::Translated => TC_ACT_OK,
+        Action::Refuse => icmp::refuse_tc(ctx, Sender::Pod),
+        // Pod traffic is never direct-return (only external flows are).
+        Action::Drop | Action::Encapsulate => TC_ACT_SHOT,
+    }
+}
+
+/// Egress of uplinks and pod interfaces: an ICMP error the node itself sends about a
+/// packet it forwarded after translation (fragmentation needed where the next hop's
+/// MTU is smaller, time exceeded) quotes the translated tuple; it is translated back
+/// here, so that the client recognises its own packet and path-MTU discovery works
+/// through every path. A ping of a service address from the node's own processes
+/// (which no socket hook sees: ICMP sockets have none) is refused back into the node,
+/// as pods' and outside clients' pings are, instead of leaving towards the default
+/// gateway. Everything else leaves untouched.
+#[classifier]
+pub fn node_egress(ctx: TcContext) -> i32 {
+    // The node is refused as a pod is: any service address but its own.
+    match icmp::handle(&TcPacket(&ctx), Origin::Pod).action {
+        Action::Drop => TC_ACT_SHOT,
+        Action::Refuse => icmp::refuse_tc(&ctx, Sender::Node),
+        _ => TC_ACT_OK,
+    }
+}
+
+/// What a cgroup sock_addr hook returns: 1 lets the call go on, 0 fails it (with the
+/// errno the program set, `sock::refuse`; EPERM if none).
+/// The bool reached the exit through a 32-bit stack slot whose value the verifier
+/// cannot bound to [0, 1]; hidden from LLVM (`black_box`), it is branched on and the
+/// exit sees one of two constants.
+#[inline(always)]
+fn allow(allowed: bool) -> i32 {
+    if core::hint::black_box(allowed) {
+        1
+    } else {
+        0
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    allow(sock::redirect(&ctx, false))
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    allow(sock::redirect(&ctx, true))
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx);
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
