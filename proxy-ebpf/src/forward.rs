@@ -14,7 +14,7 @@
 //! resolves it for the next ones.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_OK},
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, TC_ACT_OK},
     helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
     EbpfContext,
@@ -32,6 +32,9 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const FIB_SUCCESS: i64 = 0;
+/// `BPF_FIB_LKUP_RET_NO_NEIGH`: routed, the egress device filled in, its neighbour
+/// not resolved yet.
+const FIB_NO_NEIGH: i64 = 7;
 const IP_TTL: usize = 8;
 
 /// The kernel's answer (`BPF_FIB_LKUP_RET_*`) and the filled-in parameters for a
@@ -97,9 +100,15 @@ fn ttl_word_decremented(old: u16) -> Option<u16> {
 pub fn redirect_to_egress(ctx: &TcContext, tuple: &CtKey, ip_len: u16) -> i32 {
     // SAFETY: reading the context's ingress device.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(params) = fib_lookup(ctx, tuple, ip_len, ifindex, BPF_FIB_LOOKUP_SKIP_NEIGH) else {
+    // No BPF_FIB_LOOKUP_SKIP_NEIGH: kernels before 6.3 refuse the flag (EINVAL), and
+    // every such reply then fell to the stack, which drops it as a martian (a
+    // NodePort's local backend never reached its client on 5.10 and 6.1). Without it
+    // an unresolved neighbour answers NO_NEIGH with the egress device, which is all
+    // `bpf_redirect_neigh` needs.
+    let (rc, params) = fib_query(ctx, tuple, ip_len, ifindex, 0);
+    if rc != FIB_SUCCESS && rc != FIB_NO_NEIGH {
         return TC_ACT_OK;
-    };
+    }
     if decrement_ttl(ctx).is_err() {
         return TC_ACT_OK;
     }

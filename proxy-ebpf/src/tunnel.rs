@@ -23,7 +23,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_FIB_LOOKUP_SKIP_NEIGH},
+    bindings::xdp_action,
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
@@ -216,7 +216,9 @@ pub fn transmit(ctx: &XdpContext, outer: &CtKey, ip_len: u16) -> u32 {
         outer,
         ip_len.saturating_add(OUTER_LEN as u16),
         ingress,
-        BPF_FIB_LOOKUP_SKIP_NEIGH,
+        // Not BPF_FIB_LOOKUP_SKIP_NEIGH, which kernels before 6.3 refuse: the MTU is
+        // checked before the neighbour, so FRAG_NEEDED comes either way.
+        0,
     );
     let df = inner_facts(&XdpPacket(ctx)).is_some_and(|(_, _, df)| df);
     if rc == FIB_FRAG_NEEDED && df {

@@ -443,14 +443,11 @@ pub fn render(report: &StatusReport, wide: bool) -> String {
                 let role = format!("{:?}", i.role).to_lowercase();
                 let _ = writeln!(out, "  {:<14}{role:<8}{state}", i.name);
             }
-            let _ = writeln!(
-                out,
-                "  {:<14}{:<8}{} at {}",
-                "sockets",
-                "cgroup",
-                PROG_SOCK_HOOKS.join(" "),
-                a.socket_hooks
-            );
+            let hooks = match a.socket_hooks.strip_prefix("off: ") {
+                Some(why) => format!("NOT ATTACHED: {why}"),
+                None => format!("{} at {}", PROG_SOCK_HOOKS.join(" "), a.socket_hooks),
+            };
+            let _ = writeln!(out, "  {:<14}{:<8}{hooks}", "sockets", "cgroup");
             if wide {
                 let s = &a.settings;
                 let _ = writeln!(

@@ -160,7 +160,9 @@ pub fn blob(len: usize) -> Vec<u8> {
 fn http_connection(stream: TcpStream, pod: &str, peer: SocketAddr) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // Idle keep-alive connections last 5 minutes: a test holds one across an agent's
+    // restart, which takes about 35 s on the kernel matrix's emulated 5.10.
+    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
