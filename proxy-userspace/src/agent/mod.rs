@@ -98,7 +98,7 @@ pub struct AgentConfig {
 /// `None` on kernels before 5.14, which cannot tell it (no `SO_NETNS_COOKIE`): the
 /// socket hooks then stay detached, since they could not tell the node's sockets
 /// from pods' (which the pod interfaces' program serves).
-fn own_netns_cookie() -> Result<Option<u64>> {
+pub fn own_netns_cookie() -> Result<Option<u64>> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("opening a probe socket")?;
     let mut cookie: u64 = 0;

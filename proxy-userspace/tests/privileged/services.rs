@@ -191,7 +191,8 @@ fn node_processes_reach_cluster_ips_and_node_ports_through_the_socket_hooks() {
     let node = &cluster.topology.node;
     // Kernels before 5.14 (the kernel matrix's 5.10) cannot name the agent's network
     // namespace: the hooks stay detached, and the agent says so.
-    if !kernel_names_network_namespaces() {
+    let names_namespaces = ebpf_proxy::agent::own_netns_cookie().expect("SO_NETNS_COOKIE probe");
+    if names_namespaces.is_none() {
         let log = cluster.agent.log();
         assert!(log.contains("(SO_NETNS_COOKIE, 5.14)"), "{log}");
         return;
@@ -312,24 +313,4 @@ fn a_cluster_cidr_source_on_an_uplink_is_an_in_cluster_client() {
         curl(&cluster.topology.node2, &lb).is_err(),
         "node2's address is not in it: this node's endpoints only, none"
     );
-}
-
-/// Whether a socket can tell its network namespace's cookie (SO_NETNS_COOKIE, 5.14).
-fn kernel_names_network_namespaces() -> bool {
-    use std::os::fd::AsRawFd as _;
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket");
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt into a u64 of the length given.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    rc == 0
 }
