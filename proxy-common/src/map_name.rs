@@ -25,11 +25,12 @@ pub const FRAGMENTS: &str = "FRAGMENTS";
 pub const EXPECTATIONS: &str = "EXPECTATIONS";
 pub const EXPECTED_UNTIL: &str = "EXPECTED_UNTIL";
 pub const RELATED_SCRATCH: &str = "RELATED_SCRATCH";
+pub const ICMP_BUDGET: &str = "ICMP_BUDGET";
 pub const UPLINK_TRANSPORTS: &str = "UPLINK_TRANSPORTS";
 pub const POD_TRANSPORTS: &str = "POD_TRANSPORTS";
 
 /// Every map of the data path's object.
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 24] = [
     SERVICES,
     BACKEND_SLOTS,
     RR_CURSORS,
@@ -51,6 +52,7 @@ pub const ALL: [&str; 23] = [
     EXPECTATIONS,
     EXPECTED_UNTIL,
     RELATED_SCRATCH,
+    ICMP_BUDGET,
     UPLINK_TRANSPORTS,
     POD_TRANSPORTS,
 ];

@@ -102,6 +102,10 @@ datapath_events! {
     /// An expectation or a related flow was not recorded because another flow's
     /// expectation or a tracked flow held its tuple: the packet went untranslated.
     EV_RELATED_CLASH => "related_clash",
+    /// An ICMP error the data path would have built (a refusal, fragmentation
+    /// needed) was over the ICMP rate (`--icmp-rate`): the packet was dropped
+    /// without an answer.
+    EV_ICMP_RATE_LIMITED => "icmp_rate_limited",
 }
 
 /// Events defined.

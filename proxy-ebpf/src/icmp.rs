@@ -24,16 +24,19 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
-use proxy_common::{Addr, CtKey, Family, Transport, EV_ICMP_TRANSLATED};
+use proxy_common::{
+    Addr, CtKey, Family, Transport, EV_ICMP_RATE_LIMITED, EV_ICMP_TRANSLATED, ICMP_BURST,
+};
 
 use crate::{
-    balancer, checksum, counters,
+    balancer, checksum, conntrack, counters,
     headers::{
         self, ipv4_header, ICMP_ECHO_REQUEST, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED,
         ICMP_UNREACHABLE, IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
     },
-    maps::CONNTRACK,
+    maps::{CONNTRACK, ICMP_BUDGET},
     packet::{Packet, TcPacket, XdpPacket, ETH_LEN, IP_CHECK, IP_DST, IP_SRC},
+    settings,
     translate::{self, Action, Origin, Verdict},
 };
 
@@ -213,16 +216,60 @@ fn rewrite<P: Packet>(pkt: &P, error: &IcmpError, sent: &CtKey, outer_src: Addr)
     Ok(())
 }
 
+/// A CPU's budget for the ICMP errors the data path builds itself: time earned at
+/// one error per `icmp_interval_ns`, up to `ICMP_BURST` errors' worth (a token bucket
+/// counted in nanoseconds, so that a refill needs no division).
+#[repr(C)]
+pub struct IcmpBudget {
+    earned_ns: u64,
+    stamp_ns: u64,
+}
+
+/// Whether this CPU may send another ICMP error now, as the kernel's
+/// `icmp_global_allow` decides for its own: a flood of packets that are refused
+/// (or that need fragmentation) gets answers at the configured rate and is dropped
+/// beyond it (`EV_ICMP_RATE_LIMITED`), so it cannot turn the node into a
+/// generator of ICMP at line rate, towards sources that may be forged.
+#[inline(always)]
+pub fn within_rate() -> bool {
+    let interval = settings::icmp_interval_ns();
+    if interval == 0 {
+        return true;
+    }
+    let Some(budget) = ICMP_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot, private while the program runs.
+    let budget = unsafe { &mut *budget };
+    let now = conntrack::now_ns();
+    // A fresh slot (stamp 0) starts with the full burst.
+    let earned = budget
+        .earned_ns
+        .saturating_add(now.saturating_sub(budget.stamp_ns))
+        .min(interval * ICMP_BURST);
+    budget.stamp_ns = now;
+    if earned < interval {
+        budget.earned_ns = earned;
+        counters::event(EV_ICMP_RATE_LIMITED);
+        return false;
+    }
+    budget.earned_ns = earned - interval;
+    true
+}
+
 /// A refusal: Ethernet, IP, ICMP header, and the quoted IP header with 8 bytes.
 const REFUSAL_LEN: usize = ETH_LEN + 20 + 8 + 28;
 
-/// Turns the packet into its refusal in place (XDP memory is the packet's: no frame
+/// Turns the packet into its refusal in place, within the ICMP rate (XDP memory is the packet's: no frame
 /// on the stack) and hands it to the kernel, which routes it to the client (as
 /// `tunnel`'s fragmentation-needed): XDP_TX would send it back to the previous hop,
 /// but a veth peer without XDP or GRO drops what it gets that way.
 #[inline(always)]
 pub fn refuse_xdp(ctx: &XdpContext) -> u32 {
     const QUOTE: usize = 28;
+    if !within_rate() {
+        return xdp_action::XDP_DROP;
+    }
     // A header with options is not quoted (the quote is a fixed 28 bytes): dropped,
     // before the frame is touched.
     let options = XdpPacket(ctx)
@@ -337,7 +384,8 @@ pub enum Sender {
     Node,
 }
 
-/// Turns the packet into its refusal in place and sends it back to its `sender`.
+/// Turns the packet into its refusal in place and sends it back to its `sender`,
+/// within the ICMP rate.
 /// Room for the new headers is made between the Ethernet and IP headers, which leaves
 /// the quote where it belongs; no frame on the stack (the pod program's is nearly
 /// full). The MAC addresses are swapped, so that a refusal entering the node's stack
@@ -350,6 +398,7 @@ pub fn refuse_tc(ctx: &TcContext, sender: Sender) -> i32 {
         // SAFETY: bounds-checked.
         .is_none_or(|vihl| unsafe { *vihl } != 0x45);
     if options
+        || !within_rate()
         || ctx.adjust_room(ROOM, BPF_ADJ_ROOM_MAC, 0).is_err()
         // SAFETY: helper on the program's own context.
         || unsafe { bpf_skb_change_tail(ctx.skb.skb, TC_REFUSAL_LEN as u32, 0) } != 0

@@ -2,7 +2,7 @@
 //! bpffs directory, so a restarted agent finds its services and, above all, the
 //! conntrack state of established flows where it left them.
 
-use crate::related::Scratch;
+use crate::{icmp::IcmpBudget, related::Scratch};
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
@@ -82,6 +82,10 @@ pub static EXPECTED_UNTIL: Array<u64> = Array::pinned(1, 0);
 /// related flow that meets one (too large for the stack). Holds nothing between packets.
 #[map]
 pub static RELATED_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::pinned(1, 0);
+
+/// Each CPU's budget for the ICMP errors the data path builds itself (`icmp::within_rate`).
+#[map]
+pub static ICMP_BUDGET: PerCpuArray<IcmpBudget> = PerCpuArray::pinned(1, 0);
 
 /// This node's own addresses: NodePorts answer on any of them. Written by the agent.
 #[map]

@@ -22,3 +22,10 @@ pub fn masquerade_all() -> bool {
     // SAFETY: a read of read-only data.
     unsafe { core::ptr::read_volatile(&SETTINGS.masquerade_all) != 0 }
 }
+
+/// The least time between two ICMP errors on one CPU, in nanoseconds (0: unlimited).
+#[inline(always)]
+pub fn icmp_interval_ns() -> u64 {
+    // SAFETY: a read of read-only data.
+    u64::from(unsafe { core::ptr::read_volatile(&SETTINGS.icmp_interval_ns) })
+}

@@ -222,6 +222,9 @@ pub fn transmit(ctx: &XdpContext, outer: &CtKey, ip_len: u16) -> u32 {
     );
     let df = inner_facts(&XdpPacket(ctx)).is_some_and(|(_, _, df)| df);
     if rc == FIB_FRAG_NEEDED && df {
+        if !icmp::within_rate() {
+            return xdp_action::XDP_DROP;
+        }
         // SAFETY: the kernel filled in the MTU of the egress for this answer.
         let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
         return match frag_needed(ctx, mtu.saturating_sub(OUTER_LEN as u16)) {

@@ -27,7 +27,8 @@ use ebpf_proxy::{
     status, trace,
 };
 use proxy_common::{
-    map_name, Addr, CtTimeouts, LoadSettings, TIMEOUT_CLOSING, TIMEOUT_TCP_ESTABLISHED, TIMEOUT_UDP,
+    icmp_interval_ns, map_name, Addr, CtTimeouts, LoadSettings, ICMP_RATE_DEFAULT, TIMEOUT_CLOSING,
+    TIMEOUT_TCP_ESTABLISHED, TIMEOUT_UDP,
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ebpf-proxy";
@@ -296,6 +297,13 @@ struct RunArgs {
     /// `--masquerade-all=false` overrides a config file's `true`.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     masquerade_all: Option<bool>,
+    /// ICMP errors the data path sends itself (port unreachable refusing a new flow,
+    /// fragmentation needed before IPIP encapsulation), per second and CPU, after a
+    /// burst of 50: beyond it the offending packets are dropped unanswered
+    /// (`icmp_rate_limited`). The kernel's own default for its ICMP errors
+    /// (`net.ipv4.icmp_msgs_per_sec`). 0: unlimited.
+    #[arg(long, default_value_t = ICMP_RATE_DEFAULT)]
+    icmp_rate: u32,
     /// The cluster's IPv4 pod CIDRs (kube-proxy's --cluster-cidr, comma-separated):
     /// a source in them that arrives on an uplink is an in-cluster client, which
     /// gets every endpoint of an `externalTrafficPolicy: Local` service, as pods here
@@ -449,7 +457,7 @@ async fn main() -> Result<()> {
                 Ok(report) => LoadSettings {
                     ct_timeouts: report.conntrack_timeouts.into(),
                     masquerade_all: u32::from(report.masquerade_all),
-                    _pad: 0,
+                    ..LoadSettings::DEFAULT
                 },
                 Err(e) => {
                     eprintln!(
@@ -610,7 +618,7 @@ async fn run_settings(
                 (TIMEOUT_UDP, args.udp_timeout.or(file.udp_timeout)),
             ])?,
             masquerade_all: u32::from(args.masquerade_all.unwrap_or(file.masquerade_all)),
-            _pad: 0,
+            icmp_interval_ns: icmp_interval_ns(args.icmp_rate),
         },
     };
     Ok((config, sources))

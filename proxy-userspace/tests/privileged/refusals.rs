@@ -10,6 +10,7 @@ use std::{
 };
 
 use ebpf_proxy::model::{Frontend, Protocol};
+use proxy_common::{icmp_interval_ns, LoadSettings, ICMP_BURST};
 use testbed::{
     manifests::ServiceDef,
     topology::{Topology, CLIENT_IP},
@@ -26,6 +27,7 @@ use crate::support::{
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
 const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_SHOT: u32 = 2;
 
 /// Checks a refusal of `offending` (an Ethernet frame): from the address it was sent
 /// to, ICMP port unreachable quoting `quoted` bytes of it from its IP header on
@@ -94,6 +96,63 @@ fn a_local_policy_with_endpoints_only_elsewhere_drops_as_kube_proxy_does() {
     let (verdict, _) = dp.xdp(&tcp_packet((CLIENT, 40000), (node, 30080), Tcp::Syn, b""));
     assert_eq!(verdict, XDP_DROP);
     assert_eq!((dp.event("no_backend"), dp.event("refused")), (1, 0));
+}
+
+/// A flood of packets that are refused gets answers at the ICMP rate, as the kernel
+/// limits its own errors, and is dropped unanswered beyond it: one budget per CPU,
+/// shared by every hook.
+#[test]
+fn refusals_beyond_the_icmp_rate_are_dropped_unanswered() {
+    let started = Instant::now();
+    // One a second: within the test, only the burst earns answers.
+    let mut dp = TestDatapath::with_settings(LoadSettings {
+        icmp_interval_ns: icmp_interval_ns(1),
+        ..LoadSettings::DEFAULT
+    });
+    pin_to_cpu(0);
+    dp.program(&[(tcp(VIP, 80), vec![]), (udp(VIP, 53), vec![])]);
+    let burst = ICMP_BURST as usize;
+    let mut answered = 0;
+    for port in 0..burst as u16 + 10 {
+        let packet = tcp_packet((CLIENT, 40000 + port), (VIP, 80), Tcp::Syn, b"");
+        let (verdict, out) = dp.xdp(&packet);
+        if verdict == XDP_PASS {
+            assert_refusal(&out, &packet, 28, false);
+            answered += 1;
+        } else {
+            assert_eq!((verdict, &out), (XDP_DROP, &packet), "dropped untouched");
+        }
+    }
+    // A pod's refusal draws on the same CPU's budget.
+    let packet = udp_packet(([10, 244, 1, 9], 40002), (VIP, 53), b"question");
+    let (pod_verdict, _) = dp.tc(&packet);
+    let earned = started.elapsed().as_secs() as usize;
+    assert!(
+        (burst..=burst + earned).contains(&answered),
+        "{answered} answered in {earned} s"
+    );
+    if answered == burst {
+        assert_eq!(pod_verdict, TC_ACT_SHOT, "the pod is over the rate too");
+    }
+    let limited = burst + 11 - answered - usize::from(pod_verdict != TC_ACT_SHOT);
+    assert_eq!(dp.event("icmp_rate_limited"), limited as u64);
+    assert_eq!(
+        dp.event("refused"),
+        burst as u64 + 11,
+        "each is still a refusal"
+    );
+
+    // Unlimited (0): every one is answered.
+    let mut dp = TestDatapath::with_settings(LoadSettings {
+        icmp_interval_ns: 0,
+        ..LoadSettings::DEFAULT
+    });
+    dp.program(&[(tcp(VIP, 80), vec![])]);
+    for port in 0..burst as u16 * 2 {
+        let packet = tcp_packet((CLIENT, 40000 + port), (VIP, 80), Tcp::Syn, b"");
+        assert_eq!(dp.xdp(&packet).0, XDP_PASS);
+    }
+    assert_eq!(dp.event("icmp_rate_limited"), 0);
 }
 
 fn empty(t: &Topology) -> Vec<ServiceDef> {

@@ -254,17 +254,23 @@ pub fn on_cpu<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
     std::thread::spawn(move || {
-        // SAFETY: plain sched_setaffinity on the calling thread.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            assert_eq!(
-                libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
-                0
-            );
-        }
+        pin_to_cpu(cpu);
         f()
     })
+}
+
+/// Keeps the calling thread on `cpu`, so that its test runs meet one CPU's per-CPU
+/// state.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: plain sched_setaffinity on the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0
+        );
+    }
 }
 
 pub fn cpus() -> usize {
