@@ -242,11 +242,16 @@ pub fn within_rate() -> bool {
     // SAFETY: this CPU's slot, private while the program runs.
     let budget = unsafe { &mut *budget };
     let now = conntrack::now_ns();
-    // A fresh slot (stamp 0) starts with the full burst.
-    let earned = budget
-        .earned_ns
-        .saturating_add(now.saturating_sub(budget.stamp_ns))
-        .min(interval * ICMP_BURST);
+    let full = interval * ICMP_BURST;
+    // A fresh slot (stamp 0) starts with the full burst, not with the time since
+    // boot (less than a burst's worth on a machine up for under 50 s at 1 a second).
+    let earned = match budget.stamp_ns {
+        0 => full,
+        stamp => budget
+            .earned_ns
+            .saturating_add(now.saturating_sub(stamp))
+            .min(full),
+    };
     budget.stamp_ns = now;
     if earned < interval {
         budget.earned_ns = earned;
