@@ -257,7 +257,8 @@ pub struct SourceRangeKey {
 
 /// Index of each value in the `NODE_CONFIG` array.
 pub const CONFIG_SNAT_ADDR: u32 = 0;
-/// The network namespace (by cookie) whose sockets the socket hooks translate.
+/// The network namespace (by cookie) whose sockets the socket hooks translate: the
+/// agent's. The agent learns it from the hooks themselves (`ConfigValue::netns_probe`).
 pub const CONFIG_NETNS_COOKIE: u32 = 1;
 /// How the uplink program forwards translated packets: `XDP_FORWARD_*`.
 pub const CONFIG_XDP_FORWARD: u32 = 2;
@@ -291,6 +292,34 @@ impl ConfigValue {
     }
     pub const fn as_u64(&self) -> u64 {
         (self.addr.words[0] as u64) | ((self.addr.words[1] as u64) << 32)
+    }
+
+    /// `CONFIG_NETNS_COOKIE` while the agent learns its network namespace's cookie:
+    /// the cookie in force (kept meanwhile, so that a restarted agent's node goes on
+    /// being served) and a probe, the address and port (network order, as a hook's
+    /// `user_ip4` and `user_port` hold them) the agent then connects a socket to. The
+    /// socket hook that sees that connect() writes its socket's namespace cookie in
+    /// and clears the probe. This needs only the hooks' own `bpf_get_netns_cookie`
+    /// (Linux 5.7), where asking the socket (`SO_NETNS_COOKIE`) needs 5.14.
+    pub const fn netns_probe(cookie: u64, user_ip4: u32, user_port: u32) -> ConfigValue {
+        ConfigValue {
+            addr: Addr {
+                words: [cookie as u32, (cookie >> 32) as u32, user_ip4, user_port],
+            },
+        }
+    }
+
+    /// The probe of `netns_probe`, `None` once a hook answered it (or none was set).
+    pub const fn probe(&self) -> Option<(u32, u32)> {
+        match self.addr.words[2] {
+            0 => None,
+            ip => Some((ip, self.addr.words[3])),
+        }
+    }
+
+    /// What a hook that met the probe leaves: the cookie it saw, no probe.
+    pub const fn probe_answered(cookie: u64) -> ConfigValue {
+        ConfigValue::from_u64(cookie)
     }
 }
 

@@ -12,7 +12,9 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use proxy_common::{Addr, CtKey, Family, SockKey, SockNat, CONFIG_NETNS_COOKIE, EV_REFUSED};
+use proxy_common::{
+    Addr, ConfigValue, CtKey, Family, SockKey, SockNat, CONFIG_NETNS_COOKIE, EV_REFUSED,
+};
 
 use crate::{
     affinity, balancer, conntrack,
@@ -20,14 +22,28 @@ use crate::{
     maps::{NODE_CONFIG, SOCK_AFFINITY, SOCK_REVERSE},
 };
 
+/// Whether the socket is one of the namespace the agent named
+/// (`CONFIG_NETNS_COOKIE`); also answers the agent's probe while it learns that
+/// name (`ConfigValue::netns_probe`).
 #[inline(always)]
 fn in_node_netns(ctx: &SockAddrContext) -> bool {
-    let Some(wanted) = NODE_CONFIG.get(CONFIG_NETNS_COOKIE) else {
+    let Some(slot) = NODE_CONFIG.get_ptr_mut(CONFIG_NETNS_COOKIE) else {
         return false;
     };
     // SAFETY: helper on the program's own context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    wanted.as_u64() != 0 && wanted.as_u64() == cookie
+    // SAFETY: the array's slot; the agent writes it only while it probes, and a
+    // torn read of a probe is at worst no match.
+    let slot = unsafe { &mut *slot };
+    if let Some(probe) = slot.probe() {
+        // SAFETY: reading the context's own fields.
+        let called = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+        if called == probe {
+            *slot = ConfigValue::probe_answered(cookie);
+        }
+    }
+    let wanted = slot.as_u64();
+    wanted != 0 && wanted == cookie
 }
 
 /// The family of the hooks here: the `*4` attach types, whose context holds the

@@ -324,8 +324,8 @@ impl Served {
         Served {
             uplinks: attached(Role::Uplink),
             pods: attached(Role::Pod),
-            // Detached on kernels that cannot name the agent's namespace (the
-            // agent's report then says why, in `SOCKET_HOOKS_OFF`'s words).
+            // Serving nothing when the agent could not name its namespace to them
+            // (its report then says why, in `SOCKET_HOOKS_OFF`'s words).
             socket_hooks: (!agent.socket_hooks.starts_with("off:"))
                 .then(|| format!("socket hooks at {}", agent.socket_hooks)),
         }
@@ -444,7 +444,7 @@ pub fn render(report: &StatusReport, wide: bool) -> String {
                 let _ = writeln!(out, "  {:<14}{role:<8}{state}", i.name);
             }
             let hooks = match a.socket_hooks.strip_prefix("off: ") {
-                Some(why) => format!("NOT ATTACHED: {why}"),
+                Some(why) => format!("NOT SERVING: {why}"),
                 None => format!("{} at {}", PROG_SOCK_HOOKS.join(" "), a.socket_hooks),
             };
             let _ = writeln!(out, "  {:<14}{:<8}{hooks}", "sockets", "cgroup");

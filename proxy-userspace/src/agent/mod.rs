@@ -5,7 +5,6 @@
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
-    os::fd::AsRawFd as _,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -17,6 +16,7 @@ use tokio::{signal::unix, sync::mpsc};
 use tracing::{debug, info, warn};
 
 mod attachments;
+mod netns_cookie;
 
 use attachments::Attachments;
 
@@ -94,42 +94,8 @@ pub struct AgentConfig {
     pub tc_attach: attach::TcAttach,
 }
 
-/// The cookie of the agent's network namespace: the socket hooks serve only it.
-/// `None` on kernels before 5.14, which cannot tell it (no `SO_NETNS_COOKIE`): the
-/// socket hooks then stay detached, since they could not tell the node's sockets
-/// from pods' (which the pod interfaces' program serves).
-pub fn own_netns_cookie() -> Result<Option<u64>> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("opening a probe socket")?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt into a u64 of the length given.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        let error = std::io::Error::last_os_error();
-        if error.raw_os_error() == Some(libc::ENOPROTOOPT) {
-            return Ok(None);
-        }
-        return Err(error).context("SO_NETNS_COOKIE (Linux >= 5.14)");
-    }
-    Ok(Some(cookie))
-}
-
-/// Whether the socket hooks can serve this kernel (see `own_netns_cookie`).
-fn socket_hooks_possible() -> bool {
-    matches!(own_netns_cookie(), Ok(Some(_)))
-}
-
-/// What `status` says of the socket hooks when they stay detached.
-const SOCKET_HOOKS_OFF: &str = "off: this kernel cannot name the agent's network namespace (SO_NETNS_COOKIE, 5.14); the node's own processes reach services untranslated";
+/// What `status` says of the socket hooks when they serve nothing.
+const SOCKET_HOOKS_OFF: &str = "off: no socket hook saw the agent's own connect(), so it cannot name its network namespace to them (is the agent outside the hooks' cgroup?); the node's own processes reach services untranslated";
 
 /// Programs what the tracker holds into the maps, and everything that follows from
 /// it: health-check servers, metrics, logs and Events.
@@ -412,10 +378,15 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             false => BTreeSet::new(),
         },
     };
-    let netns_cookie = own_netns_cookie()?;
-    if netns_cookie.is_none() {
-        warn!("{SOCKET_HOOKS_OFF}");
-        status.update_report(|r| r.socket_hooks = SOCKET_HOOKS_OFF.into());
+    // Attached first: the hooks themselves tell the agent its namespace's cookie.
+    attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
+    let netns_cookie = netns_cookie::learn(&mut Tables::open(&config.pin_dir)?.config)?;
+    match netns_cookie {
+        Some(cookie) => info!(cookie, "socket hooks serve this network namespace"),
+        None => {
+            warn!("{SOCKET_HOOKS_OFF}");
+            status.update_report(|r| r.socket_hooks = SOCKET_HOOKS_OFF.into());
+        }
     }
     let settings = NodeSettings {
         netns_cookie: netns_cookie.unwrap_or(0),
@@ -435,9 +406,6 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         reconciled: false,
         health_check_problems: Vec::new(),
     };
-    if netns_cookie.is_some() {
-        attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
-    }
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
     let watcher = tokio::spawn(interfaces::watch(link_tx));
@@ -688,10 +656,8 @@ fn restore_pinned_state(
         }
     }
     attachments.attach_again(datapath, config);
-    if socket_hooks_possible() {
-        if let Err(e) = attach::attach_sock_hooks(datapath, &config.cgroup) {
-            warn!("re-attaching the socket hooks: {e:#}");
-        }
+    if let Err(e) = attach::attach_sock_hooks(datapath, &config.cgroup) {
+        warn!("re-attaching the socket hooks: {e:#}");
     }
 }
 

@@ -138,3 +138,41 @@ fn statusz_answers_local_peers_only() {
         "{text}"
     );
 }
+
+/// An empty cgroup of the test's own, removed when dropped (after the agent that
+/// hooked it: declare it first).
+struct EmptyCgroup(std::path::PathBuf);
+
+impl Drop for EmptyCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Socket hooks on a cgroup the agent is not in cannot see its probe, so it cannot
+/// name its network namespace to them: they serve nothing, and the log and `status`
+/// say so (rather than translating whichever namespace's sockets they meet).
+#[test]
+fn socket_hooks_that_cannot_see_the_agent_say_they_serve_nothing() {
+    let root = ebpf_proxy::datapath::attach::default_cgroup_root();
+    let cgroup = EmptyCgroup(root.join(format!("epx-test-{}", std::process::id())));
+    std::fs::create_dir(&cgroup.0).expect("a cgroup of the test's own");
+    let cgroup_arg = format!("--cgroup={}", cgroup.0.display());
+    let cluster =
+        Cluster::with_agent_args("hooks", 1, 0, |t| vec![web_node_port(t)], &[&cgroup_arg]);
+    let log = cluster.agent.log();
+    assert!(
+        log.contains("no socket hook saw the agent's own connect()"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("socket hooks serve this network namespace"),
+        "{log}"
+    );
+    let (_, text) = cluster.agent.status(&[]).expect("status");
+    assert!(
+        text.contains("NOT SERVING: no socket hook saw the agent's own connect()"),
+        "{text}"
+    );
+    assert!(text.contains("no  ClusterIP from the node"), "{text}");
+}
