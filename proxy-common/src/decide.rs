@@ -126,15 +126,18 @@ pub struct LeastLoaded {
 
 impl Default for LeastLoaded {
     fn default() -> Self {
-        LeastLoaded {
-            best_slot: u32::MAX,
-            best_load: 0,
-            best_weight: 1,
-        }
+        LeastLoaded::NOTHING_YET
     }
 }
 
 impl LeastLoaded {
+    /// A scan's state before it considered any backend.
+    pub const NOTHING_YET: LeastLoaded = LeastLoaded {
+        best_slot: u32::MAX,
+        best_load: 0,
+        best_weight: 1,
+    };
+
     /// The slot the `index`-th step of a scan starting at `start` examines.
     #[inline(always)]
     pub fn slot(service: &ServiceValue, start: u32, index: u32) -> Option<u32> {

@@ -234,7 +234,8 @@ pub fn scheduler_of(service: &ServiceValue) -> Option<Scheduler> {
 /// Calls `step` for the indexes 0.. of a service's `count` slots, up to the scan
 /// bound, until it returns non-zero: in `bpf_loop`, whose callback the verifier
 /// checks once, or on kernels without it (`LEGACY_KERNEL`) in a bounded loop it
-/// unrolls, over fewer slots.
+/// unrolls, over fewer slots. What the callback decides on must not be constants the
+/// verifier knows (see `LEAST_LOADED_START`).
 ///
 /// # Safety
 /// `ctx` is what `step` expects, and outlives the call.
@@ -260,6 +261,16 @@ struct Scan {
     load: LeastLoaded,
 }
 
+/// Where a least-connection scan starts from: `LeastLoaded::NOTHING_YET`, read from
+/// writable global data (a map the verifier does not see into) instead of written as
+/// constants. Verifiers before Linux 6.7 check a `bpf_loop` callback once, with the
+/// state of its first call: from a constant "nothing chosen yet" they proved the
+/// comparison with an earlier choice never taken and removed it as dead code, so that
+/// on Debian 12's 6.1 lc chose the last backend it scanned, whatever the counts (the
+/// kernel matrix's accounting and trace tests caught it). Never written.
+#[no_mangle]
+static mut LEAST_LOADED_START: LeastLoaded = LeastLoaded::NOTHING_YET;
+
 /// The least-connection family (`decide::LeastLoaded`). The scan runs in `bpf_loop`,
 /// so the verifier checks one iteration instead of unrolling `MAX_LEAST_CONN_SCAN` of
 /// them.
@@ -269,7 +280,8 @@ fn least_connections(service: &ServiceValue) -> Option<Choice> {
     let mut scan = Scan {
         service: *service,
         start: next_turn(service)?,
-        load: LeastLoaded::default(),
+        // SAFETY: a read of global data nothing writes.
+        load: unsafe { core::ptr::read_volatile(&raw const LEAST_LOADED_START) },
     };
     // SAFETY: the callback receives a pointer to `scan`, which outlives the call.
     unsafe { for_each_slot(count, scan_one, (&raw mut scan).cast()) };

@@ -25,14 +25,13 @@ enum Task {
     Build,
     /// Run the demo: a node, pods and a client in namespaces, real traffic.
     Demo,
-    /// Measurements for BENCHMARKS.md (results in bench/results/).
+    /// Measurements for BENCHMARKS.md: the bench's own arguments follow
+    /// (`cargo xtask bench --help` lists them).
+    #[command(disable_help_flag = true)]
     Bench {
-        /// Fewer and smaller runs (for CI): never fails on a timing.
-        #[arg(long)]
-        quick: bool,
-        /// One part only: control, scale, watch, data, e2e or ipvs.
-        #[arg(long)]
-        only: Option<String>,
+        /// Passed to the bench binary (`--quick`, `--only <part>`, `--update-committed`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// The agent's OCI image (target/image/): no base image, reproducible, tagged
     /// with the version.
@@ -49,6 +48,10 @@ enum Task {
         /// separated for several) in QEMU and runs the data path's tests there.
         #[arg(long)]
         kernel: Option<String>,
+        /// With --kernel: every test of the data path's BPF_PROG_TEST_RUN modules
+        /// too, not only the matrix's sample (minutes per 6.x kernel, an hour on 5.10).
+        #[arg(long, requires = "kernel")]
+        data_path: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -69,33 +72,34 @@ fn main() -> Result<()> {
                 workspace_root().join("target/release/ebpf-proxy-demo"),
             ))
         }
-        Task::Bench { quick, only } => {
-            setup::ensure_bench()?;
+        Task::Bench { args } => {
+            // Help needs the binary, not the QEMU guest and packages a run needs.
+            if !args.iter().any(|a| a == "--help" || a == "-h") {
+                setup::ensure_bench()?;
+            }
             build()?;
             let mut bench = Command::new(workspace_root().join("target/release/ebpf-proxy-bench"));
-            if quick {
-                bench.arg("--quick");
-            }
-            if let Some(part) = only {
-                bench.args(["--only", &part]);
-            }
+            bench.args(args);
             run(bench)
         }
         Task::Image { arch } => {
             setup::ensure()?;
             image::build(image::arch(&arch)?)
         }
-        Task::Test { kernel: None, args } => {
+        Task::Test {
+            kernel: None, args, ..
+        } => {
             setup::ensure()?;
             image::build(image::arch("amd64")?)?;
             test(&args)
         }
         Task::Test {
             kernel: Some(kernels),
+            data_path,
             args,
         } => {
             setup::ensure()?;
-            kernel_matrix(&kernels, &args)
+            kernel_matrix(&kernels, data_path, &args)
         }
     }
 }
@@ -175,8 +179,8 @@ fn test(args: &[String]) -> Result<()> {
 }
 
 /// The privileged suite's kernel-matrix test (ignored in ordinary runs), for the
-/// kernel generations `kernels` names.
-fn kernel_matrix(kernels: &str, args: &[String]) -> Result<()> {
+/// kernel generations `kernels` names; `data_path`: with every data path test.
+fn kernel_matrix(kernels: &str, data_path: bool, args: &[String]) -> Result<()> {
     let mut matrix = cargo();
     matrix
         .args(["test", "-p", "proxy-userspace", "--test", "privileged"])
@@ -184,6 +188,9 @@ fn kernel_matrix(kernels: &str, args: &[String]) -> Result<()> {
         .args(["--", "--ignored", "--exact", "--nocapture"])
         .arg("kernel_matrix::the_data_path_suite_passes_on_debian_stock_kernels")
         .env("EPX_KERNELS", kernels);
+    if data_path {
+        matrix.env("EPX_MATRIX", "data-path");
+    }
     run_counting_tests(matrix)
 }
 
