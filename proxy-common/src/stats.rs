@@ -62,7 +62,8 @@ datapath_events! {
     /// A packet too short or malformed for its headers; passed untouched.
     EV_MALFORMED => "malformed",
     /// A later IP fragment whose datagram's first fragment was not seen here, or
-    /// whose flow is not tracked (or a fragment of another protocol): passed untouched.
+    /// whose flow is not tracked (or a fragment of another protocol), to an address
+    /// that is not a service's: passed untouched.
     EV_FRAGMENT => "fragment",
     /// No free SNAT port after bounded retries: the packet was dropped.
     EV_SNAT_EXHAUSTED => "snat_exhausted",
@@ -106,6 +107,10 @@ datapath_events! {
     /// needed) was over the ICMP rate (`--icmp-rate`): the packet was dropped
     /// without an answer.
     EV_ICMP_RATE_LIMITED => "icmp_rate_limited",
+    /// A later IP fragment addressed to a service address whose datagram is not
+    /// tracked here (its first fragment reordered after it, or refused): dropped
+    /// rather than let out of the node untranslated.
+    EV_FRAGMENT_DROPPED => "fragment_dropped",
 }
 
 /// Events defined.

@@ -11,7 +11,8 @@ use proxy_common::{
     tcp::{TCP_ACK, TCP_RST, TCP_SYN},
     Addr, CtEntry, CtKey, Family, ServiceValue, Transport, BACKEND_F_REMOTE, CT_F_ENCAP,
     CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT,
-    EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_MALFORMED,
+    EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_FRAGMENT_DROPPED,
+    EV_MALFORMED,
     EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED,
     EV_TUNNEL_REFUSED, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
 };
@@ -112,7 +113,7 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             counters::event(EV_MALFORMED);
             return Verdict::PASS;
         }
-        Err(Skip::Fragment) => return later_fragment(pkt),
+        Err(Skip::Fragment) => return later_fragment(pkt, origin),
     };
     if flow.more_fragments {
         fragments::remember(&flow);
@@ -180,11 +181,18 @@ fn related_or_refused<P: Packet>(pkt: &P, flow: &Flow, origin: Origin, now: u64)
 /// Through a tunnel only `dsr-ipip` frontends are reached: the rest passes.
 #[inline(always)]
 pub fn refused_at_service_address(origin: Origin, family: u8, dst: &Addr) -> Verdict {
-    if !matches!(origin, Origin::Tunnel(_)) && balancer::is_service_address(family, dst) {
+    if at_service_address(origin, family, dst) {
         counters::event(EV_REFUSED);
         return Verdict::REFUSE;
     }
     Verdict::PASS
+}
+
+/// Whether `dst` is a service address, for a packet from where services are reached
+/// (not through a tunnel, which reaches only `dsr-ipip` frontends).
+#[inline(always)]
+fn at_service_address(origin: Origin, family: u8, dst: &Addr) -> bool {
+    !matches!(origin, Origin::Tunnel(_)) && balancer::is_service_address(family, dst)
 }
 
 /// An IPv4 packet that is neither TCP, UDP nor SCTP (or an SCTP first fragment): ICMP is `icmp`'s (an error about one of
@@ -203,9 +211,14 @@ fn other_protocol<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
 
 /// A later fragment of a datagram follows its flow, as its first fragment did (its
 /// addresses only); it never opens one. One whose first fragment was not seen, or
-/// whose flow is not tracked, passes untouched (`fragment`).
+/// whose flow is not tracked, passes untouched (`fragment`), unless it is addressed
+/// to a service address: it could only leave the node untranslated, towards an
+/// address nobody outside owns, and its datagram cannot be delivered anyway (its
+/// first fragment arrives later, reordered, or was refused: another port or
+/// protocol), so it is dropped (`fragment_dropped`; no ICMP error is ever sent about
+/// a later fragment).
 #[inline(always)]
-fn later_fragment<P: Packet>(pkt: &P) -> Verdict {
+fn later_fragment<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     let tracked = parse::later_fragment(pkt, fragments::ports_of).and_then(|flow| {
         match conntrack::lookup(&flow.key, conntrack::now_ns()) {
             // SAFETY: copy of a live map value.
@@ -213,13 +226,17 @@ fn later_fragment<P: Packet>(pkt: &P) -> Verdict {
             _ => None,
         }
     });
-    match tracked {
-        Some((flow, entry)) => follow(pkt, &flow, &entry, false),
-        None => {
-            counters::event(EV_FRAGMENT);
-            Verdict::PASS
-        }
+    if let Some((flow, entry)) = tracked {
+        return follow(pkt, &flow, &entry, false);
     }
+    let to_service_address = parse::ipv4_protocol_and_destination(pkt)
+        .is_some_and(|(_, dst)| at_service_address(origin, Family::V4.number(), &dst));
+    if to_service_address {
+        counters::event(EV_FRAGMENT_DROPPED);
+        return Verdict::DROP;
+    }
+    counters::event(EV_FRAGMENT);
+    Verdict::PASS
 }
 
 /// What to do with an IPIP packet (see `tunnel` for the rules).

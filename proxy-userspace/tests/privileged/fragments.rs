@@ -12,7 +12,6 @@ use crate::support::{cluster::*, datapath::*, packets::*, services::*};
 const VIP: [u8; 4] = [10, 96, 0, 53];
 const POD: [u8; 4] = [10, 244, 1, 2];
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
-const TC_ACT_OK: u32 = 0;
 
 /// A UDP datagram too large for one 1500-byte frame, in two fragments.
 fn fragmented(src: ([u8; 4], u16), dst: ([u8; 4], u16), id: u16) -> (Vec<u8>, Vec<u8>) {
@@ -60,14 +59,15 @@ fn every_fragment_of_a_datagram_follows_its_flow_both_ways() {
 }
 
 #[test]
-fn a_later_fragment_without_its_first_passes_untouched_and_opens_nothing() {
+fn a_later_fragment_without_its_first_never_leaves_for_a_service_address_nor_opens_a_flow() {
     let mut dp = TestDatapath::new();
     dp.program(&[(udp(VIP, 53), vec![local(POD, 5353)])]);
-    // Reordered: the later fragment first. It cannot be translated yet.
+    // Reordered: the later fragment first. It cannot be translated yet, and to a
+    // service address it could only leave the node untranslated: dropped.
     let (first, second) = fragmented((CLIENT, 40001), (VIP, 53), 0x6161);
     let (verdict, out) = dp.xdp(&second);
-    assert_eq!((verdict, out), (XDP_PASS, second.clone()));
-    assert_eq!(dp.event("fragment"), 1);
+    assert_eq!((verdict, out), (XDP_DROP, second.clone()));
+    assert_eq!(dp.event("fragment_dropped"), 1);
     assert_eq!(dp.tables().conntrack.keys().count(), 0);
     // Its first fragment still opens the flow, and fragments of another datagram
     // (another IP id) of the same client are not mistaken for it.
@@ -76,8 +76,42 @@ fn a_later_fragment_without_its_first_passes_untouched_and_opens_nothing() {
     assert_eq!(out[14 + 16..14 + 20], POD);
     let (_, stranger) = fragmented((CLIENT, 40001), (VIP, 53), 0x6262);
     let (verdict, out) = dp.xdp(&stranger);
-    assert_eq!((verdict, out), (XDP_PASS, stranger));
-    assert_eq!(dp.event("fragment"), 2);
+    assert_eq!((verdict, out), (XDP_DROP, stranger));
+    // From a pod too; and one to an address no service has passes untouched.
+    let (_, from_pod) = fragmented(([10, 244, 1, 9], 40002), (VIP, 53), 0x6363);
+    assert_eq!(dp.tc(&from_pod).0, TC_ACT_SHOT);
+    assert_eq!(dp.event("fragment_dropped"), 3);
+    let (_, elsewhere) = fragmented((CLIENT, 40001), ([192, 0, 2, 7], 53), 0x6464);
+    let (verdict, out) = dp.xdp(&elsewhere);
+    assert_eq!((verdict, out), (XDP_PASS, elsewhere));
+    assert_eq!(dp.event("fragment"), 1);
+}
+
+/// A datagram of another protocol to a service address: its first fragment is
+/// refused (as a whole packet of it would be), its later ones dropped, none leaves.
+#[test]
+fn every_fragment_of_another_protocol_to_a_service_address_stays_on_the_node() {
+    const PROTO_GRE: u8 = 47;
+    let mut dp = TestDatapath::new();
+    dp.program(&[(udp(VIP, 53), vec![local(POD, 5353)])]);
+    let (first, second) = fragmented((CLIENT, 40001), (VIP, 53), 0x6565);
+    let as_gre = |mut frame: Vec<u8>| {
+        frame[14 + 9] = PROTO_GRE;
+        frame[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let check = internet_checksum(&frame[14..34]);
+        frame[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
+        frame
+    };
+    let (verdict, out) = dp.xdp(&as_gre(first));
+    assert_eq!(
+        (verdict, out[23], out[34]),
+        (XDP_PASS, 1, 3),
+        "refused: ICMP unreachable"
+    );
+    let second = as_gre(second);
+    let (verdict, out) = dp.xdp(&second);
+    assert_eq!((verdict, out), (XDP_DROP, second));
+    assert_eq!((dp.event("refused"), dp.event("fragment_dropped")), (1, 1));
 }
 
 /// A datagram of `size` bytes to `target` from `ns`, and the UDP test server's

@@ -112,8 +112,6 @@ enum Hook {
     Tc,
 }
 
-const TC_ACT_REDIRECT: u32 = 7;
-
 /// Whether `output` is the refusal of `input`: ICMP port unreachable quoting it,
 /// every checksum valid.
 fn is_refusal(hook: Hook, input: &[u8], verdict: u32, output: &[u8]) -> bool {

@@ -26,8 +26,6 @@ use crate::support::{
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
-const TC_ACT_REDIRECT: u32 = 7;
-const TC_ACT_SHOT: u32 = 2;
 
 /// Checks a refusal of `offending` (an Ethernet frame): from the address it was sent
 /// to, ICMP port unreachable quoting `quoted` bytes of it from its IP header on

@@ -17,7 +17,6 @@ const CLIENT: [u8; 4] = [198, 18, 0, 2];
 const POD_A: [u8; 4] = [10, 244, 1, 2];
 const POD_B: [u8; 4] = [10, 244, 1, 3];
 const REMOTE_POD: [u8; 4] = [10, 244, 2, 2];
-const TC_ACT_OK: u32 = 0;
 
 /// A TFTP read request for `boot.img` (RFC 1350: opcode 1, file name, mode).
 const READ_REQUEST: &[u8] = b"\x00\x01boot.img\x00octet\x00";

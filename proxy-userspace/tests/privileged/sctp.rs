@@ -28,7 +28,6 @@ const DIAMETER: u16 = 3868;
 const BACKEND_PORT: u16 = 3869;
 const DATA: u8 = 0;
 const SACK: u8 = 3;
-const TC_ACT_SHOT: u32 = 2;
 
 /// A packet's (source, destination).
 type Tuple = (([u8; 4], u16), ([u8; 4], u16));
