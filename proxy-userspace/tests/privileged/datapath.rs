@@ -270,9 +270,10 @@ fn malformed_and_fragmented_packets_pass_untouched() {
     let mut ihl_past_end = good.clone();
     ihl_past_end[14] = 0x4f; // 60-byte header: the TCP header would start past the data
     cases.push(("IHL past the packet", ihl_past_end));
-    // A later fragment whose first was never seen (fragments of tracked flows are
-    // translated: see `fragments`).
-    let mut later_fragment = good.clone();
+    // A later fragment whose first was never seen, to an address no service has
+    // (fragments of tracked flows are translated, and untracked ones to a service
+    // address dropped: see `fragments`).
+    let mut later_fragment = tcp_packet((CLIENT, 40000), ([192, 0, 2, 7], 80), Tcp::Syn, b"");
     later_fragment[14 + 7] = 0x10; // offset 16*8
     cases.push(("later fragment", later_fragment));
     for (what, packet) in cases {

@@ -7,7 +7,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::programs::{ProgramError, TestRun as _, TestRunOptions};
 use ebpf_proxy::{
     datapath::{
         attach,
@@ -153,6 +153,12 @@ impl TestDatapath {
     }
 
     fn run(&mut self, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run(hook, packet).expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// BPF_PROG_TEST_RUN of one hook's program; an error is the kernel's test harness
+    /// refusing the input before the program ran.
+    fn try_run(&mut self, hook: Hook, packet: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
         let mut out = vec![0u8; packet.len() + 256];
         let options = TestRunOptions {
             data_in: Some(packet),
@@ -163,10 +169,9 @@ impl TestDatapath {
             Hook::Uplink => self.datapath.xdp().expect("xdp").test_run(options),
             Hook::PodIngress => self.datapath.tc().expect("tc").test_run(options),
             Hook::NodeEgress => self.datapath.tc_egress().expect("tc").test_run(options),
-        }
-        .expect("BPF_PROG_TEST_RUN");
+        }?;
         out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        Ok((result.return_value, out))
     }
 
     /// Runs the uplink XDP program; returns the verdict and the packet as it left.
@@ -177,6 +182,15 @@ impl TestDatapath {
     /// Runs the pod-interface tc program.
     pub fn tc(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
         self.run(Hook::PodIngress, packet)
+    }
+
+    /// `xdp` and `tc`, but an input the kernel's test harness refuses before the
+    /// program runs (EINVAL: some frames the fuzzer makes) is an error, not a panic.
+    pub fn try_xdp(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+        self.try_run(Hook::Uplink, packet)
+    }
+    pub fn try_tc(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+        self.try_run(Hook::PodIngress, packet)
     }
 
     /// Runs the egress tc program (uplinks and pod interfaces).
