@@ -316,11 +316,6 @@ impl ConfigValue {
             ip => Some((ip, self.addr.words[3])),
         }
     }
-
-    /// What a hook that met the probe leaves: the cookie it saw, no probe.
-    pub const fn probe_answered(cookie: u64) -> ConfigValue {
-        ConfigValue::from_u64(cookie)
-    }
 }
 
 /// An address with its family, the key of the address sets `NODE_ADDRS` and

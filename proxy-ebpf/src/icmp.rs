@@ -265,8 +265,9 @@ pub fn within_rate() -> bool {
 /// A refusal: Ethernet, IP, ICMP header, and the quoted IP header with 8 bytes.
 const REFUSAL_LEN: usize = ETH_LEN + 20 + 8 + 28;
 
-/// Turns the packet into its refusal in place, within the ICMP rate (XDP memory is the packet's: no frame
-/// on the stack) and hands it to the kernel, which routes it to the client (as
+/// Turns the packet into its refusal in place, within the ICMP rate (XDP memory is
+/// the packet's: no frame on the stack) and hands it to the kernel, which routes it
+/// to the client (as
 /// `tunnel`'s fragmentation-needed): XDP_TX would send it back to the previous hop,
 /// but a veth peer without XDP or GRO drops what it gets that way.
 #[inline(always)]

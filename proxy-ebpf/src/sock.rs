@@ -39,7 +39,8 @@ fn in_node_netns(ctx: &SockAddrContext) -> bool {
         // SAFETY: reading the context's own fields.
         let called = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
         if called == probe {
-            *slot = ConfigValue::probe_answered(cookie);
+            // The cookie this socket's namespace has, and no probe left.
+            *slot = ConfigValue::from_u64(cookie);
         }
     }
     let wanted = slot.as_u64();

@@ -358,8 +358,18 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             Some(update) = updates.recv() => schedule.apply(update, &mut tracker, &status.metrics),
         }
     };
-    let mut syncer = Syncer::recover(Tables::open(&config.pin_dir)?)?
-        .with_ct_timeouts(config.load_settings.ct_timeouts);
+    let mut tables = Tables::open(&config.pin_dir)?;
+    // Attached first: the hooks themselves tell the agent its namespace's cookie.
+    attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
+    let netns_cookie = netns_cookie::learn(&mut tables.config)?;
+    match netns_cookie {
+        Some(cookie) => info!(cookie, "socket hooks serve this network namespace"),
+        None => {
+            warn!("{SOCKET_HOOKS_OFF}");
+            status.update_report(|r| r.socket_hooks = SOCKET_HOOKS_OFF.into());
+        }
+    }
+    let mut syncer = Syncer::recover(tables)?.with_ct_timeouts(config.load_settings.ct_timeouts);
     let unbound = server::spawn(
         config.metrics_address,
         config.health_address,
@@ -378,16 +388,6 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             false => BTreeSet::new(),
         },
     };
-    // Attached first: the hooks themselves tell the agent its namespace's cookie.
-    attach::attach_sock_hooks(&mut datapath, &config.cgroup)?;
-    let netns_cookie = netns_cookie::learn(&mut Tables::open(&config.pin_dir)?.config)?;
-    match netns_cookie {
-        Some(cookie) => info!(cookie, "socket hooks serve this network namespace"),
-        None => {
-            warn!("{SOCKET_HOOKS_OFF}");
-            status.update_report(|r| r.socket_hooks = SOCKET_HOOKS_OFF.into());
-        }
-    }
     let settings = NodeSettings {
         netns_cookie: netns_cookie.unwrap_or(0),
         xdp_redirect: config.xdp_redirect,

@@ -94,21 +94,14 @@ fn every_fragment_of_another_protocol_to_a_service_address_stays_on_the_node() {
     const PROTO_GRE: u8 = 47;
     let mut dp = TestDatapath::new();
     dp.program(&[(udp(VIP, 53), vec![local(POD, 5353)])]);
-    let (first, second) = fragmented((CLIENT, 40001), (VIP, 53), 0x6565);
-    let as_gre = |mut frame: Vec<u8>| {
-        frame[14 + 9] = PROTO_GRE;
-        frame[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
-        let check = internet_checksum(&frame[14..34]);
-        frame[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
-        frame
-    };
-    let (verdict, out) = dp.xdp(&as_gre(first));
+    let gre = ip_packet(CLIENT, VIP, PROTO_GRE, &[0x5a; 2000]);
+    let (first, second) = fragments(&gre, 1480, 0x6565);
+    let (verdict, out) = dp.xdp(&first);
     assert_eq!(
         (verdict, out[23], out[34]),
         (XDP_PASS, 1, 3),
         "refused: ICMP unreachable"
     );
-    let second = as_gre(second);
     let (verdict, out) = dp.xdp(&second);
     assert_eq!((verdict, out), (XDP_DROP, second));
     assert_eq!((dp.event("refused"), dp.event("fragment_dropped")), (1, 1));
