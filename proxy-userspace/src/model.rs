@@ -5,6 +5,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 pub use proxy_common::Family;
@@ -365,13 +366,16 @@ pub struct HealthCheck {
     pub local_endpoints: usize,
 }
 
-/// A frontend to program (`Some`) or to remove (`None`).
-pub type FrontendChange = (FrontendKey, Option<Frontend>);
+/// A frontend to program (`Some`) or to remove (`None`). Frontends are shared, not
+/// copied, between the tracker that holds them, the changes it returns and the
+/// syncer: a first sync of 100,000 services made three transient copies of every
+/// one, and the holes they left kept tens of MB resident.
+pub type FrontendChange = (FrontendKey, Option<Arc<Frontend>>);
 
 /// Everything the data path should serve.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
-    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    pub frontends: BTreeMap<FrontendKey, Arc<Frontend>>,
 }
 
 /// Input that could not be programmed, reported instead of failing the whole sync.

@@ -129,9 +129,18 @@ pub(crate) struct SliceEndpoint {
     serving: bool,
     terminating: bool,
     /// `hints.forZones`; `None` without hints.
-    zones: Option<BTreeSet<String>>,
+    zones: Option<Box<[Box<str>]>>,
     /// `hints.forNodes`, as far as this node is concerned.
     node_hint: NodeHint,
+}
+
+impl SliceEndpoint {
+    /// Whether its `hints.forZones` name this zone.
+    fn hinted_for(&self, zone: &str) -> bool {
+        self.zones
+            .as_ref()
+            .is_some_and(|zones| zones.iter().any(|z| **z == *zone))
+    }
 }
 
 /// An endpoint's `hints.forNodes` (set by the EndpointSlice controller for
@@ -148,7 +157,7 @@ enum NodeHint {
 /// service claiming the same one) and what is wrong with it.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ServiceOutput {
-    pub claims: Vec<(FrontendKey, Frontend)>,
+    pub claims: Vec<(FrontendKey, Arc<Frontend>)>,
     pub problems: Vec<Problem>,
     /// `healthCheckNodePort` and what it reports (rule 8).
     pub health_check: Option<Box<(u16, HealthCheck)>>,
@@ -219,7 +228,7 @@ pub(crate) fn slice_endpoints(
             .hints
             .as_ref()
             .and_then(|h| h.for_zones.as_ref())
-            .map(|zones| zones.iter().map(|z| z.name.clone()).collect());
+            .map(|zones| zones.iter().map(|z| z.name.as_str().into()).collect());
         let node_hint = match endpoint.hints.as_ref().and_then(|h| h.for_nodes.as_ref()) {
             Some(nodes) if nodes.iter().any(|n| n.name == node_name) => NodeHint::ForThisNode,
             Some(nodes) if !nodes.is_empty() => NodeHint::ForOtherNodes,
@@ -249,6 +258,8 @@ pub(crate) fn slice_endpoints(
             }
         }
     }
+    // Kept by the tracker for as long as the slice lives: no spare capacity.
+    out.shrink_to_fit();
     Ok(out)
 }
 
@@ -396,7 +407,7 @@ impl<'a> Topology<'a> {
         let Some(zone) = zone.filter(|z| !z.is_empty()) else {
             return Topology::Anywhere;
         };
-        let hinted_here = |e: &&&SliceEndpoint| e.zones.as_ref().is_some_and(|z| z.contains(zone));
+        let hinted_here = |e: &&&SliceEndpoint| e.hinted_for(zone);
         if ready().all(|e| e.zones.is_some()) && ready().any(|e| hinted_here(&e)) {
             Topology::SameZone(zone)
         } else {
@@ -408,7 +419,7 @@ impl<'a> Topology<'a> {
     fn admits(self, endpoint: &SliceEndpoint) -> bool {
         match self {
             Topology::SameNode => endpoint.node_hint == NodeHint::ForThisNode,
-            Topology::SameZone(zone) => endpoint.zones.as_ref().is_some_and(|z| z.contains(zone)),
+            Topology::SameZone(zone) => endpoint.hinted_for(zone),
             Topology::Anywhere => true,
         }
     }
@@ -734,7 +745,7 @@ pub(crate) fn service_output(
                     port,
                     protocol,
                 },
-                Frontend {
+                Arc::new(Frontend {
                     service: service_port.clone(),
                     external: is_external,
                     scheduler,
@@ -763,7 +774,7 @@ pub(crate) fn service_output(
                         } else {
                             internal_local
                         },
-                },
+                }),
             ))
         };
         for (addr, kind) in &addresses {
@@ -839,6 +850,8 @@ pub(crate) fn service_output(
             "no selector and no endpoints in its EndpointSlices: it has no backends",
         ));
     }
+    // Kept by the tracker for as long as the service lives: no spare capacity.
+    frontends.shrink_to_fit();
     out.claims = frontends;
     out
 }

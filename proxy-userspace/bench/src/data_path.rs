@@ -377,7 +377,7 @@ pub fn measure(
             };
             desired
                 .frontends
-                .insert(key, frontend(scheduler, first_backend));
+                .insert(key, frontend(scheduler, first_backend).into());
         };
         for i in 0..services as u32 {
             add(
@@ -416,7 +416,7 @@ pub fn measure(
                 port: 80,
                 protocol: Protocol::Tcp,
             },
-            entry,
+            entry.into(),
         );
         desired.frontends.insert(
             FrontendKey {
@@ -424,7 +424,7 @@ pub fn measure(
                 port: 53,
                 protocol: Protocol::Udp,
             },
-            frontend(Scheduler::Rr, 10_003_000),
+            frontend(Scheduler::Rr, 10_003_000).into(),
         );
         let report = syncer.apply(&desired);
         ensure!(report.problems.is_empty(), "{:?}", report.problems);

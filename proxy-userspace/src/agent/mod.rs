@@ -189,9 +189,6 @@ impl Programmer {
         metrics
             .udp_flows_flushed
             .inc_by(report.flushed_udp_flows as u64);
-        if flush.changes.len() >= LARGE_SYNC {
-            limits::return_free_memory();
-        }
         info!(
             changed = flush.changes.len(),
             added = report.added,
@@ -203,6 +200,12 @@ impl Programmer {
             elapsed_us = started.elapsed().as_micros() as u64,
             "synced"
         );
+        // Once what the sync made on the way is freed: trimming earlier left the
+        // holes of its transient copies resident.
+        if flush.changes.len() >= LARGE_SYNC {
+            drop((flush.changes, flush.triggers, problems, tracked));
+            limits::return_free_memory();
+        }
         standing
     }
 }

@@ -16,6 +16,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use anyhow::{Context as _, Result};
@@ -108,7 +109,7 @@ pub struct Syncer {
     backend_ids: BackendIds,
     counts_reconciler: Reconciler,
     /// Frontends a sync could not program, as last asked for.
-    refused: BTreeMap<FrontendKey, Frontend>,
+    refused: BTreeMap<FrontendKey, Arc<Frontend>>,
     /// The idle timeouts the data path was loaded with: the collector's too.
     ct_timeouts: CtTimeouts,
 }
@@ -405,7 +406,7 @@ impl Syncer {
         // What did not fit before may fit now (these changes may have made room),
         // and is tried again until it does: a source says a frontend only once.
         let changed: BTreeSet<&FrontendKey> = changes.iter().map(|(key, _)| key).collect();
-        let retry: Vec<(FrontendKey, Frontend)> = self
+        let retry: Vec<(FrontendKey, Arc<Frontend>)> = self
             .refused
             .iter()
             .filter(|(key, _)| !changed.contains(key))
@@ -441,7 +442,12 @@ impl Syncer {
 
     /// Applies one change; a frontend that cannot be programmed is reported and kept
     /// in `refused`, to be tried again at the next sync.
-    fn apply_one(&mut self, key: &FrontendKey, change: Option<&Frontend>, report: &mut SyncReport) {
+    fn apply_one(
+        &mut self,
+        key: &FrontendKey,
+        change: Option<&Arc<Frontend>>,
+        report: &mut SyncReport,
+    ) {
         let result = match change {
             None if self.programmed.contains_key(key) => {
                 self.remove(key, report).map(|()| report.removed += 1)
@@ -608,7 +614,7 @@ impl Syncer {
             .filter(|e| e.weight > 0)
             .copied()
             .collect();
-        let (slots, fresh) = self.assign_slots(key, &current.slots, &schedulable)?;
+        let (mut slots, fresh) = self.assign_slots(key, &current.slots, &schedulable)?;
         let table = scheduling::table(frontend.scheduler, &slots, (&current.slots, &current.table))
             .unwrap_or_default();
         let (table_offset, table_len) = if table == current.table {
@@ -647,7 +653,8 @@ impl Syncer {
                 .context("loadBalancerSourceRanges")?;
             report.map_writes += 1;
         }
-        if self.tables.service_names.get(&id, 0).ok() != Some(name) {
+        // A new frontend's name was written by `add` a moment ago.
+        if !is_new && self.tables.service_names.get(&id, 0).ok() != Some(name) {
             self.tables.service_names.insert(id, name, 0)?;
             report.map_writes += 1;
         }
@@ -694,6 +701,8 @@ impl Syncer {
             self.table_space
                 .release(current.value.table_offset, current.value.table_len);
         }
+        // Kept for as long as the frontend lives: no spare capacity.
+        slots.shrink_to_fit();
         self.programmed.insert(
             *key,
             Programmed {

@@ -1,14 +1,17 @@
 //! A set of a few elements, usually one (the slices of a service, the claimants of a
-//! frontend): a sorted `Vec`. A `BTreeSet` allocates a whole node (room for eleven
-//! elements, about 550 bytes for two-string keys) for its first element, which at
-//! 100,000 services was a third of the agent's memory.
+//! frontend): sorted, with the first element inline. A `BTreeSet` allocates a whole
+//! node (room for eleven elements, about 550 bytes for two-string keys) for its first
+//! element, which at 100,000 services was a third of the agent's memory; a `Vec`, an
+//! allocation per set.
+
+use smallvec::SmallVec;
 
 #[derive(Clone, Debug)]
-pub struct Few<T>(Vec<T>);
+pub struct Few<T>(SmallVec<[T; 1]>);
 
 impl<T> Default for Few<T> {
     fn default() -> Self {
-        Few(Vec::new())
+        Few(SmallVec::new())
     }
 }
 

@@ -14,6 +14,7 @@ mod stored;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -352,7 +353,7 @@ impl ChangeTracker {
     }
 
     /// The service holding a frontend, and what it asks for there.
-    fn holder(&self, key: &FrontendKey) -> Option<(&ObjectKey, &Frontend)> {
+    fn holder(&self, key: &FrontendKey) -> Option<(&ObjectKey, &Arc<Frontend>)> {
         let service = self.claims.get(key)?.first()?;
         let output = self.outputs.get(service)?;
         let (_, frontend) = output.claims.iter().find(|(k, _)| k == key)?;
@@ -385,7 +386,7 @@ impl ChangeTracker {
                     .flatten()
                     .cloned()
                     .collect();
-                match stored.decode() {
+                match stored.decode(&key) {
                     Ok(service) => service_output(&service, &endpoints, &self.node),
                     Err(message) => ServiceOutput::unreadable(&key, message),
                 }
@@ -400,7 +401,7 @@ impl ChangeTracker {
             }
             outputs.push((key, output));
         }
-        let before: BTreeMap<FrontendKey, Option<Frontend>> = affected
+        let before: BTreeMap<FrontendKey, Option<Arc<Frontend>>> = affected
             .iter()
             .map(|k| (*k, self.holder(k).map(|(_, f)| f.clone())))
             .collect();

@@ -9,7 +9,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::translate::{ANNOTATION_PREFIX, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
+use crate::{
+    source::ObjectKey,
+    translate::{ANNOTATION_PREFIX, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredService(Box<[u8]>);
@@ -26,15 +29,21 @@ impl StoredService {
         )
     }
 
-    pub fn decode(&self) -> Result<Service, String> {
-        serde_json::from_slice(&self.0).map_err(|e| format!("stored form unreadable: {e}"))
+    /// The Service again, named by its key.
+    pub fn decode(&self, key: &ObjectKey) -> Result<Service, String> {
+        let mut service: Service =
+            serde_json::from_slice(&self.0).map_err(|e| format!("stored form unreadable: {e}"))?;
+        service.metadata.namespace = Some(key.namespace().to_owned());
+        service.metadata.name = Some(key.name().to_owned());
+        Ok(service)
     }
 }
 
 /// The Service without what the translation never reads: other labels and
 /// annotations (kubectl's `last-applied-configuration` alone can be kilobytes),
-/// managed fields, owner references, conditions. The spec is kept whole (its selector
-/// too: a service without one is reported when it has no endpoints).
+/// managed fields, owner references, conditions, and its name (its key says it).
+/// The spec is kept whole (its selector too: a service without one is reported when
+/// it has no endpoints).
 fn trimmed(service: &Service) -> Service {
     let metadata = &service.metadata;
     let labels = metadata.labels.as_ref().map(|labels| {
@@ -58,8 +67,6 @@ fn trimmed(service: &Service) -> Service {
         .and_then(|lb| lb.ingress.clone());
     Service {
         metadata: ObjectMeta {
-            name: metadata.name.clone(),
-            namespace: metadata.namespace.clone(),
             labels,
             annotations,
             ..ObjectMeta::default()
@@ -115,7 +122,16 @@ status:
     fn keeps_what_the_translation_reads_and_drops_the_rest() {
         let original = service(FULL);
         let stored = StoredService::new(&original);
-        let decoded = stored.decode().expect("decodes");
+        let decoded = stored
+            .decode(&ObjectKey::new("shop", "web"))
+            .expect("decodes");
+        assert_eq!(
+            (
+                decoded.metadata.namespace.as_deref(),
+                decoded.metadata.name.as_deref()
+            ),
+            (Some("shop"), Some("web"))
+        );
         let labels = decoded.metadata.labels.clone().unwrap_or_default();
         assert_eq!(labels.len(), 1, "{labels:?}");
         let annotations = decoded.metadata.annotations.clone().unwrap_or_default();

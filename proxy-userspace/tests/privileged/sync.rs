@@ -22,7 +22,8 @@ fn desired(services: usize, backends: usize) -> DesiredState {
                 scheduler: Scheduler::Rr,
                 endpoints,
                 ..Default::default()
-            },
+            }
+            .into(),
         );
     }
     state
@@ -67,10 +68,7 @@ fn changing_one_service_touches_only_its_own_entries() {
     let mut state = desired(50, 4);
     dp.syncer.apply(&state);
     let key = tcp([10, 96, 0, 7], 80);
-    state
-        .frontends
-        .get_mut(&key)
-        .expect("svc")
+    std::sync::Arc::make_mut(state.frontends.get_mut(&key).expect("svc"))
         .endpoints
         .push(local([10, 244, 99, 1], 8080));
     let report = dp.syncer.apply(&state);
@@ -96,10 +94,7 @@ fn remaining_backends_keep_their_slots_when_one_leaves() {
     let before = slots(&tables, id, 4);
     // Remove the second backend: the last one moves into its slot, the others stay.
     let key = tcp([10, 96, 0, 1], 80);
-    state
-        .frontends
-        .get_mut(&key)
-        .expect("svc")
+    std::sync::Arc::make_mut(state.frontends.get_mut(&key).expect("svc"))
         .endpoints
         .remove(1);
     let report = dp.syncer.apply(&state);

@@ -349,7 +349,8 @@ proptest! {
         ),
     ) {
         let mut tracker = ChangeTracker::new("node-a");
-        let mut programmed: BTreeMap<FrontendKey, ebpf_proxy::model::Frontend> = BTreeMap::new();
+        let mut programmed: BTreeMap<FrontendKey, std::sync::Arc<ebpf_proxy::model::Frontend>> =
+            BTreeMap::new();
         for (services, slices) in &versions {
             let objects = build(services, slices);
             tracker.replace_all(&objects);

@@ -146,7 +146,10 @@ impl TestDatapath {
     /// Programs exactly these frontends.
     pub fn program_frontends(&mut self, frontends: Vec<(FrontendKey, Frontend)>) {
         let desired = DesiredState {
-            frontends: frontends.into_iter().collect(),
+            frontends: frontends
+                .into_iter()
+                .map(|(key, frontend)| (key, frontend.into()))
+                .collect(),
         };
         let report = self.syncer.apply(&desired);
         assert!(report.problems.is_empty(), "{:?}", report.problems);
