@@ -239,7 +239,8 @@ struct SyncSchedule {
     unlisted: BTreeSet<&'static str>,
     /// When the oldest change not yet programmed arrived.
     pending_since: Option<Instant>,
-    /// Problems reported by sources since the last sync, reported with the next.
+    /// The problems of the source's latest changes not synced yet, reported with the
+    /// next sync.
     pending_problems: Vec<Problem>,
     last_sync: Option<Instant>,
 }
@@ -275,7 +276,9 @@ impl SyncSchedule {
                 for change in changes {
                     tracker.apply(change);
                 }
-                self.pending_problems.extend(problems);
+                // Two versions of a file before one sync: the later one's problems are
+                // the ones that stand (a bad document kept is not counted twice).
+                self.pending_problems = problems;
             }
             SourceEvent::Listed => {
                 self.unlisted.remove(source);

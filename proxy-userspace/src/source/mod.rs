@@ -59,7 +59,8 @@ pub enum SourceEvent {
     /// Changes to apply together (one version of a file): no sync sees part of them.
     Changes {
         changes: Vec<ObjectChange>,
-        /// What could not be read, reported with the sync that follows.
+        /// What could not be read: all of the source's problems as of these changes,
+        /// replacing what it said before (reported with the sync that follows).
         problems: Vec<Problem>,
     },
     /// The source's first view has been said in full: the agent's first sync waits for

@@ -289,3 +289,32 @@ fn a_file_emptied_cut_short_written_slowly_or_misversioned_under_traffic_loses_n
         assert!(log.contains(said), "{said:?} not in\n{log}");
     }
 }
+
+#[test]
+fn a_bad_document_is_counted_once_and_taken_out_of_the_file_takes_its_problem_with_it() {
+    let services = |t: &Topology| numbered_services(t, 1..=1);
+    // Syncs at most every 3 s: two versions of the file can wait for the same one.
+    let cluster =
+        Cluster::with_agent_args("gone", 2, 0, services, &["--min-sync-period-ms", "3000"]);
+    let good = render(&services(&cluster.topology));
+    let problems = |count: usize| {
+        let metrics =
+            curl(&cluster.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
+        metrics.contains(&format!("ebpf_proxy_sync_problems {count}\n"))
+    };
+    let bad = format!("{good}---\napiVersion: v1\nkind: Service\n  metadata: [broken\n");
+    std::fs::write(&cluster.agent.manifests, &bad).expect("write");
+    wait_until(|| problems(1), "the bad document reported");
+    // Two more versions, both with the bad document, read before the next sync: the
+    // later one's problems stand (they were added up: 2).
+    std::fs::write(&cluster.agent.manifests, format!("{bad}# a\n")).expect("write");
+    std::thread::sleep(Duration::from_millis(600));
+    std::fs::write(&cluster.agent.manifests, format!("{bad}# b\n")).expect("write");
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(problems(1), "the bad document counted once");
+    // Taken out, the file changes no object: its version is still said, and the
+    // problem goes (it stood in the metric until some other change).
+    std::fs::write(&cluster.agent.manifests, &good).expect("write");
+    wait_until(|| problems(0), "the problem gone with its document");
+    assert!(curl(cluster.ns("pod-a2"), "http://10.96.1.1/").is_ok());
+}

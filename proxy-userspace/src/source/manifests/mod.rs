@@ -207,7 +207,9 @@ impl ManifestsSource {
                 "part of the file could not be read: updating what was read, removing nothing"
             );
         }
-        if batch.is_empty() && problems.is_empty() {
+        // A later version is said even when it changes nothing: its problems (none,
+        // say, once a bad document was taken out) replace the last version's.
+        if first && problems.is_empty() {
             return listening;
         }
         listening
