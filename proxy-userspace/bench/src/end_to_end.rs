@@ -10,11 +10,16 @@
 //! /proc/stat: client, servers and proxy alike), so only its differences between
 //! contenders are the proxies' own.
 //!
+//! For ebpf-proxy, one more round of new connections runs with the kernel's BPF
+//! statistics on, and the agent's `/metrics` says what each data path program cost
+//! per run under that traffic (in situ, beside the benchmark's test-run figures).
+//!
 //! IPVS is not here: this kernel has none (it needs the QEMU guest harness).
 //! Contenders run one after the other, not interleaved, so slow drift of the machine
 //! shows as a difference; the ranges over rounds say how noisy each figure is.
 
 use std::{
+    collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
@@ -45,6 +50,17 @@ pub struct E2eResult {
     pub udp_requests_per_s: Vec<f64>,
     /// Machine CPU time (all cores) per new connection, in microseconds.
     pub cpu_us_per_connection: Vec<f64>,
+    /// ebpf-proxy: what each data path program that ran cost over one more round of
+    /// new connections, as the kernel counted it.
+    #[serde(default)]
+    pub programs_in_situ: BTreeMap<String, ProgramCost>,
+}
+
+/// Runs of a program over a round, and its mean run time.
+#[derive(Clone, Copy, Serialize, serde::Deserialize)]
+pub struct ProgramCost {
+    pub runs: f64,
+    pub ns_per_run: f64,
 }
 
 /// The contenders on this machine's kernel (it has no IPVS).
@@ -201,6 +217,68 @@ fn keepalive_rate(topology: &Topology, target: SocketAddr, duration: Duration) -
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Each data path program's (runs, seconds), as the agent's `/metrics` says them.
+fn program_runs(topology: &Topology) -> Result<BTreeMap<String, (f64, f64)>> {
+    let exposition = topology.node.exec(
+        "curl",
+        &["-sS", "--max-time", "10", "http://127.0.0.1:10249/metrics"],
+    )?;
+    let mut runs: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in exposition.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Some((name, program)) = series
+            .strip_suffix("\"}")
+            .and_then(|s| s.split_once("{program=\""))
+        else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let entry = runs.entry(program.to_owned()).or_default();
+        match name {
+            "ebpf_proxy_program_runs_total" => entry.0 = value,
+            "ebpf_proxy_program_run_seconds_total" => entry.1 = value,
+            _ => {}
+        }
+    }
+    Ok(runs)
+}
+
+/// Runs and nanoseconds per run of each program that ran over one round of new
+/// connections, with the kernel's statistics on for that round only: they cost two
+/// clock reads per run, which the measured rounds do not pay. The agent samples its
+/// programs' counts every second, hence the waits.
+fn programs_in_situ(
+    topology: &Topology,
+    client: &Path,
+    target: SocketAddr,
+    duration: Duration,
+) -> Result<BTreeMap<String, ProgramCost>> {
+    let sampled = Duration::from_millis(1_500);
+    let counting = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+    std::thread::sleep(sampled);
+    let before = program_runs(topology)?;
+    connection_rate(client, target, duration)?;
+    std::thread::sleep(sampled);
+    let after = program_runs(topology)?;
+    drop(counting);
+    Ok(after
+        .into_iter()
+        .filter_map(|(program, (runs, seconds))| {
+            let (runs_before, seconds_before) = before.get(&program).copied().unwrap_or_default();
+            let ran = runs - runs_before;
+            let cost = ProgramCost {
+                runs: ran,
+                ns_per_run: (seconds - seconds_before) * 1e9 / ran,
+            };
+            (ran > 0.0).then_some((program, cost))
+        })
+        .collect())
+}
+
 /// Programs one contender; returns what keeps it alive (the agent) and the time taken.
 fn program(
     contender: &str,
@@ -315,6 +393,14 @@ pub fn run_contenders(
                         .with_context(|| format!("{contender}: keep-alive"))?,
                 );
             }
+            let programs_in_situ = if agent.is_some() {
+                programs_in_situ(&topology, &client, target, duration).unwrap_or_else(|e| {
+                    eprintln!("{contender}: no in-situ program figures: {e:#}");
+                    BTreeMap::new()
+                })
+            } else {
+                BTreeMap::new()
+            };
             drop(agent);
             if contender == "ipvs" {
                 contenders::flush_ipvs(&topology.node)?;
@@ -344,6 +430,15 @@ pub fn run_contenders(
                 range(&udp),
                 median(&cpu),
             );
+            if !programs_in_situ.is_empty() {
+                let each: Vec<String> = programs_in_situ
+                    .iter()
+                    .map(|(program, cost)| {
+                        format!("{program} {:.0} ns x {:.0}", cost.ns_per_run, cost.runs)
+                    })
+                    .collect();
+                println!("{:>8}  in situ, per run: {}", "", each.join(", "));
+            }
             let result = E2eResult {
                 services: count,
                 contender: contender.to_owned(),
@@ -352,6 +447,7 @@ pub fn run_contenders(
                 keepalive_requests_per_s: keepalive,
                 udp_requests_per_s: udp,
                 cpu_us_per_connection: cpu,
+                programs_in_situ,
             };
             report(&result);
             results.push(result);

@@ -475,6 +475,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             }
             _ = alive_ticker.tick() => {
                 status.health.turned();
+                status.metrics.programs.sample(&datapath.ebpf);
                 if !datapath.pins_intact() {
                     restore_pinned_state(&mut datapath, &mut attachments, &config, &mut pin_dir_lock);
                 }

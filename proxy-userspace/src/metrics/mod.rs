@@ -7,6 +7,7 @@
 
 mod kube_proxy;
 mod process;
+mod programs;
 mod traffic;
 
 use std::path::Path;
@@ -25,6 +26,7 @@ use prometheus_client::{
 
 use crate::datapath::tables::Tables;
 pub use kube_proxy::KubeProxyMetrics;
+pub use programs::ProgramRunStats;
 
 /// Counters the agent updates as it works.
 #[derive(Clone)]
@@ -41,6 +43,8 @@ pub struct AgentMetrics {
     /// Failed list/watch calls to the API server, by resource.
     pub source_errors: Family<Labels, Counter>,
     pub kube_proxy: KubeProxyMetrics,
+    /// The data path programs' own run counts and times (`programs`).
+    pub programs: ProgramRunStats,
 }
 
 impl Default for AgentMetrics {
@@ -55,6 +59,7 @@ impl Default for AgentMetrics {
             programming_latency_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
             source_errors: Family::default(),
             kube_proxy: KubeProxyMetrics::default(),
+            programs: ProgramRunStats::default(),
         }
     }
 }
@@ -123,6 +128,8 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics, max_series: usize) -> Result
         "Backend connection counters corrected to what the conntrack table holds",
         agent.connection_count_corrections.clone(),
     );
+
+    agent.programs.register(registry);
 
     let tables = Tables::open(pin_dir)?;
     traffic::register(registry, &tables, max_series);

@@ -32,6 +32,7 @@ mod operator_output;
 mod operator_status;
 mod operator_tools;
 mod policies;
+mod program_metrics;
 mod refusals;
 mod related_flows;
 mod schedulers;
