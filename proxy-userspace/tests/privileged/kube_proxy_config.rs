@@ -52,7 +52,7 @@ fn an_ipvs_mode_kube_proxy_configuration_runs_the_agent_equivalently() {
         curl(&cluster.topology.node2, &on_link).is_ok(),
         "NodePort on up1's address"
     );
-    let metrics = curl(&cluster.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
+    let metrics = cluster.metrics();
     assert!(metrics.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds"));
 
     let log = cluster.agent.log();

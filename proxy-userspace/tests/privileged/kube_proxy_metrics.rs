@@ -126,10 +126,6 @@ fn samples(exposition: &str, name: &str, kind: &str) -> Vec<(BTreeSet<String>, f
         .collect()
 }
 
-fn scrape(cluster: &Cluster) -> String {
-    curl(&cluster.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics")
-}
-
 /// The value of the one sample of `name` whose labels include `with` (a histogram:
 /// `_count`/`_sum` suffixed names work as well).
 fn value(exposition: &str, name: &str, with: &str) -> f64 {
@@ -165,11 +161,12 @@ fn kube_proxy_metrics_are_exported_with_its_names_types_labels_and_meanings() {
     assert!(manifests.contains(&trigger), "{manifests}");
     cluster.api().apply_manifests(&manifests).expect("apply");
     wait_for("the annotated slice programmed", || {
-        scrape(&cluster)
+        cluster
+            .metrics()
             .contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1")
     });
 
-    let exposition = scrape(&cluster);
+    let exposition = cluster.metrics();
     let exported = types(&exposition);
     for (name, kind, labels) in KUBE_PROXY {
         assert_eq!(

@@ -87,9 +87,7 @@ fn a_full_service_table_is_reported_and_what_did_not_fit_is_programmed_once_room
         curl(client, "http://10.96.1.3/").is_err(),
         "the third does not fit"
     );
-    let metrics =
-        || curl(&cluster.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
-    let now = metrics();
+    let now = cluster.metrics();
     assert!(
         now.contains("ebpf_proxy_map_capacity{map=\"SERVICES\"} 2"),
         "{now}"
@@ -106,7 +104,7 @@ fn a_full_service_table_is_reported_and_what_did_not_fit_is_programmed_once_room
         })
         .expect("svc3 programmed once svc1 made room");
     assert!(curl(client, "http://10.96.1.3/").is_ok());
-    let now = metrics();
+    let now = cluster.metrics();
     assert!(now.contains("ebpf_proxy_sync_problems 0"), "{now}");
 }
 
@@ -298,9 +296,9 @@ fn a_bad_document_is_counted_once_and_taken_out_of_the_file_takes_its_problem_wi
         Cluster::with_agent_args("gone", 2, 0, services, &["--min-sync-period-ms", "3000"]);
     let good = render(&services(&cluster.topology));
     let problems = |count: usize| {
-        let metrics =
-            curl(&cluster.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
-        metrics.contains(&format!("ebpf_proxy_sync_problems {count}\n"))
+        cluster
+            .metrics()
+            .contains(&format!("ebpf_proxy_sync_problems {count}\n"))
     };
     let bad = format!("{good}---\napiVersion: v1\nkind: Service\n  metadata: [broken\n");
     std::fs::write(&cluster.agent.manifests, &bad).expect("write");

@@ -95,7 +95,7 @@ fn metrics_series_are_capped_and_the_totals_still_count_everything() {
         curl(client, &format!("http://{WEB_VIP}/")).expect("curl");
     }
     assert!(udp_ask(client, &format!("{DNS_VIP}:53")).starts_with("pod=pod-a1"));
-    let metrics = curl(&cluster.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
+    let metrics = cluster.metrics();
     let value = |series: &str| -> f64 {
         metrics
             .lines()

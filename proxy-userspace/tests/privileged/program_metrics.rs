@@ -23,14 +23,12 @@ fn each_program_says_its_runs_and_run_time_while_the_kernel_counts_them() {
     let _counting = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     let cluster = Cluster::new("runs", 2, 0, |t| vec![web(t, &["pod-a1"])]);
     curl_n(cluster.ns("pod-a2"), &format!("http://{WEB_VIP}/"), 5);
-    let scrape =
-        || curl(&cluster.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
     // Five connections through the pod interfaces: a few packets each way each.
     wait_until(
-        || runs_of(&scrape(), "pod_ingress").is_some_and(|(runs, _)| runs >= 10.0),
+        || runs_of(&cluster.metrics(), "pod_ingress").is_some_and(|(runs, _)| runs >= 10.0),
         "pod_ingress runs counted",
     );
-    let exposition = scrape();
+    let exposition = cluster.metrics();
     let (runs, seconds) = runs_of(&exposition, "pod_ingress").expect("pod_ingress");
     let ns_per_run = seconds * 1e9 / runs;
     assert!(

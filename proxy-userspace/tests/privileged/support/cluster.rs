@@ -104,6 +104,13 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The agent's `/metrics`, read inside the node (served on its loopback).
+    pub fn metrics(&self) -> String {
+        curl(&self.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics")
+    }
+}
+
 /// `curl` from `ns`; the body (`pod=… client=…`), or the error.
 pub fn curl(ns: &Netns, url: &str) -> Result<String, String> {
     ns.exec("curl", &["-sS", "--max-time", "5", url])
