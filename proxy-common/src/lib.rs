@@ -43,6 +43,16 @@ pub const SCTP_PROGRAM: u32 = 0;
 /// ICMP: errors about translated flows are translated back, pings of service
 /// addresses refused (the data path and `trace` both say so).
 pub const PROTO_ICMP: u8 = 1;
+/// ICMPv6 (neighbour discovery among it, which always passes untouched).
+pub const PROTO_ICMPV6: u8 = 58;
+/// IPv6's programs' slots in the per-hook arrays `UPLINK_IPV6` and `POD_IPV6`: the
+/// hooks' main programs (IPv4) tail-call `IPV6_PROGRAM` for an IPv6 frame, which
+/// tail-calls `IPV6_SCTP_PROGRAM` for SCTP, as the IPv4 programs hand SCTP over. IPv6
+/// in programs of its own: IPv4 packets pay one comparison for it, and each program
+/// stays within the verifier's budget.
+pub const IPV6_PROGRAM: u32 = 0;
+pub const IPV6_SCTP_PROGRAM: u32 = 1;
+pub const IPV6_PROGRAMS: u32 = 2;
 
 /// An address family, as keys carry it in a `family` byte (`Family::number`).
 ///
@@ -88,11 +98,26 @@ impl Family {
         }
     }
 
+    /// As Kubernetes spells it (`ipFamilies`, `addressType`, kube-proxy's
+    /// `ip_family` label).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
     pub const fn of(ip: &IpAddr) -> Family {
         match ip {
             IpAddr::V4(_) => Family::V4,
             IpAddr::V6(_) => Family::V6,
         }
+    }
+}
+
+impl core::fmt::Display for Family {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

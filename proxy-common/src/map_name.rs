@@ -25,12 +25,15 @@ pub const FRAGMENTS: &str = "FRAGMENTS";
 pub const EXPECTATIONS: &str = "EXPECTATIONS";
 pub const EXPECTED_UNTIL: &str = "EXPECTED_UNTIL";
 pub const RELATED_SCRATCH: &str = "RELATED_SCRATCH";
+pub const PACKET_SCRATCH: &str = "PACKET_SCRATCH";
 pub const ICMP_BUDGET: &str = "ICMP_BUDGET";
 pub const UPLINK_TRANSPORTS: &str = "UPLINK_TRANSPORTS";
 pub const POD_TRANSPORTS: &str = "POD_TRANSPORTS";
+pub const UPLINK_IPV6: &str = "UPLINK_IPV6";
+pub const POD_IPV6: &str = "POD_IPV6";
 
 /// Every map of the data path's object.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 27] = [
     SERVICES,
     BACKEND_SLOTS,
     RR_CURSORS,
@@ -52,9 +55,12 @@ pub const ALL: [&str; 24] = [
     EXPECTATIONS,
     EXPECTED_UNTIL,
     RELATED_SCRATCH,
+    PACKET_SCRATCH,
     ICMP_BUDGET,
     UPLINK_TRANSPORTS,
     POD_TRANSPORTS,
+    UPLINK_IPV6,
+    POD_IPV6,
 ];
 
 /// The bench wrapper's own maps: the program it tail-calls, the frame it restores,

@@ -237,10 +237,20 @@ pub const TUNNEL_PEERS_ID: u32 = u32::MAX;
 pub const TUNNEL_PEER_TRUSTED: u8 = 1;
 pub const TUNNEL_PEER_UNVERIFIED: u8 = 2;
 
-/// The pseudo service id under which `SOURCE_RANGES` holds the cluster's pod CIDRs
-/// (kube-proxy's `clusterCIDR`): a source in them arriving on an uplink counts as
+/// The pseudo service ids under which `SOURCE_RANGES` holds the cluster's pod CIDRs
+/// (kube-proxy's `clusterCIDR`), one per family (`cluster_cidrs_id`: the trie's bits
+/// do not tell the families apart): a source in them arriving on an uplink counts as
 /// in-cluster (a pod whose own node did not translate its traffic).
 pub const CLUSTER_CIDRS_ID: u32 = u32::MAX - 1;
+pub const CLUSTER_CIDRS6_ID: u32 = u32::MAX - 2;
+
+#[inline(always)]
+pub const fn cluster_cidrs_id(family: crate::Family) -> u32 {
+    match family {
+        crate::Family::V4 => CLUSTER_CIDRS_ID,
+        crate::Family::V6 => CLUSTER_CIDRS6_ID,
+    }
+}
 /// The value of its entries (only their presence is read).
 pub const CLUSTER_CIDR: u8 = 1;
 
@@ -267,7 +277,11 @@ pub const CONFIG_XDP_FORWARD: u32 = 2;
 /// 0 = the masquerade address alone). Flows are hashed over the range so that a
 /// receiver's RSS spreads them over its CPUs, as Katran does.
 pub const CONFIG_TUNNEL_SOURCE: u32 = 3;
-pub const CONFIG_LEN: u32 = 4;
+/// The node's IPv6 masquerade address (`CONFIG_SNAT_ADDR` is IPv4's); zero when the
+/// node has none. The array grew by this slot: a predecessor's pinned array is carried
+/// over (`datapath::widen`).
+pub const CONFIG_SNAT_ADDR6: u32 = 4;
+pub const CONFIG_LEN: u32 = 5;
 
 /// Hand translated packets to the kernel stack (XDP_PASS): works everywhere.
 pub const XDP_FORWARD_PASS: u64 = 0;

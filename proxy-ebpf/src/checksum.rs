@@ -25,6 +25,34 @@ pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// The checksum after a 128-bit field (an IPv6 address, in an L4 pseudo-header)
+/// changed from `old` to `new`.
+#[inline(always)]
+pub fn replace128(check: u16, old: &proxy_common::Addr, new: &proxy_common::Addr) -> u16 {
+    let mut sum = u64::from(!check);
+    for (old, new) in old.words.iter().zip(new.words.iter()) {
+        let not_old = !*old;
+        sum += u64::from(not_old >> 16)
+            + u64::from(not_old & 0xffff)
+            + u64::from(*new >> 16)
+            + u64::from(*new & 0xffff);
+    }
+    !fold(sum)
+}
+
+/// The 32-bit one's complement difference a 128-bit field's change from `old` to
+/// `new` makes to a sum (the kernel's `__wsum` as `bpf_l4_csum_replace` takes it).
+#[inline(always)]
+pub fn diff128(old: &proxy_common::Addr, new: &proxy_common::Addr) -> u32 {
+    let mut sum: u64 = 0;
+    for (old, new) in old.words.iter().zip(new.words.iter()) {
+        sum += u64::from(!*old) + u64::from(*new);
+    }
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum as u32
+}
+
 /// The checksum after a 16-bit field changed from `old` to `new`.
 #[inline(always)]
 pub fn replace16(check: u16, old: u16, new: u16) -> u16 {

@@ -39,7 +39,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use proxy_common::{
-    ct_timeout_kind, Addr, CtEntry, CtKey, Family, ACCT_ACTIVE, ACCT_INACTIVE, CONFIG_SNAT_ADDR,
+    ct_timeout_kind, Addr, CtEntry, CtKey, Family, ACCT_ACTIVE, ACCT_INACTIVE, CONFIG_SNAT_ADDR, CONFIG_SNAT_ADDR6,
     CT_CLOSING, CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS, CT_SYN_SENT,
     EV_CT_RACE_LOST,
 };
@@ -170,14 +170,16 @@ fn peer_has_fin(key: &CtKey, entry: &CtEntry) -> bool {
 const SNAT_ATTEMPTS: u32 = 8;
 const SNAT_PORT_MIN: u32 = 1024;
 
-/// The node's masquerade address of a flow's family (`None` when none is set: IPv4
-/// has `CONFIG_SNAT_ADDR`; IPv6 gets its own slot with its data path).
+/// The node's masquerade address of a flow's family (`None` when the node has none of
+/// that family).
 #[inline(always)]
 pub fn snat_address(family: u8) -> Option<Addr> {
-    if family != Family::V4.number() {
-        return None;
-    }
-    let addr = NODE_CONFIG.get(CONFIG_SNAT_ADDR)?.addr;
+    let slot = if family == Family::V6.number() {
+        CONFIG_SNAT_ADDR6
+    } else {
+        CONFIG_SNAT_ADDR
+    };
+    let addr = NODE_CONFIG.get(slot)?.addr;
     if addr.is_zero() {
         None
     } else {

@@ -13,10 +13,12 @@ mod forward;
 mod fragments;
 mod headers;
 mod icmp;
+mod icmp6;
 mod maps;
 mod packet;
 mod parse;
 mod related;
+mod scratch;
 mod settings;
 mod sock;
 mod source_ranges;
@@ -31,7 +33,7 @@ use aya_ebpf::{
 
 use crate::{
     icmp::Sender,
-    packet::{SctpPacket, TcPacket, XdpPacket},
+    packet::{Ipv6Packet, SctpPacket, TcPacket, XdpPacket},
     translate::{Action, Inner, Origin, Verdict},
 };
 
@@ -57,7 +59,7 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
         _ => Origin::External,
     };
     let verdict = translate::handle(&XdpPacket(&ctx), origin);
-    uplink_action(&ctx, verdict)
+    uplink_action::<false>(&ctx, verdict)
 }
 
 /// SCTP from the uplinks, tail-called by `uplink_ingress` (no IPIP: SCTP frontends are
@@ -66,12 +68,32 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
 #[inline(always)]
 pub fn uplink_ingress_sctp(ctx: XdpContext) -> u32 {
     let verdict = translate::handle(&SctpPacket(&XdpPacket(&ctx)), Origin::External);
-    uplink_action(&ctx, verdict)
+    uplink_action::<false>(&ctx, verdict)
 }
 
+/// IPv6 from the uplinks, tail-called by `uplink_ingress`: the same pipeline for IPv6
+/// packets (no tunnels yet: IPv6 frontends are never `dsr-ipip`).
+#[xdp]
 #[inline(always)]
-fn uplink_action(ctx: &XdpContext, verdict: Verdict) -> u32 {
+pub fn uplink_ingress_v6(ctx: XdpContext) -> u32 {
+    let verdict = translate::handle(&Ipv6Packet(&XdpPacket(&ctx)), Origin::External);
+    uplink_action::<true>(&ctx, verdict)
+}
+
+/// SCTP over IPv6 from the uplinks, tail-called by `uplink_ingress_v6`.
+#[xdp]
+#[inline(always)]
+pub fn uplink_ingress_sctp6(ctx: XdpContext) -> u32 {
+    let verdict = translate::handle(&SctpPacket(&Ipv6Packet(&XdpPacket(&ctx))), Origin::External);
+    uplink_action::<true>(&ctx, verdict)
+}
+
+/// What becomes of an uplink packet. IPv6's programs (`IPV6`) never encapsulate and
+/// drop what IPv4's refuse with ICMP: ICMPv6 refusals are not built yet.
+#[inline(always)]
+fn uplink_action<const IPV6: bool>(ctx: &XdpContext, verdict: Verdict) -> u32 {
     match verdict.action {
+        Action::Encapsulate | Action::Refuse if IPV6 => xdp_action::XDP_DROP,
         Action::Encapsulate => tunnel::transmit(ctx, &verdict.tuple, verdict.ip_len),
         Action::Translated if forward::xdp_redirect_enabled() => {
             forward::xdp_transmit(ctx, &verdict.tuple, verdict.ip_len)
@@ -93,7 +115,7 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
         let _ = ctx.pull_data(ctx.len().min(128));
     }
     let verdict = translate::handle(&TcPacket(&ctx), Origin::Pod);
-    pod_action(&ctx, verdict)
+    pod_action::<false>(&ctx, verdict)
 }
 
 /// SCTP from pods, tail-called by `pod_ingress` (after its pull of the headers).
@@ -101,12 +123,34 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
 #[inline(always)]
 pub fn pod_ingress_sctp(ctx: TcContext) -> i32 {
     let verdict = translate::handle(&SctpPacket(&TcPacket(&ctx)), Origin::Pod);
-    pod_action(&ctx, verdict)
+    pod_action::<false>(&ctx, verdict)
 }
 
+/// IPv6 from pods, tail-called by `pod_ingress`. Its headers are longer (and may
+/// carry extension headers): 256 bytes are pulled into the linear area.
+#[classifier]
 #[inline(always)]
-fn pod_action(ctx: &TcContext, verdict: Verdict) -> i32 {
+pub fn pod_ingress_v6(ctx: TcContext) -> i32 {
+    if ctx.data_end() - ctx.data() < 256 && ctx.len() > (ctx.data_end() - ctx.data()) as u32 {
+        let _ = ctx.pull_data(ctx.len().min(256));
+    }
+    let verdict = translate::handle(&Ipv6Packet(&TcPacket(&ctx)), Origin::Pod);
+    pod_action::<true>(&ctx, verdict)
+}
+
+/// SCTP over IPv6 from pods, tail-called by `pod_ingress_v6`.
+#[classifier]
+#[inline(always)]
+pub fn pod_ingress_sctp6(ctx: TcContext) -> i32 {
+    let verdict = translate::handle(&SctpPacket(&Ipv6Packet(&TcPacket(&ctx))), Origin::Pod);
+    pod_action::<true>(&ctx, verdict)
+}
+
+/// What becomes of a pod's packet (`IPV6`: see `uplink_action`).
+#[inline(always)]
+fn pod_action<const IPV6: bool>(ctx: &TcContext, verdict: Verdict) -> i32 {
     match verdict.action {
+        Action::Refuse if IPV6 => TC_ACT_SHOT,
         Action::Translated if verdict.node_source => {
             forward::redirect_to_egress(ctx, &verdict.tuple, verdict.ip_len)
         }

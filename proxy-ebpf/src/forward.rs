@@ -4,7 +4,7 @@
 //! that arrived on a pod interface carries one of this node's own addresses as its
 //! source, and the kernel drops such a packet as a martian. These packets go
 //! straight to their egress device instead: a FIB look-up for the egress interface,
-//! a TTL decrement (this is a routing hop), and `bpf_redirect_neigh`, which fills in
+//! a TTL (IPv6: hop limit) decrement (this is a routing hop), and `bpf_redirect_neigh`, which fills in
 //! the link-layer addresses. Everything else continues through the normal stack, so
 //! host firewalls and CNI policies still see pod traffic.
 //!
@@ -21,16 +21,18 @@ use aya_ebpf::{
 };
 use network_types::eth::EthHdr;
 use proxy_common::{
-    CtKey, CONFIG_XDP_FORWARD, EV_XDP_FIB_MISS, EV_XDP_REDIRECT, EV_XDP_TX, XDP_FORWARD_REDIRECT,
+    CtKey, Family, CONFIG_XDP_FORWARD, EV_XDP_FIB_MISS, EV_XDP_REDIRECT, EV_XDP_TX, XDP_FORWARD_REDIRECT,
 };
 
 use crate::{
     checksum, counters,
+    headers::IPV6_HOP_LIMIT,
     maps::NODE_CONFIG,
     packet::{Packet, XdpPacket, ETH_LEN, IP_CHECK},
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const FIB_SUCCESS: i64 = 0;
 /// `BPF_FIB_LKUP_RET_NO_NEIGH`: routed, the egress device filled in, its neighbour
 /// not resolved yet.
@@ -50,14 +52,20 @@ pub fn fib_query(
 ) -> (i64, FibParams) {
     // SAFETY: an all-zero fib_lookup request is valid; the fields are set below.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
     params.l4_protocol = tuple.proto;
     params.sport = tuple.sport;
     params.dport = tuple.dport;
     params.__bindgen_anon_1.tot_len = ip_len;
     params.ifindex = ifindex;
-    params.__bindgen_anon_3.ipv4_src = tuple.src.v4_be();
-    params.__bindgen_anon_4.ipv4_dst = tuple.dst.v4_be();
+    if tuple.family == Family::V6.number() {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = tuple.src.words;
+        params.__bindgen_anon_4.ipv6_dst = tuple.dst.words;
+    } else {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = tuple.src.v4_be();
+        params.__bindgen_anon_4.ipv4_dst = tuple.dst.v4_be();
+    }
     // SAFETY: helper with a valid, sized parameter block.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -109,7 +117,12 @@ pub fn redirect_to_egress(ctx: &TcContext, tuple: &CtKey, ip_len: u16) -> i32 {
     if rc != FIB_SUCCESS && rc != FIB_NO_NEIGH {
         return TC_ACT_OK;
     }
-    if decrement_ttl(ctx).is_err() {
+    let decremented = if tuple.family == Family::V6.number() {
+        decrement_hop_limit(ctx)
+    } else {
+        decrement_ttl(ctx)
+    };
+    if decremented.is_err() {
         return TC_ACT_OK;
     }
     // SAFETY: helper without a parameter block: the neighbour is looked up for the
@@ -126,6 +139,18 @@ fn decrement_ttl(ctx: &TcContext) -> Result<(), ()> {
     ctx.l3_csum_replace(ETH_LEN + IP_CHECK, u64::from(old), u64::from(new), 2)
         .map_err(|_| ())?;
     ctx.store(ETH_LEN + IP_TTL, &new, 0).map_err(|_| ())
+}
+
+/// IPv6's hop limit - 1 (no header checksum); Err when the packet must not be
+/// forwarded.
+#[inline(always)]
+fn decrement_hop_limit(ctx: &TcContext) -> Result<(), ()> {
+    let hops: u8 = ctx.load(ETH_LEN + IPV6_HOP_LIMIT).map_err(|_| ())?;
+    if hops <= 1 {
+        return Err(());
+    }
+    ctx.store(ETH_LEN + IPV6_HOP_LIMIT, &(hops - 1), 0)
+        .map_err(|_| ())
 }
 
 #[inline(always)]
@@ -145,6 +170,24 @@ pub fn xdp_transmit(ctx: &XdpContext, tuple: &CtKey, ip_len: u16) -> u32 {
         return xdp_action::XDP_PASS;
     };
     let packet = XdpPacket(ctx);
+    if tuple.family == Family::V6.number() {
+        let (Some(eth), Some(hops)) = (
+            packet.ptr_at::<EthHdr>(0),
+            packet.ptr_at::<u8>(ETH_LEN + IPV6_HOP_LIMIT),
+        ) else {
+            return xdp_action::XDP_PASS;
+        };
+        // SAFETY: both pointers were bounds-checked by ptr_at.
+        unsafe {
+            if *hops <= 1 {
+                return xdp_action::XDP_PASS;
+            }
+            *hops -= 1;
+            (*eth).dst_addr = params.dmac;
+            (*eth).src_addr = params.smac;
+        }
+        return transmit(ingress, params.ifindex);
+    }
     let (Some(eth), Some(ttl), Some(check)) = (
         packet.ptr_at::<EthHdr>(0),
         packet.ptr_at::<u16>(ETH_LEN + IP_TTL),
@@ -163,11 +206,17 @@ pub fn xdp_transmit(ctx: &XdpContext, tuple: &CtKey, ip_len: u16) -> u32 {
         (*eth).dst_addr = params.dmac;
         (*eth).src_addr = params.smac;
     }
-    if params.ifindex == ingress {
+    transmit(ingress, params.ifindex)
+}
+
+/// XDP_TX back out of the ingress device, or a redirect to another.
+#[inline(always)]
+fn transmit(ingress: u32, egress: u32) -> u32 {
+    if egress == ingress {
         counters::event(EV_XDP_TX);
         return xdp_action::XDP_TX;
     }
     counters::event(EV_XDP_REDIRECT);
     // SAFETY: plain helper call.
-    unsafe { bpf_redirect(params.ifindex, 0) as u32 }
+    unsafe { bpf_redirect(egress, 0) as u32 }
 }

@@ -26,6 +26,32 @@ pub const ICMP_FRAG_NEEDED: u8 = 4;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 /// ICMP echo request (ping).
 pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// ICMPv6 echo request.
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+
+/// The fixed IPv6 header's length, and its fields' offsets.
+pub const IPV6_LEN: usize = 40;
+pub const IPV6_PAYLOAD_LEN: usize = 4;
+pub const IPV6_NEXT_HEADER: usize = 6;
+pub const IPV6_HOP_LIMIT: usize = 7;
+pub const IPV6_SRC: usize = 8;
+pub const IPV6_DST: usize = 24;
+/// IPv6 extension headers the parser steps over (RFC 8200 section 4): hop-by-hop,
+/// routing and destination options (length in 8-byte units beyond the first 8),
+/// fragment (8 bytes), authentication (RFC 4302: length in 4-byte units beyond 8).
+pub const IPV6_HOP_BY_HOP: u8 = 0;
+pub const IPV6_ROUTING: u8 = 43;
+pub const IPV6_FRAGMENT: u8 = 44;
+pub const IPV6_AUTH: u8 = 51;
+pub const IPV6_DEST_OPTIONS: u8 = 60;
+/// How many extension headers a packet may carry before the transport header and
+/// still be translated (a bounded walk; RFC 8200's recommended order has at most
+/// hop-by-hop, destination options, routing, fragment, authentication and
+/// destination options again). A packet with more is not parsed (`Skip::Malformed`).
+pub const IPV6_MAX_EXTENSION_HEADERS: usize = 6;
+/// The fragment header's offset field (host order): offset, more fragments.
+pub const IPV6_OFFSET_MASK: u16 = 0xfff8;
+pub const IPV6_MF: u16 = 0x0001;
 
 /// The protocol byte of an IPv4 header, read as a byte: network-types 0.1 declares it
 /// as the `IpProto` enum, and reading an enum whose value has no variant from packet

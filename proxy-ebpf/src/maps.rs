@@ -2,7 +2,7 @@
 //! bpffs directory, so a restarted agent finds its services and, above all, the
 //! conntrack state of established flows where it left them.
 
-use crate::{icmp::IcmpBudget, related::Scratch};
+use crate::{icmp::IcmpBudget, related::Scratch, scratch::PacketScratch};
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
@@ -12,7 +12,7 @@ use proxy_common::{
     AddrKey, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
     CtKey, ExpectKey, Expectation, FragmentKey, FragmentPorts, NodeAddrFlags, ServiceKey,
     ServiceName, ServiceValue, SockKey, SockNat, SourceRangeKey, TrafficStats, AFFINITY_ENTRIES,
-    CONFIG_LEN, CONNTRACK_ENTRIES, EV_CAPACITY, EXPECTATION_ENTRIES, FRAGMENT_ENTRIES,
+    CONFIG_LEN, CONNTRACK_ENTRIES, IPV6_PROGRAMS, EV_CAPACITY, EXPECTATION_ENTRIES, FRAGMENT_ENTRIES,
     MAX_BACKENDS, MAX_SERVICES, SCHED_TABLE_CAPACITY, SOCK_ENTRIES, SOURCE_RANGE_ENTRIES,
 };
 
@@ -25,6 +25,15 @@ use proxy_common::{
 pub static UPLINK_TRANSPORTS: ProgramArray = ProgramArray::pinned(1, 0);
 #[map]
 pub static POD_TRANSPORTS: ProgramArray = ProgramArray::pinned(1, 0);
+
+/// IPv6's programs of each hook (`IPV6_PROGRAM`, `IPV6_SCTP_PROGRAM`): arrays of their
+/// own rather than more slots in the ones above, so that no pinned array changes size
+/// (a replaced array is emptied when its pin goes, while the previous programs still
+/// serve).
+#[map]
+pub static UPLINK_IPV6: ProgramArray = ProgramArray::pinned(IPV6_PROGRAMS, 0);
+#[map]
+pub static POD_IPV6: ProgramArray = ProgramArray::pinned(IPV6_PROGRAMS, 0);
 
 /// Frontends by (address, port, protocol, scope). Written by the agent.
 #[map]
@@ -141,3 +150,7 @@ pub static SOCK_AFFINITY: LruHashMap<SockKey, SockNat> = LruHashMap::pinned(SOCK
 /// `list` command only; it lives here so that it is pinned with the rest.
 #[map]
 pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(MAX_SERVICES, 0);
+
+/// Per-CPU room for one program run (`scratch`). Holds nothing between packets.
+#[map]
+pub static PACKET_SCRATCH: PerCpuArray<PacketScratch> = PerCpuArray::pinned(1, 0);

@@ -34,7 +34,9 @@ pub fn may_be_expected(now: u64) -> bool {
 #[expect(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 pub fn announce<P: Packet>(pkt: &P, flow: &Flow, helper: u8, now: u64) {
-    if helper == HELPER_NONE || !announces(pkt, flow, helper) {
+    // A later fragment (no L4 header) announces nothing: its payload is not where
+    // the helper reads.
+    if helper == HELPER_NONE || !flow.has_l4 || !announces(pkt, flow, helper) {
         return;
     }
     // SAFETY: this CPU's scratch slot, nobody else's for the program's run; the

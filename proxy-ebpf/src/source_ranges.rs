@@ -3,7 +3,7 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
-    Addr, Family, ServiceValue, SourceRangeKey, CLUSTER_CIDRS_ID, SOURCE_RANGE_ID_BITS,
+    cluster_cidrs_id, Addr, Family, ServiceValue, SourceRangeKey, SOURCE_RANGE_ID_BITS,
     SVC_F_SOURCE_RANGES,
 };
 
@@ -13,7 +13,7 @@ use crate::maps::SOURCE_RANGES;
 #[inline(always)]
 pub fn in_cluster_cidrs(family: Family, src: &Addr) -> bool {
     SOURCE_RANGES
-        .get(host_key(CLUSTER_CIDRS_ID, family, src))
+        .get(host_key(cluster_cidrs_id(family), family, src))
         .is_some()
 }
 

@@ -14,7 +14,7 @@ use proxy_common::{
     EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_FRAGMENT_DROPPED,
     EV_MALFORMED,
     EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED,
-    EV_TUNNEL_REFUSED, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
+    EV_TUNNEL_REFUSED, PROTO_ICMPV6, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
 };
 
 use crate::{
@@ -22,12 +22,12 @@ use crate::{
     balancer::{self, Choice},
     conntrack::{self, Lookup},
     counters::{self, Direction},
-    fragments, headers, icmp,
+    fragments, headers, icmp, icmp6,
     maps::CONNTRACK,
-    packet::{Packet, Side, XdpPacket, ETH_LEN},
+    packet::{Packet, Program, Side, XdpPacket, ETH_LEN},
     parse::{self, Flow, Skip},
     related::{self, Claim},
-    settings, source_ranges, tunnel,
+    scratch, settings, source_ranges, tunnel,
 };
 
 /// Where the packet entered the node; decides masquerading.
@@ -102,9 +102,18 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     let flow = match parse::parse(pkt) {
         Ok(flow) => flow,
         Err(Skip::NotOurs) => return Verdict::PASS,
+        Err(Skip::Ipv6) => {
+            pkt.hand_over(Program::Ipv6);
+            // Not handed over (IPv6's program is missing): as before IPv6 was served.
+            return Verdict::PASS;
+        }
         Err(Skip::OtherProtocol) => return other_protocol(pkt, origin),
         Err(Skip::OtherProgram) => {
-            pkt.hand_over();
+            pkt.hand_over(if P::IPV6 {
+                Program::Ipv6Sctp
+            } else {
+                Program::Sctp
+            });
             // Not handed over (the program is missing): refused at a service address
             // as an untranslated protocol is.
             return other_protocol(pkt, origin);
@@ -113,7 +122,14 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             counters::event(EV_MALFORMED);
             return Verdict::PASS;
         }
-        Err(Skip::Fragment) => return later_fragment(pkt, origin),
+        // A later fragment of a datagram follows its flow as its first fragment did
+        // (its addresses only), through the same look-up and rewrite as every
+        // packet: a second copy of them took the pod program's IPv6 instance past
+        // the stack's 512 bytes.
+        Err(Skip::Fragment) => match parse::later_fragment(pkt, fragments::ports_of) {
+            Some(flow) => flow,
+            None => return unmatched_fragment(pkt, origin),
+        },
     };
     if flow.more_fragments {
         fragments::remember(&flow);
@@ -132,6 +148,10 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             let _ = CONNTRACK.remove(flow.key);
         }
         Lookup::Missing => {}
+    }
+    // A later fragment never opens a flow.
+    if !flow.has_l4 {
+        return unmatched_fragment(pkt, origin);
     }
     let service = match origin {
         Origin::Tunnel(_) => balancer::lookup_tunnel_service(&flow.key),
@@ -195,42 +215,46 @@ fn at_service_address(origin: Origin, family: u8, dst: &Addr) -> bool {
     !matches!(origin, Origin::Tunnel(_)) && balancer::is_service_address(family, dst)
 }
 
-/// An IPv4 packet that is neither TCP, UDP nor SCTP (or an SCTP first fragment): ICMP is `icmp`'s (an error about one of
-/// our flows is translated back, a ping follows the rule above); every other protocol
-/// (GRE, ESP, IPIP not for us…) follows the rule above.
+/// A packet that is neither TCP, UDP nor SCTP (or an SCTP first fragment): ICMP is
+/// `icmp`'s (an error about one of our flows is translated back, a ping follows the
+/// rule above), ICMPv6 `icmp6`'s; every other protocol (GRE, ESP, IPIP not for us…)
+/// follows the rule above.
 #[inline(always)]
 fn other_protocol<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
-    let Some((proto, dst)) = parse::ipv4_protocol_and_destination(pkt) else {
+    let Some((proto, dst)) = parse::protocol_and_destination(pkt) else {
         return Verdict::PASS;
     };
-    if proto == headers::PROTO_ICMP {
+    if P::IPV6 {
+        if proto == PROTO_ICMPV6 {
+            return icmp6::handle(pkt, origin);
+        }
+    } else if proto == headers::PROTO_ICMP {
         return icmp::handle(pkt, origin);
     }
-    refused_at_service_address(origin, Family::V4.number(), &dst)
+    refused_at_service_address(origin, family_of::<P>(), &dst)
 }
 
-/// A later fragment of a datagram follows its flow, as its first fragment did (its
-/// addresses only); it never opens one. One whose first fragment was not seen, or
-/// whose flow is not tracked, passes untouched (`fragment`), unless it is addressed
-/// to a service address: it could only leave the node untranslated, towards an
-/// address nobody outside owns, and its datagram cannot be delivered anyway (its
-/// first fragment arrives later, reordered, or was refused: another port or
-/// protocol), so it is dropped (`fragment_dropped`; no ICMP error is ever sent about
-/// a later fragment).
+/// The `family` byte of the program's packets.
 #[inline(always)]
-fn later_fragment<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
-    let tracked = parse::later_fragment(pkt, fragments::ports_of).and_then(|flow| {
-        match conntrack::lookup(&flow.key, conntrack::now_ns()) {
-            // SAFETY: copy of a live map value.
-            Lookup::Live(entry) => Some((flow, unsafe { *entry })),
-            _ => None,
-        }
-    });
-    if let Some((flow, entry)) = tracked {
-        return follow(pkt, &flow, &entry, false);
+pub fn family_of<P: Packet>() -> u8 {
+    if P::IPV6 {
+        Family::V6.number()
+    } else {
+        Family::V4.number()
     }
-    let to_service_address = parse::ipv4_protocol_and_destination(pkt)
-        .is_some_and(|(_, dst)| at_service_address(origin, Family::V4.number(), &dst));
+}
+
+/// A later fragment whose first fragment was not seen, or whose flow is not tracked
+/// (a later fragment of a tracked flow follows it: `handle`), passes untouched
+/// (`fragment`), unless it is addressed to a service address: it could only leave the
+/// node untranslated, towards an address nobody outside owns, and its datagram cannot
+/// be delivered anyway (its first fragment arrives later, reordered, or was refused:
+/// another port or protocol), so it is dropped (`fragment_dropped`; no ICMP error is
+/// ever sent about a later fragment).
+#[inline(always)]
+fn unmatched_fragment<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
+    let to_service_address = parse::protocol_and_destination(pkt)
+        .is_some_and(|(_, dst)| at_service_address(origin, family_of::<P>(), &dst));
     if to_service_address {
         counters::event(EV_FRAGMENT_DROPPED);
         return Verdict::DROP;
@@ -356,6 +380,9 @@ impl Origin {
     }
 }
 
+// The entries are passed to the map helpers by reference (`&*`): the copies clippy
+// would have instead put them back on the stack they were taken off.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 fn open_flow<P: Packet>(
     pkt: &P,
@@ -413,20 +440,28 @@ fn open_flow<P: Packet>(
         return no_backend(service);
     };
     affinity::remember(service, &key.src, &choice, now);
-    if decide::returns_directly(service, &choice.backend, origin.entry()) {
+    // IPv6 frontends are never `dsr-ipip` (the agent refuses it: IPIP carries IPv4).
+    if !P::IPV6 && decide::returns_directly(service, &choice.backend, origin.entry()) {
         return open_encapsulated(pkt, flow, service, &choice, opening, now);
     }
     let backend = &choice.backend;
 
-    let mut forward = CtEntry::original(
+    // The entries are assembled off the stack, which IPv6's wider addresses filled.
+    let Some(scratch) = scratch::slot() else {
+        return Verdict::DROP;
+    };
+    scratch.forward = CtEntry::original(
         key,
         (backend.addr, backend.port),
         (service.id, backend.id),
         opening,
         now,
     );
-    let mut reply_key = key.peer(&forward);
-    let mut reply = CtEntry::reply_to(key, &forward);
+    let forward = &mut scratch.forward;
+    scratch.reply_key = key.peer(forward);
+    let reply_key = &mut scratch.reply_key;
+    scratch.reply = CtEntry::reply_to(key, forward);
+    let reply = &mut scratch.reply;
 
     // The reply's new source is the frontend address: a node address for NodePorts.
     if balancer::is_node_address(key.family, &key.dst) {
@@ -445,7 +480,7 @@ fn open_flow<P: Packet>(
         };
         reply_key.dst = snat_addr;
         reply.flags |= CT_F_REWRITE_DST | CT_F_SNAT;
-        let Some(port) = conntrack::reserve_snat_port(&mut reply_key, &reply, key) else {
+        let Some(port) = conntrack::reserve_snat_port(reply_key, reply, key) else {
             counters::event(EV_SNAT_EXHAUSTED);
             return Verdict::DROP;
         };
@@ -454,7 +489,7 @@ fn open_flow<P: Packet>(
         forward.nat_src = snat_addr;
         forward.nat_sport = port;
     } else if CONNTRACK
-        .insert(reply_key, reply, u64::from(BPF_ANY))
+        .insert(&*reply_key, &*reply, u64::from(BPF_ANY))
         .is_err()
     {
         counters::event(EV_CT_INSERT_FAILED);
@@ -463,20 +498,20 @@ fn open_flow<P: Packet>(
     // Only the client's direction announces related flows.
     forward.helper = service.helper;
     forward.backend_here = u8::from(backend.flags & BACKEND_F_REMOTE == 0);
-    match CONNTRACK.insert(key, forward, u64::from(BPF_NOEXIST)) {
+    match CONNTRACK.insert(key, &*forward, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             accounting::opened(backend.id, forward.accounting);
             related::announce(pkt, flow, forward.helper, now);
-            follow(pkt, flow, &forward, true)
+            follow(pkt, flow, forward, true)
         }
-        Err(EEXIST) => match conntrack::adopt_winner(key, &reply_key) {
+        Err(EEXIST) => match conntrack::adopt_winner(key, reply_key) {
             Some(winner) => follow(pkt, flow, &winner, false),
             None => Verdict::DROP,
         },
         Err(_) => {
             // Translate this packet anyway; the flow continues through re-hashing.
             counters::event(EV_CT_INSERT_FAILED);
-            follow(pkt, flow, &forward, true)
+            follow(pkt, flow, forward, true)
         }
     }
 }

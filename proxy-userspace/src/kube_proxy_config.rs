@@ -19,7 +19,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    model::{parse_scheduler, Family, Scheduler, SourceRange},
+    model::{parse_scheduler, Scheduler, SourceRange},
     node_ports::NodePortAddresses,
 };
 
@@ -286,10 +286,9 @@ impl KubeProxyConfig {
             let range: SourceRange = text
                 .parse()
                 .map_err(|e| invalid(format!("clusterCIDR: {e}")))?;
-            match (cidr_mode, range.family()) {
-                (true, Family::V4) => cluster_cidrs.push(range),
-                (true, _) => no_effect.push(format!("clusterCIDR {range}: IPv6 is not served yet")),
-                (false, _) => no_effect.push(format!(
+            match cidr_mode {
+                true => cluster_cidrs.push(range),
+                false => no_effect.push(format!(
                     "clusterCIDR {range}: detectLocalMode is not ClusterCIDR, as kube-proxy ignores it"
                 )),
             }

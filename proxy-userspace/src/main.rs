@@ -227,10 +227,11 @@ struct RunArgs {
     /// hostnameOverride).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// An address of this node (NodePorts answer on each; the first is the SNAT
+    /// An address of this node, IPv4 or IPv6; repeated for a dual-stack node
+    /// (NodePorts answer on each; the first of each family is that family's SNAT
     /// source). Without it, the config's bindAddress.
     #[arg(long = "node-ip")]
-    node_ips: Vec<Ipv4Addr>,
+    node_ips: Vec<IpAddr>,
     /// Where NodePorts answer (kube-proxy's --nodeport-addresses): comma-separated
     /// CIDRs and the keywords `primary` (the --node-ip addresses) and `all`; the
     /// node's addresses they hold are followed as they change. Default: the config's
@@ -304,11 +305,12 @@ struct RunArgs {
     /// (`net.ipv4.icmp_msgs_per_sec`). 0: unlimited.
     #[arg(long, default_value_t = ICMP_RATE_DEFAULT)]
     icmp_rate: u32,
-    /// The cluster's IPv4 pod CIDRs (kube-proxy's --cluster-cidr, comma-separated):
-    /// a source in them that arrives on an uplink is an in-cluster client, which
-    /// gets every endpoint of an `externalTrafficPolicy: Local` service, as pods here
-    /// do. Default: the config's clusterCIDR (in detectLocalMode ClusterCIDR).
-    #[arg(long, value_delimiter = ',', value_parser = parse_ipv4_range)]
+    /// The cluster's pod CIDRs of either family (kube-proxy's --cluster-cidr,
+    /// comma-separated): a source in them that arrives on an uplink is an in-cluster
+    /// client, which gets every endpoint of an `externalTrafficPolicy: Local`
+    /// service, as pods here do. Default: the config's clusterCIDR (in
+    /// detectLocalMode ClusterCIDR).
+    #[arg(long, value_delimiter = ',')]
     cluster_cidr: Vec<SourceRange>,
     /// How often idle conntrack entries are collected, in milliseconds.
     #[arg(long, default_value_t = 5000)]
@@ -515,12 +517,8 @@ async fn run_settings(
     let node_ips: Vec<IpAddr> = match (&args.node_ips[..], file.primary_address) {
         ([], Some(primary)) => vec![primary],
         ([], None) => anyhow::bail!("--node-ip (or the config's bindAddress) is required"),
-        (ips, _) => ips.iter().copied().map(IpAddr::V4).collect(),
+        (ips, _) => ips.to_vec(),
     };
-    anyhow::ensure!(
-        node_ips.iter().all(IpAddr::is_ipv4),
-        "the node's addresses are IPv4 for now"
-    );
     let pod_interfaces = match (args.pod_interfaces, file.pod_interfaces) {
         (flags, _) if !flags.is_empty() => flags,
         (_, Some(from_file)) => vec![from_file],
@@ -699,8 +697,7 @@ fn conntrack_command(action: ConntrackAction) -> Result<()> {
     }
 }
 
-/// An IPv4 prefix: IPIP's outer addresses are IPv4, and so, until IPv6 is served,
-/// is everything the data path classifies by source.
+/// An IPv4 prefix: IPIP's outer addresses are IPv4.
 fn parse_ipv4_range(text: &str) -> Result<SourceRange, String> {
     let range: SourceRange = text.parse()?;
     if range.family() != Family::V4 {

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use anyhow::{bail, Context as _, Result};
+use proxy_common::Family;
 
 use crate::node_ports::NodePortAddresses;
 
@@ -11,9 +12,9 @@ use crate::node_ports::NodePortAddresses;
 pub struct NodeConfig {
     /// Matched against EndpointSlice `nodeName` to tell local from remote endpoints.
     pub name: String,
-    /// The node's primary addresses: the first of a family is that family's
-    /// masquerade (SNAT) source. NodePorts answer on them unless `node_ports` says
-    /// otherwise.
+    /// The node's primary addresses, of either family or both (a dual-stack node):
+    /// the first of a family is that family's masquerade (SNAT) source. NodePorts
+    /// answer on them unless `node_ports` says otherwise.
     pub addresses: Vec<IpAddr>,
     /// Which of the node's addresses answer NodePorts.
     pub node_ports: NodePortAddresses,
@@ -25,19 +26,20 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     pub fn validate(&self) -> Result<()> {
-        if !self.addresses.iter().any(IpAddr::is_ipv4) {
-            bail!("at least one IPv4 --node-ip is required (NodePorts and masquerading use it)");
+        if self.addresses.is_empty() {
+            bail!("at least one --node-ip is required (NodePorts and masquerading use it)");
         }
         Ok(())
     }
 
-    /// The masquerade source: the first IPv4 address (`validate` makes sure of one).
-    pub fn snat_address(&self) -> IpAddr {
+    /// The masquerade source of `family`: the node's first address of it. A family
+    /// the node has no address of is not masqueraded: its flows that would be are
+    /// dropped (and counted `snat_exhausted`).
+    pub fn snat_address(&self, family: Family) -> Option<IpAddr> {
         self.addresses
             .iter()
             .copied()
-            .find(IpAddr::is_ipv4)
-            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+            .find(|address| Family::of(address) == family)
     }
 
     pub fn is_pod_interface(&self, name: &str) -> bool {

@@ -36,19 +36,25 @@ impl NodePortAddresses {
     /// kube-proxy's list: CIDRs, `primary`, `all` (every address). `localhost` is
     /// refused: NodePorts on loopback are kube-proxy's iptables mode only.
     pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<NodePortAddresses, String> {
-        let matches = items
-            .iter()
-            .map(|item| match item.as_ref().trim() {
-                "primary" => Ok(NodePortMatch::Primary),
-                "all" => Ok(NodePortMatch::Cidr("0.0.0.0/0".parse()?)),
-                "localhost" => Err(
-                    "nodePortAddresses localhost: NodePorts are not served on loopback \
-                     (as in kube-proxy's ipvs and nftables modes)"
-                        .to_owned(),
-                ),
-                cidr => cidr.parse().map(NodePortMatch::Cidr),
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let mut matches = Vec::new();
+        for item in items {
+            match item.as_ref().trim() {
+                "primary" => matches.push(NodePortMatch::Primary),
+                // Both families' (IPv6 link-local addresses are never node addresses:
+                // `datapath::interfaces`).
+                "all" => {
+                    for everything in ["0.0.0.0/0", "::/0"] {
+                        matches.push(NodePortMatch::Cidr(everything.parse()?));
+                    }
+                }
+                "localhost" => {
+                    return Err("nodePortAddresses localhost: NodePorts are not served on \
+                                loopback (as in kube-proxy's ipvs and nftables modes)"
+                        .to_owned())
+                }
+                cidr => matches.push(NodePortMatch::Cidr(cidr.parse()?)),
+            }
+        }
         if matches.is_empty() {
             return Err("nodePortAddresses: an empty list".into());
         }
@@ -84,7 +90,7 @@ impl NodePortAddresses {
                 // (NodePorts on 127.0.0.1 are kube-proxy's iptables mode only).
                 let mut entries: BTreeMap<IpAddr, NodeAddrFlags> = present
                     .iter()
-                    .filter(|a| a.is_ipv4() && !a.is_loopback() && in_cidr(a))
+                    .filter(|a| !a.is_loopback() && in_cidr(a))
                     .map(|a| (*a, answering(true)))
                     .collect();
                 for addr in primary {
@@ -143,7 +149,11 @@ mod tests {
         let primary_only = NodePortAddresses::parse(&["primary"]).expect("primary");
         assert_eq!(answers(&primary_only), [pair("198.18.0.1", true)]);
         let all = NodePortAddresses::parse(&["all"]).expect("all");
-        assert_eq!(answers(&all).len(), 3, "every IPv4 address but loopback");
+        assert_eq!(
+            answers(&all).len(),
+            4,
+            "every address of both families but loopback"
+        );
         assert!(NodePortAddresses::parse(&["localhost"]).is_err());
         assert!(NodePortAddresses::parse(&["10.0.0.0/33"]).is_err());
         assert!(NodePortAddresses::parse::<&str>(&[]).is_err());

@@ -79,7 +79,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -195,15 +195,22 @@ pub(crate) fn slice_service(slice: &EndpointSlice) -> Option<ObjectKey> {
     ))
 }
 
-/// The usable endpoints of a slice; other address families give none (they are
-/// another proxier's business), an unparsable slice gives an error.
+/// The family of a slice's `addressType`: `None` for FQDN, which no proxy serves.
+pub(crate) fn slice_family(slice: &EndpointSlice) -> Option<Family> {
+    [Family::V4, Family::V6]
+        .into_iter()
+        .find(|family| slice.address_type == family.name())
+}
+
+/// The usable endpoints of a slice (of its `addressType`'s family; an FQDN slice gives
+/// none), an unparsable slice gives an error.
 pub(crate) fn slice_endpoints(
     slice: &EndpointSlice,
     node_name: &str,
 ) -> Result<Vec<SliceEndpoint>, String> {
-    if slice.address_type != "IPv4" {
+    let Some(family) = slice_family(slice) else {
         return Ok(Vec::new());
-    }
+    };
     let mut ports = Vec::new();
     for port in slice.ports.iter().flatten() {
         let number = port
@@ -236,9 +243,12 @@ pub(crate) fn slice_endpoints(
         };
         for address in &endpoint.addresses {
             let addr = address
-                .parse::<Ipv4Addr>()
-                .map(IpAddr::V4)
-                .map_err(|_| format!("endpoint address {address:?} is not an IPv4 address"))?;
+                .parse::<IpAddr>()
+                .ok()
+                .filter(|addr| Family::of(addr) == family)
+                .ok_or_else(|| {
+                    format!("endpoint address {address:?} is not an {family} address")
+                })?;
             for (port_name, protocol, port) in &ports {
                 out.push(SliceEndpoint {
                     endpoint: Endpoint {
@@ -272,23 +282,21 @@ fn is_ignored(service: &Service, proxy_name: Option<&str>) -> bool {
         || labels.contains_key(LABEL_HEADLESS)
 }
 
-/// IPv4 addresses of a list; IPv6 ones are skipped, anything else is an error.
-fn ipv4_addresses<'a>(
+/// The addresses of a list, of either family; an unparsable one, or one no service
+/// can have, is an error.
+fn service_ips<'a>(
     what: &str,
     addresses: impl IntoIterator<Item = &'a String>,
 ) -> Result<Vec<IpAddr>, String> {
     let mut out = Vec::new();
     for address in addresses {
-        match address.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => match unusable_reason(v4) {
-                None => out.push(IpAddr::V4(v4)),
-                Some(reason) => {
-                    return Err(format!("{what} {v4} is {reason}: no service can have it"))
-                }
-            },
-            Ok(IpAddr::V6(_)) => {}
-            Err(_) => return Err(format!("{what} {address:?} is not an IP address")),
+        let addr = address
+            .parse::<IpAddr>()
+            .map_err(|_| format!("{what} {address:?} is not an IP address"))?;
+        if let Some(reason) = unusable_reason(addr) {
+            return Err(format!("{what} {addr} is {reason}: no service can have it"));
         }
+        out.push(addr);
     }
     Ok(out)
 }
@@ -296,16 +304,20 @@ fn ipv4_addresses<'a>(
 /// Why an address can never be a service's (rule 7): traffic to it is the node's own
 /// (loopback: `127.0.0.1:10249` would hand the agent's metrics port to a pod), or it
 /// names no single host.
-fn unusable_reason(addr: Ipv4Addr) -> Option<&'static str> {
+fn unusable_reason(addr: IpAddr) -> Option<&'static str> {
+    let link_local = match addr {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
     if addr.is_loopback() {
         Some("a loopback address")
     } else if addr.is_unspecified() {
         Some("the unspecified address")
-    } else if addr.is_broadcast() {
+    } else if matches!(addr, IpAddr::V4(v4) if v4.is_broadcast()) {
         Some("the broadcast address")
     } else if addr.is_multicast() {
         Some("a multicast address")
-    } else if addr.is_link_local() {
+    } else if link_local {
         Some("a link-local address")
     } else {
         None
@@ -321,20 +333,48 @@ enum Address {
     NodePort,
 }
 
-/// The addresses a service answers on, and how each is reached.
-fn service_addresses(service: &Service) -> Result<Vec<(IpAddr, Address)>, String> {
+impl Address {
+    fn describe(self) -> &'static str {
+        match self {
+            Address::Cluster => "clusterIP",
+            Address::External => "externalIP",
+            Address::LoadBalancer => "LoadBalancer ingress IP",
+            Address::NodePort => "nodePort",
+        }
+    }
+}
+
+/// What a service answers on (rule 2): its families (those of its clusterIPs, in
+/// their order), each address with how it is reached, and the addresses left out for
+/// being of a family the service does not have (a warning each).
+struct ServiceAddresses {
+    families: Vec<Family>,
+    addresses: Vec<(IpAddr, Address)>,
+    other_family: Vec<(IpAddr, Address)>,
+}
+
+fn service_addresses(service: &Service) -> Result<ServiceAddresses, String> {
     let spec = service.spec.clone().unwrap_or_default();
     let cluster_ips = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ips.clone(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
         _ => return Err("no clusterIP".into()),
     };
-    let mut out: Vec<(IpAddr, Address)> = ipv4_addresses("clusterIP", &cluster_ips)?
+    let cluster_ips = service_ips("clusterIP", &cluster_ips)?;
+    let mut families: Vec<Family> = Vec::new();
+    for ip in &cluster_ips {
+        let family = Family::of(ip);
+        if families.contains(&family) {
+            return Err(format!("clusterIPs hold two {family} addresses"));
+        }
+        families.push(family);
+    }
+    let mut candidates: Vec<(IpAddr, Address)> = cluster_ips
         .into_iter()
         .map(|a| (a, Address::Cluster))
         .collect();
-    for a in ipv4_addresses("externalIP", spec.external_ips.iter().flatten())? {
-        out.push((a, Address::External));
+    for a in service_ips("externalIP", spec.external_ips.iter().flatten())? {
+        candidates.push((a, Address::External));
     }
     let ingress_ips: Vec<String> = service
         .status
@@ -349,10 +389,17 @@ fn service_addresses(service: &Service) -> Result<Vec<(IpAddr, Address)>, String
         .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|i| i.ip.clone())
         .collect();
-    for a in ipv4_addresses("LoadBalancer ingress IP", &ingress_ips)? {
-        out.push((a, Address::LoadBalancer));
+    for a in service_ips("LoadBalancer ingress IP", &ingress_ips)? {
+        candidates.push((a, Address::LoadBalancer));
     }
-    Ok(out)
+    let (addresses, other_family) = candidates
+        .into_iter()
+        .partition(|(a, _)| families.contains(&Family::of(a)));
+    Ok(ServiceAddresses {
+        families,
+        addresses,
+        other_family,
+    })
 }
 
 /// The endpoints of one service port for each traffic policy (rules 4, 8, 9, 10).
@@ -430,11 +477,16 @@ fn policy_sets(
     port: &ServicePort,
     protocol: Protocol,
     zone: Option<&str>,
+    family: Family,
 ) -> PolicySets {
     let name = port.name.clone().unwrap_or_default();
     let matching: Vec<&SliceEndpoint> = all
         .iter()
-        .filter(|e| *e.port_name == *name && e.protocol == protocol)
+        .filter(|e| {
+            *e.port_name == *name
+                && e.protocol == protocol
+                && Family::of(&e.endpoint.addr) == family
+        })
         .collect();
     let mut cluster = Vec::new();
     let topology = Topology::of(&matching, zone);
@@ -543,9 +595,6 @@ fn source_ranges(spec: &ServiceSpec) -> Result<Option<Vec<SourceRange>>, String>
     };
     let mut out = BTreeSet::new();
     for range in ranges {
-        if range.contains(':') {
-            continue;
-        }
         out.insert(
             range
                 .parse::<SourceRange>()
@@ -583,16 +632,22 @@ pub(crate) fn service_output(
         return out;
     }
     let spec = service.spec.clone().unwrap_or_default();
-    let addresses = match service_addresses(service) {
+    let ServiceAddresses {
+        families,
+        addresses,
+        other_family,
+    } = match service_addresses(service) {
         Ok(a) => a,
         Err(message) => return out.failed(Problem::error(object, message)),
     };
-    if !addresses.iter().any(|(_, kind)| *kind == Address::Cluster) {
-        // IPv6-only (rule 2): nothing of it is served, its NodePorts included, which
-        // would otherwise open on the node's IPv4 addresses to no endpoint.
-        return out.failed(Problem::warning(
-            object,
-            "no IPv4 clusterIP (IPv6 is not served yet): ignored",
+    for (addr, kind) in other_family {
+        out.problems.push(Problem::warning(
+            object.clone(),
+            format!(
+                "{} {addr}: the service has no {} clusterIP: ignored",
+                kind.describe(),
+                Family::of(&addr)
+            ),
         ));
     }
     let (affinity_timeout_s, ranges) = match (affinity_timeout(&spec), source_ranges(&spec)) {
@@ -601,6 +656,24 @@ pub(crate) fn service_output(
             return out.failed(Problem::error(object, message))
         }
     };
+    if let Some(ranges) = &ranges {
+        // Fails closed where kube-proxy, whose proxier of each family reads only that
+        // family's prefixes, would admit every client (README, "Dual stack").
+        for &family in &families {
+            let has_ingress = addresses
+                .iter()
+                .any(|(a, kind)| *kind == Address::LoadBalancer && Family::of(a) == family);
+            if has_ingress && !ranges.iter().any(|r| r.family() == family) {
+                out.problems.push(Problem::warning(
+                    object.clone(),
+                    format!(
+                        "loadBalancerSourceRanges has no {family} prefix: its {family} \
+                         ingress IPs admit no client"
+                    ),
+                ));
+            }
+        }
+    }
     let external_local = is_local(&spec.external_traffic_policy);
     let internal_local = is_local(&spec.internal_traffic_policy);
     let mut local_serving = BTreeSet::new();
@@ -704,105 +777,110 @@ pub(crate) fn service_output(
         // the client from the backend's node, and the client's own answers to them
         // arrive here, where nothing expects them).
         let dsr = dsr && port_helper == Helper::None && protocol != Protocol::Sctp;
-        let sets = policy_sets(endpoints, port, protocol, node.zone.as_deref());
-        local_serving.extend(sets.local.iter().map(|e| e.addr));
-        let weighted = |set: &[Endpoint]| -> Vec<Endpoint> {
-            set.iter()
-                .map(|e| Endpoint {
-                    weight: weights.get(&e.addr).copied().unwrap_or(e.weight),
-                    ..*e
-                })
-                .collect()
-        };
-        let internal = weighted(if internal_local {
-            &sets.local
-        } else {
-            &sets.cluster
-        });
-        let external = weighted(if external_local {
-            &sets.local
-        } else {
-            &sets.cluster
-        });
-        let service_port = format!(
-            "{name}:{}",
-            port.name.as_deref().unwrap_or(&number.to_string())
-        );
-        let tunnelled = weighted(&sets.local);
-        // In-cluster clients of an external frontend that the policy narrowed get
-        // every endpoint (rule 8).
-        let short_circuit = external_local && sets.cluster != sets.local;
-        let cluster_wide = weighted(&sets.cluster);
-        let mut add = |listen: Listen, port, address: Address| {
-            // A view stays external: masqueradeAll (ClusterIPs only) leaves it alone,
-            // as it leaves the frontend it is a view of.
-            let in_cluster = listen.is_in_cluster();
-            let is_external = address != Address::Cluster;
-            let tunnel = listen.is_tunnel();
-            frontends.push((
-                FrontendKey {
-                    listen,
-                    port,
-                    protocol,
-                },
-                Arc::new(Frontend {
-                    service: service_port.clone(),
-                    external: is_external,
-                    scheduler,
-                    endpoints: match (tunnel, in_cluster, is_external) {
-                        (true, _, _) => tunnelled.clone(),
-                        (false, true, _) => cluster_wide.clone(),
-                        (false, false, true) => external.clone(),
-                        (false, false, false) => internal.clone(),
+        // Each family of the service is served apart (rule 2), from the endpoints of
+        // its family, as kube-proxy runs one proxier per family.
+        for &family in &families {
+            let sets = policy_sets(endpoints, port, protocol, node.zone.as_deref(), family);
+            local_serving.extend(sets.local.iter().map(|e| e.addr));
+            let weighted = |set: &[Endpoint]| -> Vec<Endpoint> {
+                set.iter()
+                    .map(|e| Endpoint {
+                        weight: weights.get(&e.addr).copied().unwrap_or(e.weight),
+                        ..*e
+                    })
+                    .collect()
+            };
+            let internal = weighted(if internal_local {
+                &sets.local
+            } else {
+                &sets.cluster
+            });
+            let external = weighted(if external_local {
+                &sets.local
+            } else {
+                &sets.cluster
+            });
+            let service_port = format!(
+                "{name}:{}",
+                port.name.as_deref().unwrap_or(&number.to_string())
+            );
+            let tunnelled = weighted(&sets.local);
+            // IPIP carries IPv4: IPv6 frontends forward with snat (said below).
+            let dsr = dsr && family == Family::V4;
+            let ranges = ranges
+                .as_ref()
+                .map(|r| r.iter().filter(|r| r.family() == family).copied().collect());
+            // In-cluster clients of an external frontend that the policy narrowed get
+            // every endpoint (rule 8).
+            let short_circuit = external_local && sets.cluster != sets.local;
+            let cluster_wide = weighted(&sets.cluster);
+            let mut add = |listen: Listen, port, address: Address| {
+                // A view stays external: masqueradeAll (ClusterIPs only) leaves it alone,
+                // as it leaves the frontend it is a view of.
+                let in_cluster = listen.is_in_cluster();
+                let is_external = address != Address::Cluster;
+                let tunnel = listen.is_tunnel();
+                frontends.push((
+                    FrontendKey {
+                        listen,
+                        port,
+                        protocol,
                     },
-                    affinity_timeout_s,
-                    source_ranges: if address == Address::LoadBalancer && !tunnel {
-                        ranges.clone()
-                    } else {
-                        None
-                    },
-                    dsr: dsr && is_external && !tunnel && !in_cluster,
-                    in_cluster_view: short_circuit && is_external && !tunnel && !in_cluster,
-                    helper: port_helper,
-                    // A policy `Local` drops (rather than refuses) only where the
-                    // service has endpoints elsewhere, as kube-proxy does.
-                    local_only: !tunnel
-                        && !in_cluster
-                        && !sets.cluster.is_empty()
-                        && if is_external {
-                            external_local
-                        } else {
-                            internal_local
+                    Arc::new(Frontend {
+                        service: service_port.clone(),
+                        external: is_external,
+                        scheduler,
+                        endpoints: match (tunnel, in_cluster, is_external) {
+                            (true, _, _) => tunnelled.clone(),
+                            (false, true, _) => cluster_wide.clone(),
+                            (false, false, true) => external.clone(),
+                            (false, false, false) => internal.clone(),
                         },
-                }),
-            ))
-        };
-        for (addr, kind) in &addresses {
-            add(Listen::Address(*addr), number, *kind);
-            if dsr && *kind != Address::Cluster {
-                add(Listen::TunnelAddress(*addr), number, *kind);
+                        affinity_timeout_s,
+                        source_ranges: if address == Address::LoadBalancer && !tunnel {
+                            ranges.clone()
+                        } else {
+                            None
+                        },
+                        dsr: dsr && is_external && !tunnel && !in_cluster,
+                        in_cluster_view: short_circuit && is_external && !tunnel && !in_cluster,
+                        helper: port_helper,
+                        // A policy `Local` drops (rather than refuses) only where the
+                        // service has endpoints elsewhere, as kube-proxy does.
+                        local_only: !tunnel
+                            && !in_cluster
+                            && !sets.cluster.is_empty()
+                            && if is_external {
+                                external_local
+                            } else {
+                                internal_local
+                            },
+                    }),
+                ))
+            };
+            for (addr, kind) in addresses.iter().filter(|(a, _)| Family::of(a) == family) {
+                add(Listen::Address(*addr), number, *kind);
+                if dsr && *kind != Address::Cluster {
+                    add(Listen::TunnelAddress(*addr), number, *kind);
+                }
+                if short_circuit && *kind != Address::Cluster {
+                    add(Listen::InClusterAddress(*addr), number, *kind);
+                }
             }
-            if short_circuit && *kind != Address::Cluster {
-                add(Listen::InClusterAddress(*addr), number, *kind);
-            }
-        }
-        if let Some(node_port) = node_port {
-            // On the IPv4 node addresses: the family every frontend has until IPv6
-            // Services are translated.
-            add(Listen::NodePort(Family::V4), node_port, Address::NodePort);
-            if dsr {
-                add(
-                    Listen::TunnelNodePort(Family::V4),
-                    node_port,
-                    Address::NodePort,
-                );
-            }
-            if short_circuit {
-                add(
-                    Listen::InClusterNodePort(Family::V4),
-                    node_port,
-                    Address::NodePort,
-                );
+            if let Some(node_port) = node_port {
+                // On the node's addresses of each of the service's families, as
+                // kube-proxy's proxier of each family opens it.
+                add(Listen::NodePort(family), node_port, Address::NodePort);
+                if dsr {
+                    add(Listen::TunnelNodePort(family), node_port, Address::NodePort);
+                }
+                if short_circuit {
+                    add(
+                        Listen::InClusterNodePort(family),
+                        node_port,
+                        Address::NodePort,
+                    );
+                }
             }
         }
     }

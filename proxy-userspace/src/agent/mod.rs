@@ -390,7 +390,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     // answers NodePorts in place.
     let mut node_addresses = NodeAddresses {
         present: match config.node.node_ports.follows_interfaces() {
-            true => interfaces::ipv4_addresses().await?,
+            true => interfaces::node_addresses().await?,
             false => BTreeSet::new(),
         },
     };

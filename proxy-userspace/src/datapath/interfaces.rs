@@ -53,8 +53,17 @@ fn address_of(message: &AddressMessage) -> Option<IpAddr> {
     })
 }
 
+/// Whether an interface address is one NodePorts may answer on: of either family,
+/// but not IPv6 link-local (one per interface, the same on many: no node address).
+fn is_node_address(address: &IpAddr) -> bool {
+    match address {
+        IpAddr::V4(_) => true,
+        IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+    }
+}
+
 fn address_event(message: &AddressMessage, present: bool) -> Option<LinkEvent> {
-    let address = address_of(message).filter(IpAddr::is_ipv4)?;
+    let address = address_of(message).filter(is_node_address)?;
     Some(LinkEvent::Address {
         index: message.header.index,
         address,
@@ -62,20 +71,21 @@ fn address_event(message: &AddressMessage, present: bool) -> Option<LinkEvent> {
     })
 }
 
-/// The IPv4 addresses on the node's interfaces now, with the interface's index.
-pub async fn ipv4_addresses() -> Result<BTreeSet<(u32, IpAddr)>> {
+/// The addresses on the node's interfaces now (`is_node_address`), with the
+/// interface's index.
+pub async fn node_addresses() -> Result<BTreeSet<(u32, IpAddr)>> {
     let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     let task = tokio::spawn(connection);
-    let listed = list_ipv4_addresses(&handle).await;
+    let listed = list_node_addresses(&handle).await;
     task.abort();
     listed
 }
 
-async fn list_ipv4_addresses(handle: &rtnetlink::Handle) -> Result<BTreeSet<(u32, IpAddr)>> {
+async fn list_node_addresses(handle: &rtnetlink::Handle) -> Result<BTreeSet<(u32, IpAddr)>> {
     let mut addresses = BTreeSet::new();
     let mut listing = handle.address().get().execute();
     while let Some(message) = listing.try_next().await.context("listing addresses")? {
-        if let Some(address) = address_of(&message).filter(IpAddr::is_ipv4) {
+        if let Some(address) = address_of(&message).filter(is_node_address) {
             addresses.insert((message.header.index, address));
         }
     }
@@ -119,7 +129,7 @@ pub async fn watch(events: mpsc::Sender<LinkEvent>) -> Result<()> {
             }
         }
     }
-    let addresses = list_ipv4_addresses(&handle).await?;
+    let addresses = list_node_addresses(&handle).await?;
     if events
         .send(LinkEvent::AddressesListed(addresses))
         .await

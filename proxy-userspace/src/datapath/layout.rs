@@ -7,7 +7,8 @@
 //! take effect after a `cleanup`. A map that holds only counters an operator reads
 //! (`DATAPATH_EVENTS`) is not worth refusing to start for: when its size differs it
 //! is unpinned, so that the loader creates it afresh (the counters restart at 0).
-//! A map whose key only grew at its end is carried over (`widen`).
+//! A map whose key only grew at its end, or an array that grew by slots, is carried
+//! over (`widen`).
 
 use std::path::Path;
 
@@ -46,10 +47,7 @@ pub fn check_pinned_maps(pin_dir: &Path, sizes: &MapSizes) -> Result<()> {
                  (conntrack survives), the new flags take effect after `ebpf-proxy cleanup`"
             );
         }
-        if (have.1, have.2) == (want.1, want.2)
-            && have.0 < want.0
-            && super::widen::set_aside(pin_dir, name, have.0)?
-        {
+        if have != want && super::widen::set_aside(pin_dir, name, have, want)? {
             continue;
         }
         if have != want && RECREATABLE.contains(&name.as_str()) {

@@ -16,10 +16,10 @@ use aya::{
 };
 
 use super::{
-    generation::Generation, PROG_EGRESS, PROG_POD, PROG_POD_SCTP, PROG_SOCK_HOOKS, PROG_UPLINK,
-    PROG_UPLINK_SCTP,
+    generation::Generation, PROG_EGRESS, PROG_POD, PROG_POD_SCTP, PROG_POD_SCTP6, PROG_POD_V6,
+    PROG_SOCK_HOOKS, PROG_UPLINK, PROG_UPLINK_SCTP, PROG_UPLINK_SCTP6, PROG_UPLINK_V6, TAIL_CALLED,
 };
-use proxy_common::{map_name, LoadSettings, SCTP_PROGRAM, SETTINGS_GLOBAL};
+use proxy_common::{map_name, LoadSettings, SETTINGS_GLOBAL};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -161,6 +161,8 @@ impl Datapath {
         for (name, what) in [
             (PROG_UPLINK, "the XDP program"),
             (PROG_UPLINK_SCTP, "the XDP program for SCTP"),
+            (PROG_UPLINK_V6, "the XDP program for IPv6"),
+            (PROG_UPLINK_SCTP6, "the XDP program for SCTP over IPv6"),
         ] {
             let xdp: &mut Xdp = program(&mut ebpf, name)?;
             verify(what, || xdp.load())?;
@@ -168,6 +170,8 @@ impl Datapath {
         for (name, what) in [
             (PROG_POD, "the pod tc program"),
             (PROG_POD_SCTP, "the pod tc program for SCTP"),
+            (PROG_POD_V6, "the pod tc program for IPv6"),
+            (PROG_POD_SCTP6, "the pod tc program for SCTP over IPv6"),
             (PROG_EGRESS, "the egress tc program"),
         ] {
             let tc: &mut SchedClassifier = program(&mut ebpf, name)?;
@@ -177,13 +181,11 @@ impl Datapath {
             let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             verify(name, || hook.load())?;
         }
-        // SCTP's programs, where the main ones tail-call them; replaces a previous
-        // agent's in the pinned arrays (theirs served until now), last, once every
-        // program of this load was verified: a load that fails leaves them serving.
-        for (array, name) in [
-            (map_name::UPLINK_TRANSPORTS, PROG_UPLINK_SCTP),
-            (map_name::POD_TRANSPORTS, PROG_POD_SCTP),
-        ] {
+        // SCTP's and IPv6's programs, where the main ones tail-call them; replaces a
+        // previous agent's in the pinned arrays (theirs served until now), last, once
+        // every program of this load was verified: a load that fails leaves them
+        // serving.
+        for (array, name, slot) in TAIL_CALLED {
             let fd = ebpf
                 .program(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -197,7 +199,7 @@ impl Datapath {
             )
             .with_context(|| format!("{array} is not a program array"))?;
             programs
-                .set(SCTP_PROGRAM, &fd, 0)
+                .set(slot, &fd, 0)
                 .with_context(|| format!("putting {name} in {array}"))?;
         }
         Ok(Datapath {

@@ -15,6 +15,8 @@ pub mod mmap;
 pub mod tables;
 pub mod widen;
 
+use proxy_common::{map_name, IPV6_PROGRAM, IPV6_SCTP_PROGRAM, SCTP_PROGRAM};
+
 /// The eBPF object built by build.rs from proxy-ebpf, for kernels from 5.18 (the
 /// legacy one is `generation`'s).
 pub static EBPF_OBJECT: &[u8] =
@@ -34,6 +36,21 @@ pub const PROG_EGRESS: &str = "node_egress";
 /// proxy-ebpf's `main`): loaded and put in place here, never attached.
 pub const PROG_UPLINK_SCTP: &str = "uplink_ingress_sctp";
 pub const PROG_POD_SCTP: &str = "pod_ingress_sctp";
+/// IPv6's programs, tail-called likewise (`UPLINK_IPV6`, `POD_IPV6`).
+pub const PROG_UPLINK_V6: &str = "uplink_ingress_v6";
+pub const PROG_UPLINK_SCTP6: &str = "uplink_ingress_sctp6";
+pub const PROG_POD_V6: &str = "pod_ingress_v6";
+pub const PROG_POD_SCTP6: &str = "pod_ingress_sctp6";
+
+/// Every tail-called program: the array it goes in, at which slot.
+pub const TAIL_CALLED: [(&str, &str, u32); 6] = [
+    (map_name::UPLINK_TRANSPORTS, PROG_UPLINK_SCTP, SCTP_PROGRAM),
+    (map_name::POD_TRANSPORTS, PROG_POD_SCTP, SCTP_PROGRAM),
+    (map_name::UPLINK_IPV6, PROG_UPLINK_V6, IPV6_PROGRAM),
+    (map_name::UPLINK_IPV6, PROG_UPLINK_SCTP6, IPV6_SCTP_PROGRAM),
+    (map_name::POD_IPV6, PROG_POD_V6, IPV6_PROGRAM),
+    (map_name::POD_IPV6, PROG_POD_SCTP6, IPV6_SCTP_PROGRAM),
+];
 pub const PROG_SOCK_HOOKS: [&str; 4] = [
     "sock_connect4",
     "sock_sendmsg4",
@@ -44,8 +61,6 @@ pub const PROG_SOCK_HOOKS: [&str; 4] = [
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-
-    use proxy_common::map_name;
 
     use super::{generation::Generation, *};
 
@@ -68,15 +83,11 @@ mod tests {
             let (maps, programs) = contents(generation.object());
             let named: BTreeSet<String> = map_name::ALL.iter().map(|n| n.to_string()).collect();
             assert_eq!(maps, named, "{generation}");
-            for program in [
-                PROG_UPLINK,
-                PROG_UPLINK_SCTP,
-                PROG_POD,
-                PROG_POD_SCTP,
-                PROG_EGRESS,
-            ]
-            .iter()
-            .chain(&PROG_SOCK_HOOKS)
+            let tail_called = TAIL_CALLED.iter().map(|(_, program, _)| program);
+            for program in [PROG_UPLINK, PROG_POD, PROG_EGRESS]
+                .iter()
+                .chain(tail_called)
+                .chain(&PROG_SOCK_HOOKS)
             {
                 assert!(
                     programs.contains(*program),

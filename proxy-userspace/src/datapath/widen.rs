@@ -1,4 +1,5 @@
-//! Carrying a predecessor's maps over when their keys grew at the end.
+//! Carrying a predecessor's maps over when their keys grew at the end, or an array
+//! grew by slots (`NODE_CONFIG` by the IPv6 masquerade address's).
 //!
 //! Keys that hold an address got the address family (IPv4 = 0, where their bytes
 //! were padding or absent) and `SOURCE_RANGES` a 16-byte address: a predecessor's
@@ -17,45 +18,62 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key as LpmKey, HashMap, LpmTrie, Map, MapData},
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, Map, MapData},
     Ebpf, Pod,
 };
-use proxy_common::{map_name, AddrKey, NodeAddrFlags, ServiceKey, ServiceValue, SourceRangeKey};
+use proxy_common::{
+    map_name, AddrKey, ConfigValue, NodeAddrFlags, ServiceKey, ServiceValue, SourceRangeKey,
+};
 
 /// Carries a predecessor's map (its entries) into this version's; returns how many.
 type Carry = fn(MapData, &mut Map) -> Result<usize>;
 
-/// A map whose key grew: its name, the key size it had before, and how its entries
-/// are carried over.
+/// A map whose key grew (`old_key_size`, the rest unchanged) or that grew by entries
+/// (`old_entries`, its key and value unchanged): its name, what it was before, and how
+/// its entries are carried over.
 struct Widened {
     name: &'static str,
-    old_key_size: u32,
+    old: Before,
     carry: Carry,
 }
 
-/// Every map whose key grew by zero bytes at its end (2026-12, address families).
-const WIDENED: [Widened; 4] = [
+enum Before {
+    KeySize(u32),
+    Entries(u32),
+}
+
+/// Every map whose key grew by zero bytes at its end (2026-12, address families), and
+/// every array that grew by slots.
+const WIDENED: [Widened; 5] = [
     Widened {
         name: map_name::SERVICES,
-        old_key_size: 20,
+        old: Before::KeySize(20),
         carry: widen_hash::<20, ServiceKey, ServiceValue>,
     },
     Widened {
         name: map_name::SERVICE_ADDRS,
-        old_key_size: 16,
+        old: Before::KeySize(16),
         carry: widen_hash::<16, AddrKey, u32>,
     },
     Widened {
         name: map_name::NODE_ADDRS,
-        old_key_size: 16,
+        old: Before::KeySize(16),
         carry: widen_hash::<16, AddrKey, NodeAddrFlags>,
     },
     Widened {
         // An LPM key: the 4-byte prefix length, then the service id and an IPv4
         // address.
         name: map_name::SOURCE_RANGES,
-        old_key_size: 4 + 8,
+        old: Before::KeySize(4 + 8),
         carry: widen_source_ranges::<8>,
+    },
+    Widened {
+        // 2026-12: `CONFIG_SNAT_ADDR6`. Its slots are the agent's node settings, and
+        // the network namespace cookie the socket hooks serve until the agent learns
+        // it again.
+        name: map_name::NODE_CONFIG,
+        old: Before::Entries(4),
+        carry: grow_array::<ConfigValue>,
     },
 ];
 
@@ -64,14 +82,26 @@ fn aside(pin_dir: &Path, name: &str) -> PathBuf {
     pin_dir.join(format!("{name}_carried"))
 }
 
-/// Whether the pinned map `name`, of `key_size`, is a predecessor's form of a map
-/// whose key grew: then its pin is moved aside for `carry_over` and the layout check
-/// passes it.
-pub fn set_aside(pin_dir: &Path, name: &str, key_size: u32) -> Result<bool> {
-    if !WIDENED
-        .iter()
-        .any(|w| w.name == name && w.old_key_size == key_size)
-    {
+/// Whether the pinned map `name`, of (key size, value size, entries) `pinned`, is a
+/// predecessor's form of a map that is `wanted` now: then its pin is moved aside for
+/// `carry_over` and the layout check passes it.
+pub fn set_aside(
+    pin_dir: &Path,
+    name: &str,
+    pinned: (u32, u32, u32),
+    wanted: (u32, u32, u32),
+) -> Result<bool> {
+    let predecessor = |w: &Widened| match w.old {
+        Before::KeySize(size) => {
+            (pinned.1, pinned.2) == (wanted.1, wanted.2) && pinned.0 == size && size < wanted.0
+        }
+        Before::Entries(entries) => {
+            (pinned.0, pinned.1) == (wanted.0, wanted.1)
+                && pinned.2 == entries
+                && entries < wanted.2
+        }
+    };
+    if !WIDENED.iter().any(|w| w.name == name && predecessor(w)) {
         return Ok(false);
     }
     let (from, to) = (pin_dir.join(name), aside(pin_dir, name));
@@ -86,13 +116,13 @@ pub fn set_aside(pin_dir: &Path, name: &str, key_size: u32) -> Result<bool> {
         .with_context(|| format!("moving {} aside to widen its keys", from.display()))?;
     tracing::info!(
         map = name,
-        "pinned map of the previous key layout: carried over, keys widened"
+        "pinned map of a previous layout: carried over to this one"
     );
     Ok(true)
 }
 
-/// Writes every set-aside map's entries, keys zero-extended, into the newly loaded
-/// maps, then removes the aside pins. Before any program is attached.
+/// Writes every set-aside map's entries (keys zero-extended, or slots by index) into
+/// the newly loaded maps, then removes the aside pins. Before any program is attached.
 pub fn carry_over(pin_dir: &Path, ebpf: &mut Ebpf) -> Result<()> {
     for widened in &WIDENED {
         let path = aside(pin_dir, widened.name);
@@ -132,6 +162,18 @@ fn widen_hash<const OLD: usize, K: Pod + Default, V: Pod>(
     for entry in old.iter() {
         let (key, value) = entry?;
         new.insert(zero_extended::<K>(&key), value, 0)?;
+        carried += 1;
+    }
+    Ok(carried)
+}
+
+/// An array's slots, by index (the new array's further slots stay zero).
+fn grow_array<V: Pod>(old: MapData, new: &mut Map) -> Result<usize> {
+    let old: Array<MapData, V> = Array::try_from(Map::Array(old))?;
+    let mut new: Array<&mut MapData, V> = Array::try_from(new)?;
+    let mut carried = 0;
+    for index in 0..old.len() {
+        new.set(index, old.get(&index, 0)?, 0)?;
         carried += 1;
     }
     Ok(carried)

@@ -22,11 +22,12 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use proxy_common::{
-    map_name, Addr, AddrKey, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtTimeouts,
-    NodeAddrFlags, ServiceKey, ServiceValue, CLUSTER_CIDR, CLUSTER_CIDRS_ID, CONFIG_NETNS_COOKIE,
-    CONFIG_SNAT_ADDR, CONFIG_TUNNEL_SOURCE, CONFIG_XDP_FORWARD, CT_F_RELATED,
-    MAX_BACKENDS_PER_SERVICE, PROTO_TCP, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED,
-    TUNNEL_PEER_UNVERIFIED, XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
+    cluster_cidrs_id, map_name, Addr, AddrKey, Backend, BackendSlotKey, ConfigValue, ConnCounts,
+    CtTimeouts, NodeAddrFlags, ServiceKey, ServiceValue, CLUSTER_CIDR, CLUSTER_CIDRS6_ID,
+    CLUSTER_CIDRS_ID, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_SNAT_ADDR6,
+    CONFIG_TUNNEL_SOURCE, CONFIG_XDP_FORWARD, CT_F_RELATED, MAX_BACKENDS_PER_SERVICE, PROTO_TCP,
+    TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED, TUNNEL_PEER_UNVERIFIED, XDP_FORWARD_PASS,
+    XDP_FORWARD_REDIRECT,
 };
 
 mod accounting;
@@ -167,7 +168,7 @@ impl Syncer {
         let mut stray_ranges = Vec::new();
         for key in tables.source_ranges.keys().filter_map(Result::ok) {
             let id = source_range_id(&key);
-            if id == TUNNEL_PEERS_ID {
+            if [TUNNEL_PEERS_ID, CLUSTER_CIDRS_ID, CLUSTER_CIDRS6_ID].contains(&id) {
                 continue; // node-wide, rewritten by program_node
             }
             match family_of.get(&id) {
@@ -260,10 +261,17 @@ impl Syncer {
                 .node_ports
                 .entries(&node.addresses, &settings.interface_addresses),
         )?;
-        let snat = ConfigValue {
-            addr: Addr::from_ip(&node.snat_address()),
-        };
-        self.tables.config.set(CONFIG_SNAT_ADDR, snat, 0)?;
+        for (slot, family) in [
+            (CONFIG_SNAT_ADDR, Family::V4),
+            (CONFIG_SNAT_ADDR6, Family::V6),
+        ] {
+            let snat = ConfigValue {
+                addr: node
+                    .snat_address(family)
+                    .map_or(Addr::ZERO, |address| Addr::from_ip(&address)),
+            };
+            self.tables.config.set(slot, snat, 0)?;
+        }
         self.tables.config.set(
             CONFIG_NETNS_COOKIE,
             ConfigValue::from_u64(settings.netns_cookie),
@@ -289,13 +297,17 @@ impl Syncer {
             .config
             .set(CONFIG_TUNNEL_SOURCE, tunnel_source, 0)?;
         self.program_tunnel_peers(settings.tunnel_peers.as_deref())?;
-        let cluster_cidrs: BTreeMap<SourceRange, u8> = settings
-            .cluster_cidrs
-            .iter()
-            .map(|r| (*r, CLUSTER_CIDR))
-            .collect();
-        self.program_node_ranges(CLUSTER_CIDRS_ID, &cluster_cidrs)
-            .context("--cluster-cidr")
+        for family in [Family::V4, Family::V6] {
+            let cluster_cidrs: BTreeMap<SourceRange, u8> = settings
+                .cluster_cidrs
+                .iter()
+                .filter(|r| r.family() == family)
+                .map(|r| (*r, CLUSTER_CIDR))
+                .collect();
+            self.program_node_ranges(cluster_cidrs_id(family), family, &cluster_cidrs)
+                .context("--cluster-cidr")?;
+        }
+        Ok(())
     }
 
     /// Makes `NODE_ADDRS` hold exactly `wanted`: new and changed entries first, then
@@ -338,20 +350,25 @@ impl Syncer {
                 TUNNEL_PEER_UNVERIFIED,
             )]),
         };
-        self.program_node_ranges(TUNNEL_PEERS_ID, &wanted)
+        self.program_node_ranges(TUNNEL_PEERS_ID, Family::V4, &wanted)
             .context("--ipip-trusted-sources")
     }
 
-    /// Makes the (IPv4) prefixes under a pseudo service id of `SOURCE_RANGES` exactly
-    /// `wanted`. New entries go in before stale ones go out.
-    fn program_node_ranges(&mut self, id: u32, wanted: &BTreeMap<SourceRange, u8>) -> Result<()> {
+    /// Makes the prefixes under a pseudo service id of `SOURCE_RANGES` (of `family`)
+    /// exactly `wanted`. New entries go in before stale ones go out.
+    fn program_node_ranges(
+        &mut self,
+        id: u32,
+        family: Family,
+        wanted: &BTreeMap<SourceRange, u8>,
+    ) -> Result<()> {
         let present: Vec<SourceRange> = self
             .tables
             .source_ranges
             .keys()
             .filter_map(Result::ok)
             .filter(|key| source_range_id(key) == id)
-            .map(|key| source_range_of(&key, Family::V4))
+            .map(|key| source_range_of(&key, family))
             .collect();
         for (range, value) in wanted {
             self.tables

@@ -9,10 +9,11 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 use proxy_common::{
+    cluster_cidrs_id,
     decide::{self, Entry, TunnelPeer},
     Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, ExpectKey, Expectation, Family,
-    LoadSettings, Scheduler, ServiceKey, ServiceValue, BACKEND_F_REMOTE, CLUSTER_CIDRS_ID,
-    CONFIG_SNAT_ADDR, CT_F_ENCAP, CT_F_REPLY, PROTO_ICMP, SCOPE_ADDRESS, SCOPE_IN_CLUSTER,
+    LoadSettings, Scheduler, ServiceKey, ServiceValue, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR,
+    CT_F_ENCAP, CT_F_REPLY, PROTO_ICMP, SCOPE_ADDRESS, SCOPE_IN_CLUSTER,
     SCOPE_IN_CLUSTER_NODE_PORT, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
     SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
     TUNNEL_PEERS_ID,
@@ -493,7 +494,7 @@ fn in_cluster_cidrs(tables: &Tables, key: &CtKey) -> bool {
     let Some(family) = Family::from_number(key.family) else {
         return false;
     };
-    let probe = source_range_probe(CLUSTER_CIDRS_ID, &key.src.to_ip(family));
+    let probe = source_range_probe(cluster_cidrs_id(family), &key.src.to_ip(family));
     tables.source_ranges.get(&probe, 0).is_ok()
 }
 

@@ -34,8 +34,8 @@ use crate::{
     },
     source::{Change, ObjectChange, Objects},
     translate::{
-        service_output, slice_endpoints, slice_service, NodeView, ServiceOutput, SliceEndpoint,
-        LABEL_SERVICE_NAME, LABEL_ZONE,
+        service_output, slice_endpoints, slice_family, slice_service, NodeView, ServiceOutput,
+        SliceEndpoint, LABEL_SERVICE_NAME, LABEL_ZONE,
     },
 };
 use few::Few;
@@ -72,8 +72,8 @@ pub fn translate_all(objects: &Objects, node_name: &str) -> Translation {
 #[derive(PartialEq)]
 struct SliceRecord {
     service: Option<ObjectKey>,
-    /// `addressType: IPv4` (others are not served yet, and not reported either).
-    ipv4: bool,
+    /// `addressType: IPv4` or `IPv6` (FQDN slices are reported and ignored).
+    served: bool,
     endpoints: Result<Vec<SliceEndpoint>, String>,
     /// While the slice cannot be read, its last version that could (a bad update
     /// never empties a service).
@@ -245,7 +245,7 @@ impl ChangeTracker {
         };
         let record = SliceRecord {
             service,
-            ipv4: slice.address_type == "IPv4",
+            served: slice_family(slice).is_some(),
             endpoints,
             last_good,
         };
@@ -454,8 +454,11 @@ impl ChangeTracker {
 
     fn slice_problems(&self, key: &ObjectKey, record: &SliceRecord) -> Vec<Problem> {
         let object = format!("EndpointSlice {key}");
-        if !record.ipv4 {
-            return Vec::new();
+        if !record.served {
+            return vec![Problem::warning(
+                object,
+                "addressType FQDN: no proxy serves it, ignored",
+            )];
         }
         match (&record.service, &record.endpoints) {
             (None, _) => vec![Problem::warning(

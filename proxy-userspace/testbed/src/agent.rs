@@ -14,7 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use super::{
     command::run,
     netns::command_in,
-    topology::{Topology, NODE_IP, NODE_NAME, POD_INTERFACE_PATTERN, UPLINKS},
+    topology::{twin, Topology, NODE_IP, NODE_NAME, POD_INTERFACE_PATTERN, UPLINKS},
 };
 use ebpf_proxy::listing::Listing;
 
@@ -155,12 +155,15 @@ impl Agent {
             None => command_in(&self.node_ns, binary),
         };
         command
+            // The node is dual-stack, as the topology is: its address and its twin.
             .args([
                 "run",
                 "--node-name",
                 &self.node_name,
                 "--node-ip",
                 &self.node_ip.to_string(),
+                "--node-ip",
+                &twin(self.node_ip).to_string(),
             ])
             .args(self.uplinks.iter().flat_map(|u| ["--uplink", u.as_str()]))
             .args([

@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
-use super::topology::Pod;
+use super::topology::{twin, Pod};
 
 /// One single-port Service and the EndpointSlice listing its backends.
 #[derive(Clone, Debug)]
@@ -24,6 +24,9 @@ pub struct ServiceDef {
     pub annotations: Vec<(String, String)>,
     /// More `spec` fields, as YAML lines (`externalTrafficPolicy: Local`).
     pub spec: Vec<String>,
+    /// Dual-stack (`RequireDualStack`): the clusterIP's and the LoadBalancer IP's
+    /// IPv6 twins (`topology::twin`) too, and an IPv6 slice of the backends' twins.
+    pub dual_stack: bool,
 }
 
 impl ServiceDef {
@@ -46,7 +49,13 @@ impl ServiceDef {
             terminating: Vec::new(),
             annotations: Vec::new(),
             spec: Vec::new(),
+            dual_stack: false,
         }
+    }
+
+    pub fn dual_stack(mut self) -> ServiceDef {
+        self.dual_stack = true;
+        self
     }
 
     pub fn annotated(mut self, key: &str, value: &str) -> ServiceDef {
@@ -80,9 +89,18 @@ pub fn render(services: &[ServiceDef]) -> String {
             .node_port
             .map(|p| format!(", nodePort: {p}"))
             .unwrap_or_default();
+        let families = if s.dual_stack {
+            format!(
+                "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [{}, \"{}\"]\n",
+                s.cluster_ip,
+                twin(s.cluster_ip)
+            )
+        } else {
+            format!("  clusterIPs: [{}]\n", s.cluster_ip)
+        };
         let _ = write!(
             out,
-            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations: {{{annotations}}}\nspec:\n  type: {service_type}\n  selector: {{app: {name}}}\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ports:\n  - {{name: main, protocol: {proto}, port: {port}, targetPort: {target}{node_port}}}\n{spec}",
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations: {{{annotations}}}\nspec:\n  type: {service_type}\n  selector: {{app: {name}}}\n  clusterIP: {ip}\n{families}  ports:\n  - {{name: main, protocol: {proto}, port: {port}, targetPort: {target}{node_port}}}\n{spec}",
             name = s.name,
             annotations = s
                 .annotations
@@ -97,35 +115,57 @@ pub fn render(services: &[ServiceDef]) -> String {
             spec = s.spec.iter().map(|l| format!("  {l}\n")).collect::<String>(),
         );
         if let Some(lb) = s.load_balancer_ip {
+            let twin_ingress = if s.dual_stack {
+                format!(", {{ip: \"{}\"}}", twin(lb))
+            } else {
+                String::new()
+            };
             let _ = write!(
                 out,
-                "status:\n  loadBalancer:\n    ingress: [{{ip: {lb}}}]\n"
+                "status:\n  loadBalancer:\n    ingress: [{{ip: {lb}}}{twin_ingress}]\n"
             );
         }
-        let _ = write!(
-            out,
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n- {{name: main, protocol: {proto}, port: {target}}}\n",
-            name = s.name,
-            proto = s.protocol,
-            target = s.target_port,
-        );
-        out.push_str(if s.backends.is_empty() && s.terminating.is_empty() {
-            "endpoints: []\n"
-        } else {
-            "endpoints:\n"
-        });
-        for (addr, node) in &s.backends {
-            let _ = writeln!(
-                out,
-                "- {{addresses: [\"{addr}\"], nodeName: {node}, conditions: {{ready: true}}}}"
-            );
-        }
-        for (addr, node) in &s.terminating {
-            let _ = writeln!(
-                out,
-                "- {{addresses: [\"{addr}\"], nodeName: {node}, conditions: {{ready: false, serving: true, terminating: true}}}}"
-            );
+        slice(&mut out, s, "IPv4", "1", &|addr| addr.to_string());
+        if s.dual_stack {
+            slice(&mut out, s, "IPv6", "2", &|addr| twin(addr).to_string());
         }
     }
     out
+}
+
+/// The EndpointSlice `<service>-<suffix>` of `address_type`, each backend's address
+/// written by `address`.
+fn slice(
+    out: &mut String,
+    s: &ServiceDef,
+    address_type: &str,
+    suffix: &str,
+    address: &dyn Fn(Ipv4Addr) -> String,
+) {
+    let _ = write!(
+        out,
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{suffix}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: {address_type}\nports:\n- {{name: main, protocol: {proto}, port: {target}}}\n",
+        name = s.name,
+        proto = s.protocol,
+        target = s.target_port,
+    );
+    out.push_str(if s.backends.is_empty() && s.terminating.is_empty() {
+        "endpoints: []\n"
+    } else {
+        "endpoints:\n"
+    });
+    for (addr, node) in &s.backends {
+        let _ = writeln!(
+            out,
+            "- {{addresses: [\"{}\"], nodeName: {node}, conditions: {{ready: true}}}}",
+            address(*addr)
+        );
+    }
+    for (addr, node) in &s.terminating {
+        let _ = writeln!(
+            out,
+            "- {{addresses: [\"{}\"], nodeName: {node}, conditions: {{ready: false, serving: true, terminating: true}}}}",
+            address(*addr)
+        );
+    }
 }

@@ -25,8 +25,10 @@ pub const TFTP_PORT: u16 = 69;
 /// Size of the file every TFTP server serves: several 512-byte blocks.
 pub const TFTP_FILE_LEN: usize = 1800;
 
-/// What a server answers: `pod=<name> client=<addr:port>`.
+/// What a server answers: `pod=<name> client=<addr:port>`. The servers' sockets are
+/// dual-stack: an IPv4 client, which they see as `::ffff:a.b.c.d`, is named as IPv4.
 pub fn greeting(pod: &str, peer: SocketAddr) -> String {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     format!("pod={pod} client={peer}\n")
 }
 
@@ -98,17 +100,17 @@ impl Kind {
     fn bind(self) -> Result<Bound> {
         Ok(match self {
             Kind::Http => {
-                let listener = TcpListener::bind(("0.0.0.0", HTTP_PORT))?;
+                let listener = TcpListener::bind(("::", HTTP_PORT))?;
                 listener.set_nonblocking(true)?;
                 Bound::Http(listener)
             }
             Kind::Udp => {
-                let socket = UdpSocket::bind(("0.0.0.0", UDP_PORT))?;
+                let socket = UdpSocket::bind(("::", UDP_PORT))?;
                 socket.set_read_timeout(Some(POLL))?;
                 Bound::Udp(socket)
             }
             Kind::Tftp => {
-                let socket = UdpSocket::bind(("0.0.0.0", TFTP_PORT))?;
+                let socket = UdpSocket::bind(("::", TFTP_PORT))?;
                 socket.set_read_timeout(Some(POLL))?;
                 Bound::Tftp(socket)
             }
@@ -248,7 +250,7 @@ fn serve_tftp(socket: UdpSocket, pod: &str, stop: &AtomicBool) {
 }
 
 fn tftp_transfer(content: &[u8], peer: SocketAddr) -> std::io::Result<()> {
-    let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+    let socket = UdpSocket::bind(("::", 0))?;
     socket.set_read_timeout(Some(Duration::from_millis(500)))?;
     // Blocks of 512 bytes; a final short (possibly empty) block ends the transfer.
     let blocks = content.len() / 512 + 1;

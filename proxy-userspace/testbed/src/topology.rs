@@ -9,8 +9,15 @@
 //!
 //! Pods are routed Calico-style: a /32 route per pod on the node, and in the pod a
 //! default route via 169.254.1.1 on its only interface.
+//!
+//! Every namespace is dual-stack: each IPv4 address and route has an IPv6 twin
+//! (`twin`: the IPv4 address in the last 32 bits of `fd00::/96`, a /n prefix a
+//! /(96 + n)), added without duplicate address detection so that nothing waits for
+//! it; a pod's IPv6 gateway is the link-local `fe80::1` of its host-side interface.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ebpf_proxy::model::Family;
 
 use anyhow::{Context as _, Result};
 
@@ -26,6 +33,69 @@ pub const UPLINKS: [&str; 2] = ["up0", "up1"];
 /// Host-side pod interfaces are named `veth<N>`; the agent's pattern.
 pub const POD_INTERFACE_PATTERN: &str = "veth*";
 const POD_GATEWAY: &str = "169.254.1.1";
+const POD_GATEWAY6: &str = "fe80::1";
+
+/// The IPv6 twin of a test address: `fd00::a.b.c.d`.
+pub const fn twin(v4: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = v4.octets();
+    Ipv6Addr::new(
+        0xfd00,
+        0,
+        0,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([a, b]),
+        u16::from_be_bytes([c, d]),
+    )
+}
+
+/// A test address in `family`: itself, or its twin.
+pub fn in_family(v4: Ipv4Addr, family: Family) -> IpAddr {
+    match family {
+        Family::V4 => v4.into(),
+        Family::V6 => twin(v4).into(),
+    }
+}
+
+/// `address:port` as a URL or socat writes it: IPv6 in brackets.
+pub fn host_port(address: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(address, port).to_string()
+}
+
+/// Adds `addr/len` on `dev` in `ns`, and its twin (`/96 + len`, no DAD).
+fn add_address(ns: &Netns, addr: Ipv4Addr, len: u8, dev: &str) -> Result<()> {
+    ns.ip(&format!("addr add {addr}/{len} dev {dev}"))?;
+    ns.ip(&format!(
+        "-6 addr add {}/{} dev {dev} nodad",
+        twin(addr),
+        96 + len
+    ))?;
+    Ok(())
+}
+
+/// Routes `net/len` (`default` when `len` is 0) via `gateway` in `ns`, and the twins.
+fn add_route(ns: &Netns, net: Ipv4Addr, len: u8, gateway: Ipv4Addr) -> Result<()> {
+    let (v4, v6) = if len == 0 {
+        ("default".to_owned(), "default".to_owned())
+    } else {
+        (
+            format!("{net}/{len}"),
+            format!("{}/{}", twin(net), 96 + len),
+        )
+    };
+    ns.ip(&format!("route add {v4} via {gateway}"))?;
+    ns.ip(&format!("-6 route add {v6} via {}", twin(gateway)))?;
+    Ok(())
+}
+
+/// IP forwarding of both families, and no reverse-path filter (IPv4's).
+fn forward(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+    ns.sysctl("net.ipv4.conf.default.rp_filter", "0")
+}
 
 pub struct Pod {
     pub name: String,
@@ -55,8 +125,9 @@ pub const ROUTED_NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 pub const ROUTED_NODE2_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
 const ROUTER_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 /// LoadBalancer IPs, which the router sends to the first node (as BGP or a cloud
-/// load balancer would pick an entry node).
+/// load balancer would pick an entry node); their twins likewise.
 pub const LB_RANGE: &str = "198.18.100.0/24";
+const LB_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 100, 0), 24);
 
 impl Topology {
     /// Builds the namespaces with `local_pods` pods on the node and `remote_pods` on
@@ -116,27 +187,25 @@ impl Topology {
             "link add up0 type veth peer name eth0 netns {}",
             client.name
         ))?;
-        node.ip(&format!("addr add {NODE_IP}/24 dev up0"))?;
+        add_address(node, NODE_IP, 24, "up0")?;
         node.ip("link set up0 up")?;
-        client.ip(&format!("addr add {CLIENT_IP}/24 dev eth0"))?;
+        add_address(client, CLIENT_IP, 24, "eth0")?;
         client.ip("link set eth0 up")?;
-        client.ip(&format!("route add default via {NODE_IP}"))?;
+        add_route(client, Ipv4Addr::UNSPECIFIED, 0, NODE_IP)?;
 
         node.ip(&format!(
             "link add up1 type veth peer name up0 netns {}",
             node2.name
         ))?;
-        node.ip(&format!("addr add {NODE_LINK_IP}/24 dev up1"))?;
+        add_address(node, NODE_LINK_IP, 24, "up1")?;
         node.ip("link set up1 up")?;
-        node.ip(&format!("route add 10.244.2.0/24 via {NODE2_IP}"))?;
-        node2.ip(&format!("addr add {NODE2_IP}/24 dev up0"))?;
+        add_route(node, Ipv4Addr::new(10, 244, 2, 0), 24, NODE2_IP)?;
+        add_address(node2, NODE2_IP, 24, "up0")?;
         node2.ip("link set up0 up")?;
-        node2.ip(&format!("route add default via {NODE_LINK_IP}"))?;
+        add_route(node2, Ipv4Addr::UNSPECIFIED, 0, NODE_LINK_IP)?;
 
         for ns in [node, node2] {
-            ns.sysctl("net.ipv4.ip_forward", "1")?;
-            ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-            ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+            forward(ns)?;
         }
         // Frames that reach an uplink's XDP program come from a veth peer here, which
         // leaves TCP/UDP checksums to "hardware" (CHECKSUM_PARTIAL). A real NIC
@@ -153,10 +222,10 @@ impl Topology {
             "link add r0 type veth peer name eth0 netns {}",
             client.name
         ))?;
-        router.ip(&format!("addr add {ROUTER_CLIENT_SIDE}/24 dev r0"))?;
-        client.ip(&format!("addr add {CLIENT_IP}/24 dev eth0"))?;
+        add_address(router, ROUTER_CLIENT_SIDE, 24, "r0")?;
+        add_address(client, CLIENT_IP, 24, "eth0")?;
         client.ip("link set eth0 up")?;
-        client.ip(&format!("route add default via {ROUTER_CLIENT_SIDE}"))?;
+        add_route(client, Ipv4Addr::UNSPECIFIED, 0, ROUTER_CLIENT_SIDE)?;
         for (ns, link, addr, subnet) in [
             (node, "ra", ROUTED_NODE_IP, 1),
             (node2, "rb", ROUTED_NODE2_IP, 2),
@@ -166,22 +235,21 @@ impl Topology {
                 "link add {link} type veth peer name up0 netns {}",
                 ns.name
             ))?;
-            router.ip(&format!("addr add {gateway}/24 dev {link}"))?;
+            add_address(router, gateway, 24, link)?;
             router.ip(&format!("link set {link} up"))?;
-            router.ip(&format!("route add 10.244.{subnet}.0/24 via {addr}"))?;
-            ns.ip(&format!("addr add {addr}/24 dev up0"))?;
+            add_route(router, Ipv4Addr::new(10, 244, subnet, 0), 24, addr)?;
+            add_address(ns, addr, 24, "up0")?;
             ns.ip("link set up0 up")?;
-            ns.ip(&format!("route add default via {gateway}"))?;
+            add_route(ns, Ipv4Addr::UNSPECIFIED, 0, gateway)?;
             // The router's frames feed the node's XDP program: full checksums, as
             // from a NIC (see `wire`).
             router.exec("ethtool", &["-K", link, "tx", "off"])?;
         }
         router.ip("link set r0 up")?;
-        router.ip(&format!("route add {LB_RANGE} via {ROUTED_NODE_IP}"))?;
+        let (lb_net, lb_len) = LB_NET;
+        add_route(router, lb_net, lb_len, ROUTED_NODE_IP)?;
         for ns in [router, node, node2] {
-            ns.sysctl("net.ipv4.ip_forward", "1")?;
-            ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-            ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+            forward(ns)?;
         }
         Ok(())
     }
@@ -224,21 +292,30 @@ impl Topology {
     }
 }
 
-/// The veth pair of a pod, its addresses and routes (Calico-style).
+/// The veth pair of a pod, its addresses and routes (Calico-style), of both families.
 fn wire_pod(host: &Netns, ns: &Netns, host_interface: &str, addr: Ipv4Addr) -> Result<()> {
     host.ip(&format!(
         "link add {host_interface} type veth peer name eth0 netns {}",
         ns.name
     ))?;
     host.ip(&format!("addr add {POD_GATEWAY}/32 dev {host_interface}"))?;
+    host.ip(&format!(
+        "-6 addr add {POD_GATEWAY6}/64 dev {host_interface} nodad"
+    ))?;
     host.ip(&format!("link set {host_interface} up"))?;
     host.ip(&format!(
         "route add {addr}/32 dev {host_interface} scope link"
     ))?;
+    host.ip(&format!(
+        "-6 route add {}/128 dev {host_interface}",
+        twin(addr)
+    ))?;
     ns.ip(&format!("addr add {addr}/32 dev eth0"))?;
+    ns.ip(&format!("-6 addr add {}/128 dev eth0 nodad", twin(addr)))?;
     ns.ip("link set eth0 up")?;
     ns.ip(&format!("route add {POD_GATEWAY} dev eth0 scope link"))?;
     ns.ip(&format!("route add default via {POD_GATEWAY} dev eth0"))?;
+    ns.ip(&format!("-6 route add default via {POD_GATEWAY6} dev eth0"))?;
     Ok(())
 }
 

@@ -13,6 +13,8 @@ mod container;
 mod cpus;
 mod datapath;
 mod decisions;
+mod dual_stack;
+mod families;
 mod faults;
 mod floods;
 mod fragments;

@@ -132,6 +132,11 @@ pub fn pod_of(body: &str) -> String {
     greeting_of(body).0
 }
 
+/// The client address a greeting names, of either family.
+pub fn client_ip_of(body: &str) -> std::net::IpAddr {
+    greeting_of(body).1.ip()
+}
+
 pub fn client_of(body: &str) -> Ipv4Addr {
     match greeting_of(body).1 {
         std::net::SocketAddr::V4(v4) => *v4.ip(),

@@ -2,7 +2,7 @@
 //! BPF_PROG_TEST_RUN; everything is unpinned when the guard drops, also on panic.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -24,11 +24,13 @@ use proxy_common::{Addr, CtEntry, CtKey, LoadSettings, PROTO_TCP};
 use super::packets::{inspect, tcp_packet, Seen, Tcp, XDP_PASS};
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The test node is dual-stack: its IPv6 address (the IPv6 masquerade source).
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
 
 fn test_node() -> NodeConfig {
     NodeConfig {
         name: "node-a".into(),
-        addresses: vec![NODE_IP.into()],
+        addresses: vec![NODE_IP.into(), NODE_IP6.into()],
         node_ports: Default::default(),
         uplinks: vec![],
         pod_interface_patterns: vec![],

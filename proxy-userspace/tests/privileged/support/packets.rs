@@ -1,7 +1,12 @@
 //! Crafting test packets and checking rewritten ones with etherparse, an
 //! implementation independent of ours (checksums included).
 
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use std::net::IpAddr;
+
+use etherparse::{
+    IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header,
+    Ipv6RawExtHeader, NetSlice, PacketBuilder, SlicedPacket, TransportSlice,
+};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -22,28 +27,21 @@ pub enum Tcp {
 }
 
 pub fn tcp_packet(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: Tcp, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(src.0, dst.0, 64)
-        .tcp(src.1, dst.1, 1000, 65535);
-    let builder = match flags {
-        Tcp::Syn => builder.syn(),
-        Tcp::SynAck => builder.syn().ack(1),
-        Tcp::Ack => builder.ack(1),
-        Tcp::Fin => builder.fin().ack(1),
-        Tcp::Rst => builder.rst(),
-    };
-    let mut out = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut out, payload).expect("build tcp packet");
-    out
+    packet(
+        (src.0.into(), src.1),
+        (dst.0.into(), dst.1),
+        L4::Tcp(flags),
+        payload,
+    )
 }
 
 pub fn udp_packet(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(src.0, dst.0, 64)
-        .udp(src.1, dst.1);
-    let mut out = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut out, payload).expect("build udp packet");
-    out
+    packet(
+        (src.0.into(), src.1),
+        (dst.0.into(), dst.1),
+        L4::Udp,
+        payload,
+    )
 }
 
 /// An IPv4 packet of any protocol (the payload is its header and data).
@@ -231,4 +229,156 @@ pub fn internet_checksum(bytes: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// The transport of a packet built by `packet`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Tcp(Tcp),
+    Udp,
+}
+
+/// Extension headers an IPv6 packet built by `packet_with` carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Extensions {
+    pub hop_by_hop: bool,
+    pub destination_options: bool,
+    /// A fragment header of a whole datagram (offset 0, no more fragments: RFC 8200
+    /// calls it an atomic fragment).
+    pub atomic_fragment: bool,
+}
+
+/// A TCP or UDP packet of either family (both addresses of one), built by etherparse.
+pub fn packet(src: (IpAddr, u16), dst: (IpAddr, u16), l4: L4, payload: &[u8]) -> Vec<u8> {
+    packet_with(src, dst, l4, payload, Extensions::default())
+}
+
+/// `packet`, an IPv6 one carrying `extensions` (eight bytes of PadN options each).
+pub fn packet_with(
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
+    l4: L4,
+    payload: &[u8],
+    extensions: Extensions,
+) -> Vec<u8> {
+    let ip = match (src.0, dst.0) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            assert_eq!(extensions, Extensions::default(), "extensions are IPv6's");
+            IpHeaders::Ipv4(
+                Ipv4Header::new(0, 64, IpNumber::TCP, s.octets(), d.octets()).expect("header"),
+                Default::default(),
+            )
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            // Four bytes of PadN: an option header of eight bytes in all.
+            let padding = [1u8, 4, 0, 0, 0, 0];
+            let option = |on: bool| {
+                on.then(|| Ipv6RawExtHeader::new_raw(IpNumber::TCP, &padding).expect("ext"))
+            };
+            IpHeaders::Ipv6(
+                Ipv6Header {
+                    hop_limit: 64,
+                    source: s.octets(),
+                    destination: d.octets(),
+                    ..Default::default()
+                },
+                Ipv6Extensions {
+                    hop_by_hop_options: option(extensions.hop_by_hop),
+                    destination_options: option(extensions.destination_options),
+                    fragment: extensions.atomic_fragment.then(|| {
+                        Ipv6FragmentHeader::new(IpNumber::TCP, IpFragOffset::ZERO, false, 7)
+                    }),
+                    ..Default::default()
+                },
+            )
+        }
+        _ => panic!("addresses of two families"),
+    };
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B).ip(ip);
+    let mut out = Vec::new();
+    match l4 {
+        L4::Udp => builder
+            .udp(src.1, dst.1)
+            .write(&mut out, payload)
+            .expect("build udp packet"),
+        L4::Tcp(flags) => {
+            let builder = builder.tcp(src.1, dst.1, 1000, 65535);
+            let builder = match flags {
+                Tcp::Syn => builder.syn(),
+                Tcp::SynAck => builder.syn().ack(1),
+                Tcp::Ack => builder.ack(1),
+                Tcp::Fin => builder.fin().ack(1),
+                Tcp::Rst => builder.rst(),
+            };
+            builder.write(&mut out, payload).expect("build tcp packet")
+        }
+    }
+    out
+}
+
+/// The addresses and ports of a packet of either family, once its checksums (IPv4's
+/// header, the transport's over its pseudo-header) are found right by etherparse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeenIp {
+    pub src: (IpAddr, u16),
+    pub dst: (IpAddr, u16),
+}
+
+pub fn inspect_ip(packet: &[u8]) -> SeenIp {
+    let sliced = SlicedPacket::from_ethernet(packet).expect("parse output packet");
+    let (src, dst): (IpAddr, IpAddr) = match sliced.net.expect("an IP header") {
+        NetSlice::Ipv4(ip) => {
+            let header = ip.header().to_header();
+            assert_eq!(
+                header.calc_header_checksum(),
+                header.header_checksum,
+                "IPv4 header checksum"
+            );
+            (header.source.into(), header.destination.into())
+        }
+        NetSlice::Ipv6(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+    };
+    let tcp_check = |tcp: &etherparse::TcpSlice| match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => tcp.calc_checksum_ipv4(s.octets(), d.octets()).ok(),
+        (IpAddr::V6(s), IpAddr::V6(d)) => tcp.calc_checksum_ipv6(s.octets(), d.octets()).ok(),
+        _ => None,
+    };
+    let udp_check = |udp: &etherparse::UdpHeader, payload: &[u8]| match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => udp
+            .calc_checksum_ipv4_raw(s.octets(), d.octets(), payload)
+            .ok(),
+        (IpAddr::V6(s), IpAddr::V6(d)) => udp
+            .calc_checksum_ipv6_raw(s.octets(), d.octets(), payload)
+            .ok(),
+        _ => None,
+    };
+    match sliced.transport.expect("transport header") {
+        TransportSlice::Tcp(tcp) => {
+            assert_eq!(
+                tcp_check(&tcp).expect("tcp checksum"),
+                tcp.checksum(),
+                "TCP checksum"
+            );
+            SeenIp {
+                src: (src, tcp.source_port()),
+                dst: (dst, tcp.destination_port()),
+            }
+        }
+        TransportSlice::Udp(udp) => {
+            let header = udp.to_header();
+            // Zero is "none" over IPv4 only.
+            if header.checksum != 0 || src.is_ipv6() {
+                let expected = udp_check(&header, udp.payload()).expect("udp checksum");
+                assert_eq!(expected, header.checksum, "UDP checksum");
+            }
+            SeenIp {
+                src: (src, header.source_port),
+                dst: (dst, header.destination_port),
+            }
+        }
+        other => panic!("unexpected transport {other:?}"),
+    }
 }

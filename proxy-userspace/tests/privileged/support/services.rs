@@ -20,10 +20,19 @@ pub fn dns(topology: &Topology, pods: &[&str]) -> ServiceDef {
 
 /// One UDP request/response with socat from `ns`.
 pub fn udp_ask(ns: &Netns, target: &str) -> String {
+    // `[address]:port` is IPv6.
+    let kind = if target.starts_with('[') {
+        "UDP6"
+    } else {
+        "UDP4"
+    };
     let output = ns
         .exec(
             "sh",
-            &["-c", &format!("echo question | socat -T 3 - UDP4:{target}")],
+            &[
+                "-c",
+                &format!("echo question | socat -T 3 - {kind}:{target}"),
+            ],
         )
         .expect("socat");
     assert!(!output.is_empty(), "no UDP answer from {target}");

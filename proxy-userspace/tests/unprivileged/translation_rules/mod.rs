@@ -130,17 +130,121 @@ fn rule2_a_load_balancer_ip_in_proxy_mode_gets_no_frontend() {
     );
 }
 
+/// A slice of `addressType` `family` (`IPv4`, `IPv6`, `FQDN`).
+fn slice_of(family: &str, name: &str, service: &str, endpoints: &str) -> String {
+    slice(name, service, endpoints).replace("addressType: IPv4", &format!("addressType: {family}"))
+}
+
+/// Each frontend's endpoint addresses, by frontend.
+fn endpoints_by_frontend(out: &Translation) -> Vec<(String, Vec<String>)> {
+    out.state
+        .frontends
+        .iter()
+        .map(|(key, frontend)| {
+            let addrs = frontend
+                .endpoints
+                .iter()
+                .map(|e| e.addr.to_string())
+                .collect();
+            (key.to_string(), addrs)
+        })
+        .collect()
+}
+
 #[test]
-fn rule2_an_ipv6_only_service_gets_no_frontend_not_even_its_node_port() {
+fn rule2_an_ipv6_only_service_is_served_from_its_ipv6_slices_node_port_included() {
     let yaml = service("v6", "  type: NodePort\n  ipFamilies: [IPv6]\n")
-        .replace("clusterIP: 10.96.0.1", "clusterIP: fd00::10")
-        .replace("protocol: TCP}", "protocol: TCP, nodePort: 30080}");
+        .replace("clusterIP: 10.96.0.1", "clusterIP: \"fd00:96::1\"")
+        .replace("protocol: TCP}", "protocol: TCP, nodePort: 30080}")
+        + &slice_of("IPv6", "v6-1", "v6", &endpoint("fd00:244::1", ""))
+        // An IPv4 slice of an IPv6-only service (a controller's leftover): unused.
+        + &slice_of("IPv4", "v6-2", "v6", &endpoint("10.244.1.1", ""));
     let out = translate_all(&objects(&yaml), NODE);
-    assert!(out.state.frontends.is_empty(), "{:?}", out.state.frontends);
+    assert_eq!(
+        endpoints_by_frontend(&out),
+        vec![
+            (
+                "TCP [fd00:96::1]:80".to_string(),
+                vec!["fd00:244::1".to_string()]
+            ),
+            (
+                "TCP [*]:30080 (NodePort)".to_string(),
+                vec!["fd00:244::1".to_string()]
+            ),
+        ]
+    );
+}
+
+#[test]
+fn rule2_a_dual_stack_service_gets_each_familys_frontends_with_that_familys_endpoints() {
+    let yaml = service(
+        "ds",
+        "  type: LoadBalancer\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.1, \"fd00:96::1\"]\n  externalIPs: [198.18.50.1, \"2001:db8::50\"]\nstatus: {loadBalancer: {ingress: [{ip: 198.18.100.1}, {ip: \"2001:db8::100\"}]}}\n",
+    )
+    .replace("protocol: TCP}", "protocol: TCP, nodePort: 30080}")
+        + &slice_of("IPv4", "ds-1", "ds", &endpoint("10.244.1.1", ""))
+        + &slice_of("IPv6", "ds-2", "ds", &endpoint("fd00:244::1", ""));
+    let out = translate_all(&objects(&yaml), NODE);
+    let v4 = vec!["10.244.1.1".to_string()];
+    let v6 = vec!["fd00:244::1".to_string()];
+    assert_eq!(
+        endpoints_by_frontend(&out),
+        vec![
+            ("TCP 10.96.0.1:80".to_string(), v4.clone()),
+            ("TCP 198.18.50.1:80".to_string(), v4.clone()),
+            ("TCP 198.18.100.1:80".to_string(), v4.clone()),
+            ("TCP [2001:db8::50]:80".to_string(), v6.clone()),
+            ("TCP [2001:db8::100]:80".to_string(), v6.clone()),
+            ("TCP [fd00:96::1]:80".to_string(), v6.clone()),
+            ("TCP *:30080 (NodePort)".to_string(), v4),
+            ("TCP [*]:30080 (NodePort)".to_string(), v6),
+        ]
+    );
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+}
+
+#[test]
+fn rule2_an_external_address_of_a_family_the_service_lacks_is_ignored_and_said() {
+    let yaml = service("a", "  externalIPs: [198.18.50.1, \"2001:db8::1\"]\n");
+    let out = translate_all(&objects(&yaml), NODE);
+    assert_eq!(
+        frontend_names(&out),
+        vec!["TCP 10.96.0.1:80", "TCP 198.18.50.1:80"]
+    );
+    assert!(
+        out.problems.iter().any(|p| p.severity == Severity::Warning
+            && p.message.contains("2001:db8::1")
+            && p.message.contains("no IPv6 clusterIP")),
+        "{:?}",
+        out.problems
+    );
+}
+
+#[test]
+fn rule3_an_fqdn_slice_is_reported_and_ignored() {
+    let yaml = service("a", "")
+        + &slice("a-1", "a", &endpoint("10.244.1.1", ""))
+        + &slice_of("FQDN", "a-2", "a", &endpoint("backend.example.com", ""));
+    let out = translate_all(&objects(&yaml), NODE);
+    assert_eq!(backends(&yaml), vec![Ipv4Addr::new(10, 244, 1, 1)]);
     assert!(
         out.problems
             .iter()
-            .any(|p| p.severity == Severity::Warning && p.message.contains("IPv4")),
+            .any(|p| p.object.contains("a-2") && p.message.contains("FQDN")),
+        "{:?}",
+        out.problems
+    );
+}
+
+#[test]
+fn rule3_an_address_of_another_family_than_its_slice_makes_the_slice_unreadable() {
+    let yaml = service("a", "") + &slice("a-1", "a", &endpoint("fd00:244::1", ""));
+    let out = translate_all(&objects(&yaml), NODE);
+    assert!(out.state.frontends[&cluster_ip(80)].endpoints.is_empty());
+    assert!(
+        out.problems
+            .iter()
+            .any(|p| p.severity == Severity::Error && p.message.contains("not an IPv4 address")),
         "{:?}",
         out.problems
     );

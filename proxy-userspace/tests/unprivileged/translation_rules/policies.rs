@@ -212,7 +212,8 @@ fn rule12_source_ranges_restrict_only_the_load_balancer_frontend() {
         .iter()
         .map(|r| r.to_string())
         .collect();
-    // Host bits are cleared; the IPv6 prefix is not ours.
+    // Host bits are cleared; the IPv6 prefix is the IPv6 frontends' (this service
+    // has none).
     assert_eq!(
         ranges,
         ["192.0.0.0/16", "198.51.100.0/24", "203.0.113.7/32"]
@@ -229,6 +230,15 @@ fn rule12_source_ranges_restrict_only_the_load_balancer_frontend() {
     assert_eq!(
         only_v6.state.frontends[&load_balancer(80)].source_ranges,
         Some(Vec::new())
+    );
+    // Failing closed where kube-proxy would admit everyone is said.
+    assert!(
+        only_v6
+            .problems
+            .iter()
+            .any(|p| p.severity == Severity::Warning && p.message.contains("no IPv4 prefix")),
+        "{:?}",
+        only_v6.problems
     );
     let invalid = translate_all(
         &objects(&mixed_service(
@@ -358,4 +368,30 @@ fn rule13_a_service_mixing_sctp_and_tcp_keeps_both_and_sctp_is_never_dsr_ipip() 
             .any(|k| k.listen.is_tunnel() && k.protocol == Protocol::Sctp),
         "no tunnel view of an SCTP port"
     );
+}
+
+#[test]
+fn rule12_each_family_s_ingress_ips_get_that_family_s_prefixes() {
+    let yaml = service(
+        "ds",
+        "  type: LoadBalancer\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.1, \"fd00:96::1\"]\n  loadBalancerSourceRanges: [198.51.100.0/24, \"2001:db8:7::/48\"]\nstatus: {loadBalancer: {ingress: [{ip: 198.18.100.1}, {ip: \"2001:db8::100\"}]}}\n",
+    );
+    let out = translate_all(&objects(&yaml), NODE);
+    let ranges_of = |frontend: &str| -> Vec<String> {
+        let (_, found) = out
+            .state
+            .frontends
+            .iter()
+            .find(|(key, _)| key.to_string() == frontend)
+            .unwrap_or_else(|| panic!("no frontend {frontend}"));
+        found
+            .source_ranges
+            .iter()
+            .flatten()
+            .map(|r| r.to_string())
+            .collect()
+    };
+    assert_eq!(ranges_of("TCP 198.18.100.1:80"), ["198.51.100.0/24"]);
+    assert_eq!(ranges_of("TCP [2001:db8::100]:80"), ["2001:db8:7::/48"]);
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
 }

@@ -1,0 +1,308 @@
+//! The data path's translation, packet by packet through BPF_PROG_TEST_RUN, for each
+//! address family: one body per behaviour, run for IPv4 and for IPv6 (whose programs
+//! the IPv4 ones hand IPv6 frames to), checksums verified by etherparse.
+
+use std::net::IpAddr;
+
+use ebpf_proxy::model::{Endpoint, Family, FrontendKey, Listen, Protocol};
+
+use crate::support::{datapath::*, packets::*};
+
+/// The addresses of a test of one family.
+struct Net {
+    family: Family,
+    vip: IpAddr,
+    client: IpAddr,
+    pods: [IpAddr; 2],
+    remote_pod: IpAddr,
+    node: IpAddr,
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().expect("an address")
+}
+
+fn nets() -> [Net; 2] {
+    [
+        Net {
+            family: Family::V4,
+            vip: ip("10.96.0.10"),
+            client: ip("198.18.0.2"),
+            pods: [ip("10.244.1.2"), ip("10.244.1.3")],
+            remote_pod: ip("10.244.2.2"),
+            node: NODE_IP.into(),
+        },
+        Net {
+            family: Family::V6,
+            vip: ip("fd00:96::10"),
+            client: ip("fd00:18::2"),
+            pods: [ip("fd00:244:1::2"), ip("fd00:244:1::3")],
+            remote_pod: ip("fd00:244:2::2"),
+            node: NODE_IP6.into(),
+        },
+    ]
+}
+
+fn frontend(addr: IpAddr, port: u16, protocol: Protocol) -> FrontendKey {
+    FrontendKey {
+        listen: Listen::Address(addr),
+        port,
+        protocol,
+    }
+}
+
+fn endpoint(addr: IpAddr, remote: bool) -> Endpoint {
+    Endpoint {
+        addr,
+        port: 8080,
+        remote,
+        weight: 1,
+    }
+}
+
+fn protocol_of(l4: L4) -> Protocol {
+    match l4 {
+        L4::Tcp(_) => Protocol::Tcp,
+        L4::Udp => Protocol::Udp,
+    }
+}
+
+const OPENING: [L4; 2] = [L4::Tcp(Tcp::Syn), L4::Udp];
+
+#[test]
+fn a_service_packet_is_translated_to_a_backend_by_either_hook_checksums_intact() {
+    for net in nets() {
+        for l4 in OPENING {
+            let mut dp = TestDatapath::new();
+            let backends: Vec<Endpoint> = net.pods.iter().map(|p| endpoint(*p, false)).collect();
+            dp.program(&[(frontend(net.vip, 80, protocol_of(l4)), backends)]);
+            let from_uplink = packet((net.client, 40000), (net.vip, 80), l4, b"hello");
+            let from_pod = packet((net.pods[0], 40001), (net.vip, 80), l4, b"hello");
+            for (verdict, out) in [dp.xdp(&from_uplink), dp.tc(&from_pod)] {
+                assert!(
+                    [XDP_PASS, TC_ACT_OK].contains(&verdict),
+                    "{:?} {l4:?}",
+                    net.family
+                );
+                let seen = inspect_ip(&out);
+                assert!(
+                    net.pods.iter().any(|p| seen.dst == (*p, 8080)),
+                    "{:?} {l4:?}: {seen:?}",
+                    net.family
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn replies_are_reverse_translated_to_the_service_address() {
+    for net in nets() {
+        for l4 in OPENING {
+            let mut dp = TestDatapath::new();
+            dp.program(&[(
+                frontend(net.vip, 80, protocol_of(l4)),
+                vec![endpoint(net.pods[0], false)],
+            )]);
+            let (_, out) = dp.xdp(&packet((net.client, 40000), (net.vip, 80), l4, b"q"));
+            let backend = inspect_ip(&out).dst;
+            let answer = match l4 {
+                L4::Tcp(_) => L4::Tcp(Tcp::SynAck),
+                L4::Udp => L4::Udp,
+            };
+            let (verdict, reply) = dp.tc(&packet(backend, (net.client, 40000), answer, b"a"));
+            assert_eq!(verdict, TC_ACT_OK, "{:?} {l4:?}", net.family);
+            let seen = inspect_ip(&reply);
+            assert_eq!(
+                (seen.src, seen.dst),
+                ((net.vip, 80), (net.client, 40000)),
+                "{:?} {l4:?}",
+                net.family
+            );
+        }
+    }
+}
+
+/// A NodePort of each family, its backend on another node: the client's packet is
+/// masqueraded to the node's address of the family, and the backend's reply comes
+/// back to the client from the NodePort.
+#[test]
+fn a_node_port_flow_to_a_remote_backend_is_masqueraded_to_the_node_address_of_its_family() {
+    for net in nets() {
+        let mut dp = TestDatapath::new();
+        dp.program(&[(
+            FrontendKey {
+                listen: Listen::NodePort(net.family),
+                port: 30080,
+                protocol: Protocol::Tcp,
+            },
+            vec![endpoint(net.remote_pod, true)],
+        )]);
+        let syn = packet(
+            (net.client, 40000),
+            (net.node, 30080),
+            L4::Tcp(Tcp::Syn),
+            b"",
+        );
+        let (verdict, out) = dp.xdp(&syn);
+        assert_eq!(verdict, XDP_PASS, "{:?}", net.family);
+        let seen = inspect_ip(&out);
+        assert_eq!(seen.dst, (net.remote_pod, 8080), "{:?}", net.family);
+        assert_eq!(seen.src.0, net.node, "{:?}: masqueraded", net.family);
+        let (_, reply) = dp.xdp(&packet(seen.dst, seen.src, L4::Tcp(Tcp::SynAck), b""));
+        let back = inspect_ip(&reply);
+        assert_eq!(
+            (back.src, back.dst),
+            ((net.node, 30080), (net.client, 40000)),
+            "{:?}",
+            net.family
+        );
+    }
+}
+
+#[test]
+fn a_packet_to_no_service_address_passes_byte_for_byte() {
+    for net in nets() {
+        let mut dp = TestDatapath::new();
+        dp.program(&[(
+            frontend(net.vip, 80, Protocol::Tcp),
+            vec![endpoint(net.pods[0], false)],
+        )]);
+        for l4 in OPENING {
+            let elsewhere = packet((net.client, 40000), (net.remote_pod, 80), l4, b"x");
+            assert_eq!(dp.xdp(&elsewhere), (XDP_PASS, elsewhere.clone()));
+            assert_eq!(dp.tc(&elsewhere), (TC_ACT_OK, elsewhere));
+        }
+    }
+}
+
+/// IPv6's extension headers (hop-by-hop, destination options, a fragment header of a
+/// whole datagram) are stepped over to the transport header and left in place.
+#[test]
+fn ipv6_extension_headers_are_stepped_over_and_kept() {
+    let [_, net] = nets();
+    for l4 in OPENING {
+        let mut dp = TestDatapath::new();
+        dp.program(&[(
+            frontend(net.vip, 80, protocol_of(l4)),
+            vec![endpoint(net.pods[0], false)],
+        )]);
+        let extensions = Extensions {
+            hop_by_hop: true,
+            destination_options: true,
+            atomic_fragment: true,
+        };
+        let sent = packet_with((net.client, 40000), (net.vip, 80), l4, b"xyz", extensions);
+        for (verdict, out) in [dp.xdp(&sent), dp.tc(&sent)] {
+            assert!([XDP_PASS, TC_ACT_OK].contains(&verdict));
+            assert_eq!(inspect_ip(&out).dst, (net.pods[0], 8080), "{l4:?}");
+            assert_eq!(out.len(), sent.len());
+            // Everything between the fixed header's addresses and the transport
+            // header (next headers, options, the fragment header) is unchanged.
+            assert_eq!(out[14..22], sent[14..22]);
+            assert_eq!(out[54..54 + 24], sent[54..54 + 24], "{l4:?}");
+        }
+    }
+}
+
+/// `count` destination options headers of eight bytes (PadN) put before the
+/// transport header of an IPv6 `frame` without extension headers.
+fn with_destination_options(frame: &[u8], count: usize) -> Vec<u8> {
+    const DEST_OPTIONS: u8 = 60;
+    let transport = frame[14 + 6];
+    let mut out = frame[..54].to_vec();
+    out[14 + 6] = DEST_OPTIONS;
+    for i in 0..count {
+        let next = if i + 1 == count {
+            transport
+        } else {
+            DEST_OPTIONS
+        };
+        out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    out.extend_from_slice(&frame[54..]);
+    let payload = u16::from_be_bytes([frame[18], frame[19]]) + 8 * count as u16;
+    out[18..20].copy_from_slice(&payload.to_be_bytes());
+    out
+}
+
+/// The walk is bounded: six extension headers are stepped over; a seventh makes the
+/// packet one the data path does not parse (counted `malformed`, passed untouched).
+#[test]
+fn ipv6_extension_headers_beyond_six_are_not_walked() {
+    let [_, net] = nets();
+    let mut dp = TestDatapath::new();
+    dp.program(&[(
+        frontend(net.vip, 80, Protocol::Udp),
+        vec![endpoint(net.pods[0], false)],
+    )]);
+    let plain = packet((net.client, 40000), (net.vip, 80), L4::Udp, b"abc");
+    let six = with_destination_options(&plain, 6);
+    let (_, out) = dp.xdp(&six);
+    assert_eq!(inspect_ip(&out).dst, (net.pods[0], 8080));
+    let malformed = dp.event("malformed");
+    let seven = with_destination_options(&plain, 7);
+    assert_eq!(dp.xdp(&seven), (XDP_PASS, seven.clone()));
+    assert_eq!(dp.event("malformed"), malformed + 1);
+}
+
+/// IPv6's extension headers claiming more than the packet holds are malformed: the
+/// packet passes untouched.
+#[test]
+fn an_ipv6_extension_header_longer_than_its_packet_is_malformed() {
+    let [_, net] = nets();
+    let mut dp = TestDatapath::new();
+    dp.program(&[(
+        frontend(net.vip, 80, Protocol::Udp),
+        vec![endpoint(net.pods[0], false)],
+    )]);
+    let mut lying = with_destination_options(
+        &packet((net.client, 40000), (net.vip, 80), L4::Udp, b"abc"),
+        1,
+    );
+    lying[54 + 1] = 200; // 1,608 bytes of options
+    assert_eq!(dp.xdp(&lying), (XDP_PASS, lying.clone()));
+    assert_eq!(dp.tc(&lying), (TC_ACT_OK, lying.clone()));
+}
+
+/// Neighbour discovery is IPv6's ARP: it passes every hook untouched. A ping of a
+/// service address is not answered by anyone: refused (dropped, until ICMPv6
+/// refusals are built).
+#[test]
+fn neighbour_discovery_passes_and_a_ping_of_a_service_address_is_refused() {
+    let [_, net] = nets();
+    let mut dp = TestDatapath::new();
+    dp.program(&[(
+        frontend(net.vip, 80, Protocol::Tcp),
+        vec![endpoint(net.pods[0], false)],
+    )]);
+    let (IpAddr::V6(client), IpAddr::V6(vip)) = (net.client, net.vip) else {
+        unreachable!()
+    };
+    let icmpv6 = |dst: [u8; 16], kind: u8| {
+        let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv6(client.octets(), dst, 255);
+        let builder = if kind == 128 {
+            builder.icmpv6_echo_request(7, 1)
+        } else {
+            builder.icmpv6_raw(kind, 0, [0; 4])
+        };
+        let mut out = Vec::new();
+        builder.write(&mut out, &[0; 24]).expect("icmpv6");
+        out
+    };
+    // A neighbour solicitation for the node, addressed to its solicited-node group.
+    let solicitation = icmpv6(
+        "ff02::1:ff00:1"
+            .parse::<std::net::Ipv6Addr>()
+            .expect("group")
+            .octets(),
+        135,
+    );
+    assert_eq!(dp.xdp(&solicitation), (XDP_PASS, solicitation.clone()));
+    assert_eq!(dp.tc(&solicitation), (TC_ACT_OK, solicitation.clone()));
+    let refused = dp.event("refused");
+    let ping = icmpv6(vip.octets(), 128);
+    assert_eq!(dp.xdp(&ping).0, XDP_DROP);
+    assert_eq!(dp.event("refused"), refused + 1);
+}
