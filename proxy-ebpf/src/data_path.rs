@@ -34,6 +34,7 @@ use aya_ebpf::{
 use crate::{
     icmp::Sender,
     packet::{Ipv6Packet, SctpPacket, TcPacket, XdpPacket},
+    sock::Hook,
     translate::{Action, Inner, Origin, Verdict},
 };
 
@@ -195,23 +196,46 @@ fn allow(allowed: bool) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    allow(sock::redirect(&ctx, false))
+    allow(sock::redirect(&ctx, Hook::V4, false))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    allow(sock::redirect(&ctx, true))
+    allow(sock::redirect(&ctx, Hook::V4, true))
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::restore(&ctx);
+    sock::restore(&ctx, Hook::V4);
     1
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::restore(&ctx);
+    sock::restore(&ctx, Hook::V4);
+    1
+}
+
+/// IPv6 sockets: IPv6 services, and IPv4 ones through IPv4-mapped addresses.
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    allow(sock::redirect(&ctx, Hook::V6, false))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    allow(sock::redirect(&ctx, Hook::V6, true))
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, Hook::V6);
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, Hook::V6);
     1
 }
 

@@ -6,6 +6,10 @@
 //! no per-packet NAT at all. recvmsg()/getpeername() restore the service address so
 //! the application sees what it asked for. Only sockets of the node's own network
 //! namespace are translated: cgroup hooks are machine-wide, pod namespaces are not ours.
+//!
+//! Both families' hooks share the code here (`Hook`): the `*6` hooks serve IPv6
+//! services, and an IPv4-mapped address (`::ffff:a.b.c.d`, a dual-stack socket
+//! reaching an IPv4 peer) the IPv4 service it maps, answered in the same form.
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
@@ -22,11 +26,69 @@ use crate::{
     maps::{NODE_CONFIG, SOCK_AFFINITY, SOCK_REVERSE},
 };
 
+/// Which family's hooks a program is: which of the context's address fields it may
+/// read and write (`user_ip4`, `user_ip6`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    V4,
+    V6,
+}
+
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), network order.
+const MAPPED_PREFIX: u32 = 0x0000_ffff_u32.to_be();
+
+impl Hook {
+    /// The address the call names, as the family it is of: an IPv4-mapped one is
+    /// IPv4.
+    #[inline(always)]
+    fn address(self, sa: *const bpf_sock_addr) -> (Family, Addr) {
+        // SAFETY: reads of the context field the attach type allows.
+        unsafe {
+            match self {
+                Hook::V4 => (Family::V4, Addr::from_v4_be((*sa).user_ip4)),
+                Hook::V6 => {
+                    let words = (*sa).user_ip6;
+                    if words[0] == 0 && words[1] == 0 && words[2] == MAPPED_PREFIX {
+                        (Family::V4, Addr::from_v4_be(words[3]))
+                    } else {
+                        (Family::V6, Addr { words })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes `addr` (of `family`) into the call: IPv4 into an IPv6 hook's context
+    /// as the IPv4-mapped address it came as.
+    #[inline(always)]
+    fn set_address(self, sa: *mut bpf_sock_addr, family: Family, addr: &Addr) {
+        // SAFETY: writes of the context field the attach type allows, word by word
+        // (the verifier takes no wider store into `user_ip6`).
+        unsafe {
+            match (self, family) {
+                (Hook::V4, _) => (*sa).user_ip4 = addr.v4_be(),
+                (Hook::V6, Family::V4) => {
+                    (*sa).user_ip6[0] = 0;
+                    (*sa).user_ip6[1] = 0;
+                    (*sa).user_ip6[2] = MAPPED_PREFIX;
+                    (*sa).user_ip6[3] = addr.v4_be();
+                }
+                (Hook::V6, Family::V6) => {
+                    (*sa).user_ip6[0] = addr.words[0];
+                    (*sa).user_ip6[1] = addr.words[1];
+                    (*sa).user_ip6[2] = addr.words[2];
+                    (*sa).user_ip6[3] = addr.words[3];
+                }
+            }
+        }
+    }
+}
+
 /// Whether the socket is one of the namespace the agent named
 /// (`CONFIG_NETNS_COOKIE`); also answers the agent's probe while it learns that
-/// name (`ConfigValue::netns_probe`).
+/// name (`ConfigValue::netns_probe`), which is an IPv4 connect (`Hook::V4`).
 #[inline(always)]
-fn in_node_netns(ctx: &SockAddrContext) -> bool {
+fn in_node_netns(ctx: &SockAddrContext, hook: Hook) -> bool {
     let Some(slot) = NODE_CONFIG.get_ptr_mut(CONFIG_NETNS_COOKIE) else {
         return false;
     };
@@ -35,7 +97,7 @@ fn in_node_netns(ctx: &SockAddrContext) -> bool {
     // SAFETY: the array's slot; the agent writes it only while it probes, and a
     // torn read of a probe is at worst no match.
     let slot = unsafe { &mut *slot };
-    if let Some(probe) = slot.probe() {
+    if let (Hook::V4, Some(probe)) = (hook, slot.probe()) {
         // SAFETY: reading the context's own fields.
         let called = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
         if called == probe {
@@ -47,19 +109,15 @@ fn in_node_netns(ctx: &SockAddrContext) -> bool {
     wanted != 0 && wanted == cookie
 }
 
-/// The family of the hooks here: the `*4` attach types, whose context holds the
-/// address in `user_ip4`. The `*6` hooks (`user_ip6`) come with IPv6 services.
-const FAMILY: Family = Family::V4;
-
 #[inline(always)]
-fn sock_key(ctx: &SockAddrContext, addr: Addr, port: u16, proto: u8) -> SockKey {
+fn sock_key(ctx: &SockAddrContext, family: Family, addr: Addr, port: u16, proto: u8) -> SockKey {
     SockKey {
         // SAFETY: helper on the program's own context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
         addr,
         port,
         proto,
-        family: FAMILY.number(),
+        family: family.number(),
         _pad: [0; 4],
     }
 }
@@ -87,21 +145,20 @@ fn refuse() -> bool {
     false
 }
 
-/// connect4 and sendmsg4: point the socket at a backend. `sticky` keeps one backend
+/// connect and sendmsg: point the socket at a backend. `sticky` keeps one backend
 /// per (socket, service) for unconnected sends. Returns false to refuse the call: a
 /// service without a backend for this node, or a port of a service address no
 /// frontend has, fails connect()/sendmsg() at once with ECONNREFUSED (`refuse`)
 /// instead of letting the packets leave the node for the service address.
 #[inline(always)]
-pub fn redirect(ctx: &SockAddrContext, sticky: bool) -> bool {
-    if !in_node_netns(ctx) {
+pub fn redirect(ctx: &SockAddrContext, hook: Hook, sticky: bool) -> bool {
+    if !in_node_netns(ctx, hook) {
         return true;
     }
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: reads and writes of the context fields the attach type allows.
-    let (ip, port, proto) =
-        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
-    let vip = Addr::from_v4_be(ip);
+    // SAFETY: reads of the context fields every attach type here allows.
+    let (port, proto) = unsafe { ((*sa).user_port as u16, (*sa).protocol as u8) };
+    let (family, vip) = hook.address(sa);
     // The source address is not chosen yet at connect(): hashing schedulers see the
     // node's sockets as one client, as IPVS sees the node's address.
     let flow = CtKey {
@@ -110,7 +167,7 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) -> bool {
         sport: 0,
         dport: port,
         proto,
-        family: FAMILY.number(),
+        family: family.number(),
         _pad: [0; 2],
     };
     let Some(service) = balancer::lookup_service_from(&flow, || true) else {
@@ -120,7 +177,7 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) -> bool {
         }
         return true;
     };
-    let affinity_key = sock_key(ctx, vip, port, proto);
+    let affinity_key = sock_key(ctx, family, vip, port, proto);
     let target = match sticky.then(|| remembered(&affinity_key)).flatten() {
         Some(memo) => memo,
         None => {
@@ -155,36 +212,32 @@ pub fn redirect(ctx: &SockAddrContext, sticky: bool) -> bool {
         ..target
     };
     let _ = SOCK_REVERSE.insert(
-        sock_key(ctx, target.addr, target.port, proto),
+        sock_key(ctx, family, target.addr, target.port, proto),
         reverse,
         u64::from(BPF_ANY),
     );
-    // SAFETY: see above.
-    unsafe {
-        (*sa).user_ip4 = target.addr.v4_be();
-        (*sa).user_port = u32::from(target.port);
-    }
+    hook.set_address(sa, family, &target.addr);
+    // SAFETY: a write of the context field every attach type here allows.
+    unsafe { (*sa).user_port = u32::from(target.port) };
     true
 }
 
-/// recvmsg4 and getpeername4: show the service address instead of the backend's.
+/// recvmsg and getpeername: show the service address instead of the backend's.
 #[inline(always)]
-pub fn restore(ctx: &SockAddrContext) {
-    if !in_node_netns(ctx) {
+pub fn restore(ctx: &SockAddrContext, hook: Hook) {
+    if !in_node_netns(ctx, hook) {
         return;
     }
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: as in `redirect`.
-    let (ip, port, proto) =
-        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    let (port, proto) = unsafe { ((*sa).user_port as u16, (*sa).protocol as u8) };
+    let (family, addr) = hook.address(sa);
     // SAFETY: copied out at once.
-    let Some(nat) =
-        (unsafe { SOCK_REVERSE.get(sock_key(ctx, Addr::from_v4_be(ip), port, proto)) }).copied()
+    let Some(nat) = (unsafe { SOCK_REVERSE.get(sock_key(ctx, family, addr, port, proto)) }).copied()
     else {
         return;
     };
-    unsafe {
-        (*sa).user_ip4 = nat.addr.v4_be();
-        (*sa).user_port = u32::from(nat.port);
-    }
+    hook.set_address(sa, family, &nat.addr);
+    // SAFETY: as in `redirect`.
+    unsafe { (*sa).user_port = u32::from(nat.port) };
 }

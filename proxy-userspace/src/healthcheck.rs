@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
@@ -66,8 +66,7 @@ impl HealthCheckServers {
             if self.servers.contains_key(&port) {
                 continue;
             }
-            let address = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-            match tokio::net::TcpListener::bind(address).await {
+            match dual_stack_listener(port) {
                 Ok(listener) => {
                     let router = Router::new().fallback(answer).with_state((
                         self.checks.clone(),
@@ -88,6 +87,28 @@ impl HealthCheckServers {
         }
         problems
     }
+}
+
+/// A listener on `port` of every address of both families (load balancers of either
+/// family probe it): one IPv6 socket that also takes IPv4 (whatever the host's
+/// `net.ipv6.bindv6only`), or an IPv4 one where the host has no IPv6.
+fn dual_stack_listener(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let (socket, address) = match Socket::new(Domain::IPV6, Type::STREAM, None) {
+        Ok(socket) => {
+            socket.set_only_v6(false)?;
+            (socket, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+        }
+        Err(_) => (
+            Socket::new(Domain::IPV4, Type::STREAM, None)?,
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        ),
+    };
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 impl Drop for HealthCheckServers {

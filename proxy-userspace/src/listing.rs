@@ -192,9 +192,10 @@ pub fn render(listing: &Listing, wide: bool) -> String {
             } else {
                 ""
             };
+            // `[addr]:port` for IPv6, as ipvsadm writes it.
             let name = format!(
-                "  -> {}:{}{remote}",
-                backend.endpoint.addr, backend.endpoint.port
+                "  -> {}{remote}",
+                std::net::SocketAddr::new(backend.endpoint.addr, backend.endpoint.port)
             );
             let _ = writeln!(
                 out,

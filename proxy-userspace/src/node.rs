@@ -32,6 +32,14 @@ impl NodeConfig {
         Ok(())
     }
 
+    /// The families the node has addresses of, IPv4 first.
+    pub fn families(&self) -> Vec<Family> {
+        [Family::V4, Family::V6]
+            .into_iter()
+            .filter(|family| self.snat_address(*family).is_some())
+            .collect()
+    }
+
     /// The masquerade source of `family`: the node's first address of it. A family
     /// the node has no address of is not masqueraded: its flows that would be are
     /// dropped (and counted `snat_exhausted`).

@@ -249,6 +249,7 @@ pub async fn gather(pin_dir: &Path, agent: SocketAddr) -> StatusReport {
                 .as_ref()
                 .map_or_else(|| Served::of_pins(&pinned_links), Served::of_agent),
             agent.is_some(),
+            agent.as_ref().map(|a| a.node_ips.as_slice()),
         ),
         agent,
         agent_error,
@@ -349,7 +350,7 @@ impl Served {
 }
 
 /// What kube-proxy does, and what does it here (Cilium's KubeProxyReplacement list).
-fn coverage(served: &Served, agent_running: bool) -> Vec<Coverage> {
+fn coverage(served: &Served, agent_running: bool, node_ips: Option<&[IpAddr]>) -> Vec<Coverage> {
     let on_uplinks = |what: &str| Coverage {
         feature: what.to_owned(),
         enabled: !served.uplinks.is_empty(),
@@ -383,12 +384,38 @@ fn coverage(served: &Served, agent_running: bool) -> Vec<Coverage> {
                 false => "the agent serves them: down".into(),
             },
         },
-        Coverage {
-            feature: "IPv6 and dual-stack".into(),
-            enabled: false,
-            detail: "IPv4 only: IPv6 Services and EndpointSlices are not programmed".into(),
-        },
+        dual_stack(node_ips),
     ]
+}
+
+/// Both families are served wherever the programs are; what a node without an IPv6
+/// address lacks is its IPv6 NodePorts and masquerading.
+fn dual_stack(node_ips: Option<&[IpAddr]>) -> Coverage {
+    let (enabled, detail) = match node_ips {
+        None => (
+            false,
+            "the agent knows the node's addresses: down".to_owned(),
+        ),
+        Some(ips) if ips.iter().any(IpAddr::is_ipv6) && ips.iter().any(IpAddr::is_ipv4) => (
+            true,
+            "both families; IPv6 has no dsr-ipip and no ICMPv6 errors yet (README)".to_owned(),
+        ),
+        Some(ips) => (
+            false,
+            match ips.iter().any(IpAddr::is_ipv6) {
+                true => "IPv6 only: no --node-ip of IPv4".to_owned(),
+                false => {
+                    "no --node-ip of IPv6: IPv6 ClusterIPs only, no IPv6 NodePorts or masquerade"
+                        .to_owned()
+                }
+            },
+        ),
+    };
+    Coverage {
+        feature: "IPv6 and dual-stack".into(),
+        enabled,
+        detail,
+    }
 }
 
 /// The text form (`wide`: every problem and pinned link, the settings).

@@ -676,7 +676,10 @@ pub(crate) fn service_output(
     }
     let external_local = is_local(&spec.external_traffic_policy);
     let internal_local = is_local(&spec.internal_traffic_policy);
-    let mut local_serving = BTreeSet::new();
+    // This node's serving endpoints, by family: kube-proxy's proxier of each family
+    // answers its own family's health checks with its count; one server here answers
+    // both with the larger (a dual-stack pod is one endpoint, not two).
+    let mut local_serving: BTreeMap<Family, BTreeSet<IpAddr>> = BTreeMap::new();
 
     let annotations = service.metadata.annotations.clone().unwrap_or_default();
     let scheduler = match annotations
@@ -781,7 +784,10 @@ pub(crate) fn service_output(
         // its family, as kube-proxy runs one proxier per family.
         for &family in &families {
             let sets = policy_sets(endpoints, port, protocol, node.zone.as_deref(), family);
-            local_serving.extend(sets.local.iter().map(|e| e.addr));
+            local_serving
+                .entry(family)
+                .or_default()
+                .extend(sets.local.iter().map(|e| e.addr));
             let weighted = |set: &[Endpoint]| -> Vec<Endpoint> {
                 set.iter()
                     .map(|e| Endpoint {
@@ -912,7 +918,11 @@ pub(crate) fn service_output(
                     HealthCheck {
                         namespace: namespace_of(service),
                         name: service.metadata.name.clone().unwrap_or_default(),
-                        local_endpoints: local_serving.len(),
+                        local_endpoints: local_serving
+                            .values()
+                            .map(BTreeSet::len)
+                            .max()
+                            .unwrap_or(0),
                     },
                 )))
             }

@@ -313,7 +313,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
     }
     let status = Status::new(
         config.pin_dir.clone(),
-        AgentMetrics::default(),
+        AgentMetrics::for_families(config.node.families()),
         config.metrics_max_series,
         config.health_timeout,
     );

@@ -51,11 +51,15 @@ pub const TAIL_CALLED: [(&str, &str, u32); 6] = [
     (map_name::POD_IPV6, PROG_POD_V6, IPV6_PROGRAM),
     (map_name::POD_IPV6, PROG_POD_SCTP6, IPV6_SCTP_PROGRAM),
 ];
-pub const PROG_SOCK_HOOKS: [&str; 4] = [
+pub const PROG_SOCK_HOOKS: [&str; 8] = [
     "sock_connect4",
     "sock_sendmsg4",
     "sock_recvmsg4",
     "sock_getpeername4",
+    "sock_connect6",
+    "sock_sendmsg6",
+    "sock_recvmsg6",
+    "sock_getpeername6",
 ];
 
 #[cfg(test)]

@@ -24,16 +24,13 @@ use prometheus_client::{
     },
     registry::Registry,
 };
+use proxy_common::Family as IpFamily;
 
 use super::{labels, Labels};
 use crate::tracker::{NoLocalEndpoints, ObjectChanges};
 
 type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
 type Timestamps = Family<Labels, Gauge<f64, AtomicU64>>;
-
-/// The families this node serves, as kube-proxy's `ip_family` label names them
-/// (IPv4 only until IPv6 Services are translated).
-const IP_FAMILIES: [&str; 1] = ["IPv4"];
 
 /// kube-proxy's sync durations: 1 ms doubling to about 16 s.
 fn sync_buckets() -> Histogram {
@@ -72,6 +69,10 @@ pub struct KubeProxyMetrics {
     no_local_endpoints: Family<Labels, Gauge>,
     healthz: Family<Labels, Counter>,
     livez: Family<Labels, Counter>,
+    /// The families the node serves (those of its addresses), as kube-proxy's
+    /// `ip_family` label names them: kube-proxy runs a proxier per family and labels
+    /// each; one sync here programs every family, and each carries its figures.
+    families: Vec<Labels>,
 }
 
 impl Default for KubeProxyMetrics {
@@ -91,22 +92,30 @@ impl Default for KubeProxyMetrics {
             no_local_endpoints: Family::default(),
             healthz: Family::default(),
             livez: Family::default(),
+            families: vec![labels(&[("ip_family", IpFamily::V4.name())])],
         }
     }
 }
 
-fn family_labels() -> impl Iterator<Item = Labels> {
-    IP_FAMILIES
-        .into_iter()
-        .map(|family| labels(&[("ip_family", family)]))
+impl KubeProxyMetrics {
+    /// For a node of these families.
+    pub fn for_families(families: impl IntoIterator<Item = IpFamily>) -> KubeProxyMetrics {
+        KubeProxyMetrics {
+            families: families
+                .into_iter()
+                .map(|family| labels(&[("ip_family", family.name())]))
+                .collect(),
+            ..KubeProxyMetrics::default()
+        }
+    }
 }
 
 impl KubeProxyMetrics {
     /// Changes arrived that wait for a sync (`pending`: all of them so far).
     pub fn queued(&self, pending: ObjectChanges) {
         let now = unix_now();
-        for family in family_labels() {
-            self.last_queued.get_or_create(&family).set(now);
+        for family in &self.families {
+            self.last_queued.get_or_create(family).set(now);
         }
         self.endpoint_changes_pending.set(pending.slices as i64);
         self.service_changes_pending.set(pending.services as i64);
@@ -125,16 +134,16 @@ impl KubeProxyMetrics {
     ) {
         let now = SystemTime::now();
         let unix = unix_now();
-        for family in family_labels() {
-            self.sync_duration.get_or_create(&family).observe(seconds);
+        for family in &self.families {
+            self.sync_duration.get_or_create(family).observe(seconds);
             let kind = if full {
                 &self.full_sync_duration
             } else {
                 &self.partial_sync_duration
             };
-            kind.get_or_create(&family).observe(seconds);
-            self.last_synced.get_or_create(&family).set(unix);
-            let programming = self.network_programming.get_or_create(&family);
+            kind.get_or_create(family).observe(seconds);
+            self.last_synced.get_or_create(family).set(unix);
+            let programming = self.network_programming.get_or_create(family);
             for trigger in triggers {
                 // A trigger time ahead of this node's clock (skew) counts as 0.
                 let waited = now.duration_since(*trigger).unwrap_or_default();

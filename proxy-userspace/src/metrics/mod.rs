@@ -47,6 +47,16 @@ pub struct AgentMetrics {
     pub programs: ProgramRunStats,
 }
 
+impl AgentMetrics {
+    /// For a node of these families (kube-proxy's `ip_family` label).
+    pub fn for_families(families: impl IntoIterator<Item = proxy_common::Family>) -> AgentMetrics {
+        AgentMetrics {
+            kube_proxy: KubeProxyMetrics::for_families(families),
+            ..AgentMetrics::default()
+        }
+    }
+}
+
 impl Default for AgentMetrics {
     fn default() -> Self {
         AgentMetrics {

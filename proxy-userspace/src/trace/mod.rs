@@ -13,7 +13,7 @@ use proxy_common::{
     decide::{self, Entry, TunnelPeer},
     Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, ExpectKey, Expectation, Family,
     LoadSettings, Scheduler, ServiceKey, ServiceValue, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR,
-    CT_F_ENCAP, CT_F_REPLY, PROTO_ICMP, SCOPE_ADDRESS, SCOPE_IN_CLUSTER,
+    CONFIG_SNAT_ADDR6, CT_F_ENCAP, CT_F_REPLY, PROTO_ICMP, SCOPE_ADDRESS, SCOPE_IN_CLUSTER,
     SCOPE_IN_CLUSTER_NODE_PORT, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
     SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
     TUNNEL_PEERS_ID,
@@ -320,7 +320,8 @@ pub fn explain(
         "scheduler {scheduler}: {why} -> backend {backend_socket} (slot {slot})"
     ));
     out.backend = Some(backend_socket);
-    if decide::returns_directly(&service, &backend, origin.entry()) {
+    // IPv6 frontends are never dsr-ipip (the data path skips the decision for them).
+    if family == Family::V4 && decide::returns_directly(&service, &backend, origin.entry()) {
         out.steps.push(format!(
             "dsr-ipip: the backend is on another node: the packet is encapsulated unchanged in IPIP to {}, whose node answers the client directly",
             endpoint.addr
@@ -336,11 +337,11 @@ pub fn explain(
                 Origin::Pod => "masqueradeAll: every pod's flow to a ClusterIP",
                 _ => "external traffic to a backend on another node",
             };
-            let snat = tables
-                .config
-                .get(&CONFIG_SNAT_ADDR, 0)?
-                .addr
-                .to_ip(Family::V4);
+            let slot = match family {
+                Family::V4 => CONFIG_SNAT_ADDR,
+                Family::V6 => CONFIG_SNAT_ADDR6,
+            };
+            let snat = tables.config.get(&slot, 0)?.addr.to_ip(family);
             out.steps.push(format!(
                 "{reason}: masqueraded to {snat} (the client's port if free)"
             ));

@@ -125,3 +125,161 @@ fn an_eight_megabyte_download_over_ipv6_is_byte_exact() {
         downloaded.len()
     );
 }
+
+/// The node's own processes reach both families' services through the socket hooks:
+/// IPv6 ClusterIP and NodePort, and the IPv4 ClusterIP through its IPv4-mapped IPv6
+/// address (a dual-stack socket), TCP and unconnected-then-connected UDP alike.
+#[test]
+fn node_processes_reach_ipv6_services_and_ipv4_ones_through_mapped_addresses() {
+    let cluster = Cluster::new("dshost", 2, 0, |t| {
+        let mut service = dual_web(t, &["pod-a1", "pod-a2"]);
+        service.node_port = Some(NODE_PORT);
+        vec![service, dns(t, &["pod-a1"]).dual_stack()]
+    });
+    let node = &cluster.topology.node;
+    let mapped = |v4: std::net::Ipv4Addr| IpAddr::V6(v4.to_ipv6_mapped());
+    for target in [
+        url(in_family(WEB_VIP, Family::V6), 80),
+        url(in_family(NODE_IP, Family::V6), NODE_PORT),
+        url(mapped(WEB_VIP), 80),
+    ] {
+        let bodies = curl_n(node, &target, 4);
+        assert_eq!(tally(&bodies).len(), 2, "{target}: {bodies:?}");
+    }
+    // The answer must appear to come from the address socat sent to (recvmsg6 puts
+    // the service's back, mapped or not), or socat would not take it.
+    for dns in [in_family(DNS_VIP, Family::V6), mapped(DNS_VIP)] {
+        let answer = udp_ask(node, &host_port(dns, 53));
+        assert!(answer.starts_with("pod=pod-a1"), "{dns}: {answer}");
+    }
+}
+
+/// The operators' tools speak both families: `list` writes IPv6 frontends and
+/// backends as ipvsadm does (`[addr]:port`), `trace` explains an IPv6 packet (here a
+/// NodePort flow masqueraded to the node's IPv6 address) and `conntrack list` shows
+/// the IPv6 flows.
+#[test]
+fn list_trace_and_conntrack_show_ipv6_as_ipvsadm_writes_it() {
+    let cluster = Cluster::new("dstools", 1, 1, |t| {
+        let mut service = dual_web(t, &["pod-b1"]);
+        service.node_port = Some(NODE_PORT);
+        vec![service]
+    });
+    let pin_dir = cluster.agent.pin_dir.to_str().expect("pin dir").to_owned();
+    let binary = cluster.agent.binary().to_str().expect("binary").to_owned();
+    let listing = testbed::command::run(&binary, &["list", "--pin-dir", &pin_dir]).expect("list");
+    let backend = in_family(cluster.topology.pod("pod-b1").addr, Family::V6);
+    for expected in [
+        host_port(in_family(WEB_VIP, Family::V6), 80),
+        format!("[*]:{NODE_PORT}"),
+        host_port(backend, 8080),
+    ] {
+        assert!(listing.contains(&expected), "{expected} not in:\n{listing}");
+    }
+    let node = in_family(NODE_IP, Family::V6);
+    let client = host_port(in_family(CLIENT_IP, Family::V6), 40000);
+    let traced = testbed::command::run(
+        &binary,
+        &[
+            "trace",
+            "--json",
+            "--pin-dir",
+            &pin_dir,
+            "--src",
+            &client,
+            "--dst",
+            &host_port(node, NODE_PORT),
+            "--iface",
+            "up0",
+        ],
+    )
+    .expect("trace");
+    let explained: serde_json::Value = serde_json::from_str(&traced).expect("json");
+    assert_eq!(
+        explained["backend"],
+        host_port(backend, 8080),
+        "{explained}"
+    );
+    assert_eq!(
+        explained["translated"][0],
+        host_port(node, 40000),
+        "{explained}"
+    );
+    // A real flow, then its conntrack entry.
+    let body = curl(&cluster.topology.client, &url(node, NODE_PORT)).expect("curl");
+    assert_eq!(client_ip_of(&body), node, "masqueraded: {body}");
+    let flows = testbed::command::run(&binary, &["conntrack", "list", "--pin-dir", &pin_dir])
+        .expect("conntrack list");
+    assert!(
+        flows.contains(&host_port(backend, 8080)),
+        "no IPv6 flow in:\n{flows}"
+    );
+}
+
+/// From the Kubernetes source: a dual-stack Service (both clusterIPs answer) whose
+/// `externalTrafficPolicy: Local` keeps each family's NodePort on this node's
+/// endpoint, with the client's own address, and whose health check answers on both
+/// families (one dual-stack pod is one local endpoint); `internalTrafficPolicy:
+/// Local` then keeps each family's clusterIP on it.
+#[test]
+fn the_kubernetes_source_serves_dual_stack_services_with_both_traffic_policies() {
+    const HEALTH_PORT: u16 = 31999;
+    let exposed = |t: &Topology| {
+        let mut service = dual_web(t, &["pod-a1", "pod-b1"]);
+        service.node_port = Some(NODE_PORT);
+        service
+    };
+    let cluster = Cluster::with_api_server(
+        "dskube",
+        2,
+        1,
+        |t| {
+            vec![exposed(t)
+                .with_spec("externalTrafficPolicy: Local")
+                .with_spec(&format!("healthCheckNodePort: {HEALTH_PORT}"))]
+        },
+        &["--min-sync-period-ms", "0"],
+    );
+    let t = &cluster.topology;
+    let client = &t.client;
+    for family in FAMILIES {
+        let pods = tally(&curl_n(
+            cluster.ns("pod-a2"),
+            &url(in_family(WEB_VIP, family), 80),
+            6,
+        ));
+        assert_eq!(
+            pods.len(),
+            2,
+            "{family}: the clusterIP serves both: {pods:?}"
+        );
+        let node = in_family(NODE_IP, family);
+        let bodies = curl_n(client, &url(node, NODE_PORT), 4);
+        assert!(
+            bodies
+                .iter()
+                .all(|b| pod_of(b) == "pod-a1" && client_ip_of(b) == in_family(CLIENT_IP, family)),
+            "{family}: {bodies:?}"
+        );
+        let health = curl(client, &(url(node, HEALTH_PORT) + "healthz")).expect("health");
+        let report: serde_json::Value = serde_json::from_str(&health).expect("JSON");
+        assert_eq!(report["localEndpoints"], 1, "{family}: {report}");
+    }
+    cluster
+        .api()
+        .apply_manifests(&testbed::manifests::render(&[
+            exposed(t).with_spec("internalTrafficPolicy: Local")
+        ]))
+        .expect("apply");
+    for family in FAMILIES {
+        let vip = url(in_family(WEB_VIP, family), 80);
+        wait_until(
+            || tally(&curl_n(cluster.ns("pod-a2"), &vip, 6)).len() == 1,
+            &format!("{family}: the clusterIP keeps to this node's endpoint"),
+        );
+        assert_eq!(
+            pod_of(&curl(cluster.ns("pod-a2"), &vip).expect("curl")),
+            "pod-a1"
+        );
+    }
+}

@@ -185,6 +185,11 @@ fn kube_proxy_metrics_are_exported_with_its_names_types_labels_and_meanings() {
     assert!(v("kubeproxy_proxy_livez_total", "code=\"200\"") >= 1.0);
     let waited = v("kubeproxy_network_programming_duration_seconds_sum", "IPv4");
     assert!((3.0..60.0).contains(&waited), "{waited} s from the trigger");
+    // The node is dual-stack: each family is labelled, with the same sync's figures.
+    assert_eq!(
+        v("kubeproxy_network_programming_duration_seconds_sum", "IPv6"),
+        waited
+    );
     assert!(
         v(
             "kubeproxy_sync_full_proxy_rules_duration_seconds_count",

@@ -30,7 +30,7 @@ fn status_shows_the_agent_what_is_attached_the_maps_and_the_problems() {
         "pod     tc ingress and egress (tcx)",
         "yes NodePort                XDP on up0, up1",
         "yes ClusterIP from pods     tc on 2 pod interfaces",
-        "no  IPv6 and dual-stack",
+        "yes IPv6 and dual-stack     both families",
         "Problems:       none",
     ] {
         assert!(text.contains(expected), "{expected:?} in:\n{text}");

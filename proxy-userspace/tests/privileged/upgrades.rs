@@ -1,12 +1,14 @@
 //! Upgrading over a predecessor's pinned maps: maps whose keys grew at their end
-//! (the address family) are carried over, not refused, so that services keep their
-//! ids (which conntrack names) and nothing is dropped.
+//! (the address family), and arrays that grew by slots (the node's IPv6 masquerade
+//! address), are carried over, not refused, so that services keep their ids (which
+//! conntrack names) and nothing is dropped.
 
-use aya::maps::{lpm_trie::Key as LpmKey, HashMap, LpmTrie, MapData};
+use aya::maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, MapData};
 use ebpf_proxy::datapath::loader::Datapath;
 use proxy_common::{
-    map_name, Addr, AddrKey, Family, NodeAddrFlags, ServiceKey, ServiceValue, SourceRangeKey,
-    MAX_SERVICES, PROTO_TCP, SCOPE_ADDRESS, SOURCE_RANGE_ENTRIES, SOURCE_RANGE_ID_BITS,
+    map_name, Addr, AddrKey, ConfigValue, Family, NodeAddrFlags, ServiceKey, ServiceValue,
+    SourceRangeKey, CONFIG_LEN, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR6, MAX_SERVICES, PROTO_TCP,
+    SCOPE_ADDRESS, SOURCE_RANGE_ENTRIES, SOURCE_RANGE_ID_BITS,
 };
 
 use crate::support::datapath::TestDatapath;
@@ -36,7 +38,7 @@ fn repin(dp: &TestDatapath, name: &str, pin: impl FnOnce(&std::path::Path)) {
 }
 
 #[test]
-fn maps_whose_keys_grew_are_carried_over_from_a_predecessor() {
+fn maps_whose_keys_or_slots_grew_are_carried_over_from_a_predecessor() {
     let dp = TestDatapath::new();
     let service_key = ServiceKey {
         addr: Addr::from_v4_octets(VIP),
@@ -86,6 +88,16 @@ fn maps_whose_keys_grew_are_carried_over_from_a_predecessor() {
         old.pin(path).expect("pin");
     });
 
+    // NODE_CONFIG before its IPv6 masquerade slot: four slots, the socket hooks'
+    // network namespace among them (which serves the node until the agent learns it
+    // again).
+    let cookie = ConfigValue::from_u64(0x5eed);
+    repin(&dp, map_name::NODE_CONFIG, |path| {
+        let mut old = Array::<MapData, ConfigValue>::create(CONFIG_LEN - 1, 0).expect("old");
+        old.set(CONFIG_NETNS_COOKIE, cookie, 0).expect("set");
+        old.pin(path).expect("pin");
+    });
+
     // The new version starts on them: nothing refused, every entry kept, as IPv4.
     let reloaded = Datapath::load(&dp.pin_dir);
     assert!(reloaded.is_ok(), "{:#}", reloaded.err().expect("error"));
@@ -106,6 +118,15 @@ fn maps_whose_keys_grew_are_carried_over_from_a_predecessor() {
         },
     );
     assert_eq!(tables.source_ranges.get(&probe, 0).ok(), Some(1));
+    assert_eq!(
+        tables.config.get(&CONFIG_NETNS_COOKIE, 0).ok(),
+        Some(cookie)
+    );
+    assert_eq!(
+        tables.config.get(&CONFIG_SNAT_ADDR6, 0).ok(),
+        Some(ConfigValue::default()),
+        "the new slot starts empty"
+    );
     let left_aside: Vec<_> = std::fs::read_dir(&dp.pin_dir)
         .expect("pin dir")
         .filter_map(Result::ok)
