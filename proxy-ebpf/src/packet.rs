@@ -8,10 +8,10 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::{TcContext, XdpContext},
 };
-use proxy_common::{sctp, Addr, Family, IPV6_PROGRAM, IPV6_SCTP_PROGRAM, PROTO_UDP, SCTP_PROGRAM};
+use proxy_common::{sctp, Addr, IPV6_PROGRAM, IPV6_SCTP_PROGRAM, PROTO_UDP, SCTP_PROGRAM};
 
 use crate::{
     checksum,
@@ -177,10 +177,11 @@ impl XdpPacket<'_> {
     #[inline(always)]
     fn update_l4_check(&self, flow: &Flow, update: impl Fn(u16) -> u16) -> Result<(), ()> {
         let check: *mut u16 = self.ptr_at(flow.l4_check).ok_or(())?;
-        // UDP: a zero checksum means "none" over IPv4 (it stays zero); a computed zero
-        // is sent as 0xffff (over IPv6, where zero is invalid, too).
+        // UDP: a zero checksum stays zero (over IPv4 it means none; over IPv6 it is
+        // invalid, or a tunnel's RFC 6935 zero, and the tc rewrite leaves it too); a
+        // computed zero is sent as 0xffff.
         let udp = flow.key.proto == PROTO_UDP;
-        let zero_is_none = udp && matches!(flow.family, Family::V4);
+        let zero_is_none = udp;
         // SAFETY: bounds checked by ptr_at.
         unsafe {
             let old = check.read_unaligned();
@@ -188,7 +189,7 @@ impl XdpPacket<'_> {
                 return Ok(());
             }
             let mut new = update(old);
-            if udp && new == 0 {
+            if zero_is_none && new == 0 {
                 new = 0xffff;
             }
             check.write_unaligned(new);
@@ -339,8 +340,7 @@ impl Packet for TcPacket<'_> {
     }
 
     /// The pseudo-header change as one checksum difference (a helper call of size 0
-    /// applies a difference, and keeps a CHECKSUM_COMPLETE skb's sum right too), then
-    /// the address in one store.
+    /// applies a difference), then the address in one store.
     #[inline(always)]
     fn rewrite_addr_v6(
         &self,
@@ -355,7 +355,12 @@ impl Packet for TcPacket<'_> {
                 .l4_csum_replace(flow.l4_check, 0, u64::from(checksum::diff128(old, new)), flags)
                 .map_err(|_| ())?;
         }
-        self.0.store(offset, new, 0).map_err(|_| ())
+        // The helper's pseudo-header rule for a CHECKSUM_COMPLETE skb is IPv4's
+        // (whose header checksum absorbs the address change); over IPv6 the store
+        // must carry the address change into `skb->csum` itself to cancel it.
+        self.0
+            .store(offset, new, BPF_F_RECOMPUTE_CSUM as u64)
+            .map_err(|_| ())
     }
 
     #[inline(always)]

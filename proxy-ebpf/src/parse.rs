@@ -214,36 +214,43 @@ fn ipv6_headers<P: Packet>(pkt: &P) -> Result<Ipv6Headers, Skip> {
         return Err(Skip::Malformed);
     }
     let mut off = ETH_LEN + IPV6_LEN;
-    let (mut fragment, mut fragment_id) = (0u16, 0u16);
+    let (mut fragment, mut fragment_id, mut fragmented) = (0u16, 0u16, false);
     for _ in 0..IPV6_MAX_EXTENSION_HEADERS {
-        let units = match next {
-            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_AUTH | IPV6_FRAGMENT => {
-                let header: *const [u8; 8] = pkt.ptr_at(off).ok_or(Skip::Malformed)?;
-                // SAFETY: bounds-checked by ptr_at.
-                let h = unsafe { &*header };
-                let len = usize::from(h[1]);
-                let this = next;
-                next = h[0];
-                match this {
-                    IPV6_FRAGMENT => {
-                        fragment = u16::from_be_bytes([h[2], h[3]]);
-                        fragment_id = u16::from_ne_bytes([h[4], h[5]])
-                            ^ u16::from_ne_bytes([h[6], h[7]]);
-                        8
-                    }
-                    IPV6_AUTH => (len + 2) * 4,
-                    _ => (len + 1) * 8,
+        if !is_extension_header(next) {
+            break;
+        }
+        let header: *const [u8; 8] = pkt.ptr_at(off).ok_or(Skip::Malformed)?;
+        // SAFETY: bounds-checked by ptr_at.
+        let h = unsafe { &*header };
+        let len = usize::from(h[1]);
+        let this = next;
+        next = h[0];
+        off += match this {
+            IPV6_FRAGMENT => {
+                // One fragment header per packet (RFC 8200 section 4.1).
+                if fragmented {
+                    return Err(Skip::Malformed);
                 }
+                fragmented = true;
+                fragment = u16::from_be_bytes([h[2], h[3]]);
+                fragment_id = u16::from_ne_bytes([h[4], h[5]]) ^ u16::from_ne_bytes([h[6], h[7]]);
+                8
             }
-            _ => break,
+            // Segments left: the destination is not the final one, which transport
+            // checksums cover (RFC 8200 section 8.1); such a packet is not translated.
+            IPV6_ROUTING if h[3] != 0 => return Err(Skip::Malformed),
+            IPV6_AUTH => (len + 2) * 4,
+            _ => (len + 1) * 8,
         };
-        off += units;
+        // A later fragment's fragment header is its last: what follows is payload,
+        // whatever the next-header byte says (read as headers, a forged "header"
+        // there could claim to open a flow).
+        if fragment & IPV6_OFFSET_MASK != 0 {
+            break;
+        }
     }
-    if matches!(
-        next,
-        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_AUTH | IPV6_FRAGMENT
-    ) || off > ETH_LEN + ip_len
-    {
+    let later_fragment = fragment & IPV6_OFFSET_MASK != 0;
+    if (!later_fragment && is_extension_header(next)) || off > ETH_LEN + ip_len {
         return Err(Skip::Malformed);
     }
     // Past extension headers, the offset is one the verifier forgets (see
@@ -259,6 +266,15 @@ fn ipv6_headers<P: Packet>(pkt: &P) -> Result<Ipv6Headers, Skip> {
         fragment,
         fragment_id,
     })
+}
+
+/// The extension headers `ipv6_headers` steps over.
+#[inline(always)]
+const fn is_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_AUTH | IPV6_FRAGMENT
+    )
 }
 
 /// Parses an IPv6 packet (IPv6's programs): the same checks and the same flow as
@@ -285,7 +301,7 @@ fn parse_ipv6<P: Packet>(pkt: &P) -> Result<Flow, Skip> {
         (h.src(), sport),
         (h.dst(), dport),
         tcp_flags,
-        h.ip_len as u16,
+        h.ip_len.min(usize::from(u16::MAX)) as u16,
         h.fragment_id,
     ))
 }
@@ -413,7 +429,14 @@ pub fn later_fragment<P: Packet>(
 ) -> Option<Flow> {
     let (family, proto, ip_len, id, src, dst) = if P::IPV6 {
         let h = ipv6_headers(pkt).ok()?;
-        (Family::V6, h.next, h.ip_len as u16, h.fragment_id, h.src(), h.dst())
+        (
+            Family::V6,
+            h.next,
+            h.ip_len.min(usize::from(u16::MAX)) as u16,
+            h.fragment_id,
+            h.src(),
+            h.dst(),
+        )
     } else {
         let ip: *const Ipv4Hdr = pkt.ptr_at(ETH_LEN)?;
         // SAFETY: `ip` is bounds-checked.

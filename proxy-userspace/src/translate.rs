@@ -720,6 +720,12 @@ pub(crate) fn service_output(
     };
     // Direct return only matters where external traffic may leave this node.
     let dsr = forwarding == Forwarding::DsrIpip && !external_local;
+    if dsr && families.contains(&Family::V6) {
+        out.problems.push(Problem::warning(
+            object.clone(),
+            "dsr-ipip: IPIP carries IPv4 only, the IPv6 frontends forward with snat",
+        ));
+    }
     let weights = match annotations
         .get(ANNOTATION_WEIGHTS)
         .map(|w| parse_weights(w))

@@ -306,3 +306,93 @@ fn neighbour_discovery_passes_and_a_ping_of_a_service_address_is_refused() {
     assert_eq!(dp.xdp(&ping).0, XDP_DROP);
     assert_eq!(dp.event("refused"), refused + 1);
 }
+
+/// `headers` (each eight bytes, its next-header byte first, already chained to what
+/// follows) put between the fixed header of an IPv6 `frame` (without extension
+/// headers) and its transport header; the fixed header's next header becomes `first`.
+fn with_headers(frame: &[u8], first: u8, headers: &[[u8; 8]]) -> Vec<u8> {
+    let mut out = frame[..54].to_vec();
+    out[14 + 6] = first;
+    for header in headers {
+        out.extend_from_slice(header);
+    }
+    out.extend_from_slice(&frame[54..]);
+    let payload = u16::from_be_bytes([frame[18], frame[19]]) + 8 * headers.len() as u16;
+    out[18..20].copy_from_slice(&payload.to_be_bytes());
+    out
+}
+
+const FRAGMENT: u8 = 44;
+const ROUTING: u8 = 43;
+const UDP: u8 = 17;
+
+/// What follows a later fragment's fragment header is payload: a forged "fragment
+/// header" there (offset 0, then a UDP header to the service) must not be parsed as
+/// the packet's own, or it opens a flow and gets its payload rewritten.
+#[test]
+fn a_later_ipv6_fragment_s_payload_is_never_read_as_headers() {
+    let [_, net] = nets();
+    let mut dp = TestDatapath::new();
+    dp.program(&[(
+        frontend(net.vip, 80, Protocol::Udp),
+        vec![endpoint(net.pods[0], false)],
+    )]);
+    let plain = packet((net.client, 40000), (net.vip, 80), L4::Udp, b"abc");
+    let forged = with_headers(
+        &plain,
+        FRAGMENT,
+        &[
+            // A later fragment (offset 8 bytes), next header "fragment"...
+            [FRAGMENT, 0, 0x00, 0x08, 0, 0, 0, 7],
+            // ...and, in its payload, a "first fragment" header before a UDP header.
+            [UDP, 0, 0, 0, 0, 0, 0, 7],
+        ],
+    );
+    let (verdict, out) = dp.xdp(&forged);
+    assert_eq!(out, forged, "untranslated");
+    // To a service address and of no tracked datagram: dropped, as IPv4's are.
+    assert_eq!(verdict, XDP_DROP);
+    assert!(
+        dp.tables().conntrack.keys().next().is_none(),
+        "no flow opened"
+    );
+}
+
+/// A routing header with segments left: the fixed header's destination is not the
+/// final one (which the transport checksum covers), so the packet is not translated.
+#[test]
+fn an_ipv6_packet_with_segments_left_in_a_routing_header_is_not_translated() {
+    let [_, net] = nets();
+    let mut dp = TestDatapath::new();
+    dp.program(&[(
+        frontend(net.vip, 80, Protocol::Udp),
+        vec![endpoint(net.pods[0], false)],
+    )]);
+    let plain = packet((net.client, 40000), (net.vip, 80), L4::Udp, b"abc");
+    let malformed = dp.event("malformed");
+    let routed = with_headers(&plain, ROUTING, &[[UDP, 0, 4, 1, 0, 0, 0, 0]]);
+    assert_eq!(dp.xdp(&routed), (XDP_PASS, routed.clone()));
+    assert_eq!(dp.event("malformed"), malformed + 1);
+    // Segments left 0 (the last segment reached): an ordinary header.
+    let arrived = with_headers(&plain, ROUTING, &[[UDP, 0, 4, 0, 0, 0, 0, 0]]);
+    assert_eq!(inspect_ip(&dp.xdp(&arrived).1).dst, (net.pods[0], 8080));
+}
+
+/// A zero UDP checksum over IPv6 (invalid, or a tunnel's RFC 6935 zero) stays zero
+/// through either hook, as the tc helper leaves it: never a made-up value.
+#[test]
+fn a_zero_ipv6_udp_checksum_stays_zero_through_either_hook() {
+    let [_, net] = nets();
+    let mut dp = TestDatapath::new();
+    dp.program(&[(
+        frontend(net.vip, 80, Protocol::Udp),
+        vec![endpoint(net.pods[0], false)],
+    )]);
+    const CHECK: usize = 14 + 40 + 6;
+    let mut zero = packet((net.client, 40000), (net.vip, 80), L4::Udp, b"abc");
+    zero[CHECK..CHECK + 2].copy_from_slice(&[0, 0]);
+    for (_, out) in [dp.xdp(&zero), dp.tc(&zero)] {
+        assert_eq!(out[CHECK..CHECK + 2], [0, 0]);
+        assert_ne!(out[14 + 24..14 + 40], zero[14 + 24..14 + 40], "translated");
+    }
+}

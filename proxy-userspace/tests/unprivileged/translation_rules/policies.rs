@@ -395,3 +395,39 @@ fn rule12_each_family_s_ingress_ips_get_that_family_s_prefixes() {
     assert_eq!(ranges_of("TCP [2001:db8::100]:80"), ["2001:db8:7::/48"]);
     assert!(out.problems.is_empty(), "{:?}", out.problems);
 }
+
+#[test]
+fn rule13_a_dual_stack_dsr_ipip_service_encapsulates_ipv4_only_and_says_so() {
+    let yaml = service(
+        "ds",
+        "  type: LoadBalancer\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.1, \"fd00:96::1\"]\nstatus: {loadBalancer: {ingress: [{ip: 198.18.100.1}, {ip: \"2001:db8::100\"}]}}\n",
+    )
+    .replace(
+        "namespace: ns}",
+        "namespace: ns, annotations: {ebpf-proxy.io/forwarding: dsr-ipip}}",
+    );
+    let out = translate_all(&objects(&yaml), NODE);
+    let dsr_of = |frontend: &str| {
+        out.state
+            .frontends
+            .iter()
+            .find(|(key, _)| key.to_string() == frontend)
+            .map(|(_, f)| f.dsr)
+            .unwrap_or_else(|| panic!("no frontend {frontend}"))
+    };
+    assert!(dsr_of("TCP 198.18.100.1:80"));
+    assert!(!dsr_of("TCP [2001:db8::100]:80"));
+    assert!(
+        !out.state
+            .frontends
+            .keys()
+            .any(|k| k.listen.is_tunnel() && k.listen.family() == Family::V6),
+        "no IPIP view of an IPv6 frontend"
+    );
+    assert!(
+        out.problems.iter().any(|p| p.severity == Severity::Warning
+            && p.message.contains("IPv6 frontends forward with snat")),
+        "{:?}",
+        out.problems
+    );
+}
