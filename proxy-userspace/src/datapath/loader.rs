@@ -16,8 +16,9 @@ use aya::{
 };
 
 use super::{
-    generation::Generation, PROG_EGRESS, PROG_POD, PROG_POD_SCTP, PROG_POD_SCTP6, PROG_POD_V6,
-    PROG_SOCK_HOOKS, PROG_UPLINK, PROG_UPLINK_SCTP, PROG_UPLINK_SCTP6, PROG_UPLINK_V6, TAIL_CALLED,
+    generation::Generation, IPV6_PROGRAMS, PROG_EGRESS, PROG_POD, PROG_POD_SCTP, PROG_POD_SCTP6,
+    PROG_POD_V6, PROG_SOCK_HOOKS, PROG_UPLINK, PROG_UPLINK_SCTP, PROG_UPLINK_SCTP6, PROG_UPLINK_V6,
+    TAIL_CALLED,
 };
 use proxy_common::{map_name, LoadSettings, SETTINGS_GLOBAL};
 
@@ -158,12 +159,21 @@ impl Datapath {
             .load(generation.object())
             .context("loading the eBPF object (maps pinned in an incompatible layout? run `ebpf-proxy cleanup`)")?;
         super::widen::carry_over(pin_dir, &mut ebpf)?;
+        // IPv6's programs only where the verifier takes them: 5.10's walks more
+        // than a million instructions through the IPv6 uplink program, so the legacy
+        // object's are left unloaded, and its main programs pass IPv6 untouched (a
+        // tail call into an empty slot falls through), as before IPv6 was served.
+        let ipv6 = generation != Generation::Legacy;
+        let wanted = |name: &str| ipv6 || !IPV6_PROGRAMS.contains(&name);
         for (name, what) in [
             (PROG_UPLINK, "the XDP program"),
             (PROG_UPLINK_SCTP, "the XDP program for SCTP"),
             (PROG_UPLINK_V6, "the XDP program for IPv6"),
             (PROG_UPLINK_SCTP6, "the XDP program for SCTP over IPv6"),
-        ] {
+        ]
+        .into_iter()
+        .filter(|(name, _)| wanted(name))
+        {
             let xdp: &mut Xdp = program(&mut ebpf, name)?;
             verify(what, || xdp.load())?;
         }
@@ -173,7 +183,10 @@ impl Datapath {
             (PROG_POD_V6, "the pod tc program for IPv6"),
             (PROG_POD_SCTP6, "the pod tc program for SCTP over IPv6"),
             (PROG_EGRESS, "the egress tc program"),
-        ] {
+        ]
+        .into_iter()
+        .filter(|(name, _)| wanted(name))
+        {
             let tc: &mut SchedClassifier = program(&mut ebpf, name)?;
             verify(what, || tc.load())?;
         }
@@ -185,7 +198,7 @@ impl Datapath {
         // previous agent's in the pinned arrays (theirs served until now), last, once
         // every program of this load was verified: a load that fails leaves them
         // serving.
-        for (array, name, slot) in TAIL_CALLED {
+        for (array, name, slot) in TAIL_CALLED.into_iter().filter(|(_, name, _)| wanted(name)) {
             let fd = ebpf
                 .program(name)
                 .with_context(|| format!("program {name} missing from the object"))?

@@ -42,6 +42,14 @@ pub const PROG_UPLINK_SCTP6: &str = "uplink_ingress_sctp6";
 pub const PROG_POD_V6: &str = "pod_ingress_v6";
 pub const PROG_POD_SCTP6: &str = "pod_ingress_sctp6";
 
+/// IPv6's programs (the current object's only: see `loader`).
+pub const IPV6_PROGRAMS: [&str; 4] = [
+    PROG_UPLINK_V6,
+    PROG_UPLINK_SCTP6,
+    PROG_POD_V6,
+    PROG_POD_SCTP6,
+];
+
 /// Every tail-called program: the array it goes in, at which slot.
 pub const TAIL_CALLED: [(&str, &str, u32); 6] = [
     (map_name::UPLINK_TRANSPORTS, PROG_UPLINK_SCTP, SCTP_PROGRAM),
