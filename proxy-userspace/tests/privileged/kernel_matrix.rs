@@ -10,6 +10,7 @@
 
 use std::path::PathBuf;
 
+use ebpf_proxy::datapath::{generation::Generation, IPV6_PROGRAMS};
 use testbed::guest::{self, DebianKernel, GuestRun};
 
 /// The tests run on every kernel of the matrix: a sample of the data path's
@@ -220,6 +221,12 @@ fn every_program_verifies_and_says_what_it_cost() {
     programs.sort_by_key(|(name, _)| *name);
     assert!(programs.len() >= 9, "{} programs", programs.len());
     for (name, program) in programs {
+        // The legacy object's IPv6 programs are left unloaded on purpose (the loader).
+        if generation == Generation::Legacy && IPV6_PROGRAMS.contains(&name) {
+            assert!(program.info().is_err(), "{name} loaded on a legacy kernel");
+            eprintln!("EPX-VERIFIED {generation:?} {name} not-loaded");
+            continue;
+        }
         let info = program.info().expect("a loaded program's info");
         let cost = info
             .verified_instruction_count()
