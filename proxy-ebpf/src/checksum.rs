@@ -26,18 +26,10 @@ pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
 }
 
 /// The checksum after a 128-bit field (an IPv6 address, in an L4 pseudo-header)
-/// changed from `old` to `new`.
+/// changed from `old` to `new`: the field's difference (`diff128`) added in.
 #[inline(always)]
 pub fn replace128(check: u16, old: &proxy_common::Addr, new: &proxy_common::Addr) -> u16 {
-    let mut sum = u64::from(!check);
-    for (old, new) in old.words.iter().zip(new.words.iter()) {
-        let not_old = !*old;
-        sum += u64::from(not_old >> 16)
-            + u64::from(not_old & 0xffff)
-            + u64::from(*new >> 16)
-            + u64::from(*new & 0xffff);
-    }
-    !fold(sum)
+    !fold(u64::from(!check) + u64::from(diff128(old, new)))
 }
 
 /// The 32-bit one's complement difference a 128-bit field's change from `old` to

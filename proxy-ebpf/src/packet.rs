@@ -180,8 +180,7 @@ impl XdpPacket<'_> {
         // UDP: a zero checksum stays zero (over IPv4 it means none; over IPv6 it is
         // invalid, or a tunnel's RFC 6935 zero, and the tc rewrite leaves it too); a
         // computed zero is sent as 0xffff.
-        let udp = flow.key.proto == PROTO_UDP;
-        let zero_is_none = udp;
+        let zero_is_none = flow.key.proto == PROTO_UDP;
         // SAFETY: bounds checked by ptr_at.
         unsafe {
             let old = check.read_unaligned();

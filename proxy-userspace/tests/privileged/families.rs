@@ -69,6 +69,17 @@ fn protocol_of(l4: L4) -> Protocol {
 
 const OPENING: [L4; 2] = [L4::Tcp(Tcp::Syn), L4::Udp];
 
+/// A data path with one frontend (`net`'s service address, port 80) whose one backend
+/// is the first pod.
+fn serving(net: &Net, protocol: Protocol) -> TestDatapath {
+    let mut dp = TestDatapath::new();
+    dp.program(&[(
+        frontend(net.vip, 80, protocol),
+        vec![endpoint(net.pods[0], false)],
+    )]);
+    dp
+}
+
 #[test]
 fn a_service_packet_is_translated_to_a_backend_by_either_hook_checksums_intact() {
     for net in nets() {
@@ -99,11 +110,7 @@ fn a_service_packet_is_translated_to_a_backend_by_either_hook_checksums_intact()
 fn replies_are_reverse_translated_to_the_service_address() {
     for net in nets() {
         for l4 in OPENING {
-            let mut dp = TestDatapath::new();
-            dp.program(&[(
-                frontend(net.vip, 80, protocol_of(l4)),
-                vec![endpoint(net.pods[0], false)],
-            )]);
+            let mut dp = serving(&net, protocol_of(l4));
             let (_, out) = dp.xdp(&packet((net.client, 40000), (net.vip, 80), l4, b"q"));
             let backend = inspect_ip(&out).dst;
             let answer = match l4 {
@@ -163,11 +170,7 @@ fn a_node_port_flow_to_a_remote_backend_is_masqueraded_to_the_node_address_of_it
 #[test]
 fn a_packet_to_no_service_address_passes_byte_for_byte() {
     for net in nets() {
-        let mut dp = TestDatapath::new();
-        dp.program(&[(
-            frontend(net.vip, 80, Protocol::Tcp),
-            vec![endpoint(net.pods[0], false)],
-        )]);
+        let mut dp = serving(&net, Protocol::Tcp);
         for l4 in OPENING {
             let elsewhere = packet((net.client, 40000), (net.remote_pod, 80), l4, b"x");
             assert_eq!(dp.xdp(&elsewhere), (XDP_PASS, elsewhere.clone()));
@@ -182,11 +185,7 @@ fn a_packet_to_no_service_address_passes_byte_for_byte() {
 fn ipv6_extension_headers_are_stepped_over_and_kept() {
     let [_, net] = nets();
     for l4 in OPENING {
-        let mut dp = TestDatapath::new();
-        dp.program(&[(
-            frontend(net.vip, 80, protocol_of(l4)),
-            vec![endpoint(net.pods[0], false)],
-        )]);
+        let mut dp = serving(&net, protocol_of(l4));
         let extensions = Extensions {
             hop_by_hop: true,
             destination_options: true,
@@ -210,20 +209,17 @@ fn ipv6_extension_headers_are_stepped_over_and_kept() {
 fn with_destination_options(frame: &[u8], count: usize) -> Vec<u8> {
     const DEST_OPTIONS: u8 = 60;
     let transport = frame[14 + 6];
-    let mut out = frame[..54].to_vec();
-    out[14 + 6] = DEST_OPTIONS;
-    for i in 0..count {
-        let next = if i + 1 == count {
-            transport
-        } else {
-            DEST_OPTIONS
-        };
-        out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
-    }
-    out.extend_from_slice(&frame[54..]);
-    let payload = u16::from_be_bytes([frame[18], frame[19]]) + 8 * count as u16;
-    out[18..20].copy_from_slice(&payload.to_be_bytes());
-    out
+    let headers: Vec<[u8; 8]> = (0..count)
+        .map(|i| {
+            let next = if i + 1 == count {
+                transport
+            } else {
+                DEST_OPTIONS
+            };
+            [next, 0, 1, 4, 0, 0, 0, 0]
+        })
+        .collect();
+    with_headers(frame, DEST_OPTIONS, &headers)
 }
 
 /// The walk is bounded: six extension headers are stepped over; a seventh makes the
@@ -231,11 +227,7 @@ fn with_destination_options(frame: &[u8], count: usize) -> Vec<u8> {
 #[test]
 fn ipv6_extension_headers_beyond_six_are_not_walked() {
     let [_, net] = nets();
-    let mut dp = TestDatapath::new();
-    dp.program(&[(
-        frontend(net.vip, 80, Protocol::Udp),
-        vec![endpoint(net.pods[0], false)],
-    )]);
+    let mut dp = serving(&net, Protocol::Udp);
     let plain = packet((net.client, 40000), (net.vip, 80), L4::Udp, b"abc");
     let six = with_destination_options(&plain, 6);
     let (_, out) = dp.xdp(&six);
@@ -251,11 +243,7 @@ fn ipv6_extension_headers_beyond_six_are_not_walked() {
 #[test]
 fn an_ipv6_extension_header_longer_than_its_packet_is_malformed() {
     let [_, net] = nets();
-    let mut dp = TestDatapath::new();
-    dp.program(&[(
-        frontend(net.vip, 80, Protocol::Udp),
-        vec![endpoint(net.pods[0], false)],
-    )]);
+    let mut dp = serving(&net, Protocol::Udp);
     let mut lying = with_destination_options(
         &packet((net.client, 40000), (net.vip, 80), L4::Udp, b"abc"),
         1,
@@ -271,11 +259,7 @@ fn an_ipv6_extension_header_longer_than_its_packet_is_malformed() {
 #[test]
 fn neighbour_discovery_passes_and_a_ping_of_a_service_address_is_refused() {
     let [_, net] = nets();
-    let mut dp = TestDatapath::new();
-    dp.program(&[(
-        frontend(net.vip, 80, Protocol::Tcp),
-        vec![endpoint(net.pods[0], false)],
-    )]);
+    let mut dp = serving(&net, Protocol::Tcp);
     let (IpAddr::V6(client), IpAddr::V6(vip)) = (net.client, net.vip) else {
         unreachable!()
     };
@@ -332,11 +316,7 @@ const UDP: u8 = 17;
 #[test]
 fn a_later_ipv6_fragment_s_payload_is_never_read_as_headers() {
     let [_, net] = nets();
-    let mut dp = TestDatapath::new();
-    dp.program(&[(
-        frontend(net.vip, 80, Protocol::Udp),
-        vec![endpoint(net.pods[0], false)],
-    )]);
+    let mut dp = serving(&net, Protocol::Udp);
     let plain = packet((net.client, 40000), (net.vip, 80), L4::Udp, b"abc");
     let forged = with_headers(
         &plain,
@@ -363,11 +343,7 @@ fn a_later_ipv6_fragment_s_payload_is_never_read_as_headers() {
 #[test]
 fn an_ipv6_packet_with_segments_left_in_a_routing_header_is_not_translated() {
     let [_, net] = nets();
-    let mut dp = TestDatapath::new();
-    dp.program(&[(
-        frontend(net.vip, 80, Protocol::Udp),
-        vec![endpoint(net.pods[0], false)],
-    )]);
+    let mut dp = serving(&net, Protocol::Udp);
     let plain = packet((net.client, 40000), (net.vip, 80), L4::Udp, b"abc");
     let malformed = dp.event("malformed");
     let routed = with_headers(&plain, ROUTING, &[[UDP, 0, 4, 1, 0, 0, 0, 0]]);
@@ -383,11 +359,7 @@ fn an_ipv6_packet_with_segments_left_in_a_routing_header_is_not_translated() {
 #[test]
 fn a_zero_ipv6_udp_checksum_stays_zero_through_either_hook() {
     let [_, net] = nets();
-    let mut dp = TestDatapath::new();
-    dp.program(&[(
-        frontend(net.vip, 80, Protocol::Udp),
-        vec![endpoint(net.pods[0], false)],
-    )]);
+    let mut dp = serving(&net, Protocol::Udp);
     const CHECK: usize = 14 + 40 + 6;
     let mut zero = packet((net.client, 40000), (net.vip, 80), L4::Udp, b"abc");
     zero[CHECK..CHECK + 2].copy_from_slice(&[0, 0]);
