@@ -65,7 +65,9 @@ datapath_events! {
     /// whose flow is not tracked (or a fragment of another protocol), to an address
     /// that is not a service's: passed untouched.
     EV_FRAGMENT => "fragment",
-    /// No free SNAT port after bounded retries: the packet was dropped.
+    /// No free port for a new flow's reply tuple after bounded retries (masqueraded:
+    /// on the masquerade address; else on the client's address, see
+    /// `reply_port_remapped`): the packet was dropped.
     EV_SNAT_EXHAUSTED => "snat_exhausted",
     /// Translated on an uplink and sent from XDP out of another device.
     EV_XDP_REDIRECT => "xdp_redirect",
@@ -111,6 +113,11 @@ datapath_events! {
     /// tracked here (its first fragment reordered after it, or refused): dropped
     /// rather than let out of the node untranslated.
     EV_FRAGMENT_DROPPED => "fragment_dropped",
+    /// A new flow's reply tuple was another live flow's (one client port to two
+    /// services with one backend, or two clients behind one masquerade address):
+    /// the client's port was remapped for the backend, as netfilter's NAT remaps a
+    /// clashing tuple, rather than the other flow's replies taken over.
+    EV_REPLY_PORT_REMAPPED => "reply_port_remapped",
 }
 
 /// Events defined.

@@ -1,19 +1,10 @@
 //! Conntrack: look-ups, state changes (`Transport::next`), and the parts of recording
-//! a new flow that touch more than its own entry (masquerade ports, a race lost to
-//! another CPU). A new flow's entries and first state are built by `proxy_common`
-//! (`Transport::opening`, `CtEntry::original`, `CtEntry::reply_to`,
-//! `CtEntry::encapsulated`, `CtKey::peer`); `translate::open_flow` decides
-//! masquerading and inserts them.
-//!
-//! Why the two inserts are not a function here, tried again with LLVM 22 / bpf-linker
-//! 0.13 (an `open(key, &mut forward, masquerade) -> Opened` with a shared
-//! insert-if-absent): with the masquerade decided after the entries are built, as
-//! now, the programs' frames grew from 472 to 496–504 bytes, past the verifier's
-//! 512-byte limit for the call chain through the least-connection scan ("combined
-//! stack size of 3 calls is 528"); decided before, or with `open` not inlined,
-//! bpf-linker crashed (SIGSEGV in post-RA pseudo-instruction expansion). Moving the
-//! large entries to a per-CPU scratch map would free the stack; that belongs with the
-//! IPv6 data path, which needs the room anyway.
+//! a new flow that touch more than its own entry: its reply tuple (remapped when
+//! another flow holds it, `claim_reply_tuple`) and a race lost to another CPU. A new
+//! flow's entries and first state are built by `proxy_common` (`Transport::opening`,
+//! `CtEntry::original`, `CtEntry::reply_to`, `CtEntry::encapsulated`, `CtKey::peer`)
+//! in `PACKET_SCRATCH`, off the stack; `translate::open_flow` decides masquerading
+//! and inserts them.
 //!
 //! Races, written down because several CPUs may be in here at once for one flow:
 //! - Look-ups copy the entry; the only in-place writes are `state`, `flags` and
@@ -35,13 +26,13 @@
 //!   so each transition is counted exactly once.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use proxy_common::{
     ct_timeout_kind, Addr, CtEntry, CtKey, Family, ACCT_ACTIVE, ACCT_INACTIVE, CONFIG_SNAT_ADDR, CONFIG_SNAT_ADDR6,
-    CT_CLOSING, CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_REFRESH_NS, CT_SYN_SENT,
-    EV_CT_RACE_LOST,
+    CT_CLOSING, CT_ESTABLISHED, CT_F_ENCAP, CT_F_FIN, CT_F_REPLY, CT_F_REWRITE_DST, CT_REFRESH_NS,
+    CT_SYN_SENT, EV_CT_INSERT_FAILED, EV_CT_RACE_LOST, EV_REPLY_PORT_REMAPPED,
 };
 
 use crate::{
@@ -50,6 +41,9 @@ use crate::{
     parse::Flow,
     settings,
 };
+
+/// `bpf_map_update_elem`'s answer to `BPF_NOEXIST` when the key is there.
+pub const EEXIST: i32 = -17;
 
 /// Idle timeout of an entry, in nanoseconds (an untracked protocol's: 0, stale).
 #[inline(always)]
@@ -165,10 +159,10 @@ fn peer_has_fin(key: &CtKey, entry: &CtEntry) -> bool {
     unsafe { CONNTRACK.get(key.peer(entry)) }.is_some_and(|peer| peer.flags & CT_F_FIN != 0)
 }
 
-/// Ports tried for a masqueraded flow before giving up: the client's own port, then
-/// hash-derived ones.
-const SNAT_ATTEMPTS: u32 = 8;
-const SNAT_PORT_MIN: u32 = 1024;
+/// Ports tried for a new flow's reply tuple before giving up: the client's own port,
+/// then hash-derived ones.
+const REPLY_PORT_ATTEMPTS: u32 = 8;
+const REMAP_PORT_MIN: u32 = 1024;
 
 /// The node's masquerade address of a flow's family (`None` when the node has none of
 /// that family).
@@ -187,24 +181,47 @@ pub fn snat_address(family: u8) -> Option<Addr> {
     }
 }
 
-/// Claims a masquerade port by inserting the reply entry if absent: the client's own
-/// port when free (the common case, and what keeps a flow's tuple recognisable), else
-/// a few hash-derived ones. Bounded, so a crowded node drops instead of looping.
+/// Claims a new flow's reply tuple (backend -> client, or -> masquerade address) by
+/// inserting its reply entry there, and returns the client port the backend will see.
+/// The client's own port when the tuple is free (the common case, and what keeps a
+/// flow recognisable) or already this flow's (its original entry was lost and it is
+/// picked up again). When another flow holds it (one client port to two services with
+/// one backend, or two clients behind one masquerade address), the client's port is
+/// remapped to a hash-derived free one, as netfilter's NAT does for a clashing tuple:
+/// overwriting the other flow's reply entry would hand its replies to this flow.
+/// Bounded, so a crowded node drops instead of looping.
+// The entries by reference: see `translate::open_flow`.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
-pub fn reserve_snat_port(reply_key: &mut CtKey, reply: &CtEntry, original: &CtKey) -> Option<u16> {
+pub fn claim_reply_tuple(reply_key: &mut CtKey, reply: &mut CtEntry, original: &CtKey) -> Option<u16> {
+    match CONNTRACK.insert(&*reply_key, &*reply, u64::from(BPF_NOEXIST)) {
+        Ok(()) => return Some(original.sport),
+        Err(EEXIST) => {}
+        Err(_) => {
+            // Not a clash: the table refused (full beyond LRU eviction). The packet is
+            // translated anyway; its replies go untranslated, as before.
+            counters::event(EV_CT_INSERT_FAILED);
+            return Some(original.sport);
+        }
+    }
+    // SAFETY: copied out at once.
+    let held_by = unsafe { CONNTRACK.get(&*reply_key) }.map(|held| reply_key.peer(held));
+    if held_by == Some(*original) {
+        let _ = CONNTRACK.insert(&*reply_key, &*reply, u64::from(BPF_ANY));
+        return Some(original.sport);
+    }
+    // The backend answers to the remapped port; the reply entry maps it back.
+    reply.flags |= CT_F_REWRITE_DST;
     let hash = proxy_common::flow_hash(original);
-    for attempt in 0..SNAT_ATTEMPTS {
-        let port = if attempt == 0 {
-            original.sport
-        } else {
-            let mixed = hash ^ attempt.wrapping_mul(0x9e37_79b9);
-            ((SNAT_PORT_MIN + mixed % (65_536 - SNAT_PORT_MIN)) as u16).to_be()
-        };
+    for attempt in 1..REPLY_PORT_ATTEMPTS {
+        let mixed = hash ^ attempt.wrapping_mul(0x9e37_79b9);
+        let port = ((REMAP_PORT_MIN + mixed % (65_536 - REMAP_PORT_MIN)) as u16).to_be();
         reply_key.dport = port;
         if CONNTRACK
-            .insert(*reply_key, reply, u64::from(BPF_NOEXIST))
+            .insert(&*reply_key, &*reply, u64::from(BPF_NOEXIST))
             .is_ok()
         {
+            counters::event(EV_REPLY_PORT_REMAPPED);
             return Some(port);
         }
     }

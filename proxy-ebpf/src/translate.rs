@@ -2,7 +2,7 @@
 //! flow, or open a new one (schedule, record both directions, rewrite).
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     programs::XdpContext,
 };
 use proxy_common::{
@@ -20,7 +20,7 @@ use proxy_common::{
 use crate::{
     accounting, affinity,
     balancer::{self, Choice},
-    conntrack::{self, Lookup},
+    conntrack::{self, Lookup, EEXIST},
     counters::{self, Direction},
     fragments, headers, icmp, icmp6,
     maps::CONNTRACK,
@@ -94,8 +94,6 @@ impl Verdict {
         }
     }
 }
-
-const EEXIST: i32 = -17;
 
 #[inline(always)]
 pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
@@ -480,19 +478,17 @@ fn open_flow<P: Packet>(
         };
         reply_key.dst = snat_addr;
         reply.flags |= CT_F_REWRITE_DST | CT_F_SNAT;
-        let Some(port) = conntrack::reserve_snat_port(reply_key, reply, key) else {
-            counters::event(EV_SNAT_EXHAUSTED);
-            return Verdict::DROP;
-        };
         // The masquerade address is the node's first address (see `program_node`).
         forward.flags |= CT_F_REWRITE_SRC | CT_F_SNAT | CT_F_NODE_SOURCE;
         forward.nat_src = snat_addr;
+    }
+    let Some(port) = conntrack::claim_reply_tuple(reply_key, reply, key) else {
+        counters::event(EV_SNAT_EXHAUSTED);
+        return Verdict::DROP;
+    };
+    if port != key.sport {
+        forward.flags |= CT_F_REWRITE_SRC;
         forward.nat_sport = port;
-    } else if CONNTRACK
-        .insert(&*reply_key, &*reply, u64::from(BPF_ANY))
-        .is_err()
-    {
-        counters::event(EV_CT_INSERT_FAILED);
     }
 
     // Only the client's direction announces related flows.

@@ -295,6 +295,11 @@ impl HttpConnection {
         })
         .join()
         .map_err(|_| anyhow::anyhow!("connect thread panicked"))??;
+        HttpConnection::over(connected)
+    }
+
+    /// A connection over a stream the caller connected (from a port of its choice).
+    pub fn over(connected: TcpStream) -> Result<HttpConnection> {
         connected.set_read_timeout(Some(Duration::from_secs(5)))?;
         connected.set_nodelay(true)?;
         let reader = BufReader::new(connected.try_clone()?);

@@ -22,6 +22,17 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// Runs `body` on a thread inside `ns` (sockets it opens are the namespace's).
+pub fn inside<T: Send + 'static>(ns: &Netns, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        enter_current_thread(&path).expect("enter the namespace");
+        body()
+    })
+    .join()
+    .expect("thread inside the namespace")
+}
+
 /// Runs `body` on a thread inside `ns` with a raw IPv4 socket of `protocol`, which is
 /// closed afterwards.
 fn with_raw_socket<T: Send + 'static>(
@@ -29,9 +40,7 @@ fn with_raw_socket<T: Send + 'static>(
     protocol: libc::c_int,
     body: impl FnOnce(libc::c_int) -> T + Send + 'static,
 ) -> T {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        enter_current_thread(&path).expect("enter the namespace");
+    inside(ns, move || {
         // SAFETY: a raw socket this thread owns and closes.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, protocol) };
         assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
@@ -40,8 +49,6 @@ fn with_raw_socket<T: Send + 'static>(
         unsafe { libc::close(fd) };
         result
     })
-    .join()
-    .expect("raw socket thread")
 }
 
 /// Sends `packet` (an IP packet, or an ICMP message for an ICMP socket) to `to`;
