@@ -53,6 +53,12 @@ pub const PROTO_ICMPV6: u8 = 58;
 pub const IPV6_PROGRAM: u32 = 0;
 pub const IPV6_SCTP_PROGRAM: u32 = 1;
 pub const IPV6_PROGRAMS: u32 = 2;
+/// IPv6's programs added since, in the arrays `UPLINK_IPV6_MORE` and `POD_IPV6_MORE`
+/// (the first two arrays cannot grow: see proxy-ebpf's `maps`): ICMPv6, which
+/// `IPV6_PROGRAM` tail-calls (its errors' translation did not fit that program's
+/// stack), and room for more without another array.
+pub const IPV6_ICMP_PROGRAM: u32 = 0;
+pub const IPV6_MORE_PROGRAMS: u32 = 4;
 
 /// An address family, as keys carry it in a `family` byte (`Family::number`).
 ///

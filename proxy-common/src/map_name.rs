@@ -31,9 +31,11 @@ pub const UPLINK_TRANSPORTS: &str = "UPLINK_TRANSPORTS";
 pub const POD_TRANSPORTS: &str = "POD_TRANSPORTS";
 pub const UPLINK_IPV6: &str = "UPLINK_IPV6";
 pub const POD_IPV6: &str = "POD_IPV6";
+pub const UPLINK_IPV6_MORE: &str = "UPLINK_IPV6_MORE";
+pub const POD_IPV6_MORE: &str = "POD_IPV6_MORE";
 
 /// Every map of the data path's object.
-pub const ALL: [&str; 27] = [
+pub const ALL: [&str; 29] = [
     SERVICES,
     BACKEND_SLOTS,
     RR_CURSORS,
@@ -61,6 +63,8 @@ pub const ALL: [&str; 27] = [
     POD_TRANSPORTS,
     UPLINK_IPV6,
     POD_IPV6,
+    UPLINK_IPV6_MORE,
+    POD_IPV6_MORE,
 ];
 
 /// The bench wrapper's own maps: the program it tail-calls, the frame it restores,

@@ -89,18 +89,28 @@ pub fn uplink_ingress_sctp6(ctx: XdpContext) -> u32 {
     uplink_action::<true>(&ctx, verdict)
 }
 
-/// What becomes of an uplink packet. IPv6's programs (`IPV6`) never encapsulate and
-/// drop what IPv4's refuse with ICMP: ICMPv6 refusals are not built yet.
+/// ICMPv6 from the uplinks, tail-called by `uplink_ingress_v6`: errors about our flows
+/// translated back, refusals (`icmp6`).
+#[xdp]
+#[inline(always)]
+pub fn uplink_ingress_icmp6(ctx: XdpContext) -> u32 {
+    let verdict = icmp6::handle(&Ipv6Packet(&XdpPacket(&ctx)), Origin::External);
+    uplink_action::<true>(&ctx, verdict)
+}
+
+/// What becomes of an uplink packet. IPv6's programs (`IPV6`) never encapsulate, and
+/// refuse with ICMPv6.
 #[inline(always)]
 fn uplink_action<const IPV6: bool>(ctx: &XdpContext, verdict: Verdict) -> u32 {
     match verdict.action {
-        Action::Encapsulate | Action::Refuse if IPV6 => xdp_action::XDP_DROP,
+        Action::Encapsulate if IPV6 => xdp_action::XDP_DROP,
         Action::Encapsulate => tunnel::transmit(ctx, &verdict.tuple, verdict.ip_len),
         Action::Translated if forward::xdp_redirect_enabled() => {
             forward::xdp_transmit(ctx, &verdict.tuple, verdict.ip_len)
         }
         Action::Pass | Action::Translated => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
+        Action::Refuse if IPV6 => icmp6::refuse_xdp(ctx),
         Action::Refuse => icmp::refuse_xdp(ctx),
     }
 }
@@ -147,24 +157,32 @@ pub fn pod_ingress_sctp6(ctx: TcContext) -> i32 {
     pod_action::<true>(&ctx, verdict)
 }
 
+/// ICMPv6 from pods, tail-called by `pod_ingress_v6`.
+#[classifier]
+#[inline(always)]
+pub fn pod_ingress_icmp6(ctx: TcContext) -> i32 {
+    let verdict = icmp6::handle(&Ipv6Packet(&TcPacket(&ctx)), Origin::Pod);
+    pod_action::<true>(&ctx, verdict)
+}
+
 /// What becomes of a pod's packet (`IPV6`: see `uplink_action`).
 #[inline(always)]
 fn pod_action<const IPV6: bool>(ctx: &TcContext, verdict: Verdict) -> i32 {
     match verdict.action {
-        Action::Refuse if IPV6 => TC_ACT_SHOT,
         Action::Translated if verdict.node_source => {
             forward::redirect_to_egress(ctx, &verdict.tuple, verdict.ip_len)
         }
         Action::Pass | Action::Translated => TC_ACT_OK,
+        Action::Refuse if IPV6 => icmp6::refuse_tc(ctx, Sender::Pod),
         Action::Refuse => icmp::refuse_tc(ctx, Sender::Pod),
         // Pod traffic is never direct-return (only external flows are).
         Action::Drop | Action::Encapsulate => TC_ACT_SHOT,
     }
 }
 
-/// Egress of uplinks and pod interfaces: an ICMP error the node itself sends about a
-/// packet it forwarded after translation (fragmentation needed where the next hop's
-/// MTU is smaller, time exceeded) quotes the translated tuple; it is translated back
+/// Egress of uplinks and pod interfaces: an ICMP or ICMPv6 error the node itself sends
+/// about a packet it forwarded after translation (fragmentation needed or packet too
+/// big where the next hop's MTU is smaller, time exceeded) quotes the translated tuple; it is translated back
 /// here, so that the client recognises its own packet and path-MTU discovery works
 /// through every path. A ping of a service address from the node's own processes
 /// (which no socket hook sees: ICMP sockets have none) is refused back into the node,
@@ -173,7 +191,15 @@ fn pod_action<const IPV6: bool>(ctx: &TcContext, verdict: Verdict) -> i32 {
 #[classifier]
 pub fn node_egress(ctx: TcContext) -> i32 {
     // The node is refused as a pod is: any service address but its own.
-    match icmp::handle(&TcPacket(&ctx), Origin::Pod).action {
+    let pkt = TcPacket(&ctx);
+    if parse::is_ipv6(&pkt) {
+        return match icmp6::handle(&Ipv6Packet(&pkt), Origin::Pod).action {
+            Action::Drop => TC_ACT_SHOT,
+            Action::Refuse => icmp6::refuse_tc(&ctx, Sender::Node),
+            _ => TC_ACT_OK,
+        };
+    }
+    match icmp::handle(&pkt, Origin::Pod).action {
         Action::Drop => TC_ACT_SHOT,
         Action::Refuse => icmp::refuse_tc(&ctx, Sender::Node),
         _ => TC_ACT_OK,

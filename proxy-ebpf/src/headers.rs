@@ -26,7 +26,12 @@ pub const ICMP_FRAG_NEEDED: u8 = 4;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 /// ICMP echo request (ping).
 pub const ICMP_ECHO_REQUEST: u8 = 8;
-/// ICMPv6 echo request.
+/// ICMPv6 (RFC 4443): the errors (destination unreachable and its port-unreachable
+/// code, packet too big, time exceeded) and echo request.
+pub const ICMPV6_UNREACHABLE: u8 = 1;
+pub const ICMPV6_PORT_UNREACHABLE: u8 = 4;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
 pub const ICMPV6_ECHO_REQUEST: u8 = 128;
 
 /// The fixed IPv6 header's length, and its fields' offsets.

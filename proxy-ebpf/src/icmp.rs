@@ -138,26 +138,43 @@ fn translate_parsed_error<P: Packet>(pkt: &P, ip: *const Ipv4Hdr, icmp: *const [
     let Some(error) = parse_error(pkt, ip, icmp) else {
         return Verdict::PASS;
     };
-    let quoted = error.quoted;
-    // The error goes to the quoted packet's sender, or it is none of our business.
-    if error.outer_dst != quoted.src {
+    let outer = (&error.outer_src, &error.outer_dst);
+    let Some((sent, outer_src)) = translation(outer, &error.quoted) else {
         return Verdict::PASS;
-    }
-    let own_key = quoted.reversed();
-    // SAFETY: copied out at once.
-    let Some(entry) = (unsafe { CONNTRACK.get(own_key) }).copied() else {
-        return Verdict::PASS;
-    };
-    // What the receiver sent, before our translation.
-    let sent = own_key.rewritten(&entry).reversed();
-    let outer_src = if error.outer_src == quoted.dst {
-        sent.dst
-    } else {
-        error.outer_src
     };
     if rewrite(pkt, &error, &sent, outer_src).is_err() {
         return Verdict::DROP;
     }
+    translated(&sent, outer_src, error.ip_len, PROTO_ICMP)
+}
+
+/// How an ICMP or ICMPv6 error (`icmp6`) from `outer` (source, destination) about
+/// the `quoted` tuple, as it travelled, is translated when it is about one of our
+/// flows: to quote the tuple its receiver sent before our translation (returned
+/// first), and to come from the service's address when the translated-to host sent
+/// it (its new source, second). `None`: not ours, it passes.
+#[inline(always)]
+pub fn translation((outer_src, outer_dst): (&Addr, &Addr), quoted: &CtKey) -> Option<(CtKey, Addr)> {
+    // The error goes to the quoted packet's sender, or it is none of our business.
+    if *outer_dst != quoted.src {
+        return None;
+    }
+    let own_key = quoted.reversed();
+    // SAFETY: copied out at once.
+    let entry = (unsafe { CONNTRACK.get(own_key) }).copied()?;
+    let sent = own_key.rewritten(&entry).reversed();
+    let new_src = if *outer_src == quoted.dst {
+        sent.dst
+    } else {
+        *outer_src
+    };
+    Some((sent, new_src))
+}
+
+/// The verdict of an error rewritten as `translation` said: an ICMP (`proto`) packet
+/// from `outer_src` to the sender of `sent`.
+#[inline(always)]
+pub fn translated(sent: &CtKey, outer_src: Addr, ip_len: u16, proto: u8) -> Verdict {
     counters::event(EV_ICMP_TRANSLATED);
     Verdict {
         action: Action::Translated,
@@ -166,12 +183,12 @@ fn translate_parsed_error<P: Packet>(pkt: &P, ip: *const Ipv4Hdr, icmp: *const [
             dst: sent.src,
             sport: 0,
             dport: 0,
-            proto: PROTO_ICMP,
-            family: V4,
+            proto,
+            family: sent.family,
             _pad: [0; 2],
         },
-        ip_len: error.ip_len,
-        node_source: balancer::is_node_address(V4, &outer_src),
+        ip_len,
+        node_source: balancer::is_node_address(sent.family, &outer_src),
     }
 }
 
@@ -265,17 +282,10 @@ pub fn within_rate() -> bool {
 /// A refusal: Ethernet, IP, ICMP header, and the quoted IP header with 8 bytes.
 const REFUSAL_LEN: usize = ETH_LEN + 20 + 8 + 28;
 
-/// Turns the packet into its refusal in place, within the ICMP rate (XDP memory is
-/// the packet's: no frame on the stack) and hands it to the kernel, which routes it
-/// to the client (as
-/// `tunnel`'s fragmentation-needed): XDP_TX would send it back to the previous hop,
-/// but a veth peer without XDP or GRO drops what it gets that way.
+/// Turns the packet into its refusal in place, within the ICMP rate, and hands it to
+/// the kernel (`refuse_xdp_as`).
 #[inline(always)]
 pub fn refuse_xdp(ctx: &XdpContext) -> u32 {
-    const QUOTE: usize = 28;
-    if !within_rate() {
-        return xdp_action::XDP_DROP;
-    }
     // A header with options is not quoted (the quote is a fixed 28 bytes): dropped,
     // before the frame is touched.
     let options = XdpPacket(ctx)
@@ -285,31 +295,66 @@ pub fn refuse_xdp(ctx: &XdpContext) -> u32 {
     if options {
         return xdp_action::XDP_DROP;
     }
+    refuse_xdp_as::<REFUSAL_LEN, 28>(ctx, write_refusal_headers)
+}
+
+/// Turns an XDP frame into an ICMP error about it, in place (XDP memory is the
+/// packet's: no frame on the stack), within the ICMP rate: the frame becomes `N`
+/// bytes (grown with zeros or cut), the first `QUOTE` bytes after its Ethernet header
+/// move to its end as the quote, and `write_headers` fills what lies between. Then
+/// it goes to the kernel, which routes it to the client (as `tunnel`'s
+/// fragmentation-needed): XDP_TX would send it back to the previous hop, but a veth
+/// peer without XDP or GRO drops what it gets that way. IPv4's refusal and IPv6's
+/// (`icmp6`).
+#[inline(always)]
+pub fn refuse_xdp_as<const N: usize, const QUOTE: usize>(
+    ctx: &XdpContext,
+    write_headers: impl FnOnce(&mut [u8; N]),
+) -> u32 {
+    if !within_rate() {
+        return xdp_action::XDP_DROP;
+    }
     let len = (ctx.data_end() - ctx.data()) as i32;
-    // Room for the whole refusal first; what lies beyond it goes last.
-    let grow = REFUSAL_LEN as i32 - len;
+    // Room for the whole error first; what lies beyond it goes last.
+    let grow = N as i32 - len;
     // SAFETY: helper on the program's own context.
     if grow > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, grow) } != 0 {
         return xdp_action::XDP_DROP;
     }
-    let pkt = XdpPacket(ctx);
-    let Some(frame) = pkt.ptr_at::<[u8; REFUSAL_LEN]>(0) else {
-        return xdp_action::XDP_DROP;
+    // The frame's bounds read afresh (volatile): LLVM otherwise reuses, on the path
+    // that did not adjust the tail, the end it read for `len`, as a 32-bit value the
+    // verifier no longer takes for the packet's end.
+    // SAFETY: reading the context's own fields.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&raw const (*ctx.ctx).data_end) as usize,
+        )
     };
-    // SAFETY: the whole refusal is bounds-checked; the quoted bytes move to after
-    // the new headers (14..42 to 42..70: no overlap).
+    if start + N > end {
+        return xdp_action::XDP_DROP;
+    }
+    let frame = start as *mut [u8; N];
+    // SAFETY: the whole error is bounds-checked.
     unsafe {
         let frame = &mut *frame;
-        let mut quoted = [0u8; QUOTE];
-        quoted.copy_from_slice(&frame[ETH_LEN..QUOTED_OFF]);
-        frame[QUOTED_OFF..].copy_from_slice(&quoted);
-        write_refusal_headers(frame);
+        move_quote::<N, QUOTE>(frame);
+        write_headers(frame);
     }
     // SAFETY: as above; the frame only shrinks.
     if grow < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, grow) } != 0 {
         return xdp_action::XDP_DROP;
     }
     xdp_action::XDP_PASS
+}
+
+/// Moves the `QUOTE` bytes after the Ethernet header to the frame's end, through a
+/// copy (the two ranges overlap when the quote is longer than the headers before it).
+#[inline(always)]
+fn move_quote<const N: usize, const QUOTE: usize>(frame: &mut [u8; N]) {
+    let mut quoted = [0u8; QUOTE];
+    quoted.copy_from_slice(&frame[ETH_LEN..ETH_LEN + QUOTE]);
+    frame[N - QUOTE..].copy_from_slice(&quoted);
 }
 
 /// The IP and ICMP headers of an ICMP error (destination unreachable with `code`,
@@ -373,11 +418,13 @@ fn swap_macs<const N: usize>(frame: &mut [u8; N]) {
     frame[6..12].copy_from_slice(&mac);
 }
 
-/// A refusal from tc quotes 64 bytes of the refused packet (its IP header and 44
-/// bytes: RFC 1812 allows more than RFC 792's 8), zero-padded when it is shorter: the
-/// kernel will not cut an skb short of a checksum field a local socket left to
-/// offload (TCP: offset 36 of the IP packet), so the quote must reach past it.
-const TC_REFUSAL_LEN: usize = QUOTED_OFF + 64;
+/// An error built by tc quotes 64 bytes of the refused packet (for IPv4 its IP header
+/// and 44 bytes: RFC 1812 allows more than RFC 792's 8; for IPv6 its header and 24),
+/// zero-padded when it is shorter: the kernel will not cut an skb short of a
+/// checksum field a local socket left to offload (TCP over IPv4: offset 36 of the IP
+/// packet; over IPv6: 56), so the quote must reach past it.
+pub const TC_QUOTE: usize = 64;
+const TC_REFUSAL_LEN: usize = QUOTED_OFF + TC_QUOTE;
 
 /// Where a refusal built by a tc program goes: back to whoever sent the packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -391,35 +438,50 @@ pub enum Sender {
 }
 
 /// Turns the packet into its refusal in place and sends it back to its `sender`,
-/// within the ICMP rate.
-/// Room for the new headers is made between the Ethernet and IP headers, which leaves
-/// the quote where it belongs; no frame on the stack (the pod program's is nearly
-/// full). The MAC addresses are swapped, so that a refusal entering the node's stack
-/// is addressed to the interface's own.
+/// within the ICMP rate (`refuse_tc_as`).
 #[inline(always)]
 pub fn refuse_tc(ctx: &TcContext, sender: Sender) -> i32 {
-    const ROOM: i32 = (QUOTED_OFF - ETH_LEN) as i32;
     let options = TcPacket(ctx)
         .ptr_at::<u8>(ETH_LEN)
         // SAFETY: bounds-checked.
         .is_none_or(|vihl| unsafe { *vihl } != 0x45);
-    if options
-        || !within_rate()
-        || ctx.adjust_room(ROOM, BPF_ADJ_ROOM_MAC, 0).is_err()
+    if options {
+        return TC_ACT_SHOT;
+    }
+    refuse_tc_as::<TC_REFUSAL_LEN>(ctx, sender, write_refusal_headers)
+}
+
+/// Turns an skb into an ICMP error about it, in place, and sends it back to its
+/// `sender`, within the ICMP rate: room for the new headers is made between the
+/// Ethernet and IP headers, which leaves the quote where it belongs, and the packet
+/// becomes `N` bytes (cut, or zero-padded); `write_headers` fills the headers. No
+/// frame on the stack (the pod program's is nearly full). The MAC addresses are
+/// swapped, so that an error entering the node's stack is addressed to the
+/// interface's own. IPv4's refusal and IPv6's (`icmp6`).
+#[inline(always)]
+pub fn refuse_tc_as<const N: usize>(
+    ctx: &TcContext,
+    sender: Sender,
+    write_headers: impl FnOnce(&mut [u8; N]),
+) -> i32 {
+    // The headers inserted: everything before the quote but the Ethernet header.
+    let room = (N - ETH_LEN) as i32 - TC_QUOTE as i32;
+    if !within_rate()
+        || ctx.adjust_room(room, BPF_ADJ_ROOM_MAC, 0).is_err()
         // SAFETY: helper on the program's own context.
-        || unsafe { bpf_skb_change_tail(ctx.skb.skb, TC_REFUSAL_LEN as u32, 0) } != 0
-        || ctx.pull_data(TC_REFUSAL_LEN as u32).is_err()
+        || unsafe { bpf_skb_change_tail(ctx.skb.skb, N as u32, 0) } != 0
+        || ctx.pull_data(N as u32).is_err()
     {
         return TC_ACT_SHOT;
     }
-    let Some(frame) = TcPacket(ctx).ptr_at::<[u8; TC_REFUSAL_LEN]>(0) else {
+    let Some(frame) = TcPacket(ctx).ptr_at::<[u8; N]>(0) else {
         return TC_ACT_SHOT;
     };
     // SAFETY: bounds-checked, linear packet memory the program may write.
     unsafe {
         let frame = &mut *frame;
         swap_macs(frame);
-        write_refusal_headers(frame);
+        write_headers(frame);
     }
     // SAFETY: reading the context's own field.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };

@@ -12,7 +12,7 @@ use proxy_common::{
     AddrKey, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
     CtKey, ExpectKey, Expectation, FragmentKey, FragmentPorts, NodeAddrFlags, ServiceKey,
     ServiceName, ServiceValue, SockKey, SockNat, SourceRangeKey, TrafficStats, AFFINITY_ENTRIES,
-    CONFIG_LEN, CONNTRACK_ENTRIES, IPV6_PROGRAMS, EV_CAPACITY, EXPECTATION_ENTRIES, FRAGMENT_ENTRIES,
+    CONFIG_LEN, CONNTRACK_ENTRIES, IPV6_PROGRAMS, IPV6_MORE_PROGRAMS, EV_CAPACITY, EXPECTATION_ENTRIES, FRAGMENT_ENTRIES,
     MAX_BACKENDS, MAX_SERVICES, SCHED_TABLE_CAPACITY, SOCK_ENTRIES, SOURCE_RANGE_ENTRIES,
 };
 
@@ -34,6 +34,11 @@ pub static POD_TRANSPORTS: ProgramArray = ProgramArray::pinned(1, 0);
 pub static UPLINK_IPV6: ProgramArray = ProgramArray::pinned(IPV6_PROGRAMS, 0);
 #[map]
 pub static POD_IPV6: ProgramArray = ProgramArray::pinned(IPV6_PROGRAMS, 0);
+/// IPv6's programs added after those two (`IPV6_ICMP_PROGRAM`), with room to spare.
+#[map]
+pub static UPLINK_IPV6_MORE: ProgramArray = ProgramArray::pinned(IPV6_MORE_PROGRAMS, 0);
+#[map]
+pub static POD_IPV6_MORE: ProgramArray = ProgramArray::pinned(IPV6_MORE_PROGRAMS, 0);
 
 /// Frontends by (address, port, protocol, scope). Written by the agent.
 #[map]

@@ -11,12 +11,16 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::{TcContext, XdpContext},
 };
-use proxy_common::{sctp, Addr, IPV6_PROGRAM, IPV6_SCTP_PROGRAM, PROTO_UDP, SCTP_PROGRAM};
+use proxy_common::{
+    sctp, Addr, IPV6_ICMP_PROGRAM, IPV6_PROGRAM, IPV6_SCTP_PROGRAM, PROTO_UDP, SCTP_PROGRAM,
+};
 
 use crate::{
     checksum,
     headers::{IPV6_DST, IPV6_SRC},
-    maps::{POD_IPV6, POD_TRANSPORTS, UPLINK_IPV6, UPLINK_TRANSPORTS},
+    maps::{
+        POD_IPV6, POD_IPV6_MORE, POD_TRANSPORTS, UPLINK_IPV6, UPLINK_IPV6_MORE, UPLINK_TRANSPORTS,
+    },
     parse::Flow,
 };
 
@@ -77,16 +81,20 @@ pub enum Program {
     Ipv6,
     /// SCTP over IPv6.
     Ipv6Sctp,
+    /// ICMPv6.
+    Ipv6Icmp,
 }
 
 impl Program {
-    /// The program's slot in its array (`*_TRANSPORTS` for `Sctp`, `*_IPV6` else).
+    /// The program's slot in its array (`*_TRANSPORTS` for `Sctp`, `*_IPV6_MORE` for
+    /// `Ipv6Icmp`, `*_IPV6` else).
     #[inline(always)]
     fn slot(self) -> u32 {
         match self {
             Program::Sctp => SCTP_PROGRAM,
             Program::Ipv6 => IPV6_PROGRAM,
             Program::Ipv6Sctp => IPV6_SCTP_PROGRAM,
+            Program::Ipv6Icmp => IPV6_ICMP_PROGRAM,
         }
     }
 }
@@ -280,6 +288,7 @@ impl Packet for XdpPacket<'_> {
         let array = match program {
             Program::Sctp => &UPLINK_TRANSPORTS,
             Program::Ipv6 | Program::Ipv6Sctp => &UPLINK_IPV6,
+            Program::Ipv6Icmp => &UPLINK_IPV6_MORE,
         };
         // SAFETY: a tail call with the program's own context.
         unsafe { array.tail_call(self.0, program.slot()) };
@@ -399,6 +408,7 @@ impl Packet for TcPacket<'_> {
         let array = match program {
             Program::Sctp => &POD_TRANSPORTS,
             Program::Ipv6 | Program::Ipv6Sctp => &POD_IPV6,
+            Program::Ipv6Icmp => &POD_IPV6_MORE,
         };
         // SAFETY: a tail call with the program's own context.
         unsafe { array.tail_call(self.0, program.slot()) };

@@ -94,6 +94,12 @@ fn ether_type<P: Packet>(pkt: &P) -> Result<u16, Skip> {
     Ok(unsafe { (*eth).ether_type })
 }
 
+/// Whether the frame carries IPv6.
+#[inline(always)]
+pub fn is_ipv6<P: Packet>(pkt: &P) -> bool {
+    ether_type(pkt).is_ok_and(|ether_type| ether_type == EtherType::Ipv6 as u16)
+}
+
 /// Parses the IPv4 packet at `ip_off` of an Ethernet frame (`ETH_LEN`, or past an
 /// outer IPIP header to look at the inner packet).
 #[inline(always)]

@@ -22,7 +22,7 @@ use crate::{
     balancer::{self, Choice},
     conntrack::{self, Lookup, EEXIST},
     counters::{self, Direction},
-    fragments, headers, icmp, icmp6,
+    fragments, headers, icmp,
     maps::CONNTRACK,
     packet::{Packet, Program, Side, XdpPacket, ETH_LEN},
     parse::{self, Flow, Skip},
@@ -215,16 +215,20 @@ fn at_service_address(origin: Origin, family: u8, dst: &Addr) -> bool {
 
 /// A packet that is neither TCP, UDP nor SCTP (or an SCTP first fragment): ICMP is
 /// `icmp`'s (an error about one of our flows is translated back, a ping follows the
-/// rule above), ICMPv6 `icmp6`'s; every other protocol (GRE, ESP, IPIP not for us…)
+/// rule above), ICMPv6 `icmp6`'s program's; every other protocol (GRE, ESP, IPIP not for us…)
 /// follows the rule above.
 #[inline(always)]
 fn other_protocol<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     let Some((proto, dst)) = parse::protocol_and_destination(pkt) else {
         return Verdict::PASS;
     };
-    if P::IPV6 {
+    // SCTP's programs see no ICMP (only SCTP reaches them): compiled out.
+    if P::SCTP {
+    } else if P::IPV6 {
         if proto == PROTO_ICMPV6 {
-            return icmp6::handle(pkt, origin);
+            // ICMPv6 has a program of its own (`icmp6`); without it, it passes.
+            pkt.hand_over(Program::Ipv6Icmp);
+            return Verdict::PASS;
         }
     } else if proto == headers::PROTO_ICMP {
         return icmp::handle(pkt, origin);

@@ -398,7 +398,7 @@ fn dual_stack(node_ips: Option<&[IpAddr]>) -> Coverage {
         ),
         Some(ips) if ips.iter().any(IpAddr::is_ipv6) && ips.iter().any(IpAddr::is_ipv4) => (
             true,
-            "both families; IPv6 has no dsr-ipip and no ICMPv6 errors yet (README)".to_owned(),
+            "both families; IPv6 has no dsr-ipip yet (README)".to_owned(),
         ),
         Some(ips) => (
             false,

@@ -16,9 +16,9 @@ use aya::{
 };
 
 use super::{
-    generation::Generation, IPV6_PROGRAMS, PROG_EGRESS, PROG_POD, PROG_POD_SCTP, PROG_POD_SCTP6,
-    PROG_POD_V6, PROG_SOCK_HOOKS, PROG_UPLINK, PROG_UPLINK_SCTP, PROG_UPLINK_SCTP6, PROG_UPLINK_V6,
-    TAIL_CALLED,
+    generation::Generation, IPV6_PROGRAMS, PROG_EGRESS, PROG_POD, PROG_POD_ICMP6, PROG_POD_SCTP,
+    PROG_POD_SCTP6, PROG_POD_V6, PROG_SOCK_HOOKS, PROG_UPLINK, PROG_UPLINK_ICMP6, PROG_UPLINK_SCTP,
+    PROG_UPLINK_SCTP6, PROG_UPLINK_V6, TAIL_CALLED,
 };
 use proxy_common::{map_name, LoadSettings, SETTINGS_GLOBAL};
 
@@ -170,6 +170,7 @@ impl Datapath {
             (PROG_UPLINK_SCTP, "the XDP program for SCTP"),
             (PROG_UPLINK_V6, "the XDP program for IPv6"),
             (PROG_UPLINK_SCTP6, "the XDP program for SCTP over IPv6"),
+            (PROG_UPLINK_ICMP6, "the XDP program for ICMPv6"),
         ]
         .into_iter()
         .filter(|(name, _)| wanted(name))
@@ -182,6 +183,7 @@ impl Datapath {
             (PROG_POD_SCTP, "the pod tc program for SCTP"),
             (PROG_POD_V6, "the pod tc program for IPv6"),
             (PROG_POD_SCTP6, "the pod tc program for SCTP over IPv6"),
+            (PROG_POD_ICMP6, "the pod tc program for ICMPv6"),
             (PROG_EGRESS, "the egress tc program"),
         ]
         .into_iter()

@@ -15,7 +15,7 @@ pub mod mmap;
 pub mod tables;
 pub mod widen;
 
-use proxy_common::{map_name, IPV6_PROGRAM, IPV6_SCTP_PROGRAM, SCTP_PROGRAM};
+use proxy_common::{map_name, IPV6_ICMP_PROGRAM, IPV6_PROGRAM, IPV6_SCTP_PROGRAM, SCTP_PROGRAM};
 
 /// The eBPF object built by build.rs from proxy-ebpf, for kernels from 5.18 (the
 /// legacy one is `generation`'s).
@@ -36,28 +36,39 @@ pub const PROG_EGRESS: &str = "node_egress";
 /// proxy-ebpf's `main`): loaded and put in place here, never attached.
 pub const PROG_UPLINK_SCTP: &str = "uplink_ingress_sctp";
 pub const PROG_POD_SCTP: &str = "pod_ingress_sctp";
-/// IPv6's programs, tail-called likewise (`UPLINK_IPV6`, `POD_IPV6`).
+/// IPv6's programs, tail-called likewise (`UPLINK_IPV6`, `POD_IPV6`; ICMPv6's from
+/// `UPLINK_IPV6_MORE`, `POD_IPV6_MORE`).
 pub const PROG_UPLINK_V6: &str = "uplink_ingress_v6";
 pub const PROG_UPLINK_SCTP6: &str = "uplink_ingress_sctp6";
 pub const PROG_POD_V6: &str = "pod_ingress_v6";
 pub const PROG_POD_SCTP6: &str = "pod_ingress_sctp6";
+pub const PROG_UPLINK_ICMP6: &str = "uplink_ingress_icmp6";
+pub const PROG_POD_ICMP6: &str = "pod_ingress_icmp6";
 
 /// IPv6's programs (the current object's only: see `loader`).
-pub const IPV6_PROGRAMS: [&str; 4] = [
+pub const IPV6_PROGRAMS: [&str; 6] = [
     PROG_UPLINK_V6,
     PROG_UPLINK_SCTP6,
+    PROG_UPLINK_ICMP6,
     PROG_POD_V6,
     PROG_POD_SCTP6,
+    PROG_POD_ICMP6,
 ];
 
 /// Every tail-called program: the array it goes in, at which slot.
-pub const TAIL_CALLED: [(&str, &str, u32); 6] = [
+pub const TAIL_CALLED: [(&str, &str, u32); 8] = [
     (map_name::UPLINK_TRANSPORTS, PROG_UPLINK_SCTP, SCTP_PROGRAM),
     (map_name::POD_TRANSPORTS, PROG_POD_SCTP, SCTP_PROGRAM),
     (map_name::UPLINK_IPV6, PROG_UPLINK_V6, IPV6_PROGRAM),
     (map_name::UPLINK_IPV6, PROG_UPLINK_SCTP6, IPV6_SCTP_PROGRAM),
     (map_name::POD_IPV6, PROG_POD_V6, IPV6_PROGRAM),
     (map_name::POD_IPV6, PROG_POD_SCTP6, IPV6_SCTP_PROGRAM),
+    (
+        map_name::UPLINK_IPV6_MORE,
+        PROG_UPLINK_ICMP6,
+        IPV6_ICMP_PROGRAM,
+    ),
+    (map_name::POD_IPV6_MORE, PROG_POD_ICMP6, IPV6_ICMP_PROGRAM),
 ];
 pub const PROG_SOCK_HOOKS: [&str; 8] = [
     "sock_connect4",

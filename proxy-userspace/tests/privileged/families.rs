@@ -4,81 +4,9 @@
 
 use std::net::IpAddr;
 
-use ebpf_proxy::model::{Endpoint, Family, FrontendKey, Listen, Protocol};
+use ebpf_proxy::model::{Endpoint, FrontendKey, Listen, Protocol};
 
-use crate::support::{datapath::*, packets::*};
-
-/// The addresses of a test of one family.
-struct Net {
-    family: Family,
-    vip: IpAddr,
-    client: IpAddr,
-    pods: [IpAddr; 2],
-    remote_pod: IpAddr,
-    node: IpAddr,
-}
-
-fn ip(text: &str) -> IpAddr {
-    text.parse().expect("an address")
-}
-
-fn nets() -> [Net; 2] {
-    [
-        Net {
-            family: Family::V4,
-            vip: ip("10.96.0.10"),
-            client: ip("198.18.0.2"),
-            pods: [ip("10.244.1.2"), ip("10.244.1.3")],
-            remote_pod: ip("10.244.2.2"),
-            node: NODE_IP.into(),
-        },
-        Net {
-            family: Family::V6,
-            vip: ip("fd00:96::10"),
-            client: ip("fd00:18::2"),
-            pods: [ip("fd00:244:1::2"), ip("fd00:244:1::3")],
-            remote_pod: ip("fd00:244:2::2"),
-            node: NODE_IP6.into(),
-        },
-    ]
-}
-
-fn frontend(addr: IpAddr, port: u16, protocol: Protocol) -> FrontendKey {
-    FrontendKey {
-        listen: Listen::Address(addr),
-        port,
-        protocol,
-    }
-}
-
-fn endpoint(addr: IpAddr, remote: bool) -> Endpoint {
-    Endpoint {
-        addr,
-        port: 8080,
-        remote,
-        weight: 1,
-    }
-}
-
-fn protocol_of(l4: L4) -> Protocol {
-    match l4 {
-        L4::Tcp(_) => Protocol::Tcp,
-        L4::Udp => Protocol::Udp,
-    }
-}
-
-const OPENING: [L4; 2] = [L4::Tcp(Tcp::Syn), L4::Udp];
-
-/// A data path with one frontend (`net`'s service address, port 80) whose one backend
-/// is the first pod.
-fn serving(net: &Net, protocol: Protocol) -> TestDatapath {
-    let mut dp = TestDatapath::new();
-    dp.program(&[(
-        frontend(net.vip, 80, protocol),
-        vec![endpoint(net.pods[0], false)],
-    )]);
-    dp
-}
+use crate::support::{datapath::*, families::*, packets::*};
 
 #[test]
 fn a_service_packet_is_translated_to_a_backend_by_either_hook_checksums_intact() {
@@ -254,8 +182,8 @@ fn an_ipv6_extension_header_longer_than_its_packet_is_malformed() {
 }
 
 /// Neighbour discovery is IPv6's ARP: it passes every hook untouched. A ping of a
-/// service address is not answered by anyone: refused (dropped, until ICMPv6
-/// refusals are built).
+/// service address is not answered by anyone: refused (ICMPv6 port unreachable from
+/// the service address, as for IPv4).
 #[test]
 fn neighbour_discovery_passes_and_a_ping_of_a_service_address_is_refused() {
     let [_, net] = nets();
@@ -287,7 +215,12 @@ fn neighbour_discovery_passes_and_a_ping_of_a_service_address_is_refused() {
     assert_eq!(dp.tc(&solicitation), (TC_ACT_OK, solicitation.clone()));
     let refused = dp.event("refused");
     let ping = icmpv6(vip.octets(), 128);
-    assert_eq!(dp.xdp(&ping).0, XDP_DROP);
+    let (verdict, refusal) = dp.xdp(&ping);
+    assert_eq!(verdict, XDP_PASS);
+    let refusal = read_icmp_error(&refusal);
+    assert_eq!(refusal.kind, 1, "destination unreachable");
+    assert_eq!(refusal.outer, (net.vip, net.client));
+    assert_eq!(refusal.quote[..48], ping[14..14 + 48], "quotes the ping");
     assert_eq!(dp.event("refused"), refused + 1);
 }
 

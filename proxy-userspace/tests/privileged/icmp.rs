@@ -1,157 +1,136 @@
-//! ICMP errors about translated flows, through BPF_PROG_TEST_RUN: the quoted packet
-//! and the addresses are turned back into what the error's receiver knows, with
-//! every checksum (outer IP, quoted IP, ICMP) still valid; and end to end, a UDP
-//! client of a backend without a listener sees "connection refused".
+//! ICMP and ICMPv6 errors about translated flows, through BPF_PROG_TEST_RUN, one body
+//! per address family: the quoted packet and the addresses are turned back into what
+//! the error's receiver knows, with every checksum still valid (IPv4's outer and
+//! quoted headers and ICMP; ICMPv6's over its pseudo-header); and end to end, a UDP
+//! client of a backend without a listener sees "connection refused", and path-MTU
+//! discovery works through a NodePort, over either family.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
-use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
-use testbed::{manifests::ServiceDef, netns::Netns, topology::Topology};
+use ebpf_proxy::model::{Family, Protocol};
+use testbed::{
+    manifests::ServiceDef,
+    netns::Netns,
+    topology::{host_port, in_family, Topology},
+};
 
 use crate::support::{
     cluster::*,
     datapath::*,
+    families::*,
     packets::*,
     services::{web, LB_IP, NODE_PORT},
 };
 
-const VIP: [u8; 4] = [10, 96, 0, 53];
-const CLIENT: [u8; 4] = [198, 18, 0, 2];
-const POD: [u8; 4] = [10, 244, 1, 2];
-const REMOTE_POD: [u8; 4] = [10, 244, 2, 2];
-
-/// Port unreachable from `from` to `to`, quoting `offending` (an Ethernet frame).
-fn port_unreachable(from: [u8; 4], to: [u8; 4], offending: &[u8]) -> Vec<u8> {
-    let quoted = &offending[14..14 + 28];
-    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4(from, to, 64)
-        .icmpv4(Icmpv4Type::DestinationUnreachable(
-            DestUnreachableHeader::Port,
-        ));
-    let mut out = Vec::new();
-    builder.write(&mut out, quoted).expect("icmp packet");
-    out
+/// A question from the client to `net`'s service (UDP, port 80), and the packet the
+/// uplink program made of it.
+fn asked(dp: &mut TestDatapath, net: &Net) -> (Vec<u8>, SeenIp) {
+    let question = packet((net.client, 40000), (net.vip, 80), L4::Udp, b"question");
+    let (_, translated) = dp.xdp(&question);
+    let seen = inspect_ip(&translated);
+    (translated, seen)
 }
 
-struct Error {
-    outer: ([u8; 4], [u8; 4]),
-    quoted: (([u8; 4], u16), ([u8; 4], u16)),
-}
-
-/// Reads an ICMP error frame after checking its three checksums.
-fn read_error(frame: &[u8]) -> Error {
-    let ip = &frame[14..34];
-    assert_eq!(internet_checksum(ip), 0, "outer IP checksum");
-    assert_eq!(internet_checksum(&frame[34..]), 0, "ICMP checksum");
-    let quoted = &frame[42..62];
-    assert_eq!(internet_checksum(quoted), 0, "quoted IP checksum");
-    let ports = &frame[62..66];
-    let addr = |b: &[u8]| -> [u8; 4] { b.try_into().expect("4 bytes") };
-    Error {
-        outer: (addr(&ip[12..16]), addr(&ip[16..20])),
-        quoted: (
-            (
-                addr(&quoted[12..16]),
-                u16::from_be_bytes([ports[0], ports[1]]),
-            ),
-            (
-                addr(&quoted[16..20]),
-                u16::from_be_bytes([ports[2], ports[3]]),
-            ),
-        ),
-    }
+/// What an error about the client's question must say once translated: from `from`,
+/// to the client, about the packet the client sent to the service.
+fn assert_about_the_question(error: &SeenError, net: &Net, from: IpAddr) {
+    assert_eq!(error.outer, (from, net.client), "{:?}", net.family);
+    assert_eq!(
+        error.quoted,
+        ((net.client, 40000), (net.vip, 80)),
+        "{:?}: quotes what the client sent",
+        net.family
+    );
 }
 
 #[test]
 fn a_pods_port_unreachable_reaches_the_client_about_the_service_it_used() {
-    let mut dp = TestDatapath::new();
-    dp.program(&[(udp(VIP, 53), vec![local(POD, 5353)])]);
-    let question = udp_packet((CLIENT, 40000), (VIP, 53), b"question");
-    let (_, translated) = dp.xdp(&question);
-    assert_eq!(inspect(&translated).dst, (POD, 5353));
-    let (verdict, out) = dp.tc(&port_unreachable(POD, CLIENT, &translated));
-    assert_eq!(verdict, TC_ACT_OK);
-    let error = read_error(&out);
-    assert_eq!(
-        error.outer,
-        (VIP, CLIENT),
-        "from the service, to the client"
-    );
-    assert_eq!(
-        error.quoted,
-        ((CLIENT, 40000), (VIP, 53)),
-        "quotes what the client sent"
-    );
-    assert_eq!(dp.event("icmp_translated"), 1);
+    for net in nets() {
+        let mut dp = serving(&net, Protocol::Udp);
+        let (translated, seen) = asked(&mut dp, &net);
+        assert_eq!(seen.dst, (net.pods[0], 8080));
+        let error = icmp_error(
+            net.pods[0],
+            net.client,
+            IcmpError::PortUnreachable,
+            &translated,
+        );
+        let (verdict, out) = dp.tc(&error);
+        assert_eq!(verdict, TC_ACT_OK, "{:?}", net.family);
+        assert_about_the_question(&read_icmp_error(&out), &net, net.vip);
+        assert_eq!(dp.event("icmp_translated"), 1, "{:?}", net.family);
+    }
 }
 
 #[test]
 fn a_remote_pods_error_about_a_masqueraded_flow_reaches_the_external_client() {
-    let mut dp = TestDatapath::new();
-    dp.program(&[(udp(VIP, 53), vec![remote(REMOTE_POD, 5353)])]);
-    let question = udp_packet((CLIENT, 40000), (VIP, 53), b"question");
-    let (_, translated) = dp.xdp(&question);
-    let seen = inspect(&translated);
-    assert_eq!(seen.src.0, NODE_IP.octets(), "masqueraded");
-    // The error comes back to the node's address, on the uplink.
-    let (verdict, out) = dp.xdp(&port_unreachable(REMOTE_POD, seen.src.0, &translated));
-    assert_eq!(verdict, XDP_PASS);
-    let error = read_error(&out);
-    assert_eq!(error.outer, (VIP, CLIENT));
-    assert_eq!(error.quoted, ((CLIENT, 40000), (VIP, 53)));
+    for net in nets() {
+        let mut dp = TestDatapath::new();
+        dp.program(&[(
+            frontend(net.vip, 80, Protocol::Udp),
+            vec![endpoint(net.remote_pod, true)],
+        )]);
+        let (translated, seen) = asked(&mut dp, &net);
+        assert_eq!(seen.src.0, net.node, "{:?}: masqueraded", net.family);
+        // The error comes back to the node's address, on the uplink.
+        let error = icmp_error(
+            net.remote_pod,
+            net.node,
+            IcmpError::PortUnreachable,
+            &translated,
+        );
+        let (verdict, out) = dp.xdp(&error);
+        assert_eq!(verdict, XDP_PASS, "{:?}", net.family);
+        assert_about_the_question(&read_icmp_error(&out), &net, net.vip);
+    }
 }
 
 #[test]
 fn errors_about_unknown_flows_pass_untouched() {
-    let mut dp = TestDatapath::new();
-    dp.program(&[(udp(VIP, 53), vec![local(POD, 5353)])]);
-    let stray = udp_packet((CLIENT, 40001), (POD, 5353), b"x");
-    let error = port_unreachable(POD, CLIENT, &stray);
-    let (verdict, out) = dp.tc(&error);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(out, error);
-    assert_eq!(dp.event("icmp_translated"), 0);
+    for net in nets() {
+        let mut dp = serving(&net, Protocol::Udp);
+        let stray = packet((net.client, 40001), (net.pods[0], 8080), L4::Udp, b"x");
+        let error = icmp_error(net.pods[0], net.client, IcmpError::PortUnreachable, &stray);
+        assert_eq!(
+            dp.tc(&error),
+            (TC_ACT_OK, error.clone()),
+            "{:?}",
+            net.family
+        );
+        assert_eq!(dp.xdp(&error), (XDP_PASS, error), "{:?}", net.family);
+        assert_eq!(dp.event("icmp_translated"), 0);
+    }
 }
 
-/// Issue 14: errors the node itself generated about a translated packet it forwarded
-/// (a smaller MTU further on, a TTL running out) left quoting the backend.
+/// Issue 14 (IPv4) and issue 12 (IPv6): errors the node itself generated about a
+/// translated packet it forwarded (a smaller MTU further on, a TTL or hop limit
+/// running out) left quoting the backend.
 #[test]
 fn errors_the_node_sends_about_translated_packets_are_translated_on_egress() {
-    let mut dp = TestDatapath::new();
-    dp.program(&[(udp(VIP, 53), vec![local(POD, 5353)])]);
-    let question = udp_packet((CLIENT, 40000), (VIP, 53), b"question");
-    let (_, translated) = dp.xdp(&question);
-    assert_eq!(inspect(&translated).dst, (POD, 5353));
-    for kind in [
-        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
-            next_hop_mtu: 1400,
-        }),
-        Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit),
-    ] {
-        let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-            .ipv4(NODE_IP.octets(), CLIENT, 64)
-            .icmpv4(kind);
-        let mut error = Vec::new();
-        builder
-            .write(&mut error, &translated[14..14 + 28])
-            .expect("icmp packet");
-        let (verdict, out) = dp.tc_egress(&error);
-        assert_eq!(verdict, TC_ACT_OK);
-        let read = read_error(&out);
-        assert_eq!(
-            read.outer,
-            (NODE_IP.octets(), CLIENT),
-            "from the node, as sent"
-        );
-        assert_eq!(read.quoted, ((CLIENT, 40000), (VIP, 53)));
+    for net in nets() {
+        let mut dp = serving(&net, Protocol::Udp);
+        let (translated, seen) = asked(&mut dp, &net);
+        assert_eq!(seen.dst, (net.pods[0], 8080));
+        for kind in [IcmpError::TooBig, IcmpError::TimeExceeded] {
+            let error = icmp_error(net.node, net.client, kind, &translated);
+            let (verdict, out) = dp.tc_egress(&error);
+            assert_eq!(verdict, TC_ACT_OK, "{:?} {kind:?}", net.family);
+            // From the node, as sent.
+            assert_about_the_question(&read_icmp_error(&out), &net, net.node);
+        }
+        assert_eq!(dp.event("icmp_translated"), 2, "{:?}", net.family);
+        // Anything else leaves the egress program as it came.
+        let question = packet((net.client, 40000), (net.vip, 80), L4::Udp, b"question");
+        assert_eq!(dp.tc_egress(&question), (TC_ACT_OK, question));
     }
-    assert_eq!(dp.event("icmp_translated"), 2);
-    // Anything else leaves the egress program as it came.
-    let (verdict, out) = dp.tc_egress(&question);
-    assert_eq!((verdict, out), (TC_ACT_OK, question));
 }
 
-// End to end: the errors reach real clients.
+// End to end: the errors reach real clients, over either family.
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 
 /// Whether a UDP datagram from `ns` to `target` is refused: the ICMP port
 /// unreachable came back about the address this socket is connected to.
@@ -159,7 +138,12 @@ fn udp_refused(ns: &Netns, target: std::net::SocketAddr) -> bool {
     let path = ns.path();
     std::thread::spawn(move || {
         testbed::netns::enter_current_thread(&path).expect("enter");
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let any: IpAddr = if target.is_ipv6() {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
+        let socket = std::net::UdpSocket::bind((any, 0)).expect("bind");
         socket.connect(target).expect("connect");
         socket
             .set_read_timeout(Some(Duration::from_secs(2)))
@@ -174,43 +158,45 @@ fn udp_refused(ns: &Netns, target: std::net::SocketAddr) -> bool {
 
 #[test]
 fn port_unreachable_from_a_backend_reaches_clients_as_refused() {
-    // The service points at a port where the pods have no listener.
+    const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+    const REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 98);
+    const REMOTE_LB: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
+    // The services point at a port where the pods have no listener.
     let closed = |t: &Topology, name: &str, vip: Ipv4Addr, lb: Ipv4Addr, pods: &[&str]| {
-        let mut service =
-            ServiceDef::new(name, vip, "UDP", 9999, 9).with_pods(pods.iter().map(|p| t.pod(p)));
+        let mut service = ServiceDef::new(name, vip, "UDP", 9999, 9)
+            .with_pods(pods.iter().map(|p| t.pod(p)))
+            .dual_stack();
         service.load_balancer_ip = Some(lb);
         service
     };
     let cluster = Cluster::new("icmp", 2, 1, |t| {
         vec![
-            closed(t, "local", Ipv4Addr::new(10, 96, 0, 99), LB_IP, &["pod-a1"]),
-            closed(
-                t,
-                "remote",
-                Ipv4Addr::new(10, 96, 0, 98),
-                Ipv4Addr::new(198, 18, 100, 2),
-                &["pod-b1"],
-            ),
+            closed(t, "local", LOCAL_VIP, LB_IP, &["pod-a1"]),
+            closed(t, "remote", REMOTE_VIP, REMOTE_LB, &["pod-b1"]),
         ]
     });
-    // From a pod to a local backend, and from outside to a remote (masqueraded) one.
-    assert!(udp_refused(
-        cluster.ns("pod-a2"),
-        (Ipv4Addr::new(10, 96, 0, 99), 9999).into()
-    ));
-    assert!(udp_refused(&cluster.topology.client, (LB_IP, 9999).into()));
-    assert!(udp_refused(
-        &cluster.topology.client,
-        (Ipv4Addr::new(198, 18, 100, 2), 9999).into()
-    ));
+    let client = &cluster.topology.client;
+    for family in FAMILIES {
+        // From a pod to a local backend, and from outside to a local one and to a
+        // remote (masqueraded) one.
+        for (ns, address) in [
+            (cluster.ns("pod-a2"), LOCAL_VIP),
+            (client, LB_IP),
+            (client, REMOTE_LB),
+        ] {
+            let target = (in_family(address, family), 9999).into();
+            assert!(udp_refused(ns, target), "{family:?}: {target}");
+        }
+    }
 }
 
-/// Issue 14: a smaller MTU between the node and a backend broke path-MTU discovery
-/// through a NodePort (the node's fragmentation-needed quoted the backend).
+/// Issue 14 (IPv4) and issue 12 (IPv6): a smaller MTU between the node and a backend
+/// broke path-MTU discovery through a NodePort (the node's fragmentation-needed or
+/// packet-too-big quoted the backend).
 #[test]
 fn path_mtu_discovery_works_through_a_node_port_to_a_narrower_pod_link() {
     let cluster = Cluster::new("pmtu", 1, 0, |t| {
-        let mut service = web(t, &["pod-a1"]);
+        let mut service = web(t, &["pod-a1"]).dual_stack();
         service.node_port = Some(NODE_PORT);
         vec![service]
     });
@@ -221,22 +207,29 @@ fn path_mtu_discovery_works_through_a_node_port_to_a_narrower_pod_link() {
         .ip(&format!("link set {host_side} mtu 1400"))
         .expect("narrow the pod link");
     // 200 kB up: the client's full-size segments do not fit the pod link, so the
-    // node answers fragmentation-needed, which must reach the client translated.
+    // node answers fragmentation-needed (packet too big), which must reach the
+    // client translated.
     let upload = std::env::temp_dir().join(format!("epx-pmtu-{}", std::process::id()));
     std::fs::write(&upload, vec![b'x'; 200_000]).expect("upload file");
-    let url = format!("http://{}:{NODE_PORT}/", testbed::topology::NODE_IP);
-    let result = cluster.topology.client.exec(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "15",
-            "--data-binary",
-            &format!("@{}", upload.display()),
-            &url,
-        ],
-    );
+    for family in FAMILIES {
+        let node = in_family(testbed::topology::NODE_IP, family);
+        let url = format!("http://{}/", host_port(node, NODE_PORT));
+        let result = cluster.topology.client.exec(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "15",
+                "--data-binary",
+                &format!("@{}", upload.display()),
+                &url,
+            ],
+        );
+        let body = result.unwrap_or_else(|e| {
+            let _ = std::fs::remove_file(&upload);
+            panic!("{family:?}: the upload did not complete: {e}")
+        });
+        assert_eq!(pod_of(&body), "pod-a1", "{family:?}");
+    }
     let _ = std::fs::remove_file(&upload);
-    let body = result.expect("the upload completes");
-    assert_eq!(pod_of(&body), "pod-a1");
 }

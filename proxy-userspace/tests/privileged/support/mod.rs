@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod datapath;
+pub mod families;
 pub mod kubernetes;
 pub mod packets;
 pub mod services;

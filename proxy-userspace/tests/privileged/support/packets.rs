@@ -382,3 +382,117 @@ pub fn inspect_ip(packet: &[u8]) -> SeenIp {
         other => panic!("unexpected transport {other:?}"),
     }
 }
+
+/// The ICMP errors the tests send, each of either family: destination (port)
+/// unreachable; fragmentation needed (IPv4) or packet too big (IPv6), with an MTU of
+/// 1400; time exceeded in transit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpError {
+    PortUnreachable,
+    TooBig,
+    TimeExceeded,
+}
+
+/// An ICMP (IPv4) or ICMPv6 error of `kind` from `from` to `to`, quoting the start of
+/// the IP packet in the Ethernet frame `offending` (its fixed header and 8 bytes).
+pub fn icmp_error(from: IpAddr, to: IpAddr, kind: IcmpError, offending: &[u8]) -> Vec<u8> {
+    use etherparse::{icmpv4, icmpv6, Icmpv4Type, Icmpv6Type};
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B);
+    let mut out = Vec::new();
+    match (from, to) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            let icmp = match kind {
+                IcmpError::PortUnreachable => {
+                    Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port)
+                }
+                IcmpError::TooBig => Icmpv4Type::DestinationUnreachable(
+                    icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+                ),
+                IcmpError::TimeExceeded => {
+                    Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit)
+                }
+            };
+            builder
+                .ipv4(from.octets(), to.octets(), 64)
+                .icmpv4(icmp)
+                .write(&mut out, &offending[14..14 + 28])
+        }
+        (IpAddr::V6(from), IpAddr::V6(to)) => {
+            let icmp = match kind {
+                IcmpError::PortUnreachable => {
+                    Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port)
+                }
+                IcmpError::TooBig => Icmpv6Type::PacketTooBig { mtu: 1400 },
+                IcmpError::TimeExceeded => {
+                    Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded)
+                }
+            };
+            builder
+                .ipv6(from.octets(), to.octets(), 64)
+                .icmpv6(icmp)
+                .write(&mut out, &offending[14..14 + 48])
+        }
+        _ => panic!("addresses of two families"),
+    }
+    .expect("icmp error");
+    out
+}
+
+/// An ICMP or ICMPv6 error as read back: its type, outer addresses, the quoted
+/// packet's addresses and ports, and the quote's bytes (from its IP header on).
+#[derive(Debug)]
+pub struct SeenError {
+    pub kind: u8,
+    pub outer: (IpAddr, IpAddr),
+    pub quoted: ((IpAddr, u16), (IpAddr, u16)),
+    pub quote: Vec<u8>,
+}
+
+/// Reads an ICMP or ICMPv6 error frame after checking its checksums: IPv4's outer
+/// header, ICMP and quoted header; ICMPv6's over its pseudo-header.
+pub fn read_icmp_error(frame: &[u8]) -> SeenError {
+    let v4 = |b: &[u8]| -> IpAddr { <[u8; 4]>::try_from(b).expect("4 bytes").into() };
+    let v6 = |b: &[u8]| -> IpAddr { <[u8; 16]>::try_from(b).expect("16 bytes").into() };
+    let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 => {
+            let ip = &frame[14..34];
+            assert_eq!(internet_checksum(ip), 0, "outer IP checksum");
+            assert_eq!(ip[9], 1, "ICMP");
+            assert_eq!(internet_checksum(&frame[34..]), 0, "ICMP checksum");
+            let quoted = &frame[42..62];
+            assert_eq!(internet_checksum(quoted), 0, "quoted IP checksum");
+            SeenError {
+                kind: frame[34],
+                outer: (v4(&ip[12..16]), v4(&ip[16..20])),
+                quoted: (
+                    (v4(&quoted[12..16]), port(&frame[62..])),
+                    (v4(&quoted[16..20]), port(&frame[64..])),
+                ),
+                quote: frame[42..].to_vec(),
+            }
+        }
+        0x86dd => {
+            let ip = &frame[14..54];
+            assert_eq!(ip[6], 58, "ICMPv6");
+            let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            let message = &frame[54..54 + payload];
+            let mut summed = ip[8..40].to_vec();
+            summed.extend_from_slice(&(payload as u32).to_be_bytes());
+            summed.extend_from_slice(&[0, 0, 0, 58]);
+            summed.extend_from_slice(message);
+            assert_eq!(internet_checksum(&summed), 0, "ICMPv6 checksum");
+            let quoted = &frame[62..102];
+            SeenError {
+                kind: frame[54],
+                outer: (v6(&ip[8..24]), v6(&ip[24..40])),
+                quoted: (
+                    (v6(&quoted[8..24]), port(&frame[102..])),
+                    (v6(&quoted[24..40]), port(&frame[104..])),
+                ),
+                quote: frame[62..].to_vec(),
+            }
+        }
+        other => panic!("not IP: ether type {other:#x}"),
+    }
+}
