@@ -161,14 +161,22 @@ fn peer_has_fin(key: &CtKey, entry: &CtEntry) -> bool {
 
 /// Ports tried for a new flow's reply tuple before giving up: the client's own port,
 /// then random ones. Under a burst of short connections (the manifests fault suite:
-/// 1,500 a second from one client to 60 services on two backends) over a third of a
-/// backend's tuples toward one client can be held, by closed flows waiting out their
-/// 10 s: 7 tries then failed for about one new flow in 1,000 (`snat_exhausted`),
-/// 15 make it about one in a million. Random rather than derived from the tuple, so
-/// that a retransmitted SYN whose tries all failed gets fresh ones (with a hash, the
-/// same ports failed again and the connection timed out). Netfilter tries up to 128.
+/// about 2,300 a second from one client to 60 services on two backends) a third or
+/// more of a backend's tuples toward one client can be held, by closed flows waiting
+/// out their 10 s: 7 tries then failed for about one new flow in 1,000
+/// (`snat_exhausted`). Random rather than derived from the tuple, so that a
+/// retransmitted SYN whose tries all failed gets fresh ones (with a hash, the same
+/// ports failed again and the connection timed out). Netfilter tries up to 128.
 const REPLY_PORT_ATTEMPTS: u32 = 16;
+/// Where remapped ports are drawn from: 1024-65535 but Linux's default ephemeral
+/// range (32768-60999), where clients (and the node, whose address masquerade uses)
+/// open their own connections; only tracked flows are seen here, so a port a client
+/// used directly toward the same backend would clash unseen (netfilter, which tracks
+/// everything, has no such blind spot). 36,280 ports.
 const REMAP_PORT_MIN: u32 = 1024;
+const EPHEMERAL_START: u32 = 32_768;
+const EPHEMERAL_END: u32 = 61_000;
+const REMAP_PORTS: u32 = (EPHEMERAL_START - REMAP_PORT_MIN) + (65_536 - EPHEMERAL_END);
 
 /// The node's masquerade address of a flow's family (`None` when the node has none of
 /// that family).
@@ -222,7 +230,11 @@ pub fn claim_reply_tuple(reply_key: &mut CtKey, reply: &mut CtEntry, original: &
     let seed = unsafe { bpf_get_prandom_u32() };
     for attempt in 1..REPLY_PORT_ATTEMPTS {
         let mixed = seed ^ attempt.wrapping_mul(0x9e37_79b9);
-        let port = ((REMAP_PORT_MIN + mixed % (65_536 - REMAP_PORT_MIN)) as u16).to_be();
+        let mut port = REMAP_PORT_MIN + mixed % REMAP_PORTS;
+        if port >= EPHEMERAL_START {
+            port += EPHEMERAL_END - EPHEMERAL_START;
+        }
+        let port = (port as u16).to_be();
         reply_key.dport = port;
         if CONNTRACK
             .insert(&*reply_key, &*reply, u64::from(BPF_NOEXIST))

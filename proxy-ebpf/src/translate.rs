@@ -508,6 +508,13 @@ fn open_flow<P: Packet>(
             Some(winner) => follow(pkt, flow, &winner, false),
             None => Verdict::DROP,
         },
+        Err(_) if port != key.sport => {
+            // A remapped flow without its entry would get another port with each
+            // packet: dropped (its reply entry withdrawn), retried by the client.
+            counters::event(EV_CT_INSERT_FAILED);
+            let _ = CONNTRACK.remove(&*reply_key);
+            Verdict::DROP
+        }
         Err(_) => {
             // Translate this packet anyway; the flow continues through re-hashing.
             counters::event(EV_CT_INSERT_FAILED);

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use proxy_common::{
     ConnCounts, CtEntry, CtKey, CtTimeouts, ACCT_ACTIVE, ACCT_INACTIVE, CT_CLOSING, CT_ESTABLISHED,
-    CT_F_ENCAP, CT_F_RELATED, CT_F_REPLY, CT_F_SNAT, CT_SYN_RECV, CT_SYN_SENT,
+    CT_F_ENCAP, CT_F_RELATED, CT_F_REPLY, CT_F_REWRITE_SRC, CT_SYN_RECV, CT_SYN_SENT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -130,7 +130,9 @@ pub struct FlowView {
     pub client: SocketAddr,
     pub frontend: SocketAddr,
     pub backend: SocketAddr,
-    /// The masquerade address:port the backend sees, when the flow is masqueraded.
+    /// The address:port the backend sees, when it is not the client's own: the flow
+    /// is masqueraded, or its client port was remapped because another flow held
+    /// the tuple (`reply_port_remapped`).
     pub masquerade: Option<SocketAddr>,
     pub service: String,
     pub state: &'static str,
@@ -206,7 +208,7 @@ pub fn flows(tables: &Tables) -> impl Iterator<Item = Result<FlowView>> + '_ {
             client: socket(key.src, key.sport, family),
             frontend: socket(key.dst, key.dport, family),
             backend: socket(entry.nat_dst, entry.nat_dport, family),
-            masquerade: (entry.flags & CT_F_SNAT != 0)
+            masquerade: (entry.flags & CT_F_REWRITE_SRC != 0)
                 .then(|| socket(entry.nat_src, entry.nat_sport, family)),
             service,
             state: state_name(protocol, entry.state),

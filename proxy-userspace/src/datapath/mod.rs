@@ -56,19 +56,21 @@ pub const IPV6_PROGRAMS: [&str; 6] = [
 ];
 
 /// Every tail-called program: the array it goes in, at which slot.
+/// Filled in this order: a program is put in place after those it hands packets to
+/// (ICMPv6's before IPv6's), so that an upgrade never sends a packet to an empty slot.
 pub const TAIL_CALLED: [(&str, &str, u32); 8] = [
-    (map_name::UPLINK_TRANSPORTS, PROG_UPLINK_SCTP, SCTP_PROGRAM),
-    (map_name::POD_TRANSPORTS, PROG_POD_SCTP, SCTP_PROGRAM),
-    (map_name::UPLINK_IPV6, PROG_UPLINK_V6, IPV6_PROGRAM),
-    (map_name::UPLINK_IPV6, PROG_UPLINK_SCTP6, IPV6_SCTP_PROGRAM),
-    (map_name::POD_IPV6, PROG_POD_V6, IPV6_PROGRAM),
-    (map_name::POD_IPV6, PROG_POD_SCTP6, IPV6_SCTP_PROGRAM),
     (
         map_name::UPLINK_IPV6_MORE,
         PROG_UPLINK_ICMP6,
         IPV6_ICMP_PROGRAM,
     ),
     (map_name::POD_IPV6_MORE, PROG_POD_ICMP6, IPV6_ICMP_PROGRAM),
+    (map_name::UPLINK_TRANSPORTS, PROG_UPLINK_SCTP, SCTP_PROGRAM),
+    (map_name::POD_TRANSPORTS, PROG_POD_SCTP, SCTP_PROGRAM),
+    (map_name::UPLINK_IPV6, PROG_UPLINK_SCTP6, IPV6_SCTP_PROGRAM),
+    (map_name::UPLINK_IPV6, PROG_UPLINK_V6, IPV6_PROGRAM),
+    (map_name::POD_IPV6, PROG_POD_SCTP6, IPV6_SCTP_PROGRAM),
+    (map_name::POD_IPV6, PROG_POD_V6, IPV6_PROGRAM),
 ];
 pub const PROG_SOCK_HOOKS: [&str; 8] = [
     "sock_connect4",

@@ -58,21 +58,28 @@ fn replies_are_reverse_translated_to_the_service_address() {
     }
 }
 
+/// A data path with NodePort 30080 of `net`'s family, whose one backend is the remote
+/// pod.
+fn remote_node_port(net: &Net, protocol: Protocol) -> TestDatapath {
+    let mut dp = TestDatapath::new();
+    dp.program(&[(
+        FrontendKey {
+            listen: Listen::NodePort(net.family),
+            port: 30080,
+            protocol,
+        },
+        vec![endpoint(net.remote_pod, true)],
+    )]);
+    dp
+}
+
 /// A NodePort of each family, its backend on another node: the client's packet is
 /// masqueraded to the node's address of the family, and the backend's reply comes
 /// back to the client from the NodePort.
 #[test]
 fn a_node_port_flow_to_a_remote_backend_is_masqueraded_to_the_node_address_of_its_family() {
     for net in nets() {
-        let mut dp = TestDatapath::new();
-        dp.program(&[(
-            FrontendKey {
-                listen: Listen::NodePort(net.family),
-                port: 30080,
-                protocol: Protocol::Tcp,
-            },
-            vec![endpoint(net.remote_pod, true)],
-        )]);
+        let mut dp = remote_node_port(&net, Protocol::Tcp);
         let syn = packet(
             (net.client, 40000),
             (net.node, 30080),
@@ -299,5 +306,56 @@ fn a_zero_ipv6_udp_checksum_stays_zero_through_either_hook() {
     for (_, out) in [dp.xdp(&zero), dp.tc(&zero)] {
         assert_eq!(out[CHECK..CHECK + 2], [0, 0]);
         assert_ne!(out[14 + 24..14 + 40], zero[14 + 24..14 + 40], "translated");
+    }
+}
+
+/// Two outside clients that chose the same port, masqueraded toward one remote
+/// backend: the second would reach it with the first one's tuple, so its port is
+/// remapped (`reply_port_remapped`); each one's replies, and an ICMP error about each
+/// one's packet, reach that client.
+#[test]
+fn masqueraded_clients_of_one_port_keep_their_flows_apart_replies_and_errors_alike() {
+    for net in nets() {
+        let mut dp = remote_node_port(&net, Protocol::Udp);
+        let other_client = match net.client {
+            IpAddr::V4(_) => ip("198.18.0.3"),
+            IpAddr::V6(_) => ip("fd00:18::3"),
+        };
+        let mut seen = Vec::new();
+        for client in [net.client, other_client] {
+            let question = packet((client, 40000), (net.node, 30080), L4::Udp, b"q");
+            let (_, out) = dp.xdp(&question);
+            seen.push((client, out.clone(), inspect_ip(&out)));
+        }
+        let (first, second) = (seen[0].2, seen[1].2);
+        assert_eq!(first.src, (net.node, 40000), "{:?}", net.family);
+        assert_eq!(second.src.0, net.node, "{:?}", net.family);
+        assert_ne!(second.src.1, 40000, "{:?}: not remapped", net.family);
+        assert_eq!(dp.event("reply_port_remapped"), 1, "{:?}", net.family);
+        for (client, translated, at_backend) in &seen {
+            let (_, reply) = dp.xdp(&packet(at_backend.dst, at_backend.src, L4::Udp, b"a"));
+            let back = inspect_ip(&reply);
+            assert_eq!(
+                (back.src, back.dst),
+                ((net.node, 30080), (*client, 40000)),
+                "{:?}",
+                net.family
+            );
+            let error = icmp_error(
+                net.remote_pod,
+                net.node,
+                IcmpError::PortUnreachable,
+                translated,
+            );
+            let (_, out) = dp.xdp(&error);
+            let error = read_icmp_error(&out);
+            assert_eq!(error.outer, (net.node, *client), "{:?}", net.family);
+            assert_eq!(
+                error.quoted,
+                ((*client, 40000), (net.node, 30080)),
+                "{:?}",
+                net.family
+            );
+        }
     }
 }

@@ -150,12 +150,27 @@ fn one_client_port_to_two_services_with_one_backend_keeps_the_flows_apart() {
         let port_seen = |connection: &mut HttpConnection| {
             connection.get().map(|body| greeting_of(&body).1.port())
         };
-        [
+        let ports = [
             port_seen(&mut first),
             port_seen(&mut second),
             port_seen(&mut first),
-        ]
+        ];
+        (ports, (first, second))
     });
+    let (tcp_ports, _open) = tcp_ports;
+    // `conntrack list` names the port the backend sees for the remapped flow.
+    let pin_dir = cluster.agent.pin_dir.to_str().expect("pin dir");
+    let binary = cluster.agent.binary().to_str().expect("binary");
+    let flows = testbed::command::run(binary, &["conntrack", "list", "--pin-dir", pin_dir])
+        .expect("conntrack list");
+    let remapped = flows
+        .lines()
+        .find(|line| line.contains(&format!("{OTHER_WEB_VIP}:80")))
+        .unwrap_or_else(|| panic!("no flow to {OTHER_WEB_VIP} in:\n{flows}"));
+    assert!(
+        remapped.contains(&format!(" via {client_addr}:")),
+        "{flows}"
+    );
     let [first, second, first_again] = tcp_ports.map(|port| port.expect("TCP answer"));
     assert_eq!((first, first_again), (CLIENT_PORT, CLIENT_PORT));
     assert_ne!(second, CLIENT_PORT, "the second flow was not remapped");
