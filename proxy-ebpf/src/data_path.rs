@@ -192,11 +192,11 @@ fn pod_action<const IPV6: bool>(ctx: &TcContext, verdict: Verdict) -> i32 {
 pub fn node_egress(ctx: TcContext) -> i32 {
     // The node is refused as a pod is: any service address but its own.
     let pkt = TcPacket(&ctx);
-    // Legacy kernels serve IPv4 only (see the loader): IPv6 passes, as there before.
-    if crate::LEGACY_KERNEL && parse::is_ipv6(&pkt) {
-        return TC_ACT_OK;
-    }
     if parse::is_ipv6(&pkt) {
+        // Legacy kernels serve IPv4 only (see the loader): IPv6 passes, as before.
+        if crate::LEGACY_KERNEL {
+            return TC_ACT_OK;
+        }
         return match icmp6::handle(&Ipv6Packet(&pkt), Origin::Pod).action {
             Action::Drop => TC_ACT_SHOT,
             Action::Refuse => icmp6::refuse_tc(&ctx, Sender::Node),

@@ -386,15 +386,23 @@ pub fn write_error_headers<const N: usize>(
         rest[2],
         rest[3],
     ]);
-    let mut sum: u64 = 0;
-    let mut i = ICMP_OFF;
+    store_checksum(frame, ICMP_OFF, ICMP_CHECK, 0);
+}
+
+/// Stores at `check` the checksum of the frame's 16-bit words from `from` to its end
+/// plus `extra` (a pseudo-header's words not in the frame), the checksum field
+/// itself zero: the ICMP errors the data path builds, of either family (`icmp6`).
+#[inline(always)]
+pub fn store_checksum<const N: usize>(frame: &mut [u8; N], from: usize, check: usize, extra: u64) {
+    let mut sum = extra;
+    let mut i = from;
     while i + 1 < N {
         sum += u64::from(u16::from_ne_bytes([frame[i], frame[i + 1]]));
         i += 2;
     }
     let sum = checksum::finish(sum).to_ne_bytes();
-    frame[ICMP_CHECK] = sum[0];
-    frame[ICMP_CHECK + 1] = sum[1];
+    frame[check] = sum[0];
+    frame[check + 1] = sum[1];
 }
 
 /// A refusal's headers: port unreachable from the address the quoted packet was sent

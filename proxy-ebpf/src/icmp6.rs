@@ -212,13 +212,7 @@ fn write_refusal_headers<const N: usize>(frame: &mut [u8; N]) {
         0,
         0,
     ]);
-    let mut sum = u64::from(u16::from_ne_bytes(payload)) + u64::from(u16::from_ne_bytes([0, PROTO_ICMPV6]));
-    let mut i = ETH_LEN + IPV6_SRC;
-    while i + 1 < N {
-        sum += u64::from(u16::from_ne_bytes([frame[i], frame[i + 1]]));
-        i += 2;
-    }
-    let sum = checksum::finish(sum).to_ne_bytes();
-    frame[ICMP6_CHECK] = sum[0];
-    frame[ICMP6_CHECK + 1] = sum[1];
+    let pseudo_header_rest =
+        u64::from(u16::from_ne_bytes(payload)) + u64::from(u16::from_ne_bytes([0, PROTO_ICMPV6]));
+    icmp::store_checksum(frame, ETH_LEN + IPV6_SRC, ICMP6_CHECK, pseudo_header_rest);
 }
