@@ -289,7 +289,10 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The guest's /init: mounts, modules, `command`, power off. /tmp stays the
+/// The guest's /init: mounts, modules, `command`, power off. The exit line is given a
+/// second to leave the serial port before the power-off, which does not drain it: a
+/// fresh clone's run once lost it (the test had passed in the guest; the host saw no
+/// exit). /tmp stays the
 /// initramfs's own (writable) directory: binaries copied to their paths here may live
 /// under /tmp (a clone built there), and a tmpfs mounted over it would hide them.
 fn init_script(command: &str) -> String {
@@ -300,7 +303,7 @@ fn init_script(command: &str) -> String {
          mount -t bpf bpf /sys/fs/bpf\nmount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
          for m in {modules}; do modprobe $m || echo \"EPX-GUEST-NOTE no module $m\"; done\n\
          ip link set lo up\necho EPX-GUEST-START\n\
-         {command}\necho EPX-GUEST-EXIT $?\n\
+         {command}\necho EPX-GUEST-EXIT $?\nsleep 1\n\
          echo o > /proc/sysrq-trigger\nsleep 10\n",
         modules = MODULES.join(" ")
     )
