@@ -75,7 +75,7 @@ fn main() -> Result<()> {
         Task::Bench { args } => {
             // Help needs the binary, not the QEMU guest and packages a run needs.
             if !args.iter().any(|a| a == "--help" || a == "-h") {
-                setup::ensure_bench()?;
+                setup::ensure_with_guest()?;
             }
             build()?;
             let mut bench = Command::new(workspace_root().join("target/release/ebpf-proxy-bench"));
@@ -89,7 +89,7 @@ fn main() -> Result<()> {
         Task::Test {
             kernel: None, args, ..
         } => {
-            setup::ensure()?;
+            setup::ensure_with_guest()?;
             image::build(image::arch("amd64")?)?;
             test(&args)
         }
@@ -98,7 +98,7 @@ fn main() -> Result<()> {
             data_path,
             args,
         } => {
-            setup::ensure()?;
+            setup::ensure_with_guest()?;
             kernel_matrix(&kernels, data_path, &args)
         }
     }

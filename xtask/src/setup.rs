@@ -32,9 +32,10 @@ const PACKAGES: &[&str] = &[
     "util-linux",
 ];
 
-/// What only `cargo xtask bench` needs: the QEMU guest that runs IPVS (a kernel this
-/// machine lacks) beside the others, and the tools that go into its initramfs.
-const BENCH_PACKAGES: &[&str] = &[
+/// The QEMU guest's: it runs IPVS for `cargo xtask bench` and SCTP peers for the
+/// tests (modules this machine's kernel lacks), and Debian's stock kernels for the
+/// kernel matrix; the tools go into its initramfs.
+const GUEST_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "ipvsadm",
@@ -71,10 +72,10 @@ fn installed(package: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
-/// `ensure`, plus the benchmark's own packages.
-pub fn ensure_bench() -> Result<()> {
+/// `ensure`, plus the QEMU guest's packages: for the tests and the benchmark.
+pub fn ensure_with_guest() -> Result<()> {
     ensure()?;
-    install_missing(BENCH_PACKAGES)
+    install_missing(GUEST_PACKAGES)
 }
 
 /// A foreign architecture's Rust standard library, C compiler and libc (the image's
