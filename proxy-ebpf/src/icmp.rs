@@ -48,6 +48,8 @@ const V4: u8 = Family::V4.number();
 const ICMP_OFF: usize = ETH_LEN + 20;
 /// Where the quoted IP header starts.
 pub const QUOTED_OFF: usize = ICMP_OFF + 8;
+/// Where the quoted ports end: the last byte a translation rewrites.
+const QUOTED_PORTS_END: usize = QUOTED_OFF + 20 + 4;
 
 /// An ICMP error (destination unreachable, time exceeded) about a TCP or UDP packet.
 struct IcmpError {
@@ -80,7 +82,7 @@ fn icmp_headers<P: Packet>(pkt: &P) -> Option<(*const Ipv4Hdr, *const [u8; 8])> 
 #[inline(always)]
 fn parse_error<P: Packet>(pkt: &P, ip: *const Ipv4Hdr, icmp: *const [u8; 8]) -> Option<IcmpError> {
     let quoted: *const Ipv4Hdr = pkt.ptr_at(QUOTED_OFF)?;
-    let ports: *const [u16; 2] = pkt.ptr_at(QUOTED_OFF + 20)?;
+    let ports: *const [u16; 2] = pkt.ptr_at(QUOTED_PORTS_END - 4)?;
     // SAFETY: every pointer is bounds-checked (`ip` and `icmp` by `icmp_headers`).
     unsafe {
         if !matches!((*icmp)[0], ICMP_UNREACHABLE | ICMP_TIME_EXCEEDED) || (*quoted).vihl != 0x45 {
@@ -88,11 +90,18 @@ fn parse_error<P: Packet>(pkt: &P, ip: *const Ipv4Hdr, icmp: *const [u8; 8]) -> 
         }
         let proto = headers::ipv4_proto(quoted);
         Transport::from_number(proto)?;
+        let ip_len = u16::from_be_bytes((*ip).tot_len);
+        // The fields a translation rewrites must be in the packet the IP header
+        // describes, not in the frame's padding beyond it: the receiver trims that
+        // away, and with it what the checksum was folded over.
+        if usize::from(ip_len) < QUOTED_PORTS_END - ETH_LEN {
+            return None;
+        }
         let ports = ports.read_unaligned();
         Some(IcmpError {
             outer_src: Addr::from_v4_be(u32::from_ne_bytes((*ip).src_addr)),
             outer_dst: Addr::from_v4_be(u32::from_ne_bytes((*ip).dst_addr)),
-            ip_len: u16::from_be_bytes((*ip).tot_len),
+            ip_len,
             quoted: CtKey {
                 src: Addr::from_v4_be(u32::from_ne_bytes((*quoted).src_addr)),
                 dst: Addr::from_v4_be(u32::from_ne_bytes((*quoted).dst_addr)),

@@ -84,6 +84,10 @@ fn parse_error<P: Packet>(pkt: &P) -> Option<IcmpError> {
         Transport::from_number(proto)?;
         let ports = ports.read_unaligned();
         let payload = u16::from_be_bytes([(*ip)[IPV6_PAYLOAD_LEN], (*ip)[IPV6_PAYLOAD_LEN + 1]]);
+        // As for IPv4 (`icmp::parse_error`): what is rewritten must be in the payload.
+        if usize::from(payload) < QUOTED_PORTS + 4 - ICMP6_OFF {
+            return None;
+        }
         Some(IcmpError {
             outer_src: read_addr(pkt, ETH_LEN + IPV6_SRC)?,
             outer_dst: read_addr(pkt, ETH_LEN + IPV6_DST)?,

@@ -231,6 +231,11 @@ fn ipv6_headers<P: Packet>(pkt: &P) -> Result<Ipv6Headers, Skip> {
         let len = usize::from(h[1]);
         let this = next;
         next = h[0];
+        // Hop-by-hop options only right after the fixed header (RFC 8200 section
+        // 4.1), which no extension header names: the kernel drops them elsewhere.
+        if next == IPV6_HOP_BY_HOP {
+            return Err(Skip::Malformed);
+        }
         off += match this {
             IPV6_FRAGMENT => {
                 // One fragment header per packet (RFC 8200 section 4.1).
@@ -245,6 +250,8 @@ fn ipv6_headers<P: Packet>(pkt: &P) -> Result<Ipv6Headers, Skip> {
             // Segments left: the destination is not the final one, which transport
             // checksums cover (RFC 8200 section 8.1); such a packet is not translated.
             IPV6_ROUTING if h[3] != 0 => return Err(Skip::Malformed),
+            // An authentication header is at least 12 bytes (RFC 4302 section 2.2).
+            IPV6_AUTH if len == 0 => return Err(Skip::Malformed),
             IPV6_AUTH => (len + 2) * 4,
             _ => (len + 1) * 8,
         };

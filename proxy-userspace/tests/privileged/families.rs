@@ -6,7 +6,11 @@ use std::net::IpAddr;
 
 use ebpf_proxy::model::{Endpoint, FrontendKey, Listen, Protocol};
 
-use crate::support::{datapath::*, families::*, packets::*};
+use crate::support::{
+    datapath::*,
+    families::*,
+    packets::{next_header::*, *},
+};
 
 #[test]
 fn a_service_packet_is_translated_to_a_backend_by_either_hook_checksums_intact() {
@@ -142,7 +146,6 @@ fn ipv6_extension_headers_are_stepped_over_and_kept() {
 /// `count` destination options headers of eight bytes (PadN) put before the
 /// transport header of an IPv6 `frame` without extension headers.
 fn with_destination_options(frame: &[u8], count: usize) -> Vec<u8> {
-    const DEST_OPTIONS: u8 = 60;
     let transport = frame[14 + 6];
     let headers: Vec<[u8; 8]> = (0..count)
         .map(|i| {
@@ -231,25 +234,6 @@ fn neighbour_discovery_passes_and_a_ping_of_a_service_address_is_refused() {
     assert_eq!(dp.event("refused"), refused + 1);
 }
 
-/// `headers` (each eight bytes, its next-header byte first, already chained to what
-/// follows) put between the fixed header of an IPv6 `frame` (without extension
-/// headers) and its transport header; the fixed header's next header becomes `first`.
-fn with_headers(frame: &[u8], first: u8, headers: &[[u8; 8]]) -> Vec<u8> {
-    let mut out = frame[..54].to_vec();
-    out[14 + 6] = first;
-    for header in headers {
-        out.extend_from_slice(header);
-    }
-    out.extend_from_slice(&frame[54..]);
-    let payload = u16::from_be_bytes([frame[18], frame[19]]) + 8 * headers.len() as u16;
-    out[18..20].copy_from_slice(&payload.to_be_bytes());
-    out
-}
-
-const FRAGMENT: u8 = 44;
-const ROUTING: u8 = 43;
-const UDP: u8 = 17;
-
 /// What follows a later fragment's fragment header is payload: a forged "fragment
 /// header" there (offset 0, then a UDP header to the service) must not be parsed as
 /// the packet's own, or it opens a flow and gets its payload rewritten.
@@ -292,6 +276,37 @@ fn an_ipv6_packet_with_segments_left_in_a_routing_header_is_not_translated() {
     // Segments left 0 (the last segment reached): an ordinary header.
     let arrived = with_headers(&plain, ROUTING, &[[UDP, 0, 4, 0, 0, 0, 0, 0]]);
     assert_eq!(inspect_ip(&dp.xdp(&arrived).1).dst, (net.pods[0], 8080));
+}
+
+/// Extension headers the kernel would not accept are not stepped over (the packet
+/// passes untouched, counted as malformed): hop-by-hop options anywhere but first
+/// (RFC 8200 section 4.1), an authentication header shorter than its 12-byte minimum
+/// (RFC 4302 section 2.2). A well-formed authentication header is stepped over.
+#[test]
+fn misplaced_hop_by_hop_options_and_short_authentication_headers_are_malformed() {
+    let [_, net] = nets();
+    let mut dp = serving(&net, Protocol::Udp);
+    let plain = packet((net.client, 40000), (net.vip, 80), L4::Udp, b"abc");
+    let padding = [1, 4, 0, 0, 0, 0];
+    let option = |next: u8| {
+        let mut header = [next, 0, 0, 0, 0, 0, 0, 0];
+        header[2..].copy_from_slice(&padding);
+        header
+    };
+    let misplaced = with_headers(&plain, DEST_OPTIONS, &[option(HOP_BY_HOP), option(UDP)]);
+    let short_auth = with_headers(&plain, AUTH, &[[UDP, 0, 0, 0, 0, 0, 0, 1]]);
+    for malformed in [misplaced, short_auth] {
+        let before = dp.event("malformed");
+        assert_eq!(dp.xdp(&malformed), (XDP_PASS, malformed.clone()));
+        assert_eq!(dp.event("malformed"), before + 1);
+    }
+    // Sixteen bytes: next header, length 2, reserved, SPI, sequence, 4 bytes of ICV.
+    let auth = with_headers(
+        &plain,
+        AUTH,
+        &[[UDP, 2, 0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 0, 0, 0, 0]],
+    );
+    assert_eq!(inspect_ip(&dp.xdp(&auth).1).dst, (net.pods[0], 8080));
 }
 
 /// A zero UDP checksum over IPv6 (invalid, or a tunnel's RFC 6935 zero) stays zero

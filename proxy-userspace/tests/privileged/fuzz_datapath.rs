@@ -1,145 +1,393 @@
-//! Fuzzing the data path: random and mutated packets through the real programs
-//! (BPF_PROG_TEST_RUN). Set PROPTEST_CASES for a longer run (CI: the default below).
+//! Fuzzing the data path: random and mutated packets of both families through the
+//! real programs (BPF_PROG_TEST_RUN). Set PROPTEST_CASES for a longer run (CI: the
+//! default below).
 //!
-//! Properties, for XDP and tc alike: every run succeeds; the packet keeps its length;
-//! a packet is either untouched or a valid IPv4 TCP/UDP packet whose checksums verify
-//! (inputs are given correct checksums first, so a broken one is ours); and conntrack
-//! holds only entries for well-formed packets to a service (no pollution by garbage).
+//! Properties, for XDP and tc alike: every run succeeds; a packet is untouched, or
+//! refused (ICMP or ICMPv6 port unreachable quoting it, every checksum valid), or it
+//! keeps its length and, translated, is a TCP/UDP packet whose checksums verify or an
+//! ICMP error whose checksums verify if they did on the way in (inputs are given
+//! correct checksums first, so a broken one is ours); a fragment keeps what follows
+//! its headers unless it is a first one; and conntrack holds only entries for packets
+//! to a service (no pollution by garbage).
 
-use crate::support::{datapath::*, packets::*};
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use std::net::IpAddr;
+
+use ebpf_proxy::model::{Family, Protocol};
+use etherparse::{
+    Ipv6ExtensionSlice, LaxNetSlice, LaxSlicedPacket, NetSlice, SlicedPacket, TransportSlice,
+};
 use proptest::prelude::*;
 
-const VIP: [u8; 4] = [10, 96, 0, 10];
-const CLIENT: [u8; 4] = [198, 18, 0, 2];
-const POD: [u8; 4] = [10, 244, 1, 2];
+use crate::support::{
+    datapath::*,
+    families::*,
+    packets::{next_header::*, *},
+};
 
-/// Valid packets the mutations start from: service traffic, replies, other traffic.
-fn corpus() -> Vec<Vec<u8>> {
-    vec![
-        tcp_packet((CLIENT, 40000), (VIP, 80), Tcp::Syn, b""),
-        tcp_packet(
-            (CLIENT, 40001),
-            (VIP, 80),
-            Tcp::Ack,
+const NODE_PORT: u16 = 30053;
+
+/// Valid packets the mutations start from: service traffic, replies, ICMP errors
+/// about a flow, fragments, other traffic; IPv6's with extension headers.
+fn corpus(net: &Net) -> Vec<Vec<u8>> {
+    let (client, vip, pod) = (net.client, net.vip, net.pods[0]);
+    let router = match net.family {
+        Family::V4 => ip("198.18.0.254"),
+        Family::V6 => ip("fd00:18::fe"),
+    };
+    let syn = L4::Tcp(Tcp::Syn);
+    // The first SYN as the local backend receives it, and the reply as the client
+    // receives it: what the errors about that flow quote.
+    let to_pod = packet((client, 40000), (pod, 8080), syn, b"");
+    let reply = packet((vip, 80), (client, 40000), L4::Tcp(Tcp::SynAck), b"");
+    let question = packet(
+        (client, 5000),
+        (vip, 53),
+        L4::Udp,
+        b"a question of some length",
+    );
+    let mut frames = vec![
+        packet((client, 40000), (vip, 80), syn, b""),
+        packet(
+            (client, 40001),
+            (vip, 80),
+            L4::Tcp(Tcp::Ack),
             b"GET / HTTP/1.1\r\n\r\n",
         ),
-        tcp_packet((CLIENT, 40002), (VIP, 80), Tcp::Fin, b""),
-        tcp_packet((POD, 8080), (CLIENT, 40000), Tcp::SynAck, b""),
-        udp_packet((CLIENT, 5000), (VIP, 53), b"query"),
-        udp_packet((CLIENT, 5001), (NODE_IP.octets(), 30053), b"query"),
-        tcp_packet((CLIENT, 40003), ([198, 18, 0, 9], 22), Tcp::Syn, b""),
-    ]
+        packet((client, 40002), (vip, 80), L4::Tcp(Tcp::Fin), b""),
+        packet((pod, 8080), (client, 40000), L4::Tcp(Tcp::SynAck), b""),
+        packet((client, 5001), (net.node, NODE_PORT), L4::Udp, b"query"),
+        packet((client, 40003), (router, 22), syn, b""),
+        icmp_error(pod, client, IcmpError::PortUnreachable, &to_pod),
+        icmp_error(router, vip, IcmpError::TooBig, &reply),
+        icmp_error(router, client, IcmpError::TimeExceeded, &to_pod),
+    ];
+    match net.family {
+        Family::V4 => {
+            let (first, later) = fragments(&question, 8, 7);
+            frames.extend([question, first, later]);
+        }
+        Family::V6 => {
+            let extensions = Extensions {
+                hop_by_hop: true,
+                destination_options: true,
+                atomic_fragment: true,
+            };
+            let first_fragment = [UDP, 0, 0x00, 0x01, 0, 0, 0, 7];
+            let later_fragment = [UDP, 0, 0x00, 0x08, 0, 0, 0, 7];
+            let routed_here = [UDP, 0, 4, 0, 0, 0, 0, 0];
+            frames.extend([
+                packet_with((client, 40004), (vip, 80), syn, b"", extensions),
+                with_headers(&question, FRAGMENT, &[first_fragment]),
+                with_headers(&question, FRAGMENT, &[later_fragment]),
+                with_headers(&question, ROUTING, &[routed_here]),
+                question,
+            ]);
+        }
+    }
+    frames
 }
+
+/// A header field of a family a mutation sets: `bytes` bytes at `at` in the frame,
+/// only the bits of `mask` (in the field's last byte for one-byte fields).
+struct Field {
+    at: usize,
+    bytes: usize,
+    mask: u16,
+}
+
+const IPV4_FIELDS: [Field; 4] = [
+    // The header length (the version nibble stays).
+    Field {
+        at: 14,
+        bytes: 1,
+        mask: 0x0f,
+    },
+    Field {
+        at: 16,
+        bytes: 2,
+        mask: 0xffff,
+    }, // total length
+    Field {
+        at: 20,
+        bytes: 2,
+        mask: 0xffff,
+    }, // flags and fragment offset
+    Field {
+        at: 23,
+        bytes: 1,
+        mask: 0xff,
+    }, // protocol
+];
+
+const IPV6_FIELDS: [Field; 5] = [
+    Field {
+        at: 18,
+        bytes: 2,
+        mask: 0xffff,
+    }, // payload length
+    Field {
+        at: 20,
+        bytes: 1,
+        mask: 0xff,
+    }, // next header
+    // The first extension header's next header and length, or the transport's first
+    // bytes; then a fragment header's offset and flags.
+    Field {
+        at: 54,
+        bytes: 1,
+        mask: 0xff,
+    },
+    Field {
+        at: 55,
+        bytes: 1,
+        mask: 0xff,
+    },
+    Field {
+        at: 56,
+        bytes: 2,
+        mask: 0xffff,
+    },
+];
+
+/// Values worth trying in a field beside random ones: protocols and next headers
+/// the data path tells apart, lengths at the edges.
+const INTERESTING: [u16; 12] = [0, 1, 6, 17, 41, 43, 44, 58, 59, 60, 132, 0xffff];
 
 #[derive(Debug, Clone)]
 enum Mutation {
     Truncate(usize),
     Set(usize, u8),
-    Ihl(u8),
-    Fragment(u16),
-    TotalLength(u16),
+    /// The field at this index of the frame's family's list (modulo its length).
+    Field(usize, u16),
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
+    let value = prop_oneof![any::<u16>(), prop::sample::select(&INTERESTING[..])];
     prop_oneof![
-        (0usize..80).prop_map(Mutation::Truncate),
-        ((0usize..80), any::<u8>()).prop_map(|(at, v)| Mutation::Set(at, v)),
-        (0u8..16).prop_map(Mutation::Ihl),
-        any::<u16>().prop_map(Mutation::Fragment),
-        any::<u16>().prop_map(Mutation::TotalLength),
+        (0usize..100).prop_map(Mutation::Truncate),
+        ((0usize..100), any::<u8>()).prop_map(|(at, v)| Mutation::Set(at, v)),
+        (any::<usize>(), value).prop_map(|(field, v)| Mutation::Field(field, v)),
     ]
 }
 
-fn mutate(mut packet: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
+fn ether_type(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[12], frame[13]])
+}
+
+fn mutate(mut frame: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
     for m in mutations {
         match *m {
-            Mutation::Truncate(len) => packet.truncate(len.max(14)),
-            Mutation::Set(at, v) if at < packet.len() => packet[at] = v,
-            Mutation::Ihl(ihl) if packet.len() > 14 => packet[14] = (packet[14] & 0xf0) | ihl,
-            Mutation::Fragment(f) if packet.len() > 21 => {
-                packet[20..22].copy_from_slice(&f.to_be_bytes())
-            }
-            Mutation::TotalLength(l) if packet.len() > 17 => {
-                packet[16..18].copy_from_slice(&l.to_be_bytes())
+            Mutation::Truncate(len) => frame.truncate(len.max(14)),
+            Mutation::Set(at, v) if at < frame.len() => frame[at] = v,
+            Mutation::Field(index, value) => {
+                let fields: &[Field] = match ether_type(&frame) {
+                    0x0800 => &IPV4_FIELDS,
+                    _ => &IPV6_FIELDS,
+                };
+                let field = &fields[index % fields.len()];
+                let end = field.at + field.bytes;
+                if end <= frame.len() {
+                    let old = match field.bytes {
+                        1 => u16::from(frame[field.at]),
+                        _ => u16::from_be_bytes([frame[field.at], frame[field.at + 1]]),
+                    };
+                    let new = (old & !field.mask) | (value & field.mask);
+                    frame[field.at..end].copy_from_slice(&new.to_be_bytes()[2 - field.bytes..]);
+                }
             }
             _ => {}
         }
     }
-    packet
+    frame
 }
 
-/// Gives a parseable IPv4 TCP/UDP packet correct checksums, so that the property
-/// "translated packets have valid checksums" tests our incremental updates.
-fn fix_checksums(packet: &mut [u8]) {
-    let Ok(sliced) = SlicedPacket::from_ethernet(packet) else {
-        return;
-    };
-    let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
-        return;
-    };
-    let header = ip.header().to_header();
-    let ihl = usize::from(ip.header().ihl()) * 4;
-    let l4 = 14 + ihl;
-    let transport_checksum = match &sliced.transport {
-        Some(TransportSlice::Tcp(tcp)) => tcp
-            .calc_checksum_ipv4(header.source, header.destination)
-            .ok()
-            .map(|c| (16, c)),
-        Some(TransportSlice::Udp(udp)) => udp
-            .to_header()
-            .calc_checksum_ipv4_raw(header.source, header.destination, udp.payload())
-            .ok()
-            .map(|c| (6, c)),
-        _ => None,
-    };
-    let ip_checksum = header.calc_header_checksum();
-    packet[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
-    if let Some((offset, checksum)) = transport_checksum {
-        if l4 + offset + 2 <= packet.len() {
-            packet[l4 + offset..l4 + offset + 2].copy_from_slice(&checksum.to_be_bytes());
+/// What random frames are: IPv4, IPv6, and ARP for something else.
+const RANDOM_ETHER_TYPES: [u16; 3] = [0x0800, 0x86dd, 0x0806];
+
+/// Random bytes after an Ethernet header, most of them as an IPv4 or IPv6 packet
+/// (the version nibble set), so that the parsers go past the first check.
+fn random_frame(ether_type: u16, mut bytes: Vec<u8>) -> Vec<u8> {
+    let mut frame = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1];
+    frame.extend_from_slice(&ether_type.to_be_bytes());
+    match ether_type {
+        0x0800 => bytes[0] = 0x40 | (bytes[0] & 0x0f),
+        0x86dd => bytes[0] = 0x60 | (bytes[0] & 0x0f),
+        _ => {}
+    }
+    frame.append(&mut bytes);
+    frame
+}
+
+/// The sum a transport or ICMP checksum field holds over `segment` (its own field
+/// zeroed), with IPv4's or IPv6's pseudo-header where the protocol has one.
+fn checksum_for(src: &[u8], dst: &[u8], protocol: u8, segment: &[u8]) -> u16 {
+    let mut summed = Vec::new();
+    if protocol != 1 {
+        summed.extend_from_slice(src);
+        summed.extend_from_slice(dst);
+        match src.len() {
+            4 => {
+                summed.extend_from_slice(&[0, protocol]);
+                summed.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+            }
+            _ => {
+                summed.extend_from_slice(&(segment.len() as u32).to_be_bytes());
+                summed.extend_from_slice(&[0, 0, 0, protocol]);
+            }
         }
+    }
+    summed.extend_from_slice(segment);
+    let sum = internet_checksum(&summed);
+    // UDP sends a computed zero as all ones (zero means "none").
+    if protocol == 17 && sum == 0 {
+        0xffff
+    } else {
+        sum
     }
 }
 
-/// The hook a packet went through, and how it answers a refusal (a mutated port or
+/// Gives a frame correct checksums where they can be placed, so that the properties
+/// about translated packets test our incremental updates: IPv4's header checksum
+/// whenever the header is there, and the transport's or ICMP's whenever etherparse
+/// parses the packet and it is not a fragment.
+fn fix_checksums(frame: &mut [u8]) {
+    if frame.len() >= 34 && ether_type(frame) == 0x0800 {
+        let end = 14 + usize::from(frame[14] & 0x0f) * 4;
+        if end >= 34 && end <= frame.len() {
+            frame[24..26].copy_from_slice(&[0, 0]);
+            let sum = internet_checksum(&frame[14..end]);
+            frame[24..26].copy_from_slice(&sum.to_be_bytes());
+        }
+    }
+    let fix = {
+        let Ok(sliced) = SlicedPacket::from_ethernet(frame) else {
+            return;
+        };
+        let (src, dst, payload) = match &sliced.net {
+            Some(NetSlice::Ipv4(ip)) => (
+                ip.header().source().to_vec(),
+                ip.header().destination().to_vec(),
+                ip.payload(),
+            ),
+            Some(NetSlice::Ipv6(ip)) => (
+                ip.header().source().to_vec(),
+                ip.header().destination().to_vec(),
+                ip.payload(),
+            ),
+            _ => return,
+        };
+        // What each checksum covers: TCP and ICMP the IP payload; UDP what its own
+        // length says (as the kernel checks it).
+        let (field, covered) = match &sliced.transport {
+            Some(TransportSlice::Tcp(tcp)) => (16, tcp.slice()),
+            Some(TransportSlice::Udp(udp)) => (6, udp.slice()),
+            Some(TransportSlice::Icmpv4(icmp)) => (2, icmp.slice()),
+            Some(TransportSlice::Icmpv6(icmp)) => (2, icmp.slice()),
+            _ => return,
+        };
+        let start = covered.as_ptr() as usize - frame.as_ptr() as usize;
+        let mut segment = covered.to_vec();
+        segment[field..field + 2].copy_from_slice(&[0, 0]);
+        let sum = checksum_for(&src, &dst, payload.ip_number.0, &segment);
+        (start + field, sum)
+    };
+    let (at, sum) = fix;
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// The hook a packet went through: how it answers a refusal (a mutated port or
 /// protocol of a service address is refused).
 #[derive(Clone, Copy)]
 enum Hook {
-    /// Passed to the kernel, quoting the IP header and 8 bytes.
+    /// Passed to the kernel; IPv4's quotes the IP header and 8 bytes.
     Xdp,
     /// Redirected back to the pod, quoting 64 bytes (zero-padded).
     Tc,
 }
 
-/// Whether `output` is the refusal of `input`: ICMP port unreachable quoting it,
-/// every checksum valid.
+/// The source and destination addresses of an IPv4 or IPv6 frame long enough.
+fn addresses(frame: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    let v4 = |at: usize| <[u8; 4]>::try_from(frame.get(at..at + 4)?).ok();
+    let v6 = |at: usize| <[u8; 16]>::try_from(frame.get(at..at + 16)?).ok();
+    match ether_type(frame) {
+        0x0800 => Some((v4(26)?.into(), v4(30)?.into())),
+        0x86dd => Some((v6(22)?.into(), v6(38)?.into())),
+        _ => None,
+    }
+}
+
+/// An ICMP or ICMPv6 error frame read back, if every checksum in it holds.
+fn error_if_sound(frame: &[u8]) -> Option<SeenError> {
+    std::panic::catch_unwind(|| read_icmp_error(frame)).ok()
+}
+
+/// Whether `output` is the refusal of `input`: port unreachable from where it was
+/// sent to, back to its sender, quoting it, every checksum valid.
 fn is_refusal(hook: Hook, input: &[u8], verdict: u32, output: &[u8]) -> bool {
-    let (expected_verdict, quoted) = match hook {
-        Hook::Xdp => (XDP_PASS, 28),
-        Hook::Tc => (TC_ACT_REDIRECT, 64),
+    let expected_verdict = match hook {
+        Hook::Xdp => XDP_PASS,
+        Hook::Tc => TC_ACT_REDIRECT,
     };
-    let mut quote = input.get(14..).unwrap_or_default().to_vec();
+    let (Some((sender, receiver)), Some(refusal)) = (addresses(input), error_if_sound(output))
+    else {
+        return false;
+    };
+    let (kind, code, quoted) = match (ether_type(input), hook) {
+        (0x0800, Hook::Xdp) => (3, 3, 28),
+        (0x0800, Hook::Tc) => (3, 3, 64),
+        _ => (1, 4, 64),
+    };
+    let mut quote = input[14..].to_vec();
     quote.resize(quoted, 0);
     verdict == expected_verdict
-        && output.len() == 42 + quoted
-        && output[23] == 1
-        && (output[34], output[35]) == (3, 3)
-        && internet_checksum(&output[14..34]) == 0
-        && internet_checksum(&output[34..]) == 0
-        && output[42..] == quote[..]
+        && refusal.kind == kind
+        && output[output.len() - quoted - 7] == code
+        && refusal.outer == (receiver, sender)
+        && refusal.quote == quote
 }
 
-/// The fragment offset of an IPv4 frame (0: a whole packet or a first fragment).
-fn fragment_offset(frame: &[u8]) -> u16 {
-    u16::from_be_bytes([frame[20], frame[21]]) & 0x1fff
+/// Where a fragment's headers end, and whether it is a later fragment (its bytes
+/// beyond the headers are payload, no transport header).
+struct Fragment {
+    headers_end: usize,
+    later: bool,
 }
 
-/// An IPv4 frame that is a fragment: more fragments follow, or an offset.
-fn is_fragment(frame: &[u8]) -> bool {
-    frame.len() >= 34
-        && frame[12..14] == [0x08, 0x00]
-        && (frame[20] & 0x20 != 0 || fragment_offset(frame) != 0)
+fn fragment_of(frame: &[u8]) -> Option<Fragment> {
+    match ether_type(frame) {
+        0x0800 if frame.len() >= 34 => {
+            let offset = u16::from_be_bytes([frame[20], frame[21]]) & 0x1fff;
+            let more = frame[20] & 0x20 != 0;
+            (more || offset != 0).then(|| Fragment {
+                headers_end: 14 + usize::from(frame[14] & 0x0f) * 4,
+                later: offset != 0,
+            })
+        }
+        0x86dd => {
+            let sliced = LaxSlicedPacket::from_ethernet(frame).ok()?;
+            let Some(LaxNetSlice::Ipv6(ip)) = sliced.net else {
+                return None;
+            };
+            let payload = ip.payload();
+            payload.fragmented.then(|| Fragment {
+                headers_end: payload.payload.as_ptr() as usize - frame.as_ptr() as usize,
+                later: ip.extensions().clone().into_iter().any(|header| {
+                    matches!(header, Ipv6ExtensionSlice::Fragment(f)
+                        if f.fragment_offset().value() != 0)
+                }),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Whether a frame is an ICMP (IPv4) or ICMPv6 packet without extension headers.
+fn is_icmp(frame: &[u8]) -> bool {
+    match ether_type(frame) {
+        0x0800 => frame.get(23) == Some(&1),
+        0x86dd => frame.get(20) == Some(&58),
+        _ => false,
+    }
 }
 
 fn check_output(
@@ -153,28 +401,38 @@ fn check_output(
     }
     prop_assert!(verdict <= 3, "unexpected verdict {verdict}");
     prop_assert_eq!(output.len(), input.len(), "length changed");
-    if output != input && is_fragment(input) {
-        // A fragment of a tracked flow: its addresses change, its IP checksum stays
-        // as valid as it came (the generator cannot always make it valid: etherparse
-        // drops the reserved flag bit), and a later fragment's bytes beyond the IP
-        // header are untouched (it has no ports). A first fragment's L4 checksum
-        // covers the whole datagram: not checkable from one fragment.
-        let ip_end = 14 + usize::from(input[14] & 0x0f) * 4;
-        prop_assert!(
-            ip_end <= output.len(),
-            "a header past the frame was rewritten"
-        );
-        prop_assert_eq!(
-            internet_checksum(&output[14..ip_end]) == 0,
-            internet_checksum(&input[14..ip_end]) == 0,
-            "IP checksum"
-        );
-        if fragment_offset(input) != 0 {
-            prop_assert_eq!(&output[ip_end..], &input[ip_end..], "payload touched");
+    if output == input {
+        return Ok(());
+    }
+    if let Some(fragment) = fragment_of(input) {
+        // A fragment of a tracked flow: its addresses change; IPv4's header checksum
+        // stays as valid as it came (the generator cannot always make it valid:
+        // etherparse drops the reserved flag bit), and a later fragment's bytes
+        // beyond its headers are untouched (it has no ports). A first fragment's
+        // transport checksum covers the whole datagram: not checkable from one.
+        let end = fragment.headers_end;
+        prop_assert!(end <= output.len(), "a header past the frame was rewritten");
+        if ether_type(input) == 0x0800 {
+            prop_assert_eq!(
+                internet_checksum(&output[14..end]) == 0,
+                internet_checksum(&input[14..end]) == 0,
+                "IP checksum"
+            );
         }
-    } else if output != input {
-        // `inspect` panics on an invalid checksum or an unparseable packet.
-        let result = std::panic::catch_unwind(|| inspect(output));
+        if fragment.later {
+            prop_assert_eq!(&output[end..], &input[end..], "payload touched");
+        }
+    } else if is_icmp(output) {
+        // An error about a tracked flow, translated: sound if it came sound.
+        prop_assert_eq!(
+            error_if_sound(output).is_some(),
+            error_if_sound(input).is_some(),
+            "a translated error's checksums: {:02x?}",
+            output
+        );
+    } else {
+        // `inspect_ip` panics on an invalid checksum or an unparseable packet.
+        let result = std::panic::catch_unwind(|| inspect_ip(output));
         prop_assert!(
             result.is_ok(),
             "a rewritten packet is broken: {:02x?}",
@@ -188,24 +446,45 @@ fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|c| c.parse().ok())
-        .unwrap_or(3000)
+        .unwrap_or(20000)
+}
+
+/// Each family's services: TCP with a local and a remote backend, UDP with a local
+/// one, a UDP NodePort with a remote one.
+fn program(dp: &mut TestDatapath) {
+    let mut frontends = vec![(
+        node_port(NODE_PORT, Protocol::Udp),
+        vec![remote([10, 244, 2, 2], 5353)],
+    )];
+    for net in nets() {
+        frontends.extend([
+            (
+                frontend(net.vip, 80, Protocol::Tcp),
+                vec![endpoint(net.pods[0], false), endpoint(net.remote_pod, true)],
+            ),
+            (
+                frontend(net.vip, 53, Protocol::Udp),
+                vec![endpoint(net.pods[1], false)],
+            ),
+        ]);
+    }
+    dp.program(&frontends);
+}
+
+/// Whether a conntrack key's destination is a programmed frontend.
+fn to_a_frontend(family: Family, dst: IpAddr, port: u16) -> bool {
+    nets().iter().any(|net| {
+        net.family == family
+            && ((dst == net.vip && [80, 53].contains(&port))
+                || (dst == net.node && port == NODE_PORT))
+    })
 }
 
 #[test]
 fn random_and_mutated_packets_pass_cleanly_or_are_translated_correctly() {
     let mut dp = TestDatapath::new();
-    dp.program(&[
-        (
-            tcp(VIP, 80),
-            vec![local(POD, 8080), remote([10, 244, 2, 2], 8080)],
-        ),
-        (udp(VIP, 53), vec![local(POD, 5353)]),
-        (
-            node_port(30053, ebpf_proxy::model::Protocol::Udp),
-            vec![remote([10, 244, 2, 2], 5353)],
-        ),
-    ]);
-    let corpus = corpus();
+    program(&mut dp);
+    let corpus: Vec<Vec<u8>> = nets().iter().flat_map(corpus).collect();
     let config = ProptestConfig {
         cases: cases(),
         failure_persistence: None,
@@ -215,10 +494,15 @@ fn random_and_mutated_packets_pass_cleanly_or_are_translated_correctly() {
     proptest!(config, |(
         seed in 0..corpus.len(),
         mutations in prop::collection::vec(mutation(), 0..4),
-        random in prop::collection::vec(any::<u8>(), 14..120),
-        use_random in any::<bool>(),
+        random_type in prop::sample::select(&RANDOM_ETHER_TYPES[..]),
+        random in prop::collection::vec(any::<u8>(), 1..120),
+        use_random in prop::bool::weighted(0.2),
     )| {
-        let mut input = if use_random { random.clone() } else { mutate(corpus[seed].clone(), &mutations) };
+        let mut input = if use_random {
+            random_frame(random_type, random.clone())
+        } else {
+            mutate(corpus[seed].clone(), &mutations)
+        };
         fix_checksums(&mut input);
         let mut dp = dp.borrow_mut();
         // What the kernel's test harness refuses before the program runs (EINVAL:
@@ -239,11 +523,10 @@ fn random_and_mutated_packets_pass_cleanly_or_are_translated_correctly() {
         if value.flags & proxy_common::CT_F_REPLY != 0 {
             continue;
         }
-        let dst = key.dst.v4_octets();
-        let to_service = (dst == VIP && [80u16, 53].contains(&u16::from_be(key.dport)))
-            || (dst == NODE_IP.octets() && u16::from_be(key.dport) == 30053);
+        let family = Family::from_number(key.family).expect("a family");
+        let dst = key.dst.to_ip(family);
         assert!(
-            to_service,
+            to_a_frontend(family, dst, u16::from_be(key.dport)),
             "conntrack entry for a non-service tuple: {key:?}"
         );
         assert!(matches!(key.proto, 6 | 17), "{key:?}");

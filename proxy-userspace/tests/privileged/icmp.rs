@@ -105,6 +105,40 @@ fn errors_about_unknown_flows_pass_untouched() {
     }
 }
 
+/// An error whose IP length ends before the quoted ports (the frame's padding holds
+/// the rest) is not translated: the receiver keeps what the IP length says, and the
+/// checksum would have been folded over what it drops.
+#[test]
+fn an_error_too_short_for_its_quoted_ports_passes_untouched() {
+    for net in nets() {
+        let mut dp = serving(&net, Protocol::Udp);
+        let (translated, _) = asked(&mut dp, &net);
+        let mut error = icmp_error(
+            net.pods[0],
+            net.client,
+            IcmpError::PortUnreachable,
+            &translated,
+        );
+        // ICMP header, quoted IP header, the source port only.
+        match net.family {
+            Family::V4 => {
+                error[16..18].copy_from_slice(&(20u16 + 8 + 20 + 2).to_be_bytes());
+                error[24..26].copy_from_slice(&[0, 0]);
+                let sum = internet_checksum(&error[14..34]);
+                error[24..26].copy_from_slice(&sum.to_be_bytes());
+            }
+            Family::V6 => error[18..20].copy_from_slice(&(8u16 + 40 + 2).to_be_bytes()),
+        }
+        assert_eq!(
+            dp.tc(&error),
+            (TC_ACT_OK, error.clone()),
+            "{:?}",
+            net.family
+        );
+        assert_eq!(dp.event("icmp_translated"), 0, "{:?}", net.family);
+    }
+}
+
 /// Issue 14 (IPv4) and issue 12 (IPv6): errors the node itself generated about a
 /// translated packet it forwarded (a smaller MTU further on, a TTL or hop limit
 /// running out) left quoting the backend.
