@@ -48,8 +48,9 @@ const V4: u8 = Family::V4.number();
 const ICMP_OFF: usize = ETH_LEN + 20;
 /// Where the quoted IP header starts.
 pub const QUOTED_OFF: usize = ICMP_OFF + 8;
-/// Where the quoted ports end: the last byte a translation rewrites.
-const QUOTED_PORTS_END: usize = QUOTED_OFF + 20 + 4;
+/// Where the quoted ports start (after a quoted header without options); their end
+/// is the last byte a translation rewrites.
+const QUOTED_PORTS: usize = QUOTED_OFF + 20;
 
 /// An ICMP error (destination unreachable, time exceeded) about a TCP or UDP packet.
 struct IcmpError {
@@ -82,7 +83,7 @@ fn icmp_headers<P: Packet>(pkt: &P) -> Option<(*const Ipv4Hdr, *const [u8; 8])> 
 #[inline(always)]
 fn parse_error<P: Packet>(pkt: &P, ip: *const Ipv4Hdr, icmp: *const [u8; 8]) -> Option<IcmpError> {
     let quoted: *const Ipv4Hdr = pkt.ptr_at(QUOTED_OFF)?;
-    let ports: *const [u16; 2] = pkt.ptr_at(QUOTED_PORTS_END - 4)?;
+    let ports: *const [u16; 2] = pkt.ptr_at(QUOTED_PORTS)?;
     // SAFETY: every pointer is bounds-checked (`ip` and `icmp` by `icmp_headers`).
     unsafe {
         if !matches!((*icmp)[0], ICMP_UNREACHABLE | ICMP_TIME_EXCEEDED) || (*quoted).vihl != 0x45 {
@@ -94,7 +95,7 @@ fn parse_error<P: Packet>(pkt: &P, ip: *const Ipv4Hdr, icmp: *const [u8; 8]) -> 
         // The fields a translation rewrites must be in the packet the IP header
         // describes, not in the frame's padding beyond it: the receiver trims that
         // away, and with it what the checksum was folded over.
-        if usize::from(ip_len) < QUOTED_PORTS_END - ETH_LEN {
+        if usize::from(ip_len) < QUOTED_PORTS + 4 - ETH_LEN {
             return None;
         }
         let ports = ports.read_unaligned();
@@ -231,8 +232,8 @@ fn rewrite<P: Packet>(pkt: &P, error: &IcmpError, sent: &CtKey, outer_src: Addr)
         }
     }
     let ports = [
-        (QUOTED_OFF + 20, quoted.sport, sent.sport),
-        (QUOTED_OFF + 22, quoted.dport, sent.dport),
+        (QUOTED_PORTS, quoted.sport, sent.sport),
+        (QUOTED_PORTS + 2, quoted.dport, sent.dport),
     ];
     for (offset, old, new) in ports {
         if old != new {

@@ -86,12 +86,16 @@ pub fn announce<P: Packet>(pkt: &P, flow: &Flow, helper: u8, now: u64) {
     counters::event(EV_EXPECTED);
 }
 
+/// Where a TFTP request's opcode ends in its UDP header and payload.
+const TFTP_OPCODE_END: u16 = 8 + 2;
+
 /// Whether the packet is one that announces a related flow for this helper.
 #[inline(always)]
 fn announces<P: Packet>(pkt: &P, flow: &Flow, helper: u8) -> bool {
     match helper {
-        // A read or write request: its opcode opens the UDP payload (RFC 1350).
-        HELPER_TFTP if flow.key.proto == PROTO_UDP => {
+        // A read or write request: its opcode opens the UDP payload (RFC 1350), which
+        // must hold it (not the frame's padding past the IP length).
+        HELPER_TFTP if flow.key.proto == PROTO_UDP && flow.l4_len >= TFTP_OPCODE_END => {
             let Some(opcode) = pkt.ptr_at::<[u8; 2]>(flow.l4_off + 8) else {
                 return false;
             };

@@ -147,12 +147,20 @@ fn hash_buckets(slots: &[Backend], previous: (&[Backend], &[u32])) -> Vec<u32> {
 }
 
 /// FNV-1a over an endpoint's address and port, with a seed: Maglev's two hashes.
+/// An IPv4 address is hashed as its four bytes (as before IPv6: the tables of IPv4
+/// services stay what they were), an IPv6 address as its sixteen (its first four
+/// alone are its prefix's, the same for a whole subnet of backends).
 fn endpoint_hash(backend: &Backend, seed: u64) -> u64 {
     let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ seed;
-    let bytes = backend
-        .addr
-        .v4_octets()
-        .into_iter()
+    let octets = backend.addr.v6_octets();
+    let significant = if octets[4..].iter().all(|b| *b == 0) {
+        4
+    } else {
+        16
+    };
+    let bytes = octets[..significant]
+        .iter()
+        .copied()
         .chain(backend.port.to_ne_bytes());
     for byte in bytes {
         hash ^= u64::from(byte);
@@ -267,16 +275,29 @@ mod tests {
     use super::*;
 
     fn backends(weights: &[u32]) -> Vec<Backend> {
+        backends_at(weights, |i| Addr::from_v4_octets([10, 244, 1, i]))
+    }
+
+    /// Backends whose addresses `addr` makes of 1, 2, …
+    fn backends_at(weights: &[u32], addr: fn(u8) -> Addr) -> Vec<Backend> {
         weights
             .iter()
             .enumerate()
             .map(|(i, w)| Backend {
-                addr: Addr::from_v4_octets([10, 244, 1, i as u8 + 1]),
+                addr: addr(i as u8 + 1),
                 port: 8080,
                 weight: *w,
                 ..Default::default()
             })
             .collect()
+    }
+
+    /// IPv6 backends of one /64, told apart by their last byte only.
+    fn ipv6_backend(i: u8) -> Addr {
+        let mut octets = [0u8; 16];
+        octets[..4].copy_from_slice(&[0xfd, 0, 0x02, 0x44]);
+        octets[15] = i;
+        Addr::from_v6_octets(octets)
     }
 
     #[test]
@@ -318,7 +339,14 @@ mod tests {
 
     #[test]
     fn maglev_spreads_evenly_and_moves_little_when_a_backend_goes() {
-        let slots = backends(&[1; 100]);
+        maglev_spreads_evenly_and_moves_little_when_a_backend_goes_at(backends(&[1; 100]));
+        maglev_spreads_evenly_and_moves_little_when_a_backend_goes_at(backends_at(
+            &[1; 100],
+            ipv6_backend,
+        ));
+    }
+
+    fn maglev_spreads_evenly_and_moves_little_when_a_backend_goes_at(slots: Vec<Backend>) {
         let ring = maglev_ring(&slots, MAGLEV_TABLE_SIZE as usize);
         let mut counts = vec![0usize; 100];
         for slot in &ring {

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod command;
+pub mod frames;
 pub mod guest;
 pub mod manifests;
 pub mod netns;

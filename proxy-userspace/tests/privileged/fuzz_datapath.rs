@@ -75,11 +75,14 @@ fn corpus(net: &Net) -> Vec<Vec<u8>> {
             let first_fragment = [UDP, 0, 0x00, 0x01, 0, 0, 0, 7];
             let later_fragment = [UDP, 0, 0x00, 0x08, 0, 0, 0, 7];
             let routed_here = [UDP, 0, 4, 0, 0, 0, 0, 0];
+            let pad = |next: u8| [next, 0, 1, 4, 0, 0, 0, 0];
+            let misplaced = [pad(HOP_BY_HOP), pad(UDP)];
             frames.extend([
                 packet_with((client, 40004), (vip, 80), syn, b"", extensions),
                 with_headers(&question, FRAGMENT, &[first_fragment]),
                 with_headers(&question, FRAGMENT, &[later_fragment]),
                 with_headers(&question, ROUTING, &[routed_here]),
+                with_headers(&question, DEST_OPTIONS, &misplaced),
                 question,
             ]);
         }
@@ -95,63 +98,38 @@ struct Field {
     mask: u16,
 }
 
-const IPV4_FIELDS: [Field; 4] = [
-    // The header length (the version nibble stays).
-    Field {
-        at: 14,
-        bytes: 1,
-        mask: 0x0f,
-    },
-    Field {
-        at: 16,
-        bytes: 2,
-        mask: 0xffff,
-    }, // total length
-    Field {
-        at: 20,
-        bytes: 2,
-        mask: 0xffff,
-    }, // flags and fragment offset
-    Field {
-        at: 23,
-        bytes: 1,
-        mask: 0xff,
-    }, // protocol
+const fn field(at: usize, bytes: usize, mask: u16) -> Field {
+    Field { at, bytes, mask }
+}
+
+/// IPv4's: the header length (the version nibble stays), total length, flags and
+/// fragment offset, protocol; in an ICMP error, the quoted protocol and source port.
+const IPV4_FIELDS: [Field; 6] = [
+    field(14, 1, 0x0f),
+    field(16, 2, 0xffff),
+    field(20, 2, 0xffff),
+    field(23, 1, 0xff),
+    field(51, 1, 0xff),
+    field(62, 2, 0xffff),
 ];
 
-const IPV6_FIELDS: [Field; 5] = [
-    Field {
-        at: 18,
-        bytes: 2,
-        mask: 0xffff,
-    }, // payload length
-    Field {
-        at: 20,
-        bytes: 1,
-        mask: 0xff,
-    }, // next header
-    // The first extension header's next header and length, or the transport's first
-    // bytes; then a fragment header's offset and flags.
-    Field {
-        at: 54,
-        bytes: 1,
-        mask: 0xff,
-    },
-    Field {
-        at: 55,
-        bytes: 1,
-        mask: 0xff,
-    },
-    Field {
-        at: 56,
-        bytes: 2,
-        mask: 0xffff,
-    },
+/// IPv6's: payload length, next header; the first extension header's next header and
+/// length (or the transport's first bytes), a first fragment header's offset and
+/// flags; the second extension header's next header; in an ICMPv6 error, the quoted
+/// source port.
+const IPV6_FIELDS: [Field; 7] = [
+    field(18, 2, 0xffff),
+    field(20, 1, 0xff),
+    field(54, 1, 0xff),
+    field(55, 1, 0xff),
+    field(56, 2, 0xffff),
+    field(62, 1, 0xff),
+    field(102, 2, 0xffff),
 ];
 
 /// Values worth trying in a field beside random ones: protocols and next headers
-/// the data path tells apart, lengths at the edges.
-const INTERESTING: [u16; 12] = [0, 1, 6, 17, 41, 43, 44, 58, 59, 60, 132, 0xffff];
+/// the data path tells apart (ESP and AH among them), lengths at the edges.
+const INTERESTING: [u16; 14] = [0, 1, 6, 17, 41, 43, 44, 50, 51, 58, 59, 60, 132, 0xffff];
 
 #[derive(Debug, Clone)]
 enum Mutation {
@@ -164,8 +142,8 @@ enum Mutation {
 fn mutation() -> impl Strategy<Value = Mutation> {
     let value = prop_oneof![any::<u16>(), prop::sample::select(&INTERESTING[..])];
     prop_oneof![
-        (0usize..100).prop_map(Mutation::Truncate),
-        ((0usize..100), any::<u8>()).prop_map(|(at, v)| Mutation::Set(at, v)),
+        (0usize..120).prop_map(Mutation::Truncate),
+        ((0usize..120), any::<u8>()).prop_map(|(at, v)| Mutation::Set(at, v)),
         (any::<usize>(), value).prop_map(|(field, v)| Mutation::Field(field, v)),
     ]
 }
@@ -182,7 +160,8 @@ fn mutate(mut frame: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
             Mutation::Field(index, value) => {
                 let fields: &[Field] = match ether_type(&frame) {
                     0x0800 => &IPV4_FIELDS,
-                    _ => &IPV6_FIELDS,
+                    0x86dd => &IPV6_FIELDS,
+                    _ => continue,
                 };
                 let field = &fields[index % fields.len()];
                 let end = field.at + field.bytes;
@@ -247,17 +226,33 @@ fn checksum_for(src: &[u8], dst: &[u8], protocol: u8, segment: &[u8]) -> u16 {
 }
 
 /// Gives a frame correct checksums where they can be placed, so that the properties
-/// about translated packets test our incremental updates: IPv4's header checksum
-/// whenever the header is there, and the transport's or ICMP's whenever etherparse
-/// parses the packet and it is not a fragment.
+/// about translated packets test our incremental updates.
 fn fix_checksums(frame: &mut [u8]) {
-    if frame.len() >= 34 && ether_type(frame) == 0x0800 {
-        let end = 14 + usize::from(frame[14] & 0x0f) * 4;
-        if end >= 34 && end <= frame.len() {
-            frame[24..26].copy_from_slice(&[0, 0]);
-            let sum = internet_checksum(&frame[14..end]);
-            frame[24..26].copy_from_slice(&sum.to_be_bytes());
-        }
+    fix_ipv4_header_checksum(frame, 14);
+    fix_transport_checksum(frame);
+}
+
+/// Fixes the checksum of the IPv4 header at `at`, if one is there whole: the outer
+/// header, or one an ICMP error quotes.
+fn fix_ipv4_header_checksum(frame: &mut [u8], at: usize) {
+    let Some(&vihl) = frame.get(at) else {
+        return;
+    };
+    let end = at + usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || end < at + 20 || end > frame.len() {
+        return;
+    }
+    frame[at + 10..at + 12].copy_from_slice(&[0, 0]);
+    let sum = internet_checksum(&frame[at..end]);
+    frame[at + 10..at + 12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Fixes the transport's or ICMP's checksum (first an ICMP error's quoted IPv4
+/// header's, which it covers) whenever etherparse parses the packet and it is not a
+/// fragment.
+fn fix_transport_checksum(frame: &mut [u8]) {
+    if ether_type(frame) == 0x0800 && frame.get(23) == Some(&1) {
+        fix_ipv4_header_checksum(frame, 42);
     }
     let fix = {
         let Ok(sliced) = SlicedPacket::from_ethernet(frame) else {
@@ -316,34 +311,34 @@ fn addresses(frame: &[u8]) -> Option<(IpAddr, IpAddr)> {
     }
 }
 
-/// An ICMP or ICMPv6 error frame read back, if every checksum in it holds.
-fn error_if_sound(frame: &[u8]) -> Option<SeenError> {
-    std::panic::catch_unwind(|| read_icmp_error(frame)).ok()
-}
-
 /// Whether `output` is the refusal of `input`: port unreachable from where it was
-/// sent to, back to its sender, quoting it, every checksum valid.
+/// sent to, back to its sender, quoting it, every checksum valid
+/// (`read_icmp_error`, only called on what looks like one).
 fn is_refusal(hook: Hook, input: &[u8], verdict: u32, output: &[u8]) -> bool {
     let expected_verdict = match hook {
         Hook::Xdp => XDP_PASS,
         Hook::Tc => TC_ACT_REDIRECT,
-    };
-    let (Some((sender, receiver)), Some(refusal)) = (addresses(input), error_if_sound(output))
-    else {
-        return false;
     };
     let (kind, code, quoted) = match (ether_type(input), hook) {
         (0x0800, Hook::Xdp) => (3, 3, 28),
         (0x0800, Hook::Tc) => (3, 3, 64),
         _ => (1, 4, 64),
     };
+    let Some((sender, receiver)) = addresses(input) else {
+        return false;
+    };
+    let header = output.len().checked_sub(quoted + 8);
+    let looks_like_one = verdict == expected_verdict
+        && is_icmp(output)
+        && addresses(output) == Some((receiver, sender))
+        && header.and_then(|at| output.get(at..at + 2)) == Some(&[kind, code][..]);
+    if !looks_like_one {
+        return false;
+    }
+    let refusal = read_icmp_error(output);
     let mut quote = input[14..].to_vec();
     quote.resize(quoted, 0);
-    verdict == expected_verdict
-        && refusal.kind == kind
-        && output[output.len() - quoted - 7] == code
-        && refusal.outer == (receiver, sender)
-        && refusal.quote == quote
+    refusal.kind == kind && refusal.outer == (receiver, sender) && refusal.quote == quote
 }
 
 /// Where a fragment's headers end, and whether it is a later fragment (its bytes
@@ -351,6 +346,8 @@ fn is_refusal(hook: Hook, input: &[u8], verdict: u32, output: &[u8]) -> bool {
 struct Fragment {
     headers_end: usize,
     later: bool,
+    /// The transport protocol it carries (a part of).
+    protocol: u8,
 }
 
 fn fragment_of(frame: &[u8]) -> Option<Fragment> {
@@ -361,6 +358,7 @@ fn fragment_of(frame: &[u8]) -> Option<Fragment> {
             (more || offset != 0).then(|| Fragment {
                 headers_end: 14 + usize::from(frame[14] & 0x0f) * 4,
                 later: offset != 0,
+                protocol: frame[23],
             })
         }
         0x86dd => {
@@ -375,6 +373,7 @@ fn fragment_of(frame: &[u8]) -> Option<Fragment> {
                     matches!(header, Ipv6ExtensionSlice::Fragment(f)
                         if f.fragment_offset().value() != 0)
                 }),
+                protocol: payload.ip_number.0,
             })
         }
         _ => None,
@@ -404,29 +403,31 @@ fn check_output(
     if output == input {
         return Ok(());
     }
+    // What changed was translated: every checksum must follow, whether the input's
+    // held or not (a correct incremental update leaves the one's-complement sum over
+    // what a checksum covers as it was).
     if let Some(fragment) = fragment_of(input) {
-        // A fragment of a tracked flow: its addresses change; IPv4's header checksum
-        // stays as valid as it came (the generator cannot always make it valid:
-        // etherparse drops the reserved flag bit), and a later fragment's bytes
-        // beyond its headers are untouched (it has no ports). A first fragment's
-        // transport checksum covers the whole datagram: not checkable from one.
+        // A fragment of a tracked flow: its addresses change; a later one's bytes
+        // beyond its headers are untouched (it has no ports); a first one's
+        // transport checksum covers the whole datagram, whose pseudo-header length
+        // is unknown here but the same before and after.
         let end = fragment.headers_end;
         prop_assert!(end <= output.len(), "a header past the frame was rewritten");
-        if ether_type(input) == 0x0800 {
-            prop_assert_eq!(
-                internet_checksum(&output[14..end]) == 0,
-                internet_checksum(&input[14..end]) == 0,
-                "IP checksum"
-            );
-        }
         if fragment.later {
             prop_assert_eq!(&output[end..], &input[end..], "payload touched");
         }
-    } else if is_icmp(output) {
-        // An error about a tracked flow, translated: sound if it came sound.
         prop_assert_eq!(
-            error_if_sound(output).is_some(),
-            error_if_sound(input).is_some(),
+            fragment_sums(output, &fragment),
+            fragment_sums(input, &fragment),
+            "a fragment's checksums: {:02x?}",
+            output
+        );
+    } else if is_icmp(input) && is_icmp(output) {
+        // An error about a tracked flow, translated.
+        prop_assert!(output.len() >= 14 + 20 + 8 + 20 + 4, "{output:02x?}");
+        prop_assert_eq!(
+            error_sums(output),
+            error_sums(input),
             "a translated error's checksums: {:02x?}",
             output
         );
@@ -440,6 +441,55 @@ fn check_output(
         );
     }
     Ok(())
+}
+
+/// The IP packet's end in a frame (its length field's, or the frame's if shorter).
+fn ip_end(frame: &[u8]) -> usize {
+    let end = match ether_type(frame) {
+        0x0800 => 14 + usize::from(u16::from_be_bytes([frame[16], frame[17]])),
+        _ => 54 + usize::from(u16::from_be_bytes([frame[18], frame[19]])),
+    };
+    end.min(frame.len())
+}
+
+/// The sums over what an ICMP error's checksums cover: IPv4's header, the ICMP
+/// message and the quoted IPv4 header; or ICMPv6's pseudo-header and message.
+fn error_sums(frame: &[u8]) -> Vec<u16> {
+    let end = ip_end(frame);
+    match ether_type(frame) {
+        0x0800 => vec![
+            internet_checksum(&frame[14..34]),
+            internet_checksum(&frame[34..end.max(34)]),
+            internet_checksum(&frame[42..62]),
+        ],
+        _ => {
+            let message = &frame[54..end.max(54)];
+            let mut summed = frame[22..54].to_vec();
+            summed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            summed.extend_from_slice(&[0, 0, 0, 58]);
+            summed.extend_from_slice(message);
+            vec![internet_checksum(&summed)]
+        }
+    }
+}
+
+/// The sums over what a fragment's checksums cover: IPv4's header; and the addresses
+/// with the transport bytes a first fragment holds (unless UDP's checksum is zero,
+/// "none", which stays zero).
+fn fragment_sums(frame: &[u8], fragment: &Fragment) -> Vec<u16> {
+    let (addresses, header) = match ether_type(frame) {
+        0x0800 => (&frame[26..34], Some(&frame[14..fragment.headers_end])),
+        _ => (&frame[22..54], None),
+    };
+    let mut sums: Vec<u16> = header.map(internet_checksum).into_iter().collect();
+    let transport = &frame[fragment.headers_end..ip_end(frame).max(fragment.headers_end)];
+    let unchecked_udp = fragment.protocol == 17 && transport.get(6..8) == Some(&[0, 0][..]);
+    if !fragment.later && !unchecked_udp {
+        let mut summed = addresses.to_vec();
+        summed.extend_from_slice(transport);
+        sums.push(internet_checksum(&summed));
+    }
+    sums
 }
 
 fn cases() -> u32 {
@@ -491,6 +541,7 @@ fn random_and_mutated_packets_pass_cleanly_or_are_translated_correctly() {
         ..ProptestConfig::default()
     };
     let dp = std::cell::RefCell::new(dp);
+    let runs = std::cell::Cell::new(0u32);
     proptest!(config, |(
         seed in 0..corpus.len(),
         mutations in prop::collection::vec(mutation(), 0..4),
@@ -509,20 +560,32 @@ fn random_and_mutated_packets_pass_cleanly_or_are_translated_correctly() {
         // the skb harness takes no IPv4 frame shorter than an IPv4 header, and some
         // other generated frames) tells nothing about the programs.
         if let Ok((verdict, output)) = dp.try_xdp(&input) {
+            runs.set(runs.get() + 1);
             check_output(Hook::Xdp, &input, verdict, &output)?;
         }
         if let Ok((verdict, output)) = dp.try_tc(&input) {
+            runs.set(runs.get() + 1);
             check_output(Hook::Tc, &input, verdict, &output)?;
         }
     });
-    // No garbage in conntrack: every original entry is for a programmed frontend.
+    // The harness ran most inputs (each goes through two hooks).
+    assert!(
+        runs.get() > cases(),
+        "{} runs of {} cases",
+        runs.get(),
+        cases()
+    );
+    // No garbage in conntrack: every original entry is for a programmed frontend;
+    // and the corpus's flows were opened.
     let dp = dp.into_inner();
     let tables = dp.tables();
+    let mut originals = 0;
     for entry in tables.conntrack.iter() {
         let (key, value) = entry.expect("read");
         if value.flags & proxy_common::CT_F_REPLY != 0 {
             continue;
         }
+        originals += 1;
         let family = Family::from_number(key.family).expect("a family");
         let dst = key.dst.to_ip(family);
         assert!(
@@ -531,4 +594,5 @@ fn random_and_mutated_packets_pass_cleanly_or_are_translated_correctly() {
         );
         assert!(matches!(key.proto, 6 | 17), "{key:?}");
     }
+    assert!(originals > 0, "no flow was opened");
 }

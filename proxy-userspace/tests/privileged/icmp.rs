@@ -106,36 +106,55 @@ fn errors_about_unknown_flows_pass_untouched() {
 }
 
 /// An error whose IP length ends before the quoted ports (the frame's padding holds
-/// the rest) is not translated: the receiver keeps what the IP length says, and the
-/// checksum would have been folded over what it drops.
+/// the rest) is not translated, through either hook: the receiver keeps what the IP
+/// length says, and the checksum would have been folded over what it drops. One
+/// that just holds them is.
 #[test]
 fn an_error_too_short_for_its_quoted_ports_passes_untouched() {
     for net in nets() {
         let mut dp = serving(&net, Protocol::Udp);
         let (translated, _) = asked(&mut dp, &net);
-        let mut error = icmp_error(
+        let error = icmp_error(
             net.pods[0],
             net.client,
             IcmpError::PortUnreachable,
             &translated,
         );
-        // ICMP header, quoted IP header, the source port only.
-        match net.family {
-            Family::V4 => {
-                error[16..18].copy_from_slice(&(20u16 + 8 + 20 + 2).to_be_bytes());
-                error[24..26].copy_from_slice(&[0, 0]);
-                let sum = internet_checksum(&error[14..34]);
-                error[24..26].copy_from_slice(&sum.to_be_bytes());
+        // ICMP header, quoted IP header and the ports, less `short` bytes.
+        let cut = |short: u16| {
+            let mut error = error.clone();
+            match net.family {
+                Family::V4 => {
+                    let total = 20u16 + 8 + 20 + 4 - short;
+                    error[16..18].copy_from_slice(&total.to_be_bytes());
+                    error[24..26].copy_from_slice(&[0, 0]);
+                    let sum = internet_checksum(&error[14..34]);
+                    error[24..26].copy_from_slice(&sum.to_be_bytes());
+                }
+                Family::V6 => {
+                    let payload = 8u16 + 40 + 4 - short;
+                    error[18..20].copy_from_slice(&payload.to_be_bytes());
+                }
             }
-            Family::V6 => error[18..20].copy_from_slice(&(8u16 + 40 + 2).to_be_bytes()),
-        }
+            error
+        };
+        let short = cut(2);
         assert_eq!(
-            dp.tc(&error),
-            (TC_ACT_OK, error.clone()),
+            dp.tc(&short),
+            (TC_ACT_OK, short.clone()),
+            "{:?}",
+            net.family
+        );
+        assert_eq!(
+            dp.xdp(&short),
+            (XDP_PASS, short.clone()),
             "{:?}",
             net.family
         );
         assert_eq!(dp.event("icmp_translated"), 0, "{:?}", net.family);
+        let (_, out) = dp.tc(&cut(0));
+        assert_ne!(out, cut(0), "{:?}: translated", net.family);
+        assert_eq!(dp.event("icmp_translated"), 1, "{:?}", net.family);
     }
 }
 

@@ -11,8 +11,10 @@ use crate::{accounting, datapath, schedulers, support::datapath::TestDatapath};
 fn least_connection_schedulers_choose_as_with_bpf_loop() {
     accounting::lc_sends_new_flows_to_the_backend_with_fewest_active_ones_on(TestDatapath::legacy);
     accounting::half_open_flows_count_inactive_and_spread_lc_as_in_ipvs_on(TestDatapath::legacy);
-    schedulers::wlc_and_sed_weigh_active_flows_on(TestDatapath::legacy);
-    schedulers::nq_prefers_an_idle_backend_whatever_its_weight_on(TestDatapath::legacy);
+    // The legacy object translates IPv4 only (README, "Kernels").
+    let [v4, _] = crate::support::families::nets();
+    schedulers::wlc_and_sed_weigh_active_flows_on(TestDatapath::legacy, &v4);
+    schedulers::nq_prefers_an_idle_backend_whatever_its_weight_on(TestDatapath::legacy, &v4);
 }
 
 #[test]

@@ -1,148 +1,230 @@
 //! Per-service policies the kernel enforces, packet by packet through
-//! BPF_PROG_TEST_RUN: `sessionAffinity: ClientIP` and `loadBalancerSourceRanges`.
+//! BPF_PROG_TEST_RUN: `sessionAffinity: ClientIP` and `loadBalancerSourceRanges`, one
+//! body per address family.
 
-use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
-use testbed::Ipv4Octets as _;
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
-use crate::support::{datapath::*, packets::*};
+use crate::support::{datapath::*, families::*, packets::*};
 use ebpf_proxy::{
-    model::{Endpoint, Frontend, FrontendKey, Protocol, SourceRange},
+    model::{Endpoint, Family, Frontend, FrontendKey, Protocol, SourceRange},
     trace::{explain, Origin},
 };
 
-const VIP: [u8; 4] = [10, 96, 0, 10];
-const LB_IP: [u8; 4] = [198, 18, 100, 1];
-const CLIENT: [u8; 4] = [198, 18, 0, 2];
-const OTHER_CLIENT: [u8; 4] = [203, 0, 113, 5];
-
-fn backends() -> Vec<Endpoint> {
-    vec![
-        local([10, 244, 1, 2], 8080),
-        local([10, 244, 1, 3], 8080),
-        local([10, 244, 1, 4], 8080),
-    ]
+/// A family's addresses beside `Net`'s: a LoadBalancer IP, clients outside the
+/// client's range, and the ranges the tests admit.
+struct Policies {
+    net: Net,
+    lb_ip: IpAddr,
+    /// A range holding the client, and another of 16 addresses.
+    client_range: &'static str,
+    other_range: &'static str,
+    /// The first address of `other_range`; `others(n)` follow it.
+    other_client: IpAddr,
+    /// The address just past `other_range`.
+    past_other_range: IpAddr,
 }
 
-fn frontend(affinity_timeout_s: u32, source_ranges: Option<Vec<SourceRange>>) -> Frontend {
+impl Policies {
+    /// Clients of `other_range`, from the `n`th on.
+    fn other(&self, n: u8) -> IpAddr {
+        match self.other_client {
+            IpAddr::V4(v4) => Ipv4Addr::from(u32::from(v4) + u32::from(n)).into(),
+            IpAddr::V6(v6) => Ipv6Addr::from(u128::from(v6) + u128::from(n)).into(),
+        }
+    }
+}
+
+fn families() -> [Policies; 2] {
+    nets().map(|net| match net.family {
+        Family::V4 => Policies {
+            net,
+            lb_ip: ip("198.18.100.1"),
+            client_range: "198.18.0.0/24",
+            other_range: "203.0.113.0/28",
+            other_client: ip("203.0.113.0"),
+            past_other_range: ip("203.0.113.16"),
+        },
+        Family::V6 => Policies {
+            net,
+            lb_ip: ip("fd00:18:100::1"),
+            client_range: "fd00:18::/64",
+            other_range: "fd00:203::/124",
+            other_client: ip("fd00:203::"),
+            past_other_range: ip("fd00:203::10"),
+        },
+    })
+}
+
+fn backends(net: &Net) -> Vec<Endpoint> {
+    let third = match net.family {
+        Family::V4 => ip("10.244.1.4"),
+        Family::V6 => ip("fd00:244:1::4"),
+    };
+    [net.pods[0], net.pods[1], third]
+        .into_iter()
+        .map(|addr| endpoint(addr, false))
+        .collect()
+}
+
+fn frontend_of(
+    net: &Net,
+    affinity_timeout_s: u32,
+    source_ranges: Option<Vec<SourceRange>>,
+) -> Frontend {
     Frontend {
         service: "test/web".into(),
         external: source_ranges.is_some(),
-        endpoints: backends(),
+        endpoints: backends(net),
         affinity_timeout_s,
         source_ranges,
         ..Default::default()
     }
 }
 
+fn web(addr: IpAddr) -> FrontendKey {
+    frontend(addr, 80, Protocol::Tcp)
+}
+
 /// The backend a new connection from `client:port` to `dst` reaches, or `None` if it
 /// was dropped.
-fn connect(dp: &mut TestDatapath, client: [u8; 4], port: u16, dst: [u8; 4]) -> Option<[u8; 4]> {
-    let (verdict, out) = dp.xdp(&tcp_packet((client, port), (dst, 80), Tcp::Syn, b""));
-    (verdict == XDP_PASS).then(|| inspect(&out).dst.0)
+fn connect(dp: &mut TestDatapath, client: IpAddr, port: u16, dst: IpAddr) -> Option<IpAddr> {
+    let syn = packet((client, port), (dst, 80), L4::Tcp(Tcp::Syn), b"");
+    let (verdict, out) = dp.xdp(&syn);
+    (verdict == XDP_PASS).then(|| inspect_ip(&out).dst.0)
 }
 
 fn backends_reached(
     dp: &mut TestDatapath,
-    client: [u8; 4],
+    net: &Net,
+    client: IpAddr,
     ports: std::ops::Range<u16>,
-) -> BTreeSet<[u8; 4]> {
+) -> BTreeSet<IpAddr> {
     ports
-        .map(|port| connect(dp, client, port, VIP).expect("translated"))
+        .map(|port| connect(dp, client, port, net.vip).expect("translated"))
         .collect()
 }
 
 #[test]
 fn without_affinity_one_client_is_spread_over_the_backends() {
-    let mut dp = TestDatapath::new();
-    dp.program_frontends(vec![(tcp(VIP, 80), frontend(0, None))]);
-    assert_eq!(backends_reached(&mut dp, CLIENT, 40000..40006).len(), 3);
-    assert_eq!(dp.event("affinity_hit"), 0);
+    for p in families() {
+        let net = &p.net;
+        let mut dp = TestDatapath::new();
+        dp.program_frontends(vec![(web(net.vip), frontend_of(net, 0, None))]);
+        let reached = backends_reached(&mut dp, net, net.client, 40000..40006);
+        assert_eq!(reached.len(), 3, "{:?}", net.family);
+        assert_eq!(dp.event("affinity_hit"), 0);
+    }
 }
 
 #[test]
 fn client_ip_affinity_keeps_a_client_on_one_backend_and_others_are_still_spread() {
-    let mut dp = TestDatapath::new();
-    dp.program_frontends(vec![(tcp(VIP, 80), frontend(3600, None))]);
-    let first = backends_reached(&mut dp, CLIENT, 40000..40030);
-    assert_eq!(first.len(), 1, "{first:?}");
-    assert_eq!(dp.event("affinity_hit"), 29);
-    // Other clients are scheduled (rr moves on) and then stick to their own backend.
-    let mut seen = BTreeSet::new();
-    for n in 0..3u8 {
-        let client = [203, 0, 113, 10 + n];
-        let reached = backends_reached(&mut dp, client, 50000..50005);
-        assert_eq!(reached.len(), 1);
-        seen.extend(reached);
+    for p in families() {
+        let net = &p.net;
+        let mut dp = TestDatapath::new();
+        dp.program_frontends(vec![(web(net.vip), frontend_of(net, 3600, None))]);
+        let first = backends_reached(&mut dp, net, net.client, 40000..40030);
+        assert_eq!(first.len(), 1, "{:?}: {first:?}", net.family);
+        assert_eq!(dp.event("affinity_hit"), 29);
+        // Other clients are scheduled (rr moves on) and then stick to their own backend.
+        let mut seen = BTreeSet::new();
+        for n in 0..3u8 {
+            let reached = backends_reached(&mut dp, net, p.other(10 + n), 50000..50005);
+            assert_eq!(reached.len(), 1, "{:?}", net.family);
+            seen.extend(reached);
+        }
+        assert_eq!(seen.len(), 3, "rr still spreads new clients: {seen:?}");
     }
-    assert_eq!(seen.len(), 3, "rr still spreads new clients: {seen:?}");
 }
 
 #[test]
 fn affinity_expires_after_its_timeout() {
-    let mut dp = TestDatapath::new();
-    dp.program_frontends(vec![(tcp(VIP, 80), frontend(1, None))]);
-    let first = connect(&mut dp, CLIENT, 40000, VIP);
-    assert_eq!(
-        connect(&mut dp, CLIENT, 40001, VIP),
-        first,
-        "within the timeout"
-    );
+    let mut bound = Vec::new();
+    let mut dps = Vec::new();
+    for p in families() {
+        let net = &p.net;
+        let mut dp = TestDatapath::new();
+        dp.program_frontends(vec![(web(net.vip), frontend_of(net, 1, None))]);
+        let first = connect(&mut dp, net.client, 40000, net.vip);
+        assert_eq!(
+            connect(&mut dp, net.client, 40001, net.vip),
+            first,
+            "{:?}: within the timeout",
+            net.family
+        );
+        bound.push((p, first));
+        dps.push(dp);
+    }
     // The timeout runs from the last new flow; the coarse clock ticks every few ms.
     std::thread::sleep(Duration::from_millis(1300));
-    let later = connect(&mut dp, CLIENT, 40002, VIP);
-    assert_ne!(later, first, "rr's next turn after the binding expired");
+    for ((p, first), mut dp) in bound.into_iter().zip(dps) {
+        let later = connect(&mut dp, p.net.client, 40002, p.net.vip);
+        assert_ne!(
+            later, first,
+            "{:?}: rr's next turn after the binding expired",
+            p.net.family
+        );
+    }
 }
 
 #[test]
 fn a_client_bound_to_a_backend_that_left_is_scheduled_afresh() {
-    let mut dp = TestDatapath::new();
-    dp.program_frontends(vec![(tcp(VIP, 80), frontend(3600, None))]);
-    let bound = connect(&mut dp, CLIENT, 40000, VIP).expect("translated");
-    let mut remaining = frontend(3600, None);
-    remaining.endpoints.retain(|e| e.addr.octets() != bound);
-    dp.program_frontends(vec![(tcp(VIP, 80), remaining)]);
-    let next = connect(&mut dp, CLIENT, 40001, VIP).expect("translated");
-    assert_ne!(next, bound);
-    // ...and is bound to the new one.
-    assert_eq!(connect(&mut dp, CLIENT, 40002, VIP), Some(next));
+    for p in families() {
+        let net = &p.net;
+        let mut dp = TestDatapath::new();
+        dp.program_frontends(vec![(web(net.vip), frontend_of(net, 3600, None))]);
+        let bound = connect(&mut dp, net.client, 40000, net.vip).expect("translated");
+        let mut remaining = frontend_of(net, 3600, None);
+        remaining.endpoints.retain(|e| e.addr != bound);
+        dp.program_frontends(vec![(web(net.vip), remaining)]);
+        let next = connect(&mut dp, net.client, 40001, net.vip).expect("translated");
+        assert_ne!(next, bound, "{:?}", net.family);
+        // ...and is bound to the new one.
+        assert_eq!(connect(&mut dp, net.client, 40002, net.vip), Some(next));
+    }
 }
 
 fn range(text: &str) -> SourceRange {
     text.parse().expect("range")
 }
 
-fn lb(port: u16) -> FrontendKey {
-    tcp(LB_IP, port)
-}
-
 #[test]
 fn source_ranges_admit_listed_clients_and_drop_the_rest() {
+    for p in families() {
+        source_ranges_admit_listed_clients_and_drop_the_rest_in(&p);
+    }
+}
+
+fn source_ranges_admit_listed_clients_and_drop_the_rest_in(p: &Policies) {
+    let net = &p.net;
+    let family = net.family;
+    let lb = web(p.lb_ip);
     let mut dp = TestDatapath::new();
     dp.program_frontends(vec![
-        (lb(80), frontend(0, Some(vec![range("198.18.0.0/24")]))),
-        (tcp(VIP, 80), frontend(0, None)),
+        (lb, frontend_of(net, 0, Some(vec![range(p.client_range)]))),
+        (web(net.vip), frontend_of(net, 0, None)),
     ]);
-    assert!(connect(&mut dp, CLIENT, 40000, LB_IP).is_some());
-    assert_eq!(connect(&mut dp, OTHER_CLIENT, 40000, LB_IP), None);
-    assert_eq!(dp.event("source_denied"), 1);
+    assert!(connect(&mut dp, net.client, 40000, p.lb_ip).is_some());
+    assert_eq!(connect(&mut dp, p.other_client, 40000, p.lb_ip), None);
+    assert_eq!(dp.event("source_denied"), 1, "{family:?}");
     // The ClusterIP of the same service is not restricted.
-    assert!(connect(&mut dp, OTHER_CLIENT, 40001, VIP).is_some());
+    assert!(connect(&mut dp, p.other_client, 40001, net.vip).is_some());
 
-    // Widening the ranges admits the other client; an empty list admits nobody;
-    // no list admits everybody.
-    dp.program_frontends(vec![(
-        lb(80),
-        frontend(
-            0,
-            Some(vec![range("198.18.0.0/24"), range("203.0.113.0/28")]),
-        ),
-    )]);
-    assert!(connect(&mut dp, OTHER_CLIENT, 40002, LB_IP).is_some());
-    assert!(connect(&mut dp, [203, 0, 113, 16], 40002, LB_IP).is_none());
-    dp.program_frontends(vec![(lb(80), frontend(0, Some(Vec::new())))]);
-    assert!(connect(&mut dp, CLIENT, 40003, LB_IP).is_none());
-    dp.program_frontends(vec![(lb(80), frontend(0, None))]);
-    assert!(connect(&mut dp, [192, 0, 2, 1], 40004, LB_IP).is_some());
+    // Widening the ranges admits the other client (the last of its range too, not
+    // the next address); an empty list admits nobody; no list admits everybody.
+    let both = vec![range(p.client_range), range(p.other_range)];
+    dp.program_frontends(vec![(lb, frontend_of(net, 0, Some(both)))]);
+    assert!(connect(&mut dp, p.other_client, 40002, p.lb_ip).is_some());
+    assert!(connect(&mut dp, p.other(15), 40002, p.lb_ip).is_some());
+    let past = connect(&mut dp, p.past_other_range, 40002, p.lb_ip);
+    assert!(past.is_none(), "{family:?}");
+    dp.program_frontends(vec![(lb, frontend_of(net, 0, Some(Vec::new())))]);
+    assert!(connect(&mut dp, net.client, 40003, p.lb_ip).is_none());
+    dp.program_frontends(vec![(lb, frontend_of(net, 0, None))]);
+    assert!(connect(&mut dp, p.past_other_range, 40004, p.lb_ip).is_some());
     // Nothing of the removed ranges is left in the map (beside the node-wide entry
     // of the tunnel peers).
     let left = dp
@@ -154,48 +236,54 @@ fn source_ranges_admit_listed_clients_and_drop_the_rest() {
             ebpf_proxy::datapath::codec::source_range_id(k) != proxy_common::TUNNEL_PEERS_ID
         })
         .count();
-    assert_eq!(left, 0);
+    assert_eq!(left, 0, "{family:?}");
 }
 
 #[test]
 fn trace_explains_source_ranges_and_affinity_as_the_kernel_decides() {
-    let mut dp = TestDatapath::new();
-    dp.program_frontends(vec![
-        (lb(80), frontend(0, Some(vec![range("198.18.0.0/24")]))),
-        (tcp(VIP, 80), frontend(3600, None)),
-    ]);
-    let trace = |dp: &TestDatapath, src: [u8; 4], dst: [u8; 4]| {
-        explain(
-            &dp.tables(),
-            &proxy_common::LoadSettings::DEFAULT,
-            Protocol::Tcp,
-            SocketAddr::from((src, 41000)),
-            SocketAddr::from((dst, 80)),
-            Origin::External,
-        )
-        .expect("trace")
-    };
-    let denied = trace(&dp, OTHER_CLIENT, LB_IP);
-    assert!(denied.backend.is_none(), "{:?}", denied.steps);
-    assert!(
-        denied.steps.iter().any(|s| s.contains("source_denied")),
-        "{:?}",
-        denied.steps
-    );
-    assert!(trace(&dp, CLIENT, LB_IP).backend.is_some());
+    for p in families() {
+        let net = &p.net;
+        let mut dp = TestDatapath::new();
+        dp.program_frontends(vec![
+            (
+                web(p.lb_ip),
+                frontend_of(net, 0, Some(vec![range(p.client_range)])),
+            ),
+            (web(net.vip), frontend_of(net, 3600, None)),
+        ]);
+        let trace = |dp: &TestDatapath, src: IpAddr, dst: IpAddr| {
+            explain(
+                &dp.tables(),
+                &proxy_common::LoadSettings::DEFAULT,
+                Protocol::Tcp,
+                (src, 41000).into(),
+                (dst, 80).into(),
+                Origin::External,
+            )
+            .expect("trace")
+        };
+        let denied = trace(&dp, p.other_client, p.lb_ip);
+        assert!(denied.backend.is_none(), "{:?}", denied.steps);
+        assert!(
+            denied.steps.iter().any(|s| s.contains("source_denied")),
+            "{:?}",
+            denied.steps
+        );
+        assert!(trace(&dp, net.client, p.lb_ip).backend.is_some());
 
-    // Once the client has a flow, the trace predicts the bound backend, which a new
-    // connection indeed reaches.
-    let bound = connect(&mut dp, CLIENT, 40000, VIP).expect("translated");
-    let explained = trace(&dp, CLIENT, VIP);
-    assert!(
-        explained
-            .steps
-            .iter()
-            .any(|s| s.contains("sessionAffinity")),
-        "{:?}",
-        explained.steps
-    );
-    assert_eq!(explained.backend.map(|b| b.ip().octets()), Some(bound));
-    assert_eq!(connect(&mut dp, CLIENT, 40001, VIP), Some(bound));
+        // Once the client has a flow, the trace predicts the bound backend, which a
+        // new connection indeed reaches.
+        let bound = connect(&mut dp, net.client, 40000, net.vip).expect("translated");
+        let explained = trace(&dp, net.client, net.vip);
+        assert!(
+            explained
+                .steps
+                .iter()
+                .any(|s| s.contains("sessionAffinity")),
+            "{:?}",
+            explained.steps
+        );
+        assert_eq!(explained.backend.map(|b| b.ip()), Some(bound));
+        assert_eq!(connect(&mut dp, net.client, 40001, net.vip), Some(bound));
+    }
 }

@@ -247,3 +247,23 @@ fn only_a_request_announces_and_only_the_backend_meets_the_expectation() {
     assert_eq!((answer.src, answer.dst), ((VIP, 50000), (POD_B, 40000)));
     assert_eq!(dp.event("related"), 1);
 }
+
+/// A datagram whose IP length ends with its UDP header announces nothing, whatever
+/// the frame's padding past it holds (a request's opcode, here).
+#[test]
+fn a_request_opcode_in_the_frame_s_padding_announces_nothing() {
+    let mut dp = TestDatapath::new();
+    dp.program_frontends(vec![tftp_frontend(
+        udp(VIP, 69),
+        local(POD_A, 69),
+        Helper::Tftp,
+    )]);
+    let mut padded = udp_packet((POD_B, 40000), (VIP, 69), b"");
+    padded.extend_from_slice(READ_REQUEST);
+    let (_, out) = dp.tc(&padded);
+    assert_eq!(inspect(&out).dst, (POD_A, 69), "translated");
+    assert_eq!(dp.event("expected"), 0);
+    // The same request inside the datagram announces.
+    dp.tc(&udp_packet((POD_B, 40001), (VIP, 69), READ_REQUEST));
+    assert_eq!(dp.event("expected"), 1);
+}

@@ -3,10 +3,14 @@
 //! connection counts the least-connection family relies on; then the same schedulers
 //! on real traffic through the agent.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr},
+    time::Duration,
+};
 use testbed::Ipv4Octets as _;
 
-use ebpf_proxy::model::{Endpoint, Scheduler};
+use ebpf_proxy::model::{Endpoint, Family, Protocol, Scheduler};
 use testbed::{
     eventually,
     manifests::{render, ServiceDef},
@@ -14,30 +18,83 @@ use testbed::{
     topology::Topology,
 };
 
-use crate::support::{cluster::*, datapath::*, packets::*, services::*};
+use crate::support::{cluster::*, datapath::*, families::*, packets::*, services::*};
 
 pub(crate) const VIP: [u8; 4] = [10, 96, 0, 10];
 
-pub(crate) fn backends(n: u8) -> Vec<Endpoint> {
-    (1..=n).map(|i| local([10, 244, 1, i], 8080)).collect()
+/// The last byte of an address: which backend a test's flow went to.
+fn last_byte(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(v4) => v4.octets()[3],
+        IpAddr::V6(v6) => v6.octets()[15],
+    }
 }
 
-fn weighted(weights: &[u32]) -> Vec<Endpoint> {
-    weights
-        .iter()
-        .enumerate()
-        .map(|(i, w)| Endpoint {
-            weight: *w,
-            ..local([10, 244, 1, i as u8 + 1], 8080)
-        })
+/// `addr` with its last byte `last`.
+fn with_last_byte(addr: IpAddr, last: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => {
+            let mut o = v4.octets();
+            o[3] = last;
+            o.into()
+        }
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[15] = last;
+            o.into()
+        }
+    }
+}
+
+/// The `i`th of many addresses of `family` in a range of their own (`range`):
+/// IPv4's differ in their last 16 bits, IPv6's only in their /64 prefix, so that a
+/// hash that read only an IPv6 address's low words would put them all in one bin
+/// (sh, dh and maglev fold every word, as IPVS does).
+fn spread(family: Family, range: u8, i: u32) -> IpAddr {
+    let [_, _, a, b] = i.to_be_bytes();
+    match family {
+        Family::V4 => IpAddr::from([198, range, a, b]),
+        Family::V6 => {
+            Ipv6Addr::new(0xfd00, range.into(), (i >> 16) as u16, i as u16, 0, 0, 0, 1).into()
+        }
+    }
+}
+
+pub(crate) fn backends(n: u8) -> Vec<Endpoint> {
+    let [v4, _] = nets();
+    pods(&v4, n)
+}
+
+/// `n` local backends in `net`'s pod range, their addresses ending in 1 to `n`.
+fn pods(net: &Net, n: u8) -> Vec<Endpoint> {
+    (1..=n)
+        .map(|i| endpoint(with_last_byte(net.pods[0], i), false))
         .collect()
+}
+
+fn weighted(net: &Net, weights: &[u32]) -> Vec<Endpoint> {
+    let mut pods = pods(net, weights.len() as u8);
+    for (pod, weight) in pods.iter_mut().zip(weights) {
+        pod.weight = *weight;
+    }
+    pods
+}
+
+/// A TCP frontend at `net`'s service address, port 80.
+fn port_80(net: &Net) -> ebpf_proxy::model::FrontendKey {
+    frontend(net.vip, 80, Protocol::Tcp)
 }
 
 /// Sends the SYN of a new flow; returns the backend's last octet.
 pub(crate) fn open(dp: &mut TestDatapath, src: [u8; 4], sport: u16, dst: [u8; 4]) -> u8 {
-    let (verdict, out) = dp.xdp(&tcp_packet((src, sport), (dst, 80), Tcp::Syn, b""));
+    open_to(dp, src.into(), sport, dst.into())
+}
+
+/// `open`, of either family.
+fn open_to(dp: &mut TestDatapath, src: IpAddr, sport: u16, dst: IpAddr) -> u8 {
+    let (verdict, out) = dp.xdp(&packet((src, sport), (dst, 80), L4::Tcp(Tcp::Syn), b""));
     assert_eq!(verdict, XDP_PASS);
-    inspect(&out).dst.0[3]
+    last_byte(inspect_ip(&out).dst.0)
 }
 
 /// Opens a flow with a complete handshake, so that it counts as active; returns the
@@ -68,115 +125,147 @@ fn chi_square(counts: &BTreeMap<u8, usize>, k: usize) -> f64 {
 
 #[test]
 fn wrr_splits_new_flows_exactly_by_weight() {
-    let mut dp = TestDatapath::new();
-    dp.program_with(Scheduler::Wrr, &[(tcp(VIP, 80), weighted(&[3, 2, 1]))]);
-    let counts = count_choices((0..600).map(|i| open(&mut dp, [198, 18, 0, 2], 10_000 + i, VIP)));
-    assert_eq!(
-        counts.values().copied().collect::<Vec<_>>(),
-        vec![300, 200, 100]
-    );
+    for net in nets() {
+        let mut dp = TestDatapath::new();
+        dp.program_with(
+            Scheduler::Wrr,
+            &[(port_80(&net), weighted(&net, &[3, 2, 1]))],
+        );
+        let counts =
+            count_choices((0..600).map(|i| open_to(&mut dp, net.client, 10_000 + i, net.vip)));
+        assert_eq!(
+            counts.values().copied().collect::<Vec<_>>(),
+            vec![300, 200, 100],
+            "{:?}",
+            net.family
+        );
+    }
 }
 
 #[test]
 fn weight_zero_takes_a_backend_out_of_rotation() {
-    let mut dp = TestDatapath::new();
-    dp.program_with(Scheduler::Rr, &[(tcp(VIP, 80), weighted(&[1, 0, 1]))]);
-    let counts = count_choices((0..100).map(|i| open(&mut dp, [198, 18, 0, 2], 10_000 + i, VIP)));
-    assert_eq!(counts, BTreeMap::from([(1, 50), (3, 50)]));
+    for net in nets() {
+        let mut dp = TestDatapath::new();
+        dp.program_with(
+            Scheduler::Rr,
+            &[(port_80(&net), weighted(&net, &[1, 0, 1]))],
+        );
+        let counts =
+            count_choices((0..100).map(|i| open_to(&mut dp, net.client, 10_000 + i, net.vip)));
+        assert_eq!(
+            counts,
+            BTreeMap::from([(1, 50), (3, 50)]),
+            "{:?}",
+            net.family
+        );
+    }
 }
 
 #[test]
 fn sh_keeps_a_source_on_one_backend_and_spreads_sources_evenly() {
-    let mut dp = TestDatapath::new();
-    dp.program_with(Scheduler::Sh, &[(tcp(VIP, 80), backends(4))]);
-    for client in 1..20u8 {
-        let choices = count_choices(
-            (0..10).map(|port| open(&mut dp, [198, 18, 1, client], 20_000 + port, VIP)),
+    for net in nets() {
+        let mut dp = TestDatapath::new();
+        dp.program_with(Scheduler::Sh, &[(port_80(&net), pods(&net, 4))]);
+        for client in 1..20u32 {
+            let source = spread(net.family, 18, 0x100 + client);
+            let choices =
+                count_choices((0..10).map(|port| open_to(&mut dp, source, 20_000 + port, net.vip)));
+            assert_eq!(choices.len(), 1, "{source}: {choices:?}");
+        }
+        let counts = count_choices(
+            (0..2000u32).map(|i| open_to(&mut dp, spread(net.family, 19, i * 7), 30_000, net.vip)),
         );
-        assert_eq!(choices.len(), 1, "client {client}: {choices:?}");
+        // 3 degrees of freedom: 16.27 is the p = 0.001 critical value.
+        assert!(
+            chi_square(&counts, 4) < 16.27,
+            "{:?}: {counts:?}",
+            net.family
+        );
     }
-    let counts = count_choices((0..2000u32).map(|i| {
-        let [_, _, a, b] = (0x0a00_0000 + i * 7).to_be_bytes();
-        open(&mut dp, [198, 19, a, b], 30_000, VIP)
-    }));
-    // 3 degrees of freedom: 16.27 is the p = 0.001 critical value.
-    assert!(chi_square(&counts, 4) < 16.27, "{counts:?}");
 }
 
 #[test]
 fn dh_keeps_a_destination_on_one_backend_and_spreads_destinations_evenly() {
-    let mut dp = TestDatapath::new();
-    // One frontend per destination address, all with the same four backends.
-    let frontends: Vec<_> = (0..400u32)
-        .map(|i| {
-            let [_, _, a, b] = (0x0100 + i).to_be_bytes();
-            (tcp([198, 18, a, b], 80), backends(4))
-        })
-        .collect();
-    dp.program_with(Scheduler::Dh, &frontends);
-    let mut per_destination = Vec::new();
-    for (key, _) in &frontends {
-        let ebpf_proxy::model::Listen::Address(dst) = key.listen else {
-            unreachable!()
-        };
-        let choices = count_choices((0..3).map(|c| {
-            open(
-                &mut dp,
-                [198, 20, 0, c],
-                40_000 + u16::from(c),
-                dst.octets(),
-            )
-        }));
-        assert_eq!(choices.len(), 1, "{dst}: {choices:?}");
-        per_destination.push(*choices.keys().next().expect("one"));
+    for net in nets() {
+        let mut dp = TestDatapath::new();
+        // One frontend per destination address, all with the same four backends.
+        let destinations: Vec<IpAddr> = (0..400u32)
+            .map(|i| spread(net.family, 18, 0x100 + i))
+            .collect();
+        let frontends: Vec<_> = destinations
+            .iter()
+            .map(|dst| (frontend(*dst, 80, Protocol::Tcp), pods(&net, 4)))
+            .collect();
+        dp.program_with(Scheduler::Dh, &frontends);
+        let mut per_destination = Vec::new();
+        for dst in &destinations {
+            let choices = count_choices((0..3u16).map(|c| {
+                let client = spread(net.family, 20, c.into());
+                open_to(&mut dp, client, 40_000 + c, *dst)
+            }));
+            assert_eq!(choices.len(), 1, "{dst}: {choices:?}");
+            per_destination.push(*choices.keys().next().expect("one"));
+        }
+        let counts = count_choices(per_destination);
+        assert!(
+            chi_square(&counts, 4) < 16.27,
+            "{:?}: {counts:?}",
+            net.family
+        );
     }
-    assert!(
-        chi_square(&count_choices(per_destination.clone()), 4) < 16.27,
-        "{:?}",
-        count_choices(per_destination)
-    );
 }
 
 #[test]
 fn random_spreads_evenly() {
-    let mut dp = TestDatapath::new();
-    dp.program_with(Scheduler::Random, &[(tcp(VIP, 80), backends(4))]);
-    let counts = count_choices((0..2000).map(|i| open(&mut dp, [198, 18, 0, 2], 10_000 + i, VIP)));
-    assert!(chi_square(&counts, 4) < 16.27, "{counts:?}");
+    for net in nets() {
+        let mut dp = TestDatapath::new();
+        dp.program_with(Scheduler::Random, &[(port_80(&net), pods(&net, 4))]);
+        let counts =
+            count_choices((0..2000).map(|i| open_to(&mut dp, net.client, 10_000 + i, net.vip)));
+        assert!(
+            chi_square(&counts, 4) < 16.27,
+            "{:?}: {counts:?}",
+            net.family
+        );
+    }
 }
 
 #[test]
 fn maglev_moves_only_the_removed_backends_share_of_flows() {
+    for net in nets() {
+        maglev_moves_only_the_removed_backends_share_of_flows_in(&net);
+    }
+}
+
+fn maglev_moves_only_the_removed_backends_share_of_flows_in(net: &Net) {
     let mut dp = TestDatapath::new();
-    let all = backends(100);
-    dp.program_with(Scheduler::Maglev, &[(tcp(VIP, 80), all.clone())]);
-    let flows: Vec<([u8; 4], u16)> = (0..20_000u32)
-        .map(|i| {
-            let [_, _, a, b] = i.to_be_bytes();
-            ([198, 21, a, b], 10_000 + (i % 1000) as u16)
-        })
+    let all = pods(net, 100);
+    dp.program_with(Scheduler::Maglev, &[(port_80(net), all.clone())]);
+    let flows: Vec<(IpAddr, u16)> = (0..20_000u32)
+        .map(|i| (spread(net.family, 21, i), 10_000 + (i % 1000) as u16))
         .collect();
-    let before: Vec<u8> = flows
-        .iter()
-        .map(|(src, port)| open(&mut dp, *src, *port, VIP))
-        .collect();
+    let open_all = |dp: &mut TestDatapath| -> Vec<u8> {
+        flows
+            .iter()
+            .map(|(src, port)| open_to(dp, *src, *port, net.vip))
+            .collect()
+    };
+    let before = open_all(&mut dp);
     let spread = count_choices(before.iter().copied());
     assert!(
         spread.values().all(|c| (140..=265).contains(c)),
-        "uneven: {spread:?}"
+        "{:?}: uneven: {spread:?}",
+        net.family
     );
     // Remove backend .50 and forget every flow, so each is scheduled afresh.
     let remaining: Vec<Endpoint> = all
         .iter()
-        .filter(|e| e.addr.octets()[3] != 50)
+        .filter(|e| last_byte(e.addr) != 50)
         .copied()
         .collect();
-    dp.program_with(Scheduler::Maglev, &[(tcp(VIP, 80), remaining)]);
+    dp.program_with(Scheduler::Maglev, &[(port_80(net), remaining)]);
     dp.flush_conntrack();
-    let after: Vec<u8> = flows
-        .iter()
-        .map(|(src, port)| open(&mut dp, *src, *port, VIP))
-        .collect();
+    let after = open_all(&mut dp);
     let on_removed = before.iter().filter(|b| **b == 50).count();
     let moved_elsewhere = before
         .iter()
@@ -188,51 +277,65 @@ fn maglev_moves_only_the_removed_backends_share_of_flows() {
     let extra = moved_elsewhere as f64 / flows.len() as f64;
     assert!(
         extra < 0.01,
-        "{moved_elsewhere} flows of remaining backends moved ({:.2}%), {on_removed} had to",
+        "{:?}: {moved_elsewhere} flows of remaining backends moved ({:.2}%), {on_removed} had to",
+        net.family,
         extra * 100.0
     );
 }
 
 #[test]
 fn wlc_and_sed_weigh_active_flows() {
-    wlc_and_sed_weigh_active_flows_on(TestDatapath::new);
+    for net in nets() {
+        wlc_and_sed_weigh_active_flows_on(TestDatapath::new, &net);
+    }
 }
 
-/// Also run on the legacy object (`legacy_kernels`).
-pub(crate) fn wlc_and_sed_weigh_active_flows_on(load: fn() -> TestDatapath) {
+/// Also run on the legacy object (`legacy_kernels`), IPv4's `net`.
+pub(crate) fn wlc_and_sed_weigh_active_flows_on(load: fn() -> TestDatapath, net: &Net) {
     let mut dp = load();
-    dp.program_with(Scheduler::Wlc, &[(tcp(VIP, 80), weighted(&[1, 3]))]);
-    let spread = count_choices((0..8).map(|i| established(&mut dp, [198, 18, 0, 2], 1000 + i)));
-    assert_eq!(spread, BTreeMap::from([(1, 2), (2, 6)]));
+    dp.program_with(Scheduler::Wlc, &[(port_80(net), weighted(net, &[1, 3]))]);
+    let spread = count_choices((0..8).map(|i| established_in(&mut dp, net, 1000 + i)));
+    assert_eq!(spread, BTreeMap::from([(1, 2), (2, 6)]), "{:?}", net.family);
 
     let mut dp = load();
-    dp.program_with(Scheduler::Sed, &[(tcp(VIP, 80), weighted(&[1, 3]))]);
+    dp.program_with(Scheduler::Sed, &[(port_80(net), weighted(net, &[1, 3]))]);
     // (a+1)/w: the heavy backend takes the first two ((0+1)/3 and (1+1)/3 < 1/1), and
     // for every further 4 flows, 3 go to it.
     let first: Vec<u8> = (0..2)
-        .map(|i| established(&mut dp, [198, 18, 0, 2], 1000 + i))
+        .map(|i| established_in(&mut dp, net, 1000 + i))
         .collect();
-    assert_eq!(first, vec![2, 2]);
-    let next = count_choices((0..6).map(|i| established(&mut dp, [198, 18, 0, 2], 2000 + i)));
-    assert_eq!(next, BTreeMap::from([(1, 2), (2, 4)]));
+    assert_eq!(first, vec![2, 2], "{:?}", net.family);
+    let next = count_choices((0..6).map(|i| established_in(&mut dp, net, 2000 + i)));
+    assert_eq!(next, BTreeMap::from([(1, 2), (2, 4)]), "{:?}", net.family);
+}
+
+/// `established`, from `net`'s client to its service address, port 80.
+fn established_in(dp: &mut TestDatapath, net: &Net, sport: u16) -> u8 {
+    last_byte(dp.establish_ip((net.client, sport), (net.vip, 80)).0)
 }
 
 #[test]
 fn nq_prefers_an_idle_backend_whatever_its_weight() {
-    nq_prefers_an_idle_backend_whatever_its_weight_on(TestDatapath::new);
+    for net in nets() {
+        nq_prefers_an_idle_backend_whatever_its_weight_on(TestDatapath::new, &net);
+    }
 }
 
-/// Also run on the legacy object (`legacy_kernels`).
-pub(crate) fn nq_prefers_an_idle_backend_whatever_its_weight_on(load: fn() -> TestDatapath) {
+/// Also run on the legacy object (`legacy_kernels`), IPv4's `net`.
+pub(crate) fn nq_prefers_an_idle_backend_whatever_its_weight_on(
+    load: fn() -> TestDatapath,
+    net: &Net,
+) {
     let mut dp = load();
-    dp.program_with(Scheduler::Nq, &[(tcp(VIP, 80), weighted(&[1, 100]))]);
+    dp.program_with(Scheduler::Nq, &[(port_80(net), weighted(net, &[1, 100]))]);
     let first: Vec<u8> = (0..2)
-        .map(|i| established(&mut dp, [198, 18, 0, 2], 1000 + i))
+        .map(|i| established_in(&mut dp, net, 1000 + i))
         .collect();
     assert_eq!(
         count_choices(first),
         BTreeMap::from([(1, 1), (2, 1)]),
-        "each idle backend gets one"
+        "{:?}: each idle backend gets one",
+        net.family
     );
 }
 

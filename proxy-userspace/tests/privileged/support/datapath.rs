@@ -2,7 +2,7 @@
 //! BPF_PROG_TEST_RUN; everything is unpinned when the guard drops, also on panic.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -21,7 +21,7 @@ use ebpf_proxy::{
 };
 use proxy_common::{Addr, CtEntry, CtKey, LoadSettings, PROTO_TCP};
 
-use super::packets::{inspect, tcp_packet, Seen, Tcp, XDP_PASS};
+use super::packets::{inspect_ip, packet, Seen, Tcp, L4, XDP_PASS};
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The test node is dual-stack: its IPv6 address (the IPv6 masquerade source).
@@ -219,15 +219,30 @@ impl TestDatapath {
     /// and a local backend make it (SYN in on the uplink, SYN-ACK in on the pod
     /// interface, ACK in on the uplink); returns the backend the flow went to.
     pub fn establish(&mut self, client: ([u8; 4], u16), frontend: ([u8; 4], u16)) -> Seen {
-        let (verdict, out) = self.xdp(&tcp_packet(client, frontend, Tcp::Syn, b""));
-        assert_eq!(verdict, XDP_PASS);
-        let backend = inspect(&out).dst;
-        let _ = self.tc(&tcp_packet(backend, client, Tcp::SynAck, b""));
-        let _ = self.xdp(&tcp_packet(client, frontend, Tcp::Ack, b""));
+        let v4 = |(addr, port): ([u8; 4], u16)| (IpAddr::from(addr), port);
+        let (backend, port) = self.establish_ip(v4(client), v4(frontend));
+        let IpAddr::V4(backend) = backend else {
+            unreachable!("an IPv4 flow's backend is IPv4")
+        };
         Seen {
             src: client,
-            dst: backend,
+            dst: (backend.octets(), port),
         }
+    }
+
+    /// `establish`, of either family; returns the backend.
+    pub fn establish_ip(
+        &mut self,
+        client: (IpAddr, u16),
+        frontend: (IpAddr, u16),
+    ) -> (IpAddr, u16) {
+        let syn = L4::Tcp(Tcp::Syn);
+        let (verdict, out) = self.xdp(&packet(client, frontend, syn, b""));
+        assert_eq!(verdict, XDP_PASS);
+        let backend = inspect_ip(&out).dst;
+        let _ = self.tc(&packet(backend, client, L4::Tcp(Tcp::SynAck), b""));
+        let _ = self.xdp(&packet(client, frontend, L4::Tcp(Tcp::Ack), b""));
+        backend
     }
 
     /// The original conntrack entry of a flow, as the client sent it.

@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 
 use etherparse::{
-    IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header,
-    Ipv6RawExtHeader, NetSlice, PacketBuilder, SlicedPacket, TransportSlice,
+    IpFragOffset, IpHeaders, IpNumber, Ipv6Extensions, Ipv6FragmentHeader, Ipv6RawExtHeader,
+    NetSlice, PacketBuilder, SlicedPacket, TransportSlice,
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -262,39 +262,27 @@ pub fn packet_with(
     payload: &[u8],
     extensions: Extensions,
 ) -> Vec<u8> {
-    let ip = match (src.0, dst.0) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            assert_eq!(extensions, Extensions::default(), "extensions are IPv6's");
-            IpHeaders::Ipv4(
-                Ipv4Header::new(0, 64, IpNumber::TCP, s.octets(), d.octets()).expect("header"),
-                Default::default(),
-            )
+    let mut ip = testbed::frames::ip_headers(src.0, dst.0);
+    match &mut ip {
+        IpHeaders::Ipv4(..) => {
+            assert_eq!(extensions, Extensions::default(), "extensions are IPv6's")
         }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
+        IpHeaders::Ipv6(_, headers) => {
             // Four bytes of PadN: an option header of eight bytes in all.
             let padding = [1u8, 4, 0, 0, 0, 0];
             let option = |on: bool| {
                 on.then(|| Ipv6RawExtHeader::new_raw(IpNumber::TCP, &padding).expect("ext"))
             };
-            IpHeaders::Ipv6(
-                Ipv6Header {
-                    hop_limit: 64,
-                    source: s.octets(),
-                    destination: d.octets(),
-                    ..Default::default()
-                },
-                Ipv6Extensions {
-                    hop_by_hop_options: option(extensions.hop_by_hop),
-                    destination_options: option(extensions.destination_options),
-                    fragment: extensions.atomic_fragment.then(|| {
-                        Ipv6FragmentHeader::new(IpNumber::TCP, IpFragOffset::ZERO, false, 7)
-                    }),
-                    ..Default::default()
-                },
-            )
+            *headers = Ipv6Extensions {
+                hop_by_hop_options: option(extensions.hop_by_hop),
+                destination_options: option(extensions.destination_options),
+                fragment: extensions
+                    .atomic_fragment
+                    .then(|| Ipv6FragmentHeader::new(IpNumber::TCP, IpFragOffset::ZERO, false, 7)),
+                ..Default::default()
+            };
         }
-        _ => panic!("addresses of two families"),
-    };
+    }
     let builder = PacketBuilder::ethernet2(MAC_A, MAC_B).ip(ip);
     let mut out = Vec::new();
     match l4 {
@@ -463,7 +451,12 @@ pub fn read_icmp_error(frame: &[u8]) -> SeenError {
             let ip = &frame[14..34];
             assert_eq!(internet_checksum(ip), 0, "outer IP checksum");
             assert_eq!(ip[9], 1, "ICMP");
-            assert_eq!(internet_checksum(&frame[34..]), 0, "ICMP checksum");
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            assert_eq!(
+                internet_checksum(&frame[34..14 + total]),
+                0,
+                "ICMP checksum (to the IP length)"
+            );
             let quoted = &frame[42..62];
             assert_eq!(internet_checksum(quoted), 0, "quoted IP checksum");
             SeenError {
