@@ -130,11 +130,18 @@ const _: () = assert!(EV_COUNT <= EV_CAPACITY);
 #[cfg(feature = "user")]
 crate::user_pod!(TrafficStats);
 
+/// The bench's frames: an IPv4 one of 64 bytes, an IPv6 one of 96 (its fixed header
+/// is 20 bytes longer, and a TCP header must fit after it).
+pub const BENCH_FRAME_V4: usize = 64;
+pub const BENCH_FRAME_V6: usize = 96;
+
 /// Value of the bench wrapper's `BENCH_TEMPLATE`: the frame every iteration starts from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BenchTemplate {
-    pub bytes: [u8; 64],
+    /// The frame, `BENCH_FRAME_V4` or `BENCH_FRAME_V6` bytes of it as its EtherType
+    /// says (the rest unused).
+    pub bytes: [u8; BENCH_FRAME_V6],
     /// Non-zero: every iteration gets its own source port and address (new flows).
     pub vary_flow: u32,
 }

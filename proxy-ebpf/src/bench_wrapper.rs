@@ -2,9 +2,10 @@
 //!
 //! BPF_PROG_TEST_RUN with `repeat` reuses one buffer, so a translating program would
 //! measure its own output from the second iteration on. This wrapper first restores
-//! the original 64-byte frame (and, for new-flow runs, gives each iteration its own
-//! source port and address), then tail-calls the program under test. The same
-//! wrapper around a program that only returns XDP_PASS is the floor.
+//! the original frame (64 bytes of IPv4 or 96 of IPv6; and, for new-flow runs, gives
+//! each iteration its own source port and address), then tail-calls the program
+//! under test. The same wrapper around a program that only returns XDP_PASS is the
+//! floor.
 #![no_std]
 #![no_main]
 
@@ -17,7 +18,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     key_layout::{self, NarrowEntry, NarrowKey, WideEntry, WideKey},
-    BenchTemplate, CONNTRACK_ENTRIES,
+    BenchTemplate, BENCH_FRAME_V4, BENCH_FRAME_V6, CONNTRACK_ENTRIES,
 };
 
 #[map]
@@ -29,35 +30,57 @@ static BENCH_TURN: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
-const FRAME: usize = 64;
-/// Offsets of the IPv4 source address's low half and of the L4 source port.
-const SRC_LOW: usize = 14 + 14;
-const SPORT: usize = 14 + 20;
+/// Where an IPv4 frame's source address has its low half, and its L4 source port.
+const V4_SRC_LOW: usize = 14 + 14;
+const V4_SPORT: usize = 14 + 20;
+/// The same in an IPv6 frame (the address's last two bytes).
+const V6_SRC_LOW: usize = 14 + 8 + 14;
+const V6_SPORT: usize = 14 + 40;
+
+const ETHER_TYPE_IPV6: [u8; 2] = [0x86, 0xdd];
 
 #[xdp]
 pub fn bench_wrapper(ctx: XdpContext) -> u32 {
-    // The previous iteration may have moved the frame's start (IPIP encapsulation
-    // or decapsulation): put it back, so every iteration sees FRAME bytes.
+    let Some(template) = BENCH_TEMPLATE.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let restored = if template.bytes[12..14] == ETHER_TYPE_IPV6 {
+        restore::<BENCH_FRAME_V6, V6_SRC_LOW, V6_SPORT>(&ctx, template)
+    } else {
+        restore::<BENCH_FRAME_V4, V4_SRC_LOW, V4_SPORT>(&ctx, template)
+    };
+    if restored.is_none() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: tail call with our own context; returns only on failure.
+    unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+/// Puts the template's frame of `FRAME` bytes back (and, for new-flow runs, this
+/// iteration's source port and address at `SPORT` and `SRC_LOW`).
+#[inline(always)]
+fn restore<const FRAME: usize, const SRC_LOW: usize, const SPORT: usize>(
+    ctx: &XdpContext,
+    template: &BenchTemplate,
+) -> Option<()> {
+    // The previous iteration may have moved the frame's start (encapsulation or
+    // decapsulation): put it back, so every iteration sees FRAME bytes.
     let len = ctx.data_end() as i64 - ctx.data() as i64;
     // SAFETY: helper on the program's own context.
     if len != FRAME as i64
         && unsafe { bpf_xdp_adjust_head(ctx.ctx, (len - FRAME as i64) as i32) } != 0
     {
-        return xdp_action::XDP_ABORTED;
+        return None;
     }
     let (data, end) = (ctx.data(), ctx.data_end());
     if data + FRAME > end {
-        return xdp_action::XDP_ABORTED;
+        return None;
     }
-    let Some(template) = BENCH_TEMPLATE.get(0) else {
-        return xdp_action::XDP_ABORTED;
-    };
     // SAFETY: the frame holds FRAME bytes (checked above).
     unsafe { core::ptr::copy_nonoverlapping(template.bytes.as_ptr(), data as *mut u8, FRAME) };
     if template.vary_flow != 0 {
-        let Some(turn) = BENCH_TURN.get_ptr_mut(0) else {
-            return xdp_action::XDP_ABORTED;
-        };
+        let turn = BENCH_TURN.get_ptr_mut(0)?;
         // SAFETY: map value owned by this CPU's run; frame bounds checked above.
         unsafe {
             *turn += 1;
@@ -66,9 +89,7 @@ pub fn bench_wrapper(ctx: XdpContext) -> u32 {
             *((data + SRC_LOW) as *mut [u8; 2]) = [bytes[2], bytes[3]];
         }
     }
-    // SAFETY: tail call with our own context; returns only on failure.
-    unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
-    xdp_action::XDP_ABORTED
+    Some(())
 }
 
 #[xdp]

@@ -8,7 +8,7 @@
 //! best cases for one CPU.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
 
@@ -25,14 +25,14 @@ use ebpf_proxy::{
         tables::Tables,
     },
     listing,
-    model::{DesiredState, Endpoint, Frontend, FrontendKey, Listen, Protocol, Scheduler},
+    model::{DesiredState, Endpoint, Family, Frontend, FrontendKey, Listen, Protocol, Scheduler},
     node::NodeConfig,
     sync::{NodeSettings, Syncer},
 };
 use etherparse::PacketBuilder;
 
 use crate::kernel;
-use proxy_common::{map_name, BenchTemplate};
+use proxy_common::{map_name, BenchTemplate, BENCH_FRAME_V4, BENCH_FRAME_V6};
 use serde::Serialize;
 
 static WRAPPER_OBJECT: &[u8] = ebpf_proxy::datapath::BENCH_WRAPPER_OBJECT;
@@ -40,6 +40,32 @@ static WRAPPER_OBJECT: &[u8] = ebpf_proxy::datapath::BENCH_WRAPPER_OBJECT;
 const BACKENDS: u8 = 10;
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
 const NODE_IP: [u8; 4] = [198, 18, 0, 1];
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 2);
+const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
+
+/// A frame as the wrapper's template holds it: IPv4's 64 bytes or IPv6's 96, the
+/// rest zero.
+type Frame = [u8; BENCH_FRAME_V6];
+
+/// How many of a template's bytes are its frame, as the wrapper reads it.
+fn frame_len(frame: &Frame) -> usize {
+    match frame[12..14] {
+        [0x86, 0xdd] => BENCH_FRAME_V6,
+        _ => BENCH_FRAME_V4,
+    }
+}
+
+/// A built frame in a template's bytes, checked to have its family's length.
+fn to_frame(bytes: Vec<u8>) -> Frame {
+    let mut frame = [0u8; BENCH_FRAME_V6];
+    frame[..bytes.len()].copy_from_slice(&bytes);
+    assert_eq!(
+        bytes.len(),
+        frame_len(&frame),
+        "a frame of its family's length"
+    );
+    frame
+}
 
 #[derive(Serialize)]
 pub struct CaseResult {
@@ -93,11 +119,16 @@ fn map_memory(pin_dir: &std::path::Path, services: usize) -> Result<MapMemory> {
     })
 }
 
-/// A 64-byte frame (the wrapper copies exactly that much).
-fn frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), tcp: Option<(bool, bool)>) -> [u8; 64] {
-    let builder =
-        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.0, dst.0, 64);
-    let mut out = Vec::with_capacity(64);
+/// A TCP (`tcp`: SYN and ACK flags) or UDP frame of either family, its payload
+/// filling it to its family's length.
+fn frame(src: (IpAddr, u16), dst: (IpAddr, u16), tcp: Option<(bool, bool)>) -> Frame {
+    let len = match src.0 {
+        IpAddr::V4(_) => BENCH_FRAME_V4,
+        IpAddr::V6(_) => BENCH_FRAME_V6,
+    };
+    let ip = testbed::frames::ip_headers(src.0, dst.0);
+    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ip(ip);
+    let mut out = Vec::with_capacity(len);
     match tcp {
         Some((syn, ack)) => {
             let mut b = builder.tcp(src.1, dst.1, 1, 65535);
@@ -107,19 +138,24 @@ fn frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), tcp: Option<(bool, bool)>) ->
             if ack {
                 b = b.ack(1);
             }
-            b.write(&mut out, &[0; 10])
+            let payload = vec![0; len - b.size(0)];
+            b.write(&mut out, &payload)
         }
-        None => builder.udp(src.1, dst.1).write(&mut out, &[0; 22]),
+        None => {
+            let b = builder.udp(src.1, dst.1);
+            let payload = vec![0; len - b.size(0)];
+            b.write(&mut out, &payload)
+        }
     }
     .expect("build frame");
-    out.try_into().expect("64-byte frame")
+    to_frame(out)
 }
 
 /// A 64-byte SCTP frame: the common header and one chunk of type `chunk` filling
 /// the rest. Its checksum is any nonzero value: the data path updates a checksum
 /// without checking it, and leaves a zero one (still to be computed by a device)
 /// alone, which would skip the update this case measures.
-fn sctp_frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), chunk: u8) -> [u8; 64] {
+fn sctp_frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), chunk: u8) -> Frame {
     let mut sctp = [0u8; 64 - 34];
     sctp[0..2].copy_from_slice(&src.1.to_be_bytes());
     sctp[2..4].copy_from_slice(&dst.1.to_be_bytes());
@@ -136,12 +172,12 @@ fn sctp_frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), chunk: u8) -> [u8; 64] {
             &sctp,
         )
         .expect("build frame");
-    out.try_into().expect("64-byte frame")
+    to_frame(out)
 }
 
 /// A 64-byte IPIP frame: a UDP packet from `src` to `dst` inside an outer header
 /// from `outer.0` to `outer.1`.
-fn ipip_frame(outer: ([u8; 4], [u8; 4]), src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> [u8; 64] {
+fn ipip_frame(outer: ([u8; 4], [u8; 4]), src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Frame {
     let mut inner = Vec::with_capacity(44);
     PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
         .ipv4(src.0, dst.0, 64)
@@ -157,7 +193,7 @@ fn ipip_frame(outer: ([u8; 4], [u8; 4]), src: ([u8; 4], u16), dst: ([u8; 4], u16
     let mut out = inner[..14].to_vec();
     out.extend_from_slice(&header);
     out.extend_from_slice(&inner[14..]);
-    out.try_into().expect("64-byte frame")
+    to_frame(out)
 }
 
 /// Fills in the checksum of a 20-byte IPv4 header.
@@ -174,7 +210,7 @@ fn set_ipv4_checksum(header: &mut [u8]) {
 /// `frame` as a fragment of a datagram with IP id `id`: the first (more fragments
 /// follow, offset 0) or a later one (at `offset` 8-byte units, its bytes after the IP
 /// header mere data).
-fn fragment(mut frame: [u8; 64], id: u16, offset: u16) -> [u8; 64] {
+fn fragment(mut frame: Frame, id: u16, offset: u16) -> Frame {
     const MORE_FRAGMENTS: u16 = 0x2000;
     let flags = if offset == 0 { MORE_FRAGMENTS } else { offset };
     frame[18..20].copy_from_slice(&id.to_be_bytes());
@@ -187,19 +223,25 @@ fn vip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i)
 }
 
-/// The octets of an address the bench made IPv4.
-fn v4_octets(ip: IpAddr) -> Result<[u8; 4]> {
-    match ip {
-        IpAddr::V4(v4) => Ok(v4.octets()),
-        IpAddr::V6(v6) => anyhow::bail!("{v6}: the bench's flows are IPv4"),
+fn vip6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0)) + u128::from(i))
+}
+
+/// Backend number `n` of `family`.
+fn backend(family: Family, n: u32) -> IpAddr {
+    match family {
+        Family::V4 => Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n).into(),
+        Family::V6 => Ipv6Addr::from(
+            u128::from(Ipv6Addr::new(0xfd00, 0x128, 0, 0, 0, 0, 0, 0)) + u128::from(n),
+        )
+        .into(),
     }
 }
 
-fn frontend(scheduler: Scheduler, first_backend: u32) -> Frontend {
+fn frontend(family: Family, scheduler: Scheduler, first_backend: u32) -> Frontend {
     let endpoints = (0..u32::from(BACKENDS))
         .map(|b| Endpoint {
-            addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + first_backend + b)
-                .into(),
+            addr: backend(family, first_backend + b),
             port: 8080,
             remote: false,
             weight: 1 + b % 3,
@@ -214,12 +256,50 @@ fn frontend(scheduler: Scheduler, first_backend: u32) -> Frontend {
     }
 }
 
+/// One address family's side of the bench: its cases' name prefix, its client, an
+/// address no service has, and its family.
+struct Side {
+    prefix: &'static str,
+    client: IpAddr,
+    elsewhere: IpAddr,
+    family: Family,
+}
+
+impl Side {
+    /// The measured service address `i` (`vip` or `vip6`).
+    fn service(&self, i: u32) -> IpAddr {
+        match self.family {
+            Family::V4 => vip(i).into(),
+            Family::V6 => vip6(i).into(),
+        }
+    }
+}
+
+fn sides() -> [Side; 2] {
+    [
+        Side {
+            prefix: "",
+            client: CLIENT.into(),
+            elsewhere: Ipv4Addr::new(198, 18, 0, 9).into(),
+            family: Family::V4,
+        },
+        Side {
+            prefix: "IPv6 ",
+            client: CLIENT6.into(),
+            elsewhere: Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 9).into(),
+            family: Family::V6,
+        },
+    ]
+}
+
 struct Bench {
     datapath: Datapath,
     wrapper: Ebpf,
     pin_dir: PathBuf,
     repeat: u32,
     rounds: usize,
+    /// The length of the template's frame, which each run's input must have.
+    frame_len: usize,
 }
 
 impl Bench {
@@ -240,7 +320,7 @@ impl Bench {
         Ok(())
     }
 
-    fn set_frame(&mut self, bytes: [u8; 64], vary_flow: bool) -> Result<()> {
+    fn set_frame(&mut self, bytes: Frame, vary_flow: bool) -> Result<()> {
         let mut template: Array<_, BenchTemplate> = self
             .wrapper
             .map_mut(map_name::BENCH_TEMPLATE)
@@ -254,6 +334,7 @@ impl Bench {
             },
             0,
         )?;
+        self.frame_len = frame_len(&bytes);
         Ok(())
     }
 
@@ -262,7 +343,7 @@ impl Bench {
         let wrapper: &mut Xdp = program(&mut self.wrapper, "bench_wrapper")?;
         let mut samples = Vec::new();
         for _ in 0..rounds {
-            let (return_value, ns) = kernel::test_run(wrapper, repeat)?;
+            let (return_value, ns) = kernel::test_run(wrapper, repeat, self.frame_len)?;
             ensure!(return_value != 0, "the wrapper aborted (tail call failed?)");
             samples.push(ns);
         }
@@ -285,8 +366,93 @@ impl Bench {
             .map_or(0, |e| e.1))
     }
 
+    /// The floor for `frame`'s family: the wrapper around XDP_PASS.
+    fn floor(&mut self, name: &str, frame: Frame, services: usize) -> Result<CaseResult> {
+        self.set_target("bench_pass")?;
+        self.set_frame(frame, false)?;
+        let samples = self.time(self.repeat, self.rounds)?;
+        Ok(self.result(name, samples, services))
+    }
+
+    /// The cases of every family: its floor, a packet for no service, an established
+    /// TCP flow's segments and replies, an established UDP flow's datagrams (whose
+    /// frame it returns).
+    fn family_cases(
+        &mut self,
+        side: &Side,
+        services: usize,
+        results: &mut Vec<CaseResult>,
+    ) -> Result<Frame> {
+        let p = side.prefix;
+        let syn = Some((true, false));
+        let floor = frame((side.client, 40000), (side.service(1), 80), syn);
+        results.push(self.floor(&format!("{p}floor (wrapper + XDP_PASS)"), floor, services)?);
+        results.push(self.case(
+            &format!("{p}non-service packet"),
+            frame((side.client, 40000), (side.elsewhere, 22), syn),
+            false,
+            (false, false),
+            services,
+            None,
+        )?);
+        // Open one flow, then measure its later segments and its replies.
+        results.extend(self.established_tcp(p, (side.client, 41000), side.service(1), services)?);
+        let udp = frame((side.client, 5353), (side.service(100), 53), None);
+        self.open_flow(udp)?;
+        results.push(self.case(
+            &format!("{p}established UDP"),
+            udp,
+            false,
+            (true, false),
+            services,
+            None,
+        )?);
+        Ok(udp)
+    }
+
+    /// Opens a TCP flow from `client` to `vip` port 80, then measures its later
+    /// segments and its backend's replies (reverse NAT); names prefixed by `prefix`.
+    fn established_tcp(
+        &mut self,
+        prefix: &str,
+        client: (IpAddr, u16),
+        vip: IpAddr,
+        services: usize,
+    ) -> Result<[CaseResult; 2]> {
+        self.open_flow(frame(client, (vip, 80), Some((true, false))))?;
+        let ack = frame(client, (vip, 80), Some((false, true)));
+        let established = self.case(
+            &format!("{prefix}established TCP (conntrack hit)"),
+            ack,
+            false,
+            (true, false),
+            services,
+            None,
+        )?;
+        let tables = Tables::open(&self.pin_dir)?;
+        let flows = ebpf_proxy::conntrack::flows(&tables).collect::<Result<Vec<_>>>()?;
+        let flow = flows
+            .iter()
+            .find(|f| (f.client.ip(), f.client.port()) == client)
+            .context("the set-up flow")?;
+        let reply = frame(
+            (flow.backend.ip(), flow.backend.port()),
+            client,
+            Some((false, true)),
+        );
+        let reply = self.case(
+            &format!("{prefix}reply (reverse NAT)"),
+            reply,
+            false,
+            (true, false),
+            services,
+            None,
+        )?;
+        Ok([established, reply])
+    }
+
     /// Sends one frame once, opening the flow that later cases measure.
-    fn open_flow(&mut self, frame: [u8; 64]) -> Result<()> {
+    fn open_flow(&mut self, frame: Frame) -> Result<()> {
         self.set_target("uplink_ingress")?;
         self.set_frame(frame, false)?;
         let before = self.counters()?;
@@ -304,7 +470,7 @@ impl Bench {
     fn case(
         &mut self,
         name: &str,
-        frame: [u8; 64],
+        frame: Frame,
         vary_flow: bool,
         expect: (bool, bool),
         services: usize,
@@ -314,7 +480,7 @@ impl Bench {
         self.set_frame(frame, vary_flow)?;
         let before = self.counters()?;
         let also_before = also.map(|e| self.event(e)).transpose()?;
-        let mut samples = self.time(self.repeat, self.rounds)?;
+        let samples = self.time(self.repeat, self.rounds)?;
         let after = self.counters()?;
         let iterations = u64::from(self.repeat) * self.rounds as u64;
         let (translated, opened) = (after.0 - before.0, after.1 - before.1);
@@ -330,8 +496,12 @@ impl Bench {
                 "{name}: {event} {counted} times in {iterations} iterations"
             );
         }
+        Ok(self.result(name, samples, services))
+    }
+
+    fn result(&self, name: &str, mut samples: Vec<f64>, services: usize) -> CaseResult {
         samples.sort_by(f64::total_cmp);
-        Ok(CaseResult {
+        CaseResult {
             services,
             case: name.to_owned(),
             ns_median: samples[samples.len() / 2],
@@ -339,7 +509,7 @@ impl Bench {
             ns_max: samples[samples.len() - 1],
             rounds: self.rounds,
             repeat: self.repeat,
-        })
+        }
     }
 }
 
@@ -361,23 +531,29 @@ pub fn measure(
         let mut syncer = Syncer::recover(Tables::open(&pin_dir)?)?;
         let node = NodeConfig {
             name: "bench".into(),
-            addresses: vec![NODE_IP.into()],
+            addresses: vec![NODE_IP.into(), NODE_IP6.into()],
             node_ports: Default::default(),
             uplinks: vec![],
             pod_interface_patterns: vec![],
         };
         syncer.program_node(&node, &NodeSettings::default())?;
         let mut desired = DesiredState::default();
-        // A frontend at `vip(i)`, its backends numbered from `first_backend`.
+        // A frontend at `vip(i)` and, dual-stack, one at `vip6(i)`, its backends
+        // numbered from `first_backend`. The services that only make up the scale
+        // are IPv4's.
         let mut add = |i: u32, port: u16, protocol: Protocol, scheduler, first_backend| {
-            let key = FrontendKey {
-                listen: Listen::Address(vip(i).into()),
-                port,
-                protocol,
-            };
-            desired
-                .frontends
-                .insert(key, frontend(scheduler, first_backend).into());
+            let dual_stack = i < 1000;
+            let addresses = [(Family::V4, vip(i).into()), (Family::V6, vip6(i).into())];
+            for (family, addr) in addresses.into_iter().take(1 + usize::from(dual_stack)) {
+                let key = FrontendKey {
+                    listen: Listen::Address(addr),
+                    port,
+                    protocol,
+                };
+                desired
+                    .frontends
+                    .insert(key, frontend(family, scheduler, first_backend).into());
+            }
         };
         for i in 0..services as u32 {
             add(
@@ -405,7 +581,7 @@ pub fn measure(
         add(300, 3868, Protocol::Sctp, Scheduler::Rr, 10_004_000);
         // dsr-ipip: an entry frontend whose backends are remote, and the IPIP view
         // of another, whose backends are here.
-        let mut entry = frontend(Scheduler::Rr, 10_002_000);
+        let mut entry = frontend(Family::V4, Scheduler::Rr, 10_002_000);
         entry.dsr = true;
         for endpoint in &mut entry.endpoints {
             endpoint.remote = true;
@@ -424,7 +600,7 @@ pub fn measure(
                 port: 53,
                 protocol: Protocol::Udp,
             },
-            frontend(Scheduler::Rr, 10_003_000).into(),
+            frontend(Family::V4, Scheduler::Rr, 10_003_000).into(),
         );
         let report = syncer.apply(&desired);
         ensure!(report.problems.is_empty(), "{:?}", report.problems);
@@ -438,81 +614,14 @@ pub fn measure(
             pin_dir: pin_dir.clone(),
             repeat,
             rounds,
+            frame_len: BENCH_FRAME_V4,
         };
         for name in ["bench_wrapper", "bench_pass"] {
             program::<Xdp>(&mut bench.wrapper, name)?.load()?;
         }
         let mut results = Vec::new();
-        // The floor: the wrapper around XDP_PASS.
-        bench.set_target("bench_pass")?;
-        bench.set_frame(
-            frame((CLIENT, 40000), (vip(1).octets(), 80), Some((true, false))),
-            false,
-        )?;
-        let mut floor = bench.time(repeat, rounds)?;
-        floor.sort_by(f64::total_cmp);
-        results.push(CaseResult {
-            services,
-            case: "floor (wrapper + XDP_PASS)".into(),
-            ns_median: floor[floor.len() / 2],
-            ns_min: floor[0],
-            ns_max: floor[floor.len() - 1],
-            rounds,
-            repeat,
-        });
-        let syn = |port: u16, dst: Ipv4Addr| {
-            frame((CLIENT, port), (dst.octets(), 80), Some((true, false)))
-        };
-        results.push(bench.case(
-            "non-service packet",
-            frame((CLIENT, 40000), ([198, 18, 0, 9], 22), Some((true, false))),
-            false,
-            (false, false),
-            services,
-            None,
-        )?);
-        // Open one flow, then measure its later segments.
-        bench.open_flow(syn(41000, vip(1)))?;
-        let ack = frame((CLIENT, 41000), (vip(1).octets(), 80), Some((false, true)));
-        results.push(bench.case(
-            "established TCP (conntrack hit)",
-            ack,
-            false,
-            (true, false),
-            services,
-            None,
-        )?);
-        // The reply of the flow opened above, from its backend (reverse NAT).
-        let tables = Tables::open(&pin_dir)?;
-        let flows = ebpf_proxy::conntrack::flows(&tables).collect::<Result<Vec<_>>>()?;
-        let flow = flows
-            .iter()
-            .find(|f| f.client.port() == 41000)
-            .context("the set-up flow")?;
-        let reply = frame(
-            (v4_octets(flow.backend.ip())?, flow.backend.port()),
-            (CLIENT, 41000),
-            Some((false, true)),
-        );
-        results.push(bench.case(
-            "reply (reverse NAT)",
-            reply,
-            false,
-            (true, false),
-            services,
-            None,
-        )?);
-
-        let udp_frame = frame((CLIENT, 5353), (vip(100).octets(), 53), None);
-        bench.open_flow(udp_frame)?;
-        results.push(bench.case(
-            "established UDP",
-            udp_frame,
-            false,
-            (true, false),
-            services,
-            None,
-        )?);
+        let [v4_side, v6_side] = sides();
+        let udp_frame = bench.family_cases(&v4_side, services, &mut results)?;
         // IP fragments of the established UDP flow: the first (which leaves its ports
         // in FRAGMENTS) and a later one (which finds them, then its flow).
         for (name, offset) in [
@@ -541,15 +650,11 @@ pub fn measure(
             None,
         )?);
         // dsr-ipip at the entry node: an established flow's segments, encapsulated.
-        bench.open_flow(syn(42000, vip(200)))?;
-        let dsr_ack = frame(
-            (CLIENT, 42000),
-            (vip(200).octets(), 80),
-            Some((false, true)),
-        );
+        let dsr = (vip(200).into(), 80);
+        bench.open_flow(frame((v4_side.client, 42000), dsr, Some((true, false))))?;
         results.push(bench.case(
             "IPIP encapsulation (dsr-ipip, established TCP)",
-            dsr_ack,
+            frame((v4_side.client, 42000), dsr, Some((false, true))),
             false,
             (false, false),
             services,
@@ -572,17 +677,21 @@ pub fn measure(
             services,
             Some("decapsulated"),
         )?);
+        // IPv6, through its own program (a tail call from the uplink's).
+        bench.family_cases(&v6_side, services, &mut results)?;
         // New flows last: their churn fills (and evicts from) conntrack.
-        for (i, scheduler) in measured.iter().enumerate() {
-            let name = format!("new TCP flow, {scheduler}");
-            results.push(bench.case(
-                &name,
-                syn(50000, vip(i as u32 + 1)),
-                true,
-                (true, true),
-                services,
-                None,
-            )?);
+        for side in [&v4_side, &v6_side] {
+            for (i, scheduler) in measured.iter().enumerate() {
+                let vip = side.service(i as u32 + 1);
+                results.push(bench.case(
+                    &format!("{}new TCP flow, {scheduler}", side.prefix),
+                    frame((side.client, 50000), (vip, 80), Some((true, false))),
+                    true,
+                    (true, true),
+                    services,
+                    None,
+                )?);
+            }
         }
         results.push(bench.case(
             "new SCTP association (INIT), rr",
@@ -596,8 +705,10 @@ pub fn measure(
         for name in [
             ebpf_proxy::datapath::PROG_UPLINK,
             ebpf_proxy::datapath::PROG_UPLINK_SCTP,
+            ebpf_proxy::datapath::PROG_UPLINK_V6,
             ebpf_proxy::datapath::PROG_POD,
             ebpf_proxy::datapath::PROG_POD_SCTP,
+            ebpf_proxy::datapath::PROG_POD_V6,
         ] {
             let info = bench
                 .datapath

@@ -9,11 +9,12 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 
-/// Runs `xdp` `repeat` times on a zeroed 64-byte frame: (its return value, ns per run).
-pub fn test_run(xdp: &mut Xdp, repeat: u32) -> Result<(u32, f64)> {
-    let input = [0u8; 64];
-    // Room for an encapsulated frame (64 + 20 bytes).
-    let mut output = [0u8; 128];
+/// Runs `xdp` `repeat` times on a zeroed frame of `len` bytes: (its return value, ns
+/// per run).
+pub fn test_run(xdp: &mut Xdp, repeat: u32, len: usize) -> Result<(u32, f64)> {
+    let input = vec![0u8; len];
+    // Room for an encapsulated frame (an outer IPv6 header is 40 bytes).
+    let mut output = vec![0u8; len + 64];
     let result = xdp.test_run(TestRunOptions {
         data_in: Some(&input),
         data_out: Some(&mut output),

@@ -11,7 +11,7 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use ebpf_proxy::datapath::{loader::program, BENCH_WRAPPER_OBJECT};
-use proxy_common::{key_layout, map_name};
+use proxy_common::{key_layout, map_name, BENCH_FRAME_V4};
 use serde::Serialize;
 
 use crate::kernel;
@@ -65,7 +65,8 @@ fn fill<K: Pod, V: Pod + Default>(ebpf: &mut Ebpf, name: &str, key: fn(u32) -> K
 }
 
 fn time(ebpf: &mut Ebpf, program_name: &str, repeat: u32) -> Result<f64> {
-    let (return_value, ns) = kernel::test_run(program(ebpf, program_name)?, repeat)?;
+    let (return_value, ns) =
+        kernel::test_run(program(ebpf, program_name)?, repeat, BENCH_FRAME_V4)?;
     ensure!(
         return_value == FOUND,
         "{program_name}: a flow of the table was not found"

@@ -41,68 +41,77 @@ fn register_font() -> Result<()> {
     Ok(())
 }
 
-/// ns/packet (median) of the established, reply, non-service, tunnel and first
-/// new-flow cases against the number of services (log scale).
+/// How the per-packet cases of IPv6 are named: IPv4's names, prefixed.
+const IPV6_PREFIX: &str = "IPv6 ";
+
+/// ns/packet (median) of the established, reply, non-service, tunnel and rr and
+/// maglev new-flow cases against the number of services (log scale): IPv4's on the
+/// left, IPv6's on the right, one colour per case in both, on one scale.
 pub fn per_packet(results: &[CaseResult], path: &Path) -> Result<()> {
     register_font()?;
-    let cases: Vec<&str> = {
-        let mut names: Vec<&str> = results.iter().map(|r| r.case.as_str()).collect();
-        names.dedup();
-        let mut seen = Vec::new();
-        for n in names {
-            if !seen.contains(&n)
-                && (!n.starts_with("new TCP flow")
-                    || n.ends_with(", rr")
-                    || n.ends_with(", maglev"))
-            {
-                seen.push(n);
-            }
-        }
-        seen
+    let family_case = |r: &CaseResult| match r.case.strip_prefix(IPV6_PREFIX) {
+        Some(case) => (true, case.to_owned()),
+        None => (false, r.case.clone()),
     };
+    let mut cases: Vec<String> = Vec::new();
+    for r in results {
+        let (_, case) = family_case(r);
+        let plotted = !case.starts_with("new TCP flow")
+            || case.ends_with(", rr")
+            || case.ends_with(", maglev");
+        if plotted && !cases.contains(&case) {
+            cases.push(case);
+        }
+    }
     let max_services = results.iter().map(|r| r.services).max().unwrap_or(1) as f64;
     let max_ns = results.iter().map(|r| r.ns_median).fold(0.0, f64::max) * 1.1;
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    let root = BitMapBackend::new(path, (SIZE.0 * 3 / 2, SIZE.1)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Per-packet cost (BPF_PROG_TEST_RUN, median ns)",
-            ("sans-serif", 24),
-        )
-        .margin(20)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d((1f64..max_services * 1.5).log_scale(), 0f64..max_ns)?;
-    chart
-        .configure_mesh()
-        .x_desc("services loaded (10 backends each)")
-        .y_desc("ns per packet")
-        .draw()?;
-    for (i, case) in cases.iter().enumerate() {
-        let colour = COLOURS[i % COLOURS.len()];
-        let points: Vec<(f64, f64)> = results
-            .iter()
-            .filter(|r| r.case == *case)
-            .map(|r| (r.services as f64, r.ns_median))
-            .collect();
+    let root = root.titled(
+        "Per-packet cost (BPF_PROG_TEST_RUN, median ns)",
+        ("sans-serif", 24),
+    )?;
+    let panels = root.split_evenly((1, 2));
+    for (panel, ipv6) in panels.iter().zip([false, true]) {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(if ipv6 { "IPv6" } else { "IPv4" }, ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d((1f64..max_services * 1.5).log_scale(), 0f64..max_ns)?;
         chart
-            .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?
-            .label(*case)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-            });
-        chart.draw_series(
-            points
-                .into_iter()
-                .map(|p| Circle::new(p, 3, colour.filled())),
-        )?;
+            .configure_mesh()
+            .x_desc("services loaded (10 backends each)")
+            .y_desc("ns per packet")
+            .draw()?;
+        for (i, case) in cases.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            let points: Vec<(f64, f64)> = results
+                .iter()
+                .filter(|r| family_case(r) == (ipv6, case.clone()))
+                .map(|r| (r.services as f64, r.ns_median))
+                .collect();
+            if points.is_empty() {
+                continue;
+            }
+            // Past the palette, cases are told apart by a thinner line.
+            let width = if i < COLOURS.len() { 2 } else { 1 };
+            chart
+                .draw_series(LineSeries::new(points.clone(), colour.stroke_width(width)))?
+                .label(case.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(width))
+                });
+            chart.draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, colour.filled())),
+            )?;
+        }
+        if !ipv6 {
+            legend(&mut chart)?;
+        }
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::MiddleRight)
-        .draw()?;
     root.present()?;
     Ok(())
 }
@@ -182,12 +191,23 @@ pub fn connections(results: &[E2eResult], path: &Path) -> Result<()> {
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], colour.filled()));
         chart.draw_series(whiskers)?;
     }
+    legend(&mut chart)?;
+    root.present()?;
+    Ok(())
+}
+
+/// The series' labels, top right on a white box.
+fn legend<'a, DB: DrawingBackend + 'a, X: Ranged, Y: Ranged>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .position(SeriesLabelPosition::UpperRight)
         .draw()?;
-    root.present()?;
     Ok(())
 }
