@@ -135,6 +135,17 @@ crate::user_pod!(TrafficStats);
 pub const BENCH_FRAME_V4: usize = 64;
 pub const BENCH_FRAME_V6: usize = 96;
 
+/// How many of a template's bytes are its frame: IPv6's length if its EtherType says
+/// IPv6, IPv4's otherwise.
+#[inline(always)]
+pub fn bench_frame_len(bytes: &[u8; BENCH_FRAME_V6]) -> usize {
+    if bytes[12..14] == [0x86, 0xdd] {
+        BENCH_FRAME_V6
+    } else {
+        BENCH_FRAME_V4
+    }
+}
+
 /// Value of the bench wrapper's `BENCH_TEMPLATE`: the frame every iteration starts from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,6 +17,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use proxy_common::{
+    bench_frame_len,
     key_layout::{self, NarrowEntry, NarrowKey, WideEntry, WideKey},
     BenchTemplate, BENCH_FRAME_V4, BENCH_FRAME_V6, CONNTRACK_ENTRIES,
 };
@@ -37,14 +38,12 @@ const V4_SPORT: usize = 14 + 20;
 const V6_SRC_LOW: usize = 14 + 8 + 14;
 const V6_SPORT: usize = 14 + 40;
 
-const ETHER_TYPE_IPV6: [u8; 2] = [0x86, 0xdd];
-
 #[xdp]
 pub fn bench_wrapper(ctx: XdpContext) -> u32 {
     let Some(template) = BENCH_TEMPLATE.get(0) else {
         return xdp_action::XDP_ABORTED;
     };
-    let restored = if template.bytes[12..14] == ETHER_TYPE_IPV6 {
+    let restored = if bench_frame_len(&template.bytes) == BENCH_FRAME_V6 {
         restore::<BENCH_FRAME_V6, V6_SRC_LOW, V6_SPORT>(&ctx, template)
     } else {
         restore::<BENCH_FRAME_V4, V4_SRC_LOW, V4_SPORT>(&ctx, template)

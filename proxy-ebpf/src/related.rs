@@ -94,14 +94,17 @@ const TFTP_OPCODE_END: u16 = 8 + 2;
 fn announces<P: Packet>(pkt: &P, flow: &Flow, helper: u8) -> bool {
     match helper {
         // A read or write request: its opcode opens the UDP payload (RFC 1350), which
-        // must hold it (not the frame's padding past the IP length).
-        HELPER_TFTP if flow.key.proto == PROTO_UDP && flow.l4_len >= TFTP_OPCODE_END => {
-            let Some(opcode) = pkt.ptr_at::<[u8; 2]>(flow.l4_off + 8) else {
+        // must hold it: the UDP length (which parsing keeps within the IP length)
+        // says so, not the frame, whose padding a receiver trims away.
+        HELPER_TFTP if flow.key.proto == PROTO_UDP => {
+            let Some(start) = pkt.ptr_at::<[u8; TFTP_OPCODE_END as usize]>(flow.l4_off) else {
                 return false;
             };
             // SAFETY: bounds-checked by ptr_at.
-            let opcode = u16::from_be_bytes(unsafe { *opcode });
-            opcode == TFTP_RRQ || opcode == TFTP_WRQ
+            let start = unsafe { *start };
+            let udp_len = u16::from_be_bytes([start[4], start[5]]);
+            let opcode = u16::from_be_bytes([start[8], start[9]]);
+            udp_len >= TFTP_OPCODE_END && (opcode == TFTP_RRQ || opcode == TFTP_WRQ)
         }
         _ => false,
     }

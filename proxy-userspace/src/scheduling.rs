@@ -337,6 +337,15 @@ mod tests {
         assert!(moved <= 22, "buckets of remaining backends moved: {moved}");
     }
 
+    /// IPv4 backends hash as before IPv6 came (FNV-1a over the four octets and the
+    /// port, the value pinned), so that their Maglev tables, and the backends new
+    /// flows get, do not move across that upgrade.
+    #[test]
+    fn ipv4_backends_hash_as_before_ipv6() {
+        let backend = &backends(&[1])[0];
+        assert_eq!(endpoint_hash(backend, 0x5eed_0001), 0xec54_d1a7_0d83_911d);
+    }
+
     #[test]
     fn maglev_spreads_evenly_and_moves_little_when_a_backend_goes() {
         maglev_spreads_evenly_and_moves_little_when_a_backend_goes_at(backends(&[1; 100]));

@@ -13,7 +13,7 @@ use aya::{
 /// per run).
 pub fn test_run(xdp: &mut Xdp, repeat: u32, len: usize) -> Result<(u32, f64)> {
     let input = vec![0u8; len];
-    // Room for an encapsulated frame (an outer IPv6 header is 40 bytes).
+    // Room for an encapsulated frame (IPIP's outer header is 20 bytes).
     let mut output = vec![0u8; len + 64];
     let result = xdp.test_run(TestRunOptions {
         data_in: Some(&input),

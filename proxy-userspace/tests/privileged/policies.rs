@@ -90,11 +90,14 @@ fn web(addr: IpAddr) -> FrontendKey {
 }
 
 /// The backend a new connection from `client:port` to `dst` reaches, or `None` if it
-/// was dropped.
+/// was dropped (or passed untranslated).
 fn connect(dp: &mut TestDatapath, client: IpAddr, port: u16, dst: IpAddr) -> Option<IpAddr> {
     let syn = packet((client, port), (dst, 80), L4::Tcp(Tcp::Syn), b"");
     let (verdict, out) = dp.xdp(&syn);
-    (verdict == XDP_PASS).then(|| inspect_ip(&out).dst.0)
+    let reached = (verdict == XDP_PASS).then(|| inspect_ip(&out).dst);
+    reached
+        .filter(|(_, port)| *port == 8080)
+        .map(|(backend, _)| backend)
 }
 
 fn backends_reached(
@@ -148,10 +151,10 @@ fn affinity_expires_after_its_timeout() {
         let net = &p.net;
         let mut dp = TestDatapath::new();
         dp.program_frontends(vec![(web(net.vip), frontend_of(net, 1, None))]);
-        let first = connect(&mut dp, net.client, 40000, net.vip);
+        let first = connect(&mut dp, net.client, 40000, net.vip).expect("translated");
         assert_eq!(
             connect(&mut dp, net.client, 40001, net.vip),
-            first,
+            Some(first),
             "{:?}: within the timeout",
             net.family
         );
@@ -161,7 +164,7 @@ fn affinity_expires_after_its_timeout() {
     // The timeout runs from the last new flow; the coarse clock ticks every few ms.
     std::thread::sleep(Duration::from_millis(1300));
     for ((p, first), mut dp) in bound.into_iter().zip(dps) {
-        let later = connect(&mut dp, p.net.client, 40002, p.net.vip);
+        let later = connect(&mut dp, p.net.client, 40002, p.net.vip).expect("translated");
         assert_ne!(
             later, first,
             "{:?}: rr's next turn after the binding expired",
@@ -221,6 +224,7 @@ fn source_ranges_admit_listed_clients_and_drop_the_rest_in(p: &Policies) {
     assert!(connect(&mut dp, p.other(15), 40002, p.lb_ip).is_some());
     let past = connect(&mut dp, p.past_other_range, 40002, p.lb_ip);
     assert!(past.is_none(), "{family:?}");
+    assert_eq!(dp.event("source_denied"), 2, "{family:?}");
     dp.program_frontends(vec![(lb, frontend_of(net, 0, Some(Vec::new())))]);
     assert!(connect(&mut dp, net.client, 40003, p.lb_ip).is_none());
     dp.program_frontends(vec![(lb, frontend_of(net, 0, None))]);

@@ -248,8 +248,9 @@ fn only_a_request_announces_and_only_the_backend_meets_the_expectation() {
     assert_eq!(dp.event("related"), 1);
 }
 
-/// A datagram whose IP length ends with its UDP header announces nothing, whatever
-/// the frame's padding past it holds (a request's opcode, here).
+/// A datagram whose UDP length ends with its header announces nothing, whatever
+/// follows in the frame's padding past the IP length or in the IP packet past the
+/// UDP length (a request's opcode, here): the receiver's stack trims both away.
 #[test]
 fn a_request_opcode_in_the_frame_s_padding_announces_nothing() {
     let mut dp = TestDatapath::new();
@@ -262,6 +263,10 @@ fn a_request_opcode_in_the_frame_s_padding_announces_nothing() {
     padded.extend_from_slice(READ_REQUEST);
     let (_, out) = dp.tc(&padded);
     assert_eq!(inspect(&out).dst, (POD_A, 69), "translated");
+    // The request inside the IP packet, but past a UDP length of 8.
+    let mut short = udp_packet((POD_B, 40000), (VIP, 69), READ_REQUEST);
+    short[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&8u16.to_be_bytes());
+    dp.tc(&short);
     assert_eq!(dp.event("expected"), 0);
     // The same request inside the datagram announces.
     dp.tc(&udp_packet((POD_B, 40001), (VIP, 69), READ_REQUEST));

@@ -90,11 +90,14 @@ pub(crate) fn open(dp: &mut TestDatapath, src: [u8; 4], sport: u16, dst: [u8; 4]
     open_to(dp, src.into(), sport, dst.into())
 }
 
-/// `open`, of either family.
+/// `open`, of either family; the flow must have been translated (an untranslated
+/// SYN's destination could end in a backend's last byte too).
 fn open_to(dp: &mut TestDatapath, src: IpAddr, sport: u16, dst: IpAddr) -> u8 {
     let (verdict, out) = dp.xdp(&packet((src, sport), (dst, 80), L4::Tcp(Tcp::Syn), b""));
     assert_eq!(verdict, XDP_PASS);
-    last_byte(inspect_ip(&out).dst.0)
+    let backend = inspect_ip(&out).dst;
+    assert_eq!(backend.1, 8080, "translated to a backend");
+    last_byte(backend.0)
 }
 
 /// Opens a flow with a complete handshake, so that it counts as active; returns the
@@ -251,10 +254,10 @@ fn maglev_moves_only_the_removed_backends_share_of_flows_in(net: &Net) {
             .collect()
     };
     let before = open_all(&mut dp);
-    let spread = count_choices(before.iter().copied());
+    let shares = count_choices(before.iter().copied());
     assert!(
-        spread.values().all(|c| (140..=265).contains(c)),
-        "{:?}: uneven: {spread:?}",
+        shares.values().all(|c| (140..=265).contains(c)),
+        "{:?}: uneven: {shares:?}",
         net.family
     );
     // Remove backend .50 and forget every flow, so each is scheduled afresh.
