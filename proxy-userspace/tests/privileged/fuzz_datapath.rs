@@ -467,11 +467,7 @@ fn error_sums(frame: &[u8]) -> Vec<u16> {
         ],
         _ => {
             let message = &frame[54..end.max(54)];
-            let mut summed = frame[22..54].to_vec();
-            summed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-            summed.extend_from_slice(&[0, 0, 0, 58]);
-            summed.extend_from_slice(message);
-            vec![internet_checksum(&summed)]
+            vec![checksum_for(&frame[22..38], &frame[38..54], 58, message)]
         }
     }
 }
