@@ -56,8 +56,10 @@ pub const IPV6_PROGRAMS: u32 = 2;
 /// IPv6's programs added since, in the arrays `UPLINK_IPV6_MORE` and `POD_IPV6_MORE`
 /// (the first two arrays cannot grow: see proxy-ebpf's `maps`): ICMPv6, which
 /// `IPV6_PROGRAM` tail-calls (its errors' translation did not fit that program's
-/// stack), and room for more without another array.
+/// stack), ip6ip6 (the uplinks' only: the tunnelled origin did not fit the verifier's
+/// budget of `IPV6_PROGRAM`), and room for more without another array.
 pub const IPV6_ICMP_PROGRAM: u32 = 0;
+pub const IPV6_TUNNEL_PROGRAM: u32 = 1;
 pub const IPV6_MORE_PROGRAMS: u32 = 4;
 
 /// An address family, as keys carry it in a `family` byte (`Family::number`).
@@ -117,6 +119,14 @@ impl Family {
         match ip {
             IpAddr::V4(_) => Family::V4,
             IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// The family's unspecified address (`0.0.0.0`, `::`): a catch-all prefix's.
+    pub const fn unspecified(self) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED),
+            Family::V6 => IpAddr::V6(core::net::Ipv6Addr::UNSPECIFIED),
         }
     }
 }

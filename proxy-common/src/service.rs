@@ -228,12 +228,22 @@ pub const SOURCE_RANGE_ENTRIES: u32 = 16_384;
 /// Bits of `SourceRangeKey` before the address: the service id, always matched whole.
 pub const SOURCE_RANGE_ID_BITS: u32 = 32;
 
-/// The pseudo service id under which `SOURCE_RANGES` holds the outer sources that
-/// may tunnel (IPIP) into `dsr-ipip` frontends (no service has this id).
+/// The pseudo service ids under which `SOURCE_RANGES` holds the outer sources that
+/// may tunnel into `dsr-ipip` frontends (no service has these ids), one per family
+/// (`tunnel_peers_id`): IPIP's IPv4 sources, ip6ip6's IPv6 ones.
 pub const TUNNEL_PEERS_ID: u32 = u32::MAX;
-/// `SOURCE_RANGES` values under `TUNNEL_PEERS_ID`: a configured trusted prefix, or
-/// the catch-all `0.0.0.0/0` written when no list is configured (any source may
-/// tunnel, but its inner source cannot be believed).
+pub const TUNNEL_PEERS6_ID: u32 = u32::MAX - 3;
+
+#[inline(always)]
+pub const fn tunnel_peers_id(family: crate::Family) -> u32 {
+    match family {
+        crate::Family::V4 => TUNNEL_PEERS_ID,
+        crate::Family::V6 => TUNNEL_PEERS6_ID,
+    }
+}
+/// `SOURCE_RANGES` values under the tunnel peers' ids: a configured trusted prefix,
+/// or the catch-all `0.0.0.0/0` (`::/0`) written when no list is configured (any
+/// source may tunnel, but its inner source cannot be believed).
 pub const TUNNEL_PEER_TRUSTED: u8 = 1;
 pub const TUNNEL_PEER_UNVERIFIED: u8 = 2;
 
@@ -255,8 +265,8 @@ pub const fn cluster_cidrs_id(family: crate::Family) -> u32 {
 pub const CLUSTER_CIDR: u8 = 1;
 
 /// Data of an `SOURCE_RANGES` LPM-trie key: prefix length = 32 + the range's length.
-/// The address is of the service's family (the pseudo id `TUNNEL_PEERS_ID` holds
-/// IPv4 outer sources: IPIP).
+/// The address is of the service's family (of the pseudo ids', the family they are
+/// for).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceRangeKey {

@@ -33,9 +33,10 @@ use aya_ebpf::{
 
 use crate::{
     icmp::Sender,
-    packet::{Ipv6Packet, SctpPacket, TcPacket, XdpPacket},
+    packet::{Ipv6Packet, Packet, Program, SctpPacket, TcPacket, TunnelledV6, XdpPacket},
     sock::Hook,
-    translate::{Action, Inner, Origin, Verdict},
+    translate::{Action, Origin, Verdict},
+    tunnel::Arrival,
 };
 
 /// Node uplinks: traffic from outside the node to NodePorts, LoadBalancer and external
@@ -47,17 +48,10 @@ use crate::{
 #[xdp]
 #[inline(always)]
 pub fn uplink_ingress(ctx: XdpContext) -> u32 {
-    let claim = tunnel::outer_addresses(&XdpPacket(&ctx))
-        .map(|(src, dst)| (dst, translate::claim_inner(&ctx, &src, &dst)));
-    let origin = match claim {
-        Some((backend, Inner::Decapsulate)) => {
-            if tunnel::decapsulate(&ctx).is_err() {
-                return xdp_action::XDP_DROP;
-            }
-            Origin::Tunnel(backend)
-        }
-        Some((_, Inner::Refuse)) => return xdp_action::XDP_DROP,
-        _ => Origin::External,
+    let origin = match tunnel::arrival::<false>(&ctx) {
+        Arrival::Bare => Origin::External,
+        Arrival::Tunnelled(backend) => Origin::Tunnel(backend),
+        Arrival::Refused => return xdp_action::XDP_DROP,
     };
     let verdict = translate::handle(&XdpPacket(&ctx), origin);
     uplink_action::<false>(&ctx, verdict)
@@ -73,11 +67,37 @@ pub fn uplink_ingress_sctp(ctx: XdpContext) -> u32 {
 }
 
 /// IPv6 from the uplinks, tail-called by `uplink_ingress`: the same pipeline for IPv6
-/// packets (no tunnels yet: IPv6 frontends are never `dsr-ipip`).
+/// packets. ip6ip6 goes to `uplink_ingress_tunnel6`.
 #[xdp]
 #[inline(always)]
 pub fn uplink_ingress_v6(ctx: XdpContext) -> u32 {
-    let verdict = translate::handle(&Ipv6Packet(&XdpPacket(&ctx)), Origin::External);
+    let pkt = Ipv6Packet(&XdpPacket(&ctx));
+    if tunnel::is_ip6ip6(&pkt) {
+        // Not handed over (the program is missing): as a protocol no frontend takes.
+        pkt.hand_over(Program::Ipv6Tunnel);
+    }
+    let verdict = translate::handle(&pkt, Origin::External);
+    uplink_action::<true>(&ctx, verdict)
+}
+
+/// ip6ip6 from the uplinks, tail-called by `uplink_ingress_v6`: decapsulated when its
+/// inner packet is ours (`tunnel`) and translated as IPv4's tunnelled packets are. A
+/// program of its own, as the tunnelled origin doubled the paths the verifier walks
+/// through IPv6's pipeline (past a million instructions in `uplink_ingress_v6`).
+#[xdp]
+#[inline(always)]
+pub fn uplink_ingress_tunnel6(ctx: XdpContext) -> u32 {
+    let verdict = match tunnel::arrival::<true>(&ctx) {
+        Arrival::Tunnelled(backend) => {
+            translate::handle(
+                &TunnelledV6(&Ipv6Packet(&XdpPacket(&ctx))),
+                Origin::Tunnel(backend),
+            )
+        }
+        // Not ours: as a protocol no frontend takes.
+        Arrival::Bare => translate::other_protocol(&Ipv6Packet(&XdpPacket(&ctx)), Origin::External),
+        Arrival::Refused => return xdp_action::XDP_DROP,
+    };
     uplink_action::<true>(&ctx, verdict)
 }
 
@@ -98,13 +118,11 @@ pub fn uplink_ingress_icmp6(ctx: XdpContext) -> u32 {
     uplink_action::<true>(&ctx, verdict)
 }
 
-/// What becomes of an uplink packet. IPv6's programs (`IPV6`) never encapsulate, and
-/// refuse with ICMPv6.
+/// What becomes of an uplink packet of the family's programs (`IPV6`).
 #[inline(always)]
 fn uplink_action<const IPV6: bool>(ctx: &XdpContext, verdict: Verdict) -> u32 {
     match verdict.action {
-        Action::Encapsulate if IPV6 => xdp_action::XDP_DROP,
-        Action::Encapsulate => tunnel::transmit(ctx, &verdict.tuple, verdict.ip_len),
+        Action::Encapsulate => tunnel::transmit::<IPV6>(ctx, &verdict.tuple, verdict.ip_len),
         Action::Translated if forward::xdp_redirect_enabled() => {
             forward::xdp_transmit(ctx, &verdict.tuple, verdict.ip_len)
         }

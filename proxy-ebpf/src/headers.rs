@@ -10,7 +10,10 @@ use proxy_common::Addr;
 use crate::checksum;
 
 pub use proxy_common::PROTO_ICMP;
+/// The outer header's protocol of a tunnel: IPv4 in IPv4 (IPIP), IPv6 in IPv6
+/// (RFC 2473).
 pub const PROTO_IPIP: u8 = 4;
+pub const PROTO_IPV6: u8 = 41;
 
 /// IPv4 fragment field (host order): more fragments, fragment offset.
 pub const IP_MF: u16 = 0x2000;

@@ -25,16 +25,17 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 use proxy_common::{
-    Addr, CtKey, Family, Transport, EV_ICMP_RATE_LIMITED, EV_ICMP_TRANSLATED, ICMP_BURST,
+    Addr, CtKey, Family, Transport, CONFIG_SNAT_ADDR, EV_ICMP_RATE_LIMITED, EV_ICMP_TRANSLATED,
+    ICMP_BURST,
 };
 
 use crate::{
     balancer, checksum, conntrack, counters,
     headers::{
-        self, ipv4_header, ICMP_ECHO_REQUEST, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED,
-        ICMP_UNREACHABLE, IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
+        self, ipv4_header, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, ICMP_PORT_UNREACHABLE,
+        ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE, IP_MF, IP_OFFSET_MASK, PROTO_ICMP,
     },
-    maps::{CONNTRACK, ICMP_BUDGET},
+    maps::{CONNTRACK, ICMP_BUDGET, NODE_CONFIG},
     packet::{Packet, TcPacket, XdpPacket, ETH_LEN, IP_CHECK, IP_DST, IP_SRC},
     settings,
     translate::{self, Action, Origin, Verdict},
@@ -296,6 +297,29 @@ const REFUSAL_LEN: usize = ETH_LEN + 20 + 8 + 28;
 /// the kernel (`refuse_xdp_as`).
 #[inline(always)]
 pub fn refuse_xdp(ctx: &XdpContext) -> u32 {
+    error_xdp(ctx, write_refusal_headers)
+}
+
+/// Turns a packet that does not fit its path (a `tunnel`'s) into ICMP
+/// fragmentation-needed for its sender, from this node's address, `mtu` being what
+/// fits, as a router on the path would answer; dropped when the node has no IPv4
+/// address.
+#[inline(always)]
+pub fn frag_needed_xdp(ctx: &XdpContext, mtu: u16) -> u32 {
+    let node = match NODE_CONFIG.get(CONFIG_SNAT_ADDR) {
+        Some(config) if !config.addr.is_zero() => config.addr,
+        _ => return xdp_action::XDP_DROP,
+    };
+    let m = mtu.to_be_bytes();
+    error_xdp(ctx, |frame: &mut [u8; REFUSAL_LEN]| {
+        let sender = quoted_address(frame, IP_SRC);
+        write_error_headers(frame, ICMP_FRAG_NEEDED, [0, 0, m[0], m[1]], node, sender);
+    })
+}
+
+/// An XDP frame turned into an ICMP error about it (`refuse_xdp_as`).
+#[inline(always)]
+fn error_xdp(ctx: &XdpContext, write_headers: impl FnOnce(&mut [u8; REFUSAL_LEN])) -> u32 {
     // A header with options is not quoted (the quote is a fixed 28 bytes): dropped,
     // before the frame is touched.
     let options = XdpPacket(ctx)
@@ -305,7 +329,7 @@ pub fn refuse_xdp(ctx: &XdpContext) -> u32 {
     if options {
         return xdp_action::XDP_DROP;
     }
-    refuse_xdp_as::<REFUSAL_LEN, 28>(ctx, write_refusal_headers)
+    refuse_xdp_as::<REFUSAL_LEN, 28>(ctx, write_headers)
 }
 
 /// Turns an XDP frame into an ICMP error about it, in place (XDP memory is the
@@ -371,7 +395,7 @@ fn move_quote<const N: usize, const QUOTE: usize>(frame: &mut [u8; N]) {
 /// `rest` the last 4 bytes of its header) whose Ethernet header and quote (from
 /// `QUOTED_OFF` to the end of the frame) are in place, from `src` to `dst`, with the
 /// ICMP checksum over header and quote. The errors the data path builds itself: a
-/// refusal (here) and fragmentation-needed (`tunnel`).
+/// refusal and fragmentation-needed.
 #[inline(always)]
 pub fn write_error_headers<const N: usize>(
     frame: &mut [u8; N],
@@ -419,11 +443,21 @@ pub fn store_checksum<const N: usize>(frame: &mut [u8; N], from: usize, check: u
 /// to (the service's), to its sender.
 #[inline(always)]
 fn write_refusal_headers<const N: usize>(frame: &mut [u8; N]) {
-    let word =
-        |f: &[u8; N], at: usize| u32::from_ne_bytes([f[at], f[at + 1], f[at + 2], f[at + 3]]);
-    let sender = Addr::from_v4_be(word(frame, QUOTED_OFF + IP_SRC));
-    let service = Addr::from_v4_be(word(frame, QUOTED_OFF + IP_DST));
+    let sender = quoted_address(frame, IP_SRC);
+    let service = quoted_address(frame, IP_DST);
     write_error_headers(frame, ICMP_PORT_UNREACHABLE, [0; 4], service, sender);
+}
+
+/// An address of the IPv4 header an error quotes (`field` its offset in the header).
+#[inline(always)]
+fn quoted_address<const N: usize>(frame: &[u8; N], field: usize) -> Addr {
+    let at = QUOTED_OFF + field;
+    Addr::from_v4_be(u32::from_ne_bytes([
+        frame[at],
+        frame[at + 1],
+        frame[at + 2],
+        frame[at + 3],
+    ]))
 }
 
 /// Swaps the Ethernet addresses: the frame goes back where it came from (tc sends it

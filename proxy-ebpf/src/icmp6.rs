@@ -15,8 +15,11 @@
 //! the fixed IPv6 header, the quoted packet's transport header right after its fixed
 //! header. Anything else passes untouched.
 
-use aya_ebpf::programs::{TcContext, XdpContext};
-use proxy_common::{Addr, CtKey, Family, Transport, PROTO_ICMPV6};
+use aya_ebpf::{
+    bindings::xdp_action,
+    programs::{TcContext, XdpContext},
+};
+use proxy_common::{Addr, CtKey, Family, Transport, CONFIG_SNAT_ADDR6, PROTO_ICMPV6};
 
 use crate::{
     checksum,
@@ -25,8 +28,9 @@ use crate::{
         ICMPV6_UNREACHABLE, IPV6_DST, IPV6_LEN, IPV6_NEXT_HEADER, IPV6_PAYLOAD_LEN, IPV6_SRC,
     },
     icmp::{self, Sender, TC_QUOTE},
+    maps::NODE_CONFIG,
     packet::{Packet, ETH_LEN},
-    parse,
+    parse::{self, addr_at},
     translate::{self, Origin, Verdict},
 };
 
@@ -63,13 +67,6 @@ struct IcmpError {
 }
 
 #[inline(always)]
-fn read_addr<P: Packet>(pkt: &P, offset: usize) -> Option<Addr> {
-    let addr: *const Addr = pkt.ptr_at(offset)?;
-    // SAFETY: bounds-checked by ptr_at.
-    Some(unsafe { addr.read_unaligned() })
-}
-
-#[inline(always)]
 fn parse_error<P: Packet>(pkt: &P) -> Option<IcmpError> {
     let ip: *const [u8; IPV6_LEN] = pkt.ptr_at(ETH_LEN)?;
     let check: *const u16 = pkt.ptr_at(ICMP6_CHECK)?;
@@ -89,13 +86,13 @@ fn parse_error<P: Packet>(pkt: &P) -> Option<IcmpError> {
             return None;
         }
         Some(IcmpError {
-            outer_src: read_addr(pkt, ETH_LEN + IPV6_SRC)?,
-            outer_dst: read_addr(pkt, ETH_LEN + IPV6_DST)?,
+            outer_src: addr_at(pkt, ETH_LEN + IPV6_SRC)?,
+            outer_dst: addr_at(pkt, ETH_LEN + IPV6_DST)?,
             ip_len: payload.saturating_add(IPV6_LEN as u16),
             check: check.read_unaligned(),
             quoted: CtKey {
-                src: read_addr(pkt, QUOTED_OFF + IPV6_SRC)?,
-                dst: read_addr(pkt, QUOTED_OFF + IPV6_DST)?,
+                src: addr_at(pkt, QUOTED_OFF + IPV6_SRC)?,
+                dst: addr_at(pkt, QUOTED_OFF + IPV6_DST)?,
                 sport: ports[0],
                 dport: ports[1],
                 proto,
@@ -174,6 +171,22 @@ pub fn refuse_xdp(ctx: &XdpContext) -> u32 {
     icmp::refuse_xdp_as::<REFUSAL_LEN, TC_QUOTE>(ctx, write_refusal_headers)
 }
 
+/// Turns a packet that does not fit its path (a `tunnel`'s) into packet too big for
+/// its sender, from this node's IPv6 address, `mtu` being what fits, as a router on
+/// the path would answer; dropped when the node has no IPv6 address. Quoted as a
+/// refusal is (64 bytes; RFC 4443 allows up to 1,280).
+#[inline(always)]
+pub fn too_big_xdp(ctx: &XdpContext, mtu: u16) -> u32 {
+    let node = match NODE_CONFIG.get(CONFIG_SNAT_ADDR6) {
+        Some(config) if !config.addr.is_zero() => config.addr.v6_octets(),
+        _ => return xdp_action::XDP_DROP,
+    };
+    let mtu = u32::from(mtu).to_be_bytes();
+    icmp::refuse_xdp_as::<REFUSAL_LEN, TC_QUOTE>(ctx, |frame: &mut [u8; REFUSAL_LEN]| {
+        write_error_headers(frame, [ICMPV6_PACKET_TOO_BIG, 0], mtu, Some(node));
+    })
+}
+
 /// Turns the packet into its refusal in place and sends it back to its `sender`
 /// (`icmp::refuse_tc_as`).
 #[inline(always)]
@@ -182,14 +195,31 @@ pub fn refuse_tc(ctx: &TcContext, sender: Sender) -> i32 {
 }
 
 /// A refusal's headers: port unreachable from the address the quoted packet was sent
-/// to (the service's), to its sender, with the ICMPv6 checksum over the
-/// pseudo-header and the message. The addresses and the message lie back to back
+/// to (the service's).
+#[inline(always)]
+fn write_refusal_headers<const N: usize>(frame: &mut [u8; N]) {
+    write_error_headers(
+        frame,
+        [ICMPV6_UNREACHABLE, ICMPV6_PORT_UNREACHABLE],
+        [0; 4],
+        None,
+    );
+}
+
+/// The headers of an ICMPv6 error (`kind`: type and code; `rest`: the last 4 bytes of
+/// its header) whose quote is in place, to the quoted packet's sender, from `from` or
+/// else from the address the quoted packet was sent to, with the ICMPv6 checksum over
+/// the pseudo-header and the message. The addresses and the message lie back to back
 /// from the IPv6 source address to the frame's end: one sum covers them, and the
 /// pseudo-header's length and next header are added to it.
 #[inline(always)]
-fn write_refusal_headers<const N: usize>(frame: &mut [u8; N]) {
-    const PAYLOAD: usize = REFUSAL_LEN - ICMP6_OFF;
-    let payload = (PAYLOAD as u16).to_be_bytes();
+fn write_error_headers<const N: usize>(
+    frame: &mut [u8; N],
+    kind: [u8; 2],
+    rest: [u8; 4],
+    from: Option<[u8; 16]>,
+) {
+    let payload = ((N - ICMP6_OFF) as u16).to_be_bytes();
     let header = [
         0x60,
         0,
@@ -204,17 +234,11 @@ fn write_refusal_headers<const N: usize>(frame: &mut [u8; N]) {
     let (mut sender, mut service) = ([0u8; 16], [0u8; 16]);
     sender.copy_from_slice(&frame[QUOTED_OFF + IPV6_SRC..QUOTED_OFF + IPV6_SRC + 16]);
     service.copy_from_slice(&frame[QUOTED_OFF + IPV6_DST..QUOTED_OFF + IPV6_DST + 16]);
-    frame[ETH_LEN + IPV6_SRC..ETH_LEN + IPV6_SRC + 16].copy_from_slice(&service);
+    let source = from.unwrap_or(service);
+    frame[ETH_LEN + IPV6_SRC..ETH_LEN + IPV6_SRC + 16].copy_from_slice(&source);
     frame[ETH_LEN + IPV6_DST..ETH_LEN + IPV6_DST + 16].copy_from_slice(&sender);
     frame[ICMP6_OFF..QUOTED_OFF].copy_from_slice(&[
-        ICMPV6_UNREACHABLE,
-        ICMPV6_PORT_UNREACHABLE,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
+        kind[0], kind[1], 0, 0, rest[0], rest[1], rest[2], rest[3],
     ]);
     let pseudo_header_rest =
         u64::from(u16::from_ne_bytes(payload)) + u64::from(u16::from_ne_bytes([0, PROTO_ICMPV6]));

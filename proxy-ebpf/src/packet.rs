@@ -12,12 +12,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    sctp, Addr, IPV6_ICMP_PROGRAM, IPV6_PROGRAM, IPV6_SCTP_PROGRAM, PROTO_UDP, SCTP_PROGRAM,
+    sctp, Addr, IPV6_ICMP_PROGRAM, IPV6_PROGRAM, IPV6_TUNNEL_PROGRAM, IPV6_SCTP_PROGRAM, PROTO_UDP, SCTP_PROGRAM,
 };
 
 use crate::{
     checksum,
-    headers::{IPV6_DST, IPV6_SRC},
+    headers::{IPV6_DST, IPV6_MAX_EXTENSION_HEADERS, IPV6_SRC},
     maps::{
         POD_IPV6, POD_IPV6_MORE, POD_TRANSPORTS, UPLINK_IPV6, UPLINK_IPV6_MORE, UPLINK_TRANSPORTS,
     },
@@ -83,11 +83,13 @@ pub enum Program {
     Ipv6Sctp,
     /// ICMPv6.
     Ipv6Icmp,
+    /// ip6ip6 (the uplinks' only).
+    Ipv6Tunnel,
 }
 
 impl Program {
     /// The program's slot in its array (`*_TRANSPORTS` for `Sctp`, `*_IPV6_MORE` for
-    /// `Ipv6Icmp`, `*_IPV6` else).
+    /// `Ipv6Icmp` and `Ipv6Tunnel`, `*_IPV6` else).
     #[inline(always)]
     fn slot(self) -> u32 {
         match self {
@@ -95,6 +97,7 @@ impl Program {
             Program::Ipv6 => IPV6_PROGRAM,
             Program::Ipv6Sctp => IPV6_SCTP_PROGRAM,
             Program::Ipv6Icmp => IPV6_ICMP_PROGRAM,
+            Program::Ipv6Tunnel => IPV6_TUNNEL_PROGRAM,
         }
     }
 }
@@ -108,6 +111,9 @@ pub trait Packet {
     /// Whether the program translates IPv6 (and nothing else) or IPv4: IPv6 has
     /// programs of their own, which see their packets as `Ipv6Packet`s.
     const IPV6: bool = false;
+    /// How many IPv6 extension headers the parser steps over (`parse`): all it
+    /// allows, but in the programs whose packets have none (`TunnelledV6`).
+    const EXTENSION_HEADERS: usize = IPV6_MAX_EXTENSION_HEADERS;
 
     fn start(&self) -> usize;
     fn end(&self) -> usize;
@@ -288,7 +294,7 @@ impl Packet for XdpPacket<'_> {
         let array = match program {
             Program::Sctp => &UPLINK_TRANSPORTS,
             Program::Ipv6 | Program::Ipv6Sctp => &UPLINK_IPV6,
-            Program::Ipv6Icmp => &UPLINK_IPV6_MORE,
+            Program::Ipv6Icmp | Program::Ipv6Tunnel => &UPLINK_IPV6_MORE,
         };
         // SAFETY: a tail call with the program's own context.
         unsafe { array.tail_call(self.0, program.slot()) };
@@ -408,7 +414,7 @@ impl Packet for TcPacket<'_> {
         let array = match program {
             Program::Sctp => &POD_TRANSPORTS,
             Program::Ipv6 | Program::Ipv6Sctp => &POD_IPV6,
-            Program::Ipv6Icmp => &POD_IPV6_MORE,
+            Program::Ipv6Icmp | Program::Ipv6Tunnel => &POD_IPV6_MORE,
         };
         // SAFETY: a tail call with the program's own context.
         unsafe { array.tail_call(self.0, program.slot()) };
@@ -468,6 +474,33 @@ macro_rules! delegate_to_inner {
     };
 }
 
+/// The rewrites a wrapper that changes only what the parser sees (`Ipv6Packet`,
+/// `TunnelledV6`) passes on to the packet type it wraps.
+macro_rules! delegate_rewrites {
+    () => {
+        #[inline(always)]
+        fn rewrite_addr_v4(&self, flow: &Flow, offset: usize, old: u32, new: u32) -> Result<(), ()> {
+            self.0.rewrite_addr_v4(flow, offset, old, new)
+        }
+
+        #[inline(always)]
+        fn rewrite_addr_v6(
+            &self,
+            flow: &Flow,
+            offset: usize,
+            old: &Addr,
+            new: &Addr,
+        ) -> Result<(), ()> {
+            self.0.rewrite_addr_v6(flow, offset, old, new)
+        }
+
+        #[inline(always)]
+        fn rewrite_port(&self, flow: &Flow, side: Side, old: u16, new: u16) -> Result<(), ()> {
+            self.0.rewrite_port(flow, side, old, new)
+        }
+    };
+}
+
 /// A packet of SCTP's programs, rewritten through the hook's own packet type but for
 /// the checksums: SCTP's CRC32c covers no address (an address rewrite fixes only the
 /// IP header's checksum) and is updated for a port by `sctp::updated_checksum`. No
@@ -477,6 +510,7 @@ pub struct SctpPacket<'a, P>(pub &'a P);
 impl<P: Packet> Packet for SctpPacket<'_, P> {
     const SCTP: bool = true;
     const IPV6: bool = P::IPV6;
+    const EXTENSION_HEADERS: usize = P::EXTENSION_HEADERS;
 
     delegate_to_inner!();
 
@@ -535,26 +569,27 @@ impl<P: Packet> Packet for Ipv6Packet<'_, P> {
 
     delegate_to_inner!();
 
-    #[inline(always)]
-    fn rewrite_addr_v4(&self, flow: &Flow, offset: usize, old: u32, new: u32) -> Result<(), ()> {
-        self.0.rewrite_addr_v4(flow, offset, old, new)
-    }
+    delegate_rewrites!();
 
     #[inline(always)]
-    fn rewrite_addr_v6(
-        &self,
-        flow: &Flow,
-        offset: usize,
-        old: &Addr,
-        new: &Addr,
-    ) -> Result<(), ()> {
-        self.0.rewrite_addr_v6(flow, offset, old, new)
+    fn hand_over(&self, program: Program) {
+        self.0.hand_over(program)
     }
+}
 
-    #[inline(always)]
-    fn rewrite_port(&self, flow: &Flow, side: Side, old: u16, new: u16) -> Result<(), ()> {
-        self.0.rewrite_port(flow, side, old, new)
-    }
+/// The inner packet of an ip6ip6 packet `tunnel` decapsulated, an `Ipv6Packet`: its
+/// transport header follows its fixed header (`tunnel` checked), so the parser walks
+/// no extension header, whose paths the verifier could not afford twice in one program.
+pub struct TunnelledV6<'a, P>(pub &'a P);
+
+impl<P: Packet> Packet for TunnelledV6<'_, P> {
+    const SCTP: bool = P::SCTP;
+    const IPV6: bool = P::IPV6;
+    const EXTENSION_HEADERS: usize = 0;
+
+    delegate_to_inner!();
+
+    delegate_rewrites!();
 
     #[inline(always)]
     fn hand_over(&self, program: Program) {

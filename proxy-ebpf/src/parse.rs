@@ -16,7 +16,7 @@ use crate::{
     scratch,
     headers::{
         self, IPV6_AUTH, IPV6_DEST_OPTIONS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_LEN,
-        IPV6_MAX_EXTENSION_HEADERS, IPV6_MF, IPV6_NEXT_HEADER, IPV6_OFFSET_MASK,
+        IPV6_MF, IPV6_NEXT_HEADER, IPV6_OFFSET_MASK,
         IPV6_PAYLOAD_LEN, IPV6_ROUTING, IPV6_SRC, IPV6_DST, IP_MF, IP_OFFSET_MASK,
     },
     packet::{Packet, ETH_LEN},
@@ -92,6 +92,14 @@ fn ether_type<P: Packet>(pkt: &P) -> Result<u16, Skip> {
     let eth: *const EthHdr = pkt.ptr_at(0).ok_or(Skip::NotOurs)?;
     // SAFETY: bounds-checked by ptr_at.
     Ok(unsafe { (*eth).ether_type })
+}
+
+/// The IPv6 address at `offset`.
+#[inline(always)]
+pub fn addr_at<P: Packet>(pkt: &P, offset: usize) -> Option<Addr> {
+    let addr: *const Addr = pkt.ptr_at(offset)?;
+    // SAFETY: bounds-checked by ptr_at.
+    Some(unsafe { addr.read_unaligned() })
 }
 
 /// Whether the frame carries IPv6.
@@ -196,7 +204,7 @@ impl Ipv6Headers {
     }
 }
 
-/// Reads the fixed IPv6 header and steps over at most `IPV6_MAX_EXTENSION_HEADERS`
+/// Reads the fixed IPv6 header and steps over at most `Packet::EXTENSION_HEADERS`
 /// extension headers: `Skip::NotOurs` if the frame is not IPv6, `Skip::Malformed`
 /// if its headers do not fit (or are too many).
 #[inline(always)]
@@ -221,7 +229,7 @@ fn ipv6_headers<P: Packet>(pkt: &P) -> Result<Ipv6Headers, Skip> {
     }
     let mut off = ETH_LEN + IPV6_LEN;
     let (mut fragment, mut fragment_id, mut fragmented) = (0u16, 0u16, false);
-    for _ in 0..IPV6_MAX_EXTENSION_HEADERS {
+    for _ in 0..P::EXTENSION_HEADERS {
         if !is_extension_header(next) {
             break;
         }

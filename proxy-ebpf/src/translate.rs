@@ -1,10 +1,7 @@
 //! The per-packet pipeline shared by the XDP and tc hooks: parse, follow a tracked
 //! flow, or open a new one (schedule, record both directions, rewrite).
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    programs::XdpContext,
-};
+use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
     decide::{self, Entry},
     sctp,
@@ -13,8 +10,7 @@ use proxy_common::{
     CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT,
     EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_FRAGMENT_DROPPED,
     EV_MALFORMED,
-    EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED,
-    EV_TUNNEL_REFUSED, PROTO_ICMPV6, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
+    EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, PROTO_ICMPV6, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
 };
 
 use crate::{
@@ -24,7 +20,7 @@ use crate::{
     counters::{self, Direction},
     fragments, headers, icmp,
     maps::CONNTRACK,
-    packet::{Packet, Program, Side, XdpPacket, ETH_LEN},
+    packet::{Packet, Program, Side},
     parse::{self, Flow, Skip},
     related::{self, Claim},
     scratch, settings, source_ranges, tunnel,
@@ -37,8 +33,8 @@ pub enum Origin {
     External,
     /// From a local pod, on its host-side interface (tc ingress).
     Pod,
-    /// From outside, decapsulated from IPIP addressed to this backend (the entry
-    /// node's choice, for `dsr-ipip`).
+    /// From outside, decapsulated from IPIP or ip6ip6 addressed to this backend (the
+    /// entry node's choice, for `dsr-ipip`).
     Tunnel(Addr),
 }
 
@@ -49,7 +45,7 @@ pub enum Action {
     Drop,
     /// Rewritten.
     Translated,
-    /// Unchanged, to be encapsulated in IPIP (`dsr-ipip`).
+    /// Unchanged, to be encapsulated in IPIP or ip6ip6 (`dsr-ipip`).
     Encapsulate,
     /// A new flow to a service without endpoints: answered with ICMP port
     /// unreachable (`icmp::refuse_*`), as kube-proxy rejects it.
@@ -62,7 +58,7 @@ pub enum Action {
 pub struct Verdict {
     pub action: Action,
     /// `Translated`: the tuple the packet now carries; `Encapsulate`: the outer
-    /// header's (source, destination, protocol 4).
+    /// header's (`tunnel::outer_tuple`).
     pub tuple: CtKey,
     /// The packet's IP length (before encapsulation).
     pub ip_len: u16,
@@ -218,7 +214,7 @@ fn at_service_address(origin: Origin, family: u8, dst: &Addr) -> bool {
 /// rule above), ICMPv6 `icmp6`'s program's; every other protocol (GRE, ESP, IPIP not for us…)
 /// follows the rule above.
 #[inline(always)]
-fn other_protocol<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
+pub fn other_protocol<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     let Some((proto, dst)) = parse::protocol_and_destination(pkt) else {
         return Verdict::PASS;
     };
@@ -265,42 +261,6 @@ fn unmatched_fragment<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     Verdict::PASS
 }
 
-/// What to do with an IPIP packet (see `tunnel` for the rules).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Inner {
-    /// Not addressed to a `dsr-ipip` frontend here: passed as it is.
-    NotOurs,
-    Decapsulate,
-    /// Ours, but from an outer source not trusted to send it: dropped.
-    Refuse,
-}
-
-/// Whether an IPIP packet's inner packet is ours to decapsulate and translate: it is
-/// addressed to a `dsr-ipip` frontend, the outer header to this node or to one of
-/// that frontend's backends here, and the outer source may tunnel.
-#[inline(always)]
-pub fn claim_inner(ctx: &XdpContext, outer_src: &Addr, outer_dst: &Addr) -> Inner {
-    let Ok(flow) = parse::parse_at(&XdpPacket(ctx), ETH_LEN + tunnel::OUTER_LEN) else {
-        return Inner::NotOurs;
-    };
-    let Some(service) = balancer::lookup_tunnel_service(&flow.key) else {
-        return Inner::NotOurs;
-    };
-    // The outer header is IPv4 (IPIP).
-    let outer_family = Family::V4.number();
-    if !balancer::is_node_address(outer_family, outer_dst)
-        && balancer::backend_at(&service, *outer_dst).is_none()
-    {
-        return Inner::NotOurs;
-    }
-    if decide::admits_tunnel(tunnel::peer_trust(outer_src), &service) {
-        Inner::Decapsulate
-    } else {
-        counters::event(EV_TUNNEL_REFUSED);
-        Inner::Refuse
-    }
-}
-
 /// Rewrites a packet as its conntrack entry says and counts it.
 #[inline(always)]
 fn follow<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry, new_flow: bool) -> Verdict {
@@ -322,18 +282,9 @@ fn follow<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry, new_flow: bool) -> V
         new_flow,
     );
     if entry.flags & CT_F_ENCAP != 0 {
-        let outer = CtKey {
-            src: entry.nat_src,
-            dst: entry.nat_dst,
-            sport: 0,
-            dport: 0,
-            proto: headers::PROTO_IPIP,
-            family: Family::V4.number(),
-            _pad: [0; 2],
-        };
         return Verdict {
             action: Action::Encapsulate,
-            tuple: outer,
+            tuple: tunnel::outer_tuple(&flow.key, flow.family, entry.nat_src, entry.nat_dst),
             ip_len: flow.ip_len,
             node_source: false,
         };
@@ -442,8 +393,7 @@ fn open_flow<P: Packet>(
         return no_backend(service);
     };
     affinity::remember(service, &key.src, &choice, now);
-    // IPv6 frontends are never `dsr-ipip` (the agent refuses it: IPIP carries IPv4).
-    if !P::IPV6 && decide::returns_directly(service, &choice.backend, origin.entry()) {
+    if decide::returns_directly(service, &choice.backend, origin.entry()) {
         return open_encapsulated(pkt, flow, service, &choice, opening, now);
     }
     let backend = &choice.backend;

@@ -269,15 +269,17 @@ struct RunArgs {
     forwarding: Forwarding,
     /// `dsr-ipip`: outer source addresses of IPIP packets, a prefix whose addresses
     /// the flows are hashed over (so receivers' RSS spreads them); without it, the
-    /// first --node-ip.
+    /// first --node-ip of IPv4. (ip6ip6 leaves from the first --node-ip of IPv6, the
+    /// flow's hash in its flow label.)
     #[arg(long, value_parser = parse_ipv4_range)]
     tunnel_source_cidr: Option<SourceRange>,
-    /// `dsr-ipip`: the outer sources (comma-separated prefixes: the nodes' tunnel
-    /// sources) allowed to tunnel into this node; IPIP from others is dropped.
-    /// Without it any source may, except into frontends with
+    /// `dsr-ipip`: the outer sources (comma-separated prefixes of either family: the
+    /// nodes' tunnel sources, IPv4 for IPIP and IPv6 for ip6ip6) allowed to tunnel
+    /// into this node; tunnels from others are dropped (all of a family the list has
+    /// no prefix of). Without it any source may, except into frontends with
     /// loadBalancerSourceRanges, whose tunnelled flows are then refused (an
     /// unverified inner source would bypass the ranges).
-    #[arg(long, value_delimiter = ',', value_parser = parse_ipv4_range)]
+    #[arg(long, value_delimiter = ',')]
     ipip_trusted_sources: Option<Vec<SourceRange>>,
     /// Idle timeout of established TCP flows (`6h`, `900s`; ipvsadm's `--set tcp`).
     /// Default: the config's ipvs.tcpTimeout or conntrack.tcpEstablishedTimeout,

@@ -396,10 +396,9 @@ fn dual_stack(node_ips: Option<&[IpAddr]>) -> Coverage {
             false,
             "the agent knows the node's addresses: down".to_owned(),
         ),
-        Some(ips) if ips.iter().any(IpAddr::is_ipv6) && ips.iter().any(IpAddr::is_ipv4) => (
-            true,
-            "both families; IPv6 has no dsr-ipip yet (README)".to_owned(),
-        ),
+        Some(ips) if ips.iter().any(IpAddr::is_ipv6) && ips.iter().any(IpAddr::is_ipv4) => {
+            (true, "both families".to_owned())
+        }
         Some(ips) => (
             false,
             match ips.iter().any(IpAddr::is_ipv6) {

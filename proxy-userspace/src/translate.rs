@@ -61,7 +61,7 @@
 //! 13. Forwarding of external traffic to endpoints on other nodes comes from the
 //!     annotation `ebpf-proxy.io/forwarding` (`snat`, `dsr-ipip`), else the node's
 //!     `--forwarding`. `dsr-ipip` external frontends encapsulate such flows to the
-//!     endpoint; every node also gets the frontends' IPIP views (`Listen::Tunnel*`)
+//!     endpoint; every node also gets the frontends' tunnel views (`Listen::Tunnel*`)
 //!     holding its own endpoints, where the encapsulated flows arrive. Not with
 //!     `externalTrafficPolicy: Local` (no flow leaves the node then), and never for
 //!     SCTP ports (they are snat): SCTP is translated by programs of its own, which do
@@ -720,12 +720,6 @@ pub(crate) fn service_output(
     };
     // Direct return only matters where external traffic may leave this node.
     let dsr = forwarding == Forwarding::DsrIpip && !external_local;
-    if dsr && families.contains(&Family::V6) {
-        out.problems.push(Problem::warning(
-            object.clone(),
-            "dsr-ipip: IPIP carries IPv4 only, the IPv6 frontends forward with snat",
-        ));
-    }
     let weights = match annotations
         .get(ANNOTATION_WEIGHTS)
         .map(|w| parse_weights(w))
@@ -817,8 +811,6 @@ pub(crate) fn service_output(
                 port.name.as_deref().unwrap_or(&number.to_string())
             );
             let tunnelled = weighted(&sets.local);
-            // IPIP carries IPv4: IPv6 frontends forward with snat (said below).
-            let dsr = dsr && family == Family::V4;
             let ranges = ranges
                 .as_ref()
                 .map(|r| r.iter().filter(|r| r.family() == family).copied().collect());

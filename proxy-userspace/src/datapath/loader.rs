@@ -18,7 +18,7 @@ use aya::{
 use super::{
     generation::Generation, IPV6_PROGRAMS, PROG_EGRESS, PROG_POD, PROG_POD_ICMP6, PROG_POD_SCTP,
     PROG_POD_SCTP6, PROG_POD_V6, PROG_SOCK_HOOKS, PROG_UPLINK, PROG_UPLINK_ICMP6, PROG_UPLINK_SCTP,
-    PROG_UPLINK_SCTP6, PROG_UPLINK_V6, TAIL_CALLED,
+    PROG_UPLINK_SCTP6, PROG_UPLINK_TUNNEL6, PROG_UPLINK_V6, TAIL_CALLED,
 };
 use proxy_common::{map_name, LoadSettings, SETTINGS_GLOBAL};
 
@@ -171,6 +171,7 @@ impl Datapath {
             (PROG_UPLINK_V6, "the XDP program for IPv6"),
             (PROG_UPLINK_SCTP6, "the XDP program for SCTP over IPv6"),
             (PROG_UPLINK_ICMP6, "the XDP program for ICMPv6"),
+            (PROG_UPLINK_TUNNEL6, "the XDP program for ip6ip6"),
         ]
         .into_iter()
         .filter(|(name, _)| wanted(name))

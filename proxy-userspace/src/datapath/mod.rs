@@ -15,7 +15,9 @@ pub mod mmap;
 pub mod tables;
 pub mod widen;
 
-use proxy_common::{map_name, IPV6_ICMP_PROGRAM, IPV6_PROGRAM, IPV6_SCTP_PROGRAM, SCTP_PROGRAM};
+use proxy_common::{
+    map_name, IPV6_ICMP_PROGRAM, IPV6_PROGRAM, IPV6_SCTP_PROGRAM, IPV6_TUNNEL_PROGRAM, SCTP_PROGRAM,
+};
 
 /// The eBPF object built by build.rs from proxy-ebpf, for kernels from 5.18 (the
 /// legacy one is `generation`'s).
@@ -43,13 +45,15 @@ pub const PROG_UPLINK_SCTP6: &str = "uplink_ingress_sctp6";
 pub const PROG_POD_V6: &str = "pod_ingress_v6";
 pub const PROG_POD_SCTP6: &str = "pod_ingress_sctp6";
 pub const PROG_UPLINK_ICMP6: &str = "uplink_ingress_icmp6";
+pub const PROG_UPLINK_TUNNEL6: &str = "uplink_ingress_tunnel6";
 pub const PROG_POD_ICMP6: &str = "pod_ingress_icmp6";
 
 /// IPv6's programs (the current object's only: see `loader`).
-pub const IPV6_PROGRAMS: [&str; 6] = [
+pub const IPV6_PROGRAMS: [&str; 7] = [
     PROG_UPLINK_V6,
     PROG_UPLINK_SCTP6,
     PROG_UPLINK_ICMP6,
+    PROG_UPLINK_TUNNEL6,
     PROG_POD_V6,
     PROG_POD_SCTP6,
     PROG_POD_ICMP6,
@@ -57,12 +61,18 @@ pub const IPV6_PROGRAMS: [&str; 6] = [
 
 /// Every tail-called program: the array it goes in, at which slot.
 /// Filled in this order: a program is put in place after those it hands packets to
-/// (ICMPv6's before IPv6's), so that an upgrade never sends a packet to an empty slot.
-pub const TAIL_CALLED: [(&str, &str, u32); 8] = [
+/// (ICMPv6's and ip6ip6's before IPv6's), so that an upgrade never sends a packet to an
+/// empty slot.
+pub const TAIL_CALLED: [(&str, &str, u32); 9] = [
     (
         map_name::UPLINK_IPV6_MORE,
         PROG_UPLINK_ICMP6,
         IPV6_ICMP_PROGRAM,
+    ),
+    (
+        map_name::UPLINK_IPV6_MORE,
+        PROG_UPLINK_TUNNEL6,
+        IPV6_TUNNEL_PROGRAM,
     ),
     (map_name::POD_IPV6_MORE, PROG_POD_ICMP6, IPV6_ICMP_PROGRAM),
     (map_name::UPLINK_TRANSPORTS, PROG_UPLINK_SCTP, SCTP_PROGRAM),

@@ -15,19 +15,19 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     sync::Arc,
 };
 
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use proxy_common::{
-    cluster_cidrs_id, map_name, Addr, AddrKey, Backend, BackendSlotKey, ConfigValue, ConnCounts,
-    CtTimeouts, NodeAddrFlags, ServiceKey, ServiceValue, CLUSTER_CIDR, CLUSTER_CIDRS6_ID,
-    CLUSTER_CIDRS_ID, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_SNAT_ADDR6,
+    cluster_cidrs_id, map_name, tunnel_peers_id, Addr, AddrKey, Backend, BackendSlotKey,
+    ConfigValue, ConnCounts, CtTimeouts, NodeAddrFlags, ServiceKey, ServiceValue, CLUSTER_CIDR,
+    CLUSTER_CIDRS6_ID, CLUSTER_CIDRS_ID, CONFIG_NETNS_COOKIE, CONFIG_SNAT_ADDR, CONFIG_SNAT_ADDR6,
     CONFIG_TUNNEL_SOURCE, CONFIG_XDP_FORWARD, CT_F_RELATED, MAX_BACKENDS_PER_SERVICE, PROTO_TCP,
-    TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED, TUNNEL_PEER_UNVERIFIED, XDP_FORWARD_PASS,
-    XDP_FORWARD_REDIRECT,
+    TUNNEL_PEERS6_ID, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED, TUNNEL_PEER_UNVERIFIED,
+    XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
 
 mod accounting;
@@ -168,7 +168,14 @@ impl Syncer {
         let mut stray_ranges = Vec::new();
         for key in tables.source_ranges.keys().filter_map(Result::ok) {
             let id = source_range_id(&key);
-            if [TUNNEL_PEERS_ID, CLUSTER_CIDRS_ID, CLUSTER_CIDRS6_ID].contains(&id) {
+            if [
+                TUNNEL_PEERS_ID,
+                TUNNEL_PEERS6_ID,
+                CLUSTER_CIDRS_ID,
+                CLUSTER_CIDRS6_ID,
+            ]
+            .contains(&id)
+            {
                 continue; // node-wide, rewritten by program_node
             }
             match family_of.get(&id) {
@@ -336,22 +343,30 @@ impl Syncer {
         Ok(())
     }
 
-    /// The outer sources that may tunnel in, under the pseudo service id
-    /// `TUNNEL_PEERS_ID` of `SOURCE_RANGES`: the listed prefixes as trusted, or, with
-    /// no list, `0.0.0.0/0` as unverified.
+    /// The outer sources that may tunnel in, under the pseudo service ids
+    /// `tunnel_peers_id` of `SOURCE_RANGES` (one per family): the listed prefixes of
+    /// the family as trusted, or, with no list, `0.0.0.0/0` (`::/0`) as unverified. A
+    /// list without prefixes of a family trusts no tunnel of that family.
     fn program_tunnel_peers(&mut self, peers: Option<&[SourceRange]>) -> Result<()> {
-        let wanted: BTreeMap<SourceRange, u8> = match peers {
-            Some(list) => list.iter().map(|r| (*r, TUNNEL_PEER_TRUSTED)).collect(),
-            None => BTreeMap::from([(
-                SourceRange {
-                    addr: Ipv4Addr::UNSPECIFIED.into(),
-                    len: 0,
-                },
-                TUNNEL_PEER_UNVERIFIED,
-            )]),
-        };
-        self.program_node_ranges(TUNNEL_PEERS_ID, Family::V4, &wanted)
-            .context("--ipip-trusted-sources")
+        for family in [Family::V4, Family::V6] {
+            let wanted: BTreeMap<SourceRange, u8> = match peers {
+                Some(list) => list
+                    .iter()
+                    .filter(|r| r.family() == family)
+                    .map(|r| (*r, TUNNEL_PEER_TRUSTED))
+                    .collect(),
+                None => BTreeMap::from([(
+                    SourceRange {
+                        addr: family.unspecified(),
+                        len: 0,
+                    },
+                    TUNNEL_PEER_UNVERIFIED,
+                )]),
+            };
+            self.program_node_ranges(tunnel_peers_id(family), family, &wanted)
+                .context("--ipip-trusted-sources")?;
+        }
+        Ok(())
     }
 
     /// Makes the prefixes under a pseudo service id of `SOURCE_RANGES` (of `family`)

@@ -11,12 +11,11 @@ use anyhow::Result;
 use proxy_common::{
     cluster_cidrs_id,
     decide::{self, Entry, TunnelPeer},
-    Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, ExpectKey, Expectation, Family,
-    LoadSettings, Scheduler, ServiceKey, ServiceValue, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR,
+    tunnel_peers_id, Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, ExpectKey, Expectation,
+    Family, LoadSettings, Scheduler, ServiceKey, ServiceValue, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR,
     CONFIG_SNAT_ADDR6, CT_F_ENCAP, CT_F_REPLY, PROTO_ICMP, SCOPE_ADDRESS, SCOPE_IN_CLUSTER,
     SCOPE_IN_CLUSTER_NODE_PORT, SCOPE_NODE_PORT, SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT,
     SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TUNNEL,
-    TUNNEL_PEERS_ID,
 };
 use serde::Serialize;
 
@@ -36,8 +35,8 @@ pub enum Origin {
     External,
     /// A pod interface (tc).
     Pod,
-    /// An uplink, encapsulated in IPIP from `outer_src` to `outer_dst` (`dsr-ipip`:
-    /// an entry node chose a backend here).
+    /// An uplink, encapsulated (IPIP, or ip6ip6 for IPv6) from `outer_src` to
+    /// `outer_dst` (`dsr-ipip`: an entry node chose a backend here).
     Tunnel {
         outer_src: IpAddr,
         outer_dst: IpAddr,
@@ -62,7 +61,8 @@ pub struct Explanation {
     pub backend: Option<SocketAddr>,
     /// The packet's (source, destination) after translation.
     pub translated: Option<(SocketAddr, SocketAddr)>,
-    /// Sent unchanged inside IPIP to this address (`dsr-ipip`) instead of translated.
+    /// Sent unchanged inside IPIP or ip6ip6 to this address (`dsr-ipip`) instead of
+    /// translated.
     pub encapsulated_to: Option<IpAddr>,
     /// Why a new flow is dropped, when it is: a policy (source ranges, a traffic
     /// policy `Local` without endpoints here) or no backend at all.
@@ -172,25 +172,29 @@ pub fn explain(
         family: family.number(),
         _pad: [0; 2],
     };
+    let tunnel = tunnel_name(family);
     if let Origin::Tunnel {
         outer_src,
         outer_dst,
     } = origin
     {
+        if Family::of(&outer_src) != family || Family::of(&outer_dst) != family {
+            anyhow::bail!("a tunnel carries its own family: {tunnel}'s outer addresses are of the packet's family");
+        }
         match tunnel_claim(tables, &key, outer_src, outer_dst) {
             Claim::NotOurs(why) => {
                 out.steps.push(format!(
-                    "IPIP {outer_src} -> {outer_dst}: {why}; passed encapsulated, not translated"
+                    "{tunnel} {outer_src} -> {outer_dst}: {why}; passed encapsulated, not translated"
                 ));
                 return Ok(out);
             }
             Claim::Refused(why) => {
                 return Ok(out.drop_because(format!(
-                    "IPIP {outer_src} -> {outer_dst}: {why} (event tunnel_refused)"
+                    "{tunnel} {outer_src} -> {outer_dst}: {why} (event tunnel_refused)"
                 )))
             }
             Claim::Ours(why) => out.steps.push(format!(
-                "IPIP {outer_src} -> {outer_dst}: {why}; decapsulated"
+                "{tunnel} {outer_src} -> {outer_dst}: {why}; decapsulated"
             )),
         }
     }
@@ -211,7 +215,7 @@ pub fn explain(
             if entry.flags & CT_F_ENCAP != 0 {
                 let outer = entry.nat_dst.to_ip(family);
                 out.steps.push(format!(
-                    "dsr-ipip: encapsulated unchanged in IPIP to the backend {outer}"
+                    "dsr-ipip: encapsulated unchanged in {tunnel} to the backend {outer}"
                 ));
                 out.encapsulated_to = Some(outer);
                 return Ok(out);
@@ -232,7 +236,7 @@ pub fn explain(
     let found = match origin {
         Origin::Tunnel { .. } => {
             lookup_scoped(tables, &key, (SCOPE_TUNNEL, SCOPE_TUNNEL_NODE_PORT), false)
-                .map(|(v, _)| (v, "by its IPIP view (dsr-ipip)"))
+                .map(|(v, _)| (v, "by its tunnel view (dsr-ipip)"))
         }
         Origin::Pod => {
             lookup_service(tables, &key).map(|found| in_cluster_view(tables, &key, found))
@@ -320,10 +324,9 @@ pub fn explain(
         "scheduler {scheduler}: {why} -> backend {backend_socket} (slot {slot})"
     ));
     out.backend = Some(backend_socket);
-    // IPv6 frontends are never dsr-ipip (the data path skips the decision for them).
-    if family == Family::V4 && decide::returns_directly(&service, &backend, origin.entry()) {
+    if decide::returns_directly(&service, &backend, origin.entry()) {
         out.steps.push(format!(
-            "dsr-ipip: the backend is on another node: the packet is encapsulated unchanged in IPIP to {}, whose node answers the client directly",
+            "dsr-ipip: the backend is on another node: the packet is encapsulated unchanged in {tunnel} to {}, whose node answers the client directly",
             endpoint.addr
         ));
         out.encapsulated_to = Some(endpoint.addr);
@@ -444,11 +447,19 @@ fn endpoints_elsewhere(tables: &Tables, name: &str) -> Vec<String> {
 }
 
 /// The slot of the service's backend at `addr`, as the kernel's search finds it.
-/// Whether the uplink program decapsulates an IPIP packet (`translate::claim_inner`).
+/// Whether the uplink program decapsulates a tunnelled packet (`tunnel::arrival`).
 enum Claim {
     NotOurs(&'static str),
     Refused(&'static str),
     Ours(&'static str),
+}
+
+/// What the family's `dsr-ipip` flows travel in.
+fn tunnel_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "IPIP",
+        Family::V6 => "ip6ip6",
+    }
 }
 
 fn tunnel_claim(tables: &Tables, key: &CtKey, outer_src: IpAddr, outer_dst: IpAddr) -> Claim {
@@ -464,7 +475,10 @@ fn tunnel_claim(tables: &Tables, key: &CtKey, outer_src: IpAddr, outer_dst: IpAd
     let peer = TunnelPeer::from_entry(
         tables
             .source_ranges
-            .get(&source_range_probe(TUNNEL_PEERS_ID, &outer_src), 0)
+            .get(
+                &source_range_probe(tunnel_peers_id(Family::of(&outer_src)), &outer_src),
+                0,
+            )
             .ok(),
     );
     let admitted = decide::admits_tunnel(peer, &service);

@@ -235,7 +235,7 @@ fn trace_shows_dsr_encapsulation_and_follows_a_tunnelled_packet_to_the_named_bac
     dp.flush_conntrack();
 
     // At the backend's node the packet arrives in IPIP to the second local pod: the
-    // trace follows the IPIP view to exactly that backend, as the kernel does.
+    // trace follows the tunnel view to exactly that backend, as the kernel does.
     let tunnelled = trace(
         &dp,
         VIP,
@@ -251,7 +251,7 @@ fn trace_shows_dsr_encapsulation_and_follows_a_tunnelled_packet_to_the_named_bac
         "{:?}",
         tunnelled.steps
     );
-    assert!(tunnelled.steps.iter().any(|s| s.contains("IPIP view")));
+    assert!(tunnelled.steps.iter().any(|s| s.contains("tunnel view")));
 }
 
 /// Whether the data path answered a frame with ICMP port unreachable (a refusal

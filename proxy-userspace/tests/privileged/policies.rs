@@ -229,16 +229,18 @@ fn source_ranges_admit_listed_clients_and_drop_the_rest_in(p: &Policies) {
     assert!(connect(&mut dp, net.client, 40003, p.lb_ip).is_none());
     dp.program_frontends(vec![(lb, frontend_of(net, 0, None))]);
     assert!(connect(&mut dp, p.past_other_range, 40004, p.lb_ip).is_some());
-    // Nothing of the removed ranges is left in the map (beside the node-wide entry
-    // of the tunnel peers).
+    // Nothing of the removed ranges is left in the map (beside the node-wide entries
+    // of the tunnel peers, one per family).
+    let node_wide = [
+        proxy_common::TUNNEL_PEERS_ID,
+        proxy_common::TUNNEL_PEERS6_ID,
+    ];
     let left = dp
         .tables()
         .source_ranges
         .keys()
         .filter_map(Result::ok)
-        .filter(|k| {
-            ebpf_proxy::datapath::codec::source_range_id(k) != proxy_common::TUNNEL_PEERS_ID
-        })
+        .filter(|k| !node_wide.contains(&ebpf_proxy::datapath::codec::source_range_id(k)))
         .count();
     assert_eq!(left, 0, "{family:?}");
 }

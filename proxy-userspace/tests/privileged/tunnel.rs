@@ -1,25 +1,56 @@
-//! IPIP in the data path, byte by byte through BPF_PROG_TEST_RUN: the entry node of a
-//! `dsr-ipip` flow encapsulates the client's packet untouched towards the chosen
-//! backend, and the backend's node decapsulates it and translates it for the very
-//! backend the outer header names, keeping the client's address.
+//! Tunnels in the data path, byte by byte through BPF_PROG_TEST_RUN, one body per
+//! family (IPIP for IPv4, ip6ip6 for IPv6): the entry node of a `dsr-ipip` flow
+//! encapsulates the client's packet untouched towards the chosen backend, and the
+//! backend's node decapsulates it and translates it for the very backend the outer
+//! header names, keeping the client's address.
 
-use std::{
-    collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr},
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
-use crate::support::{datapath::*, packets::*};
+use crate::support::{datapath::*, families::*, packets::*};
 use ebpf_proxy::{
-    model::{Endpoint, Frontend, FrontendKey, Listen, Protocol},
+    model::{Endpoint, Family, Frontend, FrontendKey, Listen, Protocol, SourceRange},
     sync::NodeSettings,
 };
 
-const LB: [u8; 4] = [198, 18, 100, 1];
-const CLIENT: [u8; 4] = [198, 18, 0, 2];
-const REMOTE_POD: [u8; 4] = [10, 244, 2, 11];
-const POD_1: [u8; 4] = [10, 244, 1, 11];
-const POD_2: [u8; 4] = [10, 244, 1, 12];
-const ENTRY_NODE: [u8; 4] = [198, 18, 2, 1];
+/// A family's addresses for tunnels, beside `Net`'s.
+struct Tunnels {
+    net: Net,
+    /// A LoadBalancer IP.
+    lb: IpAddr,
+    /// Another node, the entry node of tunnelled flows, and its prefix.
+    entry_node: IpAddr,
+    peers: SourceRange,
+    /// A source no list trusts.
+    outsider: IpAddr,
+    /// A prefix holding the client.
+    client_range: SourceRange,
+}
+
+fn tunnels() -> [Tunnels; 2] {
+    let [v4, v6] = nets();
+    [
+        Tunnels {
+            net: v4,
+            lb: ip("198.18.100.1"),
+            entry_node: ip("198.18.2.1"),
+            peers: range("198.18.2.0/24"),
+            outsider: ip("203.0.113.9"),
+            client_range: range("198.18.0.0/24"),
+        },
+        Tunnels {
+            net: v6,
+            lb: ip("fd00:18:100::1"),
+            entry_node: ip("fd00:18:2::1"),
+            peers: range("fd00:18:2::/48"),
+            outsider: ip("2001:db8:ff::9"),
+            client_range: range("fd00:18::/48"),
+        },
+    ]
+}
+
+fn range(text: &str) -> SourceRange {
+    text.parse().expect("a prefix")
+}
 
 fn dsr_frontend(endpoints: Vec<Endpoint>) -> Frontend {
     Frontend {
@@ -31,40 +62,98 @@ fn dsr_frontend(endpoints: Vec<Endpoint>) -> Frontend {
     }
 }
 
-fn tunnel_key() -> FrontendKey {
+/// What the backend's node has: the tunnel view of a `dsr-ipip` frontend (its local
+/// endpoints), not itself `dsr`.
+fn tunnel_view(endpoints: Vec<Endpoint>) -> Frontend {
+    Frontend {
+        dsr: false,
+        ..dsr_frontend(endpoints)
+    }
+}
+
+fn tunnel_key(lb: IpAddr) -> FrontendKey {
     FrontendKey {
-        listen: Listen::TunnelAddress(Ipv4Addr::from(LB).into()),
+        listen: Listen::TunnelAddress(lb),
         port: 80,
         protocol: Protocol::Tcp,
     }
 }
 
-/// `inner` (an Ethernet frame) inside an outer IPv4 header from `src` to `dst`.
-fn ipip(src: [u8; 4], dst: [u8; 4], inner: &[u8]) -> Vec<u8> {
-    let len = (inner.len() - 14 + 20) as u16;
-    let mut outer = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 4, 0, 0];
-    outer[2..4].copy_from_slice(&len.to_be_bytes());
-    outer.extend_from_slice(&src);
-    outer.extend_from_slice(&dst);
-    let check = internet_checksum(&outer);
-    outer[10..12].copy_from_slice(&check.to_be_bytes());
+fn syn(t: &Tunnels, port: u16, dst: (IpAddr, u16)) -> Vec<u8> {
+    packet((t.net.client, port), dst, L4::Tcp(Tcp::Syn), b"hello")
+}
+
+/// `inner` (an Ethernet frame) inside an outer header of its family from `src` to
+/// `dst`, as another node's data path (or IPVS's tunnel mode) would send it.
+fn encapsulated(src: IpAddr, dst: IpAddr, inner: &[u8]) -> Vec<u8> {
+    let inner_len = inner.len() - 14;
+    let outer = match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let mut outer = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 4, 0, 0];
+            outer[2..4].copy_from_slice(&((inner_len + 20) as u16).to_be_bytes());
+            outer.extend_from_slice(&src.octets());
+            outer.extend_from_slice(&dst.octets());
+            let check = internet_checksum(&outer);
+            outer[10..12].copy_from_slice(&check.to_be_bytes());
+            outer
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut outer = vec![0x60, 0, 0, 0, 0, 0, 41, 64];
+            outer[4..6].copy_from_slice(&(inner_len as u16).to_be_bytes());
+            outer.extend_from_slice(&src.octets());
+            outer.extend_from_slice(&dst.octets());
+            outer
+        }
+        _ => panic!("a tunnel's addresses are of one family"),
+    };
     let mut frame = inner[..14].to_vec();
     frame.extend_from_slice(&outer);
     frame.extend_from_slice(&inner[14..]);
     frame
 }
 
-/// Checks an encapsulated frame against the packet it carries; returns the outer
-/// (source, destination).
-fn outer_of(frame: &[u8], inner: &[u8]) -> ([u8; 4], [u8; 4]) {
-    assert_eq!(frame.len(), inner.len() + 20, "one outer header added");
+/// An encapsulated frame's outer header, checked against the packet it carries.
+struct Outer {
+    src: IpAddr,
+    dst: IpAddr,
+    /// IPv6's flow label (0 for IPv4).
+    flow_label: u32,
+}
+
+fn outer_of(frame: &[u8], inner: &[u8]) -> Outer {
     assert_eq!(frame[..14], inner[..14], "Ethernet header kept");
+    let inner_len = inner.len() - 14;
+    if inner[12..14] == [0x86, 0xdd] {
+        assert_eq!(frame.len(), inner.len() + 40, "one outer header added");
+        let outer = &frame[14..54];
+        assert_eq!(outer[0] >> 4, 6, "IPv6");
+        assert_eq!(
+            (outer[0] & 0x0f, outer[1] & 0xf0),
+            (inner[14] & 0x0f, inner[15] & 0xf0),
+            "traffic class copied from the inner packet"
+        );
+        assert_eq!(outer[6], 41, "next header IPv6 (ip6ip6)");
+        assert_eq!(outer[7], 64, "the outer hop limit");
+        assert_eq!(
+            u16::from_be_bytes([outer[4], outer[5]]) as usize,
+            inner_len,
+            "outer payload length: the whole inner packet"
+        );
+        assert_eq!(frame[54..], inner[14..], "inner packet carried unchanged");
+        let octets = |at: usize| -> [u8; 16] { outer[at..at + 16].try_into().expect("16 bytes") };
+        return Outer {
+            src: IpAddr::from(octets(8)),
+            dst: IpAddr::from(octets(24)),
+            flow_label: u32::from_be_bytes([0, outer[1] & 0x0f, outer[2], outer[3]]),
+        };
+    }
+    assert_eq!(frame.len(), inner.len() + 20, "one outer header added");
     let outer = &frame[14..34];
     assert_eq!(outer[0], 0x45, "IPv4 without options");
     assert_eq!(outer[9], 4, "protocol IPIP");
     assert_eq!(
         u16::from_be_bytes([outer[2], outer[3]]) as usize,
-        inner.len() - 14 + 20,
+        inner_len + 20,
         "outer length"
     );
     assert_eq!(
@@ -74,71 +163,80 @@ fn outer_of(frame: &[u8], inner: &[u8]) -> ([u8; 4], [u8; 4]) {
     );
     assert_eq!(internet_checksum(outer), 0, "outer header checksum");
     assert_eq!(frame[34..], inner[14..], "inner packet carried unchanged");
-    (
-        outer[12..16].try_into().expect("4 bytes"),
-        outer[16..20].try_into().expect("4 bytes"),
-    )
+    let octets = |at: usize| -> [u8; 4] { outer[at..at + 4].try_into().expect("4 bytes") };
+    Outer {
+        src: IpAddr::from(octets(12)),
+        dst: IpAddr::from(octets(16)),
+        flow_label: 0,
+    }
 }
 
 #[test]
 fn the_entry_node_encapsulates_a_flow_to_a_remote_backend_unchanged() {
-    let mut dp = TestDatapath::new();
-    dp.program_frontends(vec![(
-        tcp(LB, 80),
-        dsr_frontend(vec![remote(REMOTE_POD, 8080)]),
-    )]);
-    for flags in [Tcp::Syn, Tcp::Ack, Tcp::Ack] {
-        let packet = tcp_packet((CLIENT, 40000), (LB, 80), flags, b"hello");
-        let (verdict, out) = dp.xdp(&packet);
-        assert_eq!(verdict, XDP_PASS);
-        assert_eq!(outer_of(&out, &packet), (NODE_IP.octets(), REMOTE_POD));
+    for t in tunnels() {
+        let mut dp = TestDatapath::new();
+        dp.program_frontends(vec![(
+            frontend(t.lb, 80, Protocol::Tcp),
+            dsr_frontend(vec![endpoint(t.net.remote_pod, true)]),
+        )]);
+        for flags in [Tcp::Syn, Tcp::Ack, Tcp::Ack] {
+            let packet = packet((t.net.client, 40000), (t.lb, 80), L4::Tcp(flags), b"hello");
+            let (verdict, out) = dp.xdp(&packet);
+            assert_eq!(verdict, XDP_PASS, "{:?}", t.net.family);
+            let outer = outer_of(&out, &packet);
+            assert_eq!((outer.src, outer.dst), (t.net.node, t.net.remote_pod));
+        }
+        assert_eq!(dp.event("encapsulated"), 3, "{:?}", t.net.family);
+        // Nothing waits for a reply here: one conntrack entry, no reply entry.
+        assert_eq!(dp.tables().conntrack.keys().count(), 1);
     }
-    assert_eq!(dp.event("encapsulated"), 3);
-    // Nothing waits for a reply here: one conntrack entry, no reply entry.
-    assert_eq!(dp.tables().conntrack.keys().count(), 1);
 }
 
 #[test]
 fn without_dsr_or_for_a_local_backend_nothing_is_encapsulated() {
-    let mut dp = TestDatapath::new();
-    let mut snat = dsr_frontend(vec![remote(REMOTE_POD, 8080)]);
-    snat.dsr = false;
-    dp.program_frontends(vec![
-        (tcp(LB, 80), snat),
-        (tcp(LB, 81), dsr_frontend(vec![local(POD_1, 8080)])),
-    ]);
-    let (_, out) = dp.xdp(&tcp_packet((CLIENT, 40000), (LB, 80), Tcp::Syn, b""));
-    let seen = inspect(&out);
-    assert_eq!(
-        (seen.src.0, seen.dst),
-        (NODE_IP.octets(), (REMOTE_POD, 8080)),
-        "masqueraded"
-    );
-    let (_, out) = dp.xdp(&tcp_packet((CLIENT, 40001), (LB, 81), Tcp::Syn, b""));
-    assert_eq!(inspect(&out).dst, (POD_1, 8080), "translated here");
-    assert_eq!(dp.event("encapsulated"), 0);
+    for t in tunnels() {
+        let mut dp = TestDatapath::new();
+        let mut snat = dsr_frontend(vec![endpoint(t.net.remote_pod, true)]);
+        snat.dsr = false;
+        dp.program_frontends(vec![
+            (frontend(t.lb, 80, Protocol::Tcp), snat),
+            (
+                frontend(t.lb, 81, Protocol::Tcp),
+                dsr_frontend(vec![endpoint(t.net.pods[0], false)]),
+            ),
+        ]);
+        let seen = inspect_ip(&dp.xdp(&syn(&t, 40000, (t.lb, 80))).1);
+        assert_eq!(
+            (seen.src.0, seen.dst),
+            (t.net.node, (t.net.remote_pod, 8080)),
+            "masqueraded"
+        );
+        let seen = inspect_ip(&dp.xdp(&syn(&t, 40001, (t.lb, 81))).1);
+        assert_eq!(seen.dst, (t.net.pods[0], 8080), "translated here");
+        assert_eq!(dp.event("encapsulated"), 0);
+    }
 }
 
 #[test]
 fn outer_sources_are_hashed_over_the_configured_range_per_flow() {
+    let [t, _] = tunnels();
     let mut dp = TestDatapath::new();
     dp.settings(NodeSettings {
-        tunnel_source: Some("198.18.255.0/28".parse().expect("range")),
+        tunnel_source: Some(range("198.18.255.0/28")),
         ..Default::default()
     });
     dp.program_frontends(vec![(
-        tcp(LB, 80),
-        dsr_frontend(vec![remote(REMOTE_POD, 8080)]),
+        frontend(t.lb, 80, Protocol::Tcp),
+        dsr_frontend(vec![endpoint(t.net.remote_pod, true)]),
     )]);
     let mut sources = BTreeSet::new();
     for port in 40000..40064 {
-        let syn = tcp_packet((CLIENT, port), (LB, 80), Tcp::Syn, b"");
-        let (src, _) = outer_of(&dp.xdp(&syn).1, &syn);
-        assert_eq!(src[..3], [198, 18, 255], "{src:?} in the range");
-        assert!(src[3] < 16, "{src:?} in the /28");
-        let ack = tcp_packet((CLIENT, port), (LB, 80), Tcp::Ack, b"");
+        let syn = syn(&t, port, (t.lb, 80));
+        let src = outer_of(&dp.xdp(&syn).1, &syn).src;
+        assert!(range("198.18.255.0/28").contains(&src), "{src} in the /28");
+        let ack = packet((t.net.client, port), (t.lb, 80), L4::Tcp(Tcp::Ack), b"");
         assert_eq!(
-            outer_of(&dp.xdp(&ack).1, &ack).0,
+            outer_of(&dp.xdp(&ack).1, &ack).src,
             src,
             "one source per flow"
         );
@@ -147,171 +245,254 @@ fn outer_sources_are_hashed_over_the_configured_range_per_flow() {
     assert!(sources.len() >= 8, "64 flows over 16 sources: {sources:?}");
 }
 
+/// IPv6's outer source is the node's address; its flows are told apart by the flow
+/// label, which the receiver's RSS and ECMP on the way may hash.
 #[test]
-fn the_backend_node_decapsulates_for_the_backend_the_outer_header_names() {
+fn ip6ip6_flows_are_spread_by_their_flow_label() {
+    let [_, t] = tunnels();
     let mut dp = TestDatapath::new();
-    let endpoints = vec![local(POD_1, 8080), local(POD_2, 8080)];
-    let mut tunnel = dsr_frontend(endpoints);
-    tunnel.dsr = false;
-    dp.program_frontends(vec![(tunnel_key(), tunnel)]);
-    // Four flows named for POD_2, then two for POD_1: rr would alternate instead.
-    for (port, backend) in [
-        (40000, POD_2),
-        (40001, POD_2),
-        (40002, POD_2),
-        (40003, POD_1),
-        (40004, POD_1),
-    ] {
-        let inner = tcp_packet((CLIENT, port), (LB, 80), Tcp::Syn, b"data");
-        let frame = ipip(ENTRY_NODE, backend, &inner);
-        let (verdict, out) = dp.xdp(&frame);
-        assert_eq!(verdict, XDP_PASS);
-        assert_eq!(out.len(), inner.len(), "outer header removed");
-        assert_eq!(out[..14], inner[..14], "Ethernet header kept");
-        let seen = inspect(&out);
+    dp.program_frontends(vec![(
+        frontend(t.lb, 80, Protocol::Tcp),
+        dsr_frontend(vec![endpoint(t.net.remote_pod, true)]),
+    )]);
+    let mut labels = BTreeSet::new();
+    for port in 40000..40064 {
+        let syn = syn(&t, port, (t.lb, 80));
+        let outer = outer_of(&dp.xdp(&syn).1, &syn);
+        assert_eq!(outer.src, t.net.node);
+        let ack = packet((t.net.client, port), (t.lb, 80), L4::Tcp(Tcp::Ack), b"");
         assert_eq!(
-            seen.src,
-            (CLIENT, port),
-            "the client's address reaches the pod"
+            outer_of(&dp.xdp(&ack).1, &ack).flow_label,
+            outer.flow_label,
+            "one label per flow"
         );
-        assert_eq!(seen.dst, (backend, 8080));
+        labels.insert(outer.flow_label);
     }
-    assert_eq!(dp.event("decapsulated"), 5);
-    // Later packets of a flow follow its conntrack entry; the pod's reply leaves with
-    // the service address, straight for the client.
-    let ack = ipip(
-        ENTRY_NODE,
-        POD_2,
-        &tcp_packet((CLIENT, 40000), (LB, 80), Tcp::Ack, b""),
-    );
-    assert_eq!(inspect(&dp.xdp(&ack).1).dst, (POD_2, 8080));
-    let (verdict, reply) = dp.tc(&tcp_packet(
-        (POD_2, 8080),
-        (CLIENT, 40000),
-        Tcp::SynAck,
-        b"",
-    ));
-    assert_eq!(verdict, TC_ACT_OK);
-    let seen = inspect(&reply);
-    assert_eq!((seen.src, seen.dst), ((LB, 80), (CLIENT, 40000)));
+    assert!(labels.len() >= 60, "64 flows, {} labels", labels.len());
 }
 
 #[test]
-fn ipip_that_is_not_ours_passes_untouched() {
-    let mut dp = TestDatapath::new();
-    let mut tunnel = dsr_frontend(vec![local(POD_1, 8080)]);
-    tunnel.dsr = false;
-    dp.program_frontends(vec![(tunnel_key(), tunnel)]);
-    for frame in [
-        // Inner destination is no service.
-        ipip(
-            ENTRY_NODE,
-            POD_1,
-            &tcp_packet((CLIENT, 40000), ([198, 18, 100, 9], 80), Tcp::Syn, b""),
-        ),
-        // The outer destination is neither this node nor one of the service's pods.
-        ipip(
-            ENTRY_NODE,
-            [10, 244, 9, 9],
-            &tcp_packet((CLIENT, 40000), (LB, 80), Tcp::Syn, b""),
-        ),
-    ] {
-        let (verdict, out) = dp.xdp(&frame);
-        assert_eq!(verdict, XDP_PASS);
-        assert_eq!(out, frame);
+fn the_backend_node_decapsulates_for_the_backend_the_outer_header_names() {
+    for t in tunnels() {
+        let [pod_1, pod_2] = t.net.pods;
+        let mut dp = TestDatapath::new();
+        let endpoints = vec![endpoint(pod_1, false), endpoint(pod_2, false)];
+        dp.program_frontends(vec![(tunnel_key(t.lb), tunnel_view(endpoints))]);
+        // Three flows named for the second pod, then two for the first: rr would
+        // alternate instead.
+        for (port, backend) in [
+            (40000, pod_2),
+            (40001, pod_2),
+            (40002, pod_2),
+            (40003, pod_1),
+            (40004, pod_1),
+        ] {
+            let inner = syn(&t, port, (t.lb, 80));
+            let (verdict, out) = dp.xdp(&encapsulated(t.entry_node, backend, &inner));
+            assert_eq!(verdict, XDP_PASS, "{:?}", t.net.family);
+            assert_eq!(out.len(), inner.len(), "outer header removed");
+            assert_eq!(out[..14], inner[..14], "Ethernet header kept");
+            let seen = inspect_ip(&out);
+            assert_eq!(
+                seen.src,
+                (t.net.client, port),
+                "the client's address reaches the pod"
+            );
+            assert_eq!(seen.dst, (backend, 8080));
+        }
+        assert_eq!(dp.event("decapsulated"), 5);
+        // Later packets of a flow follow its conntrack entry; the pod's reply leaves
+        // with the service address, straight for the client.
+        let ack = packet((t.net.client, 40000), (t.lb, 80), L4::Tcp(Tcp::Ack), b"");
+        let out = dp.xdp(&encapsulated(t.entry_node, pod_2, &ack)).1;
+        assert_eq!(inspect_ip(&out).dst, (pod_2, 8080));
+        let reply = packet(
+            (pod_2, 8080),
+            (t.net.client, 40000),
+            L4::Tcp(Tcp::SynAck),
+            b"",
+        );
+        let (verdict, reply) = dp.tc(&reply);
+        assert_eq!(verdict, TC_ACT_OK);
+        let seen = inspect_ip(&reply);
+        assert_eq!((seen.src, seen.dst), ((t.lb, 80), (t.net.client, 40000)));
     }
-    assert_eq!(dp.event("decapsulated"), 0);
+}
+
+#[test]
+fn tunnels_that_are_not_ours_pass_untouched() {
+    for t in tunnels() {
+        let mut dp = TestDatapath::new();
+        dp.program_frontends(vec![(
+            tunnel_key(t.lb),
+            tunnel_view(vec![endpoint(t.net.pods[0], false)]),
+        )]);
+        let other_service = match t.net.family {
+            Family::V4 => ip("198.18.100.9"),
+            Family::V6 => ip("fd00:18:100::9"),
+        };
+        let stranger = match t.net.family {
+            Family::V4 => ip("10.244.9.9"),
+            Family::V6 => ip("fd00:244:9::9"),
+        };
+        let mut frames = vec![
+            // The inner destination is no service.
+            encapsulated(
+                t.entry_node,
+                t.net.pods[0],
+                &syn(&t, 40000, (other_service, 80)),
+            ),
+            // The outer destination is neither this node nor one of the service's pods.
+            encapsulated(t.entry_node, stranger, &syn(&t, 40000, (t.lb, 80))),
+        ];
+        if t.net.family == Family::V6 {
+            // IPv6 decapsulates only an inner packet without extension headers (the
+            // module's note in proxy-ebpf's `tunnel`).
+            let with_options = packet_with(
+                (t.net.client, 40000),
+                (t.lb, 80),
+                L4::Tcp(Tcp::Syn),
+                b"",
+                Extensions {
+                    destination_options: true,
+                    ..Default::default()
+                },
+            );
+            frames.push(encapsulated(t.entry_node, t.net.pods[0], &with_options));
+        }
+        for frame in frames {
+            let (verdict, out) = dp.xdp(&frame);
+            assert_eq!(verdict, XDP_PASS, "{:?}", t.net.family);
+            assert_eq!(out, frame);
+        }
+        assert_eq!(dp.event("decapsulated"), 0);
+    }
 }
 
 /// Issue 14: IPIP was decapsulated for any service on a node address, and a tracked
 /// flow's packets were taken from any wrapper.
 #[test]
 fn only_dsr_ipip_frontends_are_reached_through_a_tunnel() {
-    let mut dp = TestDatapath::new();
-    let mut tunnel = dsr_frontend(vec![local(POD_1, 8080)]);
-    tunnel.dsr = false;
-    dp.program_frontends(vec![
-        (tunnel_key(), tunnel),
-        (tcp(LB, 443), dsr_frontend(vec![local(POD_2, 8443)])),
-    ]);
-    // A plain (not tunnelled) flow to the other frontend, then a wrapped segment of
-    // it and a wrapped new flow to it, addressed to the node.
-    let plain = tcp_packet((CLIENT, 40000), (LB, 443), Tcp::Syn, b"");
-    assert_eq!(inspect(&dp.xdp(&plain).1).dst, (POD_2, 8443));
-    for inner in [
-        tcp_packet((CLIENT, 40000), (LB, 443), Tcp::Ack, b"injected"),
-        tcp_packet((CLIENT, 40001), (LB, 443), Tcp::Syn, b""),
-    ] {
-        let frame = ipip(ENTRY_NODE, NODE_IP.octets(), &inner);
-        let (verdict, out) = dp.xdp(&frame);
-        assert_eq!((verdict, out), (XDP_PASS, frame), "passed as it came");
+    for t in tunnels() {
+        let mut dp = TestDatapath::new();
+        dp.program_frontends(vec![
+            (
+                tunnel_key(t.lb),
+                tunnel_view(vec![endpoint(t.net.pods[0], false)]),
+            ),
+            (
+                frontend(t.lb, 443, Protocol::Tcp),
+                dsr_frontend(vec![Endpoint {
+                    port: 8443,
+                    ..endpoint(t.net.pods[1], false)
+                }]),
+            ),
+        ]);
+        // A plain (not tunnelled) flow to the other frontend, then a wrapped segment
+        // of it and a wrapped new flow to it, addressed to the node.
+        let plain = syn(&t, 40000, (t.lb, 443));
+        assert_eq!(inspect_ip(&dp.xdp(&plain).1).dst, (t.net.pods[1], 8443));
+        for inner in [
+            packet(
+                (t.net.client, 40000),
+                (t.lb, 443),
+                L4::Tcp(Tcp::Ack),
+                b"injected",
+            ),
+            syn(&t, 40001, (t.lb, 443)),
+        ] {
+            let frame = encapsulated(t.entry_node, t.net.node, &inner);
+            let (verdict, out) = dp.xdp(&frame);
+            assert_eq!((verdict, out), (XDP_PASS, frame), "passed as it came");
+        }
+        assert_eq!(dp.event("decapsulated"), 0, "{:?}", t.net.family);
     }
-    assert_eq!(dp.event("decapsulated"), 0);
 }
 
 #[test]
 fn with_trusted_sources_configured_only_they_may_tunnel() {
-    let mut dp = TestDatapath::new();
-    dp.settings(NodeSettings {
-        tunnel_peers: Some(vec!["198.18.2.0/24".parse().expect("prefix")]),
-        ..Default::default()
-    });
-    let mut tunnel = dsr_frontend(vec![local(POD_1, 8080)]);
-    tunnel.dsr = false;
-    dp.program_frontends(vec![(tunnel_key(), tunnel)]);
-    let inner = tcp_packet((CLIENT, 40000), (LB, 80), Tcp::Syn, b"");
-    let (verdict, out) = dp.xdp(&ipip(ENTRY_NODE, POD_1, &inner));
-    assert_eq!(verdict, XDP_PASS);
-    assert_eq!(inspect(&out).dst, (POD_1, 8080), "a trusted peer's flow");
-    let (verdict, _) = dp.xdp(&ipip([203, 0, 113, 9], POD_1, &inner));
-    assert_eq!(verdict, XDP_DROP, "an outsider's wrapper");
-    assert_eq!(dp.event("tunnel_refused"), 1);
+    let [v4, v6] = tunnels();
+    for (t, other) in [(&v4, &v6), (&v6, &v4)] {
+        let pod = t.net.pods[0];
+        let mut dp = TestDatapath::new();
+        dp.settings(NodeSettings {
+            tunnel_peers: Some(vec![v4.peers, v6.peers]),
+            ..Default::default()
+        });
+        dp.program_frontends(vec![(
+            tunnel_key(t.lb),
+            tunnel_view(vec![endpoint(pod, false)]),
+        )]);
+        let inner = syn(t, 40000, (t.lb, 80));
+        let (verdict, out) = dp.xdp(&encapsulated(t.entry_node, pod, &inner));
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(inspect_ip(&out).dst, (pod, 8080), "a trusted peer's flow");
+        let (verdict, _) = dp.xdp(&encapsulated(t.outsider, pod, &inner));
+        assert_eq!(verdict, XDP_DROP, "an outsider's wrapper");
+        assert_eq!(dp.event("tunnel_refused"), 1);
+        // A list of the other family's prefixes only trusts no tunnel of this one.
+        dp.settings(NodeSettings {
+            tunnel_peers: Some(vec![other.peers]),
+            ..Default::default()
+        });
+        let inner = syn(t, 40001, (t.lb, 80));
+        let (verdict, _) = dp.xdp(&encapsulated(t.entry_node, pod, &inner));
+        assert_eq!(
+            verdict, XDP_DROP,
+            "{:?} with no peer of its family",
+            t.net.family
+        );
+        assert_eq!(dp.event("tunnel_refused"), 2);
+    }
 }
 
 #[test]
 fn a_tunnel_cannot_carry_a_flow_past_load_balancer_source_ranges() {
-    let mut dp = TestDatapath::new();
-    let mut tunnel = dsr_frontend(vec![local(POD_1, 8080)]);
-    tunnel.dsr = false;
-    tunnel.source_ranges = Some(vec!["198.18.0.0/24".parse().expect("prefix")]);
-    dp.program_frontends(vec![(tunnel_key(), tunnel.clone())]);
-    // CLIENT is admitted by the ranges, but the wrapper could come from anyone: with
-    // no trusted peers configured, nobody can vouch for the inner source.
-    let inner = tcp_packet((CLIENT, 40000), (LB, 80), Tcp::Syn, b"");
-    let (verdict, _) = dp.xdp(&ipip([203, 0, 113, 9], POD_1, &inner));
-    assert_eq!(verdict, XDP_DROP);
-    assert_eq!(dp.event("tunnel_refused"), 1);
-    // trace says the same.
-    let explained = ebpf_proxy::trace::explain(
-        &dp.tables(),
-        &proxy_common::LoadSettings::DEFAULT,
-        Protocol::Tcp,
-        SocketAddr::from((CLIENT, 40000)),
-        SocketAddr::from((LB, 80)),
-        ebpf_proxy::trace::Origin::Tunnel {
-            outer_src: [203, 0, 113, 9].into(),
-            outer_dst: POD_1.into(),
-        },
-    )
-    .expect("trace");
-    assert!(
-        explained
-            .dropped
-            .as_deref()
-            .is_some_and(|why| why.contains("tunnel_refused")),
-        "{explained:?}"
-    );
-    // A trusted entry node vouches for it (it applied the ranges itself).
-    dp.settings(NodeSettings {
-        tunnel_peers: Some(vec!["198.18.2.0/24".parse().expect("prefix")]),
-        ..Default::default()
-    });
-    let (verdict, out) = dp.xdp(&ipip(ENTRY_NODE, POD_1, &inner));
-    assert_eq!(verdict, XDP_PASS);
-    assert_eq!(inspect(&out).dst, (POD_1, 8080));
-    // And the ranges still apply to what it carries.
-    let outsider = tcp_packet(([203, 0, 113, 7], 40000), (LB, 80), Tcp::Syn, b"");
-    let (verdict, _) = dp.xdp(&ipip(ENTRY_NODE, POD_1, &outsider));
-    assert_eq!(verdict, XDP_DROP);
-    assert_eq!(dp.event("source_denied"), 1);
+    for t in tunnels() {
+        let pod = t.net.pods[0];
+        let mut dp = TestDatapath::new();
+        let mut view = tunnel_view(vec![endpoint(pod, false)]);
+        view.source_ranges = Some(vec![t.client_range]);
+        dp.program_frontends(vec![(tunnel_key(t.lb), view)]);
+        // The client is admitted by the ranges, but the wrapper could come from
+        // anyone: with no trusted peers configured, nobody can vouch for the inner
+        // source.
+        let inner = syn(&t, 40000, (t.lb, 80));
+        let (verdict, _) = dp.xdp(&encapsulated(t.outsider, pod, &inner));
+        assert_eq!(verdict, XDP_DROP, "{:?}", t.net.family);
+        assert_eq!(dp.event("tunnel_refused"), 1);
+        // trace says the same.
+        let explained = ebpf_proxy::trace::explain(
+            &dp.tables(),
+            &proxy_common::LoadSettings::DEFAULT,
+            Protocol::Tcp,
+            (t.net.client, 40000).into(),
+            (t.lb, 80).into(),
+            ebpf_proxy::trace::Origin::Tunnel {
+                outer_src: t.outsider,
+                outer_dst: pod,
+            },
+        )
+        .expect("trace");
+        assert!(
+            explained
+                .dropped
+                .as_deref()
+                .is_some_and(|why| why.contains("tunnel_refused")),
+            "{explained:?}"
+        );
+        // A trusted entry node vouches for it (it applied the ranges itself).
+        dp.settings(NodeSettings {
+            tunnel_peers: Some(vec![t.peers]),
+            ..Default::default()
+        });
+        let (verdict, out) = dp.xdp(&encapsulated(t.entry_node, pod, &inner));
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(inspect_ip(&out).dst, (pod, 8080));
+        // And the ranges still apply to what it carries.
+        let outsider = packet((t.outsider, 40000), (t.lb, 80), L4::Tcp(Tcp::Syn), b"");
+        let (verdict, _) = dp.xdp(&encapsulated(t.entry_node, pod, &outsider));
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(dp.event("source_denied"), 1);
+    }
 }
