@@ -88,12 +88,10 @@ pub fn uplink_ingress_v6(ctx: XdpContext) -> u32 {
 #[inline(always)]
 pub fn uplink_ingress_tunnel6(ctx: XdpContext) -> u32 {
     let verdict = match tunnel::arrival::<true>(&ctx) {
-        Arrival::Tunnelled(backend) => {
-            translate::handle(
-                &TunnelledV6(&Ipv6Packet(&XdpPacket(&ctx))),
-                Origin::Tunnel(backend),
-            )
-        }
+        Arrival::Tunnelled(backend) => translate::handle(
+            &TunnelledV6(&Ipv6Packet(&XdpPacket(&ctx))),
+            Origin::Tunnel(backend),
+        ),
         // Not ours: as a protocol no frontend takes.
         Arrival::Bare => translate::other_protocol(&Ipv6Packet(&XdpPacket(&ctx)), Origin::External),
         Arrival::Refused => return xdp_action::XDP_DROP,

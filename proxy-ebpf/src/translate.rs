@@ -114,7 +114,13 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
         }
         Err(Skip::Malformed) => {
             counters::event(EV_MALFORMED);
-            return Verdict::PASS;
+            // Decapsulated, it must not reach the kernel bare, from the source its
+            // wrapper chose (`tunnel` decapsulates only what parses: defence in
+            // depth).
+            return match origin {
+                Origin::Tunnel(_) => Verdict::DROP,
+                _ => Verdict::PASS,
+            };
         }
         // A later fragment of a datagram follows its flow as its first fragment did
         // (its addresses only), through the same look-up and rewrite as every
@@ -129,7 +135,7 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
         fragments::remember(&flow);
     }
     let now = conntrack::now_ns();
-    match conntrack::lookup(&flow.key, now) {
+    match conntrack::lookup(&flow.key, now, matches!(origin, Origin::Tunnel(_))) {
         Lookup::Live(entry_ptr) => {
             // SAFETY: copy of a live map value.
             let entry = unsafe { *entry_ptr };
@@ -284,7 +290,7 @@ fn follow<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry, new_flow: bool) -> V
     if entry.flags & CT_F_ENCAP != 0 {
         return Verdict {
             action: Action::Encapsulate,
-            tuple: tunnel::outer_tuple(&flow.key, flow.family, entry.nat_src, entry.nat_dst),
+            tuple: tunnel::outer_tuple(&flow.key, P::IPV6, entry.nat_src, entry.nat_dst),
             ip_len: flow.ip_len,
             node_source: false,
         };

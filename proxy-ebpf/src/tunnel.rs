@@ -221,19 +221,36 @@ fn outer_addresses_v6<P: Packet>(pkt: &P) -> Option<(Addr, Addr)> {
 }
 
 /// The tuple of an ip6ip6 packet's inner packet, when its transport header follows
-/// its fixed header (the module's note on what IPv6 decapsulates).
+/// its fixed header (the module's note on what IPv6 decapsulates) and its lengths
+/// agree with the outer header's and the frame's: nothing that the parser would call
+/// malformed is decapsulated (it would reach the kernel bare, from a source of the
+/// wrapper's choosing).
 #[inline(always)]
 fn inner_key_v6<P: Packet>(pkt: &P) -> Option<CtKey> {
     const INNER: usize = ETH_LEN + OUTER_LEN_V6;
+    let outer: *const [u8; IPV6_LEN] = pkt.ptr_at(ETH_LEN)?;
     let ip: *const [u8; IPV6_LEN] = pkt.ptr_at(INNER)?;
     let ports: *const [u16; 2] = pkt.ptr_at(INNER + IPV6_LEN)?;
-    // SAFETY: both pointers are bounds-checked.
-    let (version, proto, ports) =
-        unsafe { ((*ip)[0] >> 4, (*ip)[IPV6_NEXT_HEADER], ports.read_unaligned()) };
-    if version != 6 {
+    let payload_len = |h: &[u8; IPV6_LEN]| {
+        usize::from(u16::from_be_bytes([h[IPV6_PAYLOAD_LEN], h[IPV6_PAYLOAD_LEN + 1]]))
+    };
+    // SAFETY: every pointer is bounds-checked.
+    let (version, proto, ports, inner_payload, outer_payload) = unsafe {
+        (
+            (*ip)[0] >> 4,
+            (*ip)[IPV6_NEXT_HEADER],
+            ports.read_unaligned(),
+            payload_len(&*ip),
+            payload_len(&*outer),
+        )
+    };
+    let transport = Transport::from_number(proto)?;
+    let consistent = version == 6
+        && inner_payload >= transport.min_header_len()
+        && outer_payload == IPV6_LEN + inner_payload;
+    if !consistent {
         return None;
     }
-    Transport::from_number(proto)?;
     Some(CtKey {
         src: addr_at(pkt, INNER + IPV6_SRC)?,
         dst: addr_at(pkt, INNER + IPV6_DST)?,
@@ -283,11 +300,18 @@ pub fn source_for(key: &CtKey) -> Option<Addr> {
 }
 
 /// The outer tuple of a tunnelled packet of the flow `key` whose conntrack entry
-/// names the outer (source, destination). An outer header has no ports: they carry
-/// the flow's hash, which IPv6's outer header puts in its flow label.
+/// names the outer (source, destination), in the family's program (`ipv6`: known at
+/// compile time; a family read from the flow split the verifier's paths through the
+/// encapsulation). An outer header has no ports: IPv6's carry the flow's hash, which
+/// its outer header puts in its flow label (IPv4's stay zero, as the FIB is asked
+/// about the IPIP packet the kernel would route).
 #[inline(always)]
-pub fn outer_tuple(key: &CtKey, family: Family, outer_src: Addr, outer_dst: Addr) -> CtKey {
-    let hash = flow_hash(key);
+pub fn outer_tuple(key: &CtKey, ipv6: bool, outer_src: Addr, outer_dst: Addr) -> CtKey {
+    let (family, hash) = if ipv6 {
+        (Family::V6, flow_hash(key))
+    } else {
+        (Family::V4, 0)
+    };
     CtKey {
         src: outer_src,
         dst: outer_dst,

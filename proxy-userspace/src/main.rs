@@ -3,7 +3,7 @@
 
 use std::{
     io::IsTerminal as _,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
@@ -78,13 +78,15 @@ enum Command {
         src: SocketAddr,
         #[arg(long, value_parser = parse_endpoint)]
         dst: SocketAddr,
-        /// The packet arrives encapsulated in IPIP to this address (`dsr-ipip`: an
-        /// entry node chose a backend here, or tunnelled to this node's address) ...
+        /// The packet arrives encapsulated (IPIP, or ip6ip6 for IPv6) to this address
+        /// (`dsr-ipip`: an entry node chose a backend here, or tunnelled to this
+        /// node's address) ...
         #[arg(long, requires = "outer_src")]
-        outer_dst: Option<Ipv4Addr>,
-        /// ... from this address (the entry node's tunnel source; IPIP is IPv4).
+        outer_dst: Option<IpAddr>,
+        /// ... from this address (the entry node's tunnel source, of the packet's
+        /// family).
         #[arg(long, requires = "outer_dst")]
-        outer_src: Option<Ipv4Addr>,
+        outer_src: Option<IpAddr>,
         /// The interface the packet arrives on (an uplink or a pod interface the agent
         /// attached); without it, the packet comes from outside the node.
         #[arg(long)]
@@ -457,8 +459,8 @@ async fn run() -> Result<()> {
             };
             let origin = match (outer_src.zip(outer_dst), origin) {
                 (Some((outer_src, outer_dst)), trace::Origin::External) => trace::Origin::Tunnel {
-                    outer_src: outer_src.into(),
-                    outer_dst: outer_dst.into(),
+                    outer_src,
+                    outer_dst,
                 },
                 (Some(_), _) => anyhow::bail!("--outer-dst: IPIP arrives on uplinks only"),
                 (None, origin) => origin,
@@ -521,6 +523,7 @@ async fn run_settings(
         ([], None) => anyhow::bail!("--node-ip (or the config's bindAddress) is required"),
         (ips, _) => ips.to_vec(),
     };
+    warn_of_untrusted_families(args.ipip_trusted_sources.as_deref(), &node_ips);
     let pod_interfaces = match (args.pod_interfaces, file.pod_interfaces) {
         (flags, _) if !flags.is_empty() => flags,
         (_, Some(from_file)) => vec![from_file],
@@ -700,6 +703,25 @@ fn conntrack_command(action: ConntrackAction) -> Result<()> {
 }
 
 /// An IPv4 prefix: IPIP's outer addresses are IPv4.
+/// A trusted-sources list without a prefix of a family the node has refuses every
+/// tunnel of that family into this node (each `tunnel_refused`): deliberate, or a list
+/// written before `dsr-ipip` carried IPv6 (ip6ip6), which deserves a word at start.
+fn warn_of_untrusted_families(trusted: Option<&[SourceRange]>, node_ips: &[IpAddr]) {
+    let Some(trusted) = trusted else {
+        return;
+    };
+    for family in [Family::V4, Family::V6] {
+        let node_has = node_ips.iter().any(|ip| Family::of(ip) == family);
+        if node_has && !trusted.iter().any(|r| r.family() == family) {
+            tracing::warn!(
+                "--ipip-trusted-sources has no {} prefix: every {} tunnel into this node is refused",
+                family.name(),
+                trace::tunnel_name(family),
+            );
+        }
+    }
+}
+
 fn parse_ipv4_range(text: &str) -> Result<SourceRange, String> {
     let range: SourceRange = text.parse()?;
     if range.family() != Family::V4 {

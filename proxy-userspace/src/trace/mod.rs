@@ -455,7 +455,7 @@ enum Claim {
 }
 
 /// What the family's `dsr-ipip` flows travel in.
-fn tunnel_name(family: Family) -> &'static str {
+pub fn tunnel_name(family: Family) -> &'static str {
     match family {
         Family::V4 => "IPIP",
         Family::V6 => "ip6ip6",

@@ -3,18 +3,20 @@
 //! default below).
 //!
 //! Properties, for XDP and tc alike: every run succeeds; a packet is untouched, or
-//! refused (ICMP or ICMPv6 port unreachable quoting it, every checksum valid), or it
-//! keeps its length and, translated, is a TCP/UDP packet whose checksums verify or an
-//! ICMP error whose checksums verify if they did on the way in (inputs are given
-//! correct checksums first, so a broken one is ours); a fragment keeps what follows
-//! its headers unless it is a first one; and conntrack holds only entries for packets
-//! to a service (no pollution by garbage).
+//! refused (ICMP or ICMPv6 port unreachable quoting it, every checksum valid), or
+//! dropped, or it keeps its length and, translated, is a TCP/UDP packet whose
+//! checksums verify or an ICMP error whose checksums verify if they did on the way in
+//! (inputs are given correct checksums first, so a broken one is ours); a fragment
+//! keeps what follows its headers unless it is a first one; a `dsr-ipip` packet leaves
+//! unchanged inside a valid outer header (IPIP, ip6ip6), and a tunnelled one loses
+//! exactly its outer header and meets the properties above as the inner packet; and
+//! conntrack holds only entries for packets to a service (no pollution by garbage).
 
 use std::net::IpAddr;
 
 use ebpf_proxy::{
     datapath::generation::Generation,
-    model::{Family, Protocol},
+    model::{Endpoint, Family, Frontend, FrontendKey, Listen, Protocol},
 };
 use etherparse::{
     Ipv6ExtensionSlice, LaxNetSlice, LaxSlicedPacket, NetSlice, SlicedPacket, TransportSlice,
@@ -28,6 +30,16 @@ use crate::support::{
 };
 
 const NODE_PORT: u16 = 30053;
+
+/// A family's `dsr-ipip` LoadBalancer IP (port 80: encapsulated to the remote pod,
+/// and decapsulated for the first pod through its tunnel view), and another node
+/// that tunnels to it.
+fn tunnel_addresses(family: Family) -> (IpAddr, IpAddr) {
+    match family {
+        Family::V4 => (ip("198.18.100.1"), ip("198.18.2.1")),
+        Family::V6 => (ip("fd00:18:100::1"), ip("fd00:18:2::1")),
+    }
+}
 
 /// Valid packets the mutations start from: service traffic, replies, ICMP errors
 /// about a flow, fragments, other traffic; IPv6's with extension headers.
@@ -48,8 +60,15 @@ fn corpus(net: &Net) -> Vec<Vec<u8>> {
         L4::Udp,
         b"a question of some length",
     );
+    let (lb, entry_node) = tunnel_addresses(net.family);
     let mut frames = vec![
         packet((client, 40000), (vip, 80), syn, b""),
+        packet((client, 40005), (lb, 80), syn, b""),
+        tunnelled(
+            entry_node,
+            pod,
+            &packet((client, 40006), (lb, 80), syn, b""),
+        ),
         packet(
             (client, 40001),
             (vip, 80),
@@ -228,11 +247,32 @@ fn checksum_for(src: &[u8], dst: &[u8], protocol: u8, segment: &[u8]) -> u16 {
     }
 }
 
-/// Gives a frame correct checksums where they can be placed, so that the properties
-/// about translated packets test our incremental updates.
+/// Gives a frame correct checksums where they can be placed (a tunnelled packet's
+/// inner ones too), so that the properties about translated packets test our
+/// incremental updates.
 fn fix_checksums(frame: &mut [u8]) {
+    if let Some(outer) = tunnel_header_len(frame) {
+        let mut inner = inner_frame(frame, outer);
+        fix_checksums(&mut inner);
+        frame[14 + outer..].copy_from_slice(&inner[14..]);
+    }
     fix_ipv4_header_checksum(frame, 14);
     fix_transport_checksum(frame);
+}
+
+/// The outer header's length of an IPIP (IPv4 without options, protocol 4) or ip6ip6
+/// (next header 41) frame.
+fn tunnel_header_len(frame: &[u8]) -> Option<usize> {
+    match ether_type(frame) {
+        0x0800 if frame.len() >= 34 && frame[14] == 0x45 && frame[23] == 4 => Some(20),
+        0x86dd if frame.len() >= 54 && frame[20] == 41 => Some(40),
+        _ => None,
+    }
+}
+
+/// The packet a tunnel carries, as a frame of its own.
+fn inner_frame(frame: &[u8], outer: usize) -> Vec<u8> {
+    [&frame[..14], &frame[14 + outer..]].concat()
 }
 
 /// Fixes the checksum of the IPv4 header at `at`, if one is there whole: the outer
@@ -401,7 +441,21 @@ fn check_output(
     if is_refusal(hook, input, verdict, output) {
         return Ok(());
     }
+    // What a dropped frame became reaches nobody.
+    if matches!(hook, Hook::Xdp) && verdict == XDP_DROP {
+        return Ok(());
+    }
     prop_assert!(verdict <= 3, "unexpected verdict {verdict}");
+    if let Some(outer) = tunnel_header_len(input) {
+        if output.len() + outer == input.len() {
+            // Decapsulated: what is left is the inner packet, handled.
+            prop_assert_eq!(&output[..14], &input[..14], "Ethernet header kept");
+            return check_output(hook, &inner_frame(input, outer), verdict, output);
+        }
+    }
+    if output.len() > input.len() {
+        return check_encapsulated(input, output);
+    }
     prop_assert_eq!(output.len(), input.len(), "length changed");
     if output == input {
         return Ok(());
@@ -442,6 +496,45 @@ fn check_output(
             "a rewritten packet is broken: {:02x?}",
             output
         );
+    }
+    Ok(())
+}
+
+/// A `dsr-ipip` packet's encapsulation: the packet unchanged behind an outer header of
+/// its family whose length fields count it (its IP length, not the frame's padding).
+fn check_encapsulated(input: &[u8], output: &[u8]) -> Result<(), TestCaseError> {
+    let outer = output.len() - input.len();
+    prop_assert_eq!(&output[..14], &input[..14], "Ethernet header kept");
+    prop_assert_eq!(
+        &output[14 + outer..],
+        &input[14..],
+        "the packet carried unchanged"
+    );
+    let inner_ip_len = ip_end(input) - 14;
+    match (ether_type(input), outer) {
+        (0x0800, 20) => {
+            let header = &output[14..34];
+            prop_assert_eq!((header[0], header[9]), (0x45, 4), "IPIP: {:02x?}", header);
+            prop_assert_eq!(internet_checksum(header), 0, "outer header checksum");
+            prop_assert_eq!(
+                usize::from(u16::from_be_bytes([header[2], header[3]])),
+                inner_ip_len + 20
+            );
+        }
+        (0x86dd, 40) => {
+            let header = &output[14..54];
+            prop_assert_eq!(
+                (header[0] >> 4, header[6]),
+                (6, 41),
+                "ip6ip6: {:02x?}",
+                header
+            );
+            prop_assert_eq!(
+                usize::from(u16::from_be_bytes([header[4], header[5]])),
+                inner_ip_len
+            );
+        }
+        _ => prop_assert!(false, "grew by {outer}: {:02x?}", output),
     }
     Ok(())
 }
@@ -499,25 +592,56 @@ fn cases() -> u32 {
 }
 
 /// Each family's services: TCP with a local and a remote backend, UDP with a local
-/// one, a UDP NodePort with a remote one.
+/// one, a UDP NodePort with a remote one, and a `dsr-ipip` LoadBalancer IP with a
+/// remote backend and the tunnel view of a local one.
 fn program(dp: &mut TestDatapath) {
+    let plain = |endpoints: Vec<Endpoint>| Frontend {
+        service: "test/plain".into(),
+        endpoints,
+        ..Default::default()
+    };
     let mut frontends = vec![(
         node_port(NODE_PORT, Protocol::Udp),
-        vec![remote([10, 244, 2, 2], 5353)],
+        Frontend {
+            external: true,
+            ..plain(vec![remote([10, 244, 2, 2], 5353)])
+        },
     )];
     for net in nets() {
+        let (lb, _) = tunnel_addresses(net.family);
         frontends.extend([
             (
                 frontend(net.vip, 80, Protocol::Tcp),
-                vec![endpoint(net.pods[0], false), endpoint(net.remote_pod, true)],
+                plain(vec![
+                    endpoint(net.pods[0], false),
+                    endpoint(net.remote_pod, true),
+                ]),
             ),
             (
                 frontend(net.vip, 53, Protocol::Udp),
-                vec![endpoint(net.pods[1], false)],
+                plain(vec![endpoint(net.pods[1], false)]),
+            ),
+            (
+                frontend(lb, 80, Protocol::Tcp),
+                Frontend {
+                    external: true,
+                    dsr: true,
+                    ..plain(vec![endpoint(net.remote_pod, true)])
+                },
+            ),
+            (
+                FrontendKey {
+                    listen: Listen::TunnelAddress(lb),
+                    ..frontend(lb, 80, Protocol::Tcp)
+                },
+                Frontend {
+                    external: true,
+                    ..plain(vec![endpoint(net.pods[0], false)])
+                },
             ),
         ]);
     }
-    dp.program(&frontends);
+    dp.program_frontends(frontends);
 }
 
 /// Whether a conntrack key's destination is a programmed frontend.
@@ -525,6 +649,7 @@ fn to_a_frontend(family: Family, dst: IpAddr, port: u16) -> bool {
     nets().iter().any(|net| {
         net.family == family
             && ((dst == net.vip && [80, 53].contains(&port))
+                || (dst == tunnel_addresses(family).0 && port == 80)
                 || (dst == net.node && port == NODE_PORT))
     })
 }
@@ -574,9 +699,13 @@ fn random_and_mutated_packets_pass_cleanly_or_are_translated_correctly() {
         runs.get(),
         cases()
     );
+    // The tunnels' paths ran: packets were encapsulated and decapsulated.
+    let dp = dp.into_inner();
+    for event in ["encapsulated", "decapsulated"] {
+        assert!(dp.event(event) > 0, "no packet {event}");
+    }
     // No garbage in conntrack: every original entry is for a programmed frontend;
     // and the corpus's flows were opened.
-    let dp = dp.into_inner();
     let tables = dp.tables();
     let mut opened = std::collections::BTreeSet::new();
     for entry in tables.conntrack.iter() {

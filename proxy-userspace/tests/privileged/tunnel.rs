@@ -83,35 +83,6 @@ fn syn(t: &Tunnels, port: u16, dst: (IpAddr, u16)) -> Vec<u8> {
     packet((t.net.client, port), dst, L4::Tcp(Tcp::Syn), b"hello")
 }
 
-/// `inner` (an Ethernet frame) inside an outer header of its family from `src` to
-/// `dst`, as another node's data path (or IPVS's tunnel mode) would send it.
-fn encapsulated(src: IpAddr, dst: IpAddr, inner: &[u8]) -> Vec<u8> {
-    let inner_len = inner.len() - 14;
-    let outer = match (src, dst) {
-        (IpAddr::V4(src), IpAddr::V4(dst)) => {
-            let mut outer = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 4, 0, 0];
-            outer[2..4].copy_from_slice(&((inner_len + 20) as u16).to_be_bytes());
-            outer.extend_from_slice(&src.octets());
-            outer.extend_from_slice(&dst.octets());
-            let check = internet_checksum(&outer);
-            outer[10..12].copy_from_slice(&check.to_be_bytes());
-            outer
-        }
-        (IpAddr::V6(src), IpAddr::V6(dst)) => {
-            let mut outer = vec![0x60, 0, 0, 0, 0, 0, 41, 64];
-            outer[4..6].copy_from_slice(&(inner_len as u16).to_be_bytes());
-            outer.extend_from_slice(&src.octets());
-            outer.extend_from_slice(&dst.octets());
-            outer
-        }
-        _ => panic!("a tunnel's addresses are of one family"),
-    };
-    let mut frame = inner[..14].to_vec();
-    frame.extend_from_slice(&outer);
-    frame.extend_from_slice(&inner[14..]);
-    frame
-}
-
 /// An encapsulated frame's outer header, checked against the packet it carries.
 struct Outer {
     src: IpAddr,
@@ -180,11 +151,20 @@ fn the_entry_node_encapsulates_a_flow_to_a_remote_backend_unchanged() {
             dsr_frontend(vec![endpoint(t.net.remote_pod, true)]),
         )]);
         for flags in [Tcp::Syn, Tcp::Ack, Tcp::Ack] {
-            let packet = packet((t.net.client, 40000), (t.lb, 80), L4::Tcp(flags), b"hello");
+            let mut packet = packet((t.net.client, 40000), (t.lb, 80), L4::Tcp(flags), b"hello");
+            if t.net.family == Family::V6 {
+                // Traffic class 0xb8 (EF) and flow label 0x12345: the class is carried
+                // over, the label is the tunnel's own (outside any checksum).
+                packet[14..18].copy_from_slice(&[0x6b, 0x81, 0x23, 0x45]);
+            }
             let (verdict, out) = dp.xdp(&packet);
             assert_eq!(verdict, XDP_PASS, "{:?}", t.net.family);
             let outer = outer_of(&out, &packet);
             assert_eq!((outer.src, outer.dst), (t.net.node, t.net.remote_pod));
+            assert_ne!(
+                outer.flow_label, 0x12345,
+                "the inner flow label is not leaked"
+            );
         }
         assert_eq!(dp.event("encapsulated"), 3, "{:?}", t.net.family);
         // Nothing waits for a reply here: one conntrack entry, no reply entry.
@@ -288,7 +268,7 @@ fn the_backend_node_decapsulates_for_the_backend_the_outer_header_names() {
             (40004, pod_1),
         ] {
             let inner = syn(&t, port, (t.lb, 80));
-            let (verdict, out) = dp.xdp(&encapsulated(t.entry_node, backend, &inner));
+            let (verdict, out) = dp.xdp(&tunnelled(t.entry_node, backend, &inner));
             assert_eq!(verdict, XDP_PASS, "{:?}", t.net.family);
             assert_eq!(out.len(), inner.len(), "outer header removed");
             assert_eq!(out[..14], inner[..14], "Ethernet header kept");
@@ -304,7 +284,7 @@ fn the_backend_node_decapsulates_for_the_backend_the_outer_header_names() {
         // Later packets of a flow follow its conntrack entry; the pod's reply leaves
         // with the service address, straight for the client.
         let ack = packet((t.net.client, 40000), (t.lb, 80), L4::Tcp(Tcp::Ack), b"");
-        let out = dp.xdp(&encapsulated(t.entry_node, pod_2, &ack)).1;
+        let out = dp.xdp(&tunnelled(t.entry_node, pod_2, &ack)).1;
         assert_eq!(inspect_ip(&out).dst, (pod_2, 8080));
         let reply = packet(
             (pod_2, 8080),
@@ -337,13 +317,13 @@ fn tunnels_that_are_not_ours_pass_untouched() {
         };
         let mut frames = vec![
             // The inner destination is no service.
-            encapsulated(
+            tunnelled(
                 t.entry_node,
                 t.net.pods[0],
                 &syn(&t, 40000, (other_service, 80)),
             ),
             // The outer destination is neither this node nor one of the service's pods.
-            encapsulated(t.entry_node, stranger, &syn(&t, 40000, (t.lb, 80))),
+            tunnelled(t.entry_node, stranger, &syn(&t, 40000, (t.lb, 80))),
         ];
         if t.net.family == Family::V6 {
             // IPv6 decapsulates only an inner packet without extension headers (the
@@ -358,7 +338,7 @@ fn tunnels_that_are_not_ours_pass_untouched() {
                     ..Default::default()
                 },
             );
-            frames.push(encapsulated(t.entry_node, t.net.pods[0], &with_options));
+            frames.push(tunnelled(t.entry_node, t.net.pods[0], &with_options));
         }
         for frame in frames {
             let (verdict, out) = dp.xdp(&frame);
@@ -401,7 +381,7 @@ fn only_dsr_ipip_frontends_are_reached_through_a_tunnel() {
             ),
             syn(&t, 40001, (t.lb, 443)),
         ] {
-            let frame = encapsulated(t.entry_node, t.net.node, &inner);
+            let frame = tunnelled(t.entry_node, t.net.node, &inner);
             let (verdict, out) = dp.xdp(&frame);
             assert_eq!((verdict, out), (XDP_PASS, frame), "passed as it came");
         }
@@ -424,10 +404,10 @@ fn with_trusted_sources_configured_only_they_may_tunnel() {
             tunnel_view(vec![endpoint(pod, false)]),
         )]);
         let inner = syn(t, 40000, (t.lb, 80));
-        let (verdict, out) = dp.xdp(&encapsulated(t.entry_node, pod, &inner));
+        let (verdict, out) = dp.xdp(&tunnelled(t.entry_node, pod, &inner));
         assert_eq!(verdict, XDP_PASS);
         assert_eq!(inspect_ip(&out).dst, (pod, 8080), "a trusted peer's flow");
-        let (verdict, _) = dp.xdp(&encapsulated(t.outsider, pod, &inner));
+        let (verdict, _) = dp.xdp(&tunnelled(t.outsider, pod, &inner));
         assert_eq!(verdict, XDP_DROP, "an outsider's wrapper");
         assert_eq!(dp.event("tunnel_refused"), 1);
         // A list of the other family's prefixes only trusts no tunnel of this one.
@@ -436,7 +416,7 @@ fn with_trusted_sources_configured_only_they_may_tunnel() {
             ..Default::default()
         });
         let inner = syn(t, 40001, (t.lb, 80));
-        let (verdict, _) = dp.xdp(&encapsulated(t.entry_node, pod, &inner));
+        let (verdict, _) = dp.xdp(&tunnelled(t.entry_node, pod, &inner));
         assert_eq!(
             verdict, XDP_DROP,
             "{:?} with no peer of its family",
@@ -458,7 +438,7 @@ fn a_tunnel_cannot_carry_a_flow_past_load_balancer_source_ranges() {
         // anyone: with no trusted peers configured, nobody can vouch for the inner
         // source.
         let inner = syn(&t, 40000, (t.lb, 80));
-        let (verdict, _) = dp.xdp(&encapsulated(t.outsider, pod, &inner));
+        let (verdict, _) = dp.xdp(&tunnelled(t.outsider, pod, &inner));
         assert_eq!(verdict, XDP_DROP, "{:?}", t.net.family);
         assert_eq!(dp.event("tunnel_refused"), 1);
         // trace says the same.
@@ -486,13 +466,108 @@ fn a_tunnel_cannot_carry_a_flow_past_load_balancer_source_ranges() {
             tunnel_peers: Some(vec![t.peers]),
             ..Default::default()
         });
-        let (verdict, out) = dp.xdp(&encapsulated(t.entry_node, pod, &inner));
+        let (verdict, out) = dp.xdp(&tunnelled(t.entry_node, pod, &inner));
         assert_eq!(verdict, XDP_PASS);
         assert_eq!(inspect_ip(&out).dst, (pod, 8080));
         // And the ranges still apply to what it carries.
         let outsider = packet((t.outsider, 40000), (t.lb, 80), L4::Tcp(Tcp::Syn), b"");
-        let (verdict, _) = dp.xdp(&encapsulated(t.entry_node, pod, &outsider));
+        let (verdict, _) = dp.xdp(&tunnelled(t.entry_node, pod, &outsider));
         assert_eq!(verdict, XDP_DROP);
         assert_eq!(dp.event("source_denied"), 1);
+    }
+}
+
+/// What the backend's node does not decapsulate passes as it came: an inner packet
+/// whose length disagrees with the frame (or the outer header's), or too short for
+/// its transport header, or of the other family (IPIP carries IPv4, ip6ip6 IPv6).
+#[test]
+fn malformed_or_mismatched_inner_packets_are_not_decapsulated() {
+    let [v4, v6] = tunnels();
+    for (t, other) in [(&v4, &v6), (&v6, &v4)] {
+        let pod = t.net.pods[0];
+        let mut dp = TestDatapath::new();
+        dp.program_frontends(vec![(
+            tunnel_key(t.lb),
+            tunnel_view(vec![endpoint(pod, false)]),
+        )]);
+        let inner = syn(t, 40000, (t.lb, 80));
+        // The inner IP header's length and where its length field is in a tunnelled
+        // frame (IPv4's counts the header, IPv6's does not).
+        let (header, length_at) = match t.net.family {
+            Family::V4 => (20, 14 + 20 + 2),
+            Family::V6 => (40, 14 + 40 + 4),
+        };
+        let counted = |ip_len: usize| match t.net.family {
+            Family::V4 => ip_len,
+            Family::V6 => ip_len - 40,
+        };
+        let with_inner_length = |inner: &[u8], len: usize| {
+            let mut frame = tunnelled(t.entry_node, pod, inner);
+            frame[length_at..length_at + 2].copy_from_slice(&(len as u16).to_be_bytes());
+            frame
+        };
+        let stranger = syn(other, 40000, (other.lb, 80));
+        let mut other_family = tunnelled(t.entry_node, pod, &stranger);
+        other_family[12..14].copy_from_slice(&inner[12..14]);
+        let mut frames = vec![
+            // The inner packet claims more than the frame holds, or nothing.
+            with_inner_length(&inner, counted(inner.len() - 14) + 8),
+            with_inner_length(&inner, 0),
+            // Its TCP header cut to 4 bytes, its length saying so.
+            with_inner_length(&inner[..14 + header + 4], counted(header + 4)),
+            other_family,
+        ];
+        if t.net.family == Family::V6 {
+            // The outer payload length disagrees with the inner packet's.
+            let mut frame = tunnelled(t.entry_node, pod, &inner);
+            frame[18..20].copy_from_slice(&((inner.len() - 14 + 8) as u16).to_be_bytes());
+            frame.extend_from_slice(&[0; 8]);
+            frames.push(frame);
+        }
+        for frame in frames {
+            let (verdict, out) = dp.xdp(&frame);
+            assert_eq!((verdict, &out), (XDP_PASS, &frame), "{:?}", t.net.family);
+        }
+        assert_eq!(dp.event("decapsulated"), 0, "{:?}", t.net.family);
+    }
+}
+
+/// A flow this node once tunnelled as its entry node, now tunnelled here by another
+/// entry node to a backend here (the network moved the flow): delivered to that
+/// backend, never sent on through a tunnel again (found by the fuzzer: two nodes
+/// whose entries point at each other would bounce its packets forever).
+#[test]
+fn a_tunnelled_packet_is_never_encapsulated_again() {
+    for t in tunnels() {
+        let pod = t.net.pods[0];
+        let mut dp = TestDatapath::new();
+        dp.program_frontends(vec![
+            (
+                frontend(t.lb, 80, Protocol::Tcp),
+                dsr_frontend(vec![endpoint(t.net.remote_pod, true)]),
+            ),
+            (tunnel_key(t.lb), tunnel_view(vec![endpoint(pod, false)])),
+        ]);
+        let syn = syn(&t, 40000, (t.lb, 80));
+        let out = dp.xdp(&syn).1;
+        assert_eq!(outer_of(&out, &syn).dst, t.net.remote_pod, "entry node");
+        let ack = packet((t.net.client, 40000), (t.lb, 80), L4::Tcp(Tcp::Ack), b"");
+        let (verdict, out) = dp.xdp(&tunnelled(t.entry_node, pod, &ack));
+        assert_eq!(verdict, XDP_PASS, "{:?}", t.net.family);
+        assert_eq!(
+            out.len(),
+            ack.len(),
+            "{:?}: decapsulated only",
+            t.net.family
+        );
+        assert_eq!(
+            inspect_ip(&out).dst,
+            (pod, 8080),
+            "the backend the tunnel names"
+        );
+        assert_eq!(dp.event("encapsulated"), 1);
+        // The flow now follows that choice, tunnelled or not.
+        let out = dp.xdp(&ack).1;
+        assert_eq!(inspect_ip(&out).dst, (pod, 8080));
     }
 }

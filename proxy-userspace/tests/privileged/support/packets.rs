@@ -219,6 +219,35 @@ pub fn inspect(packet: &[u8]) -> Seen {
     }
 }
 
+/// `inner` (an Ethernet frame) inside an outer header of its family from `src` to
+/// `dst`, as another node's data path (or IPVS's tunnel mode) would send it.
+pub fn tunnelled(src: IpAddr, dst: IpAddr, inner: &[u8]) -> Vec<u8> {
+    let inner_len = inner.len() - 14;
+    let outer = match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let mut outer = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 4, 0, 0];
+            outer[2..4].copy_from_slice(&((inner_len + 20) as u16).to_be_bytes());
+            outer.extend_from_slice(&src.octets());
+            outer.extend_from_slice(&dst.octets());
+            let check = internet_checksum(&outer);
+            outer[10..12].copy_from_slice(&check.to_be_bytes());
+            outer
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut outer = vec![0x60, 0, 0, 0, 0, 0, 41, 64];
+            outer[4..6].copy_from_slice(&(inner_len as u16).to_be_bytes());
+            outer.extend_from_slice(&src.octets());
+            outer.extend_from_slice(&dst.octets());
+            outer
+        }
+        _ => panic!("a tunnel's addresses are of one family"),
+    };
+    let mut frame = inner[..14].to_vec();
+    frame.extend_from_slice(&outer);
+    frame.extend_from_slice(&inner[14..]);
+    frame
+}
+
 /// The Internet checksum (RFC 1071) over `bytes`: zero when a checksum field inside
 /// them is right.
 pub fn internet_checksum(bytes: &[u8]) -> u16 {
