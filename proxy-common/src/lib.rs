@@ -278,7 +278,7 @@ assert_layout! {
     SockKey => (32, 8),
     SockNat => (32, 4),
     TrafficStats => (40, 8),
-    BenchTemplate => (100, 4),
+    BenchTemplate => (140, 4),
     FragmentKey => (36, 4),
     LoadSettings => (40, 8),
     FragmentPorts => (4, 2),

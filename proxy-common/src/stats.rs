@@ -131,18 +131,20 @@ const _: () = assert!(EV_COUNT <= EV_CAPACITY);
 crate::user_pod!(TrafficStats);
 
 /// The bench's frames: an IPv4 one of 64 bytes, an IPv6 one of 96 (its fixed header
-/// is 20 bytes longer, and a TCP header must fit after it).
+/// is 20 bytes longer, and a TCP header must fit after it), and an ip6ip6 one of 136
+/// (an IPv6 frame's packet behind a second IPv6 header).
 pub const BENCH_FRAME_V4: usize = 64;
 pub const BENCH_FRAME_V6: usize = 96;
+pub const BENCH_FRAME_IP6IP6: usize = BENCH_FRAME_V6 + 40;
 
-/// How many of a template's bytes are its frame: IPv6's length if its EtherType says
-/// IPv6, IPv4's otherwise.
+/// How many of a template's bytes are its frame: by its EtherType and, for IPv6, its
+/// next header (41: ip6ip6).
 #[inline(always)]
-pub fn bench_frame_len(bytes: &[u8; BENCH_FRAME_V6]) -> usize {
-    if bytes[12..14] == [0x86, 0xdd] {
-        BENCH_FRAME_V6
-    } else {
-        BENCH_FRAME_V4
+pub fn bench_frame_len(bytes: &[u8; BENCH_FRAME_IP6IP6]) -> usize {
+    match (bytes[12..14] == [0x86, 0xdd], bytes[20]) {
+        (true, 41) => BENCH_FRAME_IP6IP6,
+        (true, _) => BENCH_FRAME_V6,
+        (false, _) => BENCH_FRAME_V4,
     }
 }
 
@@ -150,9 +152,8 @@ pub fn bench_frame_len(bytes: &[u8; BENCH_FRAME_V6]) -> usize {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BenchTemplate {
-    /// The frame, `BENCH_FRAME_V4` or `BENCH_FRAME_V6` bytes of it as its EtherType
-    /// says (the rest unused).
-    pub bytes: [u8; BENCH_FRAME_V6],
+    /// The frame, as many bytes of it as `bench_frame_len` says (the rest unused).
+    pub bytes: [u8; BENCH_FRAME_IP6IP6],
     /// Non-zero: every iteration gets its own source port and address (new flows).
     pub vary_flow: u32,
 }

@@ -2,8 +2,9 @@
 //!
 //! BPF_PROG_TEST_RUN with `repeat` reuses one buffer, so a translating program would
 //! measure its own output from the second iteration on. This wrapper first restores
-//! the original frame (64 bytes of IPv4 or 96 of IPv6; and, for new-flow runs, gives
-//! each iteration its own source port and address), then tail-calls the program
+//! the original frame (64 bytes of IPv4, 96 of IPv6, 136 of ip6ip6; and, for
+//! new-flow runs, gives each iteration its own source port and address), then
+//! tail-calls the program
 //! under test. The same wrapper around a program that only returns XDP_PASS is the
 //! floor.
 #![no_std]
@@ -19,7 +20,7 @@ use aya_ebpf::{
 use proxy_common::{
     bench_frame_len,
     key_layout::{self, NarrowEntry, NarrowKey, WideEntry, WideKey},
-    BenchTemplate, BENCH_FRAME_V4, BENCH_FRAME_V6, CONNTRACK_ENTRIES,
+    BenchTemplate, BENCH_FRAME_IP6IP6, BENCH_FRAME_V4, BENCH_FRAME_V6, CONNTRACK_ENTRIES,
 };
 
 #[map]
@@ -43,10 +44,12 @@ pub fn bench_wrapper(ctx: XdpContext) -> u32 {
     let Some(template) = BENCH_TEMPLATE.get(0) else {
         return xdp_action::XDP_ABORTED;
     };
-    let restored = if bench_frame_len(&template.bytes) == BENCH_FRAME_V6 {
-        restore::<BENCH_FRAME_V6, V6_SRC_LOW, V6_SPORT>(&ctx, template)
-    } else {
-        restore::<BENCH_FRAME_V4, V4_SRC_LOW, V4_SPORT>(&ctx, template)
+    let restored = match bench_frame_len(&template.bytes) {
+        BENCH_FRAME_IP6IP6 => {
+            restore::<BENCH_FRAME_IP6IP6, { V6_SRC_LOW + 40 }, { V6_SPORT + 40 }>(&ctx, template)
+        }
+        BENCH_FRAME_V6 => restore::<BENCH_FRAME_V6, V6_SRC_LOW, V6_SPORT>(&ctx, template),
+        _ => restore::<BENCH_FRAME_V4, V4_SRC_LOW, V4_SPORT>(&ctx, template),
     };
     if restored.is_none() {
         return xdp_action::XDP_ABORTED;

@@ -32,7 +32,9 @@ use ebpf_proxy::{
 use etherparse::PacketBuilder;
 
 use crate::kernel;
-use proxy_common::{bench_frame_len, map_name, BenchTemplate, BENCH_FRAME_V4, BENCH_FRAME_V6};
+use proxy_common::{
+    bench_frame_len, map_name, BenchTemplate, BENCH_FRAME_IP6IP6, BENCH_FRAME_V4, BENCH_FRAME_V6,
+};
 use serde::Serialize;
 
 static WRAPPER_OBJECT: &[u8] = ebpf_proxy::datapath::BENCH_WRAPPER_OBJECT;
@@ -43,13 +45,13 @@ const NODE_IP: [u8; 4] = [198, 18, 0, 1];
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 2);
 const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
 
-/// A frame as the wrapper's template holds it: IPv4's 64 bytes or IPv6's 96, the
-/// rest zero.
-type Frame = [u8; BENCH_FRAME_V6];
+/// A frame as the wrapper's template holds it: IPv4's 64 bytes, IPv6's 96 or
+/// ip6ip6's 136, the rest zero.
+type Frame = [u8; BENCH_FRAME_IP6IP6];
 
-/// A built frame in a template's bytes, checked to have its family's length.
+/// A built frame in a template's bytes, checked to have its kind's length.
 fn to_frame(bytes: Vec<u8>) -> Frame {
-    let mut frame = [0u8; BENCH_FRAME_V6];
+    let mut frame = [0u8; BENCH_FRAME_IP6IP6];
     frame[..bytes.len()].copy_from_slice(&bytes);
     assert_eq!(
         bytes.len(),
@@ -188,6 +190,20 @@ fn ipip_frame(outer: ([u8; 4], [u8; 4]), src: ([u8; 4], u16), dst: ([u8; 4], u16
     to_frame(out)
 }
 
+/// An ip6ip6 frame: the IPv6 frame `inner`'s packet behind an outer header from
+/// `outer.0` to `outer.1`.
+fn ip6ip6_frame(outer: (Ipv6Addr, Ipv6Addr), inner: Frame) -> Frame {
+    let packet = &inner[14..BENCH_FRAME_V6];
+    let mut header = vec![0x60, 0, 0, 0, 0, 0, 41, 64];
+    header[4..6].copy_from_slice(&(packet.len() as u16).to_be_bytes());
+    header.extend_from_slice(&outer.0.octets());
+    header.extend_from_slice(&outer.1.octets());
+    let mut out = inner[..14].to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(packet);
+    to_frame(out)
+}
+
 /// Fills in the checksum of a 20-byte IPv4 header.
 fn set_ipv4_checksum(header: &mut [u8]) {
     header[10..12].fill(0);
@@ -249,12 +265,13 @@ fn frontend(family: Family, scheduler: Scheduler, first_backend: u32) -> Fronten
 }
 
 /// One address family's side of the bench: its cases' name prefix, its client, an
-/// address no service has, and its family.
+/// address no service has, its family, and what its `dsr-ipip` flows travel in.
 struct Side {
     prefix: &'static str,
     client: IpAddr,
     elsewhere: IpAddr,
     family: Family,
+    tunnel: &'static str,
 }
 
 impl Side {
@@ -274,12 +291,14 @@ fn sides() -> [Side; 2] {
             client: CLIENT.into(),
             elsewhere: Ipv4Addr::new(198, 18, 0, 9).into(),
             family: Family::V4,
+            tunnel: "IPIP",
         },
         Side {
             prefix: "IPv6 ",
             client: CLIENT6.into(),
             elsewhere: Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 9).into(),
             family: Family::V6,
+            tunnel: "ip6ip6",
         },
     ]
 }
@@ -409,6 +428,51 @@ impl Bench {
             None,
         )?);
         Ok(udp)
+    }
+
+    /// `dsr-ipip` in the family's tunnel: at the entry node, an established flow's
+    /// segments, encapsulated; at the backend's node, an established flow's
+    /// datagrams, decapsulated and translated for the backend the outer header names.
+    fn tunnel_cases(
+        &mut self,
+        side: &Side,
+        services: usize,
+        results: &mut Vec<CaseResult>,
+    ) -> Result<()> {
+        let (p, tunnel) = (side.prefix, side.tunnel);
+        let dsr = (side.service(200), 80);
+        self.open_flow(frame((side.client, 42000), dsr, Some((true, false))))?;
+        results.push(self.case(
+            &format!("{p}{tunnel} encapsulation (dsr-ipip, established TCP)"),
+            frame((side.client, 42000), dsr, Some((false, true))),
+            false,
+            (false, false),
+            services,
+            Some("encapsulated"),
+        )?);
+        let named = backend(side.family, 10_003_000 + 3);
+        let tunnelled = match (side.family, named) {
+            (Family::V4, IpAddr::V4(named)) => ipip_frame(
+                ([198, 18, 2, 1], named.octets()),
+                (CLIENT, 5454),
+                (vip(201).octets(), 53),
+            ),
+            (Family::V6, IpAddr::V6(named)) => ip6ip6_frame(
+                (Ipv6Addr::new(0xfd00, 0x18, 2, 0, 0, 0, 0, 1), named),
+                frame((side.client, 5454), (side.service(201), 53), None),
+            ),
+            _ => anyhow::bail!("a backend of another family"),
+        };
+        self.open_flow(tunnelled)?;
+        results.push(self.case(
+            &format!("{p}{tunnel} decapsulation (established UDP)"),
+            tunnelled,
+            false,
+            (true, false),
+            services,
+            Some("decapsulated"),
+        )?);
+        Ok(())
     }
 
     /// Opens a TCP flow from `client` to `vip` port 80, then measures its later
@@ -590,29 +654,31 @@ pub fn measure(
         add(100, 53, Protocol::Udp, Scheduler::Rr, 10_001_000, true);
         // SCTP over IPv6 is not benched (its programs are tested packet by packet).
         add(300, 3868, Protocol::Sctp, Scheduler::Rr, 10_004_000, false);
-        // dsr-ipip: an entry frontend whose backends are remote, and the IPIP view
-        // of another, whose backends are here.
-        let mut entry = frontend(Family::V4, Scheduler::Rr, 10_002_000);
-        entry.dsr = true;
-        for endpoint in &mut entry.endpoints {
-            endpoint.remote = true;
+        // dsr-ipip, per family: an entry frontend whose backends are remote, and the
+        // tunnel view of another, whose backends are here.
+        for side in sides() {
+            let mut entry = frontend(side.family, Scheduler::Rr, 10_002_000);
+            entry.dsr = true;
+            for endpoint in &mut entry.endpoints {
+                endpoint.remote = true;
+            }
+            desired.frontends.insert(
+                FrontendKey {
+                    listen: Listen::Address(side.service(200)),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                entry.into(),
+            );
+            desired.frontends.insert(
+                FrontendKey {
+                    listen: Listen::TunnelAddress(side.service(201)),
+                    port: 53,
+                    protocol: Protocol::Udp,
+                },
+                frontend(side.family, Scheduler::Rr, 10_003_000).into(),
+            );
         }
-        desired.frontends.insert(
-            FrontendKey {
-                listen: Listen::Address(vip(200).into()),
-                port: 80,
-                protocol: Protocol::Tcp,
-            },
-            entry.into(),
-        );
-        desired.frontends.insert(
-            FrontendKey {
-                listen: Listen::TunnelAddress(vip(201).into()),
-                port: 53,
-                protocol: Protocol::Udp,
-            },
-            frontend(Family::V4, Scheduler::Rr, 10_003_000).into(),
-        );
         let report = syncer.apply(&desired);
         ensure!(report.problems.is_empty(), "{:?}", report.problems);
 
@@ -660,36 +726,10 @@ pub fn measure(
             services,
             None,
         )?);
-        // dsr-ipip at the entry node: an established flow's segments, encapsulated.
-        let dsr = (vip(200).into(), 80);
-        bench.open_flow(frame((v4_side.client, 42000), dsr, Some((true, false))))?;
-        results.push(bench.case(
-            "IPIP encapsulation (dsr-ipip, established TCP)",
-            frame((v4_side.client, 42000), dsr, Some((false, true))),
-            false,
-            (false, false),
-            services,
-            Some("encapsulated"),
-        )?);
-        // dsr-ipip at the backend's node: an established flow's datagrams,
-        // decapsulated and translated for the backend the outer header names.
-        let named = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + 10_003_000 + 3);
-        let tunnelled = ipip_frame(
-            ([198, 18, 2, 1], named.octets()),
-            (CLIENT, 5454),
-            (vip(201).octets(), 53),
-        );
-        bench.open_flow(tunnelled)?;
-        results.push(bench.case(
-            "IPIP decapsulation (established UDP)",
-            tunnelled,
-            false,
-            (true, false),
-            services,
-            Some("decapsulated"),
-        )?);
-        // IPv6, through its own program (a tail call from the uplink's).
+        bench.tunnel_cases(&v4_side, services, &mut results)?;
+        // IPv6, through its own programs (tail calls from the uplink's).
         bench.family_cases(&v6_side, services, &mut results)?;
+        bench.tunnel_cases(&v6_side, services, &mut results)?;
         // New flows last: their churn fills (and evicts from) conntrack.
         for side in [&v4_side, &v6_side] {
             for (i, scheduler) in measured.iter().enumerate() {
@@ -717,6 +757,7 @@ pub fn measure(
             ebpf_proxy::datapath::PROG_UPLINK,
             ebpf_proxy::datapath::PROG_UPLINK_SCTP,
             ebpf_proxy::datapath::PROG_UPLINK_V6,
+            ebpf_proxy::datapath::PROG_UPLINK_TUNNEL6,
             ebpf_proxy::datapath::PROG_POD,
             ebpf_proxy::datapath::PROG_POD_SCTP,
             ebpf_proxy::datapath::PROG_POD_V6,
@@ -754,7 +795,7 @@ pub fn run(quick: bool) -> Result<DataPathResults> {
     let mut sizes = Vec::new();
     let mut memory = Vec::new();
     println!(
-        "\n{:>8}  {:<46} {:>10} {:>17}",
+        "\n{:>8}  {:<56} {:>10} {:>17}",
         "services", "case", "ns median", "min..max"
     );
     for &services in scales {
@@ -762,7 +803,7 @@ pub fn run(quick: bool) -> Result<DataPathResults> {
             measure(services, repeat, rounds).with_context(|| format!("{services} services"))?;
         for r in &results {
             println!(
-                "{:>8}  {:<46} {:>10.1} {:>8.1}..{:<8.1}",
+                "{:>8}  {:<56} {:>10.1} {:>8.1}..{:<8.1}",
                 r.services, r.case, r.ns_median, r.ns_min, r.ns_max
             );
         }
