@@ -118,6 +118,11 @@ datapath_events! {
     /// the client's port was remapped for the backend, as netfilter's NAT remaps a
     /// clashing tuple, rather than the other flow's replies taken over.
     EV_REPLY_PORT_REMAPPED => "reply_port_remapped",
+    /// A packet out of a tunnel whose flow this node itself tunnels elsewhere (an
+    /// entry from when it was the flow's entry node): dropped. Never sent into a
+    /// second tunnel (two nodes whose entries point at each other would bounce it for
+    /// ever), nor allowed to change the entry (its outer source may be anyone's).
+    EV_TUNNEL_LOOP => "tunnel_loop",
 }
 
 /// Events defined.

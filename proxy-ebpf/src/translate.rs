@@ -10,7 +10,7 @@ use proxy_common::{
     CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT,
     EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_FRAGMENT_DROPPED,
     EV_MALFORMED,
-    EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, PROTO_ICMPV6, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
+    EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, EV_TUNNEL_LOOP, PROTO_ICMPV6, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
 };
 
 use crate::{
@@ -148,6 +148,10 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             let _ = CONNTRACK.remove(flow.key);
         }
         Lookup::Missing => {}
+        Lookup::Retunnel => {
+            counters::event(EV_TUNNEL_LOOP);
+            return Verdict::DROP;
+        }
     }
     // A later fragment never opens a flow.
     if !flow.has_l4 {
@@ -177,6 +181,11 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
 /// frontend instead (README, "Related flows").
 #[inline(always)]
 fn related_or_refused<P: Packet>(pkt: &P, flow: &Flow, origin: Origin, now: u64) -> Verdict {
+    // Decapsulated for a frontend gone since (the agent removed it meanwhile): it must
+    // not reach the kernel bare, from the source its wrapper chose.
+    if matches!(origin, Origin::Tunnel(_)) {
+        return Verdict::DROP;
+    }
     if related::may_be_expected(now) {
         match related::claim(flow, origin == Origin::Pod, now) {
             Claim::NotExpected => {}

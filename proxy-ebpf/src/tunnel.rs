@@ -222,9 +222,10 @@ fn outer_addresses_v6<P: Packet>(pkt: &P) -> Option<(Addr, Addr)> {
 
 /// The tuple of an ip6ip6 packet's inner packet, when its transport header follows
 /// its fixed header (the module's note on what IPv6 decapsulates) and its lengths
-/// agree with the outer header's and the frame's: nothing that the parser would call
-/// malformed is decapsulated (it would reach the kernel bare, from a source of the
-/// wrapper's choosing).
+/// agree with the outer header's, the frame's and its transport's minimum. What the
+/// parser still calls malformed (a TCP data offset or UDP length out of range) is
+/// dropped once decapsulated (`translate::handle`): it must not reach the kernel
+/// bare, from a source of the wrapper's choosing.
 #[inline(always)]
 fn inner_key_v6<P: Packet>(pkt: &P) -> Option<CtKey> {
     const INNER: usize = ETH_LEN + OUTER_LEN_V6;

@@ -212,6 +212,11 @@ pub fn explain(
                 idle / 1_000_000_000
             ));
             out.service = tables.service_name(entry.service_id);
+            if entry.flags & CT_F_ENCAP != 0 && matches!(origin, Origin::Tunnel { .. }) {
+                return Ok(out.drop_because(format!(
+                    "out of a tunnel, a flow this node tunnels itself (its entry node's entry): never sent into a second {tunnel} (event tunnel_loop)"
+                )));
+            }
             if entry.flags & CT_F_ENCAP != 0 {
                 let outer = entry.nat_dst.to_ip(family);
                 out.steps.push(format!(

@@ -4,7 +4,7 @@
 //!
 //! Properties, for XDP and tc alike: every run succeeds; a packet is untouched, or
 //! refused (ICMP or ICMPv6 port unreachable quoting it, every checksum valid), or
-//! dropped, or it keeps its length and, translated, is a TCP/UDP packet whose
+//! dropped as it came (or as its tunnel carried it), or it keeps its length and, translated, is a TCP/UDP packet whose
 //! checksums verify or an ICMP error whose checksums verify if they did on the way in
 //! (inputs are given correct checksums first, so a broken one is ours); a fragment
 //! keeps what follows its headers unless it is a first one; a `dsr-ipip` packet leaves
@@ -441,8 +441,17 @@ fn check_output(
     if is_refusal(hook, input, verdict, output) {
         return Ok(());
     }
-    // What a dropped frame became reaches nobody.
+    // A dropped frame is left as it came, or (dropped after decapsulation) as its
+    // tunnel carried it.
     if matches!(hook, Hook::Xdp) && verdict == XDP_DROP {
+        let decapsulated = tunnel_header_len(input).is_some_and(|outer| {
+            output.len() + outer == input.len() && output[14..] == input[14 + outer..]
+        });
+        prop_assert!(
+            output == input || decapsulated,
+            "a dropped frame was changed: {:02x?}",
+            output
+        );
         return Ok(());
     }
     prop_assert!(verdict <= 3, "unexpected verdict {verdict}");

@@ -532,10 +532,11 @@ fn malformed_or_mismatched_inner_packets_are_not_decapsulated() {
     }
 }
 
-/// A flow this node once tunnelled as its entry node, now tunnelled here by another
-/// entry node to a backend here (the network moved the flow): delivered to that
-/// backend, never sent on through a tunnel again (found by the fuzzer: two nodes
-/// whose entries point at each other would bounce its packets forever).
+/// A packet tunnelled here whose flow this node tunnels itself (it was the flow's
+/// entry node, and another entry node now sends it here): dropped, never sent into a
+/// second tunnel (found by the fuzzer: two nodes whose entries point at each other
+/// would bounce it for ever), and the entry left as it was (the outer source may be
+/// anyone's: it must not take a flow over).
 #[test]
 fn a_tunnelled_packet_is_never_encapsulated_again() {
     for t in tunnels() {
@@ -552,22 +553,32 @@ fn a_tunnelled_packet_is_never_encapsulated_again() {
         let out = dp.xdp(&syn).1;
         assert_eq!(outer_of(&out, &syn).dst, t.net.remote_pod, "entry node");
         let ack = packet((t.net.client, 40000), (t.lb, 80), L4::Tcp(Tcp::Ack), b"");
-        let (verdict, out) = dp.xdp(&tunnelled(t.entry_node, pod, &ack));
-        assert_eq!(verdict, XDP_PASS, "{:?}", t.net.family);
-        assert_eq!(
-            out.len(),
-            ack.len(),
-            "{:?}: decapsulated only",
-            t.net.family
-        );
-        assert_eq!(
-            inspect_ip(&out).dst,
-            (pod, 8080),
-            "the backend the tunnel names"
-        );
-        assert_eq!(dp.event("encapsulated"), 1);
-        // The flow now follows that choice, tunnelled or not.
+        let (verdict, _) = dp.xdp(&tunnelled(t.entry_node, pod, &ack));
+        assert_eq!(verdict, XDP_DROP, "{:?}", t.net.family);
+        assert_eq!(dp.event("tunnel_loop"), 1);
+        assert_eq!(dp.event("encapsulated"), 1, "not encapsulated again");
+        // The flow's own packets still go where they went.
         let out = dp.xdp(&ack).1;
-        assert_eq!(inspect_ip(&out).dst, (pod, 8080));
+        assert_eq!(outer_of(&out, &ack).dst, t.net.remote_pod);
+        // trace says the same.
+        let explained = ebpf_proxy::trace::explain(
+            &dp.tables(),
+            &proxy_common::LoadSettings::DEFAULT,
+            Protocol::Tcp,
+            (t.net.client, 40000).into(),
+            (t.lb, 80).into(),
+            ebpf_proxy::trace::Origin::Tunnel {
+                outer_src: t.entry_node,
+                outer_dst: pod,
+            },
+        )
+        .expect("trace");
+        assert!(
+            explained
+                .dropped
+                .as_deref()
+                .is_some_and(|why| why.contains("tunnel_loop")),
+            "{explained:?}"
+        );
     }
 }
