@@ -49,8 +49,8 @@ use crate::{
 #[inline(always)]
 pub fn uplink_ingress(ctx: XdpContext) -> u32 {
     let origin = match tunnel::arrival::<false>(&ctx) {
-        Arrival::Bare => Origin::External,
-        Arrival::Tunnelled(backend) => Origin::Tunnel(backend),
+        Arrival::Bare => Origin::EXTERNAL,
+        Arrival::Tunnelled(backend) => Origin::tunnel(backend),
         Arrival::Refused => return xdp_action::XDP_DROP,
     };
     let verdict = translate::handle(&XdpPacket(&ctx), origin);
@@ -62,7 +62,7 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
 #[xdp]
 #[inline(always)]
 pub fn uplink_ingress_sctp(ctx: XdpContext) -> u32 {
-    let verdict = translate::handle(&SctpPacket(&XdpPacket(&ctx)), Origin::External);
+    let verdict = translate::handle(&SctpPacket(&XdpPacket(&ctx)), Origin::EXTERNAL);
     uplink_action::<false>(&ctx, verdict)
 }
 
@@ -76,7 +76,7 @@ pub fn uplink_ingress_v6(ctx: XdpContext) -> u32 {
         // Not handed over (the program is missing): as a protocol no frontend takes.
         pkt.hand_over(Program::Ipv6Tunnel);
     }
-    let verdict = translate::handle(&pkt, Origin::External);
+    let verdict = translate::handle(&pkt, Origin::EXTERNAL);
     uplink_action::<true>(&ctx, verdict)
 }
 
@@ -90,10 +90,10 @@ pub fn uplink_ingress_tunnel6(ctx: XdpContext) -> u32 {
     let verdict = match tunnel::arrival::<true>(&ctx) {
         Arrival::Tunnelled(backend) => translate::handle(
             &TunnelledV6(&Ipv6Packet(&XdpPacket(&ctx))),
-            Origin::Tunnel(backend),
+            Origin::tunnel(backend),
         ),
         // Not ours: as a protocol no frontend takes.
-        Arrival::Bare => translate::other_protocol(&Ipv6Packet(&XdpPacket(&ctx)), Origin::External),
+        Arrival::Bare => translate::other_protocol(&Ipv6Packet(&XdpPacket(&ctx)), Origin::EXTERNAL),
         Arrival::Refused => return xdp_action::XDP_DROP,
     };
     uplink_action::<true>(&ctx, verdict)
@@ -103,7 +103,7 @@ pub fn uplink_ingress_tunnel6(ctx: XdpContext) -> u32 {
 #[xdp]
 #[inline(always)]
 pub fn uplink_ingress_sctp6(ctx: XdpContext) -> u32 {
-    let verdict = translate::handle(&SctpPacket(&Ipv6Packet(&XdpPacket(&ctx))), Origin::External);
+    let verdict = translate::handle(&SctpPacket(&Ipv6Packet(&XdpPacket(&ctx))), Origin::EXTERNAL);
     uplink_action::<true>(&ctx, verdict)
 }
 
@@ -112,7 +112,7 @@ pub fn uplink_ingress_sctp6(ctx: XdpContext) -> u32 {
 #[xdp]
 #[inline(always)]
 pub fn uplink_ingress_icmp6(ctx: XdpContext) -> u32 {
-    let verdict = icmp6::handle(&Ipv6Packet(&XdpPacket(&ctx)), Origin::External);
+    let verdict = icmp6::handle(&Ipv6Packet(&XdpPacket(&ctx)), Origin::EXTERNAL);
     uplink_action::<true>(&ctx, verdict)
 }
 
@@ -141,7 +141,7 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
     if ctx.data_end() - ctx.data() < 128 && ctx.len() > (ctx.data_end() - ctx.data()) as u32 {
         let _ = ctx.pull_data(ctx.len().min(128));
     }
-    let verdict = translate::handle(&TcPacket(&ctx), Origin::Pod);
+    let verdict = translate::handle(&TcPacket(&ctx), Origin::POD);
     pod_action::<false>(&ctx, verdict)
 }
 
@@ -149,7 +149,7 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 #[inline(always)]
 pub fn pod_ingress_sctp(ctx: TcContext) -> i32 {
-    let verdict = translate::handle(&SctpPacket(&TcPacket(&ctx)), Origin::Pod);
+    let verdict = translate::handle(&SctpPacket(&TcPacket(&ctx)), Origin::POD);
     pod_action::<false>(&ctx, verdict)
 }
 
@@ -161,7 +161,7 @@ pub fn pod_ingress_v6(ctx: TcContext) -> i32 {
     if ctx.data_end() - ctx.data() < 256 && ctx.len() > (ctx.data_end() - ctx.data()) as u32 {
         let _ = ctx.pull_data(ctx.len().min(256));
     }
-    let verdict = translate::handle(&Ipv6Packet(&TcPacket(&ctx)), Origin::Pod);
+    let verdict = translate::handle(&Ipv6Packet(&TcPacket(&ctx)), Origin::POD);
     pod_action::<true>(&ctx, verdict)
 }
 
@@ -169,7 +169,7 @@ pub fn pod_ingress_v6(ctx: TcContext) -> i32 {
 #[classifier]
 #[inline(always)]
 pub fn pod_ingress_sctp6(ctx: TcContext) -> i32 {
-    let verdict = translate::handle(&SctpPacket(&Ipv6Packet(&TcPacket(&ctx))), Origin::Pod);
+    let verdict = translate::handle(&SctpPacket(&Ipv6Packet(&TcPacket(&ctx))), Origin::POD);
     pod_action::<true>(&ctx, verdict)
 }
 
@@ -177,7 +177,7 @@ pub fn pod_ingress_sctp6(ctx: TcContext) -> i32 {
 #[classifier]
 #[inline(always)]
 pub fn pod_ingress_icmp6(ctx: TcContext) -> i32 {
-    let verdict = icmp6::handle(&Ipv6Packet(&TcPacket(&ctx)), Origin::Pod);
+    let verdict = icmp6::handle(&Ipv6Packet(&TcPacket(&ctx)), Origin::POD);
     pod_action::<true>(&ctx, verdict)
 }
 
@@ -213,13 +213,13 @@ pub fn node_egress(ctx: TcContext) -> i32 {
         if crate::LEGACY_KERNEL {
             return TC_ACT_OK;
         }
-        return match icmp6::handle(&Ipv6Packet(&pkt), Origin::Pod).action {
+        return match icmp6::handle(&Ipv6Packet(&pkt), Origin::POD).action {
             Action::Drop => TC_ACT_SHOT,
             Action::Refuse => icmp6::refuse_tc(&ctx, Sender::Node),
             _ => TC_ACT_OK,
         };
     }
-    match icmp::handle(&pkt, Origin::Pod).action {
+    match icmp::handle(&pkt, Origin::POD).action {
         Action::Drop => TC_ACT_SHOT,
         Action::Refuse => icmp::refuse_tc(&ctx, Sender::Node),
         _ => TC_ACT_OK,

@@ -27,15 +27,20 @@ use crate::{
 };
 
 /// Where the packet entered the node; decides masquerading.
+///
+/// A struct whose every field is always set, not an enum with a payload (as
+/// `Verdict`): LLVM read the tunnel's backend from its stack slot before testing the
+/// variant, a slot no other variant had written, and 5.10's verifier refuses to read
+/// uninitialised stack ("invalid read from stack": the legacy object did not load).
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    /// From outside the node, on an uplink (XDP).
-    External,
-    /// From a local pod, on its host-side interface (tc ingress).
-    Pod,
-    /// From outside, decapsulated from IPIP or ip6ip6 addressed to this backend (the
-    /// entry node's choice, for `dsr-ipip`).
-    Tunnel(Addr),
+pub struct Origin {
+    /// `External`: from outside the node, on an uplink (XDP); `Pod`: from a local
+    /// pod, on its host-side interface (tc ingress); `Tunnel`: from outside,
+    /// decapsulated from IPIP or ip6ip6 addressed to `backend` here (the entry node's
+    /// choice, for `dsr-ipip`).
+    pub entry: Entry,
+    /// `Entry::Tunnel`'s backend; zero otherwise.
+    pub backend: Addr,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -117,9 +122,10 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             // Decapsulated, it must not reach the kernel bare, from the source its
             // wrapper chose (`tunnel` decapsulates only what parses: defence in
             // depth).
-            return match origin {
-                Origin::Tunnel(_) => Verdict::DROP,
-                _ => Verdict::PASS,
+            return if origin.is_tunnel() {
+                Verdict::DROP
+            } else {
+                Verdict::PASS
             };
         }
         // A later fragment of a datagram follows its flow as its first fragment did
@@ -135,7 +141,7 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
         fragments::remember(&flow);
     }
     let now = conntrack::now_ns();
-    match conntrack::lookup(&flow.key, now, matches!(origin, Origin::Tunnel(_))) {
+    match conntrack::lookup(&flow.key, now, origin.is_tunnel()) {
         Lookup::Live(entry_ptr) => {
             // SAFETY: copy of a live map value.
             let entry = unsafe { *entry_ptr };
@@ -157,10 +163,10 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
     if !flow.has_l4 {
         return unmatched_fragment(pkt, origin);
     }
-    let service = match origin {
-        Origin::Tunnel(_) => balancer::lookup_tunnel_service(&flow.key),
-        Origin::Pod => balancer::lookup_service_from(&flow.key, || true),
-        Origin::External => balancer::lookup_service_from(&flow.key, || {
+    let service = match origin.entry {
+        Entry::Tunnel => balancer::lookup_tunnel_service(&flow.key),
+        Entry::Pod => balancer::lookup_service_from(&flow.key, || true),
+        Entry::External => balancer::lookup_service_from(&flow.key, || {
             source_ranges::in_cluster_cidrs(flow.family, &flow.key.src)
         }),
     };
@@ -183,11 +189,11 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
 fn related_or_refused<P: Packet>(pkt: &P, flow: &Flow, origin: Origin, now: u64) -> Verdict {
     // Decapsulated for a frontend gone since (the agent removed it meanwhile): it must
     // not reach the kernel bare, from the source its wrapper chose.
-    if matches!(origin, Origin::Tunnel(_)) {
+    if origin.is_tunnel() {
         return Verdict::DROP;
     }
     if related::may_be_expected(now) {
-        match related::claim(flow, origin == Origin::Pod, now) {
+        match related::claim(flow, origin.entry == Entry::Pod, now) {
             Claim::NotExpected => {}
             Claim::Met => {
                 return match related::met_entry() {
@@ -221,7 +227,7 @@ pub fn refused_at_service_address(origin: Origin, family: u8, dst: &Addr) -> Ver
 /// (not through a tunnel, which reaches only `dsr-ipip` frontends).
 #[inline(always)]
 fn at_service_address(origin: Origin, family: u8, dst: &Addr) -> bool {
-    !matches!(origin, Origin::Tunnel(_)) && balancer::is_service_address(family, dst)
+    !origin.is_tunnel() && balancer::is_service_address(family, dst)
 }
 
 /// A packet that is neither TCP, UDP nor SCTP (or an SCTP first fragment): ICMP is
@@ -337,14 +343,26 @@ fn rewrite<P: Packet>(pkt: &P, flow: &Flow, entry: &CtEntry) -> Result<(), ()> {
 }
 
 impl Origin {
-    /// The kind of entry the shared decisions distinguish.
+    pub const EXTERNAL: Origin = Origin {
+        entry: Entry::External,
+        backend: Addr::ZERO,
+    };
+    pub const POD: Origin = Origin {
+        entry: Entry::Pod,
+        backend: Addr::ZERO,
+    };
+
     #[inline(always)]
-    fn entry(self) -> Entry {
-        match self {
-            Origin::External => Entry::External,
-            Origin::Pod => Entry::Pod,
-            Origin::Tunnel(_) => Entry::Tunnel,
+    pub const fn tunnel(backend: Addr) -> Origin {
+        Origin {
+            entry: Entry::Tunnel,
+            backend,
         }
+    }
+
+    #[inline(always)]
+    pub fn is_tunnel(self) -> bool {
+        self.entry == Entry::Tunnel
     }
 }
 
@@ -393,11 +411,10 @@ fn open_flow<P: Packet>(
     }
     let opening = Transport::opening(key.proto);
     // A tunnelled packet goes to the backend the entry node chose, if it is here.
-    let chosen_upstream = match origin {
-        Origin::Tunnel(backend) if service.flags & SVC_F_TUNNEL != 0 => {
-            balancer::backend_at(service, backend)
-        }
-        _ => None,
+    let chosen_upstream = if origin.is_tunnel() && service.flags & SVC_F_TUNNEL != 0 {
+        balancer::backend_at(service, origin.backend)
+    } else {
+        None
     };
     let choice = match chosen_upstream.or_else(|| affinity::recall(service, &key.src, now)) {
         Some(choice) => Some(choice),
@@ -408,7 +425,7 @@ fn open_flow<P: Packet>(
         return no_backend(service);
     };
     affinity::remember(service, &key.src, &choice, now);
-    if decide::returns_directly(service, &choice.backend, origin.entry()) {
+    if decide::returns_directly(service, &choice.backend, origin.entry) {
         return open_encapsulated(pkt, flow, service, &choice, opening, now);
     }
     let backend = &choice.backend;
@@ -438,7 +455,7 @@ fn open_flow<P: Packet>(
         service,
         &choice.backend,
         &flow.key.src,
-        origin.entry(),
+        origin.entry,
         settings::masquerade_all(),
     ) {
         let Some(snat_addr) = conntrack::snat_address(key.family) else {
