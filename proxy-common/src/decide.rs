@@ -202,7 +202,7 @@ pub enum Entry {
     External,
     /// A pod interface.
     Pod,
-    /// An uplink, encapsulated in IPIP by an entry node (`dsr-ipip`).
+    /// An uplink, encapsulated in IPIP or ip6ip6 by an entry node (`dsr-ipip`).
     Tunnel,
 }
 
