@@ -371,7 +371,7 @@ fn encapsulate<const IPV6: bool>(ctx: &XdpContext, outer: &CtKey) -> Result<(), 
 #[inline(always)]
 fn encapsulate_v6(ctx: &XdpContext, outer: &CtKey) -> Result<(), ()> {
     const INNER: usize = ETH_LEN + OUTER_LEN_V6;
-    push_header(ctx, [0u8; OUTER_LEN_V6])?;
+    make_room(ctx, OUTER_LEN_V6)?;
     let pkt = XdpPacket(ctx);
     let fixed: *mut [u8; IPV6_SRC] = pkt.ptr_at(ETH_LEN).ok_or(())?;
     let src: *mut Addr = pkt.ptr_at(ETH_LEN + IPV6_SRC).ok_or(())?;
@@ -404,7 +404,17 @@ fn encapsulate_v6(ctx: &XdpContext, outer: &CtKey) -> Result<(), ()> {
 /// Puts `header` between the Ethernet header and the packet.
 #[inline(always)]
 fn push_header<T>(ctx: &XdpContext, header: T) -> Result<(), ()> {
-    let len = size_of::<T>();
+    make_room(ctx, size_of::<T>())?;
+    let at: *mut T = XdpPacket(ctx).ptr_at(ETH_LEN).ok_or(())?;
+    // SAFETY: bounds-checked.
+    unsafe { at.write_unaligned(header) };
+    Ok(())
+}
+
+/// Opens `len` bytes between the Ethernet header and the packet (the Ethernet header
+/// moves down into them), for an outer header.
+#[inline(always)]
+fn make_room(ctx: &XdpContext, len: usize) -> Result<(), ()> {
     // SAFETY: helper on the program's own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(len as i32)) } != 0 {
         return Err(());
@@ -412,13 +422,8 @@ fn push_header<T>(ctx: &XdpContext, header: T) -> Result<(), ()> {
     let pkt = XdpPacket(ctx);
     let eth: *mut [u8; ETH_LEN] = pkt.ptr_at(0).ok_or(())?;
     let old_eth: *const [u8; ETH_LEN] = pkt.ptr_at(len).ok_or(())?;
-    let at: *mut T = pkt.ptr_at(ETH_LEN).ok_or(())?;
-    // SAFETY: bounds-checked; the Ethernet header moves down into the new room, the
-    // outer header follows it.
-    unsafe {
-        eth.write_unaligned(old_eth.read_unaligned());
-        at.write_unaligned(header);
-    }
+    // SAFETY: bounds-checked; non-overlapping (the room lies between).
+    unsafe { eth.write_unaligned(old_eth.read_unaligned()) };
     Ok(())
 }
 

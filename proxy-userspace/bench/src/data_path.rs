@@ -265,13 +265,12 @@ fn frontend(family: Family, scheduler: Scheduler, first_backend: u32) -> Fronten
 }
 
 /// One address family's side of the bench: its cases' name prefix, its client, an
-/// address no service has, its family, and what its `dsr-ipip` flows travel in.
+/// address no service has, and its family.
 struct Side {
     prefix: &'static str,
     client: IpAddr,
     elsewhere: IpAddr,
     family: Family,
-    tunnel: &'static str,
 }
 
 impl Side {
@@ -291,14 +290,12 @@ fn sides() -> [Side; 2] {
             client: CLIENT.into(),
             elsewhere: Ipv4Addr::new(198, 18, 0, 9).into(),
             family: Family::V4,
-            tunnel: "IPIP",
         },
         Side {
             prefix: "IPv6 ",
             client: CLIENT6.into(),
             elsewhere: Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 9).into(),
             family: Family::V6,
-            tunnel: "ip6ip6",
         },
     ]
 }
@@ -439,7 +436,7 @@ impl Bench {
         services: usize,
         results: &mut Vec<CaseResult>,
     ) -> Result<()> {
-        let (p, tunnel) = (side.prefix, side.tunnel);
+        let (p, tunnel) = (side.prefix, ebpf_proxy::trace::tunnel_name(side.family));
         let dsr = (side.service(200), 80);
         self.open_flow(frame((side.client, 42000), dsr, Some((true, false))))?;
         results.push(self.case(

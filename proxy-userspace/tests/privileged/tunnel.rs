@@ -142,6 +142,36 @@ fn outer_of(frame: &[u8], inner: &[u8]) -> Outer {
     }
 }
 
+/// That `trace` explains the client's SYN to the LoadBalancer IP, tunnelled from
+/// `outer_src` to `outer_dst`, as dropped with `event`.
+fn assert_traced_drop(
+    dp: &TestDatapath,
+    t: &Tunnels,
+    outer_src: IpAddr,
+    outer_dst: IpAddr,
+    event: &str,
+) {
+    let explained = ebpf_proxy::trace::explain(
+        &dp.tables(),
+        &proxy_common::LoadSettings::DEFAULT,
+        Protocol::Tcp,
+        (t.net.client, 40000).into(),
+        (t.lb, 80).into(),
+        ebpf_proxy::trace::Origin::Tunnel {
+            outer_src,
+            outer_dst,
+        },
+    )
+    .expect("trace");
+    assert!(
+        explained
+            .dropped
+            .as_deref()
+            .is_some_and(|why| why.contains(event)),
+        "{explained:?}"
+    );
+}
+
 #[test]
 fn the_entry_node_encapsulates_a_flow_to_a_remote_backend_unchanged() {
     for t in tunnels() {
@@ -442,25 +472,7 @@ fn a_tunnel_cannot_carry_a_flow_past_load_balancer_source_ranges() {
         assert_eq!(verdict, XDP_DROP, "{:?}", t.net.family);
         assert_eq!(dp.event("tunnel_refused"), 1);
         // trace says the same.
-        let explained = ebpf_proxy::trace::explain(
-            &dp.tables(),
-            &proxy_common::LoadSettings::DEFAULT,
-            Protocol::Tcp,
-            (t.net.client, 40000).into(),
-            (t.lb, 80).into(),
-            ebpf_proxy::trace::Origin::Tunnel {
-                outer_src: t.outsider,
-                outer_dst: pod,
-            },
-        )
-        .expect("trace");
-        assert!(
-            explained
-                .dropped
-                .as_deref()
-                .is_some_and(|why| why.contains("tunnel_refused")),
-            "{explained:?}"
-        );
+        assert_traced_drop(&dp, &t, t.outsider, pod, "tunnel_refused");
         // A trusted entry node vouches for it (it applied the ranges itself).
         dp.settings(NodeSettings {
             tunnel_peers: Some(vec![t.peers]),
@@ -561,24 +573,6 @@ fn a_tunnelled_packet_is_never_encapsulated_again() {
         let out = dp.xdp(&ack).1;
         assert_eq!(outer_of(&out, &ack).dst, t.net.remote_pod);
         // trace says the same.
-        let explained = ebpf_proxy::trace::explain(
-            &dp.tables(),
-            &proxy_common::LoadSettings::DEFAULT,
-            Protocol::Tcp,
-            (t.net.client, 40000).into(),
-            (t.lb, 80).into(),
-            ebpf_proxy::trace::Origin::Tunnel {
-                outer_src: t.entry_node,
-                outer_dst: pod,
-            },
-        )
-        .expect("trace");
-        assert!(
-            explained
-                .dropped
-                .as_deref()
-                .is_some_and(|why| why.contains("tunnel_loop")),
-            "{explained:?}"
-        );
+        assert_traced_drop(&dp, &t, t.entry_node, pod, "tunnel_loop");
     }
 }
