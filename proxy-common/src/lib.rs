@@ -75,6 +75,8 @@ pub enum Family {
 }
 
 impl Family {
+    /// Both families, IPv4 first.
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
     pub const V4_NUMBER: u8 = 0;
     pub const V6_NUMBER: u8 = 1;
 

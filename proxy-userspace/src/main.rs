@@ -710,7 +710,7 @@ fn warn_of_untrusted_families(trusted: Option<&[SourceRange]>, node_ips: &[IpAdd
     let Some(trusted) = trusted else {
         return;
     };
-    for family in [Family::V4, Family::V6] {
+    for family in Family::ALL {
         let node_has = node_ips.iter().any(|ip| Family::of(ip) == family);
         if node_has && !trusted.iter().any(|r| r.family() == family) {
             tracing::warn!(

@@ -34,7 +34,7 @@ impl NodeConfig {
 
     /// The families the node has addresses of, IPv4 first.
     pub fn families(&self) -> Vec<Family> {
-        [Family::V4, Family::V6]
+        Family::ALL
             .into_iter()
             .filter(|family| self.snat_address(*family).is_some())
             .collect()

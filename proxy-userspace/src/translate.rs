@@ -197,7 +197,7 @@ pub(crate) fn slice_service(slice: &EndpointSlice) -> Option<ObjectKey> {
 
 /// The family of a slice's `addressType`: `None` for FQDN, which no proxy serves.
 pub(crate) fn slice_family(slice: &EndpointSlice) -> Option<Family> {
-    [Family::V4, Family::V6]
+    Family::ALL
         .into_iter()
         .find(|family| slice.address_type == family.name())
 }

@@ -304,7 +304,7 @@ impl Syncer {
             .config
             .set(CONFIG_TUNNEL_SOURCE, tunnel_source, 0)?;
         self.program_tunnel_peers(settings.tunnel_peers.as_deref())?;
-        for family in [Family::V4, Family::V6] {
+        for family in Family::ALL {
             let cluster_cidrs: BTreeMap<SourceRange, u8> = settings
                 .cluster_cidrs
                 .iter()
@@ -348,7 +348,7 @@ impl Syncer {
     /// the family as trusted, or, with no list, `0.0.0.0/0` (`::/0`) as unverified. A
     /// list without prefixes of a family trusts no tunnel of that family.
     fn program_tunnel_peers(&mut self, peers: Option<&[SourceRange]>) -> Result<()> {
-        for family in [Family::V4, Family::V6] {
+        for family in Family::ALL {
             let wanted: BTreeMap<SourceRange, u8> = match peers {
                 Some(list) => list
                     .iter()

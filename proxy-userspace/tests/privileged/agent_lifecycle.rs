@@ -3,16 +3,28 @@
 //! and clear refusals on a machine that is not ready (pin directory outside bpffs,
 //! pinned maps of another layout).
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use testbed::{
     agent::{Agent, AgentOptions},
     eventually,
     servers::HttpConnection,
-    topology::Topology,
+    topology::{in_family, Topology},
 };
 
-use ebpf_proxy::datapath::{attach, loader::Datapath};
+use ebpf_proxy::{
+    datapath::{attach, loader::Datapath},
+    model::Family,
+};
 
 use crate::support::{cluster::*, datapath::TestDatapath, services::*};
 
@@ -167,46 +179,34 @@ fn a_pod_interface_removed_and_added_again_gets_its_program_back() {
     assert_eq!(pod_of(&body), "pod-a1");
 }
 
+/// Short requests on new connections and long-lived streams, in both families at once
+/// through a dual-stack service, while the agent is killed and restarted three times.
 #[test]
-fn restarts_under_load_lose_no_request_and_no_stream() {
+fn restarts_under_load_lose_no_request_and_no_stream_in_either_family() {
     let Cluster {
         mut agent,
         topology,
         ..
-    } = Cluster::new("load", 3, 0, |t| vec![web(t, &["pod-a1", "pod-a2"])]);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client_path = topology.pod("pod-a3").ns.path();
-    // Short requests, each on a new connection, as fast as they come.
-    let short = {
-        let (stop, path) = (stop.clone(), client_path.clone());
-        std::thread::spawn(move || {
-            testbed::netns::enter_current_thread(&path).expect("setns");
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let result = std::net::TcpStream::connect_timeout(
-                    &(WEB_VIP, 80).into(),
-                    std::time::Duration::from_secs(2),
-                )
-                .and_then(|mut s| {
-                    use std::io::{Read as _, Write as _};
-                    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
-                    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
-                    let mut response = String::new();
-                    s.read_to_string(&mut response)?;
-                    Ok(response)
-                });
-                match result {
-                    Ok(r) if r.contains("pod=") => ok += 1,
-                    other => failed.push(format!("{other:?}")),
-                }
-            }
-            (ok, failed)
+    } = Cluster::new("load", 3, 0, |t| {
+        vec![web(t, &["pod-a1", "pod-a2"]).dual_stack()]
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = &topology.pod("pod-a3").ns;
+    let loads: Vec<_> = Family::ALL
+        .map(|family| {
+            let service = SocketAddr::new(in_family(WEB_VIP, family), 80);
+            (
+                family,
+                short_requests_until(client.path(), service, stop.clone()),
+            )
         })
-    };
-    // Long-lived streams: kept-alive connections used throughout.
-    let mut streams: Vec<HttpConnection> = (0..3)
-        .map(|_| {
-            HttpConnection::open(&topology.pod("pod-a3").ns, (WEB_VIP, 80).into()).expect("stream")
+        .into();
+    // Long-lived streams: kept-alive connections of each family used throughout.
+    let mut streams: Vec<HttpConnection> = Family::ALL
+        .iter()
+        .flat_map(|&family| [family; 2])
+        .map(|family| {
+            HttpConnection::open(client, (in_family(WEB_VIP, family), 80).into()).expect("stream")
         })
         .collect();
     let mut stream_requests = 0;
@@ -216,27 +216,60 @@ fn restarts_under_load_lose_no_request_and_no_stream() {
             s.get().expect("stream while the agent is down");
             stream_requests += 1;
         }
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(300));
         // A restart loads the programs again and swaps them in for the pinned ones.
         agent.spawn().expect("restart");
         for s in &mut streams {
             s.get().expect("stream after the restart");
             stream_requests += 1;
         }
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(300));
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = short.join().expect("load thread");
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        ok as usize + failed.len(),
-        &failed[..failed.len().min(3)]
-    );
-    assert!(ok > 100, "too little load to mean anything: {ok} requests");
-    assert_eq!(stream_requests, 18);
+    stop.store(true, Ordering::Relaxed);
+    for (family, load) in loads {
+        let (ok, failed) = load.join().expect("load thread");
+        assert!(
+            failed.is_empty(),
+            "{family}: {} of {} requests failed: {:?}",
+            failed.len(),
+            ok as usize + failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+        assert!(
+            ok > 50,
+            "{family}: too little load to mean anything: {ok} requests"
+        );
+    }
+    assert_eq!(stream_requests, 24);
     drop(agent);
+}
+
+/// Requests, each on a new connection, as fast as they come from the namespace at
+/// `ns_path` to `service` until `stop`: the count that succeeded and the failures.
+fn short_requests_until(
+    ns_path: PathBuf,
+    service: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u32, Vec<String>)> {
+    std::thread::spawn(move || {
+        testbed::netns::enter_current_thread(&ns_path).expect("setns");
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            let result =
+                TcpStream::connect_timeout(&service, Duration::from_secs(2)).and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+                    let mut response = String::new();
+                    s.read_to_string(&mut response)?;
+                    Ok(response)
+                });
+            match result {
+                Ok(r) if r.contains("pod=") => ok += 1,
+                other => failed.push(format!("{other:?}")),
+            }
+        }
+        (ok, failed)
+    })
 }
 
 #[test]

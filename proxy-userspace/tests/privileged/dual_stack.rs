@@ -14,8 +14,6 @@ use testbed::{
 
 use crate::support::{cluster::*, services::*};
 
-const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
-
 fn url(address: IpAddr, port: u16) -> String {
     format!("http://{}/", host_port(address, port))
 }
@@ -32,7 +30,7 @@ fn cluster_ips_of_both_families_spread_tcp_and_udp_from_a_pod_over_every_backend
     });
     let client = cluster.ns("pod-a4");
     let client_pod = cluster.topology.pod("pod-a4").addr;
-    for family in FAMILIES {
+    for family in Family::ALL {
         let bodies = curl_n(client, &url(in_family(WEB_VIP, family), 80), 6);
         let counts = tally(&bodies);
         assert_eq!(
@@ -70,7 +68,7 @@ fn node_ports_and_load_balancer_ips_of_both_families_serve_the_external_client()
         vec![local, remote]
     });
     let client = &cluster.topology.client;
-    for family in FAMILIES {
+    for family in Family::ALL {
         let node = in_family(NODE_IP, family);
         for target in [url(node, NODE_PORT), url(in_family(LB_IP, family), 80)] {
             let bodies = curl_n(client, &target, 2);
@@ -99,7 +97,7 @@ fn node_ports_and_load_balancer_ips_of_both_families_serve_the_external_client()
 fn a_pod_reaches_itself_through_its_service_in_both_families() {
     let cluster = Cluster::new("dshair", 1, 0, |t| vec![dual_web(t, &["pod-a1"])]);
     let pod = cluster.ns("pod-a1");
-    for family in FAMILIES {
+    for family in Family::ALL {
         let body = curl(pod, &url(in_family(WEB_VIP, family), 80))
             .unwrap_or_else(|e| panic!("{family}: {e}"));
         assert_eq!(pod_of(&body), "pod-a1", "{family}");
@@ -242,7 +240,7 @@ fn the_kubernetes_source_serves_dual_stack_services_with_both_traffic_policies()
     );
     let t = &cluster.topology;
     let client = &t.client;
-    for family in FAMILIES {
+    for family in Family::ALL {
         let pods = tally(&curl_n(
             cluster.ns("pod-a2"),
             &url(in_family(WEB_VIP, family), 80),
@@ -271,7 +269,7 @@ fn the_kubernetes_source_serves_dual_stack_services_with_both_traffic_policies()
             exposed(t).with_spec("internalTrafficPolicy: Local")
         ]))
         .expect("apply");
-    for family in FAMILIES {
+    for family in Family::ALL {
         let vip = url(in_family(WEB_VIP, family), 80);
         wait_until(
             || tally(&curl_n(cluster.ns("pod-a2"), &vip, 6)).len() == 1,

@@ -183,8 +183,6 @@ fn errors_the_node_sends_about_translated_packets_are_translated_on_egress() {
 
 // End to end: the errors reach real clients, over either family.
 
-const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
-
 /// Whether a UDP datagram from `ns` to `target` is refused: the ICMP port
 /// unreachable came back about the address this socket is connected to.
 fn udp_refused(ns: &Netns, target: std::net::SocketAddr) -> bool {
@@ -229,7 +227,7 @@ fn port_unreachable_from_a_backend_reaches_clients_as_refused() {
         ]
     });
     let client = &cluster.topology.client;
-    for family in FAMILIES {
+    for family in Family::ALL {
         // From a pod to a local backend, and from outside to a local one and to a
         // remote (masqueraded) one.
         for (ns, address) in [
@@ -264,7 +262,7 @@ fn path_mtu_discovery_works_through_a_node_port_to_a_narrower_pod_link() {
     // client translated.
     let upload = std::env::temp_dir().join(format!("epx-pmtu-{}", std::process::id()));
     std::fs::write(&upload, vec![b'x'; 200_000]).expect("upload file");
-    for family in FAMILIES {
+    for family in Family::ALL {
         let node = in_family(testbed::topology::NODE_IP, family);
         let url = format!("http://{}/", host_port(node, NODE_PORT));
         let result = cluster.topology.client.exec(

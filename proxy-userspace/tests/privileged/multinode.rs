@@ -25,8 +25,6 @@ use testbed::{
     },
 };
 
-const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
-
 const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const DNS_LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 
@@ -226,7 +224,7 @@ fn encapsulated(lines: &[String], family: Family) -> usize {
 #[test]
 fn with_snat_every_reply_returns_through_the_entry_node() {
     let nodes = two_nodes("msnat", "snat");
-    for family in FAMILIES {
+    for family in Family::ALL {
         let seen = exchange(&nodes, family);
         assert_eq!(seen.pod, "pod-b1");
         assert_eq!(
@@ -249,7 +247,7 @@ fn with_snat_every_reply_returns_through_the_entry_node() {
 #[test]
 fn with_dsr_ipip_replies_go_straight_to_the_client_which_the_pod_sees() {
     let nodes = two_nodes("mdsr", "dsr-ipip");
-    for family in FAMILIES {
+    for family in Family::ALL {
         let seen = exchange(&nodes, family);
         let (entry, second) = (&seen.entry, &seen.second);
         assert_eq!(seen.pod, "pod-b1");
@@ -372,7 +370,7 @@ fn a_tunnel_too_big_for_the_path_answers_fragmentation_needed_to_the_client() {
             .map_or(0, |(_, v)| *v);
         (count, listing.events)
     };
-    for family in FAMILIES {
+    for family in Family::ALL {
         let outer = match family {
             Family::V4 => 20,
             Family::V6 => 40,

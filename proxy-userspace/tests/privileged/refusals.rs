@@ -248,7 +248,7 @@ fn at_once(family: Family, who: &str) -> Duration {
 #[test]
 fn clients_of_a_service_without_endpoints_are_refused_at_once() {
     let cluster = Cluster::new("refuse", 1, 0, empty);
-    for family in [Family::V4, Family::V6] {
+    for family in Family::ALL {
         let vip = format!("http://{}/", host_port(in_family(WEB_VIP, family), 80));
         let lb = format!("http://{}/", host_port(in_family(LB_IP, family), 80));
         // curl says "Couldn't connect to server" (exit 7) for a refused connection (a

@@ -417,7 +417,7 @@ fn rule13_a_dual_stack_dsr_ipip_service_encapsulates_both_families() {
     };
     assert!(dsr_of("TCP 198.18.100.1:80"));
     assert!(dsr_of("TCP [2001:db8::100]:80"), "ip6ip6 for IPv6");
-    for family in [Family::V4, Family::V6] {
+    for family in Family::ALL {
         assert!(
             out.state
                 .frontends
