@@ -231,7 +231,9 @@ struct RunArgs {
     node_name: Option<String>,
     /// An address of this node, IPv4 or IPv6; repeated for a dual-stack node
     /// (NodePorts answer on each; the first of each family is that family's SNAT
-    /// source). Without it, the config's bindAddress.
+    /// source). Without it, the addresses of this node's Node object (its first
+    /// InternalIP, else ExternalIP, of each family; the config's bindAddress takes its
+    /// family's place), as kube-proxy finds them; with --manifests, the bindAddress.
     #[arg(long = "node-ip")]
     node_ips: Vec<IpAddr>,
     /// Where NodePorts answer (kube-proxy's --nodeport-addresses): comma-separated
@@ -518,12 +520,6 @@ async fn run_settings(
         .node_name
         .or(file.node_name)
         .context("--node-name (or NODE_NAME, or the config's hostnameOverride) is required")?;
-    let node_ips: Vec<IpAddr> = match (&args.node_ips[..], file.primary_address) {
-        ([], Some(primary)) => vec![primary],
-        ([], None) => anyhow::bail!("--node-ip (or the config's bindAddress) is required"),
-        (ips, _) => ips.to_vec(),
-    };
-    warn_of_untrusted_families(args.ipip_trusted_sources.as_deref(), &node_ips);
     let pod_interfaces = match (args.pod_interfaces, file.pod_interfaces) {
         (flags, _) if !flags.is_empty() => flags,
         (_, Some(from_file)) => vec![from_file],
@@ -534,23 +530,35 @@ async fn run_settings(
         true => None,
         false => args.kubeconfig.or(file.kubeconfig),
     };
-    let (sources, default_sync_period_ms): (Vec<Box<dyn Source>>, u64) = match &args.manifests {
-        Some(path) => {
-            let source = ManifestsSource {
-                path: path.clone(),
-                poll_interval: Duration::from_millis(args.poll_ms),
-                allow_empty: args.allow_empty_manifests,
-            };
-            source.check()?;
-            (vec![Box::new(source)], 0)
-        }
-        None => (
-            vec![Box::new(
-                KubernetesSource::connect(kubeconfig.as_deref(), &node_name).await?,
-            )],
-            1000,
-        ),
-    };
+    let (source, node_ips, default_sync_period_ms): (Box<dyn Source>, _, u64) =
+        match &args.manifests {
+            Some(path) => {
+                let source = ManifestsSource {
+                    path: path.clone(),
+                    poll_interval: Duration::from_millis(args.poll_ms),
+                    allow_empty: args.allow_empty_manifests,
+                };
+                source.check()?;
+                let node_ips = match (&args.node_ips[..], file.primary_address) {
+                    ([], Some(primary)) => vec![primary],
+                    ([], None) => anyhow::bail!(
+                        "--node-ip (or the config's bindAddress) is required with --manifests"
+                    ),
+                    (ips, _) => ips.to_vec(),
+                };
+                (Box::new(source), node_ips, 0)
+            }
+            None => {
+                let source = KubernetesSource::connect(kubeconfig.as_deref(), &node_name).await?;
+                let node_ips = match &args.node_ips[..] {
+                    [] => node_ips_from_node_object(&source, file.primary_address).await?,
+                    ips => ips.to_vec(),
+                };
+                (Box::new(source), node_ips, 1000)
+            }
+        };
+    let sources = vec![source];
+    warn_of_untrusted_families(args.ipip_trusted_sources.as_deref(), &node_ips);
     let min_sync_period = args
         .min_sync_period_ms
         .map(Duration::from_millis)
@@ -702,7 +710,35 @@ fn conntrack_command(action: ConntrackAction) -> Result<()> {
     }
 }
 
-/// An IPv4 prefix: IPIP's outer addresses are IPv4.
+/// Without `--node-ip`, the node's addresses come from its Node object, merged with
+/// the config's `bindAddress` as kube-proxy merges them. With a `bindAddress` the
+/// object is asked once (the address alone is enough to start); without, the agent
+/// waits up to 30 s for it, as kube-proxy does, and then gives up: no address, no
+/// NodePorts and no masquerade (kube-proxy would go on with loopback).
+async fn node_ips_from_node_object(
+    source: &KubernetesSource,
+    bind_address: Option<IpAddr>,
+) -> Result<Vec<IpAddr>> {
+    let patience = match bind_address {
+        Some(_) => Duration::ZERO,
+        None => Duration::from_secs(30),
+    };
+    let from_node = source.node_addresses(patience).await;
+    let node_ips = node::merge_bind_address(from_node.clone(), bind_address);
+    anyhow::ensure!(
+        !node_ips.is_empty(),
+        "this node's addresses are unknown: its Node object has no InternalIP or ExternalIP \
+         address; pass --node-ip (or the config's bindAddress)"
+    );
+    tracing::info!(
+        ?node_ips,
+        ?from_node,
+        ?bind_address,
+        "node addresses from the Node object"
+    );
+    Ok(node_ips)
+}
+
 /// A trusted-sources list without a prefix of a family the node has refuses every
 /// tunnel of that family into this node (each `tunnel_refused`): deliberate, or a list
 /// written before `dsr-ipip` carried IPv6 (ip6ip6), which deserves a word at start.
@@ -722,6 +758,7 @@ fn warn_of_untrusted_families(trusted: Option<&[SourceRange]>, node_ips: &[IpAdd
     }
 }
 
+/// An IPv4 prefix: IPIP's outer addresses are IPv4.
 fn parse_ipv4_range(text: &str) -> Result<SourceRange, String> {
     let range: SourceRange = text.parse()?;
     if range.family() != Family::V4 {

@@ -1,9 +1,11 @@
-//! This node's identity, from flags: what decides local vs remote endpoints, which
-//! addresses answer NodePorts, and which interfaces get which program.
+//! This node's identity, from flags (and its addresses from the Node object when the
+//! flags do not give them): what decides local vs remote endpoints, which addresses
+//! answer NodePorts, and which interfaces get which program.
 
 use std::net::IpAddr;
 
 use anyhow::{bail, Context as _, Result};
+use k8s_openapi::api::core::v1::Node;
 use proxy_common::Family;
 
 use crate::node_ports::NodePortAddresses;
@@ -57,6 +59,46 @@ impl NodeConfig {
     }
 }
 
+/// The node's addresses as kube-proxy finds them in its Node object (component-helpers'
+/// `GetNodeHostIPs`): the first of its `InternalIP` addresses, else of its
+/// `ExternalIP` ones, and then the first address of the other family in the same
+/// order, if any (a dual-stack node).
+pub fn host_addresses(node: &Node) -> Vec<IpAddr> {
+    let listed = node
+        .status
+        .as_ref()
+        .and_then(|status| status.addresses.as_deref())
+        .unwrap_or_default();
+    let of_type = |wanted: &'static str| {
+        listed
+            .iter()
+            .filter(move |a| a.type_ == wanted)
+            .filter_map(|a| a.address.parse::<IpAddr>().ok())
+    };
+    let mut ordered = of_type("InternalIP").chain(of_type("ExternalIP"));
+    let Some(first) = ordered.next() else {
+        return Vec::new();
+    };
+    let other = ordered.find(|ip| Family::of(ip) != Family::of(&first));
+    std::iter::once(first).chain(other).collect()
+}
+
+/// The node's addresses when no `--node-ip` names them, as kube-proxy decides them:
+/// the Node object's, with the config's `bindAddress` (when set) taking its family's
+/// place and making that family the primary one (first).
+pub fn merge_bind_address(from_node: Vec<IpAddr>, bind_address: Option<IpAddr>) -> Vec<IpAddr> {
+    let Some(bind) = bind_address else {
+        return from_node;
+    };
+    std::iter::once(bind)
+        .chain(
+            from_node
+                .into_iter()
+                .filter(|ip| Family::of(ip) != Family::of(&bind)),
+        )
+        .collect()
+}
+
 /// Shell-style matching of `*` (any run) and `?` (one byte).
 fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     match (pattern.first(), text.first()) {
@@ -102,7 +144,67 @@ fn accept_local_path(iface: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
+
+    use super::*;
+
+    fn node(addresses: &[(&str, &str)]) -> Node {
+        Node {
+            status: Some(NodeStatus {
+                addresses: Some(
+                    addresses
+                        .iter()
+                        .map(|(kind, address)| NodeAddress {
+                            type_: kind.to_string(),
+                            address: address.to_string(),
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn ips(text: &[&str]) -> Vec<IpAddr> {
+        text.iter()
+            .map(|t| t.parse().expect("an address"))
+            .collect()
+    }
+
+    #[test]
+    fn a_node_s_addresses_are_its_first_internal_one_then_the_other_family_s() {
+        let dual = node(&[
+            ("Hostname", "node-a"),
+            ("ExternalIP", "203.0.113.7"),
+            ("InternalIP", "10.0.0.5"),
+            ("InternalIP", "10.0.0.6"),
+            ("InternalIP", "not an address"),
+            ("ExternalIP", "2001:db8::7"),
+        ]);
+        assert_eq!(host_addresses(&dual), ips(&["10.0.0.5", "2001:db8::7"]));
+        let external_only = node(&[("ExternalIP", "fd00::5"), ("ExternalIP", "10.0.0.9")]);
+        assert_eq!(
+            host_addresses(&external_only),
+            ips(&["fd00::5", "10.0.0.9"])
+        );
+        assert_eq!(host_addresses(&node(&[("Hostname", "n")])), ips(&[]));
+        assert_eq!(host_addresses(&Node::default()), ips(&[]));
+    }
+
+    #[test]
+    fn a_bind_address_takes_its_family_s_place_and_goes_first() {
+        let from_node = ips(&["10.0.0.5", "fd00::5"]);
+        assert_eq!(merge_bind_address(from_node.clone(), None), from_node);
+        assert_eq!(
+            merge_bind_address(from_node.clone(), ips(&["fd00::9"]).first().copied()),
+            ips(&["fd00::9", "10.0.0.5"])
+        );
+        assert_eq!(
+            merge_bind_address(ips(&[]), ips(&["10.1.1.1"]).first().copied()),
+            ips(&["10.1.1.1"])
+        );
+    }
 
     #[test]
     fn glob_patterns_match_interface_names() {

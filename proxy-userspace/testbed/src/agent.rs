@@ -42,6 +42,8 @@ pub struct Agent {
     launcher: Vec<String>,
     /// Return from `spawn` once started, without waiting for the ready marker.
     no_ready_wait: bool,
+    /// The node's addresses are left to the agent (no `--node-ip`).
+    no_node_ips: bool,
     child: Option<Child>,
 }
 
@@ -59,6 +61,8 @@ pub struct AgentOptions<'a> {
     pub node: Option<NodeSpec<'a>>,
     /// Do not wait for the agent to be ready (a test of an agent that is not).
     pub no_ready_wait: bool,
+    /// No `--node-ip`: the agent finds the node's addresses in its Node object.
+    pub no_node_ips: bool,
 }
 
 impl Agent {
@@ -123,6 +127,7 @@ impl Agent {
             extra_args: options.extra_args.iter().map(|a| a.to_string()).collect(),
             launcher: options.launcher.iter().map(|a| a.to_string()).collect(),
             no_ready_wait: options.no_ready_wait,
+            no_node_ips: options.no_node_ips,
             child: None,
         };
         agent.spawn()?;
@@ -154,17 +159,17 @@ impl Agent {
             }
             None => command_in(&self.node_ns, binary),
         };
-        command
+        command.args(["run", "--node-name", &self.node_name]);
+        if !self.no_node_ips {
             // The node is dual-stack, as the topology is: its address and its twin.
-            .args([
-                "run",
-                "--node-name",
-                &self.node_name,
+            command.args([
                 "--node-ip",
                 &self.node_ip.to_string(),
                 "--node-ip",
                 &twin(self.node_ip).to_string(),
-            ])
+            ]);
+        }
+        command
             .args(self.uplinks.iter().flat_map(|u| ["--uplink", u.as_str()]))
             .args([
                 "--pod-interfaces",

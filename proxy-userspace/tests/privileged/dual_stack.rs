@@ -6,10 +6,13 @@
 use std::net::IpAddr;
 
 use ebpf_proxy::model::Family;
+use serde_json::json;
 use testbed::{
+    agent::AgentOptions,
+    apiserver::Resource,
     manifests::ServiceDef,
     servers::blob,
-    topology::{host_port, in_family, Topology, CLIENT_IP, NODE_IP},
+    topology::{host_port, in_family, Topology, CLIENT_IP, NODE_IP, NODE_NAME},
 };
 
 use crate::support::{cluster::*, services::*};
@@ -57,16 +60,58 @@ fn cluster_ips_of_both_families_spread_tcp_and_udp_from_a_pod_over_every_backend
 /// address of the family, masqueraded, as kube-proxy does.
 #[test]
 fn node_ports_and_load_balancer_ips_of_both_families_serve_the_external_client() {
-    let cluster = Cluster::new("dsext", 1, 1, |t| {
-        let mut local = dual_web(t, &["pod-a1"]);
-        local.node_port = Some(NODE_PORT);
-        local.load_balancer_ip = Some(LB_IP);
-        let mut remote = ServiceDef::new("far", DNS_VIP, "TCP", 80, 8080)
-            .with_pods([t.pod("pod-b1")])
-            .dual_stack();
-        remote.node_port = Some(NODE_PORT + 1);
-        vec![local, remote]
+    let cluster = Cluster::new("dsext", 1, 1, near_and_far);
+    serve_the_external_client_in_both_families(&cluster);
+}
+
+/// Without `--node-ip`, with the Kubernetes source, the node's addresses of both
+/// families come from its Node object (first InternalIP, then the other family's
+/// ExternalIP, as kube-proxy reads them): NodePorts answer on both and each family
+/// masquerades to its own.
+#[test]
+fn a_node_without_node_ip_flags_takes_both_addresses_from_its_node_object() {
+    let node = json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": { "name": NODE_NAME },
+        "status": { "addresses": [
+            { "type": "Hostname", "address": NODE_NAME },
+            { "type": "InternalIP", "address": NODE_IP.to_string() },
+            { "type": "ExternalIP", "address": in_family(NODE_IP, Family::V6).to_string() },
+        ] },
     });
+    let cluster = Cluster::with_api_server_prepared(
+        "dsnode",
+        1,
+        1,
+        near_and_far,
+        AgentOptions {
+            no_node_ips: true,
+            ..Default::default()
+        },
+        |api| {
+            api.apply(Resource::Nodes, &node).expect("the Node");
+        },
+    );
+    let log = cluster.agent.log();
+    assert!(log.contains("node addresses from the Node object"), "{log}");
+    serve_the_external_client_in_both_families(&cluster);
+}
+
+/// A service with a local backend on a NodePort and a LoadBalancer IP, and one with
+/// a remote backend on the next NodePort, both dual-stack.
+fn near_and_far(t: &Topology) -> Vec<ServiceDef> {
+    let mut local = dual_web(t, &["pod-a1"]);
+    local.node_port = Some(NODE_PORT);
+    local.load_balancer_ip = Some(LB_IP);
+    let mut remote = ServiceDef::new("far", DNS_VIP, "TCP", 80, 8080)
+        .with_pods([t.pod("pod-b1")])
+        .dual_stack();
+    remote.node_port = Some(NODE_PORT + 1);
+    vec![local, remote]
+}
+
+fn serve_the_external_client_in_both_families(cluster: &Cluster) {
     let client = &cluster.topology.client;
     for family in Family::ALL {
         let node = in_family(NODE_IP, family);

@@ -10,7 +10,9 @@ use crate::support::{
     kubernetes::*,
     services::{web, WEB_VIP},
 };
-use testbed::{manifests::ServiceDef, servers::HttpConnection, topology::Topology};
+use testbed::{
+    agent::AgentOptions, manifests::ServiceDef, servers::HttpConnection, topology::Topology,
+};
 
 /// The agent's metrics, read inside the node (they are served on its loopback).
 fn metrics(cluster: &Cluster) -> String {
@@ -198,7 +200,10 @@ fn the_agent_is_ready_only_once_its_first_lists_are_programmed_despite_refusals(
         2,
         0,
         |t| vec![web(t, &["pod-a1"])],
-        &NO_BATCHING,
+        AgentOptions {
+            extra_args: &NO_BATCHING,
+            ..Default::default()
+        },
         |api| {
             // The first answers refuse: unauthenticated, forbidden, a server error.
             api.fail_next(401, 1);

@@ -77,6 +77,8 @@ fn the_daemonset_runs_the_agent_with_its_own_flags_and_three_capabilities() {
     let args = container.args.clone().expect("args");
     assert_known_flags(&args);
     assert!(args.contains(&"--kubernetes".to_owned()));
+    // The node's addresses (both families) come from its Node object.
+    assert!(!args.iter().any(|a| a.starts_with("--node-ip")), "{args:?}");
     // Every $(VAR) comes from the settings ConfigMap or the downward API.
     let config: ConfigMap = serde_yaml::from_str(&deploy_file("config.yaml")).expect("a ConfigMap");
     let mut defined: BTreeSet<String> = config.data.expect("data").into_keys().collect();
@@ -251,6 +253,10 @@ fn the_kustomizations_name_files_that_exist_and_their_patches_pass_known_flags()
     let args = container.args.expect("args");
     assert_known_flags(&args);
     assert!(args.iter().any(|a| a.starts_with("--manifests=")));
+    // The manifests source needs the node's address; the API source reads the Node.
+    assert!(args.contains(&"--node-ip=$(NODE_IP)".to_owned()));
+    let env = container.env.expect("env");
+    assert!(env.iter().any(|e| e.name == "NODE_IP"), "{env:?}");
 
     // Migration: kube-proxy's own file, from the volume the patch mounts.
     let patch: DaemonSet = serde_yaml::from_str(&deploy_file(

@@ -5,11 +5,16 @@
 pub mod events;
 pub mod watch;
 
-use std::path::Path;
+use std::{net::IpAddr, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use tokio::task::JoinHandle;
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    api::ListParams,
+    config::{KubeConfigOptions, Kubeconfig},
+    Api,
+};
+use tokio::{task::JoinHandle, time::Instant};
 
 use super::{ProblemReporter, Source, Updates};
 
@@ -27,6 +32,42 @@ impl KubernetesSource {
             client: client(kubeconfig).await?,
             node_name: node_name.to_owned(),
         })
+    }
+
+    /// This node's addresses from its Node object (`node::host_addresses`), asked
+    /// once a second for up to `patience` while the object is missing, has no address
+    /// or cannot be read (as kube-proxy waits for it at start): empty if it never came.
+    /// A list by name, as the watch lists it: no access beyond `API_ACCESS`.
+    pub async fn node_addresses(&self, patience: Duration) -> Vec<IpAddr> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let by_name = ListParams::default().fields(&format!("metadata.name={}", self.node_name));
+        let deadline = Instant::now() + patience;
+        loop {
+            match nodes.list(&by_name).await {
+                Ok(list) => {
+                    let found = list
+                        .items
+                        .first()
+                        .map(crate::node::host_addresses)
+                        .unwrap_or_default();
+                    if !found.is_empty() {
+                        return found;
+                    }
+                    tracing::info!(
+                        node = self.node_name,
+                        "no address in this node's Node object yet"
+                    );
+                }
+                Err(e) => tracing::warn!(
+                    node = self.node_name,
+                    "reading this node's Node object: {e}"
+                ),
+            }
+            if Instant::now() >= deadline {
+                return Vec::new();
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }
 

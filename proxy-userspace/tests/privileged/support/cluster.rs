@@ -167,18 +167,22 @@ impl Cluster {
             local_pods,
             remote_pods,
             services,
-            agent_args,
+            AgentOptions {
+                extra_args: agent_args,
+                ..Default::default()
+            },
             |_| {},
         )
     }
 
-    /// `with_api_server`, with `prepare` run on the server before the agent starts.
+    /// `with_api_server`, with more options for the agent (its kubeconfig is the
+    /// server's) and `prepare` run on the server before the agent starts.
     pub fn with_api_server_prepared(
         test: &str,
         local_pods: usize,
         remote_pods: usize,
         services: impl Fn(&Topology) -> Vec<ServiceDef>,
-        agent_args: &[&str],
+        options: AgentOptions<'_>,
         prepare: impl FnOnce(&FakeApiServer),
     ) -> Cluster {
         let prefix = format!("epx{}{test}", std::process::id() % 100_000);
@@ -194,9 +198,8 @@ impl Cluster {
             &PathBuf::from(format!("/tmp/{prefix}")),
             "",
             AgentOptions {
-                extra_args: agent_args,
                 kubeconfig: Some(&kubeconfig),
-                ..Default::default()
+                ..options
             },
         )
         .expect("agent");
