@@ -11,12 +11,13 @@ use std::{
     time::Duration,
 };
 
+use ebpf_proxy::model::Family;
 use testbed::{
     eventually,
     guest::{self, GuestRun},
     manifests::ServiceDef,
     netns::Netns,
-    topology::NODE_IP,
+    topology::{host_port, in_family, NODE_IP},
 };
 
 use crate::support::cluster::Cluster;
@@ -51,20 +52,34 @@ const DIAMETER_NODE_PORT: u16 = 30868;
 const REMOTE_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 133);
 const BACKEND_PORT: u16 = 3869;
 
-/// An SCTP server (socat) in a pod that reads a line and answers `got-<line>`, then
-/// shuts the association down, stopped when dropped. The server closes, not the
-/// client: SCTP has no half-close, so a client that shut down after sending could
-/// not receive the answer.
+/// socat's name for SCTP over `family`'s sockets.
+fn socat_sctp(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "SCTP4",
+        Family::V6 => "SCTP6",
+    }
+}
+
+/// An SCTP server (socat) of one family in a pod that reads a line and answers
+/// `got-<line>`, then shuts the association down, stopped when dropped. The server
+/// closes, not the client: SCTP has no half-close, so a client that shut down after
+/// sending could not receive the answer.
 struct AnsweringServer(Child);
 
 impl AnsweringServer {
-    fn start(ns: &Netns) -> AnsweringServer {
+    fn start(ns: &Netns, family: Family) -> AnsweringServer {
+        // IPv6 only, so that the IPv4 server beside it keeps IPv4's side of the port.
+        let v6_only = match family {
+            Family::V4 => "",
+            Family::V6 => ",ipv6only=1",
+        };
+        let listen = format!(
+            "{}-LISTEN:{BACKEND_PORT},fork,reuseaddr{v6_only}",
+            socat_sctp(family)
+        );
         let child = ns
             .command("socat")
-            .args([
-                &format!("SCTP4-LISTEN:{BACKEND_PORT},fork,reuseaddr"),
-                "SYSTEM:read line; echo got-$line",
-            ])
+            .args([listen.as_str(), "SYSTEM:read line; echo got-$line"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -80,33 +95,38 @@ impl Drop for AnsweringServer {
     }
 }
 
-/// One association from `ns` to `target`: a line sent, the answer returned (the
-/// client keeps its side open, `shut-none`, until the server closes).
-fn echoed(ns: &Netns, target: &str) -> String {
+/// One association from `ns` to `target` over `family`: a line sent, the answer
+/// returned (the client keeps its side open, `shut-none`, until the server closes).
+fn echoed(ns: &Netns, family: Family, target: &str) -> String {
     ns.exec(
         "sh",
         &[
             "-c",
-            &format!("echo sctp-through-{target} | socat -t 20 -T 20 - SCTP4:{target},shut-none"),
+            &format!(
+                "echo 'sctp-through-{target}' | socat -t 20 -T 20 - {}:{target},shut-none",
+                socat_sctp(family)
+            ),
         ],
     )
     .unwrap_or_else(|e| format!("{e:#}"))
 }
 
-/// Inside the guest: Diameter-like services with one backend each, a local one
-/// behind a ClusterIP and a NodePort, a remote one behind a NodePort (masqueraded).
-/// Associations from a pod and from outside carry their data both ways, and
-/// conntrack lists them. (Not from the node's own processes: the kernel runs no
+/// Inside the guest: dual-stack Diameter-like services with one backend each, a local
+/// one behind a ClusterIP and a NodePort, a remote one behind a NodePort
+/// (masqueraded). Associations of each family from a pod and from outside carry their
+/// data both ways, and conntrack lists them. (Not from the node's own processes: the kernel runs no
 /// cgroup connect hook for SCTP sockets, see the README.)
 #[test]
 #[ignore = "run inside the QEMU guest by `real_associations_through_a_cluster_ip_and_a_node_port`: needs a kernel with SCTP"]
 fn in_guest() {
     let cluster = Cluster::new("sctp", 2, 1, |t| {
         let mut local = ServiceDef::new("diameter", DIAMETER_VIP, "SCTP", 3868, BACKEND_PORT)
-            .with_pods([t.pod("pod-a1")]);
+            .with_pods([t.pod("pod-a1")])
+            .dual_stack();
         local.node_port = Some(DIAMETER_NODE_PORT);
         let mut remote = ServiceDef::new("remote", REMOTE_VIP, "SCTP", 3868, BACKEND_PORT)
-            .with_pods([t.pod("pod-b1")]);
+            .with_pods([t.pod("pod-b1")])
+            .dual_stack();
         remote.node_port = Some(DIAMETER_NODE_PORT + 1);
         vec![local, remote]
     });
@@ -129,39 +149,47 @@ fn in_guest() {
         node.exec("ethtool", &["-K", interface, "tx-checksum-sctp", "off"])
             .expect("ethtool");
     }
-    let _servers = [
-        AnsweringServer::start(cluster.ns("pod-a1")),
-        AnsweringServer::start(cluster.ns("pod-b1")),
-    ];
-    let node_port = |port: u16| format!("{NODE_IP}:{port}");
-    let cluster_ip = format!("{DIAMETER_VIP}:3868");
-    for (who, ns, target) in [
-        (
-            "a pod, the ClusterIP",
-            cluster.ns("pod-a2"),
-            cluster_ip.clone(),
-        ),
-        (
-            "outside, a NodePort to a local backend",
-            &cluster.topology.client,
-            node_port(DIAMETER_NODE_PORT),
-        ),
-        (
-            "outside, a NodePort to a remote backend (masqueraded)",
-            &cluster.topology.client,
-            node_port(DIAMETER_NODE_PORT + 1),
-        ),
-    ] {
-        let expected = format!("got-sctp-through-{target}");
-        // The servers may take a moment to listen under emulation.
-        let associated = eventually(Duration::from_secs(40), Duration::from_millis(200), || {
-            echoed(ns, &target).trim() == expected
-        });
-        if !associated {
-            diagnose(&cluster);
+    let _servers: Vec<AnsweringServer> = Family::ALL
+        .into_iter()
+        .flat_map(|family| {
+            ["pod-a1", "pod-b1"].map(|pod| AnsweringServer::start(cluster.ns(pod), family))
+        })
+        .collect();
+    for family in Family::ALL {
+        let node_port = |port: u16| host_port(in_family(NODE_IP, family), port);
+        for (who, ns, target) in [
+            (
+                "a pod, the ClusterIP",
+                cluster.ns("pod-a2"),
+                host_port(in_family(DIAMETER_VIP, family), 3868),
+            ),
+            (
+                "outside, a NodePort to a local backend",
+                &cluster.topology.client,
+                node_port(DIAMETER_NODE_PORT),
+            ),
+            (
+                "outside, a NodePort to a remote backend (masqueraded)",
+                &cluster.topology.client,
+                node_port(DIAMETER_NODE_PORT + 1),
+            ),
+        ] {
+            let expected = format!("got-sctp-through-{target}");
+            // The servers may take a moment to listen under emulation.
+            let associated =
+                eventually(Duration::from_secs(40), Duration::from_millis(200), || {
+                    echoed(ns, family, &target).trim() == expected
+                });
+            if !associated {
+                diagnose(&cluster);
+            }
+            assert!(
+                associated,
+                "{family}, {who}: {}",
+                echoed(ns, family, &target)
+            );
+            println!("SCTP association ok: {family}, {who}");
         }
-        assert!(associated, "{who}: {}", echoed(ns, &target));
-        println!("SCTP association ok: {who}");
     }
     for (name, ns) in [
         ("the client", &cluster.topology.client),
@@ -175,12 +203,13 @@ fn in_guest() {
     println!("{listing}");
     // The last association, masqueraded, went through its shutdown (the others may
     // have been collected already under emulation: 10 s after closing).
+    let last = host_port(in_family(NODE_IP, Family::V6), DIAMETER_NODE_PORT + 1);
     assert!(
         listing.lines().any(|l| l.starts_with("SCTP")
-            && l.contains(&format!(":{}", DIAMETER_NODE_PORT + 1))
+            && l.contains(&last)
             && l.contains(" via ")
             && l.contains("CLOSING")),
-        "{listing}"
+        "{last}: {listing}"
     );
 }
 
