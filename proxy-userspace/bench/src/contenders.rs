@@ -8,13 +8,22 @@
 //! masquerade rule for hairpin). Only the nat rules are generated: they
 //! are what a new connection traverses; kube-proxy's filter-table rules (drops of
 //! invalid conntrack states, firewall chains) are left out, which favours them.
+//!
+//! The iptables and nftables layouts are written for either family, as kube-proxy's
+//! proxier of that family writes them (ip6tables, an `ip6` table): the services'
+//! IPv4 addresses become their IPv6 twins (`topology::twin`). IPVS is IPv4 only here.
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
 use anyhow::{bail, Context as _, Result};
-use testbed::netns::Netns;
+use ebpf_proxy::model::Family;
+use testbed::{
+    netns::Netns,
+    topology::{host_port, in_family},
+};
 
-/// One ClusterIP service with its endpoints, as every contender gets it.
+/// One ClusterIP service with its endpoints, as every contender gets it, by its
+/// IPv4 addresses: a contender of IPv6 gets their twins.
 pub struct Service {
     pub ip: Ipv4Addr,
     pub port: u16,
@@ -23,15 +32,43 @@ pub struct Service {
     pub endpoints: Vec<(Ipv4Addr, u16)>,
 }
 
-const POD_CIDR: &str = "10.244.0.0/16";
+const POD_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 244, 0, 0), 16);
+
+/// The pods' prefix in `family`: IPv4's, or its twin (96 more bits).
+fn pod_cidr(family: Family) -> String {
+    let (network, length) = POD_CIDR;
+    let length = length + family.bits() - Family::V4.bits();
+    format!("{}/{length}", in_family(network, family))
+}
+
+/// An address of `family` as a host prefix (`/32`, `/128`).
+fn host(address: Ipv4Addr, family: Family) -> String {
+    format!("{}/{}", in_family(address, family), family.bits())
+}
+
+/// `address:port` in `family`, bracketed for IPv6 as DNAT targets are written.
+fn target(address: Ipv4Addr, port: u16, family: Family) -> String {
+    host_port(in_family(address, family), port)
+}
+
+/// The iptables tool of `family` (`iptables-legacy-restore`, `ip6tables-nft-restore`).
+pub fn iptables_tool(family: Family, backend: &str, suffix: &str) -> String {
+    let name = match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    };
+    format!("{name}-{backend}{suffix}")
+}
 
 fn chain_id(prefix: &str, index: usize) -> String {
     // kube-proxy hashes the service/endpoint name; an index is as unique here.
     format!("{prefix}-{index:016X}")
 }
 
-/// `iptables-restore` input for the nat table, kube-proxy iptables mode.
-pub fn iptables_rules(services: &[Service]) -> String {
+/// `iptables-restore` (or `ip6tables-restore`) input for the nat table, kube-proxy
+/// iptables mode.
+pub fn iptables_rules(services: &[Service], family: Family) -> String {
+    let pod_cidr = pod_cidr(family);
     let mut chains = String::new();
     let mut rules = String::new();
     for name in ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"] {
@@ -62,13 +99,13 @@ pub fn iptables_rules(services: &[Service]) -> String {
         let _ = writeln!(chains, ":{svc} - [0:0]");
         let _ = writeln!(
             rules,
-            "-A KUBE-SERVICES -m comment --comment \"bench/svc{s}:http cluster IP\" -m {p} -p {p} -d {}/32 --dport {} -j {svc}",
-            service.ip, service.port, p = service.proto
+            "-A KUBE-SERVICES -m comment --comment \"bench/svc{s}:http cluster IP\" -m {p} -p {p} -d {} --dport {} -j {svc}",
+            host(service.ip, family), service.port, p = service.proto
         );
         let _ = writeln!(
             rules,
-            "-A {svc} ! -s {POD_CIDR} -d {}/32 -m comment --comment \"bench/svc{s}:http cluster IP\" -m {p} -p {p} --dport {} -j KUBE-MARK-MASQ",
-            service.ip, service.port, p = service.proto
+            "-A {svc} ! -s {pod_cidr} -d {} -m comment --comment \"bench/svc{s}:http cluster IP\" -m {p} -p {p} --dport {} -j KUBE-MARK-MASQ",
+            host(service.ip, family), service.port, p = service.proto
         );
         let n = service.endpoints.len();
         for (i, (addr, port)) in service.endpoints.iter().enumerate() {
@@ -84,10 +121,15 @@ pub fn iptables_rules(services: &[Service]) -> String {
             } else {
                 let _ = writeln!(rules, "-A {svc} -j {sep}");
             }
-            let _ = writeln!(rules, "-A {sep} -s {addr}/32 -j KUBE-MARK-MASQ");
             let _ = writeln!(
                 rules,
-                "-A {sep} -m {p} -p {p} -j DNAT --to-destination {addr}:{port}",
+                "-A {sep} -s {} -j KUBE-MARK-MASQ",
+                host(*addr, family)
+            );
+            let _ = writeln!(
+                rules,
+                "-A {sep} -m {p} -p {p} -j DNAT --to-destination {}",
+                target(*addr, *port, family),
                 p = service.proto
             );
         }
@@ -95,9 +137,14 @@ pub fn iptables_rules(services: &[Service]) -> String {
     format!("*nat\n{chains}{rules}COMMIT\n")
 }
 
-/// `nft -f` input, kube-proxy nftables mode.
-pub fn nftables_rules(services: &[Service]) -> String {
-    let mut out = String::from("table ip kube-proxy {\n");
+/// `nft -f` input, kube-proxy nftables mode (its `ip` or `ip6` table).
+pub fn nftables_rules(services: &[Service], family: Family) -> String {
+    let (table, address_type) = match family {
+        Family::V4 => ("ip", "ipv4_addr"),
+        Family::V6 => ("ip6", "ipv6_addr"),
+    };
+    let pod_cidr = pod_cidr(family);
+    let mut out = format!("table {table} kube-proxy {{\n");
     let mut chain = |name: &str, body: &[String]| {
         let _ = writeln!(out, "  chain {name} {{\n    {}\n  }}", body.join("\n    "));
     };
@@ -115,7 +162,9 @@ pub fn nftables_rules(services: &[Service]) -> String {
     );
     chain(
         "services",
-        &["ip daddr . meta l4proto . th dport vmap @service-ips".into()],
+        &[format!(
+            "{table} daddr . meta l4proto . th dport vmap @service-ips"
+        )],
     );
     chain(
         "nat-prerouting",
@@ -144,7 +193,9 @@ pub fn nftables_rules(services: &[Service]) -> String {
         let name = format!("service-{s}");
         elements.push(format!(
             "{} . {} . {} : goto {name}",
-            service.ip, service.proto, service.port
+            in_family(service.ip, family),
+            service.proto,
+            service.port
         ));
         let mut targets = Vec::new();
         for (i, (addr, port)) in service.endpoints.iter().enumerate() {
@@ -153,8 +204,15 @@ pub fn nftables_rules(services: &[Service]) -> String {
             chain(
                 &endpoint,
                 &[
-                    format!("ip saddr {addr} jump mark-for-masquerade"),
-                    format!("meta l4proto {} dnat to {addr}:{port}", service.proto),
+                    format!(
+                        "{table} saddr {} jump mark-for-masquerade",
+                        in_family(*addr, family)
+                    ),
+                    format!(
+                        "meta l4proto {} dnat to {}",
+                        service.proto,
+                        target(*addr, *port, family)
+                    ),
                 ],
             );
             targets.push(format!("{i} : goto {endpoint}"));
@@ -163,8 +221,10 @@ pub fn nftables_rules(services: &[Service]) -> String {
             &name,
             &[
                 format!(
-                    "ip daddr {} {} dport {} ip saddr != {POD_CIDR} jump mark-for-masquerade",
-                    service.ip, service.proto, service.port
+                    "{table} daddr {} {} dport {} {table} saddr != {pod_cidr} jump mark-for-masquerade",
+                    in_family(service.ip, family),
+                    service.proto,
+                    service.port
                 ),
                 format!(
                     "numgen random mod {} vmap {{ {} }}",
@@ -176,7 +236,7 @@ pub fn nftables_rules(services: &[Service]) -> String {
     }
     let _ = writeln!(
         out,
-        "  map service-ips {{\n    type ipv4_addr . inet_proto . inet_service : verdict\n    elements = {{ {} }}\n  }}",
+        "  map service-ips {{\n    type {address_type} . inet_proto . inet_service : verdict\n    elements = {{ {} }}\n  }}",
         elements.join(",\n      ")
     );
     out += "}\n";
@@ -270,14 +330,17 @@ pub fn load(node: &Netns, tool: &str, args: &[&str], rules: &str) -> Result<()> 
 
 /// Removes every rule a contender left in the namespace.
 pub fn flush(node: &Netns) -> Result<()> {
-    for (tool, args) in [
-        ("iptables-legacy", vec!["-t", "nat", "-F"]),
-        ("iptables-legacy", vec!["-t", "nat", "-X"]),
-        ("iptables-nft", vec!["-t", "nat", "-F"]),
-        ("iptables-nft", vec!["-t", "nat", "-X"]),
-        ("nft", vec!["flush", "ruleset"]),
-    ] {
-        node.exec(tool, &args)
+    let tables = Family::ALL
+        .into_iter()
+        .flat_map(|family| ["legacy", "nft"].map(|backend| iptables_tool(family, backend, "")))
+        .flat_map(|tool| {
+            [
+                (tool.clone(), vec!["-t", "nat", "-F"]),
+                (tool, vec!["-t", "nat", "-X"]),
+            ]
+        });
+    for (tool, args) in tables.chain([("nft".to_owned(), vec!["flush", "ruleset"])]) {
+        node.exec(&tool, &args)
             .with_context(|| format!("{tool} {}", args.join(" ")))?;
     }
     let left = node.exec("nft", &["list", "ruleset"])?;

@@ -145,21 +145,25 @@ fn frame(src: (IpAddr, u16), dst: (IpAddr, u16), tcp: Option<(bool, bool)>) -> F
     to_frame(out)
 }
 
-/// A 64-byte SCTP frame: the common header and one chunk of type `chunk` filling
-/// the rest. Its checksum is any nonzero value: the data path updates a checksum
-/// without checking it, and leaves a zero one (still to be computed by a device)
-/// alone, which would skip the update this case measures.
-fn sctp_frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), chunk: u8) -> Frame {
-    let mut sctp = [0u8; 64 - 34];
+/// An SCTP frame of either family, of its family's length: the common header and
+/// one chunk of type `chunk` filling the rest. Its checksum is any nonzero value: the
+/// data path updates a checksum without checking it, and leaves a zero one (still to
+/// be computed by a device) alone, which would skip the update this case measures.
+fn sctp_frame(src: (IpAddr, u16), dst: (IpAddr, u16), chunk: u8) -> Frame {
+    let (len, ip_header) = match src.0 {
+        IpAddr::V4(_) => (BENCH_FRAME_V4, 20),
+        IpAddr::V6(_) => (BENCH_FRAME_V6, 40),
+    };
+    let mut sctp = vec![0u8; len - 14 - ip_header];
     sctp[0..2].copy_from_slice(&src.1.to_be_bytes());
     sctp[2..4].copy_from_slice(&dst.1.to_be_bytes());
     sctp[8..12].copy_from_slice(&0x5c7b_a11du32.to_le_bytes());
     sctp[12] = chunk;
     let chunk_len = sctp.len() as u16 - 12;
     sctp[14..16].copy_from_slice(&chunk_len.to_be_bytes());
-    let mut out = Vec::with_capacity(64);
+    let mut out = Vec::with_capacity(len);
     PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4(src.0, dst.0, 64)
+        .ip(testbed::frames::ip_headers(src.0, dst.0))
         .write(
             &mut out,
             etherparse::IpNumber(proxy_common::PROTO_SCTP),
@@ -215,16 +219,36 @@ fn set_ipv4_checksum(header: &mut [u8]) {
     header[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
 }
 
-/// `frame` as a fragment of a datagram with IP id `id`: the first (more fragments
-/// follow, offset 0) or a later one (at `offset` 8-byte units, its bytes after the IP
-/// header mere data).
-fn fragment(mut frame: Frame, id: u16, offset: u16) -> Frame {
-    const MORE_FRAGMENTS: u16 = 0x2000;
-    let flags = if offset == 0 { MORE_FRAGMENTS } else { offset };
-    frame[18..20].copy_from_slice(&id.to_be_bytes());
-    frame[20..22].copy_from_slice(&flags.to_be_bytes());
-    set_ipv4_checksum(&mut frame[14..34]);
-    frame
+/// `frame` (of `family`) as a fragment of a datagram with id `id`: the first (more
+/// fragments follow, offset 0) or a later one (at `offset` 8-byte units, its bytes
+/// after the IP headers mere data).
+fn fragment(family: Family, mut frame: Frame, id: u16, offset: u16) -> Frame {
+    match family {
+        Family::V4 => {
+            const MORE_FRAGMENTS: u16 = 0x2000;
+            let flags = if offset == 0 { MORE_FRAGMENTS } else { offset };
+            frame[18..20].copy_from_slice(&id.to_be_bytes());
+            frame[20..22].copy_from_slice(&flags.to_be_bytes());
+            set_ipv4_checksum(&mut frame[14..34]);
+            frame
+        }
+        Family::V6 => ipv6_fragment(&frame, id, offset),
+    }
+}
+
+/// An IPv6 frame's packet behind a fragment header, in the same length: the header
+/// (its next header the packet's, offset and more-fragments as `fragment` says)
+/// takes the packet's last 8 bytes' room.
+fn ipv6_fragment(frame: &Frame, id: u16, offset: u16) -> Frame {
+    const FRAGMENT_HEADER: u8 = 44;
+    let more = u16::from(offset == 0);
+    let mut out = frame[..BENCH_FRAME_V6 - 8].to_vec();
+    let next_header = std::mem::replace(&mut out[20], FRAGMENT_HEADER);
+    let mut header = vec![next_header, 0];
+    header.extend_from_slice(&((offset << 3) | more).to_be_bytes());
+    header.extend_from_slice(&u32::from(id).to_be_bytes());
+    out.splice(54..54, header);
+    to_frame(out)
 }
 
 fn vip(i: u32) -> Ipv4Addr {
@@ -392,14 +416,14 @@ impl Bench {
     }
 
     /// The cases of every family: its floor, a packet for no service, an established
-    /// TCP flow's segments and replies, an established UDP flow's datagrams (whose
-    /// frame it returns).
+    /// TCP flow's segments and replies, an established UDP flow's datagrams and
+    /// fragments, an established SCTP association's DATA.
     fn family_cases(
         &mut self,
         side: &Side,
         services: usize,
         results: &mut Vec<CaseResult>,
-    ) -> Result<Frame> {
+    ) -> Result<()> {
         let p = side.prefix;
         let syn = Some((true, false));
         let floor = frame((side.client, 40000), (side.service(1), 80), syn);
@@ -424,7 +448,34 @@ impl Bench {
             services,
             None,
         )?);
-        Ok(udp)
+        // IP fragments of the established UDP flow: the first (which leaves its ports
+        // in FRAGMENTS) and a later one (which finds them, then its flow).
+        for (name, offset) in [
+            ("first fragment (established UDP)", 0),
+            ("later fragment (established UDP)", 185),
+        ] {
+            results.push(self.case(
+                &format!("{p}{name}"),
+                fragment(side.family, udp, 0x4242, offset),
+                false,
+                (true, false),
+                services,
+                None,
+            )?);
+        }
+        // SCTP, through its family's own program (a tail call): an established
+        // association's DATA, its CRC32c updated for the backend's port.
+        let sctp = (side.service(300), 3868);
+        self.open_flow(sctp_frame((side.client, 3868), sctp, 1))?;
+        results.push(self.case(
+            &format!("{p}established SCTP (DATA, CRC32c update)"),
+            sctp_frame((side.client, 3868), sctp, 0),
+            false,
+            (true, false),
+            services,
+            None,
+        )?);
+        Ok(())
     }
 
     /// `dsr-ipip` in the family's tunnel: at the entry node, an established flow's
@@ -649,8 +700,7 @@ pub fn measure(
             );
         }
         add(100, 53, Protocol::Udp, Scheduler::Rr, 10_001_000, true);
-        // SCTP over IPv6 is not benched (its programs are tested packet by packet).
-        add(300, 3868, Protocol::Sctp, Scheduler::Rr, 10_004_000, false);
+        add(300, 3868, Protocol::Sctp, Scheduler::Rr, 10_004_000, true);
         // dsr-ipip, per family: an entry frontend whose backends are remote, and the
         // tunnel view of another, whose backends are here.
         for side in sides() {
@@ -695,34 +745,7 @@ pub fn measure(
         }
         let mut results = Vec::new();
         let [v4_side, v6_side] = sides();
-        let udp_frame = bench.family_cases(&v4_side, services, &mut results)?;
-        // IP fragments of the established UDP flow: the first (which leaves its ports
-        // in FRAGMENTS) and a later one (which finds them, then its flow).
-        for (name, offset) in [
-            ("first fragment (established UDP)", 0),
-            ("later fragment (established UDP)", 185),
-        ] {
-            results.push(bench.case(
-                name,
-                fragment(udp_frame, 0x4242, offset),
-                false,
-                (true, false),
-                services,
-                None,
-            )?);
-        }
-        // SCTP, through its own program (a tail call from the uplink's): an
-        // established association's DATA, its CRC32c updated for the backend's port.
-        let sctp_data = sctp_frame((CLIENT, 3868), (vip(300).octets(), 3868), 0);
-        bench.open_flow(sctp_frame((CLIENT, 3868), (vip(300).octets(), 3868), 1))?;
-        results.push(bench.case(
-            "established SCTP (DATA, CRC32c update)",
-            sctp_data,
-            false,
-            (true, false),
-            services,
-            None,
-        )?);
+        bench.family_cases(&v4_side, services, &mut results)?;
         bench.tunnel_cases(&v4_side, services, &mut results)?;
         // IPv6, through its own programs (tail calls from the uplink's).
         bench.family_cases(&v6_side, services, &mut results)?;
@@ -740,25 +763,26 @@ pub fn measure(
                     None,
                 )?);
             }
+            results.push(bench.case(
+                &format!("{}new SCTP association (INIT), rr", side.prefix),
+                sctp_frame((side.client, 50000), (side.service(300), 3868), 1),
+                true,
+                (true, true),
+                services,
+                None,
+            )?);
         }
-        results.push(bench.case(
-            "new SCTP association (INIT), rr",
-            sctp_frame((CLIENT, 50000), (vip(300).octets(), 3868), 1),
-            true,
-            (true, true),
-            services,
-            None,
-        )?);
         let mut sizes = Vec::new();
+        // Every program a packet can run through: the attached ones and those they
+        // tail-call.
+        let tail_called = ebpf_proxy::datapath::TAIL_CALLED.map(|(_, program, _)| program);
         for name in [
             ebpf_proxy::datapath::PROG_UPLINK,
-            ebpf_proxy::datapath::PROG_UPLINK_SCTP,
-            ebpf_proxy::datapath::PROG_UPLINK_V6,
-            ebpf_proxy::datapath::PROG_UPLINK_TUNNEL6,
             ebpf_proxy::datapath::PROG_POD,
-            ebpf_proxy::datapath::PROG_POD_SCTP,
-            ebpf_proxy::datapath::PROG_POD_V6,
-        ] {
+        ]
+        .into_iter()
+        .chain(tail_called)
+        {
             let info = bench
                 .datapath
                 .ebpf

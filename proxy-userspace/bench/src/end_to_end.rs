@@ -14,6 +14,11 @@
 //! statistics on, and the agent's `/metrics` says what each data path program cost
 //! per run under that traffic (in situ, beside the benchmark's test-run figures).
 //!
+//! Each family is measured on its own, over the same topology: IPv6 with the
+//! services' twin addresses, kube-proxy's ip6tables and `ip6` nftables layouts, and
+//! ebpf-proxy holding the services dual-stack (both families' frontends, as on a
+//! dual-stack cluster; the contenders hold only the measured family's rules).
+//!
 //! IPVS is not here: this kernel has none (it needs the QEMU guest harness).
 //! Contenders run one after the other, not interleaved, so slow drift of the machine
 //! shows as a difference; the ranges over rounds say how noisy each figure is.
@@ -21,19 +26,20 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
+use ebpf_proxy::model::Family;
 use serde::Serialize;
 use testbed::{
     agent::Agent,
     manifests::{render, ServiceDef},
     netns::enter_current_thread,
     servers::{HttpConnection, HTTP_PORT, UDP_PORT},
-    topology::Topology,
+    topology::{in_family, Topology},
 };
 
 use super::contenders::{self, Service};
@@ -41,6 +47,9 @@ use super::contenders::{self, Service};
 #[derive(Serialize, serde::Deserialize)]
 pub struct E2eResult {
     pub services: usize,
+    /// The family of the measured flows (results from before families: IPv4).
+    #[serde(default)]
+    pub family: Family,
     pub contender: String,
     /// Time from an empty node to the services answering (rules loaded, or the agent
     /// started, programmed and attached).
@@ -109,7 +118,8 @@ fn services(count: usize, topology: &Topology) -> Vec<Service> {
         .collect()
 }
 
-fn manifests(services: &[Service]) -> String {
+/// The agent's manifests: the services, dual-stack when IPv6 is measured.
+fn manifests(services: &[Service], family: Family) -> String {
     let defs: Vec<ServiceDef> = services
         .iter()
         .enumerate()
@@ -122,6 +132,7 @@ fn manifests(services: &[Service]) -> String {
                 .iter()
                 .map(|(a, _)| (*a, "node-a".to_owned()))
                 .collect();
+            def.dual_stack = family == Family::V6;
             def
         })
         .collect();
@@ -192,7 +203,11 @@ fn busy_cpu_seconds() -> Result<f64> {
 /// UDP request/response pairs per second, each from a new socket (a new flow).
 fn udp_rate(ns: &Path, target: SocketAddr, duration: Duration) -> Result<f64> {
     rate_in(ns, duration, move || {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        let unspecified: IpAddr = match target {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let socket = UdpSocket::bind((unspecified, 0))?;
         socket.connect(target)?;
         socket.set_read_timeout(Some(Duration::from_secs(1)))?;
         socket.send(b"question")?;
@@ -279,9 +294,11 @@ fn programs_in_situ(
         .collect())
 }
 
-/// Programs one contender; returns what keeps it alive (the agent) and the time taken.
+/// Programs one contender for `family`'s flows; returns what keeps it alive (the
+/// agent) and the time taken.
 fn program(
     contender: &str,
+    family: Family,
     topology: &Topology,
     services: &[Service],
     work_dir: &Path,
@@ -294,28 +311,21 @@ fn program(
                 &binary,
                 topology,
                 work_dir,
-                &manifests(services),
+                &manifests(services, family),
             )?)
         }
-        "iptables-legacy" => {
-            contenders::load(
-                &topology.node,
-                "iptables-legacy-restore",
-                &[],
-                &contenders::iptables_rules(services),
-            )?;
-            None
-        }
         "ipvs" => {
+            anyhow::ensure!(family == Family::V4, "IPVS is measured over IPv4 only");
             contenders::load_ipvs(&topology.node, services)?;
             None
         }
-        "iptables-nft" => {
+        "iptables-legacy" | "iptables-nft" => {
+            let backend = contender.trim_start_matches("iptables-");
             contenders::load(
                 &topology.node,
-                "iptables-nft-restore",
+                &contenders::iptables_tool(family, backend, "-restore"),
                 &[],
-                &contenders::iptables_rules(services),
+                &contenders::iptables_rules(services, family),
             )?;
             None
         }
@@ -324,7 +334,7 @@ fn program(
                 &topology.node,
                 "nft",
                 &["-f"],
-                &contenders::nftables_rules(services),
+                &contenders::nftables_rules(services, family),
             )?;
             None
         }
@@ -332,19 +342,32 @@ fn program(
     Ok((agent, started.elapsed().as_secs_f64() * 1000.0))
 }
 
+/// Both families, IPv4 first, on this machine's kernel.
 pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
     let (scales, duration, rounds): (&[usize], Duration, usize) = if quick {
         (&[1, 1_000], Duration::from_secs(1), 2)
     } else {
         (&[1, 10_000], Duration::from_secs(3), 3)
     };
-    run_contenders(&HOST_CONTENDERS, scales, duration, rounds, &mut |_| {})
+    let mut results = Vec::new();
+    for family in Family::ALL {
+        results.extend(run_contenders(
+            &HOST_CONTENDERS,
+            family,
+            scales,
+            duration,
+            rounds,
+            &mut |_| {},
+        )?);
+    }
+    Ok(results)
 }
 
-/// Measures `contenders` at each scale; `report` sees each result as it comes (the
-/// guest prints them on its console).
+/// Measures `contenders` over `family` at each scale; `report` sees each result as it
+/// comes (the guest prints them on its console).
 pub fn run_contenders(
     contenders: &[&str],
+    family: Family,
     scales: &[usize],
     duration: Duration,
     rounds: usize,
@@ -352,7 +375,7 @@ pub fn run_contenders(
 ) -> Result<Vec<E2eResult>> {
     let mut results = Vec::new();
     println!(
-        "\n{:>8}  {:<16} {:>12}  {:>26}  {:>26}  {:>26}  {:>8}",
+        "\n{family}\n{:>8}  {:<16} {:>12}  {:>26}  {:>26}  {:>26}  {:>8}",
         "services",
         "contender",
         "program ms",
@@ -367,12 +390,12 @@ pub fn run_contenders(
         let [.., tcp_service, udp_service] = services.as_slice() else {
             bail!("fewer than two services");
         };
-        let target = SocketAddr::from((tcp_service.ip, tcp_service.port));
-        let udp_target = SocketAddr::from((udp_service.ip, udp_service.port));
+        let target = SocketAddr::new(in_family(tcp_service.ip, family), tcp_service.port);
+        let udp_target = SocketAddr::new(in_family(udp_service.ip, family), udp_service.port);
         let client = topology.pod("pod-a4").ns.path();
         for &contender in contenders {
             let work_dir = PathBuf::from(format!("/tmp/epxbench-agent-{}", std::process::id()));
-            let (agent, program_ms) = program(contender, &topology, &services, &work_dir)?;
+            let (agent, program_ms) = program(contender, family, &topology, &services, &work_dir)?;
             let mut new_connections = Vec::new();
             let mut keepalive = Vec::new();
             let mut udp = Vec::new();
@@ -441,6 +464,7 @@ pub fn run_contenders(
             }
             let result = E2eResult {
                 services: count,
+                family,
                 contender: contender.to_owned(),
                 program_ms,
                 new_connections_per_s: new_connections,

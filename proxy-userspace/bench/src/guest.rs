@@ -75,6 +75,8 @@ pub fn measure_in_guest(quick: bool) -> Result<()> {
     };
     super::end_to_end::run_contenders(
         &super::end_to_end::GUEST_CONTENDERS,
+        // IPVS is laid out over IPv4 only (`contenders`).
+        ebpf_proxy::model::Family::V4,
         scales,
         duration,
         rounds,

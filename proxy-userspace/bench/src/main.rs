@@ -17,6 +17,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
+use ebpf_proxy::model::Family;
 
 /// The figures of BENCHMARKS.md, measured on this machine (`cargo xtask bench`
 /// builds what it needs and runs this). No timing ever fails a run.
@@ -109,13 +110,20 @@ fn main() -> Result<()> {
     }
     if part(Part::E2e) {
         let results = end_to_end::run(quick)?;
-        plots::connections(&results, &out.join(format!("connections{suffix}.png")))?;
+        for family in Family::ALL {
+            let of_family: Vec<_> = results.iter().filter(|r| r.family == family).collect();
+            let name = match family {
+                Family::V4 => "connections",
+                Family::V6 => "connections-ipv6",
+            };
+            plots::connections(&of_family, &out.join(format!("{name}{suffix}.png")))?;
+        }
         write("end-to-end", serde_json::to_value(results)?)?;
     }
     if part(Part::Ipvs) {
         let report = guest::run_guest(quick)?;
         plots::connections(
-            &report.results,
+            &report.results.iter().collect::<Vec<_>>(),
             &out.join(format!("connections-guest{suffix}.png")),
         )?;
         write("ipvs-guest", serde_json::to_value(report)?)?;

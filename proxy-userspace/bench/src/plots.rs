@@ -118,7 +118,7 @@ pub fn per_packet(results: &[CaseResult], path: &Path) -> Result<()> {
 
 /// New connections per second (median, with the min..max range as a whisker) per
 /// contender, grouped by the number of services.
-pub fn connections(results: &[E2eResult], path: &Path) -> Result<()> {
+pub fn connections(results: &[&E2eResult], path: &Path) -> Result<()> {
     register_font()?;
     let mut scales: Vec<usize> = results.iter().map(|r| r.services).collect();
     scales.dedup();
