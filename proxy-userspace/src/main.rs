@@ -711,19 +711,24 @@ fn conntrack_command(action: ConntrackAction) -> Result<()> {
 }
 
 /// Without `--node-ip`, the node's addresses come from its Node object, merged with
-/// the config's `bindAddress` as kube-proxy merges them. With a `bindAddress` the
-/// object is asked once (the address alone is enough to start); without, the agent
-/// waits up to 30 s for it, as kube-proxy does, and then gives up: no address, no
-/// NodePorts and no masquerade (kube-proxy would go on with loopback).
+/// the config's `bindAddress` as kube-proxy merges them. The agent waits up to 30 s
+/// for the object (kube-proxy waits for it too); then a `bindAddress` alone will do,
+/// and without one the agent stops: no address, no NodePorts and no masquerade.
 async fn node_ips_from_node_object(
     source: &KubernetesSource,
     bind_address: Option<IpAddr>,
 ) -> Result<Vec<IpAddr>> {
-    let patience = match bind_address {
-        Some(_) => Duration::ZERO,
-        None => Duration::from_secs(30),
-    };
-    let from_node = source.node_addresses(patience).await;
+    let from_node =
+        match source.node_addresses(Duration::from_secs(30)).await {
+            Ok(addresses) => addresses,
+            Err(e) if bind_address.is_some() => {
+                tracing::warn!("{e:#}: the node has only the config's bindAddress");
+                Vec::new()
+            }
+            Err(e) => return Err(e.context(
+                "this node's addresses are unknown: pass --node-ip (or the config's bindAddress)",
+            )),
+        };
     let node_ips = node::merge_bind_address(from_node.clone(), bind_address);
     anyhow::ensure!(
         !node_ips.is_empty(),

@@ -29,7 +29,7 @@ pub struct NodeConfig {
 impl NodeConfig {
     pub fn validate(&self) -> Result<()> {
         if self.addresses.is_empty() {
-            bail!("at least one --node-ip is required (NodePorts and masquerading use it)");
+            bail!("the node has no address (NodePorts and masquerading use one): pass --node-ip");
         }
         Ok(())
     }

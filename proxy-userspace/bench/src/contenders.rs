@@ -311,7 +311,7 @@ pub fn load_ipvs(node: &Netns, services: &[Service]) -> Result<()> {
 pub fn flush_ipvs(node: &Netns) -> Result<()> {
     node.exec("ipvsadm", &["-C"])?;
     node.ip("link del kube-ipvs0")?;
-    flush(node)?;
+    flush(node, Family::V4)?;
     node.exec("ipset", &["destroy", "KUBE-LOOP-BACK"])?;
     Ok(())
 }
@@ -328,11 +328,12 @@ pub fn load(node: &Netns, tool: &str, args: &[&str], rules: &str) -> Result<()> 
     result.map(|_| ())
 }
 
-/// Removes every rule a contender left in the namespace.
-pub fn flush(node: &Netns) -> Result<()> {
-    let tables = Family::ALL
+/// Removes every rule a contender of `family` left in the namespace (only that
+/// family's iptables tools: the QEMU guest has IPv4's only).
+pub fn flush(node: &Netns, family: Family) -> Result<()> {
+    let tables = ["legacy", "nft"]
+        .map(|backend| iptables_tool(family, backend, ""))
         .into_iter()
-        .flat_map(|family| ["legacy", "nft"].map(|backend| iptables_tool(family, backend, "")))
         .flat_map(|tool| {
             [
                 (tool.clone(), vec!["-t", "nat", "-F"]),

@@ -428,7 +428,7 @@ pub fn run_contenders(
             if contender == "ipvs" {
                 contenders::flush_ipvs(&topology.node)?;
             } else {
-                contenders::flush(&topology.node)?;
+                contenders::flush(&topology.node, family)?;
             }
             let median = |v: &[f64]| {
                 let mut v = v.to_vec();

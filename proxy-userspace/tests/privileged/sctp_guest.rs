@@ -114,8 +114,8 @@ fn echoed(ns: &Netns, family: Family, target: &str) -> String {
 /// Inside the guest: dual-stack Diameter-like services with one backend each, a local
 /// one behind a ClusterIP and a NodePort, a remote one behind a NodePort
 /// (masqueraded). Associations of each family from a pod and from outside carry their
-/// data both ways, and conntrack lists them. (Not from the node's own processes: the kernel runs no
-/// cgroup connect hook for SCTP sockets, see the README.)
+/// data both ways, and conntrack lists them. (Not from the node's own processes: the
+/// kernel runs no cgroup connect hook for SCTP sockets, see the README.)
 #[test]
 #[ignore = "run inside the QEMU guest by `real_associations_through_a_cluster_ip_and_a_node_port`: needs a kernel with SCTP"]
 fn in_guest() {
@@ -203,11 +203,13 @@ fn in_guest() {
     println!("{listing}");
     // The last association, masqueraded, went through its shutdown (the others may
     // have been collected already under emulation: 10 s after closing).
-    let last = host_port(in_family(NODE_IP, Family::V6), DIAMETER_NODE_PORT + 1);
+    // Masqueraded to the node's IPv6 address.
+    let node = in_family(NODE_IP, Family::V6);
+    let last = host_port(node, DIAMETER_NODE_PORT + 1);
     assert!(
         listing.lines().any(|l| l.starts_with("SCTP")
             && l.contains(&last)
-            && l.contains(" via ")
+            && l.contains(&format!(" via [{node}]:"))
             && l.contains("CLOSING")),
         "{last}: {listing}"
     );

@@ -36,35 +36,35 @@ impl KubernetesSource {
 
     /// This node's addresses from its Node object (`node::host_addresses`), asked
     /// once a second for up to `patience` while the object is missing, has no address
-    /// or cannot be read (as kube-proxy waits for it at start): empty if it never came.
+    /// or cannot be read (kube-proxy too waits for it at start). Empty if the object
+    /// never had an address; the last error if the last try could not read it.
     /// A list by name, as the watch lists it: no access beyond `API_ACCESS`.
-    pub async fn node_addresses(&self, patience: Duration) -> Vec<IpAddr> {
+    pub async fn node_addresses(&self, patience: Duration) -> Result<Vec<IpAddr>> {
         let nodes: Api<Node> = Api::all(self.client.clone());
         let by_name = ListParams::default().fields(&format!("metadata.name={}", self.node_name));
         let deadline = Instant::now() + patience;
         loop {
-            match nodes.list(&by_name).await {
-                Ok(list) => {
-                    let found = list
-                        .items
-                        .first()
-                        .map(crate::node::host_addresses)
-                        .unwrap_or_default();
-                    if !found.is_empty() {
-                        return found;
-                    }
-                    tracing::info!(
-                        node = self.node_name,
-                        "no address in this node's Node object yet"
-                    );
-                }
+            let found = match nodes.list(&by_name).await {
+                Ok(list) => Ok(list
+                    .items
+                    .first()
+                    .map(crate::node::host_addresses)
+                    .unwrap_or_default()),
+                Err(e) => Err(e),
+            };
+            match &found {
+                Ok(addresses) if !addresses.is_empty() => return found.map_err(Into::into),
+                Ok(_) => tracing::info!(
+                    node = self.node_name,
+                    "no address in this node's Node object yet"
+                ),
                 Err(e) => tracing::warn!(
                     node = self.node_name,
                     "reading this node's Node object: {e}"
                 ),
             }
             if Instant::now() >= deadline {
-                return Vec::new();
+                return found.context("reading this node's Node object");
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
