@@ -20,7 +20,7 @@ use ebpf_proxy::{
     kube_proxy_config::KubeProxyConfig,
     listing,
     model::{parse_scheduler, Family, Forwarding, Protocol, Scheduler, SourceRange},
-    node::{self, NodeConfig},
+    node::{self, AddressesFrom, NodeConfig},
     node_ports::NodePortAddresses,
     output::{self, Format, OutputArgs},
     source::{kubernetes::KubernetesSource, manifests::ManifestsSource, Source},
@@ -530,7 +530,7 @@ async fn run_settings(
         true => None,
         false => args.kubeconfig.or(file.kubeconfig),
     };
-    let (source, node_ips, default_sync_period_ms): (Box<dyn Source>, _, u64) =
+    let (source, (node_ips, addresses_from), default_sync_period_ms): (Box<dyn Source>, _, u64) =
         match &args.manifests {
             Some(path) => {
                 let source = ManifestsSource {
@@ -546,13 +546,18 @@ async fn run_settings(
                     ),
                     (ips, _) => ips.to_vec(),
                 };
-                (Box::new(source), node_ips, 0)
+                (Box::new(source), (node_ips, AddressesFrom::Flags), 0)
             }
             None => {
                 let source = KubernetesSource::connect(kubeconfig.as_deref(), &node_name).await?;
                 let node_ips = match &args.node_ips[..] {
-                    [] => node_ips_from_node_object(&source, file.primary_address).await?,
-                    ips => ips.to_vec(),
+                    [] => (
+                        node_ips_from_node_object(&source, file.primary_address).await?,
+                        AddressesFrom::NodeObject {
+                            bind_address: file.primary_address,
+                        },
+                    ),
+                    ips => (ips.to_vec(), AddressesFrom::Flags),
                 };
                 (Box::new(source), node_ips, 1000)
             }
@@ -568,6 +573,7 @@ async fn run_settings(
         node: NodeConfig {
             name: node_name,
             addresses: node_ips,
+            addresses_from,
             node_ports: match (args.nodeport_addresses, file.node_port_addresses) {
                 (flags, _) if !flags.is_empty() => {
                     NodePortAddresses::parse(&flags).map_err(anyhow::Error::msg)?

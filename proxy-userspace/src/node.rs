@@ -24,6 +24,17 @@ pub struct NodeConfig {
     pub uplinks: Vec<String>,
     /// Glob patterns (`*` and `?`) of host-side pod interfaces: tc ingress.
     pub pod_interface_patterns: Vec<String>,
+    /// Where `addresses` came from.
+    pub addresses_from: AddressesFrom,
+}
+
+/// Where the node's addresses came from: flags (or the config's `bindAddress`
+/// alone), which stay; or the Node object, merged with the config's `bindAddress`,
+/// which the agent keeps comparing with the object as it changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddressesFrom {
+    Flags,
+    NodeObject { bind_address: Option<IpAddr> },
 }
 
 impl NodeConfig {
@@ -50,6 +61,21 @@ impl NodeConfig {
             .iter()
             .copied()
             .find(|address| Family::of(address) == family)
+    }
+
+    /// The node's addresses the Node object says now (`host_addresses` of it), when
+    /// the agent took its addresses from the object and they are no longer these: the
+    /// agent restarts to take them (as kube-proxy does), since NodePorts, masquerade
+    /// and the families served hang on them. An object without addresses says nothing.
+    pub fn changed_addresses(&self, from_node_now: &[IpAddr]) -> Option<Vec<IpAddr>> {
+        let AddressesFrom::NodeObject { bind_address } = self.addresses_from else {
+            return None;
+        };
+        if from_node_now.is_empty() {
+            return None;
+        }
+        let now = merge_bind_address(from_node_now.to_vec(), bind_address);
+        (now != self.addresses).then_some(now)
     }
 
     pub fn is_pod_interface(&self, name: &str) -> bool {
@@ -190,6 +216,45 @@ mod tests {
         );
         assert_eq!(host_addresses(&node(&[("Hostname", "n")])), ips(&[]));
         assert_eq!(host_addresses(&Node::default()), ips(&[]));
+    }
+
+    #[test]
+    fn only_addresses_taken_from_the_node_object_follow_its_changes() {
+        let mut config = NodeConfig {
+            name: "node-a".into(),
+            addresses: ips(&["10.0.0.5", "fd00::5"]),
+            node_ports: Default::default(),
+            uplinks: vec![],
+            pod_interface_patterns: vec![],
+            addresses_from: AddressesFrom::Flags,
+        };
+        assert_eq!(config.changed_addresses(&ips(&["10.0.0.6"])), None);
+        config.addresses_from = AddressesFrom::NodeObject { bind_address: None };
+        assert_eq!(
+            config.changed_addresses(&ips(&["10.0.0.5", "fd00::5"])),
+            None
+        );
+        assert_eq!(
+            config.changed_addresses(&[]),
+            None,
+            "no address says nothing"
+        );
+        assert_eq!(
+            config.changed_addresses(&ips(&["10.0.0.5"])),
+            Some(ips(&["10.0.0.5"]))
+        );
+        config.addresses = ips(&["fd00::9", "10.0.0.5"]);
+        config.addresses_from = AddressesFrom::NodeObject {
+            bind_address: ips(&["fd00::9"]).first().copied(),
+        };
+        assert_eq!(
+            config.changed_addresses(&ips(&["10.0.0.5", "fd00::5"])),
+            None
+        );
+        assert_eq!(
+            config.changed_addresses(&ips(&["10.0.0.7", "fd00::5"])),
+            Some(ips(&["fd00::9", "10.0.0.7"]))
+        );
     }
 
     #[test]

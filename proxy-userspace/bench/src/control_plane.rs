@@ -81,6 +81,7 @@ pub fn measure(services: usize) -> Result<ScaleResult> {
                 node_ports: Default::default(),
                 uplinks: vec![],
                 pod_interface_patterns: vec![],
+                addresses_from: ebpf_proxy::node::AddressesFrom::Flags,
             },
             &NodeSettings::default(),
         )?;

@@ -648,6 +648,7 @@ pub fn measure(
             node_ports: Default::default(),
             uplinks: vec![],
             pod_interface_patterns: vec![],
+            addresses_from: ebpf_proxy::node::AddressesFrom::Flags,
         };
         syncer.program_node(&node, &NodeSettings::default())?;
         let mut desired = DesiredState::default();

@@ -531,6 +531,19 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
                 warn!("the node is being deleted or tainted {}: /healthz answers 503 so that load balancers drain it", health::TO_BE_DELETED_TAINT);
             }
         }
+        if let Some(now) = config
+            .node
+            .changed_addresses(programmer.tracker.node_addresses())
+        {
+            for source in &running_sources {
+                source.abort();
+            }
+            anyhow::bail!(
+                "the Node object's addresses changed from {:?} to {now:?}: exiting, to be \
+                 restarted with them (programs and flows stay in place meanwhile)",
+                config.node.addresses
+            );
+        }
         if missing.is_empty() && !marked_ready {
             marked_ready = true;
             mark_ready(&config)?;

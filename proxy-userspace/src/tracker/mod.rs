@@ -14,6 +14,7 @@ mod stored;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     sync::Arc,
     time::SystemTime,
 };
@@ -118,6 +119,8 @@ pub struct ChangeTracker {
     node_seen: bool,
     /// See `health`: not being deleted, not tainted for deletion.
     node_eligible: bool,
+    /// The Node's addresses, as `node_addresses` says.
+    node_addresses: Vec<IpAddr>,
     /// Object changes since the last flush, and the slices' trigger times.
     pending: ObjectChanges,
     triggers: Vec<SystemTime>,
@@ -140,6 +143,7 @@ impl ChangeTracker {
             health_checks: BTreeMap::new(),
             node_seen: false,
             node_eligible: true,
+            node_addresses: Vec::new(),
             pending: ObjectChanges::default(),
             triggers: Vec::new(),
             no_local: NoLocalEndpoints::default(),
@@ -172,7 +176,10 @@ impl ChangeTracker {
     pub fn set_node(&mut self, node: Option<&Node>) {
         let own = node.filter(|n| self.is_own(n));
         match own {
-            Some(node) => self.node_eligible = health::node_eligible(node),
+            Some(node) => {
+                self.node_eligible = health::node_eligible(node);
+                self.node_addresses = crate::node::host_addresses(node);
+            }
             None if self.node_seen => self.node_eligible = false,
             None => {}
         }
@@ -197,6 +204,12 @@ impl ChangeTracker {
     /// Whether this node may serve, as its Node object says (see `health`).
     pub fn node_eligible(&self) -> bool {
         self.node_eligible
+    }
+
+    /// The addresses this node's Node object gave last (`node::host_addresses`;
+    /// empty before it was seen; kept when it goes).
+    pub fn node_addresses(&self) -> &[IpAddr] {
+        &self.node_addresses
     }
 
     /// The health checks to serve, by port (the first service by namespace/name

@@ -217,6 +217,11 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Whether the process has exited on its own, and how.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     /// Kills the process without any cleanup (as `kill -9` would).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -3,13 +3,14 @@
 //! EndpointSlices). Each test body runs for IPv4 and for IPv6 against the same
 //! services, with real servers and clients (curl, socat).
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Duration};
 
 use ebpf_proxy::model::Family;
 use serde_json::json;
 use testbed::{
     agent::AgentOptions,
     apiserver::Resource,
+    eventually,
     manifests::ServiceDef,
     servers::blob,
     topology::{host_port, in_family, Topology, CLIENT_IP, NODE_IP, NODE_NAME},
@@ -67,9 +68,10 @@ fn node_ports_and_load_balancer_ips_of_both_families_serve_the_external_client()
 /// Without `--node-ip`, with the Kubernetes source, the node's addresses of both
 /// families come from its Node object (first InternalIP, then the other family's
 /// ExternalIP, as kube-proxy reads them): NodePorts answer on both and each family
-/// masquerades to its own.
+/// masquerades to its own. When the object's addresses change, the agent exits to be
+/// restarted with them.
 #[test]
-fn a_node_without_node_ip_flags_takes_both_addresses_from_its_node_object() {
+fn a_node_without_node_ip_flags_takes_both_addresses_from_its_node_object_and_follows_it() {
     let node = json!({
         "apiVersion": "v1",
         "kind": "Node",
@@ -80,7 +82,7 @@ fn a_node_without_node_ip_flags_takes_both_addresses_from_its_node_object() {
             { "type": "ExternalIP", "address": in_family(NODE_IP, Family::V6).to_string() },
         ] },
     });
-    let cluster = Cluster::with_api_server_prepared(
+    let mut cluster = Cluster::with_api_server_prepared(
         "dsnode",
         1,
         1,
@@ -96,6 +98,28 @@ fn a_node_without_node_ip_flags_takes_both_addresses_from_its_node_object() {
     let log = cluster.agent.log();
     assert!(log.contains("node addresses from the Node object"), "{log}");
     serve_the_external_client_in_both_families(&cluster);
+
+    // A status without addresses changes nothing; losing the IPv6 address does: the
+    // agent exits, to be restarted with the new addresses, as kube-proxy does.
+    let with_addresses = |addresses: serde_json::Value| {
+        let mut changed = node.clone();
+        changed["status"]["addresses"] = addresses;
+        changed
+    };
+    let api = cluster.api.take().expect("the API server");
+    api.apply(Resource::Nodes, &with_addresses(json!([])))
+        .expect("the Node");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cluster.agent.exit_status(), None, "{}", cluster.agent.log());
+    let ipv4_only = json!([{ "type": "InternalIP", "address": NODE_IP.to_string() }]);
+    api.apply(Resource::Nodes, &with_addresses(ipv4_only))
+        .expect("the Node");
+    let exited = eventually(Duration::from_secs(10), Duration::from_millis(100), || {
+        cluster.agent.exit_status().is_some_and(|s| !s.success())
+    });
+    let log = cluster.agent.log();
+    assert!(exited, "the agent did not exit: {log}");
+    assert!(log.contains("the Node object's addresses changed"), "{log}");
 }
 
 /// A service with a local backend on a NodePort and a LoadBalancer IP, and one with

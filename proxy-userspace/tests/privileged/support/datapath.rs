@@ -34,6 +34,7 @@ fn test_node() -> NodeConfig {
         node_ports: Default::default(),
         uplinks: vec![],
         pod_interface_patterns: vec![],
+        addresses_from: ebpf_proxy::node::AddressesFrom::Flags,
     }
 }
 
