@@ -63,8 +63,9 @@ impl NodeConfig {
             .find(|address| Family::of(address) == family)
     }
 
-    /// The node's addresses the Node object says now (`host_addresses` of it), when
-    /// the agent took its addresses from the object and they are no longer these: the
+    /// The node's addresses as the Node object says them now (`from_node_now`, its
+    /// `host_addresses`, merged with the config's `bindAddress`), when the agent took
+    /// its addresses from the object and they are no longer these: the
     /// agent restarts to take them (as kube-proxy does), since NodePorts, masquerade
     /// and the families served hang on them. An object without addresses says nothing.
     pub fn changed_addresses(&self, from_node_now: &[IpAddr]) -> Option<Vec<IpAddr>> {

@@ -540,7 +540,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
             }
             anyhow::bail!(
                 "the Node object's addresses changed from {:?} to {now:?}: exiting, to be \
-                 restarted with them (programs and flows stay in place meanwhile)",
+                 restarted with them",
                 config.node.addresses
             );
         }
