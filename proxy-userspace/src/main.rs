@@ -551,12 +551,7 @@ async fn run_settings(
             None => {
                 let source = KubernetesSource::connect(kubeconfig.as_deref(), &node_name).await?;
                 let node_ips = match &args.node_ips[..] {
-                    [] => (
-                        node_ips_from_node_object(&source, file.primary_address).await?,
-                        AddressesFrom::NodeObject {
-                            bind_address: file.primary_address,
-                        },
-                    ),
+                    [] => node_ips_from_node_object(&source, file.primary_address).await?,
                     ips => (ips.to_vec(), AddressesFrom::Flags),
                 };
                 (Box::new(source), node_ips, 1000)
@@ -720,10 +715,11 @@ fn conntrack_command(action: ConntrackAction) -> Result<()> {
 /// the config's `bindAddress` as kube-proxy merges them. The agent waits up to 30 s
 /// for the object (kube-proxy waits for it too); then a `bindAddress` alone will do,
 /// and without one the agent stops: no address, no NodePorts and no masquerade.
+/// The addresses, and that they follow the object.
 async fn node_ips_from_node_object(
     source: &KubernetesSource,
     bind_address: Option<IpAddr>,
-) -> Result<Vec<IpAddr>> {
+) -> Result<(Vec<IpAddr>, AddressesFrom)> {
     let from_node =
         match source.node_addresses(Duration::from_secs(30)).await {
             Ok(addresses) => addresses,
@@ -747,7 +743,7 @@ async fn node_ips_from_node_object(
         ?bind_address,
         "node addresses from the Node object"
     );
-    Ok(node_ips)
+    Ok((node_ips, AddressesFrom::NodeObject { bind_address }))
 }
 
 /// A trusted-sources list without a prefix of a family the node has refuses every

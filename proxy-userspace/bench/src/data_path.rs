@@ -113,13 +113,18 @@ fn map_memory(pin_dir: &std::path::Path, services: usize) -> Result<MapMemory> {
     })
 }
 
+/// The template's length of a frame from `src`'s family.
+fn frame_len(src: IpAddr) -> usize {
+    match src {
+        IpAddr::V4(_) => BENCH_FRAME_V4,
+        IpAddr::V6(_) => BENCH_FRAME_V6,
+    }
+}
+
 /// A TCP (`tcp`: SYN and ACK flags) or UDP frame of either family, its payload
 /// filling it to its family's length.
 fn frame(src: (IpAddr, u16), dst: (IpAddr, u16), tcp: Option<(bool, bool)>) -> Frame {
-    let len = match src.0 {
-        IpAddr::V4(_) => BENCH_FRAME_V4,
-        IpAddr::V6(_) => BENCH_FRAME_V6,
-    };
+    let len = frame_len(src.0);
     let ip = testbed::frames::ip_headers(src.0, dst.0);
     let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ip(ip);
     let mut out = Vec::with_capacity(len);
@@ -150,11 +155,9 @@ fn frame(src: (IpAddr, u16), dst: (IpAddr, u16), tcp: Option<(bool, bool)>) -> F
 /// data path updates a checksum without checking it, and leaves a zero one (still to
 /// be computed by a device) alone, which would skip the update this case measures.
 fn sctp_frame(src: (IpAddr, u16), dst: (IpAddr, u16), chunk: u8) -> Frame {
-    let (len, ip_header) = match src.0 {
-        IpAddr::V4(_) => (BENCH_FRAME_V4, 20),
-        IpAddr::V6(_) => (BENCH_FRAME_V6, 40),
-    };
-    let mut sctp = vec![0u8; len - 14 - ip_header];
+    let len = frame_len(src.0);
+    let ip = testbed::frames::ip_headers(src.0, dst.0);
+    let mut sctp = vec![0u8; len - 14 - ip.header_len()];
     sctp[0..2].copy_from_slice(&src.1.to_be_bytes());
     sctp[2..4].copy_from_slice(&dst.1.to_be_bytes());
     sctp[8..12].copy_from_slice(&0x5c7b_a11du32.to_le_bytes());
@@ -163,7 +166,7 @@ fn sctp_frame(src: (IpAddr, u16), dst: (IpAddr, u16), chunk: u8) -> Frame {
     sctp[14..16].copy_from_slice(&chunk_len.to_be_bytes());
     let mut out = Vec::with_capacity(len);
     PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ip(testbed::frames::ip_headers(src.0, dst.0))
+        .ip(ip)
         .write(
             &mut out,
             etherparse::IpNumber(proxy_common::PROTO_SCTP),

@@ -44,14 +44,12 @@ impl KubernetesSource {
         let by_name = ListParams::default().fields(&format!("metadata.name={}", self.node_name));
         let deadline = Instant::now() + patience;
         loop {
-            let found = match nodes.list(&by_name).await {
-                Ok(list) => Ok(list
-                    .items
+            let found = nodes.list(&by_name).await.map(|list| {
+                list.items
                     .first()
                     .map(crate::node::host_addresses)
-                    .unwrap_or_default()),
-                Err(e) => Err(e),
-            };
+                    .unwrap_or_default()
+            });
             match &found {
                 Ok(addresses) if !addresses.is_empty() => return found.map_err(Into::into),
                 Ok(_) => tracing::info!(
