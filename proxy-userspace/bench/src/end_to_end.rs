@@ -42,7 +42,7 @@ use testbed::{
     topology::{in_family, Topology},
 };
 
-use super::contenders::{self, Service};
+use testbed::kube_proxy_rules::{self, Service};
 
 #[derive(Serialize, serde::Deserialize)]
 pub struct E2eResult {
@@ -316,25 +316,25 @@ fn program(
         }
         "ipvs" => {
             anyhow::ensure!(family == Family::V4, "IPVS is measured over IPv4 only");
-            contenders::load_ipvs(&topology.node, services)?;
+            kube_proxy_rules::load_ipvs(&topology.node, services)?;
             None
         }
         "iptables-legacy" | "iptables-nft" => {
             let backend = contender.trim_start_matches("iptables-");
-            contenders::load(
+            kube_proxy_rules::load(
                 &topology.node,
-                &contenders::iptables_tool(family, backend, "-restore"),
+                &kube_proxy_rules::iptables_tool(family, backend, "-restore"),
                 &[],
-                &contenders::iptables_rules(services, family),
+                &kube_proxy_rules::iptables_rules(services, family),
             )?;
             None
         }
         _ => {
-            contenders::load(
+            kube_proxy_rules::load(
                 &topology.node,
                 "nft",
                 &["-f"],
-                &contenders::nftables_rules(services, family),
+                &kube_proxy_rules::nftables_rules(services, family),
             )?;
             None
         }
@@ -426,9 +426,9 @@ pub fn run_contenders(
             };
             drop(agent);
             if contender == "ipvs" {
-                contenders::flush_ipvs(&topology.node)?;
+                kube_proxy_rules::flush_ipvs(&topology.node)?;
             } else {
-                contenders::flush(&topology.node, family)?;
+                kube_proxy_rules::flush(&topology.node, family)?;
             }
             let median = |v: &[f64]| {
                 let mut v = v.to_vec();

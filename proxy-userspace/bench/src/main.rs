@@ -3,7 +3,6 @@
 //! intended does.
 
 mod agent_scale;
-mod contenders;
 mod control_plane;
 mod data_path;
 mod end_to_end;

@@ -12,6 +12,7 @@ pub mod apiserver;
 pub mod command;
 pub mod frames;
 pub mod guest;
+pub mod kube_proxy_rules;
 pub mod manifests;
 pub mod netns;
 pub mod servers;

@@ -1,5 +1,6 @@
-//! The other proxies, programmed as kube-proxy itself lays its rules out, from the
-//! same services: iptables mode (KUBE-SERVICES → KUBE-SVC-* with `statistic`
+//! kube-proxy's rules, laid out as kube-proxy itself lays them out, from the same
+//! services as the agent's: the bench's contenders, and the kube-proxy a migration test
+//! starts from. Its modes: iptables mode (KUBE-SERVICES → KUBE-SVC-* with `statistic`
 //! probabilities → KUBE-SEP-* DNAT, masquerade marks), through iptables-legacy and
 //! iptables-nft, nftables mode (a verdict map on address . protocol . port, then
 //! `numgen random` over the endpoint chains), and IPVS mode (every service address on
@@ -15,12 +16,12 @@
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
-use anyhow::{bail, Context as _, Result};
-use ebpf_proxy::model::Family;
-use testbed::{
+use crate::{
     netns::Netns,
     topology::{host_port, in_family},
 };
+use anyhow::{bail, Context as _, Result};
+use ebpf_proxy::model::Family;
 
 /// One ClusterIP service with its endpoints, as every contender gets it, by its
 /// IPv4 addresses: a contender of IPv6 gets their twins.
@@ -318,7 +319,7 @@ pub fn flush_ipvs(node: &Netns) -> Result<()> {
 
 /// Loads rules into a namespace through a file (the tools read their input whole).
 pub fn load(node: &Netns, tool: &str, args: &[&str], rules: &str) -> Result<()> {
-    let path = std::env::temp_dir().join(format!("epx-bench-{}-{tool}.rules", std::process::id()));
+    let path = std::env::temp_dir().join(format!("epx-rules-{}-{tool}.rules", std::process::id()));
     std::fs::write(&path, rules)?;
     let mut full: Vec<&str> = args.to_vec();
     let path_str = path.to_str().context("temp path")?;
