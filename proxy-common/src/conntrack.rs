@@ -250,6 +250,18 @@ impl CtEntry {
     }
 }
 
+impl CtEntry {
+    /// Masquerades a new flow: the client's direction (`forward`) leaves from
+    /// `snat_addr`, one of this node's addresses, and the reply entry, which the
+    /// caller keys to that address, puts the client's address back.
+    #[inline(always)]
+    pub fn masquerade(forward: &mut CtEntry, reply: &mut CtEntry, snat_addr: Addr) {
+        reply.flags |= CT_F_REWRITE_DST | CT_F_SNAT;
+        forward.flags |= CT_F_REWRITE_SRC | CT_F_SNAT | CT_F_NODE_SOURCE;
+        forward.nat_src = snat_addr;
+    }
+}
+
 /// `CtEntry::accounting` values, as IPVS counts: a TCP flow is active while it is
 /// established, inactive while half-open or closing; a UDP flow is active.
 pub const ACCT_ACTIVE: u32 = 0;

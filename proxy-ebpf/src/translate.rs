@@ -7,7 +7,7 @@ use proxy_common::{
     sctp,
     tcp::{TCP_ACK, TCP_RST, TCP_SYN},
     Addr, CtEntry, CtKey, Family, ServiceValue, Transport, BACKEND_F_REMOTE, CT_F_ENCAP,
-    CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT,
+    CT_F_NODE_SOURCE, CT_F_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
     EV_CT_INSERT_FAILED, EV_CT_MIDFLOW_MISS, EV_CT_RACE_LOST, EV_FRAGMENT, EV_FRAGMENT_DROPPED,
     EV_MALFORMED,
     EV_NO_BACKEND, EV_REFUSED, EV_SNAT_EXHAUSTED, EV_SOURCE_DENIED, EV_TRANSLATED, EV_TUNNEL_LOOP, PROTO_ICMPV6, PROTO_TCP, SVC_F_LOCAL_ONLY, SVC_F_TUNNEL,
@@ -463,10 +463,8 @@ fn open_flow<P: Packet>(
             return Verdict::DROP;
         };
         reply_key.dst = snat_addr;
-        reply.flags |= CT_F_REWRITE_DST | CT_F_SNAT;
         // The masquerade address is the node's first address (see `program_node`).
-        forward.flags |= CT_F_REWRITE_SRC | CT_F_SNAT | CT_F_NODE_SOURCE;
-        forward.nat_src = snat_addr;
+        CtEntry::masquerade(forward, reply, snat_addr);
     }
     let Some(port) = conntrack::claim_reply_tuple(reply_key, reply, key) else {
         counters::event(EV_SNAT_EXHAUSTED);

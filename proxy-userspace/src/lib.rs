@@ -7,6 +7,7 @@
 //! to the kernel `datapath` maps (through `datapath::codec`), and `listing`, `trace`,
 //! `conntrack`, `status` and `metrics` read the maps back for operators.
 
+pub mod adoption;
 pub mod agent;
 pub mod capabilities;
 pub mod conntrack;

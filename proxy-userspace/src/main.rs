@@ -348,6 +348,12 @@ struct RunArgs {
     /// How the pod-interface program is attached.
     #[arg(long, value_enum, default_value = "auto")]
     tc_attach: TcAttachArg,
+    /// Take over the connections kube-proxy's iptables or nftables rules translated
+    /// (read from nf_conntrack at start), so that switching a node from kube-proxy
+    /// drops none: see README, "Migrating from kube-proxy without a maintenance
+    /// window". Harmless where there is nothing to adopt.
+    #[arg(long)]
+    adopt_kube_proxy_flows: bool,
     /// How the uplink program forwards translated packets.
     #[arg(long, value_enum, default_value = "pass")]
     xdp_forward: XdpForwardArg,
@@ -619,6 +625,7 @@ async fn run_settings(
             TcAttachArg::Tcx => attach::TcAttach::Tcx,
             TcAttachArg::Netlink => attach::TcAttach::Netlink,
         },
+        adopt_kube_proxy_flows: args.adopt_kube_proxy_flows,
         generation: args.datapath,
         map_sizes: MapSizes {
             services: args.max_services,

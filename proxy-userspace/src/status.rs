@@ -25,7 +25,10 @@ use proxy_common::{
     map_name, CtTimeouts, TIMEOUT_CLOSING, TIMEOUT_SYN, TIMEOUT_TCP_ESTABLISHED, TIMEOUT_UDP,
 };
 
-use crate::datapath::{attach, tables::Tables, PROG_SOCK_HOOKS};
+use crate::{
+    adoption::AdoptionReport,
+    datapath::{attach, tables::Tables, PROG_SOCK_HOOKS},
+};
 
 /// The agent's own account of itself (`/statusz`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -57,6 +60,9 @@ pub struct AgentReport {
     /// the first [`PROBLEMS_SHOWN`] of them.
     pub problems: Vec<String>,
     pub problems_total: usize,
+    /// What `--adopt-kube-proxy-flows` did at start, once it is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adoption: Option<AdoptionReport>,
 }
 
 /// At most this many problem lines are served: at 100,000 services a broken
@@ -474,6 +480,23 @@ pub fn render(report: &StatusReport, wide: bool) -> String {
                 None => format!("{} at {}", PROG_SOCK_HOOKS.join(" "), a.socket_hooks),
             };
             let _ = writeln!(out, "  {:<14}{:<8}{hooks}", "sockets", "cgroup");
+            if let Some(adoption) = &a.adoption {
+                let left: Vec<String> = adoption
+                    .not_adopted
+                    .iter()
+                    .map(|(reason, n)| format!("{n} {reason}"))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "Adopted:        {} kube-proxy flows at start; left to netfilter: {}",
+                    adoption.adopted,
+                    if left.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        left.join(", ")
+                    }
+                );
+            }
             if wide {
                 let s = &a.settings;
                 let _ = writeln!(

@@ -113,6 +113,7 @@ fn services(count: usize, topology: &Topology) -> Vec<Service> {
                 port,
                 proto,
                 endpoints,
+                node_port: None,
             }
         })
         .collect()
@@ -319,23 +320,8 @@ fn program(
             kube_proxy_rules::load_ipvs(&topology.node, services)?;
             None
         }
-        "iptables-legacy" | "iptables-nft" => {
-            let backend = contender.trim_start_matches("iptables-");
-            kube_proxy_rules::load(
-                &topology.node,
-                &kube_proxy_rules::iptables_tool(family, backend, "-restore"),
-                &[],
-                &kube_proxy_rules::iptables_rules(services, family),
-            )?;
-            None
-        }
-        _ => {
-            kube_proxy_rules::load(
-                &topology.node,
-                "nft",
-                &["-f"],
-                &kube_proxy_rules::nftables_rules(services, family),
-            )?;
+        mode => {
+            kube_proxy_rules::load_mode(&topology.node, mode, services, family)?;
             None
         }
     };

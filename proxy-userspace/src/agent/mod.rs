@@ -21,6 +21,7 @@ mod netns_cookie;
 use attachments::Attachments;
 
 use crate::{
+    adoption::{Adoption, AdoptionReport},
     capabilities,
     datapath::{
         attach,
@@ -92,6 +93,8 @@ pub struct AgentConfig {
     pub load_settings: LoadSettings,
     /// TCX or netlink for the pod-interface program.
     pub tc_attach: attach::TcAttach,
+    /// Take over the flows kube-proxy's rules translated (`adoption`).
+    pub adopt_kube_proxy_flows: bool,
 }
 
 /// What `status` says of the socket hooks when they serve nothing.
@@ -403,6 +406,12 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         interface_addresses: node_addresses.addresses(),
     };
     syncer.program_node(&config.node, &settings)?;
+    if config.adopt_kube_proxy_flows {
+        // Read as late as can be: a flow netfilter opens after this is not adopted.
+        let adoption = Adoption::read(config.load_settings.ct_timeouts)
+            .context("reading kube-proxy's flows (--adopt-kube-proxy-flows)")?;
+        syncer = syncer.adopting(adoption);
+    }
     let mut programmer = Programmer {
         tracker,
         syncer,
@@ -546,6 +555,9 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         }
         if missing.is_empty() && !marked_ready {
             marked_ready = true;
+            if let Some(report) = programmer.syncer.finish_adoption() {
+                report_adoption(&status, report);
+            }
             mark_ready(&config)?;
         }
     }
@@ -679,6 +691,26 @@ fn restore_pinned_state(
     if let Err(e) = attach::attach_sock_hooks(datapath, &config.cgroup) {
         warn!("re-attaching the socket hooks: {e:#}");
     }
+}
+
+/// Says what the adoption did: in the log, the metrics and `status`.
+fn report_adoption(status: &Status, report: AdoptionReport) {
+    info!(
+        adopted = report.adopted,
+        not_adopted = ?report.not_adopted,
+        not_deleted = report.not_deleted,
+        "kube-proxy's flows adopted; its rules may go now"
+    );
+    status.metrics.flows_adopted.inc_by(report.adopted as u64);
+    for (reason, n) in &report.not_adopted {
+        let labels = vec![("reason".to_owned(), reason.clone())];
+        status
+            .metrics
+            .flows_not_adopted
+            .get_or_create(&labels)
+            .inc_by(*n as u64);
+    }
+    status.update_report(|r| r.adoption = Some(report));
 }
 
 fn mark_ready(config: &AgentConfig) -> Result<()> {

@@ -37,6 +37,10 @@ pub struct AgentMetrics {
     pub udp_flows_flushed: Counter,
     pub conntrack_expired: Counter,
     pub connection_count_corrections: Counter,
+    /// kube-proxy's flows adopted at start (`--adopt-kube-proxy-flows`), and those
+    /// left to netfilter, by reason.
+    pub flows_adopted: Counter,
+    pub flows_not_adopted: Family<Labels, Counter>,
     /// From a change's arrival (a watch event, a re-read manifests file) to the maps
     /// holding it, including the wait imposed by the minimum sync period.
     pub programming_latency_seconds: Histogram,
@@ -66,6 +70,8 @@ impl Default for AgentMetrics {
             udp_flows_flushed: Counter::default(),
             conntrack_expired: Counter::default(),
             connection_count_corrections: Counter::default(),
+            flows_adopted: Counter::default(),
+            flows_not_adopted: Family::default(),
             programming_latency_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
             source_errors: Family::default(),
             kube_proxy: KubeProxyMetrics::default(),
@@ -132,6 +138,16 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics, max_series: usize) -> Result
         "conntrack_expired",
         "Conntrack entries collected after their idle timeout",
         agent.conntrack_expired.clone(),
+    );
+    registry.register(
+        "kube_proxy_flows_adopted",
+        "Flows of kube-proxy's rules the data path took over at start (--adopt-kube-proxy-flows)",
+        agent.flows_adopted.clone(),
+    );
+    registry.register(
+        "kube_proxy_flows_not_adopted",
+        "Flows of kube-proxy's rules left to netfilter at start, by reason",
+        agent.flows_not_adopted.clone(),
     );
     registry.register(
         "connection_count_corrections",

@@ -37,6 +37,7 @@ use accounting::Reconciler;
 use ids::{Assigned, BackendIds, IdPool};
 
 use crate::{
+    adoption::{Adoption, AdoptionReport},
     conntrack,
     datapath::{
         codec::{
@@ -113,6 +114,8 @@ pub struct Syncer {
     refused: BTreeMap<FrontendKey, Arc<Frontend>>,
     /// The idle timeouts the data path was loaded with: the collector's too.
     ct_timeouts: CtTimeouts,
+    /// kube-proxy's flows, adopted as their frontends are first programmed.
+    adoption: Option<Adoption>,
 }
 
 impl Syncer {
@@ -251,7 +254,20 @@ impl Syncer {
             counts_reconciler: Reconciler::default(),
             refused: BTreeMap::new(),
             ct_timeouts: CtTimeouts::DEFAULT,
+            adoption: None,
         })
+    }
+
+    /// Adopts `adoption`'s flows as their frontends are first programmed (see
+    /// `adoption`), until `finish_adoption`.
+    pub fn adopting(mut self, adoption: Adoption) -> Syncer {
+        self.adoption = Some(adoption);
+        self
+    }
+
+    /// Ends the adoption: what it did, if one was going on.
+    pub fn finish_adoption(&mut self) -> Option<AdoptionReport> {
+        self.adoption.take().map(Adoption::finish)
     }
 
     /// Collects with these idle timeouts (those the programs were loaded with).
@@ -707,6 +723,11 @@ impl Syncer {
                 .insert(slot_key, backend, 0)
                 .map_err(full_map_hint)?;
             report.map_writes += 1;
+        }
+        if is_new {
+            if let Some(adoption) = &mut self.adoption {
+                adoption.adopt(key, &value, &slots, &mut self.tables, &self.conn_counts);
+            }
         }
         if is_new || value != current.value {
             self.tables

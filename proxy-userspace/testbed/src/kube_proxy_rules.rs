@@ -31,6 +31,9 @@ pub struct Service {
     /// `tcp` or `udp`, as iptables and nft spell it.
     pub proto: &'static str,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
+    /// A NodePort on every local address (`externalTrafficPolicy: Cluster`: its
+    /// clients masqueraded). Not in the iptables and nftables modes of IPVS's guest.
+    pub node_port: Option<u16>,
 }
 
 const POD_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 244, 0, 0), 16);
@@ -95,9 +98,21 @@ pub fn iptables_rules(services: &[Service], family: Family) -> String {
     let _ = writeln!(rules, "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000");
     let _ = writeln!(rules, "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully");
     let mut endpoint_index = 0;
+    let mut node_ports = String::new();
     for (s, service) in services.iter().enumerate() {
         let svc = chain_id("KUBE-SVC", s);
         let _ = writeln!(chains, ":{svc} - [0:0]");
+        if let Some(node_port) = service.node_port {
+            let ext = chain_id("KUBE-EXT", s);
+            let _ = writeln!(chains, ":{ext} - [0:0]");
+            let _ = writeln!(
+                node_ports,
+                "-A KUBE-NODEPORTS -m comment --comment \"bench/svc{s}:http\" -m {p} -p {p} --dport {node_port} -j {ext}",
+                p = service.proto
+            );
+            let _ = writeln!(node_ports, "-A {ext} -m comment --comment \"masquerade traffic for bench/svc{s}:http external destinations\" -j KUBE-MARK-MASQ");
+            let _ = writeln!(node_ports, "-A {ext} -j {svc}");
+        }
         let _ = writeln!(
             rules,
             "-A KUBE-SERVICES -m comment --comment \"bench/svc{s}:http cluster IP\" -m {p} -p {p} -d {} --dport {} -j {svc}",
@@ -135,6 +150,12 @@ pub fn iptables_rules(services: &[Service], family: Family) -> String {
             );
         }
     }
+    if !node_ports.is_empty() {
+        // Last in KUBE-SERVICES, as kube-proxy writes it: after every service address.
+        let _ = writeln!(chains, ":KUBE-NODEPORTS - [0:0]");
+        let _ = writeln!(rules, "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS");
+        rules += &node_ports;
+    }
     format!("*nat\n{chains}{rules}COMMIT\n")
 }
 
@@ -161,12 +182,13 @@ pub fn nftables_rules(services: &[Service], family: Family) -> String {
             "masquerade fully-random".into(),
         ],
     );
-    chain(
-        "services",
-        &[format!(
-            "{table} daddr . meta l4proto . th dport vmap @service-ips"
-        )],
-    );
+    let mut lookups = vec![format!(
+        "{table} daddr . meta l4proto . th dport vmap @service-ips"
+    )];
+    if services.iter().any(|s| s.node_port.is_some()) {
+        lookups.push("fib daddr type local meta l4proto . th dport vmap @service-nodeports".into());
+    }
+    chain("services", &lookups);
     chain(
         "nat-prerouting",
         &[
@@ -189,6 +211,7 @@ pub fn nftables_rules(services: &[Service], family: Family) -> String {
         ],
     );
     let mut elements = Vec::new();
+    let mut node_port_elements = Vec::new();
     let mut endpoint_index = 0;
     for (s, service) in services.iter().enumerate() {
         let name = format!("service-{s}");
@@ -218,6 +241,14 @@ pub fn nftables_rules(services: &[Service], family: Family) -> String {
             );
             targets.push(format!("{i} : goto {endpoint}"));
         }
+        if let Some(node_port) = service.node_port {
+            let external = format!("external-{s}");
+            chain(
+                &external,
+                &["jump mark-for-masquerade".into(), format!("goto {name}")],
+            );
+            node_port_elements.push(format!("{} . {node_port} : goto {external}", service.proto));
+        }
         chain(
             &name,
             &[
@@ -240,6 +271,13 @@ pub fn nftables_rules(services: &[Service], family: Family) -> String {
         "  map service-ips {{\n    type {address_type} . inet_proto . inet_service : verdict\n    elements = {{ {} }}\n  }}",
         elements.join(",\n      ")
     );
+    if !node_port_elements.is_empty() {
+        let _ = writeln!(
+            out,
+            "  map service-nodeports {{\n    type inet_proto . inet_service : verdict\n    elements = {{ {} }}\n  }}",
+            node_port_elements.join(",\n      ")
+        );
+    }
     out += "}\n";
     out
 }
@@ -315,6 +353,25 @@ pub fn flush_ipvs(node: &Netns) -> Result<()> {
     flush(node, Family::V4)?;
     node.exec("ipset", &["destroy", "KUBE-LOOP-BACK"])?;
     Ok(())
+}
+
+/// kube-proxy's modes this kernel runs (IPVS needs the QEMU guest), by the names the
+/// bench reports them under.
+pub const MODES: [&str; 3] = ["iptables-legacy", "iptables-nft", "nftables"];
+
+/// Programs `services` in `node` as kube-proxy's `mode` (one of `MODES`) of `family`
+/// does.
+pub fn load_mode(node: &Netns, mode: &str, services: &[Service], family: Family) -> Result<()> {
+    match mode.strip_prefix("iptables-") {
+        Some(backend) => load(
+            node,
+            &iptables_tool(family, backend, "-restore"),
+            &[],
+            &iptables_rules(services, family),
+        ),
+        None if mode == "nftables" => load(node, "nft", &["-f"], &nftables_rules(services, family)),
+        None => bail!("{mode}: not one of kube-proxy's modes here ({MODES:?})"),
+    }
 }
 
 /// Loads rules into a namespace through a file (the tools read their input whole).

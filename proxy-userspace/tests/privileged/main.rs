@@ -27,6 +27,7 @@ mod kubernetes;
 mod kubernetes_resilience;
 mod legacy_kernels;
 mod manifests_source;
+mod migration;
 mod multinode;
 mod node_health;
 mod node_port_addresses;

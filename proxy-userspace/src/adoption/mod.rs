@@ -1,0 +1,266 @@
+//! Adopting kube-proxy's flows (`--adopt-kube-proxy-flows`), so that a node switches
+//! from kube-proxy's iptables or nftables mode without dropping a connection.
+//!
+//! kube-proxy's flows live in `nf_conntrack`, which rewrites their packets after the
+//! data path has seen them. A packet of one of them that meets the data path once our
+//! frontends are programmed would be scheduled afresh: a mid-flow TCP segment
+//! re-hashed, likely to another backend (a reset), and a masqueraded flow's segments
+//! sent from a port the backend never heard of. So the agent reads `nf_conntrack`
+//! when it starts, and writes each flow to one of our frontends into the data path's
+//! conntrack, as the data path would have written it, while that frontend is being
+//! programmed and before it becomes visible: from then on the data path translates
+//! the flow, to the backend kube-proxy chose, with the masquerade address and port
+//! netfilter chose. The flow's `nf_conntrack` entry is deleted at once, because the
+//! packets netfilter now sees are the translated ones, and a new entry of theirs
+//! would clash with the old entry's reply tuple (netfilter then rewrites the source
+//! port of the packet, which breaks the flow).
+//!
+//! Flows from the node's own sockets are left to netfilter: kube-proxy translated them
+//! in OUTPUT, before any hook of ours sees them, and the socket hooks act at
+//! connect(), long past for them; their `nf_conntrack` entry goes on translating them
+//! without kube-proxy's rules, until they end.
+//!
+//! Written down: a flow netfilter opens between the read and its frontend's
+//! programming (a sync, milliseconds) is not adopted, nor is a packet of a flow that
+//! arrives in the microseconds between our entries' writing and its `nf_conntrack`
+//! entry's deletion spared the clash.
+
+mod entries;
+pub mod netfilter;
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use anyhow::Result;
+use proxy_common::{
+    Addr, Backend, ConnCounts, CtTimeouts, ServiceValue, ACCT_ACTIVE, ACCT_INACTIVE,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{
+    conntrack::coarse_now_ns,
+    datapath::{codec::addr_key, mmap::MappedArray, tables::Tables},
+    model::{Family, FrontendKey, Listen},
+};
+pub use entries::NotAdopted;
+use entries::{flow_entries, Destination};
+use netfilter::{Conntrack, NatFlow};
+
+/// What an adoption did, for the log, `status` and the metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdoptionReport {
+    pub adopted: usize,
+    /// Flows netfilter translated that stay with netfilter, by reason
+    /// (`NotAdopted::label`).
+    pub not_adopted: BTreeMap<String, usize>,
+    /// Adopted flows whose `nf_conntrack` entry could not be deleted.
+    pub not_deleted: usize,
+}
+
+/// The kernel's translated flows, waiting for their frontends.
+pub struct Adoption {
+    conntrack: Conntrack,
+    /// By protocol and destination port, then destination address: a frontend finds
+    /// its flows without a pass over all of them (a node may hold millions).
+    pending: BTreeMap<(u8, u16), BTreeMap<IpAddr, Vec<Pending>>>,
+    timeouts: CtTimeouts,
+    report: AdoptionReport,
+}
+
+struct Pending {
+    flow: NatFlow,
+    /// A frontend of ours had its destination (so the backend, not the frontend, is
+    /// what was missing).
+    matched: bool,
+}
+
+/// Flows left out are logged one by one up to this many.
+const LOGGED_REFUSALS: usize = 20;
+
+impl Adoption {
+    /// Reads the flows netfilter translated; the agent adopts them as it programs
+    /// their frontends.
+    pub fn read(timeouts: CtTimeouts) -> Result<Adoption> {
+        let mut conntrack = Conntrack::open()?;
+        let flows = conntrack.translated_flows()?;
+        info!(
+            flows = flows.len(),
+            "read the flows netfilter translated, to adopt"
+        );
+        let mut pending: BTreeMap<_, BTreeMap<_, Vec<_>>> = BTreeMap::new();
+        for flow in flows {
+            let (to, port) = (flow.original.1.ip(), flow.original.1.port());
+            pending
+                .entry((flow.protocol, port))
+                .or_default()
+                .entry(to)
+                .or_default()
+                .push(Pending {
+                    flow,
+                    matched: false,
+                });
+        }
+        Ok(Adoption {
+            conntrack,
+            pending,
+            timeouts,
+            report: AdoptionReport::default(),
+        })
+    }
+
+    /// Adopts the flows to `key`, a frontend programmed with `service` and `slots`
+    /// that is not visible to packets yet.
+    pub fn adopt(
+        &mut self,
+        key: &FrontendKey,
+        service: &ServiceValue,
+        slots: &[Backend],
+        tables: &mut Tables,
+        counts: &MappedArray<ConnCounts>,
+    ) {
+        let Some(by_address) = self.pending.get_mut(&(key.protocol.number(), key.port)) else {
+            return;
+        };
+        let mut adoptable = Vec::new();
+        for to in frontend_addresses(key, by_address.keys(), tables) {
+            let Some(flows) = by_address.get_mut(&to) else {
+                continue;
+            };
+            let mut index = 0;
+            while index < flows.len() {
+                flows[index].matched = true;
+                let reply_from = flows[index].flow.reply.0;
+                let backend = slots.iter().find(|b| {
+                    b.addr == Addr::from_ip(&reply_from.ip()) && b.port == reply_from.port().to_be()
+                });
+                match backend {
+                    Some(backend) => adoptable.push((flows.swap_remove(index).flow, *backend)),
+                    // Perhaps another frontend on the address (the in-cluster one) has it.
+                    None => index += 1,
+                }
+            }
+        }
+        let now = coarse_now_ns();
+        for (flow, backend) in adoptable {
+            self.adopt_one(&flow, service, &backend, tables, counts, now);
+        }
+    }
+
+    fn adopt_one(
+        &mut self,
+        flow: &NatFlow,
+        service: &ServiceValue,
+        backend: &Backend,
+        tables: &mut Tables,
+        counts: &MappedArray<ConnCounts>,
+        now: u64,
+    ) {
+        if is_local(flow.original.0.ip()) {
+            return self.refused(flow, NotAdopted::NodeLocal);
+        }
+        let to = Destination {
+            service,
+            backend,
+            // As the data path decides it: by `NODE_ADDRS`.
+            to_node_address: tables
+                .node_addrs
+                .get(&addr_key(&flow.original.1.ip()), 0)
+                .is_ok(),
+        };
+        match flow_entries(flow, &to, &self.timeouts, now)
+            .and_then(|entries| write(tables, &entries))
+        {
+            Ok(accounting) => {
+                match accounting {
+                    ACCT_ACTIVE => counts.adjust(backend.id, 1, 0),
+                    ACCT_INACTIVE => counts.adjust(backend.id, 0, 1),
+                    _ => {}
+                }
+                self.report.adopted += 1;
+                if let Err(e) = self.conntrack.delete(flow) {
+                    warn!(?flow, "adopted, but its nf_conntrack entry stays: {e:#}");
+                    self.report.not_deleted += 1;
+                }
+            }
+            Err(reason) => self.refused(flow, reason),
+        }
+    }
+
+    /// The report, once every source's first view is programmed: what is still
+    /// pending has no frontend (or no backend) of ours.
+    pub fn finish(mut self) -> AdoptionReport {
+        let left = std::mem::take(&mut self.pending);
+        for pending in left.into_values().flat_map(BTreeMap::into_values).flatten() {
+            let reason = match pending.matched {
+                true => NotAdopted::BackendGone,
+                false => NotAdopted::NoFrontend,
+            };
+            self.refused(&pending.flow, reason);
+        }
+        self.report
+    }
+
+    fn refused(&mut self, flow: &NatFlow, reason: NotAdopted) {
+        let refused: usize = self.report.not_adopted.values().sum();
+        if refused < LOGGED_REFUSALS {
+            info!(?flow, %reason, "left to netfilter");
+        }
+        *self
+            .report
+            .not_adopted
+            .entry(reason.label().to_owned())
+            .or_default() += 1;
+    }
+}
+
+/// Which of the flows' destinations `destinations` (of the key's protocol and port)
+/// `key` listens on: its address, or for a NodePort the node's addresses that answer
+/// NodePorts. Tunnel frontends are ours alone: kube-proxy has none.
+fn frontend_addresses<'a>(
+    key: &FrontendKey,
+    destinations: impl Iterator<Item = &'a IpAddr>,
+    tables: &Tables,
+) -> Vec<IpAddr> {
+    match key.listen {
+        Listen::Address(addr) | Listen::InClusterAddress(addr) => vec![addr],
+        Listen::NodePort(family) | Listen::InClusterNodePort(family) => destinations
+            .filter(|to| {
+                Family::of(to) == family
+                    && tables
+                        .node_addrs
+                        .get(&addr_key(to), 0)
+                        .is_ok_and(|flags| flags.answers_node_ports())
+            })
+            .copied()
+            .collect(),
+        Listen::TunnelAddress(_) | Listen::TunnelNodePort(_) => Vec::new(),
+    }
+}
+
+/// Whether `addr` is one of this network namespace's own: the kernel lets a socket
+/// bind to it (every local address, not only those `NODE_ADDRS` holds).
+fn is_local(addr: IpAddr) -> bool {
+    std::net::UdpSocket::bind((addr, 0)).is_ok()
+}
+
+/// Writes both entries (the reply's first, as the data path claims a reply tuple
+/// before it writes the flow), neither over an existing one; the flow's accounting.
+fn write(tables: &mut Tables, entries: &entries::FlowEntries) -> Result<u32, NotAdopted> {
+    const NOEXIST: u64 = 1; // BPF_NOEXIST
+    let refusal = |e: aya::maps::MapError| match e {
+        aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST) => {
+            NotAdopted::AlreadyTracked
+        }
+        _ => NotAdopted::TableFull,
+    };
+    let conntrack = &mut tables.conntrack;
+    conntrack
+        .insert(entries.reply_key, entries.reply, NOEXIST)
+        .map_err(refusal)?;
+    if let Err(e) = conntrack.insert(entries.key, entries.forward, NOEXIST) {
+        let _ = conntrack.remove(&entries.reply_key);
+        return Err(refusal(e));
+    }
+    Ok(entries.forward.accounting)
+}

@@ -1,0 +1,226 @@
+//! The kernel's own connection tracking (`nf_conntrack`), read and pruned over
+//! ctnetlink: the flows kube-proxy's iptables and nftables rules translated.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{bail, Context as _, Result};
+use netlink_packet_core_netfilter::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_netfilter::{
+    conntrack::{
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Status,
+        Tuple,
+    },
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr as NetlinkAddr};
+
+/// One flow netfilter translated the destination of: the tuple each direction
+/// carries on the wire, as `conntrack -L` prints them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatFlow {
+    /// IP protocol number.
+    pub protocol: u8,
+    /// (source, destination) as the client sent it: to the service's frontend.
+    pub original: (SocketAddr, SocketAddr),
+    /// (source, destination) as the backend answers: from the backend, to the client
+    /// or, when masqueraded, to the address and port netfilter gave it.
+    pub reply: (SocketAddr, SocketAddr),
+    /// `TCP_CONNTRACK_*` for TCP flows.
+    pub tcp_state: Option<u8>,
+    /// Seconds netfilter would keep the flow if it saw nothing more.
+    pub timeout_s: u32,
+}
+
+/// A ctnetlink socket of the agent's network namespace.
+pub struct Conntrack {
+    socket: Socket,
+    sequence: u32,
+}
+
+impl Conntrack {
+    pub fn open() -> Result<Conntrack> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).context("a ctnetlink socket")?;
+        socket.bind_auto()?;
+        socket.connect(&NetlinkAddr::new(0, 0))?;
+        Ok(Conntrack {
+            socket,
+            sequence: 0,
+        })
+    }
+
+    /// Every flow of either family whose destination netfilter translated (DNAT: a
+    /// service's, for kube-proxy's rules).
+    pub fn translated_flows(&mut self) -> Result<Vec<NatFlow>> {
+        let request = ConntrackMessage::Get(Vec::new());
+        let mut flows = Vec::new();
+        self.exchange(
+            NetfilterProtoFamily::Unspec,
+            request,
+            NLM_F_DUMP,
+            |message| {
+                if let ConntrackMessage::New(attributes) = message {
+                    flows.extend(nat_flow(&attributes));
+                }
+            },
+        )
+        .context("listing nf_conntrack")?;
+        Ok(flows)
+    }
+
+    /// Forgets `flow` (by its original tuple); one already gone is no error.
+    pub fn delete(&mut self, flow: &NatFlow) -> Result<()> {
+        let family = match flow.original.0.ip() {
+            IpAddr::V4(_) => NetfilterProtoFamily::IPv4,
+            IpAddr::V6(_) => NetfilterProtoFamily::IPv6,
+        };
+        let tuple = ConntrackAttribute::CtaTupleOrig(vec![
+            Tuple::Ip(vec![
+                IPTuple::SourceAddress(flow.original.0.ip()),
+                IPTuple::DestinationAddress(flow.original.1.ip()),
+            ]),
+            Tuple::Proto(vec![
+                ProtoTuple::Protocol(flow.protocol.into()),
+                ProtoTuple::SourcePort(flow.original.0.port()),
+                ProtoTuple::DestinationPort(flow.original.1.port()),
+            ]),
+        ]);
+        match self.exchange(
+            family,
+            ConntrackMessage::Delete(vec![tuple]),
+            NLM_F_ACK,
+            |_| {},
+        ) {
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Sends one request and reads its answers to the end (the dump's DONE, or the
+    /// acknowledgement), handing each conntrack message to `each`.
+    fn exchange(
+        &mut self,
+        family: NetfilterProtoFamily,
+        request: ConntrackMessage,
+        flags: u16,
+        mut each: impl FnMut(ConntrackMessage),
+    ) -> Result<()> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.sequence;
+        let inner = NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), request);
+        let mut message = NetlinkMessage::new(header, NetlinkPayload::from(inner));
+        message.finalize();
+        let mut bytes = vec![0; message.buffer_len()];
+        message.serialize(&mut bytes);
+        self.socket.send(&bytes, 0)?;
+        loop {
+            let (datagram, _) = self.socket.recv_from_full()?;
+            let mut offset = 0;
+            while offset < datagram.len() {
+                let answer = NetlinkMessage::<NetfilterMessage>::deserialize(&datagram[offset..])
+                    .context("a ctnetlink answer")?;
+                let length = answer.header.length as usize;
+                if length == 0 {
+                    bail!("a ctnetlink answer of length 0");
+                }
+                offset += length;
+                if answer.header.sequence_number != self.sequence {
+                    continue;
+                }
+                match answer.payload {
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(error) => match error.code {
+                        None => return Ok(()),
+                        Some(code) => {
+                            return Err(std::io::Error::from_raw_os_error(-code.get()).into())
+                        }
+                    },
+                    NetlinkPayload::InnerMessage(NetfilterMessage {
+                        inner: NetfilterMessageInner::Conntrack(message),
+                        ..
+                    }) => each(message),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn is_errno(e: &anyhow::Error, errno: i32) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::raw_os_error)
+        == Some(errno)
+}
+
+/// The flow an entry of the dump describes, if netfilter translated its destination.
+fn nat_flow(attributes: &[ConntrackAttribute]) -> Option<NatFlow> {
+    let mut original = None;
+    let mut reply = None;
+    let mut dnat = false;
+    let mut tcp_state = None;
+    let mut timeout_s = 0;
+    for attribute in attributes {
+        match attribute {
+            ConntrackAttribute::CtaTupleOrig(tuple) => original = endpoints(tuple),
+            ConntrackAttribute::CtaTupleReply(tuple) => reply = endpoints(tuple),
+            ConntrackAttribute::CtaStatus(status) => dnat = status.contains(Status::DstNat),
+            ConntrackAttribute::CtaTimeout(seconds) => timeout_s = *seconds,
+            ConntrackAttribute::CtaProtoInfo(info) => tcp_state = tcp_state_of(info),
+            _ => {}
+        }
+    }
+    let ((protocol, original), (_, reply)) = (original?, reply?);
+    dnat.then_some(NatFlow {
+        protocol,
+        original,
+        reply,
+        tcp_state,
+        timeout_s,
+    })
+}
+
+/// (protocol, (source, destination)) of a tuple with ports.
+fn endpoints(tuple: &[Tuple]) -> Option<(u8, (SocketAddr, SocketAddr))> {
+    let (mut src, mut dst, mut protocol, mut sport, mut dport) = (None, None, None, None, None);
+    for part in tuple {
+        match part {
+            Tuple::Ip(ips) => {
+                for ip in ips {
+                    match ip {
+                        IPTuple::SourceAddress(a) => src = Some(*a),
+                        IPTuple::DestinationAddress(a) => dst = Some(*a),
+                        _ => {}
+                    }
+                }
+            }
+            Tuple::Proto(fields) => {
+                for field in fields {
+                    match field {
+                        ProtoTuple::Protocol(p) => protocol = Some(u8::from(*p)),
+                        ProtoTuple::SourcePort(p) => sport = Some(*p),
+                        ProtoTuple::DestinationPort(p) => dport = Some(*p),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some((
+        protocol?,
+        (SocketAddr::new(src?, sport?), SocketAddr::new(dst?, dport?)),
+    ))
+}
+
+fn tcp_state_of(info: &[ProtoInfo]) -> Option<u8> {
+    info.iter().find_map(|i| match i {
+        ProtoInfo::TCP(fields) => fields.iter().find_map(|f| match f {
+            ProtoInfoTCP::State(state) => Some(*state),
+            _ => None,
+        }),
+        _ => None,
+    })
+}

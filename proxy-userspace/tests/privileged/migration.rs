@@ -1,0 +1,315 @@
+//! Switching a node from kube-proxy to the agent without a maintenance window
+//! (`--adopt-kube-proxy-flows`): connections opened through kube-proxy's rules, of
+//! both families, from a pod and (masqueraded) from outside, TCP and UDP, go on
+//! after the agent starts and kube-proxy's rules are flushed, on the same backend,
+//! with netfilter holding no translation of them any more; and without adoption the
+//! same switch breaks some, so that the test can fail.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    path::PathBuf,
+    time::Duration,
+};
+
+use ebpf_proxy::{adoption::netfilter::Conntrack, model::Family};
+use testbed::{
+    agent::{Agent, AgentOptions},
+    kube_proxy_rules::{self, Service},
+    manifests::render,
+    netns::Netns,
+    servers::{parse_greeting, HttpConnection, HTTP_PORT, UDP_PORT},
+    topology::{in_family, Topology, CLIENT_IP, NODE_IP},
+};
+
+use crate::support::{
+    cluster::{curl, pod_of},
+    services::*,
+    traffic::inside,
+};
+
+const BACKENDS: [&str; 2] = ["pod-a1", "pod-a2"];
+/// The pod the in-cluster flows come from.
+const CLIENT_POD: &str = "pod-a3";
+
+/// One long-lived flow and the backend kube-proxy gave it.
+struct Flow {
+    what: String,
+    conversation: Conversation,
+    backend: String,
+}
+
+enum Conversation {
+    Tcp(HttpConnection),
+    /// A UDP socket connected to the service: every datagram from the same port.
+    Udp(UdpSocket),
+}
+
+impl Conversation {
+    /// One exchange: the pod that answered.
+    fn ask(&mut self) -> Result<String, String> {
+        match self {
+            Conversation::Tcp(connection) => connection
+                .get()
+                .map(|body| pod_of(&body))
+                .map_err(|e| format!("{e:#}")),
+            Conversation::Udp(socket) => {
+                socket.send(b"question").map_err(|e| e.to_string())?;
+                let mut answer = [0u8; 512];
+                let n = socket.recv(&mut answer).map_err(|e| e.to_string())?;
+                let text = String::from_utf8_lossy(&answer[..n]);
+                parse_greeting(&text)
+                    .map(|(pod, _)| pod)
+                    .ok_or_else(|| format!("not a greeting: {text}"))
+            }
+        }
+    }
+}
+
+fn udp_conversation(ns: &Netns, service: SocketAddr) -> Conversation {
+    let socket = inside(ns, move || -> std::io::Result<UdpSocket> {
+        let any = SocketAddr::new(Family::of(&service.ip()).unspecified(), 0);
+        let socket = UdpSocket::bind(any)?;
+        socket.connect(service)?;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(socket)
+    })
+    .expect("UDP socket");
+    Conversation::Udp(socket)
+}
+
+/// A node still served by kube-proxy's `mode`, with long-lived flows through it.
+struct KubeProxyNode {
+    topology: Topology,
+    /// The flows the data path adopts.
+    flows: Vec<Flow>,
+    /// Flows from the node's own sockets, one per family: left to netfilter, whose
+    /// translation of them ends with kube-proxy's rules (as it does without us).
+    node_own: Vec<Flow>,
+    work_dir: PathBuf,
+}
+
+impl KubeProxyNode {
+    fn new(test: &str, mode: &str) -> KubeProxyNode {
+        let prefix = format!("epx{}{test}", std::process::id() % 100_000);
+        let topology = Topology::build(&prefix, 3, 0).expect("topology");
+        let endpoints = |port| {
+            BACKENDS
+                .iter()
+                .map(|pod| (topology.pod(pod).addr, port))
+                .collect::<Vec<_>>()
+        };
+        let services = [
+            Service {
+                ip: WEB_VIP,
+                port: 80,
+                proto: "tcp",
+                endpoints: endpoints(HTTP_PORT),
+                node_port: Some(NODE_PORT),
+            },
+            Service {
+                ip: DNS_VIP,
+                port: 53,
+                proto: "udp",
+                endpoints: endpoints(UDP_PORT),
+                node_port: None,
+            },
+        ];
+        for family in Family::ALL {
+            kube_proxy_rules::load_mode(&topology.node, mode, &services, family)
+                .expect("kube-proxy's rules");
+            // A node has a default route, which its own connections to a ClusterIP
+            // take before kube-proxy's OUTPUT rules translate them.
+            let gateway = in_family(CLIENT_IP, family);
+            topology
+                .node
+                .ip(&format!("route add default via {gateway}"))
+                .expect("default route");
+        }
+        let (mut flows, mut node_own) = (Vec::new(), Vec::new());
+        let pod = &topology.pod(CLIENT_POD).ns;
+        for family in Family::ALL {
+            let web = SocketAddr::new(in_family(WEB_VIP, family), 80);
+            let node_port = SocketAddr::new(in_family(NODE_IP, family), NODE_PORT);
+            let dns = SocketAddr::new(in_family(DNS_VIP, family), 53);
+            // Outside clients are masqueraded (kube-proxy marks what is not from a
+            // pod), to a port of netfilter's choosing (`--random-fully`).
+            let conversations = [
+                ("TCP from the node itself", &topology.node, web),
+                ("TCP from a pod", pod, web),
+                ("TCP from a pod, second", pod, web),
+                ("TCP from outside, masqueraded", &topology.client, web),
+                (
+                    "TCP to the NodePort from outside, masqueraded",
+                    &topology.client,
+                    node_port,
+                ),
+                ("UDP from a pod", pod, dns),
+                ("UDP from outside, masqueraded", &topology.client, dns),
+            ];
+            for (what, ns, service) in conversations {
+                let mut conversation = match service == dns {
+                    false => Conversation::Tcp(HttpConnection::open(ns, service).expect("connect")),
+                    true => udp_conversation(ns, dns),
+                };
+                let what = format!("{family} {what}");
+                let backend = conversation
+                    .ask()
+                    .unwrap_or_else(|e| panic!("{what} through kube-proxy's rules: {e}"));
+                let flow = Flow {
+                    what,
+                    conversation,
+                    backend,
+                };
+                match ns.name == topology.node.name {
+                    true => node_own.push(flow),
+                    false => flows.push(flow),
+                }
+            }
+        }
+        let work_dir = PathBuf::from(format!("/tmp/{prefix}"));
+        KubeProxyNode {
+            topology,
+            flows,
+            node_own,
+            work_dir,
+        }
+    }
+
+    /// Starts the agent (ready: its programs attached, the services programmed) with
+    /// `args`, kube-proxy's rules still in place.
+    fn start_agent(&self, args: &[&str]) -> Agent {
+        let mut web = web(&self.topology, &BACKENDS).dual_stack();
+        web.node_port = Some(NODE_PORT);
+        let services = [web, dns(&self.topology, &BACKENDS).dual_stack()];
+        Agent::start_with(
+            env!("CARGO_BIN_EXE_ebpf-proxy").as_ref(),
+            &self.topology,
+            &self.work_dir,
+            &render(&services),
+            AgentOptions {
+                extra_args: args,
+                ..Default::default()
+            },
+        )
+        .expect("agent")
+    }
+
+    /// kube-proxy goes: its rules of both families flushed.
+    fn remove_kube_proxy(&self) {
+        for family in Family::ALL {
+            kube_proxy_rules::flush(&self.topology.node, family).expect("flush");
+        }
+    }
+
+    /// The flows the data path adopts, asked `rounds` times: their failures.
+    fn failures(&mut self, rounds: usize) -> Vec<String> {
+        failures_of(&mut self.flows, rounds)
+    }
+}
+
+/// Each of `flows` asked `rounds` times: the failures (an error, or another backend).
+fn failures_of(flows: &mut [Flow], rounds: usize) -> Vec<String> {
+    let mut failures = Vec::new();
+    for flow in flows {
+        for _ in 0..rounds {
+            match flow.conversation.ask() {
+                Ok(pod) if pod == flow.backend => {}
+                Ok(pod) => failures.push(format!(
+                    "{}: answered by {pod}, not {}",
+                    flow.what, flow.backend
+                )),
+                Err(e) => failures.push(format!("{}: {e}", flow.what)),
+            }
+        }
+    }
+    failures
+}
+
+fn switches_without_dropping_a_flow(test: &str, mode: &str) {
+    let mut node = KubeProxyNode::new(test, mode);
+    let agent = node.start_agent(&["--adopt-kube-proxy-flows"]);
+    let mut before = node.failures(1);
+    // The node's own flows go on while kube-proxy's rules are there.
+    before.extend(failures_of(&mut node.node_own, 1));
+    assert!(
+        before.is_empty(),
+        "{mode}: with the agent beside kube-proxy's rules: {before:#?}"
+    );
+    node.remove_kube_proxy();
+    // Netfilter no longer translates any of them but the node's own: what does is
+    // the data path.
+    let translated = inside(&node.topology.node, || {
+        Conntrack::open().and_then(|mut c| c.translated_flows())
+    })
+    .expect("nf_conntrack");
+    let node_addresses = Family::ALL.map(|family| in_family(NODE_IP, family));
+    let foreign: Vec<_> = translated
+        .iter()
+        .filter(|flow| !node_addresses.contains(&flow.original.0.ip()))
+        .collect();
+    assert!(
+        foreign.is_empty() && translated.len() == node.node_own.len(),
+        "{mode}: netfilter still translates {translated:#?}"
+    );
+    let after = node.failures(3);
+    assert!(after.is_empty(), "{mode}: after the switch: {after:#?}");
+    let metrics = curl(&node.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
+    let adopted = format!(
+        "ebpf_proxy_kube_proxy_flows_adopted_total {}",
+        node.flows.len()
+    );
+    assert!(
+        metrics.lines().any(|l| l == adopted),
+        "{mode}: expected `{adopted}` in:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("adopted"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let (_, status) = agent.status(&[]).expect("status");
+    assert!(
+        status.contains(&format!(
+            "Adopted:        {} kube-proxy flows at start; left to netfilter: {} node_local",
+            node.flows.len(),
+            node.node_own.len()
+        )),
+        "{status}"
+    );
+    // New connections are the data path's own.
+    assert!(curl(&node.topology.client, &format!("http://{WEB_VIP}/")).is_ok());
+    drop(agent);
+}
+
+#[test]
+fn from_iptables_legacy_every_flow_goes_on_through_the_data_path() {
+    switches_without_dropping_a_flow("migl", "iptables-legacy");
+}
+
+#[test]
+fn from_iptables_nft_every_flow_goes_on_through_the_data_path() {
+    switches_without_dropping_a_flow("mign", "iptables-nft");
+}
+
+#[test]
+fn from_nftables_every_flow_goes_on_through_the_data_path() {
+    switches_without_dropping_a_flow("migt", "nftables");
+}
+
+/// The control: the same switch without adoption. The data path meets flows it has
+/// never seen; the masqueraded ones at least are sent on from a port their backend
+/// does not know.
+#[test]
+fn without_adoption_the_same_switch_breaks_flows() {
+    let mut node = KubeProxyNode::new("migx", "iptables-legacy");
+    let agent = node.start_agent(&[]);
+    node.remove_kube_proxy();
+    let broken = node.failures(1);
+    assert!(
+        broken
+            .iter()
+            .any(|f| f.contains("TCP from outside, masqueraded")),
+        "the switch without adoption broke only {broken:#?}"
+    );
+    drop(agent);
+}
