@@ -228,6 +228,17 @@ fn failures_of(flows: &mut [Flow], rounds: usize) -> Vec<String> {
 fn switches_without_dropping_a_flow(test: &str, mode: &str) {
     let mut node = KubeProxyNode::new(test, mode);
     let agent = node.start_agent(&["--adopt-kube-proxy-flows"]);
+    // Every adopted flow (established TCP, UDP) counts as an active connection of its
+    // backend, as the data path's own would: least-connection goes on from the truth.
+    let active: u64 = agent
+        .listing()
+        .expect("list")
+        .services
+        .iter()
+        .flat_map(|s| &s.backends)
+        .map(|b| b.active)
+        .sum();
+    assert_eq!(active, node.flows.len() as u64, "{mode}: active connections");
     let mut before = node.failures(1);
     // The node's own flows go on while kube-proxy's rules are there.
     before.extend(failures_of(&mut node.node_own, 1));
