@@ -315,11 +315,6 @@ fn program(
                 &manifests(services, family),
             )?)
         }
-        "ipvs" => {
-            anyhow::ensure!(family == Family::V4, "IPVS is measured over IPv4 only");
-            kube_proxy_rules::load_ipvs(&topology.node, services)?;
-            None
-        }
         mode => {
             kube_proxy_rules::load_mode(&topology.node, mode, services, family)?;
             None
@@ -411,11 +406,8 @@ pub fn run_contenders(
                 BTreeMap::new()
             };
             drop(agent);
-            if contender == "ipvs" {
-                kube_proxy_rules::flush_ipvs(&topology.node)?;
-            } else {
-                kube_proxy_rules::flush(&topology.node, family)?;
-            }
+            // Also after ebpf-proxy: the flush checks that no DNAT rule is left.
+            kube_proxy_rules::remove_mode(&topology.node, contender, family)?;
             let median = |v: &[f64]| {
                 let mut v = v.to_vec();
                 v.sort_by(f64::total_cmp);

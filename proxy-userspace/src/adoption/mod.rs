@@ -159,14 +159,15 @@ impl Adoption {
         if is_local(flow.original.0.ip()) {
             return self.refused(flow, NotAdopted::NodeLocal);
         }
+        let frontend = flow.original.1.ip();
         let to = Destination {
             service,
             backend,
-            // As the data path decides it: by `NODE_ADDRS`.
-            to_node_address: tables
-                .node_addrs
-                .get(&addr_key(&flow.original.1.ip()), 0)
-                .is_ok(),
+            // As the data path decides it, by `NODE_ADDRS`; and a service address
+            // still on an interface (IPVS's `kube-ipvs0`): replies from it would be
+            // dropped as martians if handed to the stack.
+            to_node_address: tables.node_addrs.get(&addr_key(&frontend), 0).is_ok()
+                || is_local(frontend),
         };
         match flow_entries(flow, &to, &self.timeouts, now)
             .and_then(|entries| write(tables, &entries))

@@ -1,5 +1,7 @@
 //! The kernel's own connection tracking (`nf_conntrack`), read and pruned over
-//! ctnetlink: the flows kube-proxy's iptables and nftables rules translated.
+//! ctnetlink: the flows kube-proxy translated, by its iptables and nftables rules'
+//! DNAT, or by IPVS, which with `net.ipv4.vs.conntrack=1` (kube-proxy sets it) writes
+//! the real server into the entry's reply tuple.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -9,15 +11,14 @@ use netlink_packet_core_netfilter::{
 };
 use netlink_packet_netfilter::{
     conntrack::{
-        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Status,
-        Tuple,
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Tuple,
     },
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr as NetlinkAddr};
 
-/// One flow netfilter translated the destination of: the tuple each direction
-/// carries on the wire, as `conntrack -L` prints them.
+/// One flow whose destination was translated: the tuple each direction carries on
+/// the wire, as `conntrack -L` prints them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NatFlow {
     /// IP protocol number.
@@ -50,8 +51,8 @@ impl Conntrack {
         })
     }
 
-    /// Every flow of either family whose destination netfilter translated (DNAT: a
-    /// service's, for kube-proxy's rules).
+    /// Every flow of either family whose destination was translated: its answers
+    /// come from elsewhere than where it was sent (a DNAT rule's flows, IPVS's).
     pub fn translated_flows(&mut self) -> Result<Vec<NatFlow>> {
         let request = ConntrackMessage::Get(Vec::new());
         let mut flows = Vec::new();
@@ -155,25 +156,24 @@ fn is_errno(e: &anyhow::Error, errno: i32) -> bool {
         == Some(errno)
 }
 
-/// The flow an entry of the dump describes, if netfilter translated its destination.
+/// The flow an entry of the dump describes, if its destination was translated (not
+/// only its source: a masquerade alone is not a service's).
 fn nat_flow(attributes: &[ConntrackAttribute]) -> Option<NatFlow> {
     let mut original = None;
     let mut reply = None;
-    let mut dnat = false;
     let mut tcp_state = None;
     let mut timeout_s = 0;
     for attribute in attributes {
         match attribute {
             ConntrackAttribute::CtaTupleOrig(tuple) => original = endpoints(tuple),
             ConntrackAttribute::CtaTupleReply(tuple) => reply = endpoints(tuple),
-            ConntrackAttribute::CtaStatus(status) => dnat = status.contains(Status::DstNat),
             ConntrackAttribute::CtaTimeout(seconds) => timeout_s = *seconds,
             ConntrackAttribute::CtaProtoInfo(info) => tcp_state = tcp_state_of(info),
             _ => {}
         }
     }
     let ((protocol, original), (_, reply)) = (original?, reply?);
-    dnat.then_some(NatFlow {
+    (reply.0 != original.1).then_some(NatFlow {
         protocol,
         original,
         reply,

@@ -32,7 +32,7 @@ pub struct Service {
     pub proto: &'static str,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
     /// A NodePort on every local address (`externalTrafficPolicy: Cluster`: its
-    /// clients masqueraded). Not in the iptables and nftables modes of IPVS's guest.
+    /// clients masqueraded); the IPVS layout has none.
     pub node_port: Option<u16>,
 }
 
@@ -298,7 +298,7 @@ pub fn ipvs_rules(services: &[Service]) -> String {
 }
 
 /// Programs kube-proxy's IPVS mode into the node namespace.
-pub fn load_ipvs(node: &Netns, services: &[Service]) -> Result<()> {
+fn load_ipvs(node: &Netns, services: &[Service]) -> Result<()> {
     for (key, value) in [
         ("net.ipv4.vs.conntrack", "1"),
         ("net.ipv4.vs.expire_nodest_conn", "1"),
@@ -346,8 +346,16 @@ pub fn load_ipvs(node: &Netns, services: &[Service]) -> Result<()> {
     Ok(())
 }
 
+/// Removes what `load_mode` programmed for `mode` and `family`.
+pub fn remove_mode(node: &Netns, mode: &str, family: Family) -> Result<()> {
+    match mode {
+        "ipvs" => flush_ipvs(node),
+        _ => flush(node, family),
+    }
+}
+
 /// Removes what `load_ipvs` programmed.
-pub fn flush_ipvs(node: &Netns) -> Result<()> {
+fn flush_ipvs(node: &Netns) -> Result<()> {
     node.exec("ipvsadm", &["-C"])?;
     node.ip("link del kube-ipvs0")?;
     flush(node, Family::V4)?;
@@ -355,13 +363,17 @@ pub fn flush_ipvs(node: &Netns) -> Result<()> {
     Ok(())
 }
 
-/// kube-proxy's modes this kernel runs (IPVS needs the QEMU guest), by the names the
-/// bench reports them under.
-pub const MODES: [&str; 3] = ["iptables-legacy", "iptables-nft", "nftables"];
+/// kube-proxy's modes, by the names the bench reports them under (`ipvs` only in the
+/// QEMU guest: this kernel has no IPVS).
+pub const MODES: [&str; 4] = ["iptables-legacy", "iptables-nft", "nftables", "ipvs"];
 
 /// Programs `services` in `node` as kube-proxy's `mode` (one of `MODES`) of `family`
-/// does.
+/// does (IPVS: IPv4 only here).
 pub fn load_mode(node: &Netns, mode: &str, services: &[Service], family: Family) -> Result<()> {
+    if mode == "ipvs" {
+        anyhow::ensure!(family == Family::V4, "IPVS is laid out for IPv4 only");
+        return load_ipvs(node, services);
+    }
     match mode.strip_prefix("iptables-") {
         Some(backend) => load(
             node,

@@ -6,7 +6,6 @@
 //! byte by byte on this kernel.
 
 use std::{
-    path::PathBuf,
     process::{Child, Stdio},
     time::Duration,
 };
@@ -14,7 +13,6 @@ use std::{
 use ebpf_proxy::model::Family;
 use testbed::{
     eventually,
-    guest::{self, GuestRun},
     manifests::ServiceDef,
     netns::Netns,
     topology::{host_port, in_family, NODE_IP},
@@ -24,27 +22,10 @@ use crate::support::cluster::Cluster;
 
 const TEST: &str = "sctp_guest::in_guest";
 
-/// Boots the guest and runs `in_guest` there; its console is echoed.
+/// In the QEMU guest, whose stock kernel has SCTP: `in_guest`.
 #[test]
 fn real_associations_through_a_cluster_ip_and_a_node_port() {
-    let exe = std::env::current_exe().expect("this test binary");
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_ebpf-proxy"));
-    let spec = GuestRun {
-        name: "sctp-test",
-        binaries: vec![(exe.clone(), exe.clone()), (agent.clone(), agent)],
-        command: format!(
-            "{} --ignored --exact {TEST} --nocapture --test-threads 1",
-            exe.display()
-        ),
-        kernel: guest::DebianKernel::Bookworm,
-    };
-    let mut passed = false;
-    guest::run(&spec, |line| {
-        eprintln!("guest: {line}");
-        passed |= line.contains("test result: ok. 1 passed");
-    })
-    .expect("the guest run");
-    assert!(passed, "{TEST} did not pass in the guest");
+    crate::support::in_guest::run_ignored_test("sctp-test", TEST);
 }
 
 const DIAMETER_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 132);
