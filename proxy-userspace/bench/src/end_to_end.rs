@@ -114,6 +114,7 @@ fn services(count: usize, topology: &Topology) -> Vec<Service> {
                 proto,
                 endpoints,
                 node_port: None,
+                external_local: false,
             }
         })
         .collect()

@@ -31,9 +31,12 @@ pub struct Service {
     /// `tcp` or `udp`, as iptables and nft spell it.
     pub proto: &'static str,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
-    /// A NodePort on every local address (`externalTrafficPolicy: Cluster`: its
-    /// clients masqueraded); the IPVS layout has none.
+    /// A NodePort on every local address; the IPVS layout has none.
     pub node_port: Option<u16>,
+    /// `externalTrafficPolicy: Local`: the NodePort's outside clients are not
+    /// masqueraded. (kube-proxy then sends them to the node's own endpoints only,
+    /// `KUBE-SVL-*`; these services have no others.)
+    pub external_local: bool,
 }
 
 const POD_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 244, 0, 0), 16);
@@ -110,7 +113,12 @@ pub fn iptables_rules(services: &[Service], family: Family) -> String {
                 "-A KUBE-NODEPORTS -m comment --comment \"bench/svc{s}:http\" -m {p} -p {p} --dport {node_port} -j {ext}",
                 p = service.proto
             );
-            let _ = writeln!(node_ports, "-A {ext} -m comment --comment \"masquerade traffic for bench/svc{s}:http external destinations\" -j KUBE-MARK-MASQ");
+            let masquerade = match service.external_local {
+                // Only the node's own clients, which kube-proxy still masquerades.
+                true => "-m addrtype --src-type LOCAL ",
+                false => "",
+            };
+            let _ = writeln!(node_ports, "-A {ext} -m comment --comment \"masquerade traffic for bench/svc{s}:http external destinations\" {masquerade}-j KUBE-MARK-MASQ");
             let _ = writeln!(node_ports, "-A {ext} -j {svc}");
         }
         let _ = writeln!(
@@ -243,10 +251,11 @@ pub fn nftables_rules(services: &[Service], family: Family) -> String {
         }
         if let Some(node_port) = service.node_port {
             let external = format!("external-{s}");
-            chain(
-                &external,
-                &["jump mark-for-masquerade".into(), format!("goto {name}")],
-            );
+            let masquerade = match service.external_local {
+                true => "fib saddr type local jump mark-for-masquerade",
+                false => "jump mark-for-masquerade",
+            };
+            chain(&external, &[masquerade.into(), format!("goto {name}")]);
             node_port_elements.push(format!("{} . {node_port} : goto {external}", service.proto));
         }
         chain(
@@ -309,14 +318,18 @@ fn load_ipvs(node: &Netns, services: &[Service]) -> Result<()> {
     node.ip("link add kube-ipvs0 type dummy")?;
     let mut addresses = String::new();
     let mut loopback = String::from("create KUBE-LOOP-BACK hash:ip,port,ip\n");
+    // An endpoint of two services is one element, as kube-proxy adds it.
+    let mut looped = std::collections::BTreeSet::new();
     for service in services {
         let _ = writeln!(addresses, "addr add {}/32 dev kube-ipvs0", service.ip);
         for (addr, port) in &service.endpoints {
-            let _ = writeln!(
-                loopback,
-                "add KUBE-LOOP-BACK {addr},{}:{port},{addr}",
-                service.proto
-            );
+            if looped.insert((*addr, service.proto, *port)) {
+                let _ = writeln!(
+                    loopback,
+                    "add KUBE-LOOP-BACK {addr},{}:{port},{addr}",
+                    service.proto
+                );
+            }
         }
     }
     load(node, "ip", &["-batch"], &addresses)?;

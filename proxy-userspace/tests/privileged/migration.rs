@@ -7,7 +7,7 @@
 //! fail. IPVS mode runs in the QEMU guest (this kernel has no IPVS), over IPv4.
 
 use std::{
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     path::PathBuf,
     time::Duration,
 };
@@ -19,7 +19,7 @@ use ebpf_proxy::{
 use testbed::{
     agent::{Agent, AgentOptions},
     kube_proxy_rules::{self, Service},
-    manifests::render,
+    manifests::{render, ServiceDef},
     netns::Netns,
     servers::{parse_greeting, HttpConnection, HTTP_PORT, UDP_PORT},
     topology::{in_family, Topology, CLIENT_IP, NODE_IP},
@@ -33,6 +33,10 @@ use crate::support::{
 };
 
 const BACKENDS: [&str; 2] = ["pod-a1", "pod-a2"];
+/// A service whose NodePort keeps its outside clients' addresses
+/// (`externalTrafficPolicy: Local`).
+const LOCAL_WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const LOCAL_NODE_PORT: u16 = 30081;
 /// The pod the in-cluster flows come from.
 const CLIENT_POD: &str = "pod-a3";
 
@@ -112,6 +116,15 @@ impl KubeProxyNode {
                 proto: "tcp",
                 endpoints: endpoints(HTTP_PORT),
                 node_port: Some(NODE_PORT),
+                external_local: false,
+            },
+            Service {
+                ip: LOCAL_WEB_VIP,
+                port: 80,
+                proto: "tcp",
+                endpoints: endpoints(HTTP_PORT),
+                node_port: Some(LOCAL_NODE_PORT),
+                external_local: true,
             },
             Service {
                 ip: DNS_VIP,
@@ -119,6 +132,7 @@ impl KubeProxyNode {
                 proto: "udp",
                 endpoints: endpoints(UDP_PORT),
                 node_port: None,
+                external_local: false,
             },
         ];
         for &family in families {
@@ -137,6 +151,7 @@ impl KubeProxyNode {
         for &family in families {
             let web = SocketAddr::new(in_family(WEB_VIP, family), 80);
             let node_port = SocketAddr::new(in_family(NODE_IP, family), NODE_PORT);
+            let local_node_port = SocketAddr::new(in_family(NODE_IP, family), LOCAL_NODE_PORT);
             let dns = SocketAddr::new(in_family(DNS_VIP, family), 53);
             // Outside clients are masqueraded (kube-proxy marks what is not from a
             // pod), to a port of netfilter's choosing (`--random-fully`).
@@ -150,13 +165,18 @@ impl KubeProxyNode {
                     &topology.client,
                     node_port,
                 ),
+                (
+                    "TCP to the Local NodePort from outside (not masqueraded)",
+                    &topology.client,
+                    local_node_port,
+                ),
                 ("UDP from a pod", pod, dns),
                 ("UDP from outside", &topology.client, dns),
             ];
             // kube-proxy's IPVS layout here has no NodePorts.
-            let conversations = conversations
-                .into_iter()
-                .filter(|(_, _, service)| mode != "ipvs" || *service != node_port);
+            let conversations = conversations.into_iter().filter(|(_, _, service)| {
+                mode != "ipvs" || ![node_port, local_node_port].contains(service)
+            });
             for (what, ns, service) in conversations {
                 let mut conversation = match service == dns {
                     false => Conversation::Tcp(HttpConnection::open(ns, service).expect("connect")),
@@ -195,7 +215,12 @@ impl KubeProxyNode {
             .dual_stack()
             .annotated("ebpf-proxy.io/scheduler", "lc");
         web.node_port = Some(NODE_PORT);
-        let services = [web, dns(&self.topology, &BACKENDS).dual_stack()];
+        let mut local_web = ServiceDef::new("web-local", LOCAL_WEB_VIP, "TCP", 80, HTTP_PORT)
+            .with_pods(BACKENDS.iter().map(|p| self.topology.pod(p)))
+            .dual_stack()
+            .with_spec("externalTrafficPolicy: Local");
+        local_web.node_port = Some(LOCAL_NODE_PORT);
+        let services = [web, local_web, dns(&self.topology, &BACKENDS).dual_stack()];
         Agent::start_with(
             env!("CARGO_BIN_EXE_ebpf-proxy").as_ref(),
             &self.topology,
@@ -231,6 +256,16 @@ impl KubeProxyNode {
     fn failures(&mut self, rounds: usize) -> Vec<String> {
         failures_of(&mut self.flows, rounds)
     }
+}
+
+/// Packets the data path rewrote so far (its `translated` event).
+fn translated_packets(agent: &Agent) -> u64 {
+    let listing = agent.listing().expect("list");
+    listing
+        .events
+        .iter()
+        .find(|(name, _)| name == "translated")
+        .map_or(0, |(_, n)| *n)
 }
 
 /// Each of `flows` asked `rounds` times: the failures (an error, or another backend).
@@ -299,7 +334,16 @@ fn switches_without_dropping_a_flow(test: &str, mode: &str, families: &[Family])
         foreign.is_empty() && translated.len() <= node.node_own.len(),
         "{mode}: netfilter still translates {translated:#?}"
     );
+    let translated_before = translated_packets(&agent);
     let after = node.failures(3);
+    // Each exchange is a request and an answer the data path rewrote (at least: a
+    // TCP segment more or less per exchange is the kernel's business).
+    let rewritten = translated_packets(&agent) - translated_before;
+    assert!(
+        rewritten >= 2 * 3 * node.flows.len() as u64,
+        "{mode}: the data path rewrote only {rewritten} packets of {} exchanges",
+        3 * node.flows.len()
+    );
     assert!(after.is_empty(), "{mode}: after the switch: {after:#?}");
     let metrics = curl(&node.topology.node, "http://127.0.0.1:10249/metrics").expect("metrics");
     let adopted = format!(
