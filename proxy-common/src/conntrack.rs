@@ -248,9 +248,7 @@ impl CtEntry {
             ..*original
         }
     }
-}
 
-impl CtEntry {
     /// Masquerades a new flow: the client's direction (`forward`) leaves from
     /// `snat_addr`, one of this node's addresses, and the reply entry, which the
     /// caller keys to that address, puts the client's address back.

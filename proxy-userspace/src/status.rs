@@ -481,21 +481,7 @@ pub fn render(report: &StatusReport, wide: bool) -> String {
             };
             let _ = writeln!(out, "  {:<14}{:<8}{hooks}", "sockets", "cgroup");
             if let Some(adoption) = &a.adoption {
-                let left: Vec<String> = adoption
-                    .not_adopted
-                    .iter()
-                    .map(|(reason, n)| format!("{n} {reason}"))
-                    .collect();
-                let _ = writeln!(
-                    out,
-                    "Adopted:        {} kube-proxy flows at start; left to netfilter: {}",
-                    adoption.adopted,
-                    if left.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        left.join(", ")
-                    }
-                );
+                let _ = writeln!(out, "Adopted:        {}", adoption_line(adoption));
             }
             if wide {
                 let s = &a.settings;
@@ -593,6 +579,33 @@ fn format_age(seconds: u64) -> String {
         s if s < 86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
         s => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
     }
+}
+
+/// What `--adopt-kube-proxy-flows` did, in one line.
+fn adoption_line(adoption: &AdoptionReport) -> String {
+    if let Some(error) = &adoption.read_error {
+        return format!("NOTHING: reading kube-proxy's flows failed: {error}");
+    }
+    let left: Vec<String> = adoption
+        .not_adopted
+        .iter()
+        .map(|(reason, n)| format!("{n} {reason}"))
+        .collect();
+    let left = match left.is_empty() {
+        true => "none".to_owned(),
+        false => left.join(", "),
+    };
+    let mut line = format!(
+        "{} kube-proxy flows at start; left to netfilter: {left}",
+        adoption.adopted
+    );
+    if adoption.not_deleted > 0 {
+        line += &format!(
+            "; {} nf_conntrack entries NOT deleted (their flows may break)",
+            adoption.not_deleted
+        );
+    }
+    line
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::{fmt, net::SocketAddr};
 
 use proxy_common::{
     Addr, Backend, CtEntry, CtKey, CtTimeouts, ServiceValue, Transport, ACCT_ACTIVE, ACCT_INACTIVE,
-    BACKEND_F_REMOTE, CT_CLOSING, CT_ESTABLISHED, CT_F_NODE_SOURCE, CT_F_REWRITE_DST,
+    BACKEND_F_REMOTE, CT_CLOSING, CT_ESTABLISHED, CT_F_FIN, CT_F_NODE_SOURCE, CT_F_REWRITE_DST,
     CT_F_REWRITE_SRC, CT_SYN_RECV, CT_SYN_SENT, PROTO_TCP, PROTO_UDP,
 };
 
@@ -29,8 +29,8 @@ pub enum NotAdopted {
     /// The client and the backend are of different families.
     MixedFamilies,
     /// It comes from one of the node's own sockets: kube-proxy translated it in
-    /// OUTPUT, before any hook of ours, and its `nf_conntrack` entry goes on
-    /// translating it (the socket hooks act at connect(), long past for it).
+    /// OUTPUT, before any hook of ours (the socket hooks act at connect(), long past
+    /// for it); its `nf_conntrack` entry translates it while kube-proxy's rules last.
     NodeLocal,
     /// The data path already tracks the flow (an earlier adoption).
     AlreadyTracked,
@@ -73,20 +73,23 @@ pub struct FlowEntries {
 pub struct Destination<'a> {
     pub service: &'a ServiceValue,
     pub backend: &'a Backend,
-    /// The frontend address is one of this node's (a NodePort): replies leave from it.
+    /// The frontend address is one of this node's (a NodePort's, or a service address
+    /// still on an interface: IPVS's `kube-ipvs0`): replies leave from it.
     pub to_node_address: bool,
 }
 
 /// Our (state, accounting) of a flow in netfilter's state, or why there is none.
-/// TCP states by `TCP_CONNTRACK_*`: 1 SYN_SENT, 2 SYN_RECV, 3 ESTABLISHED, 4 to 8 the
-/// closing ones (FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE), 9 SYN_SENT2.
+/// TCP states by `TCP_CONNTRACK_*`: 1 SYN_SENT, 2 SYN_RECV, 3 ESTABLISHED, 4 FIN_WAIT
+/// and 5 CLOSE_WAIT (one direction's FIN: still established for `tcp::next`, which
+/// closes on the second FIN, the first one marked with `CT_F_FIN`), 6 LAST_ACK,
+/// 7 TIME_WAIT and 8 CLOSE (closing), 9 SYN_SENT2.
 fn state_of(flow: &NatFlow) -> Result<(u8, u32), NotAdopted> {
     match (flow.protocol, flow.tcp_state) {
         (PROTO_UDP, _) => Ok(Transport::opening(PROTO_UDP)),
-        (PROTO_TCP, Some(3)) => Ok((CT_ESTABLISHED, ACCT_ACTIVE)),
+        (PROTO_TCP, Some(3..=5)) => Ok((CT_ESTABLISHED, ACCT_ACTIVE)),
         (PROTO_TCP, Some(1 | 9)) => Ok((CT_SYN_SENT, ACCT_INACTIVE)),
         (PROTO_TCP, Some(2)) => Ok((CT_SYN_RECV, ACCT_INACTIVE)),
-        (PROTO_TCP, Some(4..=8)) => Ok((CT_CLOSING, ACCT_INACTIVE)),
+        (PROTO_TCP, Some(6..=8)) => Ok((CT_CLOSING, ACCT_INACTIVE)),
         (PROTO_TCP, _) => Err(NotAdopted::TcpState),
         _ => Err(NotAdopted::Protocol),
     }
@@ -148,6 +151,12 @@ pub fn flow_entries(
         forward.flags |= CT_F_REWRITE_SRC;
         forward.nat_sport = reply_key.dport;
     }
+    if flow.fin.0 {
+        forward.flags |= CT_F_FIN;
+    }
+    if flow.fin.1 {
+        reply.flags |= CT_F_FIN;
+    }
     forward.helper = to.service.helper;
     forward.backend_here = u8::from(backend.flags & BACKEND_F_REMOTE == 0);
     Ok(FlowEntries {
@@ -162,7 +171,10 @@ pub fn flow_entries(
 mod tests {
     use std::net::Ipv4Addr;
 
-    use proxy_common::{CT_F_REPLY, CT_F_SNAT};
+    use proxy_common::{
+        tcp::{TCP_ACK, TCP_FIN},
+        CT_F_REPLY, CT_F_SNAT,
+    };
 
     use super::*;
 
@@ -180,6 +192,7 @@ mod tests {
                 reply_to.parse().expect("reply"),
             ),
             tcp_state: Some(tcp_state),
+            fin: (false, false),
             timeout_s: 100,
         }
     }
@@ -242,6 +255,28 @@ mod tests {
         assert_eq!(adopted.reply.nat_dst, adopted.key.src);
         assert_eq!(adopted.reply.nat_dport, adopted.key.sport);
         assert_ne!(adopted.reply.flags & CT_F_REWRITE_DST, 0);
+    }
+
+    /// A half-closed flow is as the data path leaves it after one FIN: established,
+    /// active, that direction's entry marked, so that the other FIN closes it.
+    #[test]
+    fn a_half_closed_flow_stays_established_with_its_fin_marked() {
+        let mut half_closed = flow(CLIENT, 4);
+        half_closed.fin = (true, false);
+        let adopted = adopt(&half_closed).expect("half-closed");
+        assert_eq!(
+            (adopted.forward.state, adopted.forward.accounting),
+            (CT_ESTABLISHED, ACCT_ACTIVE)
+        );
+        assert_ne!(adopted.forward.flags & CT_F_FIN, 0);
+        assert_eq!(adopted.reply.flags & CT_F_FIN, 0);
+        let (state, _) = Transport::Tcp.next(
+            adopted.reply.state,
+            adopted.reply.flags,
+            TCP_FIN | TCP_ACK,
+            || adopted.forward.flags & CT_F_FIN != 0,
+        );
+        assert_eq!(state, CT_CLOSING, "the backend's FIN closes it");
     }
 
     #[test]

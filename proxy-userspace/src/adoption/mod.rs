@@ -17,8 +17,9 @@
 //!
 //! Flows from the node's own sockets are left to netfilter: kube-proxy translated them
 //! in OUTPUT, before any hook of ours sees them, and the socket hooks act at
-//! connect(), long past for them; their `nf_conntrack` entry goes on translating them
-//! without kube-proxy's rules, until they end.
+//! connect(), long past for them. Their `nf_conntrack` entry translates them for as
+//! long as kube-proxy's nat rules are there (netfilter stops applying its
+//! translation with them, as it does without us).
 //!
 //! Written down: a flow netfilter opens between the read and its frontend's
 //! programming (a sync, milliseconds) is not adopted, nor is a packet of a flow that
@@ -28,7 +29,10 @@
 mod entries;
 pub mod netfilter;
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use anyhow::Result;
 use proxy_common::{
@@ -56,11 +60,18 @@ pub struct AdoptionReport {
     pub not_adopted: BTreeMap<String, usize>,
     /// Adopted flows whose `nf_conntrack` entry could not be deleted.
     pub not_deleted: usize,
+    /// Why nothing was adopted: `nf_conntrack` could not be read. The agent runs on
+    /// without adopting (kube-proxy is gone by then: a node without a proxy would be
+    /// worse than one whose open connections end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_error: Option<String>,
 }
 
 /// The kernel's translated flows, waiting for their frontends.
 pub struct Adoption {
     conntrack: Conntrack,
+    /// The addresses on the node's interfaces when the flows were read.
+    local: BTreeSet<IpAddr>,
     /// By protocol and destination port, then destination address: a frontend finds
     /// its flows without a pass over all of them (a node may hold millions).
     pending: BTreeMap<(u8, u16), BTreeMap<IpAddr, Vec<Pending>>>,
@@ -75,13 +86,19 @@ struct Pending {
     matched: bool,
 }
 
+/// IPVS writes its real servers into nf_conntrack only with this sysctl on.
+const IPVS_CONNTRACK: &str = "/proc/sys/net/ipv4/vs/conntrack";
+
 /// Flows left out are logged one by one up to this many.
 const LOGGED_REFUSALS: usize = 20;
 
 impl Adoption {
     /// Reads the flows netfilter translated; the agent adopts them as it programs
-    /// their frontends.
-    pub fn read(timeouts: CtTimeouts) -> Result<Adoption> {
+    /// their frontends. `local`: the addresses on the node's interfaces.
+    pub fn read(timeouts: CtTimeouts, local: BTreeSet<IpAddr>) -> Result<Adoption> {
+        if std::fs::read_to_string(IPVS_CONNTRACK).is_ok_and(|on| on.trim() == "0") {
+            warn!("{IPVS_CONNTRACK} is 0: IPVS's flows are not in nf_conntrack, and cannot be adopted (kube-proxy's IPVS mode sets it to 1)");
+        }
         let mut conntrack = Conntrack::open()?;
         let flows = conntrack.translated_flows()?;
         info!(
@@ -103,6 +120,7 @@ impl Adoption {
         }
         Ok(Adoption {
             conntrack,
+            local,
             pending,
             timeouts,
             report: AdoptionReport::default(),
@@ -156,7 +174,7 @@ impl Adoption {
         counts: &MappedArray<ConnCounts>,
         now: u64,
     ) {
-        if is_local(flow.original.0.ip()) {
+        if self.local.contains(&flow.original.0.ip()) {
             return self.refused(flow, NotAdopted::NodeLocal);
         }
         let frontend = flow.original.1.ip();
@@ -167,7 +185,7 @@ impl Adoption {
             // still on an interface (IPVS's `kube-ipvs0`): replies from it would be
             // dropped as martians if handed to the stack.
             to_node_address: tables.node_addrs.get(&addr_key(&frontend), 0).is_ok()
-                || is_local(frontend),
+                || self.local.contains(&frontend),
         };
         match flow_entries(flow, &to, &self.timeouts, now)
             .and_then(|entries| write(tables, &entries))
@@ -239,16 +257,10 @@ fn frontend_addresses<'a>(
     }
 }
 
-/// Whether `addr` is one of this network namespace's own: the kernel lets a socket
-/// bind to it (every local address, not only those `NODE_ADDRS` holds).
-fn is_local(addr: IpAddr) -> bool {
-    std::net::UdpSocket::bind((addr, 0)).is_ok()
-}
-
 /// Writes both entries (the reply's first, as the data path claims a reply tuple
 /// before it writes the flow), neither over an existing one; the flow's accounting.
 fn write(tables: &mut Tables, entries: &entries::FlowEntries) -> Result<u32, NotAdopted> {
-    const NOEXIST: u64 = 1; // BPF_NOEXIST
+    const NOEXIST: u64 = aya_obj::generated::BPF_NOEXIST as u64;
     let refusal = |e: aya::maps::MapError| match e {
         aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST) => {
             NotAdopted::AlreadyTracked

@@ -3,11 +3,15 @@
 //! DNAT, or by IPVS, which with `net.ipv4.vs.conntrack=1` (kube-proxy sets it) writes
 //! the real server into the entry's reply tuple.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd as _,
+};
 
 use anyhow::{bail, Context as _, Result};
 use netlink_packet_core_netfilter::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::{
     conntrack::{
@@ -16,6 +20,12 @@ use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr as NetlinkAddr};
+use tracing::warn;
+
+/// How long an answer of the kernel may take, in seconds.
+const RECEIVE_TIMEOUT_S: libc::time_t = 10;
+/// Listings taken when the kernel says each changed under it.
+const DUMP_ATTEMPTS: u32 = 3;
 
 /// One flow whose destination was translated: the tuple each direction carries on
 /// the wire, as `conntrack -L` prints them.
@@ -30,6 +40,8 @@ pub struct NatFlow {
     pub reply: (SocketAddr, SocketAddr),
     /// `TCP_CONNTRACK_*` for TCP flows.
     pub tcp_state: Option<u8>,
+    /// A FIN was seen from the client (`fin.0`), from the backend (`fin.1`).
+    pub fin: (bool, bool),
     /// Seconds netfilter would keep the flow if it saw nothing more.
     pub timeout_s: u32,
 }
@@ -45,6 +57,24 @@ impl Conntrack {
         let mut socket = Socket::new(NETLINK_NETFILTER).context("a ctnetlink socket")?;
         socket.bind_auto()?;
         socket.connect(&NetlinkAddr::new(0, 0))?;
+        // A kernel that never answers must not hold the agent's start.
+        let timeout = libc::timeval {
+            tv_sec: RECEIVE_TIMEOUT_S,
+            tv_usec: 0,
+        };
+        // SAFETY: setsockopt on the socket we own, with a timeval of the given size.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            return Err(std::io::Error::last_os_error()).context("SO_RCVTIMEO");
+        }
         Ok(Conntrack {
             socket,
             sequence: 0,
@@ -53,21 +83,32 @@ impl Conntrack {
 
     /// Every flow of either family whose destination was translated: its answers
     /// come from elsewhere than where it was sent (a DNAT rule's flows, IPVS's).
+    /// A listing the kernel says changed under it is taken again, a few times.
     pub fn translated_flows(&mut self) -> Result<Vec<NatFlow>> {
-        let request = ConntrackMessage::Get(Vec::new());
-        let mut flows = Vec::new();
-        self.exchange(
-            NetfilterProtoFamily::Unspec,
-            request,
-            NLM_F_DUMP,
-            |message| {
-                if let ConntrackMessage::New(attributes) = message {
-                    flows.extend(nat_flow(&attributes));
+        let mut attempt = 1;
+        loop {
+            let mut flows = Vec::new();
+            let request = ConntrackMessage::Get(Vec::new());
+            let interrupted = self
+                .exchange(
+                    NetfilterProtoFamily::Unspec,
+                    request,
+                    NLM_F_DUMP,
+                    |message| {
+                        if let ConntrackMessage::New(attributes) = message {
+                            flows.extend(nat_flow(&attributes));
+                        }
+                    },
+                )
+                .context("listing nf_conntrack")?;
+            if !interrupted || attempt == DUMP_ATTEMPTS {
+                if interrupted {
+                    warn!("nf_conntrack changed during each of {DUMP_ATTEMPTS} listings; the last one is used");
                 }
-            },
-        )
-        .context("listing nf_conntrack")?;
-        Ok(flows)
+                return Ok(flows);
+            }
+            attempt += 1;
+        }
     }
 
     /// Forgets `flow` (by its original tuple); one already gone is no error.
@@ -94,19 +135,21 @@ impl Conntrack {
             |_| {},
         ) {
             Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
-            other => other,
+            other => other.map(|_interrupted| ()),
         }
     }
 
     /// Sends one request and reads its answers to the end (the dump's DONE, or the
-    /// acknowledgement), handing each conntrack message to `each`.
+    /// acknowledgement), handing each conntrack message to `each`; whether the kernel
+    /// said a dump was interrupted (the table changed under it).
     fn exchange(
         &mut self,
         family: NetfilterProtoFamily,
         request: ConntrackMessage,
         flags: u16,
         mut each: impl FnMut(ConntrackMessage),
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        let mut interrupted = false;
         self.sequence = self.sequence.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | flags;
@@ -131,10 +174,14 @@ impl Conntrack {
                 if answer.header.sequence_number != self.sequence {
                     continue;
                 }
+                interrupted |= answer.header.flags & NLM_F_DUMP_INTR != 0;
                 match answer.payload {
-                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Done(done) if done.code < 0 => {
+                        return Err(std::io::Error::from_raw_os_error(-done.code).into())
+                    }
+                    NetlinkPayload::Done(_) => return Ok(interrupted),
                     NetlinkPayload::Error(error) => match error.code {
-                        None => return Ok(()),
+                        None => return Ok(interrupted),
                         Some(code) => {
                             return Err(std::io::Error::from_raw_os_error(-code.get()).into())
                         }
@@ -161,14 +208,14 @@ fn is_errno(e: &anyhow::Error, errno: i32) -> bool {
 fn nat_flow(attributes: &[ConntrackAttribute]) -> Option<NatFlow> {
     let mut original = None;
     let mut reply = None;
-    let mut tcp_state = None;
+    let mut tcp = TcpInfo::default();
     let mut timeout_s = 0;
     for attribute in attributes {
         match attribute {
             ConntrackAttribute::CtaTupleOrig(tuple) => original = endpoints(tuple),
             ConntrackAttribute::CtaTupleReply(tuple) => reply = endpoints(tuple),
             ConntrackAttribute::CtaTimeout(seconds) => timeout_s = *seconds,
-            ConntrackAttribute::CtaProtoInfo(info) => tcp_state = tcp_state_of(info),
+            ConntrackAttribute::CtaProtoInfo(info) => tcp = tcp_info(info),
             _ => {}
         }
     }
@@ -177,7 +224,8 @@ fn nat_flow(attributes: &[ConntrackAttribute]) -> Option<NatFlow> {
         protocol,
         original,
         reply,
-        tcp_state,
+        tcp_state: tcp.state,
+        fin: (tcp.fin_original, tcp.fin_reply),
         timeout_s,
     })
 }
@@ -215,12 +263,30 @@ fn endpoints(tuple: &[Tuple]) -> Option<(u8, (SocketAddr, SocketAddr))> {
     ))
 }
 
-fn tcp_state_of(info: &[ProtoInfo]) -> Option<u8> {
-    info.iter().find_map(|i| match i {
-        ProtoInfo::TCP(fields) => fields.iter().find_map(|f| match f {
-            ProtoInfoTCP::State(state) => Some(*state),
-            _ => None,
-        }),
-        _ => None,
-    })
+/// What netfilter says of a TCP flow.
+#[derive(Default)]
+struct TcpInfo {
+    state: Option<u8>,
+    fin_original: bool,
+    fin_reply: bool,
+}
+
+/// `IP_CT_TCP_FLAG_CLOSE_INIT`: this direction sent a FIN.
+const CLOSE_INIT: u8 = 0x04;
+
+fn tcp_info(info: &[ProtoInfo]) -> TcpInfo {
+    let mut tcp = TcpInfo::default();
+    let fields = info.iter().flat_map(|i| match i {
+        ProtoInfo::TCP(fields) => fields.as_slice(),
+        _ => &[],
+    });
+    for field in fields {
+        match field {
+            ProtoInfoTCP::State(state) => tcp.state = Some(*state),
+            ProtoInfoTCP::OriginalFlags(f) => tcp.fin_original = f.flags & CLOSE_INIT != 0,
+            ProtoInfoTCP::ReplyFlags(f) => tcp.fin_reply = f.flags & CLOSE_INIT != 0,
+            _ => {}
+        }
+    }
+    tcp
 }

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
-use proxy_common::LoadSettings;
+use proxy_common::{CtTimeouts, LoadSettings};
 use tokio::{signal::unix, sync::mpsc};
 use tracing::{debug, info, warn};
 
@@ -114,6 +114,11 @@ struct Programmer {
     reconciled: bool,
     /// What the health-check servers last reported (a port that cannot be bound).
     health_check_problems: Vec<Problem>,
+    /// `--adopt-kube-proxy-flows`: kube-proxy's flows are read right before the first
+    /// sync (a flow netfilter opens after the read is not adopted), with these
+    /// timeouts.
+    adopt_at_first_sync: Option<CtTimeouts>,
+    adoption_read_error: Option<String>,
 }
 
 impl Programmer {
@@ -126,6 +131,9 @@ impl Programmer {
         let full = !self.reconciled;
         let flush = self.tracker.flush();
         problems.extend(flush.problems);
+        if let Some(timeouts) = self.adopt_at_first_sync.take() {
+            self.start_adoption(timeouts).await;
+        }
         let report = if self.reconciled {
             self.syncer.apply_changes(&flush.changes)
         } else {
@@ -406,12 +414,6 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         interface_addresses: node_addresses.addresses(),
     };
     syncer.program_node(&config.node, &settings)?;
-    if config.adopt_kube_proxy_flows {
-        // Read as late as can be: a flow netfilter opens after this is not adopted.
-        let adoption = Adoption::read(config.load_settings.ct_timeouts)
-            .context("reading kube-proxy's flows (--adopt-kube-proxy-flows)")?;
-        syncer = syncer.adopting(adoption);
-    }
     let mut programmer = Programmer {
         tracker,
         syncer,
@@ -420,6 +422,10 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         metrics: status.metrics.clone(),
         reconciled: false,
         health_check_problems: Vec::new(),
+        adopt_at_first_sync: config
+            .adopt_kube_proxy_flows
+            .then_some(config.load_settings.ct_timeouts),
+        adoption_read_error: None,
     };
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
@@ -555,7 +561,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         }
         if missing.is_empty() && !marked_ready {
             marked_ready = true;
-            if let Some(report) = programmer.syncer.finish_adoption() {
+            if let Some(report) = programmer.finish_adoption() {
                 report_adoption(&status, report);
             }
             mark_ready(&config)?;
@@ -693,14 +699,44 @@ fn restore_pinned_state(
     }
 }
 
+impl Programmer {
+    async fn start_adoption(&mut self, timeouts: CtTimeouts) {
+        let read = async {
+            let addresses = interfaces::node_addresses().await?;
+            let local = addresses.into_iter().map(|(_, address)| address).collect();
+            Adoption::read(timeouts, local)
+        };
+        match read.await {
+            Ok(adoption) => self.syncer.start_adoption(adoption),
+            Err(e) => {
+                warn!("not adopting kube-proxy's flows: reading them failed: {e:#}");
+                self.adoption_read_error = Some(format!("{e:#}"));
+            }
+        }
+    }
+
+    /// What the adoption did, once it is over (`None`: there was none).
+    fn finish_adoption(&mut self) -> Option<AdoptionReport> {
+        self.syncer.finish_adoption().or_else(|| {
+            let read_error = self.adoption_read_error.take()?;
+            Some(AdoptionReport {
+                read_error: Some(read_error),
+                ..AdoptionReport::default()
+            })
+        })
+    }
+}
+
 /// Says what the adoption did: in the log, the metrics and `status`.
 fn report_adoption(status: &Status, report: AdoptionReport) {
-    info!(
-        adopted = report.adopted,
-        not_adopted = ?report.not_adopted,
-        not_deleted = report.not_deleted,
-        "kube-proxy's flows adopted; its rules may go now"
-    );
+    if report.read_error.is_none() {
+        info!(
+            adopted = report.adopted,
+            not_adopted = ?report.not_adopted,
+            not_deleted = report.not_deleted,
+            "kube-proxy's flows adopted; its rules may go now"
+        );
+    }
     status.metrics.flows_adopted.inc_by(report.adopted as u64);
     for (reason, n) in &report.not_adopted {
         let labels = vec![("reason".to_owned(), reason.clone())];

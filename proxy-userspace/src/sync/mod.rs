@@ -260,9 +260,8 @@ impl Syncer {
 
     /// Adopts `adoption`'s flows as their frontends are first programmed (see
     /// `adoption`), until `finish_adoption`.
-    pub fn adopting(mut self, adoption: Adoption) -> Syncer {
+    pub fn start_adoption(&mut self, adoption: Adoption) {
         self.adoption = Some(adoption);
-        self
     }
 
     /// Ends the adoption: what it did, if one was going on.

@@ -183,8 +183,12 @@ impl KubeProxyNode {
                     true => udp_conversation(ns, dns),
                 };
                 let what = format!("{family} {what}");
+                // Two exchanges: a UDP flow answered more than once is a stream to
+                // netfilter (120 s, not 30), which outlasts the agent's start in the
+                // emulated guest.
                 let backend = conversation
                     .ask()
+                    .and_then(|_| conversation.ask())
                     .unwrap_or_else(|e| panic!("{what} through kube-proxy's rules: {e}"));
                 let flow = Flow {
                     what,
