@@ -34,8 +34,8 @@ pub enum NotAdopted {
     NodeLocal,
     /// The data path already tracks the flow (an earlier adoption).
     AlreadyTracked,
-    /// The conntrack table refused the entries.
-    TableFull,
+    /// The conntrack table refused the entries (other than as already there).
+    TableRefused,
 }
 
 impl NotAdopted {
@@ -49,7 +49,7 @@ impl NotAdopted {
             NotAdopted::MixedFamilies => "mixed_families",
             NotAdopted::NodeLocal => "node_local",
             NotAdopted::AlreadyTracked => "already_tracked",
-            NotAdopted::TableFull => "table_full",
+            NotAdopted::TableRefused => "table_refused",
         }
     }
 }

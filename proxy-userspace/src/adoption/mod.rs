@@ -127,6 +127,15 @@ impl Adoption {
         })
     }
 
+    /// Flows read and not adopted (nor refused) yet.
+    pub fn pending(&self) -> usize {
+        self.pending
+            .values()
+            .flat_map(BTreeMap::values)
+            .map(Vec::len)
+            .sum()
+    }
+
     /// Adopts the flows to `key`, a frontend programmed with `service` and `slots`
     /// that is not visible to packets yet.
     pub fn adopt(
@@ -265,7 +274,7 @@ fn write(tables: &mut Tables, entries: &entries::FlowEntries) -> Result<u32, Not
         aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST) => {
             NotAdopted::AlreadyTracked
         }
-        _ => NotAdopted::TableFull,
+        _ => NotAdopted::TableRefused,
     };
     let conntrack = &mut tables.conntrack;
     conntrack

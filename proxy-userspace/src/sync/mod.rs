@@ -29,6 +29,7 @@ use proxy_common::{
     TUNNEL_PEERS6_ID, TUNNEL_PEERS_ID, TUNNEL_PEER_TRUSTED, TUNNEL_PEER_UNVERIFIED,
     XDP_FORWARD_PASS, XDP_FORWARD_REDIRECT,
 };
+use tracing::warn;
 
 mod accounting;
 mod ids;
@@ -261,6 +262,19 @@ impl Syncer {
     /// Adopts `adoption`'s flows as their frontends are first programmed (see
     /// `adoption`), until `finish_adoption`.
     pub fn start_adoption(&mut self, adoption: Adoption) {
+        // Two entries a flow, in an LRU: past its size, adopting evicts what it
+        // adopted a moment before, silently.
+        let entries = 2 * adoption.pending();
+        if let Ok(capacity) = self.tables.capacity(map_name::CONNTRACK) {
+            if entries > capacity as usize / 2 {
+                warn!(
+                    entries,
+                    capacity,
+                    "the flows to adopt would fill more than half the conntrack table, \
+                     which evicts its oldest entries when full: raise --conntrack-entries"
+                );
+            }
+        }
         self.adoption = Some(adoption);
     }
 
