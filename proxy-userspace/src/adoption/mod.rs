@@ -1,8 +1,8 @@
 //! Adopting kube-proxy's flows (`--adopt-kube-proxy-flows`), so that a node switches
-//! from kube-proxy's iptables or nftables mode without dropping a connection.
+//! from kube-proxy's iptables, nftables or IPVS mode without dropping a connection.
 //!
-//! kube-proxy's flows live in `nf_conntrack`, which rewrites their packets after the
-//! data path has seen them. A packet of one of them that meets the data path once our
+//! kube-proxy's flows live in `nf_conntrack` (IPVS's too, with the `vs.conntrack=1`
+//! kube-proxy sets), which rewrites their packets after the data path has seen them. A packet of one of them that meets the data path once our
 //! frontends are programmed would be scheduled afresh: a mid-flow TCP segment
 //! re-hashed, likely to another backend (a reset), and a masqueraded flow's segments
 //! sent from a port the backend never heard of. So the agent reads `nf_conntrack`
@@ -21,10 +21,11 @@
 //! long as kube-proxy's nat rules are there (netfilter stops applying its
 //! translation with them, as it does without us).
 //!
-//! Written down: a flow netfilter opens between the read and its frontend's
-//! programming (a sync, milliseconds) is not adopted, nor is a packet of a flow that
-//! arrives in the microseconds between our entries' writing and its `nf_conntrack`
-//! entry's deletion spared the clash.
+//! Written down: a flow netfilter opens between the read (right before the first
+//! sync) and its frontend's programming is not adopted, nor is a packet of a flow
+//! that arrives in the microseconds between our entries' writing and its
+//! `nf_conntrack` entry's deletion spared the clash. Nor are flows to a terminating
+//! endpoint that the service's ready ones leave out of its frontend (`BackendGone`).
 
 mod entries;
 pub mod netfilter;
