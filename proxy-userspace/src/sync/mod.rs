@@ -259,8 +259,9 @@ impl Syncer {
         })
     }
 
-    /// Adopts `adoption`'s flows as their frontends are first programmed (see
-    /// `adoption`), until `finish_adoption`.
+    /// Adopts `adoption`'s flows now for the frontends programmed already, and for
+    /// others as they are first programmed (see `adoption`), until
+    /// `finish_adoption`.
     pub fn start_adoption(&mut self, adoption: Adoption) {
         // Two entries a flow, in an LRU: past its size, adopting evicts what it
         // adopted a moment before, silently.
@@ -274,6 +275,19 @@ impl Syncer {
                      which evicts its oldest entries when full: raise --conntrack-entries"
                 );
             }
+        }
+        // A restart in the middle of a switch finds frontends already programmed
+        // (pinned) by its predecessor: their flows are adopted now (those the data
+        // path met meanwhile are its own already).
+        let mut adoption = adoption;
+        for (key, programmed) in &self.programmed {
+            adoption.adopt(
+                key,
+                &programmed.value,
+                &programmed.slots,
+                &mut self.tables,
+                &self.conn_counts,
+            );
         }
         self.adoption = Some(adoption);
     }

@@ -222,6 +222,14 @@ impl Agent {
         self.child.as_mut()?.try_wait().ok().flatten()
     }
 
+    /// Kills the process (as `kill -9` would) and starts it again with `extra_args`
+    /// in place of its own: a DaemonSet whose arguments changed.
+    pub fn restart_with_args(&mut self, extra_args: &[&str]) -> Result<()> {
+        self.kill();
+        self.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        self.spawn()
+    }
+
     /// Kills the process without any cleanup (as `kill -9` would).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

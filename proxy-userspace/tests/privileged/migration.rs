@@ -431,6 +431,22 @@ fn from_ipvs_in_guest() {
     switches_without_dropping_a_flow("migv", "ipvs", &[Family::V4]);
 }
 
+/// A restart in the middle of a switch: a predecessor without the flag programmed the
+/// services (and was killed before any of kube-proxy's flows sent a packet); the
+/// agent started with the flag finds them pinned, not new, and adopts for them.
+#[test]
+fn a_restart_with_the_flag_adopts_for_services_already_programmed() {
+    let mut node = KubeProxyNode::new("migr", "nftables", &[Family::V4]);
+    let mut agent = node.start_agent(&[]);
+    agent
+        .restart_with_args(&["--adopt-kube-proxy-flows"])
+        .expect("restart");
+    node.remove_kube_proxy();
+    let after = node.failures(2);
+    assert!(after.is_empty(), "after the switch: {after:#?}");
+    drop(agent);
+}
+
 /// The control: the same switch without adoption. The data path meets flows it has
 /// never seen; the masqueraded ones at least are sent on from a port their backend
 /// does not know.
