@@ -57,6 +57,16 @@ pub struct Listing {
     pub events: Vec<(String, u64)>,
 }
 
+impl Listing {
+    /// How often the data path counted the event `name` (0: never, or no such name).
+    pub fn event(&self, name: &str) -> u64 {
+        self.events
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, count)| *count)
+    }
+}
+
 pub fn read(pin_dir: &Path) -> Result<Listing> {
     read_tables(&Tables::open(pin_dir)?)
 }

@@ -159,9 +159,8 @@ impl Adoption {
             while index < flows.len() {
                 flows[index].matched = true;
                 let reply_from = flows[index].flow.reply.0;
-                let backend = slots.iter().find(|b| {
-                    b.addr == Addr::from_ip(&reply_from.ip()) && b.port == reply_from.port().to_be()
-                });
+                let (addr, port) = (Addr::from_ip(&reply_from.ip()), reply_from.port().to_be());
+                let backend = slots.iter().find(|b| b.addr == addr && b.port == port);
                 match backend {
                     Some(backend) => adoptable.push((flows.swap_remove(index).flow, *backend)),
                     // Perhaps another frontend on the address (the in-cluster one) has it.

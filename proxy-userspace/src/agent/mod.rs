@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
-use proxy_common::{CtTimeouts, LoadSettings};
+use proxy_common::LoadSettings;
 use tokio::{signal::unix, sync::mpsc};
 use tracing::{debug, info, warn};
 
@@ -21,7 +21,7 @@ mod netns_cookie;
 use attachments::Attachments;
 
 use crate::{
-    adoption::{Adoption, AdoptionReport},
+    adoption::AdoptionReport,
     capabilities,
     datapath::{
         attach,
@@ -115,9 +115,8 @@ struct Programmer {
     /// What the health-check servers last reported (a port that cannot be bound).
     health_check_problems: Vec<Problem>,
     /// `--adopt-kube-proxy-flows`: kube-proxy's flows are read right before the first
-    /// sync (a flow netfilter opens after the read is not adopted), with these
-    /// timeouts.
-    adopt_at_first_sync: Option<CtTimeouts>,
+    /// sync (a flow netfilter opens after the read is not adopted).
+    adopt_at_first_sync: bool,
     adoption_read_error: Option<String>,
 }
 
@@ -131,8 +130,8 @@ impl Programmer {
         let full = !self.reconciled;
         let flush = self.tracker.flush();
         problems.extend(flush.problems);
-        if let Some(timeouts) = self.adopt_at_first_sync.take() {
-            self.start_adoption(timeouts).await;
+        if std::mem::take(&mut self.adopt_at_first_sync) {
+            self.start_adoption().await;
         }
         let report = if self.reconciled {
             self.syncer.apply_changes(&flush.changes)
@@ -422,9 +421,7 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
         metrics: status.metrics.clone(),
         reconciled: false,
         health_check_problems: Vec::new(),
-        adopt_at_first_sync: config
-            .adopt_kube_proxy_flows
-            .then_some(config.load_settings.ct_timeouts),
+        adopt_at_first_sync: config.adopt_kube_proxy_flows,
         adoption_read_error: None,
     };
 
@@ -700,18 +697,14 @@ fn restore_pinned_state(
 }
 
 impl Programmer {
-    async fn start_adoption(&mut self, timeouts: CtTimeouts) {
-        let read = async {
-            let addresses = interfaces::node_addresses().await?;
+    async fn start_adoption(&mut self) {
+        let started = interfaces::node_addresses().await.and_then(|addresses| {
             let local = addresses.into_iter().map(|(_, address)| address).collect();
-            Adoption::read(timeouts, local)
-        };
-        match read.await {
-            Ok(adoption) => self.syncer.start_adoption(adoption),
-            Err(e) => {
-                warn!("not adopting kube-proxy's flows: reading them failed: {e:#}");
-                self.adoption_read_error = Some(format!("{e:#}"));
-            }
+            self.syncer.start_adoption(local)
+        });
+        if let Err(e) = started {
+            warn!("not adopting kube-proxy's flows: reading them failed: {e:#}");
+            self.adoption_read_error = Some(format!("{e:#}"));
         }
     }
 

@@ -259,10 +259,11 @@ impl Syncer {
         })
     }
 
-    /// Adopts `adoption`'s flows now for the frontends programmed already, and for
-    /// others as they are first programmed (see `adoption`), until
-    /// `finish_adoption`.
-    pub fn start_adoption(&mut self, adoption: Adoption) {
+    /// Reads kube-proxy's flows (`local`: the addresses on the node's interfaces) and
+    /// adopts them now for the frontends programmed already, and for others as they
+    /// are first programmed (see `adoption`), until `finish_adoption`.
+    pub fn start_adoption(&mut self, local: BTreeSet<IpAddr>) -> Result<()> {
+        let adoption = Adoption::read(self.ct_timeouts, local)?;
         // Two entries a flow, in an LRU: past its size, adopting evicts what it
         // adopted a moment before, silently.
         let entries = 2 * adoption.pending();
@@ -290,6 +291,7 @@ impl Syncer {
             );
         }
         self.adoption = Some(adoption);
+        Ok(())
     }
 
     /// Ends the adoption: what it did, if one was going on.

@@ -264,12 +264,7 @@ impl KubeProxyNode {
 
 /// Packets the data path rewrote so far (its `translated` event).
 fn translated_packets(agent: &Agent) -> u64 {
-    let listing = agent.listing().expect("list");
-    listing
-        .events
-        .iter()
-        .find(|(name, _)| name == "translated")
-        .map_or(0, |(_, n)| *n)
+    agent.listing().expect("list").event("translated")
 }
 
 /// Each of `flows` asked `rounds` times: the failures (an error, or another backend).

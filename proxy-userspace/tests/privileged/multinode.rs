@@ -363,12 +363,7 @@ fn a_tunnel_too_big_for_the_path_answers_fragmentation_needed_to_the_client() {
         .expect("mtu");
     let frag_needed = || {
         let listing = nodes.agents[0].listing().expect("listing");
-        let count = listing
-            .events
-            .iter()
-            .find(|(n, _)| n == "frag_needed")
-            .map_or(0, |(_, v)| *v);
-        (count, listing.events)
+        (listing.event("frag_needed"), listing.events)
     };
     for family in Family::ALL {
         let outer = match family {

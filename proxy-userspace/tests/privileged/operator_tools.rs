@@ -69,13 +69,8 @@ fn conntrack_list_and_flush_show_and_remove_flows() {
         pod_of(&connection.get().expect("request after the flush")),
         "pod-a1"
     );
-    let events = cluster.agent.listing().expect("list").events;
-    assert!(
-        events
-            .iter()
-            .any(|(name, n)| name == "ct_midflow_miss" && *n > 0),
-        "{events:?}"
-    );
+    let listing = cluster.agent.listing().expect("list");
+    assert!(listing.event("ct_midflow_miss") > 0, "{:?}", listing.events);
 }
 
 /// Issue 14: a scrape stays bounded whatever the number of services: per-frontend and

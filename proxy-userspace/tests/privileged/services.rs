@@ -347,12 +347,13 @@ fn xdp_redirect_mode_transmits_from_xdp_to_receivers_that_run_gro() {
         4,
     );
     assert_eq!(tally(&bodies).len(), 2, "{bodies:?}");
-    let events = cluster.agent.listing().expect("list").events;
-    let redirected = events
-        .iter()
-        .find(|(name, _)| name == "xdp_redirect")
-        .map_or(0, |e| e.1);
-    assert!(redirected > 0, "no frame left by XDP_REDIRECT: {events:?}");
+    let listing = cluster.agent.listing().expect("list");
+    let redirected = listing.event("xdp_redirect");
+    assert!(
+        redirected > 0,
+        "no frame left by XDP_REDIRECT: {:?}",
+        listing.events
+    );
 }
 
 /// A LoadBalancer service with `externalTrafficPolicy: Local` whose one endpoint is
