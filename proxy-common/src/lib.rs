@@ -6,6 +6,7 @@
 //! exactly as they appear on the wire; counters and ids are host order.
 #![no_std]
 
+pub mod address_filter;
 pub mod conntrack;
 pub mod decide;
 pub mod fragments;
@@ -20,6 +21,7 @@ pub mod stats;
 pub mod tcp;
 pub mod transport;
 
+pub use address_filter::*;
 pub use conntrack::*;
 pub use fragments::*;
 pub use related::*;

@@ -33,9 +33,10 @@ pub const UPLINK_IPV6: &str = "UPLINK_IPV6";
 pub const POD_IPV6: &str = "POD_IPV6";
 pub const UPLINK_IPV6_MORE: &str = "UPLINK_IPV6_MORE";
 pub const POD_IPV6_MORE: &str = "POD_IPV6_MORE";
+pub const ADDRESS_FILTER: &str = "ADDRESS_FILTER";
 
 /// Every map of the data path's object.
-pub const ALL: [&str; 29] = [
+pub const ALL: [&str; 30] = [
     SERVICES,
     BACKEND_SLOTS,
     RR_CURSORS,
@@ -65,6 +66,7 @@ pub const ALL: [&str; 29] = [
     POD_IPV6,
     UPLINK_IPV6_MORE,
     POD_IPV6_MORE,
+    ADDRESS_FILTER,
 ];
 
 /// The bench wrapper's own maps: the program it tail-calls, the frame it restores,

@@ -4,6 +4,7 @@
 // crate root and the modules are the crate's own.
 
 mod accounting;
+mod address_filter;
 mod affinity;
 mod balancer;
 mod checksum;

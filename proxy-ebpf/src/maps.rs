@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use proxy_common::{
-    AddrKey, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
+    AddrKey, ADDRESS_FILTER_ENTRIES, AffinityKey, AffinityValue, Backend, BackendSlotKey, ConfigValue, ConnCounts, CtEntry,
     CtKey, ExpectKey, Expectation, FragmentKey, FragmentPorts, NodeAddrFlags, ServiceKey,
     ServiceName, ServiceValue, SockKey, SockNat, SourceRangeKey, TrafficStats, AFFINITY_ENTRIES,
     CONFIG_LEN, CONNTRACK_ENTRIES, IPV6_PROGRAMS, IPV6_MORE_PROGRAMS, EV_CAPACITY, EXPECTATION_ENTRIES, FRAGMENT_ENTRIES,
@@ -73,6 +73,11 @@ pub static CONN_COUNTS: Array<ConnCounts> = Array::pinned(MAX_BACKENDS, BPF_F_MM
 /// address nobody outside owns. Written by the agent.
 #[map]
 pub static SERVICE_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_SERVICES, 0);
+
+/// The address filter's bits and its ready word (`proxy_common::address_filter`).
+/// Written by the agent through a memory mapping, a word at a time.
+#[map]
+pub static ADDRESS_FILTER: Array<u64> = Array::pinned(ADDRESS_FILTER_ENTRIES, BPF_F_MMAPABLE);
 
 /// The ports of datagrams whose later fragments are still to come (`fragments`).
 #[map]

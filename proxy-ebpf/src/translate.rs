@@ -14,7 +14,7 @@ use proxy_common::{
 };
 
 use crate::{
-    accounting, affinity,
+    accounting, address_filter, affinity,
     balancer::{self, Choice},
     conntrack::{self, Lookup, EEXIST},
     counters::{self, Direction},
@@ -137,6 +137,11 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             None => return unmatched_fragment(pkt, origin),
         },
     };
+    // Most packets on a node are not ours: two array reads send them on. (A tunnel's
+    // packet was found ours before it was decapsulated.)
+    if !origin.is_tunnel() && !address_filter::may_be_ours(&flow.key) {
+        return Verdict::PASS;
+    }
     if flow.more_fragments {
         fragments::remember(&flow);
     }

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     datapath::{mmap::MappedArray, tables::Tables},
     model::{Family, Protocol},
+    sync::address_filter::AddressBits,
 };
 
 /// CLOCK_MONOTONIC_COARSE, the data path's clock (`bpf_ktime_get_coarse_ns`).
@@ -49,11 +50,14 @@ pub struct Census {
     pub referenced: BTreeSet<u32>,
     /// How the original entries count their flows, by backend id.
     pub counted: BTreeMap<u32, ConnCounts>,
+    /// The addresses the entries name, as the address filter tests them.
+    pub addresses: AddressBits,
 }
 
 impl Census {
-    fn add(&mut self, entry: &CtEntry) {
+    fn add(&mut self, key: &CtKey, entry: &CtEntry) {
         self.referenced.insert(entry.backend_id);
+        self.addresses.insert_flow(key, entry);
         if entry.flags & CT_F_REPLY != 0 {
             return;
         }
@@ -90,7 +94,7 @@ pub fn collect(
         if expired_at(&key, &entry) {
             expired.push(key);
         } else {
-            report.census.add(&entry);
+            report.census.add(&key, &entry);
         }
     }
     for key in expired {
@@ -98,7 +102,7 @@ pub fn collect(
             continue;
         };
         if !expired_at(&key, &entry) || tables.conntrack.remove(&key).is_err() {
-            report.census.add(&entry); // refreshed since the scan
+            report.census.add(&key, &entry); // refreshed since the scan
             continue;
         }
         report.expired += 1;

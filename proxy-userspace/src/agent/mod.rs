@@ -502,6 +502,10 @@ pub async fn run(config: AgentConfig, sources: Vec<Box<dyn Source>>) -> Result<(
                 Ok((report, corrected)) => {
                     status.metrics.conntrack_expired.inc_by(report.expired as u64);
                     status.metrics.connection_count_corrections.inc_by(corrected as u64);
+                    status
+                        .metrics
+                        .address_filter_occupancy
+                        .set(programmer.syncer.address_filter_occupancy());
                     if corrected > 0 {
                         warn!(corrected, "connection counters disagreed with conntrack; corrected");
                     }

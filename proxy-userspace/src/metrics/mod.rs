@@ -10,7 +10,7 @@ mod process;
 mod programs;
 mod traffic;
 
-use std::path::Path;
+use std::{path::Path, sync::atomic::AtomicU64};
 
 use anyhow::Result;
 use prometheus_client::{
@@ -37,6 +37,9 @@ pub struct AgentMetrics {
     pub udp_flows_flushed: Counter,
     pub conntrack_expired: Counter,
     pub connection_count_corrections: Counter,
+    /// The share of the address filter's bits set, as of the last conntrack
+    /// collection (which rebuilds it).
+    pub address_filter_occupancy: Gauge<f64, AtomicU64>,
     /// kube-proxy's flows adopted at start (`--adopt-kube-proxy-flows`), and those
     /// left to netfilter, by reason.
     pub flows_adopted: Counter,
@@ -70,6 +73,7 @@ impl Default for AgentMetrics {
             udp_flows_flushed: Counter::default(),
             conntrack_expired: Counter::default(),
             connection_count_corrections: Counter::default(),
+            address_filter_occupancy: Gauge::default(),
             flows_adopted: Counter::default(),
             flows_not_adopted: Family::default(),
             programming_latency_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
@@ -133,6 +137,11 @@ pub fn render(pin_dir: &Path, agent: &AgentMetrics, max_series: usize) -> Result
         "source_errors",
         "Failed list or watch calls to the API server (retried with backoff)",
         agent.source_errors.clone(),
+    );
+    registry.register(
+        "address_filter_occupancy",
+        "Share of the address filter's bits set: about the share of packets not ours, per address tested, that still take the conntrack and frontend look-ups",
+        agent.address_filter_occupancy.clone(),
     );
     registry.register(
         "conntrack_expired",

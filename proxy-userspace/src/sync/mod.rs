@@ -32,9 +32,11 @@ use proxy_common::{
 use tracing::warn;
 
 mod accounting;
+pub mod address_filter;
 mod ids;
 
 use accounting::Reconciler;
+use address_filter::{AddressBits, AddressFilter};
 use ids::{Assigned, BackendIds, IdPool};
 
 use crate::{
@@ -117,6 +119,8 @@ pub struct Syncer {
     ct_timeouts: CtTimeouts,
     /// kube-proxy's flows, adopted as their frontends are first programmed.
     adoption: Option<Adoption>,
+    /// Every address a map names, for the data path's first test (`address_filter`).
+    address_filter: AddressFilter,
 }
 
 impl Syncer {
@@ -234,17 +238,23 @@ impl Syncer {
                     .context("SERVICE_ADDRS")?;
             }
         }
-        // Ids that conntrack still names stay retired until their flows are gone.
+        // Ids that conntrack still names stay retired until their flows are gone; the
+        // addresses it names stay in the filter.
+        let mut flow_addresses = AddressBits::default();
         let referenced: BTreeSet<u32> = tables
             .conntrack
             .iter()
             .filter_map(Result::ok)
-            .map(|(_, entry)| entry.backend_id)
+            .map(|(key, entry)| {
+                flow_addresses.insert_flow(&key, &entry);
+                entry.backend_id
+            })
             .collect();
+        let address_filter = AddressFilter::open(&tables.pin_dir)?;
         let service_ids = IdPool::with_used(tables.services_capacity()?, &service_ids);
         let backend_ids =
             BackendIds::recover(tables.backends_capacity()?, &backend_ids, &referenced);
-        Ok(Syncer {
+        let mut syncer = Syncer {
             tables,
             sched_tables,
             conn_counts,
@@ -256,7 +266,34 @@ impl Syncer {
             refused: BTreeMap::new(),
             ct_timeouts: CtTimeouts::DEFAULT,
             adoption: None,
-        })
+            address_filter,
+        };
+        syncer.rebuild_address_filter(flow_addresses)?;
+        Ok(syncer)
+    }
+
+    /// Rebuilds the address filter from the addresses of the flows (`flows`) and of
+    /// what is programmed: frontends, their backends, the node.
+    fn rebuild_address_filter(&mut self, mut flows: AddressBits) -> Result<()> {
+        for (key, programmed) in &self.programmed {
+            if let Listen::Address(ip) = key.listen {
+                flows.insert(&Addr::from_ip(&ip));
+            }
+            for backend in &programmed.slots {
+                flows.insert(&backend.addr);
+            }
+        }
+        for node in self.tables.node_addrs.keys().filter_map(Result::ok) {
+            flows.insert(&node.addr);
+        }
+        self.address_filter
+            .rebuild(flows)
+            .context("rebuilding the address filter")
+    }
+
+    /// The share of the address filter's bits that are set.
+    pub fn address_filter_occupancy(&self) -> f64 {
+        self.address_filter.occupancy()
     }
 
     /// Reads kube-proxy's flows (`local`: the addresses on the node's interfaces) and
@@ -370,6 +407,8 @@ impl Syncer {
     ) -> Result<()> {
         let wanted: BTreeMap<AddrKey, NodeAddrFlags> =
             wanted.iter().map(|(a, f)| (addr_key(a), *f)).collect();
+        self.address_filter
+            .insert(wanted.keys().map(|key| key.addr))?;
         for (addr, flags) in &wanted {
             if self.tables.node_addrs.get(addr, 0).ok() != Some(*flags) {
                 self.tables.node_addrs.insert(addr, flags, 0)?;
@@ -450,7 +489,9 @@ impl Syncer {
     /// ids no flow names any more. Returns the pass and how many counters it corrected.
     pub fn collect_conntrack(&mut self) -> Result<(conntrack::GcReport, usize)> {
         let before = self.conn_counts.read(0, self.conn_counts.entries())?;
-        let report = conntrack::collect(&mut self.tables, &self.conn_counts, &self.ct_timeouts)?;
+        let mut report =
+            conntrack::collect(&mut self.tables, &self.conn_counts, &self.ct_timeouts)?;
+        self.rebuild_address_filter(std::mem::take(&mut report.census.addresses))?;
         let corrected =
             self.counts_reconciler
                 .reconcile(&self.conn_counts, &before, &report.census.counted)?;
@@ -642,6 +683,9 @@ impl Syncer {
             return Ok(());
         };
         let addr = addr_key(&ip);
+        if delta > 0 {
+            self.address_filter.insert([addr.addr])?;
+        }
         let count = self.tables.service_addrs.get(&addr, 0).unwrap_or(0);
         match u32::try_from(i64::from(count) + delta) {
             Ok(0) | Err(_) => {
@@ -684,6 +728,9 @@ impl Syncer {
                 frontend.endpoints.len()
             );
         }
+        // In the filter before any map names them (adopted flows among them).
+        self.address_filter
+            .insert(frontend.endpoints.iter().map(|e| Addr::from_ip(&e.addr)))?;
         // Weight 0 quiesces: no new flows; established ones go on through conntrack.
         let schedulable: Vec<Endpoint> = frontend
             .endpoints

@@ -8,6 +8,7 @@
 //! one line and runs nothing.
 
 mod accounting;
+mod address_filter;
 mod agent_lifecycle;
 mod container;
 mod cpus;
