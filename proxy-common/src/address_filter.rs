@@ -54,8 +54,8 @@ mod tests {
 
     #[test]
     fn bits_stay_in_the_set_and_spread_over_it() {
-        // The last octet of 10.96.x.y and of fd00::a60:xy, as services and pods
-        // number them.
+        // 10.96.x.y, as services number their addresses: neighbours differ in the
+        // last octets only.
         let mut bits = [false; 1 << 12];
         let mut distinct = 0;
         for i in 0..4096u32 {
