@@ -275,16 +275,13 @@ impl Syncer {
     /// Rebuilds the address filter from the addresses of the flows (`flows`) and of
     /// what is programmed: frontends, their backends, the node.
     fn rebuild_address_filter(&mut self, mut flows: AddressBits) -> Result<()> {
-        for (key, programmed) in &self.programmed {
-            if let Listen::Address(ip) = key.listen {
-                flows.insert(&Addr::from_ip(&ip));
-            }
-            for backend in &programmed.slots {
-                flows.insert(&backend.addr);
-            }
+        let frontends = frontend_addresses(self.programmed.keys()).into_keys();
+        let nodes = self.tables.node_addrs.keys().filter_map(Result::ok);
+        for key in frontends.chain(nodes) {
+            flows.insert(&key.addr);
         }
-        for node in self.tables.node_addrs.keys().filter_map(Result::ok) {
-            flows.insert(&node.addr);
+        for backend in self.programmed.values().flat_map(|p| &p.slots) {
+            flows.insert(&backend.addr);
         }
         self.address_filter
             .rebuild(flows)
