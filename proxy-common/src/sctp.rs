@@ -72,13 +72,18 @@ pub fn next(state: u8, flags: u8, chunk: u8, peer_shutdown: impl FnOnce() -> boo
         }
         CHUNK_INIT_ACK if from_backend && state == CT_SYN_SENT => (CT_SYN_RECV, flags),
         CHUNK_COOKIE_ACK if from_backend && state == CT_SYN_RECV => (CT_ESTABLISHED, flags),
-        // The client starts a new association on a closed tuple: it keeps its backend.
-        CHUNK_INIT if !from_backend && state == CT_CLOSING => (CT_SYN_SENT, flags & !CT_F_FIN),
         // An association picked up mid-stream (its entry lost): the backend's answer
         // establishes it (a backend that does not know it answers with an ABORT).
         _ if from_backend && state == CT_SYN_SENT && chunk != CHUNK_INIT => (CT_ESTABLISHED, flags),
         _ => (state, flags),
     }
+}
+
+/// Whether a packet whose first chunk is `chunk` opens a new association on a closed
+/// one's tuple: the client's INIT, as `tcp::reopens`.
+#[inline(always)]
+pub fn reopens(state: u8, flags: u8, chunk: u8) -> bool {
+    state == CT_CLOSING && flags & CT_F_REPLY == 0 && chunk == CHUNK_INIT
 }
 
 /// CRC32c's polynomial, reflected: bit 31 is the coefficient of x^0.

@@ -58,12 +58,26 @@ pub fn next(state: u8, flags: u8, tcp: u8, peer_fin: impl FnOnce() -> bool) -> (
             let state = if syn { CT_SYN_RECV } else { CT_ESTABLISHED };
             (state, flags)
         }
-        // The client acknowledges the SYN-ACK: the handshake is complete.
+        // The client acknowledges the SYN-ACK: the handshake is complete. (A client's
+        // SYN on a closed flow is a new connection, never a state of the old one:
+        // `reopens`.)
         CT_SYN_RECV if !from_backend && ack && !syn => (CT_ESTABLISHED, flags),
-        // The client reuses the tuple for a new connection; it keeps its backend.
-        CT_CLOSING if !from_backend && syn && !ack => (CT_SYN_SENT, flags & !CT_F_FIN),
         _ => (state, flags),
     }
+}
+
+/// Whether a segment with `tcp` flags on an entry in (state, flags) opens a new
+/// connection on a closed flow's tuple: the client's SYN (its port came round again
+/// while the flow waited out its closing timeout). Such a connection is a new flow,
+/// scheduled afresh (IPVS's `conn_reuse_mode` 1, its default), not the old flow's
+/// continuation: keeping the old backend sent it to a backend the service may have
+/// dropped since (kube-proxy's IPVS port-reuse trouble) and past the scheduler's
+/// weights and counts.
+#[inline(always)]
+pub fn reopens(state: u8, flags: u8, tcp: u8) -> bool {
+    state == CT_CLOSING
+        && flags & CT_F_REPLY == 0
+        && tcp & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 }
 
 /// Which idle timeout a TCP entry in `state` follows: half-open flows keep the short

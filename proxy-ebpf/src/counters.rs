@@ -49,19 +49,3 @@ pub fn traffic(service_id: u32, backend_id: u32, direction: Direction, bytes: u6
         add(stats, direction, bytes, new_flow);
     }
 }
-
-/// Counts a connection that its packet's `traffic` does not: a new one on a tracked
-/// flow's tuple (`conntrack::observe`).
-#[inline(always)]
-pub fn connection(service_id: u32, backend_id: u32) {
-    for stats in [
-        SERVICE_STATS.get_ptr_mut(service_id),
-        BACKEND_STATS.get_ptr_mut(backend_id),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        // SAFETY: per-CPU slot, see module comment.
-        unsafe { (*stats).connections += 1 };
-    }
-}

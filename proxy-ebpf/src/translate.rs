@@ -146,7 +146,7 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
         fragments::remember(&flow);
     }
     let now = conntrack::now_ns();
-    match conntrack::lookup(&flow.key, now, origin.is_tunnel()) {
+    match conntrack::lookup::<P>(&flow, now, origin.is_tunnel()) {
         Lookup::Live(entry_ptr) => {
             // SAFETY: copy of a live map value.
             let entry = unsafe { *entry_ptr };
@@ -154,7 +154,9 @@ pub fn handle<P: Packet>(pkt: &P, origin: Origin) -> Verdict {
             related::announce(pkt, &flow, entry.helper, now);
             return follow(pkt, &flow, &entry, false);
         }
-        Lookup::Stale(entry_ptr) => {
+        // A new flow replaces it (its reply entry, if the new flow takes another
+        // tuple, ages out).
+        Lookup::Over(entry_ptr) => {
             accounting::retire(entry_ptr);
             let _ = CONNTRACK.remove(flow.key);
         }

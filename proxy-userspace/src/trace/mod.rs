@@ -11,6 +11,7 @@ use anyhow::Result;
 use proxy_common::{
     cluster_cidrs_id,
     decide::{self, Entry, TunnelPeer},
+    tcp::{self, TCP_SYN},
     tunnel_peers_id, Addr, AddrKey, AffinityKey, BackendSlotKey, CtKey, ExpectKey, Expectation,
     Family, LoadSettings, Scheduler, ServiceKey, ServiceValue, BACKEND_F_REMOTE, CONFIG_SNAT_ADDR,
     CONFIG_SNAT_ADDR6, CT_F_ENCAP, CT_F_REPLY, PROTO_ICMP, SCOPE_ADDRESS, SCOPE_IN_CLUSTER,
@@ -211,6 +212,13 @@ pub fn explain(
                 "conntrack: a tracked flow ({direction} direction, idle {} s): rewritten as the entry says",
                 idle / 1_000_000_000
             ));
+            // The segment is not known here: say what a new connection's would do.
+            if tcp::reopens(entry.state, entry.flags, TCP_SYN) {
+                out.steps.push(
+                    "conntrack: the flow is closed: a new connection's first packet on this tuple (TCP SYN, SCTP INIT) opens a new flow, scheduled afresh; other packets follow the entry"
+                        .into(),
+                );
+            }
             out.service = tables.service_name(entry.service_id);
             if entry.flags & CT_F_ENCAP != 0 && matches!(origin, Origin::Tunnel { .. }) {
                 return Ok(out.drop_because(format!(

@@ -337,13 +337,81 @@ fn a_full_conntrack_evicts_old_flows_and_keeps_translating_new_ones() {
     );
 }
 
-/// Issue 17: a client that reuses a closing flow's tuple for a new connection (a SYN
-/// on it) keeps its backend, and that connection is counted, as IPVS counts it.
+/// Issue 17, connection reuse: a client that reuses a closed flow's tuple for a new
+/// connection (its SYN on the closing entry) opens a new flow, scheduled afresh (rr
+/// moves on to the other backend) and counted once, as IPVS's `conn_reuse_mode` 1.
 #[test]
-fn a_syn_reusing_a_closing_tuple_counts_as_a_new_connection() {
+fn a_syn_reusing_a_closing_tuple_is_scheduled_afresh_and_counted() {
     let mut dp = TestDatapath::new();
     dp.program(&[(tcp(VIP, 80), vec![local(POD_A, 8080), local(POD_B, 8080)])]);
     let (client, frontend) = ((CLIENT, 40000), (VIP, 80));
+    let first = close_after_one_connection(&mut dp, client, frontend);
+    let explained = ebpf_proxy::trace::explain(
+        &dp.tables(),
+        &LoadSettings::DEFAULT,
+        ebpf_proxy::model::Protocol::Tcp,
+        std::net::SocketAddr::from(client),
+        std::net::SocketAddr::from(frontend),
+        ebpf_proxy::trace::Origin::External,
+    )
+    .expect("trace");
+    assert!(
+        explained
+            .steps
+            .iter()
+            .any(|s| s.contains("scheduled afresh")),
+        "trace says what a SYN does: {:?}",
+        explained.steps
+    );
+    let (_, out) = dp.xdp(&tcp_packet(client, frontend, Tcp::Syn, b""));
+    let second = inspect(&out).dst;
+    assert_ne!(second, first, "rr's next backend, not the closed flow's");
+    assert_eq!(
+        dp.entry(client, frontend).map(|e| e.state),
+        Some(proxy_common::CT_SYN_SENT),
+        "a new, half-open flow"
+    );
+    // A retransmitted SYN of that connection is not another one.
+    let (_, out) = dp.xdp(&tcp_packet(client, frontend, Tcp::Syn, b""));
+    assert_eq!(inspect(&out).dst, second);
+    let listing = ebpf_proxy::listing::read(&dp.pin_dir).expect("list");
+    let service = &listing.services[0];
+    assert_eq!(service.stats.connections, 2);
+    // The closed flow is no longer counted on its backend; the new one is, half-open.
+    let counts: Vec<(u64, u64)> = service
+        .backends
+        .iter()
+        .map(|b| (b.active, b.inactive))
+        .collect();
+    assert_eq!(
+        counts.iter().map(|(a, i)| a + i).sum::<u64>(),
+        1,
+        "{counts:?}"
+    );
+}
+
+/// Kube-proxy's IPVS port-reuse trouble: a new connection on a closed flow's tuple went
+/// to the closed flow's backend, also after the service dropped it. It goes to a
+/// backend the service has now.
+#[test]
+fn a_reused_tuple_never_reaches_a_backend_the_service_dropped() {
+    let mut dp = TestDatapath::new();
+    dp.program(&[(tcp(VIP, 80), vec![local(POD_A, 8080)])]);
+    let (client, frontend) = ((CLIENT, 40001), (VIP, 80));
+    let first = close_after_one_connection(&mut dp, client, frontend);
+    assert_eq!(first.0, POD_A);
+    dp.program(&[(tcp(VIP, 80), vec![local(POD_B, 8080)])]);
+    let (_, out) = dp.xdp(&tcp_packet(client, frontend, Tcp::Syn, b""));
+    assert_eq!(inspect(&out).dst.0, POD_B, "the service's backend now");
+}
+
+/// Establishes one connection from `client`, closes it with FINs both ways, and
+/// returns the backend it had.
+fn close_after_one_connection(
+    dp: &mut TestDatapath,
+    client: ([u8; 4], u16),
+    frontend: ([u8; 4], u16),
+) -> ([u8; 4], u16) {
     let flow = dp.establish(client, frontend);
     dp.xdp(&tcp_packet(client, frontend, Tcp::Fin, b""));
     dp.tc(&tcp_packet(flow.dst, client, Tcp::Fin, b""));
@@ -351,10 +419,5 @@ fn a_syn_reusing_a_closing_tuple_counts_as_a_new_connection() {
         dp.entry(client, frontend).map(|e| e.state),
         Some(proxy_common::CT_CLOSING)
     );
-    let (_, out) = dp.xdp(&tcp_packet(client, frontend, Tcp::Syn, b""));
-    assert_eq!(inspect(&out).dst, flow.dst, "the same backend");
-    // A retransmitted SYN of that connection is not another one.
-    dp.xdp(&tcp_packet(client, frontend, Tcp::Syn, b""));
-    let listing = ebpf_proxy::listing::read(&dp.pin_dir).expect("list");
-    assert_eq!(listing.services[0].stats.connections, 2);
+    flow.dst
 }

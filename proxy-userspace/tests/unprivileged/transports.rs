@@ -106,10 +106,18 @@ fn an_sctp_association_closes_by_shutdown_both_ways_or_either_abort() {
         sctp_step(CT_ESTABLISHED, FROM_BACKEND, sctp::CHUNK_SHUTDOWN_ACK, true),
         CT_CLOSING
     );
-    // A new association on the closed tuple (an INIT from the client) starts over.
+    // A new association on the closed tuple (an INIT from the client) is a new flow,
+    // not a state of the closed one; the backend's INIT is neither.
+    assert!(sctp::reopens(CT_CLOSING, FROM_CLIENT, sctp::CHUNK_INIT));
+    assert!(!sctp::reopens(CT_CLOSING, FROM_BACKEND, sctp::CHUNK_INIT));
+    assert!(!sctp::reopens(
+        CT_ESTABLISHED,
+        FROM_CLIENT,
+        sctp::CHUNK_INIT
+    ));
     assert_eq!(
         sctp_step(CT_CLOSING, FROM_CLIENT, sctp::CHUNK_INIT, false),
-        CT_SYN_SENT
+        CT_CLOSING
     );
 }
 
