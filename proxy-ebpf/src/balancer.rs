@@ -85,6 +85,8 @@ fn lookup_scoped(tuple: &CtKey, scopes: (u8, u8), node_only: bool) -> Option<Ser
 #[repr(C)]
 struct Find {
     service_id: u32,
+    /// The service's slots: the search stops there.
+    count: u32,
     /// `u32::MAX` until found.
     slot: u32,
     /// Of the service's family.
@@ -95,14 +97,14 @@ struct Find {
 /// for among at most `MAX_LEAST_CONN_SCAN` slots in a `bpf_loop`.
 #[inline(always)]
 pub fn backend_at(service: &ServiceValue, addr: Addr) -> Option<Choice> {
-    let count = decide::backend_count(service)?.get();
     let mut find = Find {
         service_id: service.id,
+        count: decide::backend_count(service)?.get(),
         slot: u32::MAX,
         addr,
     };
     // SAFETY: the callback receives a pointer to `find`, which outlives the call.
-    unsafe { for_each_slot(count, find_one, (&raw mut find).cast()) };
+    unsafe { for_each_slot(find_one, (&raw mut find).cast()) };
     (find.slot != u32::MAX)
         .then(|| backend_in_slot(service, find.slot))
         .flatten()
@@ -112,6 +114,9 @@ pub fn backend_at(service: &ServiceValue, addr: Addr) -> Option<Choice> {
 extern "C" fn find_one(index: u64, ctx: *mut c_void) -> c_long {
     // SAFETY: `backend_at` passes a valid `Find`.
     let find = unsafe { &mut *ctx.cast::<Find>() };
+    if index >= u64::from(find.count) {
+        return 1;
+    }
     match slot_backend(find.service_id, index as u32) {
         Some(backend) if backend.addr == find.addr => {
             find.slot = index as u32;
@@ -231,25 +236,26 @@ pub fn scheduler_of(service: &ServiceValue) -> Option<Scheduler> {
     Scheduler::from_number(service.scheduler)
 }
 
-/// Calls `step` for the indexes 0.. of a service's `count` slots, up to the scan
-/// bound, until it returns non-zero: in `bpf_loop`, whose callback the verifier
-/// checks once, or on kernels without it (`LEGACY_KERNEL`) in a bounded loop it
-/// unrolls, over fewer slots. What the callback decides on must not be constants the
-/// verifier knows (see `LEAST_LOADED_START`).
+/// Calls `step` for the indexes 0.. up to the scan bound, until it returns non-zero
+/// (it stops itself past the service's slots): in `bpf_loop`, whose callback the
+/// verifier checks once, or on kernels without it (`LEGACY_KERNEL`) in a bounded loop
+/// it unrolls, over fewer slots. The bound is a constant: `count.min(bound)` gave the
+/// verifier two loop counts (the bound, or 1 to bound - 1), each a state of its own on
+/// every path that schedules. What the callback decides on must not be constants the
+/// verifier knows (see `UNKNOWN_TO_THE_VERIFIER`).
 ///
 /// # Safety
 /// `ctx` is what `step` expects, and outlives the call.
 #[inline(always)]
-unsafe fn for_each_slot(count: u32, step: extern "C" fn(u64, *mut c_void) -> c_long, ctx: *mut c_void) {
+unsafe fn for_each_slot(step: extern "C" fn(u64, *mut c_void) -> c_long, ctx: *mut c_void) {
     if crate::LEGACY_KERNEL {
-        let steps = count.min(MAX_LEAST_CONN_SCAN_LEGACY);
         let mut index = 0;
-        while index < steps && step(u64::from(index), ctx) == 0 {
+        while index < MAX_LEAST_CONN_SCAN_LEGACY && step(u64::from(index), ctx) == 0 {
             index += 1;
         }
     } else {
         // SAFETY: the caller's promise about `ctx`.
-        unsafe { bpf_loop(count.min(MAX_LEAST_CONN_SCAN), step as *mut c_void, ctx, 0) };
+        unsafe { bpf_loop(MAX_LEAST_CONN_SCAN, step as *mut c_void, ctx, 0) };
     }
 }
 
@@ -257,6 +263,8 @@ unsafe fn for_each_slot(count: u32, step: extern "C" fn(u64, *mut c_void) -> c_l
 #[repr(C)]
 struct Scan {
     service: ServiceValue,
+    /// The service's slots: the scan stops there.
+    count: u32,
     start: u32,
     load: LeastLoaded,
 }
@@ -271,20 +279,31 @@ struct Scan {
 #[no_mangle]
 static mut LEAST_LOADED_START: LeastLoaded = LeastLoaded::NOTHING_YET;
 
+/// Zero, read from writable global data as `LEAST_LOADED_START` is, to hide a value
+/// from the verifier (`value | zero`). The scheduler number reaches the scan known to
+/// be 2 or 3 (lc, wlc) or 6 or 7 (sed, nq) from `decide`'s match; `consider` compares
+/// it with constants, which made each range a state of its own, and the scan was
+/// verified once per range on every path that schedules (a third of the uplink
+/// program's verifier work). Never written.
+#[no_mangle]
+static mut UNKNOWN_TO_THE_VERIFIER: u8 = 0;
+
 /// The least-connection family (`decide::LeastLoaded`). The scan runs in `bpf_loop`,
 /// so the verifier checks one iteration instead of unrolling `MAX_LEAST_CONN_SCAN` of
 /// them.
 #[inline(always)]
 fn least_connections(service: &ServiceValue) -> Option<Choice> {
-    let count = decide::backend_count(service)?.get();
     let mut scan = Scan {
         service: *service,
+        count: decide::backend_count(service)?.get(),
         start: next_turn(service)?,
         // SAFETY: a read of global data nothing writes.
         load: unsafe { core::ptr::read_volatile(&raw const LEAST_LOADED_START) },
     };
+    // SAFETY: as above.
+    scan.service.scheduler |= unsafe { core::ptr::read_volatile(&raw const UNKNOWN_TO_THE_VERIFIER) };
     // SAFETY: the callback receives a pointer to `scan`, which outlives the call.
-    unsafe { for_each_slot(count, scan_one, (&raw mut scan).cast()) };
+    unsafe { for_each_slot(scan_one, (&raw mut scan).cast()) };
     backend_in_slot(service, scan.load.chosen()?)
 }
 
@@ -293,6 +312,9 @@ fn least_connections(service: &ServiceValue) -> Option<Choice> {
 extern "C" fn scan_one(index: u64, ctx: *mut c_void) -> c_long {
     // SAFETY: `least_connections` passes a valid `Scan`.
     let scan = unsafe { &mut *ctx.cast::<Scan>() };
+    if index >= u64::from(scan.count) {
+        return 1;
+    }
     let Some(slot) = LeastLoaded::slot(&scan.service, scan.start, index as u32) else {
         return 1;
     };
