@@ -4,7 +4,7 @@
 use std::{
     io::IsTerminal as _,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -14,7 +14,7 @@ use ebpf_proxy::{
     agent::{self, AgentConfig},
     conntrack,
     datapath::{
-        attach, generation::Generation, loader::MapSizes, mmap::MappedArray, tables::Tables,
+        attach, generation::Generation, loader::MapSizes, mmap::MappedArray, sizing, tables::Tables,
     },
     health,
     kube_proxy_config::KubeProxyConfig,
@@ -343,8 +343,11 @@ struct RunArgs {
     #[arg(long, default_value_t = proxy_common::MAX_BACKENDS)]
     max_backends: u32,
     /// Conntrack entries (two per flow; an LRU: the oldest are evicted when full).
-    #[arg(long, default_value_t = proxy_common::CONNTRACK_ENTRIES)]
-    conntrack_entries: u32,
+    /// Default: the pinned table's size if there is one, else one entry per 48 KiB of
+    /// the node's memory, rounded to a power of two, 65,536 to 2,097,152 (524,288 at
+    /// 24 GiB).
+    #[arg(long)]
+    conntrack_entries: Option<u32>,
     /// How the pod-interface program is attached.
     #[arg(long, value_enum, default_value = "auto")]
     tc_attach: TcAttachArg,
@@ -570,6 +573,10 @@ async fn run_settings(
         .map(Duration::from_millis)
         .or(file.min_sync_period)
         .unwrap_or(Duration::from_millis(default_sync_period_ms));
+    let conntrack_entries = match args.conntrack_entries {
+        Some(entries) => entries,
+        None => node_sized_conntrack(&args.pin_dir)?,
+    };
     let config = AgentConfig {
         node: NodeConfig {
             name: node_name,
@@ -630,7 +637,7 @@ async fn run_settings(
         map_sizes: MapSizes {
             services: args.max_services,
             backends: args.max_backends,
-            conntrack: args.conntrack_entries,
+            conntrack: conntrack_entries,
         },
         load_settings: LoadSettings {
             ct_timeouts: ct_timeouts([
@@ -751,6 +758,23 @@ async fn node_ips_from_node_object(
         "node addresses from the Node object"
     );
     Ok((node_ips, AddressesFrom::NodeObject { bind_address }))
+}
+
+/// The conntrack table's size when `--conntrack-entries` names none
+/// (`datapath::sizing`), said at start.
+fn node_sized_conntrack(pin_dir: &Path) -> Result<u32> {
+    let (entries, basis) = sizing::conntrack_entries(pin_dir)?;
+    match basis {
+        sizing::Basis::Pinned => {
+            tracing::info!(entries, "conntrack keeps the pinned table's size")
+        }
+        sizing::Basis::Memory(bytes) => tracing::info!(
+            entries,
+            node_memory_mib = bytes >> 20,
+            "conntrack sized to the node's memory (--conntrack-entries sets it)"
+        ),
+    }
+    Ok(entries)
 }
 
 /// A trusted-sources list without a prefix of a family the node has refuses every

@@ -1,8 +1,8 @@
 //! The kernel side as the agent sees it: loading the programs (`loader`), attaching
 //! them to interfaces and cgroups (`attach`), following interfaces as they come and go
 //! (`interfaces`), typed access to the pinned maps (`tables`) and the model's form in
-//! them (`codec`), and a predecessor's maps carried over to this layout (`layout`,
-//! `widen`).
+//! them (`codec`), a predecessor's maps carried over to this layout (`layout`,
+//! `widen`), and the conntrack table's size on a node (`sizing`).
 
 pub mod attach;
 pub mod codec;
@@ -12,6 +12,7 @@ pub mod layout;
 pub mod loader;
 pub mod lock;
 pub mod mmap;
+pub mod sizing;
 pub mod tables;
 pub mod widen;
 

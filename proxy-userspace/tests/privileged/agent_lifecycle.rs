@@ -22,9 +22,10 @@ use testbed::{
 };
 
 use ebpf_proxy::{
-    datapath::{attach, loader::Datapath},
+    datapath::{attach, loader::Datapath, sizing, tables::Tables},
     model::Family,
 };
+use proxy_common::map_name;
 
 use crate::support::{cluster::*, datapath::TestDatapath, services::*};
 
@@ -313,6 +314,41 @@ fn a_pin_directory_outside_bpffs_is_refused_clearly() {
         format!("{error:#}").contains("is not on a bpf filesystem"),
         "{error:#}"
     );
+}
+
+/// Issue 17, memory sized to the node: without `--conntrack-entries` the table is
+/// sized to the node's memory; a restart without the flag keeps the size the pinned
+/// table has (a size set by an earlier flag), instead of refusing it as another size.
+#[test]
+fn conntrack_is_sized_to_the_node_and_a_restart_keeps_the_pinned_size() {
+    let capacity = |agent: &Agent| {
+        Tables::open(&agent.pin_dir)
+            .expect("tables")
+            .capacity(map_name::CONNTRACK)
+            .expect("capacity")
+    };
+    let Cluster {
+        mut agent,
+        topology: _topology,
+        ..
+    } = Cluster::new("ctsz", 1, 0, |t| vec![web(t, &["pod-a1"])]);
+    let memory = sizing::node_memory().expect("MemTotal");
+    assert_eq!(capacity(&agent), sizing::for_memory(memory));
+    assert!(agent.log().contains("conntrack sized to the node's memory"));
+
+    agent.kill();
+    attach::cleanup(&agent.pin_dir).expect("cleanup");
+    agent
+        .restart_with_args(&["--conntrack-entries", "131072"])
+        .expect("an explicit size");
+    assert_eq!(capacity(&agent), 131_072);
+    agent
+        .restart_with_args(&[])
+        .expect("no flag: the pinned size");
+    assert_eq!(capacity(&agent), 131_072);
+    assert!(agent
+        .log()
+        .contains("conntrack keeps the pinned table's size"));
 }
 
 #[test]
