@@ -17,9 +17,9 @@ use proxy_common::map_name;
 
 /// Node memory per conntrack entry.
 const MEMORY_PER_ENTRY: u64 = 48 * 1024;
-/// 32,768 flows (two entries each), the least a node gets: kube-proxy's floor for
-/// the kernel's table is 131,072 flows, but a node that small in memory (3 GiB or
-/// less) does not hold that many.
+/// 32,768 flows (two entries each), the least a node gets (3 GiB of memory or less):
+/// below kube-proxy's floor for the kernel's table (`conntrack.min`, 131,072 flows),
+/// which `--conntrack-entries 262144` restores on such a node.
 pub const MIN_ENTRIES: u32 = 65_536;
 /// 1,048,576 flows, 336 MiB of kernel memory (from about 96 GiB of node memory). Map
 /// memory is charged to the agent's cgroup (from 5.11): with the other maps (up to
