@@ -165,15 +165,13 @@ impl Datapath {
         // object's are left unloaded, and its main programs pass IPv6 untouched (a
         // tail call into an empty slot falls through), as before IPv6 was served.
         let ipv6 = generation != Generation::Legacy;
-        verify_side_by_side(&mut ebpf, |name| ipv6 || !IPV6_PROGRAMS.contains(&name))?;
+        let wanted = |name: &str| ipv6 || !IPV6_PROGRAMS.contains(&name);
+        verify_side_by_side(&mut ebpf, wanted)?;
         // SCTP's and IPv6's programs, where the main ones tail-call them; replaces a
         // previous agent's in the pinned arrays (theirs served until now), last, once
         // every program of this load was verified: a load that fails leaves them
         // serving.
-        for (array, name, slot) in TAIL_CALLED
-            .into_iter()
-            .filter(|(_, name, _)| ipv6 || !IPV6_PROGRAMS.contains(name))
-        {
+        for (array, name, slot) in TAIL_CALLED.into_iter().filter(|(_, name, _)| wanted(name)) {
             let fd = ebpf
                 .program(name)
                 .with_context(|| format!("program {name} missing from the object"))?
